@@ -1,0 +1,226 @@
+//! Tokens, signing keys, the audit log, and health checks.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::AuditDetail;
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page_limit};
+use crate::auth::{Role, generate_token, hash_token};
+use crate::keys::PublicKeyInfo;
+use crate::store::{AuditEntry, TokenRecord};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub role: Role,
+    /// A name for the audit log, e.g. `ci-publisher`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A new token. `token` is shown once and never again.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenOut {
+    pub id: i64,
+    pub name: String,
+    pub role: String,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    pub revoked: bool,
+}
+
+impl From<TokenRecord> for TokenOut {
+    fn from(t: TokenRecord) -> Self {
+        Self {
+            id: t.id,
+            name: t.name,
+            role: t.role,
+            created_at_ms: t.created_at_ms,
+            created_by: t.created_by,
+            revoked: t.revoked,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeysOut {
+    pub active_key_id: String,
+    pub keys: Vec<PublicKeyInfoOut>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PublicKeyInfoOut {
+    pub key_id: String,
+    pub algorithm: String,
+    /// Raw Ed25519 public key, standard base64: pin this on devices.
+    pub public_key: String,
+    pub active: bool,
+}
+
+impl From<PublicKeyInfo> for PublicKeyInfoOut {
+    fn from(k: PublicKeyInfo) -> Self {
+        Self { key_id: k.key_id, algorithm: k.algorithm.to_owned(), public_key: k.public_key, active: k.active }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditOut {
+    pub entries: Vec<AuditEntryOut>,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntryOut {
+    pub id: i64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub role: String,
+    pub action: String,
+    pub status: u16,
+    pub outcome: String,
+    pub detail: String,
+}
+
+impl From<AuditEntry> for AuditEntryOut {
+    fn from(e: AuditEntry) -> Self {
+        Self {
+            id: e.id,
+            at_ms: e.at_ms,
+            actor: e.actor,
+            role: e.role,
+            action: e.action,
+            status: e.status,
+            outcome: e.outcome,
+            detail: e.detail,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    pub limit: Option<u32>,
+    pub offset: Option<u32>,
+}
+
+/// Create an API token (admin).
+#[utoipa::path(post, path = "/api/v1/tokens", request_body = CreateToken, security(("bearer" = [])),
+    responses((status = 201, body = CreatedToken), (status = 403, body = super::error::ErrorBody)))]
+pub async fn create_token(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateToken>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin, "creating tokens")?;
+    let name = body.name.unwrap_or_else(|| format!("{}-token", body.role));
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("token name must be 1 to 64 printable characters"));
+    }
+    let secret = generate_token();
+    let hash = hash_token(&secret);
+    let (role, by) = (body.role, caller.name.clone());
+    let n = name.clone();
+    let rec = state.meta(move |m| m.insert_token(&n, role.as_str(), &hash, &by, crate::now_ms())).await?;
+    let mut resp =
+        (StatusCode::CREATED, Json(CreatedToken { id: rec.id, name: rec.name, role, token: secret })).into_response();
+    resp.extensions_mut().insert(AuditDetail(format!("created token {} ({name}, {role})", rec.id)));
+    Ok(resp)
+}
+
+/// List tokens (admin). Secrets are never shown.
+#[utoipa::path(get, path = "/api/v1/tokens", security(("bearer" = [])), responses((status = 200, body = Vec<TokenOut>)))]
+pub async fn list_tokens(State(state): State<SharedState>, caller: Caller) -> Result<Json<Vec<TokenOut>>, ApiError> {
+    caller.require(Role::Admin, "listing tokens")?;
+    let tokens = state.meta(|m| m.list_tokens()).await?;
+    Ok(Json(tokens.into_iter().map(Into::into).collect()))
+}
+
+/// Revoke a token (admin).
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody)))]
+pub async fn revoke_token(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin, "revoking tokens")?;
+    state.meta(move |m| m.revoke_token(id)).await?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.extensions_mut().insert(AuditDetail(format!("revoked token {id}")));
+    Ok(resp)
+}
+
+fn keys_out(state: &SharedState) -> KeysOut {
+    let ring = state.keyring();
+    KeysOut {
+        active_key_id: ring.active().key_id().to_owned(),
+        keys: ring.public_keys().into_iter().map(Into::into).collect(),
+    }
+}
+
+/// The hub's public signing keys, for pinning on devices. No token needed:
+/// public keys are public, and devices fetch them before they have one.
+#[utoipa::path(get, path = "/api/v1/keys", responses((status = 200, body = KeysOut)))]
+pub async fn keys(State(state): State<SharedState>) -> Json<KeysOut> {
+    Json(keys_out(&state))
+}
+
+/// Generate a new signing key and make it active (admin). Old keys stay
+/// trusted, so existing manifests keep verifying.
+#[utoipa::path(post, path = "/api/v1/keys/rotate", security(("bearer" = [])),
+    responses((status = 200, body = KeysOut), (status = 403, body = super::error::ErrorBody)))]
+pub async fn rotate_key(State(state): State<SharedState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require(Role::Admin, "rotating keys")?;
+    let id = {
+        let mut ring = state.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ring.rotate().map_err(|e| ApiError::internal("rotating the signing key", &e))?
+    };
+    let mut resp = Json(keys_out(&state)).into_response();
+    resp.extensions_mut().insert(AuditDetail(format!("rotated signing key; {id} is active")));
+    Ok(resp)
+}
+
+/// Read the audit log, newest first (admin).
+#[utoipa::path(get, path = "/api/v1/audit", params(PageParams), security(("bearer" = [])),
+    responses((status = 200, body = AuditOut), (status = 403, body = super::error::ErrorBody)))]
+pub async fn audit(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> Result<Json<AuditOut>, ApiError> {
+    caller.require(Role::Admin, "reading the audit log")?;
+    let limit = page_limit(p.limit)?;
+    let offset = p.offset.unwrap_or(0);
+    let entries = state.meta(move |m| m.list_audit(limit, offset)).await?;
+    Ok(Json(AuditOut { entries: entries.into_iter().map(Into::into).collect(), limit, offset }))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200)))]
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: the database answers and the blob store is readable.
+#[utoipa::path(get, path = "/readyz", responses((status = 200), (status = 503)))]
+pub async fn readyz(State(state): State<SharedState>) -> Response {
+    let db = state.meta(|m| m.count_tokens()).await;
+    let blobs = state.blobs(|b| b.list().map(|l| l.len())).await;
+    match (db, blobs) {
+        (Ok(_), Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready: storage unavailable; see the hub log\n").into_response(),
+    }
+}

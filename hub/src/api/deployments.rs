@@ -1,0 +1,247 @@
+//! Deployments: which model version should run on which devices.
+//!
+//! For now a deployment is a record: model, version, target selector, who,
+//! when, state. Deploying to a target supersedes the active deployment of the
+//! same model to the same target; rolling back replaces it with an earlier
+//! version and marks it `rolled_back`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::AuditDetail;
+use super::models::check_name;
+use super::versions::{check_version, load_version};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page_limit};
+use crate::auth::Role;
+use crate::selector::Selector;
+use crate::store::{DeploymentRecord, NewDeployment};
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentOut {
+    pub id: i64,
+    pub model: String,
+    pub version: String,
+    /// Normalised selector, e.g. `site=a,stage=production`; empty selects every device.
+    pub target: String,
+    /// `deploy` or `rollback`.
+    pub kind: String,
+    /// `active`, `superseded`, `rolled_back` or `cancelled`.
+    pub state: String,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub replaces: Option<i64>,
+}
+
+impl From<DeploymentRecord> for DeploymentOut {
+    fn from(d: DeploymentRecord) -> Self {
+        Self {
+            id: d.id,
+            model: d.model,
+            version: d.version,
+            target: d.target,
+            kind: d.kind,
+            state: d.state,
+            created_by: d.created_by,
+            created_at_ms: d.created_at_ms,
+            updated_at_ms: d.updated_at_ms,
+            replaces: d.replaces,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentList {
+    pub deployments: Vec<DeploymentOut>,
+    pub total: u64,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    pub version: String,
+    /// Label selector (`stage=production,site=a`, or a bare stage name);
+    /// `hardware=TAG` requires that hardware. Empty or absent: every device.
+    #[serde(default)]
+    pub target: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// Version to go back to; default: the version deployed to the target
+    /// before the current one.
+    pub version: Option<String>,
+    /// Target whose deployment to roll back; needed when the model is
+    /// deployed to several targets.
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub model: Option<String>,
+    /// `active`, `superseded`, `rolled_back` or `cancelled`.
+    pub state: Option<String>,
+    pub limit: Option<u32>,
+    pub offset: Option<u32>,
+}
+
+fn parse_target(target: &str) -> Result<Selector, ApiError> {
+    Selector::parse(target).map_err(|e| ApiError::bad_request(format!("target {target:?}: {e}")))
+}
+
+fn created(d: DeploymentRecord, detail: String) -> Response {
+    let mut resp = (StatusCode::CREATED, Json(DeploymentOut::from(d))).into_response();
+    resp.extensions_mut().insert(AuditDetail(detail));
+    resp
+}
+
+/// Deploy a version to the devices a target selector matches.
+#[utoipa::path(post, path = "/api/v1/models/{name}/deploy", request_body = DeployRequest, security(("bearer" = [])),
+    responses((status = 201, body = DeploymentOut), (status = 404, body = super::error::ErrorBody),
+        (status = 422, body = super::error::ErrorBody)))]
+pub async fn deploy(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<DeployRequest>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Deployer, "deploying")?;
+    let selector = parse_target(&body.target)?;
+    let version = load_version(&state, &name, &body.version).await?;
+    if !version.hardware.is_empty() {
+        if let Some(missing) = selector.hardware.iter().find(|h| !version.hardware.contains(h)) {
+            return Err(ApiError::unprocessable(
+                "hardware_mismatch",
+                format!(
+                    "target requires hardware {missing:?}, but {name} {} declares only [{}]",
+                    body.version,
+                    version.hardware.join(", ")
+                ),
+            ));
+        }
+    }
+    let new = NewDeployment {
+        model: name.clone(),
+        version: body.version.clone(),
+        target: selector.to_string(),
+        kind: "deploy".into(),
+        created_by: caller.name.clone(),
+        replaces: None,
+    };
+    let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
+    let detail = format!("deployment {}: {name} {} to [{}]", d.id, d.version, d.target);
+    Ok(created(d, detail))
+}
+
+/// Roll a target back to an earlier version.
+#[utoipa::path(post, path = "/api/v1/models/{name}/rollback", request_body = RollbackRequest,
+    security(("bearer" = [])),
+    responses((status = 201, body = DeploymentOut), (status = 409, body = super::error::ErrorBody)))]
+pub async fn rollback(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<RollbackRequest>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Deployer, "rolling back")?;
+    check_name(&name)?;
+    let wanted_target = body.target.as_deref().map(parse_target).transpose()?.map(|s| s.to_string());
+    let n = name.clone();
+    let (active, history) = state
+        .meta(move |m| Ok((m.active_deployments(&n)?, m.list_deployments(Some(&n), None, u32::MAX, 0)?.0)))
+        .await?;
+    let current = match &wanted_target {
+        Some(t) => active.iter().find(|d| &d.target == t),
+        None if active.len() > 1 => {
+            let targets: Vec<String> = active.iter().map(|d| format!("[{}]", d.target)).collect();
+            return Err(ApiError::conflict(format!(
+                "{name} is deployed to several targets ({}); say which with target",
+                targets.join(", ")
+            )));
+        }
+        None => active.first(),
+    }
+    .ok_or_else(|| {
+        ApiError::conflict(format!(
+            "{name} has no active deployment{} to roll back",
+            wanted_target.as_ref().map(|t| format!(" to [{t}]")).unwrap_or_default()
+        ))
+    })?
+    .clone();
+    let to_version = match body.version {
+        Some(v) => {
+            check_version(&v)?;
+            v
+        }
+        // History is newest first: the latest earlier deployment of another
+        // version to this target.
+        None => history
+            .iter()
+            .filter(|d| d.target == current.target && d.id < current.id && d.version != current.version)
+            .map(|d| d.version.clone())
+            .next()
+            .ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "no earlier version of {name} was deployed to [{}]; pass the version to roll back to",
+                    current.target
+                ))
+            })?,
+    };
+    load_version(&state, &name, &to_version).await?;
+    let new = NewDeployment {
+        model: name.clone(),
+        version: to_version.clone(),
+        target: current.target.clone(),
+        kind: "rollback".into(),
+        created_by: caller.name.clone(),
+        replaces: Some(current.id),
+    };
+    let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
+    let detail =
+        format!("deployment {}: rolled {name} back from {} to {} on [{}]", d.id, current.version, d.version, d.target);
+    Ok(created(d, detail))
+}
+
+/// List deployments, newest first.
+#[utoipa::path(get, path = "/api/v1/deployments", params(ListParams), security(("bearer" = [])),
+    responses((status = 200, body = DeploymentList)))]
+pub async fn list(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<DeploymentList>, ApiError> {
+    caller.require(Role::Viewer, "listing deployments")?;
+    if let Some(s) = &p.state
+        && !["active", "superseded", "rolled_back", "cancelled"].contains(&s.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown state {s:?}; use active, superseded, rolled_back or cancelled"
+        )));
+    }
+    let limit = page_limit(p.limit)?;
+    let offset = p.offset.unwrap_or(0);
+    let (rows, total) =
+        state.meta(move |m| m.list_deployments(p.model.as_deref(), p.state.as_deref(), limit, offset)).await?;
+    Ok(Json(DeploymentList { deployments: rows.into_iter().map(Into::into).collect(), total, limit, offset }))
+}
+
+/// Show one deployment.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", security(("bearer" = [])),
+    responses((status = 200, body = DeploymentOut), (status = 404, body = super::error::ErrorBody)))]
+pub async fn show(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<DeploymentOut>, ApiError> {
+    caller.require(Role::Viewer, "reading a deployment")?;
+    let d = state.meta(move |m| m.get_deployment(id)).await?;
+    d.map(|d| Json(d.into())).ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))
+}

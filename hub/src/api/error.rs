@@ -1,0 +1,138 @@
+//! The one error type of the HTTP boundary.
+//!
+//! Bad input becomes a 4xx JSON body `{"error": {"code", "message"}}` saying
+//! what was wrong and how to fix it. Internal failures are logged with their
+//! full context and answered with a generic 500, so nothing about the hub's
+//! disk layout or database leaks to callers.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::store::{BlobError, StoreError};
+
+/// An error answered to an API caller.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `not_found`, `invalid_model`.
+    pub code: String,
+    /// What was wrong, for a human.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// Logs `err` with its whole source chain and answers a generic 500.
+    pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut chain = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            source = s.source();
+        }
+        tracing::error!(context, error = %chain, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; the hub log has the details")
+    }
+
+    /// Maps an I/O error from writing uploaded bytes: a full disk is the
+    /// caller's business (507), anything else is ours (500).
+    pub fn from_write(context: &str, err: &std::io::Error) -> Self {
+        if err.kind() == std::io::ErrorKind::StorageFull || err.raw_os_error() == Some(libc::EDQUOT) {
+            tracing::error!(context, "hub storage is full");
+            return Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                "the hub's storage is full; nothing was stored. Free space on the hub and retry",
+            );
+        }
+        Self::internal(context, err)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ErrorDetail { code: self.code.to_owned(), message: self.message } };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Conflict { .. } => Self::conflict(e.to_string()),
+            StoreError::NotFound { .. } => Self::not_found(e.to_string()),
+            _ => Self::internal("metadata store", &e),
+        }
+    }
+}
+
+impl From<BlobError> for ApiError {
+    fn from(e: BlobError) -> Self {
+        match &e {
+            BlobError::Io { source, .. } => Self::from_write("blob store", source),
+            BlobError::BadDigest(_) => Self::internal("blob store", &e),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE { "unsupported_media_type" } else { "invalid_json" };
+        Self::new(status, code, format!("{}; send a JSON object with Content-Type: application/json", r.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::bad_request(format!("invalid query string: {}", r.body_text()))
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::bad_request(format!("invalid path: {}", r.body_text()))
+    }
+}

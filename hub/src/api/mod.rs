@@ -1,0 +1,143 @@
+//! The REST API under `/api/v1`, one module per resource.
+//!
+//! Every request passes [`auth::authenticate`], which resolves the bearer
+//! token to a [`Caller`] once and, for every mutating call, appends who did
+//! what, when, and with which outcome to the audit log.
+//!
+//! # Layout
+//! - [`error`]: [`ApiError`], the only error type handlers return.
+//! - [`auth`]: the authentication middleware, audit logging, and the [`Caller`] extractor.
+//! - [`models`]: register, list, show, update, delete models.
+//! - [`upload`]: the streamed upload of a new version.
+//! - [`versions`]: read or edit versions and their signed manifests.
+//! - [`artifact`]: model bytes with HTTP Range and ETag.
+//! - [`deployments`]: deploy, roll back, list deployments.
+//! - [`admin`]: tokens, keys, audit log, health.
+//! - [`openapi`]: the generated OpenAPI description.
+
+pub mod admin;
+pub mod artifact;
+pub mod auth;
+pub mod deployments;
+pub mod error;
+pub mod models;
+pub mod openapi;
+pub mod upload;
+pub mod versions;
+
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
+use axum::routing::{get, post};
+
+pub use auth::Caller;
+pub use error::ApiError;
+
+use crate::config::HubConfig;
+use crate::keys::Keyring;
+use crate::store::{BlobStore, MetadataStore};
+
+/// What every handler can reach.
+#[derive(Debug)]
+pub struct AppState {
+    pub meta: Arc<dyn MetadataStore>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub keys: RwLock<Keyring>,
+    pub config: HubConfig,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// Runs a metadata operation on a blocking thread.
+    pub async fn meta<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn MetadataStore) -> Result<T, crate::store::StoreError> + Send + 'static,
+    {
+        let meta = Arc::clone(&self.meta);
+        let joined = tokio::task::spawn_blocking(move || f(meta.as_ref())).await;
+        match joined {
+            Ok(result) => result.map_err(ApiError::from),
+            Err(e) => Err(ApiError::internal("metadata task", &e)),
+        }
+    }
+
+    /// Runs a blob operation on a blocking thread.
+    pub async fn blobs<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn BlobStore) -> Result<T, crate::store::BlobError> + Send + 'static,
+    {
+        let blobs = Arc::clone(&self.blobs);
+        let joined = tokio::task::spawn_blocking(move || f(blobs.as_ref())).await;
+        match joined {
+            Ok(result) => result.map_err(ApiError::from),
+            Err(e) => Err(ApiError::internal("blob task", &e)),
+        }
+    }
+
+    /// Reads the keyring. The lock is never held across an await.
+    pub fn keyring(&self) -> std::sync::RwLockReadGuard<'_, Keyring> {
+        self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s (JSON bodies, not text).
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// `axum::extract::Query` whose rejections are [`ApiError`]s.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// `axum::extract::Path` whose rejections are [`ApiError`]s.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// Page size when a list request names none, and the most it may ask for.
+pub const DEFAULT_PAGE: u32 = 50;
+pub const MAX_PAGE: u32 = 500;
+
+/// Checks a requested page size.
+pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(0) => Err(ApiError::bad_request("limit must be at least 1")),
+        Some(n) if n > MAX_PAGE => Err(ApiError::bad_request(format!("limit must be at most {MAX_PAGE}"))),
+        Some(n) => Ok(n),
+    }
+}
+
+/// The whole HTTP surface of the hub.
+pub fn router(state: SharedState) -> Router {
+    let api = Router::new()
+        .route("/models", get(models::list).post(models::create))
+        .route("/models/{name}", get(models::show).put(models::update).delete(models::delete))
+        .route("/models/{name}/versions", get(versions::list).post(upload::upload).layer(DefaultBodyLimit::disable()))
+        .route("/models/{name}/versions/{version}", get(versions::show).put(versions::update))
+        .route("/models/{name}/versions/{version}/manifest", get(versions::manifest))
+        .route("/models/{name}/versions/{version}/artifact", get(artifact::model))
+        .route("/models/{name}/versions/{version}/validation/{part}", get(artifact::validation))
+        .route("/models/{name}/deploy", post(deployments::deploy))
+        .route("/models/{name}/rollback", post(deployments::rollback))
+        .route("/deployments", get(deployments::list))
+        .route("/deployments/{id}", get(deployments::show))
+        .route("/tokens", get(admin::list_tokens).post(admin::create_token))
+        .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
+        .route("/keys", get(admin::keys))
+        .route("/keys/rotate", post(admin::rotate_key))
+        .route("/audit", get(admin::audit))
+        .route("/openapi.json", get(openapi::spec))
+        .fallback(|| async { ApiError::not_found("no such API endpoint; see /api/v1/openapi.json") });
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(admin::healthz))
+        .route("/readyz", get(admin::readyz))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), auth::authenticate))
+        .with_state(state)
+}

@@ -1,0 +1,244 @@
+//! `/api/v1/models`: register, list, show, update and delete model names.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::AuditDetail;
+use super::versions::VersionOut;
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page_limit};
+use crate::auth::Role;
+use crate::store::{ModelFilter, ModelRecord};
+
+/// A model name with its metadata; `versions` only in `GET /models/{name}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelOut {
+    pub name: String,
+    pub description: String,
+    pub tags: Vec<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub version_count: usize,
+    /// Highest semver among its versions.
+    pub latest_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Vec<VersionOut>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    pub models: Vec<ModelOut>,
+    pub total: u64,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Substring of the model name.
+    pub name: Option<String>,
+    /// Only models with a version at this stage.
+    pub stage: Option<String>,
+    /// Only models with a version that runs on this hardware tag.
+    pub hardware: Option<String>,
+    /// Page size, 1..=500 (default 50).
+    pub limit: Option<u32>,
+    pub offset: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateModel {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateModel {
+    pub description: Option<String>,
+    pub tags: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteParams {
+    /// Delete even while versions are deployed (admin only).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Checks a model name from a path or body.
+pub fn check_name(name: &str) -> Result<(), ApiError> {
+    sentinel_proto::manifest::validate_model_name(name)
+        .map_err(|reason| ApiError::bad_request(format!("model name {name:?} {reason}")))
+}
+
+/// Checks a list of free-form tags.
+pub fn check_tags(what: &str, tags: &[String]) -> Result<(), ApiError> {
+    for t in tags {
+        if t.is_empty() || t.len() > 64 || t.contains(',') || t.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(format!(
+                "{what} {t:?} is invalid: 1 to 64 characters, no commas or control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn model_out(m: ModelRecord, versions: Vec<VersionOut>, include: bool) -> ModelOut {
+    ModelOut {
+        name: m.name,
+        description: m.description,
+        tags: m.tags,
+        created_at_ms: m.created_at_ms,
+        updated_at_ms: m.updated_at_ms,
+        version_count: versions.len(),
+        latest_version: versions.first().map(|v| v.version.clone()),
+        versions: include.then_some(versions),
+    }
+}
+
+/// Loads a model and its versions, or 404.
+pub async fn load_model(state: &SharedState, name: &str) -> Result<(ModelRecord, Vec<VersionOut>), ApiError> {
+    check_name(name)?;
+    let n = name.to_owned();
+    let (model, versions) = state.meta(move |m| Ok((m.get_model(&n)?, m.list_versions(&n)?))).await?;
+    let model = model.ok_or_else(|| ApiError::not_found(format!("model {name:?} is not registered")))?;
+    let versions = versions.iter().map(VersionOut::from_record).collect::<Result<Vec<_>, _>>()?;
+    Ok((model, versions))
+}
+
+/// List models, filtered by name, stage and hardware, one page at a time.
+#[utoipa::path(get, path = "/api/v1/models", params(ListParams), security(("bearer" = [])),
+    responses((status = 200, body = ModelList), (status = 401, body = super::error::ErrorBody)))]
+pub async fn list(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<ModelList>, ApiError> {
+    caller.require(Role::Viewer, "listing models")?;
+    if let Some(stage) = &p.stage {
+        sentinel_proto::manifest::parse_stage(stage).map_err(ApiError::bad_request)?;
+    }
+    let limit = page_limit(p.limit)?;
+    let offset = p.offset.unwrap_or(0);
+    let filter = ModelFilter { name: p.name, stage: p.stage, hardware: p.hardware, limit, offset };
+    let (rows, total) = state
+        .meta(move |m| {
+            let (models, total) = m.list_models(&filter)?;
+            let mut rows = Vec::with_capacity(models.len());
+            for model in models {
+                let versions = m.list_versions(&model.name)?;
+                rows.push((model, versions));
+            }
+            Ok((rows, total))
+        })
+        .await?;
+    let mut models = Vec::with_capacity(rows.len());
+    for (model, versions) in rows {
+        let versions = versions.iter().map(VersionOut::from_record).collect::<Result<Vec<_>, _>>()?;
+        models.push(model_out(model, versions, false));
+    }
+    Ok(Json(ModelList { models, total, limit, offset }))
+}
+
+/// Register a model name.
+#[utoipa::path(post, path = "/api/v1/models", request_body = CreateModel, security(("bearer" = [])),
+    responses((status = 201, body = ModelOut), (status = 409, body = super::error::ErrorBody)))]
+pub async fn create(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateModel>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Publisher, "registering a model")?;
+    check_name(&body.name)?;
+    check_tags("tag", &body.tags)?;
+    let now = crate::now_ms();
+    let model = state.meta(move |m| m.create_model(&body.name, &body.description, &body.tags, now)).await?;
+    let detail = AuditDetail(format!("registered model {}", model.name));
+    let mut resp = (StatusCode::CREATED, Json(model_out(model, Vec::new(), true))).into_response();
+    resp.extensions_mut().insert(detail);
+    Ok(resp)
+}
+
+/// Show a model with all its versions, newest first.
+#[utoipa::path(get, path = "/api/v1/models/{name}", security(("bearer" = [])),
+    responses((status = 200, body = ModelOut), (status = 404, body = super::error::ErrorBody)))]
+pub async fn show(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<ModelOut>, ApiError> {
+    caller.require(Role::Viewer, "reading a model")?;
+    let (model, versions) = load_model(&state, &name).await?;
+    Ok(Json(model_out(model, versions, true)))
+}
+
+/// Update a model's description or tags.
+#[utoipa::path(put, path = "/api/v1/models/{name}", request_body = UpdateModel, security(("bearer" = [])),
+    responses((status = 200, body = ModelOut), (status = 404, body = super::error::ErrorBody)))]
+pub async fn update(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<UpdateModel>,
+) -> Result<Json<ModelOut>, ApiError> {
+    caller.require(Role::Publisher, "editing a model")?;
+    check_name(&name)?;
+    if let Some(tags) = &body.tags {
+        check_tags("tag", tags)?;
+    }
+    let now = crate::now_ms();
+    let n = name.clone();
+    state.meta(move |m| m.update_model(&n, body.description.as_deref(), body.tags.as_deref(), now)).await?;
+    let (model, versions) = load_model(&state, &name).await?;
+    Ok(Json(model_out(model, versions, true)))
+}
+
+/// Delete a model and all its versions. Refused while any version is
+/// deployed, unless an admin passes `?force=true`.
+#[utoipa::path(delete, path = "/api/v1/models/{name}", params(DeleteParams), security(("bearer" = [])),
+    responses((status = 204), (status = 409, body = super::error::ErrorBody)))]
+pub async fn delete(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(p): ApiQuery<DeleteParams>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin, "deleting a model")?;
+    check_name(&name)?;
+    let n = name.clone();
+    let active = state.meta(move |m| m.active_deployments(&n)).await?;
+    if !active.is_empty() && !p.force {
+        let ids: Vec<String> = active.iter().map(|d| d.id.to_string()).collect();
+        return Err(ApiError::conflict(format!(
+            "model {name:?} is deployed (active deployments {}); roll it back first, or pass ?force=true",
+            ids.join(", ")
+        )));
+    }
+    let n = name.clone();
+    let freed = state.meta(move |m| m.delete_model(&n, crate::now_ms())).await?;
+    let count = freed.len();
+    state
+        .blobs(move |b| {
+            for sha in &freed {
+                b.remove(sha)?;
+            }
+            Ok(())
+        })
+        .await?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.extensions_mut().insert(AuditDetail(format!(
+        "deleted model {name}{}; freed {count} blobs",
+        if p.force { " (forced)" } else { "" }
+    )));
+    Ok(resp)
+}

@@ -1,0 +1,341 @@
+//! `POST /api/v1/models/{name}/versions`: the streamed upload of a new version.
+//!
+//! The body is either the raw ONNX file (`application/octet-stream`, what
+//! `curl --data-binary @model.onnx` sends) or `multipart/form-data` with a
+//! `model` part and, optionally, a validation set as `validation_inputs` and
+//! `validation_labels` parts. Version metadata comes in the query string.
+//!
+//! Each part streams to a staging file while its SHA-256 and size are
+//! computed; nothing is held whole in memory and a part over the cap is cut
+//! off at the cap. Only when the model has loaded and every check passed are
+//! the blobs committed and the version row written, in that order: a crash
+//! at any point leaves either no version or a complete one.
+
+use std::fmt::Display;
+
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, body::Bytes};
+use futures_util::{Stream, StreamExt as _};
+use sentinel_proto::manifest::{AccuracyView, FORMAT_ONNX, parse_stage, sign_manifest, stage_name};
+use sentinel_proto::pb::{self, ModelManifest, dimension::Kind};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt as _;
+use utoipa::IntoParams;
+
+use super::auth::AuditDetail;
+use super::models::{check_name, check_tags};
+use super::versions::{VersionOut, check_accuracy, check_hardware, check_version};
+use super::{ApiError, ApiPath, ApiQuery, Caller, SharedState};
+use crate::auth::Role;
+use crate::onnx::{self, dtype_size};
+use crate::store::{StagedBlob, VersionRecord};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UploadParams {
+    /// Semantic version of the new version. Required: there is no default.
+    pub version: Option<String>,
+    /// development (default), staging, production or archived.
+    pub stage: Option<String>,
+    /// Declared accuracy as a fraction, e.g. 0.97.
+    pub accuracy: Option<f64>,
+    /// Metric of the declared accuracy (default `accuracy`).
+    pub metric: Option<String>,
+    /// Dataset the accuracy was measured on.
+    pub dataset: Option<String>,
+    /// Comma-separated hardware tags, e.g. `aarch64,jetson-orin`. None: any hardware.
+    pub hardware: Option<String>,
+    /// Comma-separated free-form tags.
+    pub tags: Option<String>,
+}
+
+/// A part that has been streamed to disk.
+struct Received {
+    staged: StagedBlob,
+    sha256: String,
+    size: u64,
+}
+
+fn split_list(s: &Option<String>) -> Vec<String> {
+    s.as_deref()
+        .map(|s| s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+fn too_large(what: &str, cap: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("{what} is larger than this hub's upload limit of {cap} bytes; nothing was stored"),
+    )
+}
+
+/// Streams `body` into a staging blob, hashing as it goes, refusing more than `cap` bytes.
+async fn receive<S, E>(state: &SharedState, mut body: S, cap: u64, what: &str) -> Result<Received, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Display,
+{
+    let staged = state.blobs(|b| b.stage()).await?;
+    let clone = staged.file().try_clone().map_err(|e| ApiError::from_write("opening a staging file", &e))?;
+    let mut file = tokio::fs::File::from_std(clone);
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut size = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(format!("the upload of {what} broke off ({e}); nothing was stored, retry it"))
+        })?;
+        size += chunk.len() as u64;
+        if size > cap {
+            return Err(too_large(what, cap));
+        }
+        digest.update(&chunk);
+        file.write_all(&chunk).await.map_err(|e| ApiError::from_write("writing an upload", &e))?;
+    }
+    file.flush().await.map_err(|e| ApiError::from_write("writing an upload", &e))?;
+    Ok(Received { staged, sha256: hex::encode(digest.finish().as_ref()), size })
+}
+
+/// Bytes of one validation sample of the model's first input: every dim
+/// after the batch dim must be fixed.
+fn sample_bytes(input: &pb::TensorSpec) -> Result<u64, ApiError> {
+    let unusable = |why: &str| {
+        ApiError::unprocessable(
+            "invalid_validation_set",
+            format!("a validation set needs the first input `{}` to {why}", input.name),
+        )
+    };
+    let elem = dtype_size(&input.dtype).ok_or_else(|| unusable("have a numeric dtype"))?;
+    if input.shape.is_empty() {
+        return Err(unusable("have a batch dimension"));
+    }
+    let mut n = elem;
+    for d in &input.shape[1..] {
+        match d.kind {
+            Some(Kind::Fixed(k)) => n *= k,
+            _ => return Err(unusable("have fixed dimensions after the batch dimension")),
+        }
+    }
+    Ok(n)
+}
+
+/// Upload a new version of a model (streamed).
+#[utoipa::path(post, path = "/api/v1/models/{name}/versions", params(UploadParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "The ONNX file; or multipart/form-data with parts model, validation_inputs, validation_labels"),
+    security(("bearer" = [])),
+    responses((status = 201, body = VersionOut), (status = 409, body = super::error::ErrorBody),
+        (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)))]
+pub async fn upload(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(p): ApiQuery<UploadParams>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Publisher, "uploading a version")?;
+    check_name(&name)?;
+    // Every check that needs no body runs before a byte is read.
+    let version = p
+        .version
+        .clone()
+        .ok_or_else(|| ApiError::bad_request("a version is required (?version=1.2.0); there is no default version"))?;
+    check_version(&version)?;
+    let stage = parse_stage(p.stage.as_deref().unwrap_or("development")).map_err(ApiError::bad_request)?;
+    let hardware = split_list(&p.hardware);
+    check_hardware(&hardware)?;
+    let tags = split_list(&p.tags);
+    check_tags("tag", &tags)?;
+    let accuracy = match p.accuracy {
+        Some(value) => {
+            let a = AccuracyView {
+                metric: p.metric.clone().unwrap_or_else(|| "accuracy".into()),
+                value,
+                dataset: p.dataset.clone().unwrap_or_default(),
+            };
+            check_accuracy(&a)?;
+            Some(pb::Accuracy { metric: a.metric, value: a.value, dataset: a.dataset })
+        }
+        None if p.metric.is_some() || p.dataset.is_some() => {
+            return Err(ApiError::bad_request("metric and dataset describe an accuracy: pass accuracy too"));
+        }
+        None => None,
+    };
+    let (n, v) = (name.clone(), version.clone());
+    let (model, existing) = state.meta(move |m| Ok((m.get_model(&n)?, m.get_version(&n, &v)?))).await?;
+    if model.is_none() {
+        return Err(ApiError::not_found(format!("model {name:?} is not registered; POST /api/v1/models first")));
+    }
+    if existing.is_some() {
+        return Err(ApiError::conflict(format!(
+            "model {name:?} already has version {version}; versions are immutable"
+        )));
+    }
+    let cap = state.config.max_upload_bytes;
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > cap
+    {
+        return Err(too_large("the request body", cap));
+    }
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("multipart/form-data"));
+
+    let (model_blob, validation) = if is_multipart {
+        receive_multipart(&state, req, cap).await?
+    } else {
+        (receive(&state, req.into_body().into_data_stream(), cap, "the model").await?, None)
+    };
+    if model_blob.size == 0 {
+        return Err(ApiError::bad_request("the model file is empty; send the ONNX file as the request body"));
+    }
+
+    let path = model_blob.staged.path().to_path_buf();
+    let signature = tokio::task::spawn_blocking(move || onnx::inspect(&path))
+        .await
+        .map_err(|e| ApiError::internal("inspecting an upload", &e))?
+        .map_err(|e| ApiError::unprocessable("invalid_model", format!("{e}; nothing was stored")))?;
+
+    let validation_set = match &validation {
+        None => None,
+        Some((inputs, labels)) => {
+            let per_sample = sample_bytes(&signature.inputs[0])?;
+            if labels.size == 0 || labels.size % 8 != 0 {
+                return Err(ApiError::unprocessable(
+                    "invalid_validation_set",
+                    format!(
+                        "validation labels are {} bytes; they must be a non-empty run of int64 values",
+                        labels.size
+                    ),
+                ));
+            }
+            let count = labels.size / 8;
+            if inputs.size != count * per_sample {
+                return Err(ApiError::unprocessable(
+                    "invalid_validation_set",
+                    format!(
+                        "validation inputs are {} bytes, but {count} labels need {count} x {per_sample} = {} bytes",
+                        inputs.size,
+                        count * per_sample
+                    ),
+                ));
+            }
+            Some(pb::ValidationSet {
+                inputs: Some(pb::BlobRef { sha256: inputs.sha256.clone(), size: inputs.size }),
+                labels: Some(pb::BlobRef { sha256: labels.sha256.clone(), size: labels.size }),
+                count,
+            })
+        }
+    };
+
+    let now = crate::now_ms();
+    let manifest = ModelManifest {
+        name: name.clone(),
+        version: version.clone(),
+        sha256: model_blob.sha256.clone(),
+        size: model_blob.size,
+        format: FORMAT_ONNX.into(),
+        inputs: signature.inputs,
+        outputs: signature.outputs,
+        accuracy,
+        hardware: hardware.clone(),
+        stage: stage as i32,
+        created_at_unix_ms: now,
+        key_id: String::new(),
+        tags,
+        validation: validation_set,
+    };
+    let signer = state.keyring().active();
+    let signed = sign_manifest(&signer, &manifest);
+
+    // Blobs first, durable; then the row that makes the version exist.
+    let mut extra = Vec::new();
+    let mut to_commit = vec![(model_blob.staged, model_blob.sha256.clone())];
+    if let Some((inputs, labels)) = validation {
+        extra.push(inputs.sha256.clone());
+        extra.push(labels.sha256.clone());
+        to_commit.push((inputs.staged, inputs.sha256));
+        to_commit.push((labels.staged, labels.sha256));
+    }
+    state
+        .blobs(move |b| {
+            for (staged, sha) in to_commit {
+                b.commit(staged, &sha)?;
+            }
+            Ok(())
+        })
+        .await?;
+    let record = VersionRecord {
+        model: name.clone(),
+        version: version.clone(),
+        sha256: model_blob.sha256.clone(),
+        size: model_blob.size,
+        stage: stage_name(stage).to_owned(),
+        hardware,
+        manifest: signed.manifest,
+        signature: signed.signature,
+        key_id: signed.key_id,
+        created_at_ms: now,
+        created_by: caller.name.clone(),
+    };
+    let stored = record.clone();
+    state.meta(move |m| m.insert_version(&stored, &extra)).await?;
+    tracing::info!(model = %name, %version, sha256 = %record.sha256, size = record.size, "version registered");
+
+    let location = format!("/api/v1/models/{name}/versions/{version}");
+    let mut resp =
+        (StatusCode::CREATED, [(header::LOCATION, location)], Json(VersionOut::from_record(&record)?)).into_response();
+    resp.extensions_mut()
+        .insert(AuditDetail(format!("registered {name} {version} sha256={} size={}", record.sha256, record.size)));
+    Ok(resp)
+}
+
+type ValidationParts = Option<(Received, Received)>;
+
+async fn receive_multipart(
+    state: &SharedState,
+    req: Request,
+    cap: u64,
+) -> Result<(Received, ValidationParts), ApiError> {
+    let mut form = Multipart::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {}", e.body_text())))?;
+    let (mut model, mut inputs, mut labels) = (None, None, None);
+    loop {
+        let field = form
+            .next_field()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {}", e.body_text())))?;
+        let Some(field) = field else { break };
+        let part = field.name().unwrap_or_default().to_owned();
+        let slot = match part.as_str() {
+            "model" => &mut model,
+            "validation_inputs" => &mut inputs,
+            "validation_labels" => &mut labels,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown multipart part {other:?}; expected model, validation_inputs, validation_labels"
+                )));
+            }
+        };
+        if slot.is_some() {
+            return Err(ApiError::bad_request(format!("multipart part {part:?} appears twice")));
+        }
+        *slot = Some(receive(state, Box::pin(field), cap, &format!("part {part:?}")).await?);
+    }
+    let model = model.ok_or_else(|| ApiError::bad_request("the multipart body has no `model` part"))?;
+    let validation = match (inputs, labels) {
+        (Some(i), Some(l)) => Some((i, l)),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "a validation set needs both validation_inputs and validation_labels parts",
+            ));
+        }
+    };
+    Ok((model, validation))
+}

@@ -1,0 +1,226 @@
+//! `/api/v1/models/{name}/versions`: read and edit versions and their signed
+//! manifests. Uploading lives in [`super::upload`].
+
+use axum::Json;
+use axum::extract::State;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use prost::Message as _;
+use sentinel_proto::ManifestView;
+use sentinel_proto::manifest::{AccuracyView, parse_stage, sign_manifest, stage_name};
+use sentinel_proto::pb::{self, ModelManifest};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::AuditDetail;
+use super::models::{check_name, check_tags};
+use super::{ApiError, ApiJson, ApiPath, Caller, SharedState};
+use crate::auth::Role;
+use crate::store::VersionRecord;
+
+/// A stored version: the manifest's facts plus who registered it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VersionOut {
+    pub model: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    pub stage: String,
+    pub hardware: Vec<String>,
+    pub key_id: String,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    /// The decoded signed manifest.
+    pub manifest: ManifestView,
+}
+
+impl VersionOut {
+    pub fn from_record(v: &VersionRecord) -> Result<Self, ApiError> {
+        let manifest = ModelManifest::decode(v.manifest.as_slice())
+            .map_err(|e| ApiError::internal("decoding a stored manifest", &e))?;
+        Ok(Self {
+            model: v.model.clone(),
+            version: v.version.clone(),
+            sha256: v.sha256.clone(),
+            size: v.size,
+            stage: v.stage.clone(),
+            hardware: v.hardware.clone(),
+            key_id: v.key_id.clone(),
+            created_at_ms: v.created_at_ms,
+            created_by: v.created_by.clone(),
+            manifest: ManifestView::from(&manifest),
+        })
+    }
+}
+
+/// The signed manifest as a device receives it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SignedManifestOut {
+    /// Protobuf `sentinel.v1.ModelManifest` bytes, standard base64. The
+    /// signature covers `"sentinel-manifest-v1\0" || these bytes`.
+    pub manifest: String,
+    /// Ed25519 signature, standard base64.
+    pub signature: String,
+    pub key_id: String,
+    /// The same manifest decoded, for people; never what is verified.
+    pub decoded: ManifestView,
+}
+
+impl SignedManifestOut {
+    /// The signed manifest in wire form.
+    pub fn to_signed(&self) -> Result<pb::SignedManifest, base64::DecodeError> {
+        Ok(pb::SignedManifest {
+            manifest: B64.decode(&self.manifest)?,
+            signature: B64.decode(&self.signature)?,
+            key_id: self.key_id.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVersion {
+    pub stage: Option<String>,
+    pub accuracy: Option<AccuracyView>,
+    pub hardware: Option<Vec<String>>,
+    pub tags: Option<Vec<String>>,
+}
+
+/// Checks semver, with a message that says what is expected.
+pub fn check_version(version: &str) -> Result<(), ApiError> {
+    semver::Version::parse(version)
+        .map(|_| ())
+        .map_err(|e| ApiError::bad_request(format!("version {version:?} is not semver (e.g. 1.2.0): {e}")))
+}
+
+/// Checks hardware target tags.
+pub fn check_hardware(tags: &[String]) -> Result<(), ApiError> {
+    for t in tags {
+        if t.is_empty() || t.len() > 63 || !t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(ApiError::bad_request(format!(
+                "hardware tag {t:?} is invalid: use letters, digits, '-', '_' or '.' (e.g. aarch64, jetson-orin)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a declared accuracy.
+pub fn check_accuracy(a: &AccuracyView) -> Result<(), ApiError> {
+    if !a.value.is_finite() || !(0.0..=1.0).contains(&a.value) {
+        return Err(ApiError::bad_request(format!("accuracy {} must be a fraction between 0 and 1", a.value)));
+    }
+    if a.metric.trim().is_empty() {
+        return Err(ApiError::bad_request("accuracy needs a metric name, e.g. top1"));
+    }
+    Ok(())
+}
+
+pub async fn load_version(state: &SharedState, name: &str, version: &str) -> Result<VersionRecord, ApiError> {
+    check_name(name)?;
+    check_version(version)?;
+    let (n, v) = (name.to_owned(), version.to_owned());
+    let (model, found) = state.meta(move |m| Ok((m.get_model(&n)?, m.get_version(&n, &v)?))).await?;
+    if model.is_none() {
+        return Err(ApiError::not_found(format!("model {name:?} is not registered")));
+    }
+    found.ok_or_else(|| ApiError::not_found(format!("model {name:?} has no version {version}")))
+}
+
+/// List a model's versions, newest first.
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions", security(("bearer" = [])),
+    responses((status = 200, body = Vec<VersionOut>), (status = 404, body = super::error::ErrorBody)))]
+pub async fn list(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Vec<VersionOut>>, ApiError> {
+    caller.require(Role::Viewer, "listing versions")?;
+    let (_, versions) = super::models::load_model(&state, &name).await?;
+    Ok(Json(versions))
+}
+
+/// Show one version.
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}", security(("bearer" = [])),
+    responses((status = 200, body = VersionOut), (status = 404, body = super::error::ErrorBody)))]
+pub async fn show(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath((name, version)): ApiPath<(String, String)>,
+) -> Result<Json<VersionOut>, ApiError> {
+    caller.require(Role::Viewer, "reading a version")?;
+    Ok(Json(VersionOut::from_record(&load_version(&state, &name, &version).await?)?))
+}
+
+/// The signed manifest: exact bytes, signature and key id.
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/manifest", security(("bearer" = [])),
+    responses((status = 200, body = SignedManifestOut), (status = 404, body = super::error::ErrorBody)))]
+pub async fn manifest(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath((name, version)): ApiPath<(String, String)>,
+) -> Result<Json<SignedManifestOut>, ApiError> {
+    caller.require(Role::Viewer, "reading a manifest")?;
+    let v = load_version(&state, &name, &version).await?;
+    let decoded = VersionOut::from_record(&v)?.manifest;
+    Ok(Json(SignedManifestOut {
+        manifest: B64.encode(&v.manifest),
+        signature: B64.encode(&v.signature),
+        key_id: v.key_id,
+        decoded,
+    }))
+}
+
+/// Change a version's stage, accuracy, hardware or tags. The manifest is
+/// re-signed with the hub's active key.
+#[utoipa::path(put, path = "/api/v1/models/{name}/versions/{version}", request_body = UpdateVersion,
+    security(("bearer" = [])),
+    responses((status = 200, body = VersionOut), (status = 404, body = super::error::ErrorBody)))]
+pub async fn update(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath((name, version)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<UpdateVersion>,
+) -> Result<axum::response::Response, ApiError> {
+    caller.require(Role::Publisher, "editing a version")?;
+    let mut record = load_version(&state, &name, &version).await?;
+    let mut m = ModelManifest::decode(record.manifest.as_slice())
+        .map_err(|e| ApiError::internal("decoding a stored manifest", &e))?;
+    let mut changed = Vec::new();
+    if let Some(stage) = &body.stage {
+        m.stage = parse_stage(stage).map_err(ApiError::bad_request)? as i32;
+        changed.push(format!("stage={stage}"));
+    }
+    if let Some(a) = &body.accuracy {
+        check_accuracy(a)?;
+        m.accuracy = Some(pb::Accuracy { metric: a.metric.clone(), value: a.value, dataset: a.dataset.clone() });
+        changed.push(format!("accuracy={}:{}", a.metric, a.value));
+    }
+    if let Some(hw) = &body.hardware {
+        check_hardware(hw)?;
+        m.hardware = hw.clone();
+        changed.push(format!("hardware={}", hw.join(",")));
+    }
+    if let Some(tags) = &body.tags {
+        check_tags("tag", tags)?;
+        m.tags = tags.clone();
+        changed.push(format!("tags={}", tags.join(",")));
+    }
+    let signer = state.keyring().active();
+    let signed = sign_manifest(&signer, &m);
+    record.stage = stage_name(m.stage()).to_owned();
+    record.hardware = m.hardware.clone();
+    record.manifest = signed.manifest;
+    record.signature = signed.signature;
+    record.key_id = signed.key_id;
+    let stored = record.clone();
+    state.meta(move |meta| meta.update_version(&stored)).await?;
+    let mut resp = axum::response::IntoResponse::into_response(Json(VersionOut::from_record(&record)?));
+    resp.extensions_mut().insert(AuditDetail(format!(
+        "{name} {version}: {}; re-signed with {}",
+        changed.join(" "),
+        record.key_id
+    )));
+    Ok(resp)
+}

@@ -1,0 +1,100 @@
+//! `sentinel-hub`: the registry server. Parses flags and hands over to
+//! [`sentinel_hub::Hub`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sentinel_hub::server::shutdown_signal;
+use sentinel_hub::{Hub, HubConfig};
+
+/// Sentinel hub: signed ONNX model registry and deployment server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Directory for the database, model blobs, signing keys and admin token.
+    #[arg(long, env = "SENTINEL_DATA_DIR", default_value = "/var/lib/sentinel-hub")]
+    data_dir: PathBuf,
+    /// REST API listen address (port 0 picks a free port).
+    #[arg(long, env = "SENTINEL_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// gRPC listen address for agents.
+    #[arg(long, env = "SENTINEL_GRPC_LISTEN")]
+    grpc_listen: Option<SocketAddr>,
+    /// Largest model file accepted, in bytes.
+    #[arg(long, default_value_t = sentinel_hub::config::DEFAULT_MAX_UPLOAD_BYTES)]
+    max_upload_bytes: u64,
+}
+
+/// Exit codes: 0 clean shutdown, 64 bad configuration, 70 failure while
+/// running, 71 cannot open storage or bind.
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sentinel-hub: cannot start the async runtime: {e}");
+            return ExitCode::from(71);
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+fn print_chain(err: &dyn std::error::Error) {
+    let mut msg = format!("sentinel-hub: {err}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("{msg}");
+}
+
+async fn run(args: Args) -> ExitCode {
+    let mut config = HubConfig::new(args.data_dir);
+    config.listen = args.listen;
+    config.grpc_listen = args.grpc_listen;
+    config.max_upload_bytes = args.max_upload_bytes;
+    let hub = match Hub::open(config) {
+        Ok(h) => h,
+        Err(e) => {
+            print_chain(&e);
+            return ExitCode::from(71);
+        }
+    };
+    let listener = match hub.bind().await {
+        Ok(l) => l,
+        Err(e) => {
+            print_chain(&e);
+            return ExitCode::from(71);
+        }
+    };
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    if hub.bootstrap_token.is_some() {
+        println!("admin token written to {}", hub.data_dir().join(sentinel_hub::server::ADMIN_TOKEN_FILE).display());
+    }
+    // Scripts and tests read this line to learn the port.
+    println!("sentinel-hub listening on http://{addr}");
+    match hub.serve(listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_chain(&e);
+            ExitCode::from(70)
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The `sentinel` command tree.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Sentinel: push, deploy and roll back ONNX models across a fleet.
+#[derive(Debug, Parser)]
+#[command(name = "sentinel", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Hub base URL.
+    #[arg(long, global = true, env = "SENTINEL_HUB", default_value = "http://127.0.0.1:8080")]
+    pub hub: String,
+    /// API token (see `sentinel token create`; the first admin token is in the hub's admin.token).
+    #[arg(long, global = true, env = "SENTINEL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 not found, 3 conflict, 64 usage, 65 input refused by the hub, \
+66 local file unreadable, 69 hub unreachable or failing, 77 token missing, wrong or not allowed.";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Models and their versions.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Deployment records.
+    #[command(subcommand)]
+    Deployments(DeploymentsCommand),
+    /// API tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The hub itself.
+    #[command(subcommand)]
+    Hub(HubCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Upload a new version (registers the model name if needed).
+    Push(PushArgs),
+    /// List models.
+    List(ListArgs),
+    /// Show a model and its versions.
+    Show { name: String },
+    /// Deploy a version to the devices a target selects.
+    Deploy {
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// Selector: `stage=production,site=a`, or a bare stage name; `hardware=TAG` requires hardware.
+        #[arg(long, default_value = "")]
+        target: String,
+    },
+    /// Roll a target back to an earlier version.
+    Rollback {
+        name: String,
+        /// Version to return to (default: the one deployed before).
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Delete a model and all its versions (admin).
+    Delete {
+        name: String,
+        /// Delete even while deployed.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The ONNX file.
+    pub path: PathBuf,
+    #[arg(long)]
+    pub name: String,
+    /// Semantic version, e.g. 1.0.0. Required: there is no default.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// development, staging, production or archived.
+    #[arg(long, default_value = "development")]
+    pub stage: String,
+    /// Declared accuracy as a fraction, e.g. 0.97.
+    #[arg(long)]
+    pub accuracy: Option<f64>,
+    /// Metric of the declared accuracy, e.g. top1.
+    #[arg(long, requires = "accuracy")]
+    pub metric: Option<String>,
+    /// Dataset the accuracy was measured on.
+    #[arg(long, requires = "accuracy")]
+    pub dataset: Option<String>,
+    /// Comma-separated hardware tags: x86_64, aarch64, jetson-orin, cuda...
+    #[arg(long)]
+    pub hardware: Option<String>,
+    /// Comma-separated tags.
+    #[arg(long)]
+    pub tags: Option<String>,
+    /// Directory with `inputs.bin` (raw little-endian samples of the first
+    /// input) and `labels.bin` (int64 labels), scored on the device before traffic.
+    #[arg(long)]
+    pub validation_set: Option<PathBuf>,
+    /// Description, used when the model name is registered by this push.
+    #[arg(long, default_value = "")]
+    pub description: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub stage: Option<String>,
+    #[arg(long)]
+    pub hardware: Option<String>,
+    #[arg(long)]
+    pub limit: Option<u32>,
+    #[arg(long)]
+    pub offset: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeploymentsCommand {
+    /// List deployments, newest first.
+    List {
+        #[arg(long)]
+        model: Option<String>,
+        /// active, superseded, rolled_back or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Show one deployment.
+    Show { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once.
+    Create {
+        /// viewer, publisher, deployer or admin.
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (secrets are never shown).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HubCommand {
+    /// Print the hub's public signing keys, for pinning on devices.
+    Key,
+    /// Generate a new signing key and make it active (admin).
+    RotateKey,
+}

@@ -1,0 +1,389 @@
+//! One function per command. Each prints a table (or JSON with `--json`).
+
+use std::io::IsTerminal as _;
+
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::CliError;
+use super::args::{Cli, Command, DeploymentsCommand, HubCommand, ListArgs, ModelCommand, PushArgs, TokenCommand};
+use super::client::HubClient;
+
+/// Percent-encodes a query value.
+fn q(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b',') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let parts: Vec<String> = pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", q(v)))).collect();
+    if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.is_empty() => "-".into(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn time(v: &Value) -> String {
+    let Some(ms) = v.as_i64() else { return "-".into() };
+    let secs = ms / 1000;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn size(v: &Value) -> String {
+    let Some(n) = v.as_u64() else { return "-".into() };
+    match n {
+        0..1_024 => format!("{n} B"),
+        1_024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
+    }
+    t
+}
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn print(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        } else {
+            println!("{}", human(value));
+        }
+    }
+}
+
+pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    let client = HubClient::new(&cli.hub, cli.token.clone())?;
+    let out = Out { json: cli.json };
+    match cli.command {
+        Command::Model(cmd) => model(&client, &out, cmd).await,
+        Command::Deployments(cmd) => deployments(&client, &out, cmd).await,
+        Command::Token(cmd) => token(&client, &out, cmd).await,
+        Command::Hub(cmd) => hub(&client, &out, cmd).await,
+    }
+}
+
+fn version_rows(versions: &Value) -> Vec<Vec<String>> {
+    versions
+        .as_array()
+        .map(|vs| {
+            vs.iter()
+                .map(|v| {
+                    let acc = &v["manifest"]["accuracy"];
+                    let accuracy =
+                        if acc.is_null() { "-".into() } else { format!("{} {}", s(&acc["metric"]), s(&acc["value"])) };
+                    vec![
+                        s(&v["version"]),
+                        s(&v["stage"]),
+                        size(&v["size"]),
+                        accuracy,
+                        s(&v["hardware"]),
+                        s(&v["sha256"]).chars().take(12).collect(),
+                        s(&v["key_id"]),
+                        time(&v["created_at_ms"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const VERSION_HEADER: [&str; 8] = ["VERSION", "STAGE", "SIZE", "ACCURACY", "HARDWARE", "SHA256", "KEY", "CREATED"];
+
+fn deployment_rows(list: &[Value]) -> Vec<Vec<String>> {
+    list.iter()
+        .map(|d| {
+            vec![
+                s(&d["id"]),
+                s(&d["model"]),
+                s(&d["version"]),
+                if s(&d["target"]) == "-" { "(all devices)".into() } else { s(&d["target"]) },
+                s(&d["kind"]),
+                s(&d["state"]),
+                s(&d["created_by"]),
+                time(&d["created_at_ms"]),
+            ]
+        })
+        .collect()
+}
+
+const DEPLOYMENT_HEADER: [&str; 8] = ["ID", "MODEL", "VERSION", "TARGET", "KIND", "STATE", "BY", "CREATED"];
+
+async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError> {
+    let version = a.version.ok_or_else(|| {
+        CliError::Usage("--version is required: a push never picks a version for you (e.g. --version 1.0.0)".into())
+    })?;
+    if !a.path.is_file() {
+        return Err(CliError::LocalFile {
+            path: a.path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    // Register the name on first push; an existing name is fine.
+    let created =
+        client.send_json(Method::POST, "/api/v1/models", &json!({"name": a.name, "description": a.description})).await;
+    match created {
+        Ok(_) | Err(CliError::Hub { status: 409, .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let path = format!(
+        "/api/v1/models/{}/versions{}",
+        a.name,
+        query(&[
+            ("version", Some(version)),
+            ("stage", Some(a.stage)),
+            ("accuracy", a.accuracy.map(|v| v.to_string())),
+            ("metric", a.metric),
+            ("dataset", a.dataset),
+            ("hardware", a.hardware),
+            ("tags", a.tags),
+        ])
+    );
+    let progress = !out.json && std::io::stderr().is_terminal();
+    let v = match a.validation_set {
+        None => client.upload_file(&path, &a.path, progress).await?,
+        Some(dir) => {
+            let (inputs, labels) = (dir.join("inputs.bin"), dir.join("labels.bin"));
+            for p in [&inputs, &labels] {
+                if !p.is_file() {
+                    return Err(CliError::Usage(format!(
+                        "--validation-set {} must hold inputs.bin and labels.bin; {} is missing",
+                        dir.display(),
+                        p.display()
+                    )));
+                }
+            }
+            client.upload_with_validation(&path, &a.path, &inputs, &labels, progress).await?
+        }
+    };
+    out.print(&v, |v| {
+        format!(
+            "pushed {} {}: sha256 {} ({}), signed by {}\n{}",
+            s(&v["model"]),
+            s(&v["version"]),
+            s(&v["sha256"]),
+            size(&v["size"]),
+            s(&v["key_id"]),
+            table(&VERSION_HEADER, version_rows(&json!([v])))
+        )
+    });
+    Ok(())
+}
+
+async fn list(client: &HubClient, out: &Out, a: ListArgs) -> Result<(), CliError> {
+    let v = client
+        .get(&format!(
+            "/api/v1/models{}",
+            query(&[
+                ("name", a.name),
+                ("stage", a.stage),
+                ("hardware", a.hardware),
+                ("limit", a.limit.map(|n| n.to_string())),
+                ("offset", a.offset.map(|n| n.to_string())),
+            ])
+        ))
+        .await?;
+    out.print(&v, |v| {
+        let models = v["models"].as_array().cloned().unwrap_or_default();
+        let rows = models
+            .iter()
+            .map(|m| {
+                vec![
+                    s(&m["name"]),
+                    s(&m["latest_version"]),
+                    s(&m["version_count"]),
+                    s(&m["tags"]),
+                    s(&m["description"]),
+                    time(&m["updated_at_ms"]),
+                ]
+            })
+            .collect();
+        format!(
+            "{}\n{} of {} models",
+            table(&["NAME", "LATEST", "VERSIONS", "TAGS", "DESCRIPTION", "UPDATED"], rows),
+            models.len(),
+            s(&v["total"])
+        )
+    });
+    Ok(())
+}
+
+async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), CliError> {
+    match cmd {
+        ModelCommand::Push(a) => push(client, out, a).await,
+        ModelCommand::List(a) => list(client, out, a).await,
+        ModelCommand::Show { name } => {
+            let v = client.get(&format!("/api/v1/models/{name}")).await?;
+            out.print(&v, |v| {
+                format!(
+                    "{}: {}\ntags: {}\n{}",
+                    s(&v["name"]),
+                    s(&v["description"]),
+                    s(&v["tags"]),
+                    table(&VERSION_HEADER, version_rows(&v["versions"]))
+                )
+            });
+            Ok(())
+        }
+        ModelCommand::Deploy { name, version, target } => {
+            let v = client
+                .send_json(
+                    Method::POST,
+                    &format!("/api/v1/models/{name}/deploy"),
+                    &json!({"version": version, "target": target}),
+                )
+                .await?;
+            out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+            Ok(())
+        }
+        ModelCommand::Rollback { name, version, target } => {
+            let v = client
+                .send_json(
+                    Method::POST,
+                    &format!("/api/v1/models/{name}/rollback"),
+                    &json!({"version": version, "target": target}),
+                )
+                .await?;
+            out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+            Ok(())
+        }
+        ModelCommand::Delete { name, force } => {
+            let suffix = if force { "?force=true" } else { "" };
+            client.delete(&format!("/api/v1/models/{name}{suffix}")).await?;
+            out.print(&json!({"deleted": name}), |_| format!("deleted model {name}"));
+            Ok(())
+        }
+    }
+}
+
+async fn deployments(client: &HubClient, out: &Out, cmd: DeploymentsCommand) -> Result<(), CliError> {
+    match cmd {
+        DeploymentsCommand::List { model, state, limit } => {
+            let v = client
+                .get(&format!(
+                    "/api/v1/deployments{}",
+                    query(&[("model", model), ("state", state), ("limit", limit.map(|n| n.to_string()))])
+                ))
+                .await?;
+            out.print(&v, |v| {
+                let list = v["deployments"].as_array().cloned().unwrap_or_default();
+                format!(
+                    "{}\n{} of {} deployments",
+                    table(&DEPLOYMENT_HEADER, deployment_rows(&list)),
+                    list.len(),
+                    s(&v["total"])
+                )
+            });
+        }
+        DeploymentsCommand::Show { id } => {
+            let v = client.get(&format!("/api/v1/deployments/{id}")).await?;
+            out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+        }
+    }
+    Ok(())
+}
+
+async fn token(client: &HubClient, out: &Out, cmd: TokenCommand) -> Result<(), CliError> {
+    match cmd {
+        TokenCommand::Create { role, name } => {
+            let v = client.send_json(Method::POST, "/api/v1/tokens", &json!({"role": role, "name": name})).await?;
+            // The bare token on stdout, so `TOKEN=$(sentinel token create ...)` works.
+            out.print(&v, |v| s(&v["token"]));
+            if !out.json {
+                eprintln!(
+                    "token {} ({}, role {}): store it now, it is not shown again",
+                    s(&v["id"]),
+                    s(&v["name"]),
+                    s(&v["role"])
+                );
+            }
+        }
+        TokenCommand::List => {
+            let v = client.get("/api/v1/tokens").await?;
+            out.print(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .map(|ts| {
+                        ts.iter()
+                            .map(|t| {
+                                vec![
+                                    s(&t["id"]),
+                                    s(&t["name"]),
+                                    s(&t["role"]),
+                                    s(&t["created_by"]),
+                                    time(&t["created_at_ms"]),
+                                    if t["revoked"] == json!(true) { "revoked".into() } else { "active".into() },
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["ID", "NAME", "ROLE", "BY", "CREATED", "STATUS"], rows).to_string()
+            });
+        }
+        TokenCommand::Revoke { id } => {
+            client.delete(&format!("/api/v1/tokens/{id}")).await?;
+            out.print(&json!({"revoked": id}), |_| format!("revoked token {id}"));
+        }
+    }
+    Ok(())
+}
+
+async fn hub(client: &HubClient, out: &Out, cmd: HubCommand) -> Result<(), CliError> {
+    let v = match cmd {
+        HubCommand::Key => client.get("/api/v1/keys").await?,
+        HubCommand::RotateKey => client.send_json(Method::POST, "/api/v1/keys/rotate", &json!({})).await?,
+    };
+    out.print(&v, |v| {
+        // One line per key: `KEY_ID PUBLIC_KEY [active]`, ready to paste into an agent config.
+        v["keys"]
+            .as_array()
+            .map(|ks| {
+                ks.iter()
+                    .map(|k| {
+                        let active = if k["active"] == json!(true) { " active" } else { "" };
+                        format!("{} {}{active}", s(&k["key_id"]), s(&k["public_key"]))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    });
+    Ok(())
+}

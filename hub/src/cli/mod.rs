@@ -1,0 +1,72 @@
+//! The `sentinel` command-line client of the hub's REST API.
+//!
+//! Output is a human table by default and JSON with `--json`. Exit codes say
+//! what went wrong, so scripts can branch on them:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | not found (404) |
+//! | 3 | conflict (409): duplicate version, still deployed, nothing to roll back |
+//! | 64 | usage: bad flags or arguments (e.g. a push without `--version`) |
+//! | 65 | the hub refused the input (400, 413, 415, 422) |
+//! | 66 | a local file could not be read |
+//! | 69 | the hub is unreachable or failed (5xx) |
+//! | 77 | missing or wrong token, or a role that is not allowed (401, 403) |
+//!
+//! # Layout
+//! - [`args`]: the clap command tree.
+//! - [`client`]: a small typed client of `/api/v1`, with upload progress.
+//! - [`commands`]: one function per command, printing tables or JSON.
+
+pub mod args;
+pub mod client;
+pub mod commands;
+
+pub use args::Cli;
+
+/// A failure of a CLI command, carrying its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("reading {path}")]
+    LocalFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot reach the hub at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the hub answered {status}: {message}")]
+    Hub { status: u16, message: String },
+    #[error("the hub sent a response this CLI does not understand")]
+    Protocol(#[source] reqwest::Error),
+}
+
+impl CliError {
+    /// The process exit code for this failure (see the module docs).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 64,
+            CliError::LocalFile { .. } => 66,
+            CliError::Unreachable { .. } | CliError::Protocol(_) => 69,
+            CliError::Hub { status, .. } => match status {
+                404 => 1,
+                409 => 3,
+                401 | 403 => 77,
+                400..=499 => 65,
+                _ => 69,
+            },
+        }
+    }
+}
+
+/// Runs one CLI invocation.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    commands::dispatch(cli).await
+}

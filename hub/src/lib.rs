@@ -1,0 +1,40 @@
+//! The Sentinel hub: a versioned, signed registry of ONNX models.
+//!
+//! The hub stores every version of every model with the facts that decide
+//! where it may run, signs a manifest for each, records deployments, and
+//! serves all of it over a REST API under `/api/v1`. The `sentinel` CLI is a
+//! client of that API and lives here too, next to the types it speaks.
+//!
+//! # Layout
+//! - [`config`]: hub settings (data dir, listen address, upload cap).
+//! - [`store`]: narrow storage interfaces and their embedded implementations:
+//!   SQLite metadata ([`store::sqlite`]) and a content-addressed blob store on
+//!   local disk ([`store::blobs`]).
+//! - [`keys`]: the hub's Ed25519 signing keys (generation, rotation, pinning).
+//! - [`onnx`]: reading and checking an uploaded ONNX file's signature.
+//! - [`auth`]: API tokens, roles, and the first-start admin token.
+//! - [`selector`]: deployment target selectors (`stage=production,site=a`).
+//! - [`api`]: the axum router, one module per resource.
+//! - [`server`]: opening a hub and serving it until shutdown.
+//! - [`cli`]: the `sentinel` command-line client.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod keys;
+pub mod onnx;
+pub mod selector;
+pub mod server;
+pub mod store;
+
+pub use config::HubConfig;
+pub use server::Hub;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

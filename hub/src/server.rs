@@ -1,0 +1,154 @@
+//! Opening a hub's data dir and serving its API until shutdown.
+
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use axum::serve::ListenerExt as _;
+use tokio::net::TcpListener;
+
+use crate::api::{AppState, SharedState, router};
+use crate::auth::{Role, generate_token, hash_token};
+use crate::config::HubConfig;
+use crate::keys::{Keyring, KeyringError};
+use crate::store::{BlobError, BlobStore, LocalBlobStore, MetadataStore, SqliteStore, StoreError};
+
+/// Failures while starting or running the hub.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("preparing the data dir {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the metadata store")]
+    Store(#[from] StoreError),
+    #[error("opening the blob store")]
+    Blobs(#[from] BlobError),
+    #[error("loading the signing keys")]
+    Keys(#[from] KeyringError),
+    #[error("binding {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving HTTP")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A hub whose storage is open and ready to serve.
+#[derive(Debug)]
+pub struct Hub {
+    state: SharedState,
+    /// The admin token created on this start, if this was the first start.
+    pub bootstrap_token: Option<String>,
+}
+
+/// Name of the file the first admin token is written to, in the data dir.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+impl Hub {
+    /// Opens (creating on first start) the data dir: database, blob store,
+    /// signing key, and the first admin token. Removes blobs that no version
+    /// references: leftovers of uploads interrupted between storing the bytes
+    /// and registering the version.
+    pub fn open(config: HubConfig) -> Result<Self, HubError> {
+        let dir = &config.data_dir;
+        let dir_err = |source| HubError::DataDir { path: dir.clone(), source };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        let meta: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open(&dir.join("hub.db"))?);
+        let blobs = LocalBlobStore::open(dir.join("blobs").join("sha256"))?;
+        let keys = Keyring::open_or_create(&dir.join("keys"))?;
+
+        let referenced: std::collections::HashSet<String> = meta.referenced_blobs()?.into_iter().collect();
+        for sha in blobs.list()? {
+            if !referenced.contains(&sha) {
+                tracing::info!(%sha, "removing a blob no version references (interrupted upload)");
+                blobs.remove(&sha)?;
+            }
+        }
+
+        let bootstrap_token = if meta.count_tokens()? == 0 {
+            let token = generate_token();
+            write_admin_token(&dir.join(ADMIN_TOKEN_FILE), &token).map_err(dir_err)?;
+            meta.insert_token("admin", Role::Admin.as_str(), &hash_token(&token), "bootstrap", crate::now_ms())?;
+            tracing::warn!(path = %dir.join(ADMIN_TOKEN_FILE).display(), "first start: wrote the admin token");
+            Some(token)
+        } else {
+            None
+        };
+
+        let state = Arc::new(AppState { meta, blobs: Arc::new(blobs), keys: RwLock::new(keys), config });
+        Ok(Self { state, bootstrap_token })
+    }
+
+    pub fn state(&self) -> &SharedState {
+        &self.state
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.state.config.data_dir
+    }
+
+    /// Binds the configured address. Port 0 picks a free port; the returned
+    /// listener knows which.
+    pub async fn bind(&self) -> Result<TcpListener, HubError> {
+        let addr = self.state.config.listen;
+        TcpListener::bind(addr).await.map_err(|source| HubError::Bind { addr, source })
+    }
+
+    /// Serves the REST API on `listener` until `shutdown` completes, then
+    /// lets in-flight requests finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), HubError> {
+        // Without TCP_NODELAY, small responses on keep-alive connections can
+        // wait ~40 ms for the peer's delayed ACK.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "setting TCP_NODELAY failed");
+            }
+        });
+        axum::serve(listener, router(self.state)).with_graceful_shutdown(shutdown).await.map_err(HubError::Serve)
+    }
+}
+
+/// Writes the admin token once, mode 0600; never overwrites an existing file.
+fn write_admin_token(path: &Path, token: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    writeln!(f, "{token}")?;
+    f.sync_all()
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

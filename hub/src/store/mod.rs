@@ -1,0 +1,204 @@
+//! Storage behind two narrow interfaces, so a hub that outgrows one machine
+//! can swap SQLite for PostgreSQL and local disk for object storage without
+//! touching the API layer.
+//!
+//! - [`MetadataStore`]: models, versions, deployments, tokens, audit log.
+//! - [`BlobStore`]: model bytes, addressed by their SHA-256.
+//!
+//! Both are synchronous: the API calls them from `spawn_blocking`, which keeps
+//! the trait object-safe and the SQLite implementation simple.
+
+pub mod blobs;
+pub mod sqlite;
+
+use serde::Serialize;
+
+pub use blobs::{BlobError, BlobStore, LocalBlobStore, StagedBlob};
+pub use sqlite::SqliteStore;
+
+/// Failures of the metadata store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} already exists")]
+    Conflict { what: String },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("database operation `{op}` failed")]
+    Database {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("opening the database at {path} failed")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database at {path} has schema version {found}, newer than this hub knows ({known})")]
+    SchemaTooNew { path: String, found: i64, known: i64 },
+}
+
+/// A registered model name and its metadata.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelRecord {
+    pub name: String,
+    pub description: String,
+    pub tags: Vec<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One stored model version. `manifest`/`signature`/`key_id` are the signed
+/// manifest exactly as served; the other columns are copies for filtering.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRecord {
+    pub model: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    pub stage: String,
+    pub hardware: Vec<String>,
+    pub manifest: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub key_id: String,
+    pub created_at_ms: i64,
+    pub created_by: String,
+}
+
+/// Filters for listing models. Empty fields do not filter.
+#[derive(Debug, Clone, Default)]
+pub struct ModelFilter {
+    /// Substring of the model name.
+    pub name: Option<String>,
+    /// Only models with at least one version at this stage.
+    pub stage: Option<String>,
+    /// Only models with at least one version that runs on this hardware tag
+    /// (a version that declares no hardware runs anywhere).
+    pub hardware: Option<String>,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+/// A deployment: a model version sent to the devices a selector matches.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeploymentRecord {
+    pub id: i64,
+    pub model: String,
+    pub version: String,
+    pub target: String,
+    /// `deploy` or `rollback`.
+    pub kind: String,
+    /// `active`, `superseded`, `rolled_back` or `cancelled`.
+    pub state: String,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// For a rollback: the deployment it replaced.
+    pub replaces: Option<i64>,
+}
+
+/// A new deployment. Storing it supersedes every active deployment of the
+/// same model to the same target, in one transaction.
+#[derive(Debug, Clone)]
+pub struct NewDeployment {
+    pub model: String,
+    pub version: String,
+    pub target: String,
+    pub kind: String,
+    pub created_by: String,
+    pub replaces: Option<i64>,
+}
+
+/// An API token as stored: only the SHA-256 of the secret is kept.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TokenRecord {
+    pub id: i64,
+    pub name: String,
+    pub role: String,
+    #[serde(skip)]
+    pub secret_sha256: String,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    pub revoked: bool,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at_ms: i64,
+    /// Token name, or `anonymous` when no valid token was given.
+    pub actor: String,
+    pub role: String,
+    /// e.g. `POST /api/v1/models/digits/versions`.
+    pub action: String,
+    pub status: u16,
+    /// `ok`, `denied` (401/403) or `failed`.
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// Models, versions, deployments, tokens and the audit log.
+pub trait MetadataStore: Send + Sync + std::fmt::Debug {
+    fn create_model(
+        &self,
+        name: &str,
+        description: &str,
+        tags: &[String],
+        now_ms: i64,
+    ) -> Result<ModelRecord, StoreError>;
+    fn update_model(
+        &self,
+        name: &str,
+        description: Option<&str>,
+        tags: Option<&[String]>,
+        now_ms: i64,
+    ) -> Result<ModelRecord, StoreError>;
+    fn get_model(&self, name: &str) -> Result<Option<ModelRecord>, StoreError>;
+    /// Returns one page of models and the total count matching the filter.
+    fn list_models(&self, filter: &ModelFilter) -> Result<(Vec<ModelRecord>, u64), StoreError>;
+    /// Deletes the model, its versions and cancels its deployments, in one
+    /// transaction. Returns the digests of blobs no version references any more.
+    fn delete_model(&self, name: &str, now_ms: i64) -> Result<Vec<String>, StoreError>;
+
+    /// Stores a version and the digests of its extra blobs (validation set)
+    /// in one transaction, so a crash never leaves a version half-registered.
+    fn insert_version(&self, v: &VersionRecord, extra_blobs: &[String]) -> Result<(), StoreError>;
+    fn get_version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>, StoreError>;
+    fn list_versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError>;
+    /// Replaces a version's signed manifest and its filter columns.
+    fn update_version(&self, v: &VersionRecord) -> Result<(), StoreError>;
+    /// Digests of every blob some version references (model or validation set).
+    fn referenced_blobs(&self) -> Result<Vec<String>, StoreError>;
+
+    fn insert_deployment(&self, d: &NewDeployment, now_ms: i64) -> Result<DeploymentRecord, StoreError>;
+    fn get_deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError>;
+    fn list_deployments(
+        &self,
+        model: Option<&str>,
+        state: Option<&str>,
+        limit: u32,
+        offset: u32,
+    ) -> Result<(Vec<DeploymentRecord>, u64), StoreError>;
+    /// Active deployments of a model, newest first.
+    fn active_deployments(&self, model: &str) -> Result<Vec<DeploymentRecord>, StoreError>;
+    fn set_deployment_state(&self, id: i64, state: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    fn insert_token(
+        &self,
+        name: &str,
+        role: &str,
+        secret_sha256: &str,
+        created_by: &str,
+        now_ms: i64,
+    ) -> Result<TokenRecord, StoreError>;
+    fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError>;
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    fn revoke_token(&self, id: i64) -> Result<(), StoreError>;
+    fn count_tokens(&self) -> Result<u64, StoreError>;
+
+    fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError>;
+    /// Newest first.
+    fn list_audit(&self, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError>;
+}

@@ -1,0 +1,689 @@
+//! [`MetadataStore`] on SQLite: one file, WAL mode, schema migrations driven
+//! by `PRAGMA user_version`.
+//!
+//! One connection behind a mutex. The hub's metadata traffic is small (a few
+//! rows per request) and SQLite serialises writers anyway; a pool would add
+//! moving parts without adding throughput.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension as _, Row, params};
+
+use super::{
+    AuditEntry, DeploymentRecord, MetadataStore, ModelFilter, ModelRecord, NewDeployment, StoreError, TokenRecord,
+    VersionRecord,
+};
+
+/// Each entry moves the schema from version `i` to `i + 1`. Never edit an
+/// entry that has shipped; append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the registry.
+    "CREATE TABLE models (
+        name TEXT PRIMARY KEY,
+        description TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+     );
+     CREATE TABLE versions (
+        model TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE,
+        version TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        stage TEXT NOT NULL,
+        hardware TEXT NOT NULL,
+        manifest BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        key_id TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        PRIMARY KEY (model, version)
+     );
+     CREATE TABLE version_blobs (
+        model TEXT NOT NULL,
+        version TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        FOREIGN KEY (model, version) REFERENCES versions(model, version) ON DELETE CASCADE
+     );
+     CREATE TABLE deployments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        model TEXT NOT NULL,
+        version TEXT NOT NULL,
+        target TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        replaces INTEGER
+     );
+     CREATE INDEX deployments_model_state ON deployments(model, state);
+     CREATE TABLE tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL UNIQUE,
+        created_at_ms INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL
+     );",
+];
+
+/// The metadata store on one SQLite file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Database { op, source }
+}
+
+/// Hardware tags are stored as `,a,b,` so a tag filter is one `LIKE`.
+fn hardware_column(tags: &[String]) -> String {
+    if tags.is_empty() { String::new() } else { format!(",{},", tags.join(",")) }
+}
+
+fn hardware_from_column(col: &str) -> Vec<String> {
+    col.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+fn tags_from_json(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn tags_to_json(tags: &[String]) -> String {
+    serde_json::Value::from(tags.to_vec()).to_string()
+}
+
+fn u64_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    Ok(u64::try_from(v).unwrap_or(0))
+}
+
+fn model_from_row(row: &Row<'_>) -> rusqlite::Result<ModelRecord> {
+    Ok(ModelRecord {
+        name: row.get(0)?,
+        description: row.get(1)?,
+        tags: tags_from_json(&row.get::<_, String>(2)?),
+        created_at_ms: row.get(3)?,
+        updated_at_ms: row.get(4)?,
+    })
+}
+
+const VERSION_COLS: &str =
+    "model, version, sha256, size, stage, hardware, manifest, signature, key_id, created_at_ms, created_by";
+
+fn version_from_row(row: &Row<'_>) -> rusqlite::Result<VersionRecord> {
+    Ok(VersionRecord {
+        model: row.get(0)?,
+        version: row.get(1)?,
+        sha256: row.get(2)?,
+        size: u64_col(row, 3)?,
+        stage: row.get(4)?,
+        hardware: hardware_from_column(&row.get::<_, String>(5)?),
+        manifest: row.get(6)?,
+        signature: row.get(7)?,
+        key_id: row.get(8)?,
+        created_at_ms: row.get(9)?,
+        created_by: row.get(10)?,
+    })
+}
+
+const DEPLOYMENT_COLS: &str =
+    "id, model, version, target, kind, state, created_by, created_at_ms, updated_at_ms, replaces";
+
+fn deployment_from_row(row: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
+    Ok(DeploymentRecord {
+        id: row.get(0)?,
+        model: row.get(1)?,
+        version: row.get(2)?,
+        target: row.get(3)?,
+        kind: row.get(4)?,
+        state: row.get(5)?,
+        created_by: row.get(6)?,
+        created_at_ms: row.get(7)?,
+        updated_at_ms: row.get(8)?,
+        replaces: row.get(9)?,
+    })
+}
+
+const TOKEN_COLS: &str = "id, name, role, secret_sha256, created_at_ms, created_by, revoked";
+
+fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        role: row.get(2)?,
+        secret_sha256: row.get(3)?,
+        created_at_ms: row.get(4)?,
+        created_by: row.get(5)?,
+        revoked: row.get::<_, i64>(6)? != 0,
+    })
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, switches it to WAL
+    /// and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        // NORMAL is durable across power loss in WAL mode except for the last
+        // transactions before the loss, which is what a registry can afford;
+        // blob files are fsynced separately before their rows are written.
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        Self::migrate(&mut conn, path)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+        let found: i64 =
+            conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db("read user_version"))?;
+        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        if found > known {
+            return Err(StoreError::SchemaTooNew { path: path.display().to_string(), found, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+            let tx = conn.transaction().map_err(db("begin migration"))?;
+            tx.execute_batch(sql).map_err(db("apply migration"))?;
+            tx.pragma_update(None, "user_version", i + 1).map_err(db("set user_version"))?;
+            tx.commit().map_err(db("commit migration"))?;
+        }
+        Ok(())
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn().pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db("read user_version"))
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable: every
+        // write is a transaction that SQLite rolls back if not committed.
+        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl MetadataStore for SqliteStore {
+    fn create_model(
+        &self,
+        name: &str,
+        description: &str,
+        tags: &[String],
+        now_ms: i64,
+    ) -> Result<ModelRecord, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO models (name, description, tags, created_at_ms, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?4)",
+            params![name, description, tags_to_json(tags), now_ms],
+        )
+        .map_err(|e| {
+            if is_constraint(&e) {
+                StoreError::Conflict { what: format!("model {name}") }
+            } else {
+                db("insert model")(e)
+            }
+        })?;
+        Ok(ModelRecord {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            tags: tags.to_vec(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+        })
+    }
+
+    fn update_model(
+        &self,
+        name: &str,
+        description: Option<&str>,
+        tags: Option<&[String]>,
+        now_ms: i64,
+    ) -> Result<ModelRecord, StoreError> {
+        let conn = self.conn();
+        let n = conn
+            .execute(
+                "UPDATE models SET description = COALESCE(?2, description), tags = COALESCE(?3, tags),
+                 updated_at_ms = ?4 WHERE name = ?1",
+                params![name, description, tags.map(tags_to_json), now_ms],
+            )
+            .map_err(db("update model"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: format!("model {name}") });
+        }
+        conn.query_row(
+            "SELECT name, description, tags, created_at_ms, updated_at_ms FROM models WHERE name = ?1",
+            [name],
+            model_from_row,
+        )
+        .map_err(db("read model"))
+    }
+
+    fn get_model(&self, name: &str) -> Result<Option<ModelRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT name, description, tags, created_at_ms, updated_at_ms FROM models WHERE name = ?1",
+                [name],
+                model_from_row,
+            )
+            .optional()
+            .map_err(db("read model"))
+    }
+
+    fn list_models(&self, f: &ModelFilter) -> Result<(Vec<ModelRecord>, u64), StoreError> {
+        let conn = self.conn();
+        let where_clause = "WHERE (?1 IS NULL OR instr(m.name, ?1) > 0)
+              AND (?2 IS NULL OR EXISTS (SELECT 1 FROM versions v WHERE v.model = m.name AND v.stage = ?2))
+              AND (?3 IS NULL OR EXISTS (SELECT 1 FROM versions v WHERE v.model = m.name
+                   AND (v.hardware = '' OR instr(v.hardware, ',' || ?3 || ',') > 0)))";
+        let args = params![f.name, f.stage, f.hardware, f.limit, f.offset];
+        let total: i64 = conn
+            .query_row(&format!("SELECT COUNT(*) FROM models m {where_clause}"), &args[..3], |r| r.get(0))
+            .map_err(db("count models"))?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT m.name, m.description, m.tags, m.created_at_ms, m.updated_at_ms FROM models m
+                 {where_clause} ORDER BY m.name LIMIT ?4 OFFSET ?5"
+            ))
+            .map_err(db("list models"))?;
+        let rows = stmt.query_map(args, model_from_row).map_err(db("list models"))?;
+        let models = rows.collect::<Result<Vec<_>, _>>().map_err(db("list models"))?;
+        Ok((models, u64::try_from(total).unwrap_or(0)))
+    }
+
+    fn delete_model(&self, name: &str, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin delete"))?;
+        let mut candidates: Vec<String> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT sha256 FROM versions WHERE model = ?1
+                     UNION SELECT sha256 FROM version_blobs WHERE model = ?1",
+                )
+                .map_err(db("list blobs"))?;
+            let rows = stmt.query_map([name], |r| r.get(0)).map_err(db("list blobs"))?;
+            rows.collect::<Result<_, _>>().map_err(db("list blobs"))?
+        };
+        let n = tx.execute("DELETE FROM models WHERE name = ?1", [name]).map_err(db("delete model"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: format!("model {name}") });
+        }
+        tx.execute(
+            "UPDATE deployments SET state = 'cancelled', updated_at_ms = ?2 WHERE model = ?1 AND state = 'active'",
+            params![name, now_ms],
+        )
+        .map_err(db("cancel deployments"))?;
+        // Identical bytes may be registered under another model: keep those.
+        candidates.retain(|sha| {
+            let still: Result<bool, _> = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM versions WHERE sha256 = ?1)
+                     OR EXISTS (SELECT 1 FROM version_blobs WHERE sha256 = ?1)",
+                [sha],
+                |r| r.get(0),
+            );
+            matches!(still, Ok(false))
+        });
+        tx.commit().map_err(db("commit delete"))?;
+        Ok(candidates)
+    }
+
+    fn insert_version(&self, v: &VersionRecord, extra_blobs: &[String]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin insert version"))?;
+        tx.execute(
+            &format!("INSERT INTO versions ({VERSION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            params![
+                v.model,
+                v.version,
+                v.sha256,
+                i64::try_from(v.size).unwrap_or(i64::MAX),
+                v.stage,
+                hardware_column(&v.hardware),
+                v.manifest,
+                v.signature,
+                v.key_id,
+                v.created_at_ms,
+                v.created_by
+            ],
+        )
+        .map_err(|e| {
+            if is_constraint(&e) {
+                StoreError::Conflict { what: format!("version {} of model {}", v.version, v.model) }
+            } else {
+                db("insert version")(e)
+            }
+        })?;
+        for d in extra_blobs {
+            tx.execute(
+                "INSERT INTO version_blobs (model, version, sha256) VALUES (?1, ?2, ?3)",
+                [&v.model, &v.version, d],
+            )
+            .map_err(db("add version blob"))?;
+        }
+        tx.commit().map_err(db("commit insert version"))
+    }
+
+    fn get_version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {VERSION_COLS} FROM versions WHERE model = ?1 AND version = ?2"),
+                [model, version],
+                version_from_row,
+            )
+            .optional()
+            .map_err(db("read version"))
+    }
+
+    fn list_versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {VERSION_COLS} FROM versions WHERE model = ?1 ORDER BY created_at_ms, version"))
+            .map_err(db("list versions"))?;
+        let rows = stmt.query_map([model], version_from_row).map_err(db("list versions"))?;
+        let mut versions = rows.collect::<Result<Vec<_>, _>>().map_err(db("list versions"))?;
+        // Newest semver first; unparsable versions cannot be stored, but sort them last anyway.
+        versions.sort_by(|a, b| {
+            let pa = semver::Version::parse(&a.version).ok();
+            let pb = semver::Version::parse(&b.version).ok();
+            pb.cmp(&pa)
+        });
+        Ok(versions)
+    }
+
+    fn update_version(&self, v: &VersionRecord) -> Result<(), StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE versions SET stage = ?3, hardware = ?4, manifest = ?5, signature = ?6, key_id = ?7
+                 WHERE model = ?1 AND version = ?2",
+                params![v.model, v.version, v.stage, hardware_column(&v.hardware), v.manifest, v.signature, v.key_id],
+            )
+            .map_err(db("update version"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: format!("version {} of model {}", v.version, v.model) });
+        }
+        Ok(())
+    }
+
+    fn referenced_blobs(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT sha256 FROM versions UNION SELECT sha256 FROM version_blobs")
+            .map_err(db("list referenced blobs"))?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(db("list referenced blobs"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list referenced blobs"))
+    }
+
+    fn insert_deployment(&self, d: &NewDeployment, now_ms: i64) -> Result<DeploymentRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin deployment"))?;
+        let replaced_state = if d.kind == "rollback" { "rolled_back" } else { "superseded" };
+        tx.execute(
+            "UPDATE deployments SET state = ?3, updated_at_ms = ?4
+             WHERE model = ?1 AND target = ?2 AND state = 'active'",
+            params![d.model, d.target, replaced_state, now_ms],
+        )
+        .map_err(db("supersede deployments"))?;
+        tx.execute(
+            "INSERT INTO deployments (model, version, target, kind, state, created_by, created_at_ms, updated_at_ms, replaces)
+             VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?6, ?7)",
+            params![d.model, d.version, d.target, d.kind, d.created_by, now_ms, d.replaces],
+        )
+        .map_err(db("insert deployment"))?;
+        let id = tx.last_insert_rowid();
+        tx.commit().map_err(db("commit deployment"))?;
+        Ok(DeploymentRecord {
+            id,
+            model: d.model.clone(),
+            version: d.version.clone(),
+            target: d.target.clone(),
+            kind: d.kind.clone(),
+            state: "active".into(),
+            created_by: d.created_by.clone(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            replaces: d.replaces,
+        })
+    }
+
+    fn get_deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError> {
+        self.conn()
+            .query_row(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE id = ?1"), [id], deployment_from_row)
+            .optional()
+            .map_err(db("read deployment"))
+    }
+
+    fn list_deployments(
+        &self,
+        model: Option<&str>,
+        state: Option<&str>,
+        limit: u32,
+        offset: u32,
+    ) -> Result<(Vec<DeploymentRecord>, u64), StoreError> {
+        let conn = self.conn();
+        let where_clause = "WHERE (?1 IS NULL OR model = ?1) AND (?2 IS NULL OR state = ?2)";
+        let total: i64 = conn
+            .query_row(&format!("SELECT COUNT(*) FROM deployments {where_clause}"), params![model, state], |r| r.get(0))
+            .map_err(db("count deployments"))?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {DEPLOYMENT_COLS} FROM deployments {where_clause} ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+            ))
+            .map_err(db("list deployments"))?;
+        let rows = stmt
+            .query_map(params![model, state, limit, offset], deployment_from_row)
+            .map_err(db("list deployments"))?;
+        let list = rows.collect::<Result<Vec<_>, _>>().map_err(db("list deployments"))?;
+        Ok((list, u64::try_from(total).unwrap_or(0)))
+    }
+
+    fn active_deployments(&self, model: &str) -> Result<Vec<DeploymentRecord>, StoreError> {
+        Ok(self.list_deployments(Some(model), Some("active"), u32::MAX, 0)?.0)
+    }
+
+    fn set_deployment_state(&self, id: i64, state: &str, now_ms: i64) -> Result<(), StoreError> {
+        let n = self
+            .conn()
+            .execute("UPDATE deployments SET state = ?2, updated_at_ms = ?3 WHERE id = ?1", params![id, state, now_ms])
+            .map_err(db("update deployment"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: format!("deployment {id}") });
+        }
+        Ok(())
+    }
+
+    fn insert_token(
+        &self,
+        name: &str,
+        role: &str,
+        secret_sha256: &str,
+        created_by: &str,
+        now_ms: i64,
+    ) -> Result<TokenRecord, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO tokens (name, role, secret_sha256, created_at_ms, created_by) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, role, secret_sha256, now_ms, created_by],
+        )
+        .map_err(db("insert token"))?;
+        Ok(TokenRecord {
+            id: conn.last_insert_rowid(),
+            name: name.to_owned(),
+            role: role.to_owned(),
+            secret_sha256: secret_sha256.to_owned(),
+            created_at_ms: now_ms,
+            created_by: created_by.to_owned(),
+            revoked: false,
+        })
+    }
+
+    fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {TOKEN_COLS} FROM tokens WHERE secret_sha256 = ?1 AND revoked = 0"),
+                [secret_sha256],
+                token_from_row,
+            )
+            .optional()
+            .map_err(db("find token"))
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare(&format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY id")).map_err(db("list tokens"))?;
+        let rows = stmt.query_map([], token_from_row).map_err(db("list tokens"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list tokens"))
+    }
+
+    fn revoke_token(&self, id: i64) -> Result<(), StoreError> {
+        let n = self.conn().execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id]).map_err(db("revoke token"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: format!("token {id}") });
+        }
+        Ok(())
+    }
+
+    fn count_tokens(&self) -> Result<u64, StoreError> {
+        let n: i64 =
+            self.conn().query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0)).map_err(db("count tokens"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO audit (at_ms, actor, role, action, status, outcome, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![e.at_ms, e.actor, e.role, e.action, e.status, e.outcome, e.detail],
+            )
+            .map_err(db("append audit"))?;
+        Ok(())
+    }
+
+    fn list_audit(&self, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, at_ms, actor, role, action, status, outcome, detail FROM audit
+                 ORDER BY id DESC LIMIT ?1 OFFSET ?2",
+            )
+            .map_err(db("list audit"))?;
+        let rows = stmt
+            .query_map([limit, offset], |r| {
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    actor: r.get(2)?,
+                    role: r.get(3)?,
+                    action: r.get(4)?,
+                    status: r.get(5)?,
+                    outcome: r.get(6)?,
+                    detail: r.get(7)?,
+                })
+            })
+            .map_err(db("list audit"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list audit"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(model: &str, version: &str, sha: &str) -> VersionRecord {
+        VersionRecord {
+            model: model.into(),
+            version: version.into(),
+            sha256: sha.into(),
+            size: 10,
+            stage: "staging".into(),
+            hardware: vec!["aarch64".into()],
+            manifest: vec![1, 2, 3],
+            signature: vec![4],
+            key_id: "k".into(),
+            created_at_ms: 1,
+            created_by: "t".into(),
+        }
+    }
+
+    #[test]
+    fn migrations_set_user_version_and_reopen_cleanly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let store = SqliteStore::open(&path).expect("open");
+        assert_eq!(store.schema_version().expect("version"), i64::try_from(MIGRATIONS.len()).expect("len"));
+        store.create_model("m", "", &[], 1).expect("create");
+        drop(store);
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert!(store.get_model("m").expect("get").is_some());
+        let mode: String = store.conn().pragma_query_value(None, "journal_mode", |r| r.get(0)).expect("journal_mode");
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_database_from_a_newer_hub_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        drop(SqliteStore::open(&path).expect("open"));
+        Connection::open(&path).expect("raw").pragma_update(None, "user_version", 99).expect("bump");
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn filters_by_stage_and_hardware() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        store.create_model("a", "", &[], 1).expect("a");
+        store.create_model("b", "", &[], 1).expect("b");
+        store.insert_version(&version("a", "1.0.0", "x"), &[]).expect("v");
+        let filter = |stage: Option<&str>, hw: Option<&str>| {
+            let f = ModelFilter {
+                stage: stage.map(Into::into),
+                hardware: hw.map(Into::into),
+                limit: 10,
+                ..ModelFilter::default()
+            };
+            store.list_models(&f).expect("list").0.into_iter().map(|m| m.name).collect::<Vec<_>>()
+        };
+        assert_eq!(filter(None, None), ["a", "b"]);
+        assert_eq!(filter(Some("staging"), None), ["a"]);
+        assert!(filter(Some("production"), None).is_empty());
+        assert_eq!(filter(None, Some("aarch64")), ["a"]);
+        assert!(filter(None, Some("aarch")).is_empty(), "tags match whole, not by prefix");
+    }
+
+    #[test]
+    fn delete_keeps_blobs_shared_with_other_models() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        store.create_model("a", "", &[], 1).expect("a");
+        store.create_model("b", "", &[], 1).expect("b");
+        store.insert_version(&version("a", "1.0.0", "shared"), &[]).expect("v");
+        store.insert_version(&version("a", "2.0.0", "only-a"), &[]).expect("v");
+        store.insert_version(&version("b", "1.0.0", "shared"), &[]).expect("v");
+        let mut freed = store.delete_model("a", 2).expect("delete");
+        freed.sort();
+        assert_eq!(freed, ["only-a"]);
+        assert!(store.get_version("a", "1.0.0").expect("get").is_none(), "versions cascade");
+    }
+}

@@ -1,0 +1,22 @@
+//! Sentinel's wire contract, shared by the hub and the agent.
+//!
+//! Everything a device trusts crosses the network as protobuf bytes signed
+//! with the hub's Ed25519 key. This crate holds the generated types and the
+//! two operations on them that must agree on both ends: signing and verifying.
+//!
+//! # Layout
+//! - [`pb`]: types generated from `proto/sentinel/v1/*.proto` at build time (protox, no system protoc).
+//! - [`keys`]: signing keys, key ids and the set of keys a verifier trusts.
+//! - [`manifest`]: the signed model manifest: sign, verify, validate, and its JSON view.
+
+pub mod keys;
+pub mod manifest;
+
+/// Types generated from `proto/sentinel/v1`.
+#[allow(missing_docs, clippy::all, unused_qualifications, missing_debug_implementations)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/sentinel.v1.rs"));
+}
+
+pub use keys::{KeyError, Signer, TrustedKeys};
+pub use manifest::{ManifestError, ManifestView, sign_manifest, verify_manifest};
