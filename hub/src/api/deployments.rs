@@ -116,17 +116,18 @@ pub async fn deploy(
     caller.require(Role::Deployer, "deploying")?;
     let selector = parse_target(&body.target)?;
     let version = load_version(&state, &name, &body.version).await?;
-    if !version.hardware.is_empty() {
-        if let Some(missing) = selector.hardware.iter().find(|h| !version.hardware.contains(h)) {
-            return Err(ApiError::unprocessable(
-                "hardware_mismatch",
-                format!(
-                    "target requires hardware {missing:?}, but {name} {} declares only [{}]",
-                    body.version,
-                    version.hardware.join(", ")
-                ),
-            ));
-        }
+    // A version that declares no hardware runs anywhere.
+    if !version.hardware.is_empty()
+        && let Some(missing) = selector.hardware.iter().find(|h| !version.hardware.contains(h))
+    {
+        return Err(ApiError::unprocessable(
+            "hardware_mismatch",
+            format!(
+                "target requires hardware {missing:?}, but {name} {} declares only [{}]",
+                body.version,
+                version.hardware.join(", ")
+            ),
+        ));
     }
     let new = NewDeployment {
         model: name.clone(),

@@ -1,0 +1,146 @@
+//! The `sentinel` binary against a real hub: output, JSON, and exit codes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn sentinel(hub: &TestHub, token: &str, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))
+        .args(args)
+        .env("SENTINEL_HUB", &hub.url)
+        .env("SENTINEL_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn ok(r: &Run) {
+    assert_eq!(r.code, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_list_deploy_rollback_and_exit_codes() {
+    let hub = TestHub::start().await;
+    let admin = hub.admin.clone();
+    let v1 = model_path(V1);
+    let v1 = v1.to_str().unwrap();
+
+    // No silent default version.
+    let r = sentinel(&hub, &admin, &["model", "push", v1, "--name", "digits"]).await;
+    assert_eq!(r.code, 64);
+    assert!(r.stderr.contains("--version is required"), "{}", r.stderr);
+
+    let r = sentinel(
+        &hub,
+        &admin,
+        &["model", "push", v1, "--name", "digits", "--version", "1.0.0", "--stage", "staging", "--accuracy", "0.9694",
+          "--metric", "top1", "--hardware", "x86_64,aarch64"],
+    )
+    .await;
+    ok(&r);
+    assert!(r.stdout.contains("pushed digits 1.0.0"), "{}", r.stdout);
+    assert!(r.stdout.contains("a2548c61976d7687ddc92c70b77ef09758699d7fbe11f13f83ef0383075ec0c4"));
+
+    // With a validation set from a directory.
+    let vs = tempfile::tempdir().unwrap();
+    std::fs::copy(model_path("data/digits_test_x.bin"), vs.path().join("inputs.bin")).unwrap();
+    std::fs::copy(model_path("data/digits_test_y.bin"), vs.path().join("labels.bin")).unwrap();
+    let r = sentinel(
+        &hub,
+        &admin,
+        &["--json", "model", "push", v1, "--name", "digits", "--version", "1.1.0", "--accuracy", "0.96",
+          "--validation-set", vs.path().to_str().unwrap()],
+    )
+    .await;
+    ok(&r);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["manifest"]["validation"]["count"], 360);
+
+    // Duplicate: conflict. Garbage: refused input. Missing file: local error.
+    let r = sentinel(&hub, &admin, &["model", "push", v1, "--name", "digits", "--version", "1.0.0"]).await;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("already has version 1.0.0"), "{}", r.stderr);
+    let junk = vs.path().join("junk.onnx");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let r = sentinel(&hub, &admin, &["model", "push", junk.to_str().unwrap(), "--name", "digits", "--version", "9.0.0"]).await;
+    assert_eq!(r.code, 65, "{}", r.stderr);
+    assert!(r.stderr.contains("not an ONNX model") || r.stderr.contains("does not load"), "{}", r.stderr);
+    let r = sentinel(&hub, &admin, &["model", "push", "/nonexistent.onnx", "--name", "digits", "--version", "9.0.0"]).await;
+    assert_eq!(r.code, 66, "{}", r.stderr);
+
+    // List and show, as tables and as JSON.
+    let r = sentinel(&hub, &admin, &["model", "list"]).await;
+    ok(&r);
+    assert!(r.stdout.contains("digits") && r.stdout.contains("1.1.0"), "{}", r.stdout);
+    let r = sentinel(&hub, &admin, &["--json", "model", "show", "digits"]).await;
+    ok(&r);
+    let m: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(m["versions"].as_array().unwrap().len(), 2);
+    let r = sentinel(&hub, &admin, &["model", "show", "nope"]).await;
+    assert_eq!(r.code, 1);
+
+    // Deploy, list, show, roll back.
+    let r = sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.0.0", "--target", "production"]).await;
+    ok(&r);
+    assert!(r.stdout.contains("stage=production"), "{}", r.stdout);
+    ok(&sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.1.0", "--target", "production"]).await);
+    let r = sentinel(&hub, &admin, &["model", "rollback", "digits", "--version", "1.0.0"]).await;
+    ok(&r);
+    assert!(r.stdout.contains("rollback"), "{}", r.stdout);
+    let r = sentinel(&hub, &admin, &["--json", "deployments", "list"]).await;
+    ok(&r);
+    let d: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(d["total"], 3);
+    let id = d["deployments"][0]["id"].to_string();
+    let r = sentinel(&hub, &admin, &["deployments", "show", &id]).await;
+    ok(&r);
+    assert!(r.stdout.contains("active"), "{}", r.stdout);
+
+    // Tokens and roles: a viewer cannot deploy.
+    let r = sentinel(&hub, &admin, &["token", "create", "--role", "viewer", "--name", "ops"]).await;
+    ok(&r);
+    let viewer = r.stdout.trim().to_owned();
+    assert!(viewer.starts_with("snt_"));
+    let r = sentinel(&hub, &viewer, &["model", "deploy", "digits", "--version", "1.0.0"]).await;
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(r.stderr.contains("deployer"), "{}", r.stderr);
+    let r = sentinel(&hub, "snt_wrong", &["model", "list"]).await;
+    assert_eq!(r.code, 77);
+    let r = sentinel(&hub, &admin, &["token", "list"]).await;
+    ok(&r);
+    assert!(r.stdout.contains("ops") && !r.stdout.contains(&viewer));
+
+    // The hub key, for pinning: matches what the API serves.
+    let r = sentinel(&hub, &admin, &["hub", "key"]).await;
+    ok(&r);
+    let keys: Value = hub.get("/api/v1/keys", &admin).await.json().await.unwrap();
+    let line = format!("{} {} active", keys["keys"][0]["key_id"].as_str().unwrap(), keys["keys"][0]["public_key"].as_str().unwrap());
+    assert_eq!(r.stdout.trim(), line);
+
+    // Delete: refused while deployed, then forced.
+    let r = sentinel(&hub, &admin, &["model", "delete", "digits"]).await;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    ok(&sentinel(&hub, &admin, &["model", "delete", "digits", "--force"]).await);
+
+    // Bad flags are usage errors; an unreachable hub is 69.
+    assert_eq!(sentinel(&hub, &admin, &["model", "frobnicate"]).await.code, 64);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))
+        .args(["--hub", "http://127.0.0.1:1", "--token", "x", "model", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+}
