@@ -136,6 +136,24 @@ pub fn inspect(path: &Path) -> Result<OnnxSignature, OnnxError> {
         model.into_optimized()?;
         Ok(())
     };
-    load().map_err(|e| OnnxError::Load(format!("{e:#}")))?;
+    let loaded = load();
+    drop(proto);
+    release_freed_memory();
+    loaded.map_err(|e| OnnxError::Load(format!("{e:#}")))?;
     Ok(OnnxSignature { inputs, outputs })
 }
+
+/// Optimising a large graph allocates hundreds of MB that glibc keeps in its
+/// arenas after they are freed; hand them back so an idle hub stays small.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free heap pages; it has no
+    // preconditions and touches no memory the program still owns.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}

@@ -1,0 +1,107 @@
+//! Shared helpers for Sentinel's benchmark commands.
+//!
+//! Each benchmark prints its figures as ratios against a baseline measured in
+//! the same run, because the machines we measure on are shared and noisy.
+//!
+//! # Layout
+//! - [`HubProcess`]: a real `sentinel-hub` process on a free loopback port.
+//! - [`rss_kib`], [`median`], [`time`]: measuring.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (benches run from anywhere).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A built binary of this workspace, from the same profile as this benchmark.
+pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or_else(|| anyhow::anyhow!("no exe dir"))?;
+    let path = dir.join(name);
+    anyhow::ensure!(path.is_file(), "{} is missing: build it first (cargo build --release --workspace)", path.display());
+    Ok(path)
+}
+
+/// A running `sentinel-hub`.
+#[derive(Debug)]
+pub struct HubProcess {
+    pub child: Child,
+    pub url: String,
+    pub admin: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl HubProcess {
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut child = Command::new(workspace_bin("sentinel-hub")?)
+            .args(["--data-dir", &dir.path().display().to_string(), "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines.next().ok_or_else(|| anyhow::anyhow!("hub exited before listening"))??;
+            if let Some(url) = line.strip_prefix("sentinel-hub listening on ") {
+                break url.to_owned();
+            }
+        };
+        let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_owned();
+        Ok(Self { child, url, admin, dir })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident set size of a process in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))?;
+    Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
+}
+
+/// Median of a sample.
+pub fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs.get(xs.len() / 2).copied().unwrap_or_default()
+}
+
+/// Percentile (0..=100) of a sample.
+pub fn percentile(mut xs: Vec<Duration>, p: f64) -> Duration {
+    xs.sort();
+    if xs.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((xs.len() - 1) as f64 * p / 100.0).round() as usize;
+    xs[idx.min(xs.len() - 1)]
+}
+
+/// Runs `f` and returns how long it took.
+pub fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f();
+    (out, start.elapsed())
+}
+
+/// MB/s for `bytes` moved in `d`.
+pub fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
+}
