@@ -22,7 +22,11 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().ok_or_else(|| anyhow::anyhow!("no exe dir"))?;
     let path = dir.join(name);
-    anyhow::ensure!(path.is_file(), "{} is missing: build it first (cargo build --release --workspace)", path.display());
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: build it first (cargo build --release --workspace)",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -71,10 +75,7 @@ impl Drop for HubProcess {
 /// Resident set size of a process in KiB, from /proc.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))?;
     Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
 }
 

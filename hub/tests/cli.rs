@@ -46,8 +46,23 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     let r = sentinel(
         &hub,
         &admin,
-        &["model", "push", v1, "--name", "digits", "--version", "1.0.0", "--stage", "staging", "--accuracy", "0.9694",
-          "--metric", "top1", "--hardware", "x86_64,aarch64"],
+        &[
+            "model",
+            "push",
+            v1,
+            "--name",
+            "digits",
+            "--version",
+            "1.0.0",
+            "--stage",
+            "staging",
+            "--accuracy",
+            "0.9694",
+            "--metric",
+            "top1",
+            "--hardware",
+            "x86_64,aarch64",
+        ],
     )
     .await;
     ok(&r);
@@ -61,8 +76,20 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     let r = sentinel(
         &hub,
         &admin,
-        &["--json", "model", "push", v1, "--name", "digits", "--version", "1.1.0", "--accuracy", "0.96",
-          "--validation-set", vs.path().to_str().unwrap()],
+        &[
+            "--json",
+            "model",
+            "push",
+            v1,
+            "--name",
+            "digits",
+            "--version",
+            "1.1.0",
+            "--accuracy",
+            "0.96",
+            "--validation-set",
+            vs.path().to_str().unwrap(),
+        ],
     )
     .await;
     ok(&r);
@@ -75,10 +102,13 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     assert!(r.stderr.contains("already has version 1.0.0"), "{}", r.stderr);
     let junk = vs.path().join("junk.onnx");
     std::fs::write(&junk, b"not a model").unwrap();
-    let r = sentinel(&hub, &admin, &["model", "push", junk.to_str().unwrap(), "--name", "digits", "--version", "9.0.0"]).await;
+    let r =
+        sentinel(&hub, &admin, &["model", "push", junk.to_str().unwrap(), "--name", "digits", "--version", "9.0.0"])
+            .await;
     assert_eq!(r.code, 65, "{}", r.stderr);
     assert!(r.stderr.contains("not an ONNX model") || r.stderr.contains("does not load"), "{}", r.stderr);
-    let r = sentinel(&hub, &admin, &["model", "push", "/nonexistent.onnx", "--name", "digits", "--version", "9.0.0"]).await;
+    let r =
+        sentinel(&hub, &admin, &["model", "push", "/nonexistent.onnx", "--name", "digits", "--version", "9.0.0"]).await;
     assert_eq!(r.code, 66, "{}", r.stderr);
 
     // List and show, as tables and as JSON.
@@ -93,7 +123,8 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     assert_eq!(r.code, 1);
 
     // Deploy, list, show, roll back.
-    let r = sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.0.0", "--target", "production"]).await;
+    let r =
+        sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.0.0", "--target", "production"]).await;
     ok(&r);
     assert!(r.stdout.contains("stage=production"), "{}", r.stdout);
     ok(&sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.1.0", "--target", "production"]).await);
@@ -127,7 +158,11 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     let r = sentinel(&hub, &admin, &["hub", "key"]).await;
     ok(&r);
     let keys: Value = hub.get("/api/v1/keys", &admin).await.json().await.unwrap();
-    let line = format!("{} {} active", keys["keys"][0]["key_id"].as_str().unwrap(), keys["keys"][0]["public_key"].as_str().unwrap());
+    let line = format!(
+        "{} {} active",
+        keys["keys"][0]["key_id"].as_str().unwrap(),
+        keys["keys"][0]["public_key"].as_str().unwrap()
+    );
     assert_eq!(r.stdout.trim(), line);
 
     // Delete: refused while deployed, then forced.

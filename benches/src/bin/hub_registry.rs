@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use sentinel_benches::{HubProcess, median, mbps, rss_kib, time, workspace_bin, workspace_root};
+use sentinel_benches::{HubProcess, mbps, median, rss_kib, time, workspace_bin, workspace_root};
 
 const REPS: usize = 9;
 

@@ -88,14 +88,40 @@ where
             ApiError::bad_request(format!("the upload of {what} broke off ({e}); nothing was stored, retry it"))
         })?;
         size += chunk.len() as u64;
-        if size > cap {
-            return Err(too_large(what, cap));
+        let failed = if size > cap {
+            Some(too_large(what, cap))
+        } else {
+            digest.update(&chunk);
+            file.write_all(&chunk).await.err().map(|e| ApiError::from_write("writing an upload", &e))
+        };
+        if let Some(err) = failed {
+            // Free the space first, then read on so the client, still
+            // sending, gets this answer instead of a reset connection.
+            drop(file);
+            drop(staged);
+            drain(&mut body).await;
+            return Err(err);
         }
-        digest.update(&chunk);
-        file.write_all(&chunk).await.map_err(|e| ApiError::from_write("writing an upload", &e))?;
     }
     file.flush().await.map_err(|e| ApiError::from_write("writing an upload", &e))?;
     Ok(Received { staged, sha256: hex::encode(digest.finish().as_ref()), size })
+}
+
+/// How much of a refused body is read and discarded so that the client sees
+/// the error response. Past this the connection is closed on the client.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
+async fn drain<S, E>(body: &mut S)
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    let mut drained = 0u64;
+    while drained < DRAIN_LIMIT {
+        match body.next().await {
+            Some(Ok(chunk)) => drained += chunk.len() as u64,
+            _ => break,
+        }
+    }
 }
 
 /// Bytes of one validation sample of the model's first input: every dim
