@@ -2,11 +2,16 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/sentinel/v1/manifest.proto"];
+    let files = ["proto/sentinel/v1/manifest.proto", "proto/sentinel/v1/agent_sync.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    let mut config = tonic_prost_build::configure();
+    // What devices report is stored and served by the hub as JSON.
+    for ty in ["Hello", "RunningModel", "AgentReport", "ModelStatus", "AgentEvent"] {
+        config = config.type_attribute(format!(".sentinel.v1.{ty}"), "#[derive(serde::Serialize, serde::Deserialize)]");
+    }
+    config.build_server(true).build_client(true).compile_fds(fds)?;
     Ok(())
 }

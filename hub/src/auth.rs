@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 /// `viewer` reads; `publisher` also pushes versions and edits metadata;
 /// `deployer` also deploys and rolls back; `admin` may do everything,
 /// including tokens, deletes and keys. Publisher and deployer are separate
-/// duties: neither implies the other.
+/// duties: neither implies the other. `device` is held only by enrolled
+/// devices' tokens: it may fetch what the device's own desired state names
+/// and nothing else, not even what a viewer may read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -25,9 +27,11 @@ pub enum Role {
     Publisher,
     Deployer,
     Admin,
+    Device,
 }
 
 impl Role {
+    /// The roles an API token can have (device tokens come from enrolment).
     pub const ALL: [Role; 4] = [Role::Viewer, Role::Publisher, Role::Deployer, Role::Admin];
 
     pub fn as_str(self) -> &'static str {
@@ -36,12 +40,17 @@ impl Role {
             Role::Publisher => "publisher",
             Role::Deployer => "deployer",
             Role::Admin => "admin",
+            Role::Device => "device",
         }
     }
 
     /// Whether a token with this role may do what `required` is needed for.
     pub fn allows(self, required: Role) -> bool {
-        self == required || self == Role::Admin || required == Role::Viewer
+        match self {
+            Role::Device => required == Role::Device,
+            Role::Admin => required != Role::Device,
+            role => role == required || required == Role::Viewer,
+        }
     }
 }
 
@@ -68,6 +77,8 @@ pub struct Caller {
     pub token_id: i64,
     pub name: String,
     pub role: Role,
+    /// Set for device tokens: the enrolled device's id.
+    pub device_id: Option<String>,
 }
 
 /// A fresh token secret.
@@ -110,6 +121,11 @@ mod tests {
         assert!(!allowed(Deployer, Publisher));
         assert!(!allowed(Publisher, Admin));
         assert!(!allowed(Deployer, Admin));
+        for r in Role::ALL {
+            assert!(!allowed(Device, r), "a device token is no API token");
+            assert!(!allowed(r, Device), "no API token acts as a device");
+        }
+        assert!(allowed(Device, Device));
     }
 
     #[test]

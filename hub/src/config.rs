@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Default cap on one uploaded model file: 2 GiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 2 * 1024 * 1024 * 1024;
@@ -18,6 +19,35 @@ pub struct HubConfig {
     pub grpc_listen: Option<SocketAddr>,
     /// Uploads larger than this are refused with 413 while streaming.
     pub max_upload_bytes: u64,
+    /// Base URL devices use to download artifacts; default: `http(s)://<listen>`.
+    pub public_url: Option<String>,
+    /// How long a pushed desired state stays valid. A device refuses an
+    /// expired state, so a network attacker cannot freeze it on an old one.
+    pub state_ttl: Duration,
+    /// How often the hub sends each stream a heartbeat (and re-signs states
+    /// that are half-way to expiry). Agents report at the same interval.
+    pub heartbeat: Duration,
+    /// TLS certificate and key (PEM). Without them the hub serves plain text.
+    pub tls: Option<TlsFiles>,
+    /// Plain text off loopback: refused unless explicitly allowed.
+    pub transport: Transport,
+}
+
+/// PEM files for the hub's TLS identity.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Whether the hub may serve plain text on a non-loopback address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// TLS everywhere except loopback (the default).
+    #[default]
+    Safe,
+    /// Plain text on any address, with a warning in the log.
+    InsecurePlaintext,
 }
 
 impl HubConfig {
@@ -28,6 +58,34 @@ impl HubConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_listen: None,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            public_url: None,
+            state_ttl: Duration::from_secs(3600),
+            heartbeat: Duration::from_secs(15),
+            tls: None,
+            transport: Transport::Safe,
+        }
+    }
+
+    /// Refuses plain text on a non-loopback address unless allowed.
+    pub fn check_transport(&self) -> Result<(), String> {
+        if self.tls.is_some() {
+            return Ok(());
+        }
+        let off_loopback: Vec<SocketAddr> =
+            [Some(self.listen), self.grpc_listen].into_iter().flatten().filter(|a| !a.ip().is_loopback()).collect();
+        match (off_loopback.is_empty(), self.transport) {
+            (true, _) => Ok(()),
+            (false, Transport::InsecurePlaintext) => {
+                tracing::warn!(
+                    ?off_loopback,
+                    "serving PLAIN TEXT off loopback: tokens and models cross the network unencrypted"
+                );
+                Ok(())
+            }
+            (false, Transport::Safe) => Err(format!(
+                "refusing to serve plain text on {off_loopback:?}: give --tls-cert and --tls-key, \
+                 or pass --insecure-plaintext to accept the risk"
+            )),
         }
     }
 }

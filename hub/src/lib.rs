@@ -15,18 +15,24 @@
 //! - [`auth`]: API tokens, roles, and the first-start admin token.
 //! - [`selector`]: deployment target selectors (`stage=production,site=a`).
 //! - [`api`]: the axum router, one module per resource.
+//! - [`fleet`]: connected devices, their desired state, and pushing it.
+//! - [`grpc`]: the `AgentSync` gRPC service devices subscribe to.
 //! - [`server`]: opening a hub and serving it until shutdown.
+//! - [`tls`]: the TLS listener for the REST API.
 //! - [`cli`]: the `sentinel` command-line client.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod fleet;
+pub mod grpc;
 pub mod keys;
 pub mod onnx;
 pub mod selector;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use config::HubConfig;
 pub use server::Hub;

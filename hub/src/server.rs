@@ -39,6 +39,29 @@ pub enum HubError {
     },
     #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
+    #[error("{0}")]
+    Transport(String),
+    #[error("loading the TLS identity")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("serving gRPC: {0}")]
+    Grpc(String),
+}
+
+/// The hub's bound sockets.
+#[derive(Debug)]
+pub struct Listeners {
+    pub rest: TcpListener,
+    pub grpc: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub fn rest_addr(&self) -> Option<SocketAddr> {
+        self.rest.local_addr().ok()
+    }
+
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().and_then(|l| l.local_addr().ok())
+    }
 }
 
 /// A hub whose storage is open and ready to serve.
@@ -83,7 +106,14 @@ impl Hub {
             None
         };
 
-        let state = Arc::new(AppState { meta, blobs: Arc::new(blobs), keys: RwLock::new(keys), config });
+        let state = Arc::new(AppState {
+            meta,
+            blobs: Arc::new(blobs),
+            keys: RwLock::new(keys),
+            config,
+            fleet: crate::fleet::Fleet::default(),
+            public_url: RwLock::new(String::new()),
+        });
         Ok(Self { state, bootstrap_token })
     }
 
@@ -95,28 +125,91 @@ impl Hub {
         &self.state.config.data_dir
     }
 
-    /// Binds the configured address. Port 0 picks a free port; the returned
-    /// listener knows which.
-    pub async fn bind(&self) -> Result<TcpListener, HubError> {
-        let addr = self.state.config.listen;
-        TcpListener::bind(addr).await.map_err(|source| HubError::Bind { addr, source })
+    /// Checks the transport settings and binds the configured addresses.
+    /// Port 0 picks a free port; the returned listeners know which. Sets the
+    /// public URL devices download from.
+    pub async fn bind(&self) -> Result<Listeners, HubError> {
+        let config = &self.state.config;
+        config.check_transport().map_err(HubError::Transport)?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| HubError::Bind { addr, source })
+        };
+        let rest = bind(config.listen).await?;
+        let grpc = match config.grpc_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let scheme = if config.tls.is_some() { "https" } else { "http" };
+        let local = rest.local_addr().map_err(|source| HubError::Bind { addr: config.listen, source })?;
+        let url = config.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
+        *self.state.public_url.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            url.trim_end_matches('/').to_owned();
+        Ok(Listeners { rest, grpc })
     }
 
-    /// Serves the REST API on `listener` until `shutdown` completes, then
-    /// lets in-flight requests finish.
+    /// Serves the REST API (and the gRPC service, when bound) until
+    /// `shutdown` completes, then lets in-flight requests finish.
     pub async fn serve(
         self,
-        listener: TcpListener,
+        listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), HubError> {
-        // Without TCP_NODELAY, small responses on keep-alive connections can
-        // wait ~40 ms for the peer's delayed ACK.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "setting TCP_NODELAY failed");
-            }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
         });
-        axum::serve(listener, router(self.state)).with_graceful_shutdown(shutdown).await.map_err(HubError::Serve)
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let state = self.state;
+        let tls = match &state.config.tls {
+            Some(files) => Some(crate::tls::server_config(&files.cert, &files.key).map_err(HubError::Tls)?),
+            None => None,
+        };
+        let grpc = match listeners.grpc {
+            None => None,
+            Some(listener) => {
+                let mut builder = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(state.config.heartbeat))
+                    .http2_keepalive_timeout(Some(state.config.heartbeat * 2));
+                if let Some(files) = &state.config.tls {
+                    let read = |p: &Path| {
+                        std::fs::read(p).map_err(|source| HubError::DataDir { path: p.to_path_buf(), source })
+                    };
+                    let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+                    builder = builder
+                        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                        .map_err(|e| HubError::Grpc(e.to_string()))?;
+                }
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let router = builder.add_service(crate::grpc::SyncService::new(state.clone()));
+                let stop = stopped(stop_rx.clone());
+                Some(tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await }))
+            }
+        };
+        let app = router(state);
+        let rest = match tls {
+            Some(config) => {
+                let listener = crate::tls::TlsListener::new(listeners.rest, config).map_err(HubError::Serve)?;
+                axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx)).await
+            }
+            None => {
+                // Without TCP_NODELAY, small responses on keep-alive connections
+                // can wait ~40 ms for the peer's delayed ACK.
+                let listener = listeners.rest.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::warn!(error = %e, "setting TCP_NODELAY failed");
+                    }
+                });
+                axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx)).await
+            }
+        };
+        rest.map_err(HubError::Serve)?;
+        if let Some(g) = grpc {
+            g.await.map_err(|e| HubError::Grpc(e.to_string()))?.map_err(|e| HubError::Grpc(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 

@@ -8,9 +8,12 @@
 //! - [`pb`]: types generated from `proto/sentinel/v1/*.proto` at build time (protox, no system protoc).
 //! - [`keys`]: signing keys, key ids and the set of keys a verifier trusts.
 //! - [`manifest`]: the signed model manifest: sign, verify, validate, and its JSON view.
+//! - [`state`]: the signed desired state pushed to one device: sign and verify
+//!   (signature, device, replay, expiry, every manifest).
 
 pub mod keys;
 pub mod manifest;
+pub mod state;
 
 /// Types generated from `proto/sentinel/v1`.
 #[allow(missing_docs, clippy::all, unused_qualifications, missing_debug_implementations)]
@@ -20,3 +23,4 @@ pub mod pb {
 
 pub use keys::{KeyError, Signer, TrustedKeys};
 pub use manifest::{ManifestError, ManifestView, sign_manifest, verify_manifest};
+pub use state::{StateError, VerifiedState, sign_state, verify_state};

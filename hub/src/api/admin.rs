@@ -125,6 +125,9 @@ pub async fn create_token(
     ApiJson(body): ApiJson<CreateToken>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "creating tokens")?;
+    if body.role == Role::Device {
+        return Err(ApiError::bad_request("device tokens come from enrolment: POST /api/v1/devices"));
+    }
     let name = body.name.unwrap_or_else(|| format!("{}-token", body.role));
     if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
         return Err(ApiError::bad_request("token name must be 1 to 64 printable characters"));

@@ -16,7 +16,6 @@ use tokio_util::io::ReaderStream;
 
 use super::versions::load_version;
 use super::{ApiError, ApiPath, Caller, SharedState};
-use crate::auth::Role;
 
 /// A byte range, inclusive at both ends, already checked against the length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,8 +135,8 @@ pub async fn model(
     ApiPath((name, version)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Viewer, "downloading a model")?;
     let v = load_version(&state, &name, &version).await?;
+    super::devices::device_may_fetch(&state, &caller, &name, &version).await?;
     serve_blob(&state, v.sha256, &headers).await
 }
 
@@ -150,8 +149,8 @@ pub async fn validation(
     ApiPath((name, version, part)): ApiPath<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Viewer, "downloading a validation set")?;
     let v = load_version(&state, &name, &version).await?;
+    super::devices::device_may_fetch(&state, &caller, &name, &version).await?;
     let out = super::versions::VersionOut::from_record(&v)?;
     let set = out
         .manifest

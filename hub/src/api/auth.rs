@@ -43,13 +43,25 @@ async fn resolve(state: &SharedState, headers: &HeaderMap) -> Result<Authn, ApiE
         Err(reason) => return Ok(Authn::Invalid(reason)),
     };
     let hash = hash_token(token);
-    let found = state.meta(move |m| m.find_token(&hash)).await?;
-    Ok(match found {
-        None => Authn::Invalid("the token is not known to this hub or was revoked"),
-        Some(t) => match t.role.parse::<Role>() {
-            Ok(role) => Authn::Valid(Caller { token_id: t.id, name: t.name, role }),
+    let (found, device) = state
+        .meta(move |m| {
+            let t = m.find_token(&hash)?;
+            let d = if t.is_none() { m.device_by_token(&hash)? } else { None };
+            Ok((t, d))
+        })
+        .await?;
+    Ok(match (found, device) {
+        (Some(t), _) => match t.role.parse::<Role>() {
+            Ok(role) => Authn::Valid(Caller { token_id: t.id, name: t.name, role, device_id: None }),
             Err(_) => Authn::Invalid("the token has a role this hub does not know"),
         },
+        (None, Some(d)) => Authn::Valid(Caller {
+            token_id: 0,
+            name: format!("device:{}", d.id),
+            role: Role::Device,
+            device_id: Some(d.id),
+        }),
+        (None, None) => Authn::Invalid("the token is not known to this hub or was revoked"),
     })
 }
 

@@ -138,6 +138,7 @@ pub async fn deploy(
         replaces: None,
     };
     let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
+    super::push_to_fleet(&state).await;
     let detail = format!("deployment {}: {name} {} to [{}]", d.id, d.version, d.target);
     Ok(created(d, detail))
 }
@@ -206,6 +207,7 @@ pub async fn rollback(
         replaces: Some(current.id),
     };
     let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
+    super::push_to_fleet(&state).await;
     let detail =
         format!("deployment {}: rolled {name} back from {} to {} on [{}]", d.id, current.version, d.version, d.target);
     Ok(created(d, detail))

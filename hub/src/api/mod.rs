@@ -12,6 +12,7 @@
 //! - [`versions`]: read or edit versions and their signed manifests.
 //! - [`artifact`]: model bytes with HTTP Range and ETag.
 //! - [`deployments`]: deploy, roll back, list deployments.
+//! - [`devices`]: device enrolment and what devices report.
 //! - [`admin`]: tokens, keys, audit log, health.
 //! - [`openapi`]: the generated OpenAPI description.
 
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod artifact;
 pub mod auth;
 pub mod deployments;
+pub mod devices;
 pub mod error;
 pub mod models;
 pub mod openapi;
@@ -45,6 +47,9 @@ pub struct AppState {
     pub blobs: Arc<dyn BlobStore>,
     pub keys: RwLock<Keyring>,
     pub config: HubConfig,
+    pub fleet: crate::fleet::Fleet,
+    /// Base URL devices download from; set once the listener is bound.
+    pub public_url: RwLock<String>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -78,6 +83,11 @@ impl AppState {
         }
     }
 
+    /// Base URL of this hub's REST API, as devices should reach it.
+    pub fn public_url(&self) -> String {
+        self.public_url.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// Reads the keyring. The lock is never held across an await.
     pub fn keyring(&self) -> std::sync::RwLockReadGuard<'_, Keyring> {
         self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -98,6 +108,15 @@ pub struct ApiQuery<T>(pub T);
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
+
+/// Pushes the new desired state to every connected device after a change
+/// to deployments. A failure is logged, not returned: the change is stored,
+/// and devices get it on their next connection.
+pub async fn push_to_fleet(state: &SharedState) {
+    if let Err(e) = crate::fleet::Fleet::publish(state).await {
+        tracing::error!(error = %e, "pushing the desired state failed; devices will get it when they reconnect");
+    }
+}
 
 /// Page size when a list request names none, and the most it may ask for.
 pub const DEFAULT_PAGE: u32 = 50;
@@ -127,6 +146,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/models/{name}/rollback", post(deployments::rollback))
         .route("/deployments", get(deployments::list))
         .route("/deployments/{id}", get(deployments::show))
+        .route("/devices", get(devices::list).post(devices::enroll))
+        .route("/devices/{id}", get(devices::show).delete(devices::remove))
         .route("/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
         .route("/keys", get(admin::keys))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, artifact, deployments, models, upload, versions};
+use super::{admin, artifact, deployments, devices, models, upload, versions};
 
 #[derive(Debug)]
 struct BearerAuth;
@@ -28,6 +28,7 @@ impl Modify for BearerAuth {
         upload::upload, versions::list, versions::show, versions::update, versions::manifest,
         artifact::model, artifact::validation,
         deployments::deploy, deployments::rollback, deployments::list, deployments::show,
+        devices::enroll, devices::list, devices::show, devices::remove,
         admin::create_token, admin::list_tokens, admin::revoke_token, admin::keys, admin::rotate_key,
         admin::audit, admin::healthz, admin::readyz,
     )

@@ -25,6 +25,24 @@ struct Args {
     /// Largest model file accepted, in bytes.
     #[arg(long, default_value_t = sentinel_hub::config::DEFAULT_MAX_UPLOAD_BYTES)]
     max_upload_bytes: u64,
+    /// Base URL devices download artifacts from (default: this hub's listen address).
+    #[arg(long, env = "SENTINEL_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// TLS certificate chain (PEM) for REST and gRPC.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow plain text on non-loopback addresses (logs a warning).
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Seconds a pushed desired state stays valid on devices.
+    #[arg(long, default_value_t = 3600)]
+    state_ttl_secs: u64,
+    /// Seconds between stream heartbeats.
+    #[arg(long, default_value_t = 15)]
+    heartbeat_secs: u64,
 }
 
 /// Exit codes: 0 clean shutdown, 64 bad configuration, 70 failure while
@@ -71,6 +89,17 @@ async fn run(args: Args) -> ExitCode {
     config.listen = args.listen;
     config.grpc_listen = args.grpc_listen;
     config.max_upload_bytes = args.max_upload_bytes;
+    config.public_url = args.public_url;
+    config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| sentinel_hub::config::TlsFiles { cert, key });
+    if args.insecure_plaintext {
+        config.transport = sentinel_hub::config::Transport::InsecurePlaintext;
+    }
+    if args.heartbeat_secs == 0 || args.state_ttl_secs <= args.heartbeat_secs {
+        eprintln!("sentinel-hub: --state-ttl-secs must be longer than --heartbeat-secs, which must be positive");
+        return ExitCode::from(64);
+    }
+    config.state_ttl = std::time::Duration::from_secs(args.state_ttl_secs);
+    config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs);
     let hub = match Hub::open(config) {
         Ok(h) => h,
         Err(e) => {
@@ -78,20 +107,28 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    let listener = match hub.bind().await {
+    let listeners = match hub.bind().await {
         Ok(l) => l,
+        Err(e @ sentinel_hub::server::HubError::Transport(_)) => {
+            print_chain(&e);
+            return ExitCode::from(64);
+        }
         Err(e) => {
             print_chain(&e);
             return ExitCode::from(71);
         }
     };
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr = listeners.rest_addr().map(|a| a.to_string()).unwrap_or_default();
+    let scheme = if hub.state().config.tls.is_some() { "https" } else { "http" };
     if hub.bootstrap_token.is_some() {
         println!("admin token written to {}", hub.data_dir().join(sentinel_hub::server::ADMIN_TOKEN_FILE).display());
     }
     // Scripts and tests read this line to learn the port.
-    println!("sentinel-hub listening on http://{addr}");
-    match hub.serve(listener, shutdown_signal()).await {
+    println!("sentinel-hub listening on {scheme}://{addr}");
+    if let Some(grpc) = listeners.grpc_addr() {
+        println!("sentinel-hub grpc on {scheme}://{grpc}");
+    }
+    match hub.serve(listeners, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             print_chain(&e);

@@ -32,6 +32,9 @@ pub enum Command {
     /// Deployment records.
     #[command(subcommand)]
     Deployments(DeploymentsCommand),
+    /// Devices: enrol, list, show, remove.
+    #[command(subcommand, visible_alias = "devices")]
+    Device(DeviceCommand),
     /// API tokens (admin).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -139,6 +142,24 @@ pub enum DeploymentsCommand {
     },
     /// Show one deployment.
     Show { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Enrol a device (admin); prints its token once.
+    Enroll {
+        /// Device id.
+        name: String,
+        /// Comma-separated labels, e.g. site=a,stage=production.
+        #[arg(long, default_value = "")]
+        labels: String,
+    },
+    /// List devices: connection, last seen, what they run.
+    List,
+    /// Show one device: last report, recent events, desired models.
+    Show { id: String },
+    /// Remove a device (admin): its token stops working.
+    Remove { id: String },
 }
 
 #[derive(Debug, Subcommand)]

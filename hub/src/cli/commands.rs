@@ -7,7 +7,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::CliError;
-use super::args::{Cli, Command, DeploymentsCommand, HubCommand, ListArgs, ModelCommand, PushArgs, TokenCommand};
+use super::args::{
+    Cli, Command, DeploymentsCommand, DeviceCommand, HubCommand, ListArgs, ModelCommand, PushArgs, TokenCommand,
+};
 use super::client::HubClient;
 
 /// Percent-encodes a query value.
@@ -95,6 +97,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Model(cmd) => model(&client, &out, cmd).await,
         Command::Deployments(cmd) => deployments(&client, &out, cmd).await,
         Command::Token(cmd) => token(&client, &out, cmd).await,
+        Command::Device(cmd) => device(&client, &out, cmd).await,
         Command::Hub(cmd) => hub(&client, &out, cmd).await,
     }
 }
@@ -314,6 +317,122 @@ async fn deployments(client: &HubClient, out: &Out, cmd: DeploymentsCommand) -> 
         DeploymentsCommand::Show { id } => {
             let v = client.get(&format!("/api/v1/deployments/{id}")).await?;
             out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+        }
+    }
+    Ok(())
+}
+
+fn labels_text(v: &Value) -> String {
+    v.as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(","))
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn running_text(models: &Value) -> String {
+    models
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| format!("{} {} ({})", s(&m["name"]), s(&m["version"]), s(&m["state"])))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn device_rows(list: &[Value]) -> Vec<Vec<String>> {
+    list.iter()
+        .map(|d| {
+            vec![
+                s(&d["id"]),
+                labels_text(&d["labels"]),
+                s(&d["hardware"]),
+                if d["connected"] == json!(true) { "connected".into() } else { "offline".into() },
+                time(&d["last_seen_ms"]),
+                s(&d["applied_revision"]),
+                running_text(&d["models"]),
+            ]
+        })
+        .collect()
+}
+
+const DEVICE_HEADER: [&str; 7] = ["DEVICE", "LABELS", "HARDWARE", "STREAM", "LAST SEEN", "REVISION", "RUNNING"];
+
+async fn device(client: &HubClient, out: &Out, cmd: DeviceCommand) -> Result<(), CliError> {
+    match cmd {
+        DeviceCommand::Enroll { name, labels } => {
+            let mut map = serde_json::Map::new();
+            for part in labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (k, v) = part
+                    .split_once('=')
+                    .ok_or_else(|| CliError::Usage(format!("--labels part {part:?} is not key=value")))?;
+                map.insert(k.trim().to_owned(), Value::String(v.trim().to_owned()));
+            }
+            let v = client.send_json(Method::POST, "/api/v1/devices", &json!({"id": name, "labels": map})).await?;
+            out.print(&v, |v| s(&v["token"]));
+            if !out.json {
+                eprintln!(
+                    "device {} enrolled ({}): store its token now, it is not shown again",
+                    s(&v["id"]),
+                    labels_text(&v["labels"])
+                );
+            }
+        }
+        DeviceCommand::List => {
+            let v = client.get("/api/v1/devices").await?;
+            out.print(&v, |v| {
+                table(&DEVICE_HEADER, device_rows(v.as_array().map(Vec::as_slice).unwrap_or(&[]))).to_string()
+            });
+        }
+        DeviceCommand::Show { id } => {
+            let v = client.get(&format!("/api/v1/devices/{id}")).await?;
+            out.print(&v, |v| {
+                let desired = v["desired"]
+                    .as_array()
+                    .map(|ds| {
+                        ds.iter()
+                            .map(|d| {
+                                format!(
+                                    "{} {} (deployment {})",
+                                    s(&d["model"]),
+                                    s(&d["version"]),
+                                    s(&d["deployment_id"])
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| "-".into());
+                let events: Vec<Vec<String>> = v["events"]
+                    .as_array()
+                    .map(|es| {
+                        es.iter()
+                            .take(20)
+                            .map(|e| {
+                                vec![
+                                    time(&e["at_ms"]),
+                                    s(&e["kind"]),
+                                    s(&e["model"]),
+                                    s(&e["version"]),
+                                    s(&e["reason"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!(
+                    "{}\ndesired: {desired}\n{}",
+                    table(&DEVICE_HEADER, device_rows(std::slice::from_ref(v))),
+                    table(&["AT", "EVENT", "MODEL", "VERSION", "REASON"], events)
+                )
+            });
+        }
+        DeviceCommand::Remove { id } => {
+            client.delete(&format!("/api/v1/devices/{id}")).await?;
+            out.print(&json!({"removed": id}), |_| format!("removed device {id}"));
         }
     }
     Ok(())

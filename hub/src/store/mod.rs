@@ -2,7 +2,8 @@
 //! can swap SQLite for PostgreSQL and local disk for object storage without
 //! touching the API layer.
 //!
-//! - [`MetadataStore`]: models, versions, deployments, tokens, audit log.
+//! - [`MetadataStore`]: models, versions, deployments, tokens, audit log,
+//!   and (through [`DeviceStore`]) devices and the fleet revision.
 //! - [`BlobStore`]: model bytes, addressed by their SHA-256.
 //!
 //! Both are synchronous: the API calls them from `spawn_blocking`, which keeps
@@ -139,8 +140,75 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
-/// Models, versions, deployments, tokens and the audit log.
-pub trait MetadataStore: Send + Sync + std::fmt::Debug {
+/// An enrolled device and what it last told the hub.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeviceRecord {
+    pub id: String,
+    /// Labels set at enrolment; they decide which deployments target the device.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Hardware tags from the device's last hello.
+    pub hardware: Vec<String>,
+    pub agent_version: String,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    pub last_seen_ms: Option<i64>,
+    /// The last `Hello`, as JSON.
+    pub hello: Option<serde_json::Value>,
+    /// The last `AgentReport`, as JSON.
+    pub report: Option<serde_json::Value>,
+}
+
+/// Something a device reported happening.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeviceEvent {
+    pub at_ms: i64,
+    pub kind: String,
+    pub model: String,
+    pub version: String,
+    pub reason: String,
+}
+
+/// Enrolled devices, what they report, and the fleet's desired-state revision.
+pub trait DeviceStore: Send + Sync {
+    fn enroll_device(
+        &self,
+        id: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        token_sha256: &str,
+        created_by: &str,
+        now_ms: i64,
+    ) -> Result<DeviceRecord, StoreError>;
+    fn device_by_token(&self, token_sha256: &str) -> Result<Option<DeviceRecord>, StoreError>;
+    fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError>;
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
+    fn remove_device(&self, id: &str) -> Result<(), StoreError>;
+    fn record_hello(
+        &self,
+        id: &str,
+        hello: &serde_json::Value,
+        hardware: &[String],
+        agent_version: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Stores a report and appends its events, in one transaction.
+    fn record_report(
+        &self,
+        id: &str,
+        report: &serde_json::Value,
+        events: &[DeviceEvent],
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    fn touch_device(&self, id: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Newest first.
+    fn device_events(&self, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError>;
+    /// The revision of the fleet's desired state; it grows with every deployment change.
+    fn current_revision(&self) -> Result<u64, StoreError>;
+    /// Bumps the revision and returns the new value. Durable when it returns.
+    fn next_revision(&self) -> Result<u64, StoreError>;
+}
+
+/// Models, versions, deployments, tokens, the audit log, and devices.
+pub trait MetadataStore: DeviceStore + Send + Sync + std::fmt::Debug {
     fn create_model(
         &self,
         name: &str,

@@ -29,6 +29,7 @@ pub const VISION: &str = "vision/ch_ppocr_mobile_v2.0_cls_infer.onnx";
 
 pub struct TestHub {
     pub url: String,
+    pub grpc_url: String,
     pub admin: String,
     pub dir: PathBuf,
     pub client: Client,
@@ -49,13 +50,21 @@ impl TestHub {
     /// Starts a hub on an existing data dir (for restarts).
     pub async fn start_in(dir: &Path, max_upload: Option<u64>) -> Self {
         let mut config = HubConfig::new(dir);
-        config.listen = "127.0.0.1:0".parse().unwrap();
         if let Some(m) = max_upload {
             config.max_upload_bytes = m;
         }
+        Self::start_with(config).await
+    }
+
+    /// Starts a hub with `config`, on free loopback ports.
+    pub async fn start_with(mut config: HubConfig) -> Self {
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
+        let dir = config.data_dir.clone();
         let hub = Hub::open(config).unwrap();
         let listener = hub.bind().await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = listener.rest_addr().unwrap();
+        let grpc_addr = listener.grpc_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             hub.serve(listener, async {
@@ -67,6 +76,7 @@ impl TestHub {
         let admin = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
         Self {
             url: format!("http://{addr}"),
+            grpc_url: format!("http://{grpc_addr}"),
             admin,
             dir: dir.to_path_buf(),
             client: Client::builder().tcp_nodelay(true).build().unwrap(),

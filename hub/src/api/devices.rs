@@ -1,0 +1,215 @@
+//! `/api/v1/devices`: enrolment, and what each device last reported.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::AuditDetail;
+use super::{ApiError, ApiJson, ApiPath, Caller, SharedState};
+use crate::auth::{Role, generate_token, hash_token};
+use crate::fleet::{Connection, assignments_for, target_of};
+use crate::store::{DeviceEvent, DeviceRecord};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollDevice {
+    /// Device id: letters, digits, '-', '_' and '.', at most 128 characters.
+    pub id: String,
+    /// Labels deployments select on, e.g. {"site": "a", "stage": "production"}.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A new device and its token. The token is shown once.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnrolledDevice {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub token: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceOut {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub hardware: Vec<String>,
+    pub agent_version: String,
+    pub created_at_ms: i64,
+    pub last_seen_ms: Option<i64>,
+    /// Whether the device has a live notification stream now.
+    pub connected: bool,
+    pub connected_since_ms: Option<i64>,
+    /// The desired-state revision the device last applied.
+    pub applied_revision: Option<u64>,
+    /// Per model: version, state, detail (from the device's last report).
+    #[schema(value_type = Object)]
+    pub models: serde_json::Value,
+    /// Newest first (only in `GET /devices/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub events: Option<Vec<DeviceEvent>>,
+    /// What the hub wants the device to run now (only in `GET /devices/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired: Option<Vec<DesiredModel>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DesiredModel {
+    pub model: String,
+    pub version: String,
+    pub deployment_id: i64,
+}
+
+fn device_out(state: &SharedState, d: DeviceRecord) -> DeviceOut {
+    let conn: Option<Connection> = state.fleet.connection(&d.id);
+    let report = d.report.unwrap_or(serde_json::Value::Null);
+    DeviceOut {
+        connected: conn.is_some(),
+        connected_since_ms: conn.map(|c| c.connected_at_ms),
+        applied_revision: report["applied_revision"].as_u64(),
+        models: report.get("models").cloned().unwrap_or(serde_json::json!([])),
+        id: d.id,
+        labels: d.labels,
+        hardware: d.hardware,
+        agent_version: d.agent_version,
+        created_at_ms: d.created_at_ms,
+        last_seen_ms: d.last_seen_ms,
+        events: None,
+        desired: None,
+    }
+}
+
+/// Enrol a device (admin). Returns its token, once.
+#[utoipa::path(post, path = "/api/v1/devices", request_body = EnrollDevice, security(("bearer" = [])),
+    responses((status = 201, body = EnrolledDevice), (status = 409, body = super::error::ErrorBody)))]
+pub async fn enroll(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<EnrollDevice>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin, "enrolling devices")?;
+    sentinel_proto::manifest::validate_model_name(&body.id)
+        .map_err(|reason| ApiError::bad_request(format!("device id {:?} {reason}", body.id)))?;
+    let labels = crate::selector::Selector::parse(
+        &body.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+    )
+    .map_err(|e| ApiError::bad_request(format!("labels: {e}")))?;
+    if !labels.hardware.is_empty() {
+        return Err(ApiError::bad_request("`hardware` is not a label: devices report their hardware themselves"));
+    }
+    let token = generate_token();
+    let hash = hash_token(&token);
+    let by = caller.name.clone();
+    let l = body.labels.clone();
+    let id = body.id.clone();
+    let d = state.meta(move |m| m.enroll_device(&id, &l, &hash, &by, crate::now_ms())).await?;
+    let mut resp =
+        (StatusCode::CREATED, Json(EnrolledDevice { id: d.id.clone(), labels: d.labels, token })).into_response();
+    resp.extensions_mut().insert(AuditDetail(format!("enrolled device {}", d.id)));
+    Ok(resp)
+}
+
+/// List devices with their connection state and what they run.
+#[utoipa::path(get, path = "/api/v1/devices", security(("bearer" = [])), responses((status = 200, body = Vec<DeviceOut>)))]
+pub async fn list(State(state): State<SharedState>, caller: Caller) -> Result<Json<Vec<DeviceOut>>, ApiError> {
+    caller.require(Role::Viewer, "listing devices")?;
+    let devices = state.meta(|m| m.list_devices()).await?;
+    Ok(Json(devices.into_iter().map(|d| device_out(&state, d)).collect()))
+}
+
+/// One device: last report, recent events, and what it should run.
+#[utoipa::path(get, path = "/api/v1/devices/{id}", security(("bearer" = [])),
+    responses((status = 200, body = DeviceOut), (status = 404, body = super::error::ErrorBody)))]
+pub async fn show(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<DeviceOut>, ApiError> {
+    caller.require(Role::Viewer, "reading a device")?;
+    let i = id.clone();
+    let (device, events, active) = state
+        .meta(move |m| {
+            let d = m.get_device(&i)?;
+            let e = m.device_events(&i, 100)?;
+            let a = m.list_deployments(None, Some("active"), u32::MAX, 0)?.0;
+            Ok((d, e, a))
+        })
+        .await?;
+    let device = device.ok_or_else(|| ApiError::not_found(format!("device {id:?} is not enrolled")))?;
+    let hello: Option<sentinel_proto::pb::Hello> = device.hello.clone().and_then(|h| serde_json::from_value(h).ok());
+    let target = target_of(&device, hello.as_ref());
+    let st = state.clone();
+    let desired =
+        tokio::task::spawn_blocking(move || assignments_for(&active, &mut |m, v| st.meta.get_version(m, v), &target))
+            .await
+            .map_err(|e| ApiError::internal("computing desired state", &e))??;
+    let mut out = device_out(&state, device);
+    out.events = Some(events);
+    out.desired = Some(
+        desired
+            .into_iter()
+            .map(|a| DesiredModel {
+                model: a.version.model,
+                version: a.version.version,
+                deployment_id: a.deployment.id,
+            })
+            .collect(),
+    );
+    Ok(Json(out))
+}
+
+/// Remove a device (admin): its token stops working and its stream closes.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody)))]
+pub async fn remove(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin, "removing devices")?;
+    let i = id.clone();
+    state.meta(move |m| m.remove_device(&i)).await?;
+    state.fleet.disconnect(&id);
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.extensions_mut().insert(AuditDetail(format!("removed device {id}")));
+    Ok(resp)
+}
+
+/// Whether `caller`, if it is a device, may fetch `model` `version`: only
+/// what its own desired state names.
+pub async fn device_may_fetch(
+    state: &SharedState,
+    caller: &Caller,
+    model: &str,
+    version: &str,
+) -> Result<(), ApiError> {
+    let Some(id) = caller.device_id.clone() else {
+        return caller.require(Role::Viewer, "downloading a model");
+    };
+    let st = state.clone();
+    let (m, v) = (model.to_owned(), version.to_owned());
+    let allowed = tokio::task::spawn_blocking(move || -> Result<bool, crate::store::StoreError> {
+        let Some(device) = st.meta.get_device(&id)? else { return Ok(false) };
+        let hello: Option<sentinel_proto::pb::Hello> =
+            device.hello.clone().and_then(|h| serde_json::from_value(h).ok());
+        let target = target_of(&device, hello.as_ref());
+        let active = st.meta.list_deployments(Some(&m), Some("active"), u32::MAX, 0)?.0;
+        let mine = assignments_for(&active, &mut |m, v| st.meta.get_version(m, v), &target)?;
+        Ok(mine.iter().any(|a| a.version.model == m && a.version.version == v))
+    })
+    .await
+    .map_err(|e| ApiError::internal("checking device access", &e))??;
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "{model} {version} is not in the desired state of {}; a device may fetch only what it is told to run",
+            caller.name
+        )))
+    }
+}

@@ -1,0 +1,344 @@
+//! The connected fleet: who is subscribed, what each device should run, and
+//! pushing it to them.
+//!
+//! Desired state is level-triggered: every message carries the device's whole
+//! set of model assignments, so a device that missed messages converges on
+//! the next one. Every deployment change bumps one fleet-wide revision
+//! (stored durably) and pushes a freshly signed state to every connected
+//! device. Publishing is serialised so a device never receives revisions out
+//! of order.
+//!
+//! Each subscriber gets one task that sends heartbeats, re-signs its state
+//! before it expires, and notices at once when the stream goes away.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sentinel_proto::pb::{
+    self, DesiredState, HubMessage, ModelAssignment, SignedDesiredState, SignedManifest, hub_message,
+};
+use sentinel_proto::sign_state;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::api::SharedState;
+use crate::selector::Selector;
+use crate::store::{DeploymentRecord, DeviceRecord, MetadataStore, StoreError, VersionRecord};
+
+/// Messages queued per stream before the hub waits on a slow device.
+const STREAM_BUFFER: usize = 8;
+
+/// What the hub knows of a device while it is connected.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub device_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub hardware: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    conn: u64,
+    target: Target,
+    tx: mpsc::Sender<Result<HubMessage, Status>>,
+    connected_at_ms: i64,
+    /// Expiry of the last state sent, to re-sign it in time.
+    expires_at_ms: i64,
+}
+
+/// Connected devices and the publishing lock.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    subscribers: Mutex<HashMap<String, Subscriber>>,
+    next_conn: AtomicU64,
+    publish: tokio::sync::Mutex<()>,
+    /// Desired-state messages sent, for metrics and benchmarks.
+    pub pushes: AtomicU64,
+}
+
+/// One device's connection, as listed by the devices API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Connection {
+    pub connected_at_ms: i64,
+}
+
+/// A model version a device should run, with the deployment that put it there.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub deployment: DeploymentRecord,
+    pub version: VersionRecord,
+}
+
+/// The assignments for a device: for each model, the newest active
+/// deployment whose selector matches the device.
+pub fn assignments_for(
+    active: &[DeploymentRecord],
+    versions: &mut dyn FnMut(&str, &str) -> Result<Option<VersionRecord>, StoreError>,
+    target: &Target,
+) -> Result<Vec<Assignment>, StoreError> {
+    let mut chosen: BTreeMap<&str, &DeploymentRecord> = BTreeMap::new();
+    for d in active {
+        let Ok(sel) = Selector::parse(&d.target) else { continue };
+        if !sel.matches(&target.labels, &target.hardware) {
+            continue;
+        }
+        match chosen.get(d.model.as_str()) {
+            Some(existing) if existing.id > d.id => {}
+            _ => {
+                chosen.insert(&d.model, d);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(chosen.len());
+    for d in chosen.into_values() {
+        if let Some(v) = versions(&d.model, &d.version)? {
+            out.push(Assignment { deployment: d.clone(), version: v });
+        }
+    }
+    Ok(out)
+}
+
+/// Effective targeting facts: labels set at enrolment win over what the
+/// device says about itself; hardware comes from the device.
+pub fn target_of(device: &DeviceRecord, hello: Option<&pb::Hello>) -> Target {
+    let mut labels = device.labels.clone();
+    let mut hardware = device.hardware.clone();
+    if let Some(h) = hello {
+        for (k, v) in &h.labels {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        hardware = h.hardware.clone();
+    }
+    Target { device_id: device.id.clone(), labels, hardware }
+}
+
+/// Computes and signs the desired state of each target at `revision`.
+/// Blocking: reads the database.
+fn compute_states(
+    state: &SharedState,
+    meta: &dyn MetadataStore,
+    targets: &[Target],
+    revision: u64,
+) -> Result<Vec<(String, SignedDesiredState, i64)>, StoreError> {
+    let active = meta.list_deployments(None, Some("active"), u32::MAX, 0)?.0;
+    let mut cache: HashMap<(String, String), Option<VersionRecord>> = HashMap::new();
+    let mut lookup = |model: &str, version: &str| -> Result<Option<VersionRecord>, StoreError> {
+        let key = (model.to_owned(), version.to_owned());
+        if let Some(v) = cache.get(&key) {
+            return Ok(v.clone());
+        }
+        let v = meta.get_version(model, version)?;
+        cache.insert(key, v.clone());
+        Ok(v)
+    };
+    let signer = state.keyring().active();
+    let base = state.public_url();
+    let now = crate::now_ms();
+    let expires = now + i64::try_from(state.config.state_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    let mut out = Vec::with_capacity(targets.len());
+    for t in targets {
+        let models = assignments_for(&active, &mut lookup, t)?
+            .into_iter()
+            .map(|a| {
+                let v = &a.version;
+                let url = format!("{base}/api/v1/models/{}/versions/{}", v.model, v.version);
+                ModelAssignment {
+                    manifest: Some(SignedManifest {
+                        manifest: v.manifest.clone(),
+                        signature: v.signature.clone(),
+                        key_id: v.key_id.clone(),
+                    }),
+                    artifact_url: format!("{url}/artifact"),
+                    policy: None,
+                    deployment_id: a.deployment.id,
+                    validation_inputs_url: format!("{url}/validation/inputs"),
+                    validation_labels_url: format!("{url}/validation/labels"),
+                }
+            })
+            .collect();
+        let desired = DesiredState {
+            device_id: t.device_id.clone(),
+            revision,
+            issued_at_unix_ms: now,
+            expires_at_unix_ms: expires,
+            models,
+        };
+        out.push((t.device_id.clone(), sign_state(&signer, &desired), expires));
+    }
+    Ok(out)
+}
+
+fn state_message(signed: SignedDesiredState) -> HubMessage {
+    HubMessage { kind: Some(hub_message::Kind::State(signed)) }
+}
+
+impl Fleet {
+    /// Registers a new stream for `target` and sends it the current state.
+    /// Returns the receiving end to hand to tonic.
+    pub async fn subscribe(
+        state: &SharedState,
+        target: Target,
+    ) -> Result<mpsc::Receiver<Result<HubMessage, Status>>, Status> {
+        let fleet = &state.fleet;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let conn = fleet.next_conn.fetch_add(1, Ordering::Relaxed);
+        {
+            let _publishing = fleet.publish.lock().await;
+            let st = state.clone();
+            let targets = vec![target.clone()];
+            let computed = tokio::task::spawn_blocking(move || {
+                let meta = st.meta.clone();
+                let revision = meta.current_revision()?;
+                compute_states(&st, meta.as_ref(), &targets, revision)
+            })
+            .await
+            .map_err(|_| Status::internal("computing the desired state failed"))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "computing the desired state failed");
+                Status::unavailable("the hub cannot compute the desired state right now")
+            })?;
+            let Some((_, signed, expires)) = computed.into_iter().next() else {
+                return Err(Status::internal("no state computed"));
+            };
+            tx.send(Ok(state_message(signed))).await.map_err(|_| Status::cancelled("stream closed"))?;
+            fleet.pushes.fetch_add(1, Ordering::Relaxed);
+            let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(old) = subs.insert(
+                target.device_id.clone(),
+                Subscriber {
+                    conn,
+                    target: target.clone(),
+                    tx: tx.clone(),
+                    connected_at_ms: crate::now_ms(),
+                    expires_at_ms: expires,
+                },
+            ) {
+                tracing::info!(device = %target.device_id, old_conn = old.conn, "device reconnected; the older stream is replaced");
+            }
+        }
+        tracing::info!(device = %target.device_id, conn, "device subscribed");
+        tokio::spawn(watch_stream(state.clone(), target.device_id, conn, tx));
+        Ok(rx)
+    }
+
+    fn unregister(&self, device_id: &str, conn: u64) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if subs.get(device_id).is_some_and(|s| s.conn == conn) {
+            subs.remove(device_id);
+            tracing::info!(device = %device_id, conn, "device stream closed");
+        }
+    }
+
+    /// Whether a device has a live stream, and since when.
+    pub fn connection(&self, device_id: &str) -> Option<Connection> {
+        let subs = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        subs.get(device_id).map(|s| Connection { connected_at_ms: s.connected_at_ms })
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// Drops a device's stream (after it was removed).
+    pub fn disconnect(&self, device_id: &str) {
+        self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(device_id);
+    }
+
+    /// Bumps the fleet revision and pushes every connected device its new
+    /// state. Call after any change to deployments.
+    pub async fn publish(state: &SharedState) -> Result<u64, StoreError> {
+        let fleet = &state.fleet;
+        let _publishing = fleet.publish.lock().await;
+        let senders: Vec<(Target, mpsc::Sender<Result<HubMessage, Status>>)> = {
+            let subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            subs.values().map(|s| (s.target.clone(), s.tx.clone())).collect()
+        };
+        let st = state.clone();
+        let targets: Vec<Target> = senders.iter().map(|(t, _)| t.clone()).collect();
+        let (revision, computed) = tokio::task::spawn_blocking(move || {
+            let meta = st.meta.clone();
+            let revision = meta.next_revision()?;
+            Ok::<_, StoreError>((revision, compute_states(&st, meta.as_ref(), &targets, revision)?))
+        })
+        .await
+        .map_err(|e| StoreError::Database {
+            op: "publish task",
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })??;
+        let mut sent = 0usize;
+        for ((_, tx), (device, signed, expires)) in senders.into_iter().zip(computed) {
+            if tx.send(Ok(state_message(signed))).await.is_ok() {
+                sent += 1;
+                fleet.pushes.fetch_add(1, Ordering::Relaxed);
+                let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(s) = subs.get_mut(&device) {
+                    s.expires_at_ms = expires;
+                }
+            }
+        }
+        tracing::info!(revision, sent, "published desired state");
+        Ok(revision)
+    }
+
+    /// Re-signs one device's state at the current revision (its content is
+    /// unchanged), to renew its expiry.
+    async fn refresh(state: &SharedState, device_id: &str, conn: u64) {
+        let fleet = &state.fleet;
+        let _publishing = fleet.publish.lock().await;
+        let (target, tx) = {
+            let subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match subs.get(device_id) {
+                Some(s) if s.conn == conn => (s.target.clone(), s.tx.clone()),
+                _ => return,
+            }
+        };
+        let st = state.clone();
+        let computed = tokio::task::spawn_blocking(move || {
+            let meta = st.meta.clone();
+            let revision = meta.current_revision()?;
+            compute_states(&st, meta.as_ref(), &[target], revision)
+        })
+        .await;
+        if let Ok(Ok(mut v)) = computed
+            && let Some((_, signed, expires)) = v.pop()
+            && tx.send(Ok(state_message(signed))).await.is_ok()
+        {
+            fleet.pushes.fetch_add(1, Ordering::Relaxed);
+            let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(s) = subs.get_mut(device_id) {
+                s.expires_at_ms = expires;
+            }
+        }
+    }
+
+    fn expires_at(&self, device_id: &str, conn: u64) -> Option<i64> {
+        let subs = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        subs.get(device_id).filter(|s| s.conn == conn).map(|s| s.expires_at_ms)
+    }
+}
+
+/// One per stream: heartbeats, state renewal, and noticing the end.
+async fn watch_stream(state: SharedState, device_id: String, conn: u64, tx: mpsc::Sender<Result<HubMessage, Status>>) {
+    let mut tick = tokio::time::interval(state.config.heartbeat);
+    tick.tick().await; // the first tick is immediate; the state was just sent
+    let half_ttl = i64::try_from(state.config.state_ttl.as_millis() / 2).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = tx.closed() => break,
+            _ = tick.tick() => {
+                let Some(expires) = state.fleet.expires_at(&device_id, conn) else { break };
+                if expires - crate::now_ms() < half_ttl {
+                    Fleet::refresh(&state, &device_id, conn).await;
+                }
+                let beat = HubMessage { kind: Some(hub_message::Kind::Heartbeat(pb::Heartbeat { sent_at_unix_ms: crate::now_ms() })) };
+                if tx.send(Ok(beat)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    state.fleet.unregister(&device_id, conn);
+    let id = device_id.clone();
+    let _ = state.meta(move |m| m.touch_device(&id, crate::now_ms())).await;
+}

@@ -1,0 +1,109 @@
+//! The `AgentSync` gRPC service: device streams and reports.
+//!
+//! Devices authenticate with their enrolment token in the `authorization`
+//! metadata. A token names exactly one device: asking for another device's
+//! stream, or reporting as another device, is refused.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+use sentinel_proto::pb::agent_sync_server::{AgentSync, AgentSyncServer};
+use sentinel_proto::pb::{AgentReport, Hello, HubMessage, ReportAck};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::api::SharedState;
+use crate::auth::hash_token;
+use crate::fleet::{Fleet, target_of};
+use crate::store::{DeviceEvent, DeviceRecord};
+
+/// The service, over the hub's shared state.
+#[derive(Debug, Clone)]
+pub struct SyncService {
+    state: SharedState,
+}
+
+impl SyncService {
+    pub fn new(state: SharedState) -> AgentSyncServer<Self> {
+        AgentSyncServer::new(Self { state })
+    }
+
+    async fn authenticate<T>(&self, req: &Request<T>, claimed: &str) -> Result<DeviceRecord, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <device token>` metadata"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <device token>`"))?;
+        let hash = hash_token(token);
+        let device = self
+            .state
+            .meta(move |m| m.device_by_token(&hash))
+            .await
+            .map_err(|_| Status::unavailable("the hub cannot check tokens right now"))?
+            .ok_or_else(|| {
+                Status::unauthenticated("the device token is not known to this hub (enrol the device first)")
+            })?;
+        if device.id != claimed {
+            tracing::warn!(token_device = %device.id, claimed, "device token used for another device");
+            return Err(Status::permission_denied(format!(
+                "this token belongs to device {:?}; it cannot act as {claimed:?}",
+                device.id
+            )));
+        }
+        Ok(device)
+    }
+}
+
+type HubStream = Pin<Box<dyn Stream<Item = Result<HubMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentSync for SyncService {
+    type SubscribeStream = HubStream;
+
+    async fn subscribe(&self, req: Request<Hello>) -> Result<Response<HubStream>, Status> {
+        let claimed = req.get_ref().device_id.clone();
+        let device = self.authenticate(&req, &claimed).await?;
+        let hello = req.into_inner();
+        let target = target_of(&device, Some(&hello));
+        let hello_json = serde_json::to_value(&hello).unwrap_or_default();
+        let (id, hw, ver) = (device.id.clone(), hello.hardware.clone(), hello.agent_version.clone());
+        self.state
+            .meta(move |m| m.record_hello(&id, &hello_json, &hw, &ver, crate::now_ms()))
+            .await
+            .map_err(|_| Status::unavailable("the hub cannot record the device right now"))?;
+        let rx = Fleet::subscribe(&self.state, target).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report(&self, req: Request<AgentReport>) -> Result<Response<ReportAck>, Status> {
+        let claimed = req.get_ref().device_id.clone();
+        let device = self.authenticate(&req, &claimed).await?;
+        let mut report = req.into_inner();
+        let events: Vec<DeviceEvent> = report
+            .events
+            .drain(..)
+            .map(|e| DeviceEvent {
+                at_ms: e.at_unix_ms,
+                kind: e.kind,
+                model: e.model,
+                version: e.version,
+                reason: e.reason,
+            })
+            .collect();
+        for e in events.iter().filter(|e| e.kind.contains("refused") || e.kind.contains("failed")) {
+            tracing::warn!(device = %device.id, kind = %e.kind, model = %e.model, version = %e.version, reason = %e.reason, "device reports");
+        }
+        let json = serde_json::to_value(&report).unwrap_or_default();
+        let id = device.id.clone();
+        self.state
+            .meta(move |m| m.record_report(&id, &json, &events, crate::now_ms()))
+            .await
+            .map_err(|_| Status::unavailable("the hub cannot record the report right now"))?;
+        let interval = u64::try_from(self.state.config.heartbeat.as_millis()).unwrap_or(u64::MAX);
+        Ok(Response::new(ReportAck { heartbeat_interval_ms: interval }))
+    }
+}
