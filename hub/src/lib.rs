@@ -37,6 +37,13 @@ pub mod tls;
 pub use config::HubConfig;
 pub use server::Hub;
 
+/// Installs ring as rustls' process-wide crypto provider. Every HTTP or TLS
+/// client in the workspace goes through rustls with ring (no aws-lc build);
+/// call this before building one. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

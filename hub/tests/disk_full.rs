@@ -40,6 +40,7 @@ async fn an_upload_that_fills_the_disk_is_refused_with_507_and_frees_the_space()
         }
     };
     let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
+    sentinel_hub::install_crypto_provider();
     let client = reqwest::Client::new();
     let r = client
         .post(format!("{url}/api/v1/models"))

@@ -64,6 +64,7 @@ async fn a_hub_killed_mid_upload_has_no_half_registered_version_after_restart() 
     let tmp = tempfile::tempdir().unwrap();
     let (mut child, url) = spawn_hub(tmp.path());
     let admin = std::fs::read_to_string(tmp.path().join("admin.token")).unwrap().trim().to_owned();
+    sentinel_hub::install_crypto_provider();
     let client = reqwest::Client::new();
     let r = client
         .post(format!("{url}/api/v1/models"))

@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
 
     // Download: the artifact endpoint through reqwest, against the blob file on disk.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    sentinel_hub::install_crypto_provider();
     let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let url = format!("{}/api/v1/models/slow/versions/1.0.0/artifact", hub.url);
     let sha = hex_sha256(&std::fs::read(&model)?);

@@ -20,6 +20,7 @@ pub struct HubClient {
 
 impl HubClient {
     pub fn new(base: &str, token: Option<String>) -> Result<Self, CliError> {
+        crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .user_agent(concat!("sentinel-cli/", env!("CARGO_PKG_VERSION")))

@@ -58,6 +58,7 @@ impl TestHub {
 
     /// Starts a hub with `config`, on free loopback ports.
     pub async fn start_with(mut config: HubConfig) -> Self {
+        sentinel_hub::install_crypto_provider();
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
         let dir = config.data_dir.clone();

@@ -1,0 +1,388 @@
+//! The running agent: wiring of sync, apply and report.
+//!
+//! - [`crate::sync`] keeps a `watch` of the latest verified desired state.
+//! - The apply loop makes the device match it: for each model, refuse it if
+//!   the hardware does not fit, download and verify what is missing, and
+//!   switch the active version in one committed step. A failure leaves the
+//!   previous version active.
+//! - The report loop sends the hub what the device runs and what happened,
+//!   at every change and every heartbeat.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sentinel_proto::pb::agent_sync_client::AgentSyncClient;
+use sentinel_proto::pb::{AgentEvent, AgentReport, ModelStatus};
+use sentinel_proto::{VerifiedState, verify_state};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::config::AgentConfig;
+use crate::download::{self, Wanted};
+use crate::store::{ModelRow, Store, StoreError};
+use crate::sync::error_chain;
+
+/// Failures starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("opening the state dir")]
+    Store(#[from] StoreError),
+    #[error("setting up the connection to the hub: {0}")]
+    Connect(String),
+}
+
+/// What the agent shows of itself: for status commands and tests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentView {
+    pub connected: bool,
+    pub since_ms: i64,
+    pub last_error: String,
+    /// Revision of the last verified desired state.
+    pub revision: u64,
+    /// Revision the apply loop has finished with.
+    pub applied_revision: u64,
+    pub models: Vec<ModelRow>,
+    /// Kinds of refused desired states, in order (e.g. "replayed").
+    pub refused_states: Vec<String>,
+    pub downloads_resumed_from: Vec<u64>,
+}
+
+/// State shared by the agent's tasks.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: AgentConfig,
+    pub store: Store,
+    view: watch::Sender<AgentView>,
+    report_now: Notify,
+    heartbeat: Mutex<Duration>,
+}
+
+impl Shared {
+    pub fn heartbeat(&self) -> Duration {
+        *self.heartbeat.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn set_connected(&self) {
+        self.view.send_modify(|v| {
+            v.connected = true;
+            v.since_ms = crate::now_ms();
+        });
+        self.report_now.notify_one();
+    }
+
+    pub fn set_disconnected(&self, reason: &str) {
+        self.view.send_modify(|v| {
+            if v.connected {
+                v.since_ms = crate::now_ms();
+            }
+            v.connected = false;
+            v.last_error = reason.to_owned();
+        });
+    }
+
+    /// Records a refused desired state: logged, an event for the hub, and visible in the view.
+    pub fn refused_state(&self, kind: &str, reason: &str) {
+        self.event("state_refused", "", "", &format!("{kind}: {reason}"));
+        self.view.send_modify(|v| v.refused_states.push(kind.to_owned()));
+        self.report_now.notify_one();
+    }
+
+    fn event(&self, kind: &str, model: &str, version: &str, reason: &str) {
+        if let Err(e) = self.store.event(kind, model, version, reason) {
+            tracing::error!(error = %e, kind, "logging an event failed");
+        }
+    }
+
+    fn refresh_models(&self) {
+        match self.store.models() {
+            Ok(models) => self.view.send_modify(|v| v.models = models),
+            Err(e) => tracing::error!(error = %e, "reading model state failed"),
+        }
+    }
+}
+
+/// A running agent. Dropping it does not stop it; call [`AgentHandle::shutdown`].
+#[derive(Debug)]
+pub struct AgentHandle {
+    pub shared: Arc<Shared>,
+    view: watch::Receiver<AgentView>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl AgentHandle {
+    /// The current view.
+    pub fn view(&self) -> AgentView {
+        self.view.borrow().clone()
+    }
+
+    /// Waits until the view satisfies `pred`, or `limit` passes (then returns
+    /// the last view as an error, for the test's message).
+    pub async fn wait_for(&self, limit: Duration, pred: impl Fn(&AgentView) -> bool) -> Result<AgentView, AgentView> {
+        let mut rx = self.view.clone();
+        match tokio::time::timeout(limit, rx.wait_for(|v| pred(v))).await {
+            Ok(Ok(v)) => Ok(v.clone()),
+            _ => Err(self.view()),
+        }
+    }
+
+    /// Stops every task and waits for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn endpoint(config: &AgentConfig, url: &str) -> Result<Endpoint, AgentError> {
+    let mut ep = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| AgentError::Connect(format!("grpc_url {url:?}: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(config.heartbeat)
+        .keep_alive_timeout(config.heartbeat * 2);
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &config.ca_pem {
+            Some(pem) => tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            None => tls.with_native_roots(),
+        };
+        ep = ep.tls_config(tls).map_err(|e| AgentError::Connect(e.to_string()))?;
+    }
+    Ok(ep)
+}
+
+/// An HTTP client for downloads that trusts the configured CA.
+pub fn http_client(config: &AgentConfig) -> Result<reqwest::Client, AgentError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(30))
+        .user_agent(concat!("sentinel-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = &config.ca_pem {
+        let certs =
+            reqwest::Certificate::from_pem_bundle(pem).map_err(|e| AgentError::Connect(format!("ca_file: {e}")))?;
+        b = b.tls_certs_only(certs);
+    }
+    b.build().map_err(|e| AgentError::Connect(e.to_string()))
+}
+
+/// Starts the agent: loads the last verified state (so the device serves it
+/// even with the hub unreachable), then syncs, applies and reports.
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let store = Store::open(&config.state_dir)?;
+    let (view_tx, view_rx) = watch::channel(AgentView::default());
+    let heartbeat = Mutex::new(config.heartbeat);
+    let channel: Channel = endpoint(&config, &config.grpc_url)?.connect_lazy();
+    let http = http_client(&config)?;
+    let shared = Arc::new(Shared { config, store, view: view_tx, report_now: Notify::new(), heartbeat });
+    shared.refresh_models();
+
+    // The last verified state, re-verified from disk (signature and device
+    // only: it was current when stored, and the device keeps serving it).
+    let initial = match shared.store.desired()? {
+        Some((revision, signed)) => {
+            match verify_state(&signed, &shared.config.trusted, &shared.config.device_id, 0, i64::MIN) {
+                Ok(v) => {
+                    tracing::info!(revision, "loaded the last verified desired state");
+                    shared.view.send_modify(|view| view.revision = revision);
+                    Some(Arc::new(v))
+                }
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "the stored desired state does not verify; ignoring it");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let (states_tx, states_rx) = watch::channel(initial);
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(crate::sync::run(shared.clone(), channel.clone(), states_tx, stop_rx.clone()));
+    tasks.spawn(apply_loop(shared.clone(), http, states_rx, stop_rx.clone()));
+    tasks.spawn(report_loop(shared.clone(), channel, stop_rx));
+    Ok(AgentHandle { shared, view: view_rx, stop, tasks })
+}
+
+async fn apply_loop(
+    shared: Arc<Shared>,
+    http: reqwest::Client,
+    mut states: watch::Receiver<Option<Arc<VerifiedState>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let current = states.borrow_and_update().clone();
+        if let Some(v) = current {
+            shared.view.send_modify(|view| view.revision = view.revision.max(v.state.revision));
+            apply(&shared, &http, &v).await;
+            shared.view.send_modify(|view| view.applied_revision = v.state.revision);
+            shared.report_now.notify_one();
+        }
+        tokio::select! {
+            r = states.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Makes the device match one verified state.
+async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) {
+    let config = &shared.config;
+    let mut wanted_files = HashSet::new();
+    for (assignment, m) in v.state.models.iter().zip(&v.manifests) {
+        wanted_files.insert(m.sha256.clone());
+        let current = shared.store.model(&m.name).ok().flatten();
+        if current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str())
+            && shared.store.has_model(&m.sha256)
+        {
+            if current
+                .as_ref()
+                .is_some_and(|c| c.active_version.as_deref() != Some(m.version.as_str()) || c.status != "serving")
+            {
+                let _ = shared.store.activate(&m.name, &m.version, &m.sha256, assignment.deployment_id);
+            }
+            continue;
+        }
+        if !m.hardware.is_empty() && !m.hardware.iter().any(|h| config.hardware.contains(h)) {
+            let reason = format!(
+                "wrong hardware: {} {} runs on [{}], this device is [{}]",
+                m.name,
+                m.version,
+                m.hardware.join(", "),
+                config.hardware.join(", ")
+            );
+            tracing::warn!(%reason, "model refused");
+            refuse(shared, &m.name, &m.version, "refused", "download_refused", &format!("wrong_hardware: {reason}"));
+            continue;
+        }
+        let _ = shared.store.set_status(&m.name, "downloading", &m.version, "");
+        shared.refresh_models();
+        shared.report_now.notify_one();
+        shared.event("download_started", &m.name, &m.version, &assignment.artifact_url);
+        let wanted = Wanted { url: &assignment.artifact_url, token: &config.token, sha256: &m.sha256, size: m.size };
+        let view = &shared.view;
+        let result = download::fetch(http, shared.store.models_dir(), &wanted, config.download_attempts, |from| {
+            view.send_modify(|v| v.downloads_resumed_from.push(from));
+            shared.event("download_resumed", &m.name, &m.version, &format!("resuming from byte {from} of {}", m.size));
+        })
+        .await;
+        match result {
+            Ok((_, outcome)) => {
+                tracing::info!(model = %m.name, version = %m.version, bytes = outcome.bytes_transferred, resumed = ?outcome.resumed_from, "model downloaded and verified");
+                if let Err(e) = shared.store.activate(&m.name, &m.version, &m.sha256, assignment.deployment_id) {
+                    tracing::error!(error = %e, "activating the model failed");
+                    refuse(shared, &m.name, &m.version, "failed", "model_failed", &e.to_string());
+                    continue;
+                }
+                shared.event(
+                    "model_installed",
+                    &m.name,
+                    &m.version,
+                    &format!("sha256 {} verified; {} bytes transferred", m.sha256, outcome.bytes_transferred),
+                );
+            }
+            Err(e) => {
+                let reason = format!("{}: {}", e.kind(), error_chain(&e));
+                tracing::warn!(model = %m.name, version = %m.version, %reason, "download refused; the previous version keeps serving");
+                let status = if matches!(e, download::FetchError::GaveUp { .. } | download::FetchError::NoSpace { .. })
+                {
+                    "failed"
+                } else {
+                    "refused"
+                };
+                refuse(shared, &m.name, &m.version, status, "download_refused", &reason);
+            }
+        }
+        shared.refresh_models();
+    }
+    // Models no longer wanted on this device.
+    let names: HashSet<&str> = v.manifests.iter().map(|m| m.name.as_str()).collect();
+    if let Ok(models) = shared.store.models() {
+        for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != "removed") {
+            let _ = shared.store.set_status(
+                &m.name,
+                "removed",
+                m.active_version.as_deref().unwrap_or(""),
+                "no longer in the desired state",
+            );
+        }
+    }
+    match shared.store.gc(&wanted_files) {
+        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed unneeded model files"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "model file cleanup failed"),
+    }
+    shared.refresh_models();
+}
+
+fn refuse(shared: &Shared, model: &str, version: &str, status: &str, kind: &str, reason: &str) {
+    let _ = shared.store.set_status(model, status, version, reason);
+    shared.event(kind, model, version, reason);
+    shared.refresh_models();
+}
+
+async fn report_loop(shared: Arc<Shared>, channel: Channel, mut stop: watch::Receiver<bool>) {
+    let mut client = AgentSyncClient::new(channel);
+    loop {
+        let beat = shared.heartbeat();
+        tokio::select! {
+            () = shared.report_now.notified() => {}
+            () = tokio::time::sleep(beat) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = report_once(&shared, &mut client).await {
+            tracing::debug!(error = %e, "report not delivered; will retry");
+        }
+    }
+}
+
+async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> Result<(), String> {
+    let events = shared.store.unreported_events(500).map_err(|e| e.to_string())?;
+    let models = shared.store.models().map_err(|e| e.to_string())?;
+    let view = shared.view.borrow().clone();
+    let report = AgentReport {
+        device_id: shared.config.device_id.clone(),
+        applied_revision: view.applied_revision,
+        models: models
+            .iter()
+            .map(|m| ModelStatus {
+                name: m.name.clone(),
+                version: if m.status == "serving" {
+                    m.active_version.clone().unwrap_or_default()
+                } else {
+                    m.status_version.clone()
+                },
+                state: m.status.clone(),
+                detail: m.detail.clone(),
+                deployment_id: m.active_deployment.unwrap_or(0),
+            })
+            .collect(),
+        events: events
+            .iter()
+            .map(|e| AgentEvent {
+                at_unix_ms: e.at_ms,
+                kind: e.kind.clone(),
+                model: e.model.clone(),
+                version: e.version.clone(),
+                reason: e.reason.clone(),
+            })
+            .collect(),
+        sent_at_unix_ms: crate::now_ms(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let mut req = tonic::Request::new(report);
+    let auth = format!("Bearer {}", shared.config.token).parse().map_err(|_| "token is not ASCII".to_owned())?;
+    req.metadata_mut().insert("authorization", auth);
+    let ack = client.report(req).await.map_err(|s| s.message().to_owned())?.into_inner();
+    if let Some(last) = events.last() {
+        shared.store.mark_reported(last.id).map_err(|e| e.to_string())?;
+    }
+    if ack.heartbeat_interval_ms > 0 {
+        *shared.heartbeat.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Duration::from_millis(ack.heartbeat_interval_ms);
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! Agent configuration: a TOML file, then `SENTINEL_AGENT_*` environment
+//! overrides, validated before anything starts.
+//!
+//! Every error names the field that is wrong; `sentinel-agent` exits 64 on
+//! any of them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sentinel_proto::TrustedKeys;
+use serde::Deserialize;
+
+/// Where the agent looks for its configuration by default.
+pub const DEFAULT_CONFIG: &str = "/etc/sentinel/agent.toml";
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config field `{field}`: {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.to_owned(), reason: reason.into() }
+}
+
+/// Whether the agent may talk to its hub in plain text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// TLS, except to a loopback hub (the default).
+    #[default]
+    Safe,
+    /// Plain text to any hub, with a warning in the log.
+    InsecurePlaintext,
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    device_id: Option<String>,
+    /// REST base URL of the hub, e.g. `https://hub.example:8080`.
+    hub_url: Option<String>,
+    /// gRPC URL of the hub, e.g. `https://hub.example:8081`.
+    grpc_url: Option<String>,
+    token_file: Option<PathBuf>,
+    /// Base64 Ed25519 public keys of the hub (see `sentinel hub key`).
+    #[serde(default)]
+    pinned_keys: Vec<String>,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// Default: the CPU architecture (`x86_64`, `aarch64`, ...).
+    hardware: Option<Vec<String>>,
+    /// PEM CA bundle to trust for the hub's certificate (default: system roots).
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    transport: Transport,
+    #[serde(default)]
+    sync: RawSync,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    backoff_initial_ms: Option<u64>,
+    backoff_cap_secs: Option<u64>,
+    heartbeat_secs: Option<u64>,
+    download_attempts: Option<u32>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub device_id: String,
+    pub hub_url: String,
+    pub grpc_url: String,
+    pub token: String,
+    pub trusted: TrustedKeys,
+    pub state_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub hardware: Vec<String>,
+    pub ca_pem: Option<Vec<u8>>,
+    pub transport: Transport,
+    /// First reconnect delay; doubles per failure, jittered.
+    pub backoff_initial: Duration,
+    /// Reconnect delays never exceed this (default 60 s), so a fleet
+    /// reconnecting after a hub restart spreads out instead of stampeding.
+    pub backoff_cap: Duration,
+    /// Report (heartbeat) interval, until the hub says otherwise.
+    pub heartbeat: Duration,
+    /// Download attempts without progress before giving up on a version.
+    pub download_attempts: u32,
+}
+
+/// The hardware tag of the CPU this agent was built for.
+pub fn native_hardware() -> Vec<String> {
+    vec![std::env::consts::ARCH.to_owned()]
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    matches!(host.trim_matches(['[', ']']), "localhost" | "::1") || host.starts_with("127.")
+}
+
+impl AgentConfig {
+    /// Reads `path`, applies `env` overrides (`SENTINEL_AGENT_<FIELD>`), and validates.
+    pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad("(file)", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text, env, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Parses TOML text; relative paths resolve against `base`.
+    pub fn parse(text: &str, env: &BTreeMap<String, String>, base: &Path) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let field =
+                e.span().map(|s| text[..s.start].lines().count()).map(|l| format!("line {l}")).unwrap_or_default();
+            bad(if field.is_empty() { "(file)" } else { &field }, e.message().to_owned())
+        })?;
+        let get = |k: &str| env.get(&format!("SENTINEL_AGENT_{k}")).cloned();
+        if let Some(v) = get("DEVICE_ID") {
+            raw.device_id = Some(v);
+        }
+        if let Some(v) = get("HUB_URL") {
+            raw.hub_url = Some(v);
+        }
+        if let Some(v) = get("GRPC_URL") {
+            raw.grpc_url = Some(v);
+        }
+        if let Some(v) = get("TOKEN_FILE") {
+            raw.token_file = Some(v.into());
+        }
+        if let Some(v) = get("STATE_DIR") {
+            raw.state_dir = Some(v.into());
+        }
+        if let Some(v) = get("PINNED_KEYS") {
+            raw.pinned_keys = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        }
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+        let device_id = raw.device_id.ok_or_else(|| bad("device_id", "missing"))?;
+        sentinel_proto::manifest::validate_model_name(&device_id).map_err(|r| bad("device_id", r))?;
+        let hub_url = raw.hub_url.ok_or_else(|| bad("hub_url", "missing"))?.trim_end_matches('/').to_owned();
+        let grpc_url = raw.grpc_url.ok_or_else(|| bad("grpc_url", "missing"))?.trim_end_matches('/').to_owned();
+        for (field, url) in [("hub_url", &hub_url), ("grpc_url", &grpc_url)] {
+            let plain = url.starts_with("http://");
+            if !plain && !url.starts_with("https://") {
+                return Err(bad(field, format!("{url:?} must start with https:// (or http:// on loopback)")));
+            }
+            if plain && !is_loopback_url(url) {
+                match raw.transport {
+                    Transport::Safe => {
+                        return Err(bad(
+                            field,
+                            format!(
+                                "{url:?} is plain text off loopback; use https, or set transport = \"insecure-plaintext\""
+                            ),
+                        ));
+                    }
+                    Transport::InsecurePlaintext => {
+                        tracing::warn!(%url, "talking to the hub in PLAIN TEXT: tokens and models cross the network unencrypted");
+                    }
+                }
+            }
+        }
+        let token_file = resolve(raw.token_file.ok_or_else(|| bad("token_file", "missing"))?);
+        let token = std::fs::read_to_string(&token_file)
+            .map_err(|e| bad("token_file", format!("cannot read {}: {e}", token_file.display())))?
+            .trim()
+            .to_owned();
+        if token.is_empty() {
+            return Err(bad("token_file", format!("{} is empty", token_file.display())));
+        }
+        if raw.pinned_keys.is_empty() {
+            return Err(bad("pinned_keys", "at least one hub public key is needed (`sentinel hub key` prints them)"));
+        }
+        let mut trusted = TrustedKeys::new();
+        for (i, k) in raw.pinned_keys.iter().enumerate() {
+            trusted.add_base64(k).map_err(|e| bad(&format!("pinned_keys[{i}]"), e.to_string()))?;
+        }
+        let state_dir = resolve(raw.state_dir.ok_or_else(|| bad("state_dir", "missing"))?);
+        for (k, v) in &raw.labels {
+            if k.is_empty() || v.is_empty() || k.contains([',', '=']) || v.contains([',', '=']) {
+                return Err(bad(&format!("labels.{k}"), "keys and values must be non-empty, without ',' or '='"));
+            }
+        }
+        let hardware = raw.hardware.unwrap_or_else(native_hardware);
+        if hardware.iter().any(|h| h.is_empty() || h.contains(',')) {
+            return Err(bad("hardware", "tags must be non-empty, without commas"));
+        }
+        let ca_pem = match raw.ca_file {
+            None => None,
+            Some(p) => {
+                let p = resolve(p);
+                Some(std::fs::read(&p).map_err(|e| bad("ca_file", format!("cannot read {}: {e}", p.display())))?)
+            }
+        };
+        let sync = raw.sync;
+        let backoff_initial = Duration::from_millis(sync.backoff_initial_ms.unwrap_or(500));
+        let backoff_cap = Duration::from_secs(sync.backoff_cap_secs.unwrap_or(60));
+        if backoff_cap.is_zero() || backoff_initial.is_zero() || backoff_initial > backoff_cap {
+            return Err(bad("sync.backoff_cap_secs", "must be positive and at least sync.backoff_initial_ms"));
+        }
+        let heartbeat = Duration::from_secs(sync.heartbeat_secs.unwrap_or(15));
+        if heartbeat.is_zero() {
+            return Err(bad("sync.heartbeat_secs", "must be positive"));
+        }
+        let download_attempts = sync.download_attempts.unwrap_or(8);
+        if download_attempts == 0 {
+            return Err(bad("sync.download_attempts", "must be positive"));
+        }
+        Ok(Self {
+            device_id,
+            hub_url,
+            grpc_url,
+            token,
+            trusted,
+            state_dir,
+            labels: raw.labels,
+            hardware,
+            ca_pem,
+            transport: raw.transport,
+            backoff_initial,
+            backoff_cap,
+            heartbeat,
+            download_attempts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "HMY/NU8+avTxTr2xxPvEEejvfDT2rPtpP+yM9qxqlck=";
+
+    fn base(dir: &Path) -> String {
+        std::fs::write(dir.join("token"), "snt_x\n").expect("token");
+        format!(
+            "device_id = \"edge-1\"\nhub_url = \"http://127.0.0.1:8080\"\ngrpc_url = \"http://127.0.0.1:8081\"\n\
+             token_file = \"token\"\npinned_keys = [\"{KEY}\"]\nstate_dir = \"state\"\n[labels]\nsite = \"a\"\n"
+        )
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = AgentConfig::parse(&base(dir.path()), &BTreeMap::new(), dir.path()).expect("parses");
+        assert_eq!(c.token, "snt_x");
+        assert_eq!(c.state_dir, dir.path().join("state"));
+        assert_eq!(c.backoff_cap, Duration::from_secs(60));
+        assert_eq!(c.hardware, native_hardware());
+    }
+
+    #[test]
+    fn env_overrides_win() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env: BTreeMap<_, _> = [("SENTINEL_AGENT_DEVICE_ID".to_owned(), "edge-2".to_owned())].into();
+        let c = AgentConfig::parse(&base(dir.path()), &env, dir.path()).expect("parses");
+        assert_eq!(c.device_id, "edge-2");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = base(dir.path());
+        let cases: Vec<(String, &str)> = vec![
+            (good.replace("device_id = \"edge-1\"\n", ""), "device_id"),
+            (good.replace(KEY, "not-base64!"), "pinned_keys[0]"),
+            (good.replace("pinned_keys = [\"", "pinned_keys = [] #"), "pinned_keys"),
+            (good.replace("http://127.0.0.1:8080", "http://hub.example:8080"), "hub_url"),
+            (good.replace("http://127.0.0.1:8081", "ftp://x"), "grpc_url"),
+            (good.replace("token_file = \"token\"", "token_file = \"missing\""), "token_file"),
+            (format!("{good}colour = 1\n"), "line"),
+            (format!("{good}[sync]\nbackoff_cap_secs = 0\n"), "sync.backoff_cap_secs"),
+        ];
+        for (text, field) in cases {
+            let err = AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect_err(field);
+            assert!(err.field.starts_with(field), "wanted {field}, got {err}");
+        }
+    }
+
+    #[test]
+    fn plain_text_off_loopback_needs_the_explicit_switch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = base(dir.path()).replace("127.0.0.1", "10.0.0.9");
+        assert!(AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).is_err());
+        let text = format!("transport = \"insecure-plaintext\"\n{text}");
+        AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect("allowed when asked for");
+    }
+}

@@ -1,0 +1,30 @@
+//! Sentinel's device agent.
+//!
+//! The agent subscribes to its hub, verifies every desired state and every
+//! model against pinned hub keys, downloads what is missing (resuming cut
+//! connections), keeps what it verified on disk, and keeps serving it when
+//! the hub is gone.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration, env overrides, validation (exit 64).
+//! - [`store`]: model files and the SQLite state database (desired state, slots, events).
+//! - [`download`]: streamed, size-capped, hash-checked, resumable downloads.
+//! - [`sync`]: the gRPC subscription as a `watch` of verified states, with backoff.
+//! - [`agent`]: wiring of sync, apply and report; [`agent::start`] runs an agent.
+
+pub mod agent;
+pub mod config;
+pub mod download;
+pub mod store;
+pub mod sync;
+
+pub use agent::{AgentHandle, AgentView, start};
+pub use config::AgentConfig;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,386 @@
+//! The device's model store and state database.
+//!
+//! - Model files live under `STATE/models/<sha256>`, written only by
+//!   [`crate::download`] (temp file, fsync, rename). Partial downloads are
+//!   `.partial-<sha256>`; a restart deletes them, so a file cut off by a
+//!   crash is never taken for a model.
+//! - `STATE/agent.db` (SQLite, WAL) holds the last verified desired state
+//!   (the signed bytes, so it is re-verified when loaded), each model's
+//!   active and standby version, and an event log with a flag for what has
+//!   reached the hub.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use prost::Message as _;
+use rusqlite::{Connection, OptionalExtension as _, params};
+use sentinel_proto::pb::SignedDesiredState;
+
+/// Failures of the agent's store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("agent database operation `{op}` failed")]
+    Db {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("agent store I/O failed: {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Db { op, source }
+}
+
+const MIGRATIONS: &[&str] = &["CREATE TABLE desired (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        revision INTEGER NOT NULL,
+        signed BLOB NOT NULL,
+        verified_at_ms INTEGER NOT NULL
+     );
+     CREATE TABLE models (
+        name TEXT PRIMARY KEY,
+        active_version TEXT,
+        active_sha256 TEXT,
+        active_deployment INTEGER,
+        standby_version TEXT,
+        standby_sha256 TEXT,
+        status TEXT NOT NULL,
+        status_version TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+     );
+     CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        reported INTEGER NOT NULL DEFAULT 0
+     );"];
+
+/// A model's slot assignment and latest status on this device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRow {
+    pub name: String,
+    pub active_version: Option<String>,
+    pub active_sha256: Option<String>,
+    pub active_deployment: Option<i64>,
+    pub standby_version: Option<String>,
+    pub standby_sha256: Option<String>,
+    /// pending, downloading, serving, failed, refused, removed
+    pub status: String,
+    /// The version the status is about (may differ from the active one).
+    pub status_version: String,
+    pub detail: String,
+}
+
+/// One logged event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: i64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub model: String,
+    pub version: String,
+    pub reason: String,
+}
+
+/// The agent's durable state.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+    models_dir: PathBuf,
+}
+
+fn now_ms() -> i64 {
+    crate::now_ms()
+}
+
+impl Store {
+    /// Opens the store in `state_dir`, creating it, and deletes partial
+    /// downloads left by a crash or power loss.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { op, path, source }
+        };
+        let models_dir = state_dir.join("models");
+        std::fs::create_dir_all(&models_dir).map_err(io("create", &models_dir))?;
+        for entry in std::fs::read_dir(&models_dir).map_err(io("read dir", &models_dir))? {
+            let entry = entry.map_err(io("read dir", &models_dir))?;
+            if entry.file_name().to_string_lossy().starts_with(".partial-") {
+                let p = entry.path();
+                tracing::info!(path = %p.display(), "deleting a partial download from before the restart");
+                std::fs::remove_file(&p).map_err(io("remove", &p))?;
+            }
+        }
+        let path = state_dir.join("agent.db");
+        let mut conn = Connection::open(&path).map_err(db("open"))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db("wal"))?;
+        // FULL: the slot assignment must survive power loss exactly.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db("synchronous"))?;
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db("user_version"))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+            let tx = conn.transaction().map_err(db("migrate"))?;
+            tx.execute_batch(sql).map_err(db("migrate"))?;
+            tx.pragma_update(None, "user_version", i + 1).map_err(db("migrate"))?;
+            tx.commit().map_err(db("migrate"))?;
+        }
+        Ok(Self { conn: Mutex::new(conn), models_dir })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn models_dir(&self) -> &Path {
+        &self.models_dir
+    }
+
+    /// Where the model file with this digest lives (digest already checked).
+    pub fn model_path(&self, sha256: &str) -> PathBuf {
+        self.models_dir.join(sha256)
+    }
+
+    pub fn has_model(&self, sha256: &str) -> bool {
+        self.model_path(sha256).is_file()
+    }
+
+    /// The last verified desired state and its revision.
+    pub fn desired(&self) -> Result<Option<(u64, SignedDesiredState)>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = self
+            .conn()
+            .query_row("SELECT revision, signed FROM desired WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(db("read desired"))?;
+        Ok(row.and_then(|(rev, bytes)| {
+            SignedDesiredState::decode(bytes.as_slice()).ok().map(|s| (u64::try_from(rev).unwrap_or(0), s))
+        }))
+    }
+
+    /// Stores a verified desired state. Durable when it returns.
+    pub fn save_desired(&self, revision: u64, signed: &SignedDesiredState) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO desired (id, revision, signed, verified_at_ms) VALUES (1, ?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET revision = ?1, signed = ?2, verified_at_ms = ?3",
+                params![i64::try_from(revision).unwrap_or(i64::MAX), signed.encode_to_vec(), now_ms()],
+            )
+            .map_err(db("save desired"))?;
+        Ok(())
+    }
+
+    pub fn last_revision(&self) -> Result<u64, StoreError> {
+        Ok(self.desired()?.map(|(r, _)| r).unwrap_or(0))
+    }
+
+    pub fn models(&self) -> Result<Vec<ModelRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT name, active_version, active_sha256, active_deployment, standby_version, standby_sha256,
+                        status, status_version, detail FROM models ORDER BY name",
+            )
+            .map_err(db("list models"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ModelRow {
+                    name: r.get(0)?,
+                    active_version: r.get(1)?,
+                    active_sha256: r.get(2)?,
+                    active_deployment: r.get(3)?,
+                    standby_version: r.get(4)?,
+                    standby_sha256: r.get(5)?,
+                    status: r.get(6)?,
+                    status_version: r.get(7)?,
+                    detail: r.get(8)?,
+                })
+            })
+            .map_err(db("list models"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list models"))
+    }
+
+    pub fn model(&self, name: &str) -> Result<Option<ModelRow>, StoreError> {
+        Ok(self.models()?.into_iter().find(|m| m.name == name))
+    }
+
+    /// Records a status for a model without touching its slots.
+    pub fn set_status(&self, name: &str, status: &str, version: &str, detail: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO models (name, status, status_version, detail, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(name) DO UPDATE SET status = ?2, status_version = ?3, detail = ?4, updated_at_ms = ?5",
+                params![name, status, version, detail, now_ms()],
+            )
+            .map_err(db("set status"))?;
+        Ok(())
+    }
+
+    /// Makes `version` the active one and the previous active the standby, in
+    /// one transaction: after power loss the device has either the old or
+    /// the new assignment, never a mix.
+    pub fn activate(&self, name: &str, version: &str, sha256: &str, deployment: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("activate"))?;
+        tx.execute(
+            "INSERT INTO models (name, status, status_version, detail, updated_at_ms) VALUES (?1, 'serving', ?2, '', ?3)
+             ON CONFLICT(name) DO NOTHING",
+            params![name, version, now_ms()],
+        )
+        .map_err(db("activate"))?;
+        tx.execute(
+            "UPDATE models SET
+                standby_version = CASE WHEN active_sha256 IS NOT NULL AND active_sha256 != ?3 THEN active_version ELSE standby_version END,
+                standby_sha256 = CASE WHEN active_sha256 IS NOT NULL AND active_sha256 != ?3 THEN active_sha256 ELSE standby_sha256 END,
+                active_version = ?2, active_sha256 = ?3, active_deployment = ?4,
+                status = 'serving', status_version = ?2, detail = '', updated_at_ms = ?5
+             WHERE name = ?1",
+            params![name, version, sha256, deployment, now_ms()],
+        )
+        .map_err(db("activate"))?;
+        tx.commit().map_err(db("activate"))
+    }
+
+    /// Appends an event for the hub (and the log).
+    pub fn event(&self, kind: &str, model: &str, version: &str, reason: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO events (at_ms, kind, model, version, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![now_ms(), kind, model, version, reason],
+            )
+            .map_err(db("log event"))?;
+        Ok(())
+    }
+
+    /// Events not yet acknowledged by the hub, oldest first.
+    pub fn unreported_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.events_where("reported = 0 ORDER BY id", limit)
+    }
+
+    /// The newest events, newest first.
+    pub fn recent_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.events_where("1 = 1 ORDER BY id DESC", limit)
+    }
+
+    fn events_where(&self, clause: &str, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT id, at_ms, kind, model, version, reason FROM events WHERE {clause} LIMIT ?1"))
+            .map_err(db("list events"))?;
+        let rows = stmt
+            .query_map([limit], |r| {
+                Ok(Event {
+                    id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    kind: r.get(2)?,
+                    model: r.get(3)?,
+                    version: r.get(4)?,
+                    reason: r.get(5)?,
+                })
+            })
+            .map_err(db("list events"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list events"))
+    }
+
+    pub fn mark_reported(&self, up_to_id: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE events SET reported = 1 WHERE id <= ?1", [up_to_id])
+            .map_err(db("mark reported"))?;
+        Ok(())
+    }
+
+    /// Deletes model files that are neither active, standby, nor in `keep`
+    /// (the versions the current desired state names). Returns what was removed.
+    pub fn gc(&self, keep: &HashSet<String>) -> Result<Vec<String>, StoreError> {
+        let mut keep = keep.clone();
+        for m in self.models()? {
+            keep.extend(m.active_sha256);
+            keep.extend(m.standby_sha256);
+        }
+        let mut removed = Vec::new();
+        let dir = &self.models_dir;
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| StoreError::Io { op: "read dir", path: dir.clone(), source })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if sentinel_proto::manifest::is_sha256_hex(&name) && !keep.contains(&name) {
+                let p = entry.path();
+                std::fs::remove_file(&p).map_err(|source| StoreError::Io { op: "remove", path: p, source })?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const C: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+    const D: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
+
+    #[test]
+    fn activation_moves_the_old_version_to_standby_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.activate("m", "1.0.0", A, 1).expect("v1");
+        store.activate("m", "2.0.0", B, 2).expect("v2");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let m = store.model("m").expect("read").expect("present");
+        assert_eq!((m.active_version.as_deref(), m.standby_version.as_deref()), (Some("2.0.0"), Some("1.0.0")));
+        // Re-activating the active version keeps the standby.
+        store.activate("m", "2.0.0", B, 3).expect("again");
+        assert_eq!(store.model("m").expect("read").expect("present").standby_sha256.as_deref(), Some(A));
+    }
+
+    #[test]
+    fn gc_keeps_active_standby_and_what_is_wanted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        for sha in [A, B, C, D] {
+            std::fs::write(store.model_path(sha), b"x").expect("write");
+        }
+        store.activate("m", "1", A, 1).expect("a");
+        store.activate("m", "2", B, 2).expect("b");
+        let removed = store.gc(&[C.to_owned()].into()).expect("gc");
+        assert_eq!(removed, [D]);
+        assert!(store.has_model(A) && store.has_model(B) && store.has_model(C));
+    }
+
+    #[test]
+    fn partial_downloads_do_not_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let partial = store.models_dir().join(format!(".partial-{A}"));
+        std::fs::write(&partial, b"half").expect("write");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert!(!partial.exists());
+        assert!(!store.has_model(A));
+    }
+
+    #[test]
+    fn events_are_marked_once_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.event("state_refused", "", "", "replayed").expect("e1");
+        store.event("model_installed", "m", "1", "").expect("e2");
+        let pending = store.unreported_events(10).expect("list");
+        assert_eq!(pending.len(), 2);
+        store.mark_reported(pending[0].id).expect("mark");
+        assert_eq!(store.unreported_events(10).expect("list").len(), 1);
+    }
+}

@@ -1,0 +1,186 @@
+//! The subscription: a long-lived gRPC stream turned into a `watch` of the
+//! latest verified desired state.
+//!
+//! It reconnects forever with jittered exponential backoff (capped, 60 s by
+//! default) so a fleet reconnecting after a hub restart spreads out. A
+//! stream that stays silent for three heartbeats is taken for dead.
+//! Every state is verified before it is stored or published; a refused one
+//! is logged, recorded as an event for the hub, and changes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng as _;
+use sentinel_proto::pb::agent_sync_client::AgentSyncClient;
+use sentinel_proto::pb::{Hello, RunningModel, hub_message};
+use sentinel_proto::{VerifiedState, verify_state};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::agent::Shared;
+
+/// Jittered exponential backoff: the n-th delay is uniform in
+/// [d/2, d] where d = min(cap, initial * 2^n).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    cap: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, cap: Duration) -> Self {
+        Self { initial, cap, failures: 0 }
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.initial.saturating_mul(1u32 << self.failures.min(20));
+        let d = exp.min(self.cap);
+        self.failures = self.failures.saturating_add(1);
+        let half = d / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+}
+
+fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, String> {
+    format!("Bearer {token}").parse().map_err(|_| "the device token is not valid ASCII".to_owned())
+}
+
+/// Runs the subscription until `shutdown` flips.
+pub async fn run(
+    shared: Arc<Shared>,
+    channel: Channel,
+    states: watch::Sender<Option<Arc<VerifiedState>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let config = &shared.config;
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_cap);
+    loop {
+        let outcome = tokio::select! {
+            r = subscribe_once(&shared, channel.clone(), &states, &mut backoff) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let reason = match outcome {
+            Ok(()) => "the hub closed the stream".to_owned(),
+            Err(e) => e,
+        };
+        shared.set_disconnected(&reason);
+        let delay = backoff.next_delay();
+        tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "hub stream lost");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn subscribe_once(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    states: &watch::Sender<Option<Arc<VerifiedState>>>,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let config = &shared.config;
+    let running = shared
+        .store
+        .models()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|m| {
+            Some(RunningModel { name: m.name, version: m.active_version?, sha256: m.active_sha256.unwrap_or_default() })
+        })
+        .collect();
+    let hello = Hello {
+        device_id: config.device_id.clone(),
+        labels: config.labels.clone().into_iter().collect(),
+        hardware: config.hardware.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        running,
+        last_revision: shared.store.last_revision().map_err(|e| e.to_string())?,
+    };
+    let mut req = tonic::Request::new(hello);
+    req.metadata_mut().insert("authorization", bearer(&config.token)?);
+    let mut client = AgentSyncClient::new(channel);
+    let mut stream =
+        client.subscribe(req).await.map_err(|s| format!("subscribe refused: {}", s.message()))?.into_inner();
+    backoff.reset();
+    shared.set_connected();
+    tracing::info!(device = %config.device_id, "subscribed to the hub");
+    let silence = shared.heartbeat() * 3;
+    loop {
+        let msg = match tokio::time::timeout(silence, stream.message()).await {
+            Err(_) => return Err(format!("no message from the hub for {} s", silence.as_secs())),
+            Ok(Err(status)) => return Err(format!("stream error: {}", status.message())),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(m))) => m,
+        };
+        match msg.kind {
+            Some(hub_message::Kind::Heartbeat(_)) | None => {}
+            Some(hub_message::Kind::State(signed)) => {
+                let last = shared.store.last_revision().map_err(|e| e.to_string())?;
+                match verify_state(&signed, &config.trusted, &config.device_id, last, crate::now_ms()) {
+                    Ok(v) => {
+                        let revision = v.state.revision;
+                        if let Err(e) = shared.store.save_desired(revision, &signed) {
+                            tracing::error!(error = %e, "storing the desired state failed");
+                            return Err(e.to_string());
+                        }
+                        tracing::info!(revision, models = v.state.models.len(), "desired state verified");
+                        states.send_replace(Some(Arc::new(v)));
+                    }
+                    Err(e) => {
+                        let reason = error_chain(&e);
+                        tracing::warn!(kind = e.kind(), %reason, "desired state refused");
+                        shared.refused_state(e.kind(), &reason);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(60));
+        let delays: Vec<Duration> = (0..14).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        for d in &delays[10..] {
+            assert!(*d >= Duration::from_secs(30) && *d <= Duration::from_secs(60), "{d:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_spreads_a_fleet() {
+        // 1,000 devices at the cap: their delays must not coincide.
+        let delays: std::collections::HashSet<u128> = (0..1000)
+            .map(|_| {
+                let mut b = Backoff::new(Duration::from_secs(60), Duration::from_secs(60));
+                b.next_delay().as_micros()
+            })
+            .collect();
+        assert!(delays.len() > 900, "only {} distinct delays", delays.len());
+    }
+}

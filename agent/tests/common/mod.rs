@@ -1,0 +1,197 @@
+//! A real hub (REST + gRPC on 127.0.0.1:0) and real agents, in one process.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::Client;
+use sentinel_agent::{AgentConfig, AgentHandle, AgentView};
+use sentinel_hub::{Hub, HubConfig};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Bound on every wait: generous, so only a real hang trips it.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn model_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(rel)
+}
+
+pub fn model_bytes(rel: &str) -> Vec<u8> {
+    std::fs::read(model_path(rel)).unwrap()
+}
+
+pub const V1: &str = "digits/digits_mlp_v1.onnx";
+pub const V2: &str = "digits/digits_mlp_v2_degraded.onnx";
+pub const V3: &str = "digits/digits_mlp_v3_slow.onnx";
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+pub struct TestHub {
+    pub url: String,
+    pub grpc_url: String,
+    pub admin: String,
+    pub dir: PathBuf,
+    pub client: Client,
+    pub rest_addr: std::net::SocketAddr,
+    pub grpc_addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestHub {
+    /// A hub on free ports (or the given ones, for a restart).
+    pub async fn start(dir: &Path, tweak: impl FnOnce(&mut HubConfig)) -> Self {
+        sentinel_hub::install_crypto_provider();
+        let mut config = HubConfig::new(dir);
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.heartbeat = Duration::from_secs(2);
+        tweak(&mut config);
+        let hub = Hub::open(config).unwrap();
+        let listeners = hub.bind().await.unwrap();
+        let rest_addr = listeners.rest_addr().unwrap();
+        let grpc_addr = listeners.grpc_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            hub.serve(listeners, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let admin = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
+        Self {
+            url: format!("http://{rest_addr}"),
+            grpc_url: format!("http://{grpc_addr}"),
+            admin,
+            dir: dir.to_path_buf(),
+            client: Client::new(),
+            rest_addr,
+            grpc_addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the hub and waits until its listeners are closed.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            // Streams end when the server shuts down; bound the wait anyway.
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let r =
+            self.client.post(format!("{}{path}", self.url)).bearer_auth(&self.admin).json(&body).send().await.unwrap();
+        let status = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "POST {path}: {status} {v}");
+        v
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let r = self.client.get(format!("{}{path}", self.url)).bearer_auth(&self.admin).send().await.unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    pub async fn push(&self, name: &str, version: &str, rel: &str, query: &str) {
+        let _ = self
+            .client
+            .post(format!("{}/api/v1/models", self.url))
+            .bearer_auth(&self.admin)
+            .json(&json!({"name": name}))
+            .send()
+            .await;
+        let r = self
+            .client
+            .post(format!("{}/api/v1/models/{name}/versions?version={version}{query}", self.url))
+            .bearer_auth(&self.admin)
+            .body(model_bytes(rel))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+
+    pub async fn deploy(&self, name: &str, version: &str, target: &str) -> Value {
+        self.post(&format!("/api/v1/models/{name}/deploy"), json!({"version": version, "target": target})).await
+    }
+
+    /// Enrols a device and returns its token.
+    pub async fn enroll(&self, id: &str, labels: &[(&str, &str)]) -> String {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let v = self.post("/api/v1/devices", json!({"id": id, "labels": labels})).await;
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn public_key(&self) -> String {
+        let v: Value = self.client.get(format!("{}/api/v1/keys", self.url)).send().await.unwrap().json().await.unwrap();
+        v["keys"][0]["public_key"].as_str().unwrap().to_owned()
+    }
+
+    /// Path of a blob in the hub's store.
+    pub fn blob_path(&self, sha: &str) -> PathBuf {
+        self.dir.join("blobs/sha256").join(sha)
+    }
+
+    /// Polls the hub's device API until `pred` holds (the hub only shows
+    /// what devices report, so there is nothing to subscribe to).
+    pub async fn wait_device(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.get(&format!("/api/v1/devices/{id}")).await;
+            if pred(&v) {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "device {id} never reached the expected state: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Writes an agent config for `device` into `dir` and parses it.
+pub fn agent_config(dir: &Path, hub: &TestHub, device: &str, token: &str, key: &str, extra: &str) -> AgentConfig {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("device.token"), token).unwrap();
+    let text = format!(
+        "device_id = \"{device}\"\nhub_url = \"{}\"\ngrpc_url = \"{}\"\ntoken_file = \"device.token\"\n\
+         pinned_keys = [\"{key}\"]\nstate_dir = \"state\"\n{extra}\n[sync]\nbackoff_initial_ms = 50\nbackoff_cap_secs = 1\nheartbeat_secs = 2\n",
+        hub.url, hub.grpc_url
+    );
+    std::fs::write(dir.join("agent.toml"), &text).unwrap();
+    AgentConfig::load(&dir.join("agent.toml"), &BTreeMap::new()).unwrap()
+}
+
+/// Starts an agent for a freshly enrolled device.
+pub async fn start_agent(dir: &Path, hub: &TestHub, device: &str, labels: &[(&str, &str)]) -> AgentHandle {
+    let token = hub.enroll(device, labels).await;
+    let key = hub.public_key().await;
+    sentinel_agent::start(agent_config(dir, hub, device, &token, &key, "")).await.unwrap()
+}
+
+/// The active version of `model` in a view.
+pub fn active(v: &AgentView, model: &str) -> Option<String> {
+    v.models.iter().find(|m| m.name == model).and_then(|m| m.active_version.clone())
+}
+
+pub fn status(v: &AgentView, model: &str) -> Option<(String, String, String)> {
+    v.models.iter().find(|m| m.name == model).map(|m| (m.status.clone(), m.status_version.clone(), m.detail.clone()))
+}

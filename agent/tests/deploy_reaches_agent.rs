@@ -1,0 +1,55 @@
+//! A deploy reaches the agents it targets, and only those, which end up with
+//! the verified file; the hub shows what each device runs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_reaches_only_matching_devices_with_the_verified_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "&hardware=x86_64,aarch64").await;
+    let a = start_agent(&tmp.path().join("a"), &hub, "edge-a", &[("site", "a")]).await;
+    let b = start_agent(&tmp.path().join("b"), &hub, "edge-b", &[("site", "b")]).await;
+    // Both connect and receive their (empty) state first.
+    for agent in [&a, &b] {
+        agent.wait_for(WAIT, |v| v.connected && v.applied_revision > 0).await.unwrap();
+    }
+
+    let d = hub.deploy("digits", "1.0.0", "site=a").await;
+    let view = a.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    let file = tmp.path().join("a/state/models").join(sha256_hex(&model_bytes(V1)));
+    assert_eq!(std::fs::read(&file).unwrap(), model_bytes(V1), "the verified file is in the store");
+    let rev = view.revision;
+
+    // B saw the same revision, with nothing for it.
+    let vb = b.wait_for(WAIT, |v| v.applied_revision >= rev).await.unwrap();
+    assert!(vb.models.is_empty(), "{vb:?}");
+    assert!(!tmp.path().join("b/state/models").join(sha256_hex(&model_bytes(V1))).exists());
+
+    // The hub shows each device's connection, last-seen time and what it runs.
+    let dev = hub.wait_device("edge-a", |v| v["models"][0]["state"] == "serving").await;
+    assert_eq!(dev["connected"], true);
+    assert!(dev["last_seen_ms"].as_i64().unwrap() > 0);
+    assert_eq!(dev["models"][0]["version"], "1.0.0");
+    assert_eq!(dev["models"][0]["deployment_id"], d["id"]);
+    assert_eq!(dev["desired"][0]["version"], "1.0.0");
+    assert!(dev["events"].as_array().unwrap().iter().any(|e| e["kind"] == "model_installed"));
+    let list = hub.get("/api/v1/devices").await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let devb = hub.get("/api/v1/devices/edge-b").await;
+    assert_eq!(devb["desired"], serde_json::json!([]));
+
+    // A rollback is a newer state naming the older version.
+    hub.push("digits", "2.0.0", V2, "").await;
+    hub.deploy("digits", "2.0.0", "site=a").await;
+    a.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
+    hub.post("/api/v1/models/digits/rollback", serde_json::json!({})).await;
+    let v = a.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    let m = v.models.iter().find(|m| m.name == "digits").unwrap();
+    assert_eq!(m.standby_version.as_deref(), Some("2.0.0"), "the replaced version stays as standby");
+    a.shutdown().await;
+    b.shutdown().await;
+}
