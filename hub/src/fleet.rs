@@ -48,13 +48,15 @@ struct Subscriber {
 }
 
 /// Connected devices and the publishing lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fleet {
     subscribers: Mutex<HashMap<String, Subscriber>>,
     next_conn: AtomicU64,
     publish: tokio::sync::Mutex<()>,
     /// Desired-state messages sent, for metrics and benchmarks.
     pub pushes: AtomicU64,
+    /// Flipped at shutdown: every stream ends, so graceful shutdown completes.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// One device's connection, as listed by the devices API.
@@ -70,11 +72,14 @@ pub struct Assignment {
     pub version: VersionRecord,
 }
 
+/// Looks a version up by model and version.
+pub type VersionLookup<'a> = dyn FnMut(&str, &str) -> Result<Option<VersionRecord>, StoreError> + 'a;
+
 /// The assignments for a device: for each model, the newest active
 /// deployment whose selector matches the device.
 pub fn assignments_for(
     active: &[DeploymentRecord],
-    versions: &mut dyn FnMut(&str, &str) -> Result<Option<VersionRecord>, StoreError>,
+    versions: &mut VersionLookup<'_>,
     target: &Target,
 ) -> Result<Vec<Assignment>, StoreError> {
     let mut chosen: BTreeMap<&str, &DeploymentRecord> = BTreeMap::new();
@@ -173,6 +178,18 @@ fn state_message(signed: SignedDesiredState) -> HubMessage {
     HubMessage { kind: Some(hub_message::Kind::State(signed)) }
 }
 
+impl Default for Fleet {
+    fn default() -> Self {
+        Self {
+            subscribers: Mutex::default(),
+            next_conn: AtomicU64::new(0),
+            publish: tokio::sync::Mutex::default(),
+            pushes: AtomicU64::new(0),
+            closing: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
 impl Fleet {
     /// Registers a new stream for `target` and sends it the current state.
     /// Returns the receiving end to hand to tonic.
@@ -234,6 +251,12 @@ impl Fleet {
     pub fn connection(&self, device_id: &str) -> Option<Connection> {
         let subs = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         subs.get(device_id).map(|s| Connection { connected_at_ms: s.connected_at_ms })
+    }
+
+    /// Ends every stream (at shutdown): devices see the stream close and reconnect.
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
+        self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 
     pub fn connected_count(&self) -> usize {
@@ -323,9 +346,11 @@ async fn watch_stream(state: SharedState, device_id: String, conn: u64, tx: mpsc
     let mut tick = tokio::time::interval(state.config.heartbeat);
     tick.tick().await; // the first tick is immediate; the state was just sent
     let half_ttl = i64::try_from(state.config.state_ttl.as_millis() / 2).unwrap_or(i64::MAX);
+    let mut closing = state.fleet.closing.subscribe();
     loop {
         tokio::select! {
             () = tx.closed() => break,
+            () = async { let _ = closing.wait_for(|c| *c).await; } => break,
             _ = tick.tick() => {
                 let Some(expires) = state.fleet.expires_at(&device_id, conn) else { break };
                 if expires - crate::now_ms() < half_ttl {

@@ -155,14 +155,17 @@ impl Hub {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), HubError> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let state = self.state;
+        let closing = state.clone();
         tokio::spawn(async move {
             shutdown.await;
+            // Streams never end on their own: close them so the servers drain.
+            closing.fleet.close_all();
             let _ = stop_tx.send(true);
         });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let state = self.state;
         let tls = match &state.config.tls {
             Some(files) => Some(crate::tls::server_config(&files.cert, &files.key).map_err(HubError::Tls)?),
             None => None,

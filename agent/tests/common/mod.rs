@@ -195,3 +195,97 @@ pub fn active(v: &AgentView, model: &str) -> Option<String> {
 pub fn status(v: &AgentView, model: &str) -> Option<(String, String, String)> {
     v.models.iter().find(|m| m.name == model).map(|m| (m.status.clone(), m.status_version.clone(), m.detail.clone()))
 }
+
+/// A TCP proxy in front of the hub's REST port that can cut the first
+/// artifact download after a number of response bytes, and counts what it
+/// forwards. It stands for a flaky link: a boundary we do not own.
+pub struct CuttingProxy {
+    pub addr: std::net::SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<ProxiedRequest>>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxiedRequest {
+    pub head: String,
+    pub bytes_down: u64,
+    pub cut: bool,
+}
+
+impl CuttingProxy {
+    /// Binds now; forwards to `upstream` once it is known.
+    pub async fn bind(cut_after: u64, upstream: tokio::sync::oneshot::Receiver<std::net::SocketAddr>) -> Self {
+        Self::bind_mode(cut_after, false, upstream).await
+    }
+
+    /// Like [`CuttingProxy::bind`]; with `stall`, the first artifact response
+    /// stops after `cut_after` bytes but the connection stays open.
+    pub async fn bind_mode(
+        cut_after: u64,
+        stall: bool,
+        upstream: tokio::sync::oneshot::Receiver<std::net::SocketAddr>,
+    ) -> Self {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        tokio::spawn(async move {
+            let upstream = upstream.await.unwrap();
+            let cut_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            loop {
+                let (mut client, _) = listener.accept().await.unwrap();
+                let (log, cut_once) = (log2.clone(), cut_once.clone());
+                tokio::spawn(async move {
+                    // Read the request head, decide, forward.
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let is_artifact = text.contains("/artifact");
+                    let cut = is_artifact && !cut_once.swap(true, std::sync::atomic::Ordering::SeqCst);
+                    // Logged up front and updated as bytes pass, so a test
+                    // can read it while the connection is kept alive.
+                    let idx = {
+                        let mut l = log.lock().unwrap();
+                        l.push(ProxiedRequest { head: text.clone(), bytes_down: 0, cut });
+                        l.len() - 1
+                    };
+                    let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                    server.write_all(&head).await.unwrap();
+                    let (mut sr, mut sw) = server.into_split();
+                    let (mut cr, mut cw) = client.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    });
+                    let mut down = 0u64;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let n = if cut { n.min(usize::try_from(cut_after - down).unwrap()) } else { n };
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        down += n as u64;
+                        log.lock().unwrap()[idx].bytes_down = down;
+                        if cut && down >= cut_after {
+                            if stall {
+                                std::future::pending::<()>().await;
+                            }
+                            break;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                });
+            }
+        });
+        Self { addr, log }
+    }
+}

@@ -1,0 +1,62 @@
+//! The agent survives its hub: it reconnects and converges after a hub
+//! restart, and starts with the hub down on its last verified state.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_hub_restart_the_agent_reconnects_and_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub_dir = tmp.path().join("hub");
+    let mut hub = TestHub::start(&hub_dir, |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    hub.push("digits", "2.0.0", V2, "").await;
+    hub.deploy("digits", "1.0.0", "").await;
+    let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+
+    let (rest, grpc) = (hub.rest_addr, hub.grpc_addr);
+    hub.stop().await;
+    agent.wait_for(WAIT, |v| !v.connected).await.unwrap();
+
+    // The same hub comes back on the same ports, and something changed meanwhile.
+    let hub = TestHub::start(&hub_dir, |c| {
+        c.listen = rest;
+        c.grpc_listen = Some(grpc);
+    })
+    .await;
+    hub.deploy("digits", "2.0.0", "").await;
+    let v = agent.wait_for(WAIT, |v| v.connected && active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
+    assert!(v.refused_states.is_empty(), "{v:?}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_hub_down_the_agent_serves_its_last_verified_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    hub.deploy("digits", "1.0.0", "").await;
+    let token = hub.enroll("edge-1", &[]).await;
+    let key = hub.public_key().await;
+    let config = agent_config(&tmp.path().join("a"), &hub, "edge-1", &token, &key, "");
+    let agent = sentinel_agent::start(config.clone()).await.unwrap();
+    let before = agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    agent.shutdown().await;
+    hub.stop().await;
+
+    // Power comes back; the hub does not.
+    let agent = sentinel_agent::start(config).await.unwrap();
+    let v = agent.view();
+    assert!(!v.connected);
+    assert_eq!(v.revision, before.revision, "the last verified state was loaded from disk");
+    assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
+    let v = agent.wait_for(WAIT, |v| v.applied_revision == before.revision).await.unwrap();
+    assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
+    assert!(tmp.path().join("a/state/models").join(sha256_hex(&model_bytes(V1))).is_file());
+    let v = agent.wait_for(WAIT, |v| !v.last_error.is_empty()).await.unwrap();
+    assert!(!v.connected, "{v:?}");
+    agent.shutdown().await;
+}
