@@ -89,3 +89,22 @@ impl HubConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_off_loopback_is_refused_unless_asked_for() {
+        let mut c = HubConfig::new("/tmp/x");
+        assert!(c.check_transport().is_ok(), "loopback is fine");
+        c.grpc_listen = Some(SocketAddr::from(([0, 0, 0, 0], 8081)));
+        let err = c.check_transport().expect_err("refused");
+        assert!(err.contains("--insecure-plaintext"), "{err}");
+        c.transport = Transport::InsecurePlaintext;
+        assert!(c.check_transport().is_ok());
+        c.transport = Transport::Safe;
+        c.tls = Some(TlsFiles { cert: "c".into(), key: "k".into() });
+        assert!(c.check_transport().is_ok(), "TLS anywhere is fine");
+    }
+}

@@ -170,6 +170,27 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     assert_eq!(r.code, 3, "{}", r.stderr);
     ok(&sentinel(&hub, &admin, &["model", "delete", "digits", "--force"]).await);
 
+    // Devices: enrol (token on stdout), list, show.
+    let r = sentinel(&hub, &admin, &["device", "enroll", "edge-1", "--labels", "site=a,stage=production"]).await;
+    ok(&r);
+    assert!(r.stdout.trim().starts_with("snt_"), "{}", r.stdout);
+    let r = sentinel(&hub, &admin, &["devices", "list"]).await;
+    ok(&r);
+    assert!(
+        r.stdout.contains("edge-1") && r.stdout.contains("site=a,stage=production") && r.stdout.contains("offline"),
+        "{}",
+        r.stdout
+    );
+    let r = sentinel(&hub, &admin, &["--json", "devices", "show", "edge-1"]).await;
+    ok(&r);
+    let d: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(d["connected"], false);
+    assert_eq!(d["labels"]["site"], "a");
+    let r = sentinel(&hub, &admin, &["device", "enroll", "edge-1"]).await;
+    assert_eq!(r.code, 3, "a second enrolment of the same id conflicts: {}", r.stderr);
+    let r = sentinel(&hub, &admin, &["device", "enroll", "edge-2", "--labels", "nolabel"]).await;
+    assert_eq!(r.code, 64);
+
     // Bad flags are usage errors; an unreachable hub is 69.
     assert_eq!(sentinel(&hub, &admin, &["model", "frobnicate"]).await.code, 64);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))

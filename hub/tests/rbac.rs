@@ -64,6 +64,10 @@ async fn every_endpoint_against_every_role() {
         (Method::POST, "/api/v1/keys/rotate", Need::Admin, Body::None),
         (Method::GET, "/api/v1/audit", Need::Admin, Body::None),
         (Method::DELETE, "/api/v1/models/no-such-model", Need::Admin, Body::None),
+        (Method::GET, "/api/v1/devices", Need::Viewer, Body::None),
+        (Method::GET, "/api/v1/devices/no-such-device", Need::Viewer, Body::None),
+        (Method::POST, "/api/v1/devices", Need::Admin, Body::Json(|| json!({"id": "d"}))),
+        (Method::DELETE, "/api/v1/devices/no-such-device", Need::Admin, Body::None),
     ];
 
     let mut tokens = vec![("admin".to_owned(), hub.admin.clone())];
