@@ -35,29 +35,60 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
 pub struct HubProcess {
     pub child: Child,
     pub url: String,
+    pub grpc_url: Option<String>,
     pub admin: String,
     pub dir: tempfile::TempDir,
 }
 
+/// Raises this process's open-file limit to its hard limit (children inherit it).
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass,
+    // which lives on this stack frame for the duration of the calls.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    lim.rlim_cur
+}
+
 impl HubProcess {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Starts a hub with a gRPC listener too, and extra flags.
+    pub fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(workspace_bin("sentinel-hub")?)
             .args(["--data-dir", &dir.path().display().to_string(), "--listen", "127.0.0.1:0"])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
-        let url = loop {
+        let mut url = String::new();
+        let mut grpc_url = None;
+        let wants_grpc = extra.contains(&"--grpc-listen");
+        loop {
             let line = lines.next().ok_or_else(|| anyhow::anyhow!("hub exited before listening"))??;
-            if let Some(url) = line.strip_prefix("sentinel-hub listening on ") {
-                break url.to_owned();
+            if let Some(u) = line.strip_prefix("sentinel-hub listening on ") {
+                url = u.to_owned();
             }
-        };
+            if let Some(u) = line.strip_prefix("sentinel-hub grpc on ") {
+                grpc_url = Some(u.to_owned());
+            }
+            if !url.is_empty() && (grpc_url.is_some() || !wants_grpc) {
+                break;
+            }
+        }
         let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_owned();
-        Ok(Self { child, url, admin, dir })
+        Ok(Self { child, url, grpc_url, admin, dir })
     }
 
     pub fn pid(&self) -> u32 {

@@ -29,6 +29,9 @@ use crate::store::{DeploymentRecord, DeviceRecord, MetadataStore, StoreError, Ve
 /// Messages queued per stream before the hub waits on a slow device.
 const STREAM_BUFFER: usize = 8;
 
+/// Devices whose states are signed in one blocking task before sending.
+const PUBLISH_CHUNK: usize = 64;
+
 /// What the hub knows of a device while it is connected.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -277,26 +280,30 @@ impl Fleet {
             let subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             subs.values().map(|s| (s.target.clone(), s.tx.clone())).collect()
         };
-        let st = state.clone();
-        let targets: Vec<Target> = senders.iter().map(|(t, _)| t.clone()).collect();
-        let (revision, computed) = tokio::task::spawn_blocking(move || {
-            let meta = st.meta.clone();
-            let revision = meta.next_revision()?;
-            Ok::<_, StoreError>((revision, compute_states(&st, meta.as_ref(), &targets, revision)?))
-        })
-        .await
-        .map_err(|e| StoreError::Database {
+        let joined = |e: tokio::task::JoinError| StoreError::Database {
             op: "publish task",
             source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-        })??;
+        };
+        let meta = state.meta.clone();
+        let revision = tokio::task::spawn_blocking(move || meta.next_revision()).await.map_err(joined)??;
+        // Sign and send in chunks, so the first devices get the new state
+        // while the hub is still signing for the rest.
         let mut sent = 0usize;
-        for ((_, tx), (device, signed, expires)) in senders.into_iter().zip(computed) {
-            if tx.send(Ok(state_message(signed))).await.is_ok() {
-                sent += 1;
-                fleet.pushes.fetch_add(1, Ordering::Relaxed);
-                let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(s) = subs.get_mut(&device) {
-                    s.expires_at_ms = expires;
+        for chunk in senders.chunks(PUBLISH_CHUNK) {
+            let st = state.clone();
+            let targets: Vec<Target> = chunk.iter().map(|(t, _)| t.clone()).collect();
+            let computed =
+                tokio::task::spawn_blocking(move || compute_states(&st, st.meta.as_ref(), &targets, revision))
+                    .await
+                    .map_err(joined)??;
+            for ((_, tx), (device, signed, expires)) in chunk.iter().zip(computed) {
+                if tx.send(Ok(state_message(signed))).await.is_ok() {
+                    sent += 1;
+                    fleet.pushes.fetch_add(1, Ordering::Relaxed);
+                    let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(s) = subs.get_mut(&device) {
+                        s.expires_at_ms = expires;
+                    }
                 }
             }
         }
