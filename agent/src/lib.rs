@@ -10,13 +10,17 @@
 //! - [`store`]: model files and the SQLite state database (desired state, slots, events).
 //! - [`download`]: streamed, size-capped, hash-checked, resumable downloads.
 //! - [`sync`]: the gRPC subscription as a `watch` of verified states, with backoff.
+//! - [`slots`]: the blue/green slot state machine (pure; committed through [`store`]).
 //! - [`agent`]: wiring of sync, apply and report; [`agent::start`] runs an agent.
+//! - [`worker`]: the seccomp-confined inference worker (`sentinel-worker`) and its stdin/stdout protocol.
 
 pub mod agent;
 pub mod config;
 pub mod download;
+pub mod slots;
 pub mod store;
 pub mod sync;
+pub mod worker;
 
 pub use agent::{AgentHandle, AgentView, start};
 pub use config::AgentConfig;

@@ -39,7 +39,8 @@ fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Db { op, source }
 }
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE desired (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE desired (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         revision INTEGER NOT NULL,
         signed BLOB NOT NULL,
@@ -65,7 +66,14 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE desired (
         version TEXT NOT NULL,
         reason TEXT NOT NULL,
         reported INTEGER NOT NULL DEFAULT 0
-     );"];
+     );",
+    // 2: blue/green slot pairs, one committed row per model.
+    "CREATE TABLE slots (
+        model TEXT PRIMARY KEY,
+        pair TEXT NOT NULL,
+        committed_at_ms INTEGER NOT NULL
+     );",
+];
 
 /// A model's slot assignment and latest status on this device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +258,33 @@ impl Store {
         tx.commit().map_err(db("activate"))
     }
 
+    /// Writes a model's blue/green slots as one row, atomically: the commit
+    /// step of [`crate::slots::Slots`]. Durable when it returns.
+    pub fn commit_slots(&self, slots: &crate::slots::Slots) -> Result<(), StoreError> {
+        let pair = serde_json::to_string(slots).map_err(|e| StoreError::Db {
+            op: "encode slots",
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
+        self.conn()
+            .execute(
+                "INSERT INTO slots (model, pair, committed_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(model) DO UPDATE SET pair = ?2, committed_at_ms = ?3",
+                params![slots.model, pair, now_ms()],
+            )
+            .map_err(db("commit slots"))?;
+        Ok(())
+    }
+
+    /// The last committed slots of a model.
+    pub fn load_slots(&self, model: &str) -> Result<Option<crate::slots::Slots>, StoreError> {
+        let text: Option<String> = self
+            .conn()
+            .query_row("SELECT pair FROM slots WHERE model = ?1", [model], |r| r.get(0))
+            .optional()
+            .map_err(db("load slots"))?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
     /// Appends an event for the hub (and the log).
     pub fn event(&self, kind: &str, model: &str, version: &str, reason: &str) -> Result<(), StoreError> {
         self.conn()
@@ -370,6 +405,26 @@ mod tests {
         let store = Store::open(dir.path()).expect("reopen");
         assert!(!partial.exists());
         assert!(!store.has_model(A));
+    }
+
+    #[test]
+    fn committed_slots_come_back_after_a_restart_and_uncommitted_changes_do_not() {
+        use crate::slots::{Color, SlotState, Slots};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut s = Slots::new("m");
+        let b = s.stage("1.0.0", A).expect("stage");
+        s.begin_validation(b).expect("v");
+        s.promote(b).expect("p");
+        store.commit_slots(&s).expect("commit");
+        // A transition that is never committed (power lost before the commit).
+        s.stage("2.0.0", B).expect("stage v2");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let back = store.load_slots("m").expect("load").expect("present");
+        assert_eq!(back.active(), Some(Color::Blue));
+        assert_eq!(back.get(Color::Blue).version.as_deref(), Some("1.0.0"));
+        assert_eq!(back.get(Color::Green).state, SlotState::Empty);
     }
 
     #[test]

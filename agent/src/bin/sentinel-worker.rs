@@ -1,0 +1,81 @@
+//! `sentinel-worker`: the confined inference worker. Parses arguments and
+//! hands over to [`sentinel_agent::worker::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use sentinel_agent::worker::probe::ForbiddenProbe;
+use sentinel_agent::worker::sandbox::Confinement;
+use sentinel_agent::worker::{self, EXIT_USAGE, WorkerConfig};
+
+/// Serves one ONNX model over length-prefixed frames on stdin/stdout, confined by seccomp.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about,
+    after_help = "Exit codes: 0 stdin closed, 64 bad arguments, 65 model failed to load or warm up, \
+                  71 sandbox could not be installed, 74 stdin/stdout failed. \
+                  Killed by SIGSYS: the model tried a syscall the sandbox forbids."
+)]
+struct Cli {
+    /// The ONNX model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Fixed shape of one model input, e.g. `1,64`; repeat once per input, in model order.
+    #[arg(long = "input-shape", required = true, value_parser = parse_shape)]
+    input_shapes: Vec<Vec<usize>>,
+    /// Install the seccomp sandbox after warm-up (`off` only for debugging).
+    #[arg(long, value_enum, default_value_t = ConfinementArg::On)]
+    confinement: ConfinementArg,
+    /// Tests only: honour `FORBID:<action>` requests that attempt forbidden syscalls.
+    #[arg(long, hide = true)]
+    test_forbidden: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ConfinementArg {
+    On,
+    Off,
+}
+
+fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
+    s.split(',').map(|d| d.trim().parse::<usize>().map_err(|e| format!("dimension {d:?} in {s:?}: {e}"))).collect()
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let config = WorkerConfig {
+        model: cli.model,
+        input_shapes: cli.input_shapes,
+        confinement: match cli.confinement {
+            ConfinementArg::On => Confinement::Enforce,
+            ConfinementArg::Off => Confinement::Off,
+        },
+        probe: if cli.test_forbidden { ForbiddenProbe::enabled() } else { ForbiddenProbe::Disabled },
+    };
+    match worker::run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_error_chain(&e);
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn print_error_chain(e: &dyn std::error::Error) {
+    let mut line = format!("sentinel-worker: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("{line}");
+}

@@ -1,0 +1,149 @@
+//! The confined inference worker behind the `sentinel-worker` binary.
+//!
+//! One worker process serves one model: it loads the file with tract for fixed
+//! input shapes, runs one warm-up inference, confines itself with seccomp, writes
+//! a [`protocol::Ready`] frame and then answers framed requests on stdin with
+//! framed responses on stdout until stdin closes. It uses no async runtime and
+//! no network stack; the agent supervises it as a child process.
+//!
+//! # Layout
+//! - [`protocol`]: the frame and tensor encoding shared with the supervisor.
+//! - [`model`]: loading, warm-up and checked inference with tract.
+//! - [`sandbox`]: the per-architecture seccomp allow-list and its installation.
+//! - [`probe`]: forbidden-action requests that let tests prove the sandbox.
+
+pub mod model;
+pub mod probe;
+pub mod protocol;
+pub mod sandbox;
+
+use std::io::{self, BufWriter, Read, Write};
+use std::path::PathBuf;
+
+use model::{LoadedModel, ModelError};
+use probe::{Action, ForbiddenProbe};
+use protocol::{FrameError, Ready};
+use sandbox::{Confinement, SandboxError, SandboxStatus};
+
+/// Exit code when the arguments are unusable (`EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code when the model cannot be loaded or warmed up (`EX_DATAERR`).
+pub const EXIT_MODEL: u8 = 65;
+/// Exit code when the sandbox cannot be installed on a system that has seccomp (`EX_OSERR`).
+pub const EXIT_SANDBOX: u8 = 71;
+/// Exit code when stdin or stdout fails (`EX_IOERR`).
+pub const EXIT_IO: u8 = 74;
+
+/// What a worker serves and how.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The ONNX file.
+    pub model: PathBuf,
+    /// One fixed shape per model input, in model order.
+    pub input_shapes: Vec<Vec<usize>>,
+    pub confinement: Confinement,
+    pub probe: ForbiddenProbe,
+}
+
+/// Why a worker stopped before stdin closed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("preparing the model")]
+    Model(#[from] ModelError),
+    #[error("confining the worker")]
+    Sandbox(#[from] SandboxError),
+    #[error("reading a request from stdin")]
+    ReadRequest(#[source] io::Error),
+    #[error("writing to stdout")]
+    WriteResponse(#[source] io::Error),
+}
+
+impl WorkerError {
+    /// The process exit code for this failure (see the `EXIT_*` constants).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            WorkerError::Model(_) => EXIT_MODEL,
+            WorkerError::Sandbox(_) => EXIT_SANDBOX,
+            WorkerError::ReadRequest(_) | WorkerError::WriteResponse(_) => EXIT_IO,
+        }
+    }
+}
+
+/// Runs a worker on this process's stdin and stdout. Returns `Ok` when stdin
+/// closes between frames.
+pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
+    let model = LoadedModel::load(&config.model, &config.input_shapes)?;
+    model.warm_up(&config.model)?;
+    // Take the std handles and their buffers before the filter goes up, so
+    // nothing is lazily initialised under it.
+    let mut input = io::stdin().lock();
+    let mut output = BufWriter::new(io::stdout().lock());
+    let ready = match sandbox::confine(config.confinement)? {
+        SandboxStatus::Confined => Ready { ready: true, confined: true, reason: None },
+        SandboxStatus::Unconfined { reason } => Ready { ready: true, confined: false, reason: Some(reason) },
+    };
+    protocol::write_frame(&mut output, &protocol::encode_ready(&ready)).map_err(WorkerError::WriteResponse)?;
+    serve(&model, &config.probe, &mut input, &mut output)
+}
+
+/// Answers request frames from `input` on `output`, one response per request,
+/// until `input` ends between frames. A bad request gets an error response;
+/// only I/O failures end the loop.
+pub fn serve(
+    model: &LoadedModel,
+    probe: &ForbiddenProbe,
+    input: &mut impl Read,
+    output: &mut impl Write,
+) -> Result<(), WorkerError> {
+    loop {
+        let response = match protocol::read_frame(input) {
+            Ok(Some(payload)) => answer(model, probe, &payload),
+            Ok(None) => return Ok(()),
+            Err(FrameError::TooLarge(len)) => {
+                discard(input, len).map_err(WorkerError::ReadRequest)?;
+                protocol::encode_error_response(&format!(
+                    "request of {len} bytes exceeds the {}-byte limit",
+                    protocol::MAX_FRAME_LEN
+                ))
+            }
+            Err(FrameError::Io(e)) => return Err(WorkerError::ReadRequest(e)),
+        };
+        protocol::write_frame(output, &response).map_err(WorkerError::WriteResponse)?;
+    }
+}
+
+fn answer(model: &LoadedModel, probe: &ForbiddenProbe, payload: &[u8]) -> Vec<u8> {
+    if let ForbiddenProbe::Enabled { write_target } = probe
+        && let Some(action) = Action::parse(payload)
+    {
+        let attempted =
+            action.and_then(|a| a.attempt(write_target).map_err(|e| format!("forbidden action {a:?} failed: {e}")));
+        return match attempted {
+            Ok(()) => protocol::encode_ok_response(&[]),
+            Err(message) => protocol::encode_error_response(&message),
+        };
+    }
+    let inputs = match protocol::decode_request(payload) {
+        Ok(inputs) => inputs,
+        Err(e) => return protocol::encode_error_response(&format!("bad request: {e}")),
+    };
+    match model.run(&inputs) {
+        Ok(outputs) => protocol::encode_ok_response(&outputs),
+        Err(e) => protocol::encode_error_response(&e.to_string()),
+    }
+}
+
+/// Skips an oversized payload so the stream stays in step with the frames.
+fn discard(input: &mut impl Read, mut len: u64) -> io::Result<()> {
+    let mut buf = [0u8; 8192];
+    while len > 0 {
+        let want = buf.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        match input.read(&mut buf[..want]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => len -= n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
