@@ -12,6 +12,7 @@
 //! - [`sync`]: the gRPC subscription as a `watch` of verified states, with backoff.
 //! - [`slots`]: the blue/green slot state machine (pure; committed through [`store`]).
 //! - [`agent`]: wiring of sync, apply and report; [`agent::start`] runs an agent.
+//! - [`supervisor`]: spawning workers under limits and restarting them with backoff ([`supervisor::Supervised`]).
 //! - [`worker`]: the seccomp-confined inference worker (`sentinel-worker`) and its stdin/stdout protocol.
 
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod download;
 pub mod slots;
 pub mod store;
+pub mod supervisor;
 pub mod sync;
 pub mod worker;
 

@@ -1,0 +1,507 @@
+//! One `sentinel-worker` child process: spawning it under resource limits,
+//! reading its ready frame, and exchanging framed requests with it.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::worker::protocol::{self, ProtocolError, Ready, ResponseError, Tensor};
+use crate::worker::sandbox::Confinement;
+use crate::worker::{EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE};
+
+/// How many stderr lines of a worker are kept for error messages.
+const STDERR_TAIL_LINES: usize = 20;
+/// How long a worker that closed its pipes gets to finish exiting before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Whether a worker honours the `FORBID:<action>` probe requests that attempt
+/// forbidden syscalls. Only tests that prove the sandbox turn them on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TestProbes {
+    /// Probe requests are ordinary malformed requests.
+    #[default]
+    Refuse,
+    /// Pass the hidden `--test-forbidden` flag.
+    Honour,
+}
+
+/// How to start one worker and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The `sentinel-worker` executable.
+    pub worker_bin: PathBuf,
+    /// The ONNX file to serve.
+    pub model: PathBuf,
+    /// One fixed shape per model input, in model order (`--input-shape`).
+    pub input_shapes: Vec<Vec<usize>>,
+    /// Seccomp confinement; enforced by default.
+    pub confinement: Confinement,
+    /// `RLIMIT_AS` for the worker, if any.
+    pub memory_limit_bytes: Option<u64>,
+    /// Bound on one request/response exchange; a worker that misses it is killed.
+    pub request_timeout: Duration,
+    /// Bound on loading, warming up and confining, up to the ready frame.
+    pub load_timeout: Duration,
+    /// Each worker gets a private `HOME` and current directory below this one.
+    pub work_dir: PathBuf,
+    /// Tests only: see [`TestProbes`].
+    pub test_probes: TestProbes,
+}
+
+impl WorkerSpec {
+    /// A confined worker without a memory limit, with a 5 s request and 60 s load timeout.
+    pub fn new(worker_bin: PathBuf, model: PathBuf, input_shapes: Vec<Vec<usize>>, work_dir: PathBuf) -> WorkerSpec {
+        WorkerSpec {
+            worker_bin,
+            model,
+            input_shapes,
+            confinement: Confinement::Enforce,
+            memory_limit_bytes: None,
+            request_timeout: Duration::from_secs(5),
+            load_timeout: Duration::from_secs(60),
+            work_dir,
+            test_probes: TestProbes::Refuse,
+        }
+    }
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let known = |code: i32| match u8::try_from(code) {
+            Ok(EXIT_USAGE) => ": bad arguments",
+            Ok(EXIT_MODEL) => ": model failed to load or warm up",
+            Ok(EXIT_SANDBOX) => ": sandbox could not be installed",
+            Ok(EXIT_IO) => ": stdin/stdout failed",
+            _ => "",
+        };
+        match (self.code, self.signal) {
+            (_, Some(libc::SIGSYS)) => f.write_str("killed by SIGSYS: sandbox violation"),
+            (_, Some(sig)) => write!(f, "killed by signal {sig}"),
+            (Some(code), None) => write!(f, "exit code {code}{}", known(code)),
+            (None, None) => f.write_str("exit status unknown"),
+        }
+    }
+}
+
+/// A worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("creating the worker directory {}", .path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting {}", .bin.display())]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `memory_limit_bytes` is repeated here because a too-small limit
+    /// usually shows as a bare SIGSEGV or SIGABRT with nothing on stderr.
+    #[error(
+        "worker for {} ended before its ready frame ({exit}){}{}",
+        .model.display(),
+        limit_suffix(*.memory_limit_bytes),
+        stderr_suffix(.stderr)
+    )]
+    ExitedBeforeReady { model: PathBuf, exit: Exit, memory_limit_bytes: Option<u64>, stderr: Vec<String> },
+    #[error("worker for {} sent no ready frame within {timeout:?}", .model.display())]
+    LoadTimeout { model: PathBuf, timeout: Duration },
+    #[error("worker for {} sent a bad ready frame", .model.display())]
+    BadReady {
+        model: PathBuf,
+        #[source]
+        source: ProtocolError,
+    },
+}
+
+fn limit_suffix(limit: Option<u64>) -> String {
+    limit.map(|l| format!(" under an address-space limit of {} MiB", l >> 20)).unwrap_or_default()
+}
+
+fn stderr_suffix(lines: &[String]) -> String {
+    if lines.is_empty() { String::new() } else { format!("; stderr: {}", lines.join(" | ")) }
+}
+
+/// Why [`Worker::infer`] produced no outputs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InferError {
+    /// The worker refused the request or inference failed; the worker keeps serving.
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// No response within the request timeout; the worker has been killed.
+    #[error("request timed out; worker killed")]
+    Timeout,
+    /// The worker died (or had died) without a response.
+    #[error("worker crashed ({})", Exit { code: *.code, signal: *.signal })]
+    Crashed { code: Option<i32>, signal: Option<i32> },
+    /// The worker was killed by its seccomp filter.
+    #[error("sandbox violation (SIGSYS)")]
+    SandboxViolation,
+    /// An earlier caller abandoned its request mid-exchange; the worker has been killed.
+    #[error("an earlier request was cancelled mid-exchange; worker killed")]
+    Cancelled,
+    /// The response was garbled; the worker has been killed.
+    #[error("malformed response: {0}")]
+    Malformed(String),
+}
+
+impl From<Exit> for InferError {
+    fn from(exit: Exit) -> InferError {
+        match exit.signal {
+            Some(libc::SIGSYS) => InferError::SandboxViolation,
+            _ => InferError::Crashed { code: exit.code, signal: exit.signal },
+        }
+    }
+}
+
+/// The pipes to a worker. `dead` is set once the stream is unusable; every
+/// later request returns it without touching the pipes.
+#[derive(Debug)]
+struct Pipes {
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    dead: Option<InferError>,
+}
+
+/// The worker's private directory, removed when the worker is dropped.
+#[derive(Debug)]
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        // Best effort: a leftover directory costs disk, not correctness.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running worker that has sent its ready frame. Dropping it kills the process.
+#[derive(Debug)]
+pub struct Worker {
+    pid: u32,
+    ready: Ready,
+    request_timeout: Duration,
+    /// One request in flight at a time: a Tokio mutex because it is held
+    /// across the write and the read of an exchange.
+    pipes: Mutex<Pipes>,
+    kill: Arc<Notify>,
+    exit: watch::Receiver<Option<Exit>>,
+    _dir: WorkDir,
+}
+
+static WORKER_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Worker {
+    /// Starts a worker and waits for its ready frame. Must run inside a Tokio runtime.
+    pub async fn spawn(spec: &WorkerSpec) -> Result<Worker, SupervisorError> {
+        let seq = WORKER_SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = spec.work_dir.join(format!("worker-{}-{seq}", std::process::id()));
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|source| SupervisorError::CreateDir { path: dir.clone(), source })?;
+        let dir = WorkDir(dir);
+
+        let mut cmd = Command::new(&spec.worker_bin);
+        cmd.arg("--model").arg(&spec.model);
+        for shape in &spec.input_shapes {
+            let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+            cmd.arg("--input-shape").arg(dims.join(","));
+        }
+        cmd.arg("--confinement").arg(match spec.confinement {
+            Confinement::Enforce => "on",
+            Confinement::Off => "off",
+        });
+        if spec.test_probes == TestProbes::Honour {
+            cmd.arg("--test-forbidden");
+        }
+        // The worker inherits nothing from the agent's environment. Only the
+        // three piped descriptors reach it: std and Tokio open every other
+        // descriptor with O_CLOEXEC, so exec closes them.
+        cmd.env_clear()
+            .env("HOME", &dir.0)
+            .current_dir(&dir.0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(limit) = spec.memory_limit_bytes {
+            let rlim = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+            #[allow(unsafe_code)]
+            // SAFETY: the closure runs in the forked child before exec. It only
+            // calls setrlimit (async-signal-safe) on a copied plain struct and
+            // builds an io::Error from errno, which does not allocate.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_AS, &rlim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child =
+            cmd.spawn().map_err(|source| SupervisorError::Spawn { bin: spec.worker_bin.clone(), source })?;
+        let pid = child.id().unwrap_or(0);
+        let (Some(stdin), Some(mut stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(SupervisorError::Spawn {
+                bin: spec.worker_bin.clone(),
+                source: io::Error::other("child pipes missing"),
+            });
+        };
+        let tail = Arc::new(StdMutex::new(VecDeque::new()));
+        let stderr_task = tokio::spawn(forward_stderr(pid, stderr, Arc::clone(&tail)));
+        let kill = Arc::new(Notify::new());
+        let (exit_tx, exit) = watch::channel(None);
+        tokio::spawn(reap(child, Arc::clone(&kill), exit_tx));
+
+        let worker_exit = |exit: Option<Exit>| async move {
+            // The stderr pipe closes when the process is gone; wait for the
+            // last lines, which usually say why.
+            let _ = tokio::time::timeout(EXIT_GRACE, stderr_task).await;
+            let stderr = tail.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect();
+            SupervisorError::ExitedBeforeReady {
+                model: spec.model.clone(),
+                exit: exit.unwrap_or(Exit { code: None, signal: None }),
+                memory_limit_bytes: spec.memory_limit_bytes,
+                stderr,
+            }
+        };
+        let ready = match tokio::time::timeout(spec.load_timeout, read_frame(&mut stdout)).await {
+            Err(_) => {
+                kill.notify_one();
+                return Err(SupervisorError::LoadTimeout { model: spec.model.clone(), timeout: spec.load_timeout });
+            }
+            Ok(Ok(Some(frame))) => protocol::decode_ready(&frame)
+                .and_then(|r| if r.ready { Ok(r) } else { Err(ProtocolError::Ready("ready is false".into())) })
+                .map_err(|source| {
+                    kill.notify_one();
+                    SupervisorError::BadReady { model: spec.model.clone(), source }
+                })?,
+            Ok(Ok(None) | Err(_)) => return Err(worker_exit(wait_exit(exit, &kill).await).await),
+        };
+        if !ready.confined {
+            tracing::warn!(pid, model = %spec.model.display(), reason = ?ready.reason, "worker is NOT confined");
+        }
+        Ok(Worker {
+            pid,
+            ready,
+            request_timeout: spec.request_timeout,
+            pipes: Mutex::new(Pipes { stdin, stdout, dead: None }),
+            kill,
+            exit,
+            _dir: dir,
+        })
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the worker reported its seccomp filter installed.
+    pub fn confined(&self) -> bool {
+        self.ready.confined
+    }
+
+    /// Why the worker is not confined, when it is not.
+    pub fn unconfined_reason(&self) -> Option<&str> {
+        self.ready.reason.as_deref()
+    }
+
+    /// Resident memory of the process (`VmRSS`), `None` once it is gone.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// How the process ended, or `None` while it runs.
+    pub fn exit_status(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// Waits until the process has ended (callers bound this with a timeout).
+    pub async fn exited(&self) -> Exit {
+        wait_exit(self.exit.clone(), &self.kill).await.unwrap_or(Exit { code: None, signal: None })
+    }
+
+    /// Kills the process (SIGKILL); the exit is then visible through [`Worker::exited`].
+    pub fn kill(&self) {
+        self.kill.notify_one();
+    }
+
+    /// Runs one inference. Concurrent callers are served one at a time.
+    pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferError> {
+        self.request(&protocol::encode_request(inputs)).await
+    }
+
+    /// Tests only: sends a `FORBID:<action>` probe (see [`TestProbes`]).
+    #[doc(hidden)]
+    pub async fn probe(&self, action: &str) -> Result<Vec<Tensor>, InferError> {
+        self.request(format!("FORBID:{action}").as_bytes()).await
+    }
+
+    async fn request(&self, payload: &[u8]) -> Result<Vec<Tensor>, InferError> {
+        let mut pipes = self.pipes.lock().await;
+        if let Some(dead) = &pipes.dead {
+            return Err(dead.clone());
+        }
+        // If the caller drops this future mid-exchange, the stream is out of
+        // step: the guard kills the worker and `dead` stays set.
+        pipes.dead = Some(InferError::Cancelled);
+        let guard = KillOnDrop(Some(&self.kill));
+        let Pipes { stdin, stdout, .. } = &mut *pipes;
+        let outcome = tokio::time::timeout(self.request_timeout, async {
+            write_frame(stdin, payload).await?;
+            read_frame(stdout).await
+        })
+        .await;
+        guard.disarm();
+        pipes.dead = None;
+        let failure = match outcome {
+            // A half-done exchange leaves the stream out of step: a stuck
+            // worker is a dead worker.
+            Err(_) => {
+                self.kill();
+                InferError::Timeout
+            }
+            Ok(Ok(Some(frame))) => match protocol::decode_response(&frame) {
+                Ok(outputs) => return Ok(outputs),
+                Err(ResponseError::Worker(message)) => return Err(InferError::BadInput(message)),
+                Err(ResponseError::Malformed(e)) => {
+                    self.kill();
+                    InferError::Malformed(e.to_string())
+                }
+            },
+            // The pipe closed: the process is dying; its exit says why.
+            Ok(Ok(None) | Err(_)) => self.exited().await.into(),
+        };
+        pipes.dead = Some(failure.clone());
+        Err(failure)
+    }
+}
+
+/// Kills the worker when dropped while armed.
+struct KillOnDrop<'a>(Option<&'a Notify>);
+
+impl KillOnDrop<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(kill) = self.0 {
+            kill.notify_one();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill.notify_one();
+    }
+}
+
+/// Waits for the reaper to publish the exit; kills a process that closed its
+/// pipes but does not exit within [`EXIT_GRACE`].
+async fn wait_exit(mut exit: watch::Receiver<Option<Exit>>, kill: &Notify) -> Option<Exit> {
+    if let Ok(Ok(e)) = tokio::time::timeout(EXIT_GRACE, exit.wait_for(Option::is_some)).await {
+        return *e;
+    }
+    kill.notify_one();
+    match tokio::time::timeout(EXIT_GRACE, exit.wait_for(Option::is_some)).await {
+        Ok(Ok(e)) => *e,
+        _ => None,
+    }
+}
+
+/// Owns the child: waits for it (or kills it when asked) and publishes how it ended.
+async fn reap(mut child: Child, kill: Arc<Notify>, exit: watch::Sender<Option<Exit>>) {
+    use std::os::unix::process::ExitStatusExt;
+    let status = tokio::select! {
+        status = child.wait() => status,
+        () = kill.notified() => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    let ended = match status {
+        Ok(s) => Exit { code: s.code(), signal: s.signal() },
+        Err(e) => {
+            tracing::warn!(error = %e, "waiting for a worker failed");
+            Exit { code: None, signal: None }
+        }
+    };
+    exit.send_replace(Some(ended));
+}
+
+/// Logs each stderr line at warn level and keeps the last few for error messages.
+async fn forward_stderr(pid: u32, stderr: ChildStderr, tail: Arc<StdMutex<VecDeque<String>>>) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                tracing::warn!(worker_pid = pid, "{text}");
+                let mut tail = tail.lock().unwrap_or_else(PoisonError::into_inner);
+                if tail.len() == STDERR_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(text);
+            }
+        }
+    }
+}
+
+/// Async twin of [`protocol::read_frame`]: `Ok(None)` on a clean end between frames.
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]).await? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > protocol::MAX_FRAME_LEN {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes is too large")));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok(Some(payload))
+}
+
+/// Writes one frame (built with [`protocol::write_frame`]) and flushes it.
+async fn write_frame(w: &mut (impl AsyncWrite + Unpin), payload: &[u8]) -> io::Result<()> {
+    let mut frame = Vec::with_capacity(4 + payload.len());
+    protocol::write_frame(&mut frame, payload)?;
+    w.write_all(&frame).await?;
+    w.flush().await
+}
