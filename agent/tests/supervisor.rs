@@ -277,3 +277,23 @@ async fn persistently_failing_slot_gives_up() {
     assert_eq!(slot.restarts(), 0);
     assert!(matches!(slot.infer(&[]).await, Err(SlotError::Failed(_))));
 }
+
+#[tokio::test]
+async fn a_worker_that_dies_while_idle_is_replaced_without_waiting_for_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let slot = Supervised::start(digits_spec(dir.path()), fast_policy());
+    let first = match wait_state(&slot, |s| matches!(s, SlotState::Running { .. })).await {
+        SlotState::Running { pid, .. } => pid,
+        other => panic!("{other:?}"),
+    };
+    // SAFETY: sending SIGKILL to a child process this test started.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(i32::try_from(first).unwrap(), libc::SIGKILL) };
+    assert_eq!(rc, 0);
+    // No infer() and no check(): the monitor alone notices and restarts.
+    let second = wait_state(&slot, |s| matches!(s, SlotState::Running { pid, .. } if *pid != first)).await;
+    assert!(matches!(second, SlotState::Running { confined: true, .. }), "{second:?}");
+    assert_eq!(slot.restarts(), 1);
+    let x = read_f32("models/data/digits_test_x.bin");
+    assert!(slot.infer(&[digit(&x, 0)]).await.is_ok());
+}

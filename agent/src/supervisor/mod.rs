@@ -253,6 +253,23 @@ impl Inner {
     }
 }
 
+/// Watches a worker in the background so a death while idle is handled at
+/// once, not at the next request. Holds only weak references: it never keeps
+/// a retired worker or slot alive.
+fn monitor(inner: &Arc<Inner>, worker: &Arc<Worker>) {
+    let (inner, weak) = (Arc::downgrade(inner), Arc::downgrade(worker));
+    let mut exit = worker.exit_watch();
+    tokio::spawn(async move {
+        let ended = match exit.wait_for(Option::is_some).await {
+            Ok(e) => *e,
+            Err(_) => return,
+        };
+        if let (Some(exit), Some(inner), Some(worker)) = (ended, inner.upgrade(), weak.upgrade()) {
+            inner.worker_died(&worker, &InferError::from(exit)).await;
+        }
+    });
+}
+
 /// Starts workers until one is ready or the failure budget is spent.
 async fn start_loop(inner: Arc<Inner>, mut delay: Duration) {
     loop {
@@ -265,7 +282,9 @@ async fn start_loop(inner: Arc<Inner>, mut delay: Duration) {
                     confined: worker.confined(),
                     unconfined_reason: worker.unconfined_reason().map(str::to_owned),
                 };
-                *inner.current.write().await = Some(Arc::new(worker));
+                let worker = Arc::new(worker);
+                monitor(&inner, &worker);
+                *inner.current.write().await = Some(worker);
                 {
                     let mut stats = inner.stats();
                     if stats.last_failure.is_some() {

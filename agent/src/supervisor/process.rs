@@ -340,6 +340,12 @@ impl Worker {
         *self.exit.borrow()
     }
 
+    /// A watch that turns `Some` when the process ends, for monitors that
+    /// must not keep the worker alive themselves.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
+        self.exit.clone()
+    }
+
     /// Waits until the process has ended (callers bound this with a timeout).
     pub async fn exited(&self) -> Exit {
         wait_exit(self.exit.clone(), &self.kill).await.unwrap_or(Exit { code: None, signal: None })
