@@ -333,25 +333,34 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes model files that are neither active, standby, nor in `keep`
-    /// (the versions the current desired state names). Returns what was removed.
+    /// Deletes model files that are neither active, standby, in `keep` (the
+    /// versions the current desired state names), nor the one most recently
+    /// written among the rest (one more version to fall back on). Returns
+    /// what was removed.
     pub fn gc(&self, keep: &HashSet<String>) -> Result<Vec<String>, StoreError> {
         let mut keep = keep.clone();
         for m in self.models()? {
             keep.extend(m.active_sha256);
             keep.extend(m.standby_sha256);
         }
-        let mut removed = Vec::new();
         let dir = &self.models_dir;
         let entries =
             std::fs::read_dir(dir).map_err(|source| StoreError::Io { op: "read dir", path: dir.clone(), source })?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if sentinel_proto::manifest::is_sha256_hex(&name) && !keep.contains(&name) {
-                let p = entry.path();
-                std::fs::remove_file(&p).map_err(|source| StoreError::Io { op: "remove", path: p, source })?;
-                removed.push(name);
-            }
+        let mut others: Vec<(std::time::SystemTime, String, PathBuf)> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let written = entry.metadata().and_then(|m| m.modified()).ok()?;
+                let candidate = sentinel_proto::manifest::is_sha256_hex(&name) && !keep.contains(&name);
+                candidate.then(|| (written, name, entry.path()))
+            })
+            .collect();
+        // Newest first; the newest survives as the "one more".
+        others.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let mut removed = Vec::new();
+        for (_, name, p) in others.into_iter().skip(1) {
+            std::fs::remove_file(&p).map_err(|source| StoreError::Io { op: "remove", path: p, source })?;
+            removed.push(name);
         }
         Ok(removed)
     }
@@ -382,17 +391,21 @@ mod tests {
     }
 
     #[test]
-    fn gc_keeps_active_standby_and_what_is_wanted() {
+    fn gc_keeps_active_standby_what_is_wanted_and_one_more() {
+        const E: &str = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        for sha in [A, B, C, D] {
-            std::fs::write(store.model_path(sha), b"x").expect("write");
+        let t0 = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        for (i, sha) in [A, B, C, D, E].into_iter().enumerate() {
+            let f = std::fs::File::create(store.model_path(sha)).expect("create");
+            // Distinct write times, E newest.
+            f.set_modified(t0 + std::time::Duration::from_secs(i as u64)).expect("mtime");
         }
         store.activate("m", "1", A, 1).expect("a");
         store.activate("m", "2", B, 2).expect("b");
         let removed = store.gc(&[C.to_owned()].into()).expect("gc");
-        assert_eq!(removed, [D]);
-        assert!(store.has_model(A) && store.has_model(B) && store.has_model(C));
+        assert_eq!(removed, [D], "E is the newest of the rest and stays as the one more");
+        assert!(store.has_model(A) && store.has_model(B) && store.has_model(C) && store.has_model(E));
     }
 
     #[test]
