@@ -9,11 +9,13 @@
 //!   at every change and every heartbeat.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sentinel_proto::pb::agent_sync_client::AgentSyncClient;
-use sentinel_proto::pb::{AgentEvent, AgentReport, ModelStatus};
+use sentinel_proto::pb::{AgentEvent, AgentReport, ModelAssignment, ModelManifest, ModelStatus};
 use sentinel_proto::{VerifiedState, verify_state};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -21,6 +23,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::AgentConfig;
 use crate::download::{self, Wanted};
+use crate::serving::{Install, Serving, ValidationSet};
 use crate::store::{ModelRow, Store, StoreError};
 use crate::sync::error_chain;
 
@@ -31,6 +34,12 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("setting up the connection to the hub: {0}")]
     Connect(String),
+    #[error("binding the inference API on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the agent shows of itself: for status commands and tests.
@@ -54,6 +63,7 @@ pub struct AgentView {
 pub struct Shared {
     pub config: AgentConfig,
     pub store: Store,
+    pub serving: Serving,
     view: watch::Sender<AgentView>,
     report_now: Notify,
     heartbeat: Mutex<Duration>,
@@ -107,6 +117,8 @@ impl Shared {
 #[derive(Debug)]
 pub struct AgentHandle {
     pub shared: Arc<Shared>,
+    /// Where the KServe v2 inference API listens on TCP, if enabled.
+    pub inference_addr: Option<SocketAddr>,
     view: watch::Receiver<AgentView>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -177,8 +189,16 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let heartbeat = Mutex::new(config.heartbeat);
     let channel: Channel = endpoint(&config, &config.grpc_url)?.connect_lazy();
     let http = http_client(&config)?;
-    let shared = Arc::new(Shared { config, store, view: view_tx, report_now: Notify::new(), heartbeat });
+    let serving = Serving::new(config.serving.clone(), config.state_dir.join("workers"));
+    let shared = Arc::new(Shared { config, store, serving, view: view_tx, report_now: Notify::new(), heartbeat });
+    let trusted = shared.config.trusted.clone();
+    shared.serving.restore(&shared.store, |sha| {
+        let signed = shared.store.manifest(sha).ok().flatten()?;
+        sentinel_proto::verify_manifest(&signed, &trusted).ok()
+    });
     shared.refresh_models();
+    let listeners = crate::inference_api::bind(&shared.config.serving).await?;
+    let inference_addr = listeners.tcp_addr();
 
     // The last verified state, re-verified from disk (signature and device
     // only: it was current when stored, and the device keeps serving it).
@@ -203,8 +223,11 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::sync::run(shared.clone(), channel.clone(), states_tx, stop_rx.clone()));
     tasks.spawn(apply_loop(shared.clone(), http, states_rx, stop_rx.clone()));
-    tasks.spawn(report_loop(shared.clone(), channel, stop_rx));
-    Ok(AgentHandle { shared, view: view_rx, stop, tasks })
+    tasks.spawn(report_loop(shared.clone(), channel, stop_rx.clone()));
+    for server in listeners.serve(shared.clone(), stop_rx) {
+        tasks.spawn(server);
+    }
+    Ok(AgentHandle { shared, inference_addr, view: view_rx, stop, tasks })
 }
 
 async fn apply_loop(
@@ -234,15 +257,19 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
     let mut wanted_files = HashSet::new();
     for (assignment, m) in v.state.models.iter().zip(&v.manifests) {
         wanted_files.insert(m.sha256.clone());
+        if let Some(set) = &m.validation {
+            wanted_files
+                .extend([set.inputs.as_ref(), set.labels.as_ref()].into_iter().flatten().map(|b| b.sha256.clone()));
+        }
         let current = shared.store.model(&m.name).ok().flatten();
-        if current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str())
-            && shared.store.has_model(&m.sha256)
-        {
-            if current
-                .as_ref()
-                .is_some_and(|c| c.active_version.as_deref() != Some(m.version.as_str()) || c.status != "serving")
-            {
-                let _ = shared.store.activate(&m.name, &m.version, &m.sha256, assignment.deployment_id);
+        let serving_it = shared
+            .serving
+            .model(&m.name)
+            .and_then(|ms| ms.route().active.as_ref().map(|a| a.sha256 == m.sha256))
+            .unwrap_or(false);
+        if serving_it && current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str()) {
+            if current.as_ref().is_some_and(|c| c.status != "serving") {
+                let _ = shared.store.set_status(&m.name, "serving", &m.version, "");
             }
             continue;
         }
@@ -258,42 +285,35 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
             refuse(shared, &m.name, &m.version, "refused", "download_refused", &format!("wrong_hardware: {reason}"));
             continue;
         }
-        let _ = shared.store.set_status(&m.name, "downloading", &m.version, "");
+        let Some(files) = download_version(shared, http, assignment, m).await else { continue };
+        if let Some(signed) = &assignment.manifest
+            && let Err(e) = shared.store.save_manifest(signed)
+        {
+            refuse(shared, &m.name, &m.version, "failed", "model_failed", &error_chain(&e));
+            continue;
+        }
+        let _ = shared.store.set_status(&m.name, "validating", &m.version, "");
         shared.refresh_models();
         shared.report_now.notify_one();
-        shared.event("download_started", &m.name, &m.version, &assignment.artifact_url);
-        let wanted = Wanted { url: &assignment.artifact_url, token: &config.token, sha256: &m.sha256, size: m.size };
-        let view = &shared.view;
-        let result = download::fetch(http, shared.store.models_dir(), &wanted, config.download_attempts, |from| {
-            view.send_modify(|v| v.downloads_resumed_from.push(from));
-            shared.event("download_resumed", &m.name, &m.version, &format!("resuming from byte {from} of {}", m.size));
-        })
-        .await;
-        match result {
-            Ok((_, outcome)) => {
-                tracing::info!(model = %m.name, version = %m.version, bytes = outcome.bytes_transferred, resumed = ?outcome.resumed_from, "model downloaded and verified");
-                if let Err(e) = shared.store.activate(&m.name, &m.version, &m.sha256, assignment.deployment_id) {
-                    tracing::error!(error = %e, "activating the model failed");
-                    refuse(shared, &m.name, &m.version, "failed", "model_failed", &e.to_string());
-                    continue;
-                }
+        let install = Install {
+            manifest: m,
+            deployment_id: assignment.deployment_id,
+            model_path: files.model,
+            validation: files.validation,
+        };
+        match shared.serving.install(&shared.store, install).await {
+            Ok(accuracy) => {
+                let measured = accuracy.map(|a| format!("; validation accuracy {a:.4}")).unwrap_or_default();
                 shared.event(
                     "model_installed",
                     &m.name,
                     &m.version,
-                    &format!("sha256 {} verified; {} bytes transferred", m.sha256, outcome.bytes_transferred),
+                    &format!("sha256 {} verified, loaded and validated{measured}; now serving", m.sha256),
                 );
             }
             Err(e) => {
-                let reason = format!("{}: {}", e.kind(), error_chain(&e));
-                tracing::warn!(model = %m.name, version = %m.version, %reason, "download refused; the previous version keeps serving");
-                let status = if matches!(e, download::FetchError::GaveUp { .. } | download::FetchError::NoSpace { .. })
-                {
-                    "failed"
-                } else {
-                    "refused"
-                };
-                refuse(shared, &m.name, &m.version, status, "download_refused", &reason);
+                tracing::warn!(model = %m.name, version = %m.version, error = %e, "version not installed; the previous version keeps serving");
+                refuse(shared, &m.name, &m.version, "failed", e.kind(), &e.to_string());
             }
         }
         shared.refresh_models();
@@ -302,6 +322,7 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
     let names: HashSet<&str> = v.manifests.iter().map(|m| m.name.as_str()).collect();
     if let Ok(models) = shared.store.models() {
         for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != "removed") {
+            shared.serving.remove(&m.name);
             let _ = shared.store.set_status(
                 &m.name,
                 "removed",
@@ -316,6 +337,99 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
         Err(e) => tracing::warn!(error = %e, "model file cleanup failed"),
     }
     shared.refresh_models();
+}
+
+/// The verified files of one version.
+struct VersionFiles {
+    model: PathBuf,
+    validation: Option<ValidationSet>,
+}
+
+/// Downloads and verifies a version's model file and its validation set.
+/// On failure the refusal is recorded and `None` returned.
+async fn download_version(
+    shared: &Arc<Shared>,
+    http: &reqwest::Client,
+    assignment: &ModelAssignment,
+    m: &ModelManifest,
+) -> Option<VersionFiles> {
+    let config = &shared.config;
+    let _ = shared.store.set_status(&m.name, "downloading", &m.version, "");
+    shared.refresh_models();
+    shared.report_now.notify_one();
+    shared.event("download_started", &m.name, &m.version, &assignment.artifact_url);
+    let fetch = |url: String, sha256: String, size: u64| async move {
+        let wanted = Wanted { url: &url, token: &config.token, sha256: &sha256, size };
+        download::fetch(http, shared.store.models_dir(), &wanted, config.download_attempts, |from| {
+            shared.view.send_modify(|v| v.downloads_resumed_from.push(from));
+            shared.event(
+                "download_resumed",
+                &m.name,
+                &m.version,
+                &format!("{url}: resuming from byte {from} of {size}"),
+            );
+        })
+        .await
+    };
+    let failed = |e: download::FetchError| {
+        let reason = format!("{}: {}", e.kind(), error_chain(&e));
+        tracing::warn!(model = %m.name, version = %m.version, %reason, "download refused; the previous version keeps serving");
+        let status = if matches!(e, download::FetchError::GaveUp { .. } | download::FetchError::NoSpace { .. }) {
+            "failed"
+        } else {
+            "refused"
+        };
+        refuse(shared, &m.name, &m.version, status, "download_refused", &reason);
+    };
+    let (model, outcome) = match fetch(assignment.artifact_url.clone(), m.sha256.clone(), m.size).await {
+        Ok(r) => r,
+        Err(e) => {
+            failed(e);
+            return None;
+        }
+    };
+    tracing::info!(model = %m.name, version = %m.version, bytes = outcome.bytes_transferred, resumed = ?outcome.resumed_from, "model downloaded and verified");
+    let set = m.validation.as_ref().and_then(|s| Some((s.inputs.as_ref()?, s.labels.as_ref()?)));
+    let validation = match set {
+        Some((inputs, labels)) if !assignment.validation_inputs_url.is_empty() => {
+            let x = match fetch(assignment.validation_inputs_url.clone(), inputs.sha256.clone(), inputs.size).await {
+                Ok((p, _)) => p,
+                Err(e) => {
+                    failed(e);
+                    return None;
+                }
+            };
+            let y = match fetch(assignment.validation_labels_url.clone(), labels.sha256.clone(), labels.size).await {
+                Ok((p, _)) => p,
+                Err(e) => {
+                    failed(e);
+                    return None;
+                }
+            };
+            match (std::fs::read(&x), std::fs::read(&y)) {
+                (Ok(inputs), Ok(labels)) => Some(ValidationSet {
+                    inputs,
+                    labels: labels
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect(),
+                }),
+                (Err(e), _) | (_, Err(e)) => {
+                    refuse(
+                        shared,
+                        &m.name,
+                        &m.version,
+                        "failed",
+                        "model_failed",
+                        &format!("reading the validation set: {e}"),
+                    );
+                    return None;
+                }
+            }
+        }
+        _ => None,
+    };
+    Some(VersionFiles { model, validation })
 }
 
 fn refuse(shared: &Shared, model: &str, version: &str, status: &str, kind: &str, reason: &str) {

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sentinel_proto::TrustedKeys;
+
+use crate::worker::sandbox::Confinement;
 use serde::Deserialize;
 
 /// Where the agent looks for its configuration by default.
@@ -61,6 +63,114 @@ struct RawConfig {
     transport: Transport,
     #[serde(default)]
     sync: RawSync,
+    #[serde(default)]
+    serving: RawServing,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServing {
+    listen: Option<String>,
+    unix_socket: Option<PathBuf>,
+    max_body_bytes: Option<usize>,
+    worker_bin: Option<PathBuf>,
+    confinement: Option<String>,
+    memory_limit_mib: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    load_timeout_secs: Option<u64>,
+    validation_tolerance: Option<f64>,
+    #[serde(default)]
+    input_shapes: BTreeMap<String, Vec<String>>,
+}
+
+/// How the agent runs models and serves the local inference API.
+#[derive(Debug, Clone)]
+pub struct ServingSettings {
+    /// TCP address of the KServe v2 API (default `127.0.0.1:8601`); `None` when disabled.
+    pub listen: Option<String>,
+    /// Unix socket for the v2 API, in addition to (or instead of) TCP.
+    pub unix_socket: Option<PathBuf>,
+    /// Largest inference request body (default 16 MiB).
+    pub max_body_bytes: usize,
+    /// The `sentinel-worker` executable (default: next to `sentinel-agent`).
+    pub worker_bin: PathBuf,
+    pub confinement: Confinement,
+    /// `RLIMIT_AS` of each worker (default 2048 MiB; 0 for none).
+    pub memory_limit_bytes: Option<u64>,
+    pub request_timeout: Duration,
+    pub load_timeout: Duration,
+    /// How far below the manifest's declared accuracy the on-device
+    /// validation-set accuracy may be (default 0.02).
+    pub validation_tolerance: f64,
+    /// Fixed input shapes per model name, for models that declare symbolic
+    /// non-batch dims (default: symbolic dims become 1).
+    pub input_shapes: BTreeMap<String, Vec<Vec<usize>>>,
+}
+
+fn default_worker_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("sentinel-worker")))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/sentinel-worker"))
+}
+
+impl RawServing {
+    fn validate(self, resolve: impl Fn(PathBuf) -> PathBuf) -> Result<ServingSettings, ConfigError> {
+        let listen = match self.listen.as_deref() {
+            None => Some("127.0.0.1:8601".to_owned()),
+            Some("") => None,
+            Some(a) => {
+                a.parse::<std::net::SocketAddr>()
+                    .map_err(|e| bad("serving.listen", format!("{a:?} is not an address:port: {e}")))?;
+                Some(a.to_owned())
+            }
+        };
+        let confinement = match self.confinement.as_deref().unwrap_or("enforce") {
+            "enforce" => Confinement::Enforce,
+            "off" => Confinement::Off,
+            other => return Err(bad("serving.confinement", format!("{other:?}: expected \"enforce\" or \"off\""))),
+        };
+        let tolerance = self.validation_tolerance.unwrap_or(0.02);
+        if !(0.0..=1.0).contains(&tolerance) {
+            return Err(bad("serving.validation_tolerance", "must be between 0 and 1"));
+        }
+        let mut input_shapes = BTreeMap::new();
+        for (model, shapes) in self.input_shapes {
+            let field = format!("serving.input_shapes.{model}");
+            let parsed = shapes
+                .iter()
+                .map(|s| {
+                    s.split(',')
+                        .map(|d| d.trim().parse::<usize>().ok().filter(|d| *d > 0))
+                        .collect::<Option<Vec<usize>>>()
+                        .ok_or_else(|| bad(&field, format!("{s:?}: expected positive dims like \"1,3,48,192\"")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            input_shapes.insert(model, parsed);
+        }
+        let positive = |field: &str, v: u64| if v == 0 { Err(bad(field, "must be positive")) } else { Ok(v) };
+        Ok(ServingSettings {
+            listen,
+            unix_socket: self.unix_socket.map(&resolve),
+            max_body_bytes: self.max_body_bytes.unwrap_or(16 << 20),
+            worker_bin: self.worker_bin.map(&resolve).unwrap_or_else(default_worker_bin),
+            confinement,
+            memory_limit_bytes: match self.memory_limit_mib.unwrap_or(2048) {
+                0 => None,
+                mib => Some(mib << 20),
+            },
+            request_timeout: Duration::from_millis(positive(
+                "serving.request_timeout_ms",
+                self.request_timeout_ms.unwrap_or(5000),
+            )?),
+            load_timeout: Duration::from_secs(positive(
+                "serving.load_timeout_secs",
+                self.load_timeout_secs.unwrap_or(60),
+            )?),
+            validation_tolerance: tolerance,
+            input_shapes,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -94,6 +204,7 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Download attempts without progress before giving up on a version.
     pub download_attempts: u32,
+    pub serving: ServingSettings,
 }
 
 /// The hardware tag of the CPU this agent was built for.
@@ -138,6 +249,12 @@ impl AgentConfig {
         }
         if let Some(v) = get("STATE_DIR") {
             raw.state_dir = Some(v.into());
+        }
+        if let Some(v) = get("WORKER_BIN") {
+            raw.serving.worker_bin = Some(v.into());
+        }
+        if let Some(v) = get("LISTEN") {
+            raw.serving.listen = Some(v);
         }
         if let Some(v) = get("PINNED_KEYS") {
             raw.pinned_keys = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
@@ -215,7 +332,9 @@ impl AgentConfig {
         if download_attempts == 0 {
             return Err(bad("sync.download_attempts", "must be positive"));
         }
+        let serving = raw.serving.validate(resolve)?;
         Ok(Self {
+            serving,
             device_id,
             hub_url,
             grpc_url,
@@ -279,6 +398,9 @@ mod tests {
             (good.replace("token_file = \"token\"", "token_file = \"missing\""), "token_file"),
             (format!("{good}colour = 1\n"), "line"),
             (format!("{good}[sync]\nbackoff_cap_secs = 0\n"), "sync.backoff_cap_secs"),
+            (format!("{good}[serving]\nlisten = \"localhost\"\n"), "serving.listen"),
+            (format!("{good}[serving]\nconfinement = \"maybe\"\n"), "serving.confinement"),
+            (format!("{good}[serving.input_shapes]\nm = [\"1,x\"]\n"), "serving.input_shapes.m"),
         ];
         for (text, field) in cases {
             let err = AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect_err(field);

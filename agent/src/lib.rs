@@ -18,6 +18,10 @@
 pub mod agent;
 pub mod config;
 pub mod download;
+pub mod inference_api;
+pub mod notify;
+pub mod rollout;
+pub mod serving;
 pub mod slots;
 pub mod store;
 pub mod supervisor;

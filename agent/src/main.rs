@@ -96,8 +96,30 @@ fn main() -> ExitCode {
                         return ExitCode::from(70);
                     }
                 };
-                println!("sentinel-agent {} running", env!("CARGO_PKG_VERSION"));
+                match handle.inference_addr {
+                    Some(addr) => {
+                        println!("sentinel-agent {} running; inference API on http://{addr}", env!("CARGO_PKG_VERSION"))
+                    }
+                    None => println!("sentinel-agent {} running", env!("CARGO_PKG_VERSION")),
+                }
+                // systemd (Type=notify): ready once slots are restored and the API is bound.
+                if let Err(e) = sentinel_agent::notify::ready() {
+                    tracing::warn!(error = %e, "sd_notify READY failed");
+                }
+                let watchdog = sentinel_agent::notify::watchdog_interval().map(|every| {
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(every / 2);
+                        loop {
+                            tick.tick().await;
+                            let _ = sentinel_agent::notify::watchdog_ping();
+                        }
+                    })
+                });
                 shutdown_signal().await;
+                let _ = sentinel_agent::notify::stopping();
+                if let Some(w) = watchdog {
+                    w.abort();
+                }
                 handle.shutdown().await;
                 ExitCode::SUCCESS
             })

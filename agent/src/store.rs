@@ -15,7 +15,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension as _, params};
-use sentinel_proto::pb::SignedDesiredState;
+use sentinel_proto::pb::{SignedDesiredState, SignedManifest};
+
+use crate::slots::{Color, SlotState, Slots};
 
 /// Failures of the agent's store.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,13 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn encode_slots(slots: &Slots) -> Result<String, StoreError> {
+    serde_json::to_string(slots).map_err(|e| StoreError::Db {
+        op: "encode slots",
+        source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+    })
 }
 
 fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
@@ -72,6 +81,11 @@ const MIGRATIONS: &[&str] = &[
         model TEXT PRIMARY KEY,
         pair TEXT NOT NULL,
         committed_at_ms INTEGER NOT NULL
+     );",
+    // 3: the signed manifest of each stored model file.
+    "CREATE TABLE manifests (
+        sha256 TEXT PRIMARY KEY,
+        signed BLOB NOT NULL
      );",
 ];
 
@@ -233,38 +247,77 @@ impl Store {
         Ok(())
     }
 
-    /// Makes `version` the active one and the previous active the standby, in
-    /// one transaction: after power loss the device has either the old or
-    /// the new assignment, never a mix.
-    pub fn activate(&self, name: &str, version: &str, sha256: &str, deployment: i64) -> Result<(), StoreError> {
+    /// Commits a promotion or a rollback: the model's slot pair and its
+    /// active/standby row, in one transaction. After power loss the device
+    /// has either the old or the new assignment, never a mix.
+    pub fn activate(&self, slots: &Slots, deployment: i64) -> Result<(), StoreError> {
+        let pair = encode_slots(slots)?;
+        let slot_of =
+            |state: SlotState| [Color::Blue, Color::Green].into_iter().map(|c| slots.get(c)).find(|s| s.state == state);
+        let active = slot_of(SlotState::Active);
+        let standby = slot_of(SlotState::Standby);
+        let version = active.and_then(|s| s.version.clone());
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db("activate"))?;
         tx.execute(
-            "INSERT INTO models (name, status, status_version, detail, updated_at_ms) VALUES (?1, 'serving', ?2, '', ?3)
-             ON CONFLICT(name) DO NOTHING",
-            params![name, version, now_ms()],
+            "INSERT INTO slots (model, pair, committed_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(model) DO UPDATE SET pair = ?2, committed_at_ms = ?3",
+            params![slots.model, pair, now_ms()],
         )
         .map_err(db("activate"))?;
         tx.execute(
-            "UPDATE models SET
-                standby_version = CASE WHEN active_sha256 IS NOT NULL AND active_sha256 != ?3 THEN active_version ELSE standby_version END,
-                standby_sha256 = CASE WHEN active_sha256 IS NOT NULL AND active_sha256 != ?3 THEN active_sha256 ELSE standby_sha256 END,
+            "INSERT INTO models (name, active_version, active_sha256, active_deployment, standby_version,
+                                 standby_sha256, status, status_version, detail, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'serving', COALESCE(?2, ''), '', ?7)
+             ON CONFLICT(name) DO UPDATE SET
                 active_version = ?2, active_sha256 = ?3, active_deployment = ?4,
-                status = 'serving', status_version = ?2, detail = '', updated_at_ms = ?5
-             WHERE name = ?1",
-            params![name, version, sha256, deployment, now_ms()],
+                standby_version = ?5, standby_sha256 = ?6,
+                status = 'serving', status_version = COALESCE(?2, ''), detail = '', updated_at_ms = ?7",
+            params![
+                slots.model,
+                version,
+                active.and_then(|s| s.sha256.clone()),
+                deployment,
+                standby.and_then(|s| s.version.clone()),
+                standby.and_then(|s| s.sha256.clone()),
+                now_ms()
+            ],
         )
         .map_err(db("activate"))?;
         tx.commit().map_err(db("activate"))
     }
 
+    /// Keeps a verified manifest next to its model file, so the slots can be
+    /// restored (and re-verified) after a restart even when the desired state
+    /// has moved on.
+    pub fn save_manifest(&self, signed: &SignedManifest) -> Result<(), StoreError> {
+        let sha =
+            sentinel_proto::pb::ModelManifest::decode(signed.manifest.as_slice()).map(|m| m.sha256).map_err(|e| {
+                StoreError::Db { op: "save manifest", source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)) }
+            })?;
+        self.conn()
+            .execute(
+                "INSERT INTO manifests (sha256, signed) VALUES (?1, ?2) ON CONFLICT(sha256) DO UPDATE SET signed = ?2",
+                params![sha, signed.encode_to_vec()],
+            )
+            .map_err(db("save manifest"))?;
+        Ok(())
+    }
+
+    /// The stored signed manifest of a model file (verify before use).
+    pub fn manifest(&self, sha256: &str) -> Result<Option<SignedManifest>, StoreError> {
+        let bytes: Option<Vec<u8>> = self
+            .conn()
+            .query_row("SELECT signed FROM manifests WHERE sha256 = ?1", [sha256], |r| r.get(0))
+            .optional()
+            .map_err(db("read manifest"))?;
+        Ok(bytes.and_then(|b| SignedManifest::decode(b.as_slice()).ok()))
+    }
+
     /// Writes a model's blue/green slots as one row, atomically: the commit
     /// step of [`crate::slots::Slots`]. Durable when it returns.
-    pub fn commit_slots(&self, slots: &crate::slots::Slots) -> Result<(), StoreError> {
-        let pair = serde_json::to_string(slots).map_err(|e| StoreError::Db {
-            op: "encode slots",
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-        })?;
+    pub fn commit_slots(&self, slots: &Slots) -> Result<(), StoreError> {
+        let pair = encode_slots(slots)?;
         self.conn()
             .execute(
                 "INSERT INTO slots (model, pair, committed_at_ms) VALUES (?1, ?2, ?3)
@@ -276,7 +329,7 @@ impl Store {
     }
 
     /// The last committed slots of a model.
-    pub fn load_slots(&self, model: &str) -> Result<Option<crate::slots::Slots>, StoreError> {
+    pub fn load_slots(&self, model: &str) -> Result<Option<Slots>, StoreError> {
         let text: Option<String> = self
             .conn()
             .query_row("SELECT pair FROM slots WHERE model = ?1", [model], |r| r.get(0))
@@ -375,19 +428,34 @@ mod tests {
     const C: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
     const D: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
 
+    /// Stages, validates and promotes `version` in `s`, and commits it.
+    fn promote(store: &Store, s: &mut Slots, version: &str, sha: &str, deployment: i64) {
+        let c = s.stage(version, sha).expect("stage");
+        s.begin_validation(c).expect("validate");
+        s.promote(c).expect("promote");
+        store.activate(s, deployment).expect("activate");
+    }
+
     #[test]
     fn activation_moves_the_old_version_to_standby_and_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        store.activate("m", "1.0.0", A, 1).expect("v1");
-        store.activate("m", "2.0.0", B, 2).expect("v2");
+        let mut s = Slots::new("m");
+        promote(&store, &mut s, "1.0.0", A, 1);
+        promote(&store, &mut s, "2.0.0", B, 2);
         drop(store);
         let store = Store::open(dir.path()).expect("reopen");
         let m = store.model("m").expect("read").expect("present");
         assert_eq!((m.active_version.as_deref(), m.standby_version.as_deref()), (Some("2.0.0"), Some("1.0.0")));
-        // Re-activating the active version keeps the standby.
-        store.activate("m", "2.0.0", B, 3).expect("again");
-        assert_eq!(store.model("m").expect("read").expect("present").standby_sha256.as_deref(), Some(A));
+        assert_eq!((m.status.as_str(), m.active_deployment), ("serving", Some(2)));
+        // The row and the slot pair were written together.
+        let pair = store.load_slots("m").expect("load").expect("present");
+        assert_eq!(pair, s);
+        // A rollback is committed the same way: the standby is active again.
+        s.rollback("accuracy").expect("rollback");
+        store.activate(&s, 1).expect("commit rollback");
+        let m = store.model("m").expect("read").expect("present");
+        assert_eq!((m.active_sha256.as_deref(), m.standby_sha256), (Some(A), None));
     }
 
     #[test]
@@ -401,8 +469,9 @@ mod tests {
             // Distinct write times, E newest.
             f.set_modified(t0 + std::time::Duration::from_secs(i as u64)).expect("mtime");
         }
-        store.activate("m", "1", A, 1).expect("a");
-        store.activate("m", "2", B, 2).expect("b");
+        let mut s = Slots::new("m");
+        promote(&store, &mut s, "1", A, 1);
+        promote(&store, &mut s, "2", B, 2);
         let removed = store.gc(&[C.to_owned()].into()).expect("gc");
         assert_eq!(removed, [D], "E is the newest of the rest and stays as the one more");
         assert!(store.has_model(A) && store.has_model(B) && store.has_model(C) && store.has_model(E));
@@ -422,7 +491,6 @@ mod tests {
 
     #[test]
     fn committed_slots_come_back_after_a_restart_and_uncommitted_changes_do_not() {
-        use crate::slots::{Color, SlotState, Slots};
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let mut s = Slots::new("m");

@@ -7,14 +7,15 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use sentinel_agent::worker::probe::ForbiddenProbe;
 use sentinel_agent::worker::sandbox::Confinement;
-use sentinel_agent::worker::{self, EXIT_USAGE, WorkerConfig};
+use sentinel_agent::worker::{self, EXIT_USAGE, Engine, WorkerConfig};
 
 /// Serves one ONNX model over length-prefixed frames on stdin/stdout, confined by seccomp.
 #[derive(Debug, Parser)]
 #[command(
     version,
     about,
-    after_help = "Exit codes: 0 stdin closed, 64 bad arguments, 65 model failed to load or warm up, \
+    after_help = "Exit codes: 0 stdin closed, 64 bad arguments (or `--engine ort` in a build without \
+                  the `ort` feature), 65 model failed to load or warm up, \
                   71 sandbox could not be installed, 74 stdin/stdout failed. \
                   Killed by SIGSYS: the model tried a syscall the sandbox forbids."
 )]
@@ -25,12 +26,22 @@ struct Cli {
     /// Fixed shape of one model input, e.g. `1,64`; repeat once per input, in model order.
     #[arg(long = "input-shape", required = true, value_parser = parse_shape)]
     input_shapes: Vec<Vec<usize>>,
+    /// The inference engine; `ort` needs a build with the `ort` feature and
+    /// ORT_DYLIB_PATH naming the ONNX Runtime library.
+    #[arg(long, value_enum, default_value_t = EngineArg::Tract)]
+    engine: EngineArg,
     /// Install the seccomp sandbox after warm-up (`off` only for debugging).
     #[arg(long, value_enum, default_value_t = ConfinementArg::On)]
     confinement: ConfinementArg,
     /// Tests only: honour `FORBID:<action>` requests that attempt forbidden syscalls.
     #[arg(long, hide = true)]
     test_forbidden: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EngineArg {
+    Tract,
+    Ort,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -55,6 +66,10 @@ fn main() -> ExitCode {
     let config = WorkerConfig {
         model: cli.model,
         input_shapes: cli.input_shapes,
+        engine: match cli.engine {
+            EngineArg::Tract => Engine::Tract,
+            EngineArg::Ort => Engine::Ort,
+        },
         confinement: match cli.confinement {
             ConfinementArg::On => Confinement::Enforce,
             ConfinementArg::Off => Confinement::Off,

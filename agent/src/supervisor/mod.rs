@@ -270,6 +270,15 @@ fn monitor(inner: &Arc<Inner>, worker: &Arc<Worker>) {
     });
 }
 
+/// Whether a start failure will repeat on every attempt: the worker exited
+/// before its ready frame saying the model does not load, or that its
+/// arguments are wrong.
+fn permanent(e: &SupervisorError) -> bool {
+    use crate::worker::{EXIT_MODEL, EXIT_USAGE};
+    matches!(e, SupervisorError::ExitedBeforeReady { exit: Exit { code: Some(c), signal: None }, .. }
+        if u8::try_from(*c).is_ok_and(|c| c == EXIT_MODEL || c == EXIT_USAGE))
+}
+
 /// Starts workers until one is ready or the failure budget is spent.
 async fn start_loop(inner: Arc<Inner>, mut delay: Duration) {
     loop {
@@ -305,7 +314,8 @@ async fn start_loop(inner: Arc<Inner>, mut delay: Duration) {
                     stats.consecutive_failures += 1;
                     stats.consecutive_failures
                 };
-                if attempt >= inner.policy.max_consecutive_failures {
+                // A model that cannot load fails the same way every time: no retries.
+                if permanent(&e) || attempt >= inner.policy.max_consecutive_failures {
                     inner.stats().starting = false;
                     inner.fail(reason);
                     return;

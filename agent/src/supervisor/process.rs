@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::worker::protocol::{self, ProtocolError, Ready, ResponseError, Tensor};
 use crate::worker::sandbox::Confinement;
-use crate::worker::{EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE};
+use crate::worker::{EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine};
 
 /// How many stderr lines of a worker are kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;
@@ -44,6 +44,12 @@ pub struct WorkerSpec {
     pub input_shapes: Vec<Vec<usize>>,
     /// Seccomp confinement; enforced by default.
     pub confinement: Confinement,
+    /// The worker's inference engine (`--engine`); tract by default.
+    pub engine: Engine,
+    /// The ONNX Runtime library, passed to an [`Engine::Ort`] worker as
+    /// `ORT_DYLIB_PATH` (its environment is otherwise cleared). Whoever builds
+    /// the spec takes it from the agent's own `ORT_DYLIB_PATH`.
+    pub ort_dylib: Option<PathBuf>,
     /// `RLIMIT_AS` for the worker, if any.
     pub memory_limit_bytes: Option<u64>,
     /// Bound on one request/response exchange; a worker that misses it is killed.
@@ -64,6 +70,8 @@ impl WorkerSpec {
             model,
             input_shapes,
             confinement: Confinement::Enforce,
+            engine: Engine::Tract,
+            ort_dylib: None,
             memory_limit_bytes: None,
             request_timeout: Duration::from_secs(5),
             load_timeout: Duration::from_secs(60),
@@ -228,12 +236,13 @@ impl Worker {
             Confinement::Enforce => "on",
             Confinement::Off => "off",
         });
+        cmd.arg("--engine").arg(spec.engine.name());
         if spec.test_probes == TestProbes::Honour {
             cmd.arg("--test-forbidden");
         }
-        // The worker inherits nothing from the agent's environment. Only the
-        // three piped descriptors reach it: std and Tokio open every other
-        // descriptor with O_CLOEXEC, so exec closes them.
+        // The worker inherits nothing from the agent's environment but what
+        // is set below. Only the three piped descriptors reach it: std and
+        // Tokio open every other descriptor with O_CLOEXEC, so exec closes them.
         cmd.env_clear()
             .env("HOME", &dir.0)
             .current_dir(&dir.0)
@@ -241,6 +250,12 @@ impl Worker {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // The one variable an ONNX Runtime worker needs: where its library is.
+        if spec.engine == Engine::Ort
+            && let Some(dylib) = &spec.ort_dylib
+        {
+            cmd.env("ORT_DYLIB_PATH", dylib);
+        }
         if let Some(limit) = spec.memory_limit_bytes {
             let rlim = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
             #[allow(unsafe_code)]

@@ -1,17 +1,21 @@
 //! The confined inference worker behind the `sentinel-worker` binary.
 //!
-//! One worker process serves one model: it loads the file with tract for fixed
-//! input shapes, runs one warm-up inference, confines itself with seccomp, writes
-//! a [`protocol::Ready`] frame and then answers framed requests on stdin with
-//! framed responses on stdout until stdin closes. It uses no async runtime and
+//! One worker process serves one model: it loads the file with tract (or ONNX
+//! Runtime, with the `ort` feature) for fixed input shapes, runs one warm-up
+//! inference, confines itself with seccomp, writes a [`protocol::Ready`] frame
+//! and then answers framed requests on stdin with framed responses on stdout
+//! until stdin closes. It uses no async runtime and
 //! no network stack; the agent supervises it as a child process.
 //!
 //! # Layout
 //! - [`protocol`]: the frame and tensor encoding shared with the supervisor.
-//! - [`model`]: loading, warm-up and checked inference with tract.
+//! - [`model`]: the [`Engine`] choice, loading, warm-up and checked inference.
+//! - `engine_ort` (feature `ort`): the ONNX Runtime engine.
 //! - [`sandbox`]: the per-architecture seccomp allow-list and its installation.
 //! - [`probe`]: forbidden-action requests that let tests prove the sandbox.
 
+#[cfg(feature = "ort")]
+pub mod engine_ort;
 pub mod model;
 pub mod probe;
 pub mod protocol;
@@ -20,6 +24,7 @@ pub mod sandbox;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::PathBuf;
 
+pub use model::Engine;
 use model::{LoadedModel, ModelError};
 use probe::{Action, ForbiddenProbe};
 use protocol::{FrameError, Ready};
@@ -41,6 +46,8 @@ pub struct WorkerConfig {
     pub model: PathBuf,
     /// One fixed shape per model input, in model order.
     pub input_shapes: Vec<Vec<usize>>,
+    /// Which engine runs the model.
+    pub engine: Engine,
     pub confinement: Confinement,
     pub probe: ForbiddenProbe,
 }
@@ -62,6 +69,9 @@ impl WorkerError {
     /// The process exit code for this failure (see the `EXIT_*` constants).
     pub fn exit_code(&self) -> u8 {
         match self {
+            // Asking a build without the `ort` feature for ONNX Runtime is a
+            // configuration error, not a bad model.
+            WorkerError::Model(ModelError::EngineUnavailable { .. }) => EXIT_USAGE,
             WorkerError::Model(_) => EXIT_MODEL,
             WorkerError::Sandbox(_) => EXIT_SANDBOX,
             WorkerError::ReadRequest(_) | WorkerError::WriteResponse(_) => EXIT_IO,
@@ -72,13 +82,13 @@ impl WorkerError {
 /// Runs a worker on this process's stdin and stdout. Returns `Ok` when stdin
 /// closes between frames.
 pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
-    let model = LoadedModel::load(&config.model, &config.input_shapes)?;
+    let model = LoadedModel::load_with(config.engine, &config.model, &config.input_shapes)?;
     model.warm_up(&config.model)?;
     // Take the std handles and their buffers before the filter goes up, so
     // nothing is lazily initialised under it.
     let mut input = io::stdin().lock();
     let mut output = BufWriter::new(io::stdout().lock());
-    let ready = match sandbox::confine(config.confinement)? {
+    let ready = match sandbox::confine(config.confinement, config.engine)? {
         SandboxStatus::Confined => Ready { ready: true, confined: true, reason: None },
         SandboxStatus::Unconfined { reason } => Ready { ready: true, confined: false, reason: Some(reason) },
     };

@@ -1,11 +1,16 @@
-//! The worker's one model: loaded with tract for fixed input shapes, warmed up,
-//! and run on requests that are checked against those shapes first.
+//! The worker's one model: loaded by an [`Engine`] (tract, or ONNX Runtime with
+//! the `ort` feature) for fixed input shapes, warmed up, and run on requests
+//! that are checked against those shapes first.
 //!
 //! Every input shape is fixed at load time (models may declare symbolic
 //! dimensions such as `N`), so the optimised plan is concrete and the warm-up
 //! exercises exactly the code paths later requests take. That matters for the
 //! sandbox: tract reads `/sys` and sizes its buffers on the first run, which
 //! must happen before the filter forbids opening files.
+//!
+//! Both engines share the request checks (count, element type, shape, finite
+//! values) in [`LoadedModel::run`], so a request is refused with the same
+//! message whichever engine would have run it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,15 +19,57 @@ use tract_onnx::prelude::*;
 
 use super::protocol::{DType, Tensor};
 
+/// The inference engine that runs a model. Tract is the default and is always
+/// built in; ONNX Runtime needs the `ort` cargo feature and a library named by
+/// `ORT_DYLIB_PATH` at run time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// tract-onnx, pure Rust, single threaded.
+    #[default]
+    Tract,
+    /// ONNX Runtime, loaded dynamically (feature `ort`).
+    Ort,
+}
+
+impl Engine {
+    /// The name used on the command line (`--engine`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Tract => "tract",
+            Engine::Ort => "ort",
+        }
+    }
+
+    /// Whether this build can run the engine.
+    pub fn is_available(self) -> bool {
+        match self {
+            Engine::Tract => true,
+            Engine::Ort => cfg!(feature = "ort"),
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The model could not be prepared for serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    #[error("the `{engine}` engine is unavailable: sentinel-worker was built without the `ort` feature")]
+    EngineUnavailable { engine: Engine },
+    #[error("loading the ONNX Runtime library: {message}")]
+    Runtime { message: String },
     #[error("loading {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("{path}: the model has {model} inputs but {given} input shapes were given")]
     InputCount { path: PathBuf, model: usize, given: usize },
-    #[error("{path}: {what} {index} has type {datum:?}; the worker carries only f32 and i64")]
-    UnsupportedDType { path: PathBuf, what: &'static str, index: usize, datum: DatumType },
+    #[error("{path}: {what} {index} has type {datum}; the worker carries only f32 and i64")]
+    UnsupportedDType { path: PathBuf, what: &'static str, index: usize, datum: String },
+    #[error("{path}: input {index} is declared with shape {declared:?} (-1: any), which {given:?} does not fit")]
+    IncompatibleShape { path: PathBuf, index: usize, declared: Vec<i64>, given: Vec<usize> },
     #[error("{path}: warm-up inference failed: {message}")]
     WarmUp { path: PathBuf, message: String },
 }
@@ -41,8 +88,8 @@ pub enum InferenceError {
     NotFinite { index: usize, element: usize, value: f32 },
     #[error("inference failed: {0}")]
     Run(String),
-    #[error("output {index} has unsupported type {datum:?}")]
-    OutputDType { index: usize, datum: DatumType },
+    #[error("output {index} has unsupported type {datum}")]
+    OutputDType { index: usize, datum: String },
 }
 
 /// The shape and type a request must have for one input.
@@ -55,43 +102,37 @@ pub struct InputSpec {
 /// An optimised, runnable model with fixed input shapes.
 #[derive(Debug)]
 pub struct LoadedModel {
-    plan: Arc<TypedRunnableModel>,
+    runner: Runner,
     inputs: Vec<InputSpec>,
 }
 
+/// The engine-specific half of a [`LoadedModel`].
+#[derive(Debug)]
+enum Runner {
+    Tract(Arc<TypedRunnableModel>),
+    #[cfg(feature = "ort")]
+    Ort(super::engine_ort::OrtModel),
+}
+
 impl LoadedModel {
-    /// Loads the ONNX file at `path` with one shape per model input, in order.
-    /// An input's element type comes from the model (f32 when undeclared).
+    /// Loads the ONNX file at `path` with tract, one shape per model input, in
+    /// order. An input's element type comes from the model (f32 when undeclared).
     pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, ModelError> {
-        let load_err = |e: TractError| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") };
-        // Output shapes declared in the file are often wrong for other batch
-        // sizes; tract infers them from the fixed inputs instead.
-        let mut model = onnx().with_ignore_output_shapes(true).model_for_path(path).map_err(load_err)?;
-        let count = model.inputs.len();
-        if count != input_shapes.len() {
-            return Err(ModelError::InputCount { path: path.to_owned(), model: count, given: input_shapes.len() });
-        }
-        let mut inputs = Vec::with_capacity(count);
-        for (index, shape) in input_shapes.iter().enumerate() {
-            let datum = model.input_fact(index).map_err(load_err)?.datum_type().unwrap_or(f32::datum_type());
-            let dtype = wire_dtype(datum).ok_or(ModelError::UnsupportedDType {
-                path: path.to_owned(),
-                what: "input",
-                index,
-                datum,
-            })?;
-            model.set_input_fact(index, InferenceFact::dt_shape(datum, shape.clone())).map_err(load_err)?;
-            inputs.push(InputSpec { dtype, shape: shape.clone() });
-        }
-        let typed = model.into_optimized().map_err(load_err)?;
-        for index in 0..typed.outputs.len() {
-            let datum = typed.output_fact(index).map_err(load_err)?.datum_type;
-            if wire_dtype(datum).is_none() {
-                return Err(ModelError::UnsupportedDType { path: path.to_owned(), what: "output", index, datum });
+        LoadedModel::load_with(Engine::Tract, path, input_shapes)
+    }
+
+    /// Loads the ONNX file at `path` with `engine`; see [`LoadedModel::load`].
+    pub fn load_with(engine: Engine, path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, ModelError> {
+        match engine {
+            Engine::Tract => load_tract(path, input_shapes),
+            #[cfg(feature = "ort")]
+            Engine::Ort => {
+                let (model, inputs) = super::engine_ort::load(path, input_shapes)?;
+                Ok(LoadedModel { runner: Runner::Ort(model), inputs })
             }
+            #[cfg(not(feature = "ort"))]
+            Engine::Ort => Err(ModelError::EngineUnavailable { engine }),
         }
-        let plan = typed.into_runnable().map_err(load_err)?;
-        Ok(LoadedModel { plan, inputs })
     }
 
     /// What each request input must look like.
@@ -99,9 +140,10 @@ impl LoadedModel {
         &self.inputs
     }
 
-    /// Runs once on zeros so that everything tract initialises lazily (CPU
-    /// feature and cache-size probes under `/sys`, scratch buffers) is done
-    /// before the sandbox goes up.
+    /// Runs once on zeros so that everything the engine initialises lazily
+    /// (tract's CPU feature and cache-size probes under `/sys`, scratch
+    /// buffers, ONNX Runtime's allocation arenas) is done before the sandbox
+    /// goes up.
     pub fn warm_up(&self, path: &Path) -> Result<(), ModelError> {
         let zeros: Vec<Tensor> = self
             .inputs
@@ -116,22 +158,83 @@ impl LoadedModel {
 
     /// Checks `inputs` against the fixed specs, then runs the model.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
-        if inputs.len() != self.inputs.len() {
-            return Err(InferenceError::InputCount { expected: self.inputs.len(), found: inputs.len() });
+        check_inputs(&self.inputs, inputs)?;
+        match &self.runner {
+            Runner::Tract(plan) => run_tract(plan, inputs),
+            #[cfg(feature = "ort")]
+            Runner::Ort(model) => model.run(inputs),
         }
-        let mut values = TVec::with_capacity(inputs.len());
-        for (index, (t, spec)) in inputs.iter().zip(&self.inputs).enumerate() {
-            if t.dtype != spec.dtype {
-                return Err(InferenceError::DType { index, expected: spec.dtype, found: t.dtype });
-            }
-            if t.shape != spec.shape {
-                return Err(InferenceError::Shape { index, expected: spec.shape.clone(), found: t.shape.clone() });
-            }
-            values.push(to_tract(index, t)?.into_tvalue());
-        }
-        let outputs = self.plan.run(values).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
-        outputs.iter().enumerate().map(|(index, v)| from_tract(index, v)).collect()
     }
+}
+
+/// The request checks both engines rely on: the right number of inputs, each
+/// with the fixed element type and shape, and no NaN or infinity in f32 data.
+fn check_inputs(specs: &[InputSpec], inputs: &[Tensor]) -> Result<(), InferenceError> {
+    if inputs.len() != specs.len() {
+        return Err(InferenceError::InputCount { expected: specs.len(), found: inputs.len() });
+    }
+    for (index, (t, spec)) in inputs.iter().zip(specs).enumerate() {
+        if t.dtype != spec.dtype {
+            return Err(InferenceError::DType { index, expected: spec.dtype, found: t.dtype });
+        }
+        if t.shape != spec.shape {
+            return Err(InferenceError::Shape { index, expected: spec.shape.clone(), found: t.shape.clone() });
+        }
+        if t.dtype == DType::F32 {
+            let values = t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            if let Some((element, value)) = values.enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(InferenceError::NotFinite { index, element, value });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn load_tract(path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, ModelError> {
+    let load_err = |e: TractError| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") };
+    // Output shapes declared in the file are often wrong for other batch
+    // sizes; tract infers them from the fixed inputs instead.
+    let mut model = onnx().with_ignore_output_shapes(true).model_for_path(path).map_err(load_err)?;
+    let count = model.inputs.len();
+    if count != input_shapes.len() {
+        return Err(ModelError::InputCount { path: path.to_owned(), model: count, given: input_shapes.len() });
+    }
+    let mut inputs = Vec::with_capacity(count);
+    for (index, shape) in input_shapes.iter().enumerate() {
+        let datum = model.input_fact(index).map_err(load_err)?.datum_type().unwrap_or(f32::datum_type());
+        let dtype = wire_dtype(datum).ok_or_else(|| ModelError::UnsupportedDType {
+            path: path.to_owned(),
+            what: "input",
+            index,
+            datum: format!("{datum:?}"),
+        })?;
+        model.set_input_fact(index, InferenceFact::dt_shape(datum, shape.clone())).map_err(load_err)?;
+        inputs.push(InputSpec { dtype, shape: shape.clone() });
+    }
+    let typed = model.into_optimized().map_err(load_err)?;
+    for index in 0..typed.outputs.len() {
+        let datum = typed.output_fact(index).map_err(load_err)?.datum_type;
+        if wire_dtype(datum).is_none() {
+            return Err(ModelError::UnsupportedDType {
+                path: path.to_owned(),
+                what: "output",
+                index,
+                datum: format!("{datum:?}"),
+            });
+        }
+    }
+    let plan = typed.into_runnable().map_err(load_err)?;
+    Ok(LoadedModel { runner: Runner::Tract(plan), inputs })
+}
+
+fn run_tract(plan: &Arc<TypedRunnableModel>, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
+    let values = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, t)| to_tract(index, t).map(IntoTValue::into_tvalue))
+        .collect::<Result<TVec<_>, _>>()?;
+    let outputs = plan.run(values).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
+    outputs.iter().enumerate().map(|(index, v)| from_tract(index, v)).collect()
 }
 
 fn wire_dtype(datum: DatumType) -> Option<DType> {
@@ -143,15 +246,13 @@ fn wire_dtype(datum: DatumType) -> Option<DType> {
 }
 
 /// Builds a tract tensor from wire bytes. The protocol decoder has already
-/// checked that the byte count matches the shape.
+/// checked that the byte count matches the shape, and [`check_inputs`] that
+/// the values are finite.
 fn to_tract(index: usize, t: &Tensor) -> Result<tract_onnx::prelude::Tensor, InferenceError> {
     let shape_err = |e: TractError| InferenceError::Run(format!("input {index}: {e:#}"));
     match t.dtype {
         DType::F32 => {
             let values = t.to_f32().map_err(|e| InferenceError::Run(e.to_string()))?;
-            if let Some((element, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(InferenceError::NotFinite { index, element, value });
-            }
             tract_ndarray::ArrayD::from_shape_vec(t.shape.clone(), values)
                 .map(Into::into)
                 .map_err(|e| shape_err(e.into()))
@@ -169,7 +270,7 @@ fn from_tract(index: usize, v: &TValue) -> Result<Tensor, InferenceError> {
     let shape = v.shape().to_vec();
     let datum = v.datum_type();
     let run_err = |e: TractError| InferenceError::Run(format!("output {index}: {e:#}"));
-    let dtype = wire_dtype(datum).ok_or(InferenceError::OutputDType { index, datum })?;
+    let dtype = wire_dtype(datum).ok_or_else(|| InferenceError::OutputDType { index, datum: format!("{datum:?}") })?;
     let view = v.try_as_plain_ram().map_err(run_err)?;
     match dtype {
         DType::F32 => Ok(Tensor::from_f32(shape, view.as_slice::<f32>().map_err(run_err)?)),

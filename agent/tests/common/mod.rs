@@ -167,6 +167,16 @@ impl Drop for TestHub {
     }
 }
 
+/// Environment overrides every test agent gets: the worker binary cargo
+/// built, and the inference API on an ephemeral loopback port.
+pub fn test_env() -> BTreeMap<String, String> {
+    [
+        ("SENTINEL_AGENT_WORKER_BIN".to_owned(), env!("CARGO_BIN_EXE_sentinel-worker").to_owned()),
+        ("SENTINEL_AGENT_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+    ]
+    .into()
+}
+
 /// Writes an agent config for `device` into `dir` and parses it.
 pub fn agent_config(dir: &Path, hub: &TestHub, device: &str, token: &str, key: &str, extra: &str) -> AgentConfig {
     std::fs::create_dir_all(dir).unwrap();
@@ -177,7 +187,7 @@ pub fn agent_config(dir: &Path, hub: &TestHub, device: &str, token: &str, key: &
         hub.url, hub.grpc_url
     );
     std::fs::write(dir.join("agent.toml"), &text).unwrap();
-    AgentConfig::load(&dir.join("agent.toml"), &BTreeMap::new()).unwrap()
+    AgentConfig::load(&dir.join("agent.toml"), &test_env()).unwrap()
 }
 
 /// Starts an agent for a freshly enrolled device.

@@ -1,0 +1,217 @@
+//! The ONNX Runtime engine (cargo feature `ort`): one session per worker, with
+//! one intra-op thread, for the input shapes fixed at load time.
+//!
+//! The runtime is a shared library that the worker loads itself from the path
+//! in `ORT_DYLIB_PATH` (the `onnxruntime` PyPI wheel ships one; see
+//! `.ci/install-onnxruntime`). Nothing is linked or downloaded at build time,
+//! and the library is never searched for by name: without the variable the
+//! engine refuses to load.
+//!
+//! [`super::model::LoadedModel`] checks every request before it gets here, so
+//! this module only converts between wire tensors and ONNX Runtime values.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use ort::environment::Environment;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
+
+use super::model::{InferenceError, InputSpec, ModelError};
+use super::protocol::{DType, Tensor};
+
+/// The variable that names the ONNX Runtime library file.
+pub const DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+
+/// What to tell someone whose worker has no ONNX Runtime library.
+const HOW_TO_GET_IT: &str = "install it with `.ci/install-onnxruntime` (pip's onnxruntime==1.32.0) \
+                             and export ORT_DYLIB_PATH=<the path it prints>";
+
+/// ONNX Runtime allows one environment per process and it cannot be rebuilt
+/// once dropped, so the first load keeps it for every later one.
+static ENVIRONMENT: Mutex<Option<Environment>> = Mutex::new(None);
+
+/// A loaded ONNX Runtime session.
+#[derive(Debug)]
+pub struct OrtModel {
+    /// `Session::run` takes `&mut self`; the worker serves one request at a
+    /// time, so the lock is never contended and never sleeps on a futex.
+    session: Mutex<Session>,
+}
+
+/// Loads the ONNX file at `path` with one shape per model input, in order.
+/// Named symbolic dimensions are fixed to the given sizes; every declared
+/// fixed dimension must match the given shape.
+pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<InputSpec>), ModelError> {
+    let load_err = |message: String| ModelError::Load { path: path.to_owned(), message };
+    let environment = environment()?;
+    let build = |overrides: &[(String, usize)]| -> Result<Session, ModelError> {
+        // One intra-op thread and sequential execution: ONNX Runtime then
+        // runs every node on the calling thread and starts no pool, like tract.
+        let mut builder = Session::builder(&environment)
+            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+            .and_then(|b| b.with_parallel_execution(false).map_err(Into::into))
+            .map_err(|e| load_err(e.to_string()))?;
+        for (name, size) in overrides {
+            let size = i64::try_from(*size).map_err(|e| load_err(format!("dimension {name}: {e}")))?;
+            builder = builder.with_dimension_override(name, size).map_err(|e| load_err(e.to_string()))?;
+        }
+        builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))
+    };
+
+    let session = build(&[])?;
+    let declared = session.inputs();
+    if declared.len() != input_shapes.len() {
+        return Err(ModelError::InputCount { path: path.to_owned(), model: declared.len(), given: input_shapes.len() });
+    }
+    let mut inputs = Vec::with_capacity(declared.len());
+    let mut overrides: Vec<(String, usize)> = Vec::new();
+    for (index, (outlet, shape)) in declared.iter().zip(input_shapes).enumerate() {
+        let unsupported =
+            |datum: String| ModelError::UnsupportedDType { path: path.to_owned(), what: "input", index, datum };
+        let ValueType::Tensor { ty, shape: dims, dimension_symbols } = outlet.dtype() else {
+            return Err(unsupported(format!("{:?}", outlet.dtype())));
+        };
+        let dtype = wire_dtype(*ty).ok_or_else(|| unsupported(format!("{ty:?}")))?;
+        let fits = dims.len() == shape.len()
+            && dims.iter().zip(shape).all(|(&d, &s)| d < 0 || usize::try_from(d).is_ok_and(|d| d == s));
+        if !fits {
+            return Err(ModelError::IncompatibleShape {
+                path: path.to_owned(),
+                index,
+                declared: dims.to_vec(),
+                given: shape.clone(),
+            });
+        }
+        for ((&d, &s), symbol) in dims.iter().zip(shape).zip(dimension_symbols.iter()) {
+            if d >= 0 || symbol.is_empty() {
+                continue;
+            }
+            match overrides.iter().find(|(name, _)| name == symbol) {
+                Some((_, fixed)) if *fixed != s => {
+                    return Err(load_err(format!("dimension {symbol} is given as both {fixed} and {s}")));
+                }
+                Some(_) => {}
+                None => overrides.push((symbol.clone(), s)),
+            }
+        }
+        inputs.push(InputSpec { dtype, shape: shape.clone() });
+    }
+    // Unnamed dynamic dimensions (`?`, `-1`) cannot be fixed by name; the
+    // request checks still hold every input to its given shape.
+    let session = if overrides.is_empty() {
+        session
+    } else {
+        drop(session);
+        build(&overrides)?
+    };
+    for (index, outlet) in session.outputs().iter().enumerate() {
+        if outlet.dtype().tensor_type().and_then(wire_dtype).is_none() {
+            return Err(ModelError::UnsupportedDType {
+                path: path.to_owned(),
+                what: "output",
+                index,
+                datum: format!("{:?}", outlet.dtype()),
+            });
+        }
+    }
+    Ok((OrtModel { session: Mutex::new(session) }, inputs))
+}
+
+impl OrtModel {
+    /// Runs checked inputs (see [`super::model::LoadedModel::run`]).
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
+        let run_err = |what: String| move |e: ort::Error| InferenceError::Run(format!("{what}: {e}"));
+        // The wire bytes are little-endian and may be unaligned: decode them
+        // into owned vectors that the input values borrow.
+        let decoded: Vec<Decoded> = inputs
+            .iter()
+            .map(|t| match t.dtype {
+                DType::F32 => t.to_f32().map(Decoded::F32),
+                DType::I64 => t.to_i64().map(Decoded::I64),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| InferenceError::Run(e.to_string()))?;
+        let mut values: Vec<SessionInputValue<'_>> = Vec::with_capacity(inputs.len());
+        for (index, (t, data)) in inputs.iter().zip(&decoded).enumerate() {
+            let shape = t.shape.clone();
+            let value: SessionInputValue<'_> = match data {
+                Decoded::F32(v) => TensorRef::from_array_view((shape, v.as_slice())).map(Into::into),
+                Decoded::I64(v) => TensorRef::from_array_view((shape, v.as_slice())).map(Into::into),
+            }
+            .map_err(run_err(format!("input {index}")))?;
+            values.push(value);
+        }
+        let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+        let outputs = session.run(values.as_slice()).map_err(run_err("inference failed".into()))?;
+        outputs.values().enumerate().map(|(index, v)| from_ort(index, &v)).collect()
+    }
+}
+
+enum Decoded {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+fn from_ort(index: usize, value: &DynValue) -> Result<Tensor, InferenceError> {
+    let run_err = |e: ort::Error| InferenceError::Run(format!("output {index}: {e}"));
+    let shape = |dims: &[i64]| -> Result<Vec<usize>, InferenceError> {
+        dims.iter()
+            .map(|&d| usize::try_from(d).map_err(|_| InferenceError::Run(format!("output {index}: dimension {d}"))))
+            .collect()
+    };
+    match value.dtype().tensor_type() {
+        Some(TensorElementType::Float32) => {
+            let (dims, data) = value.try_extract_tensor::<f32>().map_err(run_err)?;
+            Ok(Tensor::from_f32(shape(dims)?, data))
+        }
+        Some(TensorElementType::Int64) => {
+            let (dims, data) = value.try_extract_tensor::<i64>().map_err(run_err)?;
+            Ok(Tensor::from_i64(shape(dims)?, data))
+        }
+        _ => Err(InferenceError::OutputDType { index, datum: format!("{:?}", value.dtype()) }),
+    }
+}
+
+fn wire_dtype(ty: TensorElementType) -> Option<DType> {
+    match ty {
+        TensorElementType::Float32 => Some(DType::F32),
+        TensorElementType::Int64 => Some(DType::I64),
+        _ => None,
+    }
+}
+
+/// The process's ONNX Runtime environment, loading the library on first use.
+fn environment() -> Result<Environment, ModelError> {
+    let mut slot = ENVIRONMENT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(environment) = slot.as_ref() {
+        return Ok(environment.clone());
+    }
+    let library = dylib_path()?;
+    let runtime_err = |message: String| ModelError::Runtime { message };
+    let environment = ort::init_from(&library)
+        .map_err(|e| runtime_err(format!("{e}; {HOW_TO_GET_IT}")))?
+        .with_name("sentinel-worker")
+        // Telemetry is a Windows (ETW) feature, but say so anyway: the worker
+        // sends nothing anywhere.
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| runtime_err(e.to_string()))?;
+    *slot = Some(environment.clone());
+    Ok(environment)
+}
+
+/// The library named by `ORT_DYLIB_PATH`, which must be an existing file.
+pub fn dylib_path() -> Result<PathBuf, ModelError> {
+    let Some(value) = std::env::var_os(DYLIB_ENV).filter(|v| !v.is_empty()) else {
+        return Err(ModelError::Runtime { message: format!("{DYLIB_ENV} is not set; {HOW_TO_GET_IT}") });
+    };
+    let path = PathBuf::from(value);
+    if !path.is_file() {
+        return Err(ModelError::Runtime {
+            message: format!("{DYLIB_ENV}={} is not a file; {HOW_TO_GET_IT}", path.display()),
+        });
+    }
+    Ok(path)
+}
