@@ -99,7 +99,19 @@ impl Shared {
         self.report_now.notify_one();
     }
 
-    fn event(&self, kind: &str, model: &str, version: &str, reason: &str) {
+    /// Revision the apply loop last finished with.
+    pub fn applied_revision(&self) -> u64 {
+        let v = self.view.borrow();
+        v.applied_revision.max(v.revision)
+    }
+
+    /// Model state changed: refresh the view and report soon.
+    pub fn changed(&self) {
+        self.refresh_models();
+        self.report_now.notify_one();
+    }
+
+    pub(crate) fn event(&self, kind: &str, model: &str, version: &str, reason: &str) {
         if let Err(e) = self.store.event(kind, model, version, reason) {
             tracing::error!(error = %e, kind, "logging an event failed");
         }
@@ -261,18 +273,51 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
             wanted_files
                 .extend([set.inputs.as_ref(), set.labels.as_ref()].into_iter().flatten().map(|b| b.sha256.clone()));
         }
+        // A rollout of another version is superseded by this state.
+        if let Some(ms) = shared.serving.model(&m.name) {
+            let running = ms.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            match running {
+                Some(task) if task.sha256 == m.sha256 && task.version == m.version && !task.is_finished() => {
+                    *ms.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+                    continue;
+                }
+                Some(task) => task.cancel().await,
+                None => {}
+            }
+        }
+        if let Ok(Some((revision, reason))) = shared.store.rejected(&m.name, &m.sha256, &m.version)
+            && revision >= v.state.revision
+        {
+            tracing::info!(model = %m.name, version = %m.version, revision, "rolled back here at this revision; not retried");
+            let _ = shared.store.set_deployment_status(
+                &m.name,
+                "rolled_back",
+                &m.version,
+                &reason,
+                assignment.deployment_id,
+            );
+            continue;
+        }
         let current = shared.store.model(&m.name).ok().flatten();
         let serving_it = shared
             .serving
             .model(&m.name)
-            .and_then(|ms| ms.route().active.as_ref().map(|a| a.sha256 == m.sha256))
+            .and_then(|ms| ms.route().active.as_ref().map(|a| a.sha256 == m.sha256 && a.version == m.version))
             .unwrap_or(false);
         if serving_it && current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str()) {
             if current.as_ref().is_some_and(|c| c.status != "serving") {
-                let _ = shared.store.set_status(&m.name, "serving", &m.version, "");
+                let _ =
+                    shared.store.set_deployment_status(&m.name, "serving", &m.version, "", assignment.deployment_id);
             }
             continue;
         }
+        let policy = match crate::rollout::controller::policy_from(assignment.policy.as_ref(), &shared.config.rollout) {
+            Ok(p) => p,
+            Err(reason) => {
+                refuse(shared, &m.name, &m.version, "refused", "policy_invalid", &reason, assignment.deployment_id);
+                continue;
+            }
+        };
         if !m.hardware.is_empty() && !m.hardware.iter().any(|h| config.hardware.contains(h)) {
             let reason = format!(
                 "wrong hardware: {} {} runs on [{}], this device is [{}]",
@@ -282,17 +327,25 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
                 config.hardware.join(", ")
             );
             tracing::warn!(%reason, "model refused");
-            refuse(shared, &m.name, &m.version, "refused", "download_refused", &format!("wrong_hardware: {reason}"));
+            refuse(
+                shared,
+                &m.name,
+                &m.version,
+                "refused",
+                "download_refused",
+                &format!("wrong_hardware: {reason}"),
+                assignment.deployment_id,
+            );
             continue;
         }
         let Some(files) = download_version(shared, http, assignment, m).await else { continue };
         if let Some(signed) = &assignment.manifest
             && let Err(e) = shared.store.save_manifest(signed)
         {
-            refuse(shared, &m.name, &m.version, "failed", "model_failed", &error_chain(&e));
+            refuse(shared, &m.name, &m.version, "failed", "model_failed", &error_chain(&e), assignment.deployment_id);
             continue;
         }
-        let _ = shared.store.set_status(&m.name, "validating", &m.version, "");
+        let _ = shared.store.set_deployment_status(&m.name, "validating", &m.version, "", assignment.deployment_id);
         shared.refresh_models();
         shared.report_now.notify_one();
         let install = Install {
@@ -300,20 +353,38 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
             deployment_id: assignment.deployment_id,
             model_path: files.model,
             validation: files.validation,
+            policy: policy.clone(),
         };
         match shared.serving.install(&shared.store, install).await {
-            Ok(accuracy) => {
-                let measured = accuracy.map(|a| format!("; validation accuracy {a:.4}")).unwrap_or_default();
+            Ok(installed) => {
+                let measured = installed.accuracy.map(|a| format!("; validation accuracy {a:.4}")).unwrap_or_default();
+                let next = if installed.promoted { "now serving" } else { "rollout started" };
                 shared.event(
                     "model_installed",
                     &m.name,
                     &m.version,
-                    &format!("sha256 {} verified, loaded and validated{measured}; now serving", m.sha256),
+                    &format!("sha256 {} verified, loaded and validated{measured}; {next}", m.sha256),
                 );
+                let has_standby =
+                    shared.serving.model(&m.name).is_some_and(|ms| ms.route().standby.is_some() || !installed.promoted);
+                match shared.serving.model(&m.name) {
+                    Some(ms) if has_standby => {
+                        crate::rollout::controller::spawn(shared.clone(), ms, installed.loaded, policy, installed.phase)
+                    }
+                    _ => {
+                        let _ = shared.store.set_deployment_status(
+                            &m.name,
+                            "serving",
+                            &m.version,
+                            "",
+                            assignment.deployment_id,
+                        );
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(model = %m.name, version = %m.version, error = %e, "version not installed; the previous version keeps serving");
-                refuse(shared, &m.name, &m.version, "failed", e.kind(), &e.to_string());
+                refuse(shared, &m.name, &m.version, "failed", e.kind(), &e.to_string(), assignment.deployment_id);
             }
         }
         shared.refresh_models();
@@ -322,6 +393,12 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
     let names: HashSet<&str> = v.manifests.iter().map(|m| m.name.as_str()).collect();
     if let Ok(models) = shared.store.models() {
         for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != "removed") {
+            if let Some(ms) = shared.serving.model(&m.name) {
+                let task = ms.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                if let Some(task) = task {
+                    task.cancel().await;
+                }
+            }
             shared.serving.remove(&m.name);
             let _ = shared.store.set_status(
                 &m.name,
@@ -379,7 +456,7 @@ async fn download_version(
         } else {
             "refused"
         };
-        refuse(shared, &m.name, &m.version, status, "download_refused", &reason);
+        refuse(shared, &m.name, &m.version, status, "download_refused", &reason, assignment.deployment_id);
     };
     let (model, outcome) = match fetch(assignment.artifact_url.clone(), m.sha256.clone(), m.size).await {
         Ok(r) => r,
@@ -422,6 +499,7 @@ async fn download_version(
                         "failed",
                         "model_failed",
                         &format!("reading the validation set: {e}"),
+                        assignment.deployment_id,
                     );
                     return None;
                 }
@@ -432,8 +510,8 @@ async fn download_version(
     Some(VersionFiles { model, validation })
 }
 
-fn refuse(shared: &Shared, model: &str, version: &str, status: &str, kind: &str, reason: &str) {
-    let _ = shared.store.set_status(model, status, version, reason);
+fn refuse(shared: &Shared, model: &str, version: &str, status: &str, kind: &str, reason: &str, deployment: i64) {
+    let _ = shared.store.set_deployment_status(model, status, version, reason, deployment);
     shared.event(kind, model, version, reason);
     shared.refresh_models();
 }
@@ -471,7 +549,7 @@ async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> 
                 },
                 state: m.status.clone(),
                 detail: m.detail.clone(),
-                deployment_id: m.active_deployment.unwrap_or(0),
+                deployment_id: m.status_deployment.or(m.active_deployment).unwrap_or(0),
             })
             .collect(),
         events: events

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sentinel_proto::TrustedKeys;
 
+use crate::rollout::decision::Policy;
 use crate::worker::sandbox::Confinement;
 use serde::Deserialize;
 
@@ -65,6 +66,39 @@ struct RawConfig {
     sync: RawSync,
     #[serde(default)]
     serving: RawServing,
+    /// Rollout defaults for deployments that do not set a policy, in the
+    /// hub's policy format (`phases = ["canary:10", "full"]`, `bake_seconds`, ...).
+    #[serde(default)]
+    rollout: Option<RawRollout>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    #[serde(default)]
+    phases: Vec<String>,
+    #[serde(default)]
+    bake_seconds: u64,
+    #[serde(default)]
+    min_samples: u64,
+    #[serde(default)]
+    max_latency_ratio: f64,
+    #[serde(default)]
+    latency_slo_ms: f64,
+    #[serde(default)]
+    max_error_rate: f64,
+    #[serde(default)]
+    min_accuracy: f64,
+    #[serde(default)]
+    max_accuracy_drop: f64,
+    #[serde(default)]
+    min_shadow_agreement: f64,
+    #[serde(default)]
+    standby_bake_seconds: u64,
+    #[serde(default)]
+    min_accuracy_samples: u64,
+    #[serde(default)]
+    max_restarts: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -205,6 +239,9 @@ pub struct AgentConfig {
     /// Download attempts without progress before giving up on a version.
     pub download_attempts: u32,
     pub serving: ServingSettings,
+    /// The rollout policy of deployments that set none (and the base that
+    /// a deployment's own fields override).
+    pub rollout: Policy,
 }
 
 /// The hardware tag of the CPU this agent was built for.
@@ -333,7 +370,29 @@ impl AgentConfig {
             return Err(bad("sync.download_attempts", "must be positive"));
         }
         let serving = raw.serving.validate(resolve)?;
+        let defaults = crate::rollout::controller::default_policy();
+        let rollout = match raw.rollout {
+            None => defaults,
+            Some(r) => {
+                let p = sentinel_proto::pb::RolloutPolicy {
+                    phases: r.phases,
+                    bake_seconds: r.bake_seconds,
+                    min_samples: r.min_samples,
+                    max_latency_ratio: r.max_latency_ratio,
+                    latency_slo_ms: r.latency_slo_ms,
+                    max_error_rate: r.max_error_rate,
+                    min_accuracy: r.min_accuracy,
+                    max_accuracy_drop: r.max_accuracy_drop,
+                    min_shadow_agreement: r.min_shadow_agreement,
+                    standby_bake_seconds: r.standby_bake_seconds,
+                    min_accuracy_samples: r.min_accuracy_samples,
+                    max_restarts: r.max_restarts,
+                };
+                crate::rollout::controller::policy_from(Some(&p), &defaults).map_err(|e| bad("rollout", e))?
+            }
+        };
         Ok(Self {
+            rollout,
             serving,
             device_id,
             hub_url,

@@ -127,6 +127,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v2/models/{name}/versions/{version}/ready", get(version_ready))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+        .route("/v2/models/{name}/feedback", post(feedback))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(shared)
 }
@@ -224,6 +225,40 @@ async fn version_metadata(
     metadata(&shared, &name, Some(&version))
 }
 
+/// Ground truth for an earlier request (a Sentinel extension to the protocol).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackRequest {
+    /// The `id` of the inference response.
+    id: String,
+    /// The true class.
+    label: i64,
+}
+
+/// `POST /v2/models/{name}/feedback` `{"id": "...", "label": 3}`: scores the
+/// slot that answered request `id` (its window's feedback accuracy feeds the
+/// rollout decisions). 404 when the id is unknown or no longer remembered.
+async fn feedback(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Result<axum::Json<FeedbackRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(axum::Json(r)) => r,
+        Err(e) => return bad(format!("feedback body: {}", e.body_text())),
+    };
+    match shared.serving.feedback(&name, &req.id, req.label) {
+        Some(f) => axum::Json(json!({
+            "id": req.id,
+            "model_version": f.version,
+            "predicted": f.predicted,
+            "correct": f.correct,
+        }))
+        .into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no remembered request `{}` for model `{name}`", req.id)),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct InferRequest {
     #[serde(default)]
@@ -312,7 +347,7 @@ async fn run_infer(
     if !binary.is_empty() {
         return Err(bad(format!("{} bytes of binary tensor data are not claimed by any input", binary.len())));
     }
-    let served = shared.serving.infer(name, version, named).await.map_err(|e| serve_error(&e))?;
+    let served = shared.serving.infer(name, version, named, req.id.clone()).await.map_err(|e| serve_error(&e))?;
 
     let all_binary = param_bool(req.parameters.as_ref(), "binary_data_output").unwrap_or(false);
     let wanted: Vec<(usize, bool)> = match &req.outputs {
@@ -350,9 +385,8 @@ async fn run_infer(
         "outputs": outputs,
         "parameters": { "sentinel_slot": served.color.as_str() },
     });
-    if let Some(id) = req.id {
-        response["id"] = json!(id);
-    }
+    // The id to quote in feedback: the client's, or one the agent made up.
+    response["id"] = json!(served.id);
     let text = serde_json::to_vec(&response).unwrap_or_default();
     let version_value = HeaderValue::from_str(&served.version).unwrap_or(HeaderValue::from_static("unknown"));
     if tail.is_empty() {

@@ -13,15 +13,18 @@
 //! set), and only then promotes it. A version that fails any step never
 //! receives a request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use sentinel_proto::pb::ModelManifest;
 use sentinel_proto::pb::dimension::Kind;
 
 use crate::config::ServingSettings;
+use crate::rollout::decision::{PhaseKind, Policy};
+use crate::rollout::window::{SlotMetrics, SlotWindow};
 use crate::slots::{Color, SlotState, Slots};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{RestartPolicy, SlotError, SlotState as WorkerState, Supervised, WorkerSpec};
@@ -127,6 +130,56 @@ pub struct Loaded {
     pub validation_accuracy: RwLock<Option<f64>>,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
+    /// Sliding-window metrics the rollout decisions read.
+    pub window: Mutex<SlotWindow>,
+    /// Shadow requests in flight to this slot (bounded, see [`MAX_SHADOW_IN_FLIGHT`]).
+    shadow_in_flight: AtomicUsize,
+}
+
+/// Metrics windows keep at most this many samples per kind...
+pub const WINDOW_SAMPLES: usize = 10_000;
+/// ...and none older than this.
+pub const WINDOW_AGE: Duration = Duration::from_secs(300);
+/// Mirrored requests beyond this many in flight are dropped, so a slow
+/// shadow slot never queues without bound.
+pub const MAX_SHADOW_IN_FLIGHT: usize = 8;
+/// Requests remembered for ground-truth feedback, per agent.
+pub const FEEDBACK_MEMORY: usize = 20_000;
+
+impl Loaded {
+    /// A snapshot of the slot's window, with its validation accuracy.
+    pub fn metrics(&self, now: Instant) -> SlotMetrics {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        w.snapshot(now)
+    }
+
+    /// The slot's metrics over events since `since` only.
+    pub fn metrics_since(&self, now: Instant, since: Instant) -> SlotMetrics {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        w.snapshot_since(now, Some(since))
+    }
+
+    fn record(&self, started: Instant, ok: bool) {
+        let now = Instant::now();
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        if ok {
+            w.record_ok(now - started, now);
+        } else {
+            w.record_error(now);
+        }
+    }
+}
+
+/// How a candidate slot takes part in traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CandidateMode {
+    /// Loading or validating: no traffic.
+    #[default]
+    Idle,
+    /// Gets a mirror of every request; only the active slot answers.
+    Shadow,
+    /// Answers this percentage of requests.
+    Canary(u8),
 }
 
 /// Which loaded slots take traffic. Replaced as a whole, never edited.
@@ -135,8 +188,9 @@ pub struct Route {
     pub active: Option<Arc<Loaded>>,
     /// The previous active version, warm, for an instant rollback.
     pub standby: Option<Arc<Loaded>>,
-    /// A version being loaded or validated: no traffic.
+    /// A version being loaded, validated, shadowed or canaried.
     pub candidate: Option<Arc<Loaded>>,
+    pub mode: CandidateMode,
 }
 
 /// One model's slots.
@@ -146,7 +200,10 @@ pub struct ModelServing {
     route: RwLock<Arc<Route>>,
     /// The committed state machine; held across an install so installs of
     /// one model never interleave.
-    slots: tokio::sync::Mutex<Slots>,
+    pub(crate) slots: tokio::sync::Mutex<Slots>,
+    /// The rollout watching this model's candidate or fresh promotion.
+    pub(crate) rollout: Mutex<Option<crate::rollout::controller::RolloutTask>>,
+    seq: AtomicU64,
 }
 
 impl ModelServing {
@@ -156,7 +213,7 @@ impl ModelServing {
     }
 
     /// Replaces the route in one step.
-    fn swap(&self, f: impl FnOnce(&Route) -> Route) {
+    pub(crate) fn swap(&self, f: impl FnOnce(&Route) -> Route) {
         let mut guard = self.route.write().unwrap_or_else(PoisonError::into_inner);
         let next = f(&guard);
         *guard = Arc::new(next);
@@ -186,6 +243,8 @@ pub enum ServeError {
 /// Outputs of one request and who served them.
 #[derive(Debug, Clone)]
 pub struct Served {
+    /// The request id to quote in feedback.
+    pub id: String,
     pub version: String,
     pub color: Color,
     pub outputs: Vec<Tensor>,
@@ -238,6 +297,21 @@ pub struct Install<'a> {
     pub deployment_id: i64,
     pub model_path: PathBuf,
     pub validation: Option<ValidationSet>,
+    /// How traffic moves to the new version once it is validated.
+    pub policy: Policy,
+}
+
+/// What an install achieved.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// Accuracy on the validation set, if it came with one.
+    pub accuracy: Option<f64>,
+    /// The version went straight to active (single `full` phase).
+    pub promoted: bool,
+    /// The slot the version was loaded into.
+    pub loaded: Arc<Loaded>,
+    /// Index of the policy phase it entered.
+    pub phase: usize,
 }
 
 /// Every model served on this device.
@@ -247,12 +321,36 @@ pub struct Serving {
     work_dir: PathBuf,
     restart: RestartPolicy,
     models: RwLock<BTreeMap<String, Arc<ModelServing>>>,
+    predictions: Mutex<Predictions>,
+    next_id: AtomicU64,
+}
+
+/// Recent predictions by request id, for ground-truth feedback.
+#[derive(Debug, Default)]
+struct Predictions {
+    by_id: HashMap<(String, String), (Weak<Loaded>, i64)>,
+    order: VecDeque<(String, String)>,
+}
+
+/// What feedback on one request found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedbackOutcome {
+    pub version: String,
+    pub predicted: i64,
+    pub correct: bool,
 }
 
 impl Serving {
     /// Workers get private directories below `work_dir`.
     pub fn new(settings: ServingSettings, work_dir: PathBuf) -> Serving {
-        Serving { settings, work_dir, restart: RestartPolicy::default(), models: RwLock::new(BTreeMap::new()) }
+        Serving {
+            settings,
+            work_dir,
+            restart: RestartPolicy::default(),
+            models: RwLock::new(BTreeMap::new()),
+            predictions: Mutex::new(Predictions::default()),
+            next_id: AtomicU64::new(1),
+        }
     }
 
     pub fn settings(&self) -> &ServingSettings {
@@ -278,6 +376,8 @@ impl Serving {
                     name: name.to_owned(),
                     route: RwLock::new(Arc::new(Route::default())),
                     slots: tokio::sync::Mutex::new(slots),
+                    rollout: Mutex::new(None),
+                    seq: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -320,6 +420,8 @@ impl Serving {
             validation_accuracy: RwLock::new(None),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            window: Mutex::new(SlotWindow::new(WINDOW_AGE, WINDOW_SAMPLES)),
+            shadow_in_flight: AtomicUsize::new(0),
         }))
     }
 
@@ -375,7 +477,7 @@ impl Serving {
     /// Stages `req` in the model's idle slot, loads and validates it, then
     /// promotes it in one committed step and one route swap. Returns the
     /// accuracy measured on the validation set, if there was one.
-    pub async fn install(&self, store: &Store, req: Install<'_>) -> Result<Option<f64>, InstallError> {
+    pub async fn install(&self, store: &Store, req: Install<'_>) -> Result<Installed, InstallError> {
         let m = req.manifest;
         let ms = self.entry(&m.name, store.load_slots(&m.name)?.unwrap_or_else(|| Slots::new(&m.name)));
         let mut slots = ms.slots.lock().await;
@@ -386,7 +488,7 @@ impl Serving {
             if let Err(e) = store.commit_slots(slots) {
                 tracing::error!(error = %crate::sync::error_chain(&e), "saving a failed slot failed");
             }
-            ms.swap(|r| Route { candidate: None, ..r.clone() });
+            ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
             Err(err)
         };
         let loaded = match self.start_worker(&m.name, color, m, req.deployment_id, req.model_path) {
@@ -397,6 +499,7 @@ impl Serving {
             // Whatever was in the idle slot (an old standby) is replaced.
             standby: r.standby.clone().filter(|s| s.color != color),
             candidate: Some(loaded.clone()),
+            mode: CandidateMode::Idle,
             ..r.clone()
         });
         if let Err(reason) = wait_running(&loaded.worker).await {
@@ -411,20 +514,52 @@ impl Serving {
             Err(reason) => return fail(&mut slots, InstallError::Validation(reason)),
         };
         *loaded.validation_accuracy.write().unwrap_or_else(PoisonError::into_inner) = accuracy;
-        if let Err(e) = slots.promote(color) {
-            return fail(&mut slots, InstallError::Refused(e.to_string()));
-        }
-        // The commit point: durable before any request reaches the new slot.
-        if let Err(e) = store.activate(&slots, req.deployment_id) {
-            let err = InstallError::from(e);
-            // Undo in memory what could not be made durable.
-            *slots = store.load_slots(&m.name).ok().flatten().unwrap_or_else(|| Slots::new(&m.name));
-            ms.swap(|r| Route { candidate: None, ..r.clone() });
-            return Err(err);
-        }
-        ms.swap(|r| Route { active: Some(loaded.clone()), standby: r.active.clone(), candidate: None });
-        tracing::info!(%slots, accuracy, "promoted");
-        Ok(accuracy)
+        loaded.window.lock().unwrap_or_else(PoisonError::into_inner).set_validation_accuracy(accuracy);
+        let first = req.policy.phases.first().map(|p| p.kind);
+        let promoted = match first {
+            Some(PhaseKind::Shadow | PhaseKind::Canary { .. }) if slots.active().is_some() => {
+                if let Err(e) = slots.start_canary(color) {
+                    return fail(&mut slots, InstallError::Refused(e.to_string()));
+                }
+                store.commit_slots(&slots)?;
+                let mode = match first {
+                    Some(PhaseKind::Canary { percent }) => CandidateMode::Canary(percent),
+                    _ => CandidateMode::Shadow,
+                };
+                ms.swap(|r| Route { candidate: Some(loaded.clone()), mode, ..r.clone() });
+                tracing::info!(%slots, ?mode, "rollout started");
+                false
+            }
+            // A first version, or a policy that goes straight to full.
+            _ => {
+                if let Err(e) = slots.promote(color) {
+                    return fail(&mut slots, InstallError::Refused(e.to_string()));
+                }
+                // The commit point: durable before any request reaches the new slot.
+                if let Err(e) = store.activate(&slots, req.deployment_id) {
+                    let err = InstallError::from(e);
+                    // Undo in memory what could not be made durable.
+                    *slots = store.load_slots(&m.name).ok().flatten().unwrap_or_else(|| Slots::new(&m.name));
+                    ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
+                    return Err(err);
+                }
+                ms.swap(|r| Route {
+                    active: Some(loaded.clone()),
+                    standby: r.active.clone(),
+                    candidate: None,
+                    mode: CandidateMode::Idle,
+                });
+                tracing::info!(%slots, accuracy, "promoted");
+                true
+            }
+        };
+        // A first version (nothing to compare with) counts as fully rolled out.
+        let phase = if promoted {
+            req.policy.phases.iter().position(|p| p.kind == PhaseKind::Full).unwrap_or(req.policy.phases.len())
+        } else {
+            0
+        };
+        Ok(Installed { accuracy, promoted, loaded, phase })
     }
 
     /// The slot a request goes to: `version` when given (active, or the warm
@@ -443,29 +578,111 @@ impl Serving {
         }
     }
 
-    /// Runs one request with named inputs on the slot [`Serving::pick`]
-    /// chooses. A batch of N samples on a model whose batch dim is symbolic
-    /// is run sample by sample.
+    /// Runs one request with named inputs: on `version` when given, else on
+    /// the active slot or, for a canary's share, on the candidate; in shadow
+    /// mode the candidate also gets a mirror whose answer is only compared.
+    /// A batch of N samples on a model whose batch dim is symbolic is run
+    /// sample by sample.
     pub async fn infer(
         &self,
         model: &str,
         version: Option<&str>,
         named: Vec<(String, Tensor)>,
+        id: Option<String>,
     ) -> Result<Served, ServeError> {
-        let slot = self.pick(model, version)?;
+        let ms = self.model(model).ok_or_else(|| ServeError::UnknownModel(model.to_owned()))?;
+        let route = ms.route();
+        let seq = ms.seq.fetch_add(1, Ordering::Relaxed);
+        let slot = match (version, &route.candidate, route.mode) {
+            (None, Some(c), CandidateMode::Canary(p)) if route.active.is_some() && canary_turn(seq, p) => c.clone(),
+            _ => self.pick(model, version)?,
+        };
         let inputs = order_inputs(&slot.inputs, named)?;
+        let shadow = match (&route.candidate, route.mode) {
+            (Some(c), CandidateMode::Shadow) if version.is_none() && !Arc::ptr_eq(c, &slot) => Some(c.clone()),
+            _ => None,
+        };
+        drop(route);
+        let mirror = shadow
+            .filter(|c| c.shadow_in_flight.load(Ordering::Relaxed) < MAX_SHADOW_IN_FLIGHT)
+            .map(|c| (c, inputs.clone()));
         slot.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let result = run_batched(&slot, inputs).await;
-        if matches!(result, Err(ServeError::Unavailable { .. })) {
-            slot.failures.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(_) => slot.record(started, true),
+            Err(ServeError::Unavailable { .. }) => {
+                slot.failures.fetch_add(1, Ordering::Relaxed);
+                slot.record(started, false);
+            }
+            Err(_) => {}
         }
-        result.map(|outputs| Served {
+        let outputs = result?;
+        let predicted = predicted_label(&outputs).filter(|_| outputs.first().and_then(|t| t.shape.first()) <= Some(&1));
+        if let Some((candidate, inputs)) = mirror {
+            candidate.shadow_in_flight.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = run_batched(&candidate, inputs).await;
+                candidate.record(started, result.is_ok());
+                if let (Ok(outputs), Some(active_label)) = (result, predicted) {
+                    let agreed = predicted_label(&outputs) == Some(active_label);
+                    candidate
+                        .window
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .record_agreement(agreed, Instant::now());
+                }
+                candidate.shadow_in_flight.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+        let id = id.unwrap_or_else(|| format!("sentinel-{}", self.next_id.fetch_add(1, Ordering::Relaxed)));
+        if let Some(label) = predicted {
+            self.remember(model, &id, &slot, label);
+        }
+        Ok(Served {
+            id,
             version: slot.version.clone(),
             color: slot.color,
             outputs,
             output_names: slot.outputs.iter().map(|o| o.name.clone()).collect(),
         })
     }
+
+    fn remember(&self, model: &str, id: &str, slot: &Arc<Loaded>, label: i64) {
+        let mut p = self.predictions.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (model.to_owned(), id.to_owned());
+        if p.by_id.insert(key.clone(), (Arc::downgrade(slot), label)).is_none() {
+            p.order.push_back(key);
+        }
+        while p.order.len() > FEEDBACK_MEMORY {
+            if let Some(old) = p.order.pop_front() {
+                p.by_id.remove(&old);
+            }
+        }
+    }
+
+    /// Ground truth for an earlier request: scores the slot that answered it.
+    /// `None` when the id is unknown or too old.
+    pub fn feedback(&self, model: &str, id: &str, label: i64) -> Option<FeedbackOutcome> {
+        let (slot, predicted) = {
+            let mut p = self.predictions.lock().unwrap_or_else(PoisonError::into_inner);
+            p.by_id.remove(&(model.to_owned(), id.to_owned()))?
+        };
+        let slot = slot.upgrade()?;
+        let correct = predicted == label;
+        slot.window.lock().unwrap_or_else(PoisonError::into_inner).record_feedback(correct, Instant::now());
+        Some(FeedbackOutcome { version: slot.version.clone(), predicted, correct })
+    }
+}
+
+/// Whether request number `seq` goes to a canary taking `percent`% of the
+/// traffic: spread evenly (request n goes to the canary when the running
+/// share crosses a whole request), so both slots serve side by side in every
+/// stretch of traffic rather than in blocks.
+fn canary_turn(seq: u64, percent: u8) -> bool {
+    let p = u64::from(percent);
+    (seq + 1) * p / 100 > seq * p / 100
 }
 
 /// Waits until the worker is ready, or returns why it never will be.
@@ -755,6 +972,18 @@ mod tests {
         assert!(check_inputs(&fixed, &[t(vec![2, 4])]).is_err(), "a fixed batch dim does not split");
         let i64_input = Tensor::from_i64(vec![1, 64], &[0; 64]);
         assert!(matches!(check_inputs(&specs, &[i64_input]), Err(ServeError::BadInput(m)) if m.contains("F32")));
+    }
+
+    #[test]
+    fn canary_shares_are_exact_and_interleaved() {
+        for p in [1u8, 10, 33, 50, 99] {
+            let picks: Vec<bool> = (0..1000).map(|s| canary_turn(s, p)).collect();
+            assert_eq!(picks.iter().filter(|x| **x).count(), usize::from(p) * 10, "{p}%");
+            // No stretch of 100 requests is far from the share.
+            for w in picks.windows(100) {
+                assert!(w.iter().filter(|x| **x).count().abs_diff(usize::from(p)) <= 1, "{p}%");
+            }
+        }
     }
 
     #[test]

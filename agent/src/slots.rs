@@ -136,8 +136,11 @@ impl Slots {
             Some(c) => c.other(),
             None => Color::Blue,
         };
+        // The same file under a new version number (a re-push) is a new
+        // version: it goes through validation and rollout like any other.
         if let Some(a) = self.active()
             && self.get(a).sha256.as_deref() == Some(sha256)
+            && self.get(a).version.as_deref() == Some(version)
         {
             return Err(refuse("stage", format!("{version} is already active in {}", a.as_str())));
         }

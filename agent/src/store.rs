@@ -87,6 +87,17 @@ const MIGRATIONS: &[&str] = &[
         sha256 TEXT PRIMARY KEY,
         signed BLOB NOT NULL
      );",
+    // 4: which deployment a status is about; versions rolled back on the device.
+    "ALTER TABLE models ADD COLUMN status_deployment INTEGER;
+     CREATE TABLE rejected (
+        model TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        version TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (model, sha256, version)
+     );",
 ];
 
 /// A model's slot assignment and latest status on this device.
@@ -103,6 +114,8 @@ pub struct ModelRow {
     /// The version the status is about (may differ from the active one).
     pub status_version: String,
     pub detail: String,
+    /// The deployment the status is about, when known.
+    pub status_deployment: Option<i64>,
 }
 
 /// One logged event.
@@ -210,7 +223,7 @@ impl Store {
         let mut stmt = conn
             .prepare(
                 "SELECT name, active_version, active_sha256, active_deployment, standby_version, standby_sha256,
-                        status, status_version, detail FROM models ORDER BY name",
+                        status, status_version, detail, status_deployment FROM models ORDER BY name",
             )
             .map_err(db("list models"))?;
         let rows = stmt
@@ -225,6 +238,7 @@ impl Store {
                     status: r.get(6)?,
                     status_version: r.get(7)?,
                     detail: r.get(8)?,
+                    status_deployment: r.get(9)?,
                 })
             })
             .map_err(db("list models"))?;
@@ -237,14 +251,74 @@ impl Store {
 
     /// Records a status for a model without touching its slots.
     pub fn set_status(&self, name: &str, status: &str, version: &str, detail: &str) -> Result<(), StoreError> {
+        self.write_status(name, status, version, detail, None)
+    }
+
+    /// Records a status about one deployment's version (reported to the hub
+    /// with that deployment's id).
+    pub fn set_deployment_status(
+        &self,
+        name: &str,
+        status: &str,
+        version: &str,
+        detail: &str,
+        deployment: i64,
+    ) -> Result<(), StoreError> {
+        self.write_status(name, status, version, detail, Some(deployment))
+    }
+
+    fn write_status(
+        &self,
+        name: &str,
+        status: &str,
+        version: &str,
+        detail: &str,
+        deployment: Option<i64>,
+    ) -> Result<(), StoreError> {
         self.conn()
             .execute(
-                "INSERT INTO models (name, status, status_version, detail, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(name) DO UPDATE SET status = ?2, status_version = ?3, detail = ?4, updated_at_ms = ?5",
-                params![name, status, version, detail, now_ms()],
+                "INSERT INTO models (name, status, status_version, detail, updated_at_ms, status_deployment)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET status = ?2, status_version = ?3, detail = ?4, updated_at_ms = ?5,
+                    status_deployment = ?6",
+                params![name, status, version, detail, now_ms(), deployment],
             )
             .map_err(db("set status"))?;
         Ok(())
+    }
+
+    /// Marks a version rolled back on this device at desired-state `revision`:
+    /// it is not tried again until a newer revision names it.
+    pub fn reject(
+        &self,
+        model: &str,
+        sha256: &str,
+        version: &str,
+        revision: u64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO rejected (model, sha256, version, revision, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(model, sha256, version) DO UPDATE SET revision = ?4, reason = ?5, at_ms = ?6",
+                params![model, sha256, version, i64::try_from(revision).unwrap_or(i64::MAX), reason, now_ms()],
+            )
+            .map_err(db("reject"))?;
+        Ok(())
+    }
+
+    /// The revision at which a version was rolled back here, and why.
+    pub fn rejected(&self, model: &str, sha256: &str, version: &str) -> Result<Option<(u64, String)>, StoreError> {
+        let row: Option<(i64, String)> = self
+            .conn()
+            .query_row(
+                "SELECT revision, reason FROM rejected WHERE model = ?1 AND sha256 = ?2 AND version = ?3",
+                params![model, sha256, version],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db("read rejected"))?;
+        Ok(row.map(|(rev, reason)| (u64::try_from(rev).unwrap_or(0), reason)))
     }
 
     /// Commits a promotion or a rollback: the model's slot pair and its
@@ -272,7 +346,8 @@ impl Store {
              ON CONFLICT(name) DO UPDATE SET
                 active_version = ?2, active_sha256 = ?3, active_deployment = ?4,
                 standby_version = ?5, standby_sha256 = ?6,
-                status = 'serving', status_version = COALESCE(?2, ''), detail = '', updated_at_ms = ?7",
+                status = 'serving', status_version = COALESCE(?2, ''), detail = '', updated_at_ms = ?7,
+                status_deployment = ?4",
             params![
                 slots.model,
                 version,

@@ -57,14 +57,21 @@ async fn install(store: &Store, serving: &Serving, version: &str, bytes: &[u8]) 
     serving
         .install(
             store,
-            Install { manifest: &m, deployment_id: 1, model_path: store.model_path(&sha), validation: None },
+            Install {
+                manifest: &m,
+                deployment_id: 1,
+                model_path: store.model_path(&sha),
+                validation: None,
+                policy: sentinel_agent::rollout::controller::default_policy(),
+            },
         )
         .await
+        .map(|i| i.accuracy)
 }
 
 async fn answers_with(serving: &Serving) -> String {
     let x = Tensor::from_f32(vec![1, 64], &[0.0; 64]);
-    serving.infer("digits", None, vec![("input".into(), x)]).await.unwrap().version
+    serving.infer("digits", None, vec![("input".into(), x)], None).await.unwrap().version
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +103,7 @@ async fn truncated_and_unsupported_models_never_get_traffic() {
         assert!(route.candidate.is_none());
         assert_eq!(answers_with(&serving).await, "1.0.0");
         let x = Tensor::from_f32(vec![1, 64], &[0.0; 64]);
-        let by_version = serving.infer("digits", Some(version), vec![("input".into(), x)]).await;
+        let by_version = serving.infer("digits", Some(version), vec![("input".into(), x)], None).await;
         assert!(by_version.is_err(), "{version} is not reachable by version either");
     }
     let row = store.model("digits").unwrap().unwrap();

@@ -22,7 +22,6 @@ use sentinel_agent::AgentHandle;
 use sentinel_agent::supervisor::SlotState as WorkerState;
 use serde_json::{Value, json};
 
-const SLOW: &str = "digits/digits_mlp_v3_slow.onnx";
 const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
 
 /// One response as a client saw it.
@@ -120,7 +119,7 @@ async fn a_promotion_under_load_drops_nothing_and_never_goes_back() {
     let tmp = tempfile::tempdir().unwrap();
     let (hub, agent) = serving_agent(tmp.path()).await;
     let addr = agent.inference_addr.unwrap();
-    hub.push("digits", "2.0.0", SLOW, "").await;
+    hub.push("digits", "2.0.0", DEGRADED, "").await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(addr, 4, stop.clone());
@@ -243,7 +242,7 @@ async fn a_version_failing_validation_on_the_device_never_serves_and_the_hub_hea
 async fn after_a_restart_the_active_version_serves_again_without_the_hub() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut hub, agent) = serving_agent(tmp.path()).await;
-    hub.push("digits", "2.0.0", SLOW, "").await;
+    hub.push("digits", "2.0.0", DEGRADED, "").await;
     hub.deploy("digits", "2.0.0", "site=a").await;
     agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
     let config = agent.shared.config.clone();

@@ -158,7 +158,7 @@ fn compute_states(
                         key_id: v.key_id.clone(),
                     }),
                     artifact_url: format!("{url}/artifact"),
-                    policy: None,
+                    policy: a.deployment.policy.as_ref().map(crate::rollout::RolloutPolicy::to_proto),
                     deployment_id: a.deployment.id,
                     validation_inputs_url: format!("{url}/validation/inputs"),
                     validation_labels_url: format!("{url}/validation/labels"),

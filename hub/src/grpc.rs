@@ -3,6 +3,9 @@
 //! Devices authenticate with their enrolment token in the `authorization`
 //! metadata. A token names exactly one device: asking for another device's
 //! stream, or reporting as another device, is refused.
+//!
+//! A report that changes a device's state for a deployment makes the hub
+//! re-check that deployment's health ([`crate::rollout`]).
 
 use std::pin::Pin;
 
@@ -103,6 +106,10 @@ impl AgentSync for SyncService {
             .meta(move |m| m.record_report(&id, &json, &events, crate::now_ms()))
             .await
             .map_err(|_| Status::unavailable("the hub cannot record the report right now"))?;
+        // After the report is stored, so the rollup sees it. Halting happens
+        // before the answer: a device that reports a rollback gets the
+        // fleet's reaction on its stream without waiting for another report.
+        crate::rollout::watch_report(&self.state, &device.id, device.report.as_ref(), &report.models).await;
         let interval = u64::try_from(self.state.config.heartbeat.as_millis()).unwrap_or(u64::MAX);
         Ok(Response::new(ReportAck { heartbeat_interval_ms: interval }))
     }

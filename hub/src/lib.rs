@@ -17,6 +17,8 @@
 //! - [`api`]: the axum router, one module per resource.
 //! - [`fleet`]: connected devices, their desired state, and pushing it.
 //! - [`grpc`]: the `AgentSync` gRPC service devices subscribe to.
+//! - [`rollout`]: rollout policies, per-device deployment status, and
+//!   halting a deployment too many devices rolled back or failed.
 //! - [`server`]: opening a hub and serving it until shutdown.
 //! - [`tls`]: the TLS listener for the REST API.
 //! - [`cli`]: the `sentinel` command-line client.
@@ -29,6 +31,7 @@ pub mod fleet;
 pub mod grpc;
 pub mod keys;
 pub mod onnx;
+pub mod rollout;
 pub mod selector;
 pub mod server;
 pub mod store;

@@ -12,5 +12,6 @@
 //! - [`window`]: per-slot metrics over a sliding window bounded by age and count.
 //! - [`decision`]: the rollout policy, its validation, and the decision function.
 
+pub mod controller;
 pub mod decision;
 pub mod window;

@@ -134,19 +134,29 @@ impl SlotWindow {
     /// Costs one pass over the window plus a sort of the successful
     /// latencies, in a buffer reused between calls.
     pub fn snapshot(&mut self, now: Instant) -> SlotMetrics {
+        self.snapshot_since(now, None)
+    }
+
+    /// Like [`SlotWindow::snapshot`], counting only events at or after
+    /// `since`: the baseline slot is judged over the same period as the
+    /// slot it is compared with, under the same load.
+    pub fn snapshot_since(&mut self, now: Instant, since: Option<Instant>) -> SlotMetrics {
         self.evict(now);
+        let recent = |at: Instant| since.is_none_or(|s| at >= s);
 
         self.scratch.clear();
-        self.scratch.extend(self.requests.iter().filter_map(|&(_, latency)| latency));
+        self.scratch.extend(self.requests.iter().filter(|(at, _)| recent(*at)).filter_map(|&(_, latency)| latency));
         self.scratch.sort_unstable();
         let latencies = &self.scratch;
 
-        let requests = count(self.requests.len());
-        let errors = count(self.requests.len() - latencies.len());
-        let feedback_total = count(self.feedback.len());
-        let feedback_correct = count(self.feedback.iter().filter(|&&(_, correct)| correct).count());
-        let agreement_total = count(self.agreement.len());
-        let agreement_agreed = count(self.agreement.iter().filter(|&&(_, agreed)| agreed).count());
+        let requests = count(self.requests.iter().filter(|(at, _)| recent(*at)).count());
+        let errors = requests - count(latencies.len());
+        let feedback = || self.feedback.iter().filter(|(at, _)| recent(*at));
+        let feedback_total = count(feedback().count());
+        let feedback_correct = count(feedback().filter(|&&(_, correct)| correct).count());
+        let agreement = || self.agreement.iter().filter(|(at, _)| recent(*at));
+        let agreement_total = count(agreement().count());
+        let agreement_agreed = count(agreement().filter(|&&(_, agreed)| agreed).count());
 
         SlotMetrics {
             requests,
@@ -155,7 +165,7 @@ impl SlotWindow {
             p50: nearest_rank(latencies, 50),
             p95: nearest_rank(latencies, 95),
             p99: nearest_rank(latencies, 99),
-            restarts: count(self.restarts.len()),
+            restarts: count(self.restarts.iter().filter(|at| recent(**at)).count()),
             feedback_correct,
             feedback_total,
             feedback_accuracy: ratio(feedback_correct, feedback_total),

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::{Mutex, Notify, watch};
 
+use crate::worker::model::{ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
 use crate::worker::protocol::{self, ProtocolError, Ready, ResponseError, Tensor};
 use crate::worker::sandbox::Confinement;
 use crate::worker::{EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine};
@@ -47,8 +48,9 @@ pub struct WorkerSpec {
     /// The worker's inference engine (`--engine`); tract by default.
     pub engine: Engine,
     /// The ONNX Runtime library, passed to an [`Engine::Ort`] worker as
-    /// `ORT_DYLIB_PATH` (its environment is otherwise cleared). Whoever builds
-    /// the spec takes it from the agent's own `ORT_DYLIB_PATH`.
+    /// `ORT_DYLIB_PATH` (its environment is otherwise cleared, and it also
+    /// gets `ORT_DISABLE_TELEMETRY=1`). Whoever builds the spec takes it from
+    /// the agent's own `ORT_DYLIB_PATH`.
     pub ort_dylib: Option<PathBuf>,
     /// `RLIMIT_AS` for the worker, if any.
     pub memory_limit_bytes: Option<u64>,
@@ -250,11 +252,13 @@ impl Worker {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // The one variable an ONNX Runtime worker needs: where its library is.
-        if spec.engine == Engine::Ort
-            && let Some(dylib) = &spec.ort_dylib
-        {
-            cmd.env("ORT_DYLIB_PATH", dylib);
+        // An ONNX Runtime worker needs two more: where its library is, and
+        // telemetry off (its thread, files and uploads would break the sandbox).
+        if spec.engine == Engine::Ort {
+            cmd.env(ORT_TELEMETRY_ENV, "1");
+            if let Some(dylib) = &spec.ort_dylib {
+                cmd.env(ORT_DYLIB_ENV, dylib);
+            }
         }
         if let Some(limit) = spec.memory_limit_bytes {
             let rlim = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };

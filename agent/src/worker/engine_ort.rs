@@ -5,7 +5,11 @@
 //! in `ORT_DYLIB_PATH` (the `onnxruntime` PyPI wheel ships one; see
 //! `.ci/install-onnxruntime`). Nothing is linked or downloaded at build time,
 //! and the library is never searched for by name: without the variable the
-//! engine refuses to load.
+//! engine refuses to load. It also refuses unless `ORT_DISABLE_TELEMETRY=1`:
+//! ONNX Runtime 1.32 on Linux otherwise starts a telemetry thread, writes a
+//! SQLite store under `$HOME/.cache/Microsoft` and may upload over HTTPS, and
+//! the confined worker would die with SIGSYS when that thread next wakes up or
+//! when the store is flushed at exit. The supervisor sets both variables.
 //!
 //! [`super::model::LoadedModel`] checks every request before it gets here, so
 //! this module only converts between wire tensors and ONNX Runtime values.
@@ -17,11 +21,8 @@ use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
-use super::model::{InferenceError, InputSpec, ModelError};
+use super::model::{InferenceError, InputSpec, ModelError, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
 use super::protocol::{DType, Tensor};
-
-/// The variable that names the ONNX Runtime library file.
-pub const DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 
 /// What to tell someone whose worker has no ONNX Runtime library.
 const HOW_TO_GET_IT: &str = "install it with `.ci/install-onnxruntime` (pip's onnxruntime==1.32.0) \
@@ -66,7 +67,9 @@ pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<I
         return Err(ModelError::InputCount { path: path.to_owned(), model: declared.len(), given: input_shapes.len() });
     }
     let mut inputs = Vec::with_capacity(declared.len());
-    let mut overrides: Vec<(String, usize)> = Vec::new();
+    // Symbol -> the size every use of it was given; `None` once two uses
+    // disagree.
+    let mut symbols: Vec<(String, Option<usize>)> = Vec::new();
     for (index, (outlet, shape)) in declared.iter().zip(input_shapes).enumerate() {
         let unsupported =
             |datum: String| ModelError::UnsupportedDType { path: path.to_owned(), what: "input", index, datum };
@@ -88,18 +91,21 @@ pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<I
             if d >= 0 || symbol.is_empty() {
                 continue;
             }
-            match overrides.iter().find(|(name, _)| name == symbol) {
-                Some((_, fixed)) if *fixed != s => {
-                    return Err(load_err(format!("dimension {symbol} is given as both {fixed} and {s}")));
-                }
+            match symbols.iter_mut().find(|(name, _)| name == symbol) {
+                Some((_, fixed)) if *fixed != Some(s) => *fixed = None,
                 Some(_) => {}
-                None => overrides.push((symbol.clone(), s)),
+                None => symbols.push((symbol.clone(), Some(s))),
             }
         }
         inputs.push(InputSpec { dtype, shape: shape.clone() });
     }
-    // Unnamed dynamic dimensions (`?`, `-1`) cannot be fixed by name; the
-    // request checks still hold every input to its given shape.
+    // Only a symbol with one size can be fixed by name. Exporters also write
+    // placeholders such as `?` for unrelated dimensions, so a symbol given two
+    // sizes stays dynamic, as do unnamed ones; the warm-up then shows whether
+    // the model accepts the given shapes, and the request checks hold every
+    // input to them.
+    let overrides: Vec<(String, usize)> =
+        symbols.into_iter().filter_map(|(name, size)| size.map(|size| (name, size))).collect();
     let session = if overrides.is_empty() {
         session
     } else {
@@ -189,12 +195,20 @@ fn environment() -> Result<Environment, ModelError> {
         return Ok(environment.clone());
     }
     let library = dylib_path()?;
+    if std::env::var_os(ORT_TELEMETRY_ENV).is_none_or(|v| v != "1") {
+        return Err(ModelError::Runtime {
+            message: format!(
+                "{ORT_TELEMETRY_ENV}=1 is required: with telemetry on, ONNX Runtime starts a thread, writes under \
+                 $HOME/.cache and uploads over HTTPS, which the sandbox forbids"
+            ),
+        });
+    }
     let runtime_err = |message: String| ModelError::Runtime { message };
     let environment = ort::init_from(&library)
         .map_err(|e| runtime_err(format!("{e}; {HOW_TO_GET_IT}")))?
         .with_name("sentinel-worker")
-        // Telemetry is a Windows (ETW) feature, but say so anyway: the worker
-        // sends nothing anywhere.
+        // Belt and braces with ORT_DISABLE_TELEMETRY: this only turns off the
+        // events, not the telemetry machinery, hence the variable.
         .with_telemetry(false)
         .build()
         .map_err(|e| runtime_err(e.to_string()))?;
@@ -204,13 +218,13 @@ fn environment() -> Result<Environment, ModelError> {
 
 /// The library named by `ORT_DYLIB_PATH`, which must be an existing file.
 pub fn dylib_path() -> Result<PathBuf, ModelError> {
-    let Some(value) = std::env::var_os(DYLIB_ENV).filter(|v| !v.is_empty()) else {
-        return Err(ModelError::Runtime { message: format!("{DYLIB_ENV} is not set; {HOW_TO_GET_IT}") });
+    let Some(value) = std::env::var_os(ORT_DYLIB_ENV).filter(|v| !v.is_empty()) else {
+        return Err(ModelError::Runtime { message: format!("{ORT_DYLIB_ENV} is not set; {HOW_TO_GET_IT}") });
     };
     let path = PathBuf::from(value);
     if !path.is_file() {
         return Err(ModelError::Runtime {
-            message: format!("{DYLIB_ENV}={} is not a file; {HOW_TO_GET_IT}", path.display()),
+            message: format!("{ORT_DYLIB_ENV}={} is not a file; {HOW_TO_GET_IT}", path.display()),
         });
     }
     Ok(path)

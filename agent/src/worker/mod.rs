@@ -88,7 +88,7 @@ pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
     // nothing is lazily initialised under it.
     let mut input = io::stdin().lock();
     let mut output = BufWriter::new(io::stdout().lock());
-    let ready = match sandbox::confine(config.confinement, config.engine)? {
+    let ready = match sandbox::confine(config.confinement)? {
         SandboxStatus::Confined => Ready { ready: true, confined: true, reason: None },
         SandboxStatus::Unconfined { reason } => Ready { ready: true, confined: false, reason: Some(reason) },
     };

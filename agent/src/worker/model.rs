@@ -55,6 +55,13 @@ impl std::fmt::Display for Engine {
     }
 }
 
+/// The variable that names the ONNX Runtime library file for [`Engine::Ort`].
+pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+/// The variable that must be `1` for [`Engine::Ort`]: with telemetry on,
+/// ONNX Runtime starts a timer thread, keeps a SQLite store under
+/// `$HOME/.cache` and uploads over HTTPS, which the sandbox forbids.
+pub const ORT_TELEMETRY_ENV: &str = "ORT_DISABLE_TELEMETRY";
+
 /// The model could not be prepared for serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

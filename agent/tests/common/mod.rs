@@ -192,9 +192,20 @@ pub fn agent_config(dir: &Path, hub: &TestHub, device: &str, token: &str, key: &
 
 /// Starts an agent for a freshly enrolled device.
 pub async fn start_agent(dir: &Path, hub: &TestHub, device: &str, labels: &[(&str, &str)]) -> AgentHandle {
+    start_agent_with(dir, hub, device, labels, "").await
+}
+
+/// Starts an agent with `extra` TOML (top-level keys or whole tables).
+pub async fn start_agent_with(
+    dir: &Path,
+    hub: &TestHub,
+    device: &str,
+    labels: &[(&str, &str)],
+    extra: &str,
+) -> AgentHandle {
     let token = hub.enroll(device, labels).await;
     let key = hub.public_key().await;
-    sentinel_agent::start(agent_config(dir, hub, device, &token, &key, "")).await.unwrap()
+    sentinel_agent::start(agent_config(dir, hub, device, &token, &key, extra)).await.unwrap()
 }
 
 /// The active version of `model` in a view.

@@ -1,9 +1,12 @@
 //! Deployments: which model version should run on which devices.
 //!
-//! For now a deployment is a record: model, version, target selector, who,
-//! when, state. Deploying to a target supersedes the active deployment of the
-//! same model to the same target; rolling back replaces it with an earlier
-//! version and marks it `rolled_back`.
+//! A deployment is a record: model, version, target selector, rollout
+//! policy, halt thresholds, who, when, state. Deploying to a target
+//! supersedes the active deployment of the same model to the same target;
+//! rolling back replaces it with an earlier version and marks it
+//! `rolled_back`. The hub itself halts a deployment too many devices rolled
+//! back or failed ([`crate::rollout`]); `GET /deployments/{id}` shows where
+//! it stands on each targeted device.
 
 use axum::Json;
 use axum::extract::State;
@@ -17,8 +20,12 @@ use super::models::check_name;
 use super::versions::{check_version, load_version};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page_limit};
 use crate::auth::Role;
+use crate::rollout::{DEFAULT_HALT_FRACTION, PolicyError, RolloutPolicy, Rollup, earlier_deployments, validate_halt};
 use crate::selector::Selector;
 use crate::store::{DeploymentRecord, NewDeployment};
+
+/// The states a deployment can be in, for filters and messages.
+const STATES: [&str; 5] = ["active", "superseded", "rolled_back", "halted", "cancelled"];
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeploymentOut {
@@ -29,12 +36,23 @@ pub struct DeploymentOut {
     pub target: String,
     /// `deploy` or `rollback`.
     pub kind: String,
-    /// `active`, `superseded`, `rolled_back` or `cancelled`.
+    /// `active`, `superseded`, `rolled_back`, `halted` or `cancelled`.
     pub state: String,
     pub created_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub replaces: Option<i64>,
+    /// The rollout policy sent to devices; absent: the agent's defaults.
+    pub policy: Option<RolloutPolicy>,
+    /// Halts when more than this fraction of targeted devices rolled back or failed.
+    pub halt_fraction: f64,
+    /// Halts when at least this many targeted devices rolled back or failed.
+    pub halt_count: Option<u32>,
+    /// Why the hub halted it (state `halted`).
+    pub halt_reason: Option<String>,
+    /// Where it stands on each targeted device (only in `GET /deployments/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Rollup>,
 }
 
 impl From<DeploymentRecord> for DeploymentOut {
@@ -50,6 +68,11 @@ impl From<DeploymentRecord> for DeploymentOut {
             created_at_ms: d.created_at_ms,
             updated_at_ms: d.updated_at_ms,
             replaces: d.replaces,
+            policy: d.policy,
+            halt_fraction: d.halt_fraction,
+            halt_count: d.halt_count,
+            halt_reason: d.halt_reason,
+            status: None,
         }
     }
 }
@@ -70,6 +93,14 @@ pub struct DeployRequest {
     /// `hardware=TAG` requires that hardware. Empty or absent: every device.
     #[serde(default)]
     pub target: String,
+    /// How devices move traffic to the version and when they give up on it;
+    /// absent: the agent's defaults.
+    pub policy: Option<RolloutPolicy>,
+    /// Halt when more than this fraction (0..=1) of targeted devices rolled
+    /// back or failed. Default 0.2.
+    pub halt_fraction: Option<f64>,
+    /// Also halt when at least this many targeted devices rolled back or failed.
+    pub halt_count: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -87,7 +118,7 @@ pub struct RollbackRequest {
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     pub model: Option<String>,
-    /// `active`, `superseded`, `rolled_back` or `cancelled`.
+    /// `active`, `superseded`, `rolled_back`, `halted` or `cancelled`.
     pub state: Option<String>,
     pub limit: Option<u32>,
     pub offset: Option<u32>,
@@ -95,6 +126,10 @@ pub struct ListParams {
 
 fn parse_target(target: &str) -> Result<Selector, ApiError> {
     Selector::parse(target).map_err(|e| ApiError::bad_request(format!("target {target:?}: {e}")))
+}
+
+fn invalid_policy(e: PolicyError) -> ApiError {
+    ApiError::unprocessable("invalid_policy", e.to_string())
 }
 
 fn created(d: DeploymentRecord, detail: String) -> Response {
@@ -115,6 +150,11 @@ pub async fn deploy(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Deployer, "deploying")?;
     let selector = parse_target(&body.target)?;
+    if let Some(p) = &body.policy {
+        p.validate().map_err(invalid_policy)?;
+    }
+    let halt_fraction = body.halt_fraction.unwrap_or(DEFAULT_HALT_FRACTION);
+    validate_halt(halt_fraction, body.halt_count).map_err(invalid_policy)?;
     let version = load_version(&state, &name, &body.version).await?;
     // A version that declares no hardware runs anywhere.
     if !version.hardware.is_empty()
@@ -136,6 +176,9 @@ pub async fn deploy(
         kind: "deploy".into(),
         created_by: caller.name.clone(),
         replaces: None,
+        policy: body.policy,
+        halt_fraction,
+        halt_count: body.halt_count,
     };
     let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
     super::push_to_fleet(&state).await;
@@ -183,19 +226,13 @@ pub async fn rollback(
             check_version(&v)?;
             v
         }
-        // History is newest first: the latest earlier deployment of another
-        // version to this target.
-        None => history
-            .iter()
-            .filter(|d| d.target == current.target && d.id < current.id && d.version != current.version)
-            .map(|d| d.version.clone())
-            .next()
-            .ok_or_else(|| {
-                ApiError::conflict(format!(
-                    "no earlier version of {name} was deployed to [{}]; pass the version to roll back to",
-                    current.target
-                ))
-            })?,
+        // The latest earlier deployment of another version to this target.
+        None => earlier_deployments(&history, &current).map(|d| d.version.clone()).next().ok_or_else(|| {
+            ApiError::conflict(format!(
+                "no earlier version of {name} was deployed to [{}]; pass the version to roll back to",
+                current.target
+            ))
+        })?,
     };
     load_version(&state, &name, &to_version).await?;
     let new = NewDeployment {
@@ -205,6 +242,10 @@ pub async fn rollback(
         kind: "rollback".into(),
         created_by: caller.name.clone(),
         replaces: Some(current.id),
+        // The earlier version goes back with the agent's default policy.
+        policy: None,
+        halt_fraction: DEFAULT_HALT_FRACTION,
+        halt_count: None,
     };
     let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
     super::push_to_fleet(&state).await;
@@ -223,11 +264,9 @@ pub async fn list(
 ) -> Result<Json<DeploymentList>, ApiError> {
     caller.require(Role::Viewer, "listing deployments")?;
     if let Some(s) = &p.state
-        && !["active", "superseded", "rolled_back", "cancelled"].contains(&s.as_str())
+        && !STATES.contains(&s.as_str())
     {
-        return Err(ApiError::bad_request(format!(
-            "unknown state {s:?}; use active, superseded, rolled_back or cancelled"
-        )));
+        return Err(ApiError::bad_request(format!("unknown state {s:?}; use one of {}", STATES.join(", "))));
     }
     let limit = page_limit(p.limit)?;
     let offset = p.offset.unwrap_or(0);
@@ -236,7 +275,7 @@ pub async fn list(
     Ok(Json(DeploymentList { deployments: rows.into_iter().map(Into::into).collect(), total, limit, offset }))
 }
 
-/// Show one deployment.
+/// Show one deployment, with where it stands on each targeted device.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}", security(("bearer" = [])),
     responses((status = 200, body = DeploymentOut), (status = 404, body = super::error::ErrorBody)))]
 pub async fn show(
@@ -245,6 +284,15 @@ pub async fn show(
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<DeploymentOut>, ApiError> {
     caller.require(Role::Viewer, "reading a deployment")?;
-    let d = state.meta(move |m| m.get_deployment(id)).await?;
-    d.map(|d| Json(d.into())).ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))
+    let found = state
+        .meta(move |m| {
+            let Some(d) = m.get_deployment(id)? else { return Ok(None) };
+            let status = crate::rollout::rollup(&d, &m.list_devices()?);
+            Ok(Some((d, status)))
+        })
+        .await?;
+    let (d, status) = found.ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))?;
+    let mut out = DeploymentOut::from(d);
+    out.status = Some(status);
+    Ok(Json(out))
 }

@@ -51,15 +51,8 @@ pub enum ModelCommand {
     List(ListArgs),
     /// Show a model and its versions.
     Show { name: String },
-    /// Deploy a version to the devices a target selects.
-    Deploy {
-        name: String,
-        #[arg(long)]
-        version: String,
-        /// Selector: `stage=production,site=a`, or a bare stage name; `hardware=TAG` requires hardware.
-        #[arg(long, default_value = "")]
-        target: String,
-    },
+    /// Deploy a version to the devices a target selects, with a rollout policy.
+    Deploy(DeployArgs),
     /// Roll a target back to an earlier version.
     Rollback {
         name: String,
@@ -114,6 +107,52 @@ pub struct PushArgs {
     pub description: String,
 }
 
+/// `sentinel model deploy NAME VERSION`: the policy comes from `--policy
+/// FILE`, and each flag overrides the file's field of the same name.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    pub name: String,
+    /// Version to deploy, e.g. 1.2.0.
+    #[arg(required_unless_present = "version_flag", conflicts_with = "version_flag")]
+    pub version: Option<String>,
+    /// The version, as a flag (same as the positional VERSION).
+    #[arg(long = "version", id = "version_flag", value_name = "VERSION")]
+    pub version_flag: Option<String>,
+    /// Selector: `stage=production,site=a`, or a bare stage name; `hardware=TAG` requires hardware.
+    #[arg(long, default_value = "")]
+    pub target: String,
+    /// Rollout policy file, JSON or TOML (by extension; otherwise JSON is
+    /// tried first), with the API's policy fields and optionally
+    /// `halt_fraction` and `halt_count`.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Comma-separated phases: `shadow`, `canary:N` (1-99), `full` (last).
+    #[arg(long, value_name = "PHASES")]
+    pub phases: Option<String>,
+    /// Seconds each phase runs before the next.
+    #[arg(long, value_name = "SECS")]
+    pub bake_secs: Option<u64>,
+    /// Requests a phase needs before its metrics count.
+    #[arg(long)]
+    pub min_samples: Option<u64>,
+    /// p95 latency of the new version at most this times the old one's.
+    #[arg(long, value_name = "RATIO")]
+    pub max_latency_ratio: Option<f64>,
+    /// Absolute minimum accuracy, 0..1.
+    #[arg(long, value_name = "FRACTION")]
+    pub min_accuracy: Option<f64>,
+    /// Largest accuracy drop from the old version, 0..1.
+    #[arg(long, value_name = "FRACTION")]
+    pub max_accuracy_drop: Option<f64>,
+    /// Halt the deployment when more than this fraction of targeted devices
+    /// rolled back or failed (hub default 0.2).
+    #[arg(long, value_name = "FRACTION")]
+    pub halt_fraction: Option<f64>,
+    /// Also halt when at least this many targeted devices rolled back or failed.
+    #[arg(long, value_name = "N")]
+    pub halt_count: Option<u32>,
+}
+
 #[derive(Debug, Args)]
 pub struct ListArgs {
     #[arg(long)]
@@ -134,13 +173,14 @@ pub enum DeploymentsCommand {
     List {
         #[arg(long)]
         model: Option<String>,
-        /// active, superseded, rolled_back or cancelled.
+        /// active, superseded, rolled_back, halted or cancelled.
         #[arg(long)]
         state: Option<String>,
         #[arg(long)]
         limit: Option<u32>,
     },
-    /// Show one deployment.
+    /// Show one deployment: policy, per-state counts, one row per targeted
+    /// device, and why it was halted.
     Show { id: i64 },
 }
 

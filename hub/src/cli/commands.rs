@@ -11,6 +11,7 @@ use super::args::{
     Cli, Command, DeploymentsCommand, DeviceCommand, HubCommand, ListArgs, ModelCommand, PushArgs, TokenCommand,
 };
 use super::client::HubClient;
+use super::deploy::{deploy_body, deployment_text};
 
 /// Percent-encodes a query value.
 fn q(v: &str) -> String {
@@ -30,7 +31,7 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) }
 }
 
-fn s(v: &Value) -> String {
+pub(super) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) if s.is_empty() => "-".into(),
@@ -41,7 +42,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn time(v: &Value) -> String {
+pub(super) fn time(v: &Value) -> String {
     let Some(ms) = v.as_i64() else { return "-".into() };
     let secs = ms / 1000;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -67,7 +68,7 @@ fn size(v: &Value) -> String {
     }
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
     for r in rows {
@@ -264,14 +265,9 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
             });
             Ok(())
         }
-        ModelCommand::Deploy { name, version, target } => {
-            let v = client
-                .send_json(
-                    Method::POST,
-                    &format!("/api/v1/models/{name}/deploy"),
-                    &json!({"version": version, "target": target}),
-                )
-                .await?;
+        ModelCommand::Deploy(a) => {
+            let body = deploy_body(&a)?;
+            let v = client.send_json(Method::POST, &format!("/api/v1/models/{}/deploy", a.name), &body).await?;
             out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
             Ok(())
         }
@@ -316,7 +312,13 @@ async fn deployments(client: &HubClient, out: &Out, cmd: DeploymentsCommand) -> 
         }
         DeploymentsCommand::Show { id } => {
             let v = client.get(&format!("/api/v1/deployments/{id}")).await?;
-            out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+            out.print(&v, |v| {
+                format!(
+                    "{}\n{}",
+                    table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))),
+                    deployment_text(v)
+                )
+            });
         }
     }
     Ok(())

@@ -18,10 +18,13 @@
 //! - [`args`]: the clap command tree.
 //! - [`client`]: a small typed client of `/api/v1`, with upload progress.
 //! - [`commands`]: one function per command, printing tables or JSON.
+//! - [`deploy`]: the deploy request from a policy file and flags, and the
+//!   rollout view of `deployments show`.
 
 pub mod args;
 pub mod client;
 pub mod commands;
+pub mod deploy;
 
 pub use args::Cli;
 

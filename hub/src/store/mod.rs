@@ -14,6 +14,8 @@ pub mod sqlite;
 
 use serde::Serialize;
 
+use crate::rollout::RolloutPolicy;
+
 pub use blobs::{BlobError, BlobStore, LocalBlobStore, StagedBlob};
 pub use sqlite::SqliteStore;
 
@@ -90,13 +92,21 @@ pub struct DeploymentRecord {
     pub target: String,
     /// `deploy` or `rollback`.
     pub kind: String,
-    /// `active`, `superseded`, `rolled_back` or `cancelled`.
+    /// `active`, `superseded`, `rolled_back`, `halted` or `cancelled`.
     pub state: String,
     pub created_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     /// For a rollback: the deployment it replaced.
     pub replaces: Option<i64>,
+    /// How devices move traffic to the version; `None`: the agent's defaults.
+    pub policy: Option<RolloutPolicy>,
+    /// Halt when more than this fraction of targeted devices rolled back or failed.
+    pub halt_fraction: f64,
+    /// Halt when at least this many targeted devices rolled back or failed.
+    pub halt_count: Option<u32>,
+    /// Why the hub halted the deployment (state `halted`).
+    pub halt_reason: Option<String>,
 }
 
 /// A new deployment. Storing it supersedes every active deployment of the
@@ -109,6 +119,19 @@ pub struct NewDeployment {
     pub kind: String,
     pub created_by: String,
     pub replaces: Option<i64>,
+    pub policy: Option<RolloutPolicy>,
+    pub halt_fraction: f64,
+    pub halt_count: Option<u32>,
+}
+
+/// What [`MetadataStore::halt_deployment`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HaltOutcome {
+    /// The deployment was no longer active (already halted, superseded, ...): nothing changed.
+    NotActive,
+    /// The deployment is now `halted`; `restored` is the deployment that
+    /// brings the previous version back, if there was one.
+    Halted { restored: Option<Box<DeploymentRecord>> },
 }
 
 /// An API token as stored: only the SHA-256 of the secret is kept.
@@ -156,6 +179,8 @@ pub struct DeviceRecord {
     pub hello: Option<serde_json::Value>,
     /// The last `AgentReport`, as JSON.
     pub report: Option<serde_json::Value>,
+    /// When the hub received the last report.
+    pub report_at_ms: Option<i64>,
 }
 
 /// Something a device reported happening.
@@ -252,6 +277,17 @@ pub trait MetadataStore: DeviceStore + Send + Sync + std::fmt::Debug {
     /// Active deployments of a model, newest first.
     fn active_deployments(&self, model: &str) -> Result<Vec<DeploymentRecord>, StoreError>;
     fn set_deployment_state(&self, id: i64, state: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Marks an active deployment `halted` with `reason` and, in the same
+    /// transaction, stores `restore` (the deployment that brings the previous
+    /// version back). Does nothing when the deployment is no longer active,
+    /// so concurrent callers halt it at most once.
+    fn halt_deployment(
+        &self,
+        id: i64,
+        reason: &str,
+        restore: Option<&NewDeployment>,
+        now_ms: i64,
+    ) -> Result<HaltOutcome, StoreError>;
 
     fn insert_token(
         &self,

@@ -11,8 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use super::{
-    AuditEntry, DeploymentRecord, DeviceEvent, DeviceRecord, MetadataStore, ModelFilter, ModelRecord, NewDeployment,
-    StoreError, TokenRecord, VersionRecord,
+    AuditEntry, DeploymentRecord, DeviceEvent, DeviceRecord, HaltOutcome, MetadataStore, ModelFilter, ModelRecord,
+    NewDeployment, StoreError, TokenRecord, VersionRecord,
 };
 
 /// Each entry moves the schema from version `i` to `i + 1`. Never edit an
@@ -106,6 +106,12 @@ const MIGRATIONS: &[&str] = &[
         revision INTEGER NOT NULL
      );
      INSERT INTO fleet (id, revision) VALUES (1, 1);",
+    // 3: rollout policies, halt thresholds and halts; when each report arrived.
+    "ALTER TABLE deployments ADD COLUMN policy TEXT;
+     ALTER TABLE deployments ADD COLUMN halt_fraction REAL NOT NULL DEFAULT 0.2;
+     ALTER TABLE deployments ADD COLUMN halt_count INTEGER;
+     ALTER TABLE deployments ADD COLUMN halt_reason TEXT;
+     ALTER TABLE devices ADD COLUMN report_at_ms INTEGER;",
 ];
 
 /// The metadata store on one SQLite file.
@@ -169,8 +175,8 @@ fn version_from_row(row: &Row<'_>) -> rusqlite::Result<VersionRecord> {
     })
 }
 
-const DEPLOYMENT_COLS: &str =
-    "id, model, version, target, kind, state, created_by, created_at_ms, updated_at_ms, replaces";
+const DEPLOYMENT_COLS: &str = "id, model, version, target, kind, state, created_by, created_at_ms, updated_at_ms, \
+     replaces, policy, halt_fraction, halt_count, halt_reason";
 
 fn deployment_from_row(row: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
     Ok(DeploymentRecord {
@@ -184,6 +190,63 @@ fn deployment_from_row(row: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
         created_at_ms: row.get(7)?,
         updated_at_ms: row.get(8)?,
         replaces: row.get(9)?,
+        // The policy was validated before it was stored; a row this hub
+        // cannot read any more deploys with the agent's defaults.
+        policy: row.get::<_, Option<String>>(10)?.and_then(|t| serde_json::from_str(&t).ok()),
+        halt_fraction: row.get(11)?,
+        halt_count: row.get(12)?,
+        halt_reason: row.get(13)?,
+    })
+}
+
+/// Supersedes the active deployments of the same model and target and
+/// stores `d` as active, inside the caller's transaction.
+fn insert_deployment_in(
+    tx: &rusqlite::Transaction<'_>,
+    d: &NewDeployment,
+    replaced_state: &str,
+    now_ms: i64,
+) -> Result<DeploymentRecord, StoreError> {
+    tx.execute(
+        "UPDATE deployments SET state = ?3, updated_at_ms = ?4
+         WHERE model = ?1 AND target = ?2 AND state = 'active'",
+        params![d.model, d.target, replaced_state, now_ms],
+    )
+    .map_err(db("supersede deployments"))?;
+    let policy = d.policy.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default());
+    tx.execute(
+        "INSERT INTO deployments (model, version, target, kind, state, created_by, created_at_ms, updated_at_ms,
+             replaces, policy, halt_fraction, halt_count)
+         VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            d.model,
+            d.version,
+            d.target,
+            d.kind,
+            d.created_by,
+            now_ms,
+            d.replaces,
+            policy,
+            d.halt_fraction,
+            d.halt_count
+        ],
+    )
+    .map_err(db("insert deployment"))?;
+    Ok(DeploymentRecord {
+        id: tx.last_insert_rowid(),
+        model: d.model.clone(),
+        version: d.version.clone(),
+        target: d.target.clone(),
+        kind: d.kind.clone(),
+        state: "active".into(),
+        created_by: d.created_by.clone(),
+        created_at_ms: now_ms,
+        updated_at_ms: now_ms,
+        replaces: d.replaces,
+        policy: d.policy.clone(),
+        halt_fraction: d.halt_fraction,
+        halt_count: d.halt_count,
+        halt_reason: None,
     })
 }
 
@@ -464,32 +527,9 @@ impl MetadataStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db("begin deployment"))?;
         let replaced_state = if d.kind == "rollback" { "rolled_back" } else { "superseded" };
-        tx.execute(
-            "UPDATE deployments SET state = ?3, updated_at_ms = ?4
-             WHERE model = ?1 AND target = ?2 AND state = 'active'",
-            params![d.model, d.target, replaced_state, now_ms],
-        )
-        .map_err(db("supersede deployments"))?;
-        tx.execute(
-            "INSERT INTO deployments (model, version, target, kind, state, created_by, created_at_ms, updated_at_ms, replaces)
-             VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?6, ?7)",
-            params![d.model, d.version, d.target, d.kind, d.created_by, now_ms, d.replaces],
-        )
-        .map_err(db("insert deployment"))?;
-        let id = tx.last_insert_rowid();
+        let record = insert_deployment_in(&tx, d, replaced_state, now_ms)?;
         tx.commit().map_err(db("commit deployment"))?;
-        Ok(DeploymentRecord {
-            id,
-            model: d.model.clone(),
-            version: d.version.clone(),
-            target: d.target.clone(),
-            kind: d.kind.clone(),
-            state: "active".into(),
-            created_by: d.created_by.clone(),
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            replaces: d.replaces,
-        })
+        Ok(record)
     }
 
     fn get_deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError> {
@@ -536,6 +576,30 @@ impl MetadataStore for SqliteStore {
             return Err(StoreError::NotFound { what: format!("deployment {id}") });
         }
         Ok(())
+    }
+
+    fn halt_deployment(
+        &self,
+        id: i64,
+        reason: &str,
+        restore: Option<&NewDeployment>,
+        now_ms: i64,
+    ) -> Result<HaltOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin halt"))?;
+        let n = tx
+            .execute(
+                "UPDATE deployments SET state = 'halted', halt_reason = ?2, updated_at_ms = ?3
+                 WHERE id = ?1 AND state = 'active'",
+                params![id, reason, now_ms],
+            )
+            .map_err(db("halt deployment"))?;
+        if n == 0 {
+            return Ok(HaltOutcome::NotActive);
+        }
+        let restored = restore.map(|d| insert_deployment_in(&tx, d, "superseded", now_ms).map(Box::new)).transpose()?;
+        tx.commit().map_err(db("commit halt"))?;
+        Ok(HaltOutcome::Halted { restored })
     }
 
     fn insert_token(
@@ -633,7 +697,8 @@ impl MetadataStore for SqliteStore {
     }
 }
 
-const DEVICE_COLS: &str = "id, labels, hardware, agent_version, created_at_ms, created_by, last_seen_ms, hello, report";
+const DEVICE_COLS: &str =
+    "id, labels, hardware, agent_version, created_at_ms, created_by, last_seen_ms, hello, report, report_at_ms";
 
 fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
     let json = |idx: usize| -> rusqlite::Result<Option<serde_json::Value>> {
@@ -649,6 +714,7 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
         last_seen_ms: row.get(6)?,
         hello: json(7)?,
         report: json(8)?,
+        report_at_ms: row.get(9)?,
     })
 }
 
@@ -743,7 +809,7 @@ impl super::DeviceStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db("begin report"))?;
         tx.execute(
-            "UPDATE devices SET report = ?2, last_seen_ms = ?3 WHERE id = ?1",
+            "UPDATE devices SET report = ?2, last_seen_ms = ?3, report_at_ms = ?3 WHERE id = ?1",
             params![id, report.to_string(), now_ms],
         )
         .map_err(db("record report"))?;
@@ -868,6 +934,39 @@ mod tests {
         assert!(filter(Some("production"), None).is_empty());
         assert_eq!(filter(None, Some("aarch64")), ["a"]);
         assert!(filter(None, Some("aarch")).is_empty(), "tags match whole, not by prefix");
+    }
+
+    fn new_deployment(version: &str, kind: &str) -> NewDeployment {
+        NewDeployment {
+            model: "a".into(),
+            version: version.into(),
+            target: "site=x".into(),
+            kind: kind.into(),
+            created_by: "t".into(),
+            replaces: None,
+            policy: None,
+            halt_fraction: 0.2,
+            halt_count: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_deployment_halts_once_and_restores_in_the_same_transaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        let d = store.insert_deployment(&new_deployment("2.0.0", "deploy"), 1).expect("insert");
+        let restore = new_deployment("1.0.0", "rollback");
+        let HaltOutcome::Halted { restored: Some(r) } =
+            store.halt_deployment(d.id, "too many failed", Some(&restore), 2).expect("halt")
+        else {
+            panic!("the active deployment halts and the earlier version comes back");
+        };
+        let halted = store.get_deployment(d.id).expect("get").expect("exists");
+        assert_eq!((halted.state.as_str(), halted.halt_reason.as_deref()), ("halted", Some("too many failed")));
+        assert_eq!(halted.halt_count, Some(3));
+        assert_eq!(store.active_deployments("a").expect("active"), [*r]);
+        assert_eq!(store.halt_deployment(d.id, "again", None, 3).expect("halt"), HaltOutcome::NotActive);
+        assert_eq!(store.active_deployments("a").expect("active").len(), 1);
     }
 
     #[test]

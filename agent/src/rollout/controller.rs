@@ -1,0 +1,374 @@
+//! The rollout of one validated version: moves it through the policy's
+//! phases (shadow, canary N%, full, standby bake) on the decisions of
+//! [`super::decision::decide`], and rolls it back on the device, at once,
+//! when it is worse than the version it would replace.
+//!
+//! A rollback puts traffic back on the old slot with one route swap first,
+//! then commits the slots, marks the version rejected at this desired-state
+//! revision (so a restart does not retry it), stops the bad worker, and
+//! tells the hub why, with a metrics snapshot.
+
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use sentinel_proto::pb::RolloutPolicy;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::decision::{Decision, Phase, PhaseKind, Policy, Thresholds, decide};
+use super::window::SlotMetrics;
+use crate::agent::Shared;
+use crate::serving::{CandidateMode, Loaded, ModelServing, Route};
+use crate::slots::SlotState;
+use crate::supervisor::SlotState as WorkerState;
+
+/// How often a rollout looks at the metrics. A control-loop period: decisions
+/// depend on sample counts and bake times, never on this.
+pub const TICK: Duration = Duration::from_millis(20);
+
+/// A running rollout; cancelled when a newer desired state supersedes it.
+#[derive(Debug)]
+pub struct RolloutTask {
+    pub version: String,
+    pub sha256: String,
+    cancel: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl RolloutTask {
+    /// Stops the rollout and waits for it: a candidate still in shadow or
+    /// canary is failed (traffic stays on the active slot); a version already
+    /// promoted stays active and its standby is released from watching.
+    pub async fn cancel(self) {
+        let _ = self.cancel.send(true);
+        let _ = self.done.await;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.done.is_finished()
+    }
+}
+
+/// Builds the device's policy for one deployment: the deployment's own
+/// fields where set, the agent's defaults elsewhere.
+pub fn policy_from(proto: Option<&RolloutPolicy>, defaults: &Policy) -> Result<Policy, String> {
+    let Some(p) = proto else { return Ok(defaults.clone()) };
+    let mut policy = defaults.clone();
+    let bake = if p.bake_seconds > 0 { Some(Duration::from_secs(p.bake_seconds)) } else { None };
+    if !p.phases.is_empty() {
+        policy.phases = p
+            .phases
+            .iter()
+            .map(|s| {
+                let kind = match s.split_once(':') {
+                    None if s == "shadow" => PhaseKind::Shadow,
+                    None if s == "full" => PhaseKind::Full,
+                    Some(("canary", n)) => {
+                        PhaseKind::Canary { percent: n.parse().map_err(|_| format!("phase {s:?}: bad percentage"))? }
+                    }
+                    _ => return Err(format!("phase {s:?}: expected shadow, canary:N or full")),
+                };
+                Ok(Phase { kind, bake: bake.unwrap_or(Duration::ZERO), min_samples: p.min_samples })
+            })
+            .collect::<Result<_, String>>()?;
+    } else if bake.is_some() || p.min_samples > 0 {
+        for phase in &mut policy.phases {
+            phase.bake = bake.unwrap_or(phase.bake);
+            phase.min_samples = if p.min_samples > 0 { p.min_samples } else { phase.min_samples };
+        }
+    }
+    let set = |v: f64| (v > 0.0).then_some(v);
+    let t = &mut policy.thresholds;
+    t.max_p95_ratio = set(p.max_latency_ratio).or(t.max_p95_ratio);
+    t.max_p95 = set(p.latency_slo_ms).map(|ms| Duration::from_secs_f64(ms / 1000.0)).or(t.max_p95);
+    t.max_error_rate = set(p.max_error_rate).or(t.max_error_rate);
+    t.min_accuracy = set(p.min_accuracy).or(t.min_accuracy);
+    t.max_accuracy_drop = set(p.max_accuracy_drop).or(t.max_accuracy_drop);
+    t.min_agreement = set(p.min_shadow_agreement).or(t.min_agreement);
+    if p.max_restarts > 0 {
+        t.max_restarts = Some(u64::from(p.max_restarts));
+    }
+    if p.standby_bake_seconds > 0 {
+        policy.standby_bake = Duration::from_secs(p.standby_bake_seconds);
+    }
+    if p.min_accuracy_samples > 0 {
+        policy.min_accuracy_samples = p.min_accuracy_samples;
+    }
+    policy.validate().map_err(|e| e.to_string())?;
+    Ok(policy)
+}
+
+/// The agent's default when a deployment names no policy: straight to full,
+/// then the old version stays warm and watched for a minute, judged on at
+/// least 200 requests (fewer p95s are mostly noise).
+pub fn default_policy() -> Policy {
+    Policy {
+        phases: vec![Phase { kind: PhaseKind::Full, bake: Duration::ZERO, min_samples: 200 }],
+        thresholds: Thresholds::default(),
+        standby_bake: Duration::from_secs(60),
+        min_accuracy_samples: 50,
+    }
+}
+
+/// Starts watching `green` from `phase` (the phase [`crate::serving::Serving::install`]
+/// put it in) and registers the task on the model.
+pub fn spawn(shared: Arc<Shared>, ms: Arc<ModelServing>, green: Arc<Loaded>, policy: Policy, phase: usize) {
+    let (cancel, cancel_rx) = watch::channel(false);
+    let (version, sha256) = (green.version.clone(), green.sha256.clone());
+    let done = tokio::spawn(run(shared, ms.clone(), green, policy, phase, cancel_rx));
+    let task = RolloutTask { version, sha256, cancel, done };
+    *ms.rollout.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+}
+
+fn agent_state(kind: Option<PhaseKind>) -> &'static str {
+    match kind {
+        Some(PhaseKind::Shadow) => "shadow",
+        Some(PhaseKind::Canary { .. }) => "canary",
+        _ => "serving",
+    }
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    ms: Arc<ModelServing>,
+    green: Arc<Loaded>,
+    policy: Policy,
+    mut phase: usize,
+    mut cancel: watch::Receiver<bool>,
+) {
+    let mut phase_start = Instant::now();
+    let mut seen_restarts = green.worker.restarts();
+    // When the current phase saw its first sample: the detection delay of a
+    // rollback is measured from there.
+    let mut first_sample: Option<Instant> = None;
+    set_status(&shared, &green, agent_state(policy.phases.get(phase).map(|p| p.kind)), "");
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.changed() => {
+                cancelled(&shared, &ms, &green).await;
+                return;
+            }
+        }
+        let now = Instant::now();
+        let restarts = green.worker.restarts();
+        if restarts > seen_restarts {
+            let mut w = green.window.lock().unwrap_or_else(PoisonError::into_inner);
+            for _ in seen_restarts..restarts {
+                w.record_restart(now);
+            }
+            seen_restarts = restarts;
+        }
+        let route = ms.route();
+        let promoted = route.active.as_ref().is_some_and(|a| Arc::ptr_eq(a, &green));
+        let blue = if promoted { route.standby.clone() } else { route.active.clone() };
+        drop(route);
+        if let WorkerState::Failed(reason) = green.worker.state() {
+            let text = format!("the new version's worker keeps failing: {reason}");
+            let blue_metrics = blue.map(|b| b.metrics(now));
+            rollback(&shared, &ms, &green, "crash", &text, &green.metrics(now), blue_metrics, Detection::default())
+                .await;
+            return;
+        }
+        let green_metrics = green.metrics(now);
+        // The old slot over this phase only: the same period and load as the new one.
+        let mut blue_metrics = blue.as_ref().map(|b| b.metrics_since(now, phase_start)).unwrap_or_default();
+        if promoted {
+            // Once promoted, the old slot takes no traffic: its latencies are
+            // from another time and another load, so a ratio against them
+            // would mostly measure the machine. Latency ratios are judged
+            // only in shadow and canary phases, where both slots serve side
+            // by side; after that only the absolute SLO applies.
+            (blue_metrics.p50, blue_metrics.p95, blue_metrics.p99) = (None, None, None);
+        }
+        if first_sample.is_none() && green_metrics.requests + green_metrics.agreement_total > 0 {
+            first_sample = Some(now);
+        }
+        let obs = super::decision::Observation {
+            phase,
+            phase_elapsed: now - phase_start,
+            green: green_metrics,
+            blue: blue_metrics,
+        };
+        match decide(&policy, &obs) {
+            Decision::Hold(_) => {}
+            Decision::Rollback(reason) => {
+                let detection = Detection {
+                    samples: green_metrics.requests.max(green_metrics.agreement_total),
+                    after: first_sample.map_or(Duration::ZERO, |t| now - t),
+                };
+                let text = reason.to_string();
+                rollback(&shared, &ms, &green, reason.kind(), &text, &green_metrics, Some(blue_metrics), detection)
+                    .await;
+                return;
+            }
+            Decision::Promote if phase >= policy.phases.len() => {
+                tracing::info!(model = %green.model, version = %green.version, "standby bake over; rollout complete");
+                set_status(&shared, &green, "serving", "");
+                shared.event("rollout_complete", &green.model, &green.version, "promoted through every phase");
+                return;
+            }
+            Decision::Promote => {
+                phase += 1;
+                phase_start = now;
+                {
+                    let mut w = green.window.lock().unwrap_or_else(PoisonError::into_inner);
+                    let accuracy = *green.validation_accuracy.read().unwrap_or_else(PoisonError::into_inner);
+                    w.reset();
+                    w.set_validation_accuracy(accuracy);
+                }
+                match policy.phases.get(phase).map(|p| p.kind) {
+                    Some(PhaseKind::Full) | None if !promoted => {
+                        if let Err(reason) = promote(&shared, &ms, &green).await {
+                            let d = Detection::default();
+                            rollback(&shared, &ms, &green, "promote_failed", &reason, &green_metrics, None, d).await;
+                            return;
+                        }
+                    }
+                    Some(PhaseKind::Shadow) => ms.swap(|r| Route { mode: CandidateMode::Shadow, ..r.clone() }),
+                    Some(PhaseKind::Canary { percent }) => {
+                        ms.swap(|r| Route { mode: CandidateMode::Canary(percent), ..r.clone() });
+                    }
+                    _ => {}
+                }
+                let state = agent_state(policy.phases.get(phase).map(|p| p.kind));
+                set_status(&shared, &green, state, "");
+                let passed = json!({"green": metrics_json(&green_metrics), "blue": metrics_json(&blue_metrics)});
+                shared.event(
+                    "rollout_phase",
+                    &green.model,
+                    &green.version,
+                    &format!("entered phase {phase} ({state}) | {passed}"),
+                );
+                tracing::info!(model = %green.model, version = %green.version, phase, state, "rollout phase");
+            }
+        }
+    }
+}
+
+/// Makes the canary the active slot: one committed step, one route swap.
+async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Result<(), String> {
+    let mut slots = ms.slots.lock().await;
+    slots.promote(green.color).map_err(|e| e.to_string())?;
+    if let Err(e) = shared.store.activate(&slots, green.deployment_id) {
+        *slots = shared.store.load_slots(&ms.name).ok().flatten().unwrap_or_else(|| slots.clone());
+        return Err(crate::sync::error_chain(&e));
+    }
+    ms.swap(|r| Route {
+        active: Some(green.clone()),
+        standby: r.active.clone(),
+        candidate: None,
+        mode: CandidateMode::Idle,
+    });
+    Ok(())
+}
+
+/// How long a bad version served before the decision: samples in the phase,
+/// and time since the phase's first sample.
+#[derive(Debug, Clone, Copy, Default)]
+struct Detection {
+    samples: u64,
+    after: Duration,
+}
+
+/// Traffic back to the old slot first, then the durable record and the report.
+#[allow(clippy::too_many_arguments)]
+async fn rollback(
+    shared: &Shared,
+    ms: &ModelServing,
+    green: &Arc<Loaded>,
+    kind: &str,
+    reason: &str,
+    green_metrics: &SlotMetrics,
+    blue_metrics: Option<SlotMetrics>,
+    detection: Detection,
+) {
+    let started = Instant::now();
+    let mut was_active = false;
+    ms.swap(|r| {
+        if r.active.as_ref().is_some_and(|a| Arc::ptr_eq(a, green)) {
+            was_active = true;
+            Route { active: r.standby.clone(), standby: None, candidate: None, mode: CandidateMode::Idle }
+        } else {
+            Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() }
+        }
+    });
+    let switch = started.elapsed();
+    let mut slots = ms.slots.lock().await;
+    let committed = match slots.rollback(reason) {
+        Ok(back) if was_active => {
+            let deployment = ms.route().active.as_ref().map_or(0, |a| a.deployment_id);
+            tracing::info!(model = %ms.name, to = back.as_str(), "standby active again");
+            shared.store.activate(&slots, deployment)
+        }
+        Ok(_) => shared.store.commit_slots(&slots),
+        Err(e) => {
+            tracing::error!(error = %e, %slots, "slot rollback refused");
+            Ok(())
+        }
+    };
+    if let Err(e) = committed {
+        tracing::error!(error = %crate::sync::error_chain(&e), "saving the rollback failed; traffic is back on the old slot");
+    }
+    drop(slots);
+    let revision = shared.applied_revision();
+    if let Err(e) = shared.store.reject(&green.model, &green.sha256, &green.version, revision, reason) {
+        tracing::error!(error = %crate::sync::error_chain(&e), "recording the rejected version failed");
+    }
+    let snapshot = json!({
+        "kind": kind,
+        "switch_us": switch.as_micros(),
+        "detected_after_samples": detection.samples,
+        "detected_after_ms": detection.after.as_millis(),
+        "green": metrics_json(green_metrics),
+        "blue": blue_metrics.as_ref().map(metrics_json),
+    });
+    tracing::warn!(model = %green.model, version = %green.version, kind, %reason, switch_us = switch.as_micros(), "rolled back");
+    set_status(shared, green, "rolled_back", reason);
+    shared.event("rolled_back", &green.model, &green.version, &format!("{reason} | {snapshot}"));
+}
+
+/// A superseded rollout: a candidate not yet promoted fails; a promoted
+/// version keeps serving.
+async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
+    let route = ms.route();
+    if route.candidate.as_ref().is_some_and(|c| Arc::ptr_eq(c, green)) {
+        ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
+        let mut slots = ms.slots.lock().await;
+        if slots.get(green.color).state == SlotState::Canary {
+            let _ = slots.fail(green.color, "superseded by a newer desired state");
+            if let Err(e) = shared.store.commit_slots(&slots) {
+                tracing::error!(error = %crate::sync::error_chain(&e), "saving a cancelled rollout failed");
+            }
+        }
+        shared.event("rollout_cancelled", &green.model, &green.version, "superseded by a newer desired state");
+    }
+}
+
+fn set_status(shared: &Shared, green: &Loaded, state: &str, detail: &str) {
+    if let Err(e) = shared.store.set_deployment_status(&green.model, state, &green.version, detail, green.deployment_id)
+    {
+        tracing::error!(error = %crate::sync::error_chain(&e), "saving the model status failed");
+    }
+    shared.changed();
+}
+
+/// The figures a report and the status show for one slot.
+pub fn metrics_json(m: &SlotMetrics) -> serde_json::Value {
+    let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3);
+    json!({
+        "requests": m.requests,
+        "errors": m.errors,
+        "error_rate": m.error_rate,
+        "p50_ms": ms(m.p50),
+        "p95_ms": ms(m.p95),
+        "p99_ms": ms(m.p99),
+        "restarts": m.restarts,
+        "feedback_accuracy": m.feedback_accuracy,
+        "feedback_total": m.feedback_total,
+        "agreement_rate": m.agreement_rate,
+        "agreement_total": m.agreement_total,
+        "validation_accuracy": m.validation_accuracy,
+    })
+}

@@ -1,0 +1,114 @@
+//! The fleet learns from its devices: five real agents take a deployment
+//! whose policy the hub sets; two of them see the new version lose accuracy
+//! on their traffic and roll back on their own; 2 of 5 is above the 20%
+//! threshold, so the hub halts the deployment and every device, including
+//! the three still in canary, returns to the previous version.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sentinel_agent::AgentHandle;
+use serde_json::{Value, json};
+
+const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
+
+fn read_f32(rel: &str) -> Vec<f32> {
+    model_bytes(rel).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn read_i64(rel: &str) -> Vec<i64> {
+    model_bytes(rel).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// Sends labelled digits with feedback until the device rolls the model back.
+async fn traffic_until_rollback(agent: &AgentHandle) {
+    let addr = agent.inference_addr.unwrap();
+    let http = reqwest::Client::new();
+    let (x, y) = (read_f32("data/digits_test_x.bin"), read_i64("data/digits_test_y.bin"));
+    let mut i = 0usize;
+    while status(&agent.view(), "digits").is_none_or(|s| s.0 != "rolled_back") {
+        let s = i % 360;
+        i += 1;
+        let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[s * 64..(s + 1) * 64]}]});
+        let v: Value = http
+            .post(format!("http://{addr}/v2/models/digits/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let f = json!({"id": v["id"], "label": y[s]});
+        http.post(format!("http://{addr}/v2/models/digits/feedback")).json(&f).send().await.unwrap();
+        assert!(i < 100_000, "never rolled back: {:?}", status(&agent.view(), "digits"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fleet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let mut agents = Vec::new();
+    for n in 1..=5 {
+        let id = format!("edge-{n}");
+        agents.push(start_agent(&tmp.path().join(&id), &hub, &id, &[("fleet", "f")]).await);
+    }
+    hub.deploy("digits", "1.0.0", "fleet=f").await;
+    for a in &agents {
+        a.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    }
+
+    hub.push("digits", "2.0.0", DEGRADED, "").await;
+    let policy = json!({"phases": ["canary:50", "full"], "min_samples": 60, "min_accuracy_samples": 60,
+                        "max_accuracy_drop": 0.1, "max_latency_ratio": 50.0});
+    let d = hub
+        .post(
+            "/api/v1/models/digits/deploy",
+            json!({"version": "2.0.0", "target": "fleet=f", "policy": policy, "halt_fraction": 0.2}),
+        )
+        .await;
+    let id = d["id"].as_i64().unwrap();
+    for a in &agents {
+        a.wait_for(WAIT, |v| status(v, "digits").is_some_and(|s| s.0 == "canary")).await.unwrap();
+    }
+    // Only edge-1 and edge-2 have traffic (with ground truth); the rest hold.
+    traffic_until_rollback(&agents[0]).await;
+    let shown = hub.get(&format!("/api/v1/deployments/{id}")).await;
+    assert_eq!(shown["state"], "active", "1 of 5 is not above 20%: {shown}");
+    traffic_until_rollback(&agents[1]).await;
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let shown = loop {
+        let shown = hub.get(&format!("/api/v1/deployments/{id}")).await;
+        if shown["state"] == "halted" {
+            break shown;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never halted: {shown}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reason = shown["halt_reason"].as_str().unwrap();
+    assert!(reason.contains("2 of 5") && reason.contains("accuracy"), "{reason}");
+    assert_eq!(shown["status"]["targeted"], 5, "{shown}");
+
+    // Every device is back on 1.0.0, the canaries included, and serving it.
+    for (n, a) in agents.iter().enumerate() {
+        let v = a
+            .wait_for(WAIT, |v| {
+                active(v, "digits").as_deref() == Some("1.0.0") && status(v, "digits").is_some_and(|s| s.0 == "serving")
+            })
+            .await
+            .unwrap_or_else(|v| panic!("edge-{}: {:?}", n + 1, status(&v, "digits")));
+        assert!(v.models.iter().all(|m| m.active_version.as_deref() == Some("1.0.0")));
+        let route = a.shared.serving.model("digits").unwrap().route();
+        assert!(route.candidate.is_none(), "edge-{}: the 2.0.0 canary was stopped", n + 1);
+        assert_eq!(route.active.as_ref().unwrap().version, "1.0.0");
+    }
+    for a in agents {
+        a.shutdown().await;
+    }
+}

@@ -1,0 +1,298 @@
+//! Automatic local rollback with a real hub, a real agent, real confined
+//! workers and the shared digits models. Policies come from the agent's
+//! config defaults here (the hub-set policy is tested in `fleet_halt.rs`).
+//!
+//! No test depends on this machine's speed: decisions wait for sample
+//! counts, bake times are zero, and the latency policy compares the new
+//! slot with the old one in the same run (v3 does ~460x v1's compute).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sentinel_agent::AgentHandle;
+use sentinel_agent::supervisor::SlotState as WorkerState;
+use serde_json::{Value, json};
+
+const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
+const SLOW: &str = "digits/digits_mlp_v3_slow.onnx";
+
+fn read_f32(rel: &str) -> Vec<f32> {
+    model_bytes(rel).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn read_i64(rel: &str) -> Vec<i64> {
+    model_bytes(rel).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+struct Traffic {
+    /// (version, sent after the rollback was visible to this client)
+    served: Vec<(String, bool)>,
+    failed: Vec<String>,
+}
+
+/// Clients sending digits test samples back to back (and, with `feedback`,
+/// the true label for every answer) until `stop`.
+fn traffic(
+    agent: &AgentHandle,
+    clients: usize,
+    feedback: bool,
+    stop: Arc<AtomicBool>,
+    rolled_back: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Traffic>> {
+    let addr = agent.inference_addr.unwrap();
+    (0..clients)
+        .map(|c| {
+            let (stop, rolled_back) = (stop.clone(), rolled_back.clone());
+            tokio::spawn(async move {
+                let x = read_f32("data/digits_test_x.bin");
+                let y = read_i64("data/digits_test_y.bin");
+                let http = reqwest::Client::builder().tcp_nodelay(true).build().unwrap();
+                let mut seen = Traffic::default();
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) {
+                    let s = i % 360;
+                    i += clients;
+                    let after = rolled_back.load(Ordering::Relaxed);
+                    let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[s * 64..(s + 1) * 64]}]});
+                    let r = http.post(format!("http://{addr}/v2/models/digits/infer")).json(&body).send().await;
+                    let v: Value = match r {
+                        Ok(r) if r.status().is_success() => r.json().await.unwrap(),
+                        Ok(r) => {
+                            seen.failed.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default()));
+                            continue;
+                        }
+                        Err(e) => {
+                            seen.failed.push(e.to_string());
+                            continue;
+                        }
+                    };
+                    seen.served.push((v["model_version"].as_str().unwrap().to_owned(), after));
+                    if feedback {
+                        let f = json!({"id": v["id"], "label": y[s]});
+                        let r = http.post(format!("http://{addr}/v2/models/digits/feedback")).json(&f).send().await.unwrap();
+                        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+                    }
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+async fn stop_traffic(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<Traffic>>) -> Traffic {
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Traffic::default();
+    for t in tasks {
+        let t = t.await.unwrap();
+        all.served.extend(t.served);
+        all.failed.extend(t.failed);
+    }
+    all
+}
+
+/// Phases bake for no time at all (zero means "agent default" in a policy),
+/// so sample counts decide; the standby is watched for one second after
+/// full promotion (the shortest a policy can ask for).
+const BASE: &str = "[rollout]\nstandby_bake_seconds = 1\n";
+
+async fn agent_on_v1(tmp: &std::path::Path, rollout: &str) -> (TestHub, AgentHandle) {
+    let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let agent =
+        start_agent_with(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")], &format!("{BASE}{rollout}")).await;
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    (hub, agent)
+}
+
+/// Deploys to the one test device with fleet halting off (1 of 1 devices
+/// rolled back is not above a fraction of 1.0), so the device's own
+/// decisions are what the test sees.
+async fn deploy_without_halt(hub: &TestHub, version: &str) {
+    hub.post("/api/v1/models/digits/deploy", json!({"version": version, "target": "site=a", "halt_fraction": 1.0}))
+        .await;
+}
+
+/// Waits for the model's status to be `state` and returns its detail.
+async fn wait_status(agent: &AgentHandle, state: &str) -> String {
+    let v = match agent.wait_for(WAIT, |v| status(v, "digits").is_some_and(|s| s.0 == state)).await {
+        Ok(v) => v,
+        Err(v) => {
+            let events = agent.shared.store.recent_events(20).unwrap();
+            panic!("never reached {state}: {:?}; events: {events:#?}", status(&v, "digits"))
+        }
+    };
+    status(&v, "digits").unwrap().2
+}
+
+/// The hub hears of the rollback with the reason and a metrics snapshot.
+async fn reported_rollback(hub: &TestHub) -> Value {
+    let dev =
+        hub.wait_device("edge-1", |d| d["events"].as_array().unwrap().iter().any(|e| e["kind"] == "rolled_back")).await;
+    let event = dev["events"].as_array().unwrap().iter().find(|e| e["kind"] == "rolled_back").unwrap().clone();
+    let reason = event["reason"].as_str().unwrap();
+    let snapshot: Value = serde_json::from_str(reason.split_once(" | ").unwrap().1).unwrap();
+    eprintln!(
+        "rollback {}: detected after {} samples / {} ms; switch {} us",
+        snapshot["kind"], snapshot["detected_after_samples"], snapshot["detected_after_ms"], snapshot["switch_us"]
+    );
+    assert_eq!(dev["models"][0]["state"], "rolled_back");
+    snapshot
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_less_accurate_version_is_rolled_back_on_feedback_and_not_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = "phases = [\"canary:50\", \"full\"]\nmin_samples = 60\nmin_accuracy_samples = 60\n\
+                  max_accuracy_drop = 0.1\nmax_latency_ratio = 50.0\n";
+    let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
+    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());
+    hub.push("digits", "2.0.0", DEGRADED, "").await;
+    deploy_without_halt(&hub, "2.0.0").await;
+    let detail = wait_status(&agent, "rolled_back").await;
+    rolled_back.store(true, Ordering::Relaxed);
+    let v = agent.view();
+    // Let every client send a few more requests after the rollback.
+    let served_then = agent.shared.serving.model("digits").unwrap().route().active.clone().unwrap();
+    let start = served_then.requests.load(Ordering::Relaxed);
+    while served_then.requests.load(Ordering::Relaxed) < start + 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seen = stop_traffic(&stop, clients).await;
+
+    assert!(detail.contains("accuracy") && detail.contains("feedback"), "{detail}");
+    assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
+    assert!(seen.failed.is_empty(), "requests failed during the rollback: {:?}", seen.failed);
+    assert!(seen.served.iter().any(|(v, _)| v == "2.0.0"), "the canary served part of the traffic");
+    assert!(seen.served.iter().filter(|(_, after)| *after).all(|(v, _)| v == "1.0.0"), "no 2.0.0 after the rollback");
+    let snapshot = reported_rollback(&hub).await;
+    assert_eq!(snapshot["kind"], "accuracy_drop");
+    assert!(snapshot["green"]["feedback_accuracy"].as_f64().unwrap() < 0.8, "{snapshot}");
+    assert!(snapshot["blue"]["feedback_accuracy"].as_f64().unwrap() > 0.9, "{snapshot}");
+    let route = agent.shared.serving.model("digits").unwrap().route();
+    assert!(route.candidate.is_none(), "the bad worker is stopped");
+
+    // Rejected locally: a restart with the same desired state does not retry it.
+    let config = agent.shared.config.clone();
+    agent.shutdown().await;
+    let agent = sentinel_agent::start(config).await.unwrap();
+    let v = agent.wait_for(WAIT, |v| v.connected && v.applied_revision > 0).await.unwrap();
+    assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
+    assert_eq!(status(&v, "digits").unwrap().0, "rolled_back", "{:?}", status(&v, "digits"));
+    assert!(agent.shared.serving.model("digits").unwrap().route().candidate.is_none(), "2.0.0 was not loaded again");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_version_is_rolled_back_for_latency() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = "phases = [\"canary:50\", \"full\"]\nmin_samples = 40\nmax_latency_ratio = 2.0\n";
+    let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
+    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let clients = traffic(&agent, 2, false, stop.clone(), rolled_back.clone());
+    hub.push("digits", "2.0.0", SLOW, "").await;
+    deploy_without_halt(&hub, "2.0.0").await;
+    let detail = wait_status(&agent, "rolled_back").await;
+    let seen = stop_traffic(&stop, clients).await;
+    assert!(detail.contains("p95 latency"), "{detail}");
+    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
+    let snapshot = reported_rollback(&hub).await;
+    assert_eq!(snapshot["kind"], "latency");
+    assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_model_re_pushed_is_promoted_through_every_phase() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = "phases = [\"shadow\", \"canary:50\", \"full\"]\nmin_samples = 40\nmin_accuracy_samples = 40\n\
+                  max_accuracy_drop = 0.1\nmin_shadow_agreement = 0.95\nmax_latency_ratio = 5.0\n";
+    let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
+    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());
+    hub.push("digits", "1.0.1", V1, "").await;
+    deploy_without_halt(&hub, "1.0.1").await;
+    // Traffic goes on until the standby bake is over too.
+    let dev = hub
+        .wait_device("edge-1", |d| d["events"].as_array().unwrap().iter().any(|e| e["kind"] == "rollout_complete"))
+        .await;
+    let seen = stop_traffic(&stop, clients).await;
+    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
+    let v = agent.view();
+    assert_eq!(status(&v, "digits").unwrap().0, "serving");
+    let m = v.models.iter().find(|m| m.name == "digits").unwrap();
+    assert_eq!((m.active_version.as_deref(), m.standby_version.as_deref()), (Some("1.0.1"), Some("1.0.0")));
+    let phases: Vec<&str> = dev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "rollout_phase")
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert!(phases.iter().any(|p| p.contains("canary")) && phases.iter().any(|p| p.contains("serving")), "{phases:?}");
+    assert!(!dev["events"].as_array().unwrap().iter().any(|e| e["kind"] == "rolled_back"));
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_that_disagrees_with_the_active_slot_is_rolled_back_and_never_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = "phases = [\"shadow\", \"full\"]\nmin_samples = 40\nmin_accuracy_samples = 40\n\
+                  min_shadow_agreement = 0.9\nmax_latency_ratio = 50.0\n";
+    let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
+    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let clients = traffic(&agent, 2, false, stop.clone(), rolled_back.clone());
+    hub.push("digits", "2.0.0", DEGRADED, "").await;
+    deploy_without_halt(&hub, "2.0.0").await;
+    let detail = wait_status(&agent, "rolled_back").await;
+    let seen = stop_traffic(&stop, clients).await;
+    assert!(detail.contains("agreement"), "{detail}");
+    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
+    assert!(seen.served.iter().all(|(v, _)| v == "1.0.0"), "only the active slot answers in shadow mode");
+    assert_eq!(reported_rollback(&hub).await["kind"], "agreement");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_keeps_crashing_is_rolled_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Enough samples needed that only the crashes can decide.
+    let policy = "phases = [\"canary:50\", \"full\"]\nmin_samples = 1000000\nmax_restarts = 2\n";
+    let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
+    hub.push("digits", "2.0.0", DEGRADED, "").await;
+    deploy_without_halt(&hub, "2.0.0").await;
+    wait_status(&agent, "canary").await;
+    let candidate = agent.shared.serving.model("digits").unwrap().route().candidate.clone().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while status(&agent.view(), "digits").unwrap().0 != "rolled_back" {
+        if let WorkerState::Running { pid, .. } = candidate.worker.state() {
+            // SAFETY: SIGKILL to a worker process this test's agent started.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL);
+            }
+            // The next kill only once the supervisor has replaced this worker.
+            let mut rx = candidate.worker.subscribe();
+            let _ = tokio::time::timeout(
+                WAIT,
+                rx.wait_for(|s| !matches!(s, WorkerState::Running { pid: p, .. } if *p == pid)),
+            )
+            .await;
+        }
+        assert!(Instant::now() < deadline, "never rolled back: {:?}", status(&agent.view(), "digits"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let detail = status(&agent.view(), "digits").unwrap().2;
+    assert!(detail.contains("restart"), "{detail}");
+    assert_eq!(reported_rollback(&hub).await["kind"], "restarts");
+    assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
+    agent.shutdown().await;
+}

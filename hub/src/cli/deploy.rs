@@ -1,0 +1,197 @@
+//! `sentinel model deploy` with a rollout policy, and the rollout view of
+//! `sentinel deployments show`.
+//!
+//! The CLI does not validate the policy itself: it sends what the file and
+//! flags say, and the hub answers which field is wrong (exit code 65). One
+//! set of rules, in one place.
+
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+use super::CliError;
+use super::args::DeployArgs;
+use super::commands::{s, table, time};
+use crate::rollout::rollup::STATES;
+
+/// Halt thresholds: top-level fields of the deploy request, but a policy
+/// file may hold them next to the policy.
+const HALT_FIELDS: [&str; 2] = ["halt_fraction", "halt_count"];
+
+fn parse_toml(text: &str) -> Result<Value, String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    serde_json::to_value(table).map_err(|e| e.to_string())
+}
+
+/// Reads a policy file: TOML for `.toml`, JSON for `.json`, otherwise JSON
+/// and then TOML.
+fn read_policy_file(path: &Path) -> Result<Map<String, Value>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| CliError::LocalFile { path: path.display().to_string(), source })?;
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    let parsed = match ext.as_deref() {
+        Some("toml") => parse_toml(&text),
+        Some("json") => serde_json::from_str(&text).map_err(|e| e.to_string()),
+        _ => serde_json::from_str(&text).or_else(|json_err| {
+            parse_toml(&text).map_err(|toml_err| format!("neither JSON ({json_err}) nor TOML ({toml_err})"))
+        }),
+    }
+    .map_err(|e| CliError::Usage(format!("--policy {}: {e}", path.display())))?;
+    match parsed {
+        Value::Object(map) => Ok(map),
+        _ => Err(CliError::Usage(format!(
+            "--policy {}: the file must hold an object of policy fields, e.g. {{\"phases\": [\"canary:10\", \"full\"]}}",
+            path.display()
+        ))),
+    }
+}
+
+/// The JSON body of `POST /models/{name}/deploy`: the file's fields, each
+/// flag overriding the field of the same name.
+pub fn deploy_body(a: &DeployArgs) -> Result<Value, CliError> {
+    let version =
+        a.version.clone().or_else(|| a.version_flag.clone()).ok_or_else(|| {
+            CliError::Usage("the version to deploy is required, e.g. `model deploy digits 1.2.0`".into())
+        })?;
+    let mut policy = match &a.policy {
+        Some(path) => read_policy_file(path)?,
+        None => Map::new(),
+    };
+    let mut body = Map::new();
+    body.insert("version".into(), json!(version));
+    body.insert("target".into(), json!(a.target));
+    for field in HALT_FIELDS {
+        if let Some(v) = policy.remove(field) {
+            body.insert(field.into(), v);
+        }
+    }
+    let flags = [
+        (
+            "phases",
+            a.phases.as_ref().map(|p| json!(p.split(',').map(str::trim).filter(|p| !p.is_empty()).collect::<Vec<_>>())),
+        ),
+        ("bake_seconds", a.bake_secs.map(|v| json!(v))),
+        ("min_samples", a.min_samples.map(|v| json!(v))),
+        ("max_latency_ratio", a.max_latency_ratio.map(|v| json!(v))),
+        ("min_accuracy", a.min_accuracy.map(|v| json!(v))),
+        ("max_accuracy_drop", a.max_accuracy_drop.map(|v| json!(v))),
+    ];
+    for (field, value) in flags {
+        if let Some(v) = value {
+            policy.insert(field.into(), v);
+        }
+    }
+    if let Some(f) = a.halt_fraction {
+        body.insert("halt_fraction".into(), json!(f));
+    }
+    if let Some(n) = a.halt_count {
+        body.insert("halt_count".into(), json!(n));
+    }
+    if !policy.is_empty() {
+        body.insert("policy".into(), Value::Object(policy));
+    }
+    Ok(Value::Object(body))
+}
+
+/// Policy fields in the order of the wire `RolloutPolicy`, for display.
+const POLICY_FIELDS: [&str; 12] = [
+    "phases",
+    "bake_seconds",
+    "min_samples",
+    "max_latency_ratio",
+    "latency_slo_ms",
+    "max_error_rate",
+    "min_accuracy",
+    "max_accuracy_drop",
+    "min_shadow_agreement",
+    "standby_bake_seconds",
+    "min_accuracy_samples",
+    "max_restarts",
+];
+
+fn policy_text(policy: &Value) -> String {
+    let set: Vec<String> =
+        POLICY_FIELDS.iter().filter(|f| !policy[**f].is_null()).map(|f| format!("{f} {}", s(&policy[*f]))).collect();
+    if set.is_empty() { "the agent's defaults".into() } else { set.join("; ") }
+}
+
+/// Policy, halt thresholds, halt reason, per-state counts and one row per
+/// targeted device of a `GET /deployments/{id}` answer.
+pub fn deployment_text(v: &Value) -> String {
+    let mut out = format!("policy: {}\n", policy_text(&v["policy"]));
+    let fraction = v["halt_fraction"].as_f64().unwrap_or(0.2);
+    out.push_str(&format!("halts when more than {:.0}% of targeted devices", fraction * 100.0));
+    if let Some(n) = v["halt_count"].as_u64() {
+        out.push_str(&format!(", or at least {n},"));
+    }
+    out.push_str(" rolled back or failed\n");
+    if v["state"] == "halted" {
+        out.push_str(&format!("state: halted: {}\n", s(&v["halt_reason"])));
+    }
+    let status = &v["status"];
+    if status.is_object() {
+        let counts: Vec<String> = STATES.iter().map(|st| format!("{st} {}", s(&status["counts"][st]))).collect();
+        out.push_str(&format!("targeted {}: {}\n", s(&status["targeted"]), counts.join(", ")));
+        let rows = status["devices"]
+            .as_array()
+            .map(|devices| {
+                devices
+                    .iter()
+                    .map(|d| {
+                        vec![s(&d["device"]), s(&d["state"]), s(&d["version"]), s(&d["detail"]), time(&d["updated_ms"])]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push_str(&table(&["DEVICE", "STATE", "VERSION", "DETAIL", "UPDATED"], rows).to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::Cli;
+    use crate::cli::args::{Command, ModelCommand};
+
+    fn args(extra: &[&str], file: &Path) -> DeployArgs {
+        let mut argv = vec!["sentinel", "model", "deploy", "digits", "2.0.0", "--policy", file.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Command::Model(ModelCommand::Deploy(a)) => a,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_override_the_toml_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.toml");
+        std::fs::write(
+            &file,
+            "phases = [\"shadow\", \"full\"]\nbake_seconds = 30\nmin_accuracy = 0.8\nhalt_count = 2\n",
+        )
+        .unwrap();
+        let body = deploy_body(&args(&["--phases", "canary:10,full", "--min-accuracy", "0.9"], &file)).unwrap();
+        assert_eq!(body["version"], "2.0.0");
+        assert_eq!(body["policy"]["phases"], json!(["canary:10", "full"]));
+        assert_eq!(body["policy"]["bake_seconds"], 30);
+        assert_eq!(body["policy"]["min_accuracy"], 0.9);
+        assert_eq!(body["halt_count"], 2, "halt thresholds move to the top level");
+        assert!(body["policy"].get("halt_count").is_none());
+    }
+
+    #[test]
+    fn a_json_file_without_extension_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy");
+        std::fs::write(&file, r#"{"max_latency_ratio": 1.5, "halt_fraction": 0.5}"#).unwrap();
+        let body = deploy_body(&args(&["--halt-fraction", "0.3"], &file)).unwrap();
+        assert_eq!(body["policy"], json!({"max_latency_ratio": 1.5}));
+        assert_eq!(body["halt_fraction"], 0.3);
+        std::fs::write(&file, "phases = ").unwrap();
+        assert!(matches!(deploy_body(&args(&[], &file)), Err(CliError::Usage(_))));
+    }
+}

@@ -1,0 +1,214 @@
+//! The rollout policy of a deployment: the JSON mirror of the wire
+//! `RolloutPolicy`, its validation, and the halt thresholds.
+//!
+//! Every field is optional; an unset field is sent as the protobuf zero,
+//! which the agent reads as "use your safe default".
+
+use sentinel_proto::pb;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Halt when more than this fraction of targeted devices rolled back or failed.
+pub const DEFAULT_HALT_FRACTION: f64 = 0.2;
+
+/// How devices move traffic to a new version and when they give up on it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutPolicy {
+    /// Phases in order: `shadow`, `canary:N` (1 <= N <= 99, percent of
+    /// traffic), `full` (only last). E.g. `["shadow", "canary:10", "full"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Vec<String>>,
+    /// How long each phase runs before the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_seconds: Option<u64>,
+    /// Requests a phase needs before its metrics count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_samples: Option<u64>,
+    /// p95 latency of the new version at most this times the old one's (> 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_ratio: Option<f64>,
+    /// Absolute p95 latency bound in milliseconds (> 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_slo_ms: Option<f64>,
+    /// Largest error rate, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// Absolute minimum accuracy, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_accuracy: Option<f64>,
+    /// Largest accuracy drop from the old version, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_accuracy_drop: Option<f64>,
+    /// Smallest agreement with the old version in shadow, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_shadow_agreement: Option<f64>,
+    /// How long the old version stays warm after full promotion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_bake_seconds: Option<u64>,
+    /// Feedback (or shadow agreement) samples needed before accuracy counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_accuracy_samples: Option<u64>,
+    /// Worker restarts of the new version that roll it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restarts: Option<u32>,
+}
+
+/// A policy or halt threshold that cannot be used; `field` names it as the
+/// request does (`policy.phases[1]`, `halt_fraction`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct PolicyError {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
+    PolicyError { field: field.into(), message: message.into() }
+}
+
+/// A fraction in 0..=1 (NaN is refused too).
+fn check_rate(field: &str, value: Option<f64>) -> Result<(), PolicyError> {
+    match value {
+        Some(v) if !(0.0..=1.0).contains(&v) => {
+            Err(invalid(format!("policy.{field}"), format!("{v} is not a fraction between 0 and 1 (e.g. 0.05)")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_positive(field: &str, value: Option<f64>, example: &str) -> Result<(), PolicyError> {
+    match value {
+        Some(v) if !(v > 0.0 && v.is_finite()) => {
+            Err(invalid(format!("policy.{field}"), format!("{v} must be a number above 0 (e.g. {example})")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks one phase; returns the canary percentage for `canary:N`.
+fn check_phase(field: &str, phase: &str) -> Result<Option<u8>, PolicyError> {
+    const USE: &str = "use `shadow`, `canary:N` with N from 1 to 99, or `full`";
+    match phase {
+        "shadow" | "full" => Ok(None),
+        _ => {
+            let n = phase
+                .strip_prefix("canary:")
+                .ok_or_else(|| invalid(field, format!("unknown phase {phase:?}; {USE}")))?;
+            match n.parse::<u8>() {
+                Ok(n @ 1..=99) => Ok(Some(n)),
+                _ => Err(invalid(field, format!("{phase:?}: the canary share must be a whole percent from 1 to 99"))),
+            }
+        }
+    }
+}
+
+impl RolloutPolicy {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if let Some(phases) = &self.phases {
+            if phases.is_empty() {
+                return Err(invalid("policy.phases", "name at least one phase, e.g. [\"canary:10\", \"full\"]"));
+            }
+            let mut last_canary = 0;
+            for (i, phase) in phases.iter().enumerate() {
+                let field = format!("policy.phases[{i}]");
+                if phase == "full" && i + 1 != phases.len() {
+                    return Err(invalid(field, "`full` can only be the last phase"));
+                }
+                if let Some(n) = check_phase(&field, phase)? {
+                    if n <= last_canary {
+                        return Err(invalid(
+                            field,
+                            format!("canary shares must grow: {phase:?} after canary:{last_canary}"),
+                        ));
+                    }
+                    last_canary = n;
+                }
+            }
+        }
+        check_positive("max_latency_ratio", self.max_latency_ratio, "1.5")?;
+        check_positive("latency_slo_ms", self.latency_slo_ms, "50")?;
+        check_rate("max_error_rate", self.max_error_rate)?;
+        check_rate("min_accuracy", self.min_accuracy)?;
+        check_rate("max_accuracy_drop", self.max_accuracy_drop)?;
+        check_rate("min_shadow_agreement", self.min_shadow_agreement)?;
+        Ok(())
+    }
+
+    /// The wire form; unset fields become zero (the agent's default).
+    pub fn to_proto(&self) -> pb::RolloutPolicy {
+        pb::RolloutPolicy {
+            phases: self.phases.clone().unwrap_or_default(),
+            bake_seconds: self.bake_seconds.unwrap_or(0),
+            min_samples: self.min_samples.unwrap_or(0),
+            max_latency_ratio: self.max_latency_ratio.unwrap_or(0.0),
+            latency_slo_ms: self.latency_slo_ms.unwrap_or(0.0),
+            max_error_rate: self.max_error_rate.unwrap_or(0.0),
+            min_accuracy: self.min_accuracy.unwrap_or(0.0),
+            max_accuracy_drop: self.max_accuracy_drop.unwrap_or(0.0),
+            min_shadow_agreement: self.min_shadow_agreement.unwrap_or(0.0),
+            standby_bake_seconds: self.standby_bake_seconds.unwrap_or(0),
+            min_accuracy_samples: self.min_accuracy_samples.unwrap_or(0),
+            max_restarts: self.max_restarts.unwrap_or(0),
+        }
+    }
+}
+
+/// Checks the halt thresholds of a deployment.
+pub fn validate_halt(fraction: f64, count: Option<u32>) -> Result<(), PolicyError> {
+    if !(0.0..=1.0).contains(&fraction) {
+        return Err(invalid(
+            "halt_fraction",
+            format!("{fraction} is not a fraction between 0 and 1 (0.2 halts when more than 20% of devices fail)"),
+        ));
+    }
+    if count == Some(0) {
+        return Err(invalid("halt_count", "must be at least 1 (the number of failed devices that halts)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phases(p: &[&str]) -> RolloutPolicy {
+        RolloutPolicy { phases: Some(p.iter().map(|s| (*s).to_owned()).collect()), ..RolloutPolicy::default() }
+    }
+
+    #[test]
+    fn accepts_the_usual_phases() {
+        assert_eq!(phases(&["shadow", "canary:10", "canary:50", "full"]).validate(), Ok(()));
+        assert_eq!(phases(&["canary:1", "canary:99"]).validate(), Ok(()));
+        assert_eq!(RolloutPolicy::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn refuses_bad_phases_naming_the_index() {
+        for (p, field) in [
+            (&["canary:0"][..], "policy.phases[0]"),
+            (&["shadow", "canary:100"][..], "policy.phases[1]"),
+            (&["full", "shadow"][..], "policy.phases[0]"),
+            (&["canary:x"][..], "policy.phases[0]"),
+            (&["blue"][..], "policy.phases[0]"),
+            (&["canary:50", "canary:10"][..], "policy.phases[1]"),
+            (&[][..], "policy.phases"),
+        ] {
+            assert_eq!(phases(p).validate().unwrap_err().field, field, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_rates_and_ratios_out_of_range() {
+        let p = RolloutPolicy { min_accuracy: Some(1.5), ..RolloutPolicy::default() };
+        assert_eq!(p.validate().unwrap_err().field, "policy.min_accuracy");
+        let p = RolloutPolicy { max_error_rate: Some(f64::NAN), ..RolloutPolicy::default() };
+        assert_eq!(p.validate().unwrap_err().field, "policy.max_error_rate");
+        let p = RolloutPolicy { max_latency_ratio: Some(0.0), ..RolloutPolicy::default() };
+        assert_eq!(p.validate().unwrap_err().field, "policy.max_latency_ratio");
+        assert_eq!(validate_halt(1.2, None).unwrap_err().field, "halt_fraction");
+        assert_eq!(validate_halt(0.2, Some(0)).unwrap_err().field, "halt_count");
+        assert_eq!(validate_halt(0.0, Some(1)), Ok(()));
+    }
+}
