@@ -159,13 +159,16 @@ impl Loaded {
         w.snapshot_since(now, Some(since))
     }
 
-    fn record(&self, started: Instant, ok: bool) {
+    /// Records one request: the model's compute time when it succeeded.
+    /// Rollout decisions compare compute times, which the worker measures
+    /// around the model alone: pipe transport and host scheduling are the
+    /// same for both slots and would only add noise.
+    fn record(&self, compute: Option<Duration>) {
         let now = Instant::now();
         let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-        if ok {
-            w.record_ok(now - started, now);
-        } else {
-            w.record_error(now);
+        match compute {
+            Some(c) => w.record_ok(c, now),
+            None => w.record_error(now),
         }
     }
 }
@@ -607,25 +610,23 @@ impl Serving {
             .filter(|c| c.shadow_in_flight.load(Ordering::Relaxed) < MAX_SHADOW_IN_FLIGHT)
             .map(|c| (c, inputs.clone()));
         slot.requests.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
         let result = run_batched(&slot, inputs).await;
         match &result {
-            Ok(_) => slot.record(started, true),
+            Ok((_, compute)) => slot.record(Some(*compute)),
             Err(ServeError::Unavailable { .. }) => {
                 slot.failures.fetch_add(1, Ordering::Relaxed);
-                slot.record(started, false);
+                slot.record(None);
             }
             Err(_) => {}
         }
-        let outputs = result?;
+        let (outputs, _) = result?;
         let predicted = predicted_label(&outputs).filter(|_| outputs.first().and_then(|t| t.shape.first()) <= Some(&1));
         if let Some((candidate, inputs)) = mirror {
             candidate.shadow_in_flight.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
-                let started = Instant::now();
                 let result = run_batched(&candidate, inputs).await;
-                candidate.record(started, result.is_ok());
-                if let (Ok(outputs), Some(active_label)) = (result, predicted) {
+                candidate.record(result.as_ref().ok().map(|(_, compute)| *compute));
+                if let (Ok((outputs, _)), Some(active_label)) = (result, predicted) {
                     let agreed = predicted_label(&outputs) == Some(active_label);
                     candidate
                         .window
@@ -701,8 +702,9 @@ async fn wait_running(worker: &Supervised) -> Result<(), String> {
 }
 
 /// Checks the inputs against the model and runs them, splitting a batch
-/// into single samples when the worker runs the model at batch 1.
-async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ServeError> {
+/// into single samples when the worker runs the model at batch 1. Returns
+/// the outputs and the model's compute time, as the worker measured it.
+async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Duration), ServeError> {
     let batch = check_inputs(&slot.inputs, &inputs)?;
     let unavailable = |e: SlotError| match e {
         SlotError::Worker(crate::supervisor::InferError::BadInput(reason)) => ServeError::BadInput(reason),
@@ -713,12 +715,15 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, 
         },
     };
     let Some(n) = batch else {
-        return slot.worker.infer(&inputs).await.map_err(unavailable);
+        let (outputs, compute) = slot.worker.infer_timed(&inputs).await.map_err(unavailable)?;
+        return Ok((outputs, compute.unwrap_or_default()));
     };
     let mut per_output: Vec<Vec<Tensor>> = Vec::new();
+    let mut total = Duration::ZERO;
     for i in 0..n {
         let sample: Vec<Tensor> = inputs.iter().map(|t| slice_sample(t, i, n)).collect();
-        let outputs = slot.worker.infer(&sample).await.map_err(unavailable)?;
+        let (outputs, compute) = slot.worker.infer_timed(&sample).await.map_err(unavailable)?;
+        total += compute.unwrap_or_default();
         if per_output.is_empty() {
             per_output = vec![Vec::with_capacity(n); outputs.len()];
         }
@@ -726,7 +731,7 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, 
             acc.push(t);
         }
     }
-    per_output
+    let joined = per_output
         .into_iter()
         .map(|parts| {
             concat_batch(parts).ok_or_else(|| ServeError::Unavailable {
@@ -735,7 +740,8 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, 
                 reason: "outputs of single samples cannot be joined into a batch".to_owned(),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((joined, total))
 }
 
 /// Puts named inputs in model order; a missing or unknown name is bad input.

@@ -194,7 +194,7 @@ async fn a_less_accurate_version_is_rolled_back_on_feedback_and_not_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slower_version_is_rolled_back_for_latency() {
     let tmp = tempfile::tempdir().unwrap();
-    let policy = "phases = [\"canary:50\", \"full\"]\nmin_samples = 40\nmax_latency_ratio = 2.0\n";
+    let policy = "phases = [\"canary:50\", \"full\"]\nmin_samples = 40\nmax_latency_ratio = 3.0\n";
     let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
     let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let clients = traffic(&agent, 2, false, stop.clone(), rolled_back.clone());
@@ -213,8 +213,8 @@ async fn a_slower_version_is_rolled_back_for_latency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_model_re_pushed_is_promoted_through_every_phase() {
     let tmp = tempfile::tempdir().unwrap();
-    let policy = "phases = [\"shadow\", \"canary:50\", \"full\"]\nmin_samples = 40\nmin_accuracy_samples = 40\n\
-                  max_accuracy_drop = 0.1\nmin_shadow_agreement = 0.95\nmax_latency_ratio = 5.0\n";
+    let policy = "phases = [\"shadow\", \"canary:50\", \"full\"]\nmin_samples = 100\nmin_accuracy_samples = 40\n\
+                  max_accuracy_drop = 0.1\nmin_shadow_agreement = 0.95\nmax_latency_ratio = 3.0\n";
     let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
     let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());

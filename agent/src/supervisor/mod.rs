@@ -147,12 +147,17 @@ impl Supervised {
     /// for the new worker (bounded by the load timeout plus the largest backoff).
     /// A worker death returns its error and starts a restart in the background.
     pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, SlotError> {
+        self.infer_timed(inputs).await.map(|(outputs, _)| outputs)
+    }
+
+    /// Like [`Supervised::infer`], with the model's compute time as the worker measured it.
+    pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
         let worker = match self.worker().await {
             Some(w) => w,
             None => self.wait_for_worker().await?,
         };
-        match worker.infer(inputs).await {
-            Ok(outputs) => Ok(outputs),
+        match worker.infer_timed(inputs).await {
+            Ok(done) => Ok(done),
             Err(e @ InferError::BadInput(_)) => Err(e.into()),
             Err(e) => {
                 self.inner.worker_died(&worker, &e).await;

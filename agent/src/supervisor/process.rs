@@ -377,16 +377,21 @@ impl Worker {
 
     /// Runs one inference. Concurrent callers are served one at a time.
     pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferError> {
+        self.request(&protocol::encode_request(inputs)).await.map(|(outputs, _)| outputs)
+    }
+
+    /// Like [`Worker::infer`], with the model's compute time as the worker measured it.
+    pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), InferError> {
         self.request(&protocol::encode_request(inputs)).await
     }
 
     /// Tests only: sends a `FORBID:<action>` probe (see [`TestProbes`]).
     #[doc(hidden)]
     pub async fn probe(&self, action: &str) -> Result<Vec<Tensor>, InferError> {
-        self.request(format!("FORBID:{action}").as_bytes()).await
+        self.request(format!("FORBID:{action}").as_bytes()).await.map(|(outputs, _)| outputs)
     }
 
-    async fn request(&self, payload: &[u8]) -> Result<Vec<Tensor>, InferError> {
+    async fn request(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), InferError> {
         let mut pipes = self.pipes.lock().await;
         if let Some(dead) = &pipes.dead {
             return Err(dead.clone());
@@ -410,7 +415,7 @@ impl Worker {
                 self.kill();
                 InferError::Timeout
             }
-            Ok(Ok(Some(frame))) => match protocol::decode_response(&frame) {
+            Ok(Ok(Some(frame))) => match protocol::decode_response_timed(&frame) {
                 Ok(outputs) => return Ok(outputs),
                 Err(ResponseError::Worker(message)) => return Err(InferError::BadInput(message)),
                 Err(ResponseError::Malformed(e)) => {

@@ -137,8 +137,9 @@ fn answer(model: &LoadedModel, probe: &ForbiddenProbe, payload: &[u8]) -> Vec<u8
         Ok(inputs) => inputs,
         Err(e) => return protocol::encode_error_response(&format!("bad request: {e}")),
     };
+    let started = std::time::Instant::now();
     match model.run(&inputs) {
-        Ok(outputs) => protocol::encode_ok_response(&outputs),
+        Ok(outputs) => protocol::encode_ok_timed(&outputs, started.elapsed()),
         Err(e) => protocol::encode_error_response(&e.to_string()),
     }
 }

@@ -7,8 +7,9 @@
 //!
 //! Payloads, all integers little-endian:
 //! - request: a tensor list;
-//! - response: a status byte, then a tensor list ([`STATUS_OK`]) or a UTF-8
-//!   error message ([`STATUS_ERROR`]);
+//! - response: a status byte, then a tensor list ([`STATUS_OK`]), a `u64`
+//!   compute time in nanoseconds and a tensor list ([`STATUS_OK_TIMED`]), or a
+//!   UTF-8 error message ([`STATUS_ERROR`]);
 //! - tensor list: `u32` count, then per tensor `u8` dtype code ([`DType::code`]),
 //!   `u8` rank, `rank` x `u64` dims, `u64` byte length, the bytes (C order).
 //!
@@ -16,6 +17,7 @@
 //! and against the shape before anything is allocated, and they never panic.
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +25,8 @@ use serde::{Deserialize, Serialize};
 pub const STATUS_OK: u8 = 0;
 /// Response status: the payload continues with a UTF-8 error message.
 pub const STATUS_ERROR: u8 = 1;
+/// Response status: a `u64` compute time in nanoseconds, then the output tensors.
+pub const STATUS_OK_TIMED: u8 = 2;
 /// Largest frame either side accepts (64 MiB): a corrupt length prefix must not
 /// make the reader allocate gigabytes.
 pub const MAX_FRAME_LEN: usize = 64 << 20;
@@ -214,15 +218,42 @@ pub fn encode_error_response(message: &str) -> Vec<u8> {
     out
 }
 
+/// Encodes a successful response with the time the model took to compute
+/// it, measured in the worker: transport and scheduling on the host are not
+/// in it, so two slots' models can be compared fairly.
+pub fn encode_ok_timed(outputs: &[Tensor], compute: Duration) -> Vec<u8> {
+    let mut out = vec![STATUS_OK_TIMED];
+    out.extend_from_slice(&u64::try_from(compute.as_nanos()).unwrap_or(u64::MAX).to_le_bytes());
+    encode_tensors(outputs, &mut out);
+    out
+}
+
 /// Decodes a response payload: the outputs, or why there are none.
 pub fn decode_response(payload: &[u8]) -> Result<Vec<Tensor>, ResponseError> {
+    decode_response_timed(payload).map(|(tensors, _)| tensors)
+}
+
+/// Like [`decode_response`], with the compute time when the worker sent one.
+pub fn decode_response_timed(payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), ResponseError> {
     let (&status, rest) = payload.split_first().ok_or(ResponseError::Malformed(ProtocolError::EmptyResponse))?;
     match status {
-        STATUS_OK => {
+        STATUS_OK | STATUS_OK_TIMED => {
+            let (compute, rest) = if status == STATUS_OK_TIMED {
+                let (ns, rest) = rest.split_first_chunk::<8>().ok_or_else(|| {
+                    ResponseError::Malformed(ProtocolError::Truncated {
+                        what: "compute time",
+                        offset: 1,
+                        needed: 8 - rest.len(),
+                    })
+                })?;
+                (Some(Duration::from_nanos(u64::from_le_bytes(*ns))), rest)
+            } else {
+                (None, rest)
+            };
             let mut cur = Cursor { buf: rest, pos: 0 };
             let tensors = decode_tensors(&mut cur).map_err(ResponseError::Malformed)?;
             cur.finish().map_err(ResponseError::Malformed)?;
-            Ok(tensors)
+            Ok((tensors, compute))
         }
         STATUS_ERROR => match std::str::from_utf8(rest) {
             Ok(msg) => Err(ResponseError::Worker(msg.to_owned())),
@@ -389,6 +420,11 @@ mod tests {
         let tensors = sample();
         assert_eq!(decode_response(&encode_ok_response(&tensors)).unwrap(), tensors);
         assert_eq!(decode_response(&encode_ok_response(&[])).unwrap(), vec![]);
+        let timed = encode_ok_timed(&tensors, Duration::from_micros(1234));
+        assert_eq!(decode_response_timed(&timed).unwrap(), (tensors.clone(), Some(Duration::from_micros(1234))));
+        for len in 0..9 {
+            assert!(decode_response_timed(&timed[..len]).is_err(), "cut at {len}");
+        }
         assert_eq!(
             decode_response(&encode_error_response("wrong shape")),
             Err(ResponseError::Worker("wrong shape".into()))
