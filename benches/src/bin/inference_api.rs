@@ -1,0 +1,279 @@
+//! Local inference API benchmark: what the agent's KServe v2 HTTP API costs
+//! on top of the confined worker it routes to, for digits v1.
+//!
+//! - per-request latency, p50 and p99, of the v2 API with JSON tensors and
+//!   with the binary tensor extension, against `Worker::infer` on a worker
+//!   spawned directly (the same confined process, without HTTP, JSON,
+//!   routing and metrics); requests alternate so that noise hits all alike;
+//! - throughput of 4 concurrent HTTP clients against 4 concurrent tasks on a
+//!   direct worker (one worker serves one request at a time either way);
+//! - a promotion under load: 4 clients while 1.0.1 replaces 1.0.0; failed
+//!   requests and p99 during the swap against p99 before it.
+//!
+//! A real hub process, an in-process agent (its workers are real processes).
+//! `cargo build --release --workspace && target/release/inference_api`
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use sentinel_agent::supervisor::{Worker, WorkerSpec};
+use sentinel_agent::worker::protocol::Tensor;
+use sentinel_benches::{HubProcess, percentile, workspace_bin, workspace_root};
+use serde_json::{Value, json};
+
+const ROUNDS: usize = 2000;
+const CLIENTS: usize = 4;
+const PER_CLIENT: usize = 1000;
+
+fn digits() -> anyhow::Result<Vec<Vec<f32>>> {
+    let bytes = std::fs::read(workspace_root().join("models/data/digits_test_x.bin"))?;
+    let all: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok(all.chunks_exact(64).map(<[f32]>::to_vec).collect())
+}
+
+fn json_body(x: &[f32]) -> Value {
+    json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x}]})
+}
+
+fn binary_body(x: &[f32]) -> (Vec<u8>, usize) {
+    let head = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 256}}],
+                      "outputs": [{"name": "label", "parameters": {"binary_data": true}}]})
+    .to_string();
+    let n = head.len();
+    let mut body = head.into_bytes();
+    body.extend(x.iter().flat_map(|v| v.to_le_bytes()));
+    (body, n)
+}
+
+struct Setup {
+    hub: HubProcess,
+    agent: sentinel_agent::AgentHandle,
+    http: reqwest::Client,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn push(hub: &HubProcess, http: &reqwest::Client, version: &str, rel: &str) -> anyhow::Result<()> {
+    let bytes = std::fs::read(workspace_root().join("models").join(rel))?;
+    let r = http
+        .post(format!("{}/api/v1/models/digits/versions?version={version}", hub.url))
+        .bearer_auth(&hub.admin)
+        .body(bytes)
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "push {version}: {}", r.text().await?);
+    Ok(())
+}
+
+async fn deploy(s: &Setup, version: &str) -> anyhow::Result<()> {
+    let r = s
+        .http
+        .post(format!("{}/api/v1/models/digits/deploy", s.hub.url))
+        .bearer_auth(&s.hub.admin)
+        .json(&json!({"version": version, "target": ""}))
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "deploy {version}: {}", r.text().await?);
+    s.agent
+        .wait_for(Duration::from_secs(60), |v| {
+            v.models.iter().any(|m| m.name == "digits" && m.active_version.as_deref() == Some(version))
+        })
+        .await
+        .map_err(|v| anyhow::anyhow!("{version} never became active: {v:?}"))?;
+    Ok(())
+}
+
+async fn setup() -> anyhow::Result<Setup> {
+    sentinel_hub::install_crypto_provider();
+    let hub = HubProcess::start_with(&["--grpc-listen", "127.0.0.1:0"])?;
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    http.post(format!("{}/api/v1/models", hub.url))
+        .bearer_auth(&hub.admin)
+        .json(&json!({"name": "digits"}))
+        .send()
+        .await?;
+    push(&hub, &http, "1.0.0", "digits/digits_mlp_v1.onnx").await?;
+    let enrolled: Value = http
+        .post(format!("{}/api/v1/devices", hub.url))
+        .bearer_auth(&hub.admin)
+        .json(&json!({"id": "bench-1"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let keys: Value = http.get(format!("{}/api/v1/keys", hub.url)).send().await?.json().await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("token"), enrolled["token"].as_str().context("token")?)?;
+    let config = format!(
+        "device_id = \"bench-1\"\nhub_url = \"{}\"\ngrpc_url = \"{}\"\ntoken_file = \"token\"\npinned_keys = [\"{}\"]\n\
+         state_dir = \"state\"\n[serving]\nlisten = \"127.0.0.1:0\"\nworker_bin = \"{}\"\n",
+        hub.url,
+        hub.grpc_url.as_deref().context("grpc url")?,
+        keys["keys"][0]["public_key"].as_str().context("key")?,
+        workspace_bin("sentinel-worker")?.display()
+    );
+    std::fs::write(dir.path().join("agent.toml"), config)?;
+    let cfg = sentinel_agent::AgentConfig::load(&dir.path().join("agent.toml"), &BTreeMap::new())?;
+    let agent = sentinel_agent::start(cfg).await?;
+    let base = format!("http://{}", agent.inference_addr.context("no inference address")?);
+    let s = Setup { hub, agent, http, base, _dir: dir };
+    deploy(&s, "1.0.0").await?;
+    Ok(s)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let samples = digits()?;
+    let s = setup().await?;
+    let url = format!("{}/v2/models/digits/infer", s.base);
+    let work = tempfile::tempdir()?;
+    let spec = WorkerSpec::new(
+        workspace_bin("sentinel-worker")?,
+        workspace_root().join("models/digits/digits_mlp_v1.onnx"),
+        vec![vec![1, 64]],
+        work.path().to_path_buf(),
+    );
+    let worker = Arc::new(Worker::spawn(&spec).await?);
+
+    // Warm-up, then alternating rounds.
+    for x in samples.iter().take(50) {
+        worker.infer(&[Tensor::from_f32(vec![1, 64], x)]).await?;
+        s.http.post(&url).json(&json_body(x)).send().await?.bytes().await?;
+    }
+    let (mut direct, mut api_json, mut api_bin) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..ROUNDS {
+        let x = &samples[i % samples.len()];
+        let t = Instant::now();
+        worker.infer(&[Tensor::from_f32(vec![1, 64], x)]).await?;
+        direct.push(t.elapsed());
+        let t = Instant::now();
+        let r = s.http.post(&url).json(&json_body(x)).send().await?;
+        ensure!(r.status() == 200, "json request failed: {}", r.status());
+        r.bytes().await?;
+        api_json.push(t.elapsed());
+        let (body, n) = binary_body(x);
+        let t = Instant::now();
+        let r = s.http.post(&url).header("Inference-Header-Content-Length", n).body(body).send().await?;
+        ensure!(r.status() == 200, "binary request failed: {}", r.status());
+        r.bytes().await?;
+        api_bin.push(t.elapsed());
+    }
+    let row = |name: &str, xs: &[Duration], base: &[Duration]| {
+        let (p50, p99) = (percentile(xs.to_vec(), 50.0), percentile(xs.to_vec(), 99.0));
+        let (b50, b99) = (percentile(base.to_vec(), 50.0), percentile(base.to_vec(), 99.0));
+        println!(
+            "{name:<28} p50 {:>7.3} ms ({:>5.2}x)   p99 {:>7.3} ms ({:>5.2}x)",
+            ms(p50),
+            p50.as_secs_f64() / b50.as_secs_f64(),
+            ms(p99),
+            p99.as_secs_f64() / b99.as_secs_f64()
+        );
+    };
+    println!("digits v1, {ROUNDS} alternating rounds (ratios against the direct worker)");
+    row("direct worker (baseline)", &direct, &direct);
+    row("v2 API, JSON tensors", &api_json, &direct);
+    row("v2 API, binary tensors", &api_bin, &direct);
+
+    // Throughput: 4 concurrent clients each way.
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let (worker, samples) = (worker.clone(), samples.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_CLIENT {
+                worker.infer(&[Tensor::from_f32(vec![1, 64], &samples[(c + i) % samples.len()])]).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let direct_rps = (CLIENTS * PER_CLIENT) as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let (http, url, samples) = (s.http.clone(), url.clone(), samples.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_CLIENT {
+                let r = http.post(&url).json(&json_body(&samples[(c + i) % samples.len()])).send().await?;
+                ensure!(r.status() == 200, "{}", r.status());
+                r.bytes().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let api_rps = (CLIENTS * PER_CLIENT) as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "{CLIENTS} clients: direct worker {direct_rps:.0} req/s; v2 API (JSON) {api_rps:.0} req/s ({:.2}x)",
+        api_rps / direct_rps
+    );
+
+    // A promotion under load.
+    push(&s.hub, &s.http, "1.0.1", "digits/digits_mlp_v1.onnx").await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapping = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let (http, url, samples, stop, swapping) =
+            (s.http.clone(), url.clone(), samples.clone(), stop.clone(), swapping.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut before, mut during, mut failed) = (Vec::new(), Vec::new(), 0usize);
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let in_swap = swapping.load(Ordering::Relaxed);
+                let t = Instant::now();
+                let ok = match http.post(&url).json(&json_body(&samples[i % samples.len()])).send().await {
+                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                i += CLIENTS;
+                if !ok {
+                    failed += 1;
+                } else if in_swap {
+                    during.push(t.elapsed());
+                } else {
+                    before.push(t.elapsed());
+                }
+            }
+            (before, during, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    swapping.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    deploy(&s, "1.0.1").await?;
+    let swap_time = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (mut before, mut during, mut failed) = (Vec::new(), Vec::new(), 0);
+    for task in tasks {
+        let (b, d, f) = task.await?;
+        before.extend(b);
+        during.extend(d);
+        failed += f;
+    }
+    let (b99, d99) = (percentile(before.clone(), 99.0), percentile(during.clone(), 99.0));
+    println!(
+        "promotion 1.0.0 -> 1.0.1 under {CLIENTS} clients: {failed} failed of {} requests; deploy-to-active {:.0} ms; \
+         p99 during {:.3} ms vs before {:.3} ms ({:.2}x)",
+        before.len() + during.len() + failed,
+        ms(swap_time),
+        ms(d99),
+        ms(b99),
+        d99.as_secs_f64() / b99.as_secs_f64()
+    );
+    s.agent.shutdown().await;
+    drop(s.hub);
+    Ok(())
+}
