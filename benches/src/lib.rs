@@ -65,6 +65,8 @@ impl HubProcess {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(workspace_bin("sentinel-hub")?)
             .args(["--data-dir", &dir.path().display().to_string(), "--listen", "127.0.0.1:0"])
+            // Not the default fixed metrics port: benchmarks may run beside a real hub.
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -7,6 +7,22 @@ use std::time::Duration;
 /// Default cap on one uploaded model file: 2 GiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
+/// `sentinel-hub`'s default metrics address: loopback, on the port commonly
+/// used by Prometheus exporters of OpenTelemetry.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// Parses a `--metrics-listen` value: an address, or `off` or nothing to
+/// serve no metrics.
+pub fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s.trim() {
+        "" | "off" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{addr:?} is not an address like 127.0.0.1:9464, nor `off` ({e})")),
+    }
+}
+
 /// Everything a hub needs to start. Built from flags by `sentinel-hub`, or
 /// from values by tests.
 #[derive(Debug, Clone)]
@@ -17,6 +33,10 @@ pub struct HubConfig {
     pub listen: SocketAddr,
     /// gRPC listen address for agents (used once the notification stream exists).
     pub grpc_listen: Option<SocketAddr>,
+    /// Plain-HTTP listen address of the Prometheus `/metrics` endpoint;
+    /// `None`: no metrics listener. Off for hubs built from values (tests,
+    /// embedding); `sentinel-hub` turns it on at [`DEFAULT_METRICS_LISTEN`].
+    pub metrics_listen: Option<SocketAddr>,
     /// Uploads larger than this are refused with 413 while streaming.
     pub max_upload_bytes: u64,
     /// Base URL devices use to download artifacts; default: `http(s)://<listen>`.
@@ -57,6 +77,7 @@ impl HubConfig {
             data_dir: data_dir.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_listen: None,
+            metrics_listen: None,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             public_url: None,
             state_ttl: Duration::from_secs(3600),
@@ -106,5 +127,13 @@ mod tests {
         c.transport = Transport::Safe;
         c.tls = Some(TlsFiles { cert: "c".into(), key: "k".into() });
         assert!(c.check_transport().is_ok(), "TLS anywhere is fine");
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_or_off() {
+        assert_eq!(parse_metrics_listen(DEFAULT_METRICS_LISTEN), Ok(Some(SocketAddr::from(([127, 0, 0, 1], 9464)))));
+        assert_eq!(parse_metrics_listen("off"), Ok(None));
+        assert_eq!(parse_metrics_listen(""), Ok(None));
+        assert!(parse_metrics_listen("localhost").is_err());
     }
 }

@@ -79,6 +79,7 @@ impl AgentSync for SyncService {
             .await
             .map_err(|_| Status::unavailable("the hub cannot record the device right now"))?;
         let rx = Fleet::subscribe(&self.state, target).await?;
+        self.state.live.notify(crate::web::ChangeKind::Device, &device.id);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -106,10 +107,12 @@ impl AgentSync for SyncService {
             .meta(move |m| m.record_report(&id, &json, &events, crate::now_ms()))
             .await
             .map_err(|_| Status::unavailable("the hub cannot record the report right now"))?;
+        self.state.metrics.device_reports.inc();
         // After the report is stored, so the rollup sees it. Halting happens
         // before the answer: a device that reports a rollback gets the
         // fleet's reaction on its stream without waiting for another report.
         crate::rollout::watch_report(&self.state, &device.id, device.report.as_ref(), &report.models).await;
+        self.state.live.notify(crate::web::ChangeKind::Device, &device.id);
         let interval = u64::try_from(self.state.config.heartbeat.as_millis()).unwrap_or(u64::MAX);
         Ok(Response::new(ReportAck { heartbeat_interval_ms: interval }))
     }

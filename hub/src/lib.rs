@@ -19,9 +19,11 @@
 //! - [`grpc`]: the `AgentSync` gRPC service devices subscribe to.
 //! - [`rollout`]: rollout policies, per-device deployment status, and
 //!   halting a deployment too many devices rolled back or failed.
+//! - [`metrics`]: the hub's Prometheus metrics and its `/metrics` endpoint.
 //! - [`server`]: opening a hub and serving it until shutdown.
 //! - [`tls`]: the TLS listener for the REST API.
 //! - [`cli`]: the `sentinel` command-line client.
+//! - [`web`]: the web interface the hub serves at `/ui/`, and its live event stream.
 
 pub mod api;
 pub mod auth;
@@ -30,12 +32,14 @@ pub mod config;
 pub mod fleet;
 pub mod grpc;
 pub mod keys;
+pub mod metrics;
 pub mod onnx;
 pub mod rollout;
 pub mod selector;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod web;
 
 pub use config::HubConfig;
 pub use server::Hub;

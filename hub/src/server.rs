@@ -45,6 +45,10 @@ pub enum HubError {
     Tls(#[source] crate::tls::TlsError),
     #[error("serving gRPC: {0}")]
     Grpc(String),
+    #[error("registering the metrics")]
+    Metrics(#[from] prometheus::Error),
+    #[error("serving metrics")]
+    ServeMetrics(#[source] std::io::Error),
 }
 
 /// The hub's bound sockets.
@@ -52,6 +56,8 @@ pub enum HubError {
 pub struct Listeners {
     pub rest: TcpListener,
     pub grpc: Option<TcpListener>,
+    /// The plain-HTTP `/metrics` listener.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -61,6 +67,10 @@ impl Listeners {
 
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 }
 
@@ -112,7 +122,9 @@ impl Hub {
             keys: RwLock::new(keys),
             config,
             fleet: crate::fleet::Fleet::default(),
+            live: crate::web::Live::default(),
             public_url: RwLock::new(String::new()),
+            metrics: crate::metrics::HubMetrics::new()?,
         });
         Ok(Self { state, bootstrap_token })
     }
@@ -139,12 +151,16 @@ impl Hub {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
+        let metrics = match config.metrics_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
         let scheme = if config.tls.is_some() { "https" } else { "http" };
         let local = rest.local_addr().map_err(|source| HubError::Bind { addr: config.listen, source })?;
         let url = config.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
         *self.state.public_url.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
             url.trim_end_matches('/').to_owned();
-        Ok(Listeners { rest, grpc })
+        Ok(Listeners { rest, grpc, metrics })
     }
 
     /// Serves the REST API (and the gRPC service, when bound) until
@@ -161,6 +177,7 @@ impl Hub {
             shutdown.await;
             // Streams never end on their own: close them so the servers drain.
             closing.fleet.close_all();
+            closing.live.close();
             let _ = stop_tx.send(true);
         });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -191,6 +208,11 @@ impl Hub {
                 Some(tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await }))
             }
         };
+        let metrics = listeners.metrics.map(|listener| {
+            let app = crate::metrics::router(state.clone());
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+        });
         let app = router(state);
         let rest = match tls {
             Some(config) => {
@@ -211,6 +233,9 @@ impl Hub {
         rest.map_err(HubError::Serve)?;
         if let Some(g) = grpc {
             g.await.map_err(|e| HubError::Grpc(e.to_string()))?.map_err(|e| HubError::Grpc(e.to_string()))?;
+        }
+        if let Some(m) = metrics {
+            m.await.map_err(|e| HubError::ServeMetrics(std::io::Error::other(e)))?.map_err(HubError::ServeMetrics)?;
         }
         Ok(())
     }

@@ -48,8 +48,12 @@ pub struct AppState {
     pub keys: RwLock<Keyring>,
     pub config: HubConfig,
     pub fleet: crate::fleet::Fleet,
+    /// The web interface's change feed and event-stream tickets.
+    pub live: crate::web::Live,
     /// Base URL devices download from; set once the listener is bound.
     pub public_url: RwLock<String>,
+    /// This hub's Prometheus registry and metric handles.
+    pub metrics: crate::metrics::HubMetrics,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -116,6 +120,7 @@ pub async fn push_to_fleet(state: &SharedState) {
     if let Err(e) = crate::fleet::Fleet::publish(state).await {
         tracing::error!(error = %e, "pushing the desired state failed; devices will get it when they reconnect");
     }
+    state.live.notify(crate::web::ChangeKind::Deployments, "");
 }
 
 /// Page size when a list request names none, and the most it may ask for.
@@ -154,11 +159,15 @@ pub fn router(state: SharedState) -> Router {
         .route("/keys/rotate", post(admin::rotate_key))
         .route("/audit", get(admin::audit))
         .route("/openapi.json", get(openapi::spec))
+        .merge(crate::web::api_routes())
         .fallback(|| async { ApiError::not_found("no such API endpoint; see /api/v1/openapi.json") });
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
+        .merge(crate::web::ui_routes())
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), auth::authenticate))
+        // Outermost, so requests refused by authentication are counted too.
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), crate::metrics::track_http))
         .with_state(state)
 }

@@ -156,6 +156,23 @@ fn sample_bytes(input: &pb::TensorSpec) -> Result<u64, ApiError> {
         (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)))]
 pub async fn upload(
     State(state): State<SharedState>,
+    // Taken as results so that a refused query string counts as a refused push.
+    caller: Result<Caller, ApiError>,
+    path: Result<ApiPath<String>, ApiError>,
+    query: Result<ApiQuery<UploadParams>, ApiError>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let result = match (caller, path, query) {
+        (Ok(caller), Ok(path), Ok(query)) => receive_version(state.clone(), caller, path, query, req).await,
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+    };
+    state.metrics.model_push(result.is_ok());
+    result
+}
+
+/// The upload itself; [`upload`] counts its outcome.
+async fn receive_version(
+    state: SharedState,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(p): ApiQuery<UploadParams>,
@@ -310,6 +327,7 @@ pub async fn upload(
     };
     let stored = record.clone();
     state.meta(move |m| m.insert_version(&stored, &extra)).await?;
+    state.metrics.model_push_bytes.inc_by(record.size);
     tracing::info!(model = %name, %version, sha256 = %record.sha256, size = record.size, "version registered");
 
     let location = format!("/api/v1/models/{name}/versions/{version}");

@@ -22,6 +22,13 @@ struct Args {
     /// gRPC listen address for agents.
     #[arg(long, env = "SENTINEL_GRPC_LISTEN")]
     grpc_listen: Option<SocketAddr>,
+    /// Plain-HTTP listen address of the Prometheus `/metrics` endpoint
+    /// (port 0 picks a free port); `off` or "" serves no metrics.
+    #[arg(long, env = "SENTINEL_METRICS_LISTEN", default_value = sentinel_hub::config::DEFAULT_METRICS_LISTEN,
+        value_parser = sentinel_hub::config::parse_metrics_listen)]
+    // Fully qualified so clap takes the whole `Option` from the parser
+    // instead of making the flag optional.
+    metrics_listen: ::std::option::Option<SocketAddr>,
     /// Largest model file accepted, in bytes.
     #[arg(long, default_value_t = sentinel_hub::config::DEFAULT_MAX_UPLOAD_BYTES)]
     max_upload_bytes: u64,
@@ -88,6 +95,7 @@ async fn run(args: Args) -> ExitCode {
     let mut config = HubConfig::new(args.data_dir);
     config.listen = args.listen;
     config.grpc_listen = args.grpc_listen;
+    config.metrics_listen = args.metrics_listen;
     config.max_upload_bytes = args.max_upload_bytes;
     config.public_url = args.public_url;
     config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| sentinel_hub::config::TlsFiles { cert, key });
@@ -122,6 +130,11 @@ async fn run(args: Args) -> ExitCode {
     let scheme = if hub.state().config.tls.is_some() { "https" } else { "http" };
     if hub.bootstrap_token.is_some() {
         println!("admin token written to {}", hub.data_dir().join(sentinel_hub::server::ADMIN_TOKEN_FILE).display());
+    }
+    // Before the listening line: a script may stop reading (and close the
+    // pipe) once it has that line, and a later print would then fail.
+    if let Some(metrics) = listeners.metrics_addr() {
+        println!("sentinel-hub metrics on http://{metrics}");
     }
     // Scripts and tests read this line to learn the port.
     println!("sentinel-hub listening on {scheme}://{addr}");

@@ -134,6 +134,7 @@ pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Hal
         })
         .await?;
     if let Some(h) = &halt {
+        state.metrics.deployment_halts.inc();
         tracing::warn!(
             deployment = h.deployment.id,
             model = %h.deployment.model,

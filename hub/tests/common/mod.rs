@@ -30,6 +30,8 @@ pub const VISION: &str = "vision/ch_ppocr_mobile_v2.0_cls_infer.onnx";
 pub struct TestHub {
     pub url: String,
     pub grpc_url: String,
+    /// Base URL of the plain-HTTP metrics listener (`{metrics_url}/metrics`).
+    pub metrics_url: String,
     pub admin: String,
     pub dir: PathBuf,
     pub client: Client,
@@ -61,11 +63,13 @@ impl TestHub {
         sentinel_hub::install_crypto_provider();
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         let dir = config.data_dir.clone();
         let hub = Hub::open(config).unwrap();
         let listener = hub.bind().await.unwrap();
         let addr = listener.rest_addr().unwrap();
         let grpc_addr = listener.grpc_addr().unwrap();
+        let metrics_addr = listener.metrics_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             hub.serve(listener, async {
@@ -78,6 +82,7 @@ impl TestHub {
         Self {
             url: format!("http://{addr}"),
             grpc_url: format!("http://{grpc_addr}"),
+            metrics_url: format!("http://{metrics_addr}"),
             admin,
             dir: dir.to_path_buf(),
             client: Client::builder().tcp_nodelay(true).build().unwrap(),

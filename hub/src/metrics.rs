@@ -1,0 +1,251 @@
+//! Prometheus metrics of one hub, and the `/metrics` endpoint that serves them.
+//!
+//! Each hub owns its [`Registry`] (never the process-wide default one), so
+//! several hubs in one process, as in tests, keep their figures apart. Event
+//! counters are bumped where the event happens (HTTP middleware, upload
+//! handler, report handler, halt logic); figures that are state, not events
+//! (connected devices, deployments by state, where each live deployment
+//! stands on its devices) are read from the fleet and the store at scrape
+//! time, so they can never drift from the truth.
+//!
+//! `/metrics` is served on its own listener (`--metrics-listen`), in plain
+//! text: the figures carry no tokens and no model bytes, and keeping them off
+//! the REST port keeps them out of the API's authentication and audit log.
+//!
+//! Label values are bounded: the HTTP `route` label is the matched route
+//! template (`/api/v1/models/{name}`), never the raw path, and
+//! `sentinel_hub_deployment_devices` covers only active and halted deployments.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::api::SharedState;
+use crate::rollout::rollup;
+use crate::store::{MetadataStore, StoreError};
+
+/// Every state a deployment can be in, each exported even when zero.
+pub const DEPLOYMENT_STATES: [&str; 5] = ["active", "halted", "superseded", "rolled_back", "cancelled"];
+
+/// Request latency buckets, in seconds: API calls take milliseconds, uploads
+/// of large models up to a minute.
+const LATENCY_BUCKETS: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// The hub's registry and the handles of its metrics.
+#[derive(Debug)]
+pub struct HubMetrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    connected_devices: IntGauge,
+    model_pushes: IntCounterVec,
+    /// Bytes of model files accepted by uploads.
+    pub model_push_bytes: IntCounter,
+    deployments: IntGaugeVec,
+    deployment_devices: IntGaugeVec,
+    /// Deployments the hub halted because too many devices gave up on them.
+    pub deployment_halts: IntCounter,
+    /// Device reports received and stored.
+    pub device_reports: IntCounter,
+    /// Serialises scrapes: each resets and refills the scrape-time gauges.
+    scrape: Mutex<()>,
+}
+
+impl HubMetrics {
+    /// Creates the metrics in a fresh registry of their own.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "sentinel_hub_http_requests_total",
+                "REST API requests answered, by route template, method and status",
+            ),
+            &["route", "method", "status"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sentinel_hub_http_request_duration_seconds",
+                "Time from a REST API request's arrival to its response headers",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method"],
+        )?;
+        let connected_devices =
+            IntGauge::new("sentinel_hub_connected_devices", "Devices with an open Subscribe stream")?;
+        let model_pushes = IntCounterVec::new(
+            Opts::new("sentinel_hub_model_pushes_total", "Model version uploads, by result (ok or refused)"),
+            &["result"],
+        )?;
+        let model_push_bytes =
+            IntCounter::new("sentinel_hub_model_push_bytes_total", "Bytes of model files accepted by uploads")?;
+        let deployments = IntGaugeVec::new(Opts::new("sentinel_hub_deployments", "Deployments by state"), &["state"])?;
+        let deployment_devices = IntGaugeVec::new(
+            Opts::new(
+                "sentinel_hub_deployment_devices",
+                "Targeted devices of each active or halted deployment, by rollout state",
+            ),
+            &["deployment", "state"],
+        )?;
+        let deployment_halts = IntCounter::new(
+            "sentinel_hub_deployment_halts_total",
+            "Deployments halted because too many devices rolled back or failed",
+        )?;
+        let device_reports =
+            IntCounter::new("sentinel_hub_device_reports_total", "Device reports received and stored")?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("sentinel_hub_build_info", "Always 1; labelled with the hub's version"),
+            &["version"],
+        )?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for model_push in ["ok", "refused"] {
+            model_pushes.with_label_values(&[model_push]);
+        }
+
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(connected_devices.clone()))?;
+        registry.register(Box::new(model_pushes.clone()))?;
+        registry.register(Box::new(model_push_bytes.clone()))?;
+        registry.register(Box::new(deployments.clone()))?;
+        registry.register(Box::new(deployment_devices.clone()))?;
+        registry.register(Box::new(deployment_halts.clone()))?;
+        registry.register(Box::new(device_reports.clone()))?;
+        registry.register(Box::new(build_info))?;
+        Ok(Self {
+            registry,
+            http_requests,
+            http_duration,
+            connected_devices,
+            model_pushes,
+            model_push_bytes,
+            deployments,
+            deployment_devices,
+            deployment_halts,
+            device_reports,
+            scrape: Mutex::new(()),
+        })
+    }
+
+    /// Counts one upload by whether it was accepted.
+    pub fn model_push(&self, accepted: bool) {
+        self.model_pushes.with_label_values(&[if accepted { "ok" } else { "refused" }]).inc();
+    }
+
+    /// Refreshes the scrape-time figures and renders everything in the text
+    /// exposition format. Blocking: reads the store.
+    fn render(&self, state: &SharedState) -> Result<String, prometheus::Error> {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+        self.connected_devices.set(i64::try_from(state.fleet.connected_count()).unwrap_or(i64::MAX));
+        // Reset first, so a deployment that stopped being live disappears.
+        self.deployments.reset();
+        self.deployment_devices.reset();
+        if let Err(e) = self.read_deployments(state.meta.as_ref()) {
+            // The rest of the figures are still worth serving; the deployment
+            // gauges are left absent rather than stale.
+            self.deployments.reset();
+            self.deployment_devices.reset();
+            tracing::error!(error = %e, "reading deployments for /metrics failed");
+        }
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+
+    fn read_deployments(&self, meta: &dyn MetadataStore) -> Result<(), StoreError> {
+        for s in DEPLOYMENT_STATES {
+            let (_, total) = meta.list_deployments(None, Some(s), 0, 0)?;
+            self.deployments.with_label_values(&[s]).set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+        let mut live = meta.list_deployments(None, Some("active"), u32::MAX, 0)?.0;
+        live.extend(meta.list_deployments(None, Some("halted"), u32::MAX, 0)?.0);
+        if live.is_empty() {
+            return Ok(());
+        }
+        let devices = meta.list_devices()?;
+        for d in &live {
+            let id = d.id.to_string();
+            for (s, n) in rollup(d, &devices).counts {
+                self.deployment_devices
+                    .with_label_values(&[id.as_str(), s.as_str()])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The method label: the standard methods by name, anything else `other`,
+/// so a client inventing methods cannot create series.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Middleware counting and timing every REST request. The route label is the
+/// matched route template; requests no route matched count as `unmatched`.
+/// The time is to the response headers: a streamed body (an artifact
+/// download) is not included.
+pub async fn track_http(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = method_label(req.method());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let m = &state.metrics;
+    m.http_duration.with_label_values(&[route.as_str(), method]).observe(start.elapsed().as_secs_f64());
+    m.http_requests.with_label_values(&[route.as_str(), method, resp.status().as_str()]).inc();
+    resp
+}
+
+/// The metrics listener's router: `GET /metrics`, nothing else.
+pub fn router(state: SharedState) -> Router {
+    Router::new().route("/metrics", get(scrape)).with_state(state)
+}
+
+async fn scrape(State(state): State<SharedState>) -> Response {
+    let st = state.clone();
+    match tokio::task::spawn_blocking(move || st.metrics.render(&st)).await {
+        Ok(Ok(text)) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "encoding metrics failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the metrics task failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "the metrics task failed\n").into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_register_without_clashes_and_render_build_info() {
+        let m = HubMetrics::new().expect("valid metric definitions");
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&m.registry.gather(), &mut out).expect("encodes");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains(&format!("sentinel_hub_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").expect("a method")), "other");
+    }
+}

@@ -1,0 +1,203 @@
+//! The change feed behind the page's live views.
+//!
+//! [`Live`] holds a `watch` channel of the latest [`Change`]: deployments
+//! changed (deploy, rollback, halt) or a device reported. A watch keeps only
+//! the newest value, so a burst of reports costs a slow browser one wake-up,
+//! not a queue: the event says *that* something changed, and the page
+//! refetches what it shows. Each stream also sends a heartbeat every
+//! [`HEARTBEAT`], and on it re-checks the token it was opened with, ending
+//! the stream once that token is revoked.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::session::{Holder, Tickets};
+use crate::api::{ApiError, ApiQuery, SharedState};
+
+/// Time between heartbeats (and token re-checks) on an idle stream.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// What changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// Nothing yet (the feed's initial value).
+    #[default]
+    None,
+    /// A deployment was created, rolled back, or halted.
+    Deployments,
+    /// A device connected or reported.
+    Device,
+}
+
+/// The latest change, as sent in `change` events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Counts every change since the hub started.
+    pub seq: u64,
+    pub kind: ChangeKind,
+    /// The device, for [`ChangeKind::Device`].
+    pub subject: String,
+    pub at_ms: i64,
+}
+
+/// The change feed, stream tickets, and the switch that ends every stream
+/// at shutdown (open streams would otherwise keep the server from draining).
+#[derive(Debug)]
+pub struct Live {
+    changes: watch::Sender<Change>,
+    closing: watch::Sender<bool>,
+    pub tickets: Tickets,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self {
+            changes: watch::channel(Change::default()).0,
+            closing: watch::channel(false).0,
+            tickets: Tickets::default(),
+        }
+    }
+}
+
+impl Live {
+    /// Tells every open stream that something changed.
+    pub fn notify(&self, kind: ChangeKind, subject: &str) {
+        self.changes.send_modify(|c| {
+            c.seq += 1;
+            c.kind = kind;
+            subject.clone_into(&mut c.subject);
+            c.at_ms = crate::now_ms();
+        });
+    }
+
+    /// Ends every stream (at shutdown).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamParams {
+    /// From `POST /api/v1/events/ticket`.
+    pub ticket: Option<String>,
+}
+
+/// One open stream.
+struct Feed {
+    state: SharedState,
+    holder: Holder,
+    changes: watch::Receiver<Change>,
+    closing: watch::Receiver<bool>,
+    beat: tokio::time::Interval,
+    greeted: bool,
+    ended: bool,
+}
+
+enum Wake {
+    Changed,
+    Beat,
+    Closed,
+}
+
+fn event(name: &str, data: &impl Serialize) -> Event {
+    Event::default().event(name).json_data(data).unwrap_or_else(|_| Event::default().event(name))
+}
+
+impl Feed {
+    async fn token_valid(&self) -> bool {
+        let hash = self.holder.token_sha256.clone();
+        // A failed lookup keeps the stream: it carries no data, and the
+        // page's own API calls are checked anyway.
+        state_lookup(&self.state, hash).await.unwrap_or(true)
+    }
+
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+        if self.ended {
+            return None;
+        }
+        if !self.greeted {
+            self.greeted = true;
+            let c = self.changes.borrow_and_update().clone();
+            let hello = serde_json::json!({"seq": c.seq, "name": self.holder.caller.name,
+                "role": self.holder.caller.role, "heartbeat_ms": HEARTBEAT.as_millis()});
+            return Some((Ok(event("hello", &hello).retry(Duration::from_secs(2))), self));
+        }
+        let wake = tokio::select! {
+            r = self.changes.changed() => if r.is_ok() { Wake::Changed } else { Wake::Closed },
+            _ = self.closing.wait_for(|c| *c) => Wake::Closed,
+            _ = self.beat.tick() => Wake::Beat,
+        };
+        match wake {
+            Wake::Closed => None,
+            Wake::Changed => {
+                let c = self.changes.borrow_and_update().clone();
+                Some((Ok(event("change", &c)), self))
+            }
+            Wake::Beat if self.token_valid().await => {
+                Some((Ok(event("heartbeat", &serde_json::json!({"at_ms": crate::now_ms()}))), self))
+            }
+            Wake::Beat => {
+                self.ended = true;
+                let why = serde_json::json!({"message": "the token this stream was opened with was revoked"});
+                Some((Ok(event("expired", &why)), self))
+            }
+        }
+    }
+}
+
+async fn state_lookup(state: &SharedState, hash: String) -> Result<bool, ApiError> {
+    state.meta(move |m| Ok(m.find_token(&hash)?.is_some())).await
+}
+
+/// `GET /api/v1/events/stream?ticket=…`: server-sent events `hello` (at
+/// once), `change` (see [`Change`]), `heartbeat`, and `expired` (the token
+/// was revoked; the stream ends).
+pub async fn stream(
+    State(state): State<SharedState>,
+    ApiQuery(p): ApiQuery<StreamParams>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let ticket = p.ticket.ok_or_else(|| {
+        ApiError::unauthorized("open the stream with ?ticket=<ticket from POST /api/v1/events/ticket>")
+    })?;
+    let holder = state.live.tickets.redeem(&ticket).ok_or_else(|| {
+        ApiError::unauthorized("the ticket is unknown, spent or expired; ask POST /api/v1/events/ticket for another")
+    })?;
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.reset(); // the first tick would be immediate; `hello` covers it
+    let feed = Feed {
+        changes: state.live.changes.subscribe(),
+        closing: state.live.closing.subscribe(),
+        state,
+        holder,
+        beat,
+        greeted: false,
+        ended: false,
+    };
+    Ok(Sse::new(futures_util::stream::unfold(feed, Feed::next)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_burst_of_changes_wakes_a_watcher_once_with_the_latest() {
+        let live = Live::default();
+        let mut rx = live.changes.subscribe();
+        live.notify(ChangeKind::Device, "a");
+        live.notify(ChangeKind::Deployments, "");
+        rx.changed().await.expect("changed");
+        let c = rx.borrow_and_update().clone();
+        assert_eq!((c.seq, c.kind), (2, ChangeKind::Deployments));
+        assert!(!rx.has_changed().expect("open"));
+    }
+}

@@ -1,0 +1,127 @@
+// Drives the hub's web interface in headless Chromium (Debian's
+// /usr/bin/chromium, through playwright-core). Run by hub/tests/web_e2e.rs:
+//
+//   node e2e.mjs <hub url> <admin token> <viewer token> <screenshot.png>
+//
+// As admin: sign in, upload digits_mlp_v1.onnx, deploy it to every device,
+// and watch the deployment reach "serving" on the connected test agent
+// without reloading the page; save a screenshot. As viewer: no deploy
+// button, and the deploy API answers 403 when called from the page anyway.
+// Exits non-zero with a message on the first failed step.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const [url, adminToken, viewerToken, shot] = process.argv.slice(2);
+if (!shot) {
+  console.error('usage: node e2e.mjs <hub url> <admin token> <viewer token> <screenshot.png>');
+  process.exit(64);
+}
+const here = dirname(fileURLToPath(import.meta.url));
+const modelFile = resolve(here, '../../../models/digits/digits_mlp_v1.onnx');
+const MODEL = 'digits';
+const SERVING_TIMEOUT_MS = 120_000;
+
+const profile = mkdtempSync(join(tmpdir(), 'sentinel-e2e-chromium-'));
+const watchdog = setTimeout(() => { console.error('e2e: gave up after 4 minutes'); process.exit(2); }, 240_000);
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: '/usr/bin/chromium',
+  headless: true,
+  viewport: { width: 1280, height: 900 },
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const page = context.pages()[0] || await context.newPage();
+// CSP violations and script errors show up here; the page must have none.
+const problems = [];
+page.on('console', (m) => { if (m.type() === 'error') problems.push(`console: ${m.text()}`); });
+page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+
+let step = 'start';
+async function signIn(token, role) {
+  await page.goto(`${url}/`);
+  await page.waitForSelector('#token', { state: 'visible' });
+  await page.fill('#token', token);
+  await page.click('#signin-submit');
+  await page.waitForFunction((r) => document.querySelector('#who-role')?.textContent === r, role);
+}
+
+try {
+  step = 'sign in as admin';
+  await signIn(adminToken, 'admin');
+  await page.waitForSelector('#live.on', { timeout: 15_000 });
+
+  step = 'upload a version';
+  const form = page.locator('#upload-form');
+  await form.locator('[name=model]').fill(MODEL);
+  await form.locator('[name=version]').fill('1.0.0');
+  await form.locator('[name=stage]').selectOption('staging');
+  await form.locator('[name=accuracy]').fill('0.9694');
+  await form.locator('[name=hardware]').fill('x86_64,aarch64');
+  await form.locator('[name=file]').setInputFiles(modelFile);
+  await page.click('#upload-submit');
+  await page.waitForSelector('.deploy-btn[data-version="1.0.0"]', { timeout: 30_000 });
+
+  step = 'deploy it';
+  await page.click('.deploy-btn[data-version="1.0.0"]');
+  await page.click('#deploy-submit');
+  await page.waitForFunction(() => /^#\/deployments\/\d+$/.test(location.hash));
+  const deployment = await page.evaluate(() => location.hash.split('/')[2]);
+
+  step = `watch deployment ${deployment} reach serving (live, no reload)`;
+  const loads = await page.evaluate(() => performance.getEntriesByType('navigation').length);
+  await page.waitForSelector('#rollout-devices [data-state="serving"]', { timeout: SERVING_TIMEOUT_MS });
+  await page.waitForSelector('[data-count="serving"] b:text("1")');
+  const reloaded = await page.evaluate((n) => performance.getEntriesByType('navigation').length !== n, loads);
+  if (reloaded) throw new Error('the page reloaded');
+  await page.screenshot({ path: shot, fullPage: true });
+  console.log(`screenshot: ${shot}`);
+
+  step = 'device view';
+  const device = await page.locator('#rollout-devices [data-device]').first().getAttribute('data-device');
+  await page.goto(`${url}/ui/#/devices/${encodeURIComponent(device)}`);
+  await page.waitForSelector('text=Old version against new');
+  const deviceShot = shot.replace(/\.png$/, '-device.png');
+  await page.screenshot({ path: deviceShot, fullPage: true });
+  console.log(`screenshot: ${deviceShot}`);
+
+  step = 'sign in as viewer';
+  await page.click('#sign-out');
+  await signIn(viewerToken, 'viewer');
+  await page.goto(`${url}/ui/#/models/${MODEL}`);
+  await page.waitForSelector('text=Versions');
+  await page.waitForSelector('td >> text=1.0.0');
+  const buttons = await page.locator('.deploy-btn, #rollback-btn, #upload-form').count();
+  if (buttons !== 0) throw new Error(`a viewer sees ${buttons} deploy, rollback or upload controls`);
+
+  if (problems.length) throw new Error(`the page logged errors (CSP violations among them?):\n${problems.join('\n')}`);
+
+  step = 'deploy as viewer through the API';
+  const status = await page.evaluate(async (model) => {
+    const r = await fetch(`/api/v1/models/${model}/deploy`, {
+      method: 'POST',
+      headers: {
+        Authorization: `Bearer ${sessionStorage.getItem('sentinel.token')}`,
+        'Content-Type': 'application/json',
+      },
+      body: JSON.stringify({ version: '1.0.0' }),
+    });
+    return r.status;
+  }, MODEL);
+  if (status !== 403) throw new Error(`the viewer's deploy call got ${status}, not 403`);
+
+  console.log(`e2e ok: deployment ${deployment} served on ${device}; viewer refused with 403`);
+} catch (e) {
+  const failShot = shot.replace(/\.png$/, '-failure.png');
+  await page.screenshot({ path: failShot, fullPage: true }).catch(() => {});
+  console.error(`e2e failed at step "${step}": ${e.message}`);
+  if (problems.length) console.error(problems.join('\n'));
+  console.error(`screenshot of the failure: ${failShot}`);
+  process.exitCode = 1;
+} finally {
+  await context.close();
+  rmSync(profile, { recursive: true, force: true });
+  clearTimeout(watchdog);
+}
