@@ -34,7 +34,7 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("setting up the connection to the hub: {0}")]
     Connect(String),
-    #[error("binding the inference API on {addr}")]
+    #[error("binding a listener (inference API, metrics or control socket) on {addr}")]
     Listen {
         addr: String,
         #[source]
@@ -95,8 +95,14 @@ impl Shared {
     /// Records a refused desired state: logged, an event for the hub, and visible in the view.
     pub fn refused_state(&self, kind: &str, reason: &str) {
         self.event("state_refused", "", "", &format!("{kind}: {reason}"));
+        self.serving.metrics().verification_failed(kind);
         self.view.send_modify(|v| v.refused_states.push(kind.to_owned()));
         self.report_now.notify_one();
+    }
+
+    /// The current view.
+    pub fn view(&self) -> AgentView {
+        self.view.borrow().clone()
     }
 
     /// Revision the apply loop last finished with.
@@ -131,6 +137,10 @@ pub struct AgentHandle {
     pub shared: Arc<Shared>,
     /// Where the KServe v2 inference API listens on TCP, if enabled.
     pub inference_addr: Option<SocketAddr>,
+    /// Where `/metrics` is served, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The control socket `sentinel-agent status` talks to.
+    pub control_socket: PathBuf,
     view: watch::Receiver<AgentView>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -201,7 +211,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let heartbeat = Mutex::new(config.heartbeat);
     let channel: Channel = endpoint(&config, &config.grpc_url)?.connect_lazy();
     let http = http_client(&config)?;
-    let serving = Serving::new(config.serving.clone(), config.state_dir.join("workers"));
+    let metrics = Arc::new(crate::metrics::AgentMetrics::new());
+    let serving = Serving::with_metrics(config.serving.clone(), config.state_dir.join("workers"), metrics);
     let shared = Arc::new(Shared { config, store, serving, view: view_tx, report_now: Notify::new(), heartbeat });
     let trusted = shared.config.trusted.clone();
     shared.serving.restore(&shared.store, |sha| {
@@ -211,6 +222,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     shared.refresh_models();
     let listeners = crate::inference_api::bind(&shared.config.serving).await?;
     let inference_addr = listeners.tcp_addr();
+    let metrics_listener = crate::metrics::bind(shared.config.serving.metrics_listen.as_deref()).await?;
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let control = crate::control::bind(&shared.config)?;
+    let control_socket = shared.config.control_socket();
 
     // The last verified state, re-verified from disk (signature and device
     // only: it was current when stored, and the device keeps serving it).
@@ -236,10 +251,14 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     tasks.spawn(crate::sync::run(shared.clone(), channel.clone(), states_tx, stop_rx.clone()));
     tasks.spawn(apply_loop(shared.clone(), http, states_rx, stop_rx.clone()));
     tasks.spawn(report_loop(shared.clone(), channel, stop_rx.clone()));
+    if let Some(l) = metrics_listener {
+        tasks.spawn(crate::metrics::serve(l, shared.clone(), stop_rx.clone()));
+    }
+    tasks.spawn(crate::control::serve(control, shared.clone(), stop_rx.clone()));
     for server in listeners.serve(shared.clone(), stop_rx) {
         tasks.spawn(server);
     }
-    Ok(AgentHandle { shared, inference_addr, view: view_rx, stop, tasks })
+    Ok(AgentHandle { shared, inference_addr, metrics_addr, control_socket, view: view_rx, stop, tasks })
 }
 
 async fn apply_loop(
@@ -437,7 +456,7 @@ async fn download_version(
     shared.event("download_started", &m.name, &m.version, &assignment.artifact_url);
     let fetch = |url: String, sha256: String, size: u64| async move {
         let wanted = Wanted { url: &url, token: &config.token, sha256: &sha256, size };
-        download::fetch(http, shared.store.models_dir(), &wanted, config.download_attempts, |from| {
+        let fetched = download::fetch(http, shared.store.models_dir(), &wanted, config.download_attempts, |from| {
             shared.view.send_modify(|v| v.downloads_resumed_from.push(from));
             shared.event(
                 "download_resumed",
@@ -446,9 +465,14 @@ async fn download_version(
                 &format!("{url}: resuming from byte {from} of {size}"),
             );
         })
-        .await
+        .await;
+        if let Ok((_, outcome)) = &fetched {
+            shared.serving.metrics().download_bytes.inc_by(outcome.bytes_transferred);
+        }
+        fetched
     };
     let failed = |e: download::FetchError| {
+        shared.serving.metrics().download_failed(e.kind());
         let reason = format!("{}: {}", e.kind(), error_chain(&e));
         tracing::warn!(model = %m.name, version = %m.version, %reason, "download refused; the previous version keeps serving");
         let status = if matches!(e, download::FetchError::GaveUp { .. } | download::FetchError::NoSpace { .. }) {

@@ -17,6 +17,12 @@ use serde::Deserialize;
 /// Where the agent looks for its configuration by default.
 pub const DEFAULT_CONFIG: &str = "/etc/sentinel/agent.toml";
 
+/// Where the agent serves Prometheus metrics by default (the hub uses 9464).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
+
+/// The control socket's file name inside the runtime dir.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
 /// A configuration problem, naming the field.
 #[derive(Debug, thiserror::Error)]
 #[error("config field `{field}`: {reason}")]
@@ -54,6 +60,8 @@ struct RawConfig {
     #[serde(default)]
     pinned_keys: Vec<String>,
     state_dir: Option<PathBuf>,
+    /// Where the control socket lives (default: `$RUNTIME_DIRECTORY`, else `<state_dir>/run`).
+    runtime_dir: Option<PathBuf>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     /// Default: the CPU architecture (`x86_64`, `aarch64`, ...).
@@ -105,6 +113,7 @@ struct RawRollout {
 #[serde(deny_unknown_fields)]
 struct RawServing {
     listen: Option<String>,
+    metrics_listen: Option<String>,
     unix_socket: Option<PathBuf>,
     max_body_bytes: Option<usize>,
     worker_bin: Option<PathBuf>,
@@ -122,6 +131,9 @@ struct RawServing {
 pub struct ServingSettings {
     /// TCP address of the KServe v2 API (default `127.0.0.1:8601`); `None` when disabled.
     pub listen: Option<String>,
+    /// TCP address of the Prometheus `/metrics` listener (default
+    /// [`DEFAULT_METRICS_LISTEN`]); `None` when disabled (`""`).
+    pub metrics_listen: Option<String>,
     /// Unix socket for the v2 API, in addition to (or instead of) TCP.
     pub unix_socket: Option<PathBuf>,
     /// Largest inference request body (default 16 MiB).
@@ -150,15 +162,17 @@ fn default_worker_bin() -> PathBuf {
 
 impl RawServing {
     fn validate(self, resolve: impl Fn(PathBuf) -> PathBuf) -> Result<ServingSettings, ConfigError> {
-        let listen = match self.listen.as_deref() {
-            None => Some("127.0.0.1:8601".to_owned()),
-            Some("") => None,
+        let address = |field: &str, value: Option<&str>, default: &str| match value {
+            None => Ok(Some(default.to_owned())),
+            Some("") => Ok(None),
             Some(a) => {
                 a.parse::<std::net::SocketAddr>()
-                    .map_err(|e| bad("serving.listen", format!("{a:?} is not an address:port: {e}")))?;
-                Some(a.to_owned())
+                    .map_err(|e| bad(field, format!("{a:?} is not an address:port: {e}")))?;
+                Ok(Some(a.to_owned()))
             }
         };
+        let listen = address("serving.listen", self.listen.as_deref(), "127.0.0.1:8601")?;
+        let metrics_listen = address("serving.metrics_listen", self.metrics_listen.as_deref(), DEFAULT_METRICS_LISTEN)?;
         let confinement = match self.confinement.as_deref().unwrap_or("enforce") {
             "enforce" => Confinement::Enforce,
             "off" => Confinement::Off,
@@ -185,6 +199,7 @@ impl RawServing {
         let positive = |field: &str, v: u64| if v == 0 { Err(bad(field, "must be positive")) } else { Ok(v) };
         Ok(ServingSettings {
             listen,
+            metrics_listen,
             unix_socket: self.unix_socket.map(&resolve),
             max_body_bytes: self.max_body_bytes.unwrap_or(16 << 20),
             worker_bin: self.worker_bin.map(&resolve).unwrap_or_else(default_worker_bin),
@@ -225,6 +240,8 @@ pub struct AgentConfig {
     pub token: String,
     pub trusted: TrustedKeys,
     pub state_dir: PathBuf,
+    /// Holds the control socket ([`AgentConfig::control_socket`]).
+    pub runtime_dir: PathBuf,
     pub labels: BTreeMap<String, String>,
     pub hardware: Vec<String>,
     pub ca_pem: Option<Vec<u8>>,
@@ -257,7 +274,13 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 impl AgentConfig {
-    /// Reads `path`, applies `env` overrides (`SENTINEL_AGENT_<FIELD>`), and validates.
+    /// The control socket `sentinel-agent status` talks to.
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join(CONTROL_SOCKET)
+    }
+
+    /// Reads `path`, applies `env` overrides (`SENTINEL_AGENT_<FIELD>`, and
+    /// systemd's `RUNTIME_DIRECTORY`), and validates.
     pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| bad("(file)", format!("cannot read {}: {e}", path.display())))?;
@@ -292,6 +315,12 @@ impl AgentConfig {
         }
         if let Some(v) = get("LISTEN") {
             raw.serving.listen = Some(v);
+        }
+        if let Some(v) = get("METRICS_LISTEN") {
+            raw.serving.metrics_listen = Some(v);
+        }
+        if let Some(v) = get("RUNTIME_DIR") {
+            raw.runtime_dir = Some(v.into());
         }
         if let Some(v) = get("PINNED_KEYS") {
             raw.pinned_keys = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
@@ -339,6 +368,13 @@ impl AgentConfig {
             trusted.add_base64(k).map_err(|e| bad(&format!("pinned_keys[{i}]"), e.to_string()))?;
         }
         let state_dir = resolve(raw.state_dir.ok_or_else(|| bad("state_dir", "missing"))?);
+        // systemd's RuntimeDirectory= may list several, colon-separated: the first is ours.
+        let systemd_runtime = env.get("RUNTIME_DIRECTORY").and_then(|v| v.split(':').next()).filter(|v| !v.is_empty());
+        let runtime_dir = match (raw.runtime_dir, systemd_runtime) {
+            (Some(p), _) => resolve(p),
+            (None, Some(p)) => PathBuf::from(p),
+            (None, None) => state_dir.join("run"),
+        };
         for (k, v) in &raw.labels {
             if k.is_empty() || v.is_empty() || k.contains([',', '=']) || v.contains([',', '=']) {
                 return Err(bad(&format!("labels.{k}"), "keys and values must be non-empty, without ',' or '='"));
@@ -400,6 +436,7 @@ impl AgentConfig {
             token,
             trusted,
             state_dir,
+            runtime_dir,
             labels: raw.labels,
             hardware,
             ca_pem,
@@ -434,6 +471,20 @@ mod tests {
         assert_eq!(c.state_dir, dir.path().join("state"));
         assert_eq!(c.backoff_cap, Duration::from_secs(60));
         assert_eq!(c.hardware, native_hardware());
+        assert_eq!(c.control_socket(), dir.path().join("state/run/control.sock"));
+        assert_eq!(c.serving.metrics_listen.as_deref(), Some(DEFAULT_METRICS_LISTEN));
+    }
+
+    #[test]
+    fn the_runtime_dir_comes_from_the_file_then_systemd_then_the_state_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env: BTreeMap<_, _> = [("RUNTIME_DIRECTORY".to_owned(), "/run/sentinel:/run/other".to_owned())].into();
+        let c = AgentConfig::parse(&base(dir.path()), &env, dir.path()).expect("parses");
+        assert_eq!(c.runtime_dir, Path::new("/run/sentinel"));
+        let text = format!("runtime_dir = \"rt\"\n{}[serving]\nmetrics_listen = \"\"\n", base(dir.path()));
+        let c = AgentConfig::parse(&text, &env, dir.path()).expect("parses");
+        assert_eq!(c.runtime_dir, dir.path().join("rt"));
+        assert_eq!(c.serving.metrics_listen, None);
     }
 
     #[test]
@@ -458,6 +509,7 @@ mod tests {
             (format!("{good}colour = 1\n"), "line"),
             (format!("{good}[sync]\nbackoff_cap_secs = 0\n"), "sync.backoff_cap_secs"),
             (format!("{good}[serving]\nlisten = \"localhost\"\n"), "serving.listen"),
+            (format!("{good}[serving]\nmetrics_listen = \"9465\"\n"), "serving.metrics_listen"),
             (format!("{good}[serving]\nconfinement = \"maybe\"\n"), "serving.confinement"),
             (format!("{good}[serving.input_shapes]\nm = [\"1,x\"]\n"), "serving.input_shapes.m"),
         ];

@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
+use futures_util::StreamExt as _;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -296,7 +297,7 @@ async fn infer(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     run_infer(&shared, &name, None, &headers, body).await.unwrap_or_else(|r| r)
 }
@@ -305,9 +306,35 @@ async fn infer_version(
     State(shared): State<Arc<Shared>>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     run_infer(&shared, &name, Some(&version), &headers, body).await.unwrap_or_else(|r| r)
+}
+
+/// Bytes of an oversize body read on (and dropped) before answering, so a
+/// client still sending sees the 400 instead of a reset connection.
+const DRAIN_CAP: usize = 64 << 20;
+
+/// Reads a request body up to `limit` bytes. A longer body is an error
+/// saying so; it is drained first (up to [`DRAIN_CAP`]).
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, String> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("reading the request body: {e}"))?;
+        total += chunk.len();
+        if total <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if total > DRAIN_CAP {
+            break;
+        }
+    }
+    if total > limit {
+        let at_least = if total > DRAIN_CAP { "at least " } else { "" };
+        return Err(format!("request body of {at_least}{total} bytes is over the limit of {limit} bytes"));
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn bad(message: impl Into<String>) -> Response {
@@ -319,12 +346,9 @@ async fn run_infer(
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, Response> {
-    let body = body.map_err(|e| {
-        let limit = shared.config.serving.max_body_bytes;
-        bad(format!("request body refused ({}); the limit is {limit} bytes", e.body_text()))
-    })?;
+    let body = read_limited(body, shared.config.serving.max_body_bytes).await.map_err(bad)?;
     let (head, mut binary) = match headers.get(HEADER_LENGTH) {
         Some(v) => {
             let n = v

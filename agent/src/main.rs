@@ -14,7 +14,8 @@ use sentinel_agent::config::DEFAULT_CONFIG;
 #[command(
     version,
     about,
-    after_help = "Exit codes: 0 ok, 1 verification failed, 64 bad configuration, 70 runtime failure."
+    after_help = "Exit codes: 0 ok, 1 verification failed or request refused, 64 bad configuration, \
+                  66 input file unreadable, 69 agent not running, 70 runtime failure."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,10 +34,131 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Show the running agent's state: hub link, slots, workers, last rollback, disk use.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the models on this device.
+    Models {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll MODEL back to its warm standby now (or abort its canary), and tell the hub.
+    Rollback {
+        model: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Verify a model file against its signed manifest, offline (exit 0 ok, 1 failed).
+    Verify {
+        file: PathBuf,
+        /// The signed manifest: the hub's JSON (`GET .../versions/{v}/manifest`) or protobuf bytes.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Trust these base64 hub keys instead of the config's pinned keys.
+        #[arg(long = "key", value_name = "BASE64")]
+        keys: Vec<String>,
+        #[arg(long, default_value = DEFAULT_CONFIG, conflicts_with = "keys")]
+        config: PathBuf,
+    },
 }
 
+/// Which running agent to talk to.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The agent's configuration; its `runtime_dir` holds the control socket.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// The control socket itself (instead of finding it through --config).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> Result<PathBuf, ExitCode> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        AgentConfig::load(&self.config, &env_map()).map(|c| c.control_socket()).map_err(|e| {
+            eprintln!("sentinel-agent: {}: {e}", self.config.display());
+            ExitCode::from(64)
+        })
+    }
+}
+
+/// Prints a command's outcome: the text on stdout, or the error chain on stderr with its exit code.
+fn finish(result: Result<String, sentinel_agent::cli::ClientError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sentinel-agent: {}", sentinel_agent::sync::error_chain(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn json_text(v: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(v).map(|s| s + "\n").unwrap_or_default()
+}
+
+fn verify(file: &std::path::Path, manifest: &std::path::Path, keys: &[String], config: &std::path::Path) -> ExitCode {
+    let trusted = if keys.is_empty() {
+        match AgentConfig::load(config, &env_map()) {
+            Ok(c) => c.trusted,
+            Err(e) => {
+                eprintln!("sentinel-agent: {}: {e}", config.display());
+                return ExitCode::from(64);
+            }
+        }
+    } else {
+        let mut t = sentinel_proto::TrustedKeys::new();
+        for (i, k) in keys.iter().enumerate() {
+            if let Err(e) = t.add_base64(k) {
+                eprintln!("sentinel-agent: --key #{}: {e}", i + 1);
+                return ExitCode::from(64);
+            }
+        }
+        t
+    };
+    match sentinel_agent::verify::verify_file(file, manifest, &trusted) {
+        Ok(m) => {
+            println!(
+                "{}: ok: {} {}, {} bytes, sha256 {}, signed by key {}",
+                file.display(),
+                m.name,
+                m.version,
+                m.size,
+                m.sha256,
+                m.key_id
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let chain = sentinel_agent::sync::error_chain(&e);
+            if e.is_unreadable() {
+                eprintln!("sentinel-agent: {chain}");
+                return ExitCode::from(66);
+            }
+            eprintln!("{}: verification FAILED: {chain}", file.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The environment the configuration reads: `SENTINEL_AGENT_*` overrides
+/// and systemd's `RUNTIME_DIRECTORY`.
 fn env_map() -> BTreeMap<String, String> {
-    std::env::vars().filter(|(k, _)| k.starts_with("SENTINEL_AGENT_")).collect()
+    std::env::vars().filter(|(k, _)| k.starts_with("SENTINEL_AGENT_") || k == "RUNTIME_DIRECTORY").collect()
 }
 
 fn main() -> ExitCode {
@@ -56,7 +178,27 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let now = sentinel_agent::now_ms;
     match cli.command {
+        Command::Status { target, json } => match target.socket() {
+            Ok(socket) => finish(
+                sentinel_agent::cli::fetch_status(&socket)
+                    .map(|s| if json { json_text(&s) } else { sentinel_agent::cli::render_status(&s, now()) }),
+            ),
+            Err(code) => code,
+        },
+        Command::Models { target, json } => match target.socket() {
+            Ok(socket) => finish(
+                sentinel_agent::cli::fetch_models(&socket)
+                    .map(|m| if json { json_text(&m) } else { sentinel_agent::cli::render_models(&m) }),
+            ),
+            Err(code) => code,
+        },
+        Command::Rollback { model, target } => match target.socket() {
+            Ok(socket) => finish(sentinel_agent::cli::rollback(&socket, &model).map(|m| m + "\n")),
+            Err(code) => code,
+        },
+        Command::Verify { file, manifest, keys, config } => verify(&file, &manifest, &keys, &config),
         Command::CheckConfig { config } => match AgentConfig::load(&config, &env_map()) {
             Ok(c) => {
                 println!(
@@ -96,12 +238,14 @@ fn main() -> ExitCode {
                         return ExitCode::from(70);
                     }
                 };
-                match handle.inference_addr {
-                    Some(addr) => {
-                        println!("sentinel-agent {} running; inference API on http://{addr}", env!("CARGO_PKG_VERSION"))
-                    }
-                    None => println!("sentinel-agent {} running", env!("CARGO_PKG_VERSION")),
-                }
+                let api = handle.inference_addr.map(|a| format!("; inference API on http://{a}")).unwrap_or_default();
+                let metrics =
+                    handle.metrics_addr.map(|a| format!("; metrics on http://{a}/metrics")).unwrap_or_default();
+                println!(
+                    "sentinel-agent {} running{api}{metrics}; control socket {}",
+                    env!("CARGO_PKG_VERSION"),
+                    handle.control_socket.display()
+                );
                 // systemd (Type=notify): ready once slots are restored and the API is bound.
                 if let Err(e) = sentinel_agent::notify::ready() {
                     tracing::warn!(error = %e, "sd_notify READY failed");

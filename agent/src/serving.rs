@@ -326,6 +326,7 @@ pub struct Serving {
     models: RwLock<BTreeMap<String, Arc<ModelServing>>>,
     predictions: Mutex<Predictions>,
     next_id: AtomicU64,
+    metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// Recent predictions by request id, for ground-truth feedback.
@@ -346,7 +347,17 @@ pub struct FeedbackOutcome {
 impl Serving {
     /// Workers get private directories below `work_dir`.
     pub fn new(settings: ServingSettings, work_dir: PathBuf) -> Serving {
+        Serving::with_metrics(settings, work_dir, Arc::default())
+    }
+
+    /// Like [`Serving::new`], counting into the agent's `metrics`.
+    pub fn with_metrics(
+        settings: ServingSettings,
+        work_dir: PathBuf,
+        metrics: Arc<crate::metrics::AgentMetrics>,
+    ) -> Serving {
         Serving {
+            metrics,
             settings,
             work_dir,
             restart: RestartPolicy::default(),
@@ -358,6 +369,11 @@ impl Serving {
 
     pub fn settings(&self) -> &ServingSettings {
         &self.settings
+    }
+
+    /// The agent's Prometheus metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::AgentMetrics> {
+        &self.metrics
     }
 
     /// The model's slots, if it is known here.
@@ -411,6 +427,8 @@ impl Serving {
         spec.memory_limit_bytes = self.settings.memory_limit_bytes;
         spec.request_timeout = self.settings.request_timeout;
         spec.load_timeout = self.settings.load_timeout;
+        let worker = Supervised::start(spec, self.restart.clone());
+        self.metrics.watch_worker(model, color.as_str(), &worker);
         Ok(Arc::new(Loaded {
             model: model.to_owned(),
             color,
@@ -419,7 +437,7 @@ impl Serving {
             deployment_id,
             inputs,
             outputs,
-            worker: Supervised::start(spec, self.restart.clone()),
+            worker,
             validation_accuracy: RwLock::new(None),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -610,7 +628,9 @@ impl Serving {
             .filter(|c| c.shadow_in_flight.load(Ordering::Relaxed) < MAX_SHADOW_IN_FLIGHT)
             .map(|c| (c, inputs.clone()));
         slot.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let result = run_batched(&slot, inputs).await;
+        self.metrics.inference(&slot, result.as_ref().map(|(_, compute)| *compute), started.elapsed());
         match &result {
             Ok((_, compute)) => slot.record(Some(*compute)),
             Err(ServeError::Unavailable { .. }) => {

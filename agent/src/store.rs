@@ -434,6 +434,12 @@ impl Store {
         self.events_where("1 = 1 ORDER BY id DESC", limit)
     }
 
+    /// The newest event of `kind`, if any.
+    pub fn last_event(&self, kind: &str) -> Result<Option<Event>, StoreError> {
+        let kind = kind.replace('\'', "''");
+        Ok(self.events_where(&format!("kind = '{kind}' ORDER BY id DESC"), 1)?.pop())
+    }
+
     fn events_where(&self, clause: &str, limit: u32) -> Result<Vec<Event>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn

@@ -99,7 +99,7 @@ async fn the_v2_api_serves_and_refuses_bad_input_with_reasons() {
         ("unknown input", http.post(format!("{base}/v2/models/digits/infer")).json(&json!({"inputs": [{"name": "pixels", "shape": [1, 1], "datatype": "FP32", "data": [0]}]})), "missing input `input`"),
         ("data count", http.post(format!("{base}/v2/models/digits/infer")).json(&tensor(json!([1, 64]), "FP32", json!([1, 2]))), "needs 64 elements, got 2"),
         ("not JSON", http.post(format!("{base}/v2/models/digits/infer")).body("{inputs"), "request JSON"),
-        ("oversize body", http.post(format!("{base}/v2/models/digits/infer")).body(vec![b' '; 17 << 20]), "limit is 16777216 bytes"),
+        ("oversize body", http.post(format!("{base}/v2/models/digits/infer")).body(vec![b' '; 17 << 20]), "over the limit of 16777216 bytes"),
         ("NaN", http.post(format!("{base}/v2/models/digits/infer")).header("Inference-Header-Content-Length", nan_head).body(nan_body), "element 5 is NaN"),
         ("unknown output", http.post(format!("{base}/v2/models/digits/infer")).json(&json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}], "outputs": [{"name": "logits"}]})), "unknown output `logits`"),
     ];

@@ -26,12 +26,22 @@ use crate::supervisor::SlotState as WorkerState;
 /// depend on sample counts and bake times, never on this.
 pub const TICK: Duration = Duration::from_millis(20);
 
+/// What a running rollout is told to stop for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// A newer desired state supersedes it.
+    Superseded,
+    /// An operator asked for a rollback (`sentinel-agent rollback`), with this reason.
+    Operator(String),
+}
+
 /// A running rollout; cancelled when a newer desired state supersedes it.
 #[derive(Debug)]
 pub struct RolloutTask {
     pub version: String,
     pub sha256: String,
-    cancel: watch::Sender<bool>,
+    cancel: watch::Sender<Stop>,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -40,7 +50,14 @@ impl RolloutTask {
     /// canary is failed (traffic stays on the active slot); a version already
     /// promoted stays active and its standby is released from watching.
     pub async fn cancel(self) {
-        let _ = self.cancel.send(true);
+        let _ = self.cancel.send(Stop::Superseded);
+        let _ = self.done.await;
+    }
+
+    /// Rolls the version back from inside the rollout (which owns its
+    /// metrics) and waits for it.
+    async fn operator_rollback(self, reason: &str) {
+        let _ = self.cancel.send(Stop::Operator(reason.to_owned()));
         let _ = self.done.await;
     }
 
@@ -113,7 +130,7 @@ pub fn default_policy() -> Policy {
 /// Starts watching `green` from `phase` (the phase [`crate::serving::Serving::install`]
 /// put it in) and registers the task on the model.
 pub fn spawn(shared: Arc<Shared>, ms: Arc<ModelServing>, green: Arc<Loaded>, policy: Policy, phase: usize) {
-    let (cancel, cancel_rx) = watch::channel(false);
+    let (cancel, cancel_rx) = watch::channel(Stop::Running);
     let (version, sha256) = (green.version.clone(), green.sha256.clone());
     let done = tokio::spawn(run(shared, ms.clone(), green, policy, phase, cancel_rx));
     let task = RolloutTask { version, sha256, cancel, done };
@@ -134,7 +151,7 @@ async fn run(
     green: Arc<Loaded>,
     policy: Policy,
     mut phase: usize,
-    mut cancel: watch::Receiver<bool>,
+    mut cancel: watch::Receiver<Stop>,
 ) {
     let mut phase_start = Instant::now();
     let mut seen_restarts = green.worker.restarts();
@@ -147,7 +164,25 @@ async fn run(
         tokio::select! {
             _ = tick.tick() => {}
             _ = cancel.changed() => {
-                cancelled(&shared, &ms, &green).await;
+                let stop = cancel.borrow_and_update().clone();
+                match stop {
+                    Stop::Operator(reason) => {
+                        let now = Instant::now();
+                        let blue = {
+                            let route = ms.route();
+                            if route.active.as_ref().is_some_and(|a| Arc::ptr_eq(a, &green)) {
+                                route.standby.clone()
+                            } else {
+                                route.active.clone()
+                            }
+                        };
+                        let blue_metrics = blue.map(|b| b.metrics(now));
+                        let green_metrics = green.metrics(now);
+                        let d = Detection::default();
+                        rollback(&shared, &ms, &green, OPERATOR, &reason, &green_metrics, blue_metrics, d).await;
+                    }
+                    Stop::Superseded | Stop::Running => cancelled(&shared, &ms, &green).await,
+                }
                 return;
             }
         }
@@ -325,8 +360,64 @@ async fn rollback(
         "blue": blue_metrics.as_ref().map(metrics_json),
     });
     tracing::warn!(model = %green.model, version = %green.version, kind, %reason, switch_us = switch.as_micros(), "rolled back");
+    shared.serving.metrics().rollback(&green.model, kind);
     set_status(shared, green, "rolled_back", reason);
     shared.event("rolled_back", &green.model, &green.version, &format!("{reason} | {snapshot}"));
+}
+
+/// The rollback kind of an operator's `sentinel-agent rollback`.
+pub const OPERATOR: &str = "operator";
+
+/// An operator's rollback of `model`, at once: a version in shadow or
+/// canary is aborted (traffic stays on the active slot); otherwise the warm
+/// standby becomes active again in one route swap. Either way the slots are
+/// committed, the version is rejected at the current desired-state revision
+/// (a restart does not retry it) and the hub gets a `rolled_back` event with
+/// `reason`, as for an automatic rollback. Returns what was done, or why
+/// nothing was (unknown model, nothing to roll back to).
+pub async fn rollback_now(shared: &Arc<Shared>, model: &str, reason: &str) -> Result<String, String> {
+    let ms = shared.serving.model(model).ok_or_else(|| format!("no model `{model}` on this device"))?;
+    let route = ms.route();
+    let describe = |before: &Route| match (&before.candidate, &before.active) {
+        (Some(c), Some(a)) if before.mode != CandidateMode::Idle => {
+            format!("{model}: the rollout of {} was aborted; {} keeps serving", c.version, a.version)
+        }
+        (_, Some(a)) => match &before.standby {
+            Some(s) => format!("{model}: {} rolled back; {} is active again", a.version, s.version),
+            None => format!("{model}: {} rolled back", a.version),
+        },
+        _ => format!("{model}: rolled back"),
+    };
+    let mid_rollout = route.candidate.is_some() && route.mode != CandidateMode::Idle;
+    if route.candidate.is_some() && !mid_rollout {
+        return Err(format!(
+            "{model}: a version is loading or validating; it takes no traffic yet and fails on its own if it is bad"
+        ));
+    }
+    if !mid_rollout && route.standby.is_none() {
+        let active = route.active.as_ref().map_or("nothing", |a| a.version.as_str());
+        return Err(format!("{model}: no warm standby to go back to ({active} is active and has no predecessor here)"));
+    }
+    let task = ms.rollout.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let message = describe(&route);
+    drop(route);
+    match task {
+        // The rollout watching this version rolls it back itself, with its metrics.
+        Some(task) if !task.is_finished() => task.operator_rollback(reason).await,
+        _ => {
+            // Looked at again: the rollout may have finished (or rolled
+            // back on its own) since the checks above.
+            let route = ms.route();
+            let (Some(green), Some(blue)) = (route.active.clone(), route.standby.clone()) else {
+                return Err(format!("{model}: no warm standby to go back to any more"));
+            };
+            drop(route);
+            let now = Instant::now();
+            let (g, b) = (green.metrics(now), Some(blue.metrics(now)));
+            rollback(shared, &ms, &green, OPERATOR, reason, &g, b, Detection::default()).await;
+        }
+    }
+    Ok(message)
 }
 
 /// A superseded rollout: a candidate not yet promoted fails; a promoted

@@ -168,11 +168,12 @@ impl Drop for TestHub {
 }
 
 /// Environment overrides every test agent gets: the worker binary cargo
-/// built, and the inference API on an ephemeral loopback port.
+/// built, and the inference API and metrics on ephemeral loopback ports.
 pub fn test_env() -> BTreeMap<String, String> {
     [
         ("SENTINEL_AGENT_WORKER_BIN".to_owned(), env!("CARGO_BIN_EXE_sentinel-worker").to_owned()),
         ("SENTINEL_AGENT_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("SENTINEL_AGENT_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
     ]
     .into()
 }

@@ -1,0 +1,330 @@
+//! Prometheus metrics of one agent, and the `/metrics` listener that serves them.
+//!
+//! Each agent owns its [`Registry`] (never the process-wide default one), so
+//! several agents in one process, as in tests, keep their figures apart.
+//! Event counters are bumped where the event happens (a request in
+//! [`crate::serving::Serving::infer`], a rollback in the rollout controller,
+//! a download in the apply loop, a refused state in
+//! [`crate::agent::Shared::refused_state`]); figures that are state, not
+//! events (the hub connection, each worker's resident memory) are read at
+//! scrape time, so they can never drift from the truth.
+//!
+//! `/metrics` is served on its own listener (`[serving] metrics_listen`, by
+//! default loopback only), in plain text: the figures carry no tokens and no
+//! model bytes. Label values are bounded: model names come from the signed
+//! desired state, slots are `blue` or `green`, and outcomes and kinds are
+//! fixed sets.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use tokio::sync::watch;
+
+use crate::agent::{AgentError, Shared};
+use crate::serving::{Loaded, ServeError};
+use crate::supervisor::{InferError, SlotState as WorkerState, Supervised};
+
+/// End-to-end request latency buckets, in seconds: the digits MLP answers in
+/// tens of microseconds, a large vision model in seconds.
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The agent's registry and the handles of its metrics.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    inference_requests: IntCounterVec,
+    inference_duration: HistogramVec,
+    compute_duration: HistogramVec,
+    rollbacks: IntCounterVec,
+    /// Model and validation-set bytes received from the hub.
+    pub download_bytes: IntCounter,
+    download_failures: IntCounterVec,
+    verification_failures: IntCounterVec,
+    worker_restarts: IntCounterVec,
+    sandbox_violations: IntCounterVec,
+    hub_connected: IntGauge,
+    worker_resident: IntGaugeVec,
+    /// Serialises scrapes: each resets and refills the scrape-time gauges.
+    scrape: Mutex<()>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    /// Creates the metrics in a fresh registry of their own.
+    pub fn new() -> Self {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable_metric(name, &e))
+        };
+        let histogram = |name: &str, help: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                &["model", "slot", "version"],
+            )
+            .unwrap_or_else(|e| unreachable_metric(name, &e))
+        };
+        let m = AgentMetrics {
+            registry: Registry::new(),
+            inference_requests: counter(
+                "sentinel_agent_inference_requests_total",
+                "Inference requests that reached a slot, by model, slot, version and outcome (ok, bad_input, unavailable)",
+                &["model", "slot", "version", "outcome"],
+            ),
+            inference_duration: histogram(
+                "sentinel_agent_inference_duration_seconds",
+                "Time from picking a slot to having its outputs, including the worker round trip",
+            ),
+            compute_duration: histogram(
+                "sentinel_agent_model_compute_seconds",
+                "The model's compute time per request, as the worker measured it around the model alone",
+            ),
+            rollbacks: counter(
+                "sentinel_agent_rollbacks_total",
+                "Versions rolled back on this device, by model and reason kind",
+                &["model", "reason"],
+            ),
+            download_bytes: IntCounter::new(
+                "sentinel_agent_download_bytes_total",
+                "Bytes of model files and validation sets downloaded from the hub and verified",
+            )
+            .unwrap_or_else(|e| unreachable_metric("sentinel_agent_download_bytes_total", &e)),
+            download_failures: counter(
+                "sentinel_agent_download_failures_total",
+                "Downloads that failed or were refused, by kind (hash_mismatch, too_large, no_space, refused, unreachable, io)",
+                &["kind"],
+            ),
+            verification_failures: counter(
+                "sentinel_agent_verification_failures_total",
+                "Desired states and model files that failed verification, by kind (signature, replayed, hash_mismatch, ...)",
+                &["kind"],
+            ),
+            worker_restarts: counter(
+                "sentinel_agent_worker_restarts_total",
+                "Replacement workers started after a worker died, by model and slot",
+                &["model", "slot"],
+            ),
+            sandbox_violations: counter(
+                "sentinel_agent_sandbox_violations_total",
+                "Workers killed by their seccomp filter (SIGSYS), by model",
+                &["model"],
+            ),
+            hub_connected: IntGauge::new(
+                "sentinel_agent_hub_connected",
+                "1 while the agent holds a subscription to its hub, else 0",
+            )
+            .unwrap_or_else(|e| unreachable_metric("sentinel_agent_hub_connected", &e)),
+            worker_resident: IntGaugeVec::new(
+                Opts::new("sentinel_agent_worker_resident_bytes", "Resident memory of each running worker, at scrape"),
+                &["model", "slot", "version"],
+            )
+            .unwrap_or_else(|e| unreachable_metric("sentinel_agent_worker_resident_bytes", &e)),
+            scrape: Mutex::new(()),
+        };
+        let build = IntGaugeVec::new(
+            Opts::new("sentinel_agent_build_info", "Always 1; the agent's version is in the label"),
+            &["version"],
+        )
+        .unwrap_or_else(|e| unreachable_metric("sentinel_agent_build_info", &e));
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.inference_requests.clone()),
+            Box::new(m.inference_duration.clone()),
+            Box::new(m.compute_duration.clone()),
+            Box::new(m.rollbacks.clone()),
+            Box::new(m.download_bytes.clone()),
+            Box::new(m.download_failures.clone()),
+            Box::new(m.verification_failures.clone()),
+            Box::new(m.worker_restarts.clone()),
+            Box::new(m.sandbox_violations.clone()),
+            Box::new(m.hub_connected.clone()),
+            Box::new(m.worker_resident.clone()),
+            Box::new(build),
+        ];
+        for c in collectors {
+            // Names are distinct constants and the registry is fresh, so
+            // registration cannot fail; should it, the agent runs without
+            // that metric rather than not at all.
+            if let Err(e) = m.registry.register(c) {
+                tracing::error!(error = %e, "registering a metric failed");
+            }
+        }
+        m
+    }
+
+    /// Records one request that reached `slot`: its outcome, end-to-end
+    /// time, and on success the model's compute time.
+    pub fn inference(&self, slot: &Loaded, outcome: Result<Duration, &ServeError>, elapsed: Duration) {
+        let labels = [slot.model.as_str(), slot.color.as_str(), slot.version.as_str()];
+        let outcome = match outcome {
+            Ok(compute) => {
+                self.compute_duration.with_label_values(&labels).observe(compute.as_secs_f64());
+                "ok"
+            }
+            Err(ServeError::BadInput(_)) => "bad_input",
+            Err(_) => "unavailable",
+        };
+        self.inference_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        let [model, color, version] = labels;
+        self.inference_requests.with_label_values(&[model, color, version, outcome]).inc();
+    }
+
+    /// A version rolled back; `reason` is the decision's kind (`accuracy`, `operator`, ...).
+    pub fn rollback(&self, model: &str, reason: &str) {
+        self.rollbacks.with_label_values(&[model, reason]).inc();
+    }
+
+    /// A failed or refused download; one whose bytes did not match the
+    /// signed manifest also counts as a verification failure.
+    pub fn download_failed(&self, kind: &str) {
+        self.download_failures.with_label_values(&[kind]).inc();
+        if matches!(kind, "hash_mismatch" | "too_large") {
+            self.verification_failed(kind);
+        }
+    }
+
+    /// A desired state, manifest or file refused by verification.
+    pub fn verification_failed(&self, kind: &str) {
+        self.verification_failures.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts the restarts and sandbox violations of one slot's worker, by
+    /// watching its state: a `Running` with a new pid is a restart; a slot
+    /// failed by a seccomp kill is a violation. Holds only the state
+    /// receiver, so the task ends when the slot is dropped.
+    pub fn watch_worker(&self, model: &str, slot: &str, worker: &Supervised) {
+        let restarts = self.worker_restarts.with_label_values(&[model, slot]);
+        let violations = self.sandbox_violations.with_label_values(&[model]);
+        let violation = InferError::SandboxViolation.to_string();
+        let mut rx: watch::Receiver<WorkerState> = worker.subscribe();
+        tokio::spawn(async move {
+            let mut last_pid: Option<u32> = None;
+            loop {
+                match &*rx.borrow_and_update() {
+                    WorkerState::Running { pid, .. } => {
+                        if last_pid.is_some_and(|p| p != *pid) {
+                            restarts.inc();
+                        }
+                        last_pid = Some(*pid);
+                    }
+                    WorkerState::Failed(reason) => {
+                        if reason.contains(&violation) {
+                            violations.inc();
+                        }
+                        return;
+                    }
+                    WorkerState::Starting { .. } => {}
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The text exposition of every metric, with the scrape-time figures
+    /// read from `shared` first.
+    pub async fn render(&self, shared: &Shared) -> Result<String, prometheus::Error> {
+        // Workers are looked up with an async lock; collect them before
+        // taking the scrape lock, which must not be held across an await.
+        let mut resident = Vec::new();
+        for ms in shared.serving.models() {
+            let route = ms.route();
+            for slot in [&route.active, &route.standby, &route.candidate].into_iter().flatten() {
+                if let Some(rss) = slot.worker.worker().await.and_then(|w| w.rss_bytes()) {
+                    resident.push((slot.model.clone(), slot.color.as_str(), slot.version.clone(), rss));
+                }
+            }
+        }
+        let families = {
+            let _guard = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+            self.hub_connected.set(i64::from(shared.view().connected));
+            self.worker_resident.reset();
+            for (model, slot, version, rss) in resident {
+                self.worker_resident
+                    .with_label_values(&[model.as_str(), slot, version.as_str()])
+                    .set(i64::try_from(rss).unwrap_or(i64::MAX));
+            }
+            self.registry.gather()
+        };
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&families, &mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// Metric construction fails only on an invalid name or label set, which
+/// are constants here: a programming error caught by the unit test below.
+fn unreachable_metric<T>(name: &str, e: &prometheus::Error) -> T {
+    panic!("metric {name} is malformed: {e}")
+}
+
+/// Binds the metrics listener, if configured.
+pub async fn bind(addr: Option<&str>) -> Result<Option<tokio::net::TcpListener>, AgentError> {
+    match addr {
+        Some(a) => tokio::net::TcpListener::bind(a)
+            .await
+            .map(Some)
+            .map_err(|source| AgentError::Listen { addr: a.to_owned(), source }),
+        None => Ok(None),
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` turns true.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let app = Router::new().route("/metrics", get(metrics)).with_state(shared);
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+        tracing::error!(error = %e, "metrics listener stopped");
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.serving.metrics().render(&shared).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding metrics failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_registered_under_a_conventional_name() {
+        let m = AgentMetrics::new();
+        m.download_failed("hash_mismatch");
+        m.rollback("digits", "operator");
+        let names: Vec<String> = m.registry.gather().iter().map(|f| f.name().to_owned()).collect();
+        for name in [
+            "sentinel_agent_build_info",
+            "sentinel_agent_download_bytes_total",
+            "sentinel_agent_download_failures_total",
+            "sentinel_agent_verification_failures_total",
+            "sentinel_agent_rollbacks_total",
+            "sentinel_agent_hub_connected",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
+        }
+        assert_eq!(m.verification_failures.with_label_values(&["hash_mismatch"]).get(), 1);
+        assert_eq!(m.download_failures.with_label_values(&["hash_mismatch"]).get(), 1);
+    }
+}

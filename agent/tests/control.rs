@@ -1,0 +1,254 @@
+//! The operator commands of the real `sentinel-agent` binary against a real
+//! agent (in this process) and a real hub: `status` (table and JSON),
+//! `models`, `rollback`, and offline `verify`, with their exit codes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sentinel-agent");
+
+/// Runs the binary off the async runtime's threads (it blocks on the socket).
+async fn run(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN).args(&args).env_remove("RUNTIME_DIRECTORY").output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+async fn infer(addr: std::net::SocketAddr) -> Value {
+    let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![0.5; 64]}]});
+    let r =
+        reqwest::Client::new().post(format!("http://{addr}/v2/models/digits/infer")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_both_slots_and_rollback_puts_the_standby_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    hub.push("digits", "2.0.0", V2, "").await;
+    // The standby stays watched for an hour: the rollback comes from the operator.
+    let extra = "[rollout]\nstandby_bake_seconds = 3600\n[labels]\nsite = \"a\"\n";
+    let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
+    let config = tmp.path().join("agent/agent.toml");
+    let config = config.to_str().unwrap();
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    hub.deploy("digits", "2.0.0", "site=a").await;
+    agent
+        .wait_for(WAIT, |v| {
+            v.models
+                .iter()
+                .any(|m| m.active_version.as_deref() == Some("2.0.0") && m.standby_version.as_deref() == Some("1.0.0"))
+        })
+        .await
+        .unwrap();
+    let addr = agent.inference_addr.unwrap();
+    for _ in 0..5 {
+        assert_eq!(infer(addr).await["model_version"], "2.0.0");
+    }
+
+    let out = run(&["status", "--config", config]).await;
+    let (stdout, stderr) = text(&out);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stderr}");
+    for want in ["edge-1 [site=a]", "connected since", "MODEL", "blue", "green", "standby", "active", "100%", "MiB"] {
+        assert!(stdout.contains(want), "`{want}` missing from the table:\n{stdout}");
+    }
+
+    let out = run(&["status", "--json", "--config", config]).await;
+    assert!(out.status.success(), "{}", text(&out).1);
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["hub"]["connected"], true);
+    assert!(s["hub"]["since_ms"].as_i64().unwrap() > 0);
+    assert_eq!(s["device_id"], "edge-1");
+    assert_eq!(s["labels"], json!({"site": "a"}));
+    assert!(s["disk"]["models_bytes"].as_u64().unwrap() >= model_bytes(V1).len() as u64);
+    let slots = s["models"][0]["slots"].as_array().unwrap();
+    let slot = |state: &str| slots.iter().find(|x| x["state"] == state).unwrap_or_else(|| panic!("no {state}: {s}"));
+    assert_eq!(slot("active")["version"], "2.0.0");
+    assert_eq!(slot("active")["traffic_percent"], 100);
+    assert_eq!(slot("active")["metrics"]["requests"], 5);
+    assert_eq!(slot("standby")["version"], "1.0.0");
+    assert_eq!(slot("standby")["traffic_percent"], 0);
+    for x in slots {
+        assert!(x["worker"]["pid"].as_u64().unwrap() > 0, "{x}");
+        assert!(x["worker"]["rss_bytes"].as_u64().unwrap() > 0, "{x}");
+        assert_eq!(x["worker"]["state"], "running");
+    }
+    assert_eq!(s["last_rollback"], Value::Null);
+
+    let out = run(&["models", "--config", config]).await;
+    let (stdout, _) = text(&out);
+    assert!(out.status.success());
+    assert!(stdout.lines().any(|l| l.starts_with("digits") && l.contains("2.0.0") && l.contains("1.0.0")), "{stdout}");
+
+    // The operator's rollback: the standby answers again at once.
+    let out = run(&["rollback", "digits", "--config", config]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("2.0.0 rolled back; 1.0.0 is active again"), "{stdout}");
+    assert_eq!(infer(addr).await["model_version"], "1.0.0");
+    let dev = hub
+        .wait_device("edge-1", |d| {
+            d["events"].as_array().unwrap().iter().any(|e| e["kind"] == "rolled_back" && e["version"] == "2.0.0")
+        })
+        .await;
+    let event = dev["events"].as_array().unwrap().iter().find(|e| e["kind"] == "rolled_back").unwrap();
+    assert!(event["reason"].as_str().unwrap().starts_with("operator rollback | "), "{event}");
+    let snapshot: Value = serde_json::from_str(event["reason"].as_str().unwrap().split_once(" | ").unwrap().1).unwrap();
+    assert_eq!(snapshot["kind"], "operator");
+
+    let out = run(&["status", "--json", "--config", config]).await;
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["last_rollback"]["reason"], "operator rollback");
+    assert_eq!(s["last_rollback"]["version"], "2.0.0");
+    let out = run(&["status", "--config", config]).await;
+    println!("{}", text(&out).0);
+    assert!(text(&out).0.contains("digits 2.0.0 at "), "{}", text(&out).0);
+
+    // Nothing left to go back to: refused with the reason, exit 1.
+    let out = run(&["rollback", "digits", "--config", config]).await;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no warm standby"), "{stderr}");
+    let out = run(&["rollback", "nope", "--config", config]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).1.contains("no model `nope`"), "{}", text(&out).1);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_without_an_agent_exits_69_naming_the_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("token"), "snt_x").unwrap();
+    std::fs::write(
+        dir.join("agent.toml"),
+        "device_id = \"edge-1\"\nhub_url = \"http://127.0.0.1:1\"\ngrpc_url = \"http://127.0.0.1:2\"\n\
+         token_file = \"token\"\npinned_keys = [\"HMY/NU8+avTxTr2xxPvEEejvfDT2rPtpP+yM9qxqlck=\"]\nstate_dir = \"state\"\n",
+    )
+    .unwrap();
+    let config = dir.join("agent.toml");
+    let socket = dir.join("state/run/control.sock");
+    let out = run(&["status", "--config", config.to_str().unwrap()]).await;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains(socket.to_str().unwrap()) && stderr.contains("not running"), "{stderr}");
+
+    // A socket file left by a dead agent: still "not running".
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let out = run(&["status", "--json", "--config", config.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out).1);
+    let out = run(&["models", "--socket", socket.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out).1);
+}
+
+fn write(path: &Path, bytes: &[u8]) -> String {
+    std::fs::write(path, bytes).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_checks_the_signature_then_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let key = hub.public_key().await;
+    let signed = hub.get("/api/v1/models/digits/versions/1.0.0/manifest").await;
+    let dir = tmp.path();
+    let json_manifest = write(&dir.join("manifest.json"), signed.to_string().as_bytes());
+    let b64 = |f: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.decode(signed[f].as_str().unwrap()).unwrap()
+    };
+    let proto = sentinel_proto::pb::SignedManifest {
+        manifest: b64("manifest"),
+        signature: b64("signature"),
+        key_id: signed["key_id"].as_str().unwrap().to_owned(),
+    };
+    let proto_manifest = write(&dir.join("manifest.pb"), &prost::Message::encode_to_vec(&proto));
+    let good = model_bytes(V1);
+    let file = write(&dir.join("model.onnx"), &good);
+
+    for manifest in [&json_manifest, &proto_manifest] {
+        let out = run(&["verify", &file, "--manifest", manifest, "--key", &key]).await;
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stdout.contains("ok: digits 1.0.0") && stdout.contains(&sha256_hex(&good)), "{stdout}");
+    }
+    // The pinned keys of an agent config work as well as --key.
+    std::fs::write(dir.join("token"), "snt_x").unwrap();
+    let config = write(
+        &dir.join("agent.toml"),
+        format!(
+            "device_id = \"edge-1\"\nhub_url = \"{}\"\ngrpc_url = \"{}\"\ntoken_file = \"token\"\n\
+             pinned_keys = [\"{key}\"]\nstate_dir = \"state\"\n",
+            hub.url, hub.grpc_url
+        )
+        .as_bytes(),
+    );
+    let out = run(&["verify", &file, "--manifest", &json_manifest, "--config", &config]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+
+    let mut tampered = good.clone();
+    tampered[100] ^= 1;
+    let tampered = write(&dir.join("tampered.onnx"), &tampered);
+    let truncated = write(&dir.join("truncated.onnx"), &good[..good.len() - 1]);
+    let other_key = "HMY/NU8+avTxTr2xxPvEEejvfDT2rPtpP+yM9qxqlck=";
+    let cases = [
+        (&tampered, key.as_str(), "hashes to sha256"),
+        (&truncated, key.as_str(), &*format!("has {} bytes; the signed manifest says {}", good.len() - 1, good.len())),
+        (&file, other_key, "does not verify against the pinned keys"),
+    ];
+    for (f, k, why) in cases {
+        let out = run(&["verify", f, "--manifest", &json_manifest, "--key", k]).await;
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{f}: {stderr}");
+        assert!(stderr.contains("verification FAILED") && stderr.contains(why), "{f}: {stderr}");
+    }
+    // A manifest whose signed bytes were edited fails the signature check.
+    let mut forged = proto.clone();
+    forged.manifest[10] ^= 1;
+    let forged = write(&dir.join("forged.pb"), &prost::Message::encode_to_vec(&forged));
+    let out = run(&["verify", &file, "--manifest", &forged, "--key", &key]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out).1);
+    let out =
+        run(&["verify", &dir.join("missing").to_string_lossy(), "--manifest", &json_manifest, "--key", &key]).await;
+    assert_eq!(out.status.code(), Some(66), "{}", text(&out).1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shouts_when_a_worker_runs_unconfined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let extra = "[serving]\nconfinement = \"off\"\n";
+    let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    let config = tmp.path().join("agent/agent.toml");
+    let out = run(&["status", "--config", config.to_str().unwrap()]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("UNCONFINED"), "{stdout}");
+    assert!(stdout.contains("!!! WARNING: the blue worker of digits 1.0.0"), "{stdout}");
+    assert!(stdout.contains("RUNS WITHOUT ITS SECCOMP SANDBOX"), "{stdout}");
+    agent.shutdown().await;
+}
