@@ -41,6 +41,25 @@ pub enum Command {
     /// The hub itself.
     #[command(subcommand)]
     Hub(HubCommand),
+    /// Run a real hub and agent on loopback and show a bad release rolling back on its own.
+    Demo(DemoArgs),
+}
+
+/// `sentinel demo`: the binaries default to siblings of this executable.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the temporary directory (hub data, agent state, logs) afterwards.
+    #[arg(long)]
+    pub keep: bool,
+    /// The `sentinel-hub` executable.
+    #[arg(long, value_name = "PATH")]
+    pub hub_bin: Option<PathBuf>,
+    /// The `sentinel-agent` executable.
+    #[arg(long, value_name = "PATH")]
+    pub agent_bin: Option<PathBuf>,
+    /// The `sentinel-worker` executable.
+    #[arg(long, value_name = "PATH")]
+    pub worker_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

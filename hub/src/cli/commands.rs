@@ -100,6 +100,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Token(cmd) => token(&client, &out, cmd).await,
         Command::Device(cmd) => device(&client, &out, cmd).await,
         Command::Hub(cmd) => hub(&client, &out, cmd).await,
+        Command::Demo(args) => super::demo::run(args).await.map_err(|e| CliError::Demo(Box::new(e))),
     }
 }
 

@@ -12,18 +12,21 @@
 //! | 65 | the hub refused the input (400, 413, 415, 422) |
 //! | 66 | a local file could not be read |
 //! | 69 | the hub is unreachable or failed (5xx) |
+//! | 70 | `sentinel demo` failed |
 //! | 77 | missing or wrong token, or a role that is not allowed (401, 403) |
 //!
 //! # Layout
 //! - [`args`]: the clap command tree.
 //! - [`client`]: a small typed client of `/api/v1`, with upload progress.
 //! - [`commands`]: one function per command, printing tables or JSON.
+//! - [`demo`]: `sentinel demo`, a real hub and agent on loopback (exit 70 on failure).
 //! - [`deploy`]: the deploy request from a policy file and flags, and the
 //!   rollout view of `deployments show`.
 
 pub mod args;
 pub mod client;
 pub mod commands;
+pub mod demo;
 pub mod deploy;
 
 pub use args::Cli;
@@ -49,6 +52,8 @@ pub enum CliError {
     Hub { status: u16, message: String },
     #[error("the hub sent a response this CLI does not understand")]
     Protocol(#[source] reqwest::Error),
+    #[error("the demo failed")]
+    Demo(#[source] Box<demo::DemoError>),
 }
 
 impl CliError {
@@ -58,6 +63,7 @@ impl CliError {
             CliError::Usage(_) => 64,
             CliError::LocalFile { .. } => 66,
             CliError::Unreachable { .. } | CliError::Protocol(_) => 69,
+            CliError::Demo(_) => 70,
             CliError::Hub { status, .. } => match status {
                 404 => 1,
                 409 => 3,
