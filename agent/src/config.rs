@@ -284,7 +284,13 @@ impl AgentConfig {
     pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| bad("(file)", format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text, env, path.parent().unwrap_or(Path::new(".")))
+        // Relative paths in the file resolve against its directory, made
+        // absolute: workers run in private working directories, so a
+        // relative model path would not open there.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base =
+            std::path::absolute(dir).map_err(|e| bad("(file)", format!("cannot resolve {}: {e}", dir.display())))?;
+        Self::parse(&text, env, &base)
     }
 
     /// Parses TOML text; relative paths resolve against `base`.
@@ -485,6 +491,19 @@ mod tests {
         let c = AgentConfig::parse(&text, &env, dir.path()).expect("parses");
         assert_eq!(c.runtime_dir, dir.path().join("rt"));
         assert_eq!(c.serving.metrics_listen, None);
+    }
+
+    #[test]
+    fn relative_paths_become_absolute_from_a_relative_config_path() {
+        // Workers run in private working directories: every path handed to
+        // them must be absolute, even when the agent was started as
+        // `sentinel-agent run --config agent.toml` with `state_dir = "state"`.
+        let dir = tempfile::tempdir_in(".").expect("tempdir in the working directory");
+        std::fs::write(dir.path().join("agent.toml"), base(dir.path())).expect("write");
+        let relative = Path::new(dir.path().file_name().expect("name")).join("agent.toml");
+        let c = AgentConfig::load(&relative, &BTreeMap::new()).expect("loads");
+        assert!(c.state_dir.is_absolute(), "{}", c.state_dir.display());
+        assert_eq!(c.state_dir, std::path::absolute(dir.path()).expect("absolute").join("state"));
     }
 
     #[test]

@@ -417,6 +417,8 @@ impl Serving {
         path: PathBuf,
     ) -> Result<Arc<Loaded>, String> {
         let (inputs, outputs) = model_io(m, self.settings.input_shapes.get(model))?;
+        // The worker runs in its own working directory.
+        let path = std::path::absolute(&path).map_err(|e| format!("resolving {}: {e}", path.display()))?;
         let mut spec = WorkerSpec::new(
             self.settings.worker_bin.clone(),
             path,
