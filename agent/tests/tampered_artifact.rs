@@ -23,7 +23,13 @@ async fn a_flipped_byte_on_the_hub_is_refused_and_the_old_model_kept() {
     bytes[mid] ^= 0x01;
     std::fs::write(&blob, &bytes).unwrap();
 
-    hub.deploy("digits", "2.0.0", "").await;
+    // Halting off: with one device, its refusal would halt the deployment and
+    // the hub would restore 1.0.0 before this test reads the refusal there.
+    hub.post(
+        "/api/v1/models/digits/deploy",
+        serde_json::json!({"version": "2.0.0", "target": "", "halt_fraction": 1.0}),
+    )
+    .await;
     let v = agent.wait_for(WAIT, |v| status(v, "digits").is_some_and(|s| s.0 == "refused")).await.unwrap();
     let (_, version, detail) = status(&v, "digits").unwrap();
     assert_eq!(version, "2.0.0");
