@@ -89,9 +89,11 @@ def write_frame(stream, payload):
 
 def label_of(response):
     """The i64 label output of one response (the model's second output)."""
-    if not response or response[0] != 0:
+    # Status 0: tensors follow; 2: a u64 compute time in ns, then tensors; 1: an error message.
+    if not response or response[0] not in (0, 2):
         raise RuntimeError("worker answered with an error: %r" % response[1:].decode("utf-8", "replace"))
-    labels = [t for t in parse_tensor_list(response[1:]) if t[0] == I64]
+    body = response[1:] if response[0] == 0 else response[9:]
+    labels = [t for t in parse_tensor_list(body) if t[0] == I64]
     if len(labels) != 1 or labels[0][1] != [1]:
         raise RuntimeError("expected one i64 [1] label output, got %r" % [(c, s) for c, s, _ in labels])
     return struct.unpack("<q", labels[0][2])[0]
