@@ -11,14 +11,6 @@ use sentinel_agent::AgentHandle;
 use sentinel_agent::supervisor::SlotState as WorkerState;
 use serde_json::{Value, json};
 
-fn read_f32(rel: &str) -> Vec<f32> {
-    model_bytes(rel).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-fn read_i64(rel: &str) -> Vec<i64> {
-    model_bytes(rel).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
 fn pid(agent: &AgentHandle) -> u32 {
     let active = agent.shared.serving.model("digits").unwrap().route().active.clone().unwrap();
     match active.worker.state() {

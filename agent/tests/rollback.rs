@@ -21,14 +21,6 @@ use serde_json::{Value, json};
 const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
 const SLOW: &str = "digits/digits_mlp_v3_slow.onnx";
 
-fn read_f32(rel: &str) -> Vec<f32> {
-    model_bytes(rel).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-fn read_i64(rel: &str) -> Vec<i64> {
-    model_bytes(rel).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
 /// What the clients saw.
 #[derive(Debug, Default)]
 struct Traffic {

@@ -38,10 +38,6 @@ fn digit_request(sample: usize) -> Value {
     json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[sample * 64..(sample + 1) * 64]}]})
 }
 
-fn read_f32(rel: &str) -> Vec<f32> {
-    model_bytes(rel).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
 /// `clients` tasks sending requests back to back until `stop` is set.
 fn load(addr: std::net::SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<Seen>>> {
     (0..clients)

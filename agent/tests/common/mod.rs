@@ -23,6 +23,16 @@ pub fn model_bytes(rel: &str) -> Vec<u8> {
     std::fs::read(model_path(rel)).unwrap()
 }
 
+/// A raw little-endian f32 data file under `models/`.
+pub fn read_f32(rel: &str) -> Vec<f32> {
+    model_bytes(rel).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// A raw little-endian i64 data file under `models/`.
+pub fn read_i64(rel: &str) -> Vec<i64> {
+    model_bytes(rel).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
 pub const V1: &str = "digits/digits_mlp_v1.onnx";
 pub const V2: &str = "digits/digits_mlp_v2_degraded.onnx";
 pub const V3: &str = "digits/digits_mlp_v3_slow.onnx";
