@@ -149,18 +149,6 @@ fn when(at_ms: i64, now_ms: i64) -> String {
     if at_ms <= 0 {
         return "never".to_owned();
     }
-    let secs = at_ms.div_euclid(1000);
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
     let ago = (now_ms - at_ms).max(0) / 1000;
     let ago = match ago {
         0..60 => format!("{ago}s"),
@@ -168,7 +156,7 @@ fn when(at_ms: i64, now_ms: i64) -> String {
         3600..86_400 => format!("{}h{:02}m", ago / 3600, ago % 3600 / 60),
         _ => format!("{}d{:02}h", ago / 86_400, ago % 86_400 / 3600),
     };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC ({ago} ago)", rest / 3600, rest % 3600 / 60, rest % 60)
+    format!("{} UTC ({ago} ago)", sentinel_proto::time::utc_datetime(at_ms))
 }
 
 fn figure(m: Option<&serde_json::Value>, key: &str) -> Option<f64> {

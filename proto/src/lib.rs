@@ -14,6 +14,7 @@
 pub mod keys;
 pub mod manifest;
 pub mod state;
+pub mod time;
 
 /// Types generated from `proto/sentinel/v1`.
 #[allow(missing_docs, clippy::all, unused_qualifications, missing_debug_implementations)]
