@@ -589,16 +589,7 @@ impl Serving {
     /// standby), else the active slot.
     pub fn pick(&self, model: &str, version: Option<&str>) -> Result<Arc<Loaded>, ServeError> {
         let ms = self.model(model).ok_or_else(|| ServeError::UnknownModel(model.to_owned()))?;
-        let route = ms.route();
-        match version {
-            None => route.active.clone().ok_or_else(|| ServeError::NotReady(model.to_owned())),
-            Some(v) => [&route.active, &route.standby]
-                .into_iter()
-                .flatten()
-                .find(|l| l.version == v)
-                .cloned()
-                .ok_or_else(|| ServeError::UnknownVersion { model: model.to_owned(), version: v.to_owned() }),
-        }
+        pick_in(&ms.route(), model, version)
     }
 
     /// Runs one request with named inputs: on `version` when given, else on
@@ -618,7 +609,8 @@ impl Serving {
         let seq = ms.seq.fetch_add(1, Ordering::Relaxed);
         let slot = match (version, &route.candidate, route.mode) {
             (None, Some(c), CandidateMode::Canary(p)) if route.active.is_some() && canary_turn(seq, p) => c.clone(),
-            _ => self.pick(model, version)?,
+            // The same route snapshot decides the slot and the shadow below.
+            _ => pick_in(&route, model, version)?,
         };
         let inputs = order_inputs(&slot.inputs, named)?;
         let shadow = match (&route.candidate, route.mode) {
@@ -696,6 +688,19 @@ impl Serving {
         let correct = predicted == label;
         slot.window.lock().unwrap_or_else(PoisonError::into_inner).record_feedback(correct, Instant::now());
         Some(FeedbackOutcome { version: slot.version.clone(), predicted, correct })
+    }
+}
+
+/// [`Serving::pick`] within one route snapshot.
+fn pick_in(route: &Route, model: &str, version: Option<&str>) -> Result<Arc<Loaded>, ServeError> {
+    match version {
+        None => route.active.clone().ok_or_else(|| ServeError::NotReady(model.to_owned())),
+        Some(v) => [&route.active, &route.standby]
+            .into_iter()
+            .flatten()
+            .find(|l| l.version == v)
+            .cloned()
+            .ok_or_else(|| ServeError::UnknownVersion { model: model.to_owned(), version: v.to_owned() }),
     }
 }
 
