@@ -1,7 +1,7 @@
 """Drives the agent's KServe v2 API with the real tritonclient[http] package.
 
 Usage: tritonclient_check.py HOST:PORT DATA_DIR
-Run by tests/inference_api.rs; exits non-zero with a message on any mismatch.
+Run by tests/it/inference_api.rs; exits non-zero with a message on any mismatch.
 """
 
 import sys

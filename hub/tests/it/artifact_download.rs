@@ -2,7 +2,7 @@
 //! checked against the public key the hub serves.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;

@@ -3,7 +3,7 @@
 //! Prometheus conventions.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,7 @@
 //! the verified file; the hub shows what each device runs.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

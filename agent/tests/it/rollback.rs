@@ -7,7 +7,7 @@
 //! slot with the old one in the same run (v3 does ~460x v1's compute).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

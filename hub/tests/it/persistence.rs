@@ -1,7 +1,7 @@
 //! What survives a restart, and what a crash mid-upload leaves behind.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpStream;

@@ -2,7 +2,7 @@
 //! token, and each role.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use reqwest::Method;

@@ -1,7 +1,7 @@
 //! Each kind of bad input gets a clear 4xx JSON error, and nothing is stored.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use reqwest::Method;

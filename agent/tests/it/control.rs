@@ -3,7 +3,7 @@
 //! `models`, `rollback`, and offline `verify`, with their exit codes.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;

@@ -2,7 +2,7 @@
 //! `whoami`, the ticketed event stream, and a viewer refused by the API.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! with the real `tritonclient[http]` Python package.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use sentinel_agent::AgentHandle;

@@ -2,7 +2,7 @@
 //! reported to the hub, and the previous version keeps serving.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

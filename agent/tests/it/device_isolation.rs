@@ -1,7 +1,7 @@
 //! A device's token gives it its own desired state and nothing else.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use sentinel_proto::pb::agent_sync_client::AgentSyncClient;

@@ -1,7 +1,7 @@
 //! The `sentinel` binary against a real hub: output, JSON, and exit codes.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

@@ -5,7 +5,7 @@
 //! the three still in canary, returns to the previous version.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! engine that lacks an operator).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! file is not used; the model is fetched again whole and verified.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 

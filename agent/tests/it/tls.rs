@@ -2,7 +2,7 @@
 //! agent that does not trust the certificate gets nothing.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use sentinel_hub::config::TlsFiles;

@@ -3,7 +3,7 @@
 //! speaking real gRPC to a real hub.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! API calls, uploads, a device stream, a report and a halt.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -5,7 +5,7 @@
 //! mount namespace (`unshare`), so no root is needed and the host is untouched.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};

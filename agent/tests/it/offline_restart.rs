@@ -2,7 +2,7 @@
 //! restart, and starts with the hub down on its last verified state.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -6,7 +6,7 @@
 //! that quietly skips proves nothing.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,28 +20,6 @@ const DEVICE: &str = "web-e2e-1";
 
 fn web_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("web")
-}
-
-/// `target/<profile>` of this test binary (`target/<profile>/deps/web_e2e-…`).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
-
-/// Builds the agent and worker binaries (a no-op when fresh): cargo builds
-/// only this package's binaries for its tests, and the agent is another package.
-fn agent_binaries() -> (PathBuf, PathBuf) {
-    let profile = profile_dir();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "sentinel-agent", "--bins"]);
-    cmd.env("CARGO_TARGET_DIR", profile.parent().unwrap());
-    if profile.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "building the sentinel-agent binaries failed: {status}");
-    (profile.join("sentinel-agent"), profile.join("sentinel-worker"))
 }
 
 /// An agent process, killed when dropped.

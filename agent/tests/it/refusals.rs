@@ -3,7 +3,7 @@
 //! hardware. Each refusal is logged, reported to the hub, and changes nothing.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

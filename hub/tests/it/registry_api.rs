@@ -1,7 +1,7 @@
 //! Every endpoint of the registry, exercised on a real hub.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use reqwest::Method;

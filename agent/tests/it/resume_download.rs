@@ -2,7 +2,7 @@
 //! up to one copy of the model, not one and a half.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -1,0 +1,22 @@
+//! One binary for the hub's system tests: real hub processes and routers,
+//! real SQLite files and blobs, real agents where a test needs a device.
+//!
+//! Each file under `tests/it/` is one area. They share one binary, so a clean
+//! build links once instead of once per file (each link pulls in tract, tonic
+//! and axum). Run one area with `cargo test -p sentinel-hub --test it AREA::`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod artifact_download;
+mod bad_input;
+mod cli;
+mod demo;
+mod disk_full;
+mod metrics;
+mod persistence;
+mod rbac;
+mod registry_api;
+mod rollout;
+mod web;
+mod web_e2e;
