@@ -175,7 +175,7 @@ impl HubMetrics {
         let devices = meta.list_devices()?;
         for d in &live {
             let id = d.id.to_string();
-            for (s, n) in rollup(d, &devices).counts {
+            for (s, n) in rollup(d, &devices, &meta.deployment_devices(d.id)?).counts {
                 self.deployment_devices
                     .with_label_values(&[id.as_str(), s.as_str()])
                     .set(i64::try_from(n).unwrap_or(i64::MAX));

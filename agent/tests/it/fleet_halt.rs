@@ -100,6 +100,22 @@ async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fle
         assert!(route.candidate.is_none(), "edge-{}: the 2.0.0 canary was stopped", n + 1);
         assert_eq!(route.active.as_ref().unwrap().version, "1.0.0");
     }
+
+    // Once every device reports the restored deployment, the halted one
+    // still shows how far it got on each: no device falls back to pending.
+    let restored = hub.get("/api/v1/deployments?state=active").await["deployments"][0]["id"].as_i64().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = hub.get(&format!("/api/v1/deployments/{restored}")).await;
+        if r["status"]["counts"]["serving"] == 5 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the fleet never reported the restored version: {r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let halted = &hub.get(&format!("/api/v1/deployments/{id}")).await["status"];
+    assert_eq!(halted["counts"]["rolled_back"], 2, "{halted}");
+    assert_eq!(halted["counts"]["pending"], 0, "{halted}");
     for a in agents {
         a.shutdown().await;
     }

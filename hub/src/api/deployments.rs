@@ -287,7 +287,7 @@ pub async fn show(
     let found = state
         .meta(move |m| {
             let Some(d) = m.get_deployment(id)? else { return Ok(None) };
-            let status = crate::rollout::rollup(&d, &m.list_devices()?);
+            let status = crate::rollout::rollup(&d, &m.list_devices()?, &m.deployment_devices(d.id)?);
             Ok(Some((d, status)))
         })
         .await?;

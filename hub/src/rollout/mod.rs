@@ -88,7 +88,7 @@ pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Hal
             if d.state != "active" {
                 return Ok(None);
             }
-            let r = rollup(&d, &m.list_devices()?);
+            let r = rollup(&d, &m.list_devices()?, &m.deployment_devices(d.id)?);
             let Some(reason) = rollup::halt_reason(&d, &r) else { return Ok(None) };
             let history = m.list_deployments(Some(&d.model), None, u32::MAX, 0)?.0;
             let mut previous = None;

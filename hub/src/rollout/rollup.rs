@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use crate::fleet::target_of;
 use crate::selector::Selector;
-use crate::store::{DeploymentRecord, DeviceRecord};
+use crate::store::{DeploymentDevice, DeploymentRecord, DeviceRecord};
 
 /// The states of a deployment on one device, in rollout order.
 pub const STATES: [&str; 7] = ["pending", "downloading", "validating", "canary", "serving", "rolled_back", "failed"];
@@ -81,10 +81,13 @@ pub fn targets(selector: &Selector, device: &DeviceRecord) -> bool {
     selector.matches(&t.labels, &t.hardware)
 }
 
-/// Where `d` stands on each device it targets. A device's state is that of
-/// its last report for the model when the report is about this deployment,
-/// else `pending`.
-pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord]) -> Rollup {
+/// Where `d` stands on each device it targets: the device's last reported
+/// state for this deployment (`reported`, from
+/// [`DeviceStore::deployment_devices`](crate::store::DeviceStore::deployment_devices)),
+/// or `pending` if it never reported one. The states stay after devices move
+/// on, so a halted or superseded deployment shows how far it got. Once `d`
+/// is no longer active, devices enrolled after it ended are not counted.
+pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[DeploymentDevice]) -> Rollup {
     let mut counts: BTreeMap<String, u64> = STATES.iter().map(|s| ((*s).to_owned(), 0)).collect();
     let mut out = Vec::new();
     // A selector that no longer parses (stored by an older hub) targets no
@@ -92,16 +95,19 @@ pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord]) -> Rollup {
     let Ok(selector) = Selector::parse(&d.target) else {
         return Rollup { targeted: 0, counts, devices: out };
     };
+    let ended = d.state != "active";
     for device in devices.iter().filter(|dev| targets(&selector, dev)) {
-        let status =
-            reported_models(device.report.as_ref()).into_iter().find(|m| m.name == d.model && m.deployment_id == d.id);
+        let status = reported.iter().find(|r| r.device_id == device.id);
+        if ended && status.is_none() && device.created_at_ms > d.updated_at_ms {
+            continue;
+        }
         let row = match status {
-            Some(m) => DeviceRollout {
+            Some(r) => DeviceRollout {
                 device: device.id.clone(),
-                state: deployment_state(&m.state).to_owned(),
-                version: Some(m.version),
-                detail: m.detail,
-                updated_ms: device.report_at_ms,
+                state: deployment_state(&r.state).to_owned(),
+                version: Some(r.version.clone()),
+                detail: r.detail.clone(),
+                updated_ms: Some(r.updated_ms),
             },
             None => DeviceRollout {
                 device: device.id.clone(),
@@ -152,25 +158,29 @@ pub fn halt_reason(d: &DeploymentRecord, r: &Rollup) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn device(id: &str, site: &str, report: Option<serde_json::Value>) -> DeviceRecord {
+    fn device(id: &str, site: &str, created_at_ms: i64) -> DeviceRecord {
         DeviceRecord {
             id: id.into(),
             labels: [("site".to_owned(), site.to_owned())].into(),
             hardware: vec![],
             agent_version: String::new(),
-            created_at_ms: 0,
+            created_at_ms,
             created_by: "t".into(),
             last_seen_ms: None,
             hello: None,
-            report,
-            report_at_ms: Some(7),
+            report: None,
+            report_at_ms: None,
         }
     }
 
-    fn status(state: &str, deployment_id: i64) -> serde_json::Value {
-        serde_json::json!({"device_id": "x", "applied_revision": 1, "events": [], "sent_at_unix_ms": 0,
-            "agent_version": "", "models": [{"name": "m", "version": "2.0.0", "state": state,
-            "detail": format!("why {state}"), "deployment_id": deployment_id}]})
+    fn reported(device: &str, state: &str) -> DeploymentDevice {
+        DeploymentDevice {
+            device_id: device.into(),
+            version: "2.0.0".into(),
+            state: state.into(),
+            detail: format!("why {state}"),
+            updated_ms: 7,
+        }
     }
 
     fn deployment(halt_fraction: f64, halt_count: Option<u32>) -> DeploymentRecord {
@@ -194,34 +204,46 @@ mod tests {
 
     #[test]
     fn counts_targeted_devices_by_state() {
-        let devices = vec![
-            device("a", "a", Some(status("shadow", 2))),
-            device("b", "a", Some(status("refused", 2))),
-            device("c", "a", Some(status("serving", 1))),
-            device("d", "a", None),
-            device("e", "b", Some(status("failed", 2))),
-        ];
-        let r = rollup(&deployment(0.2, None), &devices);
-        assert_eq!(r.targeted, 4);
+        let devices: Vec<DeviceRecord> = [("a", "a"), ("b", "a"), ("c", "a"), ("d", "a"), ("e", "b")]
+            .iter()
+            .map(|(id, site)| device(id, site, 0))
+            .collect();
+        let states = [reported("a", "shadow"), reported("b", "refused"), reported("e", "failed")];
+        let r = rollup(&deployment(0.2, None), &devices, &states);
+        assert_eq!(r.targeted, 4, "e is at another site");
         assert_eq!(r.counts["canary"], 1);
         assert_eq!(r.counts["failed"], 1);
-        assert_eq!(r.counts["pending"], 2, "a report about another deployment is pending for this one");
-        assert_eq!(r.devices[1].detail, "why refused");
+        assert_eq!(r.counts["pending"], 2, "no state reported for this deployment: pending");
+        assert_eq!((r.devices[1].detail.as_str(), r.devices[1].updated_ms), ("why refused", Some(7)));
         assert_eq!(r.devices[2].version, None);
     }
 
     #[test]
+    fn an_ended_deployment_keeps_its_states_and_ignores_later_devices() {
+        let mut d = deployment(0.2, None);
+        d.state = "halted".into();
+        d.updated_at_ms = 100;
+        let devices = vec![device("a", "a", 10), device("b", "a", 20), device("late", "a", 200)];
+        let r = rollup(&d, &devices, &[reported("a", "rolled_back")]);
+        assert_eq!(r.targeted, 2, "late was enrolled after the halt: {r:?}");
+        assert_eq!((r.counts["rolled_back"], r.counts["pending"]), (1, 1));
+        d.state = "active".into();
+        assert_eq!(rollup(&d, &devices, &[]).targeted, 3, "an active deployment targets newcomers");
+    }
+
+    #[test]
     fn halts_strictly_above_the_fraction_or_at_the_count() {
-        let mut devices: Vec<DeviceRecord> =
-            (0..5).map(|i| device(&format!("d{i}"), "a", Some(status("serving", 2)))).collect();
-        devices[0].report = Some(status("rolled_back", 2));
+        let devices: Vec<DeviceRecord> = (0..5).map(|i| device(&format!("d{i}"), "a", 0)).collect();
+        let mut states: Vec<DeploymentDevice> = (0..5).map(|i| reported(&format!("d{i}"), "serving")).collect();
+        states[0].state = "rolled_back".into();
+        states[0].detail = "why rolled_back".into();
         let d = deployment(0.2, None);
-        assert_eq!(halt_reason(&d, &rollup(&d, &devices)), None, "1 of 5 is not above 20%");
+        assert_eq!(halt_reason(&d, &rollup(&d, &devices, &states)), None, "1 of 5 is not above 20%");
         let with_count = deployment(0.2, Some(1));
-        let why = halt_reason(&with_count, &rollup(&with_count, &devices)).expect("halt_count 1");
+        let why = halt_reason(&with_count, &rollup(&with_count, &devices, &states)).expect("halt_count 1");
         assert!(why.contains("halt_count 1") && why.contains("d0: why rolled_back"), "{why}");
-        devices[3].report = Some(status("failed", 2));
-        let why = halt_reason(&d, &rollup(&d, &devices)).expect("2 of 5 is above 20%");
+        states[3].state = "failed".into();
+        let why = halt_reason(&d, &rollup(&d, &devices, &states)).expect("2 of 5 is above 20%");
         assert!(why.starts_with("2 of 5 devices rolled back or failed (40% > 20%): d0: why rolled_back"), "{why}");
     }
 }

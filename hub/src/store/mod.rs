@@ -193,6 +193,20 @@ pub struct DeviceEvent {
     pub reason: String,
 }
 
+/// A device's last reported state for one deployment. It is kept after the
+/// device moves on, so a halted or superseded deployment still shows how far
+/// it got on each device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentDevice {
+    pub device_id: String,
+    pub version: String,
+    /// As the agent reported it (`canary`, `rolled_back`, ...).
+    pub state: String,
+    pub detail: String,
+    /// When the hub received the last report naming this deployment.
+    pub updated_ms: i64,
+}
+
 /// Enrolled devices, what they report, and the fleet's desired-state revision.
 pub trait DeviceStore: Send + Sync {
     fn enroll_device(
@@ -215,7 +229,9 @@ pub trait DeviceStore: Send + Sync {
         agent_version: &str,
         now_ms: i64,
     ) -> Result<(), StoreError>;
-    /// Stores a report and appends its events, in one transaction.
+    /// Stores a report, appends its events and records each model's state
+    /// under the deployment it names (if that deployment exists), in one
+    /// transaction.
     fn record_report(
         &self,
         id: &str,
@@ -224,6 +240,8 @@ pub trait DeviceStore: Send + Sync {
         now_ms: i64,
     ) -> Result<(), StoreError>;
     fn touch_device(&self, id: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Every device's last reported state for `deployment_id`, by device id.
+    fn deployment_devices(&self, deployment_id: i64) -> Result<Vec<DeploymentDevice>, StoreError>;
     /// Newest first.
     fn device_events(&self, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError>;
     /// The revision of the fleet's desired state; it grows with every deployment change.

@@ -11,8 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use super::{
-    AuditEntry, DeploymentRecord, DeviceEvent, DeviceRecord, HaltOutcome, MetadataStore, ModelFilter, ModelRecord,
-    NewDeployment, StoreError, TokenRecord, VersionRecord,
+    AuditEntry, DeploymentDevice, DeploymentRecord, DeviceEvent, DeviceRecord, HaltOutcome, MetadataStore, ModelFilter,
+    ModelRecord, NewDeployment, StoreError, TokenRecord, VersionRecord,
 };
 
 /// Each entry moves the schema from version `i` to `i + 1`. Never edit an
@@ -112,7 +112,41 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE deployments ADD COLUMN halt_count INTEGER;
      ALTER TABLE deployments ADD COLUMN halt_reason TEXT;
      ALTER TABLE devices ADD COLUMN report_at_ms INTEGER;",
+    // 4: each device's last state per deployment, kept when it moves on, so
+    // halted and superseded deployments keep their rollup; filled from the
+    // reports stored so far.
+    "CREATE TABLE deployment_devices (
+        deployment_id INTEGER NOT NULL,
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        version TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (deployment_id, device_id)
+     ) WITHOUT ROWID;
+     INSERT INTO deployment_devices (deployment_id, device_id, version, state, detail, updated_ms)
+     SELECT json_extract(m.value, '$.deployment_id'), d.id, json_extract(m.value, '$.version'),
+            json_extract(m.value, '$.state'), COALESCE(json_extract(m.value, '$.detail'), ''),
+            COALESCE(d.report_at_ms, d.last_seen_ms, 0)
+     FROM devices AS d,
+          json_each(CASE WHEN json_valid(d.report) THEN d.report ELSE '{}' END, '$.models') AS m
+     WHERE json_extract(m.value, '$.deployment_id') IN (SELECT id FROM deployments)
+       AND json_type(m.value, '$.version') = 'text' AND json_type(m.value, '$.state') = 'text';",
 ];
+
+/// Records each model of a report (`?3`, JSON) from device `?1` at `?2`
+/// under the deployment it names. Models naming no stored deployment (0 for
+/// none, or an id this hub never issued) are skipped.
+const RECORD_DEPLOYMENT_STATES: &str =
+    "INSERT INTO deployment_devices (deployment_id, device_id, version, state, detail, updated_ms)
+         SELECT json_extract(m.value, '$.deployment_id'), ?1, json_extract(m.value, '$.version'),
+                json_extract(m.value, '$.state'), COALESCE(json_extract(m.value, '$.detail'), ''), ?2
+         FROM json_each(?3, '$.models') AS m
+         WHERE json_extract(m.value, '$.deployment_id') IN (SELECT id FROM deployments)
+           AND json_type(m.value, '$.version') = 'text' AND json_type(m.value, '$.state') = 'text'
+         ON CONFLICT (deployment_id, device_id) DO UPDATE SET
+             version = excluded.version, state = excluded.state, detail = excluded.detail,
+             updated_ms = excluded.updated_ms";
 
 /// The metadata store on one SQLite file.
 #[derive(Debug)]
@@ -820,6 +854,8 @@ impl super::DeviceStore for SqliteStore {
             )
             .map_err(db("record event"))?;
         }
+        tx.execute(RECORD_DEPLOYMENT_STATES, params![id, now_ms, report.to_string()])
+            .map_err(db("record deployment states"))?;
         tx.commit().map_err(db("commit report"))
     }
 
@@ -828,6 +864,28 @@ impl super::DeviceStore for SqliteStore {
             .execute("UPDATE devices SET last_seen_ms = ?2 WHERE id = ?1", params![id, now_ms])
             .map_err(db("touch device"))?;
         Ok(())
+    }
+
+    fn deployment_devices(&self, deployment_id: i64) -> Result<Vec<DeploymentDevice>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT device_id, version, state, detail, updated_ms FROM deployment_devices
+                 WHERE deployment_id = ?1 ORDER BY device_id",
+            )
+            .map_err(db("list deployment devices"))?;
+        let rows = stmt
+            .query_map([deployment_id], |r| {
+                Ok(DeploymentDevice {
+                    device_id: r.get(0)?,
+                    version: r.get(1)?,
+                    state: r.get(2)?,
+                    detail: r.get(3)?,
+                    updated_ms: r.get(4)?,
+                })
+            })
+            .map_err(db("list deployment devices"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list deployment devices"))
     }
 
     fn device_events(&self, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError> {
@@ -872,6 +930,7 @@ impl super::DeviceStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::DeviceStore;
 
     fn version(model: &str, version: &str, sha: &str) -> VersionRecord {
         VersionRecord {
@@ -967,6 +1026,72 @@ mod tests {
         assert_eq!(store.active_deployments("a").expect("active"), [*r]);
         assert_eq!(store.halt_deployment(d.id, "again", None, 3).expect("halt"), HaltOutcome::NotActive);
         assert_eq!(store.active_deployments("a").expect("active").len(), 1);
+    }
+
+    fn report_naming(deployments: &[(i64, &str)]) -> serde_json::Value {
+        let models: Vec<serde_json::Value> = deployments
+            .iter()
+            .map(|(id, state)| {
+                serde_json::json!({"name": format!("m{id}"), "version": "2.0.0", "state": state,
+                    "detail": format!("why {state}"), "deployment_id": id})
+            })
+            .collect();
+        serde_json::json!({"device_id": "d", "applied_revision": 1, "events": [], "models": models})
+    }
+
+    #[test]
+    fn each_devices_last_state_per_deployment_outlives_later_reports() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+        store.enroll_device("d", &Default::default(), "t", "t", 1).expect("enroll");
+        let first = store.insert_deployment(&new_deployment("2.0.0", "deploy"), 1).expect("insert").id;
+        store.record_report("d", &report_naming(&[(first, "canary"), (0, "serving"), (99, "x")]), &[], 5).expect("r");
+        let rows = store.deployment_devices(first).expect("rows");
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].state.as_str(), rows[0].detail.as_str(), rows[0].updated_ms), ("canary", "why canary", 5));
+        assert!(store.deployment_devices(99).expect("rows").is_empty(), "a deployment this hub never issued");
+
+        store.record_report("d", &report_naming(&[(first, "rolled_back")]), &[], 6).expect("r");
+        let second = store.insert_deployment(&new_deployment("1.0.0", "rollback"), 7).expect("insert").id;
+        store.record_report("d", &report_naming(&[(second, "serving")]), &[], 8).expect("r");
+        let rows = store.deployment_devices(first).expect("rows");
+        assert_eq!((rows[0].state.as_str(), rows[0].updated_ms), ("rolled_back", 6), "kept after moving on");
+        assert_eq!(store.deployment_devices(second).expect("rows")[0].state, "serving");
+
+        store.remove_device("d").expect("remove");
+        assert!(store.deployment_devices(first).expect("rows").is_empty(), "rows go with the device");
+    }
+
+    #[test]
+    fn reports_stored_before_schema_4_fill_the_per_deployment_states() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        {
+            let mut conn = Connection::open(&path).expect("raw");
+            let tx = conn.transaction().expect("tx");
+            for sql in &MIGRATIONS[..3] {
+                tx.execute_batch(sql).expect("old migration");
+            }
+            tx.pragma_update(None, "user_version", 3).expect("user_version");
+            tx.execute_batch(
+                "INSERT INTO deployments (model, version, target, kind, state, created_by, created_at_ms, updated_at_ms)
+                 VALUES ('m1', '2.0.0', 'site=x', 'deploy', 'active', 't', 1, 1);
+                 INSERT INTO devices (id, token_sha256, labels, created_at_ms, created_by, report_at_ms, report)
+                 VALUES ('d', 't', '{}', 1, 't', 42, 'not json'), ('e', 'u', '{}', 1, 't', 43, NULL);",
+            )
+            .expect("old rows");
+            tx.execute(
+                "INSERT INTO devices (id, token_sha256, labels, created_at_ms, created_by, report_at_ms, report)
+                 VALUES ('f', 'v', '{}', 1, 't', 44, ?1)",
+                [report_naming(&[(1, "canary"), (2, "serving")]).to_string()],
+            )
+            .expect("old report");
+            tx.commit().expect("commit");
+        }
+        let store = SqliteStore::open(&path).expect("migrate");
+        let rows = store.deployment_devices(1).expect("rows");
+        assert_eq!(rows.len(), 1, "a corrupt or missing report is skipped, not fatal: {rows:?}");
+        assert_eq!((rows[0].device_id.as_str(), rows[0].state.as_str(), rows[0].updated_ms), ("f", "canary", 44));
     }
 
     #[test]

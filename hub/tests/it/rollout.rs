@@ -318,6 +318,17 @@ async fn two_of_five_bad_devices_halt_and_every_device_returns_to_the_previous_v
     assert_eq!(halt_audits(&hub).await.len(), 1);
     assert_eq!(deployment(&hub, d2).await["halt_reason"], reason);
 
+    // Every device now reports the restored deployment; the halted one
+    // keeps each device's last state for it rather than turning pending.
+    for d in &mut devices {
+        d.report("1.0.0", "serving", "", restored_id).await;
+    }
+    assert_eq!(deployment(&hub, restored_id).await["status"]["counts"]["serving"], 5);
+    assert_eq!(
+        deployment(&hub, d2).await["status"]["counts"],
+        json!({"pending": 1, "downloading": 0, "validating": 0, "canary": 0, "serving": 1, "rolled_back": 2, "failed": 1})
+    );
+
     // A new deploy works as usual.
     let d3 = deploy(&hub, json!({"version": "3.0.0", "target": "site=a"})).await["id"].as_i64().unwrap();
     assert_eq!(deployment(&hub, d3).await["state"], "active");
