@@ -58,6 +58,46 @@ pub struct AgentView {
     pub downloads_resumed_from: Vec<u64>,
 }
 
+impl AgentView {
+    /// One line for systemd's `STATUS=` (`systemctl status` shows it): the
+    /// hub connection and what each model serves, e.g.
+    /// `hub connected; digits 1.0.0 (2.0.0 rolled_back)`.
+    pub fn status_line(&self) -> String {
+        let hub = if self.connected {
+            "hub connected".to_owned()
+        } else if self.last_error.is_empty() {
+            "hub not connected yet".to_owned()
+        } else {
+            format!("hub unreachable ({})", clip(&self.last_error, 80))
+        };
+        let models: Vec<String> = self
+            .models
+            .iter()
+            .filter(|m| m.status != "removed")
+            .map(|m| {
+                let active = m.active_version.as_deref().unwrap_or("nothing");
+                if m.status == "serving" && m.active_version.as_deref() == Some(m.status_version.as_str()) {
+                    format!("{} {active}", m.name)
+                } else {
+                    format!("{} {active} ({} {})", m.name, m.status_version, m.status)
+                }
+            })
+            .collect();
+        let models = if models.is_empty() { "no models".to_owned() } else { models.join(", ") };
+        clip(&format!("{hub}; {models}"), 240)
+    }
+}
+
+/// `s` cut to at most `max` characters, marked with `...` when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(3)).collect();
+    out.push_str("...");
+    out
+}
+
 /// State shared by the agent's tasks.
 #[derive(Debug)]
 pub struct Shared {
@@ -150,6 +190,11 @@ impl AgentHandle {
     /// The current view.
     pub fn view(&self) -> AgentView {
         self.view.borrow().clone()
+    }
+
+    /// Every change of the view, from the current one on.
+    pub fn subscribe(&self) -> watch::Receiver<AgentView> {
+        self.view.clone()
     }
 
     /// Waits until the view satisfies `pred`, or `limit` passes (then returns
@@ -601,4 +646,43 @@ async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> 
             Duration::from_millis(ack.heartbeat_interval_ms);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ModelRow;
+
+    fn row(name: &str, active: Option<&str>, status: &str, status_version: &str) -> ModelRow {
+        ModelRow {
+            name: name.into(),
+            active_version: active.map(Into::into),
+            status: status.into(),
+            status_version: status_version.into(),
+            ..ModelRow::default()
+        }
+    }
+
+    #[test]
+    fn the_status_line_names_the_hub_and_what_each_model_serves() {
+        let mut v = AgentView::default();
+        assert_eq!(v.status_line(), "hub not connected yet; no models");
+        v.connected = true;
+        v.models = vec![
+            row("digits", Some("1.0.0"), "rolled_back", "2.0.0"),
+            row("text", Some("3.1.0"), "serving", "3.1.0"),
+            row("gone", None, "removed", "1.0.0"),
+            row("new", None, "downloading", "0.1.0"),
+        ];
+        assert_eq!(
+            v.status_line(),
+            "hub connected; digits 1.0.0 (2.0.0 rolled_back), text 3.1.0, new nothing (0.1.0 downloading)"
+        );
+        v.connected = false;
+        v.last_error = "x".repeat(500);
+        v.models.clear();
+        let line = v.status_line();
+        assert!(line.starts_with("hub unreachable (xxx") && line.contains("...)"), "{line}");
+        assert!(line.chars().count() < 120, "{line}");
+    }
 }

@@ -250,6 +250,23 @@ fn main() -> ExitCode {
                 if let Err(e) = sentinel_agent::notify::ready() {
                     tracing::warn!(error = %e, "sd_notify READY failed");
                 }
+                // STATUS= for `systemctl status`, whenever the line changes.
+                let status = tokio::spawn({
+                    let mut view = handle.subscribe();
+                    async move {
+                        let mut last = String::new();
+                        loop {
+                            let line = view.borrow_and_update().status_line();
+                            if line != last {
+                                let _ = sentinel_agent::notify::status(&line);
+                                last = line;
+                            }
+                            if view.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
                 let watchdog = sentinel_agent::notify::watchdog_interval().map(|every| {
                     tokio::spawn(async move {
                         let mut tick = tokio::time::interval(every / 2);
@@ -261,6 +278,7 @@ fn main() -> ExitCode {
                 });
                 shutdown_signal().await;
                 let _ = sentinel_agent::notify::stopping();
+                status.abort();
                 if let Some(w) = watchdog {
                     w.abort();
                 }

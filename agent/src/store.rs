@@ -101,7 +101,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// A model's slot assignment and latest status on this device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelRow {
     pub name: String,
     pub active_version: Option<String>,

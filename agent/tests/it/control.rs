@@ -252,3 +252,67 @@ async fn status_shouts_when_a_worker_runs_unconfined() {
     assert!(stdout.contains("RUNS WITHOUT ITS SECCOMP SANDBOX"), "{stdout}");
     agent.shutdown().await;
 }
+
+/// Datagrams on a `NOTIFY_SOCKET`, as systemd would receive them.
+struct Systemd {
+    socket: tokio::net::UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl Systemd {
+    /// Waits for a message satisfying `pred`, keeping every message seen.
+    async fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(WAIT, self.socket.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {what} from the agent; got {:?}", self.seen))
+                .unwrap();
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.seen.push(msg.clone());
+            if pred(&msg) {
+                return msg;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_tells_systemd_it_is_ready_what_it_serves_and_that_it_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let dir = tmp.path().join("agent");
+    let token = hub.enroll("edge-1", &[("site", "a")]).await;
+    let key = hub.public_key().await;
+    agent_config(&dir, &hub, "edge-1", &token, &key, "");
+    let socket_path = tmp.path().join("notify.sock");
+    let mut systemd = Systemd { socket: tokio::net::UnixDatagram::bind(&socket_path).unwrap(), seen: Vec::new() };
+
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(dir.join("agent.toml"))
+        .envs(test_env())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    systemd.wait_for("READY=1", |m| m == "READY=1").await;
+    systemd.wait_for("a connected STATUS", |m| m.starts_with("STATUS=hub connected; ")).await;
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    systemd.wait_for("a STATUS naming the model", |m| m == "STATUS=hub connected; digits 1.0.0").await;
+
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(i32::try_from(child.id().unwrap()).unwrap(), libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    systemd.wait_for("STOPPING=1", |m| m == "STOPPING=1").await;
+    let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "SIGTERM is a clean stop: {status}; systemd saw {:?}", systemd.seen);
+    assert!(
+        systemd.seen.iter().position(|m| m == "READY=1") < systemd.seen.iter().position(|m| m.starts_with("STATUS=")),
+        "READY comes first: {:?}",
+        systemd.seen
+    );
+}
