@@ -79,7 +79,9 @@ pub struct Assignment {
 pub type VersionLookup<'a> = dyn FnMut(&str, &str) -> Result<Option<VersionRecord>, StoreError> + 'a;
 
 /// The assignments for a device: for each model, the newest active
-/// deployment whose selector matches the device.
+/// deployment whose selector matches the device and whose current wave
+/// reaches it (a staged rollout leaves the others on the deployment it
+/// replaces, which stays active until the last wave).
 pub fn assignments_for(
     active: &[DeploymentRecord],
     versions: &mut VersionLookup<'_>,
@@ -88,7 +90,9 @@ pub fn assignments_for(
     let mut chosen: BTreeMap<&str, &DeploymentRecord> = BTreeMap::new();
     for d in active {
         let Ok(sel) = Selector::parse(&d.target) else { continue };
-        if !sel.matches(&target.labels, &target.hardware) {
+        if !sel.matches(&target.labels, &target.hardware)
+            || !crate::rollout::waves::in_wave(d.id, &d.waves, d.wave, &target.device_id)
+        {
             continue;
         }
         match chosen.get(d.model.as_str()) {

@@ -50,6 +50,11 @@ pub struct DeploymentOut {
     pub halt_count: Option<u32>,
     /// Why the hub halted it (state `halted`).
     pub halt_reason: Option<String>,
+    /// Staged rollout: cumulative percentages of the targeted devices
+    /// (e.g. `[10, 50, 100]`); empty: every device at once.
+    pub waves: Vec<u8>,
+    /// Index of the current wave in `waves`.
+    pub wave: u32,
     /// Where it stands on each targeted device (only in `GET /deployments/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Rollup>,
@@ -72,6 +77,8 @@ impl From<DeploymentRecord> for DeploymentOut {
             halt_fraction: d.halt_fraction,
             halt_count: d.halt_count,
             halt_reason: d.halt_reason,
+            waves: d.waves,
+            wave: d.wave,
             status: None,
         }
     }
@@ -101,6 +108,13 @@ pub struct DeployRequest {
     pub halt_fraction: Option<f64>,
     /// Also halt when at least this many targeted devices rolled back or failed.
     pub halt_count: Option<u32>,
+    /// Staged rollout: cumulative percentages of the targeted devices,
+    /// strictly increasing, ending at 100 (e.g. `[10, 50, 100]`). The
+    /// deployment widens to the next wave once every device of the current
+    /// one serves the version; devices outside it keep the version it
+    /// replaces. Absent or empty: every targeted device at once.
+    #[serde(default)]
+    pub waves: Vec<u8>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -155,6 +169,7 @@ pub async fn deploy(
     }
     let halt_fraction = body.halt_fraction.unwrap_or(DEFAULT_HALT_FRACTION);
     validate_halt(halt_fraction, body.halt_count).map_err(invalid_policy)?;
+    crate::rollout::waves::validate_waves(&body.waves).map_err(invalid_policy)?;
     let version = load_version(&state, &name, &body.version).await?;
     // A version that declares no hardware runs anywhere.
     if !version.hardware.is_empty()
@@ -179,9 +194,12 @@ pub async fn deploy(
         policy: body.policy,
         halt_fraction,
         halt_count: body.halt_count,
+        waves: body.waves,
     };
     let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
     super::push_to_fleet(&state).await;
+    // A first wave may hold no device yet: then it widens at once.
+    let d = if d.waves.is_empty() { d } else { crate::rollout::widen(&state, d).await? };
     let detail = format!("deployment {}: {name} {} to [{}]", d.id, d.version, d.target);
     Ok(created(d, detail))
 }
@@ -203,10 +221,13 @@ pub async fn rollback(
     let (active, history) = state
         .meta(move |m| Ok((m.active_deployments(&n)?, m.list_deployments(Some(&n), None, u32::MAX, 0)?.0)))
         .await?;
+    // Newest first: during a staged rollout the deployment it replaces is
+    // still active for the same target, and the newest is the one to undo.
     let current = match &wanted_target {
         Some(t) => active.iter().find(|d| &d.target == t),
-        None if active.len() > 1 => {
-            let targets: Vec<String> = active.iter().map(|d| format!("[{}]", d.target)).collect();
+        None if active.iter().any(|d| d.target != active[0].target) => {
+            let mut targets: Vec<String> = active.iter().map(|d| format!("[{}]", d.target)).collect();
+            targets.dedup();
             return Err(ApiError::conflict(format!(
                 "{name} is deployed to several targets ({}); say which with target",
                 targets.join(", ")
@@ -246,6 +267,7 @@ pub async fn rollback(
         policy: None,
         halt_fraction: DEFAULT_HALT_FRACTION,
         halt_count: None,
+        waves: Vec::new(),
     };
     let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
     super::push_to_fleet(&state).await;

@@ -170,6 +170,11 @@ pub struct DeployArgs {
     /// Also halt when at least this many targeted devices rolled back or failed.
     #[arg(long, value_name = "N")]
     pub halt_count: Option<u32>,
+    /// Staged rollout: cumulative percentages of the targeted devices, e.g.
+    /// `10,50,100`; each wave starts once every device of the one before
+    /// serves the version.
+    #[arg(long, value_name = "PERCENTS", value_delimiter = ',')]
+    pub waves: Vec<u8>,
 }
 
 #[derive(Debug, Args)]

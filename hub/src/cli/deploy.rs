@@ -14,9 +14,9 @@ use super::args::DeployArgs;
 use super::commands::{s, table, time};
 use crate::rollout::rollup::STATES;
 
-/// Halt thresholds: top-level fields of the deploy request, but a policy
-/// file may hold them next to the policy.
-const HALT_FIELDS: [&str; 2] = ["halt_fraction", "halt_count"];
+/// Halt thresholds and waves: top-level fields of the deploy request, but a
+/// policy file may hold them next to the policy.
+const TOP_LEVEL_FIELDS: [&str; 3] = ["halt_fraction", "halt_count", "waves"];
 
 fn parse_toml(text: &str) -> Result<Value, String> {
     let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
@@ -60,7 +60,7 @@ pub fn deploy_body(a: &DeployArgs) -> Result<Value, CliError> {
     let mut body = Map::new();
     body.insert("version".into(), json!(version));
     body.insert("target".into(), json!(a.target));
-    for field in HALT_FIELDS {
+    for field in TOP_LEVEL_FIELDS {
         if let Some(v) = policy.remove(field) {
             body.insert(field.into(), v);
         }
@@ -86,6 +86,9 @@ pub fn deploy_body(a: &DeployArgs) -> Result<Value, CliError> {
     }
     if let Some(n) = a.halt_count {
         body.insert("halt_count".into(), json!(n));
+    }
+    if !a.waves.is_empty() {
+        body.insert("waves".into(), json!(a.waves));
     }
     if !policy.is_empty() {
         body.insert("policy".into(), Value::Object(policy));
@@ -125,6 +128,12 @@ pub fn deployment_text(v: &Value) -> String {
         out.push_str(&format!(", or at least {n},"));
     }
     out.push_str(" rolled back or failed\n");
+    if let Some(waves) = v["waves"].as_array().filter(|w| !w.is_empty()) {
+        let steps: Vec<String> = waves.iter().map(|p| format!("{}%", s(p))).collect();
+        let now = waves.get(usize::try_from(v["wave"].as_u64().unwrap_or(0)).unwrap_or(0)).map(s).unwrap_or_default();
+        let waiting = v["status"]["waiting"].as_u64().map(|n| format!(" ({n} devices waiting)")).unwrap_or_default();
+        out.push_str(&format!("waves: {}; now {now}%{waiting}\n", steps.join(" -> ")));
+    }
     if v["state"] == "halted" {
         out.push_str(&format!("state: halted: {}\n", s(&v["halt_reason"])));
     }
@@ -193,5 +202,20 @@ mod tests {
         assert_eq!(body["halt_fraction"], 0.3);
         std::fs::write(&file, "phases = ").unwrap();
         assert!(matches!(deploy_body(&args(&[], &file)), Err(CliError::Usage(_))));
+    }
+
+    #[test]
+    fn waves_come_from_the_file_or_the_flag_and_show_where_the_rollout_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, "waves = [10, 100]\nbake_seconds = 5\n").unwrap();
+        let body = deploy_body(&args(&[], &file)).unwrap();
+        assert_eq!((body["waves"].clone(), body["policy"].clone()), (json!([10, 100]), json!({"bake_seconds": 5})));
+        let body = deploy_body(&args(&["--waves", "5,50,100"], &file)).unwrap();
+        assert_eq!(body["waves"], json!([5, 50, 100]), "the flag wins");
+
+        let shown = deployment_text(&json!({"waves": [5, 50, 100], "wave": 1, "status": {"waiting": 7}}));
+        assert!(shown.contains("waves: 5% -> 50% -> 100%; now 50% (7 devices waiting)\n"), "{shown}");
+        assert!(!deployment_text(&json!({"waves": []})).contains("waves"));
     }
 }

@@ -13,9 +13,11 @@
 //! # Layout
 //! - [`policy`]: the rollout policy and halt thresholds, and their validation.
 //! - [`rollup`]: the per-device states of a deployment and the halt rule.
+//! - [`waves`]: staged rollouts, a percentage of the fleet at a time.
 
 pub mod policy;
 pub mod rollup;
+pub mod waves;
 
 use std::collections::BTreeSet;
 
@@ -79,17 +81,25 @@ pub struct Halt {
 }
 
 /// Halts deployment `id` if it is active and past its thresholds, then
-/// publishes the fleet's new desired state. A deployment is halted at most
+/// publishes the fleet's new desired state; else widens a staged rollout
+/// whose current wave is done ([`widen`]). A deployment is halted at most
 /// once, however many reports race here: the store only halts an active one.
 pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Halt>, ApiError> {
-    let halt = state
+    enum Checked {
+        Nothing,
+        Halted(Box<Halt>),
+        Staged(Box<DeploymentRecord>),
+    }
+    let checked = state
         .meta(move |m| {
-            let Some(d) = m.get_deployment(id)? else { return Ok(None) };
+            let Some(d) = m.get_deployment(id)? else { return Ok(Checked::Nothing) };
             if d.state != "active" {
-                return Ok(None);
+                return Ok(Checked::Nothing);
             }
             let r = rollup(&d, &m.list_devices()?, &m.deployment_devices(d.id)?);
-            let Some(reason) = rollup::halt_reason(&d, &r) else { return Ok(None) };
+            let Some(reason) = rollup::halt_reason(&d, &r) else {
+                return Ok(if d.waves.is_empty() { Checked::Nothing } else { Checked::Staged(Box::new(d)) });
+            };
             let history = m.list_deployments(Some(&d.model), None, u32::MAX, 0)?.0;
             let mut previous = None;
             for earlier in earlier_deployments(&history, &d) {
@@ -111,10 +121,12 @@ pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Hal
                 policy: None,
                 halt_fraction: DEFAULT_HALT_FRACTION,
                 halt_count: None,
+                // Everyone goes back at once.
+                waves: Vec::new(),
             });
             let now = crate::now_ms();
             let HaltOutcome::Halted { restored } = m.halt_deployment(d.id, &reason, restore.as_ref(), now)? else {
-                return Ok(None);
+                return Ok(Checked::Nothing);
             };
             let back = match &restored {
                 Some(r) => format!("; {} {} is back on [{}] (deployment {})", r.model, r.version, r.target, r.id),
@@ -130,9 +142,17 @@ pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Hal
                 outcome: "ok".into(),
                 detail: format!("{} {}: {reason}{back}", d.model, d.version),
             })?;
-            Ok(Some(Halt { deployment: d, reason, restored: restored.map(|r| *r) }))
+            Ok(Checked::Halted(Box::new(Halt { deployment: d, reason, restored: restored.map(|r| *r) })))
         })
         .await?;
+    let halt = match checked {
+        Checked::Nothing => None,
+        Checked::Halted(h) => Some(*h),
+        Checked::Staged(d) => {
+            widen(state, *d).await?;
+            None
+        }
+    };
     if let Some(h) = &halt {
         state.metrics.deployment_halts.inc();
         tracing::warn!(
@@ -146,6 +166,56 @@ pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Hal
         crate::api::push_to_fleet(state).await;
     }
     Ok(halt)
+}
+
+/// Widens staged deployment `d` while its current wave is done (a wave that
+/// reaches no device is done at once), records each step in the audit log
+/// and publishes the fleet's new desired state. Returns the deployment as
+/// it now stands.
+pub async fn widen(state: &SharedState, d: DeploymentRecord) -> Result<DeploymentRecord, ApiError> {
+    let (d, widened) = state
+        .meta(move |m| {
+            let mut d = d;
+            let mut widened = false;
+            loop {
+                if d.state != "active" || usize::try_from(d.wave + 1).map_or(true, |next| next >= d.waves.len()) {
+                    return Ok((d, widened));
+                }
+                let r = rollup(&d, &m.list_devices()?, &m.deployment_devices(d.id)?);
+                if !r.wave_done() {
+                    return Ok((d, widened));
+                }
+                let now = crate::now_ms();
+                let Some(next) = m.advance_wave(d.id, d.wave, now)? else { return Ok((d, widened)) };
+                let percent = waves::current_percent(&next.waves, next.wave);
+                m.append_audit(&AuditEntry {
+                    id: 0,
+                    at_ms: now,
+                    actor: "hub".into(),
+                    role: "system".into(),
+                    action: format!("WIDEN deployment {}", next.id),
+                    status: 200,
+                    outcome: "ok".into(),
+                    detail: format!(
+                        "{} {} on [{}]: {} of {} devices in the {}% wave serve it; widening to {percent}%",
+                        next.model,
+                        next.version,
+                        next.target,
+                        r.counts.get("serving").copied().unwrap_or(0),
+                        r.targeted,
+                        r.wave_percent
+                    ),
+                })?;
+                d = next;
+                widened = true;
+            }
+        })
+        .await?;
+    if widened {
+        tracing::info!(deployment = d.id, percent = waves::current_percent(&d.waves, d.wave), "deployment widened");
+        crate::api::push_to_fleet(state).await;
+    }
+    Ok(d)
 }
 
 #[cfg(test)]

@@ -53,8 +53,14 @@ pub struct DeviceRollout {
 /// A deployment across the devices it targets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Rollup {
-    /// Devices the deployment's selector matches.
+    /// Devices the deployment's selector matches and its current wave
+    /// reaches (all of them without waves).
     pub targeted: u64,
+    /// The percentage of matching devices the current wave reaches.
+    pub wave_percent: u8,
+    /// Matching devices outside the current wave: they keep the version
+    /// this deployment replaces until it widens to them.
+    pub waiting: u64,
     /// Devices per state; every state is present.
     pub counts: BTreeMap<String, u64>,
     /// Sorted by device id.
@@ -65,6 +71,12 @@ impl Rollup {
     /// Devices that rolled back or failed.
     pub fn bad(&self) -> u64 {
         self.counts.iter().filter(|(s, _)| is_bad(s)).map(|(_, n)| n).sum()
+    }
+
+    /// Whether every device of the current wave serves the version (also
+    /// when the wave reaches no device yet): time to widen.
+    pub fn wave_done(&self) -> bool {
+        self.counts.get("serving").copied().unwrap_or(0) == self.targeted
     }
 }
 
@@ -92,13 +104,19 @@ pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[Deploy
     let mut out = Vec::new();
     // A selector that no longer parses (stored by an older hub) targets no
     // one, as in the fleet.
+    let wave_percent = super::waves::current_percent(&d.waves, d.wave);
     let Ok(selector) = Selector::parse(&d.target) else {
-        return Rollup { targeted: 0, counts, devices: out };
+        return Rollup { targeted: 0, wave_percent, waiting: 0, counts, devices: out };
     };
     let ended = d.state != "active";
+    let mut waiting = 0;
     for device in devices.iter().filter(|dev| targets(&selector, dev)) {
         let status = reported.iter().find(|r| r.device_id == device.id);
         if ended && status.is_none() && device.created_at_ms > d.updated_at_ms {
+            continue;
+        }
+        if status.is_none() && !super::waves::in_wave(d.id, &d.waves, d.wave, &device.id) {
+            waiting += 1;
             continue;
         }
         let row = match status {
@@ -121,7 +139,7 @@ pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[Deploy
         out.push(row);
     }
     out.sort_by(|a, b| a.device.cmp(&b.device));
-    Rollup { targeted: u64::try_from(out.len()).unwrap_or(u64::MAX), counts, devices: out }
+    Rollup { targeted: u64::try_from(out.len()).unwrap_or(u64::MAX), wave_percent, waiting, counts, devices: out }
 }
 
 /// Why `d` must halt given `r`, or `None` while it may go on. It halts when
@@ -199,6 +217,8 @@ mod tests {
             halt_fraction,
             halt_count,
             halt_reason: None,
+            waves: Vec::new(),
+            wave: 0,
         }
     }
 

@@ -107,6 +107,11 @@ pub struct DeploymentRecord {
     pub halt_count: Option<u32>,
     /// Why the hub halted the deployment (state `halted`).
     pub halt_reason: Option<String>,
+    /// Staged rollout: cumulative percentages of the targeted devices, the
+    /// last 100; empty: every targeted device at once.
+    pub waves: Vec<u8>,
+    /// Index of the current wave in `waves`.
+    pub wave: u32,
 }
 
 /// A new deployment. Storing it supersedes every active deployment of the
@@ -122,6 +127,10 @@ pub struct NewDeployment {
     pub policy: Option<RolloutPolicy>,
     pub halt_fraction: f64,
     pub halt_count: Option<u32>,
+    /// See [`DeploymentRecord::waves`]. A deployment whose first wave is
+    /// below 100% leaves the deployments it replaces active, for the devices
+    /// outside its wave, until its last wave.
+    pub waves: Vec<u8>,
 }
 
 /// What [`MetadataStore::halt_deployment`] did.
@@ -306,6 +315,11 @@ pub trait MetadataStore: DeviceStore + Send + Sync + std::fmt::Debug {
         restore: Option<&NewDeployment>,
         now_ms: i64,
     ) -> Result<HaltOutcome, StoreError>;
+    /// Moves active deployment `id` from wave `from` to the next, in one
+    /// transaction; reaching the last wave supersedes the older active
+    /// deployments of its model and target. `None` if it was no longer
+    /// active or no longer at `from` (another report widened it first).
+    fn advance_wave(&self, id: i64, from: u32, now_ms: i64) -> Result<Option<DeploymentRecord>, StoreError>;
 
     fn insert_token(
         &self,

@@ -132,7 +132,12 @@ const MIGRATIONS: &[&str] = &[
           json_each(CASE WHEN json_valid(d.report) THEN d.report ELSE '{}' END, '$.models') AS m
      WHERE json_extract(m.value, '$.deployment_id') IN (SELECT id FROM deployments)
        AND json_type(m.value, '$.version') = 'text' AND json_type(m.value, '$.state') = 'text';",
+    MIGRATION_WAVES,
 ];
+
+/// 5: staged rollouts.
+const MIGRATION_WAVES: &str = "ALTER TABLE deployments ADD COLUMN waves TEXT NOT NULL DEFAULT '[]';
+     ALTER TABLE deployments ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;";
 
 /// Records each model of a report (`?3`, JSON) from device `?1` at `?2`
 /// under the deployment it names. Models naming no stored deployment (0 for
@@ -210,7 +215,7 @@ fn version_from_row(row: &Row<'_>) -> rusqlite::Result<VersionRecord> {
 }
 
 const DEPLOYMENT_COLS: &str = "id, model, version, target, kind, state, created_by, created_at_ms, updated_at_ms, \
-     replaces, policy, halt_fraction, halt_count, halt_reason";
+     replaces, policy, halt_fraction, halt_count, halt_reason, waves, wave";
 
 fn deployment_from_row(row: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
     Ok(DeploymentRecord {
@@ -230,10 +235,32 @@ fn deployment_from_row(row: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
         halt_fraction: row.get(11)?,
         halt_count: row.get(12)?,
         halt_reason: row.get(13)?,
+        waves: serde_json::from_str(&row.get::<_, String>(14)?).unwrap_or_default(),
+        wave: row.get(15)?,
     })
 }
 
-/// Supersedes the active deployments of the same model and target and
+/// Marks the active deployments of `model` and `target` older than
+/// `below` (all, if `None`) as `replaced_state`.
+fn supersede_in(
+    tx: &rusqlite::Transaction<'_>,
+    model: &str,
+    target: &str,
+    below: Option<i64>,
+    replaced_state: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE deployments SET state = ?3, updated_at_ms = ?4
+         WHERE model = ?1 AND target = ?2 AND state = 'active' AND (?5 IS NULL OR id < ?5)",
+        params![model, target, replaced_state, now_ms, below],
+    )
+    .map_err(db("supersede deployments"))?;
+    Ok(())
+}
+
+/// Supersedes the active deployments of the same model and target (unless
+/// `d` starts with a partial wave: they serve the devices outside it) and
 /// stores `d` as active, inside the caller's transaction.
 fn insert_deployment_in(
     tx: &rusqlite::Transaction<'_>,
@@ -241,17 +268,15 @@ fn insert_deployment_in(
     replaced_state: &str,
     now_ms: i64,
 ) -> Result<DeploymentRecord, StoreError> {
-    tx.execute(
-        "UPDATE deployments SET state = ?3, updated_at_ms = ?4
-         WHERE model = ?1 AND target = ?2 AND state = 'active'",
-        params![d.model, d.target, replaced_state, now_ms],
-    )
-    .map_err(db("supersede deployments"))?;
+    if d.waves.first().is_none_or(|&p| p >= 100) {
+        supersede_in(tx, &d.model, &d.target, None, replaced_state, now_ms)?;
+    }
+    let waves = serde_json::to_string(&d.waves).unwrap_or_else(|_| "[]".into());
     let policy = d.policy.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default());
     tx.execute(
         "INSERT INTO deployments (model, version, target, kind, state, created_by, created_at_ms, updated_at_ms,
-             replaces, policy, halt_fraction, halt_count)
-         VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
+             replaces, policy, halt_fraction, halt_count, waves)
+         VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             d.model,
             d.version,
@@ -262,7 +287,8 @@ fn insert_deployment_in(
             d.replaces,
             policy,
             d.halt_fraction,
-            d.halt_count
+            d.halt_count,
+            waves
         ],
     )
     .map_err(db("insert deployment"))?;
@@ -281,6 +307,8 @@ fn insert_deployment_in(
         halt_fraction: d.halt_fraction,
         halt_count: d.halt_count,
         halt_reason: None,
+        waves: d.waves.clone(),
+        wave: 0,
     })
 }
 
@@ -634,6 +662,29 @@ impl MetadataStore for SqliteStore {
         let restored = restore.map(|d| insert_deployment_in(&tx, d, "superseded", now_ms).map(Box::new)).transpose()?;
         tx.commit().map_err(db("commit halt"))?;
         Ok(HaltOutcome::Halted { restored })
+    }
+
+    fn advance_wave(&self, id: i64, from: u32, now_ms: i64) -> Result<Option<DeploymentRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin widening"))?;
+        let n = tx
+            .execute(
+                "UPDATE deployments SET wave = wave + 1, updated_at_ms = ?3
+                 WHERE id = ?1 AND state = 'active' AND wave = ?2 AND wave + 1 < json_array_length(waves)",
+                params![id, from, now_ms],
+            )
+            .map_err(db("widen deployment"))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let d = tx
+            .query_row(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE id = ?1"), [id], deployment_from_row)
+            .map_err(db("read deployment"))?;
+        if crate::rollout::waves::current_percent(&d.waves, d.wave) >= 100 {
+            supersede_in(&tx, &d.model, &d.target, Some(d.id), "superseded", now_ms)?;
+        }
+        tx.commit().map_err(db("commit widening"))?;
+        Ok(Some(d))
     }
 
     fn insert_token(
@@ -1006,6 +1057,7 @@ mod tests {
             policy: None,
             halt_fraction: 0.2,
             halt_count: Some(3),
+            waves: Vec::new(),
         }
     }
 

@@ -172,6 +172,96 @@ async fn fleet_on_v2(hub: &TestHub, extra: Value) -> (i64, i64, Vec<Device>) {
     (d1, d2, devices)
 }
 
+/// digits 1.0.0 active on site=a with twenty subscribed devices, then 2.0.0
+/// deployed there in waves `[25, 100]` with `extra` fields. Returns both
+/// deployment ids, the devices, and which of them the first wave reaches,
+/// once each device has the state that deploy published.
+async fn fleet_in_waves(hub: &TestHub, extra: Value) -> (i64, i64, Vec<Device>, Vec<bool>) {
+    push(hub, &["1.0.0", "2.0.0"]).await;
+    let d1 = deploy(hub, json!({"version": "1.0.0", "target": "site=a"})).await["id"].as_i64().unwrap();
+    let mut devices = Vec::new();
+    for i in 1..=20 {
+        let mut d = Device::enroll(hub, &format!("edge-{i}"), "a").await;
+        d.subscribe().await;
+        d.state_where(|s| models(s) == [("1.0.0".to_owned(), d1)]).await;
+        devices.push(d);
+    }
+    let mut body = json!({"version": "2.0.0", "target": "site=a", "waves": [25, 100]});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let v = deploy(hub, body).await;
+    let d2 = v["id"].as_i64().unwrap();
+    assert_eq!((v["waves"].clone(), v["wave"].clone()), (json!([25, 100]), json!(0)), "{v}");
+    let first: Vec<bool> =
+        devices.iter().map(|d| sentinel_hub::rollout::waves::in_wave(d2, &[25, 100], 0, &d.id)).collect();
+    let n = first.iter().filter(|x| **x).count();
+    assert!(n > 0 && n < 20, "the first wave should reach some of the 20 devices, not {n}");
+    // Every device gets the deploy's revision: the first wave with 2.0.0,
+    // the others still with 1.0.0.
+    let one = first.iter().position(|x| *x).unwrap();
+    let revision = devices[one].state_where(|s| models(s) == [("2.0.0".to_owned(), d2)]).await.revision;
+    for (k, (d, in_first)) in devices.iter_mut().zip(&first).enumerate() {
+        if k == one {
+            continue;
+        }
+        let s = d.state_where(|s| s.revision >= revision).await;
+        let want = if *in_first { ("2.0.0".to_owned(), d2) } else { ("1.0.0".to_owned(), d1) };
+        assert_eq!(models(&s), [want], "{} (first wave: {in_first})", d.id);
+    }
+    (d1, d2, devices, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_rollout_widens_once_its_first_wave_serves() {
+    let hub = TestHub::start().await;
+    let (d1, d2, mut devices, first) = fleet_in_waves(&hub, json!({})).await;
+    let n = first.iter().filter(|x| **x).count();
+    let status = &deployment(&hub, d2).await["status"];
+    assert_eq!((status["targeted"].as_u64(), status["waiting"].as_u64()), (Some(n as u64), Some(20 - n as u64)));
+    assert_eq!(status["wave_percent"], 25);
+
+    let wave: Vec<usize> = (0..20).filter(|i| first[*i]).collect();
+    for (k, i) in wave.iter().enumerate() {
+        assert_eq!(deployment(&hub, d2).await["wave"], 0, "{k} of {n} serve: not yet");
+        devices[*i].report("2.0.0", "serving", "", d2).await;
+    }
+    let v = deployment(&hub, d2).await;
+    assert_eq!(v["wave"], 1, "the whole first wave serves: widened to 100%: {v}");
+    assert_eq!(v["status"]["waiting"], 0);
+    assert_eq!(deployment(&hub, d1).await["state"], "superseded", "the last wave replaces 1.0.0");
+    for d in &mut devices {
+        d.state_where(|s| models(s) == [("2.0.0".to_owned(), d2)]).await;
+    }
+    let audit: Value = hub.get("/api/v1/audit?limit=500", &hub.admin).await.json().await.unwrap();
+    let widen: Vec<&Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == format!("WIDEN deployment {d2}"))
+        .collect();
+    assert_eq!(widen.len(), 1, "{audit}");
+    assert!(widen[0]["detail"].as_str().unwrap().contains(&format!("{n} of {n} devices in the 25% wave")), "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_first_wave_halts_before_the_rest_of_the_fleet_sees_the_version() {
+    let hub = TestHub::start().await;
+    let (_d1, d2, mut devices, first) = fleet_in_waves(&hub, json!({"halt_count": 1})).await;
+    let i = first.iter().position(|x| *x).unwrap();
+    devices[i].report("2.0.0", "rolled_back", ACCURACY, d2).await;
+    let v = deployment(&hub, d2).await;
+    assert_eq!(v["state"], "halted", "{v}");
+    assert_eq!(v["status"]["counts"]["rolled_back"], 1);
+    assert_eq!(v["wave"], 0, "it never widened");
+    let list: Value = hub.get("/api/v1/deployments?state=active", &hub.admin).await.json().await.unwrap();
+    assert_eq!(list["total"], 1, "only the restored deployment is active: {list}");
+    let restored = &list["deployments"][0];
+    assert_eq!((restored["version"].as_str(), restored["kind"].as_str()), (Some("1.0.0"), Some("rollback")));
+    let restored = restored["id"].as_i64().unwrap();
+    for d in &mut devices {
+        d.state_where(|s| models(s) == [("1.0.0".to_owned(), restored)]).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_policies_are_refused_naming_the_field() {
     let hub = TestHub::start().await;
@@ -190,6 +280,10 @@ async fn invalid_policies_are_refused_naming_the_field() {
         (json!({"halt_count": 0}), "halt_count"),
         (json!({"policy": {"bake_seconds": -1}}), "bake_seconds"),
         (json!({"policy": {"bake_secs": 10}}), "bake_secs"),
+        (json!({"waves": [0, 100]}), "waves[0]"),
+        (json!({"waves": [50, 20, 100]}), "waves[1]"),
+        (json!({"waves": [10, 50]}), "waves[1]"),
+        (json!({"waves": [10, 300]}), "waves"),
     ] {
         let mut body = json!({"version": "1.0.0"});
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
