@@ -23,6 +23,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -54,6 +56,8 @@ pub struct AgentMetrics {
     sandbox_violations: IntCounterVec,
     hub_connected: IntGauge,
     worker_resident: IntGaugeVec,
+    /// What was registered, for [`AgentMetrics::families`].
+    families: Vec<(Desc, MetricType)>,
     /// Serialises scrapes: each resets and refills the scrape-time gauges.
     scrape: Mutex<()>,
 }
@@ -77,7 +81,7 @@ impl AgentMetrics {
             )
             .unwrap_or_else(|e| unreachable_metric(name, &e))
         };
-        let m = AgentMetrics {
+        let mut m = AgentMetrics {
             registry: Registry::new(),
             inference_requests: counter(
                 "sentinel_agent_inference_requests_total",
@@ -132,6 +136,7 @@ impl AgentMetrics {
                 &["model", "slot", "version"],
             )
             .unwrap_or_else(|e| unreachable_metric("sentinel_agent_worker_resident_bytes", &e)),
+            families: Vec::new(),
             scrape: Mutex::new(()),
         };
         let build = IntGaugeVec::new(
@@ -140,7 +145,7 @@ impl AgentMetrics {
         )
         .unwrap_or_else(|e| unreachable_metric("sentinel_agent_build_info", &e));
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.inference_requests.clone()),
             Box::new(m.inference_duration.clone()),
             Box::new(m.compute_duration.clone()),
@@ -155,14 +160,27 @@ impl AgentMetrics {
             Box::new(build),
         ];
         for c in collectors {
+            // Each of these collectors is one family: one descriptor, and
+            // one collected family that carries the type.
+            let kinds = c.collect().into_iter().map(|f| f.get_field_type());
+            let described: Vec<_> = c.desc().into_iter().cloned().zip(kinds).collect();
             // Names are distinct constants and the registry is fresh, so
             // registration cannot fail; should it, the agent runs without
             // that metric rather than not at all.
-            if let Err(e) = m.registry.register(c) {
-                tracing::error!(error = %e, "registering a metric failed");
+            match m.registry.register(c) {
+                Ok(()) => m.families.extend(described),
+                Err(e) => tracing::error!(error = %e, "registering a metric failed"),
             }
         }
         m
+    }
+
+    /// The descriptor (name, label names) and type of every registered
+    /// metric family, including labelled ones that have no sample yet and
+    /// so are absent from a scrape. Lets a dashboard or alert rule be
+    /// checked against the real definitions (`agent/tests/it/grafana.rs`).
+    pub fn families(&self) -> &[(Desc, MetricType)] {
+        &self.families
     }
 
     /// Records one request that reached `slot`: its outcome, end-to-end

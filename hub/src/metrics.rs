@@ -25,6 +25,8 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -58,6 +60,8 @@ pub struct HubMetrics {
     pub deployment_halts: IntCounter,
     /// Device reports received and stored.
     pub device_reports: IntCounter,
+    /// What was registered, for [`HubMetrics::families`].
+    families: Vec<(Desc, MetricType)>,
     /// Serialises scrapes: each resets and refills the scrape-time gauges.
     scrape: Mutex<()>,
 }
@@ -112,16 +116,27 @@ impl HubMetrics {
             model_pushes.with_label_values(&[model_push]);
         }
 
-        registry.register(Box::new(http_requests.clone()))?;
-        registry.register(Box::new(http_duration.clone()))?;
-        registry.register(Box::new(connected_devices.clone()))?;
-        registry.register(Box::new(model_pushes.clone()))?;
-        registry.register(Box::new(model_push_bytes.clone()))?;
-        registry.register(Box::new(deployments.clone()))?;
-        registry.register(Box::new(deployment_devices.clone()))?;
-        registry.register(Box::new(deployment_halts.clone()))?;
-        registry.register(Box::new(device_reports.clone()))?;
-        registry.register(Box::new(build_info))?;
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(http_requests.clone()),
+            Box::new(http_duration.clone()),
+            Box::new(connected_devices.clone()),
+            Box::new(model_pushes.clone()),
+            Box::new(model_push_bytes.clone()),
+            Box::new(deployments.clone()),
+            Box::new(deployment_devices.clone()),
+            Box::new(deployment_halts.clone()),
+            Box::new(device_reports.clone()),
+            Box::new(build_info),
+        ];
+        let mut families = Vec::new();
+        for c in collectors {
+            // Each of these collectors is one family: one descriptor, and
+            // one collected family that carries the type.
+            let kinds = c.collect().into_iter().map(|f| f.get_field_type());
+            let described: Vec<_> = c.desc().into_iter().cloned().zip(kinds).collect();
+            registry.register(c)?;
+            families.extend(described);
+        }
         Ok(Self {
             registry,
             http_requests,
@@ -133,8 +148,17 @@ impl HubMetrics {
             deployment_devices,
             deployment_halts,
             device_reports,
+            families,
             scrape: Mutex::new(()),
         })
+    }
+
+    /// The descriptor (name, label names) and type of every registered
+    /// metric family, including labelled ones that have no sample yet and
+    /// so are absent from a scrape. Lets a dashboard or alert rule be
+    /// checked against the real definitions (`agent/tests/it/grafana.rs`).
+    pub fn families(&self) -> &[(Desc, MetricType)] {
+        &self.families
     }
 
     /// Counts one upload by whether it was accepted.

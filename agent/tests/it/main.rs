@@ -11,6 +11,7 @@ mod control;
 mod deploy_reaches_agent;
 mod device_isolation;
 mod fleet_halt;
+mod grafana;
 mod inference_api;
 mod kill_mid_download;
 mod load_failures;
