@@ -33,6 +33,11 @@ pub fn read_i64(rel: &str) -> Vec<i64> {
     model_bytes(rel).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
+/// The 64 pixels of test digit `i` as a [1, 64] request input.
+pub fn digit(x: &[f32], i: usize) -> sentinel_agent::worker::protocol::Tensor {
+    sentinel_agent::worker::protocol::Tensor::from_f32(vec![1, 64], &x[i * 64..(i + 1) * 64])
+}
+
 pub const V1: &str = "digits/digits_mlp_v1.onnx";
 pub const V2: &str = "digits/digits_mlp_v2_degraded.onnx";
 pub const V3: &str = "digits/digits_mlp_v3_slow.onnx";

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use crate::common::{digit, model_path, read_f32, read_i64};
 use sentinel_agent::supervisor::{
     InferError, RestartPolicy, SlotError, SlotState, Supervised, SupervisorError, TestProbes, Worker, WorkerSpec,
 };
@@ -21,24 +22,6 @@ use sentinel_agent::worker::protocol::Tensor;
 
 /// Bound on every wait in these tests; generous because another build may share the machine.
 const BOUND: Duration = Duration::from_secs(60);
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
-
-fn read_f32(rel: &str) -> Vec<f32> {
-    let bytes = std::fs::read(repo_file(rel)).unwrap();
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-fn read_i64(rel: &str) -> Vec<i64> {
-    let bytes = std::fs::read(repo_file(rel)).unwrap();
-    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-fn digit(x: &[f32], i: usize) -> Tensor {
-    Tensor::from_f32(vec![1, 64], &x[i * 64..(i + 1) * 64])
-}
 
 fn label_of(outputs: &[Tensor]) -> i64 {
     assert_eq!(outputs.len(), 2, "probabilities and label");
@@ -58,12 +41,12 @@ fn spec(model: PathBuf, shape: &[usize], work_dir: &Path) -> WorkerSpec {
 }
 
 fn digits_spec(work_dir: &Path) -> WorkerSpec {
-    spec(repo_file("models/digits/digits_mlp_v1.onnx"), &[1, 64], work_dir)
+    spec(model_path("digits/digits_mlp_v1.onnx"), &[1, 64], work_dir)
 }
 
 /// The first half of digits v1: a model file that cannot load.
 fn truncated_model(dir: &Path) -> PathBuf {
-    let full = std::fs::read(repo_file("models/digits/digits_mlp_v1.onnx")).unwrap();
+    let full = std::fs::read(model_path("digits/digits_mlp_v1.onnx")).unwrap();
     let path = dir.join("truncated.onnx");
     std::fs::write(&path, &full[..full.len() / 2]).unwrap();
     path
@@ -86,8 +69,8 @@ async fn wait_state(slot: &Supervised, done: impl FnMut(&SlotState) -> bool) -> 
 #[tokio::test]
 async fn confined_worker_classifies_digits_and_reports_rss() {
     let dir = tempfile::tempdir().unwrap();
-    let x = read_f32("models/data/digits_test_x.bin");
-    let y = read_i64("models/data/digits_test_y.bin");
+    let x = read_f32("data/digits_test_x.bin");
+    let y = read_i64("data/digits_test_y.bin");
     let worker = Worker::spawn(&digits_spec(dir.path())).await.unwrap();
     assert!(worker.confined(), "not confined: {:?}", worker.unconfined_reason());
     assert!(worker.rss_bytes().unwrap() > 0);
@@ -107,7 +90,7 @@ async fn confined_worker_classifies_digits_and_reports_rss() {
 #[tokio::test]
 async fn concurrent_requests_share_one_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let x = Arc::new(read_f32("models/data/digits_test_x.bin"));
+    let x = Arc::new(read_f32("data/digits_test_x.bin"));
     let worker = Arc::new(Worker::spawn(&digits_spec(dir.path())).await.unwrap());
     let mut sequential = Vec::new();
     let started = std::time::Instant::now();
@@ -136,8 +119,8 @@ async fn concurrent_requests_share_one_worker() {
 #[tokio::test]
 async fn killed_worker_is_restarted_and_requests_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let x = Arc::new(read_f32("models/data/digits_test_x.bin"));
-    let y = Arc::new(read_i64("models/data/digits_test_y.bin"));
+    let x = Arc::new(read_f32("data/digits_test_x.bin"));
+    let y = Arc::new(read_i64("data/digits_test_y.bin"));
     let slot = Supervised::start(digits_spec(dir.path()), RestartPolicy::default());
     let first = wait_state(&slot, |s| matches!(s, SlotState::Running { .. })).await;
     let SlotState::Running { pid: old_pid, confined: true, .. } = first else { panic!("{first:?}") };
@@ -242,8 +225,8 @@ async fn truncated_model_fails_with_the_load_error() {
 #[tokio::test]
 async fn request_timeout_kills_the_worker_and_a_new_one_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let x = read_f32("models/data/digits_test_x.bin");
-    let mut spec = spec(repo_file("models/digits/digits_mlp_v3_slow.onnx"), &[360, 64], dir.path());
+    let x = read_f32("data/digits_test_x.bin");
+    let mut spec = spec(model_path("digits/digits_mlp_v3_slow.onnx"), &[360, 64], dir.path());
     spec.request_timeout = Duration::from_millis(1);
     let worker = Worker::spawn(&spec).await.unwrap();
     let batch = Tensor::from_f32(vec![360, 64], &x);
@@ -294,6 +277,6 @@ async fn a_worker_that_dies_while_idle_is_replaced_without_waiting_for_a_request
     let second = wait_state(&slot, |s| matches!(s, SlotState::Running { pid, .. } if *pid != first)).await;
     assert!(matches!(second, SlotState::Running { confined: true, .. }), "{second:?}");
     assert_eq!(slot.restarts(), 1);
-    let x = read_f32("models/data/digits_test_x.bin");
+    let x = read_f32("data/digits_test_x.bin");
     assert!(slot.infer(&[digit(&x, 0)]).await.is_ok());
 }

@@ -13,32 +13,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 
+use crate::common::{digit, model_path, read_f32, read_i64};
 use sentinel_agent::worker::probe;
 use sentinel_agent::worker::protocol::{
     self, DType, Ready, ResponseError, Tensor, decode_ready, decode_response, encode_request,
 };
 
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
-
 fn digits_model() -> PathBuf {
-    repo_file("models/digits/digits_mlp_v1.onnx")
-}
-
-fn read_f32(rel: &str) -> Vec<f32> {
-    let bytes = std::fs::read(repo_file(rel)).unwrap();
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-fn read_i64(rel: &str) -> Vec<i64> {
-    let bytes = std::fs::read(repo_file(rel)).unwrap();
-    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-/// The 64 pixels of test digit `i` as a [1, 64] request input.
-fn digit(x: &[f32], i: usize) -> Tensor {
-    Tensor::from_f32(vec![1, 64], &x[i * 64..(i + 1) * 64])
+    model_path("digits/digits_mlp_v1.onnx")
 }
 
 struct Worker {
@@ -116,8 +98,8 @@ fn label_of(outputs: &[Tensor]) -> i64 {
 
 #[test]
 fn confined_by_default_and_classifies_all_test_digits() {
-    let x = read_f32("models/data/digits_test_x.bin");
-    let y = read_i64("models/data/digits_test_y.bin");
+    let x = read_f32("data/digits_test_x.bin");
+    let y = read_i64("data/digits_test_y.bin");
     assert_eq!((x.len(), y.len()), (360 * 64, 360));
     // No --confinement flag: enforcing is the default.
     let mut w = Worker::confined(&digits_model(), "1,64", &[]);
@@ -166,8 +148,8 @@ fn abort_under_the_filter_is_sigabrt_not_a_violation() {
 
 #[test]
 fn harmless_requests_work_after_confinement() {
-    let x = read_f32("models/data/digits_test_x.bin");
-    let y = read_i64("models/data/digits_test_y.bin");
+    let x = read_f32("data/digits_test_x.bin");
+    let y = read_i64("data/digits_test_y.bin");
     let mut w = Worker::confined(&digits_model(), "1,64", &["--test-forbidden"]);
     assert_eq!(decode_response(&w.send(b"FORBID:none").unwrap()), Ok(vec![]));
     assert_eq!(label_of(&w.infer(&[digit(&x, 0)]).unwrap()), y[0]);
@@ -194,8 +176,8 @@ fn without_confinement_the_forbidden_actions_go_through() {
 
 #[test]
 fn bad_requests_get_errors_and_the_worker_keeps_serving() {
-    let x = read_f32("models/data/digits_test_x.bin");
-    let y = read_i64("models/data/digits_test_y.bin");
+    let x = read_f32("data/digits_test_x.bin");
+    let y = read_i64("data/digits_test_y.bin");
     let mut w = Worker::confined(&digits_model(), "1,64", &[]);
     let good = digit(&x, 1);
 
@@ -227,10 +209,10 @@ fn bad_requests_get_errors_and_the_worker_keeps_serving() {
 
 #[test]
 fn vision_model_matches_onnx_runtime_when_confined() {
-    let input = read_f32("models/data/textcls_sample_input.bin");
-    let reference = read_f32("models/data/textcls_sample_ref_output.bin");
+    let input = read_f32("data/textcls_sample_input.bin");
+    let reference = read_f32("data/textcls_sample_ref_output.bin");
     assert_eq!((input.len(), reference.len()), (3 * 48 * 192, 2));
-    let model = repo_file("models/vision/ch_ppocr_mobile_v2.0_cls_infer.onnx");
+    let model = model_path("vision/ch_ppocr_mobile_v2.0_cls_infer.onnx");
     let mut w = Worker::confined(&model, "1,3,48,192", &[]);
     let outputs = w.infer(&[Tensor::from_f32(vec![1, 3, 48, 192], &input)]).unwrap();
     assert_eq!(outputs.len(), 1);
