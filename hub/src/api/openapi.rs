@@ -5,6 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{admin, artifact, deployments, devices, models, upload, versions};
+use crate::web::{events, session};
 
 #[derive(Debug)]
 struct BearerAuth;
@@ -30,8 +31,12 @@ impl Modify for BearerAuth {
         deployments::deploy, deployments::rollback, deployments::list, deployments::show,
         devices::enroll, devices::list, devices::show, devices::remove,
         admin::create_token, admin::list_tokens, admin::revoke_token, admin::keys, admin::rotate_key,
-        admin::audit, admin::healthz, admin::readyz,
-    )
+        admin::audit, admin::healthz, admin::readyz, spec,
+        session::whoami, session::ticket, events::stream,
+    ),
+    // The event stream's `data` payloads: a `text/event-stream` body has no
+    // JSON schema of its own, so its response description names these.
+    components(schemas(events::Hello, events::Change, events::Heartbeat, events::Expired))
 )]
 pub struct ApiDoc;
 

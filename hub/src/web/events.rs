@@ -16,15 +16,18 @@ use axum::response::sse::{Event, Sse};
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use utoipa::{IntoParams, ToSchema};
 
 use super::session::{Holder, Tickets};
+use crate::api::error::ErrorBody;
 use crate::api::{ApiError, ApiQuery, SharedState};
+use crate::auth::Role;
 
 /// Time between heartbeats (and token re-checks) on an idle stream.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// What changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     /// Nothing yet (the feed's initial value).
@@ -37,7 +40,7 @@ pub enum ChangeKind {
 }
 
 /// The latest change, as sent in `change` events.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Change {
     /// Counts every change since the hub started.
     pub seq: u64,
@@ -83,10 +86,39 @@ impl Live {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The data of the `hello` event, sent as soon as a stream opens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Hello {
+    /// The `seq` of the latest change when the stream opened.
+    pub seq: u64,
+    /// The name of the token the ticket was issued to.
+    pub name: String,
+    pub role: Role,
+    /// Time between `heartbeat` events.
+    pub heartbeat_ms: u64,
+}
+
+/// The data of the `heartbeat` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Heartbeat {
+    pub at_ms: i64,
+}
+
+/// The data of the `expired` event, the last one a stream sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Expired {
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct StreamParams {
-    /// From `POST /api/v1/events/ticket`.
+    /// From `POST /api/v1/events/ticket`; it works once. The API token
+    /// itself is refused here: URLs end up in logs.
+    // Optional for serde so a missing ticket is a 401 that says where to
+    // get one, not a 400; required in the document because it is.
+    #[param(required = true)]
     pub ticket: Option<String>,
 }
 
@@ -125,9 +157,12 @@ impl Feed {
         }
         if !self.greeted {
             self.greeted = true;
-            let c = self.changes.borrow_and_update().clone();
-            let hello = serde_json::json!({"seq": c.seq, "name": self.holder.caller.name,
-                "role": self.holder.caller.role, "heartbeat_ms": HEARTBEAT.as_millis()});
+            let hello = Hello {
+                seq: self.changes.borrow_and_update().seq,
+                name: self.holder.caller.name.clone(),
+                role: self.holder.caller.role,
+                heartbeat_ms: u64::try_from(HEARTBEAT.as_millis()).unwrap_or(u64::MAX),
+            };
             return Some((Ok(event("hello", &hello).retry(Duration::from_secs(2))), self));
         }
         let wake = tokio::select! {
@@ -142,11 +177,11 @@ impl Feed {
                 Some((Ok(event("change", &c)), self))
             }
             Wake::Beat if self.token_valid().await => {
-                Some((Ok(event("heartbeat", &serde_json::json!({"at_ms": crate::now_ms()}))), self))
+                Some((Ok(event("heartbeat", &Heartbeat { at_ms: crate::now_ms() })), self))
             }
             Wake::Beat => {
                 self.ended = true;
-                let why = serde_json::json!({"message": "the token this stream was opened with was revoked"});
+                let why = Expired { message: "the token this stream was opened with was revoked".to_owned() };
                 Some((Ok(event("expired", &why)), self))
             }
         }
@@ -157,9 +192,23 @@ async fn state_lookup(state: &SharedState, hash: String) -> Result<bool, ApiErro
     state.meta(move |m| Ok(m.find_token(&hash)?.is_some())).await
 }
 
-/// `GET /api/v1/events/stream?ticket=…`: server-sent events `hello` (at
-/// once), `change` (see [`Change`]), `heartbeat`, and `expired` (the token
-/// was revoked; the stream ends).
+/// Watch for changes: server-sent events, opened with a ticket.
+///
+/// `GET /api/v1/events/stream?ticket=…` sends `hello` (at once), `change`
+/// (see [`Change`]), `heartbeat`, and `expired` (the token was revoked; the
+/// stream ends). It is authenticated by the ticket alone, never by an
+/// `Authorization` header: a browser's `EventSource` cannot send one.
+#[utoipa::path(get, path = "/api/v1/events/stream", params(StreamParams),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = String,
+            description = "Server-sent events, each with a JSON `data` line: `hello` at once (`Hello`); \
+                `change` when deployments changed or a device connected or reported (`Change`: refetch \
+                what you show); `heartbeat` every `heartbeat_ms` on an idle stream (`Heartbeat`); \
+                `expired` at the first heartbeat after the token the ticket was issued to is revoked \
+                (`Expired`), after which the stream ends. The stream also ends when the hub shuts down; \
+                reconnect with a new ticket."),
+        (status = 400, description = "a query parameter other than `ticket`", body = ErrorBody),
+        (status = 401, description = "no ticket, or one that is unknown, spent or expired", body = ErrorBody)))]
 pub async fn stream(
     State(state): State<SharedState>,
     ApiQuery(p): ApiQuery<StreamParams>,

@@ -16,7 +16,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
+use crate::api::error::ErrorBody;
 use crate::api::{ApiError, Caller, SharedState};
 use crate::auth::{Role, generate_token, hash_token};
 
@@ -27,16 +29,19 @@ pub const TICKET_TTL: Duration = Duration::from_secs(30);
 const MAX_TICKETS: usize = 4096;
 
 /// `GET /api/v1/whoami`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {
+    /// The token's name, as the audit log records it.
     pub name: String,
     pub role: Role,
 }
 
 /// `POST /api/v1/events/ticket`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TicketOut {
+    /// Pass as `?ticket=` to `GET /api/v1/events/stream`; it works once.
     pub ticket: String,
+    /// How long the ticket may wait before it opens a stream.
     pub expires_in_ms: u64,
 }
 
@@ -84,14 +89,30 @@ impl Tickets {
     }
 }
 
-/// Who the token belongs to, so the page can offer only what the role may
-/// do. The API still checks every call.
+/// Who the caller is: the token's name and role.
+///
+/// The page uses it to offer only what the role may do; the API still
+/// checks every call. Any API token may ask (viewer and up); a device token
+/// may not.
+#[utoipa::path(get, path = "/api/v1/whoami", security(("bearer" = [])),
+    responses((status = 200, description = "the token's name and role", body = WhoAmI),
+        (status = 401, description = "no token, or one this hub does not know or has revoked", body = ErrorBody),
+        (status = 403, description = "a device token", body = ErrorBody)))]
 pub async fn whoami(caller: Caller) -> Result<Json<WhoAmI>, ApiError> {
     caller.require(Role::Viewer, "asking who you are")?;
     Ok(Json(WhoAmI { name: caller.name, role: caller.role }))
 }
 
-/// Issues a one-time ticket for `GET /api/v1/events/stream` (viewer and up).
+/// Issue a one-time ticket for `GET /api/v1/events/stream`.
+///
+/// Viewer and up; a device token may not. The ticket is valid for
+/// `expires_in_ms` and stands for the token that asked: once that token is
+/// revoked, the stream ends at its next heartbeat.
+#[utoipa::path(post, path = "/api/v1/events/ticket", security(("bearer" = [])),
+    responses((status = 200, description = "a ticket for one stream", body = TicketOut),
+        (status = 401, description = "no token, or one this hub does not know or has revoked", body = ErrorBody),
+        (status = 403, description = "a device token", body = ErrorBody),
+        (status = 429, description = "too many unused tickets are outstanding", body = ErrorBody)))]
 pub async fn ticket(
     State(state): State<SharedState>,
     caller: Caller,
