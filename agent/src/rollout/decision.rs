@@ -286,6 +286,14 @@ pub enum HoldReason {
         /// [`Phase::min_samples`].
         need: u64,
     },
+    /// Green has enough requests but blue, which still answers in this
+    /// phase, has too few to compare latencies with.
+    BlueTooFewSamples {
+        /// Blue requests in the window.
+        have: u64,
+        /// [`Phase::min_samples`].
+        need: u64,
+    },
     /// All checks pass but the phase has not baked long enough.
     Baking {
         /// Time left before promotion.
@@ -304,6 +312,9 @@ impl fmt::Display for HoldReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::TooFewSamples { have, need } => write!(f, "too few samples: {have} of {need} requests"),
+            Self::BlueTooFewSamples { have, need } => {
+                write!(f, "too few blue samples to compare latency: {have} of {need} requests")
+            }
             Self::Baking { remaining } => write!(f, "baking, {:.1} s remaining", remaining.as_secs_f64()),
             Self::UnknownPhase { phase, phases } => {
                 write!(f, "phase {phase} does not exist (the policy has {phases} phases and a standby bake)")
@@ -500,8 +511,12 @@ impl fmt::Display for Pct {
 /// 4. in a shadow phase, agreement against [`Thresholds::min_agreement`] once
 ///    green has [`Policy::min_accuracy_samples`] comparisons;
 /// 5. with fewer green requests than [`Phase::min_samples`], hold;
-/// 6. error rate, then p95 against the SLO, then p95 against blue's. The
-///    ratio is skipped while blue has fewer than `min_samples` requests.
+/// 6. error rate, then p95 against the SLO, then p95 against blue's. With
+///    fewer than `min_samples` blue requests the ratio holds in shadow and
+///    canary phases (blue answers there, so it will have enough: promoting
+///    without the comparison would let a slow version through whenever the
+///    decision came while blue was a request short), and is skipped in the
+///    full phase and the standby bake, where blue takes no traffic.
 ///
 /// When every check passes, green is promoted once the phase has baked, or
 /// held with the time remaining. In the standby bake (`phase ==
@@ -510,16 +525,16 @@ impl fmt::Display for Pct {
 #[must_use]
 pub fn decide(policy: &Policy, obs: &Observation) -> Decision {
     let phases = policy.phases.len();
-    let (min_samples, bake, shadow) = match policy.phases.get(obs.phase) {
-        Some(phase) => (phase.min_samples, Some(phase.bake), phase.kind == PhaseKind::Shadow),
+    let (min_samples, bake, kind) = match policy.phases.get(obs.phase) {
+        Some(phase) => (phase.min_samples, Some(phase.bake), Some(phase.kind)),
         None => {
             let min_samples = policy.phases.last().map_or(0, |phase| phase.min_samples);
             let bake = (obs.phase == phases).then_some(policy.standby_bake);
-            (min_samples, bake, false)
+            (min_samples, bake, None)
         }
     };
 
-    if let Err(reason) = check(policy, obs, min_samples, shadow) {
+    if let Err(reason) = check(policy, obs, min_samples, kind) {
         return reason;
     }
     match bake {
@@ -530,7 +545,9 @@ pub fn decide(policy: &Policy, obs: &Observation) -> Decision {
 }
 
 /// Runs every check; `Err` carries the rollback or hold that ends the decision.
-fn check(policy: &Policy, obs: &Observation, min_samples: u64, shadow: bool) -> Result<(), Decision> {
+fn check(policy: &Policy, obs: &Observation, min_samples: u64, kind: Option<PhaseKind>) -> Result<(), Decision> {
+    let shadow = kind == Some(PhaseKind::Shadow);
+    let blue_answers = matches!(kind, Some(PhaseKind::Shadow | PhaseKind::Canary { .. }));
     let t = &policy.thresholds;
     let (green, blue) = (&obs.green, &obs.blue);
     let rollback = |reason| Err(Decision::Rollback(reason));
@@ -600,6 +617,9 @@ fn check(policy: &Policy, obs: &Observation, min_samples: u64, shadow: bool) -> 
         return rollback(RollbackReason::LatencySlo { green_p95, limit });
     }
 
+    if t.max_p95_ratio.is_some() && green.p95.is_some() && blue.requests < min_samples && blue_answers {
+        return Err(Decision::Hold(HoldReason::BlueTooFewSamples { have: blue.requests, need: min_samples }));
+    }
     if let (Some(limit), Some(green_p95), Some(blue_p95)) = (t.max_p95_ratio, green.p95, blue.p95)
         && blue.requests >= min_samples
     {
@@ -768,14 +788,26 @@ mod tests {
     }
 
     #[test]
-    fn blue_with_too_few_samples_skips_ratio_but_not_slo() {
+    fn blue_with_too_few_samples_holds_while_it_answers_and_is_skipped_after() {
         let policy = Policy::default();
         let blue = slot(99, 0, MS);
-        assert_eq!(decide(&policy, &baked(slot(1000, 0, MS * 100), blue)), Decision::Promote);
+        let slow = slot(1000, 0, MS * 100);
+        // Canary: blue still answers, so the comparison waits for it.
+        assert_eq!(
+            decide(&policy, &baked(slow, blue)),
+            Decision::Hold(HoldReason::BlueTooFewSamples { have: 99, need: 100 })
+        );
+        let shadow = Observation { phase: 0, ..baked(slow, blue) };
+        assert_eq!(decide(&policy, &shadow), Decision::Hold(HoldReason::BlueTooFewSamples { have: 99, need: 100 }));
+        assert_eq!(rollback_kind(decide(&policy, &baked(slow, slot(100, 0, MS)))), "latency");
 
+        // Full phase and standby bake: blue takes no traffic; only absolute limits apply.
+        let full = Observation { phase: 2, phase_elapsed: Duration::from_secs(60), ..baked(slow, blue) };
+        assert_eq!(decide(&policy, &full), Decision::Promote);
         let slo = Policy { thresholds: Thresholds { max_p95: Some(MS * 100), ..Thresholds::default() }, ..policy };
-        assert_eq!(decide(&slo, &baked(slot(1000, 0, MS * 100), blue)), Decision::Promote);
-        assert_eq!(rollback_kind(decide(&slo, &baked(slot(1000, 0, MS * 101), blue))), "latency_slo");
+        assert_eq!(decide(&slo, &full), Decision::Promote);
+        let slower = Observation { green: slot(1000, 0, MS * 101), ..full };
+        assert_eq!(rollback_kind(decide(&slo, &slower)), "latency_slo");
     }
 
     #[test]
