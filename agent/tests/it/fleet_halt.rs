@@ -16,12 +16,15 @@ use serde_json::{Value, json};
 const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
 
 /// Sends labelled digits with feedback until the device rolls the model back.
-async fn traffic_until_rollback(agent: &AgentHandle) {
+/// The durable `rolled_back` event says so, not the status: once this
+/// rollback halts the deployment, the restored version's `serving` can
+/// replace `rolled_back` between two requests.
+async fn traffic_until_rollback(agent: &AgentHandle, hub: &TestHub, deployment: i64) {
     let addr = agent.inference_addr.unwrap();
     let http = reqwest::Client::new();
     let (x, y) = (read_f32("data/digits_test_x.bin"), read_i64("data/digits_test_y.bin"));
     let mut i = 0usize;
-    while status(&agent.view(), "digits").is_none_or(|s| s.0 != "rolled_back") {
+    while agent.shared.store.last_event("rolled_back").unwrap().is_none() {
         let s = i % 360;
         i += 1;
         let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[s * 64..(s + 1) * 64]}]});
@@ -36,7 +39,14 @@ async fn traffic_until_rollback(agent: &AgentHandle) {
             .unwrap();
         let f = json!({"id": v["id"], "label": y[s]});
         http.post(format!("http://{addr}/v2/models/digits/feedback")).json(&f).send().await.unwrap();
-        assert!(i < 100_000, "never rolled back: {:?}", status(&agent.view(), "digits"));
+        if i >= 100_000 {
+            let shown = hub.get(&format!("/api/v1/deployments/{deployment}")).await;
+            let events = agent.shared.store.recent_events(20).unwrap();
+            panic!(
+                "never rolled back: {:?}\nevents: {events:#?}\ndeployment: {shown:#}",
+                status(&agent.view(), "digits")
+            );
+        }
     }
 }
 
@@ -69,10 +79,10 @@ async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fle
         a.wait_for(WAIT, |v| status(v, "digits").is_some_and(|s| s.0 == "canary")).await.unwrap();
     }
     // Only edge-1 and edge-2 have traffic (with ground truth); the rest hold.
-    traffic_until_rollback(&agents[0]).await;
+    traffic_until_rollback(&agents[0], &hub, id).await;
     let shown = hub.get(&format!("/api/v1/deployments/{id}")).await;
     assert_eq!(shown["state"], "active", "1 of 5 is not above 20%: {shown}");
-    traffic_until_rollback(&agents[1]).await;
+    traffic_until_rollback(&agents[1], &hub, id).await;
 
     let deadline = tokio::time::Instant::now() + WAIT;
     let shown = loop {
