@@ -362,6 +362,24 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
             );
             continue;
         }
+        // The version this device keeps warm as standby (the hub halted or
+        // rolled back the active one): swap back at once instead of loading
+        // it again. Then it is the active version, and handled as such below.
+        let standby_is_it = shared.serving.model(&m.name).is_some_and(|ms| {
+            let route = ms.route();
+            route.active.is_some()
+                && route.standby.as_ref().is_some_and(|s| s.sha256 == m.sha256 && s.version == m.version)
+        });
+        if standby_is_it {
+            let reason =
+                format!("the hub's desired state names {} again (deployment {})", m.version, assignment.deployment_id);
+            match crate::rollout::controller::rollback_now(shared, &m.name, crate::rollout::controller::HUB, &reason)
+                .await
+            {
+                Ok(done) => tracing::info!(model = %m.name, %done, "standby restored for the hub"),
+                Err(e) => tracing::warn!(model = %m.name, error = %e, "no instant swap; loading the version instead"),
+            }
+        }
         let current = shared.store.model(&m.name).ok().flatten();
         let serving_it = shared
             .serving

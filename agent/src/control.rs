@@ -226,7 +226,14 @@ async fn rollback(State(shared): State<Arc<Shared>>, UrlPath(model): UrlPath<Str
             format!("no model `{model}` on this device (see `sentinel-agent models`)"),
         );
     }
-    match crate::rollout::controller::rollback_now(&shared, &model, OPERATOR_REASON).await {
+    match crate::rollout::controller::rollback_now(
+        &shared,
+        &model,
+        crate::rollout::controller::OPERATOR,
+        OPERATOR_REASON,
+    )
+    .await
+    {
         Ok(message) => Json(json!({ "message": message })).into_response(),
         Err(reason) => error(StatusCode::CONFLICT, reason),
     }

@@ -368,14 +368,19 @@ async fn rollback(
 /// The rollback kind of an operator's `sentinel-agent rollback`.
 pub const OPERATOR: &str = "operator";
 
-/// An operator's rollback of `model`, at once: a version in shadow or
-/// canary is aborted (traffic stays on the active slot); otherwise the warm
-/// standby becomes active again in one route swap. Either way the slots are
-/// committed, the version is rejected at the current desired-state revision
-/// (a restart does not retry it) and the hub gets a `rolled_back` event with
-/// `reason`, as for an automatic rollback. Returns what was done, or why
-/// nothing was (unknown model, nothing to roll back to).
-pub async fn rollback_now(shared: &Arc<Shared>, model: &str, reason: &str) -> Result<String, String> {
+/// The rollback kind when the hub's desired state names the version this
+/// device keeps warm as standby (a fleet halt, or a rollback on the hub).
+pub const HUB: &str = "hub";
+
+/// A rollback of `model` at once, by an operator or the hub (`kind`): a
+/// version in shadow or canary is aborted (traffic stays on the active
+/// slot); otherwise the warm standby becomes active again in one route swap.
+/// Either way the slots are committed, the version is rejected at the
+/// current desired-state revision (a restart does not retry it) and the hub
+/// gets a `rolled_back` event with `reason`, as for an automatic rollback.
+/// Returns what was done, or why nothing was (unknown model, nothing to
+/// roll back to).
+pub async fn rollback_now(shared: &Arc<Shared>, model: &str, kind: &str, reason: &str) -> Result<String, String> {
     let ms = shared.serving.model(model).ok_or_else(|| format!("no model `{model}` on this device"))?;
     let route = ms.route();
     let describe = |before: &Route| match (&before.candidate, &before.active) {
@@ -414,7 +419,7 @@ pub async fn rollback_now(shared: &Arc<Shared>, model: &str, reason: &str) -> Re
             drop(route);
             let now = Instant::now();
             let (g, b) = (green.metrics(now), Some(blue.metrics(now)));
-            rollback(shared, &ms, &green, OPERATOR, reason, &g, b, Detection::default()).await;
+            rollback(shared, &ms, &green, kind, reason, &g, b, Detection::default()).await;
         }
     }
     Ok(message)

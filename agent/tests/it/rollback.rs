@@ -288,3 +288,64 @@ async fn a_worker_that_keeps_crashing_is_rolled_back() {
     assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
     agent.shutdown().await;
 }
+
+fn worker_pid(l: &sentinel_agent::serving::Loaded) -> u32 {
+    match l.worker.state() {
+        WorkerState::Running { pid, .. } => pid,
+        other => panic!("{} {}: {other:?}", l.model, l.version),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_from_the_hub_swaps_the_warm_standby_back_without_reloading_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    hub.push("digits", "2.0.0", DEGRADED, "").await;
+    // Promoted at once, and 1.0.0 stays warm for an hour.
+    let extra = "[rollout]\nstandby_bake_seconds = 3600\n";
+    let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    hub.deploy("digits", "2.0.0", "site=a").await;
+    agent
+        .wait_for(WAIT, |v| {
+            v.models
+                .iter()
+                .any(|m| m.active_version.as_deref() == Some("2.0.0") && m.standby_version.as_deref() == Some("1.0.0"))
+        })
+        .await
+        .unwrap();
+    let warm = worker_pid(agent.shared.serving.model("digits").unwrap().route().standby.as_ref().unwrap());
+
+    let (stop, back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let clients = traffic(&agent, 2, false, stop.clone(), back.clone());
+    let restored = hub.post("/api/v1/models/digits/rollback", json!({})).await["id"].as_i64().unwrap();
+    agent
+        .wait_for(WAIT, |v| {
+            v.models.iter().any(|m| {
+                m.active_version.as_deref() == Some("1.0.0")
+                    && m.status == "serving"
+                    && m.status_deployment == Some(restored)
+            })
+        })
+        .await
+        .unwrap();
+    back.store(true, Ordering::Relaxed);
+    let route = agent.shared.serving.model("digits").unwrap().route();
+    assert_eq!(worker_pid(route.active.as_ref().unwrap()), warm, "the warm standby serves again: nothing reloaded");
+    assert!(route.standby.is_none() && route.candidate.is_none(), "2.0.0 was stopped");
+    drop(route);
+    let seen = stop_traffic(&stop, clients).await;
+    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
+    assert!(seen.served.iter().all(|(v, after)| !after || v == "1.0.0"), "only 1.0.0 answers after the swap");
+
+    let events = agent.shared.store.recent_events(100).unwrap();
+    let rolled = events.iter().find(|e| e.kind == "rolled_back" && e.version == "2.0.0").expect("a rolled_back event");
+    assert!(rolled.reason.contains("names 1.0.0 again") && rolled.reason.contains("\"kind\":\"hub\""), "{rolled:?}");
+    assert!(
+        !events.iter().any(|e| e.kind == "model_installed" && e.version == "1.0.0" && e.id > rolled.id),
+        "1.0.0 was not installed again: {events:?}"
+    );
+    agent.shutdown().await;
+}
