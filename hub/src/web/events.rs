@@ -5,8 +5,9 @@
 //! the newest value, so a burst of reports costs a slow browser one wake-up,
 //! not a queue: the event says *that* something changed, and the page
 //! refetches what it shows. Each stream also sends a heartbeat every
-//! [`HEARTBEAT`], and on it re-checks the token it was opened with, ending
-//! the stream once that token is revoked.
+//! [`HEARTBEAT`]. Before each change and each heartbeat it re-checks the
+//! token it was opened with, ending the stream once that token is revoked;
+//! a ticket issued to a since-revoked token opens nothing.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -172,14 +173,16 @@ impl Feed {
         };
         match wake {
             Wake::Closed => None,
-            Wake::Changed => {
+            // A change names devices and models: the token is checked
+            // before each one goes out, not only at heartbeats.
+            Wake::Changed if self.token_valid().await => {
                 let c = self.changes.borrow_and_update().clone();
                 Some((Ok(event("change", &c)), self))
             }
             Wake::Beat if self.token_valid().await => {
                 Some((Ok(event("heartbeat", &Heartbeat { at_ms: crate::now_ms() })), self))
             }
-            Wake::Beat => {
+            Wake::Changed | Wake::Beat => {
                 self.ended = true;
                 let why = Expired { message: "the token this stream was opened with was revoked".to_owned() };
                 Some((Ok(event("expired", &why)), self))
@@ -204,11 +207,11 @@ async fn state_lookup(state: &SharedState, hash: String) -> Result<bool, ApiErro
             description = "Server-sent events, each with a JSON `data` line: `hello` at once (`Hello`); \
                 `change` when deployments changed or a device connected or reported (`Change`: refetch \
                 what you show); `heartbeat` every `heartbeat_ms` on an idle stream (`Heartbeat`); \
-                `expired` at the first heartbeat after the token the ticket was issued to is revoked \
+                `expired` at the first change or heartbeat after the token the ticket was issued to is revoked \
                 (`Expired`), after which the stream ends. The stream also ends when the hub shuts down; \
                 reconnect with a new ticket."),
         (status = 400, description = "a query parameter other than `ticket`", body = ErrorBody),
-        (status = 401, description = "no ticket, or one that is unknown, spent or expired", body = ErrorBody)))]
+        (status = 401, description = "no ticket, or one that is unknown, spent or expired, or issued to a token since revoked", body = ErrorBody)))]
 pub async fn stream(
     State(state): State<SharedState>,
     ApiQuery(p): ApiQuery<StreamParams>,
@@ -219,6 +222,10 @@ pub async fn stream(
     let holder = state.live.tickets.redeem(&ticket).ok_or_else(|| {
         ApiError::unauthorized("the ticket is unknown, spent or expired; ask POST /api/v1/events/ticket for another")
     })?;
+    // The ticket stands for its token: revoked since it was issued, it opens nothing.
+    if !state_lookup(&state, holder.token_sha256.clone()).await? {
+        return Err(ApiError::unauthorized("the token this ticket was issued to has been revoked"));
+    }
     let mut beat = tokio::time::interval(HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     beat.reset(); // the first tick would be immediate; `hello` covers it

@@ -28,6 +28,10 @@ pub const TICKET_TTL: Duration = Duration::from_secs(30);
 /// Outstanding tickets at most; more means a client asks without using them.
 const MAX_TICKETS: usize = 4096;
 
+/// Outstanding tickets per token at most, so one caller cannot use up
+/// [`MAX_TICKETS`] and shut everyone else out of the live view.
+pub const MAX_TICKETS_PER_TOKEN: usize = 16;
+
 /// `GET /api/v1/whoami`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {
@@ -70,6 +74,16 @@ impl Tickets {
         let now = Instant::now();
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         open.retain(|_, t| t.expires > now);
+        if open.values().filter(|t| t.holder.token_sha256 == holder.token_sha256).count() >= MAX_TICKETS_PER_TOKEN {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_tickets",
+                format!(
+                    "this token holds {MAX_TICKETS_PER_TOKEN} unused event-stream tickets; open the stream with one \
+                     of them, or wait for them to expire"
+                ),
+            ));
+        }
         if open.len() >= MAX_TICKETS {
             return Err(ApiError::new(
                 axum::http::StatusCode::TOO_MANY_REQUESTS,
@@ -112,7 +126,7 @@ pub async fn whoami(caller: Caller) -> Result<Json<WhoAmI>, ApiError> {
     responses((status = 200, description = "a ticket for one stream", body = TicketOut),
         (status = 401, description = "no token, or one this hub does not know or has revoked", body = ErrorBody),
         (status = 403, description = "a device token", body = ErrorBody),
-        (status = 429, description = "too many unused tickets are outstanding", body = ErrorBody)))]
+        (status = 429, description = "this token holds 16 unused tickets, or the hub 4096", body = ErrorBody)))]
 pub async fn ticket(
     State(state): State<SharedState>,
     caller: Caller,

@@ -141,3 +141,60 @@ async fn the_event_stream_needs_a_one_time_ticket_and_announces_deployments() {
         tokio::time::timeout(Duration::from_secs(30), async { while let Ok(Some(_)) = stream.chunk().await {} }).await;
     assert!(rest.is_ok(), "the stream ended when the hub stopped");
 }
+
+#[tokio::test]
+async fn a_revoked_token_opens_no_stream_and_its_open_stream_ends_before_the_next_change() {
+    let hub = TestHub::start().await;
+    hub.register("m").await;
+    hub.push_v1("m", "1.0.0").await;
+    let r = hub.post_json("/api/v1/tokens", &hub.admin, json!({"role": "viewer", "name": "soon-gone"})).await;
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let (token, id) = (created["token"].as_str().unwrap().to_owned(), created["id"].as_i64().unwrap());
+    let ticket = || async {
+        let v: Value =
+            hub.req(Method::POST, "/api/v1/events/ticket", Some(&token)).send().await.unwrap().json().await.unwrap();
+        v["ticket"].as_str().unwrap().to_owned()
+    };
+    let stream_url = |ticket: &str| format!("{}/api/v1/events/stream?ticket={ticket}", hub.url);
+    let (open, spare) = (ticket().await, ticket().await);
+    let mut stream = hub.client.get(stream_url(&open)).send().await.unwrap();
+    let mut seen = String::new();
+    next_event(&mut stream, &mut seen, "hello").await;
+
+    let r = hub.req(Method::DELETE, &format!("/api/v1/tokens/{id}"), Some(&hub.admin)).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let msg = expect_error(hub.client.get(stream_url(&spare)).send().await.unwrap(), 401).await;
+    assert!(msg.contains("revoked"), "{msg}");
+
+    // The next change does not reach the revoked token's stream: it ends.
+    let r = hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0"})).await;
+    assert_eq!(r.status(), 201);
+    let rest = tokio::time::timeout(Duration::from_secs(30), async {
+        while !seen.contains("event: expired") {
+            let chunk = stream.chunk().await.unwrap().unwrap_or_else(|| panic!("ended without `expired`: {seen}"));
+            seen.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        seen
+    })
+    .await
+    .expect("an `expired` event after the revocation");
+    assert!(rest.contains("revoked"), "{rest}");
+    assert!(!rest.contains("event: change"), "no change reaches a revoked token: {rest}");
+}
+
+#[tokio::test]
+async fn one_token_cannot_use_up_the_tickets_of_everyone() {
+    let hub = TestHub::start().await;
+    let (greedy, other) = (hub.token("viewer").await, hub.token("deployer").await);
+    let ask = |token: String| {
+        let req = hub.req(Method::POST, "/api/v1/events/ticket", Some(&token));
+        async move { req.send().await.unwrap() }
+    };
+    for _ in 0..sentinel_hub::web::session::MAX_TICKETS_PER_TOKEN {
+        assert_eq!(ask(greedy.clone()).await.status(), 200);
+    }
+    let msg = expect_error(ask(greedy.clone()).await, 429).await;
+    assert!(msg.contains("unused event-stream tickets"), "{msg}");
+    assert_eq!(ask(other).await.status(), 200, "another token still gets its ticket");
+}
