@@ -224,6 +224,22 @@ pub async fn start_agent_with(
     sentinel_agent::start(agent_config(dir, hub, device, &token, &key, extra)).await.unwrap()
 }
 
+/// Deploys digits 1.0.0, then 2.0.0 (both pushed already) to `site=a`, and
+/// waits until the agent serves 2.0.0 with 1.0.0 warm as its standby.
+pub async fn serve_2_over_warm_1(hub: &TestHub, agent: &AgentHandle) {
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    hub.deploy("digits", "2.0.0", "site=a").await;
+    agent
+        .wait_for(WAIT, |v| {
+            v.models
+                .iter()
+                .any(|m| m.active_version.as_deref() == Some("2.0.0") && m.standby_version.as_deref() == Some("1.0.0"))
+        })
+        .await
+        .unwrap();
+}
+
 /// The active version of `model` in a view.
 pub fn active(v: &AgentView, model: &str) -> Option<String> {
     v.models.iter().find(|m| m.name == model).and_then(|m| m.active_version.clone())

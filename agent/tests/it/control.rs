@@ -46,17 +46,7 @@ async fn status_shows_both_slots_and_rollback_puts_the_standby_back() {
     let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
     let config = tmp.path().join("agent/agent.toml");
     let config = config.to_str().unwrap();
-    hub.deploy("digits", "1.0.0", "site=a").await;
-    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
-    hub.deploy("digits", "2.0.0", "site=a").await;
-    agent
-        .wait_for(WAIT, |v| {
-            v.models
-                .iter()
-                .any(|m| m.active_version.as_deref() == Some("2.0.0") && m.standby_version.as_deref() == Some("1.0.0"))
-        })
-        .await
-        .unwrap();
+    serve_2_over_warm_1(&hub, &agent).await;
     let addr = agent.inference_addr.unwrap();
     for _ in 0..5 {
         assert_eq!(infer(addr).await["model_version"], "2.0.0");

@@ -305,17 +305,7 @@ async fn a_rollback_from_the_hub_swaps_the_warm_standby_back_without_reloading_i
     // Promoted at once, and 1.0.0 stays warm for an hour.
     let extra = "[rollout]\nstandby_bake_seconds = 3600\n";
     let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
-    hub.deploy("digits", "1.0.0", "site=a").await;
-    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
-    hub.deploy("digits", "2.0.0", "site=a").await;
-    agent
-        .wait_for(WAIT, |v| {
-            v.models
-                .iter()
-                .any(|m| m.active_version.as_deref() == Some("2.0.0") && m.standby_version.as_deref() == Some("1.0.0"))
-        })
-        .await
-        .unwrap();
+    serve_2_over_warm_1(&hub, &agent).await;
     let warm = worker_pid(agent.shared.serving.model("digits").unwrap().route().standby.as_ref().unwrap());
 
     let (stop, back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
