@@ -426,27 +426,28 @@ impl Store {
 
     /// Events not yet acknowledged by the hub, oldest first.
     pub fn unreported_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
-        self.events_where("reported = 0 ORDER BY id", limit)
+        self.events_where("reported = 0 ORDER BY id LIMIT ?1", [limit])
     }
 
     /// The newest events, newest first.
     pub fn recent_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
-        self.events_where("1 = 1 ORDER BY id DESC", limit)
+        self.events_where("1 = 1 ORDER BY id DESC LIMIT ?1", [limit])
     }
 
     /// The newest event of `kind`, if any.
     pub fn last_event(&self, kind: &str) -> Result<Option<Event>, StoreError> {
-        let kind = kind.replace('\'', "''");
-        Ok(self.events_where(&format!("kind = '{kind}' ORDER BY id DESC"), 1)?.pop())
+        Ok(self.events_where("kind = ?1 ORDER BY id DESC LIMIT 1", [kind])?.pop())
     }
 
-    fn events_where(&self, clause: &str, limit: u32) -> Result<Vec<Event>, StoreError> {
+    /// Events matching `clause` (a fixed SQL tail: filter, order and limit,
+    /// with `args` bound to its placeholders).
+    fn events_where(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<Event>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(&format!("SELECT id, at_ms, kind, model, version, reason FROM events WHERE {clause} LIMIT ?1"))
+            .prepare(&format!("SELECT id, at_ms, kind, model, version, reason FROM events WHERE {clause}"))
             .map_err(db("list events"))?;
         let rows = stmt
-            .query_map([limit], |r| {
+            .query_map(args, |r| {
                 Ok(Event {
                     id: r.get(0)?,
                     at_ms: r.get(1)?,

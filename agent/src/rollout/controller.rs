@@ -32,8 +32,12 @@ enum Stop {
     Running,
     /// A newer desired state supersedes it.
     Superseded,
-    /// An operator asked for a rollback (`sentinel-agent rollback`), with this reason.
-    Operator(String),
+    /// An operator or the hub asked for a rollback ([`rollback_now`]): its
+    /// kind ([`OPERATOR`] or [`HUB`]) and reason.
+    RollBack {
+        kind: &'static str,
+        reason: String,
+    },
 }
 
 /// A running rollout; cancelled when a newer desired state supersedes it.
@@ -56,8 +60,8 @@ impl RolloutTask {
 
     /// Rolls the version back from inside the rollout (which owns its
     /// metrics) and waits for it.
-    async fn operator_rollback(self, reason: &str) {
-        let _ = self.cancel.send(Stop::Operator(reason.to_owned()));
+    async fn roll_back(self, kind: &'static str, reason: &str) {
+        let _ = self.cancel.send(Stop::RollBack { kind, reason: reason.to_owned() });
         let _ = self.done.await;
     }
 
@@ -166,7 +170,7 @@ async fn run(
             _ = cancel.changed() => {
                 let stop = cancel.borrow_and_update().clone();
                 match stop {
-                    Stop::Operator(reason) => {
+                    Stop::RollBack { kind, reason } => {
                         let now = Instant::now();
                         let blue = {
                             let route = ms.route();
@@ -179,7 +183,7 @@ async fn run(
                         let blue_metrics = blue.map(|b| b.metrics(now));
                         let green_metrics = green.metrics(now);
                         let d = Detection::default();
-                        rollback(&shared, &ms, &green, OPERATOR, &reason, &green_metrics, blue_metrics, d).await;
+                        rollback(&shared, &ms, &green, kind, &reason, &green_metrics, blue_metrics, d).await;
                     }
                     Stop::Superseded | Stop::Running => cancelled(&shared, &ms, &green).await,
                 }
@@ -380,7 +384,12 @@ pub const HUB: &str = "hub";
 /// gets a `rolled_back` event with `reason`, as for an automatic rollback.
 /// Returns what was done, or why nothing was (unknown model, nothing to
 /// roll back to).
-pub async fn rollback_now(shared: &Arc<Shared>, model: &str, kind: &str, reason: &str) -> Result<String, String> {
+pub async fn rollback_now(
+    shared: &Arc<Shared>,
+    model: &str,
+    kind: &'static str,
+    reason: &str,
+) -> Result<String, String> {
     let ms = shared.serving.model(model).ok_or_else(|| format!("no model `{model}` on this device"))?;
     let route = ms.route();
     let describe = |before: &Route| match (&before.candidate, &before.active) {
@@ -408,7 +417,7 @@ pub async fn rollback_now(shared: &Arc<Shared>, model: &str, kind: &str, reason:
     drop(route);
     match task {
         // The rollout watching this version rolls it back itself, with its metrics.
-        Some(task) if !task.is_finished() => task.operator_rollback(reason).await,
+        Some(task) if !task.is_finished() => task.roll_back(kind, reason).await,
         _ => {
             // Looked at again: the rollout may have finished (or rolled
             // back on its own) since the checks above.
