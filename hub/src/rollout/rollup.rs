@@ -3,7 +3,7 @@
 //!
 //! Pure functions over stored records: the caller reads them in one go.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sentinel_proto::pb;
 use serde::{Deserialize, Serialize};
@@ -110,8 +110,10 @@ pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[Deploy
     };
     let ended = d.state != "active";
     let mut waiting = 0;
+    // By device: the rollup runs on every report that changes a state, over fleets of thousands.
+    let reported: HashMap<&str, &DeploymentDevice> = reported.iter().map(|r| (r.device_id.as_str(), r)).collect();
     for device in devices.iter().filter(|dev| targets(&selector, dev)) {
-        let status = reported.iter().find(|r| r.device_id == device.id);
+        let status = reported.get(device.id.as_str()).copied();
         if ended && status.is_none() && device.created_at_ms > d.updated_at_ms {
             continue;
         }
