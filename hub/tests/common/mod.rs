@@ -236,3 +236,26 @@ pub async fn expect_error(r: Response, status: u16) -> String {
     assert!(!msg.is_empty());
     msg
 }
+
+/// What a run of the `sentinel` CLI printed, and its exit code.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the real `sentinel` binary against `hub` as `token`.
+pub async fn sentinel(hub: &TestHub, token: &str, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))
+        .args(args)
+        .env("SENTINEL_HUB", &hub.url)
+        .env("SENTINEL_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}

@@ -6,27 +6,6 @@ use crate::common;
 use common::*;
 use serde_json::Value;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn sentinel(hub: &TestHub, token: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))
-        .args(args)
-        .env("SENTINEL_HUB", &hub.url)
-        .env("SENTINEL_TOKEN", token)
-        .output()
-        .await
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap(),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
 fn ok(r: &Run) {
     assert_eq!(r.code, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
 }

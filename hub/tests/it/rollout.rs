@@ -460,27 +460,6 @@ async fn halt_count_halts_below_the_fraction_and_with_no_earlier_version_removes
     }
 }
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn sentinel(hub: &TestHub, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))
-        .args(args)
-        .env("SENTINEL_HUB", &hub.url)
-        .env("SENTINEL_TOKEN", &hub.admin)
-        .output()
-        .await
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap(),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_deploys_with_a_policy_file_and_shows_counts_and_the_halt() {
     let hub = TestHub::start().await;
@@ -494,6 +473,7 @@ async fn cli_deploys_with_a_policy_file_and_shows_counts_and_the_halt() {
     .unwrap();
     let r = sentinel(
         &hub,
+        &hub.admin,
         &[
             "--json",
             "model",
@@ -520,14 +500,14 @@ async fn cli_deploys_with_a_policy_file_and_shows_counts_and_the_halt() {
     let id = d["id"].as_i64().unwrap();
 
     // A bad field is the hub's to refuse, by name.
-    let r = sentinel(&hub, &["model", "deploy", "digits", "3.0.0", "--phases", "canary:0"]).await;
+    let r = sentinel(&hub, &hub.admin, &["model", "deploy", "digits", "3.0.0", "--phases", "canary:0"]).await;
     assert_eq!(r.code, 65, "{}", r.stderr);
     assert!(r.stderr.contains("policy.phases[0]"), "{}", r.stderr);
 
     devices[0].report("3.0.0", "rolled_back", ACCURACY, id).await;
     devices[1].report("3.0.0", "serving", "", id).await;
     devices[2].report("3.0.0", "rolled_back", "p95 latency 9.1 ms above 1.5x the old 3.0 ms", id).await;
-    let r = sentinel(&hub, &["deployments", "show", &id.to_string()]).await;
+    let r = sentinel(&hub, &hub.admin, &["deployments", "show", &id.to_string()]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = &r.stdout;
     assert!(
