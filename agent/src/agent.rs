@@ -296,11 +296,13 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     tasks.spawn(crate::sync::run(shared.clone(), channel.clone(), states_tx, stop_rx.clone()));
     tasks.spawn(apply_loop(shared.clone(), http, states_rx, stop_rx.clone()));
     tasks.spawn(report_loop(shared.clone(), channel, stop_rx.clone()));
+    // One connection budget for the inference API and metrics listeners.
+    let connections = sentinel_net::Connections::new(shared.config.serving.connection_limits());
     if let Some(l) = metrics_listener {
-        tasks.spawn(crate::metrics::serve(l, shared.clone(), stop_rx.clone()));
+        tasks.spawn(crate::metrics::serve(l, shared.clone(), connections.clone(), stop_rx.clone()));
     }
     tasks.spawn(crate::control::serve(control, shared.clone(), stop_rx.clone()));
-    for server in listeners.serve(shared.clone(), stop_rx) {
+    for server in listeners.serve(shared.clone(), &connections, stop_rx) {
         tasks.spawn(server);
     }
     Ok(AgentHandle { shared, inference_addr, metrics_addr, control_socket, view: view_rx, stop, tasks })

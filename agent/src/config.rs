@@ -116,6 +116,10 @@ struct RawServing {
     metrics_listen: Option<String>,
     unix_socket: Option<PathBuf>,
     max_body_bytes: Option<usize>,
+    max_inflight_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    header_read_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
     worker_bin: Option<PathBuf>,
     confinement: Option<String>,
     memory_limit_mib: Option<u64>,
@@ -138,6 +142,16 @@ pub struct ServingSettings {
     pub unix_socket: Option<PathBuf>,
     /// Largest inference request body (default 16 MiB).
     pub max_body_bytes: usize,
+    /// Request bodies the inference API holds at once; past it, 503 with
+    /// `Retry-After` (default 4 x `max_body_bytes`, at least `max_body_bytes`).
+    pub max_inflight_bytes: usize,
+    /// Connections open at once on the inference API and metrics listeners
+    /// (default 1024, lowered to fit the open-file limit).
+    pub max_connections: usize,
+    /// Time a new connection has to send its first request head (default 10 s).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is closed (default 120 s).
+    pub idle_timeout: Duration,
     /// The `sentinel-worker` executable (default: next to `sentinel-agent`).
     pub worker_bin: PathBuf,
     pub confinement: Confinement,
@@ -151,6 +165,21 @@ pub struct ServingSettings {
     /// Fixed input shapes per model name, for models that declare symbolic
     /// non-batch dims (default: symbolic dims become 1).
     pub input_shapes: BTreeMap<String, Vec<Vec<usize>>>,
+}
+
+/// Largest `serving.max_body_bytes` accepted (1 GiB).
+pub const MAX_BODY_LIMIT: usize = 1 << 30;
+
+impl ServingSettings {
+    /// The bounds of every connection to the inference API and metrics.
+    pub fn connection_limits(&self) -> sentinel_net::Limits {
+        sentinel_net::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            ..sentinel_net::Limits::default()
+        }
+    }
 }
 
 fn default_worker_bin() -> PathBuf {
@@ -197,11 +226,42 @@ impl RawServing {
             input_shapes.insert(model, parsed);
         }
         let positive = |field: &str, v: u64| if v == 0 { Err(bad(field, "must be positive")) } else { Ok(v) };
+        let bounded = |field: &str, v: u64, most: u64| {
+            if v == 0 || v > most { Err(bad(field, format!("must be between 1 and {most}"))) } else { Ok(v) }
+        };
+        let max_body_bytes = self.max_body_bytes.unwrap_or(16 << 20);
+        if max_body_bytes == 0 || max_body_bytes > MAX_BODY_LIMIT {
+            return Err(bad("serving.max_body_bytes", format!("must be between 1 and {MAX_BODY_LIMIT}")));
+        }
+        let max_inflight_bytes = self.max_inflight_bytes.unwrap_or(max_body_bytes.saturating_mul(4));
+        if max_inflight_bytes < max_body_bytes {
+            return Err(bad(
+                "serving.max_inflight_bytes",
+                format!(
+                    "{max_inflight_bytes} is below serving.max_body_bytes ({max_body_bytes}): no large request could run"
+                ),
+            ));
+        }
         Ok(ServingSettings {
             listen,
             metrics_listen,
             unix_socket: self.unix_socket.map(&resolve),
-            max_body_bytes: self.max_body_bytes.unwrap_or(16 << 20),
+            max_body_bytes,
+            max_inflight_bytes,
+            max_connections: match self.max_connections.unwrap_or(1024) {
+                0 => return Err(bad("serving.max_connections", "must be positive")),
+                n => sentinel_net::Limits::connections_within_fd_limit(n),
+            },
+            header_read_timeout: Duration::from_secs(bounded(
+                "serving.header_read_timeout_secs",
+                self.header_read_timeout_secs.unwrap_or(10),
+                3600,
+            )?),
+            idle_timeout: Duration::from_secs(bounded(
+                "serving.idle_timeout_secs",
+                self.idle_timeout_secs.unwrap_or(120),
+                86_400,
+            )?),
             worker_bin: self.worker_bin.map(&resolve).unwrap_or_else(default_worker_bin),
             confinement,
             memory_limit_bytes: match self.memory_limit_mib.unwrap_or(2048) {

@@ -216,6 +216,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
+            // Before the config, which fits the connection cap to this limit.
+            sentinel_net::raise_fd_limit();
             let cfg = match AgentConfig::load(&config, &env_map()) {
                 Ok(c) => c,
                 Err(e) => {

@@ -301,15 +301,19 @@ pub async fn bind(addr: Option<&str>) -> Result<Option<tokio::net::TcpListener>,
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` turns true.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Serves `GET /metrics` on `listener`, under `connections`' limits, until
+/// `stop` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    connections: sentinel_net::Connections,
+    mut stop: watch::Receiver<bool>,
+) {
     let app = Router::new().route("/metrics", get(metrics)).with_state(shared);
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
-        tracing::error!(error = %e, "metrics listener stopped");
-    }
+    connections.serve("metrics", listener, None, app, stopped).await;
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

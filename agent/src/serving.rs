@@ -145,6 +145,12 @@ pub const WINDOW_AGE: Duration = Duration::from_secs(300);
 pub const MAX_SHADOW_IN_FLIGHT: usize = 8;
 /// Requests remembered for ground-truth feedback, per agent.
 pub const FEEDBACK_MEMORY: usize = 20_000;
+/// Bytes of model names and request ids remembered for feedback, per agent
+/// (ids are capped at 256 bytes by the API; this bounds any other caller).
+pub const FEEDBACK_MEMORY_BYTES: usize = 8 << 20;
+/// What one remembered request costs beyond its key's bytes (map entry,
+/// queue entry, weak pointer, label), for the byte bound.
+const FEEDBACK_ENTRY_OVERHEAD: usize = 96;
 
 impl Loaded {
     /// A snapshot of the slot's window, with its validation accuracy.
@@ -334,6 +340,27 @@ pub struct Serving {
 struct Predictions {
     by_id: HashMap<(String, String), (Weak<Loaded>, i64)>,
     order: VecDeque<(String, String)>,
+    /// Bytes the entries of `order` account for.
+    bytes: usize,
+}
+
+fn feedback_cost(key: &(String, String)) -> usize {
+    key.0.len() + key.1.len() + FEEDBACK_ENTRY_OVERHEAD
+}
+
+impl Predictions {
+    /// Remembers `key`, forgetting the oldest entries past either bound.
+    fn insert(&mut self, key: (String, String), value: (Weak<Loaded>, i64)) {
+        if self.by_id.insert(key.clone(), value).is_none() {
+            self.bytes += feedback_cost(&key);
+            self.order.push_back(key);
+        }
+        while self.order.len() > FEEDBACK_MEMORY || self.bytes > FEEDBACK_MEMORY_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            self.bytes -= feedback_cost(&old);
+            self.by_id.remove(&old);
+        }
+    }
 }
 
 /// What feedback on one request found.
@@ -666,15 +693,7 @@ impl Serving {
 
     fn remember(&self, model: &str, id: &str, slot: &Arc<Loaded>, label: i64) {
         let mut p = self.predictions.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (model.to_owned(), id.to_owned());
-        if p.by_id.insert(key.clone(), (Arc::downgrade(slot), label)).is_none() {
-            p.order.push_back(key);
-        }
-        while p.order.len() > FEEDBACK_MEMORY {
-            if let Some(old) = p.order.pop_front() {
-                p.by_id.remove(&old);
-            }
-        }
+        p.insert((model.to_owned(), id.to_owned()), (Arc::downgrade(slot), label));
     }
 
     /// Ground truth for an earlier request: scores the slot that answered it.
@@ -985,6 +1004,25 @@ pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Finding 2 of issue 11: 200 ids of 4 MB took the agent to 1.66 GB.
+    #[test]
+    fn remembered_feedback_is_bounded_in_count_and_bytes() {
+        let mut p = Predictions::default();
+        for i in 0..FEEDBACK_MEMORY + 10 {
+            p.insert(("m".into(), i.to_string()), (Weak::new(), 0));
+        }
+        assert_eq!((p.order.len(), p.by_id.len()), (FEEDBACK_MEMORY, FEEDBACK_MEMORY));
+        assert!(!p.by_id.contains_key(&("m".to_owned(), "9".to_owned())), "the oldest go first");
+        let long = "x".repeat(1 << 20);
+        for i in 0..20 {
+            p.insert(("m".into(), format!("{i}{long}")), (Weak::new(), 0));
+            assert!(p.bytes <= FEEDBACK_MEMORY_BYTES, "{} bytes after {i}", p.bytes);
+        }
+        let held: usize = p.order.iter().map(feedback_cost).sum();
+        assert_eq!(held, p.bytes);
+        assert!(p.order.len() < 10, "{} entries", p.order.len());
+    }
 
     fn info(name: &str, declared: &[Option<u64>], fixed: &[usize]) -> TensorInfo {
         TensorInfo { name: name.to_owned(), dtype: DType::F32, declared: declared.to_vec(), fixed: fixed.to_vec() }

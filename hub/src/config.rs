@@ -51,7 +51,16 @@ pub struct HubConfig {
     pub tls: Option<TlsFiles>,
     /// Plain text off loopback: refused unless explicitly allowed.
     pub transport: Transport,
+    /// Bounds on every connection of the REST, gRPC and metrics listeners
+    /// together: a cap (kept below the open-file limit), header-read and
+    /// idle timeouts. The HTTP/2 keep-alive follows `heartbeat`.
+    pub connections: sentinel_net::Limits,
 }
+
+/// Default cap on connections over all the hub's listeners: room for a
+/// fleet of 10,000 device streams plus operators; lowered at start to fit
+/// the process's open-file limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
 /// PEM files for the hub's TLS identity.
 #[derive(Debug, Clone)]
@@ -84,6 +93,10 @@ impl HubConfig {
             heartbeat: Duration::from_secs(15),
             tls: None,
             transport: Transport::Safe,
+            connections: sentinel_net::Limits {
+                max_connections: sentinel_net::Limits::connections_within_fd_limit(DEFAULT_MAX_CONNECTIONS),
+                ..sentinel_net::Limits::default()
+            },
         }
     }
 

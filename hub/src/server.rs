@@ -184,61 +184,52 @@ impl Hub {
             let _ = rx.wait_for(|s| *s).await;
         };
         let tls = match &state.config.tls {
-            Some(files) => Some(crate::tls::server_config(&files.cert, &files.key).map_err(HubError::Tls)?),
+            Some(files) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(&files.cert, &files.key).map_err(HubError::Tls)?,
+            )),
             None => None,
         };
-        let grpc = match listeners.grpc {
-            None => None,
-            Some(listener) => {
-                let mut builder = tonic::transport::Server::builder()
-                    .http2_keepalive_interval(Some(state.config.heartbeat))
-                    .http2_keepalive_timeout(Some(state.config.heartbeat * 2));
-                if let Some(files) = &state.config.tls {
-                    let read = |p: &Path| {
-                        std::fs::read(p).map_err(|source| HubError::DataDir { path: p.to_path_buf(), source })
-                    };
-                    let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
-                    builder = builder
-                        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                        .map_err(|e| HubError::Grpc(e.to_string()))?;
-                }
-                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                let router = builder.add_service(crate::grpc::SyncService::new(state.clone()));
-                let stop = stopped(stop_rx.clone());
-                Some(tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await }))
-            }
-        };
-        let metrics = listeners.metrics.map(|listener| {
-            let app = crate::metrics::router(state.clone());
-            let stop = stopped(stop_rx.clone());
-            tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+        // One connection budget over REST, gRPC and metrics; HTTP/2 pings
+        // at the heartbeat keep device streams alive through NATs and find
+        // dead peers.
+        let connections = sentinel_net::Connections::new(sentinel_net::Limits {
+            http2_keepalive_interval: Some(state.config.heartbeat),
+            http2_keepalive_timeout: state.config.heartbeat * 2,
+            ..state.config.connections.clone()
         });
+        tracing::info!(
+            max_connections = connections.limits().max_connections,
+            header_read_timeout = ?connections.limits().header_read_timeout,
+            idle_timeout = ?connections.limits().idle_timeout,
+            "connection limits"
+        );
+        let mut servers = tokio::task::JoinSet::new();
+        if let Some(listener) = listeners.grpc {
+            let app = tonic::service::Routes::new(crate::grpc::SyncService::new(state.clone())).into_axum_router();
+            let (connections, tls, stop) = (connections.clone(), tls.clone(), stopped(stop_rx.clone()));
+            servers.spawn(async move { connections.serve("grpc", nodelay(listener), tls, app, stop).await });
+        }
+        if let Some(listener) = listeners.metrics {
+            let app = crate::metrics::router(state.clone());
+            let (connections, stop) = (connections.clone(), stopped(stop_rx.clone()));
+            servers.spawn(async move { connections.serve("metrics", nodelay(listener), None, app, stop).await });
+        }
         let app = router(state);
-        let rest = match tls {
-            Some(config) => {
-                let listener = crate::tls::TlsListener::new(listeners.rest, config).map_err(HubError::Serve)?;
-                axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx)).await
-            }
-            None => {
-                // Without TCP_NODELAY, small responses on keep-alive connections
-                // can wait ~40 ms for the peer's delayed ACK.
-                let listener = listeners.rest.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::warn!(error = %e, "setting TCP_NODELAY failed");
-                    }
-                });
-                axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx)).await
-            }
-        };
-        rest.map_err(HubError::Serve)?;
-        if let Some(g) = grpc {
-            g.await.map_err(|e| HubError::Grpc(e.to_string()))?.map_err(|e| HubError::Grpc(e.to_string()))?;
-        }
-        if let Some(m) = metrics {
-            m.await.map_err(|e| HubError::ServeMetrics(std::io::Error::other(e)))?.map_err(HubError::ServeMetrics)?;
-        }
+        servers
+            .spawn(async move { connections.serve("rest", nodelay(listeners.rest), tls, app, stopped(stop_rx)).await });
+        while servers.join_next().await.is_some() {}
         Ok(())
     }
+}
+
+/// Without TCP_NODELAY, small responses on keep-alive connections can wait
+/// ~40 ms for the peer's delayed ACK.
+fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "setting TCP_NODELAY failed");
+        }
+    })
 }
 
 /// Writes the admin token once, mode 0600; never overwrites an existing file.

@@ -50,6 +50,18 @@ struct Args {
     /// Seconds between stream heartbeats.
     #[arg(long, default_value_t = 15)]
     heartbeat_secs: u64,
+    /// Connections open at once over the REST, gRPC and metrics listeners
+    /// (lowered to fit the open-file limit). At the cap, connections that
+    /// have not sent a request yet, then idle ones, make room.
+    #[arg(long, default_value_t = sentinel_hub::config::DEFAULT_MAX_CONNECTIONS as u64,
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+    /// Seconds a new connection has to finish its TLS handshake and first request head.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_read_timeout_secs: u64,
+    /// Seconds a connection with no request in flight stays open.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout_secs: u64,
 }
 
 /// Exit codes: 0 clean shutdown, 64 bad configuration, 70 failure while
@@ -107,6 +119,19 @@ async fn run(args: Args) -> ExitCode {
         return ExitCode::from(64);
     }
     config.state_ttl = std::time::Duration::from_secs(args.state_ttl_secs);
+    let fds = sentinel_net::raise_fd_limit();
+    let wanted = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+    config.connections.max_connections = sentinel_net::Limits::connections_within_fd_limit(wanted);
+    if config.connections.max_connections < wanted {
+        tracing::warn!(
+            wanted,
+            open_file_limit = fds,
+            max_connections = config.connections.max_connections,
+            "lowered --max-connections to fit the open-file limit (raise LimitNOFILE)"
+        );
+    }
+    config.connections.header_read_timeout = std::time::Duration::from_secs(args.header_read_timeout_secs);
+    config.connections.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_secs);
     config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs);
     let hub = match Hub::open(config) {
         Ok(h) => h,

@@ -32,7 +32,13 @@ use crate::agent::{AgentError, Shared};
 use crate::config::ServingSettings;
 use crate::serving::{Loaded, ServeError, TensorInfo};
 use crate::supervisor::SlotState as WorkerState;
-use crate::worker::protocol::{DType, Tensor};
+use crate::worker::protocol::DType;
+
+pub mod admission;
+pub mod decode;
+
+use admission::{Admission, Busy, Reservation};
+pub use decode::{DecodeLimits, DecodedRequest, decode_request};
 
 /// The header that splits a binary-extension body into JSON and tensor bytes.
 const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -81,8 +87,14 @@ impl Listeners {
         self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// One server future per listener; each ends when `stop` turns true.
-    pub fn serve(self, shared: Arc<Shared>, stop: watch::Receiver<bool>) -> Vec<Server> {
+    /// One server future per listener, each under `connections`' limits;
+    /// each ends when `stop` turns true.
+    pub fn serve(
+        self,
+        shared: Arc<Shared>,
+        connections: &sentinel_net::Connections,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<Server> {
         let app = router(shared);
         let mut servers: Vec<Server> = Vec::new();
         let stopped = |mut stop: watch::Receiver<bool>| async move {
@@ -97,27 +109,39 @@ impl Listeners {
                     tracing::warn!(error = %e, "setting TCP_NODELAY failed");
                 }
             });
-            let (app, stop) = (app.clone(), stop.clone());
+            let (app, stop, connections) = (app.clone(), stop.clone(), connections.clone());
             servers.push(Box::pin(async move {
-                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
-                    tracing::error!(error = %e, "inference API (tcp) stopped");
-                }
+                connections.serve("inference", listener, None, app, stopped(stop)).await;
             }));
         }
         if let Some(unix) = self.unix {
+            let connections = connections.clone();
             servers.push(Box::pin(async move {
-                if let Err(e) = axum::serve(unix, app).with_graceful_shutdown(stopped(stop)).await {
-                    tracing::error!(error = %e, "inference API (unix) stopped");
-                }
+                connections.serve("inference-unix", unix, None, app, stopped(stop)).await;
             }));
         }
         servers
     }
 }
 
+/// What every v2 handler shares: the agent, the in-flight budget and the
+/// decoding limits.
+#[derive(Debug, Clone)]
+struct Api {
+    shared: Arc<Shared>,
+    admission: Admission,
+    limits: DecodeLimits,
+}
+
 /// The v2 routes over the agent's models.
 pub fn router(shared: Arc<Shared>) -> Router {
-    let limit = shared.config.serving.max_body_bytes;
+    let settings = &shared.config.serving;
+    let limit = settings.max_body_bytes;
+    let api = Api {
+        admission: Admission::new(settings.max_inflight_bytes),
+        limits: DecodeLimits { max_body_bytes: limit, ..DecodeLimits::default() },
+        shared,
+    };
     Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
@@ -130,7 +154,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
         .route("/v2/models/{name}/feedback", post(feedback))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(shared)
+        .with_state(api)
 }
 
 /// An error response in the protocol's shape.
@@ -144,7 +168,8 @@ fn serve_error(e: &ServeError) -> Response {
         ServeError::NotReady(_) | ServeError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         ServeError::BadInput(_) => StatusCode::BAD_REQUEST,
     };
-    error(status, e.to_string())
+    // Names in the path are the client's: quoted back clipped.
+    error(status, decode::clip(&e.to_string()))
 }
 
 async fn server_metadata() -> axum::Json<Value> {
@@ -160,7 +185,7 @@ fn slot_ready(slot: &Loaded) -> bool {
 }
 
 /// Ready when every model has an active slot with a running worker.
-async fn server_ready(State(shared): State<Arc<Shared>>) -> StatusCode {
+async fn server_ready(State(Api { shared, .. }): State<Api>) -> StatusCode {
     let all = shared.serving.models().iter().all(|m| m.route().active.as_deref().is_some_and(slot_ready));
     if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
 }
@@ -173,11 +198,14 @@ fn ready_status(shared: &Shared, name: &str, version: Option<&str>) -> Response 
     }
 }
 
-async fn model_ready(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+async fn model_ready(State(Api { shared, .. }): State<Api>, Path(name): Path<String>) -> Response {
     ready_status(&shared, &name, None)
 }
 
-async fn version_ready(State(shared): State<Arc<Shared>>, Path((name, version)): Path<(String, String)>) -> Response {
+async fn version_ready(
+    State(Api { shared, .. }): State<Api>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
     ready_status(&shared, &name, Some(&version))
 }
 
@@ -215,12 +243,12 @@ fn metadata(shared: &Shared, name: &str, version: Option<&str>) -> Response {
     .into_response()
 }
 
-async fn model_metadata(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+async fn model_metadata(State(Api { shared, .. }): State<Api>, Path(name): Path<String>) -> Response {
     metadata(&shared, &name, None)
 }
 
 async fn version_metadata(
-    State(shared): State<Arc<Shared>>,
+    State(Api { shared, .. }): State<Api>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
     metadata(&shared, &name, Some(&version))
@@ -240,7 +268,7 @@ struct FeedbackRequest {
 /// slot that answered request `id` (its window's feedback accuracy feeds the
 /// rollout decisions). 404 when the id is unknown or no longer remembered.
 async fn feedback(
-    State(shared): State<Arc<Shared>>,
+    State(Api { shared, limits, .. }): State<Api>,
     Path(name): Path<String>,
     body: Result<axum::Json<FeedbackRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -248,6 +276,9 @@ async fn feedback(
         Ok(axum::Json(r)) => r,
         Err(e) => return bad(format!("feedback body: {}", e.body_text())),
     };
+    if req.id.len() > limits.max_id_bytes {
+        return bad(format!("request id is {} bytes; at most {} are allowed", req.id.len(), limits.max_id_bytes));
+    }
     match shared.serving.feedback(&name, &req.id, req.label) {
         Some(f) => axum::Json(json!({
             "id": req.id,
@@ -256,75 +287,56 @@ async fn feedback(
             "correct": f.correct,
         }))
         .into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no remembered request `{}` for model `{name}`", req.id)),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no remembered request `{}` for model `{}`", req.id, decode::clip(&name)),
+        ),
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct InferRequest {
-    #[serde(default)]
-    id: Option<String>,
-    inputs: Vec<RequestInput>,
-    #[serde(default)]
-    outputs: Option<Vec<RequestOutput>>,
-    #[serde(default)]
-    parameters: Option<serde_json::Map<String, Value>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestInput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    data: Option<Value>,
-    #[serde(default)]
-    parameters: Option<serde_json::Map<String, Value>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Option<serde_json::Map<String, Value>>,
-}
-
-fn param_bool(p: Option<&serde_json::Map<String, Value>>, key: &str) -> Option<bool> {
-    p.and_then(|p| p.get(key)).and_then(Value::as_bool)
-}
-
-async fn infer(
-    State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    run_infer(&shared, &name, None, &headers, body).await.unwrap_or_else(|r| r)
+async fn infer(State(api): State<Api>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    run_infer(&api, &name, None, &headers, body).await.unwrap_or_else(|r| r)
 }
 
 async fn infer_version(
-    State(shared): State<Arc<Shared>>,
+    State(api): State<Api>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(&shared, &name, Some(&version), &headers, body).await.unwrap_or_else(|r| r)
+    run_infer(&api, &name, Some(&version), &headers, body).await.unwrap_or_else(|r| r)
 }
 
 /// Bytes of an oversize body read on (and dropped) before answering, so a
 /// client still sending sees the 400 instead of a reset connection.
 const DRAIN_CAP: usize = 64 << 20;
 
-/// Reads a request body up to `limit` bytes. A longer body is an error
-/// saying so; it is drained first (up to [`DRAIN_CAP`]).
-async fn read_limited(body: Body, limit: usize) -> Result<Bytes, String> {
-    let mut stream = body.into_data_stream();
+/// Reads a request body up to `limit` bytes, holding its size in the
+/// in-flight budget: a `Content-Length` is reserved whole before reading, a
+/// chunked body chunk by chunk. A longer body is a 400 saying so (drained
+/// first, up to [`DRAIN_CAP`]); a body that does not fit the budget is a 503.
+async fn read_limited(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    admission: &Admission,
+) -> Result<(Bytes, Reservation), Response> {
+    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let mut held = admission.reservation();
     let mut buf = Vec::new();
+    if let Some(n) = announced.filter(|n| *n <= limit) {
+        held.grow(n).map_err(|e| busy(&e))?;
+        buf.reserve_exact(n);
+    }
+    let mut stream = body.into_data_stream();
     let mut total = 0usize;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| format!("reading the request body: {e}"))?;
-        total += chunk.len();
+        let chunk = chunk.map_err(|e| bad(format!("reading the request body: {e}")))?;
+        total = total.saturating_add(chunk.len());
         if total <= limit {
+            if total > held.bytes() {
+                held.grow(total - held.bytes()).map_err(|e| busy(&e))?;
+            }
             buf.extend_from_slice(&chunk);
         } else if total > DRAIN_CAP {
             break;
@@ -332,9 +344,16 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, String> {
     }
     if total > limit {
         let at_least = if total > DRAIN_CAP { "at least " } else { "" };
-        return Err(format!("request body of {at_least}{total} bytes is over the limit of {limit} bytes"));
+        return Err(bad(format!("request body of {at_least}{total} bytes is over the limit of {limit} bytes")));
     }
-    Ok(Bytes::from(buf))
+    Ok((Bytes::from(buf), held))
+}
+
+/// 503 with `Retry-After`: the in-flight budget is spent.
+fn busy(e: &Busy) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn bad(message: impl Into<String>) -> Response {
@@ -342,47 +361,34 @@ fn bad(message: impl Into<String>) -> Response {
 }
 
 async fn run_infer(
-    shared: &Shared,
+    api: &Api,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, Response> {
-    let body = read_limited(body, shared.config.serving.max_body_bytes).await.map_err(bad)?;
-    let (head, mut binary) = match headers.get(HEADER_LENGTH) {
-        Some(v) => {
-            let n = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| bad(format!("{HEADER_LENGTH} must be a byte count")))?;
-            if n > body.len() {
-                return Err(bad(format!("{HEADER_LENGTH} is {n}, but the body has only {} bytes", body.len())));
-            }
-            (body.slice(..n), body.slice(n..))
-        }
-        None => (body.clone(), Bytes::new()),
+    let (body, _held) = read_limited(body, headers, api.limits.max_body_bytes, &api.admission).await?;
+    let header_length = match headers.get(HEADER_LENGTH) {
+        Some(v) => Some(v.to_str().map_err(|_| bad(format!("{HEADER_LENGTH} must be a byte count")))?),
+        None => None,
     };
-    let req: InferRequest = serde_json::from_slice(&head).map_err(|e| bad(format!("request JSON: {e}")))?;
-    let mut named = Vec::with_capacity(req.inputs.len());
-    for input in &req.inputs {
-        named.push((input.name.clone(), decode_input(input, &mut binary).map_err(bad)?));
-    }
-    if !binary.is_empty() {
-        return Err(bad(format!("{} bytes of binary tensor data are not claimed by any input", binary.len())));
-    }
-    let served = shared.serving.infer(name, version, named, req.id.clone()).await.map_err(|e| serve_error(&e))?;
+    let req = decode_request(body, header_length, &api.limits).map_err(bad)?;
+    let served = api.shared.serving.infer(name, version, req.inputs, req.id).await.map_err(|e| serve_error(&e))?;
 
-    let all_binary = param_bool(req.parameters.as_ref(), "binary_data_output").unwrap_or(false);
+    let all_binary = req.binary_output;
     let wanted: Vec<(usize, bool)> = match &req.outputs {
         None => (0..served.outputs.len()).map(|i| (i, all_binary)).collect(),
         Some(list) => {
             let mut v = Vec::with_capacity(list.len());
             for o in list {
                 let i = served.output_names.iter().position(|n| *n == o.name).ok_or_else(|| {
-                    bad(format!("unknown output `{}`; the model has [{}]", o.name, served.output_names.join(", ")))
+                    bad(format!(
+                        "unknown output `{}`; the model has [{}]",
+                        decode::clip(&o.name),
+                        served.output_names.join(", ")
+                    ))
                 })?;
-                v.push((i, param_bool(o.parameters.as_ref(), "binary_data").unwrap_or(all_binary)));
+                v.push((i, o.binary.unwrap_or(all_binary)));
             }
             v
         }
@@ -435,118 +441,5 @@ async fn run_infer(
             body,
         )
             .into_response())
-    }
-}
-
-/// Builds one input tensor from JSON data or the next binary chunk.
-fn decode_input(input: &RequestInput, binary: &mut Bytes) -> Result<Tensor, String> {
-    let dtype = match input.datatype.as_str() {
-        "FP32" => DType::F32,
-        "INT64" => DType::I64,
-        other => return Err(format!("input `{}`: datatype {other} is not supported (FP32, INT64)", input.name)),
-    };
-    let shape = input
-        .shape
-        .iter()
-        .map(|d| usize::try_from(*d).map_err(|_| format!("input `{}`: negative dim {d} in shape", input.name)))
-        .collect::<Result<Vec<usize>, _>>()?;
-    let count = shape
-        .iter()
-        .try_fold(1usize, |acc, d| acc.checked_mul(*d))
-        .ok_or_else(|| format!("input `{}`: shape {:?} is too large", input.name, input.shape))?;
-    let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size")).map(|v| v.as_u64());
-    let data = match (binary_size, &input.data) {
-        (Some(Some(n)), None) => {
-            let n = usize::try_from(n).map_err(|_| format!("input `{}`: binary_data_size too large", input.name))?;
-            if n > binary.len() {
-                return Err(format!(
-                    "input `{}`: binary_data_size {n} exceeds the {} bytes left",
-                    input.name,
-                    binary.len()
-                ));
-            }
-            binary.split_to(n).to_vec()
-        }
-        (Some(_), _) => {
-            return Err(format!("input `{}`: give either data or a binary_data_size, not both", input.name));
-        }
-        (None, Some(data)) => {
-            let mut flat = Vec::with_capacity(count);
-            flatten(data, &mut flat);
-            let mut bytes = Vec::with_capacity(count * dtype.size());
-            for (i, v) in flat.iter().enumerate() {
-                match dtype {
-                    DType::F32 => {
-                        let x =
-                            v.as_f64().ok_or_else(|| format!("input `{}`: element {i} is not a number", input.name))?;
-                        #[allow(clippy::cast_possible_truncation)] // FP32 is what the client declared
-                        bytes.extend_from_slice(&(x as f32).to_le_bytes());
-                    }
-                    DType::I64 => {
-                        let x = v
-                            .as_i64()
-                            .ok_or_else(|| format!("input `{}`: element {i} is not an integer", input.name))?;
-                        bytes.extend_from_slice(&x.to_le_bytes());
-                    }
-                }
-            }
-            bytes
-        }
-        (None, None) => return Err(format!("input `{}` has no data", input.name)),
-    };
-    if data.len() != count * dtype.size() {
-        return Err(format!(
-            "input `{}`: shape {:?} needs {count} elements, got {}",
-            input.name,
-            shape,
-            data.len() / dtype.size()
-        ));
-    }
-    Ok(Tensor { dtype, shape, data })
-}
-
-/// Row-major flattening of nested JSON arrays (the protocol allows both forms).
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn input(text: &str) -> RequestInput {
-        serde_json::from_str(text).unwrap()
-    }
-
-    #[test]
-    fn json_and_binary_inputs_decode_to_the_same_tensor() {
-        let nested = input(r#"{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}"#);
-        let t = decode_input(&nested, &mut Bytes::new()).unwrap();
-        assert_eq!(t.to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.5]);
-        let raw: Vec<u8> = [1.0f32, 2.0, 3.0, 4.5].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut bin = Bytes::from(raw);
-        let b = input(r#"{"name":"x","shape":[2,2],"datatype":"FP32","parameters":{"binary_data_size":16}}"#);
-        assert_eq!(decode_input(&b, &mut bin).unwrap(), t);
-        assert!(bin.is_empty());
-    }
-
-    #[test]
-    fn bad_inputs_say_what_is_wrong() {
-        let cases = [
-            (r#"{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2]}"#, "needs 3 elements, got 2"),
-            (r#"{"name":"x","shape":[1],"datatype":"FP16","data":[1]}"#, "FP16 is not supported"),
-            (r#"{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}"#, "negative dim"),
-            (r#"{"name":"x","shape":[1],"datatype":"INT64","data":[1.5]}"#, "not an integer"),
-            (r#"{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}"#, "not a number"),
-            (r#"{"name":"x","shape":[1],"datatype":"FP32"}"#, "no data"),
-            (r#"{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}"#, "exceeds"),
-        ];
-        for (text, want) in cases {
-            let err = decode_input(&input(text), &mut Bytes::new()).unwrap_err();
-            assert!(err.contains(want), "{text}: {err}");
-        }
     }
 }

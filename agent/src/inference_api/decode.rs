@@ -1,0 +1,514 @@
+//! Decoding a v2 inference request (JSON, or JSON followed by the binary
+//! tensor data extension) into tensors, without I/O.
+//!
+//! Every size the client chooses is checked before it is allocated:
+//! - the JSON is parsed with each input's `data` kept as a borrowed slice of
+//!   the body, so no `serde_json::Value` tree (32 bytes per number) is built;
+//! - an input's element count (the product of its shape, with checked
+//!   arithmetic) must fit in the data actually sent: at most one element per
+//!   two bytes of JSON text, or exactly `binary_data_size` bytes; only then is
+//!   the tensor allocated, once, at its final size;
+//! - the request id, the number of inputs and each rank have fixed caps;
+//! - unknown `parameters` are skipped without being stored.
+//!
+//! Messages quote the client's values clipped to [`ECHO_LIMIT`] bytes.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, IgnoredAny, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::worker::protocol::{DType, MAX_RANK, Tensor};
+
+/// Bytes of a client's value quoted back in an error message.
+pub const ECHO_LIMIT: usize = 200;
+
+/// Limits a request is decoded under.
+#[derive(Debug, Clone)]
+pub struct DecodeLimits {
+    /// Largest body (JSON and binary together).
+    pub max_body_bytes: usize,
+    /// Longest request `id`, in bytes (it is remembered for feedback).
+    pub max_id_bytes: usize,
+    /// Most inputs in one request.
+    pub max_inputs: usize,
+}
+
+/// Longest request id by default: room for a UUID, a trace id and a prefix.
+pub const MAX_ID_BYTES: usize = 256;
+/// Most inputs of one request by default; models take a handful.
+pub const MAX_INPUTS: usize = 64;
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits { max_body_bytes: 16 << 20, max_id_bytes: MAX_ID_BYTES, max_inputs: MAX_INPUTS }
+    }
+}
+
+/// An output the client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedOutput {
+    pub name: String,
+    /// Its `binary_data` parameter, when given.
+    pub binary: Option<bool>,
+}
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedRequest {
+    /// The client's request id, if any (at most `max_id_bytes`).
+    pub id: Option<String>,
+    /// Inputs by name, in request order.
+    pub inputs: Vec<(String, Tensor)>,
+    /// The outputs asked for; `None` means all.
+    pub outputs: Option<Vec<WantedOutput>>,
+    /// The request-level `binary_data_output` parameter.
+    pub binary_output: bool,
+}
+
+/// `s` clipped to [`ECHO_LIMIT`] bytes on a character boundary, with an
+/// ellipsis and the full length when clipped.
+pub fn clip(s: &str) -> String {
+    if s.len() <= ECHO_LIMIT {
+        return s.to_owned();
+    }
+    let mut end = ECHO_LIMIT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
+#[derive(Debug, Deserialize)]
+struct RawRequest<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(borrow)]
+    inputs: Vec<RawInput<'a>>,
+    #[serde(default)]
+    outputs: Option<Vec<RawOutput>>,
+    #[serde(default)]
+    parameters: Option<RequestParameters>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawInput<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    parameters: Option<InputParameters>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<OutputParameters>,
+}
+
+/// The request parameters the agent reads; others are skipped unstored.
+#[derive(Debug, Deserialize)]
+struct RequestParameters {
+    #[serde(default)]
+    binary_data_output: Option<bool>,
+    #[serde(flatten)]
+    _rest: IgnoreRest,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputParameters {
+    #[serde(default)]
+    binary_data_size: Option<u64>,
+    #[serde(flatten)]
+    _rest: IgnoreRest,
+}
+
+#[derive(Debug, Deserialize)]
+struct OutputParameters {
+    #[serde(default)]
+    binary_data: Option<bool>,
+    #[serde(flatten)]
+    _rest: IgnoreRest,
+}
+
+/// Swallows a map's other entries without keeping them.
+#[derive(Debug, Default)]
+struct IgnoreRest;
+
+impl<'de> Deserialize<'de> for IgnoreRest {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IgnoreRest;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("parameters")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<IgnoreRest, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(IgnoreRest)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Decodes a request body. `header_length` is the
+/// `Inference-Header-Content-Length` header, when present: the JSON is that
+/// many leading bytes and binary tensor data follows.
+pub fn decode_request(
+    body: Bytes,
+    header_length: Option<&str>,
+    limits: &DecodeLimits,
+) -> Result<DecodedRequest, String> {
+    if body.len() > limits.max_body_bytes {
+        return Err(format!(
+            "request body of {} bytes is over the limit of {} bytes",
+            body.len(),
+            limits.max_body_bytes
+        ));
+    }
+    let (head, mut binary) = match header_length {
+        Some(v) => {
+            let n = v
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| format!("inference-header-content-length must be a byte count, not {:?}", clip(v)))?;
+            if n > body.len() {
+                return Err(format!(
+                    "inference-header-content-length is {n}, but the body has only {} bytes",
+                    body.len()
+                ));
+            }
+            (body.slice(..n), body.slice(n..))
+        }
+        None => (body.clone(), Bytes::new()),
+    };
+    let raw: RawRequest<'_> = serde_json::from_slice(&head).map_err(|e| format!("request JSON: {e}"))?;
+    if let Some(id) = &raw.id
+        && id.len() > limits.max_id_bytes
+    {
+        return Err(format!("request id is {} bytes; at most {} are allowed", id.len(), limits.max_id_bytes));
+    }
+    if raw.inputs.len() > limits.max_inputs {
+        return Err(format!("{} inputs in one request; at most {} are allowed", raw.inputs.len(), limits.max_inputs));
+    }
+    let mut inputs = Vec::with_capacity(raw.inputs.len());
+    for input in &raw.inputs {
+        inputs.push((input.name.clone(), decode_input(input, &mut binary, limits)?));
+    }
+    if !binary.is_empty() {
+        return Err(format!("{} bytes of binary tensor data are not claimed by any input", binary.len()));
+    }
+    let binary_output = raw.parameters.as_ref().and_then(|p| p.binary_data_output).unwrap_or(false);
+    let outputs = raw.outputs.map(|list| {
+        list.into_iter()
+            .map(|o| WantedOutput { binary: o.parameters.and_then(|p| p.binary_data), name: o.name })
+            .collect()
+    });
+    Ok(DecodedRequest { id: raw.id, inputs, outputs, binary_output })
+}
+
+/// The dtype of a v2 `datatype` name, if the agent carries it.
+pub fn parse_datatype(name: &str) -> Option<DType> {
+    match name {
+        "FP32" => Some(DType::F32),
+        "INT64" => Some(DType::I64),
+        _ => None,
+    }
+}
+
+/// Builds one input tensor from its JSON data or the next binary chunk.
+fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits) -> Result<Tensor, String> {
+    let name = clip(&input.name);
+    let dtype = parse_datatype(&input.datatype)
+        .ok_or_else(|| format!("input `{name}`: datatype {} is not supported (FP32, INT64)", clip(&input.datatype)))?;
+    if input.shape.len() > MAX_RANK {
+        return Err(format!("input `{name}`: rank {} is over the limit of {MAX_RANK}", input.shape.len()));
+    }
+    let shape = input
+        .shape
+        .iter()
+        .map(|d| usize::try_from(*d).map_err(|_| format!("input `{name}`: negative dim {d} in shape")))
+        .collect::<Result<Vec<usize>, _>>()?;
+    let too_large = || format!("input `{name}`: shape {shape:?} is larger than a request can carry");
+    let count = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(too_large)?;
+    let bytes = count.checked_mul(dtype.size()).ok_or_else(too_large)?;
+    let binary_size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
+    let data = match (binary_size, input.data) {
+        (Some(n), None) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if n > binary.len() {
+                return Err(format!("input `{name}`: binary_data_size {n} exceeds the {} bytes left", binary.len()));
+            }
+            if n != bytes {
+                return Err(format!(
+                    "input `{name}`: shape {shape:?} needs {count} elements ({bytes} bytes), \
+                     binary_data_size is {n}"
+                ));
+            }
+            binary.split_to(n).to_vec()
+        }
+        (Some(_), Some(_)) => {
+            return Err(format!("input `{name}`: give either data or a binary_data_size, not both"));
+        }
+        (None, Some(raw)) => {
+            // Each JSON element takes at least one digit and one separator,
+            // so a shape claiming more than that is refused before the
+            // tensor is allocated.
+            let text = raw.get();
+            let most = text.len().div_ceil(2);
+            let fits = count <= most && bytes <= limits.max_body_bytes.saturating_mul(4);
+            // A shape claiming more than the data can hold is only counted
+            // against it, never allocated.
+            let mut out = if fits { Some(Vec::with_capacity(bytes)) } else { None };
+            let mut seen = 0usize;
+            let limit = if fits { count } else { most };
+            Elements { dtype, limit, seen: &mut seen, out: out.as_mut() }
+                .deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| format!("input `{name}`: {e}"))?;
+            match out {
+                Some(out) if seen == count => out,
+                _ => return Err(format!("input `{name}`: shape {shape:?} needs {count} elements, got {seen}")),
+            }
+        }
+        (None, None) => return Err(format!("input `{name}` has no data")),
+    };
+    Ok(Tensor { dtype, shape, data })
+}
+
+/// Writes a (possibly nested) JSON array of numbers straight into a
+/// tensor's little-endian bytes (or only counts them, without `out`),
+/// refusing the element after `limit`.
+struct Elements<'v> {
+    dtype: DType,
+    limit: usize,
+    seen: &'v mut usize,
+    out: Option<&'v mut Vec<u8>>,
+}
+
+impl Elements<'_> {
+    fn reborrow(&mut self) -> Elements<'_> {
+        Elements { dtype: self.dtype, limit: self.limit, seen: self.seen, out: self.out.as_deref_mut() }
+    }
+
+    fn push<E: de::Error>(self, v: Number) -> Result<(), E> {
+        let i = *self.seen;
+        if i >= self.limit {
+            return Err(E::custom(format!("more than the {} elements its shape has", self.limit)));
+        }
+        let Some(out) = self.out else {
+            *self.seen += 1;
+            return Ok(());
+        };
+        match (self.dtype, v) {
+            #[allow(clippy::cast_possible_truncation)] // FP32 is what the client declared
+            (DType::F32, Number::F(x)) => out.extend_from_slice(&(x as f32).to_le_bytes()),
+            #[allow(clippy::cast_precision_loss)]
+            (DType::F32, Number::I(x)) => out.extend_from_slice(&(x as f32).to_le_bytes()),
+            #[allow(clippy::cast_precision_loss)]
+            (DType::F32, Number::U(x)) => out.extend_from_slice(&(x as f32).to_le_bytes()),
+            (DType::I64, Number::I(x)) => out.extend_from_slice(&x.to_le_bytes()),
+            (DType::I64, Number::U(x)) => {
+                let x = i64::try_from(x).map_err(|_| E::custom(format!("element {i} does not fit in INT64")))?;
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            (DType::I64, Number::F(_)) => return Err(E::custom(format!("element {i} is not an integer"))),
+        }
+        *self.seen += 1;
+        Ok(())
+    }
+
+    fn not_a_number<E: de::Error>(&self) -> E {
+        let what = match self.dtype {
+            DType::F32 => "a number",
+            DType::I64 => "an integer",
+        };
+        E::custom(format!("element {} is not {what}", *self.seen))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    F(f64),
+    I(i64),
+    U(u64),
+}
+
+impl<'de> DeserializeSeed<'de> for Elements<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Elements<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("numbers, or nested arrays of numbers")
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(Number::F(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(Number::I(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(Number::U(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self.reborrow())?.is_some() {}
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Err(self.not_a_number())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Err(self.not_a_number())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(self.not_a_number())
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(self.not_a_number())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(json: &str) -> Result<DecodedRequest, String> {
+        decode_request(Bytes::from(json.to_owned()), None, &DecodeLimits::default())
+    }
+
+    fn one_input(input: &str) -> Result<Tensor, String> {
+        decode(&format!(r#"{{"inputs":[{input}]}}"#)).map(|mut r| r.inputs.remove(0).1)
+    }
+
+    #[test]
+    fn json_and_binary_inputs_decode_to_the_same_tensor() {
+        let t = one_input(r#"{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}"#).unwrap();
+        assert_eq!(t.to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.5]);
+        let head = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","parameters":{"binary_data_size":16}}]}"#;
+        let mut body = head.as_bytes().to_vec();
+        body.extend([1.0f32, 2.0, 3.0, 4.5].iter().flat_map(|v| v.to_le_bytes()));
+        let r = decode_request(Bytes::from(body), Some(&head.len().to_string()), &DecodeLimits::default()).unwrap();
+        assert_eq!(r.inputs, vec![("x".to_owned(), t)]);
+        let i = one_input(r#"{"name":"y","shape":[3],"datatype":"INT64","data":[1,-2,9007199254740993]}"#).unwrap();
+        assert_eq!(i.to_i64().unwrap(), vec![1, -2, 9_007_199_254_740_993]);
+    }
+
+    #[test]
+    fn outputs_ids_and_parameters_are_read_and_unknown_parameters_skipped() {
+        let r = decode(
+            r#"{"id":"req-1","inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],
+                "parameters":{"other":{"deep":[1,2,3]}}}],
+                "outputs":[{"name":"probabilities","parameters":{"binary_data":true,"classification":3}}],
+                "parameters":{"binary_data_output":true,"sequence_id":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.id.as_deref(), Some("req-1"));
+        assert!(r.binary_output);
+        assert_eq!(r.outputs, Some(vec![WantedOutput { name: "probabilities".into(), binary: Some(true) }]));
+    }
+
+    /// Finding 1 of issue 11: a ~100-byte body claiming [1e9, 64] elements
+    /// made the agent allocate 512 GB and abort. Refused before allocation.
+    #[test]
+    fn a_huge_shape_is_refused_before_anything_is_allocated() {
+        for (shape, count) in [("[1000000000,64]", "64000000000"), ("[10000000,64]", "640000000"), ("[2,2,2]", "8")] {
+            let err =
+                one_input(&format!(r#"{{"name":"input","shape":{shape},"datatype":"FP32","data":[1]}}"#)).unwrap_err();
+            assert!(err.ends_with(&format!("needs {count} elements, got 1")), "{shape}: {err}");
+        }
+        let err =
+            one_input(r#"{"name":"x","shape":[4611686018427387904,4],"datatype":"INT64","data":[1]}"#).unwrap_err();
+        assert!(err.contains("larger than a request can carry"), "{err}");
+        let err = one_input(r#"{"name":"x","shape":[1,1,1,1,1,1,1,1,1],"datatype":"FP32","data":[1]}"#).unwrap_err();
+        assert!(err.contains("rank 9 is over the limit"), "{err}");
+    }
+
+    /// Finding 2 of issue 11: ids were remembered without bound.
+    #[test]
+    fn a_long_request_id_is_refused_without_being_echoed() {
+        let id = "i".repeat(MAX_ID_BYTES + 1);
+        let err = decode(&format!(r#"{{"id":"{id}","inputs":[]}}"#)).unwrap_err();
+        assert_eq!(err, format!("request id is {} bytes; at most {MAX_ID_BYTES} are allowed", MAX_ID_BYTES + 1));
+        let ok = "i".repeat(MAX_ID_BYTES);
+        assert_eq!(decode(&format!(r#"{{"id":"{ok}","inputs":[]}}"#)).unwrap().id, Some(ok));
+    }
+
+    #[test]
+    fn bad_inputs_say_what_is_wrong() {
+        let cases = [
+            (r#"{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2]}"#, "needs 3 elements, got 2"),
+            (r#"{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2,3]}"#, "more than the 2 elements"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP16","data":[1]}"#, "FP16 is not supported"),
+            (r#"{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}"#, "negative dim"),
+            (r#"{"name":"x","shape":[1],"datatype":"INT64","data":[1.5]}"#, "element 0 is not an integer"),
+            (r#"{"name":"x","shape":[1],"datatype":"INT64","data":[18446744073709551615]}"#, "does not fit in INT64"),
+            (r#"{"name":"x","shape":[2],"datatype":"FP32","data":[1,"a"]}"#, "element 1 is not a number"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP32","data":[null]}"#, "not a number"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP32","data":[{"a":1}]}"#, "not a number"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP32"}"#, "no data"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}"#, "exceeds"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP32","data":[1],"parameters":{"binary_data_size":4}}"#, "either"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":"4"}}"#, "request JSON"),
+        ];
+        for (text, want) in cases {
+            let err = one_input(text).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        assert!(decode("{").unwrap_err().starts_with("request JSON"));
+        assert!(decode(r#"{"inputs":{}}"#).unwrap_err().starts_with("request JSON"));
+    }
+
+    #[test]
+    fn binary_sizes_must_match_the_shape_and_the_body() {
+        let limits = DecodeLimits::default();
+        let head = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
+        let mut body = head.as_bytes().to_vec();
+        body.extend([0u8; 4]);
+        let err = decode_request(Bytes::from(body.clone()), Some(&head.len().to_string()), &limits).unwrap_err();
+        assert!(err.contains("needs 2 elements (8 bytes), binary_data_size is 4"), "{err}");
+        let err = decode_request(Bytes::from(body.clone()), Some("999999"), &limits).unwrap_err();
+        assert!(err.contains("but the body has only"), "{err}");
+        let err = decode_request(Bytes::from(body), Some("-1"), &limits).unwrap_err();
+        assert!(err.contains("must be a byte count"), "{err}");
+        let head = r#"{"inputs":[]}"#;
+        let err = decode_request(Bytes::from(format!("{head}xx")), Some(&head.len().to_string()), &limits).unwrap_err();
+        assert_eq!(err, "2 bytes of binary tensor data are not claimed by any input");
+    }
+
+    #[test]
+    fn request_wide_caps_hold() {
+        let limits = DecodeLimits { max_body_bytes: 64, ..DecodeLimits::default() };
+        let err = decode_request(Bytes::from(vec![b' '; 65]), None, &limits).unwrap_err();
+        assert_eq!(err, "request body of 65 bytes is over the limit of 64 bytes");
+        let inputs = vec![r#"{"name":"x","shape":[1],"datatype":"FP32","data":[1]}"#; MAX_INPUTS + 1].join(",");
+        let err = decode(&format!(r#"{{"inputs":[{inputs}]}}"#)).unwrap_err();
+        assert!(err.contains("65 inputs in one request; at most 64"), "{err}");
+    }
+
+    #[test]
+    fn echoed_values_are_clipped() {
+        let name = "n".repeat(1 << 20);
+        let err = one_input(&format!(r#"{{"name":"{name}","shape":[1],"datatype":"FP32"}}"#)).unwrap_err();
+        assert!(err.len() < 400, "{} bytes", err.len());
+        assert!(err.contains("(1048576 bytes)"), "{err}");
+        assert_eq!(clip("é".repeat(150).as_str()).chars().filter(|c| *c == 'é').count(), 100);
+        assert_eq!(clip("short"), "short");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        let err = one_input(&format!(r#"{{"name":"x","shape":[1],"datatype":"FP32","data":{deep}}}"#)).unwrap_err();
+        assert!(err.contains("recursion limit"), "{err}");
+    }
+}
