@@ -11,6 +11,7 @@ mod common;
 mod artifact_download;
 mod bad_input;
 mod cli;
+mod connections;
 mod demo;
 mod disk_full;
 mod metrics;
