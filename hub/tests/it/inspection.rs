@@ -4,6 +4,7 @@
 //! node limit is refused before any engine sees it, and nothing of a refused
 //! upload is stored. The hostile models are built at test time with PyPI
 //! `onnx` (tests/models/make_onnx.py).
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::Duration;
