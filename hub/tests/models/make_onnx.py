@@ -8,6 +8,8 @@ Usage: make_onnx.py KIND OUT [ARGS...]
                        constant (the push-time "constant-fold bomb").
   relu_chain OUT N     input x[1,4] -> N Relu nodes -> y: graph size alone.
   unknown_op OUT       one node of an operator no engine knows.
+  uint8_input OUT      x: uint8[1,4] -> Cast to float -> y: a dtype the worker
+                       protocol does not carry yet.
 """
 import sys
 
@@ -66,6 +68,16 @@ def unknown_op(out):
     save(graph, out)
 
 
+def uint8_input(out):
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "uint8_input",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    save(graph, out)
+
+
 if __name__ == "__main__":
     kind, out, *args = sys.argv[1:]
-    {"bomb": bomb, "relu_chain": relu_chain, "unknown_op": unknown_op}[kind](out, *args)
+    {"bomb": bomb, "relu_chain": relu_chain, "unknown_op": unknown_op, "uint8_input": uint8_input}[kind](out, *args)
