@@ -167,7 +167,14 @@ impl LoadedModel {
                     spec.shape.iter().try_fold(spec.dtype.size(), |n, &d| n.checked_mul(d)).ok_or_else(|| {
                         InferenceError::Run(format!("input {index}: shape {:?} is too large", spec.shape))
                     })?;
-                Ok(Tensor { dtype: spec.dtype, shape: spec.shape.clone(), data: vec![0; bytes] })
+                // Fallible: under a memory limit a huge fixed shape is an
+                // error to report, not an abort.
+                let mut data = Vec::new();
+                data.try_reserve_exact(bytes).map_err(|_| {
+                    InferenceError::Run(format!("input {index}: failed to allocate {bytes} bytes of zeros"))
+                })?;
+                data.resize(bytes, 0);
+                Ok(Tensor { dtype: spec.dtype, shape: spec.shape.clone(), data })
             })
             .collect::<Result<Vec<_>, InferenceError>>()?;
         self.run(&zeros)
