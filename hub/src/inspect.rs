@@ -153,6 +153,10 @@ impl Inspector {
         let _slot = self.slots.acquire().await.map_err(|e| self.fault(e.to_string()))?;
         let started = Instant::now();
         let report = self.check(path, &signature.default_input_shapes()).await?;
+        if !report.confined && report.probe_skipped.is_none() {
+            // Only where seccomp is missing (qemu-user); the limits still held.
+            tracing::warn!(model = %path.display(), "the upload check ran without its seccomp filter");
+        }
         Ok(Inspection { signature, report, check_time: started.elapsed() })
     }
 
