@@ -25,4 +25,5 @@ mod serving;
 mod supervisor;
 mod tampered_artifact;
 mod tls;
+mod worker_check;
 mod worker_sandbox;

@@ -14,6 +14,7 @@ mod cli;
 mod connections;
 mod demo;
 mod disk_full;
+mod inspection;
 mod metrics;
 mod persistence;
 mod rbac;
