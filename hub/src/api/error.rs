@@ -9,6 +9,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use sentinel_proto::quote::clip_message;
 use serde::Serialize;
 
 use crate::store::{BlobError, StoreError};
@@ -121,18 +122,18 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
         let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE { "unsupported_media_type" } else { "invalid_json" };
-        Self::new(status, code, format!("{}; send a JSON object with Content-Type: application/json", r.body_text()))
+        Self::new(status, code, format!("{}; send a JSON object with Content-Type: application/json", clip_message(&r.body_text())))
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
-        Self::bad_request(format!("invalid query string: {}", r.body_text()))
+        Self::bad_request(format!("invalid query string: {}", clip_message(&r.body_text())))
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
-        Self::bad_request(format!("invalid path: {}", r.body_text()))
+        Self::bad_request(format!("invalid path: {}", clip_message(&r.body_text())))
     }
 }

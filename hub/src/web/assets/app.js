@@ -307,7 +307,7 @@ async function modelView(name) {
   function openDeploy(version) {
     const form = h('form', { class: 'inline', id: 'deploy-form' },
       h('label', {}, 'Version', h('input', { name: 'version', value: version, readonly: true })),
-      h('label', {}, 'Target selector', h('input', { name: 'target', placeholder: 'empty: every device, or stage=production,site=a' })),
+      h('label', {}, 'Target selector', h('input', { name: 'target', required: true, placeholder: 'stage=production,site=a, or * for every device' })),
       h('label', {}, 'Halt above fraction', h('input', { name: 'halt', type: 'number', step: 'any', min: 0, max: 1, placeholder: '0.2' })),
       h('button', { type: 'submit', class: 'primary', id: 'deploy-submit' }, `Deploy ${version}`),
       h('button', { type: 'button', onclick: () => deployBox.replaceChildren() }, 'Cancel'));
@@ -408,7 +408,7 @@ async function deploymentView(id) {
     content.replaceChildren(
       h('div', { class: 'row spread' },
         h('h1', {}, h('a', { href: '#/deployments' }, 'Deployments'), ` / #${d.id} `, badge(d.state)),
-        canRollback ? h('button', { type: 'button', class: 'danger', onclick: () => rollback(d.model, d.target) }, 'Roll back') : null),
+        canRollback ? h('button', { type: 'button', class: 'danger', onclick: () => rollback(d.model, d.target || '*') }, 'Roll back') : null),
       h('div', { class: 'card' },
         h('dl', { class: 'facts' },
           h('dt', {}, 'Model'), h('dd', {}, h('a', { href: `#/models/${encodeURIComponent(d.model)}` }, d.model), ` ${d.version}`),
