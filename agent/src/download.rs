@@ -8,8 +8,8 @@
 //! fsynced and renamed to its digest, so a model file is either absent or
 //! whole and verified.
 
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

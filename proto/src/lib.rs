@@ -27,6 +27,6 @@ pub mod pb {
 }
 
 pub use keys::{KeyError, Signer, TrustedKeys};
-pub use quote::quote;
 pub use manifest::{ManifestError, ManifestView, sign_manifest, verify_manifest};
+pub use quote::quote;
 pub use state::{StateError, VerifiedState, sign_state, verify_state};

@@ -130,7 +130,9 @@ pub fn parse_stage(s: &str) -> Result<Stage, String> {
         "staging" => Ok(Stage::Staging),
         "production" | "prod" => Ok(Stage::Production),
         "archived" => Ok(Stage::Archived),
-        other => Err(format!("unknown stage {}; use development, staging, production or archived", crate::quote(other))),
+        other => {
+            Err(format!("unknown stage {}; use development, staging, production or archived", crate::quote(other)))
+        }
     }
 }
 

@@ -12,6 +12,7 @@ mod deploy_reaches_agent;
 mod device_isolation;
 mod fleet_halt;
 mod grafana;
+mod hygiene;
 mod inference_api;
 mod kill_mid_download;
 mod load_failures;

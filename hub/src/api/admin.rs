@@ -111,7 +111,6 @@ impl From<AuditEntry> for AuditEntryOut {
     }
 }
 
-
 /// Create an API token (admin).
 #[utoipa::path(post, path = "/api/v1/tokens", request_body = CreateToken, security(("bearer" = [])),
     responses((status = 201, body = CreatedToken), (status = 403, body = super::error::ErrorBody)))]

@@ -6,10 +6,10 @@ use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use sentinel_proto::quote;
 use super::{ApiError, SharedState};
 use crate::auth::{Role, hash_token};
 use crate::store::AuditEntry;
+use sentinel_proto::quote;
 
 pub use crate::auth::Caller;
 
@@ -134,7 +134,8 @@ impl Caller {
         } else {
             Err(ApiError::forbidden(format!(
                 "{doing} needs the {needed} role; token {} has role {}",
-                quote(&self.name), self.role
+                quote(&self.name),
+                self.role
             )))
         }
     }

@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use sentinel_proto::quote;
 use super::auth::AuditDetail;
 use super::versions::load_version;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page};
@@ -23,6 +22,7 @@ use crate::auth::Role;
 use crate::rollout::{DEFAULT_HALT_FRACTION, PolicyError, RolloutPolicy, Rollup, earlier_deployments, validate_halt};
 use crate::selector::{Selector, SelectorError};
 use crate::store::{DeploymentRecord, NewDeployment};
+use sentinel_proto::quote;
 
 /// The states a deployment can be in, for filters and messages.
 const STATES: [&str; 5] = ["active", "superseded", "rolled_back", "halted", "cancelled"];

@@ -9,12 +9,12 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use sentinel_proto::quote;
 use super::auth::AuditDetail;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
 use crate::auth::{Role, generate_token, hash_token};
 use crate::fleet::{Connection, assignments_for, target_of};
 use crate::store::{DeviceEvent, DeviceRecord};
+use sentinel_proto::quote;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

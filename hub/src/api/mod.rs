@@ -69,7 +69,7 @@ impl AppState {
         let joined = tokio::task::spawn_blocking(move || f(meta.as_ref())).await;
         match joined {
             Ok(result) => result.map_err(ApiError::from),
-            Err(e) => Err(ApiError::internal("metadata task", &e)),
+            Err(e) => Err(ApiError::from_join("metadata task", &e)),
         }
     }
 
@@ -83,7 +83,7 @@ impl AppState {
         let joined = tokio::task::spawn_blocking(move || f(blobs.as_ref())).await;
         match joined {
             Ok(result) => result.map_err(ApiError::from),
-            Err(e) => Err(ApiError::internal("blob task", &e)),
+            Err(e) => Err(ApiError::from_join("blob task", &e)),
         }
     }
 
@@ -117,9 +117,7 @@ where
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
-            .is_some_and(|m| {
-                m.strip_prefix("application/").is_some_and(|sub| sub == "json" || sub.ends_with("+json"))
-            });
+            .is_some_and(|m| m.strip_prefix("application/").is_some_and(|sub| sub == "json" || sub.ends_with("+json")));
         if !is_json {
             return Err(ApiError::new(
                 axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -7,12 +7,12 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use sentinel_proto::quote;
 use super::auth::AuditDetail;
 use super::versions::VersionOut;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page};
 use crate::auth::Role;
 use crate::store::{ModelFilter, ModelRecord};
+use sentinel_proto::quote;
 
 /// A model name with its metadata; `versions` only in `GET /models/{name}`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -13,7 +13,11 @@ use crate::web::{events, session};
 #[allow(dead_code, reason = "read by the OpenAPI derive only")]
 pub struct ModelPath {
     /// Model name.
-    #[param(min_length = 1, max_length = 128, pattern = r"^(?:[_-]|\.[_-])*\.?[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$")]
+    #[param(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^(?:[_-]|\.[_-])*\.?[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+    )]
     name: String,
 }
 
@@ -23,7 +27,11 @@ pub struct ModelPath {
 #[allow(dead_code, reason = "read by the OpenAPI derive only")]
 pub struct VersionPath {
     /// Model name.
-    #[param(min_length = 1, max_length = 128, pattern = r"^(?:[_-]|\.[_-])*\.?[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$")]
+    #[param(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^(?:[_-]|\.[_-])*\.?[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+    )]
     name: String,
     /// Semantic version, e.g. `1.2.0`.
     #[param(min_length = 5, max_length = 128)]
@@ -36,7 +44,11 @@ pub struct VersionPath {
 #[allow(dead_code, reason = "read by the OpenAPI derive only")]
 pub struct ValidationPath {
     /// Model name.
-    #[param(min_length = 1, max_length = 128, pattern = r"^(?:[_-]|\.[_-])*\.?[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$")]
+    #[param(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^(?:[_-]|\.[_-])*\.?[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+    )]
     name: String,
     /// Semantic version, e.g. `1.2.0`.
     #[param(min_length = 5, max_length = 128)]
@@ -191,7 +203,10 @@ impl Modify for CommonErrors {
         let error = |description: &str| -> Response {
             ResponseBuilder::new()
                 .description(description)
-                .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
+                .content(
+                    "application/json",
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+                )
                 .build()
         };
         let add = |op: &mut Operation, status: &str, description: &str| {
@@ -217,10 +232,8 @@ impl Modify for CommonErrors {
                 if path.contains('{') {
                     add(op, "404", "What the path names does not exist");
                 }
-                let json_body = op
-                    .request_body
-                    .as_ref()
-                    .is_some_and(|b| b.content.keys().any(|k| k == "application/json"));
+                let json_body =
+                    op.request_body.as_ref().is_some_and(|b| b.content.keys().any(|k| k == "application/json"));
                 if json_body {
                     add(op, "415", "The body is not sent as application/json");
                     add(op, "422", "The body is JSON but not what this operation takes");

@@ -24,7 +24,6 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt as _;
 use utoipa::IntoParams;
 
-use sentinel_proto::quote;
 use super::auth::AuditDetail;
 use super::models::check_tags;
 use super::versions::{VersionOut, check_accuracy, check_hardware, check_version};
@@ -32,13 +31,18 @@ use super::{ApiError, ApiPath, ApiQuery, Caller, SharedState};
 use crate::auth::Role;
 use crate::onnx::{self, dtype_size};
 use crate::store::{StagedBlob, VersionRecord};
+use sentinel_proto::quote;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct UploadParams {
     /// Semantic version of the new version. Required: there is no default.
-    #[param(required = true, max_length = 128, pattern = "^(?:0|[1-9][0-9]{0,15})\\.(?:0|[1-9][0-9]{0,15})\\.(?:0|[1-9][0-9]{0,15})(?:-(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)(?:\\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*)?(?:\\+[0-9A-Za-z-]+(?:\\.[0-9A-Za-z-]+)*)?$")]
+    #[param(
+        required = true,
+        max_length = 128,
+        pattern = "^(?:0|[1-9][0-9]{0,15})\\.(?:0|[1-9][0-9]{0,15})\\.(?:0|[1-9][0-9]{0,15})(?:-(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)(?:\\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*)?(?:\\+[0-9A-Za-z-]+(?:\\.[0-9A-Za-z-]+)*)?$"
+    )]
     pub version: Option<String>,
     /// development (default), staging, production or archived.
     #[param(value_type = Option<super::openapi::StageName>)]
@@ -233,7 +237,10 @@ async fn receive_version(
     // would coexist in no defined order, so they are the same version here.
     let existing = versions.iter().find(|v| same_precedence(&v.version, &version)).map(|v| v.version.clone());
     if model.is_none() {
-        return Err(ApiError::not_found(format!("model {} is not registered; POST /api/v1/models first", quote(&name))));
+        return Err(ApiError::not_found(format!(
+            "model {} is not registered; POST /api/v1/models first",
+            quote(&name)
+        )));
     }
     if let Some(existing) = existing {
         let same = if existing == version {

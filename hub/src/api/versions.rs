@@ -12,12 +12,12 @@ use sentinel_proto::pb::{self, ModelManifest};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use sentinel_proto::quote;
 use super::auth::AuditDetail;
 use super::models::{check_lookup_name, check_tags};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
 use crate::auth::Role;
 use crate::store::VersionRecord;
+use sentinel_proto::quote;
 
 /// A stored version: the manifest's facts plus who registered it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

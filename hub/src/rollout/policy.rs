@@ -138,7 +138,10 @@ fn check_phase(field: &str, phase: &str) -> Result<Option<u8>, PolicyError> {
             let plain = !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit());
             match n.parse::<u8>() {
                 Ok(n @ 1..=99) if plain => Ok(Some(n)),
-                _ => Err(invalid(field, format!("{}: the canary share must be a whole percent from 1 to 99", sentinel_proto::quote(phase)))),
+                _ => Err(invalid(
+                    field,
+                    format!("{}: the canary share must be a whole percent from 1 to 99", sentinel_proto::quote(phase)),
+                )),
             }
         }
     }
@@ -161,7 +164,10 @@ impl RolloutPolicy {
                     if n <= last_canary {
                         return Err(invalid(
                             field,
-                            format!("canary shares must grow: {} after canary:{last_canary}", sentinel_proto::quote(phase)),
+                            format!(
+                                "canary shares must grow: {} after canary:{last_canary}",
+                                sentinel_proto::quote(phase)
+                            ),
                         ));
                     }
                     last_canary = n;
@@ -267,13 +273,25 @@ mod tests {
     fn refuses_durations_and_counts_past_their_bounds() {
         let cases = [
             (RolloutPolicy { bake_seconds: Some(u64::MAX), ..RolloutPolicy::default() }, "policy.bake_seconds"),
-            (RolloutPolicy { bake_seconds: Some(MAX_BAKE_SECONDS + 1), ..RolloutPolicy::default() }, "policy.bake_seconds"),
+            (
+                RolloutPolicy { bake_seconds: Some(MAX_BAKE_SECONDS + 1), ..RolloutPolicy::default() },
+                "policy.bake_seconds",
+            ),
             (RolloutPolicy { min_samples: Some(0), ..RolloutPolicy::default() }, "policy.min_samples"),
             (RolloutPolicy { min_samples: Some(u64::MAX), ..RolloutPolicy::default() }, "policy.min_samples"),
-            (RolloutPolicy { standby_bake_seconds: Some(u64::MAX), ..RolloutPolicy::default() }, "policy.standby_bake_seconds"),
-            (RolloutPolicy { min_accuracy_samples: Some(0), ..RolloutPolicy::default() }, "policy.min_accuracy_samples"),
+            (
+                RolloutPolicy { standby_bake_seconds: Some(u64::MAX), ..RolloutPolicy::default() },
+                "policy.standby_bake_seconds",
+            ),
+            (
+                RolloutPolicy { min_accuracy_samples: Some(0), ..RolloutPolicy::default() },
+                "policy.min_accuracy_samples",
+            ),
             (RolloutPolicy { max_restarts: Some(u32::MAX), ..RolloutPolicy::default() }, "policy.max_restarts"),
-            (RolloutPolicy { max_latency_ratio: Some(f64::INFINITY), ..RolloutPolicy::default() }, "policy.max_latency_ratio"),
+            (
+                RolloutPolicy { max_latency_ratio: Some(f64::INFINITY), ..RolloutPolicy::default() },
+                "policy.max_latency_ratio",
+            ),
             (RolloutPolicy { latency_slo_ms: Some(1e300), ..RolloutPolicy::default() }, "policy.latency_slo_ms"),
         ];
         for (p, field) in cases {

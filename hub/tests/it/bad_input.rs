@@ -19,7 +19,7 @@ fn blob_files(hub: &TestHub) -> Vec<String> {
 
 async fn versions(hub: &TestHub, name: &str) -> Vec<String> {
     let v: Value = hub.get(&format!("/api/v1/models/{name}/versions"), &hub.admin).await.json().await.unwrap();
-    v.as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap().to_owned()).collect()
+    v["versions"].as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap().to_owned()).collect()
 }
 
 #[tokio::test]
@@ -136,7 +136,11 @@ async fn bad_names_json_and_deploys_are_refused() {
         .await;
     assert_eq!(r.status(), 201);
     // Deploying a version that does not exist, and a malformed target.
-    expect_error(hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "9.9.9", "target": "*"})).await, 404).await;
+    expect_error(
+        hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "9.9.9", "target": "*"})).await,
+        404,
+    )
+    .await;
     expect_error(
         hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0", "target": "a=b=c"})).await,
         400,

@@ -13,6 +13,7 @@ mod bad_input;
 mod cli;
 mod demo;
 mod disk_full;
+mod hardening;
 mod metrics;
 mod persistence;
 mod rbac;

@@ -78,7 +78,12 @@ fn matrix() -> Vec<(Method, &'static str, Need, Body)> {
         (Method::PUT, "/api/v1/models/m", Need::Publisher, Body::Json(|| json!({"description": "d"}))),
         (Method::POST, "/api/v1/models/m/versions?version=2.0.0", Need::Publisher, Body::Model),
         (Method::PUT, "/api/v1/models/m/versions/1.0.0", Need::Publisher, Body::Json(|| json!({"tags": ["t"]}))),
-        (Method::POST, "/api/v1/models/m/deploy", Need::Deployer, Body::Json(|| json!({"version": "1.0.0", "target": "*"}))),
+        (
+            Method::POST,
+            "/api/v1/models/m/deploy",
+            Need::Deployer,
+            Body::Json(|| json!({"version": "1.0.0", "target": "*"})),
+        ),
         (Method::POST, "/api/v1/models/m/rollback", Need::Deployer, Body::Json(|| json!({"version": "1.0.0"}))),
         (Method::GET, "/api/v1/tokens", Need::Admin, Body::None),
         (Method::POST, "/api/v1/tokens", Need::Admin, Body::Json(|| json!({"role": "viewer"}))),

@@ -500,7 +500,12 @@ async fn cli_deploys_with_a_policy_file_and_shows_counts_and_the_halt() {
     let id = d["id"].as_i64().unwrap();
 
     // A bad field is the hub's to refuse, by name.
-    let r = sentinel(&hub, &hub.admin, &["model", "deploy", "digits", "3.0.0", "--target", "site=a", "--phases", "canary:0"]).await;
+    let r = sentinel(
+        &hub,
+        &hub.admin,
+        &["model", "deploy", "digits", "3.0.0", "--target", "site=a", "--phases", "canary:0"],
+    )
+    .await;
     assert_eq!(r.code, 65, "{}", r.stderr);
     assert!(r.stderr.contains("policy.phases[0]"), "{}", r.stderr);
 
