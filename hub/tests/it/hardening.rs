@@ -322,3 +322,81 @@ async fn a_clean_sigterm_logs_no_error() {
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert!(errors.is_empty(), "a clean shutdown logged errors:\n{}", errors.join("\n"));
 }
+
+/// The parameters of `method path` in the OpenAPI document, by name: where
+/// each is (`in`) and its schema.
+fn params(spec: &Value, path: &str, method: &str) -> std::collections::BTreeMap<String, (String, Value)> {
+    spec["paths"][path][method]["parameters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{method} {path} has no parameters"))
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), (p["in"].as_str().unwrap().to_owned(), p["schema"].clone())))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_openapi_document_says_what_the_api_does() {
+    let hub = TestHub::start().await;
+    let spec: Value = hub.get("/api/v1/openapi.json", &hub.admin).await.json().await.unwrap();
+
+    // Query parameters are query parameters, with their bounds.
+    let upload = params(&spec, "/api/v1/models/{name}/versions", "post");
+    for q in ["version", "stage", "accuracy", "metric", "dataset", "hardware", "tags"] {
+        assert_eq!(upload[q].0, "query", "upload's {q}");
+    }
+    assert_eq!(upload["name"].0, "path");
+    assert_eq!(upload["accuracy"].1["maximum"], 1.0);
+    assert_eq!(params(&spec, "/api/v1/models/{name}", "delete")["force"].0, "query");
+    for (path, method) in [
+        ("/api/v1/models", "get"),
+        ("/api/v1/models/{name}/versions", "get"),
+        ("/api/v1/deployments", "get"),
+        ("/api/v1/devices", "get"),
+        ("/api/v1/tokens", "get"),
+        ("/api/v1/audit", "get"),
+    ] {
+        let p = params(&spec, path, method);
+        assert_eq!(p["limit"].0, "query", "{path}");
+        assert_eq!(
+            (p["limit"].1["minimum"].as_u64(), p["limit"].1["maximum"].as_u64()),
+            (Some(1), Some(500)),
+            "{path}"
+        );
+        assert_eq!(p["offset"].1["maximum"].as_u64(), Some(2_147_483_647), "{path}");
+    }
+    // What a handler can answer is documented.
+    let deploy = &spec["paths"]["/api/v1/models/{name}/deploy"]["post"]["responses"];
+    for status in ["400", "401", "403", "404", "415", "422"] {
+        assert!(deploy[status].is_object(), "deploy's {status}");
+    }
+    assert!(spec["paths"]["/api/v1/models/{name}/versions"]["post"]["responses"]["413"].is_object());
+    assert_eq!(spec["components"]["schemas"]["DeviceOut"]["properties"]["models"]["type"], "array");
+
+    // The bounds hold: above the declared maximum is refused.
+    for path in
+        ["/api/v1/models?offset=2147483648", "/api/v1/deployments?offset=2147483648", "/api/v1/models?limit=501"]
+    {
+        expect_error(hub.get(path, &hub.admin).await, 400).await;
+    }
+    // A body must be an object, not a sequence serde would read as one.
+    hub.register("m").await;
+    let r = hub
+        .req(Method::PUT, "/api/v1/models/m", Some(&hub.admin))
+        .header("content-type", "application/json")
+        .body("[null, null]")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 422).await;
+
+    // Every list that grows pages, the versions list too.
+    hub.push_v1("m", "1.0.0").await;
+    hub.push_v1("m", "1.1.0").await;
+    let page: Value = hub.get("/api/v1/models/m/versions?limit=1&offset=1", &hub.admin).await.json().await.unwrap();
+    assert_eq!((page["total"].as_u64(), page["limit"].as_u64(), page["offset"].as_u64()), (Some(2), Some(1), Some(1)));
+    assert_eq!(page["versions"][0]["version"], "1.0.0", "newest first, so the second is 1.0.0");
+    hub.post_json("/api/v1/devices", &hub.admin, json!({"id": "d1"})).await;
+    let devices: Value = hub.get("/api/v1/devices?limit=1", &hub.admin).await.json().await.unwrap();
+    assert_eq!(devices["total"], 1);
+    assert_eq!(devices["devices"][0]["models"], json!([]), "an array before the first report, as declared");
+}
