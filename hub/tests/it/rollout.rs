@@ -285,7 +285,7 @@ async fn invalid_policies_are_refused_naming_the_field() {
         (json!({"waves": [10, 50]}), "waves[1]"),
         (json!({"waves": [10, 300]}), "waves"),
     ] {
-        let mut body = json!({"version": "1.0.0"});
+        let mut body = json!({"version": "1.0.0", "target": "*"});
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         let r = hub.post_json("/api/v1/models/digits/deploy", &hub.admin, body).await;
         let msg = expect_error(r, 422).await;
