@@ -156,9 +156,11 @@ pub struct TokenList {
 pub async fn list_tokens(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiQuery(p): ApiQuery<PageParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<PageParams>, ApiError>,
 ) -> Result<Json<TokenList>, ApiError> {
     caller.require(Role::Admin, "listing tokens")?;
+    let ApiQuery(p) = query?;
     let (limit, offset) = page(p.limit, p.offset)?;
     let (tokens, total) = page_of(state.meta(|m| m.list_tokens()).await?, limit, offset);
     Ok(Json(TokenList { tokens: tokens.into_iter().map(Into::into).collect(), total, limit, offset }))
@@ -221,9 +223,11 @@ pub async fn rotate_key(State(state): State<SharedState>, caller: Caller) -> Res
 pub async fn audit(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiQuery(p): ApiQuery<PageParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<PageParams>, ApiError>,
 ) -> Result<Json<AuditOut>, ApiError> {
     caller.require(Role::Admin, "reading the audit log")?;
+    let ApiQuery(p) = query?;
     let (limit, offset) = page(p.limit, p.offset)?;
     let entries = state.meta(move |m| m.list_audit(limit, offset)).await?;
     Ok(Json(AuditOut { entries: entries.into_iter().map(Into::into).collect(), limit, offset }))

@@ -324,9 +324,11 @@ pub async fn rollback(
 pub async fn list(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiQuery(p): ApiQuery<ListParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<ListParams>, ApiError>,
 ) -> Result<Json<DeploymentList>, ApiError> {
     caller.require(Role::Viewer, "listing deployments")?;
+    let ApiQuery(p) = query?;
     if let Some(s) = &p.state
         && !STATES.contains(&s.as_str())
     {

@@ -157,9 +157,11 @@ pub struct DeviceList {
 pub async fn list(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiQuery(p): ApiQuery<PageParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<PageParams>, ApiError>,
 ) -> Result<Json<DeviceList>, ApiError> {
     caller.require(Role::Viewer, "listing devices")?;
+    let ApiQuery(p) = query?;
     let (limit, offset) = page(p.limit, p.offset)?;
     let (devices, total) = page_of(state.meta(|m| m.list_devices()).await?, limit, offset);
     Ok(Json(DeviceList { devices: devices.into_iter().map(|d| device_out(&state, d)).collect(), total, limit, offset }))

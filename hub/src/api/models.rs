@@ -141,9 +141,11 @@ pub async fn load_model(state: &SharedState, name: &str) -> Result<(ModelRecord,
 pub async fn list(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiQuery(p): ApiQuery<ListParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<ListParams>, ApiError>,
 ) -> Result<Json<ModelList>, ApiError> {
     caller.require(Role::Viewer, "listing models")?;
+    let ApiQuery(p) = query?;
     if let Some(stage) = &p.stage {
         sentinel_proto::manifest::parse_stage(stage).map_err(ApiError::bad_request)?;
     }
@@ -235,9 +237,11 @@ pub async fn delete(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
-    ApiQuery(p): ApiQuery<DeleteParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<DeleteParams>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "deleting a model")?;
+    let ApiQuery(p) = query?;
     check_lookup_name(&name)?;
     let n = name.clone();
     let active = state.meta(move |m| m.active_deployments(&n)).await?;

@@ -184,9 +184,14 @@ pub async fn upload(
     query: Result<ApiQuery<UploadParams>, ApiError>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let result = match (caller, path, query) {
-        (Ok(caller), Ok(path), Ok(query)) => receive_version(state.clone(), caller, path, query, req).await,
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+    // The role check first: a caller without the role gets 403 whatever
+    // the query string holds.
+    let result = match caller.and_then(|c| c.require(Role::Publisher, "uploading a version").map(|()| c)) {
+        Err(e) => Err(e),
+        Ok(caller) => match (path, query) {
+            (Ok(path), Ok(query)) => receive_version(state.clone(), caller, path, query, req).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        },
     };
     state.metrics.model_push(result.is_ok());
     result

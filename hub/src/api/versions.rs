@@ -172,9 +172,11 @@ pub async fn list(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
-    ApiQuery(p): ApiQuery<PageParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<PageParams>, ApiError>,
 ) -> Result<Json<VersionList>, ApiError> {
     caller.require(Role::Viewer, "listing versions")?;
+    let ApiQuery(p) = query?;
     let (limit, offset) = page(p.limit, p.offset)?;
     let (_, versions) = super::models::load_model(&state, &name).await?;
     let (versions, total) = page_of(versions, limit, offset);

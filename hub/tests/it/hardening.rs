@@ -229,6 +229,12 @@ async fn the_role_check_comes_before_the_body_is_read() {
     }
     let r = hub.req(Method::PUT, "/api/v1/models/m", Some(&viewer)).body("[null, null]").send().await.unwrap();
     expect_error(r, 403).await;
+    // Query strings too.
+    let r = hub.req(Method::POST, "/api/v1/models/m/versions?colour=red", Some(&viewer)).send().await.unwrap();
+    expect_error(r, 403).await;
+    expect_error(hub.get("/api/v1/audit?limit=x", &viewer).await, 403).await;
+    expect_error(hub.req(Method::DELETE, "/api/v1/models/m?force=maybe", Some(&viewer)).send().await.unwrap(), 403)
+        .await;
 }
 
 #[tokio::test]
