@@ -191,8 +191,8 @@ struct BearerAuth;
 /// Adds the error answers every operation of a kind can give, so each one
 /// a handler can return is documented: 400 (a malformed query, path or
 /// header: two `Authorization` headers reach every route), 401 and 403 for
-/// operations that need a token, 404 where the path names something, 415
-/// and 422 where a JSON body is read.
+/// operations that need a token, 404 where the path names something, 413,
+/// 415 and 422 where a JSON body is read.
 #[derive(Debug)]
 struct CommonErrors;
 
@@ -235,6 +235,7 @@ impl Modify for CommonErrors {
                 let json_body =
                     op.request_body.as_ref().is_some_and(|b| b.content.keys().any(|k| k == "application/json"));
                 if json_body {
+                    add(op, "413", "The body is larger than a JSON body may be (2 MiB)");
                     add(op, "415", "The body is not sent as application/json");
                     add(op, "422", "The body is JSON but not what this operation takes");
                 }

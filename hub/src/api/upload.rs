@@ -175,7 +175,8 @@ fn sample_bytes(input: &pb::TensorSpec) -> Result<u64, ApiError> {
         description = "The ONNX file; or multipart/form-data with parts model, validation_inputs, validation_labels"),
     security(("bearer" = [])),
     responses((status = 201, body = VersionOut), (status = 409, body = super::error::ErrorBody),
-        (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)))]
+        (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
+        (status = 507, description = "The hub's storage is full; nothing was stored", body = super::error::ErrorBody)))]
 pub async fn upload(
     State(state): State<SharedState>,
     // Taken as results so that a refused query string counts as a refused push.

@@ -98,7 +98,7 @@ const MAX_VERSION_LEN: usize = 128;
 /// Checks the version of a new version: semver, with a message that says
 /// what is expected.
 pub fn check_version(version: &str) -> Result<(), ApiError> {
-    let v = semver::Version::parse(version)
+    semver::Version::parse(version)
         .map_err(|e| ApiError::bad_request(format!("version {} is not semver (e.g. 1.2.0): {e}", quote(version))))?;
     let core = version.split(['-', '+']).next().unwrap_or_default();
     if version.len() > MAX_VERSION_LEN || core.split('.').any(|n| n.len() > MAX_VERSION_DIGITS) {
@@ -107,7 +107,6 @@ pub fn check_version(version: &str) -> Result<(), ApiError> {
             quote(version)
         )));
     }
-    let _ = v;
     Ok(())
 }
 
@@ -268,4 +267,20 @@ pub async fn update(
         record.key_id
     )));
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_version_is_semver_within_the_declared_bounds() {
+        for good in ["1.2.3", "1.2.3-rc.1+build.5", &format!("{}.0.0", "9".repeat(16))] {
+            assert!(check_version(good).is_ok(), "{good}");
+        }
+        for bad in ["1.2", "01.2.3", &format!("{}.0.0", "9".repeat(17)), &format!("1.0.0-{}", "a".repeat(130))] {
+            assert_eq!(check_version(bad).unwrap_err().status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+        assert_eq!(check_lookup_version("m", "latest").unwrap_err().status, axum::http::StatusCode::NOT_FOUND);
+    }
 }
