@@ -187,13 +187,22 @@ pub async fn upload(
 ) -> Result<Response, ApiError> {
     // The role check first: a caller without the role gets 403 whatever
     // the query string holds.
+    let mut body = Some(req);
     let result = match caller.and_then(|c| c.require(Role::Publisher, "uploading a version").map(|()| c)) {
         Err(e) => Err(e),
         Ok(caller) => match (path, query) {
-            (Ok(path), Ok(query)) => receive_version(state.clone(), caller, path, query, req).await,
+            (Ok(path), Ok(query)) => receive_version(state.clone(), caller, path, query, &mut body).await,
             (Err(e), _) | (_, Err(e)) => Err(e),
         },
     };
+    // Refused before its body was read (a duplicate version, a bad query):
+    // read it (up to DRAIN_LIMIT, keeping nothing) so a client still sending
+    // sees the answer instead of a reset connection.
+    if result.is_err()
+        && let Some(req) = body.take()
+    {
+        drain(&mut req.into_body().into_data_stream()).await;
+    }
     state.metrics.model_push(result.is_ok());
     result
 }
@@ -204,7 +213,7 @@ async fn receive_version(
     caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(p): ApiQuery<UploadParams>,
-    req: Request,
+    body: &mut Option<Request>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Publisher, "uploading a version")?;
     super::models::check_lookup_name(&name)?;
@@ -260,6 +269,11 @@ async fn receive_version(
         )));
     }
     let cap = state.config.max_upload_bytes;
+    // From here on the body is this function's: an oversize one is refused
+    // unread, not drained.
+    let Some(req) = body.take() else {
+        return Err(ApiError::bad_request("the request body was already read"));
+    };
     if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > cap
     {
