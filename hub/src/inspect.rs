@@ -127,7 +127,7 @@ impl Inspector {
             if scratch.exists() {
                 std::fs::remove_dir_all(&scratch)?;
             }
-            std::fs::create_dir_all(&scratch)
+            sentinel_proto::private::create_dir(&scratch)
         };
         prepare().map_err(|e| InspectError::Worker {
             worker: worker.clone(),

@@ -177,17 +177,7 @@ struct Conn {
 
 impl Connections {
     pub fn new(limits: Limits) -> Connections {
-        Connections {
-            inner: Arc::new(Registry {
-                limits,
-                epoch: Instant::now(),
-                state: Mutex::default(),
-                next_id: AtomicU64::new(1),
-                evicted: AtomicU64::new(0),
-                refused: AtomicU64::new(0),
-                timed_out: AtomicU64::new(0),
-            }),
-        }
+        Connections { inner: Arc::new(Registry::new(limits)) }
     }
 
     pub fn limits(&self) -> &Limits {
@@ -244,6 +234,18 @@ impl Connections {
 }
 
 impl Registry {
+    fn new(limits: Limits) -> Registry {
+        Registry {
+            limits,
+            epoch: Instant::now(),
+            state: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            evicted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+        }
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -462,15 +464,7 @@ mod tests {
     use super::*;
 
     fn registry(max: usize) -> Registry {
-        Registry {
-            limits: Limits { max_connections: max, ..Limits::default() },
-            epoch: Instant::now(),
-            state: Mutex::default(),
-            next_id: AtomicU64::new(1),
-            evicted: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            timed_out: AtomicU64::new(0),
-        }
+        Registry::new(Limits { max_connections: max, ..Limits::default() })
     }
 
     #[test]

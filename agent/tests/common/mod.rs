@@ -242,6 +242,15 @@ pub async fn serve_2_over_warm_1(hub: &TestHub, agent: &AgentHandle) {
         .unwrap();
 }
 
+/// The pid of the worker behind `model`'s active slot.
+pub fn active_pid(agent: &AgentHandle, model: &str) -> u32 {
+    let active = agent.shared.serving.model(model).unwrap().route().active.clone().unwrap();
+    match active.worker.state() {
+        sentinel_agent::supervisor::SlotState::Running { pid, .. } => pid,
+        other => panic!("{other:?}"),
+    }
+}
+
 /// The active version of `model` in a view.
 pub fn active(v: &AgentView, model: &str) -> Option<String> {
     v.models.iter().find(|m| m.name == model).and_then(|m| m.active_version.clone())

@@ -14,18 +14,9 @@ use crate::common;
 
 use common::*;
 use sentinel_agent::AgentHandle;
-use sentinel_agent::supervisor::SlotState as WorkerState;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-
-fn pid(agent: &AgentHandle) -> u32 {
-    let active = agent.shared.serving.model("digits").unwrap().route().active.clone().unwrap();
-    match active.worker.state() {
-        WorkerState::Running { pid, .. } => pid,
-        other => panic!("{other:?}"),
-    }
-}
 
 async fn serving_digits(tmp: &std::path::Path, extra: &str) -> (TestHub, AgentHandle, String) {
     let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
@@ -69,7 +60,7 @@ async fn a_huge_shape_or_a_huge_id_gets_a_400_and_the_device_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let (_hub, agent, base) = serving_digits(tmp.path(), "").await;
     let http = reqwest::Client::new();
-    let before = pid(&agent);
+    let before = active_pid(&agent, "digits");
     let infer = |body: Vec<u8>| http.post(format!("{base}/v2/models/digits/infer")).body(body).send();
 
     // Finding 1: this body aborted the agent ("memory allocation of
@@ -124,7 +115,7 @@ async fn a_huge_shape_or_a_huge_id_gets_a_400_and_the_device_keeps_serving() {
     assert_eq!(r.await.unwrap().status(), 200);
 
     infer_ok(&http, &base).await;
-    assert_eq!(pid(&agent), before, "no hostile request cost the worker");
+    assert_eq!(active_pid(&agent, "digits"), before, "no hostile request cost the worker");
     agent.shutdown().await;
 }
 
@@ -193,7 +184,7 @@ async fn a_burst_of_large_bodies_is_answered_and_the_agent_serves_on() {
     let tmp = tempfile::tempdir().unwrap();
     let extra = "[serving]\nmax_body_bytes = 8388608\nmax_inflight_bytes = 16777216\nrequest_timeout_ms = 60000\n";
     let (_hub, agent, base) = serving_digits(tmp.path(), extra).await;
-    let before = pid(&agent);
+    let before = active_pid(&agent, "digits");
     let body = bytes::Bytes::from(digits_body(21_500, None));
     assert!(body.len() > 5 << 20, "{} bytes", body.len());
     let http = reqwest::Client::new();
@@ -227,7 +218,7 @@ async fn a_burst_of_large_bodies_is_answered_and_the_agent_serves_on() {
     assert_eq!(answered.0 + answered.1, 32);
     assert!(answered.0 >= 1, "the budget admits two bodies at once: {answered:?}");
     infer_ok(&http, &base).await;
-    assert_eq!(pid(&agent), before);
+    assert_eq!(active_pid(&agent, "digits"), before);
     agent.shutdown().await;
 }
 

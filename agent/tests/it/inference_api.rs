@@ -7,17 +7,7 @@
 use crate::common;
 
 use common::*;
-use sentinel_agent::AgentHandle;
-use sentinel_agent::supervisor::SlotState as WorkerState;
 use serde_json::{Value, json};
-
-fn pid(agent: &AgentHandle) -> u32 {
-    let active = agent.shared.serving.model("digits").unwrap().route().active.clone().unwrap();
-    match active.worker.state() {
-        WorkerState::Running { pid, .. } => pid,
-        other => panic!("{other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_v2_api_serves_and_refuses_bad_input_with_reasons() {
@@ -77,7 +67,7 @@ async fn the_v2_api_serves_and_refuses_bad_input_with_reasons() {
     assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{probs:?}");
 
     // Bad input: a 400 naming the problem, and the same worker keeps serving.
-    let before = pid(&agent);
+    let before = active_pid(&agent, "digits");
     let tensor = |shape: Value, datatype: &str, data: Value| json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]});
     let mut nan_body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]})
         .to_string()
@@ -102,7 +92,7 @@ async fn the_v2_api_serves_and_refuses_bad_input_with_reasons() {
         let msg = v["error"].as_str().unwrap();
         assert!(msg.contains(want), "{what}: {msg}");
     }
-    assert_eq!(pid(&agent), before, "bad input never costs the worker");
+    assert_eq!(active_pid(&agent, "digits"), before, "bad input never costs the worker");
     let r = http
         .post(format!("{base}/v2/models/nope/infer"))
         .json(&tensor(json!([1]), "FP32", json!([0])))
