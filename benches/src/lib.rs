@@ -67,6 +67,9 @@ impl HubProcess {
             .args(["--data-dir", &dir.path().display().to_string(), "--listen", "127.0.0.1:0"])
             // Not the default fixed metrics port: benchmarks may run beside a real hub.
             .args(["--metrics-listen", "127.0.0.1:0"])
+            // The hub checks uploads with the worker of the same build.
+            .arg("--worker")
+            .arg(workspace_bin("sentinel-worker")?)
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -23,6 +23,45 @@ pub fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
     }
 }
 
+/// Default `RLIMIT_AS` of an upload's inspection, in MiB.
+pub const DEFAULT_INSPECT_MEMORY_MIB: u64 = 1024;
+/// Default wall-time limit of an upload's inspection, in seconds.
+pub const DEFAULT_INSPECT_TIMEOUT_SECS: u64 = 60;
+
+/// How uploads are inspected (see [`crate::inspect`]).
+#[derive(Debug, Clone)]
+pub struct InspectConfig {
+    /// The `sentinel-worker` executable that checks uploads. `None`:
+    /// `sentinel-worker` beside the running executable, else on `PATH`; the
+    /// hub refuses to start when neither exists.
+    pub worker: Option<PathBuf>,
+    /// `RLIMIT_AS` of a check.
+    pub memory_limit_bytes: u64,
+    /// Wall time a check may take before it is killed.
+    pub timeout: Duration,
+    /// Graphs with more nodes are refused before they are loaded.
+    pub max_nodes: u64,
+    /// Checks running at once; further uploads wait for a slot.
+    pub concurrency: usize,
+}
+
+impl Default for InspectConfig {
+    fn default() -> Self {
+        Self {
+            worker: None,
+            memory_limit_bytes: DEFAULT_INSPECT_MEMORY_MIB * 1024 * 1024,
+            timeout: Duration::from_secs(DEFAULT_INSPECT_TIMEOUT_SECS),
+            max_nodes: crate::onnx::DEFAULT_MAX_NODES,
+            concurrency: default_inspect_concurrency(),
+        }
+    }
+}
+
+/// One check per CPU: a check is single threaded and CPU bound.
+pub fn default_inspect_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
 /// Everything a hub needs to start. Built from flags by `sentinel-hub`, or
 /// from values by tests.
 #[derive(Debug, Clone)]
@@ -55,6 +94,8 @@ pub struct HubConfig {
     /// together: a cap (kept below the open-file limit), header-read and
     /// idle timeouts. The HTTP/2 keep-alive follows `heartbeat`.
     pub connections: sentinel_net::Limits,
+    /// Push-time inspection: the worker binary and its limits.
+    pub inspect: InspectConfig,
 }
 
 /// Default cap on connections over all the hub's listeners: room for a
@@ -97,6 +138,7 @@ impl HubConfig {
                 max_connections: sentinel_net::Limits::connections_within_fd_limit(DEFAULT_MAX_CONNECTIONS),
                 ..sentinel_net::Limits::default()
             },
+            inspect: InspectConfig::default(),
         }
     }
 

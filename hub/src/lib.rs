@@ -11,7 +11,9 @@
 //!   SQLite metadata ([`store::sqlite`]) and a content-addressed blob store on
 //!   local disk ([`store::blobs`]).
 //! - [`keys`]: the hub's Ed25519 signing keys (generation, rotation, pinning).
-//! - [`onnx`]: reading and checking an uploaded ONNX file's signature.
+//! - [`onnx`]: reading an uploaded ONNX file's signature, cheaply and bounded.
+//! - [`inspect`]: inspecting an upload: the signature here, the engine's load
+//!   and probe in a confined `sentinel-worker --check` child with limits.
 //! - [`auth`]: API tokens, roles, and the first-start admin token.
 //! - [`selector`]: deployment target selectors (`stage=production,site=a`).
 //! - [`api`]: the axum router, one module per resource.
@@ -31,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod fleet;
 pub mod grpc;
+pub mod inspect;
 pub mod keys;
 pub mod metrics;
 pub mod onnx;

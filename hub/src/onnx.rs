@@ -1,24 +1,52 @@
-//! Reading an uploaded ONNX file: its input/output signature, and whether it
-//! loads at all.
+//! Reading an uploaded ONNX file's signature in the hub's own process:
+//! inputs, outputs, their dtypes and dims, and how many nodes the graph has.
+//!
+//! This is the only part of an upload the hub decodes itself, and it is cheap
+//! and bounded by construction: it walks the protobuf wire format from disk,
+//! seeking over everything it does not need (weights, attributes, node
+//! bodies), so memory stays at a few buffers whatever the file holds, and
+//! time is one pass over the field headers. Loading the graph with an engine
+//! (analysis, optimisation, constant folding, a probe inference) is another
+//! matter: a 193-byte file can ask for gigabytes there. That happens in a
+//! confined child process; see [`crate::inspect`].
 //!
 //! The signature is read from the file's own declarations, with symbolic
-//! dimensions kept as written (`N`, `batch`, or `?` when unnamed). "Loads"
-//! means tract can build and optimise the graph once symbolic dimensions are
-//! fixed to 1: that catches truncated files, garbage that happens to decode
-//! as protobuf, and operators tract does not know, before anything is stored.
+//! dimensions kept as written (`N`, `batch`, or `?` when unnamed). Graph
+//! inputs that are also initializers (weights listed as inputs, as files of
+//! IR version < 4 do) are not part of the signature.
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek};
 use std::path::Path;
 
+use prost::Message as _;
 use sentinel_proto::pb::{Dimension, TensorSpec, dimension::Kind};
 use tract_onnx::pb::{ValueInfoProto, tensor_shape_proto::dimension::Value as DimValue, type_proto};
-use tract_onnx::prelude::*;
 
-/// Why a file is not a loadable ONNX model. Shown to the uploader.
+/// Default for [`SignatureLimits::max_nodes`]: generous for real exports
+/// (MobileNet and ResNet-50 have 100-200 nodes, BERT-base 1-2.5 thousand,
+/// GPT-2 about 3 thousand, BERT-large about 5 thousand), and below the sizes
+/// where tract's optimiser grows out of proportion (a 20,000-node chain took
+/// 8 s, 40,000 took 37 s).
+pub const DEFAULT_MAX_NODES: u64 = 20_000;
+
+/// Largest single input or output declaration read (a `ValueInfoProto`).
+const MAX_VALUE_INFO_BYTES: u64 = 64 * 1024;
+/// Largest total of input and output declarations kept.
+const MAX_SIGNATURE_BYTES: u64 = 16 * 1024 * 1024;
+/// Deepest nesting of subgraphs (`If`/`Loop`/`Scan` bodies) followed.
+const MAX_GRAPH_DEPTH: u32 = 32;
+/// Longest initializer name compared against input names.
+const MAX_NAME_BYTES: u64 = 64 * 1024;
+
+/// Why a file is not a usable ONNX model. Shown to the uploader.
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
     #[error("the file is not an ONNX model (protobuf decoding failed: {0})")]
     Decode(String),
+    #[error("reading the upload: {0}")]
+    Read(#[source] io::Error),
     #[error("the ONNX model has no graph")]
     NoGraph,
     #[error("the ONNX graph declares no {0}")]
@@ -27,33 +55,72 @@ pub enum OnnxError {
     NotATensor { what: &'static str, name: String },
     #[error("{what} `{name}` has unsupported element type {elem_type}")]
     UnsupportedType { what: &'static str, name: String, elem_type: i32 },
-    #[error("the model does not load: {0}")]
-    Load(String),
+    #[error(
+        "the graph has {nodes} nodes (subgraphs and functions included), more than this hub's inspection \
+         limit of {limit} nodes; ask the hub's operator to raise --inspect-max-nodes"
+    )]
+    TooManyNodes { nodes: u64, limit: u64 },
+    #[error("the graph's input and output declarations are larger than this hub reads ({0})")]
+    SignatureTooLarge(String),
 }
 
-/// What the hub learns from an ONNX file.
+/// Bounds on the in-process read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignatureLimits {
+    /// Refuse a graph with more nodes than this, subgraphs and functions included.
+    pub max_nodes: u64,
+}
+
+impl Default for SignatureLimits {
+    fn default() -> Self {
+        Self { max_nodes: DEFAULT_MAX_NODES }
+    }
+}
+
+/// What the hub learns from an ONNX file without loading it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OnnxSignature {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Nodes in the graph, its subgraphs and its local functions.
+    pub nodes: u64,
 }
 
-/// ONNX element type code to our dtype name and tract's datum type.
-fn elem_type(code: i32) -> Option<(&'static str, DatumType)> {
+impl OnnxSignature {
+    /// The shapes a device serves with when nothing else is configured:
+    /// each input's declared dims with symbolic ones fixed to 1.
+    pub fn default_input_shapes(&self) -> Vec<Vec<u64>> {
+        self.inputs
+            .iter()
+            .map(|t| {
+                t.shape
+                    .iter()
+                    .map(|d| match d.kind {
+                        Some(Kind::Fixed(n)) => n,
+                        _ => 1,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// ONNX element type code to our dtype name.
+fn elem_type(code: i32) -> Option<&'static str> {
     Some(match code {
-        1 => ("float32", DatumType::F32),
-        2 => ("uint8", DatumType::U8),
-        3 => ("int8", DatumType::I8),
-        4 => ("uint16", DatumType::U16),
-        5 => ("int16", DatumType::I16),
-        6 => ("int32", DatumType::I32),
-        7 => ("int64", DatumType::I64),
-        8 => ("string", DatumType::String),
-        9 => ("bool", DatumType::Bool),
-        10 => ("float16", DatumType::F16),
-        11 => ("float64", DatumType::F64),
-        12 => ("uint32", DatumType::U32),
-        13 => ("uint64", DatumType::U64),
+        1 => "float32",
+        2 => "uint8",
+        3 => "int8",
+        4 => "uint16",
+        5 => "int16",
+        6 => "int32",
+        7 => "int64",
+        8 => "string",
+        9 => "bool",
+        10 => "float16",
+        11 => "float64",
+        12 => "uint32",
+        13 => "uint64",
         _ => return None,
     })
 }
@@ -69,12 +136,12 @@ pub fn dtype_size(dtype: &str) -> Option<u64> {
     })
 }
 
-fn tensor_spec(what: &'static str, vi: &ValueInfoProto) -> Result<(TensorSpec, DatumType), OnnxError> {
+fn tensor_spec(what: &'static str, vi: &ValueInfoProto) -> Result<TensorSpec, OnnxError> {
     let not_tensor = || OnnxError::NotATensor { what, name: vi.name.clone() };
     let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
         return Err(not_tensor());
     };
-    let (dtype, datum) = elem_type(t.elem_type).ok_or(OnnxError::UnsupportedType {
+    let dtype = elem_type(t.elem_type).ok_or(OnnxError::UnsupportedType {
         what,
         name: vi.name.clone(),
         elem_type: t.elem_type,
@@ -95,65 +162,391 @@ fn tensor_spec(what: &'static str, vi: &ValueInfoProto) -> Result<(TensorSpec, D
                 .collect()
         })
         .unwrap_or_default();
-    Ok((TensorSpec { name: vi.name.clone(), dtype: dtype.to_owned(), shape }, datum))
+    Ok(TensorSpec { name: vi.name.clone(), dtype: dtype.to_owned(), shape })
 }
 
-/// Reads the signature of the ONNX file at `path` and checks that it loads.
-/// CPU-heavy for large models: call it from a blocking thread.
-pub fn inspect(path: &Path) -> Result<OnnxSignature, OnnxError> {
-    let onnx = onnx().with_ignore_output_shapes(true);
-    let proto = onnx.proto_model_for_path(path).map_err(|e| OnnxError::Decode(format!("{e:#}")))?;
-    let graph = proto.graph.as_ref().ok_or(OnnxError::NoGraph)?;
-    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let mut inputs = Vec::new();
-    let mut facts = Vec::new();
-    for vi in graph.input.iter().filter(|vi| !initializers.contains(vi.name.as_str())) {
-        let (spec, datum) = tensor_spec("input", vi)?;
-        let dims: TVec<usize> = spec
-            .shape
-            .iter()
-            .map(|d| match d.kind {
-                Some(Kind::Fixed(n)) => usize::try_from(n).unwrap_or(1),
-                _ => 1,
-            })
-            .collect();
-        facts.push(InferenceFact::dt_shape(datum, dims));
-        inputs.push(spec);
+/// Reads the signature of the ONNX file at `path`. Does blocking file I/O:
+/// call it from a blocking thread.
+pub fn read_signature(path: &Path, limits: SignatureLimits) -> Result<OnnxSignature, OnnxError> {
+    let file = File::open(path).map_err(OnnxError::Read)?;
+    let len = file.metadata().map_err(OnnxError::Read)?.len();
+    read_signature_from(BufReader::new(file), len, limits)
+}
+
+/// [`read_signature`] over any seekable reader holding `len` bytes of ONNX.
+pub fn read_signature_from<R: Read + Seek>(
+    reader: R,
+    len: u64,
+    limits: SignatureLimits,
+) -> Result<OnnxSignature, OnnxError> {
+    let mut w = Walker { r: reader, pos: 0, nodes: 0 };
+    // ModelProto: graph = 7, functions = 25. Several `graph` fields merge in
+    // protobuf, so every one is read.
+    let mut graphs = Vec::new();
+    let mut functions = Vec::new();
+    w.fields(len, |w, field, wire| match (field, wire) {
+        (7, Wire::Len(n)) => {
+            graphs.push((w.pos, n));
+            w.skip(n)
+        }
+        (25, Wire::Len(n)) => {
+            functions.push((w.pos, n));
+            w.skip(n)
+        }
+        (_, wire) => w.skip_wire(wire),
+    })?;
+    if graphs.is_empty() {
+        return Err(OnnxError::NoGraph);
     }
-    let outputs =
-        graph.output.iter().map(|vi| tensor_spec("output", vi).map(|(s, _)| s)).collect::<Result<Vec<_>, _>>()?;
+    let mut sig = Collected::default();
+    for &(start, n) in &graphs {
+        w.seek_to(start)?;
+        w.graph(start + n, 0, Some(&mut sig))?;
+    }
+    for &(start, n) in &functions {
+        w.seek_to(start)?;
+        w.function(start + n)?;
+    }
+    if w.nodes > limits.max_nodes {
+        return Err(OnnxError::TooManyNodes { nodes: w.nodes, limit: limits.max_nodes });
+    }
+    // Second pass: initializer names, to drop weights declared as inputs.
+    let mut input_names: HashSet<String> = sig.inputs.iter().map(|vi| vi.name.clone()).collect();
+    let mut weights = HashSet::new();
+    for &(start, n) in &graphs {
+        w.seek_to(start)?;
+        w.initializer_names(start + n, &mut input_names, &mut weights)?;
+    }
+    let inputs = sig
+        .inputs
+        .iter()
+        .filter(|vi| !weights.contains(&vi.name))
+        .map(|vi| tensor_spec("input", vi))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = sig.outputs.iter().map(|vi| tensor_spec("output", vi)).collect::<Result<Vec<_>, _>>()?;
     if inputs.is_empty() {
         return Err(OnnxError::NoTensors("inputs"));
     }
     if outputs.is_empty() {
         return Err(OnnxError::NoTensors("outputs"));
     }
-    let load = || -> TractResult<()> {
-        let mut model = onnx.model_for_proto_model(&proto)?;
-        for (i, fact) in facts.into_iter().enumerate() {
-            model.set_input_fact(i, fact)?;
-        }
-        model.into_optimized()?;
-        Ok(())
-    };
-    let loaded = load();
-    drop(proto);
-    release_freed_memory();
-    loaded.map_err(|e| OnnxError::Load(format!("{e:#}")))?;
-    Ok(OnnxSignature { inputs, outputs })
+    Ok(OnnxSignature { inputs, outputs, nodes: w.nodes })
 }
 
-/// Optimising a large graph allocates hundreds of MB that glibc keeps in its
-/// arenas after they are freed; hand them back so an idle hub stays small.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only releases free heap pages; it has no
-    // preconditions and touches no memory the program still owns.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::malloc_trim(0);
+#[derive(Debug, Default)]
+struct Collected {
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    kept_bytes: u64,
+}
+
+/// A protobuf field's wire type, with the length of a length-delimited one.
+#[derive(Debug, Clone, Copy)]
+enum Wire {
+    Varint,
+    Fixed64,
+    Len(u64),
+    Fixed32,
+}
+
+struct Walker<R> {
+    r: R,
+    /// Bytes consumed from the start of the file.
+    pos: u64,
+    /// Nodes seen so far, subgraphs and functions included.
+    nodes: u64,
+}
+
+fn decode_err(what: impl Into<String>) -> OnnxError {
+    OnnxError::Decode(what.into())
+}
+
+impl<R: Read + Seek> Walker<R> {
+    fn byte(&mut self) -> Result<u8, OnnxError> {
+        let mut b = [0u8; 1];
+        self.r.read_exact(&mut b).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => decode_err("the file ends inside a field"),
+            _ => OnnxError::Read(e),
+        })?;
+        self.pos += 1;
+        Ok(b[0])
+    }
+
+    fn varint(&mut self) -> Result<u64, OnnxError> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let b = self.byte()?;
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(decode_err("a varint is longer than 10 bytes"))
+    }
+
+    fn skip(&mut self, n: u64) -> Result<(), OnnxError> {
+        let n = i64::try_from(n).map_err(|_| decode_err("a field is longer than the file"))?;
+        self.r.seek_relative(n).map_err(OnnxError::Read)?;
+        self.pos += n as u64;
+        Ok(())
+    }
+
+    fn seek_to(&mut self, pos: u64) -> Result<(), OnnxError> {
+        self.r.seek(io::SeekFrom::Start(pos)).map_err(OnnxError::Read)?;
+        self.pos = pos;
+        Ok(())
+    }
+
+    fn skip_wire(&mut self, wire: Wire) -> Result<(), OnnxError> {
+        match wire {
+            Wire::Varint => self.varint().map(drop),
+            Wire::Fixed64 => self.skip(8),
+            Wire::Len(n) => self.skip(n),
+            Wire::Fixed32 => self.skip(4),
+        }
+    }
+
+    fn read_bytes(&mut self, n: u64) -> Result<Vec<u8>, OnnxError> {
+        let mut buf = vec![0u8; usize::try_from(n).map_err(|_| decode_err("a field is too long"))?];
+        self.r.read_exact(&mut buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => decode_err("the file ends inside a field"),
+            _ => OnnxError::Read(e),
+        })?;
+        self.pos += n;
+        Ok(buf)
+    }
+
+    /// Calls `on_field` for each field up to `end`, which must consume
+    /// exactly the field's payload. A field that runs past `end` is an error.
+    /// Counting is cheap (a header walk), so the whole graph is counted and
+    /// a refusal can name the real count.
+    fn count_node(&mut self) {
+        self.nodes = self.nodes.saturating_add(1);
+    }
+
+    fn fields(
+        &mut self,
+        end: u64,
+        mut on_field: impl FnMut(&mut Self, u64, Wire) -> Result<(), OnnxError>,
+    ) -> Result<(), OnnxError> {
+        while self.pos < end {
+            let key = self.varint()?;
+            let field = key >> 3;
+            let wire = match key & 7 {
+                0 => Wire::Varint,
+                1 => Wire::Fixed64,
+                2 => {
+                    let n = self.varint()?;
+                    if n > end.saturating_sub(self.pos) {
+                        return Err(decode_err(format!("field {field} is longer than the message holding it")));
+                    }
+                    Wire::Len(n)
+                }
+                5 => Wire::Fixed32,
+                other => return Err(decode_err(format!("field {field} has wire type {other}, which ONNX never uses"))),
+            };
+            if field == 0 {
+                return Err(decode_err("a field number is 0"));
+            }
+            on_field(self, field, wire)?;
+            if self.pos > end {
+                return Err(decode_err(format!("field {field} runs past the end of the message holding it")));
+            }
+        }
+        Ok(())
+    }
+
+    /// GraphProto: node = 1, input = 11, output = 12. The signature is
+    /// collected from the top-level graph only (`sig` is `Some`); subgraphs
+    /// only add to the node count.
+    fn graph(&mut self, end: u64, depth: u32, mut sig: Option<&mut Collected>) -> Result<(), OnnxError> {
+        if depth > MAX_GRAPH_DEPTH {
+            return Err(decode_err(format!("subgraphs are nested more than {MAX_GRAPH_DEPTH} deep")));
+        }
+        self.fields(end, |w, field, wire| match (field, wire, sig.as_deref_mut()) {
+            (1, Wire::Len(n), _) => w.node(w.pos + n, depth),
+            (11 | 12, Wire::Len(n), Some(sig)) => {
+                if n > MAX_VALUE_INFO_BYTES || sig.kept_bytes + n > MAX_SIGNATURE_BYTES {
+                    return Err(OnnxError::SignatureTooLarge(format!(
+                        "at most {MAX_VALUE_INFO_BYTES} bytes each and {MAX_SIGNATURE_BYTES} in all"
+                    )));
+                }
+                sig.kept_bytes += n;
+                let vi = ValueInfoProto::decode(w.read_bytes(n)?.as_slice())
+                    .map_err(|e| decode_err(format!("graph {}: {e}", if field == 11 { "input" } else { "output" })))?;
+                if field == 11 {
+                    sig.inputs.push(vi)
+                } else {
+                    sig.outputs.push(vi)
+                }
+                Ok(())
+            }
+            (_, wire, _) => w.skip_wire(wire),
+        })
+    }
+
+    /// FunctionProto: node = 7.
+    fn function(&mut self, end: u64) -> Result<(), OnnxError> {
+        self.fields(end, |w, field, wire| match (field, wire) {
+            (7, Wire::Len(n)) => w.node(w.pos + n, 1),
+            (_, wire) => w.skip_wire(wire),
+        })
+    }
+
+    /// NodeProto: attribute = 5; AttributeProto: g = 6, graphs = 11.
+    fn node(&mut self, end: u64, depth: u32) -> Result<(), OnnxError> {
+        self.count_node();
+        self.fields(end, |w, field, wire| match (field, wire) {
+            (5, Wire::Len(n)) => {
+                let attr_end = w.pos + n;
+                w.fields(attr_end, |w, field, wire| match (field, wire) {
+                    (6 | 11, Wire::Len(n)) => w.graph(w.pos + n, depth + 1, None),
+                    (_, wire) => w.skip_wire(wire),
+                })
+            }
+            (_, wire) => w.skip_wire(wire),
+        })
+    }
+
+    /// GraphProto: initializer = 5; TensorProto: name = 8.
+    fn initializer_names(
+        &mut self,
+        end: u64,
+        inputs: &mut HashSet<String>,
+        weights: &mut HashSet<String>,
+    ) -> Result<(), OnnxError> {
+        self.fields(end, |w, field, wire| match (field, wire) {
+            (5, Wire::Len(n)) => {
+                let tensor_end = w.pos + n;
+                w.fields(tensor_end, |w, field, wire| match (field, wire) {
+                    (8, Wire::Len(n)) if n <= MAX_NAME_BYTES => {
+                        let name = String::from_utf8_lossy(&w.read_bytes(n)?).into_owned();
+                        if let Some(name) = inputs.take(&name) {
+                            weights.insert(name);
+                        }
+                        Ok(())
+                    }
+                    (_, wire) => w.skip_wire(wire),
+                })
+            }
+            (_, wire) => w.skip_wire(wire),
+        })
     }
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use tract_onnx::pb::{
+        AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
+        tensor_shape_proto::Dimension as PbDim,
+    };
+
+    use super::*;
+
+    fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
+        let dim = dims
+            .iter()
+            .map(|&d| PbDim {
+                value: Some(if d < 0 { DimValue::DimParam("N".into()) } else { DimValue::DimValue(d) }),
+                ..PbDim::default()
+            })
+            .collect();
+        ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(TensorShapeProto { dim }),
+                })),
+                ..TypeProto::default()
+            }),
+            ..ValueInfoProto::default()
+        }
+    }
+
+    fn relu(i: usize) -> NodeProto {
+        NodeProto {
+            op_type: "Relu".into(),
+            input: vec![format!("t{i}")],
+            output: vec![format!("t{}", i + 1)],
+            ..NodeProto::default()
+        }
+    }
+
+    fn model(graph: GraphProto) -> Vec<u8> {
+        ModelProto { ir_version: 3, graph: Some(graph), ..ModelProto::default() }.encode_to_vec()
+    }
+
+    fn read(bytes: &[u8], max_nodes: u64) -> Result<OnnxSignature, OnnxError> {
+        read_signature_from(Cursor::new(bytes), bytes.len() as u64, SignatureLimits { max_nodes })
+    }
+
+    #[test]
+    fn reads_the_signature_without_the_weights_declared_as_inputs() {
+        let weight = TensorProto { name: "w".into(), raw_data: vec![7; 100_000], ..TensorProto::default() };
+        let bytes = model(GraphProto {
+            node: (0..3).map(relu).collect(),
+            input: vec![value("x", &[-1, 64]), value("w", &[25_000])],
+            output: vec![value("y", &[-1, 10])],
+            initializer: vec![weight],
+            ..GraphProto::default()
+        });
+        let sig = read(&bytes, 100).expect("reads");
+        assert_eq!(sig.nodes, 3);
+        assert_eq!(sig.inputs.len(), 1, "the initializer `w` is no input: {:?}", sig.inputs);
+        assert_eq!(sig.inputs[0].name, "x");
+        assert_eq!(sig.default_input_shapes(), vec![vec![1, 64]]);
+        assert_eq!(sig.outputs[0].shape[1].kind, Some(Kind::Fixed(10)));
+    }
+
+    #[test]
+    fn counts_nodes_in_subgraphs_and_refuses_past_the_limit() {
+        let body = GraphProto { node: (0..5).map(relu).collect(), ..GraphProto::default() };
+        let cond = NodeProto {
+            op_type: "If".into(),
+            attribute: vec![
+                AttributeProto { name: "then_branch".into(), g: Some(body.clone()), ..AttributeProto::default() },
+                AttributeProto { name: "else_branch".into(), graphs: vec![body], ..AttributeProto::default() },
+            ],
+            ..NodeProto::default()
+        };
+        let bytes = model(GraphProto {
+            node: vec![cond],
+            input: vec![value("x", &[1])],
+            output: vec![value("y", &[1])],
+            ..GraphProto::default()
+        });
+        assert_eq!(read(&bytes, 11).expect("at the limit").nodes, 11);
+        let err = read(&bytes, 10).expect_err("over the limit");
+        assert!(matches!(err, OnnxError::TooManyNodes { nodes: 11, limit: 10 }), "{err}");
+        assert!(err.to_string().contains("11 nodes") && err.to_string().contains("limit of 10"), "{err}");
+    }
+
+    #[test]
+    fn truncated_garbage_and_graphless_files_are_refused() {
+        let bytes = model(GraphProto {
+            node: vec![relu(0)],
+            input: vec![value("x", &[1])],
+            output: vec![value("y", &[1])],
+            ..GraphProto::default()
+        });
+        for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+            let err = read(&bytes[..cut], 10).expect_err("truncated");
+            assert!(matches!(err, OnnxError::Decode(_) | OnnxError::NoGraph), "cut at {cut}: {err}");
+        }
+        assert!(matches!(read(b"this is a text file, not a model\n", 10), Err(OnnxError::Decode(_))));
+        assert!(matches!(read(&ModelProto::default().encode_to_vec(), 10), Err(OnnxError::NoGraph)));
+        let no_inputs = model(GraphProto { output: vec![value("y", &[1])], ..GraphProto::default() });
+        assert!(matches!(read(&no_inputs, 10), Err(OnnxError::NoTensors("inputs"))));
+    }
+
+    #[test]
+    fn oversized_declarations_are_refused_before_they_are_read() {
+        let mut huge = value("x", &[1]);
+        huge.doc_string = "d".repeat(2 * MAX_VALUE_INFO_BYTES as usize);
+        let bytes = model(GraphProto { input: vec![huge], output: vec![value("y", &[1])], ..GraphProto::default() });
+        assert!(matches!(read(&bytes, 10), Err(OnnxError::SignatureTooLarge(_))));
+    }
+}

@@ -49,6 +49,8 @@ pub enum HubError {
     Metrics(#[from] prometheus::Error),
     #[error("serving metrics")]
     ServeMetrics(#[source] std::io::Error),
+    #[error("setting up upload inspection")]
+    Inspect(#[source] crate::inspect::InspectError),
 }
 
 /// The hub's bound sockets.
@@ -82,6 +84,10 @@ pub struct Hub {
     pub bootstrap_token: Option<String>,
 }
 
+/// The directory, in the data dir, that holds each running inspection's
+/// private working directory. Emptied at start.
+pub const INSPECT_DIR: &str = "inspect";
+
 /// Name of the file the first admin token is written to, in the data dir.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -97,6 +103,8 @@ impl Hub {
         let meta: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open(&dir.join("hub.db"))?);
         let blobs = LocalBlobStore::open(dir.join("blobs").join("sha256"))?;
         let keys = Keyring::open_or_create(&dir.join("keys"))?;
+        let inspector =
+            crate::inspect::Inspector::new(config.inspect.clone(), dir.join(INSPECT_DIR)).map_err(HubError::Inspect)?;
 
         let referenced: std::collections::HashSet<String> = meta.referenced_blobs()?.into_iter().collect();
         for sha in blobs.list()? {
@@ -125,6 +133,7 @@ impl Hub {
             live: crate::web::Live::default(),
             public_url: RwLock::new(String::new()),
             metrics: crate::metrics::HubMetrics::new()?,
+            inspector,
         });
         Ok(Self { state, bootstrap_token })
     }

@@ -10,7 +10,10 @@
 //! - [`manifest`]: the signed model manifest: sign, verify, validate, and its JSON view.
 //! - [`state`]: the signed desired state pushed to one device: sign and verify
 //!   (signature, device, replay, expiry, every manifest).
+//! - [`inspect`]: the push-time check the hub runs in `sentinel-worker --check`:
+//!   its JSON report and exit codes.
 
+pub mod inspect;
 pub mod keys;
 pub mod manifest;
 pub mod state;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use sentinel_agent::worker::check::{self, CheckConfig};
 use sentinel_agent::worker::probe::ForbiddenProbe;
 use sentinel_agent::worker::sandbox::Confinement;
 use sentinel_agent::worker::{self, EXIT_USAGE, Engine, WorkerConfig};
@@ -17,7 +18,10 @@ use sentinel_agent::worker::{self, EXIT_USAGE, Engine, WorkerConfig};
     after_help = "Exit codes: 0 stdin closed, 64 bad arguments (or `--engine ort` in a build without \
                   the `ort` feature), 65 model failed to load or warm up, \
                   71 sandbox could not be installed, 74 stdin/stdout failed. \
-                  Killed by SIGSYS: the model tried a syscall the sandbox forbids."
+                  Killed by SIGSYS: the model tried a syscall the sandbox forbids. \
+                  With --check: 0 the model passed (or its probe was skipped, see the report), \
+                  65 it failed to load, warm up or run, 70 the engine panicked, 71 sandbox, 74 stdout; \
+                  the JSON report on stdout says why."
 )]
 struct Cli {
     /// The ONNX model file.
@@ -33,6 +37,11 @@ struct Cli {
     /// Install the seccomp sandbox after warm-up (`off` only for debugging).
     #[arg(long, value_enum, default_value_t = ConfinementArg::On)]
     confinement: ConfinementArg,
+    /// Check the model instead of serving it: load, warm up, confine, run one
+    /// probe inference on zeros, print a JSON report on stdout and exit. The
+    /// hub runs this on every upload, under memory and time limits.
+    #[arg(long)]
+    check: bool,
     /// Tests only: honour `FORBID:<action>` requests that attempt forbidden syscalls.
     #[arg(long, hide = true)]
     test_forbidden: bool,
@@ -51,6 +60,10 @@ enum ConfinementArg {
 }
 
 fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
+    // An empty shape is a scalar input.
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     s.split(',').map(|d| d.trim().parse::<usize>().map_err(|e| format!("dimension {d:?} in {s:?}: {e}"))).collect()
 }
 
@@ -63,17 +76,27 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let engine = match cli.engine {
+        EngineArg::Tract => Engine::Tract,
+        EngineArg::Ort => Engine::Ort,
+    };
+    let confinement = match cli.confinement {
+        ConfinementArg::On => Confinement::Enforce,
+        ConfinementArg::Off => Confinement::Off,
+    };
+    if cli.check {
+        return ExitCode::from(check::run(&CheckConfig {
+            model: cli.model,
+            input_shapes: cli.input_shapes,
+            engine,
+            confinement,
+        }));
+    }
     let config = WorkerConfig {
         model: cli.model,
         input_shapes: cli.input_shapes,
-        engine: match cli.engine {
-            EngineArg::Tract => Engine::Tract,
-            EngineArg::Ort => Engine::Ort,
-        },
-        confinement: match cli.confinement {
-            ConfinementArg::On => Confinement::Enforce,
-            ConfinementArg::Off => Confinement::Off,
-        },
+        engine,
+        confinement,
         probe: if cli.test_forbidden { ForbiddenProbe::enabled() } else { ForbiddenProbe::Disabled },
     };
     match worker::run(&config) {

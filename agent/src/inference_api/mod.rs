@@ -313,8 +313,9 @@ const DRAIN_CAP: usize = 64 << 20;
 
 /// Reads a request body up to `limit` bytes, holding its size in the
 /// in-flight budget: a `Content-Length` is reserved whole before reading, a
-/// chunked body chunk by chunk. A longer body is a 400 saying so (drained
-/// first, up to [`DRAIN_CAP`]); a body that does not fit the budget is a 503.
+/// chunked body chunk by chunk. A longer body is a 400 saying so; a body
+/// that does not fit the budget is a 503 with `Retry-After`. Both are
+/// drained first (up to [`DRAIN_CAP`]) without being kept.
 async fn read_limited(
     body: Body,
     headers: &HeaderMap,
@@ -324,23 +325,35 @@ async fn read_limited(
     let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     let mut held = admission.reservation();
     let mut buf = Vec::new();
+    let mut refused = None;
     if let Some(n) = announced.filter(|n| *n <= limit) {
-        held.grow(n).map_err(|e| busy(&e))?;
-        buf.reserve_exact(n);
+        match held.grow(n) {
+            Ok(()) => buf.reserve_exact(n),
+            Err(e) => refused = Some(e),
+        }
     }
     let mut stream = body.into_data_stream();
     let mut total = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| bad(format!("reading the request body: {e}")))?;
         total = total.saturating_add(chunk.len());
-        if total <= limit {
-            if total > held.bytes() {
-                held.grow(total - held.bytes()).map_err(|e| busy(&e))?;
+        if refused.is_none() && total <= limit {
+            if total > held.bytes()
+                && let Err(e) = held.grow(total - held.bytes())
+            {
+                refused = Some(e);
+                buf = Vec::new();
+                continue;
             }
             buf.extend_from_slice(&chunk);
         } else if total > DRAIN_CAP {
             break;
         }
+    }
+    // A refused body is read and dropped chunk by chunk (nothing is held),
+    // so the client sees the 503 rather than a reset connection.
+    if let Some(e) = refused {
+        return Err(busy(&e));
     }
     if total > limit {
         let at_least = if total > DRAIN_CAP { "at least " } else { "" };

@@ -13,7 +13,10 @@
 //! - `engine_ort` (feature `ort`): the ONNX Runtime engine.
 //! - [`sandbox`]: the per-architecture seccomp allow-list and its installation.
 //! - [`probe`]: forbidden-action requests that let tests prove the sandbox.
+//! - [`check`]: `--check`, the hub's push-time check: load, confine, probe
+//!   once, report as JSON, exit.
 
+pub mod check;
 #[cfg(feature = "ort")]
 pub mod engine_ort;
 pub mod model;

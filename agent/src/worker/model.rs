@@ -152,15 +152,32 @@ impl LoadedModel {
     /// buffers, ONNX Runtime's allocation arenas) is done before the sandbox
     /// goes up.
     pub fn warm_up(&self, path: &Path) -> Result<(), ModelError> {
-        let zeros: Vec<Tensor> = self
+        self.run_zeros().map(drop).map_err(|e| ModelError::WarmUp { path: path.to_owned(), message: e.to_string() })
+    }
+
+    /// Runs the model once on all-zero inputs of the fixed shapes: the
+    /// warm-up, and the probe of `sentinel-worker --check`.
+    pub fn run_zeros(&self) -> Result<Vec<Tensor>, InferenceError> {
+        let zeros = self
             .inputs
             .iter()
-            .map(|spec| {
-                let bytes = spec.shape.iter().product::<usize>() * spec.dtype.size();
-                Tensor { dtype: spec.dtype, shape: spec.shape.clone(), data: vec![0; bytes] }
+            .enumerate()
+            .map(|(index, spec)| {
+                let bytes =
+                    spec.shape.iter().try_fold(spec.dtype.size(), |n, &d| n.checked_mul(d)).ok_or_else(|| {
+                        InferenceError::Run(format!("input {index}: shape {:?} is too large", spec.shape))
+                    })?;
+                // Fallible: under a memory limit a huge fixed shape is an
+                // error to report, not an abort.
+                let mut data = Vec::new();
+                data.try_reserve_exact(bytes).map_err(|_| {
+                    InferenceError::Run(format!("input {index}: failed to allocate {bytes} bytes of zeros"))
+                })?;
+                data.resize(bytes, 0);
+                Ok(Tensor { dtype: spec.dtype, shape: spec.shape.clone(), data })
             })
-            .collect();
-        self.run(&zeros).map(drop).map_err(|e| ModelError::WarmUp { path: path.to_owned(), message: e.to_string() })
+            .collect::<Result<Vec<_>, InferenceError>>()?;
+        self.run(&zeros)
     }
 
     /// Checks `inputs` against the fixed specs, then runs the model.
@@ -198,6 +215,16 @@ fn check_inputs(specs: &[InputSpec], inputs: &[Tensor]) -> Result<(), InferenceE
 }
 
 fn load_tract(path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, ModelError> {
+    let typed = optimise_tract(path, input_shapes)?;
+    LoadedModel::from_optimised(path, typed)
+}
+
+/// Loads the ONNX file at `path` with tract and optimises it for the fixed
+/// `input_shapes`, whatever its element types. This is the expensive half of
+/// loading (analysis and optimisation grow with the graph and may fold
+/// constants of any size), kept apart so that `--check` can report a model
+/// that optimises but has a dtype the wire protocol does not carry yet.
+pub fn optimise_tract(path: &Path, input_shapes: &[Vec<usize>]) -> Result<TypedModel, ModelError> {
     let load_err = |e: TractError| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") };
     // Output shapes declared in the file are often wrong for other batch
     // sizes; tract infers them from the fixed inputs instead.
@@ -206,32 +233,43 @@ fn load_tract(path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, M
     if count != input_shapes.len() {
         return Err(ModelError::InputCount { path: path.to_owned(), model: count, given: input_shapes.len() });
     }
-    let mut inputs = Vec::with_capacity(count);
     for (index, shape) in input_shapes.iter().enumerate() {
         let datum = model.input_fact(index).map_err(load_err)?.datum_type().unwrap_or(f32::datum_type());
-        let dtype = wire_dtype(datum).ok_or_else(|| ModelError::UnsupportedDType {
+        model.set_input_fact(index, InferenceFact::dt_shape(datum, shape.clone())).map_err(load_err)?;
+    }
+    model.into_optimized().map_err(load_err)
+}
+
+impl LoadedModel {
+    /// Makes an optimised tract model runnable, refusing element types the
+    /// wire protocol does not carry.
+    pub fn from_optimised(path: &Path, typed: TypedModel) -> Result<LoadedModel, ModelError> {
+        let load_err = |e: TractError| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") };
+        let unsupported = |what, index, datum: DatumType| ModelError::UnsupportedDType {
             path: path.to_owned(),
-            what: "input",
+            what,
             index,
             datum: format!("{datum:?}"),
-        })?;
-        model.set_input_fact(index, InferenceFact::dt_shape(datum, shape.clone())).map_err(load_err)?;
-        inputs.push(InputSpec { dtype, shape: shape.clone() });
-    }
-    let typed = model.into_optimized().map_err(load_err)?;
-    for index in 0..typed.outputs.len() {
-        let datum = typed.output_fact(index).map_err(load_err)?.datum_type;
-        if wire_dtype(datum).is_none() {
-            return Err(ModelError::UnsupportedDType {
+        };
+        let mut inputs = Vec::with_capacity(typed.inputs.len());
+        for index in 0..typed.inputs.len() {
+            let fact = typed.input_fact(index).map_err(load_err)?;
+            let dtype = wire_dtype(fact.datum_type).ok_or_else(|| unsupported("input", index, fact.datum_type))?;
+            let shape = fact.shape.as_concrete().map(<[usize]>::to_vec).ok_or_else(|| ModelError::Load {
                 path: path.to_owned(),
-                what: "output",
-                index,
-                datum: format!("{datum:?}"),
-            });
+                message: format!("input {index} has no concrete shape after optimisation: {:?}", fact.shape),
+            })?;
+            inputs.push(InputSpec { dtype, shape });
         }
+        for index in 0..typed.outputs.len() {
+            let datum = typed.output_fact(index).map_err(load_err)?.datum_type;
+            if wire_dtype(datum).is_none() {
+                return Err(unsupported("output", index, datum));
+            }
+        }
+        let plan = typed.into_runnable().map_err(load_err)?;
+        Ok(LoadedModel { runner: Runner::Tract(plan), inputs })
     }
-    let plan = typed.into_runnable().map_err(load_err)?;
-    Ok(LoadedModel { runner: Runner::Tract(plan), inputs })
 }
 
 fn run_tract(plan: &Arc<TypedRunnableModel>, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {

@@ -66,6 +66,8 @@ impl TestHub {
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
         config.heartbeat = Duration::from_secs(2);
+        // The hub checks every upload with the worker devices use.
+        config.inspect.worker = Some(env!("CARGO_BIN_EXE_sentinel-worker").into());
         tweak(&mut config);
         let hub = Hub::open(config).unwrap();
         let listeners = hub.bind().await.unwrap();

@@ -54,6 +54,8 @@ pub struct AppState {
     pub public_url: RwLock<String>,
     /// This hub's Prometheus registry and metric handles.
     pub metrics: crate::metrics::HubMetrics,
+    /// Inspects uploads in confined, bounded child processes.
+    pub inspector: crate::inspect::Inspector,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -29,7 +29,7 @@ use super::models::{check_name, check_tags};
 use super::versions::{VersionOut, check_accuracy, check_hardware, check_version};
 use super::{ApiError, ApiPath, ApiQuery, Caller, SharedState};
 use crate::auth::Role;
-use crate::onnx::{self, dtype_size};
+use crate::onnx::dtype_size;
 use crate::store::{StagedBlob, VersionRecord};
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -237,11 +237,17 @@ async fn receive_version(
         return Err(ApiError::bad_request("the model file is empty; send the ONNX file as the request body"));
     }
 
-    let path = model_blob.staged.path().to_path_buf();
-    let signature = tokio::task::spawn_blocking(move || onnx::inspect(&path))
-        .await
-        .map_err(|e| ApiError::internal("inspecting an upload", &e))?
-        .map_err(|e| ApiError::unprocessable("invalid_model", format!("{e}; nothing was stored")))?;
+    let inspection = state.inspector.inspect(model_blob.staged.path()).await.map_err(|e| {
+        if e.is_refusal() {
+            ApiError::unprocessable("invalid_model", format!("{e}; nothing was stored"))
+        } else {
+            ApiError::internal("inspecting an upload", &e)
+        }
+    })?;
+    if let Some(why) = &inspection.report.probe_skipped {
+        tracing::warn!(model = %name, %version, reason = %why, "accepted without a probe inference");
+    }
+    let signature = inspection.signature;
 
     let validation_set = match &validation {
         None => None,

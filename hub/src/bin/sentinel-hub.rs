@@ -62,10 +62,30 @@ struct Args {
     /// Seconds a connection with no request in flight stays open.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     idle_timeout_secs: u64,
+    /// The `sentinel-worker` binary that checks every upload in a confined
+    /// child process. Default: `sentinel-worker` beside this executable, else
+    /// on PATH; the hub does not start without one.
+    #[arg(long, env = "SENTINEL_WORKER")]
+    worker: Option<PathBuf>,
+    /// Address-space limit (RLIMIT_AS) of one upload check, in MiB.
+    #[arg(long, default_value_t = sentinel_hub::config::DEFAULT_INSPECT_MEMORY_MIB)]
+    inspect_memory_mib: u64,
+    /// Wall time one upload check may take before it is killed, in seconds.
+    #[arg(long, default_value_t = sentinel_hub::config::DEFAULT_INSPECT_TIMEOUT_SECS)]
+    inspect_timeout_secs: u64,
+    /// Uploads whose graph has more nodes (subgraphs included) are refused
+    /// before any engine loads them.
+    #[arg(long, default_value_t = sentinel_hub::onnx::DEFAULT_MAX_NODES)]
+    inspect_max_nodes: u64,
+    /// Upload checks running at once (default: the number of CPUs); at most
+    /// this many times --inspect-memory-mib is in use for checks.
+    #[arg(long)]
+    inspect_concurrency: Option<usize>,
 }
 
-/// Exit codes: 0 clean shutdown, 64 bad configuration, 70 failure while
-/// running, 71 cannot open storage or bind.
+/// Exit codes: 0 clean shutdown, 64 bad configuration (including no
+/// `sentinel-worker` to inspect uploads with), 70 failure while running,
+/// 71 cannot open storage or bind.
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -118,6 +138,24 @@ async fn run(args: Args) -> ExitCode {
         eprintln!("sentinel-hub: --state-ttl-secs must be longer than --heartbeat-secs, which must be positive");
         return ExitCode::from(64);
     }
+    if args.inspect_memory_mib < 64 || args.inspect_timeout_secs == 0 || args.inspect_max_nodes == 0 {
+        eprintln!(
+            "sentinel-hub: --inspect-memory-mib must be at least 64, and --inspect-timeout-secs and \
+             --inspect-max-nodes positive"
+        );
+        return ExitCode::from(64);
+    }
+    if args.inspect_concurrency == Some(0) {
+        eprintln!("sentinel-hub: --inspect-concurrency must be positive");
+        return ExitCode::from(64);
+    }
+    config.inspect = sentinel_hub::config::InspectConfig {
+        worker: args.worker,
+        memory_limit_bytes: args.inspect_memory_mib.saturating_mul(1024 * 1024),
+        timeout: std::time::Duration::from_secs(args.inspect_timeout_secs),
+        max_nodes: args.inspect_max_nodes,
+        concurrency: args.inspect_concurrency.unwrap_or_else(sentinel_hub::config::default_inspect_concurrency),
+    };
     config.state_ttl = std::time::Duration::from_secs(args.state_ttl_secs);
     let fds = sentinel_net::raise_fd_limit();
     let wanted = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
@@ -135,6 +173,11 @@ async fn run(args: Args) -> ExitCode {
     config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs);
     let hub = match Hub::open(config) {
         Ok(h) => h,
+        // No worker to inspect uploads with is a configuration error.
+        Err(e @ sentinel_hub::server::HubError::Inspect(_)) => {
+            print_chain(&e);
+            return ExitCode::from(64);
+        }
         Err(e) => {
             print_chain(&e);
             return ExitCode::from(71);

@@ -131,6 +131,8 @@ async fn demo(bins: &Binaries, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), 
     let mut cmd = Command::new(&bins.hub);
     cmd.arg("--data-dir").arg(&data).args(["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"]);
     cmd.args(["--metrics-listen", "127.0.0.1:0", "--heartbeat-secs", "2"]);
+    // The hub checks each upload in a confined sentinel-worker: the same one.
+    cmd.arg("--worker").arg(&bins.worker);
     let (hub, lines) = Proc::spawn(
         "sentinel-hub",
         cmd,

@@ -121,6 +121,10 @@ impl TestHub {
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
         config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        // Every upload is checked by a real sentinel-worker of this build.
+        if config.inspect.worker.is_none() {
+            config.inspect.worker = Some(agent_binaries().1);
+        }
         let dir = config.data_dir.clone();
         let hub = Hub::open(config).unwrap();
         let listener = hub.bind().await.unwrap();

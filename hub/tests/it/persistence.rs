@@ -43,6 +43,8 @@ async fn registry_keys_and_tokens_survive_a_restart() {
 fn spawn_hub(dir: &std::path::Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sentinel-hub"))
         .args(["--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--worker")
+        .arg(agent_binaries().1)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -1,0 +1,421 @@
+//! Push-time inspection of an uploaded model, bounded in memory and time.
+//!
+//! Two steps, only the first in the hub's own process:
+//! 1. [`crate::onnx::read_signature`] walks the protobuf from disk for the
+//!    signature and the node count, and refuses a graph over
+//!    [`InspectConfig::max_nodes`] before any engine sees it.
+//! 2. `sentinel-worker --check` (the agent's confined worker, in its check
+//!    mode) loads and optimises the model with the engine devices use, warms
+//!    it up, installs its seccomp filter and runs one probe inference on the
+//!    declared shapes with symbolic dims fixed to 1: what a device does before
+//!    it serves. It runs as a child with `RLIMIT_AS` at
+//!    [`InspectConfig::memory_limit_bytes`], a wall-time limit after which it
+//!    is killed, an empty environment, and a private empty `HOME`, `TMPDIR`
+//!    and working directory that are removed afterwards. At most
+//!    [`InspectConfig::concurrency`] checks run at once, so N uploads cannot
+//!    take N times the memory limit.
+//!
+//! A model that needs more memory or time than that is refused with a message
+//! saying it "exceeds the inspection limit", and which limit; the hub's own
+//! memory does not move.
+
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sentinel_proto::inspect::{
+    CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CheckFailure, CheckReport, is_allocation_failure,
+};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::process::Command;
+use tokio::sync::Semaphore;
+
+use crate::config::InspectConfig;
+use crate::onnx::{self, OnnxError, OnnxSignature, SignatureLimits};
+
+/// The worker binary's file name, looked up beside the hub and on `PATH`.
+pub const WORKER_NAME: &str = "sentinel-worker";
+
+/// Most stdout a check may print (its report is a few hundred bytes).
+const MAX_REPORT_BYTES: usize = 64 * 1024;
+/// Most stderr kept from a check, from its end, for messages and the log.
+const MAX_STDERR_BYTES: usize = 8 * 1024;
+/// How much of the engine's reason goes into a refusal.
+const MAX_REASON_CHARS: usize = 2000;
+
+/// Why an upload was refused, or could not be inspected.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The file is not a usable ONNX model, or is over the node limit.
+    #[error(transparent)]
+    Signature(#[from] OnnxError),
+    /// The engine refused the model.
+    #[error("the model does not load ({stage}): {reason}")]
+    Refused { stage: &'static str, reason: String },
+    /// The check hit its address-space limit.
+    #[error(
+        "inspecting the model exceeds the inspection limit of {limit_mib} MiB of memory \
+         (--inspect-memory-mib); the engine could not allocate what the model asks for{detail}"
+    )]
+    MemoryLimit { limit_mib: u64, detail: String },
+    /// The check ran out of wall time and was killed.
+    #[error(
+        "inspecting the model exceeds the inspection limit of {} of time \
+         (--inspect-timeout-secs); the check was stopped", show_duration(*.limit)
+    )]
+    TimeLimit { limit: Duration },
+    /// The model made the confined engine attempt a forbidden syscall.
+    #[error("the model made the confined engine attempt a forbidden system call (killed by SIGSYS)")]
+    SandboxViolation,
+    /// The engine crashed on the model.
+    #[error("the inference engine crashed on this model ({how}){detail}")]
+    Crashed { how: String, detail: String },
+    /// The check could not be run: a fault of this hub, not of the upload.
+    #[error("running {worker} --check: {message}")]
+    Worker { worker: PathBuf, message: String },
+}
+
+impl InspectError {
+    /// Whether the upload is at fault (422) rather than this hub (500).
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, InspectError::Worker { .. } | InspectError::Signature(OnnxError::Read(_)))
+    }
+}
+
+/// What inspection learnt about an upload that passed.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    pub signature: OnnxSignature,
+    /// The worker's report; `probe_skipped` says when the probe could not run.
+    pub report: CheckReport,
+    /// Wall time of the check in the child.
+    pub check_time: Duration,
+}
+
+/// Runs inspections; one per hub.
+#[derive(Debug)]
+pub struct Inspector {
+    worker: PathBuf,
+    config: InspectConfig,
+    /// Parent of each check's private directory.
+    scratch: PathBuf,
+    slots: Arc<Semaphore>,
+}
+
+impl Inspector {
+    /// Finds the worker binary and prepares `scratch` (emptied: a check's
+    /// directory left by a crash is useless).
+    pub fn new(config: InspectConfig, scratch: PathBuf) -> Result<Self, InspectError> {
+        let worker = match &config.worker {
+            Some(path) if path.is_file() => path.clone(),
+            Some(path) => {
+                return Err(InspectError::Worker {
+                    worker: path.clone(),
+                    message: "no such file; --worker must name the sentinel-worker binary".into(),
+                });
+            }
+            None => find_worker().ok_or_else(|| InspectError::Worker {
+                worker: WORKER_NAME.into(),
+                message: "not found beside this executable nor on PATH; install it there or pass --worker PATH \
+                          (the hub inspects every upload with it)"
+                    .into(),
+            })?,
+        };
+        let prepare = || -> std::io::Result<()> {
+            if scratch.exists() {
+                std::fs::remove_dir_all(&scratch)?;
+            }
+            std::fs::create_dir_all(&scratch)
+        };
+        prepare().map_err(|e| InspectError::Worker {
+            worker: worker.clone(),
+            message: format!("preparing {}: {e}", scratch.display()),
+        })?;
+        let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        Ok(Self { worker, config, scratch, slots })
+    }
+
+    /// The worker binary in use.
+    pub fn worker(&self) -> &Path {
+        &self.worker
+    }
+
+    /// Reads the signature of the ONNX file at `path`, then checks it in a
+    /// confined child. Waits for a free check slot.
+    pub async fn inspect(&self, path: &Path) -> Result<Inspection, InspectError> {
+        let limits = SignatureLimits { max_nodes: self.config.max_nodes };
+        let owned = path.to_owned();
+        let signature = tokio::task::spawn_blocking(move || onnx::read_signature(&owned, limits))
+            .await
+            .map_err(|e| self.fault(format!("the signature reader stopped: {e}")))??;
+        let _slot = self.slots.acquire().await.map_err(|e| self.fault(e.to_string()))?;
+        let started = Instant::now();
+        let report = self.check(path, &signature.default_input_shapes()).await?;
+        if !report.confined && report.probe_skipped.is_none() {
+            // Only where seccomp is missing (qemu-user); the limits still held.
+            tracing::warn!(model = %path.display(), "the upload check ran without its seccomp filter");
+        }
+        Ok(Inspection { signature, report, check_time: started.elapsed() })
+    }
+
+    fn fault(&self, message: String) -> InspectError {
+        InspectError::Worker { worker: self.worker.clone(), message }
+    }
+
+    async fn check(&self, model: &Path, shapes: &[Vec<u64>]) -> Result<CheckReport, InspectError> {
+        let dir = tempfile::Builder::new()
+            .prefix("check-")
+            .tempdir_in(&self.scratch)
+            .map_err(|e| self.fault(format!("creating a directory in {}: {e}", self.scratch.display())))?;
+        let model = std::path::absolute(model).map_err(|e| self.fault(e.to_string()))?;
+        let mut cmd = Command::new(&self.worker);
+        cmd.arg("--check").arg("--model").arg(&model);
+        for shape in shapes {
+            let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+            cmd.arg(format!("--input-shape={}", dims.join(",")));
+        }
+        // Nothing of the hub's environment (tokens, keys, proxies) reaches
+        // the child; only the three pipes do, since std opens every other
+        // descriptor with O_CLOEXEC.
+        cmd.env_clear()
+            .env("HOME", dir.path())
+            .env("TMPDIR", dir.path())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        limit_child(&mut cmd, self.config.memory_limit_bytes);
+        let mut child = cmd.spawn().map_err(|e| self.fault(format!("starting it: {e}")))?;
+        let stdout = tokio::spawn(read_bounded(child.stdout.take(), MAX_REPORT_BYTES, Keep::Head));
+        let stderr = tokio::spawn(read_bounded(child.stderr.take(), MAX_STDERR_BYTES, Keep::Tail));
+        let status = match tokio::time::timeout(self.config.timeout, child.wait()).await {
+            Ok(status) => status.map_err(|e| self.fault(format!("waiting for it: {e}")))?,
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(InspectError::TimeLimit { limit: self.config.timeout });
+            }
+        };
+        let stdout = stdout.await.unwrap_or_default();
+        let stderr = String::from_utf8_lossy(&stderr.await.unwrap_or_default()).trim().to_owned();
+        if !stderr.is_empty() {
+            tracing::info!(model = %model.display(), stderr = %stderr, "inspection worker stderr");
+        }
+        let report = serde_json::from_slice::<CheckReport>(stdout.trim_ascii()).ok();
+        outcome(Exit { code: status.code(), signal: status.signal() }, report, &stderr, self.config.memory_limit_bytes)
+            .map_err(|e| match e {
+                InspectError::Worker { message, .. } => self.fault(message),
+                other => other,
+            })
+    }
+}
+
+/// How the check process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Exit {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+/// Turns a finished check into the upload's verdict. Pure, so every branch
+/// is unit-tested.
+fn outcome(
+    exit: Exit,
+    report: Option<CheckReport>,
+    stderr: &str,
+    memory_limit: u64,
+) -> Result<CheckReport, InspectError> {
+    let limit_mib = memory_limit / (1024 * 1024);
+    let failure = report.as_ref().and_then(|r| r.failure.clone());
+    match (exit.code.and_then(|c| u8::try_from(c).ok()), report, failure) {
+        (Some(CHECK_EXIT_OK), Some(report), None) => Ok(report),
+        (
+            Some(CHECK_EXIT_MODEL | CHECK_EXIT_PANIC),
+            Some(_),
+            Some(CheckFailure { out_of_memory: true, reason, .. }),
+        ) => Err(InspectError::MemoryLimit { limit_mib, detail: format!(": {}", clip(&reason)) }),
+        (Some(CHECK_EXIT_MODEL | CHECK_EXIT_PANIC), Some(_), Some(CheckFailure { stage, reason, .. })) => {
+            Err(InspectError::Refused { stage: stage.as_str(), reason: clip(&reason) })
+        }
+        _ if exit.signal == Some(libc::SIGSYS) => Err(InspectError::SandboxViolation),
+        // Rust's collections abort (SIGABRT) when an allocation fails, after
+        // saying so on stderr.
+        _ if is_allocation_failure(stderr) => {
+            let line = stderr.lines().rev().find(|l| is_allocation_failure(l)).unwrap_or_default();
+            Err(InspectError::MemoryLimit { limit_mib, detail: format!(": {}", clip(line)) })
+        }
+        _ if exit.signal.is_some() => Err(InspectError::Crashed {
+            how: format!("killed by signal {}", exit.signal.unwrap_or_default()),
+            detail: last_line(stderr),
+        }),
+        (Some(code), _, _) => Err(InspectError::Worker {
+            worker: PathBuf::new(),
+            message: format!("exited with code {code} without a usable report{}", last_line(stderr)),
+        }),
+        (None, _, _) => Err(InspectError::Worker { worker: PathBuf::new(), message: "ended without a status".into() }),
+    }
+}
+
+/// `60 s`, or `50 ms` for limits below a second or not a whole number of seconds.
+fn show_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 { format!("{} s", d.as_secs()) } else { format!("{} ms", d.as_millis()) }
+}
+
+fn last_line(stderr: &str) -> String {
+    stderr.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(": {}", clip(l))).unwrap_or_default()
+}
+
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(MAX_REASON_CHARS) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
+/// `sentinel-worker` beside the running executable, else the first on `PATH`.
+fn find_worker() -> Option<PathBuf> {
+    let beside = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join(WORKER_NAME)));
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(WORKER_NAME)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    beside.into_iter().chain(on_path).find(|p| p.is_file())
+}
+
+/// Sets the child's address-space limit, and no core dumps (a check that
+/// dies near its limit would otherwise write a file that large).
+fn limit_child(cmd: &mut Command, memory_limit: u64) {
+    let address_space = libc::rlimit { rlim_cur: memory_limit as libc::rlim_t, rlim_max: memory_limit as libc::rlim_t };
+    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec. It only calls
+    // setrlimit (async-signal-safe) on copied plain structs and builds an
+    // io::Error from errno, which does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_AS, &address_space) != 0
+                || libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    Head,
+    Tail,
+}
+
+/// Reads a pipe to its end, keeping at most `cap` bytes (the first or the last).
+async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>, cap: usize, keep: Keep) -> Vec<u8> {
+    let Some(mut pipe) = pipe else { return Vec::new() };
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > cap {
+                    match keep {
+                        Keep::Head => kept.truncate(cap),
+                        Keep::Tail => {
+                            kept.drain(..kept.len() - cap);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sentinel_proto::inspect::CheckStage;
+
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn report(failure: Option<CheckFailure>) -> CheckReport {
+        CheckReport {
+            engine: "tract".into(),
+            input_shapes: vec![vec![1, 64]],
+            confined: true,
+            load_ms: 1,
+            failure,
+            outputs: vec![],
+            probe_skipped: None,
+        }
+    }
+
+    fn failure(reason: &str, panicked: bool) -> Option<CheckFailure> {
+        Some(CheckFailure {
+            stage: CheckStage::Load,
+            reason: reason.into(),
+            panicked,
+            out_of_memory: is_allocation_failure(reason),
+        })
+    }
+
+    fn code(c: i32) -> Exit {
+        Exit { code: Some(c), signal: None }
+    }
+
+    fn signal(s: i32) -> Exit {
+        Exit { code: None, signal: Some(s) }
+    }
+
+    #[test]
+    fn a_passing_check_returns_its_report() {
+        assert!(outcome(code(0), Some(report(None)), "", 1024 * MIB).is_ok());
+    }
+
+    #[test]
+    fn an_engine_refusal_keeps_the_engine_reason() {
+        let e = outcome(code(65), Some(report(failure("Impossible to unify", false))), "", MIB).unwrap_err();
+        assert!(matches!(&e, InspectError::Refused { reason, .. } if reason == "Impossible to unify"), "{e}");
+        assert!(e.is_refusal());
+    }
+
+    #[test]
+    fn allocation_failures_are_the_memory_limit_whether_panic_or_abort() {
+        let panic = "the engine panicked: failed to allocate Layout { size: 1000000000, align: 128 }";
+        let e = outcome(code(70), Some(report(failure(panic, true))), "", 1024 * MIB).unwrap_err();
+        assert!(e.to_string().contains("exceeds the inspection limit of 1024 MiB of memory"), "{e}");
+        let stderr = "memory allocation of 1000000000 bytes failed";
+        let e = outcome(signal(libc::SIGABRT), None, stderr, 512 * MIB).unwrap_err();
+        assert!(e.to_string().contains("exceeds the inspection limit of 512 MiB of memory"), "{e}");
+        assert!(e.to_string().contains(stderr), "{e}");
+    }
+
+    #[test]
+    fn crashes_and_sandbox_kills_are_refusals_and_odd_exits_are_faults() {
+        assert!(matches!(outcome(signal(libc::SIGSYS), None, "", MIB), Err(InspectError::SandboxViolation)));
+        let e = outcome(signal(libc::SIGSEGV), None, "boom", MIB).unwrap_err();
+        assert!(matches!(e, InspectError::Crashed { .. }) && e.is_refusal(), "{e}");
+        let e = outcome(code(64), None, "bad flag", MIB).unwrap_err();
+        assert!(!e.is_refusal(), "a usage error is the hub's fault: {e}");
+        let e = outcome(code(0), None, "", MIB).unwrap_err();
+        assert!(!e.is_refusal(), "no report is the hub's fault: {e}");
+    }
+
+    #[test]
+    fn reasons_are_clipped() {
+        let long = "x".repeat(10 * MAX_REASON_CHARS);
+        assert!(clip(&long).chars().count() <= MAX_REASON_CHARS + 1);
+    }
+
+    #[tokio::test]
+    async fn a_missing_worker_is_named() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = InspectConfig { worker: Some(tmp.path().join("nope")), ..InspectConfig::default() };
+        let e = Inspector::new(config, tmp.path().join("inspect")).expect_err("refused");
+        assert!(e.to_string().contains("--worker"), "{e}");
+    }
+}

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Builds the hostile and edge-case ONNX files of hub/tests/it/inspection.rs
+at test time, with PyPI `onnx` (.ci/test installs it).
+
+Usage: make_onnx.py KIND OUT [ARGS...]
+  bomb OUT D0,D1,...   ConstantOfShape(D0,D1,...) -> ReduceSum: a few hundred
+                       bytes that ask the engine to fold a D0*D1*...*4-byte
+                       constant (the push-time "constant-fold bomb").
+  relu_chain OUT N     input x[1,4] -> N Relu nodes -> y: graph size alone.
+  unknown_op OUT       one node of an operator no engine knows.
+  uint8_input OUT      x: uint8[1,4] -> Cast to float -> y: a dtype the worker
+                       protocol does not carry yet.
+"""
+import sys
+
+import onnx
+from onnx import TensorProto, helper
+
+
+def save(graph, out):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, out)
+
+
+def bomb(out, dims):
+    shape = [int(d) for d in dims.split(",")]
+    nodes = [
+        helper.make_node(
+            "ConstantOfShape",
+            ["shape"],
+            ["big"],
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]),
+        ),
+        helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+        helper.make_node("Add", ["x", "s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bomb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[helper.make_tensor("shape", TensorProto.INT64, [len(shape)], shape)],
+    )
+    save(graph, out)
+
+
+def relu_chain(out, n):
+    n = int(n)
+    names = ["x"] + [f"r{i}" for i in range(1, n)] + ["y"]
+    nodes = [helper.make_node("Relu", [names[i]], [names[i + 1]]) for i in range(n)]
+    graph = helper.make_graph(
+        nodes,
+        "relu_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    save(graph, out)
+
+
+def unknown_op(out):
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOperator", ["x"], ["y"])],
+        "unknown_op",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    save(graph, out)
+
+
+def uint8_input(out):
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "uint8_input",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    save(graph, out)
+
+
+if __name__ == "__main__":
+    kind, out, *args = sys.argv[1:]
+    {"bomb": bomb, "relu_chain": relu_chain, "unknown_op": unknown_op, "uint8_input": uint8_input}[kind](out, *args)
