@@ -21,6 +21,7 @@ use sentinel_agent::worker::protocol::{
     Ready, Tensor, encode_error_response, encode_ok_response, encode_ok_timed, encode_ready, encode_request,
 };
 use sentinel_fuzz::{DEVICE_ID, LAST_REVISION, NOW_UNIX_MS};
+use sentinel_hub::onnx::{SignatureLimits, read_signature};
 use sentinel_proto::pb::{
     self, DesiredState, HubMessage, ModelAssignment, ModelManifest, RolloutPolicy, Stage, hub_message,
 };
@@ -57,7 +58,7 @@ fn hex(bytes: &[u8]) -> String {
 /// The manifest the hub would sign for a model file in the repo.
 fn manifest_for(rel: &str, name: &str, version: &str, validation: bool) -> ModelManifest {
     let bytes = read(rel);
-    let signature = sentinel_hub::onnx::inspect(&repo().join(rel)).expect("a repo model inspects");
+    let signature = read_signature(&repo().join(rel), SignatureLimits::default()).expect("a repo model reads");
     let blob = |rel: &str| {
         let b = read(rel);
         pb::BlobRef { sha256: sha256_hex(&b), size: b.len() as u64 }
@@ -252,6 +253,62 @@ fn main() {
                 body(5, &[("validation_labels", labels), ("validation_inputs", inputs), ("model", &model)]),
             ),
             ("model-over-cap", body(127, &[("model", &read("models/data/digits_test_y.bin"))])),
+        ],
+    );
+
+    // v2_request: the bodies the tests and tritonclient send, JSON and binary.
+    let rows: Vec<Vec<f32>> = x.chunks(64).take(2).map(<[f32]>::to_vec).collect();
+    let flat: Vec<f32> = rows.concat();
+    let json_flat = serde_json::json!({
+        "id": "req-1",
+        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": flat}],
+    });
+    let json_nested = serde_json::json!({
+        "inputs": [
+            {"name": "input", "shape": [2, 64], "datatype": "FP32", "data": rows},
+            {"name": "labels", "shape": [4], "datatype": "INT64", "data": &y[..4]},
+        ],
+        "outputs": [{"name": "label"}, {"name": "probabilities", "parameters": {"binary_data": false}}],
+        "parameters": {"sequence_id": 0},
+    });
+    let head = serde_json::json!({
+        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32",
+                    "parameters": {"binary_data_size": 2 * 64 * 4}}],
+        "outputs": [{"name": "label", "parameters": {"binary_data": true}}],
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string();
+    let binary: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let small = serde_json::json!({
+        "id": "r",
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": &flat[..4]}],
+    });
+    write(
+        "v2_request",
+        &[
+            ("json-flat", [vec![0], json_flat.to_string().into_bytes()].concat()),
+            ("json-nested-two-inputs", [vec![0], json_nested.to_string().into_bytes()].concat()),
+            ("binary", [vec![1], format!("{}\n{head}", head.len()).into_bytes(), binary].concat()),
+            ("tight-limits", [vec![2], small.to_string().into_bytes()].concat()),
+        ],
+    );
+
+    // onnx_signature: small repo models whole, and the vision model's
+    // declarations without its weights and nodes (the whole file is 585 KB).
+    let mut vision_decl =
+        tract_onnx::pb::ModelProto::decode(read("models/vision/ch_ppocr_mobile_v2.0_cls_infer.onnx").as_slice())
+            .expect("the vision model decodes");
+    if let Some(g) = vision_decl.graph.as_mut() {
+        g.node.clear();
+        g.initializer.clear();
+        g.value_info.clear();
+    }
+    write(
+        "onnx_signature",
+        &[
+            ("digits_mlp_v1.onnx", read("models/digits/digits_mlp_v1.onnx")),
+            ("unsupported_op.onnx", read("models/broken/unsupported_op.onnx")),
+            ("ppocr_cls_declarations.onnx", vision_decl.encode_to_vec()),
         ],
     );
 }

@@ -96,7 +96,11 @@ fn digits_body(rows: usize) -> anyhow::Result<Vec<u8>> {
 
 async fn burst_and_ids(hub: &HubProcess, http: &reqwest::Client) -> anyhow::Result<()> {
     let model = std::fs::read(workspace_root().join("models/digits/digits_mlp_v1.onnx"))?;
-    http.post(format!("{}/api/v1/models", hub.url)).bearer_auth(&hub.admin).json(&json!({"name": "digits"})).send().await?;
+    http.post(format!("{}/api/v1/models", hub.url))
+        .bearer_auth(&hub.admin)
+        .json(&json!({"name": "digits"}))
+        .send()
+        .await?;
     let r = http
         .post(format!("{}/api/v1/models/digits/versions?version=1.0.0", hub.url))
         .bearer_auth(&hub.admin)

@@ -4,7 +4,7 @@
 probabilitiesfloat32N
 :
 labelint64NB
-top1¾Á&Sï?digits-testJx86_64Jaarch64PX€ ¨ù‹4bed25519-6a795346dc6394adjmlpr’
+top1¾Á&Sï?digits-testJx86_64Jaarch64PX€ ¨ù‹4bed25519-1fc83751145a2a77jmlpr’
 F
 @bfa89767045c81f83dbfa7c5648283a35377123dcda9d83e60c3925681304c43€ÐE
 @4493b2052e7b4258621d51f10f17a672594c5e3f2beaa1cf97c818dc583aafe7Àè

@@ -4,4 +4,4 @@
 probabilitiesfloat32N
 :
 labelint64NB
-top1¾Á&Sï?digits-testJx86_64Jaarch64PX€ ¨ù‹4bed25519-6a795346dc6394adjmlp
+top1¾Á&Sï?digits-testJx86_64Jaarch64PX€ ¨ù‹4bed25519-1fc83751145a2a77jmlp

@@ -5,4 +5,6 @@
 probabilitiesfloat32N
 :
 labelint64NB
-top1¾Á&Sï?digits-testJx86_64Jaarch64PX€ ¨ù‹4bed25519-6a795346dc6394adjmlp@“—¿ö‡Ë÷$´|¦ùÂV+Ûv ²Ø=ÉØµ1óÄòª.ò>Ä$¼?†n89£_ 5äíPˆtÈšuCÕğed25519-6a795346dc6394ad
+top1¾Á&Sï?digits-testJx86_64Jaarch64PX€ ¨ù‹4bed25519-1fc83751145a2a77jmlp@+CQ0JEÅ°8ZF†Í‘âs÷­ä©¾¡RŸ×ƒO/äbj›Õ6óığáAÎØ
+F×”~ö´¶
+ed25519-1fc83751145a2a77
