@@ -270,6 +270,14 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let metrics_listener = crate::metrics::bind(shared.config.serving.metrics_listen.as_deref()).await?;
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let control = crate::control::bind(&shared.config)?;
+    // No other agent answers on the control socket now, so worker dirs of
+    // other processes are leftovers of a crash.
+    let work_dir = shared.config.state_dir.join("workers");
+    match crate::supervisor::process::remove_stale_work_dirs(&work_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, dir = %work_dir.display(), "removed worker dirs left by a crash"),
+        Err(e) => tracing::warn!(error = %e, dir = %work_dir.display(), "removing stale worker dirs failed"),
+    }
     let control_socket = shared.config.control_socket();
 
     // The last verified state, re-verified from disk (signature and device

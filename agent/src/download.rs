@@ -9,6 +9,7 @@
 //! whole and verified.
 
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,6 +113,7 @@ pub async fn fetch(
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(sentinel_proto::private::FILE_MODE)
         .open(&partial)
         .map_err(io_err("open", &partial))?;
     // Whatever is already there (an earlier attempt by this process) is

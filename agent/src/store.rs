@@ -148,8 +148,15 @@ impl Store {
             let path = path.to_path_buf();
             move |source| StoreError::Io { op, path, source }
         };
+        // The verified state and model files: the agent user's only,
+        // including what an older release left readable.
+        sentinel_proto::private::create_dir(state_dir).map_err(io("create", state_dir))?;
+        let tightened = sentinel_proto::private::tighten_tree(state_dir).map_err(io("chmod", state_dir))?;
+        if tightened > 0 {
+            tracing::info!(count = tightened, dir = %state_dir.display(), "made state files 0600 and dirs 0700");
+        }
         let models_dir = state_dir.join("models");
-        std::fs::create_dir_all(&models_dir).map_err(io("create", &models_dir))?;
+        sentinel_proto::private::create_dir(&models_dir).map_err(io("create", &models_dir))?;
         for entry in std::fs::read_dir(&models_dir).map_err(io("read dir", &models_dir))? {
             let entry = entry.map_err(io("read dir", &models_dir))?;
             if entry.file_name().to_string_lossy().starts_with(".partial-") {
@@ -159,6 +166,8 @@ impl Store {
             }
         }
         let path = state_dir.join("agent.db");
+        // Created 0600 before SQLite opens it; its -wal and -shm files take this mode.
+        sentinel_proto::private::create_file(&path).map_err(io("create", &path))?;
         let mut conn = Connection::open(&path).map_err(db("open"))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db("wal"))?;
         // FULL: the slot assignment must survive power loss exactly.

@@ -48,6 +48,8 @@ struct Subscriber {
     connected_at_ms: i64,
     /// Expiry of the last state sent, to re-sign it in time.
     expires_at_ms: i64,
+    /// Tells the stream's task to end it now (the device was removed).
+    kick: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Connected devices and the publishing lock.
@@ -207,6 +209,7 @@ impl Fleet {
         let fleet = &state.fleet;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let conn = fleet.next_conn.fetch_add(1, Ordering::Relaxed);
+        let kick = std::sync::Arc::new(tokio::sync::Notify::new());
         {
             let _publishing = fleet.publish.lock().await;
             let st = state.clone();
@@ -236,13 +239,14 @@ impl Fleet {
                     tx: tx.clone(),
                     connected_at_ms: crate::now_ms(),
                     expires_at_ms: expires,
+                    kick: kick.clone(),
                 },
             ) {
                 tracing::info!(device = %target.device_id, old_conn = old.conn, "device reconnected; the older stream is replaced");
             }
         }
         tracing::info!(device = %target.device_id, conn, "device subscribed");
-        tokio::spawn(watch_stream(state.clone(), target.device_id, conn, tx));
+        tokio::spawn(watch_stream(state.clone(), target.device_id, conn, tx, kick));
         Ok(rx)
     }
 
@@ -270,9 +274,15 @@ impl Fleet {
         self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
-    /// Drops a device's stream (after it was removed).
+    /// Ends a device's stream now (after it was removed): its task sends the
+    /// device an error and drops the last sender, so the stream closes at
+    /// once rather than at the next heartbeat.
     pub fn disconnect(&self, device_id: &str) {
-        self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(device_id);
+        let gone = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(device_id);
+        if let Some(sub) = gone {
+            // `notify_one` keeps a permit, so a task not yet waiting still sees it.
+            sub.kick.notify_one();
+        }
     }
 
     /// Bumps the fleet revision and pushes every connected device its new
@@ -353,7 +363,13 @@ impl Fleet {
 }
 
 /// One per stream: heartbeats, state renewal, and noticing the end.
-async fn watch_stream(state: SharedState, device_id: String, conn: u64, tx: mpsc::Sender<Result<HubMessage, Status>>) {
+async fn watch_stream(
+    state: SharedState,
+    device_id: String,
+    conn: u64,
+    tx: mpsc::Sender<Result<HubMessage, Status>>,
+    kick: std::sync::Arc<tokio::sync::Notify>,
+) {
     let mut tick = tokio::time::interval(state.config.heartbeat);
     tick.tick().await; // the first tick is immediate; the state was just sent
     let half_ttl = i64::try_from(state.config.state_ttl.as_millis() / 2).unwrap_or(i64::MAX);
@@ -361,6 +377,13 @@ async fn watch_stream(state: SharedState, device_id: String, conn: u64, tx: mpsc
     loop {
         tokio::select! {
             () = tx.closed() => break,
+            () = kick.notified() => {
+                // Best effort: a full buffer means the device is not reading,
+                // and dropping the sender ends the stream all the same.
+                let _ = tx.try_send(Err(Status::permission_denied("this device was removed from the hub")));
+                tracing::info!(device = %device_id, conn, "device removed; its stream is closed");
+                return;
+            }
             () = async { let _ = closing.wait_for(|c| *c).await; } => break,
             _ = tick.tick() => {
                 let Some(expires) = state.fleet.expires_at(&device_id, conn) else { break };

@@ -84,8 +84,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyringError> {
 impl Keyring {
     /// Loads the keys in `dir`, generating the first one if there is none.
     pub fn open_or_create(dir: &Path) -> Result<Self, KeyringError> {
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err("chmod", dir))?;
+        sentinel_proto::private::create_dir(dir).map_err(io_err("create", dir))?;
         let mut signers = Vec::new();
         let mut entries: Vec<_> = fs::read_dir(dir)
             .map_err(io_err("read dir", dir))?

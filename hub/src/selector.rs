@@ -16,28 +16,45 @@ pub struct Selector {
     pub hardware: Vec<String>,
 }
 
-fn valid_token(s: &str) -> bool {
+/// Why a selector does not parse: its syntax (400), or a key named twice
+/// (well formed, so 422).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("{0}")]
+    Syntax(String),
+    #[error("selector names {0} twice")]
+    Duplicate(String),
+}
+
+/// A selector key or value: letters, digits, '-', '_', '.' or '/', 1 to 63.
+pub fn valid_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
 impl Selector {
     /// Parses `k=v,k=v` (or a bare stage name). The empty string selects every device.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    ///
+    /// Spaces around parts, keys and values are ignored; only ASCII spaces, so
+    /// the pattern the OpenAPI description declares says exactly what parses.
+    pub fn parse(text: &str) -> Result<Self, SelectorError> {
+        let trim = |s: &'_ str| -> String { s.trim_matches(' ').to_owned() };
         let mut sel = Selector::default();
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in text.split(',').map(trim).filter(|p| !p.is_empty()) {
             let (k, v) = match part.split_once('=') {
-                Some((k, v)) => (k.trim(), v.trim()),
-                None => ("stage", part),
+                Some((k, v)) => (trim(k), trim(v)),
+                None => ("stage".to_owned(), part.clone()),
             };
+            let (k, v) = (k.as_str(), v.as_str());
             if !valid_token(k) || !valid_token(v) {
-                return Err(format!(
-                    "selector part {part:?} is not key=value with letters, digits, '-', '_', '.' or '/'"
-                ));
+                return Err(SelectorError::Syntax(format!(
+                    "selector part {} is not key=value with letters, digits, '-', '_', '.' or '/'",
+                    sentinel_proto::quote(&part)
+                )));
             }
             if k == "hardware" {
                 sel.hardware.push(v.to_owned());
             } else if sel.labels.insert(k.to_owned(), v.to_owned()).is_some() {
-                return Err(format!("selector names {k:?} twice"));
+                return Err(SelectorError::Duplicate(sentinel_proto::quote(k)));
             }
         }
         sel.hardware.sort();

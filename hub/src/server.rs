@@ -99,7 +99,15 @@ impl Hub {
     pub fn open(config: HubConfig) -> Result<Self, HubError> {
         let dir = &config.data_dir;
         let dir_err = |source| HubError::DataDir { path: dir.clone(), source };
-        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        // Tokens' hashes, the audit log, keys and models: the owner's only,
+        // including what an older release left readable.
+        sentinel_proto::private::create_dir(dir).map_err(dir_err)?;
+        let tightened = sentinel_proto::private::tighten_tree(dir).map_err(dir_err)?;
+        if tightened > 0 {
+            tracing::info!(count = tightened, dir = %dir.display(), "made data files 0600 and dirs 0700");
+        }
+        // Created 0600 before SQLite opens it; its -wal and -shm files take this mode.
+        sentinel_proto::private::create_file(&dir.join("hub.db")).map_err(dir_err)?;
         let meta: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open(&dir.join("hub.db"))?);
         let blobs = LocalBlobStore::open(dir.join("blobs").join("sha256"))?;
         let keys = Keyring::open_or_create(&dir.join("keys"))?;

@@ -8,6 +8,8 @@
 //! - [`pb`]: types generated from `proto/sentinel/v1/*.proto` at build time (protox, no system protoc).
 //! - [`keys`]: signing keys, key ids and the set of keys a verifier trusts.
 //! - [`manifest`]: the signed model manifest: sign, verify, validate, and its JSON view.
+//! - [`private`]: data and state files only their owner may read (0600 in 0700 dirs).
+//! - [`quote`]: quoting a caller's value back in an error message, bounded.
 //! - [`state`]: the signed desired state pushed to one device: sign and verify
 //!   (signature, device, replay, expiry, every manifest).
 //! - [`inspect`]: the push-time check the hub runs in `sentinel-worker --check`:
@@ -16,6 +18,8 @@
 pub mod inspect;
 pub mod keys;
 pub mod manifest;
+pub mod private;
+pub mod quote;
 pub mod state;
 pub mod time;
 
@@ -27,4 +31,5 @@ pub mod pb {
 
 pub use keys::{KeyError, Signer, TrustedKeys};
 pub use manifest::{ManifestError, ManifestView, sign_manifest, verify_manifest};
+pub use quote::quote;
 pub use state::{StateError, VerifiedState, sign_state, verify_state};

@@ -103,6 +103,11 @@ pub fn validate_model_name(name: &str) -> Result<(), String> {
     if name.contains("..") {
         return Err("must not contain \"..\"".into());
     }
+    // `.` alone is a path segment that clients normalise away, so a model
+    // named `.` could be created but never reached again.
+    if !name.chars().any(|c| c.is_ascii_alphanumeric()) {
+        return Err("must contain a letter or digit".into());
+    }
     if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
         return Err(format!("contains {c:?}; use letters, digits, '-', '_' and '.'"));
     }
@@ -132,7 +137,9 @@ pub fn parse_stage(s: &str) -> Result<Stage, String> {
         "staging" => Ok(Stage::Staging),
         "production" | "prod" => Ok(Stage::Production),
         "archived" => Ok(Stage::Archived),
-        other => Err(format!("unknown stage {other:?}; use development, staging, production or archived")),
+        other => {
+            Err(format!("unknown stage {}; use development, staging, production or archived", crate::quote(other)))
+        }
     }
 }
 
@@ -159,6 +166,7 @@ pub struct TensorView {
 #[serde(deny_unknown_fields)]
 pub struct AccuracyView {
     pub metric: String,
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1))]
     pub value: f64,
     pub dataset: String,
 }
@@ -476,7 +484,7 @@ mod tests {
 
     #[test]
     fn model_names_are_checked() {
-        for bad in ["", "a/b", "..", "a..b", "has space", &"x".repeat(129), "é"] {
+        for bad in ["", "a/b", ".", "..", "a..b", "-", "_.-", "has space", &"x".repeat(129), "é"] {
             assert!(validate_model_name(bad).is_err(), "{bad:?}");
         }
         for good in ["digits", "yolo-v10", "a.b_c", &"x".repeat(128)] {

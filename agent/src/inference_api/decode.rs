@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use crate::worker::protocol::{DType, MAX_RANK, Tensor};
 
 /// Bytes of a client's value quoted back in an error message.
-pub const ECHO_LIMIT: usize = 200;
+pub const ECHO_LIMIT: usize = sentinel_proto::quote::QUOTE_LIMIT;
 
 /// Limits a request is decoded under.
 #[derive(Debug, Clone)]
@@ -71,14 +71,10 @@ pub struct DecodedRequest {
 /// `s` clipped to [`ECHO_LIMIT`] bytes on a character boundary, with an
 /// ellipsis and the full length when clipped.
 pub fn clip(s: &str) -> String {
-    if s.len() <= ECHO_LIMIT {
-        return s.to_owned();
+    match sentinel_proto::quote::clip(s, ECHO_LIMIT) {
+        (shown, true) => format!("{shown}… ({} bytes)", s.len()),
+        (shown, false) => shown.to_owned(),
     }
-    let mut end = ECHO_LIMIT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &s[..end], s.len())
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,7 +184,8 @@ pub fn decode_request(
         }
         None => (body.clone(), Bytes::new()),
     };
-    let raw: RawRequest<'_> = serde_json::from_slice(&head).map_err(|e| format!("request JSON: {e}"))?;
+    let raw: RawRequest<'_> = serde_json::from_slice(&head)
+        .map_err(|e| format!("request JSON: {}", sentinel_proto::quote::clip_message(&e.to_string())))?;
     if let Some(id) = &raw.id
         && id.len() > limits.max_id_bytes
     {
@@ -270,7 +267,7 @@ fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits)
             let limit = if fits { count } else { most };
             Elements { dtype, limit, seen: &mut seen, out: out.as_mut() }
                 .deserialize(&mut serde_json::Deserializer::from_str(text))
-                .map_err(|e| format!("input `{name}`: {e}"))?;
+                .map_err(|e| format!("input `{name}`: {}", sentinel_proto::quote::clip_message(&e.to_string())))?;
             match out {
                 Some(out) if seen == count => out,
                 _ => return Err(format!("input `{name}`: shape {shape:?} needs {count} elements, got {seen}")),
@@ -465,6 +462,8 @@ mod tests {
             assert!(err.contains(want), "{text}: {err}");
         }
         assert!(decode("{").unwrap_err().starts_with("request JSON"));
+        let err = decode(&format!(r#"{{"inputs":"{}"}}"#, "a".repeat(1 << 20))).unwrap_err();
+        assert!(err.len() < 500, "a {}-byte message echoes the value", err.len());
         assert!(decode(r#"{"inputs":{}}"#).unwrap_err().starts_with("request JSON"));
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
@@ -195,6 +195,30 @@ struct Pipes {
 #[derive(Debug)]
 struct WorkDir(PathBuf);
 
+/// Removes the `worker-<pid>-<n>` directories under `work_dir` that another
+/// process left: a crashed or killed agent runs no destructors. Call once no
+/// other agent can be using `work_dir` (after the control socket is bound).
+/// Returns how many it removed.
+pub fn remove_stale_work_dirs(work_dir: &Path) -> std::io::Result<usize> {
+    let own = format!("worker-{}-", std::process::id());
+    let entries = match std::fs::read_dir(work_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("worker-") && !name.starts_with(&own) && entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 impl Drop for WorkDir {
     fn drop(&mut self) {
         // Best effort: a leftover directory costs disk, not correctness.
@@ -223,8 +247,7 @@ impl Worker {
     pub async fn spawn(spec: &WorkerSpec) -> Result<Worker, SupervisorError> {
         let seq = WORKER_SEQ.fetch_add(1, Ordering::Relaxed);
         let dir = spec.work_dir.join(format!("worker-{}-{seq}", std::process::id()));
-        tokio::fs::create_dir_all(&dir)
-            .await
+        sentinel_proto::private::create_dir(&dir)
             .map_err(|source| SupervisorError::CreateDir { path: dir.clone(), source })?;
         let dir = WorkDir(dir);
 

@@ -38,7 +38,8 @@ async fn a_deploy_reaches_only_matching_devices_with_the_verified_file() {
     assert_eq!(dev["desired"][0]["version"], "1.0.0");
     assert!(dev["events"].as_array().unwrap().iter().any(|e| e["kind"] == "model_installed"));
     let list = hub.get("/api/v1/devices").await;
-    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(list["total"], 2);
     let devb = hub.get("/api/v1/devices/edge-b").await;
     assert_eq!(devb["desired"], serde_json::json!([]));
 

@@ -21,7 +21,7 @@ async fn a_partial_file_from_a_killed_agent_is_never_used() {
     let hub = TestHub::start(&tmp.path().join("hub"), |c| c.public_url = Some(proxy_url)).await;
     tell.send(hub.rest_addr).unwrap();
     hub.push("slow", "1.0.0", V3, "").await;
-    hub.deploy("slow", "1.0.0", "").await;
+    hub.deploy("slow", "1.0.0", "*").await;
     let token = hub.enroll("edge-1", &[]).await;
     let key = hub.public_key().await;
     let dir = tmp.path().join("a");

@@ -13,6 +13,7 @@ mod device_isolation;
 mod fleet_halt;
 mod grafana;
 mod hostile_requests;
+mod hygiene;
 mod inference_api;
 mod kill_mid_download;
 mod load_failures;

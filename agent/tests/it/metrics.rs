@@ -129,7 +129,7 @@ async fn a_tampered_download_counts_as_a_failed_download_and_a_failed_verificati
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&blob, &bytes).unwrap();
-    hub.deploy("digits", "1.0.0", "").await;
+    hub.deploy("digits", "1.0.0", "*").await;
     agent.wait_for(WAIT, |v| status(v, "digits").is_some_and(|s| s.0 == "refused")).await.unwrap();
 
     let text = scrape(&agent).await;

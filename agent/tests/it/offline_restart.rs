@@ -13,7 +13,7 @@ async fn after_a_hub_restart_the_agent_reconnects_and_converges() {
     let mut hub = TestHub::start(&hub_dir, |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
-    hub.deploy("digits", "1.0.0", "").await;
+    hub.deploy("digits", "1.0.0", "*").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
     agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
 
@@ -27,7 +27,7 @@ async fn after_a_hub_restart_the_agent_reconnects_and_converges() {
         c.grpc_listen = Some(grpc);
     })
     .await;
-    hub.deploy("digits", "2.0.0", "").await;
+    hub.deploy("digits", "2.0.0", "*").await;
     let v = agent.wait_for(WAIT, |v| v.connected && active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
     assert!(v.refused_states.is_empty(), "{v:?}");
     agent.shutdown().await;
@@ -38,7 +38,7 @@ async fn with_the_hub_down_the_agent_serves_its_last_verified_state() {
     let tmp = tempfile::tempdir().unwrap();
     let mut hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
-    hub.deploy("digits", "1.0.0", "").await;
+    hub.deploy("digits", "1.0.0", "*").await;
     let token = hub.enroll("edge-1", &[]).await;
     let key = hub.public_key().await;
     let config = agent_config(&tmp.path().join("a"), &hub, "edge-1", &token, &key, "");

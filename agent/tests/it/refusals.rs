@@ -21,7 +21,7 @@ async fn a_state_signed_by_an_unpinned_key_is_refused() {
     let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
     let other = TestHub::start(&tmp.path().join("other"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
-    hub.deploy("digits", "1.0.0", "").await;
+    hub.deploy("digits", "1.0.0", "*").await;
     let token = hub.enroll("edge-1", &[]).await;
     // The device pins another hub's key.
     let config = agent_config(&tmp.path().join("a"), &hub, "edge-1", &token, &other.public_key().await, "");
@@ -47,7 +47,7 @@ async fn an_expired_state_is_refused() {
     // sees when an attacker holds back a state until it is stale.
     let hub = TestHub::start(&tmp.path().join("hub"), |c| c.state_ttl = Duration::ZERO).await;
     hub.push("digits", "1.0.0", V1, "").await;
-    hub.deploy("digits", "1.0.0", "").await;
+    hub.deploy("digits", "1.0.0", "*").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
     let v = agent.wait_for(WAIT, |v| !v.refused_states.is_empty()).await.unwrap();
     assert_eq!(v.refused_states[0], "expired");
@@ -60,7 +60,7 @@ async fn a_model_for_other_hardware_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "&hardware=riscv64-only").await;
-    hub.deploy("digits", "1.0.0", "").await;
+    hub.deploy("digits", "1.0.0", "*").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
     let v = agent.wait_for(WAIT, |v| status(v, "digits").is_some_and(|s| s.0 == "refused")).await.unwrap();
     let detail = status(&v, "digits").unwrap().2;
@@ -116,9 +116,9 @@ async fn a_replayed_older_revision_is_refused() {
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
     let token = hub.enroll("edge-1", &[]).await;
-    hub.deploy("digits", "1.0.0", "").await;
+    hub.deploy("digits", "1.0.0", "*").await;
     let old = record_state(&hub, "edge-1", &token).await;
-    hub.deploy("digits", "2.0.0", "").await;
+    hub.deploy("digits", "2.0.0", "*").await;
     let new = record_state(&hub, "edge-1", &token).await;
 
     // The attacker serves the new state, then the old one again.

@@ -18,7 +18,7 @@ async fn a_cut_download_resumes_where_it_stopped() {
     tell.send(hub.rest_addr).unwrap();
     hub.push("slow", "1.0.0", V3, "").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
-    hub.deploy("slow", "1.0.0", "").await;
+    hub.deploy("slow", "1.0.0", "*").await;
 
     let v = agent.wait_for(WAIT, |v| active(v, "slow").as_deref() == Some("1.0.0")).await.unwrap();
     let file = tmp.path().join("a/state/models").join(sha256_hex(&model_bytes(V3)));

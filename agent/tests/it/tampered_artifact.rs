@@ -13,7 +13,7 @@ async fn a_flipped_byte_on_the_hub_is_refused_and_the_old_model_kept() {
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
-    hub.deploy("digits", "1.0.0", "").await;
+    hub.deploy("digits", "1.0.0", "*").await;
     agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
 
     // Someone with access to the hub's disk flips one byte of v2.
@@ -27,7 +27,7 @@ async fn a_flipped_byte_on_the_hub_is_refused_and_the_old_model_kept() {
     // the hub would restore 1.0.0 before this test reads the refusal there.
     hub.post(
         "/api/v1/models/digits/deploy",
-        serde_json::json!({"version": "2.0.0", "target": "", "halt_fraction": 1.0}),
+        serde_json::json!({"version": "2.0.0", "target": "*", "halt_fraction": 1.0}),
     )
     .await;
     let v = agent.wait_for(WAIT, |v| status(v, "digits").is_some_and(|s| s.0 == "refused")).await.unwrap();

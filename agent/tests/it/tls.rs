@@ -46,7 +46,10 @@ async fn sync_and_download_over_tls() {
         post("/api/v1/devices", serde_json::json!({"id": "edge-1"})).await.unwrap().json().await.unwrap();
     let token = dev["token"].as_str().unwrap().to_owned();
     assert_eq!(
-        post("/api/v1/models/digits/deploy", serde_json::json!({"version": "1.0.0"})).await.unwrap().status(),
+        post("/api/v1/models/digits/deploy", serde_json::json!({"version": "1.0.0", "target": "*"}))
+            .await
+            .unwrap()
+            .status(),
         201
     );
 

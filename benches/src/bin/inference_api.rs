@@ -74,7 +74,7 @@ async fn deploy(s: &Setup, version: &str) -> anyhow::Result<()> {
         .http
         .post(format!("{}/api/v1/models/digits/deploy", s.hub.url))
         .bearer_auth(&s.hub.admin)
-        .json(&json!({"version": version, "target": ""}))
+        .json(&json!({"version": version, "target": "*"}))
         .send()
         .await?;
     ensure!(r.status() == 201, "deploy {version}: {}", r.text().await?);

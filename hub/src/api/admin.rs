@@ -5,10 +5,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
 use super::auth::AuditDetail;
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page_limit};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
 use crate::auth::{Role, generate_token, hash_token};
 use crate::keys::PublicKeyInfo;
 use crate::store::{AuditEntry, TokenRecord};
@@ -16,9 +16,11 @@ use crate::store::{AuditEntry, TokenRecord};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
+    #[schema(value_type = super::openapi::CreatableRole)]
     pub role: Role,
     /// A name for the audit log, e.g. `ci-publisher`.
     #[serde(default)]
+    #[schema(value_type = Option<super::openapi::TokenName>)]
     pub name: Option<String>,
 }
 
@@ -109,27 +111,23 @@ impl From<AuditEntry> for AuditEntryOut {
     }
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct PageParams {
-    pub limit: Option<u32>,
-    pub offset: Option<u32>,
-}
-
 /// Create an API token (admin).
 #[utoipa::path(post, path = "/api/v1/tokens", request_body = CreateToken, security(("bearer" = [])),
     responses((status = 201, body = CreatedToken), (status = 403, body = super::error::ErrorBody)))]
 pub async fn create_token(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateToken>,
+    // A result, so the role check comes first: a caller without the role
+    // gets 403 whatever the body holds.
+    body: Result<ApiJson<CreateToken>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "creating tokens")?;
+    let ApiJson(body) = body?;
     if body.role == Role::Device {
         return Err(ApiError::bad_request("device tokens come from enrolment: POST /api/v1/devices"));
     }
     let name = body.name.unwrap_or_else(|| format!("{}-token", body.role));
-    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
         return Err(ApiError::bad_request("token name must be 1 to 64 printable characters"));
     }
     let secret = generate_token();
@@ -143,23 +141,46 @@ pub async fn create_token(
     Ok(resp)
 }
 
-/// List tokens (admin). Secrets are never shown.
-#[utoipa::path(get, path = "/api/v1/tokens", security(("bearer" = [])), responses((status = 200, body = Vec<TokenOut>)))]
-pub async fn list_tokens(State(state): State<SharedState>, caller: Caller) -> Result<Json<Vec<TokenOut>>, ApiError> {
+/// A page of tokens.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenOut>,
+    pub total: u64,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+/// List tokens (admin), oldest first. Secrets are never shown.
+#[utoipa::path(get, path = "/api/v1/tokens", params(PageParams), security(("bearer" = [])),
+    responses((status = 200, body = TokenList)))]
+pub async fn list_tokens(
+    State(state): State<SharedState>,
+    caller: Caller,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<PageParams>, ApiError>,
+) -> Result<Json<TokenList>, ApiError> {
     caller.require(Role::Admin, "listing tokens")?;
-    let tokens = state.meta(|m| m.list_tokens()).await?;
-    Ok(Json(tokens.into_iter().map(Into::into).collect()))
+    let ApiQuery(p) = query?;
+    let (limit, offset) = page(p.limit, p.offset)?;
+    let (tokens, total) = page_of(state.meta(|m| m.list_tokens()).await?, limit, offset);
+    Ok(Json(TokenList { tokens: tokens.into_iter().map(Into::into).collect(), total, limit, offset }))
 }
 
 /// Revoke a token (admin).
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = super::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", params(super::openapi::IdPath), security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]
 pub async fn revoke_token(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "revoking tokens")?;
+    // An admin cannot lock itself out by mistake; another admin can.
+    if id == caller.token_id {
+        return Err(ApiError::conflict(format!(
+            "token {id} is the token of this request; revoke it with another admin token"
+        )));
+    }
     state.meta(move |m| m.revoke_token(id)).await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.extensions_mut().insert(AuditDetail(format!("revoked token {id}")));
@@ -202,11 +223,12 @@ pub async fn rotate_key(State(state): State<SharedState>, caller: Caller) -> Res
 pub async fn audit(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiQuery(p): ApiQuery<PageParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<PageParams>, ApiError>,
 ) -> Result<Json<AuditOut>, ApiError> {
     caller.require(Role::Admin, "reading the audit log")?;
-    let limit = page_limit(p.limit)?;
-    let offset = p.offset.unwrap_or(0);
+    let ApiQuery(p) = query?;
+    let (limit, offset) = page(p.limit, p.offset)?;
     let entries = state.meta(move |m| m.list_audit(limit, offset)).await?;
     Ok(Json(AuditOut { entries: entries.into_iter().map(Into::into).collect(), limit, offset }))
 }

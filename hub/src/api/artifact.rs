@@ -126,7 +126,7 @@ pub async fn serve_blob(state: &SharedState, sha256: String, headers: &HeaderMap
 }
 
 /// Download a version's ONNX file. Supports `Range`; the ETag is the SHA-256.
-#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/artifact", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/artifact", params(super::openapi::VersionPath), security(("bearer" = [])),
     responses((status = 200, description = "the whole file"), (status = 206, description = "the requested range"),
         (status = 416, description = "range outside the file"), (status = 404, body = super::error::ErrorBody)))]
 pub async fn model(
@@ -141,7 +141,7 @@ pub async fn model(
 }
 
 /// Download a version's validation set: `inputs` or `labels`.
-#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/validation/{part}", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/validation/{part}", params(super::openapi::ValidationPath), security(("bearer" = [])),
     responses((status = 200, description = "raw little-endian tensor bytes"), (status = 404, body = super::error::ErrorBody)))]
 pub async fn validation(
     State(state): State<SharedState>,

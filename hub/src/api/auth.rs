@@ -9,6 +9,7 @@ use axum::response::Response;
 use super::{ApiError, SharedState};
 use crate::auth::{Role, hash_token};
 use crate::store::AuditEntry;
+use sentinel_proto::quote;
 
 pub use crate::auth::Caller;
 
@@ -67,6 +68,14 @@ async fn resolve(state: &SharedState, headers: &HeaderMap) -> Result<Authn, ApiE
 
 /// Resolves the caller, runs the request, and audits mutating calls.
 pub async fn authenticate(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+    // Proxies and clients disagree on which of two credentials counts; the
+    // hub takes neither rather than guess.
+    let count = req.headers().get_all(header::AUTHORIZATION).iter().count();
+    if count > 1 {
+        return axum::response::IntoResponse::into_response(ApiError::bad_request(format!(
+            "the request has {count} Authorization headers; send exactly one `Authorization: Bearer <token>`"
+        )));
+    }
     let authn = match resolve(&state, req.headers()).await {
         Ok(a) => a,
         Err(e) => return axum::response::IntoResponse::into_response(e),
@@ -124,8 +133,9 @@ impl Caller {
             Ok(())
         } else {
             Err(ApiError::forbidden(format!(
-                "{doing} needs the {needed} role; token {:?} has role {}",
-                self.name, self.role
+                "{doing} needs the {needed} role; token {} has role {}",
+                quote(&self.name),
+                self.role
             )))
         }
     }

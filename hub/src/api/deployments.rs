@@ -16,13 +16,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::AuditDetail;
-use super::models::check_name;
-use super::versions::{check_version, load_version};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page_limit};
+use super::versions::load_version;
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page};
 use crate::auth::Role;
 use crate::rollout::{DEFAULT_HALT_FRACTION, PolicyError, RolloutPolicy, Rollup, earlier_deployments, validate_halt};
-use crate::selector::Selector;
+use crate::selector::{Selector, SelectorError};
 use crate::store::{DeploymentRecord, NewDeployment};
+use sentinel_proto::quote;
 
 /// The states a deployment can be in, for filters and messages.
 const STATES: [&str; 5] = ["active", "superseded", "rolled_back", "halted", "cancelled"];
@@ -97,16 +97,21 @@ pub struct DeploymentList {
 pub struct DeployRequest {
     pub version: String,
     /// Label selector (`stage=production,site=a`, or a bare stage name);
-    /// `hardware=TAG` requires that hardware. Empty or absent: every device.
-    #[serde(default)]
-    pub target: String,
+    /// `hardware=TAG` requires that hardware; `*` selects every device.
+    /// Required: an empty or absent target is refused, so that forgetting it
+    /// never deploys to the whole fleet.
+    #[schema(value_type = super::openapi::Target, required = true)]
+    pub target: Option<String>,
     /// How devices move traffic to the version and when they give up on it;
     /// absent: the agent's defaults.
     pub policy: Option<RolloutPolicy>,
     /// Halt when more than this fraction (0..=1) of targeted devices rolled
     /// back or failed. Default 0.2.
+    #[schema(minimum = 0, maximum = 1)]
     pub halt_fraction: Option<f64>,
-    /// Also halt when at least this many targeted devices rolled back or failed.
+    /// Also halt when at least this many targeted devices rolled back or
+    /// failed (1..=1000000).
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub halt_count: Option<u32>,
     /// Staged rollout: cumulative percentages of the targeted devices,
     /// strictly increasing, ending at 100 (e.g. `[10, 50, 100]`). The
@@ -123,23 +128,53 @@ pub struct RollbackRequest {
     /// Version to go back to; default: the version deployed to the target
     /// before the current one.
     pub version: Option<String>,
-    /// Target whose deployment to roll back; needed when the model is
-    /// deployed to several targets.
+    /// Target whose deployment to roll back (`*`: the one to every device);
+    /// needed when the model is deployed to several targets.
+    #[schema(value_type = Option<super::openapi::Target>)]
     pub target: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only deployments of this model.
     pub model: Option<String>,
     /// `active`, `superseded`, `rolled_back`, `halted` or `cancelled`.
+    #[param(value_type = Option<super::openapi::DeploymentState>)]
     pub state: Option<String>,
+    /// Page size, 1..=500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// Deployments to skip, 0..=2147483647 (default 0).
+    #[param(minimum = 0, maximum = 2_147_483_647)]
     pub offset: Option<u32>,
 }
 
+/// What a target selector selects every device with.
+pub const EVERY_DEVICE: &str = "*";
+
+/// Parses a target selector; `*` selects every device, and an empty one is
+/// refused rather than read as "every device".
 fn parse_target(target: &str) -> Result<Selector, ApiError> {
-    Selector::parse(target).map_err(|e| ApiError::bad_request(format!("target {target:?}: {e}")))
+    let missing = || {
+        ApiError::unprocessable(
+            "missing_target",
+            "target is empty; name the devices (e.g. stage=production or site=a,stage=staging), \
+             or pass `*` for every device",
+        )
+    };
+    match target.trim_matches(' ') {
+        "" => Err(missing()),
+        EVERY_DEVICE => Ok(Selector::default()),
+        _ => match Selector::parse(target) {
+            // Only commas and spaces: as empty as "".
+            Ok(s) if s == Selector::default() => Err(missing()),
+            Ok(s) => Ok(s),
+            Err(e @ SelectorError::Duplicate(_)) => Err(ApiError::unprocessable("invalid_target", e.to_string())),
+            Err(e) => Err(ApiError::bad_request(format!("target {}: {e}", quote(target)))),
+        },
+    }
 }
 
 fn invalid_policy(e: PolicyError) -> ApiError {
@@ -153,17 +188,20 @@ fn created(d: DeploymentRecord, detail: String) -> Response {
 }
 
 /// Deploy a version to the devices a target selector matches.
-#[utoipa::path(post, path = "/api/v1/models/{name}/deploy", request_body = DeployRequest, security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/models/{name}/deploy", params(super::openapi::ModelPath), request_body = DeployRequest, security(("bearer" = [])),
     responses((status = 201, body = DeploymentOut), (status = 404, body = super::error::ErrorBody),
         (status = 422, body = super::error::ErrorBody)))]
 pub async fn deploy(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
-    ApiJson(body): ApiJson<DeployRequest>,
+    // A result, so the role check comes first: a caller without the role
+    // gets 403 whatever the body holds.
+    body: Result<ApiJson<DeployRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Deployer, "deploying")?;
-    let selector = parse_target(&body.target)?;
+    let ApiJson(body) = body?;
+    let selector = parse_target(body.target.as_deref().unwrap_or_default())?;
     if let Some(p) = &body.policy {
         p.validate().map_err(invalid_policy)?;
     }
@@ -178,7 +216,8 @@ pub async fn deploy(
         return Err(ApiError::unprocessable(
             "hardware_mismatch",
             format!(
-                "target requires hardware {missing:?}, but {name} {} declares only [{}]",
+                "target requires hardware {}, but {name} {} declares only [{}]",
+                quote(missing),
                 body.version,
                 version.hardware.join(", ")
             ),
@@ -205,17 +244,20 @@ pub async fn deploy(
 }
 
 /// Roll a target back to an earlier version.
-#[utoipa::path(post, path = "/api/v1/models/{name}/rollback", request_body = RollbackRequest,
+#[utoipa::path(post, path = "/api/v1/models/{name}/rollback", params(super::openapi::ModelPath), request_body = RollbackRequest,
     security(("bearer" = [])),
     responses((status = 201, body = DeploymentOut), (status = 409, body = super::error::ErrorBody)))]
 pub async fn rollback(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
-    ApiJson(body): ApiJson<RollbackRequest>,
+    // A result, so the role check comes first: a caller without the role
+    // gets 403 whatever the body holds.
+    body: Result<ApiJson<RollbackRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Deployer, "rolling back")?;
-    check_name(&name)?;
+    let ApiJson(body) = body?;
+    super::models::check_lookup_name(&name)?;
     let wanted_target = body.target.as_deref().map(parse_target).transpose()?.map(|s| s.to_string());
     let n = name.clone();
     let (active, history) = state
@@ -244,7 +286,7 @@ pub async fn rollback(
     .clone();
     let to_version = match body.version {
         Some(v) => {
-            check_version(&v)?;
+            super::versions::check_lookup_version(&name, &v)?;
             v
         }
         // The latest earlier deployment of another version to this target.
@@ -282,23 +324,24 @@ pub async fn rollback(
 pub async fn list(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiQuery(p): ApiQuery<ListParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<ListParams>, ApiError>,
 ) -> Result<Json<DeploymentList>, ApiError> {
     caller.require(Role::Viewer, "listing deployments")?;
+    let ApiQuery(p) = query?;
     if let Some(s) = &p.state
         && !STATES.contains(&s.as_str())
     {
-        return Err(ApiError::bad_request(format!("unknown state {s:?}; use one of {}", STATES.join(", "))));
+        return Err(ApiError::bad_request(format!("unknown state {}; use one of {}", quote(s), STATES.join(", "))));
     }
-    let limit = page_limit(p.limit)?;
-    let offset = p.offset.unwrap_or(0);
+    let (limit, offset) = page(p.limit, p.offset)?;
     let (rows, total) =
         state.meta(move |m| m.list_deployments(p.model.as_deref(), p.state.as_deref(), limit, offset)).await?;
     Ok(Json(DeploymentList { deployments: rows.into_iter().map(Into::into).collect(), total, limit, offset }))
 }
 
 /// Show one deployment, with where it stands on each targeted device.
-#[utoipa::path(get, path = "/api/v1/deployments/{id}", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", params(super::openapi::IdPath), security(("bearer" = [])),
     responses((status = 200, body = DeploymentOut), (status = 404, body = super::error::ErrorBody)))]
 pub async fn show(
     State(state): State<SharedState>,

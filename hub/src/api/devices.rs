@@ -10,19 +10,35 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::AuditDetail;
-use super::{ApiError, ApiJson, ApiPath, Caller, SharedState};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
 use crate::auth::{Role, generate_token, hash_token};
 use crate::fleet::{Connection, assignments_for, target_of};
 use crate::store::{DeviceEvent, DeviceRecord};
+use sentinel_proto::quote;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollDevice {
     /// Device id: letters, digits, '-', '_' and '.', at most 128 characters.
+    #[schema(value_type = super::openapi::ModelName)]
     pub id: String,
-    /// Labels deployments select on, e.g. {"site": "a", "stage": "production"}.
+    /// Labels deployments select on, e.g. {"site": "a", "stage": "production"}:
+    /// keys and values of letters, digits, '-', '_', '.' or '/', 1 to 63;
+    /// not `hardware` (422: devices report their hardware themselves).
     #[serde(default)]
+    #[schema(schema_with = label_schema)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// `labels`: an object whose keys and values are selector tokens.
+fn label_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let token = || ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[A-Za-z0-9._/-]{1,63}$"));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(token()))
+        .additional_properties(Some(token()))
+        .build()
 }
 
 /// A new device and its token. The token is shown once.
@@ -46,8 +62,9 @@ pub struct DeviceOut {
     pub connected_since_ms: Option<i64>,
     /// The desired-state revision the device last applied.
     pub applied_revision: Option<u64>,
-    /// Per model: version, state, detail (from the device's last report).
-    #[schema(value_type = Object)]
+    /// Per model: version, state, detail (from the device's last report);
+    /// empty before the first report.
+    #[schema(value_type = Vec<Object>)]
     pub models: serde_json::Value,
     /// Newest first (only in `GET /devices/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -72,7 +89,7 @@ fn device_out(state: &SharedState, d: DeviceRecord) -> DeviceOut {
         connected: conn.is_some(),
         connected_since_ms: conn.map(|c| c.connected_at_ms),
         applied_revision: report["applied_revision"].as_u64(),
-        models: report.get("models").cloned().unwrap_or(serde_json::json!([])),
+        models: report.get("models").filter(|m| m.is_array()).cloned().unwrap_or(serde_json::json!([])),
         id: d.id,
         labels: d.labels,
         hardware: d.hardware,
@@ -90,17 +107,28 @@ fn device_out(state: &SharedState, d: DeviceRecord) -> DeviceOut {
 pub async fn enroll(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiJson(body): ApiJson<EnrollDevice>,
+    // A result, so the role check comes first: a caller without the role
+    // gets 403 whatever the body holds.
+    body: Result<ApiJson<EnrollDevice>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "enrolling devices")?;
+    let ApiJson(body) = body?;
     sentinel_proto::manifest::validate_model_name(&body.id)
-        .map_err(|reason| ApiError::bad_request(format!("device id {:?} {reason}", body.id)))?;
-    let labels = crate::selector::Selector::parse(
-        &body.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
-    )
-    .map_err(|e| ApiError::bad_request(format!("labels: {e}")))?;
-    if !labels.hardware.is_empty() {
-        return Err(ApiError::bad_request("`hardware` is not a label: devices report their hardware themselves"));
+        .map_err(|reason| ApiError::bad_request(format!("device id {} {reason}", quote(&body.id))))?;
+    for (k, v) in &body.labels {
+        if !crate::selector::valid_token(k) || !crate::selector::valid_token(v) {
+            return Err(ApiError::bad_request(format!(
+                "label {}={} is invalid: keys and values are letters, digits, '-', '_', '.' or '/', 1 to 63",
+                quote(k),
+                quote(v)
+            )));
+        }
+    }
+    if body.labels.contains_key("hardware") {
+        return Err(ApiError::unprocessable(
+            "invalid_label",
+            "`hardware` is not a label: devices report their hardware themselves",
+        ));
     }
     let token = generate_token();
     let hash = hash_token(&token);
@@ -114,16 +142,33 @@ pub async fn enroll(
     Ok(resp)
 }
 
-/// List devices with their connection state and what they run.
-#[utoipa::path(get, path = "/api/v1/devices", security(("bearer" = [])), responses((status = 200, body = Vec<DeviceOut>)))]
-pub async fn list(State(state): State<SharedState>, caller: Caller) -> Result<Json<Vec<DeviceOut>>, ApiError> {
+/// A page of devices.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceList {
+    pub devices: Vec<DeviceOut>,
+    pub total: u64,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+/// List devices with their connection state and what they run, one page at a time.
+#[utoipa::path(get, path = "/api/v1/devices", params(PageParams), security(("bearer" = [])),
+    responses((status = 200, body = DeviceList)))]
+pub async fn list(
+    State(state): State<SharedState>,
+    caller: Caller,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<PageParams>, ApiError>,
+) -> Result<Json<DeviceList>, ApiError> {
     caller.require(Role::Viewer, "listing devices")?;
-    let devices = state.meta(|m| m.list_devices()).await?;
-    Ok(Json(devices.into_iter().map(|d| device_out(&state, d)).collect()))
+    let ApiQuery(p) = query?;
+    let (limit, offset) = page(p.limit, p.offset)?;
+    let (devices, total) = page_of(state.meta(|m| m.list_devices()).await?, limit, offset);
+    Ok(Json(DeviceList { devices: devices.into_iter().map(|d| device_out(&state, d)).collect(), total, limit, offset }))
 }
 
 /// One device: last report, recent events, and what it should run.
-#[utoipa::path(get, path = "/api/v1/devices/{id}", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/devices/{id}", params(super::openapi::DevicePath), security(("bearer" = [])),
     responses((status = 200, body = DeviceOut), (status = 404, body = super::error::ErrorBody)))]
 pub async fn show(
     State(state): State<SharedState>,
@@ -140,7 +185,7 @@ pub async fn show(
             Ok((d, e, a))
         })
         .await?;
-    let device = device.ok_or_else(|| ApiError::not_found(format!("device {id:?} is not enrolled")))?;
+    let device = device.ok_or_else(|| ApiError::not_found(format!("device {} is not enrolled", quote(&id))))?;
     let hello: Option<sentinel_proto::pb::Hello> = device.hello.clone().and_then(|h| serde_json::from_value(h).ok());
     let target = target_of(&device, hello.as_ref());
     let st = state.clone();
@@ -164,7 +209,7 @@ pub async fn show(
 }
 
 /// Remove a device (admin): its token stops working and its stream closes.
-#[utoipa::path(delete, path = "/api/v1/devices/{id}", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", params(super::openapi::DevicePath), security(("bearer" = [])),
     responses((status = 204), (status = 404, body = super::error::ErrorBody)))]
 pub async fn remove(
     State(state): State<SharedState>,

@@ -9,6 +9,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use sentinel_proto::quote::clip_message;
 use serde::Serialize;
 
 use crate::store::{BlobError, StoreError};
@@ -76,6 +77,21 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; the hub log has the details")
     }
 
+    /// Maps a blocking task that did not finish: cancelled means the runtime
+    /// is shutting down, which is no error of the hub's (503, logged at
+    /// debug, so a clean shutdown logs no ERROR); a panic is ours (500).
+    pub fn from_join(context: &str, err: &tokio::task::JoinError) -> Self {
+        if err.is_cancelled() {
+            tracing::debug!(context, "a blocking task was cancelled: the hub is shutting down");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the hub is shutting down; retry once it is back",
+            );
+        }
+        Self::internal(context, err)
+    }
+
     /// Maps an I/O error from writing uploaded bytes: a full disk is the
     /// caller's business (507), anything else is ours (500).
     pub fn from_write(context: &str, err: &std::io::Error) -> Self {
@@ -121,18 +137,22 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
         let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE { "unsupported_media_type" } else { "invalid_json" };
-        Self::new(status, code, format!("{}; send a JSON object with Content-Type: application/json", r.body_text()))
+        Self::new(
+            status,
+            code,
+            format!("{}; send a JSON object with Content-Type: application/json", clip_message(&r.body_text())),
+        )
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
-        Self::bad_request(format!("invalid query string: {}", r.body_text()))
+        Self::bad_request(format!("invalid query string: {}", clip_message(&r.body_text())))
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
-        Self::bad_request(format!("invalid path: {}", r.body_text()))
+        Self::bad_request(format!("invalid path: {}", clip_message(&r.body_text())))
     }
 }

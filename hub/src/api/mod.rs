@@ -71,7 +71,7 @@ impl AppState {
         let joined = tokio::task::spawn_blocking(move || f(meta.as_ref())).await;
         match joined {
             Ok(result) => result.map_err(ApiError::from),
-            Err(e) => Err(ApiError::internal("metadata task", &e)),
+            Err(e) => Err(ApiError::from_join("metadata task", &e)),
         }
     }
 
@@ -85,7 +85,7 @@ impl AppState {
         let joined = tokio::task::spawn_blocking(move || f(blobs.as_ref())).await;
         match joined {
             Ok(result) => result.map_err(ApiError::from),
-            Err(e) => Err(ApiError::internal("blob task", &e)),
+            Err(e) => Err(ApiError::from_join("blob task", &e)),
         }
     }
 
@@ -100,10 +100,46 @@ impl AppState {
     }
 }
 
-/// `axum::Json` whose rejections are [`ApiError`]s (JSON bodies, not text).
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON object body, parsed as `axum::Json` does, whose rejections are
+/// [`ApiError`]s (JSON bodies, not text). Anything but an object is refused:
+/// serde would read `[null, null]` as a struct of two absent fields.
+#[derive(Debug)]
 pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+            .is_some_and(|m| m.strip_prefix("application/").is_some_and(|sub| sub == "json" || sub.ends_with("+json")));
+        if !is_json {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send a JSON object with Content-Type: application/json",
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::new(e.status(), "invalid_body", sentinel_proto::quote::clip_message(&e.body_text()))
+        })?;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::unprocessable(
+                "invalid_json",
+                "the body must be a JSON object, e.g. {\"name\": \"digits\"}; send it with Content-Type: application/json",
+            ));
+        }
+        let axum::Json(value) = axum::Json::<T>::from_bytes(&bytes)?;
+        Ok(Self(value))
+    }
+}
 
 /// `axum::extract::Query` whose rejections are [`ApiError`]s.
 #[derive(Debug, FromRequestParts)]
@@ -128,6 +164,9 @@ pub async fn push_to_fleet(state: &SharedState) {
 /// Page size when a list request names none, and the most it may ask for.
 pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_PAGE: u32 = 500;
+/// The largest `offset` a list accepts: what a signed 32-bit integer holds,
+/// as the OpenAPI description declares.
+pub const MAX_OFFSET: u32 = 2_147_483_647;
 
 /// Checks a requested page size.
 pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
@@ -137,6 +176,36 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
         Some(n) if n > MAX_PAGE => Err(ApiError::bad_request(format!("limit must be at most {MAX_PAGE}"))),
         Some(n) => Ok(n),
     }
+}
+
+/// Checks a requested page: its size and where it starts.
+pub fn page(limit: Option<u32>, offset: Option<u32>) -> Result<(u32, u32), ApiError> {
+    let limit = page_limit(limit)?;
+    match offset {
+        Some(o) if o > MAX_OFFSET => Err(ApiError::bad_request(format!("offset must be at most {MAX_OFFSET}"))),
+        o => Ok((limit, o.unwrap_or(0))),
+    }
+}
+
+/// One page of a list held in memory, and the list's length.
+pub fn page_of<T>(items: Vec<T>, limit: u32, offset: u32) -> (Vec<T>, u64) {
+    let total = items.len() as u64;
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    let page = items.into_iter().skip(start).take(limit as usize).collect();
+    (page, total)
+}
+
+/// `limit` and `offset` of a list, for lists that take nothing else.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// Page size, 1..=500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+    /// Items to skip, 0..=2147483647 (default 0).
+    #[param(minimum = 0, maximum = 2_147_483_647)]
+    pub offset: Option<u32>,
 }
 
 /// The whole HTTP surface of the hub.

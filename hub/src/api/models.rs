@@ -9,9 +9,10 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::AuditDetail;
 use super::versions::VersionOut;
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page_limit};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page};
 use crate::auth::Role;
 use crate::store::{ModelFilter, ModelRecord};
+use sentinel_proto::quote;
 
 /// A model name with its metadata; `versions` only in `GET /models/{name}`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -38,25 +39,32 @@ pub struct ModelList {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Substring of the model name.
     pub name: Option<String>,
     /// Only models with a version at this stage.
+    #[param(value_type = Option<super::openapi::StageName>)]
     pub stage: Option<String>,
     /// Only models with a version that runs on this hardware tag.
     pub hardware: Option<String>,
     /// Page size, 1..=500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// Models to skip, 0..=2147483647 (default 0).
+    #[param(minimum = 0, maximum = 2_147_483_647)]
     pub offset: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateModel {
+    #[schema(value_type = super::openapi::ModelName)]
     pub name: String,
     #[serde(default)]
     pub description: String,
     #[serde(default)]
+    #[schema(value_type = Vec<super::openapi::Tag>)]
     pub tags: Vec<String>,
 }
 
@@ -64,11 +72,13 @@ pub struct CreateModel {
 #[serde(deny_unknown_fields)]
 pub struct UpdateModel {
     pub description: Option<String>,
+    #[schema(value_type = Option<Vec<super::openapi::Tag>>)]
     pub tags: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteParams {
     /// Delete even while versions are deployed (admin only).
     #[serde(default)]
@@ -78,15 +88,24 @@ pub struct DeleteParams {
 /// Checks a model name from a path or body.
 pub fn check_name(name: &str) -> Result<(), ApiError> {
     sentinel_proto::manifest::validate_model_name(name)
-        .map_err(|reason| ApiError::bad_request(format!("model name {name:?} {reason}")))
+        .map_err(|reason| ApiError::bad_request(format!("model name {} {reason}", quote(name))))
+}
+
+/// Checks a model name a caller looks up (from a path): a name that cannot
+/// exist is not found (404) rather than malformed.
+pub fn check_lookup_name(name: &str) -> Result<(), ApiError> {
+    sentinel_proto::manifest::validate_model_name(name)
+        .map_err(|reason| ApiError::not_found(format!("no model is named {}: a model name {reason}", quote(name))))
 }
 
 /// Checks a list of free-form tags.
 pub fn check_tags(what: &str, tags: &[String]) -> Result<(), ApiError> {
     for t in tags {
-        if t.is_empty() || t.len() > 64 || t.contains(',') || t.chars().any(char::is_control) {
+        // Characters, not bytes: what the OpenAPI description's pattern counts.
+        if t.is_empty() || t.chars().count() > 64 || t.contains(',') || t.chars().any(char::is_control) {
             return Err(ApiError::bad_request(format!(
-                "{what} {t:?} is invalid: 1 to 64 characters, no commas or control characters"
+                "{what} {} is invalid: 1 to 64 characters, no commas or control characters",
+                quote(t)
             )));
         }
     }
@@ -108,10 +127,10 @@ fn model_out(m: ModelRecord, versions: Vec<VersionOut>, include: bool) -> ModelO
 
 /// Loads a model and its versions, or 404.
 pub async fn load_model(state: &SharedState, name: &str) -> Result<(ModelRecord, Vec<VersionOut>), ApiError> {
-    check_name(name)?;
+    check_lookup_name(name)?;
     let n = name.to_owned();
     let (model, versions) = state.meta(move |m| Ok((m.get_model(&n)?, m.list_versions(&n)?))).await?;
-    let model = model.ok_or_else(|| ApiError::not_found(format!("model {name:?} is not registered")))?;
+    let model = model.ok_or_else(|| ApiError::not_found(format!("model {} is not registered", quote(name))))?;
     let versions = versions.iter().map(VersionOut::from_record).collect::<Result<Vec<_>, _>>()?;
     Ok((model, versions))
 }
@@ -122,14 +141,15 @@ pub async fn load_model(state: &SharedState, name: &str) -> Result<(ModelRecord,
 pub async fn list(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiQuery(p): ApiQuery<ListParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<ListParams>, ApiError>,
 ) -> Result<Json<ModelList>, ApiError> {
     caller.require(Role::Viewer, "listing models")?;
+    let ApiQuery(p) = query?;
     if let Some(stage) = &p.stage {
         sentinel_proto::manifest::parse_stage(stage).map_err(ApiError::bad_request)?;
     }
-    let limit = page_limit(p.limit)?;
-    let offset = p.offset.unwrap_or(0);
+    let (limit, offset) = page(p.limit, p.offset)?;
     let filter = ModelFilter { name: p.name, stage: p.stage, hardware: p.hardware, limit, offset };
     let (rows, total) = state
         .meta(move |m| {
@@ -156,9 +176,12 @@ pub async fn list(
 pub async fn create(
     State(state): State<SharedState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateModel>,
+    // A result, so the role check comes first: a caller without the role
+    // gets 403 whatever the body holds.
+    body: Result<ApiJson<CreateModel>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Publisher, "registering a model")?;
+    let ApiJson(body) = body?;
     check_name(&body.name)?;
     check_tags("tag", &body.tags)?;
     let now = crate::now_ms();
@@ -170,7 +193,7 @@ pub async fn create(
 }
 
 /// Show a model with all its versions, newest first.
-#[utoipa::path(get, path = "/api/v1/models/{name}", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/models/{name}", params(super::openapi::ModelPath), security(("bearer" = [])),
     responses((status = 200, body = ModelOut), (status = 404, body = super::error::ErrorBody)))]
 pub async fn show(
     State(state): State<SharedState>,
@@ -183,16 +206,19 @@ pub async fn show(
 }
 
 /// Update a model's description or tags.
-#[utoipa::path(put, path = "/api/v1/models/{name}", request_body = UpdateModel, security(("bearer" = [])),
+#[utoipa::path(put, path = "/api/v1/models/{name}", params(super::openapi::ModelPath), request_body = UpdateModel, security(("bearer" = [])),
     responses((status = 200, body = ModelOut), (status = 404, body = super::error::ErrorBody)))]
 pub async fn update(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
-    ApiJson(body): ApiJson<UpdateModel>,
+    // A result, so the role check comes first: a caller without the role
+    // gets 403 whatever the body holds.
+    body: Result<ApiJson<UpdateModel>, ApiError>,
 ) -> Result<Json<ModelOut>, ApiError> {
     caller.require(Role::Publisher, "editing a model")?;
-    check_name(&name)?;
+    let ApiJson(body) = body?;
+    check_lookup_name(&name)?;
     if let Some(tags) = &body.tags {
         check_tags("tag", tags)?;
     }
@@ -205,22 +231,25 @@ pub async fn update(
 
 /// Delete a model and all its versions. Refused while any version is
 /// deployed, unless an admin passes `?force=true`.
-#[utoipa::path(delete, path = "/api/v1/models/{name}", params(DeleteParams), security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/models/{name}", params(super::openapi::ModelPath, DeleteParams), security(("bearer" = [])),
     responses((status = 204), (status = 409, body = super::error::ErrorBody)))]
 pub async fn delete(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
-    ApiQuery(p): ApiQuery<DeleteParams>,
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<DeleteParams>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "deleting a model")?;
-    check_name(&name)?;
+    let ApiQuery(p) = query?;
+    check_lookup_name(&name)?;
     let n = name.clone();
     let active = state.meta(move |m| m.active_deployments(&n)).await?;
     if !active.is_empty() && !p.force {
         let ids: Vec<String> = active.iter().map(|d| d.id.to_string()).collect();
         return Err(ApiError::conflict(format!(
-            "model {name:?} is deployed (active deployments {}); roll it back first, or pass ?force=true",
+            "model {} is deployed (active deployments {}); roll it back first, or pass ?force=true",
+            quote(&name),
             ids.join(", ")
         )));
     }

@@ -25,29 +25,40 @@ use tokio::io::AsyncWriteExt as _;
 use utoipa::IntoParams;
 
 use super::auth::AuditDetail;
-use super::models::{check_name, check_tags};
+use super::models::check_tags;
 use super::versions::{VersionOut, check_accuracy, check_hardware, check_version};
 use super::{ApiError, ApiPath, ApiQuery, Caller, SharedState};
 use crate::auth::Role;
 use crate::onnx::dtype_size;
 use crate::store::{StagedBlob, VersionRecord};
+use sentinel_proto::quote;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UploadParams {
     /// Semantic version of the new version. Required: there is no default.
+    #[param(
+        required = true,
+        max_length = 128,
+        pattern = "^(?:0|[1-9][0-9]{0,15})\\.(?:0|[1-9][0-9]{0,15})\\.(?:0|[1-9][0-9]{0,15})(?:-(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)(?:\\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*)?(?:\\+[0-9A-Za-z-]+(?:\\.[0-9A-Za-z-]+)*)?$"
+    )]
     pub version: Option<String>,
     /// development (default), staging, production or archived.
+    #[param(value_type = Option<super::openapi::StageName>)]
     pub stage: Option<String>,
     /// Declared accuracy as a fraction, e.g. 0.97.
+    #[param(minimum = 0, maximum = 1)]
     pub accuracy: Option<f64>,
     /// Metric of the declared accuracy (default `accuracy`).
     pub metric: Option<String>,
     /// Dataset the accuracy was measured on.
     pub dataset: Option<String>,
     /// Comma-separated hardware tags, e.g. `aarch64,jetson-orin`. None: any hardware.
+    #[param(pattern = "^,*(?:[A-Za-z0-9._-]{1,63}(?:,+[A-Za-z0-9._-]{1,63})*)?,*$")]
     pub hardware: Option<String>,
     /// Comma-separated free-form tags.
+    #[param(pattern = "^,*(?:[^,\\x00-\\x1f\\x7f-\\x9f]{1,64}(?:,+[^,\\x00-\\x1f\\x7f-\\x9f]{1,64})*)?,*$")]
     pub tags: Option<String>,
 }
 
@@ -60,7 +71,9 @@ struct Received {
 
 fn split_list(s: &Option<String>) -> Vec<String> {
     s.as_deref()
-        .map(|s| s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect())
+        // Not trimmed: a space is part of a tag (and not allowed in a
+        // hardware tag), as the OpenAPI description's patterns say.
+        .map(|s| s.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect())
         .unwrap_or_default()
 }
 
@@ -124,6 +137,15 @@ where
     }
 }
 
+/// Whether two semver strings have the same precedence: equal but for build
+/// metadata. Strings that do not parse are compared as they are.
+fn same_precedence(a: &str, b: &str) -> bool {
+    match (semver::Version::parse(a), semver::Version::parse(b)) {
+        (Ok(a), Ok(b)) => a.cmp_precedence(&b) == std::cmp::Ordering::Equal,
+        _ => a == b,
+    }
+}
+
 /// Bytes of one validation sample of the model's first input: every dim
 /// after the batch dim must be fixed.
 fn sample_bytes(input: &pb::TensorSpec) -> Result<u64, ApiError> {
@@ -148,12 +170,13 @@ fn sample_bytes(input: &pb::TensorSpec) -> Result<u64, ApiError> {
 }
 
 /// Upload a new version of a model (streamed).
-#[utoipa::path(post, path = "/api/v1/models/{name}/versions", params(UploadParams),
+#[utoipa::path(post, path = "/api/v1/models/{name}/versions", params(super::openapi::ModelPath, UploadParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream",
         description = "The ONNX file; or multipart/form-data with parts model, validation_inputs, validation_labels"),
     security(("bearer" = [])),
     responses((status = 201, body = VersionOut), (status = 409, body = super::error::ErrorBody),
-        (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)))]
+        (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
+        (status = 507, description = "The hub's storage is full; nothing was stored", body = super::error::ErrorBody)))]
 pub async fn upload(
     State(state): State<SharedState>,
     // Taken as results so that a refused query string counts as a refused push.
@@ -162,10 +185,24 @@ pub async fn upload(
     query: Result<ApiQuery<UploadParams>, ApiError>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let result = match (caller, path, query) {
-        (Ok(caller), Ok(path), Ok(query)) => receive_version(state.clone(), caller, path, query, req).await,
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+    // The role check first: a caller without the role gets 403 whatever
+    // the query string holds.
+    let mut body = Some(req);
+    let result = match caller.and_then(|c| c.require(Role::Publisher, "uploading a version").map(|()| c)) {
+        Err(e) => Err(e),
+        Ok(caller) => match (path, query) {
+            (Ok(path), Ok(query)) => receive_version(state.clone(), caller, path, query, &mut body).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        },
     };
+    // Refused before its body was read (a duplicate version, a bad query):
+    // read it (up to DRAIN_LIMIT, keeping nothing) so a client still sending
+    // sees the answer instead of a reset connection.
+    if result.is_err()
+        && let Some(req) = body.take()
+    {
+        drain(&mut req.into_body().into_data_stream()).await;
+    }
     state.metrics.model_push(result.is_ok());
     result
 }
@@ -176,10 +213,10 @@ async fn receive_version(
     caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(p): ApiQuery<UploadParams>,
-    req: Request,
+    body: &mut Option<Request>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Publisher, "uploading a version")?;
-    check_name(&name)?;
+    super::models::check_lookup_name(&name)?;
     // Every check that needs no body runs before a byte is read.
     let version = p
         .version
@@ -202,21 +239,41 @@ async fn receive_version(
             Some(pb::Accuracy { metric: a.metric, value: a.value, dataset: a.dataset })
         }
         None if p.metric.is_some() || p.dataset.is_some() => {
-            return Err(ApiError::bad_request("metric and dataset describe an accuracy: pass accuracy too"));
+            return Err(ApiError::unprocessable(
+                "invalid_accuracy",
+                "metric and dataset describe an accuracy: pass accuracy too",
+            ));
         }
         None => None,
     };
-    let (n, v) = (name.clone(), version.clone());
-    let (model, existing) = state.meta(move |m| Ok((m.get_model(&n)?, m.get_version(&n, &v)?))).await?;
+    let n = name.clone();
+    let (model, versions) = state.meta(move |m| Ok((m.get_model(&n)?, m.list_versions(&n)?))).await?;
+    // Semver gives build metadata no precedence: `1.0.0` and `1.0.0+build.5`
+    // would coexist in no defined order, so they are the same version here.
+    let existing = versions.iter().find(|v| same_precedence(&v.version, &version)).map(|v| v.version.clone());
     if model.is_none() {
-        return Err(ApiError::not_found(format!("model {name:?} is not registered; POST /api/v1/models first")));
+        return Err(ApiError::not_found(format!(
+            "model {} is not registered; POST /api/v1/models first",
+            quote(&name)
+        )));
     }
-    if existing.is_some() {
+    if let Some(existing) = existing {
+        let same = if existing == version {
+            String::new()
+        } else {
+            format!(" ({existing} differs from {version} only in build metadata, which semver does not order)")
+        };
         return Err(ApiError::conflict(format!(
-            "model {name:?} already has version {version}; versions are immutable"
+            "model {} already has version {existing}{same}; versions are immutable",
+            quote(&name)
         )));
     }
     let cap = state.config.max_upload_bytes;
+    // From here on the body is this function's: an oversize one is refused
+    // unread, not drained.
+    let Some(req) = body.take() else {
+        return Err(ApiError::bad_request("the request body was already read"));
+    };
     if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > cap
     {
@@ -410,14 +467,15 @@ pub async fn read_multipart<P: PartSink>(
             "validation_labels" => &mut labels,
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown multipart part {other:?}; expected model, validation_inputs, validation_labels"
+                    "unknown multipart part {}; expected model, validation_inputs, validation_labels",
+                    quote(other)
                 )));
             }
         };
         if slot.is_some() {
-            return Err(ApiError::bad_request(format!("multipart part {part:?} appears twice")));
+            return Err(ApiError::bad_request(format!("multipart part {} appears twice", quote(&part))));
         }
-        *slot = Some(sink.receive(Box::pin(field), &format!("part {part:?}")).await?);
+        *slot = Some(sink.receive(Box::pin(field), &format!("part {}", quote(&part))).await?);
     }
     let model = model.ok_or_else(|| ApiError::bad_request("the multipart body has no `model` part"))?;
     let validation = match (inputs, labels) {

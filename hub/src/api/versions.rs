@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::AuditDetail;
-use super::models::{check_name, check_tags};
-use super::{ApiError, ApiJson, ApiPath, Caller, SharedState};
+use super::models::{check_lookup_name, check_tags};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
 use crate::auth::Role;
 use crate::store::VersionRecord;
+use sentinel_proto::quote;
 
 /// A stored version: the manifest's facts plus who registered it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -80,17 +81,41 @@ impl SignedManifestOut {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateVersion {
+    #[schema(value_type = Option<super::openapi::StageName>)]
     pub stage: Option<String>,
     pub accuracy: Option<AccuracyView>,
+    #[schema(value_type = Option<Vec<super::openapi::HardwareTag>>)]
     pub hardware: Option<Vec<String>>,
+    #[schema(value_type = Option<Vec<super::openapi::Tag>>)]
     pub tags: Option<Vec<String>>,
 }
 
-/// Checks semver, with a message that says what is expected.
+/// The most digits of a major, minor or patch number, and the longest
+/// version: what the OpenAPI description declares for a new version.
+const MAX_VERSION_DIGITS: usize = 16;
+const MAX_VERSION_LEN: usize = 128;
+
+/// Checks the version of a new version: semver, with a message that says
+/// what is expected.
 pub fn check_version(version: &str) -> Result<(), ApiError> {
     semver::Version::parse(version)
-        .map(|_| ())
-        .map_err(|e| ApiError::bad_request(format!("version {version:?} is not semver (e.g. 1.2.0): {e}")))
+        .map_err(|e| ApiError::bad_request(format!("version {} is not semver (e.g. 1.2.0): {e}", quote(version))))?;
+    let core = version.split(['-', '+']).next().unwrap_or_default();
+    if version.len() > MAX_VERSION_LEN || core.split('.').any(|n| n.len() > MAX_VERSION_DIGITS) {
+        return Err(ApiError::bad_request(format!(
+            "version {} is too long: at most {MAX_VERSION_LEN} characters, {MAX_VERSION_DIGITS} digits per number",
+            quote(version)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a version a caller looks up: one that is not valid semver cannot
+/// exist, so it is not found (404) rather than malformed.
+pub fn check_lookup_version(name: &str, version: &str) -> Result<(), ApiError> {
+    semver::Version::parse(version).map(|_| ()).map_err(|e| {
+        ApiError::not_found(format!("model {} has no version {}: not semver ({e})", quote(name), quote(version)))
+    })
 }
 
 /// Checks hardware target tags.
@@ -99,7 +124,8 @@ pub fn check_hardware(tags: &[String]) -> Result<(), ApiError> {
         if t.is_empty() || t.len() > 63 || !t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(ApiError::bad_request(format!(
-                "hardware tag {t:?} is invalid: use letters, digits, '-', '_' or '.' (e.g. aarch64, jetson-orin)"
+                "hardware tag {} is invalid: use letters, digits, '-', '_' or '.' (e.g. aarch64, jetson-orin)",
+                quote(t)
             )));
         }
     }
@@ -112,37 +138,52 @@ pub fn check_accuracy(a: &AccuracyView) -> Result<(), ApiError> {
         return Err(ApiError::bad_request(format!("accuracy {} must be a fraction between 0 and 1", a.value)));
     }
     if a.metric.trim().is_empty() {
-        return Err(ApiError::bad_request("accuracy needs a metric name, e.g. top1"));
+        return Err(ApiError::unprocessable("invalid_accuracy", "accuracy needs a metric name, e.g. top1"));
     }
     Ok(())
 }
 
 pub async fn load_version(state: &SharedState, name: &str, version: &str) -> Result<VersionRecord, ApiError> {
-    check_name(name)?;
-    check_version(version)?;
+    check_lookup_name(name)?;
+    check_lookup_version(name, version)?;
     let (n, v) = (name.to_owned(), version.to_owned());
     let (model, found) = state.meta(move |m| Ok((m.get_model(&n)?, m.get_version(&n, &v)?))).await?;
     if model.is_none() {
-        return Err(ApiError::not_found(format!("model {name:?} is not registered")));
+        return Err(ApiError::not_found(format!("model {} is not registered", quote(name))));
     }
-    found.ok_or_else(|| ApiError::not_found(format!("model {name:?} has no version {version}")))
+    found.ok_or_else(|| ApiError::not_found(format!("model {} has no version {version}", quote(name))))
 }
 
-/// List a model's versions, newest first.
-#[utoipa::path(get, path = "/api/v1/models/{name}/versions", security(("bearer" = [])),
-    responses((status = 200, body = Vec<VersionOut>), (status = 404, body = super::error::ErrorBody)))]
+/// A page of a model's versions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VersionList {
+    pub versions: Vec<VersionOut>,
+    pub total: u64,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+/// List a model's versions, newest first, one page at a time.
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions", params(super::openapi::ModelPath, PageParams),
+    security(("bearer" = [])),
+    responses((status = 200, body = VersionList), (status = 404, body = super::error::ErrorBody)))]
 pub async fn list(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
-) -> Result<Json<Vec<VersionOut>>, ApiError> {
+    // A result, so the role check comes first.
+    query: Result<ApiQuery<PageParams>, ApiError>,
+) -> Result<Json<VersionList>, ApiError> {
     caller.require(Role::Viewer, "listing versions")?;
+    let ApiQuery(p) = query?;
+    let (limit, offset) = page(p.limit, p.offset)?;
     let (_, versions) = super::models::load_model(&state, &name).await?;
-    Ok(Json(versions))
+    let (versions, total) = page_of(versions, limit, offset);
+    Ok(Json(VersionList { versions, total, limit, offset }))
 }
 
 /// Show one version.
-#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}", params(super::openapi::VersionPath), security(("bearer" = [])),
     responses((status = 200, body = VersionOut), (status = 404, body = super::error::ErrorBody)))]
 pub async fn show(
     State(state): State<SharedState>,
@@ -154,7 +195,7 @@ pub async fn show(
 }
 
 /// The signed manifest: exact bytes, signature and key id.
-#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/manifest", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/manifest", params(super::openapi::VersionPath), security(("bearer" = [])),
     responses((status = 200, body = SignedManifestOut), (status = 404, body = super::error::ErrorBody)))]
 pub async fn manifest(
     State(state): State<SharedState>,
@@ -174,16 +215,19 @@ pub async fn manifest(
 
 /// Change a version's stage, accuracy, hardware or tags. The manifest is
 /// re-signed with the hub's active key.
-#[utoipa::path(put, path = "/api/v1/models/{name}/versions/{version}", request_body = UpdateVersion,
+#[utoipa::path(put, path = "/api/v1/models/{name}/versions/{version}", params(super::openapi::VersionPath), request_body = UpdateVersion,
     security(("bearer" = [])),
     responses((status = 200, body = VersionOut), (status = 404, body = super::error::ErrorBody)))]
 pub async fn update(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath((name, version)): ApiPath<(String, String)>,
-    ApiJson(body): ApiJson<UpdateVersion>,
+    // A result, so the role check comes first: a caller without the role
+    // gets 403 whatever the body holds.
+    body: Result<ApiJson<UpdateVersion>, ApiError>,
 ) -> Result<axum::response::Response, ApiError> {
     caller.require(Role::Publisher, "editing a version")?;
+    let ApiJson(body) = body?;
     let mut record = load_version(&state, &name, &version).await?;
     let mut m = ModelManifest::decode(record.manifest.as_slice())
         .map_err(|e| ApiError::internal("decoding a stored manifest", &e))?;
@@ -223,4 +267,20 @@ pub async fn update(
         record.key_id
     )));
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_version_is_semver_within_the_declared_bounds() {
+        for good in ["1.2.3", "1.2.3-rc.1+build.5", &format!("{}.0.0", "9".repeat(16))] {
+            assert!(check_version(good).is_ok(), "{good}");
+        }
+        for bad in ["1.2", "01.2.3", &format!("{}.0.0", "9".repeat(17)), &format!("1.0.0-{}", "a".repeat(130))] {
+            assert_eq!(check_version(bad).unwrap_err().status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+        assert_eq!(check_lookup_version("m", "latest").unwrap_err().status, axum::http::StatusCode::NOT_FOUND);
+    }
 }

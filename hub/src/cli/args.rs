@@ -137,9 +137,10 @@ pub struct DeployArgs {
     /// The version, as a flag (same as the positional VERSION).
     #[arg(long = "version", id = "version_flag", value_name = "VERSION")]
     pub version_flag: Option<String>,
-    /// Selector: `stage=production,site=a`, or a bare stage name; `hardware=TAG` requires hardware.
-    #[arg(long, default_value = "")]
-    pub target: String,
+    /// Selector: `stage=production,site=a`, or a bare stage name; `hardware=TAG` requires hardware;
+    /// `*` for every device. Required: there is no default target.
+    #[arg(long)]
+    pub target: Option<String>,
     /// Rollout policy file, JSON or TOML (by extension; otherwise JSON is
     /// tried first), with the API's policy fields and optionally
     /// `halt_fraction` and `halt_count`.

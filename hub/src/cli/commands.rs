@@ -372,9 +372,15 @@ async fn device(client: &HubClient, out: &Out, cmd: DeviceCommand) -> Result<(),
             }
         }
         DeviceCommand::List => {
-            let v = client.get("/api/v1/devices").await?;
+            // One page of the most a page holds; the total says if there are more.
+            let v = client.get("/api/v1/devices?limit=500").await?;
             out.print(&v, |v| {
-                table(&DEVICE_HEADER, device_rows(v.as_array().map(Vec::as_slice).unwrap_or(&[]))).to_string()
+                let devices = v["devices"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+                let mut text = table(&DEVICE_HEADER, device_rows(devices)).to_string();
+                if v["total"].as_u64().is_some_and(|t| t > devices.len() as u64) {
+                    text.push_str(&format!("(the first {} of {} devices)\n", devices.len(), v["total"]));
+                }
+                text
             });
         }
         DeviceCommand::Show { id } => {
@@ -445,9 +451,9 @@ async fn token(client: &HubClient, out: &Out, cmd: TokenCommand) -> Result<(), C
             }
         }
         TokenCommand::List => {
-            let v = client.get("/api/v1/tokens").await?;
+            let v = client.get("/api/v1/tokens?limit=500").await?;
             out.print(&v, |v| {
-                let rows = v
+                let rows = v["tokens"]
                     .as_array()
                     .map(|ts| {
                         ts.iter()

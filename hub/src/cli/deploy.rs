@@ -59,7 +59,15 @@ pub fn deploy_body(a: &DeployArgs) -> Result<Value, CliError> {
     };
     let mut body = Map::new();
     body.insert("version".into(), json!(version));
-    body.insert("target".into(), json!(a.target));
+    // Checked here too, so the usage error comes before any request; an
+    // empty --target is the hub's to refuse.
+    let target = a.target.clone().ok_or_else(|| {
+        CliError::Usage(
+            "--target is required: a selector such as `--target stage=production`, or `--target '*'` for every device"
+                .into(),
+        )
+    })?;
+    body.insert("target".into(), json!(target));
     for field in TOP_LEVEL_FIELDS {
         if let Some(v) = policy.remove(field) {
             body.insert(field.into(), v);
@@ -166,7 +174,8 @@ mod tests {
     use crate::cli::args::{Command, ModelCommand};
 
     fn args(extra: &[&str], file: &Path) -> DeployArgs {
-        let mut argv = vec!["sentinel", "model", "deploy", "digits", "2.0.0", "--policy", file.to_str().unwrap()];
+        let mut argv =
+            vec!["sentinel", "model", "deploy", "digits", "2.0.0", "--target", "*", "--policy", file.to_str().unwrap()];
         argv.extend_from_slice(extra);
         match Cli::parse_from(argv).command {
             Command::Model(ModelCommand::Deploy(a)) => a,

@@ -11,6 +11,26 @@ use utoipa::ToSchema;
 /// Halt when more than this fraction of targeted devices rolled back or failed.
 pub const DEFAULT_HALT_FRACTION: f64 = 0.2;
 
+/// Longest bake of a phase or of the warm standby: a week. A longer one is a
+/// mistake (a canary held for ever), not a policy.
+pub const MAX_BAKE_SECONDS: u64 = 7 * 24 * 3600;
+/// Most samples a phase or the accuracy check may wait for.
+pub const MAX_SAMPLES: u64 = 10_000_000;
+/// Largest latency ratio against the old version.
+pub const MAX_LATENCY_RATIO: f64 = 1000.0;
+/// Largest absolute latency bound: an hour, in milliseconds.
+pub const MAX_LATENCY_SLO_MS: f64 = 3_600_000.0;
+/// Most worker restarts a policy may tolerate.
+pub const MAX_RESTARTS: u32 = 1000;
+/// Largest `halt_count`.
+pub const MAX_HALT_COUNT: u32 = 1_000_000;
+
+crate::string_schema!(
+    /// A rollout phase as the OpenAPI description declares it: `shadow`,
+    /// `canary:N` (1 to 99, no leading zero) or `full`.
+    Phase,
+    "^(?:shadow|full|canary:[1-9][0-9]?)$");
+
 /// How devices move traffic to a new version and when they give up on it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -18,18 +38,23 @@ pub struct RolloutPolicy {
     /// Phases in order: `shadow`, `canary:N` (1 <= N <= 99, percent of
     /// traffic), `full` (only last). E.g. `["shadow", "canary:10", "full"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Phase>>, min_items = 1)]
     pub phases: Option<Vec<String>>,
-    /// How long each phase runs before the next.
+    /// How long each phase runs before the next, in seconds (0..=604800, a week).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 604_800)]
     pub bake_seconds: Option<u64>,
-    /// Requests a phase needs before its metrics count.
+    /// Requests a phase needs before its metrics count (1..=10000000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10_000_000)]
     pub min_samples: Option<u64>,
-    /// p95 latency of the new version at most this times the old one's (> 0).
+    /// p95 latency of the new version at most this times the old one's (above 0, at most 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0, maximum = 1000)]
     pub max_latency_ratio: Option<f64>,
-    /// Absolute p95 latency bound in milliseconds (> 0).
+    /// Absolute p95 latency bound in milliseconds (above 0, at most 3600000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0, maximum = 3_600_000)]
     pub latency_slo_ms: Option<f64>,
     /// Largest error rate, 0..=1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,14 +68,17 @@ pub struct RolloutPolicy {
     /// Smallest agreement with the old version in shadow, 0..=1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_shadow_agreement: Option<f64>,
-    /// How long the old version stays warm after full promotion.
+    /// How long the old version stays warm after full promotion, in seconds (0..=604800).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 604_800)]
     pub standby_bake_seconds: Option<u64>,
-    /// Feedback (or shadow agreement) samples needed before accuracy counts.
+    /// Feedback (or shadow agreement) samples needed before accuracy counts (1..=10000000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10_000_000)]
     pub min_accuracy_samples: Option<u64>,
-    /// Worker restarts of the new version that roll it back.
+    /// Worker restarts of the new version that roll it back (1..=1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_restarts: Option<u32>,
 }
 
@@ -77,10 +105,21 @@ fn check_rate(field: &str, value: Option<f64>) -> Result<(), PolicyError> {
     }
 }
 
-fn check_positive(field: &str, value: Option<f64>, example: &str) -> Result<(), PolicyError> {
+fn check_positive(field: &str, value: Option<f64>, max: f64, example: &str) -> Result<(), PolicyError> {
     match value {
-        Some(v) if !(v > 0.0 && v.is_finite()) => {
-            Err(invalid(format!("policy.{field}"), format!("{v} must be a number above 0 (e.g. {example})")))
+        Some(v) if !(v > 0.0 && v <= max) => Err(invalid(
+            format!("policy.{field}"),
+            format!("{v} must be a number above 0 and at most {max} (e.g. {example})"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A count or duration in `min..=max`.
+fn check_range(field: &str, value: Option<u64>, min: u64, max: u64, unit: &str) -> Result<(), PolicyError> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) => {
+            Err(invalid(format!("policy.{field}"), format!("{v} is out of range: use {min} to {max} {unit}")))
         }
         _ => Ok(()),
     }
@@ -94,10 +133,15 @@ fn check_phase(field: &str, phase: &str) -> Result<Option<u8>, PolicyError> {
         _ => {
             let n = phase
                 .strip_prefix("canary:")
-                .ok_or_else(|| invalid(field, format!("unknown phase {phase:?}; {USE}")))?;
+                .ok_or_else(|| invalid(field, format!("unknown phase {}; {USE}", sentinel_proto::quote(phase))))?;
+            // Digits only, no sign or leading zero: what the OpenAPI pattern says.
+            let plain = !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit());
             match n.parse::<u8>() {
-                Ok(n @ 1..=99) => Ok(Some(n)),
-                _ => Err(invalid(field, format!("{phase:?}: the canary share must be a whole percent from 1 to 99"))),
+                Ok(n @ 1..=99) if plain => Ok(Some(n)),
+                _ => Err(invalid(
+                    field,
+                    format!("{}: the canary share must be a whole percent from 1 to 99", sentinel_proto::quote(phase)),
+                )),
             }
         }
     }
@@ -120,19 +164,27 @@ impl RolloutPolicy {
                     if n <= last_canary {
                         return Err(invalid(
                             field,
-                            format!("canary shares must grow: {phase:?} after canary:{last_canary}"),
+                            format!(
+                                "canary shares must grow: {} after canary:{last_canary}",
+                                sentinel_proto::quote(phase)
+                            ),
                         ));
                     }
                     last_canary = n;
                 }
             }
         }
-        check_positive("max_latency_ratio", self.max_latency_ratio, "1.5")?;
-        check_positive("latency_slo_ms", self.latency_slo_ms, "50")?;
+        check_range("bake_seconds", self.bake_seconds, 0, MAX_BAKE_SECONDS, "seconds")?;
+        check_range("min_samples", self.min_samples, 1, MAX_SAMPLES, "requests")?;
+        check_positive("max_latency_ratio", self.max_latency_ratio, MAX_LATENCY_RATIO, "1.5")?;
+        check_positive("latency_slo_ms", self.latency_slo_ms, MAX_LATENCY_SLO_MS, "50")?;
         check_rate("max_error_rate", self.max_error_rate)?;
         check_rate("min_accuracy", self.min_accuracy)?;
         check_rate("max_accuracy_drop", self.max_accuracy_drop)?;
         check_rate("min_shadow_agreement", self.min_shadow_agreement)?;
+        check_range("standby_bake_seconds", self.standby_bake_seconds, 0, MAX_BAKE_SECONDS, "seconds")?;
+        check_range("min_accuracy_samples", self.min_accuracy_samples, 1, MAX_SAMPLES, "samples")?;
+        check_range("max_restarts", self.max_restarts.map(u64::from), 1, u64::from(MAX_RESTARTS), "restarts")?;
         Ok(())
     }
 
@@ -163,8 +215,13 @@ pub fn validate_halt(fraction: f64, count: Option<u32>) -> Result<(), PolicyErro
             format!("{fraction} is not a fraction between 0 and 1 (0.2 halts when more than 20% of devices fail)"),
         ));
     }
-    if count == Some(0) {
-        return Err(invalid("halt_count", "must be at least 1 (the number of failed devices that halts)"));
+    if let Some(n) = count
+        && !(1..=MAX_HALT_COUNT).contains(&n)
+    {
+        return Err(invalid(
+            "halt_count",
+            format!("{n} is out of range: use 1 to {MAX_HALT_COUNT} (the number of failed devices that halts)"),
+        ));
     }
     Ok(())
 }
@@ -210,5 +267,43 @@ mod tests {
         assert_eq!(validate_halt(1.2, None).unwrap_err().field, "halt_fraction");
         assert_eq!(validate_halt(0.2, Some(0)).unwrap_err().field, "halt_count");
         assert_eq!(validate_halt(0.0, Some(1)), Ok(()));
+    }
+
+    #[test]
+    fn refuses_durations_and_counts_past_their_bounds() {
+        let cases = [
+            (RolloutPolicy { bake_seconds: Some(u64::MAX), ..RolloutPolicy::default() }, "policy.bake_seconds"),
+            (
+                RolloutPolicy { bake_seconds: Some(MAX_BAKE_SECONDS + 1), ..RolloutPolicy::default() },
+                "policy.bake_seconds",
+            ),
+            (RolloutPolicy { min_samples: Some(0), ..RolloutPolicy::default() }, "policy.min_samples"),
+            (RolloutPolicy { min_samples: Some(u64::MAX), ..RolloutPolicy::default() }, "policy.min_samples"),
+            (
+                RolloutPolicy { standby_bake_seconds: Some(u64::MAX), ..RolloutPolicy::default() },
+                "policy.standby_bake_seconds",
+            ),
+            (
+                RolloutPolicy { min_accuracy_samples: Some(0), ..RolloutPolicy::default() },
+                "policy.min_accuracy_samples",
+            ),
+            (RolloutPolicy { max_restarts: Some(u32::MAX), ..RolloutPolicy::default() }, "policy.max_restarts"),
+            (
+                RolloutPolicy { max_latency_ratio: Some(f64::INFINITY), ..RolloutPolicy::default() },
+                "policy.max_latency_ratio",
+            ),
+            (RolloutPolicy { latency_slo_ms: Some(1e300), ..RolloutPolicy::default() }, "policy.latency_slo_ms"),
+        ];
+        for (p, field) in cases {
+            assert_eq!(p.validate().unwrap_err().field, field, "{p:?}");
+        }
+        assert_eq!(validate_halt(0.2, Some(u32::MAX)).unwrap_err().field, "halt_count");
+        let edge = RolloutPolicy {
+            bake_seconds: Some(MAX_BAKE_SECONDS),
+            min_samples: Some(1),
+            max_restarts: Some(MAX_RESTARTS),
+            ..RolloutPolicy::default()
+        };
+        assert_eq!(edge.validate(), Ok(()));
     }
 }

@@ -75,7 +75,7 @@ impl LocalBlobStore {
     /// crash.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, BlobError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        sentinel_proto::private::create_dir(&dir).map_err(io_err("create", &dir))?;
         for entry in std::fs::read_dir(&dir).map_err(io_err("read dir", &dir))? {
             let entry = entry.map_err(io_err("read dir", &dir))?;
             if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {

@@ -57,7 +57,10 @@ pub async fn index(headers: HeaderMap) -> Response {
 pub async fn file(ApiPath(name): ApiPath<String>, headers: HeaderMap) -> Response {
     match FILES.iter().position(|f| f.name == name) {
         Some(i) => serve(i, &headers),
-        None => ApiError::not_found(format!("the web interface has no file {name:?}; open /ui/")).into_response(),
+        None => {
+            ApiError::not_found(format!("the web interface has no file {}; open /ui/", sentinel_proto::quote(&name)))
+                .into_response()
+        }
     }
 }
 

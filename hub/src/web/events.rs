@@ -111,6 +111,19 @@ pub struct Expired {
     pub message: String,
 }
 
+/// One server-sent event as it arrives: its name, its JSON `data` line,
+/// and the reconnection delay the first one sets.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SseEvent {
+    /// `hello`, `change`, `heartbeat` or `expired`.
+    pub event: String,
+    /// JSON: `Hello`, `Change`, `Heartbeat` or `Expired`.
+    pub data: String,
+    /// Milliseconds a client waits before reconnecting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<u64>,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -203,7 +216,7 @@ async fn state_lookup(state: &SharedState, hash: String) -> Result<bool, ApiErro
 /// `Authorization` header: a browser's `EventSource` cannot send one.
 #[utoipa::path(get, path = "/api/v1/events/stream", params(StreamParams),
     responses(
-        (status = 200, content_type = "text/event-stream", body = String,
+        (status = 200, content_type = "text/event-stream", body = SseEvent,
             description = "Server-sent events, each with a JSON `data` line: `hello` at once (`Hello`); \
                 `change` when deployments changed or a device connected or reported (`Change`: refetch \
                 what you show); `heartbeat` every `heartbeat_ms` on an idle stream (`Heartbeat`); \

@@ -19,7 +19,7 @@ fn blob_files(hub: &TestHub) -> Vec<String> {
 
 async fn versions(hub: &TestHub, name: &str) -> Vec<String> {
     let v: Value = hub.get(&format!("/api/v1/models/{name}/versions"), &hub.admin).await.json().await.unwrap();
-    v.as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap().to_owned()).collect()
+    v["versions"].as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap().to_owned()).collect()
 }
 
 #[tokio::test]
@@ -53,11 +53,13 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
         ("&stage=prodution", "unknown stage"),
         ("&hardware=arm%20v7", "hardware tag"),
         ("&accuracy=1.5", "between 0 and 1"),
-        ("&metric=top1", "pass accuracy too"),
     ] {
         let msg = expect_error(hub.upload("m", "3.0.0", v1.clone(), query).await, 400).await;
         assert!(msg.contains(needle), "{query}: {msg}");
     }
+    // Well formed, but a metric without an accuracy describes nothing.
+    let msg = expect_error(hub.upload("m", "3.0.0", v1.clone(), "&metric=top1").await, 422).await;
+    assert!(msg.contains("pass accuracy too"), "{msg}");
     // Upload to a model that is not registered.
     let msg = expect_error(hub.upload("ghost", "1.0.0", v1.clone(), "").await, 404).await;
     assert!(msg.contains("not registered"), "{msg}");
@@ -96,8 +98,10 @@ async fn bad_names_json_and_deploys_are_refused() {
         let msg = expect_error(hub.post_json("/api/v1/models", &hub.admin, json!({"name": name})).await, 400).await;
         assert!(msg.contains("model name"), "{name:?}: {msg}");
     }
-    // A path segment that is not a valid name, percent-encoded past the router.
-    expect_error(hub.get("/api/v1/models/has%20space", &hub.admin).await, 400).await;
+    // A path segment that is not a valid name, percent-encoded past the
+    // router: no model can have it, so it is not found.
+    let msg = expect_error(hub.get("/api/v1/models/has%20space", &hub.admin).await, 404).await;
+    assert!(msg.contains("model name"), "{msg}");
 
     // Unknown JSON fields, wrong types, not JSON at all.
     let msg =
@@ -136,7 +140,11 @@ async fn bad_names_json_and_deploys_are_refused() {
         .await;
     assert_eq!(r.status(), 201);
     // Deploying a version that does not exist, and a malformed target.
-    expect_error(hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "9.9.9"})).await, 404).await;
+    expect_error(
+        hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "9.9.9", "target": "*"})).await,
+        404,
+    )
+    .await;
     expect_error(
         hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0", "target": "a=b=c"})).await,
         400,

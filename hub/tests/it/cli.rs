@@ -124,7 +124,7 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     ok(&r);
     let viewer = r.stdout.trim().to_owned();
     assert!(viewer.starts_with("snt_"));
-    let r = sentinel(&hub, &viewer, &["model", "deploy", "digits", "--version", "1.0.0"]).await;
+    let r = sentinel(&hub, &viewer, &["model", "deploy", "digits", "--version", "1.0.0", "--target", "*"]).await;
     assert_eq!(r.code, 77, "{}", r.stderr);
     assert!(r.stderr.contains("deployer"), "{}", r.stderr);
     let r = sentinel(&hub, "snt_wrong", &["model", "list"]).await;

@@ -71,7 +71,7 @@ async fn an_upload_that_fills_the_disk_is_refused_with_507_and_frees_the_space()
         .json()
         .await
         .unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v["versions"].as_array().unwrap().len(), 1);
     child.kill().unwrap();
     child.wait().unwrap();
 }

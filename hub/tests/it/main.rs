@@ -14,6 +14,7 @@ mod cli;
 mod connections;
 mod demo;
 mod disk_full;
+mod hardening;
 mod inspection;
 mod metrics;
 mod persistence;

@@ -78,7 +78,12 @@ fn matrix() -> Vec<(Method, &'static str, Need, Body)> {
         (Method::PUT, "/api/v1/models/m", Need::Publisher, Body::Json(|| json!({"description": "d"}))),
         (Method::POST, "/api/v1/models/m/versions?version=2.0.0", Need::Publisher, Body::Model),
         (Method::PUT, "/api/v1/models/m/versions/1.0.0", Need::Publisher, Body::Json(|| json!({"tags": ["t"]}))),
-        (Method::POST, "/api/v1/models/m/deploy", Need::Deployer, Body::Json(|| json!({"version": "1.0.0"}))),
+        (
+            Method::POST,
+            "/api/v1/models/m/deploy",
+            Need::Deployer,
+            Body::Json(|| json!({"version": "1.0.0", "target": "*"})),
+        ),
         (Method::POST, "/api/v1/models/m/rollback", Need::Deployer, Body::Json(|| json!({"version": "1.0.0"}))),
         (Method::GET, "/api/v1/tokens", Need::Admin, Body::None),
         (Method::POST, "/api/v1/tokens", Need::Admin, Body::Json(|| json!({"role": "viewer"}))),
@@ -98,7 +103,7 @@ async fn hub_with_a_deployment() -> TestHub {
     let hub = TestHub::start().await;
     hub.register("m").await;
     hub.push_v1("m", "1.0.0").await;
-    let r = hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0"})).await;
+    let r = hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0", "target": "*"})).await;
     assert_eq!(r.status(), 201);
     hub
 }
@@ -276,7 +281,8 @@ async fn the_openapi_document_lists_every_endpoint_with_its_security() {
     ] {
         assert_eq!(schema(path, method, status, app_json), body("ErrorBody"), "{method} {path} {status}");
     }
-    assert_eq!(schema("/api/v1/events/stream", "get", "200", "text/event-stream"), json!({"type": "string"}));
+    // Each event as it arrives (OpenAPI 3.1: `schema` describes one event).
+    assert_eq!(schema("/api/v1/events/stream", "get", "200", "text/event-stream"), body("SseEvent"));
     let described = paths["/api/v1/events/stream"]["get"]["responses"]["200"]["description"].as_str().unwrap();
     for (event, data) in [("hello", "Hello"), ("change", "Change"), ("heartbeat", "Heartbeat"), ("expired", "Expired")]
     {

@@ -41,7 +41,7 @@ async fn model_lifecycle_through_every_endpoint() {
 
     // Versions list newest semver first; show one.
     let vs: Value = hub.get("/api/v1/models/digits/versions", &admin).await.json().await.unwrap();
-    let order: Vec<&str> = vs.as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap()).collect();
+    let order: Vec<&str> = vs["versions"].as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap()).collect();
     assert_eq!(order, ["2.0.0", "1.0.0"]);
     let one: Value = hub.get("/api/v1/models/digits/versions/1.0.0", &admin).await.json().await.unwrap();
     assert_eq!(one["version"], "1.0.0");
@@ -136,7 +136,7 @@ async fn model_lifecycle_through_every_endpoint() {
     let tokens: Value = hub.get("/api/v1/tokens", &admin).await.json().await.unwrap();
     let text = tokens.to_string();
     assert!(!text.contains(&viewer) && !text.contains(&admin), "secrets are never listed");
-    let id = tokens.as_array().unwrap().iter().find(|t| t["role"] == "viewer").unwrap()["id"].clone();
+    let id = tokens["tokens"].as_array().unwrap().iter().find(|t| t["role"] == "viewer").unwrap()["id"].clone();
     assert_eq!(hub.get("/api/v1/models", &viewer).await.status(), 200);
     let r = hub.req(Method::DELETE, &format!("/api/v1/tokens/{id}"), Some(&admin)).send().await.unwrap();
     assert_eq!(r.status(), 204);

@@ -285,7 +285,7 @@ async fn invalid_policies_are_refused_naming_the_field() {
         (json!({"waves": [10, 50]}), "waves[1]"),
         (json!({"waves": [10, 300]}), "waves"),
     ] {
-        let mut body = json!({"version": "1.0.0"});
+        let mut body = json!({"version": "1.0.0", "target": "*"});
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         let r = hub.post_json("/api/v1/models/digits/deploy", &hub.admin, body).await;
         let msg = expect_error(r, 422).await;
@@ -500,7 +500,12 @@ async fn cli_deploys_with_a_policy_file_and_shows_counts_and_the_halt() {
     let id = d["id"].as_i64().unwrap();
 
     // A bad field is the hub's to refuse, by name.
-    let r = sentinel(&hub, &hub.admin, &["model", "deploy", "digits", "3.0.0", "--phases", "canary:0"]).await;
+    let r = sentinel(
+        &hub,
+        &hub.admin,
+        &["model", "deploy", "digits", "3.0.0", "--target", "site=a", "--phases", "canary:0"],
+    )
+    .await;
     assert_eq!(r.code, 65, "{}", r.stderr);
     assert!(r.stderr.contains("policy.phases[0]"), "{}", r.stderr);
 

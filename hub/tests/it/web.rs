@@ -95,7 +95,7 @@ async fn whoami_names_the_token_and_a_viewer_cannot_deploy() {
     expect_error(hub.req(Method::GET, "/api/v1/whoami", None).send().await.unwrap(), 401).await;
 
     // What the page would send if someone un-hid the deploy button.
-    let r = hub.post_json("/api/v1/models/m/deploy", &viewer, json!({"version": "1.0.0", "target": ""})).await;
+    let r = hub.post_json("/api/v1/models/m/deploy", &viewer, json!({"version": "1.0.0", "target": "*"})).await;
     let msg = expect_error(r, 403).await;
     assert!(msg.contains("viewer"), "{msg}");
     let list: Value = hub.get("/api/v1/deployments", &hub.admin).await.json().await.unwrap();
@@ -128,7 +128,7 @@ async fn the_event_stream_needs_a_one_time_ticket_and_announces_deployments() {
     assert_eq!((hello["name"].as_str(), hello["role"].as_str()), (Some("test-viewer"), Some("viewer")));
     expect_error(hub.client.get(stream_url(&ticket)).send().await.unwrap(), 401).await;
 
-    let r = hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0"})).await;
+    let r = hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0", "target": "*"})).await;
     assert_eq!(r.status(), 201);
     let change = next_event(&mut stream, &mut seen, "change").await;
     assert_eq!(change["kind"], "deployments", "{change}");
@@ -168,7 +168,7 @@ async fn a_revoked_token_opens_no_stream_and_its_open_stream_ends_before_the_nex
     assert!(msg.contains("revoked"), "{msg}");
 
     // The next change does not reach the revoked token's stream: it ends.
-    let r = hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0"})).await;
+    let r = hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0", "target": "*"})).await;
     assert_eq!(r.status(), 201);
     let rest = tokio::time::timeout(Duration::from_secs(30), async {
         while !seen.contains("event: expired") {

@@ -66,6 +66,12 @@ try {
 
   step = 'deploy it';
   await page.click('.deploy-btn[data-version="1.0.0"]');
+  // No target: the form refuses to submit (a deploy needs an explicit one).
+  await page.click('#deploy-submit');
+  if (await page.evaluate(() => document.querySelector('#deploy-form [name=target]').validity.valid)) {
+    throw new Error('the deploy form accepted an empty target');
+  }
+  await page.locator('#deploy-form [name=target]').fill('*');
   await page.click('#deploy-submit');
   await page.waitForFunction(() => /^#\/deployments\/\d+$/.test(location.hash));
   const deployment = await page.evaluate(() => location.hash.split('/')[2]);

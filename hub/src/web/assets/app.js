@@ -282,7 +282,7 @@ function uploadForm(model) {
 
 async function modelView(name) {
   const m = await api('GET', `/models/${encodeURIComponent(name)}`);
-  const versions = (await api('GET', `/models/${encodeURIComponent(name)}/versions`))
+  const versions = (await api('GET', `/models/${encodeURIComponent(name)}/versions?limit=500`)).versions
     .sort((a, b) => b.created_at_ms - a.created_at_ms);
   const deployer = can('deployer');
   const active = deployer ? (await api('GET', `/deployments?model=${encodeURIComponent(name)}&state=active&limit=1`)).total : 0;
@@ -307,7 +307,7 @@ async function modelView(name) {
   function openDeploy(version) {
     const form = h('form', { class: 'inline', id: 'deploy-form' },
       h('label', {}, 'Version', h('input', { name: 'version', value: version, readonly: true })),
-      h('label', {}, 'Target selector', h('input', { name: 'target', placeholder: 'empty: every device, or stage=production,site=a' })),
+      h('label', {}, 'Target selector', h('input', { name: 'target', required: true, placeholder: 'stage=production,site=a, or * for every device' })),
       h('label', {}, 'Halt above fraction', h('input', { name: 'halt', type: 'number', step: 'any', min: 0, max: 1, placeholder: '0.2' })),
       h('button', { type: 'submit', class: 'primary', id: 'deploy-submit' }, `Deploy ${version}`),
       h('button', { type: 'button', onclick: () => deployBox.replaceChildren() }, 'Cancel'));
@@ -408,7 +408,7 @@ async function deploymentView(id) {
     content.replaceChildren(
       h('div', { class: 'row spread' },
         h('h1', {}, h('a', { href: '#/deployments' }, 'Deployments'), ` / #${d.id} `, badge(d.state)),
-        canRollback ? h('button', { type: 'button', class: 'danger', onclick: () => rollback(d.model, d.target) }, 'Roll back') : null),
+        canRollback ? h('button', { type: 'button', class: 'danger', onclick: () => rollback(d.model, d.target || '*') }, 'Roll back') : null),
       h('div', { class: 'card' },
         h('dl', { class: 'facts' },
           h('dt', {}, 'Model'), h('dd', {}, h('a', { href: `#/models/${encodeURIComponent(d.model)}` }, d.model), ` ${d.version}`),
@@ -528,9 +528,10 @@ function runs(models) {
 
 async function devicesView() {
   const list = liveCard(null, async () => {
-    const devices = await api('GET', '/devices');
+    const { devices, total } = await api('GET', '/devices?limit=500');
     if (!devices.length) return h('p', { class: 'empty' }, 'No devices enrolled.');
-    return h('table', {},
+    return h('div', {}, total > devices.length ? h('p', { class: 'muted' }, `The first ${devices.length} of ${total} devices.`) : null,
+      h('table', {},
       h('thead', {}, h('tr', {}, ['Device', 'Connection', 'Last seen', 'Runs', 'Labels', 'Hardware', 'Agent'].map((t) => h('th', {}, t)))),
       h('tbody', {}, devices.map((d) => h('tr', {},
         h('td', {}, h('a', { href: `#/devices/${encodeURIComponent(d.id)}` }, d.id)),
@@ -539,7 +540,7 @@ async function devicesView() {
         h('td', {}, runs(d.models)),
         h('td', {}, Object.entries(d.labels).map(([k, v]) => h('div', {}, h('code', {}, `${k}=${v}`)))),
         h('td', {}, d.hardware.join(', ')),
-        h('td', {}, d.agent_version)))));
+        h('td', {}, d.agent_version))))));
   });
   await list.refresh();
   return { node: h('div', {}, h('h1', {}, 'Devices'), list.card), refresh: list.refresh };
