@@ -355,6 +355,19 @@ impl AgentConfig {
 
     /// Parses TOML text; relative paths resolve against `base`.
     pub fn parse(text: &str, env: &BTreeMap<String, String>, base: &Path) -> Result<Self, ConfigError> {
+        Self::parse_with(text, env, base, &|path| std::fs::read(path))
+    }
+
+    /// [`AgentConfig::parse`], reading the files the config names (the
+    /// token, the CA bundle) through `read_file`: the config fuzz target
+    /// (`fuzz/`) parses without touching the filesystem, where a fuzzed
+    /// path could name a FIFO or `/dev/zero`.
+    pub fn parse_with(
+        text: &str,
+        env: &BTreeMap<String, String>,
+        base: &Path,
+        read_file: &dyn Fn(&Path) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Self, ConfigError> {
         let mut raw: RawConfig = toml::from_str(text).map_err(|e| {
             let field =
                 e.span().map(|s| text[..s.start].lines().count()).map(|l| format!("line {l}")).unwrap_or_default();
@@ -419,8 +432,10 @@ impl AgentConfig {
             }
         }
         let token_file = resolve(raw.token_file.ok_or_else(|| bad("token_file", "missing"))?);
-        let token = std::fs::read_to_string(&token_file)
-            .map_err(|e| bad("token_file", format!("cannot read {}: {e}", token_file.display())))?
+        let token = read_file(&token_file)
+            .map_err(|e| bad("token_file", format!("cannot read {}: {e}", token_file.display())))?;
+        let token = String::from_utf8(token)
+            .map_err(|_| bad("token_file", format!("{} is not UTF-8 text", token_file.display())))?
             .trim()
             .to_owned();
         if token.is_empty() {
@@ -454,7 +469,7 @@ impl AgentConfig {
             None => None,
             Some(p) => {
                 let p = resolve(p);
-                Some(std::fs::read(&p).map_err(|e| bad("ca_file", format!("cannot read {}: {e}", p.display())))?)
+                Some(read_file(&p).map_err(|e| bad("ca_file", format!("cannot read {}: {e}", p.display())))?)
             }
         };
         let sync = raw.sync;

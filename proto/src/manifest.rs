@@ -73,6 +73,13 @@ pub fn validate(m: &ModelManifest) -> Result<(), ManifestError> {
     if m.inputs.is_empty() || m.outputs.is_empty() {
         return Err(invalid("inputs", "a model needs at least one input and one output"));
     }
+    // The hub refuses anything else at upload; a verifier refuses it too
+    // (a NaN would not even survive the JSON view).
+    if let Some(a) = &m.accuracy
+        && !(a.value.is_finite() && (0.0..=1.0).contains(&a.value))
+    {
+        return Err(invalid("accuracy", "the value must be a fraction between 0 and 1"));
+    }
     if let Some(v) = &m.validation {
         for blob in [&v.inputs, &v.labels] {
             match blob {
@@ -363,6 +370,31 @@ mod tests {
     fn serde_json_roundtrip(v: &ManifestView) -> ManifestView {
         let text = serde_json::to_string(v).expect("serialize");
         serde_json::from_str(&text).expect("deserialize")
+    }
+
+    /// A manifest the hub would never sign: its accuracy is not a fraction.
+    #[test]
+    fn an_accuracy_outside_0_to_1_is_refused() {
+        let (signer, trusted) = signer_and_keys();
+        for value in [f64::NAN, f64::INFINITY, -0.5, 1.5] {
+            let mut m = sample();
+            m.accuracy.as_mut().expect("acc").value = value;
+            let err = verify_manifest(&sign_manifest(&signer, &m), &trusted).expect_err("refused");
+            assert!(matches!(err, ManifestError::Invalid { field: "accuracy", .. }), "{value}: {err}");
+        }
+    }
+
+    /// Found by the `signed_manifest` fuzz target: serde_json's default
+    /// float parser is off by one ULP for some values, so an accuracy read
+    /// back from the hub's JSON was not the one that was signed.
+    #[test]
+    fn accuracy_survives_the_json_view_exactly() {
+        let mut m = sample();
+        m.accuracy.as_mut().expect("acc").value = f64::from_bits(0x3fef_0553_0100_0001);
+        let view = ManifestView::from(&m);
+        let back = serde_json_roundtrip(&view);
+        assert_eq!(back.accuracy.as_ref().map(|a| a.value.to_bits()), Some(0x3fef_0553_0100_0001));
+        assert_eq!(back, view);
     }
 
     #[test]

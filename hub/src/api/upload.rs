@@ -408,7 +408,49 @@ async fn receive_multipart(
     req: Request,
     cap: u64,
 ) -> Result<(Received, ValidationParts), ApiError> {
-    let mut form = Multipart::from_request(req, state)
+    read_multipart(req, &mut Staging { state, cap }).await
+}
+
+/// Where the parts of a multipart upload go: [`read_multipart`] routes them,
+/// a sink streams each one somewhere.
+pub trait PartSink {
+    /// What a received part becomes.
+    type Part;
+    /// Streams one part to its destination; `what` names it in errors.
+    fn receive<S, E>(&mut self, part: S, what: &str) -> impl Future<Output = Result<Self::Part, ApiError>> + Send
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin + Send,
+        E: Display + Send;
+}
+
+/// The hub's sink: each part to a staging blob, under the upload cap.
+struct Staging<'a> {
+    state: &'a SharedState,
+    cap: u64,
+}
+
+impl PartSink for Staging<'_> {
+    type Part = Received;
+
+    fn receive<S, E>(&mut self, part: S, what: &str) -> impl Future<Output = Result<Received, ApiError>> + Send
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin + Send,
+        E: Display + Send,
+    {
+        receive(self.state, part, self.cap, what)
+    }
+}
+
+/// Reads a `multipart/form-data` upload body: a `model` part and optionally
+/// `validation_inputs` with `validation_labels`, each streamed into `sink`.
+/// Any other part, a part twice, a missing model, half a validation set or a
+/// malformed body is a 400. Public for the multipart fuzz target (`fuzz/`),
+/// which drives it with an in-memory sink.
+pub async fn read_multipart<P: PartSink>(
+    req: Request,
+    sink: &mut P,
+) -> Result<(P::Part, Option<(P::Part, P::Part)>), ApiError> {
+    let mut form = Multipart::from_request(req, &())
         .await
         .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {}", e.body_text())))?;
     let (mut model, mut inputs, mut labels) = (None, None, None);
@@ -433,7 +475,7 @@ async fn receive_multipart(
         if slot.is_some() {
             return Err(ApiError::bad_request(format!("multipart part {} appears twice", quote(&part))));
         }
-        *slot = Some(receive(state, Box::pin(field), cap, &format!("part {}", quote(&part))).await?);
+        *slot = Some(sink.receive(Box::pin(field), &format!("part {}", quote(&part))).await?);
     }
     let model = model.ok_or_else(|| ApiError::bad_request("the multipart body has no `model` part"))?;
     let validation = match (inputs, labels) {
