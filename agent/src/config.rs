@@ -167,6 +167,10 @@ pub struct ServingSettings {
     pub input_shapes: BTreeMap<String, Vec<Vec<usize>>>,
 }
 
+/// Largest `serving.memory_limit_mib` accepted (1 TiB): larger values would
+/// wrap when turned into bytes.
+pub const MAX_MEMORY_LIMIT_MIB: u64 = 1 << 20;
+
 /// Largest `serving.max_body_bytes` accepted (1 GiB).
 pub const MAX_BODY_LIMIT: usize = 1 << 30;
 
@@ -266,6 +270,12 @@ impl RawServing {
             confinement,
             memory_limit_bytes: match self.memory_limit_mib.unwrap_or(2048) {
                 0 => None,
+                mib if mib > MAX_MEMORY_LIMIT_MIB => {
+                    return Err(bad(
+                        "serving.memory_limit_mib",
+                        format!("{mib} is over {MAX_MEMORY_LIMIT_MIB} (1 TiB); 0 means no limit"),
+                    ));
+                }
                 mib => Some(mib << 20),
             },
             request_timeout: Duration::from_millis(positive(
@@ -579,6 +589,31 @@ mod tests {
         let c = AgentConfig::load(&relative, &BTreeMap::new()).expect("loads");
         assert!(c.state_dir.is_absolute(), "{}", c.state_dir.display());
         assert_eq!(c.state_dir, std::path::absolute(dir.path()).expect("absolute").join("state"));
+    }
+
+    #[test]
+    fn serving_sizes_and_timeouts_are_bounded_and_named_when_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parse = |serving: &str| {
+            AgentConfig::parse(&format!("{}[serving]\n{serving}\n", base(dir.path())), &BTreeMap::new(), dir.path())
+        };
+        let c = parse("").expect("defaults");
+        assert_eq!((c.serving.max_body_bytes, c.serving.max_inflight_bytes), (16 << 20, 64 << 20));
+        assert_eq!(c.serving.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.serving.idle_timeout, Duration::from_secs(120));
+        assert!(c.serving.max_connections >= 1 && c.serving.max_connections <= 1024);
+        for (text, field) in [
+            ("max_body_bytes = 0", "serving.max_body_bytes"),
+            ("max_body_bytes = 2147483648", "serving.max_body_bytes"),
+            ("max_body_bytes = 1048576\nmax_inflight_bytes = 1048575", "serving.max_inflight_bytes"),
+            ("max_connections = 0", "serving.max_connections"),
+            ("header_read_timeout_secs = 0", "serving.header_read_timeout_secs"),
+            ("idle_timeout_secs = 86401", "serving.idle_timeout_secs"),
+            ("memory_limit_mib = 18446744073709551615", "serving.memory_limit_mib"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert_eq!(err.field, field, "{text}: {err}");
+        }
     }
 
     #[test]

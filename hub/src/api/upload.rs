@@ -162,7 +162,10 @@ fn sample_bytes(input: &pb::TensorSpec) -> Result<u64, ApiError> {
     let mut n = elem;
     for d in &input.shape[1..] {
         match d.kind {
-            Some(Kind::Fixed(k)) => n *= k,
+            // Dims come from the uploaded file: checked, never wrapped.
+            Some(Kind::Fixed(k)) => {
+                n = n.checked_mul(k).ok_or_else(|| unusable("take fewer than 2^64 bytes per sample"))?;
+            }
             _ => return Err(unusable("have fixed dimensions after the batch dimension")),
         }
     }
@@ -320,13 +323,14 @@ async fn receive_version(
                 ));
             }
             let count = labels.size / 8;
-            if inputs.size != count * per_sample {
+            let needed = count.checked_mul(per_sample);
+            if needed != Some(inputs.size) {
                 return Err(ApiError::unprocessable(
                     "invalid_validation_set",
                     format!(
                         "validation inputs are {} bytes, but {count} labels need {count} x {per_sample} = {} bytes",
                         inputs.size,
-                        count * per_sample
+                        needed.map_or_else(|| "over 2^64".to_owned(), |n| n.to_string())
                     ),
                 ));
             }
@@ -488,4 +492,25 @@ pub async fn read_multipart<P: PartSink>(
         }
     };
     Ok((model, validation))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sentinel_proto::pb::Dimension;
+
+    fn spec(dims: &[Option<u64>]) -> pb::TensorSpec {
+        let shape =
+            dims.iter().map(|d| Dimension { kind: Some(d.map_or(Kind::Symbolic("N".into()), Kind::Fixed)) }).collect();
+        pb::TensorSpec { name: "x".into(), dtype: "float32".into(), shape }
+    }
+
+    #[test]
+    fn a_sample_size_is_the_fixed_dims_times_the_element_and_never_wraps() {
+        assert_eq!(sample_bytes(&spec(&[None, Some(64)])).ok(), Some(256));
+        // Dims an uploaded file declares: 2^62 x 4 bytes would wrap.
+        let err = sample_bytes(&spec(&[None, Some(1 << 62), Some(4)])).unwrap_err();
+        assert!(format!("{err:?}").contains("fewer than 2^64 bytes per sample"), "{err:?}");
+        assert!(sample_bytes(&spec(&[None, None])).is_err());
+    }
 }
