@@ -108,6 +108,40 @@ impl Drop for HubProcess {
     }
 }
 
+/// Enrols device `bench-1` (with `labels`) on `hub` and writes its token
+/// and an `agent.toml` into a new temp dir: pinned to the hub's key, the
+/// state in `state/`, the workspace's worker, and `serving` (extra lines of
+/// the `[serving]` table). Returns the dir; the config is `agent.toml` in it.
+pub async fn bench_agent_dir(
+    hub: &HubProcess,
+    http: &reqwest::Client,
+    labels: serde_json::Value,
+    serving: &str,
+) -> anyhow::Result<tempfile::TempDir> {
+    use anyhow::Context as _;
+    let enrolled: serde_json::Value = http
+        .post(format!("{}/api/v1/devices", hub.url))
+        .bearer_auth(&hub.admin)
+        .json(&serde_json::json!({"id": "bench-1", "labels": labels}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let keys: serde_json::Value = http.get(format!("{}/api/v1/keys", hub.url)).send().await?.json().await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("token"), enrolled["token"].as_str().context("token")?)?;
+    let config = format!(
+        "device_id = \"bench-1\"\nhub_url = \"{}\"\ngrpc_url = \"{}\"\ntoken_file = \"token\"\npinned_keys = [\"{}\"]\n\
+         state_dir = \"state\"\n[serving]\nworker_bin = \"{}\"\n{serving}\n",
+        hub.url,
+        hub.grpc_url.as_deref().context("the hub has no gRPC listener")?,
+        keys["keys"][0]["public_key"].as_str().context("key")?,
+        workspace_bin("sentinel-worker")?.display()
+    );
+    std::fs::write(dir.path().join("agent.toml"), config)?;
+    Ok(dir)
+}
+
 /// Resident set size of a process in KiB, from /proc.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -20,8 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use sentinel_benches::{HubProcess, raise_fd_limit, rss_kib, workspace_bin, workspace_root};
-use serde_json::{Value, json};
+use sentinel_benches::{HubProcess, bench_agent_dir, raise_fd_limit, rss_kib, workspace_bin, workspace_root};
+use serde_json::json;
 
 const BURST: usize = 32;
 const ROWS: usize = 21_500;
@@ -54,28 +54,9 @@ impl Drop for Agent {
 }
 
 async fn start_agent(hub: &HubProcess, http: &reqwest::Client) -> anyhow::Result<Agent> {
-    let enrolled: Value = http
-        .post(format!("{}/api/v1/devices", hub.url))
-        .bearer_auth(&hub.admin)
-        .json(&json!({"id": "bench-1", "labels": {"site": "bench"}}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let keys: Value = http.get(format!("{}/api/v1/keys", hub.url)).send().await?.json().await?;
-    let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("token"), enrolled["token"].as_str().context("token")?)?;
     let port = free_port()?;
-    let config = format!(
-        "device_id = \"bench-1\"\nhub_url = \"{}\"\ngrpc_url = \"{}\"\ntoken_file = \"token\"\npinned_keys = [\"{}\"]\n\
-         state_dir = \"state\"\n[serving]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\nworker_bin = \"{}\"\n\
-         request_timeout_ms = 120000\n",
-        hub.url,
-        hub.grpc_url.as_deref().context("grpc url")?,
-        keys["keys"][0]["public_key"].as_str().context("key")?,
-        workspace_bin("sentinel-worker")?.display()
-    );
-    std::fs::write(dir.path().join("agent.toml"), config)?;
+    let serving = format!("listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\nrequest_timeout_ms = 120000");
+    let dir = bench_agent_dir(hub, http, json!({"site": "bench"}), &serving).await?;
     let child = Command::new(workspace_bin("sentinel-agent")?)
         .args(["run", "--config"])
         .arg(dir.path().join("agent.toml"))

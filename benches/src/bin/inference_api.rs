@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use sentinel_agent::supervisor::{Worker, WorkerSpec};
 use sentinel_agent::worker::protocol::Tensor;
-use sentinel_benches::{HubProcess, percentile, workspace_bin, workspace_root};
+use sentinel_benches::{HubProcess, bench_agent_dir, percentile, workspace_bin, workspace_root};
 use serde_json::{Value, json};
 
 const ROUNDS: usize = 2000;
@@ -97,26 +97,7 @@ async fn setup() -> anyhow::Result<Setup> {
         .send()
         .await?;
     push(&hub, &http, "1.0.0", "digits/digits_mlp_v1.onnx").await?;
-    let enrolled: Value = http
-        .post(format!("{}/api/v1/devices", hub.url))
-        .bearer_auth(&hub.admin)
-        .json(&json!({"id": "bench-1"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let keys: Value = http.get(format!("{}/api/v1/keys", hub.url)).send().await?.json().await?;
-    let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("token"), enrolled["token"].as_str().context("token")?)?;
-    let config = format!(
-        "device_id = \"bench-1\"\nhub_url = \"{}\"\ngrpc_url = \"{}\"\ntoken_file = \"token\"\npinned_keys = [\"{}\"]\n\
-         state_dir = \"state\"\n[serving]\nlisten = \"127.0.0.1:0\"\nworker_bin = \"{}\"\n",
-        hub.url,
-        hub.grpc_url.as_deref().context("grpc url")?,
-        keys["keys"][0]["public_key"].as_str().context("key")?,
-        workspace_bin("sentinel-worker")?.display()
-    );
-    std::fs::write(dir.path().join("agent.toml"), config)?;
+    let dir = bench_agent_dir(&hub, &http, json!({}), "listen = \"127.0.0.1:0\"").await?;
     let cfg = sentinel_agent::AgentConfig::load(&dir.path().join("agent.toml"), &BTreeMap::new())?;
     let agent = sentinel_agent::start(cfg).await?;
     let base = format!("http://{}", agent.inference_addr.context("no inference address")?);
