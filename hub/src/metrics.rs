@@ -39,6 +39,10 @@ use crate::store::{MetadataStore, StoreError};
 /// Every state a deployment can be in, each exported even when zero.
 pub const DEPLOYMENT_STATES: [&str; 5] = ["active", "halted", "superseded", "rolled_back", "cancelled"];
 
+/// Why the hub closed a connection, as `sentinel_hub_connections_dropped_total`'s
+/// `reason`, in the order of `sentinel_net::Stats`' counts.
+const CONNECTION_DROPS: [&str; 3] = ["evicted", "refused", "timed_out"];
+
 /// Request latency buckets, in seconds: API calls take milliseconds, uploads
 /// of large models up to a minute.
 const LATENCY_BUCKETS: [f64; 15] =
@@ -60,6 +64,8 @@ pub struct HubMetrics {
     pub deployment_halts: IntCounter,
     /// Device reports received and stored.
     pub device_reports: IntCounter,
+    connections_open: IntGauge,
+    connections_dropped: IntCounterVec,
     /// What was registered, for [`HubMetrics::families`].
     families: Vec<(Desc, MetricType)>,
     /// Serialises scrapes: each resets and refills the scrape-time gauges.
@@ -107,6 +113,21 @@ impl HubMetrics {
         )?;
         let device_reports =
             IntCounter::new("sentinel_hub_device_reports_total", "Device reports received and stored")?;
+        let connections_open = IntGauge::new(
+            "sentinel_hub_connections_open",
+            "Connections open on the REST, gRPC and metrics listeners together",
+        )?;
+        let connections_dropped = IntCounterVec::new(
+            Opts::new(
+                "sentinel_hub_connections_dropped_total",
+                "Connections closed by the hub: evicted at the cap (silent or idle first), refused at the cap \
+                 (all busy), or timed out (header-read or idle)",
+            ),
+            &["reason"],
+        )?;
+        for reason in CONNECTION_DROPS {
+            connections_dropped.with_label_values(&[reason]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new("sentinel_hub_build_info", "Always 1; labelled with the hub's version"),
             &["version"],
@@ -126,6 +147,8 @@ impl HubMetrics {
             Box::new(deployment_devices.clone()),
             Box::new(deployment_halts.clone()),
             Box::new(device_reports.clone()),
+            Box::new(connections_open.clone()),
+            Box::new(connections_dropped.clone()),
             Box::new(build_info),
         ];
         let mut families = Vec::new();
@@ -148,6 +171,8 @@ impl HubMetrics {
             deployment_devices,
             deployment_halts,
             device_reports,
+            connections_open,
+            connections_dropped,
             families,
             scrape: Mutex::new(()),
         })
@@ -171,6 +196,13 @@ impl HubMetrics {
     fn render(&self, state: &SharedState) -> Result<String, prometheus::Error> {
         let _one_scrape = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
         self.connected_devices.set(i64::try_from(state.fleet.connected_count()).unwrap_or(i64::MAX));
+        let c = state.connections.stats();
+        self.connections_open.set(i64::try_from(c.open).unwrap_or(i64::MAX));
+        for (reason, total) in CONNECTION_DROPS.into_iter().zip([c.evicted, c.refused, c.timed_out]) {
+            // Counted by sentinel-net; brought up to its total (scrapes are serialised).
+            let counter = self.connections_dropped.with_label_values(&[reason]);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         // Reset first, so a deployment that stopped being live disappears.
         self.deployments.reset();
         self.deployment_devices.reset();

@@ -136,12 +136,20 @@ impl Hub {
             meta,
             blobs: Arc::new(blobs),
             keys: RwLock::new(keys),
-            config,
             fleet: crate::fleet::Fleet::default(),
             live: crate::web::Live::default(),
             public_url: RwLock::new(String::new()),
             metrics: crate::metrics::HubMetrics::new()?,
             inspector,
+            // One connection budget over REST, gRPC and metrics; HTTP/2
+            // pings at the heartbeat keep device streams alive through NATs
+            // and find dead peers.
+            connections: sentinel_net::Connections::new(sentinel_net::Limits {
+                http2_keepalive_interval: Some(config.heartbeat),
+                http2_keepalive_timeout: config.heartbeat * 2,
+                ..config.connections.clone()
+            }),
+            config,
         });
         Ok(Self { state, bootstrap_token })
     }
@@ -206,14 +214,7 @@ impl Hub {
             )),
             None => None,
         };
-        // One connection budget over REST, gRPC and metrics; HTTP/2 pings
-        // at the heartbeat keep device streams alive through NATs and find
-        // dead peers.
-        let connections = sentinel_net::Connections::new(sentinel_net::Limits {
-            http2_keepalive_interval: Some(state.config.heartbeat),
-            http2_keepalive_timeout: state.config.heartbeat * 2,
-            ..state.config.connections.clone()
-        });
+        let connections = state.connections.clone();
         tracing::info!(
             max_connections = connections.limits().max_connections,
             header_read_timeout = ?connections.limits().header_read_timeout,

@@ -56,6 +56,9 @@ pub struct AppState {
     pub metrics: crate::metrics::HubMetrics,
     /// Inspects uploads in confined, bounded child processes.
     pub inspector: crate::inspect::Inspector,
+    /// Every connection of the REST, gRPC and metrics listeners, under one
+    /// cap and its timeouts; its counts are exported as metrics.
+    pub connections: sentinel_net::Connections,
 }
 
 pub type SharedState = Arc<AppState>;
