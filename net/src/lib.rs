@@ -258,6 +258,7 @@ impl Registry {
     /// open connection is busy.
     fn admit(&self, listener: &'static str) -> Option<Arc<Conn>> {
         let mut t = self.table();
+        t.forget_settled();
         if t.open.len() >= self.limits.max_connections {
             match t.victim() {
                 Some(victim) => {
@@ -298,6 +299,19 @@ impl Registry {
 }
 
 impl Table {
+    /// Drops ids from the front of `unproven` that are proven or closed.
+    /// The front can only stall on a connection still within its header-read
+    /// timeout, so the queue holds at most the connections accepted within
+    /// that time, however many a long-running process accepts.
+    fn forget_settled(&mut self) {
+        while let Some(id) = self.unproven.front() {
+            if self.open.get(id).is_some_and(|c| !c.proven.load(Ordering::Acquire)) {
+                break;
+            }
+            self.unproven.pop_front();
+        }
+    }
+
     /// The connection to close for a new one: the oldest unproven, else the
     /// longest idle with nothing in flight.
     fn victim(&mut self) -> Option<u64> {
@@ -502,6 +516,23 @@ mod tests {
         assert!(reg.table().open.contains_key(&a.id));
         assert!(!reg.table().open.contains_key(&b.id));
         assert!(reg.table().open.contains_key(&c.id));
+    }
+
+    #[test]
+    fn the_unproven_queue_does_not_grow_with_connections_served_below_the_cap() {
+        let reg = registry(1000);
+        for _ in 0..10_000 {
+            let c = reg.admit("t").unwrap();
+            c.proven.store(true, Ordering::Release);
+            reg.table().open.remove(&c.id);
+        }
+        assert!(reg.table().unproven.len() <= 1, "{} ids kept", reg.table().unproven.len());
+        // An unproven connection at the front is kept, and so is what follows.
+        let silent = reg.admit("t").unwrap();
+        let served = reg.admit("t").unwrap();
+        served.proven.store(true, Ordering::Release);
+        reg.admit("t").unwrap();
+        assert_eq!(reg.table().unproven.front(), Some(&silent.id));
     }
 
     #[test]
