@@ -37,18 +37,14 @@ pub enum HubError {
         #[source]
         source: std::io::Error,
     },
-    #[error("serving HTTP")]
-    Serve(#[source] std::io::Error),
+    #[error("a listener's task failed")]
+    Serve(#[source] tokio::task::JoinError),
     #[error("{0}")]
     Transport(String),
     #[error("loading the TLS identity")]
     Tls(#[source] crate::tls::TlsError),
-    #[error("serving gRPC: {0}")]
-    Grpc(String),
     #[error("registering the metrics")]
     Metrics(#[from] prometheus::Error),
-    #[error("serving metrics")]
-    ServeMetrics(#[source] std::io::Error),
     #[error("setting up upload inspection")]
     Inspect(#[source] crate::inspect::InspectError),
 }
@@ -235,8 +231,14 @@ impl Hub {
         let app = router(state);
         servers
             .spawn(async move { connections.serve("rest", nodelay(listeners.rest), tls, app, stopped(stop_rx)).await });
-        while servers.join_next().await.is_some() {}
-        Ok(())
+        // A listener whose task panicked is an error, reported once all have stopped.
+        let mut failed = None;
+        while let Some(done) = servers.join_next().await {
+            if let Err(e) = done {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), |e| Err(HubError::Serve(e)))
     }
 }
 
