@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::AuditDetail;
-use super::versions::load_version;
+use super::versions::load_named_version;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page};
 use crate::auth::Role;
 use crate::rollout::{DEFAULT_HALT_FRACTION, PolicyError, RolloutPolicy, Rollup, earlier_deployments, validate_halt};
@@ -208,7 +208,7 @@ pub async fn deploy(
     let halt_fraction = body.halt_fraction.unwrap_or(DEFAULT_HALT_FRACTION);
     validate_halt(halt_fraction, body.halt_count).map_err(invalid_policy)?;
     crate::rollout::waves::validate_waves(&body.waves).map_err(invalid_policy)?;
-    let version = load_version(&state, &name, &body.version).await?;
+    let version = load_named_version(&state, &name, &body.version).await?;
     // A version that declares no hardware runs anywhere.
     if !version.hardware.is_empty()
         && let Some(missing) = selector.hardware.iter().find(|h| !version.hardware.contains(h))
@@ -246,7 +246,8 @@ pub async fn deploy(
 /// Roll a target back to an earlier version.
 #[utoipa::path(post, path = "/api/v1/models/{name}/rollback", params(super::openapi::ModelPath), request_body = RollbackRequest,
     security(("bearer" = [])),
-    responses((status = 201, body = DeploymentOut), (status = 409, body = super::error::ErrorBody)))]
+    responses((status = 201, body = DeploymentOut), (status = 404, body = super::error::ErrorBody),
+        (status = 409, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)))]
 pub async fn rollback(
     State(state): State<SharedState>,
     caller: Caller,
@@ -285,10 +286,7 @@ pub async fn rollback(
     })?
     .clone();
     let to_version = match body.version {
-        Some(v) => {
-            super::versions::check_lookup_version(&name, &v)?;
-            v
-        }
+        Some(v) => v,
         // The latest earlier deployment of another version to this target.
         None => earlier_deployments(&history, &current).map(|d| d.version.clone()).next().ok_or_else(|| {
             ApiError::conflict(format!(
@@ -297,7 +295,7 @@ pub async fn rollback(
             ))
         })?,
     };
-    load_version(&state, &name, &to_version).await?;
+    load_named_version(&state, &name, &to_version).await?;
     let new = NewDeployment {
         model: name.clone(),
         version: to_version.clone(),

@@ -154,6 +154,29 @@ pub async fn load_version(state: &SharedState, name: &str, version: &str) -> Res
     found.ok_or_else(|| ApiError::not_found(format!("model {} has no version {version}", quote(name))))
 }
 
+/// Loads a version that a request body names (a deploy's or a rollback's
+/// target version). The model is the resource in the path, so a missing model
+/// is 404; a version it does not have is 422: the request is well formed, but
+/// names nothing that can be deployed.
+pub async fn load_named_version(state: &SharedState, name: &str, version: &str) -> Result<VersionRecord, ApiError> {
+    check_lookup_name(name)?;
+    let unknown = |why: String| {
+        ApiError::unprocessable(
+            "unknown_version",
+            format!("model {} has no version {}{why}", quote(name), quote(version)),
+        )
+    };
+    if let Err(e) = semver::Version::parse(version) {
+        return Err(unknown(format!(": not semver ({e})")));
+    }
+    let (n, v) = (name.to_owned(), version.to_owned());
+    let (model, found) = state.meta(move |m| Ok((m.get_model(&n)?, m.get_version(&n, &v)?))).await?;
+    if model.is_none() {
+        return Err(ApiError::not_found(format!("model {} is not registered", quote(name))));
+    }
+    found.ok_or_else(|| unknown(String::new()))
+}
+
 /// A page of a model's versions.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct VersionList {

@@ -139,12 +139,30 @@ async fn bad_names_json_and_deploys_are_refused() {
         .post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0", "target": "hardware=aarch64"}))
         .await;
     assert_eq!(r.status(), 201);
-    // Deploying a version that does not exist, and a malformed target.
-    expect_error(
+    // Deploying a version that does not exist, or cannot (not semver): the
+    // model in the path exists, so the body is what is wrong (422).
+    let msg = expect_error(
         hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "9.9.9", "target": "*"})).await,
+        422,
+    )
+    .await;
+    assert!(msg.contains("no version \"9.9.9\""), "{msg}");
+    let msg = expect_error(
+        hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "latest", "target": "*"})).await,
+        422,
+    )
+    .await;
+    assert!(msg.contains("not semver"), "{msg}");
+    // A model that does not exist is the path's resource: 404.
+    expect_error(
+        hub.post_json("/api/v1/models/nope/deploy", &hub.admin, json!({"version": "1.0.0", "target": "*"})).await,
         404,
     )
     .await;
+    let msg =
+        expect_error(hub.post_json("/api/v1/models/m/rollback", &hub.admin, json!({"version": "7.0.0"})).await, 422)
+            .await;
+    assert!(msg.contains("no version"), "{msg}");
     expect_error(
         hub.post_json("/api/v1/models/m/deploy", &hub.admin, json!({"version": "1.0.0", "target": "a=b=c"})).await,
         400,
