@@ -51,11 +51,7 @@ impl TensorInfo {
 
 /// The wire dtype of a manifest dtype name.
 pub fn wire_dtype(name: &str) -> Option<DType> {
-    match name {
-        "float32" => Some(DType::F32),
-        "int64" => Some(DType::I64),
-        _ => None,
-    }
+    DType::from_name(name)
 }
 
 /// A model's inputs and outputs, with input shapes fixed from the manifest
@@ -66,7 +62,8 @@ pub fn model_io(
 ) -> Result<(Vec<TensorInfo>, Vec<TensorInfo>), String> {
     let convert = |what: &str, index: usize, spec: &sentinel_proto::pb::TensorSpec, fixed: Option<&Vec<usize>>| {
         let dtype = wire_dtype(&spec.dtype).ok_or_else(|| {
-            format!("{what} {index} `{}` has dtype {}; workers carry float32 and int64", spec.name, spec.dtype)
+            let carried: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
+            format!("{what} {index} `{}` has dtype {}; workers carry {}", spec.name, spec.dtype, carried.join(", "))
         })?;
         let declared: Vec<Option<u64>> = spec
             .shape
@@ -823,7 +820,7 @@ pub fn check_inputs(specs: &[TensorInfo], inputs: &[Tensor]) -> Result<Option<us
     for (spec, t) in specs.iter().zip(inputs) {
         if t.dtype != spec.dtype {
             return Err(ServeError::BadInput(format!(
-                "input `{}` must be {:?}, got {:?}",
+                "input `{}` must be {}, got {}",
                 spec.name, spec.dtype, t.dtype
             )));
         }
@@ -859,12 +856,31 @@ pub fn check_inputs(specs: &[TensorInfo], inputs: &[Tensor]) -> Result<Option<us
 
 /// Sample `i` of `n` of a batched tensor, with a batch dim of 1.
 fn slice_sample(t: &Tensor, i: usize, n: usize) -> Tensor {
-    let per = t.data.len() / n.max(1);
     let mut shape = t.shape.clone();
     if let Some(first) = shape.first_mut() {
         *first = 1;
     }
-    Tensor { dtype: t.dtype, shape, data: t.data[i * per..(i + 1) * per].to_vec() }
+    let data = match t.dtype.width() {
+        Some(_) => {
+            let per = t.data.len() / n.max(1);
+            t.data[i * per..(i + 1) * per].to_vec()
+        }
+        // Strings are length-prefixed: sample i is the bytes from its first
+        // element's prefix to the end of its last element. The request
+        // decoder checked the encoding, so the walk cannot fail.
+        None => {
+            let count = t.element_count().unwrap_or(0);
+            let per = count / n.max(1);
+            let elements = t.strings().unwrap_or_default();
+            let mut out = Vec::new();
+            for e in elements.iter().skip(i * per).take(per) {
+                out.extend_from_slice(&u32::try_from(e.len()).unwrap_or(u32::MAX).to_le_bytes());
+                out.extend_from_slice(e);
+            }
+            out
+        }
+    };
+    Tensor { dtype: t.dtype, shape, data }
 }
 
 /// Joins single-sample outputs (batch dim 1, or rank 1 of length 1 per sample)
@@ -880,9 +896,11 @@ fn concat_batch(parts: Vec<Tensor>) -> Option<Tensor> {
     Some(Tensor { dtype, shape, data })
 }
 
-/// Bytes of one sample of the first input.
-fn sample_bytes(spec: &TensorInfo) -> usize {
-    spec.fixed.iter().skip(1).product::<usize>() * spec.dtype.size()
+/// Bytes of one sample of the first input in a validation set (raw
+/// little-endian elements of the input's dtype), `None` for a string input:
+/// its samples have no fixed size, so validation sets do not carry them.
+fn sample_bytes(spec: &TensorInfo) -> Option<usize> {
+    Some(spec.fixed.iter().skip(1).product::<usize>() * spec.dtype.width()?)
 }
 
 /// Runs before any traffic: output shapes, dtypes and finiteness on one
@@ -894,23 +912,16 @@ async fn validate(
     tolerance: f64,
 ) -> Result<Option<f64>, String> {
     let first = slot.inputs.first().ok_or("the model has no inputs")?;
-    let probe: Vec<Tensor> = match set {
-        Some(s) if slot.inputs.len() == 1 && first.batched() && s.inputs.len() >= sample_bytes(first) => {
-            vec![Tensor {
-                dtype: first.dtype,
-                shape: first.fixed.clone(),
-                data: s.inputs[..sample_bytes(first)].to_vec(),
-            }]
+    let probe: Vec<Tensor> = match (set, sample_bytes(first)) {
+        (Some(s), Some(per)) if slot.inputs.len() == 1 && first.batched() && s.inputs.len() >= per => {
+            vec![Tensor { dtype: first.dtype, shape: first.fixed.clone(), data: s.inputs[..per].to_vec() }]
         }
+        // Zeros of each input's dtype (empty strings for string inputs).
         _ => slot
             .inputs
             .iter()
-            .map(|i| Tensor {
-                dtype: i.dtype,
-                shape: i.fixed.clone(),
-                data: vec![0; i.fixed.iter().product::<usize>() * i.dtype.size()],
-            })
-            .collect(),
+            .map(|i| Tensor::zeros(i.dtype, &i.fixed).map_err(|e| format!("probe input `{}`: {e}", i.name)))
+            .collect::<Result<_, _>>()?,
     };
     let outputs = slot.worker.infer(&probe).await.map_err(|e| format!("a probe inference failed: {e}"))?;
     check_outputs(&slot.outputs, &outputs)?;
@@ -919,7 +930,12 @@ async fn validate(
         tracing::warn!(model = %m.name, "a validation set needs one input with a batch dim; accuracy not measured");
         return Ok(None);
     }
-    let per = sample_bytes(first);
+    let Some(per) = sample_bytes(first) else {
+        return Err(format!(
+            "input `{}` is {}: validation sets carry fixed-width inputs only (raw little-endian elements)",
+            first.name, first.dtype
+        ));
+    };
     if per == 0 || set.inputs.len() != per * set.labels.len() {
         return Err(format!(
             "the validation set has {} bytes of inputs for {} labels; expected {} bytes per sample",
@@ -954,15 +970,33 @@ async fn validate(
     Ok(Some(accuracy))
 }
 
-/// The class a model predicted for one sample: an int64 output holding one
-/// value, else the argmax of the first float output.
+/// The class a model predicted for one sample: an integer output holding
+/// one value (an int64 one first), else the argmax of the first float output
+/// (f32, f16, bf16 or f64).
 pub fn predicted_label(outputs: &[Tensor]) -> Option<i64> {
-    if let Some(v) =
-        outputs.iter().filter(|t| t.dtype == DType::I64).find_map(|t| t.to_i64().ok().filter(|v| v.len() == 1))
-    {
-        return v.first().copied();
+    let single = |t: &Tensor| -> Option<i64> {
+        if t.element_count() != Some(1) {
+            return None;
+        }
+        match t.dtype {
+            DType::I64 => t.to_i64().ok()?.first().copied(),
+            DType::I32 => t.values::<i32>().ok()?.first().map(|v| i64::from(*v)),
+            DType::I16 => t.values::<i16>().ok()?.first().map(|v| i64::from(*v)),
+            DType::I8 => t.values::<i8>().ok()?.first().map(|v| i64::from(*v)),
+            DType::U8 => t.values::<u8>().ok()?.first().map(|v| i64::from(*v)),
+            DType::U16 => t.values::<u16>().ok()?.first().map(|v| i64::from(*v)),
+            DType::U32 => t.values::<u32>().ok()?.first().map(|v| i64::from(*v)),
+            DType::U64 => t.values::<u64>().ok()?.first().and_then(|v| i64::try_from(*v).ok()),
+            _ => None,
+        }
+    };
+    if let Some(v) = outputs.iter().filter(|t| t.dtype == DType::I64).find_map(single) {
+        return Some(v);
     }
-    let probs = outputs.iter().find(|t| t.dtype == DType::F32)?.to_f32().ok()?;
+    if let Some(v) = outputs.iter().find_map(single) {
+        return Some(v);
+    }
+    let probs = outputs.iter().find_map(Tensor::floats)?;
     let (best, _) = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
     i64::try_from(best).ok()
 }
@@ -974,7 +1008,7 @@ pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), Str
     }
     for (spec, t) in specs.iter().zip(outputs) {
         if t.dtype != spec.dtype {
-            return Err(format!("output `{}` is {:?}; its manifest declares {:?}", spec.name, t.dtype, spec.dtype));
+            return Err(format!("output `{}` is {}; its manifest declares {}", spec.name, t.dtype, spec.dtype));
         }
         let fits = t.shape.len() == spec.declared.len()
             && t.shape
@@ -991,11 +1025,8 @@ pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), Str
         }
     }
     for (i, t) in outputs.iter().enumerate() {
-        if t.dtype == DType::F32 {
-            let values = t.to_f32().map_err(|e| e.to_string())?;
-            if let Some((at, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(format!("output {i} element {at} is {v}, not finite"));
-            }
+        if let Some((at, v)) = t.first_non_finite() {
+            return Err(format!("output {i} element {at} is {v}, not finite"));
         }
     }
     Ok(())
