@@ -499,6 +499,111 @@ mod tests {
         assert_eq!(i.to_i64().unwrap(), vec![1, -2, 9_007_199_254_740_993]);
     }
 
+    /// Decodes `data` as JSON and `binary` as the binary extension for one
+    /// input of `datatype`, and checks both give `want`.
+    fn both_ways(datatype: &str, shape: &str, data: &str, binary: &[u8], want: &Tensor) {
+        let json = one_input(&format!(r#"{{"name":"x","shape":{shape},"datatype":"{datatype}","data":{data}}}"#))
+            .unwrap_or_else(|e| panic!("{datatype} JSON: {e}"));
+        assert_eq!(&json, want, "{datatype} JSON");
+        let head = format!(
+            r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"{datatype}","parameters":{{"binary_data_size":{}}}}}]}}"#,
+            binary.len()
+        );
+        let body = [head.as_bytes(), binary].concat();
+        let r = decode_request(Bytes::from(body), Some(&head.len().to_string()), &DecodeLimits::default())
+            .unwrap_or_else(|e| panic!("{datatype} binary: {e}"));
+        assert_eq!(&r.inputs[0].1, want, "{datatype} binary");
+    }
+
+    #[test]
+    fn every_v2_datatype_decodes_from_json_and_binary() {
+        use half::{bf16, f16};
+        let t = Tensor::from_values::<f32>(vec![2], &[1.5, -2.0]);
+        both_ways("FP32", "[2]", "[1.5,-2]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<f64>(vec![2], &[0.1, -1e300]);
+        both_ways("FP64", "[2]", "[0.1,-1e300]", &t.data.clone(), &t);
+        let t = Tensor::from_values(vec![3], &[f16::from_f64(0.1), f16::from_f32(-2.0), f16::from_f32(65504.0)]);
+        both_ways("FP16", "[3]", "[0.1,-2,65504]", &t.data.clone(), &t);
+        let t = Tensor::from_values(vec![2], &[bf16::from_f64(0.1), bf16::from_f32(3.0e38)]);
+        both_ways("BF16", "[2]", "[0.1,3.0e38]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<i8>(vec![2], &[-128, 127]);
+        both_ways("INT8", "[2]", "[-128,127]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<u8>(vec![1, 3], &[0, 128, 255]);
+        both_ways("UINT8", "[1,3]", "[[0,128,255]]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<i16>(vec![2], &[-32768, 32767]);
+        both_ways("INT16", "[2]", "[-32768,32767]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<u16>(vec![2], &[0, 65535]);
+        both_ways("UINT16", "[2]", "[0,65535]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<i32>(vec![2], &[i32::MIN, i32::MAX]);
+        both_ways("INT32", "[2]", "[-2147483648,2147483647]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<u32>(vec![1], &[u32::MAX]);
+        both_ways("UINT32", "[1]", "[4294967295]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<i64>(vec![2], &[i64::MIN, i64::MAX]);
+        both_ways("INT64", "[2]", "[-9223372036854775808,9223372036854775807]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<u64>(vec![1], &[u64::MAX]);
+        both_ways("UINT64", "[1]", "[18446744073709551615]", &t.data.clone(), &t);
+        let t = Tensor::from_values(vec![3], &[true, false, true]);
+        both_ways("BOOL", "[3]", "[true,false,true]", &t.data.clone(), &t);
+        let t = Tensor::from_strings(vec![3], &["", "héllo \"quoted\"", "a"]);
+        both_ways("BYTES", "[3]", r#"["","h\u00e9llo \"quoted\"","a"]"#, &t.data.clone(), &t);
+    }
+
+    #[test]
+    fn bad_values_of_each_datatype_say_what_is_wrong() {
+        let cases = [
+            (r#""INT8","shape":[1],"data":[128]"#, "element 0 (128) does not fit in INT8"),
+            (r#""UINT8","shape":[1],"data":[-1]"#, "element 0 (-1) does not fit in UINT8"),
+            (r#""UINT8","shape":[1],"data":[256]"#, "(256) does not fit in UINT8"),
+            (r#""INT16","shape":[1],"data":[40000]"#, "does not fit in INT16"),
+            (r#""UINT16","shape":[1],"data":[70000]"#, "does not fit in UINT16"),
+            (r#""INT32","shape":[1],"data":[2147483648]"#, "does not fit in INT32"),
+            (r#""UINT32","shape":[1],"data":[-5]"#, "does not fit in UINT32"),
+            (r#""UINT64","shape":[1],"data":[-1]"#, "does not fit in UINT64"),
+            (r#""INT32","shape":[1],"data":[1.5]"#, "element 0 is not an integer"),
+            (r#""INT32","shape":[1],"data":[true]"#, "element 0 is not an integer"),
+            (r#""BOOL","shape":[2],"data":[true,1]"#, "element 1 is not a boolean"),
+            (r#""BOOL","shape":[1],"data":["true"]"#, "element 0 is not a boolean"),
+            (r#""BYTES","shape":[2],"data":["a",1]"#, "element 1 is not a string"),
+            (r#""BYTES","shape":[1],"data":[null]"#, "element 0 is not a string"),
+            (r#""FP16","shape":[1],"data":["1"]"#, "element 0 is not a number"),
+            (r#""BF16","shape":[1],"data":[false]"#, "element 0 is not a number"),
+            (r#""FP64","shape":[2],"data":[1]"#, "needs 2 elements, got 1"),
+            (r#""BYTES","shape":[1],"data":["a","b"]"#, "more than the 1 elements"),
+            (r#""COMPLEX64","shape":[1],"data":[1]"#, "COMPLEX64 is not supported (FP32, UINT8"),
+            (r#""fp32","shape":[1],"data":[1]"#, "fp32 is not supported"),
+        ];
+        for (text, want) in cases {
+            let err = one_input(&format!(r#"{{"name":"x","datatype":{text}}}"#)).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_binary_bool_and_bytes_are_refused() {
+        let limits = DecodeLimits::default();
+        let binary = |datatype: &str, shape: &str, data: &[u8]| {
+            let head = format!(
+                r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"{datatype}","parameters":{{"binary_data_size":{}}}}}]}}"#,
+                data.len()
+            );
+            decode_request(Bytes::from([head.as_bytes(), data].concat()), Some(&head.len().to_string()), &limits)
+        };
+        let err = binary("BOOL", "[3]", &[1, 0, 7]).unwrap_err();
+        assert_eq!(err, "input `x`: BOOL element 2 is byte 7; booleans are 0 or 1");
+        let err = binary("BYTES", "[1]", &[9, 0, 0, 0, b'a']).unwrap_err();
+        assert!(err.contains("BYTES data: string 0 claims 9 bytes, 1 are left"), "{err}");
+        let err = binary("BYTES", "[1]", &[0, 0, 0, 0, b'a']).unwrap_err();
+        assert!(err.contains("BYTES data: 1 bytes after the last of 1 strings"), "{err}");
+        // A shape of a billion strings against 8 bytes: refused by arithmetic.
+        let err = binary("BYTES", "[1000000000]", &[0; 8]).unwrap_err();
+        assert!(err.contains("needs 1000000000 strings (at least 4000000000 bytes), binary_data_size is 8"), "{err}");
+        let err = binary("UINT16", "[3]", &[0; 5]).unwrap_err();
+        assert!(err.contains("needs 3 elements (6 bytes), binary_data_size is 5"), "{err}");
+        // Strings in JSON count against the text like numbers do.
+        let err = one_input(r#"{"name":"x","shape":[100000000],"datatype":"BYTES","data":["a"]}"#).unwrap_err();
+        assert!(err.ends_with("needs 100000000 elements, got 1"), "{err}");
+    }
+
     #[test]
     fn outputs_ids_and_parameters_are_read_and_unknown_parameters_skipped() {
         let r = decode(
@@ -544,7 +649,7 @@ mod tests {
         let cases = [
             (r#"{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2]}"#, "needs 3 elements, got 2"),
             (r#"{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2,3]}"#, "more than the 2 elements"),
-            (r#"{"name":"x","shape":[1],"datatype":"FP16","data":[1]}"#, "FP16 is not supported"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP8","data":[1]}"#, "FP8 is not supported"),
             (r#"{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}"#, "negative dim"),
             (r#"{"name":"x","shape":[1],"datatype":"INT64","data":[1.5]}"#, "element 0 is not an integer"),
             (r#"{"name":"x","shape":[1],"datatype":"INT64","data":[18446744073709551615]}"#, "does not fit in INT64"),
