@@ -1,0 +1,341 @@
+//! Every ONNX tensor dtype the engines produce, end to end. The models are
+//! built at test time by public tools (`tests/models/make_dtype_models.py`:
+//! onnx, scikit-learn + skl2onnx, onnxconverter-common) and ONNX Runtime's
+//! Python package computes the reference outputs. Each model is pushed to a
+//! real hub (which dry-runs it in a confined worker), deployed to a real
+//! agent, validated on the device when it brings a validation set, and
+//! served over the v2 API in JSON and in binary: the outputs must equal ONNX
+//! Runtime's (exactly for integers, booleans and strings, to a few units in
+//! the last place for floats).
+//!
+//! | dtype    | v2     | carried by (case: tensors)                                  |
+//! |----------|--------|-------------------------------------------------------------|
+//! | float32  | FP32   | sklearn_*: `X`, `probabilities`; uint8_image: `scaled`      |
+//! | float16  | FP16   | fp16_classifier: `x`, `probabilities`, validation set       |
+//! | float64  | FP64   | numbers: `x_f64`, `y_f64`, `i32_as_f64`                     |
+//! | int8     | INT8   | numbers: `x_i8`, `y_i8`                                     |
+//! | uint8    | UINT8  | uint8_image: `x`, `inverted`                                |
+//! | int16    | INT16  | numbers: `x_i16`, `y_i16`                                   |
+//! | uint16   | UINT16 | numbers: `x_u16`, `y_u16`                                   |
+//! | int32    | INT32  | numbers: `x_i32`, `y_i32`; booleans: `a_as_i32`             |
+//! | uint32   | UINT32 | numbers: `x_u32`, `y_u32`                                   |
+//! | int64    | INT64  | numbers: `x_i64`, `y_i64`; sklearn_*: `label`; strings: `shape` (a TDim in tract) |
+//! | uint64   | UINT64 | numbers: `x_u64`, `y_u64`                                   |
+//! | bool     | BOOL   | booleans: `a`, `b`, `not_a`, `a_and_b`                      |
+//! | string   | BYTES  | strings: `text`, `same`                                     |
+//!
+//! bfloat16 (BF16) has no tract tensor type, so no tract device can serve it;
+//! the protocol and decoder unit tests carry it, and ONNX Runtime workers do.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use crate::common;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// One model with its inputs and ONNX Runtime's outputs for them.
+struct Case {
+    name: String,
+    dir: std::path::PathBuf,
+    spec: Value,
+}
+
+/// Runs the generator into `dir`. A missing Python package fails the test
+/// with the generator's message naming what to install.
+fn make_models(dir: &Path) -> Vec<Case> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models/make_dtype_models.py");
+    let out = std::process::Command::new("python3").arg(&script).arg(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "make_dtype_models.py failed (it needs onnx, onnxruntime, scikit-learn, skl2onnx and \
+         onnxconverter-common from PyPI; .ci/test installs them):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<Value> = serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
+    cases
+        .into_iter()
+        .map(|spec| Case { name: spec["name"].as_str().unwrap().to_owned(), dir: dir.to_owned(), spec })
+        .collect()
+}
+
+impl Case {
+    fn file(&self, key: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(key)).unwrap()
+    }
+}
+
+/// Pushes `case` as `version`, with its validation set and `accuracy`.
+async fn push(hub: &TestHub, case: &Case, version: &str, accuracy: Option<f64>) -> reqwest::Response {
+    let _ = hub
+        .client
+        .post(format!("{}/api/v1/models", hub.url))
+        .bearer_auth(&hub.admin)
+        .json(&json!({"name": case.name}))
+        .send()
+        .await;
+    let model = case.file(case.spec["model"].as_str().unwrap());
+    let mut form =
+        reqwest::multipart::Form::new().part("model", reqwest::multipart::Part::bytes(model).file_name("m.onnx"));
+    let validation = &case.spec["validation"];
+    if !validation.is_null() {
+        form = form
+            .part("validation_inputs", reqwest::multipart::Part::bytes(case.file(validation["inputs"].as_str().unwrap())))
+            .part("validation_labels", reqwest::multipart::Part::bytes(case.file(validation["labels"].as_str().unwrap())));
+    }
+    let query = accuracy.map(|a| format!("&accuracy={a}&metric=top1")).unwrap_or_default();
+    hub.client
+        .post(format!("{}/api/v1/models/{}/versions?version={version}{query}", hub.url, case.name))
+        .bearer_auth(&hub.admin)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Little-endian bytes of JSON `data` in a v2 `datatype` (BYTES: each string
+/// as a u32 length and its bytes).
+fn to_binary(datatype: &str, data: &[Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for v in data {
+        match datatype {
+            "FP32" => out.extend((v.as_f64().unwrap() as f32).to_le_bytes()),
+            "FP64" => out.extend(v.as_f64().unwrap().to_le_bytes()),
+            "FP16" => out.extend(half::f16::from_f64(v.as_f64().unwrap()).to_le_bytes()),
+            "INT8" => out.extend(i8::try_from(v.as_i64().unwrap()).unwrap().to_le_bytes()),
+            "UINT8" => out.push(u8::try_from(v.as_u64().unwrap()).unwrap()),
+            "INT16" => out.extend(i16::try_from(v.as_i64().unwrap()).unwrap().to_le_bytes()),
+            "UINT16" => out.extend(u16::try_from(v.as_u64().unwrap()).unwrap().to_le_bytes()),
+            "INT32" => out.extend(i32::try_from(v.as_i64().unwrap()).unwrap().to_le_bytes()),
+            "UINT32" => out.extend(u32::try_from(v.as_u64().unwrap()).unwrap().to_le_bytes()),
+            "INT64" => out.extend(v.as_i64().unwrap().to_le_bytes()),
+            "UINT64" => out.extend(v.as_u64().unwrap().to_le_bytes()),
+            "BOOL" => out.push(u8::from(v.as_bool().unwrap())),
+            "BYTES" => {
+                let s = v.as_str().unwrap().as_bytes();
+                out.extend(u32::try_from(s.len()).unwrap().to_le_bytes());
+                out.extend(s);
+            }
+            other => panic!("no binary form for {other}"),
+        }
+    }
+    out
+}
+
+/// JSON values of binary output bytes in a v2 `datatype`.
+fn from_binary(datatype: &str, bytes: &[u8]) -> Vec<Value> {
+    fn chunks<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+        bytes.chunks_exact(N).map(|c| c.try_into().unwrap())
+    }
+    match datatype {
+        "FP32" => chunks(bytes).map(|c| json!(f32::from_le_bytes(c))).collect(),
+        "FP64" => chunks(bytes).map(|c| json!(f64::from_le_bytes(c))).collect(),
+        "FP16" => chunks(bytes).map(|c| json!(half::f16::from_le_bytes(c).to_f64())).collect(),
+        "INT8" => chunks(bytes).map(|c| json!(i8::from_le_bytes(c))).collect(),
+        "UINT8" => bytes.iter().map(|b| json!(b)).collect(),
+        "INT16" => chunks(bytes).map(|c| json!(i16::from_le_bytes(c))).collect(),
+        "UINT16" => chunks(bytes).map(|c| json!(u16::from_le_bytes(c))).collect(),
+        "INT32" => chunks(bytes).map(|c| json!(i32::from_le_bytes(c))).collect(),
+        "UINT32" => chunks(bytes).map(|c| json!(u32::from_le_bytes(c))).collect(),
+        "INT64" => chunks(bytes).map(|c| json!(i64::from_le_bytes(c))).collect(),
+        "UINT64" => chunks(bytes).map(|c| json!(u64::from_le_bytes(c))).collect(),
+        "BOOL" => bytes
+            .iter()
+            .map(|b| {
+                assert!(*b <= 1, "BOOL byte {b}");
+                json!(*b == 1)
+            })
+            .collect(),
+        "BYTES" => {
+            let mut out = Vec::new();
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let (len, tail) = rest.split_at(4);
+                let len = u32::from_le_bytes(len.try_into().unwrap()) as usize;
+                out.push(json!(std::str::from_utf8(&tail[..len]).unwrap()));
+                rest = &tail[len..];
+            }
+            out
+        }
+        other => panic!("no binary form for {other}"),
+    }
+}
+
+/// Checks served outputs against ONNX Runtime's: the same names, datatypes,
+/// shapes, and values (exact but for floats).
+fn assert_matches(case: &str, how: &str, got: &[(Value, Vec<Value>)], want: &[Value]) {
+    assert_eq!(got.len(), want.len(), "{case} {how}: outputs {got:?}");
+    for ((head, values), reference) in got.iter().zip(want) {
+        let name = reference["name"].as_str().unwrap();
+        let what = format!("{case} {how} output `{name}`");
+        assert_eq!(head["name"], reference["name"], "{what}");
+        assert_eq!(head["datatype"], reference["datatype"], "{what}");
+        assert_eq!(head["shape"], reference["shape"], "{what}");
+        let expected = reference["data"].as_array().unwrap();
+        assert_eq!(values.len(), expected.len(), "{what}");
+        // f32/f64: a few units in the last place of f32. f16: tract
+        // computes every op in f16 while ONNX Runtime's CPU kernels widen to
+        // f32 inside an op, so each rounding of tract's logits (magnitude
+        // 4-8, where an f16 step is 2^-8) becomes, through exp, up to ~0.4%
+        // in a probability; 1% bounds it (seen: at most 0.3%).
+        let (abs, rel) = match reference["datatype"].as_str().unwrap() {
+            "FP32" | "FP64" => (1e-7, 1e-5),
+            "FP16" => (1e-4, 1e-2),
+            _ => (0.0, 0.0),
+        };
+        let mut worst = 0f64;
+        for (i, (g, w)) in values.iter().zip(expected).enumerate() {
+            if rel == 0.0 {
+                assert_eq!(g, w, "{what} element {i}: served {g}, ONNX Runtime {w}");
+            } else {
+                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+                assert!((g - w).abs() <= abs + rel * w.abs(), "{what} element {i}: served {g}, ONNX Runtime {w}");
+                worst = worst.max((g - w).abs() / w.abs().max(1e-3));
+            }
+        }
+        if rel > 0.0 {
+            eprintln!("{what}: largest relative difference from ONNX Runtime {worst:.2e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = make_models(&tmp.path().join("models"));
+    let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["uint8_image", "numbers", "booleans", "strings", "sklearn_logreg", "sklearn_forest", "fp16_classifier"]
+    );
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let agent = start_agent(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")]).await;
+    let base = format!("http://{}", agent.inference_addr.unwrap());
+    let http = reqwest::Client::new();
+
+    // Push (the hub dry-runs each in a confined worker, the probe included)
+    // and deploy every case; the ones with a validation set declare the
+    // accuracy ONNX Runtime measured on it.
+    for case in &cases {
+        let accuracy = case.spec["validation"]["accuracy"].as_f64();
+        let r = push(&hub, case, "1.0.0", accuracy).await;
+        assert_eq!(r.status(), 201, "{}: {}", case.name, r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        let declared: Vec<&str> = v["manifest"]["inputs"].as_array().unwrap().iter().map(|i| i["dtype"].as_str().unwrap()).collect();
+        assert!(!declared.is_empty(), "{}: {v}", case.name);
+        hub.deploy(&case.name, "1.0.0", "site=a").await;
+    }
+    for case in &cases {
+        let v = agent.wait_for(WAIT, |v| active(v, &case.name).as_deref() == Some("1.0.0") || status(v, &case.name).is_some_and(|s| s.0 == "failed")).await.unwrap();
+        assert_eq!(active(&v, &case.name).as_deref(), Some("1.0.0"), "{}: {:?}", case.name, status(&v, &case.name));
+    }
+
+    for case in &cases {
+        let inputs = case.spec["inputs"].as_array().unwrap();
+        let outputs = case.spec["outputs"].as_array().unwrap();
+
+        // Metadata advertises the v2 datatypes.
+        let meta: Value = http.get(format!("{base}/v2/models/{}", case.name)).send().await.unwrap().json().await.unwrap();
+        for (m, i) in meta["inputs"].as_array().unwrap().iter().zip(inputs) {
+            assert_eq!((&m["name"], &m["datatype"]), (&i["name"], &i["datatype"]), "{}: {meta}", case.name);
+        }
+        for (m, o) in meta["outputs"].as_array().unwrap().iter().zip(outputs) {
+            assert_eq!((&m["name"], &m["datatype"]), (&o["name"], &o["datatype"]), "{}: {meta}", case.name);
+        }
+
+        // JSON in, JSON out.
+        let r = http.post(format!("{base}/v2/models/{}/infer", case.name)).json(&json!({"inputs": inputs})).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}: {}", case.name, r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        let got: Vec<(Value, Vec<Value>)> =
+            v["outputs"].as_array().unwrap().iter().map(|o| (o.clone(), o["data"].as_array().unwrap().clone())).collect();
+        assert_matches(&case.name, "JSON", &got, outputs);
+
+        // Binary in, binary out.
+        let mut tail = Vec::new();
+        let heads: Vec<Value> = inputs
+            .iter()
+            .map(|i| {
+                let bytes = to_binary(i["datatype"].as_str().unwrap(), i["data"].as_array().unwrap());
+                let head = json!({"name": i["name"], "shape": i["shape"], "datatype": i["datatype"],
+                                  "parameters": {"binary_data_size": bytes.len()}});
+                tail.extend(bytes);
+                head
+            })
+            .collect();
+        let head = json!({"inputs": heads, "parameters": {"binary_data_output": true}}).to_string();
+        let r = http
+            .post(format!("{base}/v2/models/{}/infer", case.name))
+            .header("Inference-Header-Content-Length", head.len())
+            .body([head.as_bytes(), &tail].concat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", case.name);
+        let n: usize = r.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+        let body = r.bytes().await.unwrap();
+        let v: Value = serde_json::from_slice(&body[..n]).unwrap();
+        let mut at = n;
+        let got: Vec<(Value, Vec<Value>)> = v["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                let size = o["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
+                let values = from_binary(o["datatype"].as_str().unwrap(), &body[at..at + size]);
+                at += size;
+                (o.clone(), values)
+            })
+            .collect();
+        assert_eq!(at, body.len(), "{}: binary outputs fill the body", case.name);
+        assert_matches(&case.name, "binary", &got, outputs);
+
+        // Validation ran on the device, on inputs in the model's dtype
+        // (float16 for fp16_classifier), and agrees with ONNX Runtime.
+        let validation = &case.spec["validation"];
+        if !validation.is_null() {
+            let slot = agent.shared.serving.model(&case.name).unwrap().route().active.clone().unwrap();
+            let measured = slot.validation_accuracy.read().unwrap().expect("validation accuracy measured");
+            let expected = validation["accuracy"].as_f64().unwrap();
+            assert!((measured - expected).abs() < 1e-9, "{}: device {measured}, ONNX Runtime {expected}", case.name);
+        }
+    }
+
+    // A datatype other than the model's is a 400 naming both, and a BOOL
+    // byte other than 0 or 1 is refused before it reaches the worker.
+    let x = json!({"inputs": [{"name": "x", "shape": [1, 2, 2, 3], "datatype": "FP32", "data": vec![0.0; 12]}]});
+    let r = http.post(format!("{base}/v2/models/uint8_image/infer")).json(&x).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let err = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
+    assert!(err.contains("must be uint8, got float32"), "{err}");
+    let head = json!({"inputs": [{"name": "a", "shape": [1, 4], "datatype": "BOOL", "parameters": {"binary_data_size": 4}},
+                                 {"name": "b", "shape": [1, 4], "datatype": "BOOL", "parameters": {"binary_data_size": 4}}]})
+    .to_string();
+    let r = http
+        .post(format!("{base}/v2/models/booleans/infer"))
+        .header("Inference-Header-Content-Length", head.len())
+        .body([head.as_bytes(), &[1, 0, 1, 0, 0, 2, 0, 0]].concat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let err = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
+    assert_eq!(err, "input `b`: BOOL element 1 is byte 2; booleans are 0 or 1");
+
+    // Validation is not vacuous for float16 inputs: the same fp16 model
+    // declaring 100% is refused on the device with the accuracy it measured.
+    let fp16 = cases.iter().find(|c| c.name == "fp16_classifier").unwrap();
+    let r = push(&hub, fp16, "1.0.1", Some(1.0)).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    hub.deploy("fp16_classifier", "1.0.1", "site=a").await;
+    let v = agent
+        .wait_for(WAIT, |v| status(v, "fp16_classifier").is_some_and(|s| s.0 == "failed" && s.1 == "1.0.1"))
+        .await
+        .unwrap();
+    let (_, _, detail) = status(&v, "fp16_classifier").unwrap();
+    let expected = fp16.spec["validation"]["accuracy"].as_f64().unwrap();
+    assert!(detail.contains(&format!("accuracy {expected:.4} on the 45-sample validation set")), "{detail}");
+    assert_eq!(active(&v, "fp16_classifier").as_deref(), Some("1.0.0"));
+    agent.shutdown().await;
+}
