@@ -28,43 +28,11 @@
 //! the protocol and decoder unit tests carry it, and ONNX Runtime workers do.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-
 use crate::common;
 
+use common::dtype_cases::{Case, assert_matches, from_binary, make_models, to_binary};
 use common::*;
 use serde_json::{Value, json};
-
-/// One model with its inputs and ONNX Runtime's outputs for them.
-struct Case {
-    name: String,
-    dir: std::path::PathBuf,
-    spec: Value,
-}
-
-/// Runs the generator into `dir`. A missing Python package fails the test
-/// with the generator's message naming what to install.
-fn make_models(dir: &Path) -> Vec<Case> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models/make_dtype_models.py");
-    let out = std::process::Command::new("python3").arg(&script).arg(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "make_dtype_models.py failed (it needs onnx, onnxruntime, scikit-learn, skl2onnx and \
-         onnxconverter-common from PyPI; .ci/test installs them):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cases: Vec<Value> = serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
-    cases
-        .into_iter()
-        .map(|spec| Case { name: spec["name"].as_str().unwrap().to_owned(), dir: dir.to_owned(), spec })
-        .collect()
-}
-
-impl Case {
-    fn file(&self, key: &str) -> Vec<u8> {
-        std::fs::read(self.dir.join(key)).unwrap()
-    }
-}
 
 /// Pushes `case` as `version`, with its validation set and `accuracy`.
 async fn push(hub: &TestHub, case: &Case, version: &str, accuracy: Option<f64>) -> reqwest::Response {
@@ -94,121 +62,17 @@ async fn push(hub: &TestHub, case: &Case, version: &str, accuracy: Option<f64>) 
         .unwrap()
 }
 
-/// Little-endian bytes of JSON `data` in a v2 `datatype` (BYTES: each string
-/// as a u32 length and its bytes).
-fn to_binary(datatype: &str, data: &[Value]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for v in data {
-        match datatype {
-            "FP32" => out.extend((v.as_f64().unwrap() as f32).to_le_bytes()),
-            "FP64" => out.extend(v.as_f64().unwrap().to_le_bytes()),
-            "FP16" => out.extend(half::f16::from_f64(v.as_f64().unwrap()).to_le_bytes()),
-            "INT8" => out.extend(i8::try_from(v.as_i64().unwrap()).unwrap().to_le_bytes()),
-            "UINT8" => out.push(u8::try_from(v.as_u64().unwrap()).unwrap()),
-            "INT16" => out.extend(i16::try_from(v.as_i64().unwrap()).unwrap().to_le_bytes()),
-            "UINT16" => out.extend(u16::try_from(v.as_u64().unwrap()).unwrap().to_le_bytes()),
-            "INT32" => out.extend(i32::try_from(v.as_i64().unwrap()).unwrap().to_le_bytes()),
-            "UINT32" => out.extend(u32::try_from(v.as_u64().unwrap()).unwrap().to_le_bytes()),
-            "INT64" => out.extend(v.as_i64().unwrap().to_le_bytes()),
-            "UINT64" => out.extend(v.as_u64().unwrap().to_le_bytes()),
-            "BOOL" => out.push(u8::from(v.as_bool().unwrap())),
-            "BYTES" => {
-                let s = v.as_str().unwrap().as_bytes();
-                out.extend(u32::try_from(s.len()).unwrap().to_le_bytes());
-                out.extend(s);
-            }
-            other => panic!("no binary form for {other}"),
-        }
-    }
-    out
-}
-
-/// JSON values of binary output bytes in a v2 `datatype`.
-fn from_binary(datatype: &str, bytes: &[u8]) -> Vec<Value> {
-    fn chunks<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
-        bytes.chunks_exact(N).map(|c| c.try_into().unwrap())
-    }
-    match datatype {
-        "FP32" => chunks(bytes).map(|c| json!(f32::from_le_bytes(c))).collect(),
-        "FP64" => chunks(bytes).map(|c| json!(f64::from_le_bytes(c))).collect(),
-        "FP16" => chunks(bytes).map(|c| json!(half::f16::from_le_bytes(c).to_f64())).collect(),
-        "INT8" => chunks(bytes).map(|c| json!(i8::from_le_bytes(c))).collect(),
-        "UINT8" => bytes.iter().map(|b| json!(b)).collect(),
-        "INT16" => chunks(bytes).map(|c| json!(i16::from_le_bytes(c))).collect(),
-        "UINT16" => chunks(bytes).map(|c| json!(u16::from_le_bytes(c))).collect(),
-        "INT32" => chunks(bytes).map(|c| json!(i32::from_le_bytes(c))).collect(),
-        "UINT32" => chunks(bytes).map(|c| json!(u32::from_le_bytes(c))).collect(),
-        "INT64" => chunks(bytes).map(|c| json!(i64::from_le_bytes(c))).collect(),
-        "UINT64" => chunks(bytes).map(|c| json!(u64::from_le_bytes(c))).collect(),
-        "BOOL" => bytes
-            .iter()
-            .map(|b| {
-                assert!(*b <= 1, "BOOL byte {b}");
-                json!(*b == 1)
-            })
-            .collect(),
-        "BYTES" => {
-            let mut out = Vec::new();
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                let (len, tail) = rest.split_at(4);
-                let len = u32::from_le_bytes(len.try_into().unwrap()) as usize;
-                out.push(json!(std::str::from_utf8(&tail[..len]).unwrap()));
-                rest = &tail[len..];
-            }
-            out
-        }
-        other => panic!("no binary form for {other}"),
-    }
-}
-
-/// Checks served outputs against ONNX Runtime's: the same names, datatypes,
-/// shapes, and values (exact but for floats).
-fn assert_matches(case: &str, how: &str, got: &[(Value, Vec<Value>)], want: &[Value]) {
-    assert_eq!(got.len(), want.len(), "{case} {how}: outputs {got:?}");
-    for ((head, values), reference) in got.iter().zip(want) {
-        let name = reference["name"].as_str().unwrap();
-        let what = format!("{case} {how} output `{name}`");
-        assert_eq!(head["name"], reference["name"], "{what}");
-        assert_eq!(head["datatype"], reference["datatype"], "{what}");
-        assert_eq!(head["shape"], reference["shape"], "{what}");
-        let expected = reference["data"].as_array().unwrap();
-        assert_eq!(values.len(), expected.len(), "{what}");
-        // f32/f64: a few units in the last place of f32. f16: tract
-        // computes every op in f16 while ONNX Runtime's CPU kernels widen to
-        // f32 inside an op, so each rounding of tract's logits (magnitude
-        // 4-8, where an f16 step is 2^-8) becomes, through exp, up to ~0.4%
-        // in a probability; 1% bounds it (seen: at most 0.3%).
-        let (abs, rel) = match reference["datatype"].as_str().unwrap() {
-            "FP32" | "FP64" => (1e-7, 1e-5),
-            "FP16" => (1e-4, 1e-2),
-            _ => (0.0, 0.0),
-        };
-        let mut worst = 0f64;
-        for (i, (g, w)) in values.iter().zip(expected).enumerate() {
-            if rel == 0.0 {
-                assert_eq!(g, w, "{what} element {i}: served {g}, ONNX Runtime {w}");
-            } else {
-                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
-                assert!((g - w).abs() <= abs + rel * w.abs(), "{what} element {i}: served {g}, ONNX Runtime {w}");
-                worst = worst.max((g - w).abs() / w.abs().max(1e-3));
-            }
-        }
-        if rel > 0.0 {
-            eprintln!("{what}: largest relative difference from ONNX Runtime {worst:.2e}");
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases = make_models(&tmp.path().join("models"));
+    let (cases, ort_only): (Vec<Case>, Vec<Case>) =
+        make_models(&tmp.path().join("models")).into_iter().partition(|c| c.runs_on("tract"));
     let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names,
         ["uint8_image", "numbers", "booleans", "strings", "sklearn_logreg", "sklearn_forest", "fp16_classifier"]
     );
+    assert_eq!(ort_only.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["bfloat16"]);
     let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
     let agent = start_agent(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")]).await;
     let base = format!("http://{}", agent.inference_addr.unwrap());
@@ -322,6 +186,15 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
     assert_eq!(r.status(), 400);
     let err = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
     assert_eq!(err, "input `b`: BOOL element 1 is byte 2; booleans are 0 or 1");
+
+    // A bfloat16 model, which tract (the hub's and these devices' engine)
+    // cannot run, is refused at push with the reason.
+    let r = push(&hub, &ort_only[0], "1.0.0", None).await;
+    let code = r.status();
+    let text = r.text().await.unwrap();
+    eprintln!("bfloat16 push: {code} {text}");
+    assert_eq!(code, 422, "{text}");
+    assert!(text.to_lowercase().contains("bf"), "{text}");
 
     // Validation is not vacuous for float16 inputs: the same fp16 model
     // declaring 100% is refused on the device with the accuracy it measured.

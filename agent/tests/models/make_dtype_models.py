@@ -14,7 +14,8 @@ reference outputs from ONNX Runtime, using only public PyPI tools
 Usage: make_dtype_models.py OUTDIR
 
 Writes OUTDIR/<case>.onnx for every case and OUTDIR/cases.json:
-  [{"name", "model", "inputs": [{"name", "datatype", "shape", "data"}],
+  [{"name", "model", "engines" (only when not every engine runs it),
+    "inputs": [{"name", "datatype", "shape", "data"}],
     "outputs": [{"name", "datatype", "shape", "data"}],
     "validation": {"inputs", "labels", "accuracy"} or null}]
 with v2 datatypes and flat data (f16 as the numbers it holds, strings as
@@ -29,6 +30,7 @@ missing = []
 for module, package in [
     ("numpy", "numpy<3"),
     ("onnx", "onnx==1.23.2"),
+    ("ml_dtypes", "ml-dtypes<=0.5.4"),
     ("onnxruntime", "onnxruntime==1.32.0"),
     ("sklearn", "scikit-learn==1.9.1"),
     ("skl2onnx", "skl2onnx==1.20.0"),
@@ -69,7 +71,12 @@ V2 = {
 
 
 def v2_tensor(name, value):
+    import ml_dtypes
+
     value = np.asarray(value)
+    if value.dtype == np.dtype(ml_dtypes.bfloat16):
+        data = [float(v) for v in value.astype(np.float64).reshape(-1)]
+        return {"name": name, "datatype": "BF16", "shape": list(value.shape), "data": data}
     if value.dtype.kind in ("U", "O", "S"):
         datatype, data = "BYTES", [str(v) for v in value.reshape(-1)]
     else:
@@ -181,6 +188,51 @@ def small_models(out_dir, cases):
     )
 
 
+def bfloat16_model(out_dir, cases):
+    """bfloat16 in and out. tract has no bfloat16 tensors, so only ONNX
+    Runtime workers serve it ("engines": ["ort"]). ONNX Runtime's Python API
+    takes and gives bfloat16 only as OrtValues without a NumPy view: the
+    reference for the bfloat16 outputs is ONNX Runtime's own float32
+    `widened` output narrowed back, exact since every value is a bfloat16."""
+    import ml_dtypes
+
+    T = TensorProto
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["same"]),
+            helper.make_node("Cast", ["x"], ["widened"], to=T.FLOAT),
+            helper.make_node("Cast", ["widened"], ["narrowed"], to=T.BFLOAT16),
+        ],
+        "bfloat16",
+        [vi("x", T.BFLOAT16, [1, 4])],
+        [vi("same", T.BFLOAT16, [1, 4]), vi("widened", T.FLOAT, [1, 4]), vi("narrowed", T.BFLOAT16, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 7
+    path = os.path.join(out_dir, "bfloat16.onnx")
+    save(model, path)
+    x = np.array([[1.5, -2.0, 3.0e38, 0.1]], dtype=ml_dtypes.bfloat16)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x.view(np.uint16), T.BFLOAT16)
+    same, widened, narrowed = session.run_with_ort_values(None, {"x": feed})
+    assert [o.data_type() for o in (same, widened, narrowed)] == ["tensor(bfloat16)", "tensor(float)", "tensor(bfloat16)"]
+    widened = widened.numpy()
+    cases.append(
+        {
+            "name": "bfloat16",
+            "model": "bfloat16.onnx",
+            "engines": ["ort"],
+            "inputs": [v2_tensor("x", x)],
+            "outputs": [
+                v2_tensor("same", widened.astype(ml_dtypes.bfloat16)),
+                v2_tensor("widened", widened),
+                v2_tensor("narrowed", widened.astype(ml_dtypes.bfloat16)),
+            ],
+            "validation": None,
+        }
+    )
+
+
 def iris():
     from sklearn.datasets import load_iris
     from sklearn.model_selection import train_test_split
@@ -287,6 +339,7 @@ def main(out_dir):
     small_models(out_dir, cases)
     sklearn_models(out_dir, cases)
     fp16_model(out_dir, cases)
+    bfloat16_model(out_dir, cases)
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(cases, f, indent=1)
 
