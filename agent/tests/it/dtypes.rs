@@ -194,7 +194,7 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
     let text = r.text().await.unwrap();
     eprintln!("bfloat16 push: {code} {text}");
     assert_eq!(code, 422, "{text}");
-    assert!(text.to_lowercase().contains("bf"), "{text}");
+    assert!(text.to_lowercase().contains("bfloat16"), "{text}");
 
     // Validation is not vacuous for float16 inputs: the same fp16 model
     // declaring 100% is refused on the device with the accuracy it measured.
