@@ -819,10 +819,7 @@ pub fn check_inputs(specs: &[TensorInfo], inputs: &[Tensor]) -> Result<Option<us
     let mut split = false;
     for (spec, t) in specs.iter().zip(inputs) {
         if t.dtype != spec.dtype {
-            return Err(ServeError::BadInput(format!(
-                "input `{}` must be {}, got {}",
-                spec.name, spec.dtype, t.dtype
-            )));
+            return Err(ServeError::BadInput(format!("input `{}` must be {}, got {}", spec.name, spec.dtype, t.dtype)));
         }
         let n = if t.shape == spec.fixed {
             if !spec.batched() {

@@ -237,9 +237,9 @@ fn json_data(t: &Tensor) -> Value {
         DType::I64 => values::<i64>(t),
         DType::U64 => values::<u64>(t),
         DType::Bool => values::<bool>(t),
-        DType::String => json!(
-            t.strings().unwrap_or_default().into_iter().map(String::from_utf8_lossy).collect::<Vec<_>>()
-        ),
+        DType::String => {
+            json!(t.strings().unwrap_or_default().into_iter().map(String::from_utf8_lossy).collect::<Vec<_>>())
+        }
     }
 }
 

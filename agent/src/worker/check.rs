@@ -111,10 +111,7 @@ fn check(config: &CheckConfig, report: &mut CheckReport) -> Result<(), Stop> {
         .map_err(|e| failed(CheckStage::Probe, e.to_string(), false))?;
     report.outputs = outputs
         .iter()
-        .map(|t| ProbeTensor {
-            dtype: t.dtype.name().to_owned(),
-            shape: t.shape.iter().map(|&d| d as u64).collect(),
-        })
+        .map(|t| ProbeTensor { dtype: t.dtype.name().to_owned(), shape: t.shape.iter().map(|&d| d as u64).collect() })
         .collect();
     Ok(())
 }

@@ -176,15 +176,13 @@ fn to_ort(t: &Tensor) -> Result<DynValue, String> {
                 .into_iter()
                 .enumerate()
                 .map(|(i, e)| {
-                    std::str::from_utf8(e)
-                        .map_err(|_| format!("string element {i} is not UTF-8"))
-                        .and_then(|s| {
-                            if s.contains('\0') {
-                                Err(format!("string element {i} holds a NUL byte, which ONNX Runtime cannot take"))
-                            } else {
-                                Ok(s.to_owned())
-                            }
-                        })
+                    std::str::from_utf8(e).map_err(|_| format!("string element {i} is not UTF-8")).and_then(|s| {
+                        if s.contains('\0') {
+                            Err(format!("string element {i} holds a NUL byte, which ONNX Runtime cannot take"))
+                        } else {
+                            Ok(s.to_owned())
+                        }
+                    })
                 })
                 .collect::<Result<Vec<String>, String>>()?;
             OrtTensor::<String>::from_string_array((t.shape.clone(), values.as_slice()))

@@ -326,7 +326,8 @@ fn to_tract(index: usize, t: &Tensor) -> Result<tract_onnx::prelude::Tensor, Inf
                 .into_iter()
                 .enumerate()
                 .map(|(i, e)| {
-                    String::from_utf8(e.to_vec()).map_err(|_| TractError::msg(format!("string element {i} is not UTF-8")))
+                    String::from_utf8(e.to_vec())
+                        .map_err(|_| TractError::msg(format!("string element {i} is not UTF-8")))
                 })
                 .collect::<TractResult<Vec<String>>>()?;
             Ok(tract_ndarray::ArrayD::from_shape_vec(t.shape.clone(), values)?.into())
@@ -346,9 +347,7 @@ fn from_tract(index: usize, v: &TValue) -> Result<Tensor, InferenceError> {
         wire_dtype(datum, true).ok_or_else(|| InferenceError::OutputDType { index, datum: format!("{datum:?}") })?;
     let converted = match dtype {
         // A TDim output: concrete dims after the run, carried as i64.
-        DType::I64 if datum == DatumType::TDim => {
-            v.cast_to::<i64>().and_then(|c| typed::<i64>(shape.clone(), &c))
-        }
+        DType::I64 if datum == DatumType::TDim => v.cast_to::<i64>().and_then(|c| typed::<i64>(shape.clone(), &c)),
         DType::F32 => typed::<f32>(shape, v),
         DType::F16 => typed::<f16>(shape, v),
         DType::F64 => typed::<f64>(shape, v),

@@ -304,10 +304,8 @@ impl Tensor {
     /// encoding (every decoder checks it with [`Tensor::check`]).
     pub fn strings(&self) -> Result<Vec<&[u8]>, ProtocolError> {
         self.expect(DType::String)?;
-        let count = self.element_count().ok_or_else(|| ProtocolError::ShapeOverflow {
-            index: 0,
-            shape: self.shape.clone(),
-        })?;
+        let count =
+            self.element_count().ok_or_else(|| ProtocolError::ShapeOverflow { index: 0, shape: self.shape.clone() })?;
         split_strings(&self.data, count, 0)
     }
 

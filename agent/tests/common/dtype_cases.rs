@@ -152,4 +152,3 @@ pub fn assert_matches(case: &str, how: &str, got: &[(Value, Vec<Value>)], want: 
         }
     }
 }
-

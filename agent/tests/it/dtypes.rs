@@ -49,8 +49,14 @@ async fn push(hub: &TestHub, case: &Case, version: &str, accuracy: Option<f64>) 
     let validation = &case.spec["validation"];
     if !validation.is_null() {
         form = form
-            .part("validation_inputs", reqwest::multipart::Part::bytes(case.file(validation["inputs"].as_str().unwrap())))
-            .part("validation_labels", reqwest::multipart::Part::bytes(case.file(validation["labels"].as_str().unwrap())));
+            .part(
+                "validation_inputs",
+                reqwest::multipart::Part::bytes(case.file(validation["inputs"].as_str().unwrap())),
+            )
+            .part(
+                "validation_labels",
+                reqwest::multipart::Part::bytes(case.file(validation["labels"].as_str().unwrap())),
+            );
     }
     let query = accuracy.map(|a| format!("&accuracy={a}&metric=top1")).unwrap_or_default();
     hub.client
@@ -86,12 +92,19 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
         let r = push(&hub, case, "1.0.0", accuracy).await;
         assert_eq!(r.status(), 201, "{}: {}", case.name, r.text().await.unwrap());
         let v: Value = r.json().await.unwrap();
-        let declared: Vec<&str> = v["manifest"]["inputs"].as_array().unwrap().iter().map(|i| i["dtype"].as_str().unwrap()).collect();
+        let declared: Vec<&str> =
+            v["manifest"]["inputs"].as_array().unwrap().iter().map(|i| i["dtype"].as_str().unwrap()).collect();
         assert!(!declared.is_empty(), "{}: {v}", case.name);
         hub.deploy(&case.name, "1.0.0", "site=a").await;
     }
     for case in &cases {
-        let v = agent.wait_for(WAIT, |v| active(v, &case.name).as_deref() == Some("1.0.0") || status(v, &case.name).is_some_and(|s| s.0 == "failed")).await.unwrap();
+        let v = agent
+            .wait_for(WAIT, |v| {
+                active(v, &case.name).as_deref() == Some("1.0.0")
+                    || status(v, &case.name).is_some_and(|s| s.0 == "failed")
+            })
+            .await
+            .unwrap();
         assert_eq!(active(&v, &case.name).as_deref(), Some("1.0.0"), "{}: {:?}", case.name, status(&v, &case.name));
     }
 
@@ -100,7 +113,8 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
         let outputs = case.spec["outputs"].as_array().unwrap();
 
         // Metadata advertises the v2 datatypes.
-        let meta: Value = http.get(format!("{base}/v2/models/{}", case.name)).send().await.unwrap().json().await.unwrap();
+        let meta: Value =
+            http.get(format!("{base}/v2/models/{}", case.name)).send().await.unwrap().json().await.unwrap();
         for (m, i) in meta["inputs"].as_array().unwrap().iter().zip(inputs) {
             assert_eq!((&m["name"], &m["datatype"]), (&i["name"], &i["datatype"]), "{}: {meta}", case.name);
         }
@@ -109,11 +123,20 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
         }
 
         // JSON in, JSON out.
-        let r = http.post(format!("{base}/v2/models/{}/infer", case.name)).json(&json!({"inputs": inputs})).send().await.unwrap();
+        let r = http
+            .post(format!("{base}/v2/models/{}/infer", case.name))
+            .json(&json!({"inputs": inputs}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{}: {}", case.name, r.text().await.unwrap());
         let v: Value = r.json().await.unwrap();
-        let got: Vec<(Value, Vec<Value>)> =
-            v["outputs"].as_array().unwrap().iter().map(|o| (o.clone(), o["data"].as_array().unwrap().clone())).collect();
+        let got: Vec<(Value, Vec<Value>)> = v["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| (o.clone(), o["data"].as_array().unwrap().clone()))
+            .collect();
         assert_matches(&case.name, "JSON", &got, outputs);
 
         // Binary in, binary out.
