@@ -1070,7 +1070,9 @@ mod tests {
         let fixed = [info("x", &[Some(1), Some(4)], &[1, 4])];
         assert!(check_inputs(&fixed, &[t(vec![2, 4])]).is_err(), "a fixed batch dim does not split");
         let i64_input = Tensor::from_i64(vec![1, 64], &[0; 64]);
-        assert!(matches!(check_inputs(&specs, &[i64_input]), Err(ServeError::BadInput(m)) if m.contains("F32")));
+        assert!(
+            matches!(check_inputs(&specs, &[i64_input]), Err(ServeError::BadInput(m)) if m.contains("must be float32, got int64"))
+        );
     }
 
     #[test]
@@ -1092,6 +1094,35 @@ mod tests {
         assert_eq!(parts[1].to_f32().unwrap(), vec![3.0, 4.0]);
         assert_eq!(parts[1].shape, vec![1, 2]);
         assert_eq!(concat_batch(parts), Some(t));
+    }
+
+    #[test]
+    fn string_and_narrow_samples_split_and_join_back() {
+        // Strings vary in length: a sample is cut at element boundaries.
+        let t = Tensor::from_strings(vec![3, 2], &["a", "", "longer one", "b", "é", "xyz"]);
+        let parts: Vec<Tensor> = (0..3).map(|i| slice_sample(&t, i, 3)).collect();
+        assert_eq!(parts[1].strings().unwrap(), vec![&b"longer one"[..], b"b"]);
+        assert!(parts.iter().all(|p| p.shape == [1, 2] && p.check(0).is_ok()));
+        assert_eq!(concat_batch(parts), Some(t));
+        let t = Tensor::from_values::<u8>(vec![2, 3], &[1, 2, 3, 4, 5, 6]);
+        let parts: Vec<Tensor> = (0..2).map(|i| slice_sample(&t, i, 2)).collect();
+        assert_eq!(parts[1].values::<u8>().unwrap(), vec![4, 5, 6]);
+        assert_eq!(concat_batch(parts), Some(t));
+    }
+
+    #[test]
+    fn labels_come_from_any_integer_output_or_any_float_argmax() {
+        use half::f16;
+        let probs16 = Tensor::from_values(vec![1, 3], &[f16::from_f32(0.1), f16::from_f32(0.7), f16::from_f32(0.2)]);
+        assert_eq!(predicted_label(std::slice::from_ref(&probs16)), Some(1));
+        let label32 = Tensor::from_values::<i32>(vec![1], &[2]);
+        assert_eq!(predicted_label(&[probs16.clone(), label32]), Some(2));
+        let label64 = Tensor::from_i64(vec![1], &[0]);
+        let label8 = Tensor::from_values::<u8>(vec![1], &[2]);
+        assert_eq!(predicted_label(&[label8, label64, probs16]), Some(0), "an int64 label first");
+        let probs64 = Tensor::from_values::<f64>(vec![1, 2], &[0.9, 0.1]);
+        assert_eq!(predicted_label(&[probs64]), Some(0));
+        assert_eq!(predicted_label(&[Tensor::from_strings(vec![1], &["cat"])]), None);
     }
 
     #[test]
