@@ -74,8 +74,8 @@ pub enum ModelError {
     #[error("{path}: the model has {model} inputs but {given} input shapes were given")]
     InputCount { path: PathBuf, model: usize, given: usize },
     #[error(
-        "{path}: {what} {index} has type {datum}, which this engine cannot carry \
-         (tract: every ONNX tensor type but bfloat16 and complex; ONNX Runtime: all but complex)"
+        "{path}: {what} {index} has type {datum}, which this engine cannot carry (tract: every ONNX \
+         tensor type but bfloat16, complex and 4/8-bit ones; ONNX Runtime: all but complex and 4/8-bit ones)"
     )]
     UnsupportedDType { path: PathBuf, what: &'static str, index: usize, datum: String },
     #[error("{path}: input {index} is declared with shape {declared:?} (-1: any), which {given:?} does not fit")]
