@@ -4,9 +4,10 @@
 //! Python package computes the reference outputs. Each model is pushed to a
 //! real hub (which dry-runs it in a confined worker), deployed to a real
 //! agent, validated on the device when it brings a validation set, and
-//! served over the v2 API in JSON and in binary: the outputs must equal ONNX
-//! Runtime's (exactly for integers, booleans and strings, to a few units in
-//! the last place for floats).
+//! served over the v2 API in JSON and in binary, by hand and by the real
+//! `tritonclient[http]` (`tests/tritonclient_dtypes.py`): the outputs must
+//! equal ONNX Runtime's (exactly for integers, booleans and strings, to a few
+//! units in the last place for f32/f64, within 1% for f16).
 //!
 //! | dtype    | v2     | carried by (case: tensors)                                  |
 //! |----------|--------|-------------------------------------------------------------|
@@ -188,6 +189,24 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
             assert!((measured - expected).abs() < 1e-9, "{}: device {measured}, ONNX Runtime {expected}", case.name);
         }
     }
+
+    // The real tritonclient[http] sends and reads every dtype unmodified.
+    let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+    let out = tokio::process::Command::new("python3")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tritonclient_dtypes.py"))
+        .arg(agent.inference_addr.unwrap().to_string())
+        .arg(tmp.path().join("models/cases.json"))
+        .args(&names)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tritonclient_dtypes.py failed (python3 -m pip install \"tritonclient[http]\"; .ci/test does):\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("tritonclient agrees with ONNX Runtime").count(), cases.len(), "{stdout}");
 
     // A datatype other than the model's is a 400 naming both, and a BOOL
     // byte other than 0 or 1 is refused before it reaches the worker.
