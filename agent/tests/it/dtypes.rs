@@ -20,7 +20,7 @@
 //! | uint16   | UINT16 | numbers: `x_u16`, `y_u16`                                   |
 //! | int32    | INT32  | numbers: `x_i32`, `y_i32`; booleans: `a_as_i32`             |
 //! | uint32   | UINT32 | numbers: `x_u32`, `y_u32`                                   |
-//! | int64    | INT64  | numbers: `x_i64`, `y_i64`; sklearn_*: `label`; strings: `shape` (a TDim in tract) |
+//! | int64    | INT64  | numbers: `x_i64`, `y_i64`; sklearn_*: `label` (a TDim in tract for sklearn_mlp); strings: `shape` (a TDim in tract) |
 //! | uint64   | UINT64 | numbers: `x_u64`, `y_u64`                                   |
 //! | bool     | BOOL   | booleans: `a`, `b`, `not_a`, `a_and_b`                      |
 //! | string   | BYTES  | strings: `text`, `same`                                     |
@@ -77,7 +77,16 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
     let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names,
-        ["uint8_image", "numbers", "booleans", "strings", "sklearn_logreg", "sklearn_forest", "fp16_classifier"]
+        [
+            "uint8_image",
+            "numbers",
+            "booleans",
+            "strings",
+            "sklearn_logreg",
+            "sklearn_forest",
+            "sklearn_mlp",
+            "fp16_classifier"
+        ]
     );
     assert_eq!(ort_only.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["bfloat16"]);
     let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
