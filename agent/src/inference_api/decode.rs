@@ -11,6 +11,13 @@
 //! - the request id, the number of inputs and each rank have fixed caps;
 //! - unknown `parameters` are skipped without being stored.
 //!
+//! Every datatype of [`DType`] is accepted under its v2 name
+//! ([`datatype_name`]: `FP32`, `FP16`, `BF16`, `FP64`, `INT8` ... `UINT64`,
+//! `BOOL`, `BYTES`). JSON integers are range-checked for their type, FP16 and
+//! BF16 numbers are rounded to it, BOOL takes `true`/`false` and BYTES takes
+//! strings; binary BOOL bytes must be 0 or 1 and binary BYTES must hold
+//! exactly the shape's count of length-prefixed strings.
+//!
 //! Messages quote the client's values clipped to [`ECHO_LIMIT`] bytes.
 
 use std::fmt;

@@ -10,11 +10,15 @@
 //! - response: a status byte, then a tensor list ([`STATUS_OK`]), a `u64`
 //!   compute time in nanoseconds and a tensor list ([`STATUS_OK_TIMED`]), or a
 //!   UTF-8 error message ([`STATUS_ERROR`]);
-//! - tensor list: `u32` count, then per tensor `u8` dtype code ([`DType::code`]),
-//!   `u8` rank, `rank` x `u64` dims, `u64` byte length, the bytes (C order).
+//! - tensor list: `u32` count, then per tensor `u8` dtype code ([`DType::code`],
+//!   ONNX's `TensorProto.DataType`), `u8` rank, `rank` x `u64` dims, `u64` byte
+//!   length, the bytes (C order): elements of fixed width, booleans one byte 0
+//!   or 1, strings each a `u32` byte length and the bytes (see [`Tensor`]).
 //!
 //! Decoders take untrusted bytes: every length is checked against what is left
-//! and against the shape before anything is allocated, and they never panic.
+//! and against the shape before anything is allocated (a string tensor's
+//! elements are walked in place, and a count its bytes cannot hold is refused
+//! by arithmetic first), and they never panic.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;

@@ -238,6 +238,29 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
     let err = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
     assert_eq!(err, "input `b`: BOOL element 1 is byte 2; booleans are 0 or 1");
 
+    // Strings must be UTF-8 for the engines: other bytes are a 400 and the
+    // worker serves on.
+    let head = json!({"inputs": [{"name": "text", "shape": [1, 3], "datatype": "BYTES", "parameters": {"binary_data_size": 13}}]})
+        .to_string();
+    let strings = [&0u32.to_le_bytes()[..], &1u32.to_le_bytes(), b"a", &0u32.to_le_bytes()[..]].concat();
+    let not_utf8 = [&0u32.to_le_bytes()[..], &1u32.to_le_bytes(), &[0xff], &0u32.to_le_bytes()[..]].concat();
+    for (body, status) in [(not_utf8, 400), (strings, 200)] {
+        let r = http
+            .post(format!("{base}/v2/models/strings/infer"))
+            .header("Inference-Header-Content-Length", head.len())
+            .body([head.as_bytes(), &body].concat())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        let v: Value = r.json().await.unwrap();
+        if status == 400 {
+            assert!(v["error"].as_str().unwrap().contains("string element 1 is not UTF-8"), "{v}");
+        } else {
+            assert_eq!(v["outputs"][0]["data"], json!(["", "a", ""]), "{v}");
+        }
+    }
+
     // A bfloat16 model, which tract (the hub's and these devices' engine)
     // cannot run, is refused at push with the reason.
     let r = push(&hub, &ort_only[0], "1.0.0", None).await;
