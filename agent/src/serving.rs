@@ -51,11 +51,7 @@ impl TensorInfo {
 
 /// The wire dtype of a manifest dtype name.
 pub fn wire_dtype(name: &str) -> Option<DType> {
-    match name {
-        "float32" => Some(DType::F32),
-        "int64" => Some(DType::I64),
-        _ => None,
-    }
+    DType::from_name(name)
 }
 
 /// A model's inputs and outputs, with input shapes fixed from the manifest
@@ -66,7 +62,8 @@ pub fn model_io(
 ) -> Result<(Vec<TensorInfo>, Vec<TensorInfo>), String> {
     let convert = |what: &str, index: usize, spec: &sentinel_proto::pb::TensorSpec, fixed: Option<&Vec<usize>>| {
         let dtype = wire_dtype(&spec.dtype).ok_or_else(|| {
-            format!("{what} {index} `{}` has dtype {}; workers carry float32 and int64", spec.name, spec.dtype)
+            let carried: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
+            format!("{what} {index} `{}` has dtype {}; workers carry {}", spec.name, spec.dtype, carried.join(", "))
         })?;
         let declared: Vec<Option<u64>> = spec
             .shape
@@ -822,10 +819,7 @@ pub fn check_inputs(specs: &[TensorInfo], inputs: &[Tensor]) -> Result<Option<us
     let mut split = false;
     for (spec, t) in specs.iter().zip(inputs) {
         if t.dtype != spec.dtype {
-            return Err(ServeError::BadInput(format!(
-                "input `{}` must be {:?}, got {:?}",
-                spec.name, spec.dtype, t.dtype
-            )));
+            return Err(ServeError::BadInput(format!("input `{}` must be {}, got {}", spec.name, spec.dtype, t.dtype)));
         }
         let n = if t.shape == spec.fixed {
             if !spec.batched() {
@@ -859,12 +853,31 @@ pub fn check_inputs(specs: &[TensorInfo], inputs: &[Tensor]) -> Result<Option<us
 
 /// Sample `i` of `n` of a batched tensor, with a batch dim of 1.
 fn slice_sample(t: &Tensor, i: usize, n: usize) -> Tensor {
-    let per = t.data.len() / n.max(1);
     let mut shape = t.shape.clone();
     if let Some(first) = shape.first_mut() {
         *first = 1;
     }
-    Tensor { dtype: t.dtype, shape, data: t.data[i * per..(i + 1) * per].to_vec() }
+    let data = match t.dtype.width() {
+        Some(_) => {
+            let per = t.data.len() / n.max(1);
+            t.data[i * per..(i + 1) * per].to_vec()
+        }
+        // Strings are length-prefixed: sample i is the bytes from its first
+        // element's prefix to the end of its last element. The request
+        // decoder checked the encoding, so the walk cannot fail.
+        None => {
+            let count = t.element_count().unwrap_or(0);
+            let per = count / n.max(1);
+            let elements = t.strings().unwrap_or_default();
+            let mut out = Vec::new();
+            for e in elements.iter().skip(i * per).take(per) {
+                out.extend_from_slice(&u32::try_from(e.len()).unwrap_or(u32::MAX).to_le_bytes());
+                out.extend_from_slice(e);
+            }
+            out
+        }
+    };
+    Tensor { dtype: t.dtype, shape, data }
 }
 
 /// Joins single-sample outputs (batch dim 1, or rank 1 of length 1 per sample)
@@ -880,9 +893,11 @@ fn concat_batch(parts: Vec<Tensor>) -> Option<Tensor> {
     Some(Tensor { dtype, shape, data })
 }
 
-/// Bytes of one sample of the first input.
-fn sample_bytes(spec: &TensorInfo) -> usize {
-    spec.fixed.iter().skip(1).product::<usize>() * spec.dtype.size()
+/// Bytes of one sample of the first input in a validation set (raw
+/// little-endian elements of the input's dtype), `None` for a string input:
+/// its samples have no fixed size, so validation sets do not carry them.
+fn sample_bytes(spec: &TensorInfo) -> Option<usize> {
+    Some(spec.fixed.iter().skip(1).product::<usize>() * spec.dtype.width()?)
 }
 
 /// Runs before any traffic: output shapes, dtypes and finiteness on one
@@ -894,23 +909,16 @@ async fn validate(
     tolerance: f64,
 ) -> Result<Option<f64>, String> {
     let first = slot.inputs.first().ok_or("the model has no inputs")?;
-    let probe: Vec<Tensor> = match set {
-        Some(s) if slot.inputs.len() == 1 && first.batched() && s.inputs.len() >= sample_bytes(first) => {
-            vec![Tensor {
-                dtype: first.dtype,
-                shape: first.fixed.clone(),
-                data: s.inputs[..sample_bytes(first)].to_vec(),
-            }]
+    let probe: Vec<Tensor> = match (set, sample_bytes(first)) {
+        (Some(s), Some(per)) if slot.inputs.len() == 1 && first.batched() && s.inputs.len() >= per => {
+            vec![Tensor { dtype: first.dtype, shape: first.fixed.clone(), data: s.inputs[..per].to_vec() }]
         }
+        // Zeros of each input's dtype (empty strings for string inputs).
         _ => slot
             .inputs
             .iter()
-            .map(|i| Tensor {
-                dtype: i.dtype,
-                shape: i.fixed.clone(),
-                data: vec![0; i.fixed.iter().product::<usize>() * i.dtype.size()],
-            })
-            .collect(),
+            .map(|i| Tensor::zeros(i.dtype, &i.fixed).map_err(|e| format!("probe input `{}`: {e}", i.name)))
+            .collect::<Result<_, _>>()?,
     };
     let outputs = slot.worker.infer(&probe).await.map_err(|e| format!("a probe inference failed: {e}"))?;
     check_outputs(&slot.outputs, &outputs)?;
@@ -919,7 +927,12 @@ async fn validate(
         tracing::warn!(model = %m.name, "a validation set needs one input with a batch dim; accuracy not measured");
         return Ok(None);
     }
-    let per = sample_bytes(first);
+    let Some(per) = sample_bytes(first) else {
+        return Err(format!(
+            "input `{}` is {}: validation sets carry fixed-width inputs only (raw little-endian elements)",
+            first.name, first.dtype
+        ));
+    };
     if per == 0 || set.inputs.len() != per * set.labels.len() {
         return Err(format!(
             "the validation set has {} bytes of inputs for {} labels; expected {} bytes per sample",
@@ -954,15 +967,33 @@ async fn validate(
     Ok(Some(accuracy))
 }
 
-/// The class a model predicted for one sample: an int64 output holding one
-/// value, else the argmax of the first float output.
+/// The class a model predicted for one sample: an integer output holding
+/// one value (an int64 one first), else the argmax of the first float output
+/// (f32, f16, bf16 or f64).
 pub fn predicted_label(outputs: &[Tensor]) -> Option<i64> {
-    if let Some(v) =
-        outputs.iter().filter(|t| t.dtype == DType::I64).find_map(|t| t.to_i64().ok().filter(|v| v.len() == 1))
-    {
-        return v.first().copied();
+    let single = |t: &Tensor| -> Option<i64> {
+        if t.element_count() != Some(1) {
+            return None;
+        }
+        match t.dtype {
+            DType::I64 => t.to_i64().ok()?.first().copied(),
+            DType::I32 => t.values::<i32>().ok()?.first().map(|v| i64::from(*v)),
+            DType::I16 => t.values::<i16>().ok()?.first().map(|v| i64::from(*v)),
+            DType::I8 => t.values::<i8>().ok()?.first().map(|v| i64::from(*v)),
+            DType::U8 => t.values::<u8>().ok()?.first().map(|v| i64::from(*v)),
+            DType::U16 => t.values::<u16>().ok()?.first().map(|v| i64::from(*v)),
+            DType::U32 => t.values::<u32>().ok()?.first().map(|v| i64::from(*v)),
+            DType::U64 => t.values::<u64>().ok()?.first().and_then(|v| i64::try_from(*v).ok()),
+            _ => None,
+        }
+    };
+    if let Some(v) = outputs.iter().filter(|t| t.dtype == DType::I64).find_map(single) {
+        return Some(v);
     }
-    let probs = outputs.iter().find(|t| t.dtype == DType::F32)?.to_f32().ok()?;
+    if let Some(v) = outputs.iter().find_map(single) {
+        return Some(v);
+    }
+    let probs = outputs.iter().find_map(Tensor::floats)?;
     let (best, _) = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
     i64::try_from(best).ok()
 }
@@ -974,7 +1005,7 @@ pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), Str
     }
     for (spec, t) in specs.iter().zip(outputs) {
         if t.dtype != spec.dtype {
-            return Err(format!("output `{}` is {:?}; its manifest declares {:?}", spec.name, t.dtype, spec.dtype));
+            return Err(format!("output `{}` is {}; its manifest declares {}", spec.name, t.dtype, spec.dtype));
         }
         let fits = t.shape.len() == spec.declared.len()
             && t.shape
@@ -991,11 +1022,8 @@ pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), Str
         }
     }
     for (i, t) in outputs.iter().enumerate() {
-        if t.dtype == DType::F32 {
-            let values = t.to_f32().map_err(|e| e.to_string())?;
-            if let Some((at, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(format!("output {i} element {at} is {v}, not finite"));
-            }
+        if let Some((at, v)) = t.first_non_finite() {
+            return Err(format!("output {i} element {at} is {v}, not finite"));
         }
     }
     Ok(())
@@ -1042,7 +1070,9 @@ mod tests {
         let fixed = [info("x", &[Some(1), Some(4)], &[1, 4])];
         assert!(check_inputs(&fixed, &[t(vec![2, 4])]).is_err(), "a fixed batch dim does not split");
         let i64_input = Tensor::from_i64(vec![1, 64], &[0; 64]);
-        assert!(matches!(check_inputs(&specs, &[i64_input]), Err(ServeError::BadInput(m)) if m.contains("F32")));
+        assert!(
+            matches!(check_inputs(&specs, &[i64_input]), Err(ServeError::BadInput(m)) if m.contains("must be float32, got int64"))
+        );
     }
 
     #[test]
@@ -1064,6 +1094,35 @@ mod tests {
         assert_eq!(parts[1].to_f32().unwrap(), vec![3.0, 4.0]);
         assert_eq!(parts[1].shape, vec![1, 2]);
         assert_eq!(concat_batch(parts), Some(t));
+    }
+
+    #[test]
+    fn string_and_narrow_samples_split_and_join_back() {
+        // Strings vary in length: a sample is cut at element boundaries.
+        let t = Tensor::from_strings(vec![3, 2], &["a", "", "longer one", "b", "é", "xyz"]);
+        let parts: Vec<Tensor> = (0..3).map(|i| slice_sample(&t, i, 3)).collect();
+        assert_eq!(parts[1].strings().unwrap(), vec![&b"longer one"[..], b"b"]);
+        assert!(parts.iter().all(|p| p.shape == [1, 2] && p.check(0).is_ok()));
+        assert_eq!(concat_batch(parts), Some(t));
+        let t = Tensor::from_values::<u8>(vec![2, 3], &[1, 2, 3, 4, 5, 6]);
+        let parts: Vec<Tensor> = (0..2).map(|i| slice_sample(&t, i, 2)).collect();
+        assert_eq!(parts[1].values::<u8>().unwrap(), vec![4, 5, 6]);
+        assert_eq!(concat_batch(parts), Some(t));
+    }
+
+    #[test]
+    fn labels_come_from_any_integer_output_or_any_float_argmax() {
+        use half::f16;
+        let probs16 = Tensor::from_values(vec![1, 3], &[f16::from_f32(0.1), f16::from_f32(0.7), f16::from_f32(0.2)]);
+        assert_eq!(predicted_label(std::slice::from_ref(&probs16)), Some(1));
+        let label32 = Tensor::from_values::<i32>(vec![1], &[2]);
+        assert_eq!(predicted_label(&[probs16.clone(), label32]), Some(2));
+        let label64 = Tensor::from_i64(vec![1], &[0]);
+        let label8 = Tensor::from_values::<u8>(vec![1], &[2]);
+        assert_eq!(predicted_label(&[label8, label64, probs16]), Some(0), "an int64 label first");
+        let probs64 = Tensor::from_values::<f64>(vec![1, 2], &[0.9, 0.1]);
+        assert_eq!(predicted_label(&[probs64]), Some(0));
+        assert_eq!(predicted_label(&[Tensor::from_strings(vec![1], &["cat"])]), None);
     }
 
     #[test]

@@ -17,6 +17,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[path = "common/dtype_cases.rs"]
+mod dtype_cases;
+
+use sentinel_agent::inference_api::decode::{datatype_name, parse_datatype};
 use sentinel_agent::supervisor::{SupervisorError, Worker, WorkerSpec};
 use sentinel_agent::worker::Engine;
 use sentinel_agent::worker::protocol::{DType, Tensor};
@@ -212,6 +216,61 @@ fn assert_matches_references(run: &EngineRun, models: &[DigitsModel], test: &Dig
             run.textcls
         );
     }
+}
+
+/// Runs every dtype case `engine` can run through a confined worker of it
+/// and compares the outputs with ONNX Runtime's Python reference: tract's
+/// and ONNX Runtime's workers carry every dtype alike (bfloat16: ONNX
+/// Runtime only, tract has no such tensor type).
+async fn run_dtype_cases(engine: Engine, ort_dylib: Option<&Path>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = dtype_cases::make_models(&tmp.path().join("models"));
+    let work_dir = tmp.path().join("work");
+    std::fs::create_dir_all(&work_dir).unwrap();
+    let mut ran = Vec::new();
+    for case in cases.iter().filter(|c| c.runs_on(engine.name())) {
+        let inputs: Vec<Tensor> = case.spec["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let datatype = i["datatype"].as_str().unwrap();
+                let shape: Vec<usize> = serde_json::from_value(i["shape"].clone()).unwrap();
+                let data = dtype_cases::to_binary(datatype, i["data"].as_array().unwrap());
+                Tensor { dtype: parse_datatype(datatype).unwrap(), shape, data }
+            })
+            .collect();
+        let model = tmp.path().join("models").join(case.spec["model"].as_str().unwrap());
+        let mut spec = spec(engine, ort_dylib, model, &[], &work_dir);
+        spec.input_shapes = inputs.iter().map(|t| t.shape.clone()).collect();
+        let worker = confined_worker(&spec).await;
+        let outputs = worker.infer(&inputs).await.unwrap_or_else(|e| panic!("{engine} {}: {e}", case.name));
+        let want = case.spec["outputs"].as_array().unwrap();
+        let got: Vec<(Value, Vec<Value>)> = outputs
+            .iter()
+            .zip(want)
+            .map(|(t, w)| {
+                let datatype = datatype_name(t.dtype);
+                let head = serde_json::json!({"name": w["name"], "datatype": datatype, "shape": t.shape});
+                (head, dtype_cases::from_binary(datatype, &t.data))
+            })
+            .collect();
+        dtype_cases::assert_matches(&case.name, engine.name(), &got, want);
+        ran.push(case.name.clone());
+    }
+    eprintln!("{engine} ran the dtype cases {ran:?}");
+    assert!(ran.len() >= 7, "{engine} ran only {ran:?}");
+}
+
+#[tokio::test]
+async fn tract_workers_carry_every_dtype_as_onnx_runtime_computes_it() {
+    run_dtype_cases(Engine::Tract, None).await;
+}
+
+#[cfg(feature = "ort")]
+#[tokio::test]
+async fn onnx_runtime_workers_carry_every_dtype_bfloat16_and_strings_included() {
+    run_dtype_cases(Engine::Ort, Some(&ort_dylib())).await;
 }
 
 #[tokio::test]

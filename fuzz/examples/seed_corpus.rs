@@ -197,6 +197,23 @@ fn main() {
     let ready = encode_ready(&Ready { ready: true, confined: true, reason: None });
     let unconfined = encode_ready(&Ready { ready: true, confined: false, reason: Some("seccomp off".into()) });
     let session = [frame(&ready), frame(&timed), frame(&encode_error_response("input 0 has shape [1, 63]"))].concat();
+    // One tensor of every dtype the protocol carries, strings included.
+    let every_dtype = encode_request(&[
+        Tensor::from_f32(vec![1], &[1.5]),
+        Tensor::from_values::<u8>(vec![1, 3], &[0, 128, 255]),
+        Tensor::from_values::<i8>(vec![2], &[-128, 127]),
+        Tensor::from_values::<u16>(vec![1], &[65535]),
+        Tensor::from_values::<i16>(vec![2], &[-1, 1]),
+        Tensor::from_values::<i32>(vec![1], &[-7]),
+        Tensor::from_i64(vec![1], &[-9]),
+        Tensor::from_strings(vec![2], &["", "héllo"]),
+        Tensor::from_values(vec![2], &[true, false]),
+        Tensor::from_values(vec![2], &[half::f16::from_f32(1.5), half::f16::from_f32(-2.0)]),
+        Tensor::from_values::<f64>(vec![1], &[0.25]),
+        Tensor::from_values::<u32>(vec![1], &[7]),
+        Tensor::from_values::<u64>(vec![1], &[u64::MAX]),
+        Tensor::from_values(vec![2], &[half::bf16::from_f32(0.5), half::bf16::from_f32(4.0)]),
+    ]);
     write(
         "worker_frames",
         &[
@@ -205,6 +222,7 @@ fn main() {
             ("unconfined-ready", [vec![7], frame(&unconfined)].concat()),
             ("request-4x64", [vec![63], frame(&request)].concat()),
             ("response-4", [vec![15], frame(&response)].concat()),
+            ("request-every-dtype", [vec![63], frame(&every_dtype)].concat()),
         ],
     );
 
@@ -283,6 +301,28 @@ fn main() {
         "id": "r",
         "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": &flat[..4]}],
     });
+    // Every v2 datatype in JSON, and BYTES and BOOL in binary.
+    let json_every = serde_json::json!({"inputs": [
+        {"name": "h", "shape": [2], "datatype": "FP16", "data": [1.5, -2]},
+        {"name": "b", "shape": [2], "datatype": "BF16", "data": [0.5, 4]},
+        {"name": "d", "shape": [1], "datatype": "FP64", "data": [0.25]},
+        {"name": "u", "shape": [1, 3], "datatype": "UINT8", "data": [[0, 128, 255]]},
+        {"name": "i", "shape": [2], "datatype": "INT8", "data": [-128, 127]},
+        {"name": "s", "shape": [2], "datatype": "INT16", "data": [-1, 1]},
+        {"name": "w", "shape": [1], "datatype": "UINT16", "data": [65535]},
+        {"name": "n", "shape": [1], "datatype": "INT32", "data": [-7]},
+        {"name": "m", "shape": [1], "datatype": "UINT32", "data": [7]},
+        {"name": "q", "shape": [1], "datatype": "UINT64", "data": [u64::MAX]},
+        {"name": "t", "shape": [2], "datatype": "BOOL", "data": [true, false]},
+        {"name": "x", "shape": [2], "datatype": "BYTES", "data": ["", "héllo"]},
+    ]});
+    let strings = Tensor::from_strings(vec![2], &["", "héllo"]).data;
+    let head_strings = serde_json::json!({"inputs": [
+        {"name": "x", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": strings.len()}},
+        {"name": "t", "shape": [2], "datatype": "BOOL", "parameters": {"binary_data_size": 2}},
+    ]})
+    .to_string();
+    let binary_strings = [strings, vec![1, 0]].concat();
     write(
         "v2_request",
         &[
@@ -290,6 +330,11 @@ fn main() {
             ("json-nested-two-inputs", [vec![0], json_nested.to_string().into_bytes()].concat()),
             ("binary", [vec![1], format!("{}\n{head}", head.len()).into_bytes(), binary].concat()),
             ("tight-limits", [vec![2], small.to_string().into_bytes()].concat()),
+            ("json-every-datatype", [vec![0], json_every.to_string().into_bytes()].concat()),
+            (
+                "binary-bytes-and-bool",
+                [vec![1], format!("{}\n{head_strings}", head_strings.len()).into_bytes(), binary_strings].concat(),
+            ),
         ],
     );
 

@@ -34,10 +34,12 @@ fuzz_target!(|data: &[u8]| {
     let mut tensor_bytes = 0usize;
     for (_, t) in &request.inputs {
         assert!(t.shape.len() <= MAX_RANK);
-        assert_eq!(t.element_count().map(|n| n * t.dtype.size()), Some(t.data.len()), "data matches the shape");
+        // Bytes match the shape (strings: length-prefixed, filling them).
+        assert_eq!(t.check(0), Ok(()), "data matches the shape");
         tensor_bytes += t.data.len();
     }
     // No amplification: a JSON element takes at least two bytes of text and
-    // at most eight of tensor, and binary data is carried as is.
+    // at most eight of tensor (a string: its text, quotes included, and a
+    // 4-byte prefix), and binary data is carried as is.
     assert!(tensor_bytes <= 4 * body.len(), "{tensor_bytes} tensor bytes from a {}-byte body", body.len());
 });

@@ -40,9 +40,12 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Ok(tensors) = decode_request(&payload) {
             assert_eq!(decode_request(&encode_request(&tensors)), Ok(tensors.clone()), "a request round-trips");
-            for t in &tensors {
-                // What the worker does with a request's tensors.
-                let _ = (t.to_f32(), t.to_i64(), t.element_count());
+            for (i, t) in tensors.iter().enumerate() {
+                // What decodes is well formed: bytes fit the shape, booleans
+                // are 0 or 1, strings are length-prefixed and fill the bytes.
+                assert_eq!(t.check(i), Ok(()), "a decoded tensor checks");
+                // What the worker and the v2 API do with a request's tensors.
+                let _ = (t.to_f32(), t.to_i64(), t.element_count(), t.strings(), t.first_non_finite());
             }
         }
         match decode_response_timed(&payload) {

@@ -121,6 +121,7 @@ fn elem_type(code: i32) -> Option<&'static str> {
         11 => "float64",
         12 => "uint32",
         13 => "uint64",
+        16 => "bfloat16",
         _ => return None,
     })
 }
@@ -130,7 +131,7 @@ pub fn dtype_size(dtype: &str) -> Option<u64> {
     Some(match dtype {
         "float32" | "int32" | "uint32" => 4,
         "uint8" | "int8" | "bool" => 1,
-        "uint16" | "int16" | "float16" => 2,
+        "uint16" | "int16" | "float16" | "bfloat16" => 2,
         "int64" | "float64" | "uint64" => 8,
         _ => return None,
     })

@@ -11,6 +11,13 @@
 //! - the request id, the number of inputs and each rank have fixed caps;
 //! - unknown `parameters` are skipped without being stored.
 //!
+//! Every datatype of [`DType`] is accepted under its v2 name
+//! ([`datatype_name`]: `FP32`, `FP16`, `BF16`, `FP64`, `INT8` ... `UINT64`,
+//! `BOOL`, `BYTES`). JSON integers are range-checked for their type, FP16 and
+//! BF16 numbers are rounded to it, BOOL takes `true`/`false` and BYTES takes
+//! strings; binary BOOL bytes must be 0 or 1 and binary BYTES must hold
+//! exactly the shape's count of length-prefixed strings.
+//!
 //! Messages quote the client's values clipped to [`ECHO_LIMIT`] bytes.
 
 use std::fmt;
@@ -20,7 +27,7 @@ use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::worker::protocol::{DType, MAX_RANK, Tensor};
+use crate::worker::protocol::{DType, Element, MAX_RANK, ProtocolError, Tensor};
 
 /// Bytes of a client's value quoted back in an error message.
 pub const ECHO_LIMIT: usize = sentinel_proto::quote::QUOTE_LIMIT;
@@ -210,20 +217,42 @@ pub fn decode_request(
     Ok(DecodedRequest { id: raw.id, inputs, outputs, binary_output })
 }
 
+/// The v2 `datatype` name of a dtype.
+pub fn datatype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "FP32",
+        DType::F16 => "FP16",
+        DType::BF16 => "BF16",
+        DType::F64 => "FP64",
+        DType::I8 => "INT8",
+        DType::U8 => "UINT8",
+        DType::I16 => "INT16",
+        DType::U16 => "UINT16",
+        DType::I32 => "INT32",
+        DType::U32 => "UINT32",
+        DType::I64 => "INT64",
+        DType::U64 => "UINT64",
+        DType::Bool => "BOOL",
+        DType::String => "BYTES",
+    }
+}
+
 /// The dtype of a v2 `datatype` name, if the agent carries it.
 pub fn parse_datatype(name: &str) -> Option<DType> {
-    match name {
-        "FP32" => Some(DType::F32),
-        "INT64" => Some(DType::I64),
-        _ => None,
-    }
+    DType::ALL.into_iter().find(|d| datatype_name(*d) == name)
+}
+
+/// Every v2 datatype accepted, for error messages.
+fn datatype_list() -> String {
+    DType::ALL.map(datatype_name).join(", ")
 }
 
 /// Builds one input tensor from its JSON data or the next binary chunk.
 fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits) -> Result<Tensor, String> {
     let name = clip(&input.name);
-    let dtype = parse_datatype(&input.datatype)
-        .ok_or_else(|| format!("input `{name}`: datatype {} is not supported (FP32, INT64)", clip(&input.datatype)))?;
+    let dtype = parse_datatype(&input.datatype).ok_or_else(|| {
+        format!("input `{name}`: datatype {} is not supported ({})", clip(&input.datatype), datatype_list())
+    })?;
     if input.shape.len() > MAX_RANK {
         return Err(format!("input `{name}`: rank {} is over the limit of {MAX_RANK}", input.shape.len()));
     }
@@ -234,7 +263,9 @@ fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits)
         .collect::<Result<Vec<usize>, _>>()?;
     let too_large = || format!("input `{name}`: shape {shape:?} is larger than a request can carry");
     let count = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(too_large)?;
-    let bytes = count.checked_mul(dtype.size()).ok_or_else(too_large)?;
+    // The exact byte count of a fixed-width tensor; for BYTES the least one
+    // can take (every string has a 4-byte length prefix).
+    let bytes = count.checked_mul(dtype.zero_width()).ok_or_else(too_large)?;
     let binary_size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
     let data = match (binary_size, input.data) {
         (Some(n), None) => {
@@ -242,9 +273,15 @@ fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits)
             if n > binary.len() {
                 return Err(format!("input `{name}`: binary_data_size {n} exceeds the {} bytes left", binary.len()));
             }
-            if n != bytes {
+            if dtype.width().is_some() && n != bytes {
                 return Err(format!(
                     "input `{name}`: shape {shape:?} needs {count} elements ({bytes} bytes), \
+                     binary_data_size is {n}"
+                ));
+            }
+            if dtype.width().is_none() && n < bytes {
+                return Err(format!(
+                    "input `{name}`: shape {shape:?} needs {count} strings (at least {bytes} bytes), \
                      binary_data_size is {n}"
                 ));
             }
@@ -275,7 +312,17 @@ fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits)
         }
         (None, None) => return Err(format!("input `{name}` has no data")),
     };
-    Ok(Tensor { dtype, shape, data })
+    let tensor = Tensor { dtype, shape, data };
+    // Binary data is only sized so far: booleans must be 0 or 1 and BYTES
+    // must hold exactly `count` length-prefixed strings.
+    tensor.check(0).map_err(|e| match e {
+        ProtocolError::NotABool { element, byte, .. } => {
+            format!("input `{name}`: BOOL element {element} is byte {byte}; booleans are 0 or 1")
+        }
+        ProtocolError::Strings { reason, .. } => format!("input `{name}`: BYTES data: {reason}"),
+        other => format!("input `{name}`: {other}"),
+    })?;
+    Ok(tensor)
 }
 
 /// Writes a (possibly nested) JSON array of numbers straight into a
@@ -293,47 +340,106 @@ impl Elements<'_> {
         Elements { dtype: self.dtype, limit: self.limit, seen: self.seen, out: self.out.as_deref_mut() }
     }
 
-    fn push<E: de::Error>(self, v: Number) -> Result<(), E> {
+    /// Appends one JSON value, converted to the tensor's dtype.
+    fn push<E: de::Error>(self, v: Value<'_>) -> Result<(), E> {
         let i = *self.seen;
         if i >= self.limit {
             return Err(E::custom(format!("more than the {} elements its shape has", self.limit)));
         }
+        let dtype = self.dtype;
+        let not = |what: &str| E::custom(format!("element {i} is not {what}"));
+        let wrong = || not(expected(dtype));
         let Some(out) = self.out else {
-            *self.seen += 1;
-            return Ok(());
-        };
-        match (self.dtype, v) {
-            #[allow(clippy::cast_possible_truncation)] // FP32 is what the client declared
-            (DType::F32, Number::F(x)) => out.extend_from_slice(&(x as f32).to_le_bytes()),
-            #[allow(clippy::cast_precision_loss)]
-            (DType::F32, Number::I(x)) => out.extend_from_slice(&(x as f32).to_le_bytes()),
-            #[allow(clippy::cast_precision_loss)]
-            (DType::F32, Number::U(x)) => out.extend_from_slice(&(x as f32).to_le_bytes()),
-            (DType::I64, Number::I(x)) => out.extend_from_slice(&x.to_le_bytes()),
-            (DType::I64, Number::U(x)) => {
-                let x = i64::try_from(x).map_err(|_| E::custom(format!("element {i} does not fit in INT64")))?;
-                out.extend_from_slice(&x.to_le_bytes());
+            // Counting only: the kind must still be right.
+            if matches!((dtype, v), (DType::Bool, Value::Bool(_)) | (DType::String, Value::Str(_)))
+                || (v.is_number() && !matches!(dtype, DType::Bool | DType::String))
+            {
+                *self.seen += 1;
+                return Ok(());
             }
-            (DType::I64, Number::F(_)) => return Err(E::custom(format!("element {i} is not an integer"))),
+            return Err(wrong());
+        };
+        #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // the client declared the type
+        let float = || match v {
+            Value::F(x) => Some(x),
+            Value::I(x) => Some(x as f64),
+            Value::U(x) => Some(x as f64),
+            _ => None,
+        };
+        let int = || -> Result<i128, E> {
+            match v {
+                Value::I(x) => Ok(i128::from(x)),
+                Value::U(x) => Ok(i128::from(x)),
+                Value::F(_) => Err(not("an integer")),
+                _ => Err(wrong()),
+            }
+        };
+        fn fit<T: TryFrom<i128> + Element, E: de::Error>(x: i128, i: usize, out: &mut Vec<u8>) -> Result<(), E> {
+            let v = T::try_from(x)
+                .map_err(|_| E::custom(format!("element {i} ({x}) does not fit in {}", datatype_name(T::DTYPE))))?;
+            v.write_le(out);
+            Ok(())
+        }
+        #[allow(clippy::cast_possible_truncation)] // FP32 is what the client declared
+        match dtype {
+            DType::F32 => (float().ok_or_else(wrong)? as f32).write_le(out),
+            DType::F64 => float().ok_or_else(wrong)?.write_le(out),
+            DType::F16 => half::f16::from_f64(float().ok_or_else(wrong)?).write_le(out),
+            DType::BF16 => half::bf16::from_f64(float().ok_or_else(wrong)?).write_le(out),
+            DType::I8 => fit::<i8, E>(int()?, i, out)?,
+            DType::U8 => fit::<u8, E>(int()?, i, out)?,
+            DType::I16 => fit::<i16, E>(int()?, i, out)?,
+            DType::U16 => fit::<u16, E>(int()?, i, out)?,
+            DType::I32 => fit::<i32, E>(int()?, i, out)?,
+            DType::U32 => fit::<u32, E>(int()?, i, out)?,
+            DType::I64 => fit::<i64, E>(int()?, i, out)?,
+            DType::U64 => fit::<u64, E>(int()?, i, out)?,
+            DType::Bool => match v {
+                Value::Bool(b) => b.write_le(out),
+                _ => return Err(wrong()),
+            },
+            DType::String => match v {
+                Value::Str(text) => {
+                    let len = u32::try_from(text.len()).map_err(|_| not("a string under 4 GiB"))?;
+                    out.extend_from_slice(&len.to_le_bytes());
+                    out.extend_from_slice(text.as_bytes());
+                }
+                _ => return Err(wrong()),
+            },
         }
         *self.seen += 1;
         Ok(())
     }
 
     fn not_a_number<E: de::Error>(&self) -> E {
-        let what = match self.dtype {
-            DType::F32 => "a number",
-            DType::I64 => "an integer",
-        };
-        E::custom(format!("element {} is not {what}", *self.seen))
+        E::custom(format!("element {} is not {}", *self.seen, expected(self.dtype)))
     }
 }
 
+/// What a JSON element of `dtype` must be, for messages.
+fn expected(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => "a number",
+        DType::Bool => "a boolean (true or false)",
+        DType::String => "a string",
+        _ => "an integer",
+    }
+}
+
+/// One JSON element as the parser saw it.
 #[derive(Debug, Clone, Copy)]
-enum Number {
+enum Value<'s> {
     F(f64),
     I(i64),
     U(u64),
+    Bool(bool),
+    Str(&'s str),
+}
+
+impl Value<'_> {
+    fn is_number(self) -> bool {
+        matches!(self, Value::F(_) | Value::I(_) | Value::U(_))
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Elements<'_> {
@@ -346,26 +452,26 @@ impl<'de> DeserializeSeed<'de> for Elements<'_> {
 impl<'de> Visitor<'de> for Elements<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("numbers, or nested arrays of numbers")
+        f.write_str("numbers, booleans or strings, or nested arrays of them")
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.push(Number::F(v))
+        self.push(Value::F(v))
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.push(Number::I(v))
+        self.push(Value::I(v))
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.push(Number::U(v))
+        self.push(Value::U(v))
     }
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element_seed(self.reborrow())?.is_some() {}
         Ok(())
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Err(self.not_a_number())
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(Value::Str(v))
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Err(self.not_a_number())
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(Value::Bool(v))
     }
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
         Err(self.not_a_number())
@@ -398,6 +504,111 @@ mod tests {
         assert_eq!(r.inputs, vec![("x".to_owned(), t)]);
         let i = one_input(r#"{"name":"y","shape":[3],"datatype":"INT64","data":[1,-2,9007199254740993]}"#).unwrap();
         assert_eq!(i.to_i64().unwrap(), vec![1, -2, 9_007_199_254_740_993]);
+    }
+
+    /// Decodes `data` as JSON and `binary` as the binary extension for one
+    /// input of `datatype`, and checks both give `want`.
+    fn both_ways(datatype: &str, shape: &str, data: &str, binary: &[u8], want: &Tensor) {
+        let json = one_input(&format!(r#"{{"name":"x","shape":{shape},"datatype":"{datatype}","data":{data}}}"#))
+            .unwrap_or_else(|e| panic!("{datatype} JSON: {e}"));
+        assert_eq!(&json, want, "{datatype} JSON");
+        let head = format!(
+            r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"{datatype}","parameters":{{"binary_data_size":{}}}}}]}}"#,
+            binary.len()
+        );
+        let body = [head.as_bytes(), binary].concat();
+        let r = decode_request(Bytes::from(body), Some(&head.len().to_string()), &DecodeLimits::default())
+            .unwrap_or_else(|e| panic!("{datatype} binary: {e}"));
+        assert_eq!(&r.inputs[0].1, want, "{datatype} binary");
+    }
+
+    #[test]
+    fn every_v2_datatype_decodes_from_json_and_binary() {
+        use half::{bf16, f16};
+        let t = Tensor::from_values::<f32>(vec![2], &[1.5, -2.0]);
+        both_ways("FP32", "[2]", "[1.5,-2]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<f64>(vec![2], &[0.1, -1e300]);
+        both_ways("FP64", "[2]", "[0.1,-1e300]", &t.data.clone(), &t);
+        let t = Tensor::from_values(vec![3], &[f16::from_f64(0.1), f16::from_f32(-2.0), f16::from_f32(65504.0)]);
+        both_ways("FP16", "[3]", "[0.1,-2,65504]", &t.data.clone(), &t);
+        let t = Tensor::from_values(vec![2], &[bf16::from_f64(0.1), bf16::from_f32(3.0e38)]);
+        both_ways("BF16", "[2]", "[0.1,3.0e38]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<i8>(vec![2], &[-128, 127]);
+        both_ways("INT8", "[2]", "[-128,127]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<u8>(vec![1, 3], &[0, 128, 255]);
+        both_ways("UINT8", "[1,3]", "[[0,128,255]]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<i16>(vec![2], &[-32768, 32767]);
+        both_ways("INT16", "[2]", "[-32768,32767]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<u16>(vec![2], &[0, 65535]);
+        both_ways("UINT16", "[2]", "[0,65535]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<i32>(vec![2], &[i32::MIN, i32::MAX]);
+        both_ways("INT32", "[2]", "[-2147483648,2147483647]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<u32>(vec![1], &[u32::MAX]);
+        both_ways("UINT32", "[1]", "[4294967295]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<i64>(vec![2], &[i64::MIN, i64::MAX]);
+        both_ways("INT64", "[2]", "[-9223372036854775808,9223372036854775807]", &t.data.clone(), &t);
+        let t = Tensor::from_values::<u64>(vec![1], &[u64::MAX]);
+        both_ways("UINT64", "[1]", "[18446744073709551615]", &t.data.clone(), &t);
+        let t = Tensor::from_values(vec![3], &[true, false, true]);
+        both_ways("BOOL", "[3]", "[true,false,true]", &t.data.clone(), &t);
+        let t = Tensor::from_strings(vec![3], &["", "héllo \"quoted\"", "a"]);
+        both_ways("BYTES", "[3]", r#"["","h\u00e9llo \"quoted\"","a"]"#, &t.data.clone(), &t);
+    }
+
+    #[test]
+    fn bad_values_of_each_datatype_say_what_is_wrong() {
+        let cases = [
+            (r#""INT8","shape":[1],"data":[128]"#, "element 0 (128) does not fit in INT8"),
+            (r#""UINT8","shape":[1],"data":[-1]"#, "element 0 (-1) does not fit in UINT8"),
+            (r#""UINT8","shape":[1],"data":[256]"#, "(256) does not fit in UINT8"),
+            (r#""INT16","shape":[1],"data":[40000]"#, "does not fit in INT16"),
+            (r#""UINT16","shape":[1],"data":[70000]"#, "does not fit in UINT16"),
+            (r#""INT32","shape":[1],"data":[2147483648]"#, "does not fit in INT32"),
+            (r#""UINT32","shape":[1],"data":[-5]"#, "does not fit in UINT32"),
+            (r#""UINT64","shape":[1],"data":[-1]"#, "does not fit in UINT64"),
+            (r#""INT32","shape":[1],"data":[1.5]"#, "element 0 is not an integer"),
+            (r#""INT32","shape":[1],"data":[true]"#, "element 0 is not an integer"),
+            (r#""BOOL","shape":[2],"data":[true,1]"#, "element 1 is not a boolean"),
+            (r#""BOOL","shape":[1],"data":["true"]"#, "element 0 is not a boolean"),
+            (r#""BYTES","shape":[2],"data":["a",1]"#, "element 1 is not a string"),
+            (r#""BYTES","shape":[1],"data":[null]"#, "element 0 is not a string"),
+            (r#""FP16","shape":[1],"data":["1"]"#, "element 0 is not a number"),
+            (r#""BF16","shape":[1],"data":[false]"#, "element 0 is not a number"),
+            (r#""FP64","shape":[2],"data":[1]"#, "needs 2 elements, got 1"),
+            (r#""BYTES","shape":[1],"data":["a","b"]"#, "more than the 1 elements"),
+            (r#""COMPLEX64","shape":[1],"data":[1]"#, "COMPLEX64 is not supported (FP32, UINT8"),
+            (r#""fp32","shape":[1],"data":[1]"#, "fp32 is not supported"),
+        ];
+        for (text, want) in cases {
+            let err = one_input(&format!(r#"{{"name":"x","datatype":{text}}}"#)).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_binary_bool_and_bytes_are_refused() {
+        let limits = DecodeLimits::default();
+        let binary = |datatype: &str, shape: &str, data: &[u8]| {
+            let head = format!(
+                r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"{datatype}","parameters":{{"binary_data_size":{}}}}}]}}"#,
+                data.len()
+            );
+            decode_request(Bytes::from([head.as_bytes(), data].concat()), Some(&head.len().to_string()), &limits)
+        };
+        let err = binary("BOOL", "[3]", &[1, 0, 7]).unwrap_err();
+        assert_eq!(err, "input `x`: BOOL element 2 is byte 7; booleans are 0 or 1");
+        let err = binary("BYTES", "[1]", &[9, 0, 0, 0, b'a']).unwrap_err();
+        assert!(err.contains("BYTES data: string 0 claims 9 bytes, 1 are left"), "{err}");
+        let err = binary("BYTES", "[1]", &[0, 0, 0, 0, b'a']).unwrap_err();
+        assert!(err.contains("BYTES data: 1 bytes after the last of 1 strings"), "{err}");
+        // A shape of a billion strings against 8 bytes: refused by arithmetic.
+        let err = binary("BYTES", "[1000000000]", &[0; 8]).unwrap_err();
+        assert!(err.contains("needs 1000000000 strings (at least 4000000000 bytes), binary_data_size is 8"), "{err}");
+        let err = binary("UINT16", "[3]", &[0; 5]).unwrap_err();
+        assert!(err.contains("needs 3 elements (6 bytes), binary_data_size is 5"), "{err}");
+        // Strings in JSON count against the text like numbers do.
+        let err = one_input(r#"{"name":"x","shape":[100000000],"datatype":"BYTES","data":["a"]}"#).unwrap_err();
+        assert!(err.ends_with("needs 100000000 elements, got 1"), "{err}");
     }
 
     #[test]
@@ -445,7 +656,7 @@ mod tests {
         let cases = [
             (r#"{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2]}"#, "needs 3 elements, got 2"),
             (r#"{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2,3]}"#, "more than the 2 elements"),
-            (r#"{"name":"x","shape":[1],"datatype":"FP16","data":[1]}"#, "FP16 is not supported"),
+            (r#"{"name":"x","shape":[1],"datatype":"FP8","data":[1]}"#, "FP8 is not supported"),
             (r#"{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}"#, "negative dim"),
             (r#"{"name":"x","shape":[1],"datatype":"INT64","data":[1.5]}"#, "element 0 is not an integer"),
             (r#"{"name":"x","shape":[1],"datatype":"INT64","data":[18446744073709551615]}"#, "does not fit in INT64"),

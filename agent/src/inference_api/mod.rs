@@ -32,7 +32,7 @@ use crate::agent::{AgentError, Shared};
 use crate::config::ServingSettings;
 use crate::serving::{Loaded, ServeError, TensorInfo};
 use crate::supervisor::SlotState as WorkerState;
-use crate::worker::protocol::DType;
+use crate::worker::protocol::{DType, Element, Tensor};
 
 pub mod admission;
 pub mod decode;
@@ -210,9 +210,36 @@ async fn version_ready(
 }
 
 fn datatype(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "FP32",
-        DType::I64 => "INT64",
+    decode::datatype_name(d)
+}
+
+/// An output's elements as JSON: f16 and bf16 widened to numbers, BOOL as
+/// booleans, BYTES as strings (the engines' strings are UTF-8; anything else
+/// would be shown with replacement characters, never dropped silently).
+fn json_data(t: &Tensor) -> Value {
+    fn values<T: Element + serde::Serialize>(t: &Tensor) -> Value {
+        json!(t.values::<T>().unwrap_or_default())
+    }
+    fn widened<T: Element>(t: &Tensor, f: impl Fn(T) -> f32) -> Value {
+        json!(t.values::<T>().unwrap_or_default().into_iter().map(f).collect::<Vec<f32>>())
+    }
+    match t.dtype {
+        DType::F32 => values::<f32>(t),
+        DType::F64 => values::<f64>(t),
+        DType::F16 => widened(t, half::f16::to_f32),
+        DType::BF16 => widened(t, half::bf16::to_f32),
+        DType::I8 => values::<i8>(t),
+        DType::U8 => values::<u8>(t),
+        DType::I16 => values::<i16>(t),
+        DType::U16 => values::<u16>(t),
+        DType::I32 => values::<i32>(t),
+        DType::U32 => values::<u32>(t),
+        DType::I64 => values::<i64>(t),
+        DType::U64 => values::<u64>(t),
+        DType::Bool => values::<bool>(t),
+        DType::String => {
+            json!(t.strings().unwrap_or_default().into_iter().map(String::from_utf8_lossy).collect::<Vec<_>>())
+        }
     }
 }
 
@@ -415,10 +442,7 @@ async fn run_infer(
             o["parameters"] = json!({ "binary_data_size": t.data.len() });
             tail.extend_from_slice(&t.data);
         } else {
-            o["data"] = match t.dtype {
-                DType::F32 => json!(t.to_f32().unwrap_or_default()),
-                DType::I64 => json!(t.to_i64().unwrap_or_default()),
-            };
+            o["data"] = json_data(t);
         }
         outputs.push(o);
     }

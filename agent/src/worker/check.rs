@@ -22,7 +22,6 @@ use sentinel_proto::inspect::{
 };
 
 use super::model::{self, Engine, LoadedModel, ModelError};
-use super::protocol::DType;
 use super::sandbox::{self, Confinement, SandboxStatus};
 
 /// What to check and how.
@@ -112,14 +111,7 @@ fn check(config: &CheckConfig, report: &mut CheckReport) -> Result<(), Stop> {
         .map_err(|e| failed(CheckStage::Probe, e.to_string(), false))?;
     report.outputs = outputs
         .iter()
-        .map(|t| ProbeTensor {
-            dtype: match t.dtype {
-                DType::F32 => "float32",
-                DType::I64 => "int64",
-            }
-            .to_owned(),
-            shape: t.shape.iter().map(|&d| d as u64).collect(),
-        })
+        .map(|t| ProbeTensor { dtype: t.dtype.name().to_owned(), shape: t.shape.iter().map(|&d| d as u64).collect() })
         .collect();
     Ok(())
 }

@@ -12,17 +12,19 @@
 //! when the store is flushed at exit. The supervisor sets both variables.
 //!
 //! [`super::model::LoadedModel`] checks every request before it gets here, so
-//! this module only converts between wire tensors and ONNX Runtime values.
+//! this module only converts between wire tensors and ONNX Runtime values:
+//! every ONNX element type but complex, 4-bit and 8-bit floats, strings
+//! included (UTF-8 without NUL bytes, as ONNX Runtime copies C strings).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
+use ort::value::{DynValue, PrimitiveTensorElementType, Tensor as OrtTensor, TensorElementType, ValueType};
 
 use super::model::{InferenceError, InputSpec, ModelError, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
-use super::protocol::{DType, Tensor};
+use super::protocol::{DType, Element, Tensor};
 
 /// What to tell someone whose worker has no ONNX Runtime library.
 const HOW_TO_GET_IT: &str = "install it with `.ci/install-onnxruntime` (pip's onnxruntime==1.32.0) \
@@ -128,64 +130,120 @@ pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<I
 impl OrtModel {
     /// Runs checked inputs (see [`super::model::LoadedModel::run`]).
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
-        let run_err = |what: String| move |e: ort::Error| InferenceError::Run(format!("{what}: {e}"));
-        // The wire bytes are little-endian and may be unaligned: decode them
-        // into owned vectors that the input values borrow.
-        let decoded: Vec<Decoded> = inputs
+        // The wire bytes are little-endian and may be unaligned: each input
+        // is decoded into a value ONNX Runtime owns.
+        let values: Vec<SessionInputValue<'_>> = inputs
             .iter()
-            .map(|t| match t.dtype {
-                DType::F32 => t.to_f32().map(Decoded::F32),
-                DType::I64 => t.to_i64().map(Decoded::I64),
+            .enumerate()
+            .map(|(index, t)| {
+                to_ort(t).map(SessionInputValue::from).map_err(|e| InferenceError::Run(format!("input {index}: {e}")))
             })
-            .collect::<Result<_, _>>()
-            .map_err(|e| InferenceError::Run(e.to_string()))?;
-        let mut values: Vec<SessionInputValue<'_>> = Vec::with_capacity(inputs.len());
-        for (index, (t, data)) in inputs.iter().zip(&decoded).enumerate() {
-            let shape = t.shape.clone();
-            let value: SessionInputValue<'_> = match data {
-                Decoded::F32(v) => TensorRef::from_array_view((shape, v.as_slice())).map(Into::into),
-                Decoded::I64(v) => TensorRef::from_array_view((shape, v.as_slice())).map(Into::into),
-            }
-            .map_err(run_err(format!("input {index}")))?;
-            values.push(value);
-        }
+            .collect::<Result<_, _>>()?;
         let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-        let outputs = session.run(values.as_slice()).map_err(run_err("inference failed".into()))?;
+        let outputs =
+            session.run(values.as_slice()).map_err(|e| InferenceError::Run(format!("inference failed: {e}")))?;
         outputs.values().enumerate().map(|(index, v)| from_ort(index, &v)).collect()
     }
 }
 
-enum Decoded {
-    F32(Vec<f32>),
-    I64(Vec<i64>),
+fn to_ort(t: &Tensor) -> Result<DynValue, String> {
+    fn typed<T: Element + PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+        t: &Tensor,
+    ) -> Result<DynValue, String> {
+        let values = t.values::<T>().map_err(|e| e.to_string())?;
+        OrtTensor::from_array((t.shape.clone(), values)).map(OrtTensor::into_dyn).map_err(|e| e.to_string())
+    }
+    match t.dtype {
+        DType::F32 => typed::<f32>(t),
+        DType::F16 => typed::<half::f16>(t),
+        DType::BF16 => typed::<half::bf16>(t),
+        DType::F64 => typed::<f64>(t),
+        DType::U8 => typed::<u8>(t),
+        DType::I8 => typed::<i8>(t),
+        DType::U16 => typed::<u16>(t),
+        DType::I16 => typed::<i16>(t),
+        DType::U32 => typed::<u32>(t),
+        DType::I32 => typed::<i32>(t),
+        DType::U64 => typed::<u64>(t),
+        DType::I64 => typed::<i64>(t),
+        DType::Bool => typed::<bool>(t),
+        DType::String => {
+            // ONNX Runtime copies strings as C strings: they must be UTF-8
+            // for the `ort` API and free of NUL bytes.
+            let values = t
+                .strings()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    std::str::from_utf8(e).map_err(|_| format!("string element {i} is not UTF-8")).and_then(|s| {
+                        if s.contains('\0') {
+                            Err(format!("string element {i} holds a NUL byte, which ONNX Runtime cannot take"))
+                        } else {
+                            Ok(s.to_owned())
+                        }
+                    })
+                })
+                .collect::<Result<Vec<String>, String>>()?;
+            OrtTensor::<String>::from_string_array((t.shape.clone(), values.as_slice()))
+                .map(OrtTensor::into_dyn)
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 fn from_ort(index: usize, value: &DynValue) -> Result<Tensor, InferenceError> {
-    let run_err = |e: ort::Error| InferenceError::Run(format!("output {index}: {e}"));
-    let shape = |dims: &[i64]| -> Result<Vec<usize>, InferenceError> {
-        dims.iter()
-            .map(|&d| usize::try_from(d).map_err(|_| InferenceError::Run(format!("output {index}: dimension {d}"))))
-            .collect()
-    };
-    match value.dtype().tensor_type() {
-        Some(TensorElementType::Float32) => {
-            let (dims, data) = value.try_extract_tensor::<f32>().map_err(run_err)?;
-            Ok(Tensor::from_f32(shape(dims)?, data))
-        }
-        Some(TensorElementType::Int64) => {
-            let (dims, data) = value.try_extract_tensor::<i64>().map_err(run_err)?;
-            Ok(Tensor::from_i64(shape(dims)?, data))
-        }
-        _ => Err(InferenceError::OutputDType { index, datum: format!("{:?}", value.dtype()) }),
+    fn typed<T: Element + PrimitiveTensorElementType>(value: &DynValue) -> Result<Tensor, String> {
+        let (dims, data) = value.try_extract_tensor::<T>().map_err(|e| e.to_string())?;
+        Ok(Tensor::from_values(shape(dims)?, data))
     }
+    fn shape(dims: &[i64]) -> Result<Vec<usize>, String> {
+        dims.iter().map(|&d| usize::try_from(d).map_err(|_| format!("dimension {d}"))).collect()
+    }
+    let unsupported = || InferenceError::OutputDType { index, datum: format!("{:?}", value.dtype()) };
+    let dtype = value.dtype().tensor_type().and_then(wire_dtype).ok_or_else(unsupported)?;
+    let converted = match dtype {
+        DType::F32 => typed::<f32>(value),
+        DType::F16 => typed::<half::f16>(value),
+        DType::BF16 => typed::<half::bf16>(value),
+        DType::F64 => typed::<f64>(value),
+        DType::U8 => typed::<u8>(value),
+        DType::I8 => typed::<i8>(value),
+        DType::U16 => typed::<u16>(value),
+        DType::I16 => typed::<i16>(value),
+        DType::U32 => typed::<u32>(value),
+        DType::I32 => typed::<i32>(value),
+        DType::U64 => typed::<u64>(value),
+        DType::I64 => typed::<i64>(value),
+        DType::Bool => typed::<bool>(value),
+        DType::String => value
+            .try_extract_strings()
+            .map_err(|e| e.to_string())
+            .and_then(|(dims, data)| Ok(Tensor::from_strings(shape(dims)?, &data))),
+    };
+    converted.map_err(|e| InferenceError::Run(format!("output {index}: {e}")))
 }
 
+/// The wire dtype of an ONNX Runtime element type: every one but complex,
+/// 4-bit and 8-bit float types.
 fn wire_dtype(ty: TensorElementType) -> Option<DType> {
-    match ty {
-        TensorElementType::Float32 => Some(DType::F32),
-        TensorElementType::Int64 => Some(DType::I64),
-        _ => None,
-    }
+    Some(match ty {
+        TensorElementType::Float32 => DType::F32,
+        TensorElementType::Float16 => DType::F16,
+        TensorElementType::Bfloat16 => DType::BF16,
+        TensorElementType::Float64 => DType::F64,
+        TensorElementType::Uint8 => DType::U8,
+        TensorElementType::Int8 => DType::I8,
+        TensorElementType::Uint16 => DType::U16,
+        TensorElementType::Int16 => DType::I16,
+        TensorElementType::Uint32 => DType::U32,
+        TensorElementType::Int32 => DType::I32,
+        TensorElementType::Uint64 => DType::U64,
+        TensorElementType::Int64 => DType::I64,
+        TensorElementType::Bool => DType::Bool,
+        TensorElementType::String => DType::String,
+        _ => return None,
+    })
 }
 
 /// The process's ONNX Runtime environment, loading the library on first use.

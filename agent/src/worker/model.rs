@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use super::protocol::{DType, Tensor};
+use super::protocol::{DType, Element, Tensor};
 
 /// The inference engine that runs a model. Tract is the default and is always
 /// built in; ONNX Runtime needs the `ort` cargo feature and a library named by
@@ -73,7 +73,10 @@ pub enum ModelError {
     Load { path: PathBuf, message: String },
     #[error("{path}: the model has {model} inputs but {given} input shapes were given")]
     InputCount { path: PathBuf, model: usize, given: usize },
-    #[error("{path}: {what} {index} has type {datum}; the worker carries only f32 and i64")]
+    #[error(
+        "{path}: {what} {index} has type {datum}, which this engine cannot carry (tract: every ONNX \
+         tensor type but bfloat16, complex and 4/8-bit ones; ONNX Runtime: all but complex and 4/8-bit ones)"
+    )]
     UnsupportedDType { path: PathBuf, what: &'static str, index: usize, datum: String },
     #[error("{path}: input {index} is declared with shape {declared:?} (-1: any), which {given:?} does not fit")]
     IncompatibleShape { path: PathBuf, index: usize, declared: Vec<i64>, given: Vec<usize> },
@@ -92,7 +95,7 @@ pub enum InferenceError {
     #[error("input {index}: expected shape {expected:?}, got {found:?}")]
     Shape { index: usize, expected: Vec<usize>, found: Vec<usize> },
     #[error("input {index}: element {element} is {value}; inputs must be finite")]
-    NotFinite { index: usize, element: usize, value: f32 },
+    NotFinite { index: usize, element: usize, value: f64 },
     #[error("inference failed: {0}")]
     Run(String),
     #[error("output {index} has unsupported type {datum}")]
@@ -163,18 +166,10 @@ impl LoadedModel {
             .iter()
             .enumerate()
             .map(|(index, spec)| {
-                let bytes =
-                    spec.shape.iter().try_fold(spec.dtype.size(), |n, &d| n.checked_mul(d)).ok_or_else(|| {
-                        InferenceError::Run(format!("input {index}: shape {:?} is too large", spec.shape))
-                    })?;
-                // Fallible: under a memory limit a huge fixed shape is an
-                // error to report, not an abort.
-                let mut data = Vec::new();
-                data.try_reserve_exact(bytes).map_err(|_| {
-                    InferenceError::Run(format!("input {index}: failed to allocate {bytes} bytes of zeros"))
-                })?;
-                data.resize(bytes, 0);
-                Ok(Tensor { dtype: spec.dtype, shape: spec.shape.clone(), data })
+                // Zeros of the input's own dtype (empty strings for string
+                // inputs), allocated fallibly: under a memory limit a huge
+                // fixed shape is an error to report, not an abort.
+                Tensor::zeros(spec.dtype, &spec.shape).map_err(|e| InferenceError::Run(format!("input {index}: {e}")))
             })
             .collect::<Result<Vec<_>, InferenceError>>()?;
         self.run(&zeros)
@@ -192,7 +187,7 @@ impl LoadedModel {
 }
 
 /// The request checks both engines rely on: the right number of inputs, each
-/// with the fixed element type and shape, and no NaN or infinity in f32 data.
+/// with the fixed element type and shape, and no NaN or infinity in float data.
 fn check_inputs(specs: &[InputSpec], inputs: &[Tensor]) -> Result<(), InferenceError> {
     if inputs.len() != specs.len() {
         return Err(InferenceError::InputCount { expected: specs.len(), found: inputs.len() });
@@ -204,11 +199,8 @@ fn check_inputs(specs: &[InputSpec], inputs: &[Tensor]) -> Result<(), InferenceE
         if t.shape != spec.shape {
             return Err(InferenceError::Shape { index, expected: spec.shape.clone(), found: t.shape.clone() });
         }
-        if t.dtype == DType::F32 {
-            let values = t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-            if let Some((element, value)) = values.enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(InferenceError::NotFinite { index, element, value });
-            }
+        if let Some((element, value)) = t.first_non_finite() {
+            return Err(InferenceError::NotFinite { index, element, value });
         }
     }
     Ok(())
@@ -254,7 +246,8 @@ impl LoadedModel {
         let mut inputs = Vec::with_capacity(typed.inputs.len());
         for index in 0..typed.inputs.len() {
             let fact = typed.input_fact(index).map_err(load_err)?;
-            let dtype = wire_dtype(fact.datum_type).ok_or_else(|| unsupported("input", index, fact.datum_type))?;
+            let dtype =
+                wire_dtype(fact.datum_type, false).ok_or_else(|| unsupported("input", index, fact.datum_type))?;
             let shape = fact.shape.as_concrete().map(<[usize]>::to_vec).ok_or_else(|| ModelError::Load {
                 path: path.to_owned(),
                 message: format!("input {index} has no concrete shape after optimisation: {:?}", fact.shape),
@@ -263,7 +256,7 @@ impl LoadedModel {
         }
         for index in 0..typed.outputs.len() {
             let datum = typed.output_fact(index).map_err(load_err)?.datum_type;
-            if wire_dtype(datum).is_none() {
+            if wire_dtype(datum, true).is_none() {
                 return Err(unsupported("output", index, datum));
             }
         }
@@ -282,43 +275,95 @@ fn run_tract(plan: &Arc<TypedRunnableModel>, inputs: &[Tensor]) -> Result<Vec<Te
     outputs.iter().enumerate().map(|(index, v)| from_tract(index, v)).collect()
 }
 
-fn wire_dtype(datum: DatumType) -> Option<DType> {
-    match datum {
-        DatumType::F32 => Some(DType::F32),
-        DatumType::I64 => Some(DType::I64),
-        _ => None,
-    }
+/// The wire dtype of a tract datum type. tract has no bfloat16; its `TDim`
+/// (symbolic dims, e.g. a shape computed in the graph and returned, as
+/// skl2onnx's label outputs are typed) is carried as i64, for outputs only.
+fn wire_dtype(datum: DatumType, output: bool) -> Option<DType> {
+    Some(match datum {
+        DatumType::F32 => DType::F32,
+        DatumType::F16 => DType::F16,
+        DatumType::F64 => DType::F64,
+        DatumType::U8 => DType::U8,
+        DatumType::I8 => DType::I8,
+        DatumType::U16 => DType::U16,
+        DatumType::I16 => DType::I16,
+        DatumType::U32 => DType::U32,
+        DatumType::I32 => DType::I32,
+        DatumType::U64 => DType::U64,
+        DatumType::I64 => DType::I64,
+        DatumType::Bool => DType::Bool,
+        DatumType::String => DType::String,
+        DatumType::TDim if output => DType::I64,
+        _ => return None,
+    })
 }
 
 /// Builds a tract tensor from wire bytes. The protocol decoder has already
-/// checked that the byte count matches the shape, and [`check_inputs`] that
-/// the values are finite.
+/// checked the bytes against the shape (booleans 0 or 1, strings well
+/// formed), and [`check_inputs`] that float values are finite.
 fn to_tract(index: usize, t: &Tensor) -> Result<tract_onnx::prelude::Tensor, InferenceError> {
-    let shape_err = |e: TractError| InferenceError::Run(format!("input {index}: {e:#}"));
-    match t.dtype {
-        DType::F32 => {
-            let values = t.to_f32().map_err(|e| InferenceError::Run(e.to_string()))?;
-            tract_ndarray::ArrayD::from_shape_vec(t.shape.clone(), values)
-                .map(Into::into)
-                .map_err(|e| shape_err(e.into()))
-        }
-        DType::I64 => {
-            let values = t.to_i64().map_err(|e| InferenceError::Run(e.to_string()))?;
-            tract_ndarray::ArrayD::from_shape_vec(t.shape.clone(), values)
-                .map(Into::into)
-                .map_err(|e| shape_err(e.into()))
-        }
+    fn typed<T: Element + Datum>(t: &Tensor) -> TractResult<tract_onnx::prelude::Tensor> {
+        let values = t.values::<T>()?;
+        tract_onnx::prelude::Tensor::from_shape(&t.shape, &values)
     }
+    let converted = match t.dtype {
+        DType::F32 => typed::<f32>(t),
+        DType::F16 => typed::<f16>(t),
+        DType::F64 => typed::<f64>(t),
+        DType::U8 => typed::<u8>(t),
+        DType::I8 => typed::<i8>(t),
+        DType::U16 => typed::<u16>(t),
+        DType::I16 => typed::<i16>(t),
+        DType::U32 => typed::<u32>(t),
+        DType::I32 => typed::<i32>(t),
+        DType::U64 => typed::<u64>(t),
+        DType::I64 => typed::<i64>(t),
+        DType::Bool => typed::<bool>(t),
+        DType::String => t.strings().map_err(TractError::from).and_then(|elements| {
+            // tract's strings are Rust `String`s: bytes that are not UTF-8
+            // are refused rather than altered.
+            let values = elements
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    String::from_utf8(e.to_vec())
+                        .map_err(|_| TractError::msg(format!("string element {i} is not UTF-8")))
+                })
+                .collect::<TractResult<Vec<String>>>()?;
+            Ok(tract_ndarray::ArrayD::from_shape_vec(t.shape.clone(), values)?.into())
+        }),
+        DType::BF16 => Err(TractError::msg("tract has no bfloat16 tensors")),
+    };
+    converted.map_err(|e| InferenceError::Run(format!("input {index}: {e:#}")))
 }
 
 fn from_tract(index: usize, v: &TValue) -> Result<Tensor, InferenceError> {
+    fn typed<T: Element + Datum>(shape: Vec<usize>, v: &tract_onnx::prelude::Tensor) -> TractResult<Tensor> {
+        Ok(Tensor::from_values(shape, v.try_as_plain_ram()?.as_slice::<T>()?))
+    }
     let shape = v.shape().to_vec();
     let datum = v.datum_type();
-    let run_err = |e: TractError| InferenceError::Run(format!("output {index}: {e:#}"));
-    let dtype = wire_dtype(datum).ok_or_else(|| InferenceError::OutputDType { index, datum: format!("{datum:?}") })?;
-    let view = v.try_as_plain_ram().map_err(run_err)?;
-    match dtype {
-        DType::F32 => Ok(Tensor::from_f32(shape, view.as_slice::<f32>().map_err(run_err)?)),
-        DType::I64 => Ok(Tensor::from_i64(shape, view.as_slice::<i64>().map_err(run_err)?)),
-    }
+    let dtype =
+        wire_dtype(datum, true).ok_or_else(|| InferenceError::OutputDType { index, datum: format!("{datum:?}") })?;
+    let converted = match dtype {
+        // A TDim output: concrete dims after the run, carried as i64.
+        DType::I64 if datum == DatumType::TDim => v.cast_to::<i64>().and_then(|c| typed::<i64>(shape.clone(), &c)),
+        DType::F32 => typed::<f32>(shape, v),
+        DType::F16 => typed::<f16>(shape, v),
+        DType::F64 => typed::<f64>(shape, v),
+        DType::U8 => typed::<u8>(shape, v),
+        DType::I8 => typed::<i8>(shape, v),
+        DType::U16 => typed::<u16>(shape, v),
+        DType::I16 => typed::<i16>(shape, v),
+        DType::U32 => typed::<u32>(shape, v),
+        DType::I32 => typed::<i32>(shape, v),
+        DType::U64 => typed::<u64>(shape, v),
+        DType::I64 => typed::<i64>(shape, v),
+        DType::Bool => typed::<bool>(shape, v),
+        DType::String => {
+            v.try_as_plain_ram().and_then(|view| Ok(Tensor::from_strings(shape, view.as_slice::<String>()?)))
+        }
+        DType::BF16 => Err(TractError::msg("tract has no bfloat16 tensors")),
+    };
+    converted.map_err(|e| InferenceError::Run(format!("output {index}: {e:#}")))
 }

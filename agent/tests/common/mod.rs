@@ -1,6 +1,8 @@
 //! A real hub (REST + gRPC on 127.0.0.1:0) and real agents, in one process.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod dtype_cases;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -76,7 +76,7 @@ async fn the_v2_api_serves_and_refuses_bad_input_with_reasons() {
     nan_body.extend((0..64).flat_map(|i| if i == 5 { f32::NAN } else { 1.0 }.to_le_bytes()));
     let cases: Vec<(&str, reqwest::RequestBuilder, &str)> = vec![
         ("wrong shape", http.post(format!("{base}/v2/models/digits/infer")).json(&tensor(json!([1, 63]), "FP32", json!(vec![0.0; 63]))), "has shape [1, 63]"),
-        ("wrong dtype", http.post(format!("{base}/v2/models/digits/infer")).json(&tensor(json!([1, 64]), "INT64", json!(vec![0; 64]))), "must be F32"),
+        ("wrong dtype", http.post(format!("{base}/v2/models/digits/infer")).json(&tensor(json!([1, 64]), "INT64", json!(vec![0; 64]))), "must be float32, got int64"),
         ("missing input", http.post(format!("{base}/v2/models/digits/infer")).json(&json!({"inputs": []})), "missing input `input`"),
         ("unknown input", http.post(format!("{base}/v2/models/digits/infer")).json(&json!({"inputs": [{"name": "pixels", "shape": [1, 1], "datatype": "FP32", "data": [0]}]})), "missing input `input`"),
         ("data count", http.post(format!("{base}/v2/models/digits/infer")).json(&tensor(json!([1, 64]), "FP32", json!([1, 2]))), "needs 64 elements, got 2"),

@@ -10,6 +10,7 @@ mod common;
 mod control;
 mod deploy_reaches_agent;
 mod device_isolation;
+mod dtypes;
 mod fleet_halt;
 mod grafana;
 mod hostile_requests;

@@ -191,7 +191,7 @@ fn bad_requests_get_errors_and_the_worker_keeps_serving() {
         ("wrong byte count", encode_request(&[short]), "needs 256 bytes, frame says 255"),
         ("NaN", encode_request(&[nan]), "element 3 is NaN"),
         ("wrong shape", encode_request(&[wrong_shape]), "expected shape [1, 64], got [1, 63]"),
-        ("wrong dtype", encode_request(&[wrong_dtype]), "expected f32, got i64"),
+        ("wrong dtype", encode_request(&[wrong_dtype]), "expected float32, got int64"),
         ("two inputs", encode_request(&[good.clone(), good.clone()]), "expected 1 input tensors, got 2"),
         ("garbage", b"\x01\x00".to_vec(), "truncated"),
         // Probes are plain malformed requests unless the test flag is given.

@@ -161,8 +161,8 @@ async fn real_models_pass_the_check() {
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["manifest"]["inputs"][0]["shape"][1], 3, "{v}");
-    // A dtype the worker protocol does not carry yet is accepted as before,
-    // once the engine has optimised it; only the probe is skipped.
+    // A uint8 input (carried since issue 12) is dry-run and probed like any
+    // other.
     let r = hub.upload("vision", "1.0.1", make_onnx("uint8_input", &[]), "").await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();

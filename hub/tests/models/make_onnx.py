@@ -8,8 +8,7 @@ Usage: make_onnx.py KIND OUT [ARGS...]
                        constant (the push-time "constant-fold bomb").
   relu_chain OUT N     input x[1,4] -> N Relu nodes -> y: graph size alone.
   unknown_op OUT       one node of an operator no engine knows.
-  uint8_input OUT      x: uint8[1,4] -> Cast to float -> y: a dtype the worker
-                       protocol does not carry yet.
+  uint8_input OUT      x: uint8[1,4] -> Cast to float -> y: a non-float input.
 """
 import sys
 
