@@ -3,7 +3,7 @@
 //! config defaults here (the hub-set policy is tested in `fleet_halt.rs`).
 //!
 //! No test depends on this machine's speed: decisions wait for sample
-//! counts, bake times are zero, and the latency policy compares the new
+//! counts, bake times are a second, and the latency policy compares the new
 //! slot with the old one in the same run (v3 does ~460x v1's compute).
 #![allow(clippy::unwrap_used)]
 
@@ -89,10 +89,10 @@ async fn stop_traffic(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<Traf
     all
 }
 
-/// Phases bake for no time at all (zero means "agent default" in a policy),
-/// so sample counts decide; the standby is watched for one second after
-/// full promotion (the shortest a policy can ask for).
-const BASE: &str = "[rollout]\nstandby_bake_seconds = 1\n";
+/// Phases bake for one second (zero means "the 30 s default"), so sample
+/// counts decide; the standby is watched for one second after full
+/// promotion (the shortest a policy can ask for).
+const BASE: &str = "[rollout]\nbake_seconds = 1\nstandby_bake_seconds = 1\n";
 
 async fn agent_on_v1(tmp: &std::path::Path, rollout: &str) -> (TestHub, AgentHandle) {
     let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
