@@ -3,6 +3,11 @@
 //!
 //! Every field is optional; an unset field is sent as the protobuf zero,
 //! which the agent reads as "use your safe default".
+//! [`RolloutPolicy::effective`] fills those defaults in for display, and
+//! [`RolloutPolicy::check_usable`] refuses what could not act: a comparison
+//! with the old version where it answers nothing (we chose refusal over a
+//! reinterpretation against the standby's last window, which would compare
+//! with a window measured under other load), and a policy that detects nothing.
 
 use sentinel_proto::pb;
 use serde::{Deserialize, Serialize};
@@ -40,15 +45,20 @@ pub struct RolloutPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<Phase>>, min_items = 1)]
     pub phases: Option<Vec<String>>,
-    /// How long each phase runs before the next, in seconds (0..=604800, a week).
+    /// How long each phase runs before the next, in seconds (0..=604800, a
+    /// week). Unset or 0: 30 s per phase when `phases` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 604_800)]
     pub bake_seconds: Option<u64>,
     /// Requests a phase needs before its metrics count (1..=10000000).
+    /// Unset: 100 per phase when `phases` is given (200 for the default `full`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 10_000_000)]
     pub min_samples: Option<u64>,
-    /// p95 latency of the new version at most this times the old one's (above 0, at most 1000).
+    /// p95 latency of the new version at most this times the old one's (above
+    /// 0, at most 1000; default 1.5). Compares with the old version, so it
+    /// needs a `shadow` or `canary` phase: set in a rollout without one
+    /// (`["full"]`, or no phases: the default is `full`) it is refused (422).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(exclusive_minimum = 0, maximum = 1000)]
     pub max_latency_ratio: Option<f64>,
@@ -59,10 +69,14 @@ pub struct RolloutPolicy {
     /// Largest error rate, 0..=1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_error_rate: Option<f64>,
-    /// Absolute minimum accuracy, 0..=1.
+    /// Absolute minimum accuracy, 0..=1, of feedback (once
+    /// `min_accuracy_samples` arrived) and of the validation set, in every
+    /// phase. Unset or 0: the version's declared accuracy minus the device's
+    /// `serving.validation_tolerance` (0.02 by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_accuracy: Option<f64>,
-    /// Largest accuracy drop from the old version, 0..=1.
+    /// Largest accuracy drop from the old version, 0..=1. Needs a `shadow` or
+    /// `canary` phase (refused with 422 otherwise, as `max_latency_ratio`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_accuracy_drop: Option<f64>,
     /// Smallest agreement with the old version in shadow, 0..=1.
@@ -419,5 +433,56 @@ mod tests {
             ..RolloutPolicy::default()
         };
         assert_eq!(edge.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_effective_policy_fills_in_every_default() {
+        let given = RolloutPolicy { max_latency_ratio: Some(2.0), ..phases(&["shadow", "canary:10", "full"]) };
+        let e = given.effective(Some(0.97));
+        assert_eq!((e.min_samples, e.bake_seconds), (Some(DEFAULT_PHASE_SAMPLES), Some(DEFAULT_PHASE_BAKE_SECONDS)));
+        assert_eq!((e.max_latency_ratio, e.min_accuracy, e.max_error_rate), (Some(2.0), Some(0.95), Some(0.05)));
+        assert_eq!((e.standby_bake_seconds, e.min_accuracy_samples, e.max_restarts), (Some(60), Some(50), Some(3)));
+        // No phases: the agent's `full` on 200 samples, no ratio to apply.
+        let e = RolloutPolicy::default().effective(None);
+        assert_eq!(e.phases, Some(vec!["full".to_owned()]));
+        assert_eq!(
+            (e.min_samples, e.bake_seconds, e.max_latency_ratio, e.min_accuracy),
+            (Some(200), Some(0), None, None)
+        );
+        // A 0 on the wire is the agent's default, and is shown as that; a
+        // given min_accuracy wins over the declared floor.
+        let zeros = RolloutPolicy {
+            bake_seconds: Some(0),
+            max_error_rate: Some(0.0),
+            min_accuracy: Some(0.5),
+            ..phases(&["full"])
+        };
+        let e = zeros.effective(Some(0.99));
+        assert_eq!((e.bake_seconds, e.max_error_rate, e.min_accuracy), (Some(30), Some(0.05), Some(0.5)));
+    }
+
+    #[test]
+    fn comparisons_without_a_side_by_side_phase_and_blind_policies_are_refused() {
+        let drop = RolloutPolicy { max_accuracy_drop: Some(0.05), ..phases(&["full"]) };
+        assert_eq!(drop.check_usable(Some(0.9)).unwrap_err().field, "policy.max_accuracy_drop");
+        let ratio = RolloutPolicy { max_latency_ratio: Some(1.5), ..RolloutPolicy::default() };
+        assert_eq!(ratio.check_usable(Some(0.9)).unwrap_err().field, "policy.max_latency_ratio");
+        let ok = RolloutPolicy {
+            max_latency_ratio: Some(1.5),
+            max_accuracy_drop: Some(0.05),
+            ..phases(&["canary:5", "full"])
+        };
+        assert_eq!(ok.check_usable(None), Ok(()));
+        let blind = RolloutPolicy { max_error_rate: Some(1.0), ..phases(&["full"]) };
+        let err = blind.check_usable(None).unwrap_err();
+        assert_eq!(err.field, "policy");
+        assert!(err.message.contains("cannot detect anything"), "{err}");
+        // Each one thing that can detect makes it usable.
+        assert_eq!(blind.check_usable(Some(0.9)), Ok(()));
+        assert_eq!(RolloutPolicy { latency_slo_ms: Some(50.0), ..blind.clone() }.check_usable(None), Ok(()));
+        assert_eq!(RolloutPolicy { max_error_rate: Some(0.99), ..blind.clone() }.check_usable(None), Ok(()));
+        let shadow = RolloutPolicy { max_error_rate: Some(1.0), ..phases(&["shadow", "full"]) };
+        assert_eq!(shadow.check_usable(None), Ok(()), "the default ratio applies in shadow");
+        assert_eq!(RolloutPolicy::default().check_usable(None), Ok(()));
     }
 }
