@@ -404,7 +404,11 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
             continue;
         }
         let policy = match crate::rollout::controller::policy_from(assignment.policy.as_ref(), &shared.config.rollout) {
-            Ok(p) => p,
+            Ok(p) => crate::rollout::controller::with_declared_floor(
+                p,
+                m.accuracy.as_ref().map(|a| a.value),
+                config.serving.validation_tolerance,
+            ),
             Err(reason) => {
                 refuse(shared, &m.name, &m.version, "refused", "policy_invalid", &reason, assignment.deployment_id);
                 continue;

@@ -3,7 +3,7 @@
 //! config defaults here (the hub-set policy is tested in `fleet_halt.rs`).
 //!
 //! No test depends on this machine's speed: decisions wait for sample
-//! counts, bake times are zero, and the latency policy compares the new
+//! counts, bake times are a second, and the latency policy compares the new
 //! slot with the old one in the same run (v3 does ~460x v1's compute).
 #![allow(clippy::unwrap_used)]
 
@@ -89,10 +89,10 @@ async fn stop_traffic(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<Traf
     all
 }
 
-/// Phases bake for no time at all (zero means "agent default" in a policy),
-/// so sample counts decide; the standby is watched for one second after
-/// full promotion (the shortest a policy can ask for).
-const BASE: &str = "[rollout]\nstandby_bake_seconds = 1\n";
+/// Phases bake for one second (zero means "the 30 s default"), so sample
+/// counts decide; the standby is watched for one second after full
+/// promotion (the shortest a policy can ask for).
+const BASE: &str = "[rollout]\nbake_seconds = 1\nstandby_bake_seconds = 1\n";
 
 async fn agent_on_v1(tmp: &std::path::Path, rollout: &str) -> (TestHub, AgentHandle) {
     let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
@@ -137,6 +137,70 @@ async fn reported_rollback(hub: &TestHub) -> Value {
     );
     assert_eq!(dev["models"][0]["state"], "rolled_back");
     snapshot
+}
+
+/// An agent with no `[rollout]` section serving 1.0.0, and a deployment of
+/// `version` with only `phases` in its policy: every other field is the
+/// default (halting off, so the device's own decision is what is seen).
+async fn deploy_with_only_phases(hub: &TestHub, version: &str, phases: &[&str]) {
+    let body = json!({"version": version, "target": "site=a", "halt_fraction": 1.0, "policy": {"phases": phases}});
+    hub.post("/api/v1/models/digits/deploy", body).await;
+}
+
+async fn agent_on_v1_with_defaults(tmp: &std::path::Path) -> (TestHub, AgentHandle) {
+    let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let agent = start_agent(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")]).await;
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    (hub, agent)
+}
+
+/// Issue 12: `shadow,canary:10,full` and nothing else ran on 0 samples and
+/// 0 s, so a much slower version was promoted on its first shadow sample.
+/// With the per-phase defaults (100 samples) the default 1.5x ratio sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_version_is_rolled_back_with_only_phases_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub, agent) = agent_on_v1_with_defaults(tmp.path()).await;
+    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let clients = traffic(&agent, 2, false, stop.clone(), rolled_back.clone());
+    hub.push("digits", "2.0.0", SLOW, "").await;
+    deploy_with_only_phases(&hub, "2.0.0", &["shadow", "canary:10", "full"]).await;
+    let detail = wait_status(&agent, "rolled_back").await;
+    let seen = stop_traffic(&stop, clients).await;
+    assert!(detail.contains("p95 latency"), "{detail}");
+    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
+    assert!(seen.served.iter().all(|(v, _)| v == "1.0.0"), "caught in shadow: 2.0.0 never answered a client");
+    let snapshot = reported_rollback(&hub).await;
+    assert_eq!(snapshot["kind"], "latency");
+    assert!(snapshot["green"]["requests"].as_u64().unwrap() >= 100, "judged on the default 100 samples: {snapshot}");
+    assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
+    agent.shutdown().await;
+}
+
+/// Issue 12: `full` and feedback on every request never rolled back a
+/// version far below its declared accuracy. The declared accuracy (here
+/// 0.97, for the 0.60-accurate degraded model) minus the validation
+/// tolerance is now the floor, in `full` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_below_its_declared_accuracy_is_rolled_back_in_full_on_feedback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub, agent) = agent_on_v1_with_defaults(tmp.path()).await;
+    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());
+    hub.push("digits", "2.0.0", DEGRADED, "&accuracy=0.97").await;
+    deploy_with_only_phases(&hub, "2.0.0", &["full"]).await;
+    let detail = wait_status(&agent, "rolled_back").await;
+    let seen = stop_traffic(&stop, clients).await;
+    assert!(detail.contains("feedback accuracy") && detail.contains("95.0% minimum"), "{detail}");
+    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
+    assert!(seen.served.iter().any(|(v, _)| v == "2.0.0"), "in full, 2.0.0 answered");
+    let snapshot = reported_rollback(&hub).await;
+    assert_eq!(snapshot["kind"], "accuracy");
+    assert!(snapshot["green"]["feedback_accuracy"].as_f64().unwrap() < 0.9, "{snapshot}");
+    assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

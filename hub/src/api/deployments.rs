@@ -55,6 +55,19 @@ pub struct DeploymentOut {
     pub waves: Vec<u8>,
     /// Index of the current wave in `waves`.
     pub wave: u32,
+    /// The policy devices apply, every default filled in (in `GET
+    /// /deployments/{id}` and the deploy answer): phases named without
+    /// `min_samples`/`bake_seconds` get 100 samples and 30 s each; no phases
+    /// means `["full"]` on 200 samples; `min_accuracy` defaults to the
+    /// version's declared accuracy minus 0.02 (the device's
+    /// `serving.validation_tolerance`), applied in every phase once
+    /// `min_accuracy_samples` feedback samples arrived; `max_latency_ratio`
+    /// and `max_accuracy_drop` appear only with a shadow or canary phase
+    /// (in `full` the old version answers nothing to compare with, and such
+    /// a policy is refused at deploy). A device whose config has a
+    /// `[rollout]` section fills a deployment without policy from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_policy: Option<RolloutPolicy>,
     /// Where it stands on each targeted device (only in `GET /deployments/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Rollup>,
@@ -79,6 +92,7 @@ impl From<DeploymentRecord> for DeploymentOut {
             halt_reason: d.halt_reason,
             waves: d.waves,
             wave: d.wave,
+            effective_policy: None,
             status: None,
         }
     }
@@ -181,8 +195,16 @@ fn invalid_policy(e: PolicyError) -> ApiError {
     ApiError::unprocessable("invalid_policy", e.to_string())
 }
 
-fn created(d: DeploymentRecord, detail: String) -> Response {
-    let mut resp = (StatusCode::CREATED, Json(DeploymentOut::from(d))).into_response();
+/// The accuracy a stored signed manifest declares, if any.
+fn declared_accuracy(manifest: &[u8]) -> Option<f64> {
+    use prost::Message;
+    sentinel_proto::pb::ModelManifest::decode(manifest).ok()?.accuracy.map(|a| a.value).filter(|v| *v > 0.0)
+}
+
+fn created(d: DeploymentRecord, detail: String, effective: RolloutPolicy) -> Response {
+    let mut out = DeploymentOut::from(d);
+    out.effective_policy = Some(effective);
+    let mut resp = (StatusCode::CREATED, Json(out)).into_response();
     resp.extensions_mut().insert(AuditDetail(detail));
     resp
 }
@@ -209,6 +231,10 @@ pub async fn deploy(
     validate_halt(halt_fraction, body.halt_count).map_err(invalid_policy)?;
     crate::rollout::waves::validate_waves(&body.waves).map_err(invalid_policy)?;
     let version = load_named_version(&state, &name, &body.version).await?;
+    let declared = declared_accuracy(&version.manifest);
+    if let Some(p) = &body.policy {
+        p.check_usable(declared).map_err(invalid_policy)?;
+    }
     // A version that declares no hardware runs anywhere.
     if !version.hardware.is_empty()
         && let Some(missing) = selector.hardware.iter().find(|h| !version.hardware.contains(h))
@@ -240,7 +266,8 @@ pub async fn deploy(
     // A first wave may hold no device yet: then it widens at once.
     let d = if d.waves.is_empty() { d } else { crate::rollout::widen(&state, d).await? };
     let detail = format!("deployment {}: {name} {} to [{}]", d.id, d.version, d.target);
-    Ok(created(d, detail))
+    let effective = d.policy.clone().unwrap_or_default().effective(declared);
+    Ok(created(d, detail, effective))
 }
 
 /// Roll a target back to an earlier version.
@@ -295,7 +322,7 @@ pub async fn rollback(
             ))
         })?,
     };
-    load_named_version(&state, &name, &to_version).await?;
+    let declared = declared_accuracy(&load_named_version(&state, &name, &to_version).await?.manifest);
     let new = NewDeployment {
         model: name.clone(),
         version: to_version.clone(),
@@ -313,7 +340,7 @@ pub async fn rollback(
     super::push_to_fleet(&state).await;
     let detail =
         format!("deployment {}: rolled {name} back from {} to {} on [{}]", d.id, current.version, d.version, d.target);
-    Ok(created(d, detail))
+    Ok(created(d, detail, RolloutPolicy::default().effective(declared)))
 }
 
 /// List deployments, newest first.
@@ -351,11 +378,14 @@ pub async fn show(
         .meta(move |m| {
             let Some(d) = m.get_deployment(id)? else { return Ok(None) };
             let status = crate::rollout::rollup(&d, &m.list_devices()?, &m.deployment_devices(d.id)?);
-            Ok(Some((d, status)))
+            let declared = m.get_version(&d.model, &d.version)?.and_then(|v| declared_accuracy(&v.manifest));
+            Ok(Some((d, status, declared)))
         })
         .await?;
-    let (d, status) = found.ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))?;
+    let (d, status, declared) = found.ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))?;
+    let effective = d.policy.clone().unwrap_or_default().effective(declared);
     let mut out = DeploymentOut::from(d);
+    out.effective_policy = Some(effective);
     out.status = Some(status);
     Ok(Json(out))
 }

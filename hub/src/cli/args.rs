@@ -149,19 +149,23 @@ pub struct DeployArgs {
     /// Comma-separated phases: `shadow`, `canary:N` (1-99), `full` (last).
     #[arg(long, value_name = "PHASES")]
     pub phases: Option<String>,
-    /// Seconds each phase runs before the next.
+    /// Seconds each phase runs before the next (default 30 with --phases).
     #[arg(long, value_name = "SECS")]
     pub bake_secs: Option<u64>,
-    /// Requests a phase needs before its metrics count.
+    /// Requests a phase needs before its metrics count (default 100 with
+    /// --phases, 200 without).
     #[arg(long)]
     pub min_samples: Option<u64>,
-    /// p95 latency of the new version at most this times the old one's.
+    /// p95 latency of the new version at most this times the old one's
+    /// (default 1.5; needs a shadow or canary phase).
     #[arg(long, value_name = "RATIO")]
     pub max_latency_ratio: Option<f64>,
-    /// Absolute minimum accuracy, 0..1.
+    /// Absolute minimum accuracy, 0..1 (default: the declared accuracy minus
+    /// the device's validation tolerance, 0.02).
     #[arg(long, value_name = "FRACTION")]
     pub min_accuracy: Option<f64>,
-    /// Largest accuracy drop from the old version, 0..1.
+    /// Largest accuracy drop from the old version, 0..1 (needs a shadow or
+    /// canary phase).
     #[arg(long, value_name = "FRACTION")]
     pub max_accuracy_drop: Option<f64>,
     /// Halt the deployment when more than this fraction of targeted devices

@@ -11,7 +11,7 @@ use super::args::{
     Cli, Command, DeploymentsCommand, DeviceCommand, HubCommand, ListArgs, ModelCommand, PushArgs, TokenCommand,
 };
 use super::client::HubClient;
-use super::deploy::{deploy_body, deployment_text};
+use super::deploy::{deploy_body, deployment_text, effective_policy_text};
 
 /// Percent-encodes a query value.
 fn q(v: &str) -> String {
@@ -256,6 +256,16 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
         }
         ModelCommand::Deploy(a) => {
             let body = deploy_body(&a)?;
+            // What devices will apply, defaults filled in, before it is sent;
+            // the hub's answer names any field it refuses.
+            let version = s(&body["version"]);
+            let declared = match client.get(&format!("/api/v1/models/{}/versions/{version}", a.name)).await {
+                Ok(v) => v["manifest"]["accuracy"]["value"].as_f64(),
+                Err(_) => None,
+            };
+            if let Some(text) = effective_policy_text(&body, declared) {
+                eprintln!("effective policy: {text}");
+            }
             let v = client.send_json(Method::POST, &format!("/api/v1/models/{}/deploy", a.name), &body).await?;
             out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
             Ok(())

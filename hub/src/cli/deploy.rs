@@ -126,10 +126,26 @@ fn policy_text(policy: &Value) -> String {
     if set.is_empty() { "the agent's defaults".into() } else { set.join("; ") }
 }
 
+/// The policy of a deploy request body as devices will apply it, every
+/// default filled in ([`crate::rollout::RolloutPolicy::effective`]), for a
+/// version declaring `declared` accuracy; `None` when the body's policy is
+/// not one the hub would take (the hub's answer then says why).
+pub fn effective_policy_text(body: &Value, declared: Option<f64>) -> Option<String> {
+    let policy: crate::rollout::RolloutPolicy = match body.get("policy") {
+        None => crate::rollout::RolloutPolicy::default(),
+        Some(p) => serde_json::from_value(p.clone()).ok()?,
+    };
+    let effective = serde_json::to_value(policy.effective(declared)).ok()?;
+    Some(policy_text(&effective))
+}
+
 /// Policy, halt thresholds, halt reason, per-state counts and one row per
 /// targeted device of a `GET /deployments/{id}` answer.
 pub fn deployment_text(v: &Value) -> String {
     let mut out = format!("policy: {}\n", policy_text(&v["policy"]));
+    if v["effective_policy"].is_object() {
+        out.push_str(&format!("effective policy: {}\n", policy_text(&v["effective_policy"])));
+    }
     let fraction = v["halt_fraction"].as_f64().unwrap_or(0.2);
     out.push_str(&format!("halts when more than {:.0}% of targeted devices", fraction * 100.0));
     if let Some(n) = v["halt_count"].as_u64() {

@@ -3,6 +3,11 @@
 //!
 //! Every field is optional; an unset field is sent as the protobuf zero,
 //! which the agent reads as "use your safe default".
+//! [`RolloutPolicy::effective`] fills those defaults in for display, and
+//! [`RolloutPolicy::check_usable`] refuses what could not act: a comparison
+//! with the old version where it answers nothing (we chose refusal over a
+//! reinterpretation against the standby's last window, which would compare
+//! with a window measured under other load), and a policy that detects nothing.
 
 use sentinel_proto::pb;
 use serde::{Deserialize, Serialize};
@@ -40,15 +45,20 @@ pub struct RolloutPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<Phase>>, min_items = 1)]
     pub phases: Option<Vec<String>>,
-    /// How long each phase runs before the next, in seconds (0..=604800, a week).
+    /// How long each phase runs before the next, in seconds (0..=604800, a
+    /// week). Unset or 0: 30 s per phase when `phases` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 604_800)]
     pub bake_seconds: Option<u64>,
     /// Requests a phase needs before its metrics count (1..=10000000).
+    /// Unset: 100 per phase when `phases` is given (200 for the default `full`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 10_000_000)]
     pub min_samples: Option<u64>,
-    /// p95 latency of the new version at most this times the old one's (above 0, at most 1000).
+    /// p95 latency of the new version at most this times the old one's (above
+    /// 0, at most 1000; default 1.5). Compares with the old version, so it
+    /// needs a `shadow` or `canary` phase: set in a rollout without one
+    /// (`["full"]`, or no phases: the default is `full`) it is refused (422).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(exclusive_minimum = 0, maximum = 1000)]
     pub max_latency_ratio: Option<f64>,
@@ -59,10 +69,14 @@ pub struct RolloutPolicy {
     /// Largest error rate, 0..=1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_error_rate: Option<f64>,
-    /// Absolute minimum accuracy, 0..=1.
+    /// Absolute minimum accuracy, 0..=1, of feedback (once
+    /// `min_accuracy_samples` arrived) and of the validation set, in every
+    /// phase. Unset or 0: the version's declared accuracy minus the device's
+    /// `serving.validation_tolerance` (0.02 by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_accuracy: Option<f64>,
-    /// Largest accuracy drop from the old version, 0..=1.
+    /// Largest accuracy drop from the old version, 0..=1. Needs a `shadow` or
+    /// `canary` phase (refused with 422 otherwise, as `max_latency_ratio`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_accuracy_drop: Option<f64>,
     /// Smallest agreement with the old version in shadow, 0..=1.
@@ -207,6 +221,120 @@ impl RolloutPolicy {
     }
 }
 
+/// Requests and bake of each phase of a policy that names its phases but
+/// not `min_samples`/`bake_seconds` (the agent's per-phase defaults).
+pub const DEFAULT_PHASE_SAMPLES: u64 = 100;
+pub const DEFAULT_PHASE_BAKE_SECONDS: u64 = 30;
+/// The agent's built-in policy for a deployment that names no phases: straight
+/// to `full`, judged on 200 requests, then 60 s of warm standby.
+pub const DEFAULT_PHASES: [&str; 1] = ["full"];
+pub const DEFAULT_FULL_SAMPLES: u64 = 200;
+pub const DEFAULT_LATENCY_RATIO: f64 = 1.5;
+pub const DEFAULT_ERROR_RATE: f64 = 0.05;
+pub const DEFAULT_STANDBY_BAKE_SECONDS: u64 = 60;
+pub const DEFAULT_ACCURACY_SAMPLES: u64 = 50;
+pub const DEFAULT_MAX_RESTARTS: u32 = 3;
+/// The agent's default `serving.validation_tolerance`: the declared accuracy
+/// minus this is the default accuracy floor.
+pub const DEFAULT_VALIDATION_TOLERANCE: f64 = 0.02;
+
+impl RolloutPolicy {
+    /// True when some phase lets both versions answer side by side (shadow or
+    /// canary), the only place a comparison with the old version means
+    /// anything. Without phases the agent's default (`full`) applies.
+    pub fn compares_with_old(&self) -> bool {
+        self.phases.as_ref().is_some_and(|p| p.iter().any(|ph| ph != "full"))
+    }
+
+    /// The policy devices apply, with every default filled in as the agent's
+    /// built-in defaults set it: phases named without counts get 100 samples
+    /// and 30 s each; no phases means `["full"]` on 200 samples; the declared
+    /// accuracy minus the default validation tolerance is the accuracy floor
+    /// when the policy sets no `min_accuracy`. The latency ratio is left out
+    /// where no phase can compare (`full` only). A device whose config has a
+    /// `[rollout]` section uses those defaults for what the deployment leaves
+    /// unset instead.
+    #[must_use]
+    pub fn effective(&self, declared_accuracy: Option<f64>) -> RolloutPolicy {
+        // On the wire 0 means "the agent's default", so a 0 here is shown as that.
+        let pos = |v: Option<f64>| v.filter(|v| *v > 0.0);
+        let nonzero = |v: Option<u64>| v.filter(|v| *v > 0);
+        let named = self.phases.is_some();
+        let compares = self.compares_with_old();
+        let floor = declared_accuracy
+            .filter(|d| *d > 0.0 && *d <= 1.0)
+            .map(|d| ((d - DEFAULT_VALIDATION_TOLERANCE).max(0.0) * 1e6).round() / 1e6);
+        RolloutPolicy {
+            phases: Some(self.phases.clone().unwrap_or_else(|| DEFAULT_PHASES.map(str::to_owned).to_vec())),
+            bake_seconds: Some(nonzero(self.bake_seconds).unwrap_or(if named {
+                DEFAULT_PHASE_BAKE_SECONDS
+            } else {
+                0
+            })),
+            min_samples: Some(self.min_samples.unwrap_or(if named {
+                DEFAULT_PHASE_SAMPLES
+            } else {
+                DEFAULT_FULL_SAMPLES
+            })),
+            max_latency_ratio: if compares {
+                Some(self.max_latency_ratio.unwrap_or(DEFAULT_LATENCY_RATIO))
+            } else {
+                None
+            },
+            latency_slo_ms: self.latency_slo_ms,
+            max_error_rate: Some(pos(self.max_error_rate).unwrap_or(DEFAULT_ERROR_RATE)),
+            min_accuracy: pos(self.min_accuracy).or(floor),
+            max_accuracy_drop: pos(self.max_accuracy_drop).filter(|_| compares),
+            min_shadow_agreement: pos(self.min_shadow_agreement)
+                .filter(|_| self.phases.as_ref().is_some_and(|p| p.iter().any(|ph| ph == "shadow"))),
+            standby_bake_seconds: Some(nonzero(self.standby_bake_seconds).unwrap_or(DEFAULT_STANDBY_BAKE_SECONDS)),
+            min_accuracy_samples: Some(self.min_accuracy_samples.unwrap_or(DEFAULT_ACCURACY_SAMPLES)),
+            max_restarts: Some(self.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS)),
+        }
+    }
+
+    /// Refuses what a deployment of a version declaring `declared_accuracy`
+    /// could not act on: a comparison with the old version (`max_accuracy_drop`,
+    /// `max_latency_ratio`) in a rollout with no shadow or canary phase, where
+    /// the old version answers nothing to compare with; and a policy under
+    /// which no check could roll back a slower, failing or less accurate
+    /// version (only worker crashes would).
+    pub fn check_usable(&self, declared_accuracy: Option<f64>) -> Result<(), PolicyError> {
+        if !self.compares_with_old() {
+            let phases = self.phases.as_ref().map_or_else(|| "the default [\"full\"]".to_owned(), |p| format!("{p:?}"));
+            for (field, set) in [
+                ("max_accuracy_drop", self.max_accuracy_drop.is_some_and(|v| v > 0.0)),
+                ("max_latency_ratio", self.max_latency_ratio.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        format!("policy.{field}"),
+                        format!(
+                            "compares with the old version, which answers nothing to compare with in phases {phases}; \
+                             add a shadow or canary phase (e.g. [\"canary:10\", \"full\"]), or use {}",
+                            if field == "max_accuracy_drop" { "min_accuracy" } else { "latency_slo_ms" }
+                        ),
+                    ));
+                }
+            }
+        }
+        let e = self.effective(declared_accuracy);
+        let latency = e.latency_slo_ms.is_some() || e.max_latency_ratio.is_some();
+        let errors = e.max_error_rate.is_some_and(|r| r < 1.0);
+        let accuracy = e.min_accuracy.is_some_and(|a| a > 0.0) || e.max_accuracy_drop.is_some();
+        let agreement = e.min_shadow_agreement.is_some_and(|a| a > 0.0);
+        if !(latency || errors || accuracy || agreement) {
+            return Err(invalid(
+                "policy",
+                "this policy cannot detect anything: no latency check can apply (no latency_slo_ms, and no shadow or \
+                 canary phase for max_latency_ratio), max_error_rate 1 accepts every failure, and there is no \
+                 accuracy floor (no min_accuracy, and the version declares no accuracy); set one of them",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Checks the halt thresholds of a deployment.
 pub fn validate_halt(fraction: f64, count: Option<u32>) -> Result<(), PolicyError> {
     if !(0.0..=1.0).contains(&fraction) {
@@ -305,5 +433,56 @@ mod tests {
             ..RolloutPolicy::default()
         };
         assert_eq!(edge.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_effective_policy_fills_in_every_default() {
+        let given = RolloutPolicy { max_latency_ratio: Some(2.0), ..phases(&["shadow", "canary:10", "full"]) };
+        let e = given.effective(Some(0.97));
+        assert_eq!((e.min_samples, e.bake_seconds), (Some(DEFAULT_PHASE_SAMPLES), Some(DEFAULT_PHASE_BAKE_SECONDS)));
+        assert_eq!((e.max_latency_ratio, e.min_accuracy, e.max_error_rate), (Some(2.0), Some(0.95), Some(0.05)));
+        assert_eq!((e.standby_bake_seconds, e.min_accuracy_samples, e.max_restarts), (Some(60), Some(50), Some(3)));
+        // No phases: the agent's `full` on 200 samples, no ratio to apply.
+        let e = RolloutPolicy::default().effective(None);
+        assert_eq!(e.phases, Some(vec!["full".to_owned()]));
+        assert_eq!(
+            (e.min_samples, e.bake_seconds, e.max_latency_ratio, e.min_accuracy),
+            (Some(200), Some(0), None, None)
+        );
+        // A 0 on the wire is the agent's default, and is shown as that; a
+        // given min_accuracy wins over the declared floor.
+        let zeros = RolloutPolicy {
+            bake_seconds: Some(0),
+            max_error_rate: Some(0.0),
+            min_accuracy: Some(0.5),
+            ..phases(&["full"])
+        };
+        let e = zeros.effective(Some(0.99));
+        assert_eq!((e.bake_seconds, e.max_error_rate, e.min_accuracy), (Some(30), Some(0.05), Some(0.5)));
+    }
+
+    #[test]
+    fn comparisons_without_a_side_by_side_phase_and_blind_policies_are_refused() {
+        let drop = RolloutPolicy { max_accuracy_drop: Some(0.05), ..phases(&["full"]) };
+        assert_eq!(drop.check_usable(Some(0.9)).unwrap_err().field, "policy.max_accuracy_drop");
+        let ratio = RolloutPolicy { max_latency_ratio: Some(1.5), ..RolloutPolicy::default() };
+        assert_eq!(ratio.check_usable(Some(0.9)).unwrap_err().field, "policy.max_latency_ratio");
+        let ok = RolloutPolicy {
+            max_latency_ratio: Some(1.5),
+            max_accuracy_drop: Some(0.05),
+            ..phases(&["canary:5", "full"])
+        };
+        assert_eq!(ok.check_usable(None), Ok(()));
+        let blind = RolloutPolicy { max_error_rate: Some(1.0), ..phases(&["full"]) };
+        let err = blind.check_usable(None).unwrap_err();
+        assert_eq!(err.field, "policy");
+        assert!(err.message.contains("cannot detect anything"), "{err}");
+        // Each one thing that can detect makes it usable.
+        assert_eq!(blind.check_usable(Some(0.9)), Ok(()));
+        assert_eq!(RolloutPolicy { latency_slo_ms: Some(50.0), ..blind.clone() }.check_usable(None), Ok(()));
+        assert_eq!(RolloutPolicy { max_error_rate: Some(0.99), ..blind.clone() }.check_usable(None), Ok(()));
+        let shadow = RolloutPolicy { max_error_rate: Some(1.0), ..phases(&["shadow", "full"]) };
+        assert_eq!(shadow.check_usable(None), Ok(()), "the default ratio applies in shadow");
+        assert_eq!(RolloutPolicy::default().check_usable(None), Ok(()));
     }
 }

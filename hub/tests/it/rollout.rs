@@ -528,3 +528,96 @@ async fn cli_deploys_with_a_policy_file_and_shows_counts_and_the_halt() {
         assert!(out.contains(dev), "one row per device: {out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_that_cannot_work_are_refused_at_deploy_naming_why() {
+    let hub = TestHub::start().await;
+    push(&hub, &["1.0.0"]).await;
+    // The same model, declaring no accuracy: no default accuracy floor.
+    let r = hub.upload("digits", "2.0.0", model_bytes(V1), "&stage=staging").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    for (version, policy, why) in [
+        // Comparisons with the old version, which answers nothing in `full`.
+        ("1.0.0", json!({"phases": ["full"], "max_accuracy_drop": 0.05}), "policy.max_accuracy_drop"),
+        ("1.0.0", json!({"phases": ["full"], "max_latency_ratio": 1.5}), "policy.max_latency_ratio"),
+        // Without phases the default is `full` too.
+        ("1.0.0", json!({"max_latency_ratio": 2.0}), "policy.max_latency_ratio"),
+        // Nothing could roll it back: no latency check, every error
+        // accepted, no accuracy floor.
+        ("2.0.0", json!({"phases": ["full"], "max_error_rate": 1.0}), "cannot detect anything"),
+        ("2.0.0", json!({"phases": ["full"], "max_error_rate": 1.0, "min_accuracy": 0}), "cannot detect anything"),
+    ] {
+        let body = json!({"version": version, "target": "*", "policy": policy});
+        let r = hub.post_json("/api/v1/models/digits/deploy", &hub.admin, body).await;
+        let msg = expect_error(r, 422).await;
+        assert!(msg.contains(why), "{policy}: {msg:?} should say {why}");
+    }
+    let list: Value = hub.get("/api/v1/deployments", &hub.admin).await.json().await.unwrap();
+    assert_eq!(list["total"], 0, "nothing was deployed");
+    // What each check needs makes it usable: the declared accuracy is a
+    // floor, a canary phase gives the ratio something to compare with.
+    deploy(&hub, json!({"version": "1.0.0", "target": "*", "policy": {"phases": ["full"], "max_error_rate": 1.0}}))
+        .await;
+    deploy(
+        &hub,
+        json!({"version": "2.0.0", "target": "*", "policy": {"phases": ["canary:10", "full"], "max_error_rate": 1.0}}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_effective_policy_is_printed_before_deploying_and_returned_by_get() {
+    let hub = TestHub::start().await;
+    push(&hub, &["1.0.0"]).await;
+    let r = sentinel(
+        &hub,
+        &hub.admin,
+        &[
+            "--json",
+            "model",
+            "deploy",
+            "digits",
+            "1.0.0",
+            "--target",
+            "site=a",
+            "--phases",
+            "shadow,canary:10,full",
+            "--max-latency-ratio",
+            "1.5",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    // The finding: these phases with a ratio and no counts ran on 0 samples
+    // and 0 s. Printed before sending, with every default filled in,
+    // including the floor from the declared 0.9694.
+    let line = "effective policy: phases shadow,canary:10,full; bake_seconds 30; min_samples 100; \
+                max_latency_ratio 1.5; max_error_rate 0.05; min_accuracy 0.9494; standby_bake_seconds 60; \
+                min_accuracy_samples 50; max_restarts 3";
+    assert!(r.stderr.contains(line), "{}", r.stderr);
+    let d: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(d["policy"], json!({"phases": ["shadow", "canary:10", "full"], "max_latency_ratio": 1.5}));
+    let effective = json!({
+        "phases": ["shadow", "canary:10", "full"], "bake_seconds": 30, "min_samples": 100,
+        "max_latency_ratio": 1.5, "max_error_rate": 0.05, "min_accuracy": 0.9494, "standby_bake_seconds": 60,
+        "min_accuracy_samples": 50, "max_restarts": 3
+    });
+    assert_eq!(d["effective_policy"], effective);
+    let id = d["id"].as_i64().unwrap();
+    let shown = deployment(&hub, id).await;
+    assert_eq!(shown["effective_policy"], effective);
+    assert_eq!(shown["policy"], d["policy"], "what was asked stays as asked");
+
+    // No policy at all: the agent's built-in default, `full` on 200 samples,
+    // and no latency ratio (nothing to compare with).
+    let d = deploy(&hub, json!({"version": "1.0.0", "target": "site=b"})).await;
+    let shown = deployment(&hub, d["id"].as_i64().unwrap()).await;
+    assert_eq!(
+        shown["effective_policy"],
+        json!({"phases": ["full"], "bake_seconds": 0, "min_samples": 200, "max_error_rate": 0.05,
+               "min_accuracy": 0.9494, "standby_bake_seconds": 60, "min_accuracy_samples": 50, "max_restarts": 3})
+    );
+    let r = sentinel(&hub, &hub.admin, &["deployments", "show", &id.to_string()]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains(&line["effective policy: ".len()..]), "{}", r.stdout);
+}
