@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sentinel_proto::inspect::{
-    CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CheckFailure, CheckReport, is_allocation_failure,
+    CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CheckFailure, CheckReport, CheckStage, is_allocation_failure,
+    unsupported_operator,
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
@@ -44,6 +45,11 @@ const MAX_REPORT_BYTES: usize = 64 * 1024;
 const MAX_STDERR_BYTES: usize = 8 * 1024;
 /// How much of the engine's reason goes into a refusal.
 const MAX_REASON_CHARS: usize = 2000;
+/// How much of ONNX Runtime's reason goes into a refusal's hint.
+const MAX_ORT_REASON_CHARS: usize = 500;
+/// The engines' names on the worker's command line.
+const TRACT: &str = "tract";
+const ORT: &str = "ort";
 
 /// Why an upload was refused, or could not be inspected.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +58,8 @@ pub enum InspectError {
     #[error(transparent)]
     Signature(#[from] OnnxError),
     /// The engine refused the model.
-    #[error("the model does not load ({stage}): {reason}")]
-    Refused { stage: &'static str, reason: String },
+    #[error("the model does not load ({stage}): {reason}{}", show_hint(hint))]
+    Refused { stage: &'static str, reason: String, hint: Vec<String> },
     /// The check hit its address-space limit.
     #[error(
         "inspecting the model exceeds the inspection limit of {limit_mib} MiB of memory \
@@ -152,7 +158,18 @@ impl Inspector {
             .map_err(|e| self.fault(format!("the signature reader stopped: {e}")))??;
         let _slot = self.slots.acquire().await.map_err(|e| self.fault(e.to_string()))?;
         let started = Instant::now();
-        let report = self.check(path, &signature.default_input_shapes()).await?;
+        let shapes = signature.default_input_shapes();
+        let report = match self.check(path, &shapes, TRACT).await {
+            Err(InspectError::Refused { stage, reason, mut hint }) => {
+                if let Some(op) = unsupported_operator(&reason) {
+                    let domain = signature.operator_domain(&op).unwrap_or("unknown");
+                    hint.push(format!("the operator {op} (domain {domain}) is not supported by tract"));
+                }
+                hint.push(self.ort_verdict(path, &shapes).await);
+                return Err(InspectError::Refused { stage, reason, hint });
+            }
+            other => other?,
+        };
         if !report.confined && report.probe_skipped.is_none() {
             // Only where seccomp is missing (qemu-user); the limits still held.
             tracing::warn!(model = %path.display(), "the upload check ran without its seccomp filter");
@@ -160,18 +177,38 @@ impl Inspector {
         Ok(Inspection { signature, report, check_time: started.elapsed() })
     }
 
+    /// Whether ONNX Runtime loads and runs a model tract refused, for the
+    /// refusal's hint: one more confined check, with `--engine ort`.
+    async fn ort_verdict(&self, path: &Path, shapes: &[Vec<u64>]) -> String {
+        match self.check(path, shapes, ORT).await {
+            Ok(_) => "ONNX Runtime loads and runs it: devices with the ort engine could serve it".into(),
+            // A worker built without the `ort` feature says so as a load failure.
+            Err(InspectError::Refused { reason, .. }) if !reason.contains("engine is unavailable") => {
+                format!("ONNX Runtime refuses it too: {}", clip_to(&reason, MAX_ORT_REASON_CHARS))
+            }
+            Err(InspectError::Worker { .. } | InspectError::Refused { .. }) => {
+                "ONNX Runtime is not available on this hub (a sentinel-worker built \
+                 with the `ort` feature and ORT_DYLIB_PATH), so it was not tried"
+                    .into()
+            }
+            Err(other) => {
+                format!("ONNX Runtime fails on it too: {}", clip_to(&other.to_string(), MAX_ORT_REASON_CHARS))
+            }
+        }
+    }
+
     fn fault(&self, message: String) -> InspectError {
         InspectError::Worker { worker: self.worker.clone(), message }
     }
 
-    async fn check(&self, model: &Path, shapes: &[Vec<u64>]) -> Result<CheckReport, InspectError> {
+    async fn check(&self, model: &Path, shapes: &[Vec<u64>], engine: &str) -> Result<CheckReport, InspectError> {
         let dir = tempfile::Builder::new()
             .prefix("check-")
             .tempdir_in(&self.scratch)
             .map_err(|e| self.fault(format!("creating a directory in {}: {e}", self.scratch.display())))?;
         let model = std::path::absolute(model).map_err(|e| self.fault(e.to_string()))?;
         let mut cmd = Command::new(&self.worker);
-        cmd.arg("--check").arg("--model").arg(&model);
+        cmd.arg("--check").arg("--model").arg(&model).arg(format!("--engine={engine}"));
         for shape in shapes {
             let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
             cmd.arg(format!("--input-shape={}", dims.join(",")));
@@ -183,6 +220,7 @@ impl Inspector {
             .env("HOME", dir.path())
             .env("TMPDIR", dir.path())
             .current_dir(dir.path())
+            .envs(std::env::var_os("ORT_DYLIB_PATH").filter(|_| engine == ORT).map(|p| ("ORT_DYLIB_PATH", p)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -237,8 +275,16 @@ fn outcome(
             Some(_),
             Some(CheckFailure { out_of_memory: true, reason, .. }),
         ) => Err(InspectError::MemoryLimit { limit_mib, detail: format!(": {}", clip(&reason)) }),
-        (Some(CHECK_EXIT_MODEL | CHECK_EXIT_PANIC), Some(_), Some(CheckFailure { stage, reason, .. })) => {
-            Err(InspectError::Refused { stage: stage.as_str(), reason: clip(&reason) })
+        (Some(CHECK_EXIT_MODEL | CHECK_EXIT_PANIC), Some(report), Some(CheckFailure { stage, reason, .. })) => {
+            let failed: Vec<&str> =
+                report.load_steps.iter().filter(|s| s.error.is_some()).map(|s| s.step.as_str()).collect();
+            let hint = match stage {
+                CheckStage::Load if !failed.is_empty() => {
+                    vec![format!("{} failed at every load step: {}", report.engine, failed.join("; "))]
+                }
+                _ => vec![format!("{} loaded it but failed at {}", report.engine, stage.as_str())],
+            };
+            Err(InspectError::Refused { stage: stage.as_str(), reason: clip(&reason), hint })
         }
         _ if exit.signal == Some(libc::SIGSYS) => Err(InspectError::SandboxViolation),
         // Rust's collections abort (SIGABRT) when an allocation fails, after
@@ -264,12 +310,20 @@ fn show_duration(d: Duration) -> String {
     if d.subsec_nanos() == 0 { format!("{} s", d.as_secs()) } else { format!("{} ms", d.as_millis()) }
 }
 
+fn show_hint(hint: &[String]) -> String {
+    if hint.is_empty() { String::new() } else { format!(". Hint: {}", hint.join("; ")) }
+}
+
 fn last_line(stderr: &str) -> String {
     stderr.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(": {}", clip(l))).unwrap_or_default()
 }
 
 fn clip(s: &str) -> String {
-    match s.char_indices().nth(MAX_REASON_CHARS) {
+    clip_to(s, MAX_REASON_CHARS)
+}
+
+fn clip_to(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &s[..at]),
         None => s.to_owned(),
     }
@@ -336,8 +390,6 @@ async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>, cap: usize, keep: Ke
 
 #[cfg(test)]
 mod tests {
-    use sentinel_proto::inspect::CheckStage;
-
     use super::*;
 
     const MIB: u64 = 1024 * 1024;
@@ -351,6 +403,7 @@ mod tests {
             failure,
             outputs: vec![],
             probe_skipped: None,
+            load_steps: vec![],
         }
     }
 

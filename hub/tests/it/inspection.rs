@@ -154,6 +154,31 @@ async fn an_unknown_operator_is_refused_with_the_engines_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsupported_operator_is_refused_with_a_hint_naming_step_operator_domain_and_ort() {
+    let hub = TestHub::start().await;
+    hub.register("odd").await;
+    let bytes = std::fs::read(model_path("broken/unsupported_op.onnx")).unwrap();
+    let msg = expect_error(hub.upload("odd", "1.0.0", bytes, "").await, 422).await;
+    assert!(msg.contains("Unimplemented(SentinelNoSuchOp)"), "the engine's reason: {msg}");
+    assert!(
+        msg.contains("failed at every load step: as declared; ignoring value_info and output shapes"),
+        "the steps: {msg}"
+    );
+    assert!(msg.contains("operator SentinelNoSuchOp (domain com.example.sentinel)"), "op and domain: {msg}");
+    // This hub's worker is built without the `ort` feature.
+    assert!(msg.contains("ONNX Runtime is not available on this hub"), "the ORT verdict: {msg}");
+    assert_eq!(stored_blobs(&hub), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_info_conflict_like_paddle_exports_passes_through_the_fallback() {
+    let hub = TestHub::start().await;
+    hub.register("paddle").await;
+    let r = hub.upload("paddle", "1.0.0", make_onnx("paddle_value_info", &[]), "").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_models_pass_the_check() {
     let hub = TestHub::start().await;
     hub.register("vision").await;

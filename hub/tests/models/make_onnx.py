@@ -10,6 +10,11 @@ Usage: make_onnx.py KIND OUT [ARGS...]
   unknown_op OUT       one node of an operator no engine knows.
   uint8_input OUT      x: uint8[1,4] -> Cast to float -> y: a dtype the worker
                        protocol does not carry yet.
+  paddle_value_info OUT
+                       x: float[N,64] -> MatMul(64x10) -> Relu -> y[N,10], whose
+                       value_info types the intermediate `h` as
+                       [DynamicDimension.0, 10], as PaddlePaddle->ONNX exports
+                       do: tract cannot unify that with the fixed input facts.
 """
 import sys
 
@@ -78,6 +83,20 @@ def uint8_input(out):
     save(graph, out)
 
 
+def paddle_value_info(out):
+    weights = [((i * 7 + j * 3) % 11 - 5) / 10.0 for i in range(64) for j in range(10)]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "paddle_value_info",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [64, 10], weights)],
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, ["DynamicDimension.0", 10])],
+    )
+    save(graph, out)
+
+
 if __name__ == "__main__":
     kind, out, *args = sys.argv[1:]
-    {"bomb": bomb, "relu_chain": relu_chain, "unknown_op": unknown_op, "uint8_input": uint8_input}[kind](out, *args)
+    {"bomb": bomb, "relu_chain": relu_chain, "unknown_op": unknown_op, "uint8_input": uint8_input,
+     "paddle_value_info": paddle_value_info}[kind](out, *args)
