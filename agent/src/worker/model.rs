@@ -298,9 +298,9 @@ pub fn optimise_tract_steps(
         }
     }
     let error = match first_error {
-        Some(ModelError::Load { path, message }) => {
-            let tried: Vec<&str> = attempts.iter().map(|a| a.step.name()).collect();
-            ModelError::Load { path, message: format!("{message} (also tried: {})", tried[1..].join("; ")) }
+        Some(ModelError::Load { path, message }) if attempts.len() > 1 => {
+            let tried: Vec<&str> = attempts[1..].iter().map(|a| a.step.name()).collect();
+            ModelError::Load { path, message: format!("{message} (also tried: {})", tried.join("; ")) }
         }
         Some(other) => other,
         None => ModelError::Load { path: path.to_owned(), message: "no load step was tried".into() },
