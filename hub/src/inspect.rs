@@ -19,6 +19,7 @@
 //! saying it "exceeds the inspection limit", and which limit; the hub's own
 //! memory does not move.
 
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -57,6 +58,9 @@ pub enum InspectError {
     /// The file is not a usable ONNX model, or is over the node limit.
     #[error(transparent)]
     Signature(#[from] OnnxError),
+    /// A `--input-shape` given at push does not fit the model.
+    #[error("{0}")]
+    ServingShape(String),
     /// The engine refused the model.
     #[error("the model does not load ({stage}): {reason}{}", show_hint(hint))]
     Refused { stage: &'static str, reason: String, hint: Vec<String> },
@@ -151,6 +155,17 @@ impl Inspector {
     /// Reads the signature of the ONNX file at `path`, then checks it in a
     /// confined child. Waits for a free check slot.
     pub async fn inspect(&self, path: &Path) -> Result<Inspection, InspectError> {
+        self.inspect_with(path, &BTreeMap::new()).await
+    }
+
+    /// [`Inspector::inspect`], checking the inputs named in `serving` with
+    /// those fixed shapes (the `--input-shape` of a push) and the others with
+    /// their symbolic dims fixed to 1.
+    pub async fn inspect_with(
+        &self,
+        path: &Path,
+        serving: &BTreeMap<String, Vec<u64>>,
+    ) -> Result<Inspection, InspectError> {
         let limits = SignatureLimits { max_nodes: self.config.max_nodes };
         let owned = path.to_owned();
         let signature = tokio::task::spawn_blocking(move || onnx::read_signature(&owned, limits))
@@ -158,7 +173,7 @@ impl Inspector {
             .map_err(|e| self.fault(format!("the signature reader stopped: {e}")))??;
         let _slot = self.slots.acquire().await.map_err(|e| self.fault(e.to_string()))?;
         let started = Instant::now();
-        let shapes = signature.default_input_shapes();
+        let shapes = serving_shapes(&signature, serving)?;
         let report = match self.check(path, &shapes, TRACT).await {
             Err(InspectError::Refused { stage, reason, mut hint }) => {
                 if let Some(op) = unsupported_operator(&reason) {
@@ -249,6 +264,42 @@ impl Inspector {
                 other => other,
             })
     }
+}
+
+/// The shapes to check with: the given ones where named, each checked
+/// against the declared dims; the others with symbolic dims fixed to 1.
+fn serving_shapes(sig: &OnnxSignature, serving: &BTreeMap<String, Vec<u64>>) -> Result<Vec<Vec<u64>>, InspectError> {
+    if let Some(name) = serving.keys().find(|n| !sig.inputs.iter().any(|t| &t.name == *n)) {
+        let names: Vec<&str> = sig.inputs.iter().map(|t| t.name.as_str()).collect();
+        return Err(InspectError::ServingShape(format!(
+            "--input-shape names `{name}`, which is no input of the model (its inputs: {})",
+            names.join(", ")
+        )));
+    }
+    let defaults = sig.default_input_shapes();
+    sig.inputs
+        .iter()
+        .zip(defaults)
+        .map(|(t, default)| match serving.get(&t.name) {
+            None => Ok(default),
+            Some(dims) => {
+                let fits = dims.len() == t.shape.len()
+                    && dims.iter().zip(&t.shape).all(|(&n, d)| {
+                        n > 0 && !matches!(d.kind, Some(sentinel_proto::pb::dimension::Kind::Fixed(f)) if f != n)
+                    });
+                if fits {
+                    Ok(dims.clone())
+                } else {
+                    Err(InspectError::ServingShape(format!(
+                        "--input-shape {}={} does not fit the declared {}",
+                        t.name,
+                        dims.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                        onnx::show_shape(&t.shape)
+                    )))
+                }
+            }
+        })
+        .collect()
 }
 
 /// How the check process ended.

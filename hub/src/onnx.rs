@@ -124,6 +124,19 @@ impl OnnxSignature {
     }
 }
 
+/// `[N, 3, 640, 640]` style rendering of declared dims (`?` for an unnamed symbol).
+pub fn show_shape(dims: &[sentinel_proto::pb::Dimension]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| match &d.kind {
+            Some(Kind::Fixed(n)) => n.to_string(),
+            Some(Kind::Symbolic(s)) if !s.is_empty() => s.clone(),
+            _ => "?".to_owned(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
 /// ONNX element type code to our dtype name.
 fn elem_type(code: i32) -> Option<&'static str> {
     Some(match code {

@@ -117,6 +117,11 @@ pub struct PushArgs {
     /// Comma-separated tags.
     #[arg(long)]
     pub tags: Option<String>,
+    /// The shape devices serve input NAME with, e.g. `images=1,3,640,640`:
+    /// fixes its symbolic dims (repeat for several inputs). Signed into the
+    /// manifest; a device's `serving.input_shapes` still overrides it.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    pub input_shapes: Vec<String>,
     /// Directory with `inputs.bin` (raw little-endian samples of the first
     /// input) and `labels.bin` (int64 labels), scored on the device before traffic.
     #[arg(long)]
