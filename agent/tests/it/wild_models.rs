@@ -77,7 +77,8 @@ async fn symbolic_hw_is_refused_without_a_shape_and_served_with_one_from_push_or
 
     // Without a shape: refused on the device, naming both ways to fix it.
     let a = start_agent(&tmp.path().join("a"), &hub, "edge-a", &[("site", "a")]).await;
-    hub.deploy("hw", "1.0.0", "site=a").await;
+    let d = hub.deploy("hw", "1.0.0", "site=a").await;
+    assert!(d["warnings"][0].as_str().unwrap_or_default().contains("--input-shape x="), "warned at deploy: {d}");
     let view = a.wait_for(WAIT, |v| status(v, "hw").is_some_and(|s| s.0 == "failed")).await.unwrap();
     let (_, version, detail) = status(&view, "hw").unwrap();
     assert_eq!(version, "1.0.0");
@@ -87,7 +88,8 @@ async fn symbolic_hw_is_refused_without_a_shape_and_served_with_one_from_push_or
     assert!(device.to_string().contains("--input-shape"), "the hub hears why: {device}");
 
     // With the shape signed at push: served, and the metadata says so.
-    hub.deploy("hw", "2.0.0", "site=a").await;
+    let d = hub.deploy("hw", "2.0.0", "site=a").await;
+    assert!(d.get("warnings").is_none(), "{d}");
     a.wait_for(WAIT, |v| active(v, "hw").as_deref() == Some("2.0.0")).await.unwrap();
     let addr = a.inference_addr.unwrap();
     let client = reqwest::Client::new();

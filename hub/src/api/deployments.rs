@@ -240,6 +240,19 @@ pub async fn deploy(
     // A first wave may hold no device yet: then it widens at once.
     let d = if d.waves.is_empty() { d } else { crate::rollout::widen(&state, d).await? };
     let detail = format!("deployment {}: {name} {} to [{}]", d.id, d.version, d.target);
+    // Symbolic dims no serving shape fixes: devices without their own
+    // `serving.input_shapes` will refuse the version. Said, not refused.
+    let warnings = <sentinel_proto::pb::ModelManifest as prost::Message>::decode(version.manifest.as_slice())
+        .map(|m| super::versions::open_dims_warnings(&m))
+        .unwrap_or_default();
+    if !warnings.is_empty() {
+        tracing::warn!(model = %name, version = %d.version, warning = %warnings.join("; "), "deploying open dims");
+        let mut out = serde_json::to_value(DeploymentOut::from(d)).map_err(|e| ApiError::internal("encoding", &e))?;
+        out["warnings"] = serde_json::json!(warnings);
+        let mut resp = (StatusCode::CREATED, Json(out)).into_response();
+        resp.extensions_mut().insert(AuditDetail(detail));
+        return Ok(resp);
+    }
     Ok(created(d, detail))
 }
 
