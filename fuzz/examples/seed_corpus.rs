@@ -83,6 +83,8 @@ fn manifest_for(rel: &str, name: &str, version: &str, validation: bool) -> Model
             count: 360,
         }),
         serving_shapes: Vec::new(),
+        engine: String::new(),
+        check_skipped: String::new(),
     }
 }
 

@@ -102,6 +102,8 @@ pub struct Inspection {
     pub report: CheckReport,
     /// Wall time of the check in the child.
     pub check_time: Duration,
+    /// Why the engine check did not run (this hub lacks the version's engine).
+    pub skipped: Option<String>,
 }
 
 /// Runs inspections; one per hub.
@@ -155,7 +157,7 @@ impl Inspector {
     /// Reads the signature of the ONNX file at `path`, then checks it in a
     /// confined child. Waits for a free check slot.
     pub async fn inspect(&self, path: &Path) -> Result<Inspection, InspectError> {
-        self.inspect_with(path, &BTreeMap::new()).await
+        self.inspect_with(path, &BTreeMap::new(), "").await
     }
 
     /// [`Inspector::inspect`], checking the inputs named in `serving` with
@@ -165,6 +167,7 @@ impl Inspector {
         &self,
         path: &Path,
         serving: &BTreeMap<String, Vec<u64>>,
+        engine: &str,
     ) -> Result<Inspection, InspectError> {
         let limits = SignatureLimits { max_nodes: self.config.max_nodes };
         let owned = path.to_owned();
@@ -174,6 +177,29 @@ impl Inspector {
         let _slot = self.slots.acquire().await.map_err(|e| self.fault(e.to_string()))?;
         let started = Instant::now();
         let shapes = serving_shapes(&signature, serving)?;
+        if engine == ORT {
+            return match self.check(path, &shapes, ORT).await {
+                Ok(report) => Ok(Inspection { signature, report, check_time: started.elapsed(), skipped: None }),
+                // The worker lacks the engine: skipped, and said so, not passed.
+                Err(e) if lacks_engine(&e) => {
+                    let why = "the push-time check was skipped: this hub's sentinel-worker has no ONNX Runtime \
+                               (the `ort` feature and ORT_DYLIB_PATH); nothing proves devices can load it";
+                    tracing::warn!(model = %path.display(), "{why}");
+                    let report = CheckReport {
+                        engine: ORT.into(),
+                        input_shapes: shapes,
+                        confined: false,
+                        load_ms: 0,
+                        failure: None,
+                        outputs: Vec::new(),
+                        probe_skipped: Some(why.into()),
+                        load_steps: Vec::new(),
+                    };
+                    Ok(Inspection { signature, report, check_time: started.elapsed(), skipped: Some(why.into()) })
+                }
+                Err(e) => Err(e),
+            };
+        }
         let report = match self.check(path, &shapes, TRACT).await {
             Err(InspectError::Refused { stage, reason, mut hint }) => {
                 if let Some(op) = unsupported_operator(&reason) {
@@ -189,7 +215,7 @@ impl Inspector {
             // Only where seccomp is missing (qemu-user); the limits still held.
             tracing::warn!(model = %path.display(), "the upload check ran without its seccomp filter");
         }
-        Ok(Inspection { signature, report, check_time: started.elapsed() })
+        Ok(Inspection { signature, report, check_time: started.elapsed(), skipped: None })
     }
 
     /// Whether ONNX Runtime loads and runs a model tract refused, for the
@@ -197,14 +223,14 @@ impl Inspector {
     async fn ort_verdict(&self, path: &Path, shapes: &[Vec<u64>]) -> String {
         match self.check(path, shapes, ORT).await {
             Ok(_) => "ONNX Runtime loads and runs it: devices with the ort engine could serve it".into(),
-            // A worker built without the `ort` feature says so as a load failure.
-            Err(InspectError::Refused { reason, .. }) if !reason.contains("engine is unavailable") => {
+            Err(e) if lacks_engine(&e) => "ONNX Runtime is not available on this hub (a sentinel-worker built \
+                 with the `ort` feature and ORT_DYLIB_PATH), so it was not tried"
+                .into(),
+            Err(InspectError::Refused { reason, .. }) => {
                 format!("ONNX Runtime refuses it too: {}", clip_to(&reason, MAX_ORT_REASON_CHARS))
             }
-            Err(InspectError::Worker { .. } | InspectError::Refused { .. }) => {
-                "ONNX Runtime is not available on this hub (a sentinel-worker built \
-                 with the `ort` feature and ORT_DYLIB_PATH), so it was not tried"
-                    .into()
+            Err(e @ InspectError::Worker { .. }) => {
+                format!("whether ONNX Runtime loads it is unknown: {}", clip_to(&e.to_string(), MAX_ORT_REASON_CHARS))
             }
             Err(other) => {
                 format!("ONNX Runtime fails on it too: {}", clip_to(&other.to_string(), MAX_ORT_REASON_CHARS))
@@ -300,6 +326,15 @@ fn serving_shapes(sig: &OnnxSignature, serving: &BTreeMap<String, Vec<u64>>) -> 
             }
         })
         .collect()
+}
+
+/// Whether a check failed because the worker lacks the engine: a worker built
+/// without the `ort` feature says so as a load failure.
+fn lacks_engine(e: &InspectError) -> bool {
+    match e {
+        InspectError::Refused { reason, .. } => reason.contains("engine is unavailable"),
+        _ => false,
+    }
 }
 
 /// How the check process ended.

@@ -58,6 +58,9 @@ pub fn verify_manifest(signed: &SignedManifest, trusted: &TrustedKeys) -> Result
     Ok(manifest)
 }
 
+/// The engines a manifest may name (empty: tract).
+pub const ENGINES: [&str; 3] = ["", "tract", "ort"];
+
 /// Checks the invariants every manifest must hold, signed or not.
 pub fn validate(m: &ModelManifest) -> Result<(), ManifestError> {
     let invalid = |field, reason: &str| ManifestError::Invalid { field, reason: reason.to_owned() };
@@ -81,6 +84,9 @@ pub fn validate(m: &ModelManifest) -> Result<(), ManifestError> {
         && !(a.value.is_finite() && (0.0..=1.0).contains(&a.value))
     {
         return Err(invalid("accuracy", "the value must be a fraction between 0 and 1"));
+    }
+    if !ENGINES.contains(&m.engine.as_str()) {
+        return Err(invalid("engine", "must be empty, \"tract\" or \"ort\""));
     }
     for (i, s) in m.serving_shapes.iter().enumerate() {
         let Some(spec) = m.inputs.iter().find(|t| t.name == s.input) else {
@@ -229,6 +235,12 @@ pub struct ManifestView {
     /// input not named here has only its batch dim fixed (to 1).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub serving_shapes: BTreeMap<String, Vec<u64>>,
+    /// `tract` when empty, or `ort`: the engine devices run the model with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine: String,
+    /// Why the push-time check did not run, when it did not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub check_skipped: String,
 }
 
 impl From<&pb::TensorSpec> for TensorView {
@@ -293,6 +305,8 @@ impl From<&ModelManifest> for ManifestView {
                 count: v.count,
             }),
             serving_shapes: m.serving_shapes.iter().map(|s| (s.input.clone(), s.dims.clone())).collect(),
+            engine: m.engine.clone(),
+            check_skipped: m.check_skipped.clone(),
         }
     }
 }
@@ -334,6 +348,8 @@ impl TryFrom<&ManifestView> for ModelManifest {
                     v.serving_shapes.get(&t.name).map(|d| pb::ServingShape { input: t.name.clone(), dims: d.clone() })
                 })
                 .collect(),
+            engine: v.engine.clone(),
+            check_skipped: v.check_skipped.clone(),
         })
     }
 }
@@ -375,6 +391,8 @@ mod tests {
                 count: 360,
             }),
             serving_shapes: vec![pb::ServingShape { input: "input".into(), dims: vec![1, 64] }],
+            engine: "ort".into(),
+            check_skipped: "this hub lacks the ort engine".into(),
         }
     }
 

@@ -65,6 +65,9 @@ pub struct UploadParams {
     /// several separated by `;` (`sentinel model push --input-shape`, repeatable).
     /// Signed into the manifest; the push-time check and every device use them.
     pub input_shapes: Option<String>,
+    /// The engine devices will run it with: `tract` (default) or `ort`. The
+    /// push-time check uses it; a hub without it skips the check and says so.
+    pub engine: Option<String>,
 }
 
 /// Most inputs, and dims per input, an `input_shapes` parameter may name.
@@ -277,6 +280,10 @@ async fn receive_version(
     let tags = split_list(&p.tags);
     check_tags("tag", &tags)?;
     let serving = parse_input_shapes(p.input_shapes.as_deref().unwrap_or_default())?;
+    let engine = p.engine.clone().unwrap_or_default();
+    if !sentinel_proto::manifest::ENGINES.contains(&engine.as_str()) {
+        return Err(ApiError::bad_request(format!("engine `{engine}`: use tract or ort")));
+    }
     let accuracy = match p.accuracy {
         Some(value) => {
             let a = AccuracyView {
@@ -343,7 +350,7 @@ async fn receive_version(
         return Err(ApiError::bad_request("the model file is empty; send the ONNX file as the request body"));
     }
 
-    let inspection = state.inspector.inspect_with(model_blob.staged.path(), &serving).await.map_err(|e| {
+    let inspection = state.inspector.inspect_with(model_blob.staged.path(), &serving, &engine).await.map_err(|e| {
         if e.is_refusal() {
             ApiError::unprocessable("invalid_model", format!("{e}; nothing was stored"))
         } else {
@@ -353,6 +360,7 @@ async fn receive_version(
     if let Some(why) = &inspection.report.probe_skipped {
         tracing::warn!(model = %name, %version, reason = %why, "accepted without a probe inference");
     }
+    let check_skipped = inspection.skipped.clone().unwrap_or_default();
     let signature = inspection.signature;
     let serving_shapes: Vec<pb::ServingShape> = signature
         .inputs
@@ -410,6 +418,8 @@ async fn receive_version(
         tags,
         validation: validation_set,
         serving_shapes,
+        engine,
+        check_skipped,
     };
     let signer = state.keyring().active();
     let signed = sign_manifest(&signer, &manifest);

@@ -74,7 +74,11 @@ impl VersionOut {
             created_at_ms: v.created_at_ms,
             created_by: v.created_by.clone(),
             manifest: ManifestView::from(&manifest),
-            warnings: open_dims_warnings(&manifest),
+            warnings: (!manifest.check_skipped.is_empty())
+                .then(|| manifest.check_skipped.clone())
+                .into_iter()
+                .chain(open_dims_warnings(&manifest))
+                .collect(),
         })
     }
 }

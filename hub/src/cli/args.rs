@@ -122,6 +122,10 @@ pub struct PushArgs {
     /// manifest; a device's `serving.input_shapes` still overrides it.
     #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,
+    /// The engine devices will run it with: tract (default) or ort. The hub's
+    /// push-time check uses it, or says it skipped the check when it lacks it.
+    #[arg(long, value_parser = ["tract", "ort"])]
+    pub engine: Option<String>,
     /// Directory with `inputs.bin` (raw little-endian samples of the first
     /// input) and `labels.bin` (int64 labels), scored on the device before traffic.
     #[arg(long)]

@@ -172,6 +172,7 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
             ("hardware", a.hardware),
             ("tags", a.tags),
             ("input_shapes", (!a.input_shapes.is_empty()).then(|| a.input_shapes.join(";"))),
+            ("engine", a.engine),
         ])
     );
     let progress = !out.json && std::io::stderr().is_terminal();

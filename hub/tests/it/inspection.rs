@@ -259,3 +259,30 @@ async fn the_cli_pushes_input_shapes_and_prints_the_open_dims_warning() {
         v["versions"].as_array().unwrap().iter().map(|v| v["manifest"]["serving_shapes"].clone()).collect();
     assert!(shapes.contains(&serde_json::json!({"x": [1, 3, 8, 8]})), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_this_hub_lacks_skips_the_check_visibly_rather_than_passing_it() {
+    let hub = TestHub::start().await;
+    let admin = hub.admin.clone();
+    hub.register("digits").await;
+    let msg = expect_error(hub.upload("digits", "1.0.0", model_bytes(V1), "&engine=cuda").await, 400).await;
+    assert!(msg.contains("engine `cuda`"), "{msg}");
+    // This hub's worker is built without the `ort` feature.
+    let r = hub.upload("digits", "1.0.0", model_bytes(V1), "&engine=ort").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["manifest"]["engine"], "ort", "signed: {v}");
+    assert!(v["manifest"]["check_skipped"].as_str().unwrap().contains("check was skipped"), "{v}");
+    assert!(v["warnings"][0].as_str().unwrap().contains("check was skipped"), "push response: {v}");
+    let listed = versions(&hub, "digits").await;
+    assert!(listed["versions"][0]["warnings"][0].as_str().unwrap().contains("check was skipped"), "{listed}");
+    let path = model_path(V1);
+    let args = ["model", "push", path.to_str().unwrap(), "--name", "digits", "--version", "1.0.1", "--engine", "ort"];
+    let r = sentinel(&hub, &admin, &args).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("warning: the push-time check was skipped"), "CLI: {}", r.stdout);
+    // tract (the default) is checked as before: no note.
+    let r = hub.upload("digits", "1.0.2", model_bytes(V1), "&engine=tract").await;
+    let v: Value = r.json().await.unwrap();
+    assert!(v.get("warnings").is_none(), "{v}");
+}
