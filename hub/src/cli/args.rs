@@ -65,7 +65,7 @@ pub struct DemoArgs {
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Upload a new version (registers the model name if needed).
-    Push(PushArgs),
+    Push(Box<PushArgs>),
     /// List models.
     List(ListArgs),
     /// Show a model and its versions.

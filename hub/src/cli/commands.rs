@@ -246,7 +246,7 @@ async fn list(client: &HubClient, out: &Out, a: ListArgs) -> Result<(), CliError
 
 async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), CliError> {
     match cmd {
-        ModelCommand::Push(a) => push(client, out, a).await,
+        ModelCommand::Push(a) => push(client, out, *a).await,
         ModelCommand::List(a) => list(client, out, a).await,
         ModelCommand::Show { name } => {
             let v = client.get(&format!("/api/v1/models/{name}")).await?;
