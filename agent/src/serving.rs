@@ -55,7 +55,8 @@ pub fn wire_dtype(name: &str) -> Option<DType> {
 }
 
 /// A model's inputs and outputs, with input shapes fixed from the manifest
-/// (symbolic dims become 1) or from the configured `overrides`.
+/// (its signed serving shapes, else a symbolic batch dim becomes 1) or from
+/// the device's configured `overrides`; refuses other symbolic dims left open.
 pub fn model_io(
     m: &ModelManifest,
     overrides: Option<&Vec<Vec<usize>>>,
@@ -86,7 +87,32 @@ pub fn model_io(
                 }
                 f.clone()
             }
-            None => declared.iter().map(|d| d.map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX))).collect(),
+            // Outputs are only described; their fixed shape is not used.
+            None if what == "output" => {
+                declared.iter().map(|d| d.map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX))).collect()
+            }
+            None => {
+                let signed = m.serving_shapes.iter().find(|s| s.input == spec.name);
+                match signed {
+                    Some(s) => s.dims.iter().map(|&n| usize::try_from(n).unwrap_or(usize::MAX)).collect(),
+                    // A symbolic batch dim (the first) serves one sample; any
+                    // other symbolic dim has no safe guess (1 would look ready
+                    // and refuse every real request).
+                    None if declared.iter().skip(1).any(Option::is_none) => {
+                        return Err(format!(
+                            "{what} `{}` has symbolic dims {} besides the batch; fix them at push with \
+                             `sentinel model push --input-shape {}=...` or on this device with \
+                             `serving.input_shapes`",
+                            spec.name,
+                            show_dims(&declared),
+                            spec.name
+                        ));
+                    }
+                    None => {
+                        declared.iter().map(|d| d.map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX))).collect()
+                    }
+                }
+            }
         };
         Ok(TensorInfo { name: spec.name.clone(), dtype, declared, fixed })
     };

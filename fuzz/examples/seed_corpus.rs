@@ -82,6 +82,9 @@ fn manifest_for(rel: &str, name: &str, version: &str, validation: bool) -> Model
             labels: Some(blob("models/data/digits_test_y.bin")),
             count: 360,
         }),
+        serving_shapes: Vec::new(),
+        engine: String::new(),
+        check_skipped: String::new(),
     }
 }
 

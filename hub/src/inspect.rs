@@ -19,6 +19,7 @@
 //! saying it "exceeds the inspection limit", and which limit; the hub's own
 //! memory does not move.
 
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sentinel_proto::inspect::{
-    CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CheckFailure, CheckReport, is_allocation_failure,
+    CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CheckFailure, CheckReport, CheckStage, is_allocation_failure,
+    unsupported_operator,
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
@@ -44,6 +46,11 @@ const MAX_REPORT_BYTES: usize = 64 * 1024;
 const MAX_STDERR_BYTES: usize = 8 * 1024;
 /// How much of the engine's reason goes into a refusal.
 const MAX_REASON_CHARS: usize = 2000;
+/// How much of ONNX Runtime's reason goes into a refusal's hint.
+const MAX_ORT_REASON_CHARS: usize = 500;
+/// The engines' names on the worker's command line.
+const TRACT: &str = "tract";
+const ORT: &str = "ort";
 
 /// Why an upload was refused, or could not be inspected.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +58,12 @@ pub enum InspectError {
     /// The file is not a usable ONNX model, or is over the node limit.
     #[error(transparent)]
     Signature(#[from] OnnxError),
+    /// A `--input-shape` given at push does not fit the model.
+    #[error("{0}")]
+    ServingShape(String),
     /// The engine refused the model.
-    #[error("the model does not load ({stage}): {reason}")]
-    Refused { stage: &'static str, reason: String },
+    #[error("the model does not load ({stage}): {reason}{}", show_hint(hint))]
+    Refused { stage: &'static str, reason: String, hint: Vec<String> },
     /// The check hit its address-space limit.
     #[error(
         "inspecting the model exceeds the inspection limit of {limit_mib} MiB of memory \
@@ -92,6 +102,8 @@ pub struct Inspection {
     pub report: CheckReport,
     /// Wall time of the check in the child.
     pub check_time: Duration,
+    /// Why the engine check did not run (this hub lacks the version's engine).
+    pub skipped: Option<String>,
 }
 
 /// Runs inspections; one per hub.
@@ -145,6 +157,18 @@ impl Inspector {
     /// Reads the signature of the ONNX file at `path`, then checks it in a
     /// confined child. Waits for a free check slot.
     pub async fn inspect(&self, path: &Path) -> Result<Inspection, InspectError> {
+        self.inspect_with(path, &BTreeMap::new(), "").await
+    }
+
+    /// [`Inspector::inspect`], checking the inputs named in `serving` with
+    /// those fixed shapes (the `--input-shape` of a push) and the others with
+    /// their symbolic dims fixed to 1.
+    pub async fn inspect_with(
+        &self,
+        path: &Path,
+        serving: &BTreeMap<String, Vec<u64>>,
+        engine: &str,
+    ) -> Result<Inspection, InspectError> {
         let limits = SignatureLimits { max_nodes: self.config.max_nodes };
         let owned = path.to_owned();
         let signature = tokio::task::spawn_blocking(move || onnx::read_signature(&owned, limits))
@@ -152,26 +176,80 @@ impl Inspector {
             .map_err(|e| self.fault(format!("the signature reader stopped: {e}")))??;
         let _slot = self.slots.acquire().await.map_err(|e| self.fault(e.to_string()))?;
         let started = Instant::now();
-        let report = self.check(path, &signature.default_input_shapes()).await?;
+        let shapes = serving_shapes(&signature, serving)?;
+        if engine == ORT {
+            return match self.check(path, &shapes, ORT).await {
+                Ok(report) => Ok(Inspection { signature, report, check_time: started.elapsed(), skipped: None }),
+                // The worker lacks the engine: skipped, and said so, not passed.
+                Err(e) if lacks_engine(&e) => {
+                    let why = "the push-time check was skipped: this hub's sentinel-worker has no ONNX Runtime \
+                               (the `ort` feature and ORT_DYLIB_PATH); nothing proves devices can load it";
+                    tracing::warn!(model = %path.display(), "{why}");
+                    let report = CheckReport {
+                        engine: ORT.into(),
+                        input_shapes: shapes,
+                        confined: false,
+                        load_ms: 0,
+                        failure: None,
+                        outputs: Vec::new(),
+                        probe_skipped: Some(why.into()),
+                        load_steps: Vec::new(),
+                    };
+                    Ok(Inspection { signature, report, check_time: started.elapsed(), skipped: Some(why.into()) })
+                }
+                Err(e) => Err(e),
+            };
+        }
+        let report = match self.check(path, &shapes, TRACT).await {
+            Err(InspectError::Refused { stage, reason, mut hint }) => {
+                if let Some(op) = unsupported_operator(&reason) {
+                    let domain = signature.operator_domain(&op).unwrap_or("unknown");
+                    hint.push(format!("the operator {op} (domain {domain}) is not supported by tract"));
+                }
+                hint.push(self.ort_verdict(path, &shapes).await);
+                return Err(InspectError::Refused { stage, reason, hint });
+            }
+            other => other?,
+        };
         if !report.confined && report.probe_skipped.is_none() {
             // Only where seccomp is missing (qemu-user); the limits still held.
             tracing::warn!(model = %path.display(), "the upload check ran without its seccomp filter");
         }
-        Ok(Inspection { signature, report, check_time: started.elapsed() })
+        Ok(Inspection { signature, report, check_time: started.elapsed(), skipped: None })
+    }
+
+    /// Whether ONNX Runtime loads and runs a model tract refused, for the
+    /// refusal's hint: one more confined check, with `--engine ort`.
+    async fn ort_verdict(&self, path: &Path, shapes: &[Vec<u64>]) -> String {
+        match self.check(path, shapes, ORT).await {
+            Ok(_) => "ONNX Runtime loads and runs it: devices with the ort engine could serve it".into(),
+            Err(e) if lacks_engine(&e) => "ONNX Runtime is not available on this hub (a sentinel-worker built \
+                 with the `ort` feature and ORT_DYLIB_PATH), so it was not tried"
+                .into(),
+            Err(InspectError::Refused { reason, .. }) => {
+                format!("ONNX Runtime refuses it too: {}", clip_to(&reason, MAX_ORT_REASON_CHARS))
+            }
+            Err(e @ InspectError::Worker { .. }) => {
+                format!("whether ONNX Runtime loads it is unknown: {}", clip_to(&e.to_string(), MAX_ORT_REASON_CHARS))
+            }
+            Err(other) => {
+                format!("ONNX Runtime fails on it too: {}", clip_to(&other.to_string(), MAX_ORT_REASON_CHARS))
+            }
+        }
     }
 
     fn fault(&self, message: String) -> InspectError {
         InspectError::Worker { worker: self.worker.clone(), message }
     }
 
-    async fn check(&self, model: &Path, shapes: &[Vec<u64>]) -> Result<CheckReport, InspectError> {
+    async fn check(&self, model: &Path, shapes: &[Vec<u64>], engine: &str) -> Result<CheckReport, InspectError> {
         let dir = tempfile::Builder::new()
             .prefix("check-")
             .tempdir_in(&self.scratch)
             .map_err(|e| self.fault(format!("creating a directory in {}: {e}", self.scratch.display())))?;
         let model = std::path::absolute(model).map_err(|e| self.fault(e.to_string()))?;
         let mut cmd = Command::new(&self.worker);
-        cmd.arg("--check").arg("--model").arg(&model);
+        cmd.arg("--check").arg("--model").arg(&model).arg(format!("--engine={engine}"));
         for shape in shapes {
             let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
             cmd.arg(format!("--input-shape={}", dims.join(",")));
@@ -183,6 +261,7 @@ impl Inspector {
             .env("HOME", dir.path())
             .env("TMPDIR", dir.path())
             .current_dir(dir.path())
+            .envs(std::env::var_os("ORT_DYLIB_PATH").filter(|_| engine == ORT).map(|p| ("ORT_DYLIB_PATH", p)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -213,6 +292,51 @@ impl Inspector {
     }
 }
 
+/// The shapes to check with: the given ones where named, each checked
+/// against the declared dims; the others with symbolic dims fixed to 1.
+fn serving_shapes(sig: &OnnxSignature, serving: &BTreeMap<String, Vec<u64>>) -> Result<Vec<Vec<u64>>, InspectError> {
+    if let Some(name) = serving.keys().find(|n| !sig.inputs.iter().any(|t| &t.name == *n)) {
+        let names: Vec<&str> = sig.inputs.iter().map(|t| t.name.as_str()).collect();
+        return Err(InspectError::ServingShape(format!(
+            "--input-shape names `{name}`, which is no input of the model (its inputs: {})",
+            names.join(", ")
+        )));
+    }
+    let defaults = sig.default_input_shapes();
+    sig.inputs
+        .iter()
+        .zip(defaults)
+        .map(|(t, default)| match serving.get(&t.name) {
+            None => Ok(default),
+            Some(dims) => {
+                let fits = dims.len() == t.shape.len()
+                    && dims.iter().zip(&t.shape).all(|(&n, d)| {
+                        n > 0 && !matches!(d.kind, Some(sentinel_proto::pb::dimension::Kind::Fixed(f)) if f != n)
+                    });
+                if fits {
+                    Ok(dims.clone())
+                } else {
+                    Err(InspectError::ServingShape(format!(
+                        "--input-shape {}={} does not fit the declared {}",
+                        t.name,
+                        dims.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                        onnx::show_shape(&t.shape)
+                    )))
+                }
+            }
+        })
+        .collect()
+}
+
+/// Whether a check failed because the worker lacks the engine: a worker built
+/// without the `ort` feature says so as a load failure.
+fn lacks_engine(e: &InspectError) -> bool {
+    match e {
+        InspectError::Refused { reason, .. } => reason.contains("engine is unavailable"),
+        _ => false,
+    }
+}
+
 /// How the check process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Exit {
@@ -237,8 +361,16 @@ fn outcome(
             Some(_),
             Some(CheckFailure { out_of_memory: true, reason, .. }),
         ) => Err(InspectError::MemoryLimit { limit_mib, detail: format!(": {}", clip(&reason)) }),
-        (Some(CHECK_EXIT_MODEL | CHECK_EXIT_PANIC), Some(_), Some(CheckFailure { stage, reason, .. })) => {
-            Err(InspectError::Refused { stage: stage.as_str(), reason: clip(&reason) })
+        (Some(CHECK_EXIT_MODEL | CHECK_EXIT_PANIC), Some(report), Some(CheckFailure { stage, reason, .. })) => {
+            let failed: Vec<&str> =
+                report.load_steps.iter().filter(|s| s.error.is_some()).map(|s| s.step.as_str()).collect();
+            let hint = match stage {
+                CheckStage::Load if !failed.is_empty() => {
+                    vec![format!("{} failed at every load step: {}", report.engine, failed.join("; "))]
+                }
+                _ => vec![format!("{} loaded it but failed at {}", report.engine, stage.as_str())],
+            };
+            Err(InspectError::Refused { stage: stage.as_str(), reason: clip(&reason), hint })
         }
         _ if exit.signal == Some(libc::SIGSYS) => Err(InspectError::SandboxViolation),
         // Rust's collections abort (SIGABRT) when an allocation fails, after
@@ -264,12 +396,20 @@ fn show_duration(d: Duration) -> String {
     if d.subsec_nanos() == 0 { format!("{} s", d.as_secs()) } else { format!("{} ms", d.as_millis()) }
 }
 
+fn show_hint(hint: &[String]) -> String {
+    if hint.is_empty() { String::new() } else { format!(". Hint: {}", hint.join("; ")) }
+}
+
 fn last_line(stderr: &str) -> String {
     stderr.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(": {}", clip(l))).unwrap_or_default()
 }
 
 fn clip(s: &str) -> String {
-    match s.char_indices().nth(MAX_REASON_CHARS) {
+    clip_to(s, MAX_REASON_CHARS)
+}
+
+fn clip_to(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &s[..at]),
         None => s.to_owned(),
     }
@@ -336,8 +476,6 @@ async fn read_bounded(pipe: Option<impl AsyncRead + Unpin>, cap: usize, keep: Ke
 
 #[cfg(test)]
 mod tests {
-    use sentinel_proto::inspect::CheckStage;
-
     use super::*;
 
     const MIB: u64 = 1024 * 1024;
@@ -351,6 +489,7 @@ mod tests {
             failure,
             outputs: vec![],
             probe_skipped: None,
+            load_steps: vec![],
         }
     }
 

@@ -15,7 +15,7 @@
 //! inputs that are also initializers (weights listed as inputs, as files of
 //! IR version < 4 do) are not part of the signature.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek};
 use std::path::Path;
@@ -84,6 +84,25 @@ pub struct OnnxSignature {
     pub outputs: Vec<TensorSpec>,
     /// Nodes in the graph, its subgraphs and its local functions.
     pub nodes: u64,
+    /// The distinct operators used, as `(domain, op_type)` with the default
+    /// domain as `""`; at most [`MAX_OPERATORS`] are kept.
+    pub operators: BTreeSet<(String, String)>,
+}
+
+/// Most distinct operators a signature keeps (ONNX defines under 200).
+pub const MAX_OPERATORS: usize = 1024;
+/// Longest operator or domain name kept; a longer one is skipped.
+const MAX_OPERATOR_NAME_BYTES: u64 = 256;
+
+impl OnnxSignature {
+    /// The domain of the operator named `op_type`, when the graph uses it
+    /// (`ai.onnx` for the default domain).
+    pub fn operator_domain(&self, op_type: &str) -> Option<&str> {
+        self.operators
+            .iter()
+            .find(|(_, op)| op == op_type)
+            .map(|(domain, _)| if domain.is_empty() { "ai.onnx" } else { domain.as_str() })
+    }
 }
 
 impl OnnxSignature {
@@ -103,6 +122,19 @@ impl OnnxSignature {
             })
             .collect()
     }
+}
+
+/// `[N, 3, 640, 640]` style rendering of declared dims (`?` for an unnamed symbol).
+pub fn show_shape(dims: &[sentinel_proto::pb::Dimension]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| match &d.kind {
+            Some(Kind::Fixed(n)) => n.to_string(),
+            Some(Kind::Symbolic(s)) if !s.is_empty() => s.clone(),
+            _ => "?".to_owned(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
 }
 
 /// ONNX element type code to our dtype name.
@@ -180,7 +212,7 @@ pub fn read_signature_from<R: Read + Seek>(
     len: u64,
     limits: SignatureLimits,
 ) -> Result<OnnxSignature, OnnxError> {
-    let mut w = Walker { r: reader, pos: 0, nodes: 0 };
+    let mut w = Walker { r: reader, pos: 0, nodes: 0, operators: BTreeSet::new() };
     // ModelProto: graph = 7, functions = 25. Several `graph` fields merge in
     // protobuf, so every one is read.
     let mut graphs = Vec::new();
@@ -231,7 +263,7 @@ pub fn read_signature_from<R: Read + Seek>(
     if outputs.is_empty() {
         return Err(OnnxError::NoTensors("outputs"));
     }
-    Ok(OnnxSignature { inputs, outputs, nodes: w.nodes })
+    Ok(OnnxSignature { inputs, outputs, nodes: w.nodes, operators: w.operators })
 }
 
 #[derive(Debug, Default)]
@@ -256,6 +288,8 @@ struct Walker<R> {
     pos: u64,
     /// Nodes seen so far, subgraphs and functions included.
     nodes: u64,
+    /// Distinct `(domain, op_type)` seen so far.
+    operators: BTreeSet<(String, String)>,
 }
 
 fn decode_err(what: impl Into<String>) -> OnnxError {
@@ -394,10 +428,21 @@ impl<R: Read + Seek> Walker<R> {
         })
     }
 
-    /// NodeProto: attribute = 5; AttributeProto: g = 6, graphs = 11.
+    /// NodeProto: op_type = 4, attribute = 5, domain = 7; AttributeProto:
+    /// g = 6, graphs = 11.
     fn node(&mut self, end: u64, depth: u32) -> Result<(), OnnxError> {
         self.count_node();
+        let (mut op_type, mut domain) = (None, String::new());
         self.fields(end, |w, field, wire| match (field, wire) {
+            (4 | 7, Wire::Len(n)) if n <= MAX_OPERATOR_NAME_BYTES => {
+                let name = String::from_utf8_lossy(&w.read_bytes(n)?).into_owned();
+                if field == 4 {
+                    op_type = Some(name);
+                } else {
+                    domain = name;
+                }
+                Ok(())
+            }
             (5, Wire::Len(n)) => {
                 let attr_end = w.pos + n;
                 w.fields(attr_end, |w, field, wire| match (field, wire) {
@@ -406,7 +451,13 @@ impl<R: Read + Seek> Walker<R> {
                 })
             }
             (_, wire) => w.skip_wire(wire),
-        })
+        })?;
+        if let Some(op_type) = op_type
+            && self.operators.len() < MAX_OPERATORS
+        {
+            self.operators.insert((domain, op_type));
+        }
+        Ok(())
     }
 
     /// GraphProto: initializer = 5; TensorProto: name = 8.
@@ -500,6 +551,23 @@ mod tests {
         assert_eq!(sig.inputs[0].name, "x");
         assert_eq!(sig.default_input_shapes(), vec![vec![1, 64]]);
         assert_eq!(sig.outputs[0].shape[1].kind, Some(Kind::Fixed(10)));
+    }
+
+    #[test]
+    fn reads_the_operators_and_their_domains() {
+        let custom = NodeProto { op_type: "Odd".into(), domain: "com.example".into(), ..NodeProto::default() };
+        let bytes = model(GraphProto {
+            node: vec![relu(0), relu(1), custom],
+            input: vec![value("x", &[1, 4])],
+            output: vec![value("y", &[1, 4])],
+            ..GraphProto::default()
+        });
+        let sig = read(&bytes, 100).expect("reads");
+        let ops: Vec<_> = sig.operators.iter().map(|(d, o)| (d.as_str(), o.as_str())).collect();
+        assert_eq!(ops, [("", "Relu"), ("com.example", "Odd")]);
+        assert_eq!(sig.operator_domain("Relu"), Some("ai.onnx"));
+        assert_eq!(sig.operator_domain("Odd"), Some("com.example"));
+        assert_eq!(sig.operator_domain("Missing"), None);
     }
 
     #[test]

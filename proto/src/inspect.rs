@@ -75,6 +75,34 @@ pub struct CheckReport {
     /// dtype the worker protocol does not carry yet); `None` when it ran or
     /// the model failed first.
     pub probe_skipped: Option<String>,
+    /// Each documented load step tried, in order (tract only; the last one
+    /// loaded the model unless the check failed at load).
+    #[serde(default)]
+    pub load_steps: Vec<LoadStepReport>,
+}
+
+/// How one load step went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadStepReport {
+    /// The step, as the worker names it (`as declared`, `ignoring value_info and output shapes`).
+    pub step: String,
+    /// Why it failed; `None` when it loaded the model.
+    pub error: Option<String>,
+}
+
+/// The operator an engine message says it cannot run, if it says so (tract:
+/// `Unimplemented(OpName)`; ONNX Runtime: `Could not find an implementation
+/// for OpName(` or `No opset import for domain`).
+pub fn unsupported_operator(message: &str) -> Option<String> {
+    let after = |marker: &str| {
+        message.find(marker).map(|at| {
+            message[at + marker.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+                .collect::<String>()
+        })
+    };
+    after("Unimplemented(").or_else(|| after("Could not find an implementation for ")).filter(|op| !op.is_empty())
 }
 
 /// Why a model failed its check.
@@ -120,6 +148,7 @@ mod tests {
             }),
             outputs: vec![ProbeTensor { dtype: "float32".into(), shape: vec![1, 10] }],
             probe_skipped: None,
+            load_steps: vec![LoadStepReport { step: "as declared".into(), error: None }],
         };
         let json = serde_json::to_string(&report).expect("serialises");
         assert!(json.contains(r#""stage":"warm_up""#), "{json}");
@@ -132,5 +161,14 @@ mod tests {
         assert!(is_allocation_failure("memory allocation of 512000000000 bytes failed"));
         assert!(is_allocation_failure("capacity overflow"));
         assert!(!is_allocation_failure("Impossible to unify Sym(N) with Val(1)"));
+    }
+
+    #[test]
+    fn unsupported_operators_are_named_from_engine_messages() {
+        let tract = "Translating node #1 \"p\" Unimplemented(SentinelNoSuchOp) ToTypedTranslator: Operator can not be made a TypedOp.";
+        assert_eq!(unsupported_operator(tract).as_deref(), Some("SentinelNoSuchOp"));
+        let ort = "Could not find an implementation for SentinelNoSuchOp(1) node with name ''";
+        assert_eq!(unsupported_operator(ort).as_deref(), Some("SentinelNoSuchOp"));
+        assert_eq!(unsupported_operator("Impossible to unify Sym(N) with Val(1)"), None);
     }
 }

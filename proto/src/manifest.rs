@@ -6,6 +6,8 @@
 //! the JSON shape of a manifest for REST clients and humans; it is never what
 //! gets signed.
 
+use std::collections::BTreeMap;
+
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +58,9 @@ pub fn verify_manifest(signed: &SignedManifest, trusted: &TrustedKeys) -> Result
     Ok(manifest)
 }
 
+/// The engines a manifest may name (empty: tract).
+pub const ENGINES: [&str; 3] = ["", "tract", "ort"];
+
 /// Checks the invariants every manifest must hold, signed or not.
 pub fn validate(m: &ModelManifest) -> Result<(), ManifestError> {
     let invalid = |field, reason: &str| ManifestError::Invalid { field, reason: reason.to_owned() };
@@ -79,6 +84,25 @@ pub fn validate(m: &ModelManifest) -> Result<(), ManifestError> {
         && !(a.value.is_finite() && (0.0..=1.0).contains(&a.value))
     {
         return Err(invalid("accuracy", "the value must be a fraction between 0 and 1"));
+    }
+    if !ENGINES.contains(&m.engine.as_str()) {
+        return Err(invalid("engine", "must be empty, \"tract\" or \"ort\""));
+    }
+    for (i, s) in m.serving_shapes.iter().enumerate() {
+        let Some(spec) = m.inputs.iter().find(|t| t.name == s.input) else {
+            return Err(invalid("serving_shapes", &format!("`{}` names no input", s.input)));
+        };
+        if m.serving_shapes[..i].iter().any(|o| o.input == s.input) {
+            return Err(invalid("serving_shapes", &format!("`{}` has two shapes", s.input)));
+        }
+        let fits = spec.shape.len() == s.dims.len()
+            && s.dims
+                .iter()
+                .zip(&spec.shape)
+                .all(|(&n, d)| n > 0 && !matches!(d.kind, Some(crate::pb::dimension::Kind::Fixed(f)) if f != n));
+        if !fits {
+            return Err(invalid("serving_shapes", &format!("{:?} does not fit input `{}`", s.dims, s.input)));
+        }
     }
     if let Some(v) = &m.validation {
         for blob in [&v.inputs, &v.labels] {
@@ -207,6 +231,16 @@ pub struct ManifestView {
     pub key_id: String,
     pub tags: Vec<String>,
     pub validation: Option<ValidationView>,
+    /// The fixed shape each named input is served with, set at push; an
+    /// input not named here has only its batch dim fixed (to 1).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub serving_shapes: BTreeMap<String, Vec<u64>>,
+    /// `tract` when empty, or `ort`: the engine devices run the model with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine: String,
+    /// Why the push-time check did not run, when it did not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub check_skipped: String,
 }
 
 impl From<&pb::TensorSpec> for TensorView {
@@ -270,6 +304,9 @@ impl From<&ModelManifest> for ManifestView {
                 labels: blob_view(&v.labels),
                 count: v.count,
             }),
+            serving_shapes: m.serving_shapes.iter().map(|s| (s.input.clone(), s.dims.clone())).collect(),
+            engine: m.engine.clone(),
+            check_skipped: m.check_skipped.clone(),
         }
     }
 }
@@ -303,6 +340,16 @@ impl TryFrom<&ManifestView> for ModelManifest {
                 labels: Some(blob(&val.labels)),
                 count: val.count,
             }),
+            // In input order, so a manifest survives its view byte for byte.
+            serving_shapes: v
+                .inputs
+                .iter()
+                .filter_map(|t| {
+                    v.serving_shapes.get(&t.name).map(|d| pb::ServingShape { input: t.name.clone(), dims: d.clone() })
+                })
+                .collect(),
+            engine: v.engine.clone(),
+            check_skipped: v.check_skipped.clone(),
         })
     }
 }
@@ -343,7 +390,29 @@ mod tests {
                 labels: Some(pb::BlobRef { sha256: "ef".repeat(32), size: 2880 }),
                 count: 360,
             }),
+            serving_shapes: vec![pb::ServingShape { input: "input".into(), dims: vec![1, 64] }],
+            engine: "ort".into(),
+            check_skipped: "this hub lacks the ort engine".into(),
         }
+    }
+
+    #[test]
+    fn serving_shapes_must_name_an_input_and_fit_it() {
+        assert!(validate(&sample()).is_ok());
+        for (dims, input, why) in [
+            (vec![1, 64], "nope", "names no input"),
+            (vec![1, 32], "input", "does not fit"),
+            (vec![1, 64, 1], "input", "does not fit"),
+            (vec![0, 64], "input", "does not fit"),
+        ] {
+            let mut m = sample();
+            m.serving_shapes = vec![pb::ServingShape { input: input.into(), dims }];
+            let e = validate(&m).expect_err(why);
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let mut m = sample();
+        m.serving_shapes.push(m.serving_shapes[0].clone());
+        assert!(validate(&m).expect_err("twice").to_string().contains("two shapes"));
     }
 
     fn signer_and_keys() -> (Signer, TrustedKeys) {

@@ -248,6 +248,18 @@ fn tensor_metadata(t: &TensorInfo) -> Value {
     json!({ "name": t.name, "datatype": datatype(t.dtype), "shape": shape })
 }
 
+/// An input as it is served: its fixed shape, with `-1` only for a batch dim
+/// requests may vary.
+fn input_metadata(t: &TensorInfo) -> Value {
+    let shape: Vec<i64> = t
+        .fixed
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| if i == 0 && t.batched() { -1 } else { i64::try_from(n).unwrap_or(-1) })
+        .collect();
+    json!({ "name": t.name, "datatype": datatype(t.dtype), "shape": shape })
+}
+
 fn metadata(shared: &Shared, name: &str, version: Option<&str>) -> Response {
     let slot = match shared.serving.pick(name, version) {
         Ok(s) => s,
@@ -264,7 +276,7 @@ fn metadata(shared: &Shared, name: &str, version: Option<&str>) -> Response {
         "name": name,
         "versions": versions,
         "platform": "onnx",
-        "inputs": slot.inputs.iter().map(tensor_metadata).collect::<Vec<_>>(),
+        "inputs": slot.inputs.iter().map(input_metadata).collect::<Vec<_>>(),
         "outputs": slot.outputs.iter().map(tensor_metadata).collect::<Vec<_>>(),
     }))
     .into_response()

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use sentinel_proto::inspect::{
     CHECK_EXIT_IO, CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CHECK_EXIT_SANDBOX, CheckFailure, CheckReport,
-    CheckStage, ProbeTensor, is_allocation_failure,
+    CheckStage, LoadStepReport, ProbeTensor, is_allocation_failure,
 };
 
 use super::model::{self, Engine, LoadedModel, ModelError};
@@ -48,6 +48,7 @@ pub fn run(config: &CheckConfig) -> u8 {
         failure: None,
         outputs: Vec::new(),
         probe_skipped: None,
+        load_steps: Vec::new(),
     };
     // Take stdout and its buffer before the filter goes up.
     let mut out = io::stdout().lock();
@@ -88,7 +89,15 @@ fn check(config: &CheckConfig, report: &mut CheckReport) -> Result<(), Stop> {
         // Optimise whatever the element types, so that a model the wire
         // protocol cannot carry yet still proves it loads.
         Engine::Tract => {
-            model::optimise_tract(path, &config.input_shapes).and_then(|typed| LoadedModel::from_optimised(path, typed))
+            let (typed, attempts) = model::optimise_tract_steps(path, &config.input_shapes);
+            for attempt in attempts {
+                match &attempt.error {
+                    None => eprintln!("sentinel-worker: loaded {}", attempt.step.name()),
+                    Some(e) => eprintln!("sentinel-worker: loading {} failed: {e}", attempt.step.name()),
+                }
+                report.load_steps.push(LoadStepReport { step: attempt.step.name().to_owned(), error: attempt.error });
+            }
+            typed.and_then(|typed| LoadedModel::from_optimised(path, typed))
         }
         other => LoadedModel::load_with(other, path, &config.input_shapes),
     });

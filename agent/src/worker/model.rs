@@ -211,16 +211,102 @@ fn load_tract(path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, M
     LoadedModel::from_optimised(path, typed)
 }
 
+/// One documented way of reading an ONNX graph into tract, tried in order by
+/// [`optimise_tract`] until one loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadStep {
+    /// As declared: the file's `value_info` kept; output shapes ignored
+    /// (often wrong for other batch sizes) and inferred from the inputs.
+    AsDeclared,
+    /// Ignoring the file's `value_info` and output shapes. Converters
+    /// (PaddlePaddle's among them) type intermediate values with symbols such
+    /// as `DynamicDimension.0` that tract cannot unify with fixed inputs.
+    IgnoreValueInfo,
+}
+
+impl LoadStep {
+    /// Every step, in the order they are tried.
+    pub const ALL: [LoadStep; 2] = [LoadStep::AsDeclared, LoadStep::IgnoreValueInfo];
+
+    /// The step's name in logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadStep::AsDeclared => "as declared",
+            LoadStep::IgnoreValueInfo => "ignoring value_info and output shapes",
+        }
+    }
+}
+
+/// How one [`LoadStep`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadAttempt {
+    pub step: LoadStep,
+    /// `None` when the step loaded the model.
+    pub error: Option<String>,
+}
+
 /// Loads the ONNX file at `path` with tract and optimises it for the fixed
 /// `input_shapes`, whatever its element types. This is the expensive half of
 /// loading (analysis and optimisation grow with the graph and may fold
 /// constants of any size), kept apart so that `--check` can report a model
 /// that optimises but has a dtype the wire protocol does not carry yet.
+///
+/// Tries each [`LoadStep`] in order and logs each attempt on stderr; the
+/// error of a model no step loads is the first step's (the file as declared),
+/// naming the later steps that failed too.
 pub fn optimise_tract(path: &Path, input_shapes: &[Vec<usize>]) -> Result<TypedModel, ModelError> {
+    let (result, attempts) = optimise_tract_steps(path, input_shapes);
+    for attempt in &attempts {
+        match &attempt.error {
+            None => eprintln!("sentinel-worker: {}: loaded {}", path.display(), attempt.step.name()),
+            Some(e) => eprintln!("sentinel-worker: {}: loading {} failed: {e}", path.display(), attempt.step.name()),
+        }
+    }
+    result
+}
+
+/// [`optimise_tract`] without the logging: the result, and every step tried.
+pub fn optimise_tract_steps(
+    path: &Path,
+    input_shapes: &[Vec<usize>],
+) -> (Result<TypedModel, ModelError>, Vec<LoadAttempt>) {
+    let mut attempts = Vec::new();
+    let mut first_error = None;
+    for step in LoadStep::ALL {
+        match optimise_tract_step(path, input_shapes, step) {
+            Ok(typed) => {
+                attempts.push(LoadAttempt { step, error: None });
+                return (Ok(typed), attempts);
+            }
+            // Not a graph problem: no other step can do better.
+            Err(e @ ModelError::InputCount { .. }) => {
+                attempts.push(LoadAttempt { step, error: Some(e.to_string()) });
+                return (Err(e), attempts);
+            }
+            Err(e) => {
+                attempts.push(LoadAttempt { step, error: Some(e.to_string()) });
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let error = match first_error {
+        Some(ModelError::Load { path, message }) if attempts.len() > 1 => {
+            let tried: Vec<&str> = attempts[1..].iter().map(|a| a.step.name()).collect();
+            ModelError::Load { path, message: format!("{message} (also tried: {})", tried.join("; ")) }
+        }
+        Some(other) => other,
+        None => ModelError::Load { path: path.to_owned(), message: "no load step was tried".into() },
+    };
+    (Err(error), attempts)
+}
+
+fn optimise_tract_step(path: &Path, input_shapes: &[Vec<usize>], step: LoadStep) -> Result<TypedModel, ModelError> {
     let load_err = |e: TractError| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") };
-    // Output shapes declared in the file are often wrong for other batch
-    // sizes; tract infers them from the fixed inputs instead.
-    let mut model = onnx().with_ignore_output_shapes(true).model_for_path(path).map_err(load_err)?;
+    let framework = match step {
+        LoadStep::AsDeclared => onnx().with_ignore_output_shapes(true),
+        LoadStep::IgnoreValueInfo => onnx().with_ignore_output_shapes(true).with_ignore_value_info(true),
+    };
+    let mut model = framework.model_for_path(path).map_err(load_err)?;
     let count = model.inputs.len();
     if count != input_shapes.len() {
         return Err(ModelError::InputCount { path: path.to_owned(), model: count, given: input_shapes.len() });

@@ -27,5 +27,6 @@ mod serving;
 mod supervisor;
 mod tampered_artifact;
 mod tls;
+mod wild_models;
 mod worker_check;
 mod worker_sandbox;

@@ -47,13 +47,41 @@ fn a_good_model_passes_with_its_probe_run_confined() {
     assert_eq!(shapes, [("float32", vec![1, 10]), ("int64", vec![1])]);
 }
 
+/// Builds a model with the hub's `tests/models/make_onnx.py KIND OUT` (PyPI `onnx`).
+fn make_onnx(kind: &str, dir: &Path) -> std::path::PathBuf {
+    let out = dir.join(format!("{kind}.onnx"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hub/tests/models/make_onnx.py");
+    let run = Command::new("python3").arg(&script).arg(kind).arg(&out).output().unwrap();
+    assert!(run.status.success(), "make_onnx.py {kind} (python3 -m pip install onnx): {run:?}");
+    out
+}
+
+#[test]
+fn a_value_info_conflict_loads_through_the_fallback_and_says_so() {
+    // value_info types `h` as [DynamicDimension.0, 10], as Paddle exports do.
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, report) = check(&make_onnx("paddle_value_info", tmp.path()), "1,64", None);
+    assert_eq!(code, i32::from(CHECK_EXIT_OK), "{report:?}");
+    assert!(report.failure.is_none() && report.probe_skipped.is_none(), "{report:?}");
+    let steps: Vec<_> = report.load_steps.iter().map(|s| s.step.as_str()).collect();
+    assert_eq!(steps, ["as declared", "ignoring value_info and output shapes"], "{report:?}");
+    let first = report.load_steps[0].error.as_deref().unwrap_or_default();
+    assert!(first.contains("Impossible to unify Sym(DynamicDimension.0)"), "{first}");
+    assert!(report.load_steps[1].error.is_none(), "{report:?}");
+    let shapes: Vec<_> = report.outputs.iter().map(|t| (t.dtype.as_str(), t.shape.clone())).collect();
+    assert_eq!(shapes, [("float32", vec![1, 10])]);
+}
+
 #[test]
 fn a_model_the_engine_refuses_fails_at_load_with_its_reason() {
     let (code, report) = check(&model_path("broken/unsupported_op.onnx"), "1,64", None);
     assert_eq!(code, i32::from(CHECK_EXIT_MODEL), "{report:?}");
-    let failure = report.failure.unwrap();
+    let failure = report.failure.clone().unwrap();
     assert_eq!(failure.stage, CheckStage::Load);
     assert!(!failure.panicked && !failure.out_of_memory, "{failure:?}");
+    assert!(failure.reason.contains("Unimplemented(SentinelNoSuchOp)"), "{failure:?}");
+    assert_eq!(report.load_steps.len(), 2, "both load steps were tried: {report:?}");
+    assert!(report.load_steps.iter().all(|s| s.error.is_some()), "{report:?}");
 
     let tmp = tempfile::tempdir().unwrap();
     let truncated = tmp.path().join("half.onnx");

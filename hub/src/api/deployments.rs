@@ -71,6 +71,10 @@ pub struct DeploymentOut {
     /// Where it stands on each targeted device (only in `GET /deployments/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Rollup>,
+    /// What devices may refuse, said at deploy (only in the deploy answer):
+    /// e.g. symbolic input dims no serving shape fixes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl From<DeploymentRecord> for DeploymentOut {
@@ -94,6 +98,7 @@ impl From<DeploymentRecord> for DeploymentOut {
             wave: d.wave,
             effective_policy: None,
             status: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -202,8 +207,13 @@ fn declared_accuracy(manifest: &[u8]) -> Option<f64> {
 }
 
 fn created(d: DeploymentRecord, detail: String, effective: RolloutPolicy) -> Response {
+    created_with(d, detail, effective, Vec::new())
+}
+
+fn created_with(d: DeploymentRecord, detail: String, effective: RolloutPolicy, warnings: Vec<String>) -> Response {
     let mut out = DeploymentOut::from(d);
     out.effective_policy = Some(effective);
+    out.warnings = warnings;
     let mut resp = (StatusCode::CREATED, Json(out)).into_response();
     resp.extensions_mut().insert(AuditDetail(detail));
     resp
@@ -267,7 +277,15 @@ pub async fn deploy(
     let d = if d.waves.is_empty() { d } else { crate::rollout::widen(&state, d).await? };
     let detail = format!("deployment {}: {name} {} to [{}]", d.id, d.version, d.target);
     let effective = d.policy.clone().unwrap_or_default().effective(declared);
-    Ok(created(d, detail, effective))
+    // Symbolic dims no serving shape fixes: devices without their own
+    // `serving.input_shapes` will refuse the version. Said, not refused.
+    let warnings = <sentinel_proto::pb::ModelManifest as prost::Message>::decode(version.manifest.as_slice())
+        .map(|m| super::versions::open_dims_warnings(&m))
+        .unwrap_or_default();
+    if !warnings.is_empty() {
+        tracing::warn!(model = %name, version = %d.version, warning = %warnings.join("; "), "deploying open dims");
+    }
+    Ok(created_with(d, detail, effective, warnings))
 }
 
 /// Roll a target back to an earlier version.

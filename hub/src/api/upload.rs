@@ -11,6 +11,7 @@
 //! the blobs committed and the version row written, in that order: a crash
 //! at any point leaves either no version or a complete one.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 
 use axum::extract::{FromRequest, Multipart, Request, State};
@@ -60,6 +61,53 @@ pub struct UploadParams {
     /// Comma-separated free-form tags.
     #[param(pattern = "^,*(?:[^,\\x00-\\x1f\\x7f-\\x9f]{1,64}(?:,+[^,\\x00-\\x1f\\x7f-\\x9f]{1,64})*)?,*$")]
     pub tags: Option<String>,
+    /// Fixed serving shapes for inputs with symbolic dims, `NAME=1,3,640,640`,
+    /// several separated by `;` (`sentinel model push --input-shape`, repeatable).
+    /// Signed into the manifest; the push-time check and every device use them.
+    pub input_shapes: Option<String>,
+    /// The engine devices will run it with: `tract` (default) or `ort`. The
+    /// push-time check uses it; a hub without it skips the check and says so.
+    pub engine: Option<String>,
+}
+
+/// Most inputs, and dims per input, an `input_shapes` parameter may name.
+const MAX_SERVING_SHAPES: usize = 64;
+const MAX_SERVING_DIMS: usize = 16;
+/// Largest single dim of a serving shape.
+const MAX_SERVING_DIM: u64 = 1 << 20;
+
+/// Parses `NAME=1,3,640,640;NAME2=...`, bounded before anything is allocated per entry.
+fn parse_input_shapes(text: &str) -> Result<BTreeMap<String, Vec<u64>>, ApiError> {
+    let bad = |why: String| ApiError::bad_request(format!("input_shapes: {why}"));
+    let entries: Vec<&str> = text.split(';').filter(|e| !e.trim().is_empty()).collect();
+    if entries.len() > MAX_SERVING_SHAPES {
+        return Err(bad(format!("{} shapes; the limit is {MAX_SERVING_SHAPES}", entries.len())));
+    }
+    let mut shapes = BTreeMap::new();
+    for entry in entries {
+        let (name, dims) = entry
+            .split_once('=')
+            .ok_or_else(|| bad(format!("`{entry}` is not NAME=D0,D1,... (e.g. x=1,3,640,640)")))?;
+        let name = name.trim();
+        if name.is_empty() || name.len() > 256 {
+            return Err(bad(format!("`{entry}` needs an input name of 1 to 256 bytes")));
+        }
+        let parts: Vec<&str> = dims.split(',').collect();
+        if parts.len() > MAX_SERVING_DIMS {
+            return Err(bad(format!("`{name}` has {} dims; the limit is {MAX_SERVING_DIMS}", parts.len())));
+        }
+        let dims = parts
+            .iter()
+            .map(|d| match d.trim().parse::<u64>() {
+                Ok(n) if (1..=MAX_SERVING_DIM).contains(&n) => Ok(n),
+                _ => Err(bad(format!("`{name}`: dim `{d}` must be a whole number from 1 to {MAX_SERVING_DIM}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if shapes.insert(name.to_owned(), dims).is_some() {
+            return Err(bad(format!("`{name}` is given twice")));
+        }
+    }
+    Ok(shapes)
 }
 
 /// A part that has been streamed to disk.
@@ -231,6 +279,11 @@ async fn receive_version(
     check_hardware(&hardware)?;
     let tags = split_list(&p.tags);
     check_tags("tag", &tags)?;
+    let serving = parse_input_shapes(p.input_shapes.as_deref().unwrap_or_default())?;
+    let engine = p.engine.clone().unwrap_or_default();
+    if !sentinel_proto::manifest::ENGINES.contains(&engine.as_str()) {
+        return Err(ApiError::bad_request(format!("engine `{engine}`: use tract or ort")));
+    }
     let accuracy = match p.accuracy {
         Some(value) => {
             let a = AccuracyView {
@@ -297,7 +350,7 @@ async fn receive_version(
         return Err(ApiError::bad_request("the model file is empty; send the ONNX file as the request body"));
     }
 
-    let inspection = state.inspector.inspect(model_blob.staged.path()).await.map_err(|e| {
+    let inspection = state.inspector.inspect_with(model_blob.staged.path(), &serving, &engine).await.map_err(|e| {
         if e.is_refusal() {
             ApiError::unprocessable("invalid_model", format!("{e}; nothing was stored"))
         } else {
@@ -307,7 +360,13 @@ async fn receive_version(
     if let Some(why) = &inspection.report.probe_skipped {
         tracing::warn!(model = %name, %version, reason = %why, "accepted without a probe inference");
     }
+    let check_skipped = inspection.skipped.clone().unwrap_or_default();
     let signature = inspection.signature;
+    let serving_shapes: Vec<pb::ServingShape> = signature
+        .inputs
+        .iter()
+        .filter_map(|t| serving.get(&t.name).map(|d| pb::ServingShape { input: t.name.clone(), dims: d.clone() }))
+        .collect();
 
     let validation_set = match &validation {
         None => None,
@@ -358,6 +417,9 @@ async fn receive_version(
         key_id: String::new(),
         tags,
         validation: validation_set,
+        serving_shapes,
+        engine,
+        check_skipped,
     };
     let signer = state.keyring().active();
     let signed = sign_manifest(&signer, &manifest);

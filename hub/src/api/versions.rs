@@ -33,6 +33,30 @@ pub struct VersionOut {
     pub created_by: String,
     /// The decoded signed manifest.
     pub manifest: ManifestView,
+    /// What devices will meet: inputs with symbolic dims besides the batch
+    /// that no serving shape fixes (devices refuse to load the version unless
+    /// their `serving.input_shapes` fixes them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Inputs with symbolic non-batch dims that no signed serving shape fixes.
+pub fn open_dims_warnings(m: &ModelManifest) -> Vec<String> {
+    use sentinel_proto::pb::dimension::Kind;
+    m.inputs
+        .iter()
+        .filter(|t| !m.serving_shapes.iter().any(|s| s.input == t.name))
+        .filter(|t| t.shape.iter().skip(1).any(|d| !matches!(d.kind, Some(Kind::Fixed(_)))))
+        .map(|t| {
+            format!(
+                "input `{}` has symbolic dims {} besides the batch: devices refuse to load this version unless \
+                 their serving.input_shapes fixes them; push with --input-shape {}=... to fix them for every device",
+                t.name,
+                crate::onnx::show_shape(&t.shape),
+                t.name
+            )
+        })
+        .collect()
 }
 
 impl VersionOut {
@@ -50,6 +74,11 @@ impl VersionOut {
             created_at_ms: v.created_at_ms,
             created_by: v.created_by.clone(),
             manifest: ManifestView::from(&manifest),
+            warnings: (!manifest.check_skipped.is_empty())
+                .then(|| manifest.check_skipped.clone())
+                .into_iter()
+                .chain(open_dims_warnings(&manifest))
+                .collect(),
         })
     }
 }

@@ -65,7 +65,7 @@ pub struct DemoArgs {
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Upload a new version (registers the model name if needed).
-    Push(PushArgs),
+    Push(Box<PushArgs>),
     /// List models.
     List(ListArgs),
     /// Show a model and its versions.
@@ -117,6 +117,15 @@ pub struct PushArgs {
     /// Comma-separated tags.
     #[arg(long)]
     pub tags: Option<String>,
+    /// The shape devices serve input NAME with, e.g. `images=1,3,640,640`:
+    /// fixes its symbolic dims (repeat for several inputs). Signed into the
+    /// manifest; a device's `serving.input_shapes` still overrides it.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    pub input_shapes: Vec<String>,
+    /// The engine devices will run it with: tract (default) or ort. The hub's
+    /// push-time check uses it, or says it skipped the check when it lacks it.
+    #[arg(long, value_parser = ["tract", "ort"])]
+    pub engine: Option<String>,
     /// Directory with `inputs.bin` (raw little-endian samples of the first
     /// input) and `labels.bin` (int64 labels), scored on the device before traffic.
     #[arg(long)]

@@ -26,6 +26,11 @@ fn q(v: &str) -> String {
     out
 }
 
+/// A response's `warnings`, one `warning: ...` line each.
+fn warnings(v: &Value) -> String {
+    v["warnings"].as_array().into_iter().flatten().map(|w| format!("warning: {}\n", s(w))).collect()
+}
+
 fn query(pairs: &[(&str, Option<String>)]) -> String {
     let parts: Vec<String> = pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", q(v)))).collect();
     if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) }
@@ -166,6 +171,8 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
             ("dataset", a.dataset),
             ("hardware", a.hardware),
             ("tags", a.tags),
+            ("input_shapes", (!a.input_shapes.is_empty()).then(|| a.input_shapes.join(";"))),
+            ("engine", a.engine),
         ])
     );
     let progress = !out.json && std::io::stderr().is_terminal();
@@ -194,7 +201,7 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
             size(&v["size"]),
             s(&v["key_id"]),
             table(&VERSION_HEADER, version_rows(&json!([v])))
-        )
+        ) + &warnings(v)
     });
     Ok(())
 }
@@ -239,7 +246,7 @@ async fn list(client: &HubClient, out: &Out, a: ListArgs) -> Result<(), CliError
 
 async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), CliError> {
     match cmd {
-        ModelCommand::Push(a) => push(client, out, a).await,
+        ModelCommand::Push(a) => push(client, out, *a).await,
         ModelCommand::List(a) => list(client, out, a).await,
         ModelCommand::Show { name } => {
             let v = client.get(&format!("/api/v1/models/{name}")).await?;

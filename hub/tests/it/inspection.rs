@@ -154,6 +154,31 @@ async fn an_unknown_operator_is_refused_with_the_engines_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsupported_operator_is_refused_with_a_hint_naming_step_operator_domain_and_ort() {
+    let hub = TestHub::start().await;
+    hub.register("odd").await;
+    let bytes = std::fs::read(model_path("broken/unsupported_op.onnx")).unwrap();
+    let msg = expect_error(hub.upload("odd", "1.0.0", bytes, "").await, 422).await;
+    assert!(msg.contains("Unimplemented(SentinelNoSuchOp)"), "the engine's reason: {msg}");
+    assert!(
+        msg.contains("failed at every load step: as declared; ignoring value_info and output shapes"),
+        "the steps: {msg}"
+    );
+    assert!(msg.contains("operator SentinelNoSuchOp (domain com.example.sentinel)"), "op and domain: {msg}");
+    // This hub's worker is built without the `ort` feature.
+    assert!(msg.contains("ONNX Runtime is not available on this hub"), "the ORT verdict: {msg}");
+    assert_eq!(stored_blobs(&hub), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_info_conflict_like_paddle_exports_passes_through_the_fallback() {
+    let hub = TestHub::start().await;
+    hub.register("paddle").await;
+    let r = hub.upload("paddle", "1.0.0", make_onnx("paddle_value_info", &[]), "").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_models_pass_the_check() {
     let hub = TestHub::start().await;
     hub.register("vision").await;
@@ -181,4 +206,83 @@ async fn a_hub_without_a_worker_refuses_to_start_and_says_why() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "a configuration error: {stderr}");
     assert!(stderr.contains("no-such-worker") && stderr.contains("--worker"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_shapes_at_push_are_checked_against_the_model_and_bounded() {
+    let hub = TestHub::start().await;
+    hub.register("hw").await;
+    let model = make_onnx("symbolic_hw", &[]);
+    // Each bad shape: its status and what the message says; nothing is stored.
+    for (query, status, says) in [
+        ("&input_shapes=x", 400, "is not NAME=D0,D1"),
+        ("&input_shapes=x=1,3,0,8", 400, "must be a whole number from 1 to"),
+        ("&input_shapes=x=1,3,8,99999999999", 400, "must be a whole number from 1 to"),
+        ("&input_shapes=x=1,3,8,8;x=1,3,4,4", 400, "given twice"),
+        (&format!("&input_shapes=x={}", vec!["1"; 17].join(",")), 400, "the limit is 16"),
+        ("&input_shapes=y=1,4", 422, "`y`, which is no input of the model (its inputs: x)"),
+        ("&input_shapes=x=1,3,8", 422, "does not fit the declared [N, 3, H, W]"),
+        ("&input_shapes=x=1,4,8,8", 422, "does not fit the declared [N, 3, H, W]"),
+    ] {
+        let msg = expect_error(hub.upload("hw", "1.0.0", model.clone(), query).await, status).await;
+        assert!(msg.contains(says), "{query}: {msg}");
+        assert_eq!(stored_blobs(&hub), 0, "{query}");
+    }
+    let r = hub.upload("hw", "1.0.0", model.clone(), "&input_shapes=x=2,3,16,24").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["manifest"]["serving_shapes"]["x"], serde_json::json!([2, 3, 16, 24]), "{v}");
+    assert!(v.get("warnings").is_none(), "{v}");
+    let r = hub.upload("hw", "1.0.1", model, "").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    assert!(v["warnings"][0].as_str().unwrap().contains("--input-shape x="), "marked: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_pushes_input_shapes_and_prints_the_open_dims_warning() {
+    let hub = TestHub::start().await;
+    let admin = hub.admin.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hw.onnx");
+    std::fs::write(&path, make_onnx("symbolic_hw", &[])).unwrap();
+    let path = path.to_str().unwrap();
+    let r = sentinel(&hub, &admin, &["model", "push", path, "--name", "hw", "--version", "1.0.0"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("warning: input `x` has symbolic dims [N, 3, H, W]"), "{}", r.stdout);
+    let args = ["model", "push", path, "--name", "hw", "--version", "2.0.0", "--input-shape", "x=1,3,8,8"];
+    let r = sentinel(&hub, &admin, &args).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stdout.contains("warning:"), "{}", r.stdout);
+    let v = versions(&hub, "hw").await;
+    let shapes: Vec<_> =
+        v["versions"].as_array().unwrap().iter().map(|v| v["manifest"]["serving_shapes"].clone()).collect();
+    assert!(shapes.contains(&serde_json::json!({"x": [1, 3, 8, 8]})), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_this_hub_lacks_skips_the_check_visibly_rather_than_passing_it() {
+    let hub = TestHub::start().await;
+    let admin = hub.admin.clone();
+    hub.register("digits").await;
+    let msg = expect_error(hub.upload("digits", "1.0.0", model_bytes(V1), "&engine=cuda").await, 400).await;
+    assert!(msg.contains("engine `cuda`"), "{msg}");
+    // This hub's worker is built without the `ort` feature.
+    let r = hub.upload("digits", "1.0.0", model_bytes(V1), "&engine=ort").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["manifest"]["engine"], "ort", "signed: {v}");
+    assert!(v["manifest"]["check_skipped"].as_str().unwrap().contains("check was skipped"), "{v}");
+    assert!(v["warnings"][0].as_str().unwrap().contains("check was skipped"), "push response: {v}");
+    let listed = versions(&hub, "digits").await;
+    assert!(listed["versions"][0]["warnings"][0].as_str().unwrap().contains("check was skipped"), "{listed}");
+    let path = model_path(V1);
+    let args = ["model", "push", path.to_str().unwrap(), "--name", "digits", "--version", "1.0.1", "--engine", "ort"];
+    let r = sentinel(&hub, &admin, &args).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("warning: the push-time check was skipped"), "CLI: {}", r.stdout);
+    // tract (the default) is checked as before: no note.
+    let r = hub.upload("digits", "1.0.2", model_bytes(V1), "&engine=tract").await;
+    let v: Value = r.json().await.unwrap();
+    assert!(v.get("warnings").is_none(), "{v}");
 }

@@ -9,6 +9,14 @@ Usage: make_onnx.py KIND OUT [ARGS...]
   relu_chain OUT N     input x[1,4] -> N Relu nodes -> y: graph size alone.
   unknown_op OUT       one node of an operator no engine knows.
   uint8_input OUT      x: uint8[1,4] -> Cast to float -> y: a non-float input.
+  paddle_value_info OUT
+                       x: float[N,64] -> MatMul(64x10) -> Relu -> y[N,10], whose
+                       value_info types the intermediate `h` as
+                       [DynamicDimension.0, 10], as PaddlePaddle->ONNX exports
+                       do: tract cannot unify that with the fixed input facts.
+  symbolic_hw OUT      x: float[N,3,H,W] -> Conv(4x3x3x3, pads 1) ->
+                       GlobalAveragePool -> Flatten -> y[N,4]: a detector-like
+                       input whose H and W only a serving shape can fix.
 """
 import sys
 
@@ -77,6 +85,36 @@ def uint8_input(out):
     save(graph, out)
 
 
+def paddle_value_info(out):
+    weights = [((i * 7 + j * 3) % 11 - 5) / 10.0 for i in range(64) for j in range(10)]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "paddle_value_info",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [64, 10], weights)],
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, ["DynamicDimension.0", 10])],
+    )
+    save(graph, out)
+
+
+def symbolic_hw(out):
+    weights = [((i * 5) % 7 - 3) / 10.0 for i in range(4 * 3 * 3 * 3)]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["y"]),
+        ],
+        "symbolic_hw",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], weights)],
+    )
+    save(graph, out)
+
+
 if __name__ == "__main__":
     kind, out, *args = sys.argv[1:]
-    {"bomb": bomb, "relu_chain": relu_chain, "unknown_op": unknown_op, "uint8_input": uint8_input}[kind](out, *args)
+    {"bomb": bomb, "relu_chain": relu_chain, "unknown_op": unknown_op, "uint8_input": uint8_input,
+     "paddle_value_info": paddle_value_info, "symbolic_hw": symbolic_hw}[kind](out, *args)
