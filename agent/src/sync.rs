@@ -161,6 +161,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A status's message and, for a transport failure, its cause (tonic's
+/// message alone says only "tcp connect error").
+pub(crate) fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_owned();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = e.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,20 +204,4 @@ mod tests {
             .collect();
         assert!(delays.len() > 900, "only {} distinct delays", delays.len());
     }
-}
-
-/// A status's message and, for a transport failure, its cause (tonic's
-/// message alone says only "tcp connect error").
-pub(crate) fn status_text(s: &tonic::Status) -> String {
-    let mut text = s.message().to_owned();
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        let more = e.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = e.source();
-    }
-    text
 }
