@@ -669,7 +669,11 @@ async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> 
     let mut req = tonic::Request::new(report);
     let auth = format!("Bearer {}", shared.config.token).parse().map_err(|_| "token is not ASCII".to_owned())?;
     req.metadata_mut().insert("authorization", auth);
-    let ack = client.report(req).await.map_err(|s| s.message().to_owned())?.into_inner();
+    let ack = client
+        .report(req)
+        .await
+        .map_err(|s| format!("report to {} failed: {}", shared.config.grpc_url, crate::sync::status_text(&s)))?
+        .into_inner();
     if let Some(last) = events.last() {
         shared.store.mark_reported(last.id).map_err(|e| e.to_string())?;
     }

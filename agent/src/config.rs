@@ -53,7 +53,7 @@ struct RawConfig {
     device_id: Option<String>,
     /// REST base URL of the hub, e.g. `https://hub.example:8080`.
     hub_url: Option<String>,
-    /// gRPC URL of the hub, e.g. `https://hub.example:8081`.
+    /// gRPC URL of the hub; default: `hub_url` (the hub serves gRPC there).
     grpc_url: Option<String>,
     token_file: Option<PathBuf>,
     /// Base64 Ed25519 public keys of the hub (see `sentinel hub key`).
@@ -419,7 +419,8 @@ impl AgentConfig {
         let device_id = raw.device_id.ok_or_else(|| bad("device_id", "missing"))?;
         sentinel_proto::manifest::validate_model_name(&device_id).map_err(|r| bad("device_id", r))?;
         let hub_url = raw.hub_url.ok_or_else(|| bad("hub_url", "missing"))?.trim_end_matches('/').to_owned();
-        let grpc_url = raw.grpc_url.ok_or_else(|| bad("grpc_url", "missing"))?.trim_end_matches('/').to_owned();
+        // The hub serves gRPC on its REST listener: one URL is enough.
+        let grpc_url = raw.grpc_url.map_or_else(|| hub_url.clone(), |u| u.trim_end_matches('/').to_owned());
         for (field, url) in [("hub_url", &hub_url), ("grpc_url", &grpc_url)] {
             let plain = url.starts_with("http://");
             if !plain && !url.starts_with("https://") {
@@ -622,6 +623,14 @@ mod tests {
         let env: BTreeMap<_, _> = [("SENTINEL_AGENT_DEVICE_ID".to_owned(), "edge-2".to_owned())].into();
         let c = AgentConfig::parse(&base(dir.path()), &env, dir.path()).expect("parses");
         assert_eq!(c.device_id, "edge-2");
+    }
+
+    #[test]
+    fn grpc_url_defaults_to_hub_url() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = base(dir.path()).replace("grpc_url = \"http://127.0.0.1:8081\"\n", "");
+        let c = AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect("parses");
+        assert_eq!(c.grpc_url, "http://127.0.0.1:8080");
     }
 
     #[test]

@@ -106,16 +106,21 @@ async fn subscribe_once(
     let mut req = tonic::Request::new(hello);
     req.metadata_mut().insert("authorization", bearer(&config.token)?);
     let mut client = AgentSyncClient::new(channel);
-    let mut stream =
-        client.subscribe(req).await.map_err(|s| format!("subscribe refused: {}", s.message()))?.into_inner();
+    let mut stream = client
+        .subscribe(req)
+        .await
+        .map_err(|s| format!("subscribe to {} refused: {}", config.grpc_url, status_text(&s)))?
+        .into_inner();
     backoff.reset();
     shared.set_connected();
     tracing::info!(device = %config.device_id, "subscribed to the hub");
     let silence = shared.heartbeat() * 3;
     loop {
         let msg = match tokio::time::timeout(silence, stream.message()).await {
-            Err(_) => return Err(format!("no message from the hub for {} s", silence.as_secs())),
-            Ok(Err(status)) => return Err(format!("stream error: {}", status.message())),
+            Err(_) => {
+                return Err(format!("no message from the hub at {} for {} s", config.grpc_url, silence.as_secs()));
+            }
+            Ok(Err(status)) => return Err(format!("stream from {} broke: {}", config.grpc_url, status_text(&status))),
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(m))) => m,
         };
@@ -154,6 +159,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = x.source();
     }
     s
+}
+
+/// A status's message and, for a transport failure, its cause (tonic's
+/// message alone says only "tcp connect error").
+pub(crate) fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_owned();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = e.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -23,6 +23,17 @@ pub fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
     }
 }
 
+/// Parses a `--grpc-listen` value: an address for a separate gRPC
+/// listener, or `off` or nothing for none (the REST listener serves gRPC).
+pub fn parse_grpc_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s.trim() {
+        "" | "off" => Ok(None),
+        addr => {
+            addr.parse().map(Some).map_err(|e| format!("{addr:?} is not an address like 0.0.0.0:8081, nor `off` ({e})"))
+        }
+    }
+}
+
 /// Default `RLIMIT_AS` of an upload's inspection, in MiB.
 pub const DEFAULT_INSPECT_MEMORY_MIB: u64 = 1024;
 /// Default wall-time limit of an upload's inspection, in seconds.
@@ -70,7 +81,8 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     /// REST listen address; port 0 picks a free port.
     pub listen: SocketAddr,
-    /// gRPC listen address for agents (used once the notification stream exists).
+    /// A separate gRPC listen address for agents. The REST listener serves
+    /// gRPC too, always; `None`: no separate listener.
     pub grpc_listen: Option<SocketAddr>,
     /// Plain-HTTP listen address of the Prometheus `/metrics` endpoint;
     /// `None`: no metrics listener. Off for hubs built from values (tests,

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use axum::serve::ListenerExt as _;
+use sentinel_proto::pb::agent_sync_server::AgentSyncServer;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 
 use crate::api::{AppState, SharedState, router};
 use crate::auth::{Role, generate_token, hash_token};
@@ -184,7 +186,8 @@ impl Hub {
         Ok(Listeners { rest, grpc, metrics })
     }
 
-    /// Serves the REST API (and the gRPC service, when bound) until
+    /// Serves the REST API and the gRPC service (on the REST listener, and on
+    /// its own when bound) until
     /// `shutdown` completes, then lets in-flight requests finish.
     pub async fn serve(
         self,
@@ -218,17 +221,37 @@ impl Hub {
             "connection limits"
         );
         let mut servers = tokio::task::JoinSet::new();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         if let Some(listener) = listeners.grpc {
-            let app = tonic::service::Routes::new(crate::grpc::SyncService::new(state.clone())).into_axum_router();
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, %scheme, serves = "gRPC (agents)", "listener");
+            }
+            let app = grpc_router(state.clone());
             let (connections, tls, stop) = (connections.clone(), tls.clone(), stopped(stop_rx.clone()));
             servers.spawn(async move { connections.serve("grpc", nodelay(listener), tls, app, stop).await });
         }
         if let Some(listener) = listeners.metrics {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, scheme = "http", serves = "Prometheus /metrics", "listener");
+            }
             let app = crate::metrics::router(state.clone());
             let (connections, stop) = (connections.clone(), stopped(stop_rx.clone()));
             servers.spawn(async move { connections.serve("metrics", nodelay(listener), None, app, stop).await });
         }
-        let app = router(state);
+        if let Ok(addr) = listeners.rest.local_addr() {
+            tracing::info!(%addr, %scheme, serves = "REST API, web UI and gRPC (agents)", "listener");
+        }
+        // gRPC paths (`/sentinel.v1.AgentSync/...`) never collide with the
+        // REST ones, and connections speak HTTP/1 or HTTP/2 as the client
+        // chooses: agents reach the hub on its one advertised URL. Added
+        // after the REST layers: devices authenticate per call with their
+        // own tokens.
+        let path = format!("/{}/{{*rest}}", <AgentSyncServer<crate::grpc::SyncService> as NamedService>::NAME);
+        let grpc = tower::ServiceExt::map_request(
+            crate::grpc::SyncService::new(state.clone()),
+            |req: axum::http::Request<axum::body::Body>| req.map(tonic::body::Body::new),
+        );
+        let app = router(state).route_service(&path, grpc);
         servers
             .spawn(async move { connections.serve("rest", nodelay(listeners.rest), tls, app, stopped(stop_rx)).await });
         // A listener whose task panicked is an error, reported once all have stopped.
@@ -240,6 +263,11 @@ impl Hub {
         }
         failed.map_or(Ok(()), |e| Err(HubError::Serve(e)))
     }
+}
+
+/// The gRPC service agents sync over, as a router.
+fn grpc_router(state: SharedState) -> axum::Router {
+    tonic::service::Routes::new(crate::grpc::SyncService::new(state)).into_axum_router()
 }
 
 /// Without TCP_NODELAY, small responses on keep-alive connections can wait

@@ -58,5 +58,8 @@ async fn with_the_hub_down_the_agent_serves_its_last_verified_state() {
     assert!(tmp.path().join("a/state/models").join(sha256_hex(&model_bytes(V1))).is_file());
     let v = agent.wait_for(WAIT, |v| !v.last_error.is_empty()).await.unwrap();
     assert!(!v.connected, "{v:?}");
+    // The error names the URL it could not reach, and why.
+    assert!(v.last_error.contains(&hub.grpc_url), "{}", v.last_error);
+    assert!(v.last_error.to_lowercase().contains("refused"), "{}", v.last_error);
     agent.shutdown().await;
 }

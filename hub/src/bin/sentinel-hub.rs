@@ -19,9 +19,12 @@ struct Args {
     /// REST API listen address (port 0 picks a free port).
     #[arg(long, env = "SENTINEL_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// gRPC listen address for agents.
-    #[arg(long, env = "SENTINEL_GRPC_LISTEN")]
-    grpc_listen: Option<SocketAddr>,
+    /// A separate gRPC listen address for agents; `off` or "" (the default)
+    /// opens none. The REST listener serves gRPC too, always, so agents can
+    /// use the hub's one URL.
+    #[arg(long, env = "SENTINEL_GRPC_LISTEN", default_value = "off",
+        value_parser = sentinel_hub::config::parse_grpc_listen)]
+    grpc_listen: ::std::option::Option<SocketAddr>,
     /// Plain-HTTP listen address of the Prometheus `/metrics` endpoint
     /// (port 0 picks a free port); `off` or "" serves no metrics.
     #[arg(long, env = "SENTINEL_METRICS_LISTEN", default_value = sentinel_hub::config::DEFAULT_METRICS_LISTEN,

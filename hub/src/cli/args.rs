@@ -259,7 +259,12 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum HubCommand {
     /// Print the hub's public signing keys, for pinning on devices.
-    Key,
+    Key {
+        /// Print only the public keys, one per line (active first): the
+        /// values the agent's `pinned_keys` takes.
+        #[arg(long)]
+        pin: bool,
+    },
     /// Generate a new signing key and make it active (admin).
     RotateKey,
 }

@@ -500,7 +500,16 @@ async fn token(client: &HubClient, out: &Out, cmd: TokenCommand) -> Result<(), C
 
 async fn hub(client: &HubClient, out: &Out, cmd: HubCommand) -> Result<(), CliError> {
     let v = match cmd {
-        HubCommand::Key => client.get("/api/v1/keys").await?,
+        HubCommand::Key { pin: true } => {
+            let v = client.get("/api/v1/keys").await?;
+            let mut keys: Vec<&Value> = v["keys"].as_array().map(|ks| ks.iter().collect()).unwrap_or_default();
+            // Active first: `pinned_keys = ["$(sentinel hub key --pin | head -1)"]` pins the signing key.
+            keys.sort_by_key(|k| k["active"] != json!(true));
+            let pins: Vec<String> = keys.iter().map(|k| s(&k["public_key"])).collect();
+            out.print(&json!({ "pinned_keys": pins }), |_| pins.join("\n"));
+            return Ok(());
+        }
+        HubCommand::Key { pin: false } => client.get("/api/v1/keys").await?,
         HubCommand::RotateKey => client.send_json(Method::POST, "/api/v1/keys/rotate", &json!({})).await?,
     };
     out.print(&v, |v| {

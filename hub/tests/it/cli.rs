@@ -143,6 +143,10 @@ async fn push_list_deploy_rollback_and_exit_codes() {
         keys["keys"][0]["public_key"].as_str().unwrap()
     );
     assert_eq!(r.stdout.trim(), line);
+    // `--pin`: only what the agent's `pinned_keys` takes.
+    let r = sentinel(&hub, &admin, &["hub", "key", "--pin"]).await;
+    ok(&r);
+    assert_eq!(r.stdout, format!("{}\n", keys["keys"][0]["public_key"].as_str().unwrap()));
 
     // Delete: refused while deployed, then forced.
     let r = sentinel(&hub, &admin, &["model", "delete", "digits"]).await;

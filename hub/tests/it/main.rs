@@ -18,6 +18,7 @@ mod hardening;
 mod inspection;
 mod metrics;
 mod persistence;
+mod quickstart;
 mod rbac;
 mod registry_api;
 mod rollout;
