@@ -64,9 +64,15 @@ pub struct UploadParams {
     /// Fixed serving shapes for inputs with symbolic dims, `NAME=1,3,640,640`,
     /// several separated by `;` (`sentinel model push --input-shape`, repeatable).
     /// Signed into the manifest; the push-time check and every device use them.
+    /// At most 64 inputs of at most 16 dims, each from 1 to 1048576; anything
+    /// else (or a name given twice, or no input of the model) is answered 422.
+    #[param(
+        pattern = "^(?:[^;=\\x00-\\x1f\\x7f-\\x9f]{1,256}=[0-9]+(?:,[0-9]+)*(?:;[^;=\\x00-\\x1f\\x7f-\\x9f]{1,256}=[0-9]+(?:,[0-9]+)*)*)?$"
+    )]
     pub input_shapes: Option<String>,
     /// The engine devices will run it with: `tract` (default) or `ort`. The
     /// push-time check uses it; a hub without it skips the check and says so.
+    #[param(pattern = "^(?:tract|ort)?$")]
     pub engine: Option<String>,
 }
 
@@ -76,21 +82,30 @@ const MAX_SERVING_DIMS: usize = 16;
 /// Largest single dim of a serving shape.
 const MAX_SERVING_DIM: u64 = 1 << 20;
 
-/// Parses `NAME=1,3,640,640;NAME2=...`, bounded before anything is allocated per entry.
+/// Parses `NAME=1,3,640,640;NAME2=...` exactly as the OpenAPI pattern states it
+/// (no spaces, no signs), bounded before anything is allocated per entry. Every
+/// refusal is 422 `input_shapes`: text the pattern admits can still break a
+/// bound the pattern cannot state, and one status for both keeps clients simple.
 fn parse_input_shapes(text: &str) -> Result<BTreeMap<String, Vec<u64>>, ApiError> {
-    let bad = |why: String| ApiError::bad_request(format!("input_shapes: {why}"));
-    let entries: Vec<&str> = text.split(';').filter(|e| !e.trim().is_empty()).collect();
+    let bad = |why: String| ApiError::unprocessable("input_shapes", format!("input_shapes: {why}"));
+    if text.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let entries: Vec<&str> = text.split(';').collect();
     if entries.len() > MAX_SERVING_SHAPES {
         return Err(bad(format!("{} shapes; the limit is {MAX_SERVING_SHAPES}", entries.len())));
     }
     let mut shapes = BTreeMap::new();
     for entry in entries {
+        let shown: String = entry.chars().take(80).collect();
         let (name, dims) = entry
             .split_once('=')
-            .ok_or_else(|| bad(format!("`{entry}` is not NAME=D0,D1,... (e.g. x=1,3,640,640)")))?;
-        let name = name.trim();
-        if name.is_empty() || name.len() > 256 {
-            return Err(bad(format!("`{entry}` needs an input name of 1 to 256 bytes")));
+            .ok_or_else(|| bad(format!("`{shown}` is not NAME=D0,D1,... (e.g. x=1,3,640,640)")))?;
+        let chars = name.chars().count();
+        if !(1..=256).contains(&chars) || name.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "`{shown}` needs an input name of 1 to 256 characters, none of them control characters"
+            )));
         }
         let parts: Vec<&str> = dims.split(',').collect();
         if parts.len() > MAX_SERVING_DIMS {
@@ -98,9 +113,12 @@ fn parse_input_shapes(text: &str) -> Result<BTreeMap<String, Vec<u64>>, ApiError
         }
         let dims = parts
             .iter()
-            .map(|d| match d.trim().parse::<u64>() {
-                Ok(n) if (1..=MAX_SERVING_DIM).contains(&n) => Ok(n),
-                _ => Err(bad(format!("`{name}`: dim `{d}` must be a whole number from 1 to {MAX_SERVING_DIM}"))),
+            .map(|d| match d.parse::<u64>() {
+                Ok(n) if d.bytes().all(|b| b.is_ascii_digit()) && (1..=MAX_SERVING_DIM).contains(&n) => Ok(n),
+                _ => {
+                    let d: String = d.chars().take(24).collect();
+                    Err(bad(format!("`{name}`: dim `{d}` must be a whole number from 1 to {MAX_SERVING_DIM}")))
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         if shapes.insert(name.to_owned(), dims).is_some() {
@@ -282,7 +300,8 @@ async fn receive_version(
     let serving = parse_input_shapes(p.input_shapes.as_deref().unwrap_or_default())?;
     let engine = p.engine.clone().unwrap_or_default();
     if !sentinel_proto::manifest::ENGINES.contains(&engine.as_str()) {
-        return Err(ApiError::bad_request(format!("engine `{engine}`: use tract or ort")));
+        let shown: String = engine.chars().take(24).collect();
+        return Err(ApiError::unprocessable("engine", format!("engine `{shown}`: use tract or ort")));
     }
     let accuracy = match p.accuracy {
         Some(value) => {

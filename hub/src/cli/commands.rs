@@ -171,7 +171,7 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
             ("dataset", a.dataset),
             ("hardware", a.hardware),
             ("tags", a.tags),
-            ("input_shapes", (!a.input_shapes.is_empty()).then(|| a.input_shapes.join(";"))),
+            ("input_shapes", (!a.input_shapes.is_empty()).then(|| serving_shapes_param(&a.input_shapes))),
             ("engine", a.engine),
         ])
     );
@@ -528,4 +528,17 @@ async fn hub(client: &HubClient, out: &Out, cmd: HubCommand) -> Result<(), CliEr
             .unwrap_or_default()
     });
     Ok(())
+}
+
+/// `--input-shape` values as the hub's `input_shapes` parameter: `;`-joined,
+/// with the spaces a shell user may type around the name and dims dropped.
+fn serving_shapes_param(shapes: &[String]) -> String {
+    let one = |s: &String| match s.split_once('=') {
+        Some((name, dims)) => {
+            let dims: Vec<&str> = dims.split(',').map(str::trim).collect();
+            format!("{}={}", name.trim(), dims.join(","))
+        }
+        None => s.trim().to_owned(),
+    };
+    shapes.iter().map(one).collect::<Vec<_>>().join(";")
 }
