@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for ty in ["Hello", "RunningModel", "AgentReport", "ModelStatus", "AgentEvent"] {
         config = config.type_attribute(format!(".sentinel.v1.{ty}"), "#[derive(serde::Serialize, serde::Deserialize)]");
     }
+    // Labels encode in key order, so equal states encode to equal bytes.
+    config = config.btree_map(".sentinel.v1.DesiredState.labels");
     config.build_server(true).build_client(true).compile_fds(fds)?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! - The report loop sends the hub what the device runs and what happened,
 //!   at every change and every heartbeat.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -47,7 +47,11 @@ pub enum AgentError {
 pub struct AgentView {
     pub connected: bool,
     pub since_ms: i64,
+    /// Why the link to the hub last went down; cleared when it comes up.
     pub last_error: String,
+    /// The labels the hub targets this device by, from the last verified
+    /// desired state (None before the first).
+    pub labels: Option<BTreeMap<String, String>>,
     /// Revision of the last verified desired state.
     pub revision: u64,
     /// Revision the apply loop has finished with.
@@ -118,6 +122,8 @@ impl Shared {
         self.view.send_modify(|v| {
             v.connected = true;
             v.since_ms = crate::now_ms();
+            // Stale once connected: the log keeps it.
+            v.last_error.clear();
         });
         self.report_now.notify_one();
     }
@@ -129,6 +135,14 @@ impl Shared {
             }
             v.connected = false;
             v.last_error = reason.to_owned();
+        });
+    }
+
+    /// A desired state verified (from the hub or, at start, from disk).
+    pub(crate) fn verified_state(&self, v: &VerifiedState) {
+        self.view.send_modify(|view| {
+            view.revision = view.revision.max(v.state.revision);
+            view.labels = Some(v.state.labels.clone());
         });
     }
 
@@ -287,7 +301,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             match verify_state(&signed, &shared.config.trusted, &shared.config.device_id, 0, i64::MIN) {
                 Ok(v) => {
                     tracing::info!(revision, "loaded the last verified desired state");
-                    shared.view.send_modify(|view| view.revision = revision);
+                    shared.verified_state(&v);
                     Some(Arc::new(v))
                 }
                 Err(e) => {

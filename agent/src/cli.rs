@@ -221,6 +221,14 @@ fn slot_row(model: &str, s: &SlotStatus) -> Vec<String> {
     ]
 }
 
+/// Where the labels come from, when not from the hub.
+fn labels_note(s: &Status) -> &'static str {
+    match s.labels_from.as_str() {
+        "config" => " (from the config file: no desired state from the hub yet)",
+        _ => "",
+    }
+}
+
 /// The human form of `sentinel-agent status`.
 pub fn render_status(s: &Status, now_ms: i64) -> String {
     let mut out = String::new();
@@ -233,7 +241,7 @@ pub fn render_status(s: &Status, now_ms: i64) -> String {
         "not connected yet".to_owned()
     };
     let mut head = vec![
-        vec!["device".to_owned(), format!("{} [{}]", s.device_id, labels.join(", "))],
+        vec!["device".to_owned(), format!("{} [{}]{}", s.device_id, labels.join(", "), labels_note(s))],
         vec!["agent".to_owned(), format!("sentinel-agent {}", s.agent_version)],
         vec!["hub".to_owned(), format!("{} ({hub})", s.hub.grpc_url)],
     ];

@@ -38,7 +38,13 @@ use crate::supervisor::SlotState as WorkerState;
 pub struct Status {
     pub agent_version: String,
     pub device_id: String,
+    /// The labels the hub targets this device by (enrolment labels first),
+    /// from the last verified desired state; before the first one, the
+    /// labels of the config file.
     pub labels: BTreeMap<String, String>,
+    /// `hub` or `config`: where `labels` come from.
+    #[serde(default)]
+    pub labels_from: String,
     pub hub: HubLink,
     /// Revision of the last verified desired state, and the one applied.
     pub revision: u64,
@@ -245,10 +251,11 @@ pub async fn build_status(shared: &Shared) -> Result<Status, crate::store::Store
     let now = Instant::now();
     let mut models = Vec::new();
     for row in shared.store.models()?.into_iter().filter(|m| m.status != "removed") {
-        let (route, slots) = match shared.serving.model(&row.name) {
-            Some(ms) => (ms.route(), Some(ms.slots().await)),
-            None => (Arc::new(Route::default()), None),
-        };
+        let route = shared.serving.model(&row.name).map_or_else(|| Arc::new(Route::default()), |ms| ms.route());
+        // The committed slot pair, read from the store: an install holds the
+        // in-memory pair for the whole load and validation, and status must
+        // answer meanwhile (showing `loading` or `validating`).
+        let slots = shared.store.load_slots(&row.name)?;
         let mut out = Vec::new();
         for color in [Color::Blue, Color::Green] {
             let slot = slots.as_ref().map(|s| s.get(color).clone());
@@ -297,7 +304,8 @@ pub async fn build_status(shared: &Shared) -> Result<Status, crate::store::Store
     Ok(Status {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         device_id: shared.config.device_id.clone(),
-        labels: shared.config.labels.clone(),
+        labels: view.labels.clone().unwrap_or_else(|| shared.config.labels.clone()),
+        labels_from: if view.labels.is_some() { "hub" } else { "config" }.to_owned(),
         hub: HubLink {
             grpc_url: shared.config.grpc_url.clone(),
             connected: view.connected,

@@ -250,11 +250,6 @@ impl ModelServing {
         let next = f(&guard);
         *guard = Arc::new(next);
     }
-
-    /// The committed slot pair.
-    pub async fn slots(&self) -> Slots {
-        self.slots.lock().await.clone()
-    }
 }
 
 /// Why an inference request got no outputs. Each maps to an HTTP status.

@@ -66,7 +66,7 @@ pub async fn run(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let reason = match outcome {
-            Ok(()) => "the hub closed the stream".to_owned(),
+            Ok(()) => format!("the hub at {} closed the stream", config.grpc_url),
             Err(e) => e,
         };
         shared.set_disconnected(&reason);
@@ -136,6 +136,7 @@ async fn subscribe_once(
                             return Err(e.to_string());
                         }
                         tracing::info!(revision, models = v.state.models.len(), "desired state verified");
+                        shared.verified_state(&v);
                         states.send_replace(Some(Arc::new(v)));
                     }
                     Err(e) => {

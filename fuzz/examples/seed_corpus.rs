@@ -173,6 +173,7 @@ fn main() {
         issued_at_unix_ms: NOW_UNIX_MS - 1000,
         expires_at_unix_ms: NOW_UNIX_MS + 3_600_000,
         models,
+        labels: [("site".to_owned(), "a".to_owned())].into(),
     };
     let empty = state(LAST_REVISION, vec![]);
     let one = state(LAST_REVISION + 1, vec![assignment(&digits, None)]);

@@ -177,6 +177,7 @@ fn compute_states(
             issued_at_unix_ms: now,
             expires_at_unix_ms: expires,
             models,
+            labels: t.labels.clone(),
         };
         out.push((t.device_id.clone(), sign_state(&signer, &desired), expires));
     }

@@ -156,6 +156,7 @@ mod tests {
             revision,
             issued_at_unix_ms: 0,
             expires_at_unix_ms: expires,
+            labels: Default::default(),
             models: vec![ModelAssignment {
                 manifest: Some(sign_manifest(signer, &manifest("digits"))),
                 artifact_url: "http://hub/x".into(),

@@ -306,3 +306,69 @@ async fn the_binary_tells_systemd_it_is_ready_what_it_serves_and_that_it_stops()
         systemd.seen
     );
 }
+
+/// `status` answers while an install holds the model, from the committed
+/// slots: the new version's worker is held before it starts (its executable
+/// waits on a FIFO the test owns), and status shows the slot `loading`. It
+/// shows the labels the hub assigned at enrolment, not those of the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_answers_during_an_install_with_the_labels_the_hub_assigned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    hub.push("digits", "2.0.0", V2, "").await;
+    // The real worker, behind a script that waits on `gate` while it exists.
+    let gate = tmp.path().join("gate");
+    let held = tmp.path().join("held-worker");
+    let script = format!(
+        "#!/bin/sh\nif [ -p '{gate}' ]; then read _ < '{gate}'; fi\nexec '{worker}' \"$@\"\n",
+        gate = gate.display(),
+        worker = env!("CARGO_BIN_EXE_sentinel-worker"),
+    );
+    std::fs::write(&held, script).unwrap();
+    std::fs::set_permissions(&held, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The config names no labels: those shown come from the hub.
+    let token = hub.enroll("edge-1", &[("site", "a"), ("stage", "production")]).await;
+    let key = hub.public_key().await;
+    let mut agent_config = agent_config(&tmp.path().join("agent"), &hub, "edge-1", &token, &key, "");
+    agent_config.serving.worker_bin = held;
+    let agent = sentinel_agent::start(agent_config).await.unwrap();
+    let config = tmp.path().join("agent/agent.toml");
+    let config = config.to_str().unwrap();
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+
+    let made = std::process::Command::new("mkfifo").arg(&gate).status().unwrap();
+    assert!(made.success());
+    hub.deploy("digits", "2.0.0", "site=a").await;
+    // Every call answers; one of them sees 2.0.0 loading behind the gate.
+    let deadline = std::time::Instant::now() + WAIT;
+    let s = loop {
+        let out = run(&["status", "--json", "--config", config]).await;
+        assert!(out.status.success(), "status failed during the install: {}", text(&out).1);
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let slots = s["models"][0]["slots"].as_array().cloned().unwrap_or_default();
+        if slots.iter().any(|x| x["version"] == "2.0.0" && x["state"] == "loading") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "2.0.0 never showed as loading: {s}");
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(s["labels"], json!({"site": "a", "stage": "production"}), "{s}");
+    assert_eq!(s["labels_from"], "hub", "{s}");
+    assert_eq!(s["hub"]["connected"], true, "{s}");
+    assert_eq!(s["hub"]["last_error"], "", "{s}");
+    let out = run(&["status", "--config", config]).await;
+    let (table, _) = text(&out);
+    assert!(table.contains("edge-1 [site=a, stage=production]"), "{table}");
+    assert!(table.contains("loading"), "{table}");
+    // 1.0.0 serves meanwhile.
+    assert_eq!(infer(agent.inference_addr.unwrap()).await["model_version"], "1.0.0");
+
+    // The gate opens: the worker starts and 2.0.0 goes through.
+    let g = gate.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(g, "go\n")).await.unwrap().unwrap();
+    std::fs::remove_file(&gate).unwrap();
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
+    agent.shutdown().await;
+}

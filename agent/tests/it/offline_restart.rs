@@ -19,7 +19,8 @@ async fn after_a_hub_restart_the_agent_reconnects_and_converges() {
 
     let (rest, grpc) = (hub.rest_addr, hub.grpc_addr);
     hub.stop().await;
-    agent.wait_for(WAIT, |v| !v.connected).await.unwrap();
+    let v = agent.wait_for(WAIT, |v| !v.connected && !v.last_error.is_empty()).await.unwrap();
+    assert!(v.last_error.contains(&hub.grpc_url), "{}", v.last_error);
 
     // The same hub comes back on the same ports, and something changed meanwhile.
     let hub = TestHub::start(&hub_dir, |c| {
@@ -30,6 +31,8 @@ async fn after_a_hub_restart_the_agent_reconnects_and_converges() {
     hub.deploy("digits", "2.0.0", "*").await;
     let v = agent.wait_for(WAIT, |v| v.connected && active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
     assert!(v.refused_states.is_empty(), "{v:?}");
+    // Connected again: the error from while the hub was away is not shown as current.
+    assert_eq!(v.last_error, "", "{v:?}");
     agent.shutdown().await;
 }
 
@@ -39,7 +42,7 @@ async fn with_the_hub_down_the_agent_serves_its_last_verified_state() {
     let mut hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.deploy("digits", "1.0.0", "*").await;
-    let token = hub.enroll("edge-1", &[]).await;
+    let token = hub.enroll("edge-1", &[("site", "a")]).await;
     let key = hub.public_key().await;
     let config = agent_config(&tmp.path().join("a"), &hub, "edge-1", &token, &key, "");
     let agent = sentinel_agent::start(config.clone()).await.unwrap();
@@ -52,6 +55,8 @@ async fn with_the_hub_down_the_agent_serves_its_last_verified_state() {
     let v = agent.view();
     assert!(!v.connected);
     assert_eq!(v.revision, before.revision, "the last verified state was loaded from disk");
+    let site_a = std::collections::BTreeMap::from([("site".to_owned(), "a".to_owned())]);
+    assert_eq!(v.labels, Some(site_a), "the labels the hub assigned come with it");
     assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
     let v = agent.wait_for(WAIT, |v| v.applied_revision == before.revision).await.unwrap();
     assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
