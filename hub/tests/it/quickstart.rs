@@ -1,6 +1,8 @@
 //! The quick start's promises: a hub started with nothing but a data dir
 //! and a listen address connects devices on its one URL.
 
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use sentinel_proto::pb::Hello;
@@ -73,4 +75,88 @@ async fn a_hub_with_default_flags_serves_grpc_on_its_rest_url_and_logs_each_list
     let r = http.get(format!("{url}/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     child.kill().await.unwrap();
+}
+
+/// The fenced block that follows the walkthrough marker in `readme`.
+fn walkthrough(readme: &str) -> String {
+    let marker = "<!-- walkthrough: run as written by hub/tests/it/quickstart.rs -->";
+    let (_, after) = readme.split_once(marker).expect("the README has no walkthrough marker");
+    let body = after.trim_start().strip_prefix("```bash\n").expect("a ```bash block follows the marker");
+    let (block, _) = body.split_once("\n```\n").expect("the walkthrough block is closed");
+    format!("{block}\n")
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+    listener.local_addr().expect("a bound address").port()
+}
+
+/// The README's walkthrough, as written, taken from the README: hub, model,
+/// enrolled device, agent config with its token file and pinned key, the
+/// agent, a deploy, then `curl` inference and feedback, status on both sides.
+///
+/// Run by bash with `-euo pipefail`, so any failing command fails the test.
+/// What differs from a user's terminal: this build's binaries are on PATH (for
+/// the README's `cargo build --release` line); the two fixed ports it names
+/// (8080, 8601) become free ones, so a busy port cannot fail the test; the
+/// metrics listeners, which the walkthrough leaves at their defaults, are
+/// switched off through their documented environment variables for the same
+/// reason; `models/` is the repository's.
+#[tokio::test]
+async fn the_readme_walkthrough_runs_as_written() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut script = walkthrough(&readme);
+    for (port, free) in [("127.0.0.1:8080", free_port()), ("127.0.0.1:8601", free_port())] {
+        assert!(script.contains(port), "the walkthrough no longer names {port}: update this test");
+        script = script.replace(port, &format!("127.0.0.1:{free}"));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(root.join("models"), tmp.path().join("models")).unwrap();
+    std::fs::write(tmp.path().join("walkthrough.sh"), &script).unwrap();
+    // sentinel-agent and sentinel-worker beside sentinel-hub and sentinel.
+    let (agent, _) = crate::common::agent_binaries();
+    let bin_dir = agent.parent().unwrap().to_path_buf();
+    assert!(bin_dir.join("sentinel-hub").is_file() && bin_dir.join("sentinel").is_file());
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.args(["-euo", "pipefail", "walkthrough.sh"]).current_dir(tmp.path()).env("PATH", path);
+    for var in ["SENTINEL_HUB", "SENTINEL_TOKEN", "SENTINEL_DATA_DIR", "SENTINEL_LISTEN", "SENTINEL_GRPC_LISTEN"] {
+        cmd.env_remove(var);
+    }
+    cmd.env_remove("RUNTIME_DIRECTORY")
+        .env("SENTINEL_METRICS_LISTEN", "off")
+        .env("SENTINEL_AGENT_METRICS_LISTEN", "")
+        .env("NO_COLOR", "1")
+        // Its own process group: whatever the script left running is killed with it.
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let group = child.id().unwrap();
+    // A guard against a hang only: the script's own waits are bounded by curl's retries.
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output()).await;
+    let kill = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).output();
+    drop(kill);
+    let out = out.expect("the walkthrough hung").unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let logs = ["hub.log", "agent.log"]
+        .map(|f| format!("--- {f}\n{}", std::fs::read_to_string(tmp.path().join(f)).unwrap_or_default()));
+    let shown = format!("stdout:\n{stdout}\nstderr:\n{}\n{}", String::from_utf8_lossy(&out.stderr), logs.join("\n"));
+    assert!(out.status.success(), "the README's walkthrough failed: {}\n{shown}", out.status);
+
+    // The inference answered from the deployed version, and the feedback was taken.
+    let json_lines: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let answer = json_lines.iter().find(|v| v["id"] == "req-1" && v["outputs"].is_array()).unwrap_or_else(|| {
+        panic!("no inference answer for req-1\n{shown}");
+    });
+    assert_eq!(answer["model_name"], "digits", "{shown}");
+    assert_eq!(answer["model_version"], "1.0.0", "{shown}");
+    let feedback = json_lines.iter().find(|v| v["id"] == "req-1" && v["correct"].is_boolean());
+    let feedback = feedback.unwrap_or_else(|| panic!("no feedback answer for req-1\n{shown}"));
+    assert_eq!(feedback["model_version"], "1.0.0", "{shown}");
+    // The agent's status: the labels the hub assigned, and the version serving
+    // (its desired state verified, so the key it pinned is the hub's).
+    assert!(stdout.contains("edge-1 [site=lab]"), "{shown}");
+    assert!(stdout.contains("serving 1.0.0"), "{shown}");
 }
