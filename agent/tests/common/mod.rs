@@ -228,6 +228,17 @@ pub async fn start_agent_with(
     sentinel_agent::start(agent_config(dir, hub, device, &token, &key, extra)).await.unwrap()
 }
 
+/// A hub with digits 1.0.0 deployed to `site=a`, and an agent on `edge-1`
+/// (site=a) serving it, with no rollout policy set.
+pub async fn serving_v1(tmp: &Path) -> (TestHub, AgentHandle) {
+    let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let agent = start_agent(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")]).await;
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    (hub, agent)
+}
+
 /// Deploys digits 1.0.0, then 2.0.0 (both pushed already) to `site=a`, and
 /// waits until the agent serves 2.0.0 with 1.0.0 warm as its standby.
 pub async fn serve_2_over_warm_1(hub: &TestHub, agent: &AgentHandle) {

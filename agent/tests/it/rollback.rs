@@ -147,22 +147,13 @@ async fn deploy_with_only_phases(hub: &TestHub, version: &str, phases: &[&str]) 
     hub.post("/api/v1/models/digits/deploy", body).await;
 }
 
-async fn agent_on_v1_with_defaults(tmp: &std::path::Path) -> (TestHub, AgentHandle) {
-    let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
-    hub.push("digits", "1.0.0", V1, "").await;
-    let agent = start_agent(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")]).await;
-    hub.deploy("digits", "1.0.0", "site=a").await;
-    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
-    (hub, agent)
-}
-
 /// Issue 12: `shadow,canary:10,full` and nothing else ran on 0 samples and
 /// 0 s, so a much slower version was promoted on its first shadow sample.
 /// With the per-phase defaults (100 samples) the default 1.5x ratio sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slower_version_is_rolled_back_with_only_phases_given() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hub, agent) = agent_on_v1_with_defaults(tmp.path()).await;
+    let (hub, agent) = serving_v1(tmp.path()).await;
     let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let clients = traffic(&agent, 2, false, stop.clone(), rolled_back.clone());
     hub.push("digits", "2.0.0", SLOW, "").await;
@@ -186,7 +177,7 @@ async fn a_slower_version_is_rolled_back_with_only_phases_given() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_below_its_declared_accuracy_is_rolled_back_in_full_on_feedback() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hub, agent) = agent_on_v1_with_defaults(tmp.path()).await;
+    let (hub, agent) = serving_v1(tmp.path()).await;
     let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());
     hub.push("digits", "2.0.0", DEGRADED, "&accuracy=0.97").await;

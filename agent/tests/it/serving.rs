@@ -101,19 +101,10 @@ fn active_pid(agent: &AgentHandle, model: &str) -> Option<u32> {
     }
 }
 
-async fn serving_agent(tmp: &std::path::Path) -> (TestHub, AgentHandle) {
-    let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
-    hub.push("digits", "1.0.0", V1, "").await;
-    let agent = start_agent(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")]).await;
-    hub.deploy("digits", "1.0.0", "site=a").await;
-    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
-    (hub, agent)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promotion_under_load_drops_nothing_and_never_goes_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hub, agent) = serving_agent(tmp.path()).await;
+    let (hub, agent) = serving_v1(tmp.path()).await;
     let addr = agent.inference_addr.unwrap();
     hub.push("digits", "2.0.0", DEGRADED, "").await;
 
@@ -152,7 +143,7 @@ async fn a_promotion_under_load_drops_nothing_and_never_goes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_active_worker_under_load_costs_a_few_counted_requests() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_hub, agent) = serving_agent(tmp.path()).await;
+    let (_hub, agent) = serving_v1(tmp.path()).await;
     let addr = agent.inference_addr.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(addr, 4, stop.clone());
@@ -186,7 +177,7 @@ async fn killing_the_active_worker_under_load_costs_a_few_counted_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_failing_validation_on_the_device_never_serves_and_the_hub_hears_why() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hub, agent) = serving_agent(tmp.path()).await;
+    let (hub, agent) = serving_v1(tmp.path()).await;
     let addr = agent.inference_addr.unwrap();
     // The degraded model claims 0.97 and brings the labelled test set: the
     // device measures about 0.60.
@@ -237,7 +228,7 @@ async fn a_version_failing_validation_on_the_device_never_serves_and_the_hub_hea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_the_active_version_serves_again_without_the_hub() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut hub, agent) = serving_agent(tmp.path()).await;
+    let (mut hub, agent) = serving_v1(tmp.path()).await;
     hub.push("digits", "2.0.0", DEGRADED, "").await;
     hub.deploy("digits", "2.0.0", "site=a").await;
     agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
