@@ -274,7 +274,10 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
                 eprintln!("effective policy: {text}");
             }
             let v = client.send_json(Method::POST, &format!("/api/v1/models/{}/deploy", a.name), &body).await?;
-            out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+            // The hub's warnings (e.g. a version with open dims) under the table.
+            out.print(&v, |v| {
+                table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string() + &warnings(v)
+            });
             Ok(())
         }
         ModelCommand::Rollback { name, version, target } => {

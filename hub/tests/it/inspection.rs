@@ -263,6 +263,13 @@ async fn the_cli_pushes_input_shapes_and_prints_the_open_dims_warning() {
     let shapes: Vec<_> =
         v["versions"].as_array().unwrap().iter().map(|v| v["manifest"]["serving_shapes"].clone()).collect();
     assert!(shapes.contains(&serde_json::json!({"x": [1, 3, 8, 8]})), "{v}");
+    // Deploying the version with open dims warns again; the one with a shape does not.
+    let r = sentinel(&hub, &admin, &["model", "deploy", "hw", "1.0.0", "--target", "*"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("warning: input `x` has symbolic dims [N, 3, H, W]"), "{}", r.stdout);
+    let r = sentinel(&hub, &admin, &["model", "deploy", "hw", "2.0.0", "--target", "*"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stdout.contains("warning:"), "{}", r.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
