@@ -91,38 +91,40 @@ fn parse_input_shapes(text: &str) -> Result<BTreeMap<String, Vec<u64>>, ApiError
     if text.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let entries: Vec<&str> = text.split(';').collect();
-    if entries.len() > MAX_SERVING_SHAPES {
-        return Err(bad(format!("{} shapes; the limit is {MAX_SERVING_SHAPES}", entries.len())));
+    // Counted before anything is collected: the query string is the client's.
+    let count = text.split(';').count();
+    if count > MAX_SERVING_SHAPES {
+        return Err(bad(format!("{count} shapes; the limit is {MAX_SERVING_SHAPES}")));
     }
     let mut shapes = BTreeMap::new();
-    for entry in entries {
-        let shown: String = entry.chars().take(80).collect();
+    for entry in text.split(';') {
         let (name, dims) = entry
             .split_once('=')
-            .ok_or_else(|| bad(format!("`{shown}` is not NAME=D0,D1,... (e.g. x=1,3,640,640)")))?;
+            .ok_or_else(|| bad(format!("{} is not NAME=D0,D1,... (e.g. x=1,3,640,640)", quote(entry))))?;
         let chars = name.chars().count();
         if !(1..=256).contains(&chars) || name.chars().any(char::is_control) {
             return Err(bad(format!(
-                "`{shown}` needs an input name of 1 to 256 characters, none of them control characters"
+                "{} needs an input name of 1 to 256 characters, none of them control characters",
+                quote(entry)
             )));
         }
-        let parts: Vec<&str> = dims.split(',').collect();
-        if parts.len() > MAX_SERVING_DIMS {
-            return Err(bad(format!("`{name}` has {} dims; the limit is {MAX_SERVING_DIMS}", parts.len())));
+        let rank = dims.split(',').count();
+        if rank > MAX_SERVING_DIMS {
+            return Err(bad(format!("{} has {rank} dims; the limit is {MAX_SERVING_DIMS}", quote(name))));
         }
-        let dims = parts
-            .iter()
+        let dims = dims
+            .split(',')
             .map(|d| match d.parse::<u64>() {
                 Ok(n) if d.bytes().all(|b| b.is_ascii_digit()) && (1..=MAX_SERVING_DIM).contains(&n) => Ok(n),
-                _ => {
-                    let d: String = d.chars().take(24).collect();
-                    Err(bad(format!("`{name}`: dim `{d}` must be a whole number from 1 to {MAX_SERVING_DIM}")))
-                }
+                _ => Err(bad(format!(
+                    "{}: dim {} must be a whole number from 1 to {MAX_SERVING_DIM}",
+                    quote(name),
+                    quote(d)
+                ))),
             })
             .collect::<Result<Vec<_>, _>>()?;
         if shapes.insert(name.to_owned(), dims).is_some() {
-            return Err(bad(format!("`{name}` is given twice")));
+            return Err(bad(format!("{} is given twice", quote(name))));
         }
     }
     Ok(shapes)
@@ -300,8 +302,7 @@ async fn receive_version(
     let serving = parse_input_shapes(p.input_shapes.as_deref().unwrap_or_default())?;
     let engine = p.engine.clone().unwrap_or_default();
     if !sentinel_proto::manifest::ENGINES.contains(&engine.as_str()) {
-        let shown: String = engine.chars().take(24).collect();
-        return Err(ApiError::unprocessable("engine", format!("engine `{shown}`: use tract or ort")));
+        return Err(ApiError::unprocessable("engine", format!("engine {}: use tract or ort", quote(&engine))));
     }
     let accuracy = match p.accuracy {
         Some(value) => {
