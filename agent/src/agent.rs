@@ -339,7 +339,7 @@ async fn apply_loop(
     loop {
         let current = states.borrow_and_update().clone();
         if let Some(v) = current {
-            shared.view.send_modify(|view| view.revision = view.revision.max(v.state.revision));
+            // `view.revision` was set when the state was verified (Shared::verified_state).
             apply(&shared, &http, &v).await;
             shared.view.send_modify(|view| view.applied_revision = v.state.revision);
             shared.report_now.notify_one();
