@@ -346,6 +346,32 @@ mod tests {
     }
 
     #[test]
+    fn labels_from_the_config_are_marked_and_the_hubs_are_not() {
+        let mut s = Status {
+            agent_version: "0.1.0".into(),
+            device_id: "edge-1".into(),
+            labels: [("site".to_owned(), "a".to_owned())].into(),
+            labels_from: "config".into(),
+            hub: crate::control::HubLink {
+                grpc_url: "http://hub:8080".into(),
+                connected: false,
+                since_ms: 0,
+                last_error: String::new(),
+            },
+            revision: 0,
+            applied_revision: 0,
+            models: Vec::new(),
+            last_rollback: None,
+            disk: crate::control::DiskUse { state_dir: "/s".into(), models_bytes: 0, database_bytes: 0 },
+        };
+        let text = render_status(&s, 0);
+        assert!(text.contains("edge-1 [site=a] (from the config file: no desired state from the hub yet)"), "{text}");
+        s.labels_from = "hub".into();
+        let text = render_status(&s, 0);
+        assert!(text.contains("edge-1 [site=a]\n"), "{text}");
+    }
+
+    #[test]
     fn a_missing_socket_means_the_agent_is_not_running() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("control.sock");
