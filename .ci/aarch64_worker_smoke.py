@@ -16,7 +16,7 @@ unavailable under qemu (expected)"; in the second case the check is re-run with
 Usage: aarch64_worker_smoke.py REPO_ROOT -- RUNNER... WORKER
 (for example `-- qemu-aarch64 -L /usr/aarch64-linux-gnu target/.../sentinel-worker`).
 
-Wire format (agent/src/worker/protocol.rs): every frame is a u32 LE length and
+Wire format (worker/protocol/src/frame.rs): every frame is a u32 LE length and
 the payload; a tensor list is a u32 count, then per tensor a u8 dtype code
 (1 = f32, 7 = i64), a u8 rank, rank x u64 dims, a u64 byte length and the bytes.
 A response payload starts with a status byte (0 ok, 1 error).

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sentinel_proto::TrustedKeys;
 
 use crate::rollout::decision::Policy;
-use crate::worker::sandbox::Confinement;
+use sentinel_worker_protocol::launch::Confinement;
 use serde::Deserialize;
 
 /// Where the agent looks for its configuration by default.

@@ -12,13 +12,13 @@
 //! - [`sync`]: the gRPC subscription as a `watch` of verified states, with backoff.
 //! - [`slots`]: the blue/green slot state machine (pure; committed through [`store`]).
 //! - [`agent`]: wiring of sync, apply and report; [`agent::start`] runs an agent.
-//! - [`supervisor`]: spawning workers under limits and restarting them with backoff ([`supervisor::Supervised`]).
+//! - [`supervisor`]: spawning `sentinel-worker` processes (the `sentinel-worker`
+//!   crate; the agent links only its `sentinel-worker-protocol`) under limits and restarting them with backoff ([`supervisor::Supervised`]).
 //! - [`control`]: the control socket (`<runtime_dir>/control.sock`) behind `sentinel-agent status`, `models`, `rollback`.
 //! - [`cli`]: the operator commands' client side: the control-socket client and the tables.
 //! - [`verify`]: offline verification of a model file against its signed manifest.
 //! - [`metrics`]: the agent's Prometheus registry and its `/metrics` listener.
 //! - [`inference_api`]: the local KServe v2 inference API.
-//! - [`worker`]: the seccomp-confined inference worker (`sentinel-worker`) and its stdin/stdout protocol.
 
 pub mod agent;
 pub mod cli;
@@ -35,7 +35,6 @@ pub mod store;
 pub mod supervisor;
 pub mod sync;
 pub mod verify;
-pub mod worker;
 
 pub use agent::{AgentHandle, AgentView, start};
 pub use config::AgentConfig;

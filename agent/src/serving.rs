@@ -28,7 +28,7 @@ use crate::rollout::window::{SlotMetrics, SlotWindow};
 use crate::slots::{Color, SlotState, Slots};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{RestartPolicy, SlotError, SlotState as WorkerState, Supervised, WorkerSpec};
-use crate::worker::protocol::{DType, Tensor};
+use sentinel_worker_protocol::frame::{DType, Tensor};
 
 /// One input or output of a model, from its signed manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]

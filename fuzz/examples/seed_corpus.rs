@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use prost::Message as _;
-use sentinel_agent::worker::protocol::{
+use sentinel_worker_protocol::frame::{
     Ready, Tensor, encode_error_response, encode_ok_response, encode_ok_timed, encode_ready, encode_request,
 };
 use sentinel_fuzz::{DEVICE_ID, LAST_REVISION, NOW_UNIX_MS};

@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use sentinel_agent::inference_api::{DecodeLimits, decode_request};
-use sentinel_agent::worker::protocol::MAX_RANK;
+use sentinel_worker_protocol::frame::MAX_RANK;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&options, rest)) = data.split_first() else { return };

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use sentinel_agent::worker::protocol::{
+use sentinel_worker_protocol::frame::{
     decode_ready, decode_request, decode_response_timed, encode_ok_response, encode_ok_timed, encode_ready,
     encode_request, read_frame,
 };

@@ -26,7 +26,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sentinel_proto::inspect::{
+use sentinel_worker_protocol::check::{
     CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CheckFailure, CheckReport, CheckStage, is_allocation_failure,
     unsupported_operator,
 };

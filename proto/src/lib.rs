@@ -12,10 +12,7 @@
 //! - [`quote`]: quoting a caller's value back in an error message, bounded.
 //! - [`state`]: the signed desired state pushed to one device: sign and verify
 //!   (signature, device, replay, expiry, every manifest).
-//! - [`inspect`]: the push-time check the hub runs in `sentinel-worker --check`:
-//!   its JSON report and exit codes.
 
-pub mod inspect;
 pub mod keys;
 pub mod manifest;
 pub mod private;

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::worker::protocol::{DType, Element, MAX_RANK, ProtocolError, Tensor};
+use sentinel_worker_protocol::frame::{DType, Element, MAX_RANK, ProtocolError, Tensor};
 
 /// Bytes of a client's value quoted back in an error message.
 pub const ECHO_LIMIT: usize = sentinel_proto::quote::QUOTE_LIMIT;

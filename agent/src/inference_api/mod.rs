@@ -32,7 +32,7 @@ use crate::agent::{AgentError, Shared};
 use crate::config::ServingSettings;
 use crate::serving::{Loaded, ServeError, TensorInfo};
 use crate::supervisor::SlotState as WorkerState;
-use crate::worker::protocol::{DType, Element, Tensor};
+use sentinel_worker_protocol::frame::{DType, Element, Tensor};
 
 pub mod admission;
 pub mod decode;

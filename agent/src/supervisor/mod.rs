@@ -19,7 +19,7 @@ use tokio::sync::{RwLock, watch};
 
 pub use process::{Exit, InferError, SupervisorError, TestProbes, Worker, WorkerSpec};
 
-use crate::worker::protocol::Tensor;
+use sentinel_worker_protocol::frame::Tensor;
 
 /// When and how often a [`Supervised`] slot restarts its worker.
 #[derive(Debug, Clone)]
@@ -279,7 +279,7 @@ fn monitor(inner: &Arc<Inner>, worker: &Arc<Worker>) {
 /// before its ready frame saying the model does not load, or that its
 /// arguments are wrong.
 fn permanent(e: &SupervisorError) -> bool {
-    use crate::worker::{EXIT_MODEL, EXIT_USAGE};
+    use sentinel_worker_protocol::launch::{EXIT_MODEL, EXIT_USAGE};
     matches!(e, SupervisorError::ExitedBeforeReady { exit: Exit { code: Some(c), signal: None }, .. }
         if u8::try_from(*c).is_ok_and(|c| c == EXIT_MODEL || c == EXIT_USAGE))
 }

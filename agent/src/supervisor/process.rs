@@ -13,10 +13,10 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::{Mutex, Notify, watch};
 
-use crate::worker::model::{ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
-use crate::worker::protocol::{self, ProtocolError, Ready, ResponseError, Tensor};
-use crate::worker::sandbox::Confinement;
-use crate::worker::{EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine};
+use sentinel_worker_protocol::frame::{self as protocol, ProtocolError, Ready, ResponseError, Tensor};
+use sentinel_worker_protocol::launch::{
+    Confinement, EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV,
+};
 
 /// How many stderr lines of a worker are kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;
@@ -257,17 +257,14 @@ impl Worker {
             let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
             cmd.arg("--input-shape").arg(dims.join(","));
         }
-        cmd.arg("--confinement").arg(match spec.confinement {
-            Confinement::Enforce => "on",
-            Confinement::Off => "off",
-        });
+        cmd.arg("--confinement").arg(spec.confinement.flag());
         cmd.arg("--engine").arg(spec.engine.name());
         if spec.test_probes == TestProbes::Honour {
             cmd.arg("--test-forbidden");
         }
         // The worker inherits nothing from the agent's environment but what
-        // is set below. Only the three piped descriptors reach it: std and
-        // Tokio open every other descriptor with O_CLOEXEC, so exec closes them.
+        // is set below, and no descriptor but the three pipes (see
+        // `close_inherited_descriptors`).
         cmd.env_clear()
             .env("HOME", &dir.0)
             .current_dir(&dir.0)
@@ -283,20 +280,22 @@ impl Worker {
                 cmd.env(ORT_DYLIB_ENV, dylib);
             }
         }
-        if let Some(limit) = spec.memory_limit_bytes {
-            let rlim = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
-            #[allow(unsafe_code)]
-            // SAFETY: the closure runs in the forked child before exec. It only
-            // calls setrlimit (async-signal-safe) on a copied plain struct and
-            // builds an io::Error from errno, which does not allocate.
-            unsafe {
-                cmd.pre_exec(move || {
+        let memory_limit = spec.memory_limit_bytes.map(|limit| limit as libc::rlim_t);
+        #[allow(unsafe_code)]
+        // SAFETY: the closure runs in the forked child before exec. It only
+        // makes async-signal-safe syscalls (setrlimit, close_range, getrlimit,
+        // fcntl) on plain values copied into it, and builds an io::Error from
+        // errno, which does not allocate.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(limit) = memory_limit {
+                    let rlim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
                     if libc::setrlimit(libc::RLIMIT_AS, &rlim) != 0 {
                         return Err(io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                close_inherited_descriptors()
+            });
         }
         let mut child =
             cmd.spawn().map_err(|source| SupervisorError::Spawn { bin: spec.worker_bin.clone(), source })?;
@@ -475,6 +474,49 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill.notify_one();
     }
+}
+
+/// Marks every descriptor above stderr close-on-exec, in the forked child
+/// just before exec, so the worker starts with its three pipes and nothing
+/// else: not a listener, a database or a socket that some library in the
+/// agent opened without `O_CLOEXEC`. It is the child's own guarantee rather
+/// than a promise every other descriptor keeps.
+///
+/// `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (Linux 5.11) rather than closing
+/// outright: std reports a failed exec to the parent through a close-on-exec
+/// pipe above stderr, which must stay open until the exec. Older kernels
+/// (Jetson's L4T 32 runs 4.9) get the same effect one descriptor at a time,
+/// up to the descriptor limit. Called through `syscall(2)`: glibc's wrapper
+/// would raise the agent's glibc floor to 2.34. Async-signal-safe (only
+/// syscalls, no allocation), as `pre_exec` requires.
+fn close_inherited_descriptors() -> io::Result<()> {
+    const FIRST: libc::c_uint = 3;
+    #[allow(unsafe_code)]
+    // SAFETY: close_range takes integers only; with CLOSE_RANGE_CLOEXEC it
+    // closes nothing, it only sets a flag on each descriptor.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, FIRST, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+        return Err(err);
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit writes only the struct it is given, on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let last = libc::c_int::try_from(lim.rlim_cur).unwrap_or(libc::c_int::MAX);
+    for fd in FIRST as libc::c_int..last {
+        #[allow(unsafe_code)]
+        // SAFETY: fcntl on an integer descriptor; EBADF for one not open is expected.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the reaper to publish the exit; kills a process that closed its

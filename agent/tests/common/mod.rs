@@ -1,7 +1,7 @@
 //! A real hub (REST + gRPC on 127.0.0.1:0) and real agents, in one process.
 #![allow(dead_code, clippy::unwrap_used)]
 
-pub mod dtype_cases;
+pub use sentinel_testkit::dtype_cases;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,8 +36,14 @@ pub fn read_i64(rel: &str) -> Vec<i64> {
 }
 
 /// The 64 pixels of test digit `i` as a [1, 64] request input.
-pub fn digit(x: &[f32], i: usize) -> sentinel_agent::worker::protocol::Tensor {
-    sentinel_agent::worker::protocol::Tensor::from_f32(vec![1, 64], &x[i * 64..(i + 1) * 64])
+pub fn digit(x: &[f32], i: usize) -> sentinel_worker_protocol::frame::Tensor {
+    sentinel_worker_protocol::frame::Tensor::from_f32(vec![1, 64], &x[i * 64..(i + 1) * 64])
+}
+
+/// The `sentinel-worker` binary of this build (another package: built on
+/// demand by [`sentinel_testkit::bins`]), with its test probes.
+pub fn worker_bin() -> PathBuf {
+    sentinel_testkit::bins::worker()
 }
 
 pub const V1: &str = "digits/digits_mlp_v1.onnx";
@@ -69,7 +75,7 @@ impl TestHub {
         config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
         config.heartbeat = Duration::from_secs(2);
         // The hub checks every upload with the worker devices use.
-        config.inspect.worker = Some(env!("CARGO_BIN_EXE_sentinel-worker").into());
+        config.inspect.worker = Some(worker_bin());
         tweak(&mut config);
         let hub = Hub::open(config).unwrap();
         let listeners = hub.bind().await.unwrap();
@@ -190,7 +196,7 @@ impl Drop for TestHub {
 /// built, and the inference API and metrics on ephemeral loopback ports.
 pub fn test_env() -> BTreeMap<String, String> {
     [
-        ("SENTINEL_AGENT_WORKER_BIN".to_owned(), env!("CARGO_BIN_EXE_sentinel-worker").to_owned()),
+        ("SENTINEL_AGENT_WORKER_BIN".to_owned(), worker_bin().display().to_string()),
         ("SENTINEL_AGENT_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ("SENTINEL_AGENT_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
     ]

@@ -323,7 +323,7 @@ async fn status_answers_during_an_install_with_the_labels_the_hub_assigned() {
     let script = format!(
         "#!/bin/sh\nif [ -p '{gate}' ]; then read _ < '{gate}'; fi\nexec '{worker}' \"$@\"\n",
         gate = gate.display(),
-        worker = env!("CARGO_BIN_EXE_sentinel-worker"),
+        worker = crate::common::worker_bin().display(),
     );
     std::fs::write(&held, script).unwrap();
     std::fs::set_permissions(&held, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();

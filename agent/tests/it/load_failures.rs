@@ -15,8 +15,8 @@ use common::*;
 use sentinel_agent::serving::{Install, InstallError, Serving};
 use sentinel_agent::slots::{Color, SlotState};
 use sentinel_agent::store::Store;
-use sentinel_agent::worker::protocol::Tensor;
 use sentinel_proto::pb::{Dimension, ModelManifest, TensorSpec, dimension::Kind};
+use sentinel_worker_protocol::frame::Tensor;
 
 fn digits_manifest(version: &str, sha256: &str) -> ModelManifest {
     let dim = |k: Kind| Dimension { kind: Some(k) };

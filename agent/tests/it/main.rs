@@ -28,5 +28,3 @@ mod supervisor;
 mod tampered_artifact;
 mod tls;
 mod wild_models;
-mod worker_check;
-mod worker_sandbox;

@@ -18,7 +18,7 @@ use crate::common::{digit, model_path, read_f32, read_i64};
 use sentinel_agent::supervisor::{
     InferError, RestartPolicy, SlotError, SlotState, Supervised, SupervisorError, TestProbes, Worker, WorkerSpec,
 };
-use sentinel_agent::worker::protocol::Tensor;
+use sentinel_worker_protocol::frame::Tensor;
 
 /// Bound on every wait in these tests; generous because another build may share the machine.
 const BOUND: Duration = Duration::from_secs(60);
@@ -29,12 +29,7 @@ fn label_of(outputs: &[Tensor]) -> i64 {
 }
 
 fn spec(model: PathBuf, shape: &[usize], work_dir: &Path) -> WorkerSpec {
-    let mut spec = WorkerSpec::new(
-        PathBuf::from(env!("CARGO_BIN_EXE_sentinel-worker")),
-        model,
-        vec![shape.to_vec()],
-        work_dir.to_path_buf(),
-    );
+    let mut spec = WorkerSpec::new(crate::common::worker_bin(), model, vec![shape.to_vec()], work_dir.to_path_buf());
     spec.load_timeout = BOUND;
     spec.request_timeout = BOUND;
     spec
@@ -279,4 +274,36 @@ async fn a_worker_that_dies_while_idle_is_replaced_without_waiting_for_a_request
     assert_eq!(slot.restarts(), 1);
     let x = read_f32("data/digits_test_x.bin");
     assert!(slot.infer(&[digit(&x, 0)]).await.is_ok());
+}
+
+/// The worker starts with its three pipes and nothing else, even when the
+/// agent holds a descriptor some library opened without `O_CLOEXEC`: the
+/// supervisor marks everything above stderr close-on-exec in the child.
+#[tokio::test]
+async fn a_worker_inherits_no_descriptor_but_its_pipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::open(model_path("digits/digits_mlp_v1.onnx")).unwrap();
+    // A duplicate without O_CLOEXEC, as a careless library would leave one.
+    #[allow(unsafe_code)]
+    // SAFETY: fcntl on a descriptor this test owns; the duplicate is closed below.
+    let leaked = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_DUPFD, 100) };
+    assert!(leaked >= 100, "F_DUPFD: {}", std::io::Error::last_os_error());
+    #[allow(unsafe_code)]
+    // SAFETY: reads the flags of the descriptor just made.
+    let flags = unsafe { libc::fcntl(leaked, libc::F_GETFD) };
+    assert_eq!(flags & libc::FD_CLOEXEC, 0, "the duplicate must be inheritable for this test to mean anything");
+
+    let worker = Worker::spawn(&digits_spec(dir.path())).await;
+    #[allow(unsafe_code)]
+    // SAFETY: closes only the duplicate this test made.
+    unsafe {
+        libc::close(leaked);
+    }
+    let worker = worker.unwrap();
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{}/fd", worker.pid()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect();
+    fds.sort_unstable();
+    assert_eq!(fds, [0, 1, 2], "the worker holds descriptors beyond its pipes");
 }

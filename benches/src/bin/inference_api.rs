@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use sentinel_agent::supervisor::{Worker, WorkerSpec};
-use sentinel_agent::worker::protocol::Tensor;
 use sentinel_benches::{HubProcess, bench_agent_dir, percentile, workspace_bin, workspace_root};
+use sentinel_worker_protocol::frame::Tensor;
 use serde_json::{Value, json};
 
 const ROUNDS: usize = 2000;

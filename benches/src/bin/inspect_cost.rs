@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use prost::Message as _;
-use sentinel_agent::worker::model::optimise_tract;
 use sentinel_benches::{median, workspace_bin, workspace_root};
 use sentinel_hub::config::InspectConfig;
 use sentinel_hub::inspect::Inspector;
+use sentinel_worker::model::optimise_tract;
 use tract_onnx::pb::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
     ValueInfoProto, tensor_shape_proto::Dimension, tensor_shape_proto::dimension::Value as DimValue, type_proto,

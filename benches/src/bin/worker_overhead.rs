@@ -12,7 +12,7 @@
 //!   requests (the worker serves one request at a time).
 //!
 //! The in-process baseline uses the worker's own loader
-//! ([`sentinel_agent::worker::model::LoadedModel`]), so the difference is the
+//! ([`sentinel_worker::model::LoadedModel`]), so the difference is the
 //! process boundary, the framing and the sandbox, not a different tract setup.
 //!
 //! `cargo build --release --workspace && target/release/worker_overhead`
@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use sentinel_agent::supervisor::{Worker, WorkerSpec};
-use sentinel_agent::worker::model::LoadedModel;
-use sentinel_agent::worker::protocol::Tensor;
 use sentinel_benches::{median, percentile, rss_kib, workspace_bin, workspace_root};
+use sentinel_worker::model::LoadedModel;
+use sentinel_worker_protocol::frame::Tensor;
 
 /// Spawns (and in-process loads) per model for the time-to-serving figure.
 const SPAWNS: usize = 5;

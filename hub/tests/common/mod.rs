@@ -24,59 +24,14 @@ pub fn model_bytes(rel: &str) -> Vec<u8> {
 
 /// `target/<profile>` of this test binary (`target/<profile>/deps/it-…`).
 pub fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    sentinel_testkit::bins::profile_dir()
 }
 
 /// The `sentinel-agent` and `sentinel-worker` binaries of this build, for
-/// tests that need a real device process. Cargo builds only this package's
-/// binaries for its tests and the agent is another package, so the first
-/// call runs `cargo test --workspace --no-run` into the same target dir and
-/// profile: the unit graph of the README's test command, so under it this
-/// is a freshness check that compiles nothing (building only the agent
-/// package would resolve features differently and recompile a dozen crates).
+/// tests that need a real device process (built on demand, see
+/// [`sentinel_testkit::bins`]).
 pub fn agent_binaries() -> (PathBuf, PathBuf) {
-    static BUILT: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let profile = profile_dir();
-            let mut cargo = std::process::Command::new(env!("CARGO"));
-            // What cargo set for this test process describes this package,
-            // not the build: inherited, CARGO_MANIFEST_DIR alone makes ring's
-            // build script, and all that depends on it, rebuild.
-            for (name, _) in std::env::vars_os() {
-                let name = name.to_string_lossy();
-                if [
-                    "CARGO_PKG_",
-                    "CARGO_MANIFEST_",
-                    "CARGO_CRATE_",
-                    "CARGO_BIN_",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                ]
-                .iter()
-                .any(|p| name.starts_with(p))
-                {
-                    cargo.env_remove(&*name);
-                }
-            }
-            cargo.args(["test", "--workspace", "--no-run", "--quiet", "--manifest-path"]);
-            cargo.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
-            cargo.arg("--target-dir").arg(profile.parent().unwrap());
-            match profile.file_name().unwrap().to_str().unwrap() {
-                "debug" => {}
-                "release" => {
-                    cargo.arg("--release");
-                }
-                other => {
-                    cargo.args(["--profile", other]);
-                }
-            }
-            let status = cargo.status().unwrap();
-            assert!(status.success(), "building the agent binaries (cargo test --workspace --no-run): {status}");
-            (profile.join("sentinel-agent"), profile.join("sentinel-worker"))
-        })
-        .clone()
+    (sentinel_testkit::bins::agent(), sentinel_testkit::bins::worker())
 }
 
 pub const V1: &str = "digits/digits_mlp_v1.onnx";

@@ -1,4 +1,5 @@
-//! Forbidden-action probes, for tests only.
+//! Forbidden-action probes, for tests only: compiled in with the
+//! `test-probes` feature, which the binary that ships does not have.
 //!
 //! With `--test-forbidden` the worker treats a request payload of
 //! `FORBID:<action>` as an order to attempt something the sandbox must stop
@@ -15,23 +16,28 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// Whether `FORBID:` requests are honoured. Disabled unless a test asks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum ForbiddenProbe {
-    /// `FORBID:` payloads are malformed requests like any other.
-    #[default]
-    Disabled,
-    /// `FORBID:` payloads attempt the named action (tests only). The file the
-    /// `open-write` action creates is named before the sandbox goes up, so the
-    /// attempt is the `openat` alone.
-    Enabled { write_target: PathBuf },
+use sentinel_worker_protocol::frame;
+
+use crate::ForbiddenProbe;
+
+/// Probes enabled for this process.
+pub fn enabled() -> ForbiddenProbe {
+    ForbiddenProbe::Enabled { write_target: write_target(std::process::id()) }
 }
 
-impl ForbiddenProbe {
-    /// Probes enabled for this process.
-    pub fn enabled() -> ForbiddenProbe {
-        ForbiddenProbe::Enabled { write_target: write_target(std::process::id()) }
-    }
+/// The response to `payload` if it is a probe request and `probe` honours it;
+/// `None` when the request is for the model.
+pub fn answer(probe: &ForbiddenProbe, payload: &[u8]) -> Option<Vec<u8>> {
+    let ForbiddenProbe::Enabled { write_target } = probe else {
+        return None;
+    };
+    let action = Action::parse(payload)?;
+    let attempted =
+        action.and_then(|a| a.attempt(write_target).map_err(|e| format!("forbidden action {a:?} failed: {e}")));
+    Some(match attempted {
+        Ok(()) => frame::encode_ok_response(&[]),
+        Err(message) => frame::encode_error_response(&message),
+    })
 }
 
 /// The file a worker with process id `pid` tries to create for `open-write`.

@@ -2,9 +2,9 @@
 //! filter on every thread. Anything not on the list kills the whole process
 //! with `SIGSYS`, which the supervisor reads as a sandbox violation of that slot.
 //!
-//! The policy is reviewed data: one table per architecture, one line per
-//! syscall with the reason it is needed. It covers what the worker does after
-//! warm-up and nothing else: read requests from stdin, run tract or ONNX
+//! The policy is reviewed data: one table, one line per syscall with the
+//! reason it is needed, shared by x86_64 and aarch64. It covers what the
+//! worker does after warm-up and nothing else: read requests from stdin, run tract or ONNX
 //! Runtime (single threaded, so no `clone`), allocate, write responses to
 //! stdout, exit, and crash with its usual signal (`SIGSEGV`, `SIGABRT`) rather
 //! than `SIGSYS`.
@@ -20,17 +20,7 @@ use std::collections::BTreeMap;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
-
-/// Whether the worker confines itself. Enforcing is the default; turning it
-/// off must be asked for by name (debugging, or platforms without seccomp).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Confinement {
-    /// Install the seccomp allow-list after warm-up.
-    #[default]
-    Enforce,
-    /// Serve without a filter.
-    Off,
-}
+use sentinel_worker_protocol::launch::Confinement;
 
 /// What [`confine`] achieved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,28 +88,11 @@ const fn abort_self(name: &'static str, nr: libc::c_long) -> Allowed {
 // at exit) and HTTPS uploads (socket), none of which a worker may do, so a
 // worker with telemetry on dies with SIGSYS, at the latest when it exits.
 
-/// The allow-list for x86_64.
-#[cfg(target_arch = "x86_64")]
-pub const POLICY: &[Allowed] = &[
-    any("read", libc::SYS_read),                     // requests arrive on stdin
-    any("write", libc::SYS_write),                   // responses on stdout, warnings and panics on stderr
-    any("brk", libc::SYS_brk),                       // allocator: grows the main heap
-    any("mmap", libc::SYS_mmap),                     // allocator: large blocks (tract tensors, scratch)
-    any("munmap", libc::SYS_munmap),                 // allocator: frees large blocks; std at exit
-    any("mremap", libc::SYS_mremap),                 // allocator: realloc of large blocks
-    any("madvise", libc::SYS_madvise),               // allocator: returns freed pages to the kernel
-    any("sigaltstack", libc::SYS_sigaltstack),       // std removes the main thread's signal stack at exit
-    any("rt_sigreturn", libc::SYS_rt_sigreturn),     // std's SIGSEGV handler returns to re-fault with SIG_DFL
-    any("rt_sigprocmask", libc::SYS_rt_sigprocmask), // abort(): unblocks SIGABRT
-    any("getpid", libc::SYS_getpid),                 // abort(): finds its own process for tgkill
-    any("gettid", libc::SYS_gettid),                 // abort(): finds its own thread for tgkill
-    abort_self("tgkill", libc::SYS_tgkill),          // abort(): raises SIGABRT on itself, nothing else
-    any("exit_group", libc::SYS_exit_group),         // the worker ending when stdin closes
-];
-
-/// The allow-list for aarch64. Same reasons as x86_64; every name here exists
-/// on aarch64, which has no legacy syscalls (`open`, `poll`, `creat`).
-#[cfg(target_arch = "aarch64")]
+/// The allow-list, for x86_64 and aarch64 alike. The `libc::SYS_*` constants
+/// give each architecture its own numbers; a syscall that exists on only one
+/// of them (aarch64 has no legacy `open`, `poll` or `creat`) would be a row
+/// under `#[cfg(target_arch = …)]`, and today there is none: every name here
+/// exists on both.
 pub const POLICY: &[Allowed] = &[
     any("read", libc::SYS_read),                     // requests arrive on stdin
     any("write", libc::SYS_write),                   // responses on stdout, warnings and panics on stderr
@@ -225,34 +198,20 @@ mod tests {
 
     #[test]
     fn policy_allows_nothing_that_escapes_the_process() {
+        let mut escapes = vec![
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_openat,
+            libc::SYS_kill,
+        ];
+        // The legacy calls only x86_64 has.
         #[cfg(target_arch = "x86_64")]
-        let escapes = [
-            libc::SYS_socket,
-            libc::SYS_connect,
-            libc::SYS_execve,
-            libc::SYS_execveat,
-            libc::SYS_ptrace,
-            libc::SYS_fork,
-            libc::SYS_vfork,
-            libc::SYS_clone,
-            libc::SYS_clone3,
-            libc::SYS_open,
-            libc::SYS_openat,
-            libc::SYS_creat,
-            libc::SYS_kill,
-        ];
-        #[cfg(target_arch = "aarch64")]
-        let escapes = [
-            libc::SYS_socket,
-            libc::SYS_connect,
-            libc::SYS_execve,
-            libc::SYS_execveat,
-            libc::SYS_ptrace,
-            libc::SYS_clone,
-            libc::SYS_clone3,
-            libc::SYS_openat,
-            libc::SYS_kill,
-        ];
+        escapes.extend([libc::SYS_fork, libc::SYS_vfork, libc::SYS_open, libc::SYS_creat]);
         for nr in escapes {
             assert!(POLICY.iter().all(|a| a.nr != nr), "syscall {nr} must not be allowed");
         }

@@ -1,13 +1,13 @@
-//! The dtype test cases of `tests/models/make_dtype_models.py` (models built
-//! at test time by public tools, with ONNX Runtime's outputs), shared by the
-//! system test (`it/dtypes.rs`) and the engine parity test.
-#![allow(dead_code, clippy::unwrap_used)]
+//! The dtype test cases of `agent/tests/models/make_dtype_models.py` (models
+//! built at test time by public tools, with ONNX Runtime's outputs), shared by
+//! the agent's system test (`it/dtypes.rs`) and the worker's engine parity test.
 
 use std::path::Path;
 
 use serde_json::{Value, json};
 
 /// One model with its inputs and ONNX Runtime's outputs for them.
+#[derive(Debug)]
 pub struct Case {
     pub name: String,
     pub dir: std::path::PathBuf,
@@ -17,7 +17,7 @@ pub struct Case {
 /// Runs the generator into `dir`. A missing Python package fails the test
 /// with the generator's message naming what to install.
 pub fn make_models(dir: &Path) -> Vec<Case> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models/make_dtype_models.py");
+    let script = crate::bins::workspace_root().join("agent/tests/models/make_dtype_models.py");
     let out = std::process::Command::new("python3").arg(&script).arg(dir).output().unwrap();
     assert!(
         out.status.success(),

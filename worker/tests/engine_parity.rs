@@ -17,13 +17,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[path = "common/dtype_cases.rs"]
-mod dtype_cases;
-
 use sentinel_agent::inference_api::decode::{datatype_name, parse_datatype};
 use sentinel_agent::supervisor::{SupervisorError, Worker, WorkerSpec};
-use sentinel_agent::worker::Engine;
-use sentinel_agent::worker::protocol::{DType, Tensor};
+use sentinel_testkit::dtype_cases;
+use sentinel_worker_protocol::frame::{DType, Tensor};
+use sentinel_worker_protocol::launch::Engine;
 use serde_json::Value;
 
 /// Bound on loading and on each request; generous because another build may share the machine.

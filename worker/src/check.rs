@@ -2,7 +2,7 @@
 //!
 //! The same load, warm-up and seccomp confinement as a serving worker, then
 //! one probe inference on zeros, then one [`CheckReport`] as a JSON line on
-//! stdout and an exit code from [`sentinel_proto::inspect`]. The hub runs it
+//! stdout and an exit code from [`sentinel_worker_protocol::check`]. The hub runs it
 //! as a child under `RLIMIT_AS` and a wall-time limit, so a model that needs
 //! gigabytes to fold its constants, or minutes to optimise, costs this
 //! process and not the hub.
@@ -16,13 +16,14 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use sentinel_proto::inspect::{
+use sentinel_worker_protocol::check::{
     CHECK_EXIT_IO, CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CHECK_EXIT_SANDBOX, CheckFailure, CheckReport,
     CheckStage, LoadStepReport, ProbeTensor, is_allocation_failure,
 };
 
-use super::model::{self, Engine, LoadedModel, ModelError};
-use super::sandbox::{self, Confinement, SandboxStatus};
+use crate::model::{self, LoadedModel, ModelError};
+use crate::sandbox::{self, SandboxStatus};
+use crate::{Confinement, Engine};
 
 /// What to check and how.
 #[derive(Debug, Clone)]

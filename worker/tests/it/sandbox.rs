@@ -13,10 +13,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 
-use crate::common::{digit, model_path, read_f32, read_i64};
-use sentinel_agent::worker::probe;
-use sentinel_agent::worker::protocol::{
-    self, DType, Ready, ResponseError, Tensor, decode_ready, decode_response, encode_request,
+use sentinel_testkit::models::{digit, model_path, read_f32, read_i64};
+use sentinel_worker::probe;
+use sentinel_worker_protocol::frame::{
+    self as protocol, DType, Ready, ResponseError, Tensor, decode_ready, decode_response, encode_request,
 };
 
 fn digits_model() -> PathBuf {

@@ -1,14 +1,12 @@
 //! `sentinel-worker`: the confined inference worker. Parses arguments and
-//! hands over to [`sentinel_agent::worker::run`].
+//! hands over to [`sentinel_worker::run`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use sentinel_agent::worker::check::{self, CheckConfig};
-use sentinel_agent::worker::probe::ForbiddenProbe;
-use sentinel_agent::worker::sandbox::Confinement;
-use sentinel_agent::worker::{self, EXIT_USAGE, Engine, WorkerConfig};
+use sentinel_worker::check::{self, CheckConfig};
+use sentinel_worker::{self as worker, Confinement, EXIT_USAGE, Engine, ForbiddenProbe, WorkerConfig};
 
 /// Serves one ONNX model over length-prefixed frames on stdin/stdout, confined by seccomp.
 #[derive(Debug, Parser)]
@@ -42,7 +40,9 @@ struct Cli {
     /// hub runs this on every upload, under memory and time limits.
     #[arg(long)]
     check: bool,
-    /// Tests only: honour `FORBID:<action>` requests that attempt forbidden syscalls.
+    /// Tests only: honour `FORBID:<action>` requests that attempt forbidden
+    /// syscalls. Only in builds with the `test-probes` feature.
+    #[cfg(feature = "test-probes")]
     #[arg(long, hide = true)]
     test_forbidden: bool,
 }
@@ -92,13 +92,8 @@ fn main() -> ExitCode {
             confinement,
         }));
     }
-    let config = WorkerConfig {
-        model: cli.model,
-        input_shapes: cli.input_shapes,
-        engine,
-        confinement,
-        probe: if cli.test_forbidden { ForbiddenProbe::enabled() } else { ForbiddenProbe::Disabled },
-    };
+    let probe = probe(&cli);
+    let config = WorkerConfig { model: cli.model, input_shapes: cli.input_shapes, engine, confinement, probe };
     match worker::run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -106,6 +101,16 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+#[cfg(feature = "test-probes")]
+fn probe(cli: &Cli) -> ForbiddenProbe {
+    if cli.test_forbidden { sentinel_worker::probe::enabled() } else { ForbiddenProbe::Disabled }
+}
+
+#[cfg(not(feature = "test-probes"))]
+fn probe(_cli: &Cli) -> ForbiddenProbe {
+    ForbiddenProbe::Disabled
 }
 
 fn print_error_chain(e: &dyn std::error::Error) {

@@ -1,4 +1,4 @@
-//! The confined inference worker behind the `sentinel-worker` binary.
+//! Sentinel's confined inference worker, behind the `sentinel-worker` binary.
 //!
 //! One worker process serves one model: it loads the file with tract (or ONNX
 //! Runtime, with the `ort` feature) for fixed input shapes, runs one warm-up
@@ -7,12 +7,16 @@
 //! until stdin closes. It uses no async runtime and
 //! no network stack; the agent supervises it as a child process.
 //!
+//! What the agent and the worker must agree on (frames, launch flags, exit
+//! codes, the `--check` report) is in [`sentinel_worker_protocol`], the only
+//! part of this package the agent links.
+//!
 //! # Layout
-//! - [`protocol`]: the frame and tensor encoding shared with the supervisor.
 //! - [`model`]: the [`Engine`] choice, loading, warm-up and checked inference.
 //! - `engine_ort` (feature `ort`): the ONNX Runtime engine.
 //! - [`sandbox`]: the per-architecture seccomp allow-list and its installation.
-//! - [`probe`]: forbidden-action requests that let tests prove the sandbox.
+//! - `probe` (feature `test-probes`): forbidden-action requests that let
+//!   tests prove the sandbox; not in the binary that ships.
 //! - [`check`]: `--check`, the hub's push-time check: load, confine, probe
 //!   once, report as JSON, exit.
 
@@ -20,27 +24,31 @@ pub mod check;
 #[cfg(feature = "ort")]
 pub mod engine_ort;
 pub mod model;
+#[cfg(feature = "test-probes")]
 pub mod probe;
-pub mod protocol;
 pub mod sandbox;
 
 use std::io::{self, BufWriter, Read, Write};
 use std::path::PathBuf;
 
-pub use model::Engine;
 use model::{LoadedModel, ModelError};
-use probe::{Action, ForbiddenProbe};
-use protocol::{FrameError, Ready};
-use sandbox::{Confinement, SandboxError, SandboxStatus};
+use sandbox::{SandboxError, SandboxStatus};
+use sentinel_worker_protocol::frame::{self as protocol, FrameError, Ready};
+pub use sentinel_worker_protocol::launch::{Confinement, EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine};
 
-/// Exit code when the arguments are unusable (`EX_USAGE`).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code when the model cannot be loaded or warmed up (`EX_DATAERR`).
-pub const EXIT_MODEL: u8 = 65;
-/// Exit code when the sandbox cannot be installed on a system that has seccomp (`EX_OSERR`).
-pub const EXIT_SANDBOX: u8 = 71;
-/// Exit code when stdin or stdout fails (`EX_IOERR`).
-pub const EXIT_IO: u8 = 74;
+/// Whether `FORBID:` requests are honoured (see `probe`, feature
+/// `test-probes`). Without the feature there is nothing to honour them with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ForbiddenProbe {
+    /// `FORBID:` payloads are malformed requests like any other.
+    #[default]
+    Disabled,
+    /// `FORBID:` payloads attempt the named action (tests only). The file the
+    /// `open-write` action creates is named before the sandbox goes up, so the
+    /// attempt is the `openat` alone.
+    #[cfg(feature = "test-probes")]
+    Enabled { write_target: PathBuf },
+}
 
 /// What a worker serves and how.
 #[derive(Debug, Clone)]
@@ -126,16 +134,12 @@ pub fn serve(
 }
 
 fn answer(model: &LoadedModel, probe: &ForbiddenProbe, payload: &[u8]) -> Vec<u8> {
-    if let ForbiddenProbe::Enabled { write_target } = probe
-        && let Some(action) = Action::parse(payload)
-    {
-        let attempted =
-            action.and_then(|a| a.attempt(write_target).map_err(|e| format!("forbidden action {a:?} failed: {e}")));
-        return match attempted {
-            Ok(()) => protocol::encode_ok_response(&[]),
-            Err(message) => protocol::encode_error_response(&message),
-        };
+    #[cfg(feature = "test-probes")]
+    if let Some(response) = probe::answer(probe, payload) {
+        return response;
     }
+    #[cfg(not(feature = "test-probes"))]
+    let ForbiddenProbe::Disabled = probe;
     let inputs = match protocol::decode_request(payload) {
         Ok(inputs) => inputs,
         Err(e) => return protocol::encode_error_response(&format!("bad request: {e}")),

@@ -17,50 +17,16 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use super::protocol::{DType, Element, Tensor};
+use sentinel_worker_protocol::frame::{DType, Element, Tensor};
+pub use sentinel_worker_protocol::launch::{Engine, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
 
-/// The inference engine that runs a model. Tract is the default and is always
-/// built in; ONNX Runtime needs the `ort` cargo feature and a library named by
-/// `ORT_DYLIB_PATH` at run time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Engine {
-    /// tract-onnx, pure Rust, single threaded.
-    #[default]
-    Tract,
-    /// ONNX Runtime, loaded dynamically (feature `ort`).
-    Ort,
-}
-
-impl Engine {
-    /// The name used on the command line (`--engine`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Engine::Tract => "tract",
-            Engine::Ort => "ort",
-        }
-    }
-
-    /// Whether this build can run the engine.
-    pub fn is_available(self) -> bool {
-        match self {
-            Engine::Tract => true,
-            Engine::Ort => cfg!(feature = "ort"),
-        }
+/// Whether this build can run `engine`: ONNX Runtime needs the `ort` feature.
+pub fn is_available(engine: Engine) -> bool {
+    match engine {
+        Engine::Tract => true,
+        Engine::Ort => cfg!(feature = "ort"),
     }
 }
-
-impl std::fmt::Display for Engine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The variable that names the ONNX Runtime library file for [`Engine::Ort`].
-pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
-/// The variable that must be `1` for [`Engine::Ort`]: with telemetry on,
-/// ONNX Runtime starts a timer thread, keeps a SQLite store under
-/// `$HOME/.cache` and uploads over HTTPS, which the sandbox forbids.
-pub const ORT_TELEMETRY_ENV: &str = "ORT_DISABLE_TELEMETRY";
 
 /// The model could not be prepared for serving.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +87,7 @@ pub struct LoadedModel {
 enum Runner {
     Tract(Arc<TypedRunnableModel>),
     #[cfg(feature = "ort")]
-    Ort(super::engine_ort::OrtModel),
+    Ort(crate::engine_ort::OrtModel),
 }
 
 impl LoadedModel {
@@ -137,7 +103,7 @@ impl LoadedModel {
             Engine::Tract => load_tract(path, input_shapes),
             #[cfg(feature = "ort")]
             Engine::Ort => {
-                let (model, inputs) = super::engine_ort::load(path, input_shapes)?;
+                let (model, inputs) = crate::engine_ort::load(path, input_shapes)?;
                 Ok(LoadedModel { runner: Runner::Ort(model), inputs })
             }
             #[cfg(not(feature = "ort"))]

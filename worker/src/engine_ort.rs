@@ -11,7 +11,7 @@
 //! the confined worker would die with SIGSYS when that thread next wakes up or
 //! when the store is flushed at exit. The supervisor sets both variables.
 //!
-//! [`super::model::LoadedModel`] checks every request before it gets here, so
+//! [`crate::model::LoadedModel`] checks every request before it gets here, so
 //! this module only converts between wire tensors and ONNX Runtime values:
 //! every ONNX element type but complex, 4-bit and 8-bit floats, strings
 //! included (UTF-8 without NUL bytes, as ONNX Runtime copies C strings).
@@ -23,8 +23,10 @@ use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor as OrtTensor, TensorElementType, ValueType};
 
-use super::model::{InferenceError, InputSpec, ModelError, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
-use super::protocol::{DType, Element, Tensor};
+use sentinel_worker_protocol::frame::{DType, Element, Tensor};
+use sentinel_worker_protocol::launch::{ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
+
+use crate::model::{InferenceError, InputSpec, ModelError};
 
 /// What to tell someone whose worker has no ONNX Runtime library.
 const HOW_TO_GET_IT: &str = "install it with `.ci/install-onnxruntime` (pip's onnxruntime==1.32.0) \
@@ -128,7 +130,7 @@ pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<I
 }
 
 impl OrtModel {
-    /// Runs checked inputs (see [`super::model::LoadedModel::run`]).
+    /// Runs checked inputs (see [`crate::model::LoadedModel::run`]).
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
         // The wire bytes are little-endian and may be unaligned: each input
         // is decoded into a value ONNX Runtime owns.

@@ -8,9 +8,9 @@ use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Command;
 
-use sentinel_proto::inspect::{CHECK_EXIT_MODEL, CHECK_EXIT_OK, CheckReport, CheckStage};
+use sentinel_worker_protocol::check::{CHECK_EXIT_MODEL, CHECK_EXIT_OK, CheckReport, CheckStage};
 
-use crate::common::model_path;
+use sentinel_testkit::models::model_path;
 
 /// Runs a check, optionally under `RLIMIT_AS`, and returns its exit code and report.
 fn check(model: &Path, shape: &str, memory_limit: Option<u64>) -> (i32, CheckReport) {

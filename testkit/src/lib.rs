@@ -1,0 +1,16 @@
+//! What Sentinel's system tests share across packages.
+//!
+//! Test support: a panic here is a failed test, so it may unwrap.
+//!
+//! # Layout
+//! - [`bins`]: the workspace's binaries (`sentinel-agent`, `sentinel-worker`,
+//!   `sentinel-hub`, `sentinel`), built on demand into this test's profile.
+//! - [`dtype_cases`]: models of every tensor element type, made at test time
+//!   by public tools, with ONNX Runtime's outputs.
+//! - [`models`]: the repository's test models and samples, and their readers.
+
+#![allow(clippy::unwrap_used)]
+
+pub mod bins;
+pub mod dtype_cases;
+pub mod models;
