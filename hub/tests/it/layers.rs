@@ -97,9 +97,8 @@ fn code_only(src: &str) -> String {
             let close: String = std::iter::once('"').chain(std::iter::repeat_n('#', hashes)).collect();
             let rest: String = chars[j + 1..].iter().collect();
             let len = rest.find(&close).map_or(rest.chars().count(), |at| rest[..at].chars().count());
-            for k in i..(j + 1 + len + close.len()).min(chars.len()) {
-                out.push(blank(chars[k]));
-            }
+            let end = (j + 1 + len + close.len()).min(chars.len());
+            out.extend(chars[i..end].iter().map(|&ch| blank(ch)));
             i = j + 1 + len + close.len();
         } else if c == '"' {
             out.push(' ');
