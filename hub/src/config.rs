@@ -4,6 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Name of the file the first admin token is written to, in the data dir
+/// (here, not in the server, so the CLI's demo can find it without
+/// importing the server).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
 /// Default cap on one uploaded model file: 2 GiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 

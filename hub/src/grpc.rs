@@ -5,7 +5,7 @@
 //! stream, or reporting as another device, is refused.
 //!
 //! A report that changes a device's state for a deployment makes the hub
-//! re-check that deployment's health ([`crate::rollout`]).
+//! re-check that deployment's health ([`crate::service::deployments`]).
 
 use std::pin::Pin;
 
@@ -15,10 +15,12 @@ use sentinel_proto::pb::{AgentReport, Hello, HubMessage, ReportAck};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::api::SharedState;
 use crate::auth::hash_token;
-use crate::fleet::{Fleet, target_of};
+use crate::service::SharedState;
+use crate::service::events::ChangeKind;
+use crate::service::fleet::Fleet;
 use crate::store::{DeviceEvent, DeviceRecord};
+use crate::targeting::target_of;
 
 /// The service, over the hub's shared state.
 #[derive(Debug, Clone)]
@@ -79,7 +81,7 @@ impl AgentSync for SyncService {
             .await
             .map_err(|_| Status::unavailable("the hub cannot record the device right now"))?;
         let rx = Fleet::subscribe(&self.state, target).await?;
-        self.state.live.notify(crate::web::ChangeKind::Device, &device.id);
+        self.state.events().notify(ChangeKind::Device, &device.id);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -107,13 +109,14 @@ impl AgentSync for SyncService {
             .meta(move |m| m.record_report(&id, &json, &events, crate::now_ms()))
             .await
             .map_err(|_| Status::unavailable("the hub cannot record the report right now"))?;
-        self.state.metrics.device_reports.inc();
+        self.state.metrics().device_reports.inc();
         // After the report is stored, so the rollup sees it. Halting happens
         // before the answer: a device that reports a rollback gets the
         // fleet's reaction on its stream without waiting for another report.
-        crate::rollout::watch_report(&self.state, &device.id, device.report.as_ref(), &report.models).await;
-        self.state.live.notify(crate::web::ChangeKind::Device, &device.id);
-        let interval = u64::try_from(self.state.config.heartbeat.as_millis()).unwrap_or(u64::MAX);
+        crate::service::deployments::watch_report(&self.state, &device.id, device.report.as_ref(), &report.models)
+            .await;
+        self.state.events().notify(ChangeKind::Device, &device.id);
+        let interval = u64::try_from(self.state.config().heartbeat.as_millis()).unwrap_or(u64::MAX);
         Ok(Response::new(ReportAck { heartbeat_interval_ms: interval }))
     }
 }

@@ -6,41 +6,54 @@
 //! client of that API and lives here too, next to the types it speaks.
 //!
 //! # Layout
-//! - [`config`]: hub settings (data dir, listen address, upload cap).
-//! - [`store`]: narrow storage interfaces and their embedded implementations:
-//!   SQLite metadata ([`store::sqlite`]) and a content-addressed blob store on
-//!   local disk ([`store::blobs`]).
-//! - [`keys`]: the hub's Ed25519 signing keys (generation, rotation, pinning).
-//! - [`onnx`]: reading an uploaded ONNX file's signature, cheaply and bounded.
-//! - [`inspect`]: inspecting an upload: the signature here, the engine's load
-//!   and probe in a confined `sentinel-worker --check` child with limits.
-//! - [`auth`]: API tokens, roles, and the first-start admin token.
-//! - [`selector`]: deployment target selectors (`stage=production,site=a`).
-//! - [`api`]: the axum router, one module per resource.
-//! - [`fleet`]: connected devices, their desired state, and pushing it.
-//! - [`grpc`]: the `AgentSync` gRPC service devices subscribe to.
-//! - [`rollout`]: rollout policies, per-device deployment status, and
-//!   halting a deployment too many devices rolled back or failed.
-//! - [`metrics`]: the hub's Prometheus metrics and its `/metrics` endpoint.
-//! - [`server`]: opening a hub and serving it until shutdown.
-//! - [`tls`]: the TLS listener for the REST API.
-//! - [`cli`]: the `sentinel` command-line client.
-//! - [`web`]: the web interface the hub serves at `/ui/`, and its live event stream.
+//!
+//! Layers, bottom to top; each imports only from the layers below it, and
+//! `tests/it/layers.rs` fails the build of any import that points up.
+//!
+//! 1. Leaves: pure values and rules, no storage.
+//!    - [`selector`]: deployment target selectors (`stage=production,site=a`).
+//!    - [`rollout`]: rollout policies, halt thresholds and staged waves.
+//!    - [`keys`]: the hub's Ed25519 signing keys (generation, rotation, pinning).
+//!    - [`auth`]: API tokens, roles, and who a caller is.
+//!    - [`onnx`]: reading an uploaded ONNX file's signature, cheaply and bounded.
+//!    - [`tls`]: the TLS server configuration.
+//!    - [`config`]: hub settings (data dir, listen address, upload cap).
+//!    - [`records`]: the records the store keeps (models, versions, deployments, ...).
+//!    - [`inspect`]: inspecting an upload: the signature here, the engine's load
+//!      and probe in a confined `sentinel-worker --check` child with limits.
+//!    - [`targeting`]: which devices a deployment reaches, and what each should run.
+//!    - [`rollup`]: where a deployment stands on its devices, and the halt rule.
+//! 2. [`store`]: narrow storage interfaces and their embedded implementations:
+//!    SQLite metadata ([`store::sqlite`]) and a content-addressed blob store on
+//!    local disk ([`store::blobs`]). It imports only leaves.
+//! 3. [`service`]: the hub's state and its services (registry, deployments,
+//!    fleet, change events, metrics registry), with their own error type.
+//! 4. Adapters over the services:
+//!    - [`api`]: the REST API under `/api/v1`, one module per resource.
+//!    - [`grpc`]: the `AgentSync` gRPC service devices subscribe to.
+//!    - [`metrics`]: the `/metrics` endpoint and request metrics.
+//!    - [`web`]: the web interface the hub serves at `/ui/` (over [`api`]).
+//! 5. [`cli`]: the `sentinel` command-line client (it reaches a hub over HTTP).
+//! 6. [`server`]: the one composition root: opening a hub and serving it
+//!    until shutdown. Nothing imports it.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod fleet;
 pub mod grpc;
 pub mod inspect;
 pub mod keys;
 pub mod metrics;
 pub mod onnx;
+pub mod records;
 pub mod rollout;
+pub mod rollup;
 pub mod selector;
 pub mod server;
+pub mod service;
 pub mod store;
+pub mod targeting;
 pub mod tls;
 pub mod web;
 
@@ -60,4 +73,29 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// A string schema with a pattern, as a named component: for list items
+/// and fields whose rules a plain `String` does not carry.
+#[macro_export]
+macro_rules! string_schema {
+    ($(#[$meta:meta])* $name:ident, $pattern:expr $(, max_length = $max:expr)?) => {
+        $(#[$meta])*
+        #[derive(Debug)]
+        pub struct $name;
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .pattern(Some($pattern))
+                    $(.max_length(Some($max)))?
+                    .into()
+            }
+        }
+        impl utoipa::ToSchema for $name {
+            fn name() -> std::borrow::Cow<'static, str> {
+                std::borrow::Cow::Borrowed(stringify!($name))
+            }
+        }
+    };
 }

@@ -1,22 +1,10 @@
-//! Prometheus metrics of one hub, and the `/metrics` endpoint that serves them.
-//!
-//! Each hub owns its [`Registry`] (never the process-wide default one), so
-//! several hubs in one process, as in tests, keep their figures apart. Event
-//! counters are bumped where the event happens (HTTP middleware, upload
-//! handler, report handler, halt logic); figures that are state, not events
-//! (connected devices, deployments by state, where each live deployment
-//! stands on its devices) are read from the fleet and the store at scrape
-//! time, so they can never drift from the truth.
+//! The `/metrics` endpoint, and the middleware that counts REST requests.
 //!
 //! `/metrics` is served on its own listener (`--metrics-listen`), in plain
 //! text: the figures carry no tokens and no model bytes, and keeping them off
 //! the REST port keeps them out of the API's authentication and audit log.
-//!
-//! Label values are bounded: the HTTP `route` label is the matched route
-//! template (`/api/v1/models/{name}`), never the raw path, and
-//! `sentinel_hub_deployment_devices` covers only active and halted deployments.
+//! The registry and its figures are [`HubMetrics`]'s.
 
-use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use axum::Router;
@@ -25,221 +13,9 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricType;
-use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
-};
 
-use crate::api::SharedState;
-use crate::rollout::rollup;
-use crate::store::{MetadataStore, StoreError};
-
-/// Every state a deployment can be in, each exported even when zero.
-pub const DEPLOYMENT_STATES: [&str; 5] = ["active", "halted", "superseded", "rolled_back", "cancelled"];
-
-/// Why the hub closed a connection, as `sentinel_hub_connections_dropped_total`'s
-/// `reason`, in the order of `sentinel_net::Stats`' counts.
-const CONNECTION_DROPS: [&str; 3] = ["evicted", "refused", "timed_out"];
-
-/// Request latency buckets, in seconds: API calls take milliseconds, uploads
-/// of large models up to a minute.
-const LATENCY_BUCKETS: [f64; 15] =
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-
-/// The hub's registry and the handles of its metrics.
-#[derive(Debug)]
-pub struct HubMetrics {
-    registry: Registry,
-    http_requests: IntCounterVec,
-    http_duration: HistogramVec,
-    connected_devices: IntGauge,
-    model_pushes: IntCounterVec,
-    /// Bytes of model files accepted by uploads.
-    pub model_push_bytes: IntCounter,
-    deployments: IntGaugeVec,
-    deployment_devices: IntGaugeVec,
-    /// Deployments the hub halted because too many devices gave up on them.
-    pub deployment_halts: IntCounter,
-    /// Device reports received and stored.
-    pub device_reports: IntCounter,
-    connections_open: IntGauge,
-    connections_dropped: IntCounterVec,
-    /// What was registered, for [`HubMetrics::families`].
-    families: Vec<(Desc, MetricType)>,
-    /// Serialises scrapes: each resets and refills the scrape-time gauges.
-    scrape: Mutex<()>,
-}
-
-impl HubMetrics {
-    /// Creates the metrics in a fresh registry of their own.
-    pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let http_requests = IntCounterVec::new(
-            Opts::new(
-                "sentinel_hub_http_requests_total",
-                "REST API requests answered, by route template, method and status",
-            ),
-            &["route", "method", "status"],
-        )?;
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "sentinel_hub_http_request_duration_seconds",
-                "Time from a REST API request's arrival to its response headers",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route", "method"],
-        )?;
-        let connected_devices =
-            IntGauge::new("sentinel_hub_connected_devices", "Devices with an open Subscribe stream")?;
-        let model_pushes = IntCounterVec::new(
-            Opts::new("sentinel_hub_model_pushes_total", "Model version uploads, by result (ok or refused)"),
-            &["result"],
-        )?;
-        let model_push_bytes =
-            IntCounter::new("sentinel_hub_model_push_bytes_total", "Bytes of model files accepted by uploads")?;
-        let deployments = IntGaugeVec::new(Opts::new("sentinel_hub_deployments", "Deployments by state"), &["state"])?;
-        let deployment_devices = IntGaugeVec::new(
-            Opts::new(
-                "sentinel_hub_deployment_devices",
-                "Targeted devices of each active or halted deployment, by rollout state",
-            ),
-            &["deployment", "state"],
-        )?;
-        let deployment_halts = IntCounter::new(
-            "sentinel_hub_deployment_halts_total",
-            "Deployments halted because too many devices rolled back or failed",
-        )?;
-        let device_reports =
-            IntCounter::new("sentinel_hub_device_reports_total", "Device reports received and stored")?;
-        let connections_open = IntGauge::new(
-            "sentinel_hub_connections_open",
-            "Connections open on the REST, gRPC and metrics listeners together",
-        )?;
-        let connections_dropped = IntCounterVec::new(
-            Opts::new(
-                "sentinel_hub_connections_dropped_total",
-                "Connections closed by the hub: evicted at the cap (silent or idle first), refused at the cap \
-                 (all busy), or timed out (header-read or idle)",
-            ),
-            &["reason"],
-        )?;
-        for reason in CONNECTION_DROPS {
-            connections_dropped.with_label_values(&[reason]);
-        }
-        let build_info = IntGaugeVec::new(
-            Opts::new("sentinel_hub_build_info", "Always 1; labelled with the hub's version"),
-            &["version"],
-        )?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        for model_push in ["ok", "refused"] {
-            model_pushes.with_label_values(&[model_push]);
-        }
-
-        let collectors: Vec<Box<dyn Collector>> = vec![
-            Box::new(http_requests.clone()),
-            Box::new(http_duration.clone()),
-            Box::new(connected_devices.clone()),
-            Box::new(model_pushes.clone()),
-            Box::new(model_push_bytes.clone()),
-            Box::new(deployments.clone()),
-            Box::new(deployment_devices.clone()),
-            Box::new(deployment_halts.clone()),
-            Box::new(device_reports.clone()),
-            Box::new(connections_open.clone()),
-            Box::new(connections_dropped.clone()),
-            Box::new(build_info),
-        ];
-        let mut families = Vec::new();
-        for c in collectors {
-            // Each of these collectors is one family: one descriptor, and
-            // one collected family that carries the type.
-            let kinds = c.collect().into_iter().map(|f| f.get_field_type());
-            let described: Vec<_> = c.desc().into_iter().cloned().zip(kinds).collect();
-            registry.register(c)?;
-            families.extend(described);
-        }
-        Ok(Self {
-            registry,
-            http_requests,
-            http_duration,
-            connected_devices,
-            model_pushes,
-            model_push_bytes,
-            deployments,
-            deployment_devices,
-            deployment_halts,
-            device_reports,
-            connections_open,
-            connections_dropped,
-            families,
-            scrape: Mutex::new(()),
-        })
-    }
-
-    /// The descriptor (name, label names) and type of every registered
-    /// metric family, including labelled ones that have no sample yet and
-    /// so are absent from a scrape. Lets a dashboard or alert rule be
-    /// checked against the real definitions (`agent/tests/it/grafana.rs`).
-    pub fn families(&self) -> &[(Desc, MetricType)] {
-        &self.families
-    }
-
-    /// Counts one upload by whether it was accepted.
-    pub fn model_push(&self, accepted: bool) {
-        self.model_pushes.with_label_values(&[if accepted { "ok" } else { "refused" }]).inc();
-    }
-
-    /// Refreshes the scrape-time figures and renders everything in the text
-    /// exposition format. Blocking: reads the store.
-    fn render(&self, state: &SharedState) -> Result<String, prometheus::Error> {
-        let _one_scrape = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
-        self.connected_devices.set(i64::try_from(state.fleet.connected_count()).unwrap_or(i64::MAX));
-        let c = state.connections.stats();
-        self.connections_open.set(i64::try_from(c.open).unwrap_or(i64::MAX));
-        for (reason, total) in CONNECTION_DROPS.into_iter().zip([c.evicted, c.refused, c.timed_out]) {
-            // Counted by sentinel-net; brought up to its total (scrapes are serialised).
-            let counter = self.connections_dropped.with_label_values(&[reason]);
-            counter.inc_by(total.saturating_sub(counter.get()));
-        }
-        // Reset first, so a deployment that stopped being live disappears.
-        self.deployments.reset();
-        self.deployment_devices.reset();
-        if let Err(e) = self.read_deployments(state.meta.as_ref()) {
-            // The rest of the figures are still worth serving; the deployment
-            // gauges are left absent rather than stale.
-            self.deployments.reset();
-            self.deployment_devices.reset();
-            tracing::error!(error = %e, "reading deployments for /metrics failed");
-        }
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
-        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
-    }
-
-    fn read_deployments(&self, meta: &dyn MetadataStore) -> Result<(), StoreError> {
-        for s in DEPLOYMENT_STATES {
-            let (_, total) = meta.list_deployments(None, Some(s), 0, 0)?;
-            self.deployments.with_label_values(&[s]).set(i64::try_from(total).unwrap_or(i64::MAX));
-        }
-        let mut live = meta.list_deployments(None, Some("active"), u32::MAX, 0)?.0;
-        live.extend(meta.list_deployments(None, Some("halted"), u32::MAX, 0)?.0);
-        if live.is_empty() {
-            return Ok(());
-        }
-        let devices = meta.list_devices()?;
-        for d in &live {
-            let id = d.id.to_string();
-            for (s, n) in rollup(d, &devices, &meta.deployment_devices(d.id)?).counts {
-                self.deployment_devices
-                    .with_label_values(&[id.as_str(), s.as_str()])
-                    .set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
-        }
-        Ok(())
-    }
-}
+use crate::service::SharedState;
+pub use crate::service::metrics::{DEPLOYMENT_STATES, HubMetrics};
 
 /// The method label: the standard methods by name, anything else `other`,
 /// so a client inventing methods cannot create series.
@@ -265,9 +41,7 @@ pub async fn track_http(State(state): State<SharedState>, req: Request, next: Ne
     let method = method_label(req.method());
     let start = Instant::now();
     let resp = next.run(req).await;
-    let m = &state.metrics;
-    m.http_duration.with_label_values(&[route.as_str(), method]).observe(start.elapsed().as_secs_f64());
-    m.http_requests.with_label_values(&[route.as_str(), method, resp.status().as_str()]).inc();
+    state.metrics().observe_http(&route, method, resp.status().as_str(), start.elapsed());
     resp
 }
 
@@ -278,7 +52,7 @@ pub fn router(state: SharedState) -> Router {
 
 async fn scrape(State(state): State<SharedState>) -> Response {
     let st = state.clone();
-    match tokio::task::spawn_blocking(move || st.metrics.render(&st)).await {
+    match tokio::task::spawn_blocking(move || st.metrics().render(&st)).await {
         Ok(Ok(text)) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "encoding metrics failed");
@@ -296,12 +70,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metrics_register_without_clashes_and_render_build_info() {
-        let m = HubMetrics::new().expect("valid metric definitions");
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&m.registry.gather(), &mut out).expect("encodes");
-        let text = String::from_utf8(out).expect("utf-8");
-        assert!(text.contains(&format!("sentinel_hub_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+    fn an_invented_method_is_counted_as_other() {
         assert_eq!(method_label(&Method::from_bytes(b"BREW").expect("a method")), "other");
     }
 }

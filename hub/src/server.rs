@@ -1,21 +1,25 @@
-//! Opening a hub's data dir and serving its API until shutdown.
+//! Opening a hub's data dir and serving its API until shutdown: the hub's
+//! one composition root. It builds the state, puts the adapters (REST API,
+//! web interface, gRPC, metrics endpoint) on their listeners, and nothing
+//! in the crate imports it.
 
 use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use axum::serve::ListenerExt as _;
 use sentinel_proto::pb::agent_sync_server::AgentSyncServer;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
-use crate::api::{AppState, SharedState, router};
 use crate::auth::{Role, generate_token, hash_token};
+pub use crate::config::ADMIN_TOKEN_FILE;
 use crate::config::HubConfig;
 use crate::keys::{Keyring, KeyringError};
+use crate::service::{HubState, Parts, SharedState};
 use crate::store::{BlobError, BlobStore, LocalBlobStore, MetadataStore, SqliteStore, StoreError};
 
 /// Failures while starting or running the hub.
@@ -86,9 +90,6 @@ pub struct Hub {
 /// private working directory. Emptied at start.
 pub const INSPECT_DIR: &str = "inspect";
 
-/// Name of the file the first admin token is written to, in the data dir.
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-
 impl Hub {
     /// Opens (creating on first start) the data dir: database, blob store,
     /// signing key, and the first admin token. Removes blobs that no version
@@ -130,13 +131,10 @@ impl Hub {
             None
         };
 
-        let state = Arc::new(AppState {
+        let state = HubState::new(Parts {
             meta,
             blobs: Arc::new(blobs),
-            keys: RwLock::new(keys),
-            fleet: crate::fleet::Fleet::default(),
-            live: crate::web::Live::default(),
-            public_url: RwLock::new(String::new()),
+            keys,
             metrics: crate::metrics::HubMetrics::new()?,
             inspector,
             // One connection budget over REST, gRPC and metrics; HTTP/2
@@ -157,14 +155,14 @@ impl Hub {
     }
 
     pub fn data_dir(&self) -> &Path {
-        &self.state.config.data_dir
+        &self.state.config().data_dir
     }
 
     /// Checks the transport settings and binds the configured addresses.
     /// Port 0 picks a free port; the returned listeners know which. Sets the
     /// public URL devices download from.
     pub async fn bind(&self) -> Result<Listeners, HubError> {
-        let config = &self.state.config;
+        let config = self.state.config();
         config.check_transport().map_err(HubError::Transport)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| HubError::Bind { addr, source })
@@ -181,8 +179,7 @@ impl Hub {
         let scheme = if config.tls.is_some() { "https" } else { "http" };
         let local = rest.local_addr().map_err(|source| HubError::Bind { addr: config.listen, source })?;
         let url = config.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
-        *self.state.public_url.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            url.trim_end_matches('/').to_owned();
+        self.state.set_public_url(url.trim_end_matches('/').to_owned());
         Ok(Listeners { rest, grpc, metrics })
     }
 
@@ -200,20 +197,20 @@ impl Hub {
         tokio::spawn(async move {
             shutdown.await;
             // Streams never end on their own: close them so the servers drain.
-            closing.fleet.close_all();
-            closing.live.close();
+            closing.fleet().close_all();
+            closing.events().close();
             let _ = stop_tx.send(true);
         });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let tls = match &state.config.tls {
+        let tls = match &state.config().tls {
             Some(files) => Some(tokio_rustls::TlsAcceptor::from(
                 crate::tls::server_config(&files.cert, &files.key).map_err(HubError::Tls)?,
             )),
             None => None,
         };
-        let connections = state.connections.clone();
+        let connections = state.connections().clone();
         tracing::info!(
             max_connections = connections.limits().max_connections,
             header_read_timeout = ?connections.limits().header_read_timeout,
@@ -263,6 +260,20 @@ impl Hub {
         }
         failed.map_or(Ok(()), |e| Err(HubError::Serve(e)))
     }
+}
+
+/// The whole HTTP surface of the REST listener (gRPC aside): the REST API
+/// under `/api/v1`, the probes and the web interface, behind
+/// authentication and, outermost, the request metrics.
+pub fn router(state: SharedState) -> axum::Router {
+    axum::Router::new()
+        .nest("/api/v1", crate::api::routes())
+        .merge(crate::api::probe_routes())
+        .merge(crate::web::ui_routes())
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), crate::api::auth::authenticate))
+        // Outermost, so requests refused by authentication are counted too.
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), crate::metrics::track_http))
+        .with_state(state)
 }
 
 /// The gRPC service agents sync over, as a router.

@@ -209,7 +209,7 @@ pub async fn keys(State(state): State<SharedState>) -> Json<KeysOut> {
 pub async fn rotate_key(State(state): State<SharedState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "rotating keys")?;
     let id = {
-        let mut ring = state.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ring = state.keyring_mut();
         ring.rotate().map_err(|e| ApiError::internal("rotating the signing key", &e))?
     };
     let mut resp = Json(keys_out(&state)).into_response();

@@ -108,7 +108,7 @@ pub async fn authenticate(State(state): State<SharedState>, mut req: Request, ne
             detail: response.extensions().get::<AuditDetail>().map(|d| d.0.clone()).unwrap_or_default(),
         };
         if let Err(e) = state.meta(move |m| m.append_audit(&entry)).await {
-            tracing::error!(error = %e.message, "writing the audit log failed");
+            tracing::error!(error = %e, "writing the audit log failed");
         }
     }
     response

@@ -5,7 +5,7 @@
 //! supersedes the active deployment of the same model to the same target;
 //! rolling back replaces it with an earlier version and marks it
 //! `rolled_back`. The hub itself halts a deployment too many devices rolled
-//! back or failed ([`crate::rollout`]); `GET /deployments/{id}` shows where
+//! back or failed ([`crate::service::deployments`]); `GET /deployments/{id}` shows where
 //! it stands on each targeted device.
 
 use axum::Json;
@@ -19,8 +19,10 @@ use super::auth::AuditDetail;
 use super::versions::load_named_version;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page};
 use crate::auth::Role;
-use crate::rollout::{DEFAULT_HALT_FRACTION, PolicyError, RolloutPolicy, Rollup, earlier_deployments, validate_halt};
+use crate::rollout::{DEFAULT_HALT_FRACTION, PolicyError, RolloutPolicy, validate_halt};
+use crate::rollup::{Rollup, earlier_deployments};
 use crate::selector::{Selector, SelectorError};
+use crate::service::deployments;
 use crate::store::{DeploymentRecord, NewDeployment};
 use sentinel_proto::quote;
 
@@ -271,10 +273,8 @@ pub async fn deploy(
         halt_count: body.halt_count,
         waves: body.waves,
     };
-    let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
-    super::push_to_fleet(&state).await;
     // A first wave may hold no device yet: then it widens at once.
-    let d = if d.waves.is_empty() { d } else { crate::rollout::widen(&state, d).await? };
+    let d = deployments::create(&state, new).await?;
     let detail = format!("deployment {}: {name} {} to [{}]", d.id, d.version, d.target);
     let effective = d.policy.clone().unwrap_or_default().effective(declared);
     // Symbolic dims no serving shape fixes: devices without their own
@@ -354,8 +354,7 @@ pub async fn rollback(
         halt_count: None,
         waves: Vec::new(),
     };
-    let d = state.meta(move |m| m.insert_deployment(&new, crate::now_ms())).await?;
-    super::push_to_fleet(&state).await;
+    let d = deployments::create(&state, new).await?;
     let detail =
         format!("deployment {}: rolled {name} back from {} to {} on [{}]", d.id, current.version, d.version, d.target);
     Ok(created(d, detail, RolloutPolicy::default().effective(declared)))
@@ -392,15 +391,9 @@ pub async fn show(
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<DeploymentOut>, ApiError> {
     caller.require(Role::Viewer, "reading a deployment")?;
-    let found = state
-        .meta(move |m| {
-            let Some(d) = m.get_deployment(id)? else { return Ok(None) };
-            let status = crate::rollout::rollup(&d, &m.list_devices()?, &m.deployment_devices(d.id)?);
-            let declared = m.get_version(&d.model, &d.version)?.and_then(|v| declared_accuracy(&v.manifest));
-            Ok(Some((d, status, declared)))
-        })
-        .await?;
-    let (d, status, declared) = found.ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))?;
+    let found = deployments::status(&state, id).await?;
+    let (d, status, manifest) = found.ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))?;
+    let declared = manifest.and_then(|m| declared_accuracy(&m));
     let effective = d.policy.clone().unwrap_or_default().effective(declared);
     let mut out = DeploymentOut::from(d);
     out.effective_policy = Some(effective);

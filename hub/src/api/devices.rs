@@ -12,8 +12,9 @@ use utoipa::ToSchema;
 use super::auth::AuditDetail;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
 use crate::auth::{Role, generate_token, hash_token};
-use crate::fleet::{Connection, assignments_for, target_of};
+use crate::service::fleet::Connection;
 use crate::store::{DeviceEvent, DeviceRecord};
+use crate::targeting::{assignments_for, target_of};
 use sentinel_proto::quote;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -83,7 +84,7 @@ pub struct DesiredModel {
 }
 
 fn device_out(state: &SharedState, d: DeviceRecord) -> DeviceOut {
-    let conn: Option<Connection> = state.fleet.connection(&d.id);
+    let conn: Option<Connection> = state.fleet().connection(&d.id);
     let report = d.report.unwrap_or(serde_json::Value::Null);
     DeviceOut {
         connected: conn.is_some(),
@@ -189,10 +190,11 @@ pub async fn show(
     let hello: Option<sentinel_proto::pb::Hello> = device.hello.clone().and_then(|h| serde_json::from_value(h).ok());
     let target = target_of(&device, hello.as_ref());
     let st = state.clone();
-    let desired =
-        tokio::task::spawn_blocking(move || assignments_for(&active, &mut |m, v| st.meta.get_version(m, v), &target))
-            .await
-            .map_err(|e| ApiError::internal("computing desired state", &e))??;
+    let desired = tokio::task::spawn_blocking(move || {
+        assignments_for(&active, &mut |m, v| st.metadata().get_version(m, v), &target)
+    })
+    .await
+    .map_err(|e| ApiError::internal("computing desired state", &e))??;
     let mut out = device_out(&state, device);
     out.events = Some(events);
     out.desired = Some(
@@ -219,7 +221,7 @@ pub async fn remove(
     caller.require(Role::Admin, "removing devices")?;
     let i = id.clone();
     state.meta(move |m| m.remove_device(&i)).await?;
-    state.fleet.disconnect(&id);
+    state.fleet().disconnect(&id);
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.extensions_mut().insert(AuditDetail(format!("removed device {id}")));
     Ok(resp)
@@ -239,12 +241,12 @@ pub async fn device_may_fetch(
     let st = state.clone();
     let (m, v) = (model.to_owned(), version.to_owned());
     let allowed = tokio::task::spawn_blocking(move || -> Result<bool, crate::store::StoreError> {
-        let Some(device) = st.meta.get_device(&id)? else { return Ok(false) };
+        let Some(device) = st.metadata().get_device(&id)? else { return Ok(false) };
         let hello: Option<sentinel_proto::pb::Hello> =
             device.hello.clone().and_then(|h| serde_json::from_value(h).ok());
         let target = target_of(&device, hello.as_ref());
-        let active = st.meta.list_deployments(Some(&m), Some("active"), u32::MAX, 0)?.0;
-        let mine = assignments_for(&active, &mut |m, v| st.meta.get_version(m, v), &target)?;
+        let active = st.metadata().list_deployments(Some(&m), Some("active"), u32::MAX, 0)?.0;
+        let mine = assignments_for(&active, &mut |m, v| st.metadata().get_version(m, v), &target)?;
         Ok(mine.iter().any(|a| a.version.model == m && a.version.version == v))
     })
     .await

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use sentinel_proto::quote::clip_message;
 use serde::Serialize;
 
+use crate::service::ServiceError;
 use crate::store::{BlobError, StoreError};
 
 /// An error answered to an API caller.
@@ -120,6 +121,16 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } => Self::conflict(e.to_string()),
             StoreError::NotFound { .. } => Self::not_found(e.to_string()),
             _ => Self::internal("metadata store", &e),
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Store(e) => e.into(),
+            ServiceError::Blob(e) => e.into(),
+            ServiceError::Join { context, source } => Self::from_join(context, &source),
         }
     }
 }

@@ -14,6 +14,8 @@
 //! - [`deployments`]: deploy, roll back, list deployments.
 //! - [`devices`]: device enrolment and what devices report.
 //! - [`admin`]: tokens, keys, audit log, health.
+//! - [`session`]: who the caller is, and tickets for the event stream.
+//! - [`events`]: the change feed as server-sent events, for the web interface.
 //! - [`openapi`]: the generated OpenAPI description.
 
 pub mod admin;
@@ -22,12 +24,12 @@ pub mod auth;
 pub mod deployments;
 pub mod devices;
 pub mod error;
+pub mod events;
 pub mod models;
 pub mod openapi;
+pub mod session;
 pub mod upload;
 pub mod versions;
-
-use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
@@ -36,72 +38,7 @@ use axum::routing::{get, post};
 pub use auth::Caller;
 pub use error::ApiError;
 
-use crate::config::HubConfig;
-use crate::keys::Keyring;
-use crate::store::{BlobStore, MetadataStore};
-
-/// What every handler can reach.
-#[derive(Debug)]
-pub struct AppState {
-    pub meta: Arc<dyn MetadataStore>,
-    pub blobs: Arc<dyn BlobStore>,
-    pub keys: RwLock<Keyring>,
-    pub config: HubConfig,
-    pub fleet: crate::fleet::Fleet,
-    /// The web interface's change feed and event-stream tickets.
-    pub live: crate::web::Live,
-    /// Base URL devices download from; set once the listener is bound.
-    pub public_url: RwLock<String>,
-    /// This hub's Prometheus registry and metric handles.
-    pub metrics: crate::metrics::HubMetrics,
-    /// Inspects uploads in confined, bounded child processes.
-    pub inspector: crate::inspect::Inspector,
-    /// Every connection of the REST, gRPC and metrics listeners, under one
-    /// cap and its timeouts; its counts are exported as metrics.
-    pub connections: sentinel_net::Connections,
-}
-
-pub type SharedState = Arc<AppState>;
-
-impl AppState {
-    /// Runs a metadata operation on a blocking thread.
-    pub async fn meta<T, F>(&self, f: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&dyn MetadataStore) -> Result<T, crate::store::StoreError> + Send + 'static,
-    {
-        let meta = Arc::clone(&self.meta);
-        let joined = tokio::task::spawn_blocking(move || f(meta.as_ref())).await;
-        match joined {
-            Ok(result) => result.map_err(ApiError::from),
-            Err(e) => Err(ApiError::from_join("metadata task", &e)),
-        }
-    }
-
-    /// Runs a blob operation on a blocking thread.
-    pub async fn blobs<T, F>(&self, f: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&dyn BlobStore) -> Result<T, crate::store::BlobError> + Send + 'static,
-    {
-        let blobs = Arc::clone(&self.blobs);
-        let joined = tokio::task::spawn_blocking(move || f(blobs.as_ref())).await;
-        match joined {
-            Ok(result) => result.map_err(ApiError::from),
-            Err(e) => Err(ApiError::from_join("blob task", &e)),
-        }
-    }
-
-    /// Base URL of this hub's REST API, as devices should reach it.
-    pub fn public_url(&self) -> String {
-        self.public_url.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-    }
-
-    /// Reads the keyring. The lock is never held across an await.
-    pub fn keyring(&self) -> std::sync::RwLockReadGuard<'_, Keyring> {
-        self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+pub use crate::service::SharedState;
 
 /// A JSON object body, parsed as `axum::Json` does, whose rejections are
 /// [`ApiError`]s (JSON bodies, not text). Anything but an object is refused:
@@ -154,16 +91,6 @@ pub struct ApiQuery<T>(pub T);
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
-/// Pushes the new desired state to every connected device after a change
-/// to deployments. A failure is logged, not returned: the change is stored,
-/// and devices get it on their next connection.
-pub async fn push_to_fleet(state: &SharedState) {
-    if let Err(e) = crate::fleet::Fleet::publish(state).await {
-        tracing::error!(error = %e, "pushing the desired state failed; devices will get it when they reconnect");
-    }
-    state.live.notify(crate::web::ChangeKind::Deployments, "");
-}
-
 /// Page size when a list request names none, and the most it may ask for.
 pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_PAGE: u32 = 500;
@@ -211,9 +138,10 @@ pub struct PageParams {
     pub offset: Option<u32>,
 }
 
-/// The whole HTTP surface of the hub.
-pub fn router(state: SharedState) -> Router {
-    let api = Router::new()
+/// The REST API, to be nested under `/api/v1`; [`crate::server`] adds the
+/// probes, the web interface and the middleware around it.
+pub fn routes() -> Router<SharedState> {
+    Router::new()
         .route("/models", get(models::list).post(models::create))
         .route("/models/{name}", get(models::show).put(models::update).delete(models::delete))
         .route("/models/{name}/versions", get(versions::list).post(upload::upload).layer(DefaultBodyLimit::disable()))
@@ -233,15 +161,13 @@ pub fn router(state: SharedState) -> Router {
         .route("/keys/rotate", post(admin::rotate_key))
         .route("/audit", get(admin::audit))
         .route("/openapi.json", get(openapi::spec))
-        .merge(crate::web::api_routes())
-        .fallback(|| async { ApiError::not_found("no such API endpoint; see /api/v1/openapi.json") });
-    Router::new()
-        .nest("/api/v1", api)
-        .route("/healthz", get(admin::healthz))
-        .route("/readyz", get(admin::readyz))
-        .merge(crate::web::ui_routes())
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), auth::authenticate))
-        // Outermost, so requests refused by authentication are counted too.
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), crate::metrics::track_http))
-        .with_state(state)
+        .route("/whoami", get(session::whoami))
+        .route("/events/ticket", post(session::ticket))
+        .route("/events/stream", get(events::stream))
+        .fallback(|| async { ApiError::not_found("no such API endpoint; see /api/v1/openapi.json") })
+}
+
+/// The probes, outside `/api/v1`.
+pub fn probe_routes() -> Router<SharedState> {
+    Router::new().route("/healthz", get(admin::healthz)).route("/readyz", get(admin::readyz))
 }

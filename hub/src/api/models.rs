@@ -255,7 +255,7 @@ pub async fn delete(
     }
     let n = name.clone();
     let freed = state.meta(move |m| m.delete_model(&n, crate::now_ms())).await?;
-    super::push_to_fleet(&state).await;
+    crate::service::fleet::push_to_fleet(&state).await;
     let count = freed.len();
     state
         .blobs(move |b| {

@@ -4,8 +4,8 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
-use super::{admin, artifact, deployments, devices, models, upload, versions};
-use crate::web::{events, session};
+use super::{admin, artifact, deployments, devices, events, models, session, upload, versions};
+use crate::string_schema;
 
 /// `{name}`.
 #[derive(Debug, IntoParams)]
@@ -75,31 +75,6 @@ pub struct DevicePath {
 pub struct IdPath {
     /// Numeric id.
     id: i64,
-}
-
-/// A string schema with a pattern, as a named component: for list items
-/// and fields whose rules a plain `String` does not carry.
-#[macro_export]
-macro_rules! string_schema {
-    ($(#[$meta:meta])* $name:ident, $pattern:expr $(, max_length = $max:expr)?) => {
-        $(#[$meta])*
-        #[derive(Debug)]
-        pub struct $name;
-        impl utoipa::PartialSchema for $name {
-            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-                utoipa::openapi::schema::ObjectBuilder::new()
-                    .schema_type(utoipa::openapi::schema::Type::String)
-                    .pattern(Some($pattern))
-                    $(.max_length(Some($max)))?
-                    .into()
-            }
-        }
-        impl utoipa::ToSchema for $name {
-            fn name() -> std::borrow::Cow<'static, str> {
-                std::borrow::Cow::Borrowed(stringify!($name))
-            }
-        }
-    };
 }
 
 string_schema!(

@@ -274,7 +274,7 @@ pub async fn upload(
     {
         drain(&mut req.into_body().into_data_stream()).await;
     }
-    state.metrics.model_push(result.is_ok());
+    state.metrics().model_push(result.is_ok());
     result
 }
 
@@ -344,7 +344,7 @@ async fn receive_version(
             quote(&name)
         )));
     }
-    let cap = state.config.max_upload_bytes;
+    let cap = state.config().max_upload_bytes;
     // From here on the body is this function's: an oversize one is refused
     // unread, not drained.
     let Some(req) = body.take() else {
@@ -370,13 +370,14 @@ async fn receive_version(
         return Err(ApiError::bad_request("the model file is empty; send the ONNX file as the request body"));
     }
 
-    let inspection = state.inspector.inspect_with(model_blob.staged.path(), &serving, &engine).await.map_err(|e| {
-        if e.is_refusal() {
-            ApiError::unprocessable("invalid_model", format!("{e}; nothing was stored"))
-        } else {
-            ApiError::internal("inspecting an upload", &e)
-        }
-    })?;
+    let inspection =
+        state.inspector().inspect_with(model_blob.staged.path(), &serving, &engine).await.map_err(|e| {
+            if e.is_refusal() {
+                ApiError::unprocessable("invalid_model", format!("{e}; nothing was stored"))
+            } else {
+                ApiError::internal("inspecting an upload", &e)
+            }
+        })?;
     if let Some(why) = &inspection.report.probe_skipped {
         tracing::warn!(model = %name, %version, reason = %why, "accepted without a probe inference");
     }
@@ -476,7 +477,7 @@ async fn receive_version(
     };
     let stored = record.clone();
     state.meta(move |m| m.insert_version(&stored, &extra)).await?;
-    state.metrics.model_push_bytes.inc_by(record.size);
+    state.metrics().model_push_bytes.inc_by(record.size);
     tracing::info!(model = %name, %version, sha256 = %record.sha256, size = record.size, "version registered");
 
     let location = format!("/api/v1/models/{name}/versions/{version}");

@@ -198,7 +198,7 @@ async fn run(args: Args) -> ExitCode {
         }
     };
     let addr = listeners.rest_addr().map(|a| a.to_string()).unwrap_or_default();
-    let scheme = if hub.state().config.tls.is_some() { "https" } else { "http" };
+    let scheme = if hub.state().config().tls.is_some() { "https" } else { "http" };
     if hub.bootstrap_token.is_some() {
         println!("admin token written to {}", hub.data_dir().join(sentinel_hub::server::ADMIN_TOKEN_FILE).display());
     }

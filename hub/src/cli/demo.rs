@@ -144,7 +144,7 @@ async fn demo(bins: &Binaries, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), 
     let rest_url = lines[0].trim_start_matches("sentinel-hub listening on ").to_owned();
     let grpc_url = lines[1].trim_start_matches("sentinel-hub grpc on ").to_owned();
     // A fresh hub writes its first admin token into its data dir.
-    let token_file = data.join(crate::server::ADMIN_TOKEN_FILE);
+    let token_file = data.join(crate::config::ADMIN_TOKEN_FILE);
     let admin = std::fs::read_to_string(&token_file).map_err(io(format!("reading {}", token_file.display())))?;
     let client = HubClient::new(&rest_url, Some(admin.trim().to_owned())).map_err(hub_step("connecting"))?;
     println!("    REST {rest_url}, gRPC {grpc_url}; admin token from {}", token_file.display());

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use super::CliError;
 use super::args::DeployArgs;
 use super::commands::{s, table, time};
-use crate::rollout::rollup::STATES;
+use crate::rollup::STATES;
 
 /// Halt thresholds and waves: top-level fields of the deploy request, but a
 /// policy file may hold them next to the policy.

@@ -2,22 +2,28 @@
 //! can swap SQLite for PostgreSQL and local disk for object storage without
 //! touching the API layer.
 //!
-//! - [`MetadataStore`]: models, versions, deployments, tokens, audit log,
-//!   and (through [`DeviceStore`]) devices and the fleet revision.
+//! - [`MetadataStore`]: models and versions ([`RegistryStore`]), deployments
+//!   ([`DeploymentStore`]), tokens and the audit log ([`AccessStore`]), devices
+//!   and the fleet revision ([`DeviceStore`]).
 //! - [`BlobStore`]: model bytes, addressed by their SHA-256.
 //!
-//! Both are synchronous: the API calls them from `spawn_blocking`, which keeps
+//! Both are synchronous: the service layer calls them from `spawn_blocking`, which keeps
 //! the trait object-safe and the SQLite implementation simple.
 
 pub mod blobs;
 pub mod sqlite;
 
-use serde::Serialize;
-
-use crate::rollout::RolloutPolicy;
-
 pub use blobs::{BlobError, BlobStore, LocalBlobStore, StagedBlob};
 pub use sqlite::SqliteStore;
+
+pub use crate::records::{
+    AuditEntry, DeploymentDevice, DeploymentRecord, DeviceEvent, DeviceRecord, ModelRecord, NewDeployment, TokenRecord,
+    VersionRecord,
+};
+
+/// The error an implementation's database gave, kept as the source of a
+/// [`StoreError`] so that no SQLite type shows in the store's interface.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Failures of the metadata store.
 #[derive(Debug, thiserror::Error)]
@@ -30,43 +36,16 @@ pub enum StoreError {
     Database {
         op: &'static str,
         #[source]
-        source: rusqlite::Error,
+        source: BackendError,
     },
     #[error("opening the database at {path} failed")]
     Open {
         path: String,
         #[source]
-        source: rusqlite::Error,
+        source: BackendError,
     },
     #[error("database at {path} has schema version {found}, newer than this hub knows ({known})")]
     SchemaTooNew { path: String, found: i64, known: i64 },
-}
-
-/// A registered model name and its metadata.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ModelRecord {
-    pub name: String,
-    pub description: String,
-    pub tags: Vec<String>,
-    pub created_at_ms: i64,
-    pub updated_at_ms: i64,
-}
-
-/// One stored model version. `manifest`/`signature`/`key_id` are the signed
-/// manifest exactly as served; the other columns are copies for filtering.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VersionRecord {
-    pub model: String,
-    pub version: String,
-    pub sha256: String,
-    pub size: u64,
-    pub stage: String,
-    pub hardware: Vec<String>,
-    pub manifest: Vec<u8>,
-    pub signature: Vec<u8>,
-    pub key_id: String,
-    pub created_at_ms: i64,
-    pub created_by: String,
 }
 
 /// Filters for listing models. Empty fields do not filter.
@@ -83,56 +62,6 @@ pub struct ModelFilter {
     pub offset: u32,
 }
 
-/// A deployment: a model version sent to the devices a selector matches.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct DeploymentRecord {
-    pub id: i64,
-    pub model: String,
-    pub version: String,
-    pub target: String,
-    /// `deploy` or `rollback`.
-    pub kind: String,
-    /// `active`, `superseded`, `rolled_back`, `halted` or `cancelled`.
-    pub state: String,
-    pub created_by: String,
-    pub created_at_ms: i64,
-    pub updated_at_ms: i64,
-    /// For a rollback: the deployment it replaced.
-    pub replaces: Option<i64>,
-    /// How devices move traffic to the version; `None`: the agent's defaults.
-    pub policy: Option<RolloutPolicy>,
-    /// Halt when more than this fraction of targeted devices rolled back or failed.
-    pub halt_fraction: f64,
-    /// Halt when at least this many targeted devices rolled back or failed.
-    pub halt_count: Option<u32>,
-    /// Why the hub halted the deployment (state `halted`).
-    pub halt_reason: Option<String>,
-    /// Staged rollout: cumulative percentages of the targeted devices, the
-    /// last 100; empty: every targeted device at once.
-    pub waves: Vec<u8>,
-    /// Index of the current wave in `waves`.
-    pub wave: u32,
-}
-
-/// A new deployment. Storing it supersedes every active deployment of the
-/// same model to the same target, in one transaction.
-#[derive(Debug, Clone)]
-pub struct NewDeployment {
-    pub model: String,
-    pub version: String,
-    pub target: String,
-    pub kind: String,
-    pub created_by: String,
-    pub replaces: Option<i64>,
-    pub policy: Option<RolloutPolicy>,
-    pub halt_fraction: f64,
-    pub halt_count: Option<u32>,
-    /// See [`DeploymentRecord::waves`]. A deployment whose first wave is
-    /// below 100% leaves the deployments it replaces active, for the devices
-    /// outside its wave, until its last wave.
-    pub waves: Vec<u8>,
-}
-
 /// What [`MetadataStore::halt_deployment`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HaltOutcome {
@@ -141,79 +70,6 @@ pub enum HaltOutcome {
     /// The deployment is now `halted`; `restored` is the deployment that
     /// brings the previous version back, if there was one.
     Halted { restored: Option<Box<DeploymentRecord>> },
-}
-
-/// An API token as stored: only the SHA-256 of the secret is kept.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct TokenRecord {
-    pub id: i64,
-    pub name: String,
-    pub role: String,
-    #[serde(skip)]
-    pub secret_sha256: String,
-    pub created_at_ms: i64,
-    pub created_by: String,
-    pub revoked: bool,
-}
-
-/// One line of the audit log.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct AuditEntry {
-    pub id: i64,
-    pub at_ms: i64,
-    /// Token name, or `anonymous` when no valid token was given.
-    pub actor: String,
-    pub role: String,
-    /// e.g. `POST /api/v1/models/digits/versions`.
-    pub action: String,
-    pub status: u16,
-    /// `ok`, `denied` (401/403) or `failed`.
-    pub outcome: String,
-    pub detail: String,
-}
-
-/// An enrolled device and what it last told the hub.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct DeviceRecord {
-    pub id: String,
-    /// Labels set at enrolment; they decide which deployments target the device.
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// Hardware tags from the device's last hello.
-    pub hardware: Vec<String>,
-    pub agent_version: String,
-    pub created_at_ms: i64,
-    pub created_by: String,
-    pub last_seen_ms: Option<i64>,
-    /// The last `Hello`, as JSON.
-    pub hello: Option<serde_json::Value>,
-    /// The last `AgentReport`, as JSON.
-    pub report: Option<serde_json::Value>,
-    /// When the hub received the last report.
-    pub report_at_ms: Option<i64>,
-}
-
-/// Something a device reported happening.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct DeviceEvent {
-    pub at_ms: i64,
-    pub kind: String,
-    pub model: String,
-    pub version: String,
-    pub reason: String,
-}
-
-/// A device's last reported state for one deployment. It is kept after the
-/// device moves on, so a halted or superseded deployment still shows how far
-/// it got on each device.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeploymentDevice {
-    pub device_id: String,
-    pub version: String,
-    /// As the agent reported it (`canary`, `rolled_back`, ...).
-    pub state: String,
-    pub detail: String,
-    /// When the hub received the last report naming this deployment.
-    pub updated_ms: i64,
 }
 
 /// Enrolled devices, what they report, and the fleet's desired-state revision.
@@ -259,8 +115,8 @@ pub trait DeviceStore: Send + Sync {
     fn next_revision(&self) -> Result<u64, StoreError>;
 }
 
-/// Models, versions, deployments, tokens, the audit log, and devices.
-pub trait MetadataStore: DeviceStore + Send + Sync + std::fmt::Debug {
+/// Registered models and their versions.
+pub trait RegistryStore: Send + Sync {
     fn create_model(
         &self,
         name: &str,
@@ -291,7 +147,10 @@ pub trait MetadataStore: DeviceStore + Send + Sync + std::fmt::Debug {
     fn update_version(&self, v: &VersionRecord) -> Result<(), StoreError>;
     /// Digests of every blob some version references (model or validation set).
     fn referenced_blobs(&self) -> Result<Vec<String>, StoreError>;
+}
 
+/// Deployments: storing them, their states, halts and waves.
+pub trait DeploymentStore: Send + Sync {
     fn insert_deployment(&self, d: &NewDeployment, now_ms: i64) -> Result<DeploymentRecord, StoreError>;
     fn get_deployment(&self, id: i64) -> Result<Option<DeploymentRecord>, StoreError>;
     fn list_deployments(
@@ -320,7 +179,10 @@ pub trait MetadataStore: DeviceStore + Send + Sync + std::fmt::Debug {
     /// deployments of its model and target. `None` if it was no longer
     /// active or no longer at `from` (another report widened it first).
     fn advance_wave(&self, id: i64, from: u32, now_ms: i64) -> Result<Option<DeploymentRecord>, StoreError>;
+}
 
+/// API tokens and the audit log.
+pub trait AccessStore: Send + Sync {
     fn insert_token(
         &self,
         name: &str,
@@ -338,3 +200,9 @@ pub trait MetadataStore: DeviceStore + Send + Sync + std::fmt::Debug {
     /// Newest first.
     fn list_audit(&self, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError>;
 }
+
+/// Models, versions, deployments, tokens, the audit log, and devices: the
+/// whole metadata store, as the hub holds it.
+pub trait MetadataStore: RegistryStore + DeploymentStore + AccessStore + DeviceStore + std::fmt::Debug {}
+
+impl<T> MetadataStore for T where T: RegistryStore + DeploymentStore + AccessStore + DeviceStore + std::fmt::Debug {}

@@ -16,6 +16,7 @@ mod demo;
 mod disk_full;
 mod hardening;
 mod inspection;
+mod layers;
 mod metrics;
 mod persistence;
 mod quickstart;

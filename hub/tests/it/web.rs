@@ -191,7 +191,7 @@ async fn one_token_cannot_use_up_the_tickets_of_everyone() {
         let req = hub.req(Method::POST, "/api/v1/events/ticket", Some(&token));
         async move { req.send().await.unwrap() }
     };
-    for _ in 0..sentinel_hub::web::session::MAX_TICKETS_PER_TOKEN {
+    for _ in 0..sentinel_hub::api::session::MAX_TICKETS_PER_TOKEN {
         assert_eq!(ask(greedy.clone()).await.status(), 200);
     }
     let msg = expect_error(ask(greedy.clone()).await, 429).await;

@@ -11,7 +11,7 @@
 //! Each subscriber gets one task that sends heartbeats, re-signs its state
 //! before it expires, and notices at once when the stream goes away.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,23 +22,16 @@ use sentinel_proto::sign_state;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::api::SharedState;
-use crate::selector::Selector;
-use crate::store::{DeploymentRecord, DeviceRecord, MetadataStore, StoreError, VersionRecord};
+use super::events::ChangeKind;
+use super::{ServiceError, SharedState};
+use crate::store::{MetadataStore, StoreError, VersionRecord};
+use crate::targeting::{Target, assignments_for};
 
 /// Messages queued per stream before the hub waits on a slow device.
 const STREAM_BUFFER: usize = 8;
 
 /// Devices whose states are signed in one blocking task before sending.
 const PUBLISH_CHUNK: usize = 64;
-
-/// What the hub knows of a device while it is connected.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub device_id: String,
-    pub labels: BTreeMap<String, String>,
-    pub hardware: Vec<String>,
-}
 
 #[derive(Debug)]
 struct Subscriber {
@@ -70,63 +63,6 @@ pub struct Connection {
     pub connected_at_ms: i64,
 }
 
-/// A model version a device should run, with the deployment that put it there.
-#[derive(Debug, Clone)]
-pub struct Assignment {
-    pub deployment: DeploymentRecord,
-    pub version: VersionRecord,
-}
-
-/// Looks a version up by model and version.
-pub type VersionLookup<'a> = dyn FnMut(&str, &str) -> Result<Option<VersionRecord>, StoreError> + 'a;
-
-/// The assignments for a device: for each model, the newest active
-/// deployment whose selector matches the device and whose current wave
-/// reaches it (a staged rollout leaves the others on the deployment it
-/// replaces, which stays active until the last wave).
-pub fn assignments_for(
-    active: &[DeploymentRecord],
-    versions: &mut VersionLookup<'_>,
-    target: &Target,
-) -> Result<Vec<Assignment>, StoreError> {
-    let mut chosen: BTreeMap<&str, &DeploymentRecord> = BTreeMap::new();
-    for d in active {
-        let Ok(sel) = Selector::parse(&d.target) else { continue };
-        if !sel.matches(&target.labels, &target.hardware)
-            || !crate::rollout::waves::in_wave(d.id, &d.waves, d.wave, &target.device_id)
-        {
-            continue;
-        }
-        match chosen.get(d.model.as_str()) {
-            Some(existing) if existing.id > d.id => {}
-            _ => {
-                chosen.insert(&d.model, d);
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(chosen.len());
-    for d in chosen.into_values() {
-        if let Some(v) = versions(&d.model, &d.version)? {
-            out.push(Assignment { deployment: d.clone(), version: v });
-        }
-    }
-    Ok(out)
-}
-
-/// Effective targeting facts: labels set at enrolment win over what the
-/// device says about itself; hardware comes from the device.
-pub fn target_of(device: &DeviceRecord, hello: Option<&pb::Hello>) -> Target {
-    let mut labels = device.labels.clone();
-    let mut hardware = device.hardware.clone();
-    if let Some(h) = hello {
-        for (k, v) in &h.labels {
-            labels.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-        hardware = h.hardware.clone();
-    }
-    Target { device_id: device.id.clone(), labels, hardware }
-}
-
 /// Computes and signs the desired state of each target at `revision`.
 /// Blocking: reads the database.
 fn compute_states(
@@ -149,7 +85,7 @@ fn compute_states(
     let signer = state.keyring().active();
     let base = state.public_url();
     let now = crate::now_ms();
-    let expires = now + i64::try_from(state.config.state_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    let expires = now + i64::try_from(state.config().state_ttl.as_millis()).unwrap_or(i64::MAX / 2);
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
         let models = assignments_for(&active, &mut lookup, t)?
@@ -207,7 +143,7 @@ impl Fleet {
         state: &SharedState,
         target: Target,
     ) -> Result<mpsc::Receiver<Result<HubMessage, Status>>, Status> {
-        let fleet = &state.fleet;
+        let fleet = state.fleet();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let conn = fleet.next_conn.fetch_add(1, Ordering::Relaxed);
         let kick = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -216,7 +152,7 @@ impl Fleet {
             let st = state.clone();
             let targets = vec![target.clone()];
             let computed = tokio::task::spawn_blocking(move || {
-                let meta = st.meta.clone();
+                let meta = st.metadata().clone();
                 let revision = meta.current_revision()?;
                 compute_states(&st, meta.as_ref(), &targets, revision)
             })
@@ -288,18 +224,15 @@ impl Fleet {
 
     /// Bumps the fleet revision and pushes every connected device its new
     /// state. Call after any change to deployments.
-    pub async fn publish(state: &SharedState) -> Result<u64, StoreError> {
-        let fleet = &state.fleet;
+    pub async fn publish(state: &SharedState) -> Result<u64, ServiceError> {
+        let fleet = state.fleet();
         let _publishing = fleet.publish.lock().await;
         let senders: Vec<(Target, mpsc::Sender<Result<HubMessage, Status>>)> = {
             let subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             subs.values().map(|s| (s.target.clone(), s.tx.clone())).collect()
         };
-        let joined = |e: tokio::task::JoinError| StoreError::Database {
-            op: "publish task",
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-        };
-        let meta = state.meta.clone();
+        let joined = |source| ServiceError::Join { context: "publish task", source };
+        let meta = state.metadata().clone();
         let revision = tokio::task::spawn_blocking(move || meta.next_revision()).await.map_err(joined)??;
         // Sign and send in chunks, so the first devices get the new state
         // while the hub is still signing for the rest.
@@ -308,7 +241,7 @@ impl Fleet {
             let st = state.clone();
             let targets: Vec<Target> = chunk.iter().map(|(t, _)| t.clone()).collect();
             let computed =
-                tokio::task::spawn_blocking(move || compute_states(&st, st.meta.as_ref(), &targets, revision))
+                tokio::task::spawn_blocking(move || compute_states(&st, st.metadata().as_ref(), &targets, revision))
                     .await
                     .map_err(joined)??;
             for ((_, tx), (device, signed, expires)) in chunk.iter().zip(computed) {
@@ -329,7 +262,7 @@ impl Fleet {
     /// Re-signs one device's state at the current revision (its content is
     /// unchanged), to renew its expiry.
     async fn refresh(state: &SharedState, device_id: &str, conn: u64) {
-        let fleet = &state.fleet;
+        let fleet = state.fleet();
         let _publishing = fleet.publish.lock().await;
         let (target, tx) = {
             let subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -340,7 +273,7 @@ impl Fleet {
         };
         let st = state.clone();
         let computed = tokio::task::spawn_blocking(move || {
-            let meta = st.meta.clone();
+            let meta = st.metadata().clone();
             let revision = meta.current_revision()?;
             compute_states(&st, meta.as_ref(), &[target], revision)
         })
@@ -371,10 +304,10 @@ async fn watch_stream(
     tx: mpsc::Sender<Result<HubMessage, Status>>,
     kick: std::sync::Arc<tokio::sync::Notify>,
 ) {
-    let mut tick = tokio::time::interval(state.config.heartbeat);
+    let mut tick = tokio::time::interval(state.config().heartbeat);
     tick.tick().await; // the first tick is immediate; the state was just sent
-    let half_ttl = i64::try_from(state.config.state_ttl.as_millis() / 2).unwrap_or(i64::MAX);
-    let mut closing = state.fleet.closing.subscribe();
+    let half_ttl = i64::try_from(state.config().state_ttl.as_millis() / 2).unwrap_or(i64::MAX);
+    let mut closing = state.fleet().closing.subscribe();
     loop {
         tokio::select! {
             () = tx.closed() => break,
@@ -387,7 +320,7 @@ async fn watch_stream(
             }
             () = async { let _ = closing.wait_for(|c| *c).await; } => break,
             _ = tick.tick() => {
-                let Some(expires) = state.fleet.expires_at(&device_id, conn) else { break };
+                let Some(expires) = state.fleet().expires_at(&device_id, conn) else { break };
                 if expires - crate::now_ms() < half_ttl {
                     Fleet::refresh(&state, &device_id, conn).await;
                 }
@@ -398,7 +331,19 @@ async fn watch_stream(
             }
         }
     }
-    state.fleet.unregister(&device_id, conn);
+    state.fleet().unregister(&device_id, conn);
     let id = device_id.clone();
-    let _ = state.meta(move |m| m.touch_device(&id, crate::now_ms())).await;
+    if let Err(e) = state.meta(move |m| m.touch_device(&id, crate::now_ms())).await {
+        tracing::warn!(device = %device_id, error = %e, "recording when the device was last seen failed");
+    }
+}
+
+/// Pushes the new desired state to every connected device after a change
+/// to deployments, and tells the change feed. A failure is logged, not
+/// returned: the change is stored, and devices get it on their next connection.
+pub async fn push_to_fleet(state: &SharedState) {
+    if let Err(e) = Fleet::publish(state).await {
+        tracing::error!(error = %e, "pushing the desired state failed; devices will get it when they reconnect");
+    }
+    state.events().notify(ChangeKind::Deployments, "");
 }

@@ -1,10 +1,9 @@
-//! The change feed behind the page's live views.
+//! `GET /api/v1/events/stream`: the change feed
+//! ([`Live`](crate::service::events::Live)) as server-sent
+//! events, opened with a ticket.
 //!
-//! [`Live`] holds a `watch` channel of the latest [`Change`]: deployments
-//! changed (deploy, rollback, halt) or a device reported. A watch keeps only
-//! the newest value, so a burst of reports costs a slow browser one wake-up,
-//! not a queue: the event says *that* something changed, and the page
-//! refetches what it shows. Each stream also sends a heartbeat every
+//! Each stream sends a `change` event per wake-up of the feed (the page
+//! refetches what it shows) and a heartbeat every
 //! [`HEARTBEAT`]. Before each change and each heartbeat it re-checks the
 //! token it was opened with, ending the stream once that token is revoked;
 //! a ticket issued to a since-revoked token opens nothing.
@@ -19,73 +18,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use utoipa::{IntoParams, ToSchema};
 
-use super::session::{Holder, Tickets};
-use crate::api::error::ErrorBody;
-use crate::api::{ApiError, ApiQuery, SharedState};
+use super::error::ErrorBody;
+use super::{ApiError, ApiQuery, SharedState};
 use crate::auth::Role;
+pub use crate::service::events::Change;
+use crate::service::events::Holder;
 
 /// Time between heartbeats (and token re-checks) on an idle stream.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
-
-/// What changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    /// Nothing yet (the feed's initial value).
-    #[default]
-    None,
-    /// A deployment was created, rolled back, or halted.
-    Deployments,
-    /// A device connected or reported.
-    Device,
-}
-
-/// The latest change, as sent in `change` events.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Change {
-    /// Counts every change since the hub started.
-    pub seq: u64,
-    pub kind: ChangeKind,
-    /// The device, for [`ChangeKind::Device`].
-    pub subject: String,
-    pub at_ms: i64,
-}
-
-/// The change feed, stream tickets, and the switch that ends every stream
-/// at shutdown (open streams would otherwise keep the server from draining).
-#[derive(Debug)]
-pub struct Live {
-    changes: watch::Sender<Change>,
-    closing: watch::Sender<bool>,
-    pub tickets: Tickets,
-}
-
-impl Default for Live {
-    fn default() -> Self {
-        Self {
-            changes: watch::channel(Change::default()).0,
-            closing: watch::channel(false).0,
-            tickets: Tickets::default(),
-        }
-    }
-}
-
-impl Live {
-    /// Tells every open stream that something changed.
-    pub fn notify(&self, kind: ChangeKind, subject: &str) {
-        self.changes.send_modify(|c| {
-            c.seq += 1;
-            c.kind = kind;
-            subject.clone_into(&mut c.subject);
-            c.at_ms = crate::now_ms();
-        });
-    }
-
-    /// Ends every stream (at shutdown).
-    pub fn close(&self) {
-        self.closing.send_replace(true);
-    }
-}
 
 /// The data of the `hello` event, sent as soon as a stream opens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -205,7 +145,7 @@ impl Feed {
 }
 
 async fn state_lookup(state: &SharedState, hash: String) -> Result<bool, ApiError> {
-    state.meta(move |m| Ok(m.find_token(&hash)?.is_some())).await
+    Ok(state.meta(move |m| Ok(m.find_token(&hash)?.is_some())).await?)
 }
 
 /// Watch for changes: server-sent events, opened with a ticket.
@@ -232,7 +172,7 @@ pub async fn stream(
     let ticket = p.ticket.ok_or_else(|| {
         ApiError::unauthorized("open the stream with ?ticket=<ticket from POST /api/v1/events/ticket>")
     })?;
-    let holder = state.live.tickets.redeem(&ticket).ok_or_else(|| {
+    let holder = state.events().tickets.redeem(&ticket).ok_or_else(|| {
         ApiError::unauthorized("the ticket is unknown, spent or expired; ask POST /api/v1/events/ticket for another")
     })?;
     // The ticket stands for its token: revoked since it was issued, it opens nothing.
@@ -243,8 +183,8 @@ pub async fn stream(
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     beat.reset(); // the first tick would be immediate; `hello` covers it
     let feed = Feed {
-        changes: state.live.changes.subscribe(),
-        closing: state.live.closing.subscribe(),
+        changes: state.events().changes(),
+        closing: state.events().closing(),
         state,
         holder,
         beat,
@@ -252,21 +192,4 @@ pub async fn stream(
         ended: false,
     };
     Ok(Sse::new(futures_util::stream::unfold(feed, Feed::next)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_burst_of_changes_wakes_a_watcher_once_with_the_latest() {
-        let live = Live::default();
-        let mut rx = live.changes.subscribe();
-        live.notify(ChangeKind::Device, "a");
-        live.notify(ChangeKind::Deployments, "");
-        rx.changed().await.expect("changed");
-        let c = rx.borrow_and_update().clone();
-        assert_eq!((c.seq, c.kind), (2, ChangeKind::Deployments));
-        assert!(!rx.has_changed().expect("open"));
-    }
 }

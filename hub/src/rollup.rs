@@ -3,15 +3,16 @@
 //!
 //! Pure functions over stored records: the caller reads them in one go.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sentinel_proto::pb;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::fleet::target_of;
+use crate::records::{DeploymentDevice, DeploymentRecord, DeviceRecord};
+use crate::rollout::waves;
 use crate::selector::Selector;
-use crate::store::{DeploymentDevice, DeploymentRecord, DeviceRecord};
+use crate::targeting::target_of;
 
 /// The states of a deployment on one device, in rollout order.
 pub const STATES: [&str; 7] = ["pending", "downloading", "validating", "canary", "serving", "rolled_back", "failed"];
@@ -104,7 +105,7 @@ pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[Deploy
     let mut out = Vec::new();
     // A selector that no longer parses (stored by an older hub) targets no
     // one, as in the fleet.
-    let wave_percent = super::waves::current_percent(&d.waves, d.wave);
+    let wave_percent = waves::current_percent(&d.waves, d.wave);
     let Ok(selector) = Selector::parse(&d.target) else {
         return Rollup { targeted: 0, wave_percent, waiting: 0, counts, devices: out };
     };
@@ -117,7 +118,7 @@ pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[Deploy
         if ended && status.is_none() && device.created_at_ms > d.updated_at_ms {
             continue;
         }
-        if status.is_none() && !super::waves::in_wave(d.id, &d.waves, d.wave, &device.id) {
+        if status.is_none() && !waves::in_wave(d.id, &d.waves, d.wave, &device.id) {
             waiting += 1;
             continue;
         }
@@ -172,6 +173,36 @@ pub fn halt_reason(d: &DeploymentRecord, r: &Rollup) -> Option<String> {
         .map(|dev| if dev.detail.is_empty() { dev.device.clone() } else { format!("{}: {}", dev.device, dev.detail) })
         .collect();
     Some(format!("{why}: {}", devices.join("; ")))
+}
+
+/// Earlier deployments of another version to the same target, newest
+/// first: the candidates to go back to. Halted versions are never chosen.
+/// `history` is newest first.
+pub fn earlier_deployments<'a>(
+    history: &'a [DeploymentRecord],
+    current: &'a DeploymentRecord,
+) -> impl Iterator<Item = &'a DeploymentRecord> + 'a {
+    history.iter().filter(move |d| {
+        d.model == current.model
+            && d.target == current.target
+            && d.id < current.id
+            && d.version != current.version
+            && d.state != "halted"
+    })
+}
+
+/// Deployments whose state on a device differs between its previous report
+/// and `new`: those are the ones worth re-checking.
+pub fn changed_deployments(old: Option<&serde_json::Value>, new: &[pb::ModelStatus]) -> BTreeSet<i64> {
+    let old = reported_models(old);
+    new.iter()
+        .filter(|m| m.deployment_id > 0)
+        .filter(|m| {
+            let now = (m.deployment_id, deployment_state(&m.state));
+            old.iter().find(|o| o.name == m.name).map(|o| (o.deployment_id, deployment_state(&o.state))) != Some(now)
+        })
+        .map(|m| m.deployment_id)
+        .collect()
 }
 
 #[cfg(test)]
@@ -267,5 +298,30 @@ mod tests {
         states[3].state = "failed".into();
         let why = halt_reason(&d, &rollup(&d, &devices, &states)).expect("2 of 5 is above 20%");
         assert!(why.starts_with("2 of 5 devices rolled back or failed (40% > 20%): d0: why rolled_back"), "{why}");
+    }
+
+    fn status(name: &str, state: &str, deployment_id: i64) -> pb::ModelStatus {
+        pb::ModelStatus {
+            name: name.into(),
+            version: "1.0.0".into(),
+            state: state.into(),
+            detail: String::new(),
+            deployment_id,
+        }
+    }
+
+    #[test]
+    fn only_changed_states_are_rechecked() {
+        let old = serde_json::json!({"device_id": "d", "applied_revision": 1, "events": [], "sent_at_unix_ms": 0,
+            "agent_version": "", "models": [
+                {"name": "a", "version": "1.0.0", "state": "canary", "detail": "", "deployment_id": 4},
+                {"name": "b", "version": "1.0.0", "state": "serving", "detail": "", "deployment_id": 5}]});
+        let new = [status("a", "shadow", 4), status("b", "rolled_back", 5), status("c", "pending", 6)];
+        let changed: Vec<i64> = changed_deployments(Some(&old), &new).into_iter().collect();
+        assert_eq!(changed, [5, 6], "shadow and canary are the same deployment state");
+        assert!(
+            changed_deployments(None, &[status("a", "failed", 0)]).is_empty(),
+            "no deployment id, nothing to check"
+        );
     }
 }

@@ -1,0 +1,203 @@
+//! Enrolled devices, what they report, and the fleet revision.
+
+use rusqlite::{OptionalExtension as _, Row, params};
+
+use super::migrations::RECORD_DEPLOYMENT_STATES;
+use super::{SqliteStore, db, is_constraint};
+use crate::store::{DeploymentDevice, DeviceEvent, DeviceRecord, DeviceStore, StoreError};
+
+const DEVICE_COLS: &str =
+    "id, labels, hardware, agent_version, created_at_ms, created_by, last_seen_ms, hello, report, report_at_ms";
+
+fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    let json = |idx: usize| -> rusqlite::Result<Option<serde_json::Value>> {
+        Ok(row.get::<_, Option<String>>(idx)?.and_then(|t| serde_json::from_str(&t).ok()))
+    };
+    Ok(DeviceRecord {
+        id: row.get(0)?,
+        labels: serde_json::from_str(&row.get::<_, String>(1)?).unwrap_or_default(),
+        hardware: serde_json::from_str(&row.get::<_, String>(2)?).unwrap_or_default(),
+        agent_version: row.get(3)?,
+        created_at_ms: row.get(4)?,
+        created_by: row.get(5)?,
+        last_seen_ms: row.get(6)?,
+        hello: json(7)?,
+        report: json(8)?,
+        report_at_ms: row.get(9)?,
+    })
+}
+
+impl SqliteStore {
+    fn device_by(&self, column: &str, value: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.conn()
+            .query_row(&format!("SELECT {DEVICE_COLS} FROM devices WHERE {column} = ?1"), [value], device_from_row)
+            .optional()
+            .map_err(db("read device"))
+    }
+}
+
+impl DeviceStore for SqliteStore {
+    fn enroll_device(
+        &self,
+        id: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        token_sha256: &str,
+        created_by: &str,
+        now_ms: i64,
+    ) -> Result<DeviceRecord, StoreError> {
+        let labels_json = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+        self.conn()
+            .execute(
+                "INSERT INTO devices (id, token_sha256, labels, created_at_ms, created_by) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, token_sha256, labels_json, now_ms, created_by],
+            )
+            .map_err(|e| {
+                if is_constraint(&e) {
+                    StoreError::Conflict { what: format!("device {id}") }
+                } else {
+                    db("enroll device")(e)
+                }
+            })?;
+        self.device_by("id", id)?.ok_or_else(|| StoreError::NotFound { what: format!("device {id}") })
+    }
+
+    fn device_by_token(&self, token_sha256: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.device_by("token_sha256", token_sha256)
+    }
+
+    fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.device_by("id", id)
+    }
+
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare(&format!("SELECT {DEVICE_COLS} FROM devices ORDER BY id")).map_err(db("list devices"))?;
+        let rows = stmt.query_map([], device_from_row).map_err(db("list devices"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list devices"))
+    }
+
+    fn remove_device(&self, id: &str) -> Result<(), StoreError> {
+        let n = self.conn().execute("DELETE FROM devices WHERE id = ?1", [id]).map_err(db("remove device"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: format!("device {id}") });
+        }
+        Ok(())
+    }
+
+    fn record_hello(
+        &self,
+        id: &str,
+        hello: &serde_json::Value,
+        hardware: &[String],
+        agent_version: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE devices SET hello = ?2, hardware = ?3, agent_version = ?4, last_seen_ms = ?5 WHERE id = ?1",
+                params![
+                    id,
+                    hello.to_string(),
+                    serde_json::Value::from(hardware.to_vec()).to_string(),
+                    agent_version,
+                    now_ms
+                ],
+            )
+            .map_err(db("record hello"))?;
+        Ok(())
+    }
+
+    fn record_report(
+        &self,
+        id: &str,
+        report: &serde_json::Value,
+        events: &[DeviceEvent],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin report"))?;
+        tx.execute(
+            "UPDATE devices SET report = ?2, last_seen_ms = ?3, report_at_ms = ?3 WHERE id = ?1",
+            params![id, report.to_string(), now_ms],
+        )
+        .map_err(db("record report"))?;
+        for e in events {
+            tx.execute(
+                "INSERT INTO device_events (device_id, at_ms, kind, model, version, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, e.at_ms, e.kind, e.model, e.version, e.reason],
+            )
+            .map_err(db("record event"))?;
+        }
+        tx.execute(RECORD_DEPLOYMENT_STATES, params![id, now_ms, report.to_string()])
+            .map_err(db("record deployment states"))?;
+        tx.commit().map_err(db("commit report"))
+    }
+
+    fn touch_device(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE devices SET last_seen_ms = ?2 WHERE id = ?1", params![id, now_ms])
+            .map_err(db("touch device"))?;
+        Ok(())
+    }
+
+    fn deployment_devices(&self, deployment_id: i64) -> Result<Vec<DeploymentDevice>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT device_id, version, state, detail, updated_ms FROM deployment_devices
+                 WHERE deployment_id = ?1 ORDER BY device_id",
+            )
+            .map_err(db("list deployment devices"))?;
+        let rows = stmt
+            .query_map([deployment_id], |r| {
+                Ok(DeploymentDevice {
+                    device_id: r.get(0)?,
+                    version: r.get(1)?,
+                    state: r.get(2)?,
+                    detail: r.get(3)?,
+                    updated_ms: r.get(4)?,
+                })
+            })
+            .map_err(db("list deployment devices"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list deployment devices"))
+    }
+
+    fn device_events(&self, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT at_ms, kind, model, version, reason FROM device_events WHERE device_id = ?1
+                 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(db("list events"))?;
+        let rows = stmt
+            .query_map(params![id, limit], |r| {
+                Ok(DeviceEvent {
+                    at_ms: r.get(0)?,
+                    kind: r.get(1)?,
+                    model: r.get(2)?,
+                    version: r.get(3)?,
+                    reason: r.get(4)?,
+                })
+            })
+            .map_err(db("list events"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list events"))
+    }
+
+    fn current_revision(&self) -> Result<u64, StoreError> {
+        let r: i64 = self
+            .conn()
+            .query_row("SELECT revision FROM fleet WHERE id = 1", [], |r| r.get(0))
+            .map_err(db("read revision"))?;
+        Ok(u64::try_from(r).unwrap_or(0))
+    }
+
+    fn next_revision(&self) -> Result<u64, StoreError> {
+        let r: i64 = self
+            .conn()
+            .query_row("UPDATE fleet SET revision = revision + 1 WHERE id = 1 RETURNING revision", [], |r| r.get(0))
+            .map_err(db("bump revision"))?;
+        Ok(u64::try_from(r).unwrap_or(0))
+    }
+}

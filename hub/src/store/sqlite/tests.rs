@@ -1,0 +1,185 @@
+//! Tests of the SQLite store.
+
+use super::migrations::MIGRATIONS;
+use super::*;
+use crate::store::{
+    DeploymentStore as _, DeviceStore as _, HaltOutcome, ModelFilter, NewDeployment, RegistryStore as _, VersionRecord,
+};
+
+fn version(model: &str, version: &str, sha: &str) -> VersionRecord {
+    VersionRecord {
+        model: model.into(),
+        version: version.into(),
+        sha256: sha.into(),
+        size: 10,
+        stage: "staging".into(),
+        hardware: vec!["aarch64".into()],
+        manifest: vec![1, 2, 3],
+        signature: vec![4],
+        key_id: "k".into(),
+        created_at_ms: 1,
+        created_by: "t".into(),
+    }
+}
+
+#[test]
+fn migrations_set_user_version_and_reopen_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    let store = SqliteStore::open(&path).expect("open");
+    assert_eq!(store.schema_version().expect("version"), i64::try_from(MIGRATIONS.len()).expect("len"));
+    store.create_model("m", "", &[], 1).expect("create");
+    drop(store);
+    let store = SqliteStore::open(&path).expect("reopen");
+    assert!(store.get_model("m").expect("get").is_some());
+    let mode: String = store.conn().pragma_query_value(None, "journal_mode", |r| r.get(0)).expect("journal_mode");
+    assert_eq!(mode, "wal");
+}
+
+#[test]
+fn a_database_from_a_newer_hub_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    drop(SqliteStore::open(&path).expect("open"));
+    Connection::open(&path).expect("raw").pragma_update(None, "user_version", 99).expect("bump");
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }), "{err}");
+}
+
+#[test]
+fn filters_by_stage_and_hardware() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+    store.create_model("a", "", &[], 1).expect("a");
+    store.create_model("b", "", &[], 1).expect("b");
+    store.insert_version(&version("a", "1.0.0", "x"), &[]).expect("v");
+    let filter = |stage: Option<&str>, hw: Option<&str>| {
+        let f = ModelFilter {
+            stage: stage.map(Into::into),
+            hardware: hw.map(Into::into),
+            limit: 10,
+            ..ModelFilter::default()
+        };
+        store.list_models(&f).expect("list").0.into_iter().map(|m| m.name).collect::<Vec<_>>()
+    };
+    assert_eq!(filter(None, None), ["a", "b"]);
+    assert_eq!(filter(Some("staging"), None), ["a"]);
+    assert!(filter(Some("production"), None).is_empty());
+    assert_eq!(filter(None, Some("aarch64")), ["a"]);
+    assert!(filter(None, Some("aarch")).is_empty(), "tags match whole, not by prefix");
+}
+
+fn new_deployment(version: &str, kind: &str) -> NewDeployment {
+    NewDeployment {
+        model: "a".into(),
+        version: version.into(),
+        target: "site=x".into(),
+        kind: kind.into(),
+        created_by: "t".into(),
+        replaces: None,
+        policy: None,
+        halt_fraction: 0.2,
+        halt_count: Some(3),
+        waves: Vec::new(),
+    }
+}
+
+#[test]
+fn a_deployment_halts_once_and_restores_in_the_same_transaction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+    let d = store.insert_deployment(&new_deployment("2.0.0", "deploy"), 1).expect("insert");
+    let restore = new_deployment("1.0.0", "rollback");
+    let HaltOutcome::Halted { restored: Some(r) } =
+        store.halt_deployment(d.id, "too many failed", Some(&restore), 2).expect("halt")
+    else {
+        panic!("the active deployment halts and the earlier version comes back");
+    };
+    let halted = store.get_deployment(d.id).expect("get").expect("exists");
+    assert_eq!((halted.state.as_str(), halted.halt_reason.as_deref()), ("halted", Some("too many failed")));
+    assert_eq!(halted.halt_count, Some(3));
+    assert_eq!(store.active_deployments("a").expect("active"), [*r]);
+    assert_eq!(store.halt_deployment(d.id, "again", None, 3).expect("halt"), HaltOutcome::NotActive);
+    assert_eq!(store.active_deployments("a").expect("active").len(), 1);
+}
+
+fn report_naming(deployments: &[(i64, &str)]) -> serde_json::Value {
+    let models: Vec<serde_json::Value> = deployments
+        .iter()
+        .map(|(id, state)| {
+            serde_json::json!({"name": format!("m{id}"), "version": "2.0.0", "state": state,
+                "detail": format!("why {state}"), "deployment_id": id})
+        })
+        .collect();
+    serde_json::json!({"device_id": "d", "applied_revision": 1, "events": [], "models": models})
+}
+
+#[test]
+fn each_devices_last_state_per_deployment_outlives_later_reports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+    store.enroll_device("d", &Default::default(), "t", "t", 1).expect("enroll");
+    let first = store.insert_deployment(&new_deployment("2.0.0", "deploy"), 1).expect("insert").id;
+    store.record_report("d", &report_naming(&[(first, "canary"), (0, "serving"), (99, "x")]), &[], 5).expect("r");
+    let rows = store.deployment_devices(first).expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].state.as_str(), rows[0].detail.as_str(), rows[0].updated_ms), ("canary", "why canary", 5));
+    assert!(store.deployment_devices(99).expect("rows").is_empty(), "a deployment this hub never issued");
+
+    store.record_report("d", &report_naming(&[(first, "rolled_back")]), &[], 6).expect("r");
+    let second = store.insert_deployment(&new_deployment("1.0.0", "rollback"), 7).expect("insert").id;
+    store.record_report("d", &report_naming(&[(second, "serving")]), &[], 8).expect("r");
+    let rows = store.deployment_devices(first).expect("rows");
+    assert_eq!((rows[0].state.as_str(), rows[0].updated_ms), ("rolled_back", 6), "kept after moving on");
+    assert_eq!(store.deployment_devices(second).expect("rows")[0].state, "serving");
+
+    store.remove_device("d").expect("remove");
+    assert!(store.deployment_devices(first).expect("rows").is_empty(), "rows go with the device");
+}
+
+#[test]
+fn reports_stored_before_schema_4_fill_the_per_deployment_states() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    {
+        let mut conn = Connection::open(&path).expect("raw");
+        let tx = conn.transaction().expect("tx");
+        for sql in &MIGRATIONS[..3] {
+            tx.execute_batch(sql).expect("old migration");
+        }
+        tx.pragma_update(None, "user_version", 3).expect("user_version");
+        tx.execute_batch(
+            "INSERT INTO deployments (model, version, target, kind, state, created_by, created_at_ms, updated_at_ms)
+             VALUES ('m1', '2.0.0', 'site=x', 'deploy', 'active', 't', 1, 1);
+             INSERT INTO devices (id, token_sha256, labels, created_at_ms, created_by, report_at_ms, report)
+             VALUES ('d', 't', '{}', 1, 't', 42, 'not json'), ('e', 'u', '{}', 1, 't', 43, NULL);",
+        )
+        .expect("old rows");
+        tx.execute(
+            "INSERT INTO devices (id, token_sha256, labels, created_at_ms, created_by, report_at_ms, report)
+             VALUES ('f', 'v', '{}', 1, 't', 44, ?1)",
+            [report_naming(&[(1, "canary"), (2, "serving")]).to_string()],
+        )
+        .expect("old report");
+        tx.commit().expect("commit");
+    }
+    let store = SqliteStore::open(&path).expect("migrate");
+    let rows = store.deployment_devices(1).expect("rows");
+    assert_eq!(rows.len(), 1, "a corrupt or missing report is skipped, not fatal: {rows:?}");
+    assert_eq!((rows[0].device_id.as_str(), rows[0].state.as_str(), rows[0].updated_ms), ("f", "canary", 44));
+}
+
+#[test]
+fn delete_keeps_blobs_shared_with_other_models() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+    store.create_model("a", "", &[], 1).expect("a");
+    store.create_model("b", "", &[], 1).expect("b");
+    store.insert_version(&version("a", "1.0.0", "shared"), &[]).expect("v");
+    store.insert_version(&version("a", "2.0.0", "only-a"), &[]).expect("v");
+    store.insert_version(&version("b", "1.0.0", "shared"), &[]).expect("v");
+    let mut freed = store.delete_model("a", 2).expect("delete");
+    freed.sort();
+    assert_eq!(freed, ["only-a"]);
+    assert!(store.get_version("a", "1.0.0").expect("get").is_none(), "versions cascade");
+}
