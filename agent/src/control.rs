@@ -27,10 +27,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::agent::{AgentError, Shared};
 use crate::config::AgentConfig;
 use crate::serving::{CandidateMode, Loaded, Route};
 use crate::slots::Color;
+use crate::state::{AgentError, Shared};
 use crate::supervisor::SlotState as WorkerState;
 
 /// Everything `sentinel-agent status` shows.
@@ -216,7 +216,7 @@ async fn models(State(shared): State<Arc<Shared>>) -> Response {
         )
         .into_response(),
         Err(e) => {
-            tracing::error!(error = %crate::sync::error_chain(&e), "listing models failed");
+            tracing::error!(error = %crate::util::error_chain(&e), "listing models failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, "reading the agent's state failed; see its log")
         }
     }

@@ -21,6 +21,7 @@
 //! - [`worker`]: the seccomp-confined inference worker (`sentinel-worker`) and its stdin/stdout protocol.
 
 pub mod agent;
+pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -28,22 +29,19 @@ pub mod download;
 pub mod inference_api;
 pub mod metrics;
 pub mod notify;
+pub mod report;
 pub mod rollout;
 pub mod serving;
 pub mod slots;
+pub mod state;
 pub mod store;
 pub mod supervisor;
 pub mod sync;
+pub mod transport;
+pub mod util;
 pub mod verify;
 pub mod worker;
 
-pub use agent::{AgentHandle, AgentView, start};
+pub use agent::{AgentError, AgentHandle, AgentView, start};
 pub use config::AgentConfig;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use util::{error_chain, now_ms};

@@ -5,7 +5,7 @@
 //! Event counters are bumped where the event happens (a request in
 //! [`crate::serving::Serving::infer`], a rollback in the rollout controller,
 //! a download in the apply loop, a refused state in
-//! [`crate::agent::Shared::refused_state`]); figures that are state, not
+//! [`crate::state::Shared::refused_state`]); figures that are state, not
 //! events (the hub connection, each worker's resident memory) are read at
 //! scrape time, so they can never drift from the truth.
 //!
@@ -31,8 +31,8 @@ use prometheus::{
 };
 use tokio::sync::watch;
 
-use crate::agent::{AgentError, Shared};
 use crate::serving::{Loaded, ServeError};
+use crate::state::{AgentError, Shared};
 use crate::supervisor::{InferError, SlotState as WorkerState, Supervised};
 
 /// End-to-end request latency buckets, in seconds: the digits MLP answers in

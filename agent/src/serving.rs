@@ -306,7 +306,7 @@ impl InstallError {
 
 impl From<StoreError> for InstallError {
     fn from(e: StoreError) -> Self {
-        InstallError::Store(crate::sync::error_chain(&e))
+        InstallError::Store(crate::util::error_chain(&e))
     }
 }
 
@@ -502,7 +502,7 @@ impl Serving {
         let rows = match store.models() {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %crate::sync::error_chain(&e), "reading model state failed; nothing restored");
+                tracing::error!(error = %crate::util::error_chain(&e), "reading model state failed; nothing restored");
                 return;
             }
         };
@@ -515,7 +515,7 @@ impl Serving {
                 }
             }
             if changed && let Err(e) = store.commit_slots(&slots) {
-                tracing::error!(error = %crate::sync::error_chain(&e), model = %row.name, "saving restored slots failed");
+                tracing::error!(error = %crate::util::error_chain(&e), model = %row.name, "saving restored slots failed");
             }
             let mut route = Route::default();
             for c in [Color::Blue, Color::Green] {
@@ -554,7 +554,7 @@ impl Serving {
         let fail = |slots: &mut Slots, err: InstallError| {
             let _ = slots.fail(color, &err.to_string());
             if let Err(e) = store.commit_slots(slots) {
-                tracing::error!(error = %crate::sync::error_chain(&e), "saving a failed slot failed");
+                tracing::error!(error = %crate::util::error_chain(&e), "saving a failed slot failed");
             }
             ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
             Err(err)

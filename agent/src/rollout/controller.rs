@@ -17,9 +17,9 @@ use tokio::sync::watch;
 
 use super::decision::{Decision, Phase, PhaseKind, Policy, Thresholds, decide};
 use super::window::SlotMetrics;
-use crate::agent::Shared;
 use crate::serving::{CandidateMode, Loaded, ModelServing, Route};
 use crate::slots::SlotState;
+use crate::state::Shared;
 use crate::supervisor::SlotState as WorkerState;
 
 /// How often a rollout looks at the metrics. A control-loop period: decisions
@@ -318,7 +318,7 @@ async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Res
     slots.promote(green.color).map_err(|e| e.to_string())?;
     if let Err(e) = shared.store.activate(&slots, green.deployment_id) {
         *slots = shared.store.load_slots(&ms.name).ok().flatten().unwrap_or_else(|| slots.clone());
-        return Err(crate::sync::error_chain(&e));
+        return Err(crate::util::error_chain(&e));
     }
     ms.swap(|r| Route {
         active: Some(green.clone()),
@@ -374,12 +374,12 @@ async fn rollback(
         }
     };
     if let Err(e) = committed {
-        tracing::error!(error = %crate::sync::error_chain(&e), "saving the rollback failed; traffic is back on the old slot");
+        tracing::error!(error = %crate::util::error_chain(&e), "saving the rollback failed; traffic is back on the old slot");
     }
     drop(slots);
     let revision = shared.applied_revision();
     if let Err(e) = shared.store.reject(&green.model, &green.sha256, &green.version, revision, reason) {
-        tracing::error!(error = %crate::sync::error_chain(&e), "recording the rejected version failed");
+        tracing::error!(error = %crate::util::error_chain(&e), "recording the rejected version failed");
     }
     let snapshot = json!({
         "kind": kind,
@@ -470,7 +470,7 @@ async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
         if slots.get(green.color).state == SlotState::Canary {
             let _ = slots.fail(green.color, "superseded by a newer desired state");
             if let Err(e) = shared.store.commit_slots(&slots) {
-                tracing::error!(error = %crate::sync::error_chain(&e), "saving a cancelled rollout failed");
+                tracing::error!(error = %crate::util::error_chain(&e), "saving a cancelled rollout failed");
             }
         }
         shared.event("rollout_cancelled", &green.model, &green.version, "superseded by a newer desired state");
@@ -480,7 +480,7 @@ async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
 fn set_status(shared: &Shared, green: &Loaded, state: &str, detail: &str) {
     if let Err(e) = shared.store.set_deployment_status(&green.model, state, &green.version, detail, green.deployment_id)
     {
-        tracing::error!(error = %crate::sync::error_chain(&e), "saving the model status failed");
+        tracing::error!(error = %crate::util::error_chain(&e), "saving the model status failed");
     }
     shared.changed();
 }
