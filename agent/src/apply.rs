@@ -103,14 +103,22 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
             }
             continue;
         }
-        let policy = match crate::rollout::controller::policy_from(assignment.policy.as_ref(), &shared.config.rollout) {
-            Ok(p) => crate::rollout::controller::with_declared_floor(
+        let policy = match crate::rollout::policy::policy_from(assignment.policy.as_ref(), &shared.config.rollout) {
+            Ok(p) => crate::rollout::policy::with_declared_floor(
                 p,
                 m.accuracy.as_ref().map(|a| a.value),
                 config.serving.validation_tolerance,
             ),
             Err(reason) => {
-                refuse(shared, &m.name, &m.version, "refused", "policy_invalid", &reason, assignment.deployment_id);
+                refuse(
+                    shared,
+                    &m.name,
+                    &m.version,
+                    "refused",
+                    "policy_invalid",
+                    &reason.to_string(),
+                    assignment.deployment_id,
+                );
                 continue;
             }
         };

@@ -23,7 +23,7 @@ use sentinel_proto::pb::ModelManifest;
 use sentinel_proto::pb::dimension::Kind;
 
 use crate::config::ServingSettings;
-use crate::rollout::decision::{PhaseKind, Policy};
+use crate::rollout::policy::{PhaseKind, Policy};
 use crate::rollout::window::{SlotMetrics, SlotWindow};
 use crate::slots::{Color, SlotState, Slots};
 use crate::store::{Store, StoreError};

@@ -11,11 +11,11 @@
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use sentinel_proto::pb::RolloutPolicy;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::decision::{Decision, Phase, PhaseKind, Policy, Thresholds, decide};
+use super::decision::{Decision, decide};
+use super::policy::{PhaseKind, Policy};
 use super::window::SlotMetrics;
 use crate::serving::{CandidateMode, Loaded, ModelServing, Route};
 use crate::slots::SlotState;
@@ -67,93 +67,6 @@ impl RolloutTask {
 
     pub fn is_finished(&self) -> bool {
         self.done.is_finished()
-    }
-}
-
-/// Requests each phase of a deployment's own phase list needs when the
-/// deployment gives no `min_samples`: phases named without counts keep this
-/// documented default, never 0 (a single sample proves nothing).
-pub const DEFAULT_PHASE_SAMPLES: u64 = 100;
-/// Bake of each phase of a deployment's own phase list when the deployment
-/// gives no `bake_seconds`.
-pub const DEFAULT_PHASE_BAKE: Duration = Duration::from_secs(30);
-
-/// Builds the device's policy for one deployment: the deployment's own
-/// fields where set, the agent's defaults elsewhere. Phases named without
-/// `min_samples` or `bake_seconds` get [`DEFAULT_PHASE_SAMPLES`] and
-/// [`DEFAULT_PHASE_BAKE`].
-pub fn policy_from(proto: Option<&RolloutPolicy>, defaults: &Policy) -> Result<Policy, String> {
-    let Some(p) = proto else { return Ok(defaults.clone()) };
-    let mut policy = defaults.clone();
-    let bake = if p.bake_seconds > 0 { Some(Duration::from_secs(p.bake_seconds)) } else { None };
-    if !p.phases.is_empty() {
-        policy.phases = p
-            .phases
-            .iter()
-            .map(|s| {
-                let kind = match s.split_once(':') {
-                    None if s == "shadow" => PhaseKind::Shadow,
-                    None if s == "full" => PhaseKind::Full,
-                    Some(("canary", n)) => {
-                        PhaseKind::Canary { percent: n.parse().map_err(|_| format!("phase {s:?}: bad percentage"))? }
-                    }
-                    _ => return Err(format!("phase {s:?}: expected shadow, canary:N or full")),
-                };
-                let min_samples = if p.min_samples > 0 { p.min_samples } else { DEFAULT_PHASE_SAMPLES };
-                Ok(Phase { kind, bake: bake.unwrap_or(DEFAULT_PHASE_BAKE), min_samples })
-            })
-            .collect::<Result<_, String>>()?;
-    } else if bake.is_some() || p.min_samples > 0 {
-        for phase in &mut policy.phases {
-            phase.bake = bake.unwrap_or(phase.bake);
-            phase.min_samples = if p.min_samples > 0 { p.min_samples } else { phase.min_samples };
-        }
-    }
-    let set = |v: f64| (v > 0.0).then_some(v);
-    let t = &mut policy.thresholds;
-    t.max_p95_ratio = set(p.max_latency_ratio).or(t.max_p95_ratio);
-    t.max_p95 = set(p.latency_slo_ms).map(|ms| Duration::from_secs_f64(ms / 1000.0)).or(t.max_p95);
-    t.max_error_rate = set(p.max_error_rate).or(t.max_error_rate);
-    t.min_accuracy = set(p.min_accuracy).or(t.min_accuracy);
-    t.max_accuracy_drop = set(p.max_accuracy_drop).or(t.max_accuracy_drop);
-    t.min_agreement = set(p.min_shadow_agreement).or(t.min_agreement);
-    if p.max_restarts > 0 {
-        t.max_restarts = Some(u64::from(p.max_restarts));
-    }
-    if p.standby_bake_seconds > 0 {
-        policy.standby_bake = Duration::from_secs(p.standby_bake_seconds);
-    }
-    if p.min_accuracy_samples > 0 {
-        policy.min_accuracy_samples = p.min_accuracy_samples;
-    }
-    policy.validate().map_err(|e| e.to_string())?;
-    Ok(policy)
-}
-
-/// Makes the manifest's declared accuracy the default accuracy floor:
-/// `declared - tolerance` (the validation tolerance), when the policy sets no
-/// `min_accuracy` of its own. [`decide`] applies it to validation and to
-/// feedback accuracy (once `min_accuracy_samples` is reached) in every
-/// phase, `full` and the standby bake included.
-#[must_use]
-pub fn with_declared_floor(mut policy: Policy, declared: Option<f64>, tolerance: f64) -> Policy {
-    if policy.thresholds.min_accuracy.is_none()
-        && let Some(declared) = declared.filter(|d| *d > 0.0 && *d <= 1.0)
-    {
-        policy.thresholds.min_accuracy = Some((declared - tolerance).max(0.0));
-    }
-    policy
-}
-
-/// The agent's default when a deployment names no policy: straight to full,
-/// then the old version stays warm and watched for a minute, judged on at
-/// least 200 requests (fewer p95s are mostly noise).
-pub fn default_policy() -> Policy {
-    Policy {
-        phases: vec![Phase { kind: PhaseKind::Full, bake: Duration::ZERO, min_samples: 200 }],
-        thresholds: Thresholds::default(),
-        standby_bake: Duration::from_secs(60),
-        min_accuracy_samples: 50,
     }
 }
 
@@ -502,78 +415,4 @@ pub fn metrics_json(m: &SlotMetrics) -> serde_json::Value {
         "agreement_total": m.agreement_total,
         "validation_accuracy": m.validation_accuracy,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::decision::{Observation, RollbackReason};
-    use super::*;
-
-    fn phases(names: &[&str]) -> RolloutPolicy {
-        RolloutPolicy { phases: names.iter().map(|s| (*s).to_owned()).collect(), ..RolloutPolicy::default() }
-    }
-
-    #[test]
-    fn phases_named_without_counts_keep_the_per_phase_defaults() {
-        // The finding: a ratio given with phases but no counts turned every
-        // phase into 0 samples and 0 s, promoting on one shadow sample.
-        let p = RolloutPolicy { max_latency_ratio: 1.5, ..phases(&["shadow", "canary:10", "full"]) };
-        let policy = policy_from(Some(&p), &default_policy()).unwrap();
-        assert_eq!(policy.phases.len(), 3);
-        for phase in &policy.phases {
-            assert_eq!((phase.min_samples, phase.bake), (DEFAULT_PHASE_SAMPLES, DEFAULT_PHASE_BAKE), "{phase:?}");
-        }
-        assert_eq!(policy.thresholds.max_p95_ratio, Some(1.5));
-        // Given values still win, each on its own.
-        let p = RolloutPolicy { min_samples: 7, ..phases(&["canary:10", "full"]) };
-        let policy = policy_from(Some(&p), &default_policy()).unwrap();
-        assert!(policy.phases.iter().all(|ph| ph.min_samples == 7 && ph.bake == DEFAULT_PHASE_BAKE));
-        let p = RolloutPolicy { bake_seconds: 2, ..phases(&["full"]) };
-        let policy = policy_from(Some(&p), &default_policy()).unwrap();
-        assert_eq!(policy.phases[0].bake, Duration::from_secs(2));
-        assert_eq!(policy.phases[0].min_samples, DEFAULT_PHASE_SAMPLES);
-    }
-
-    #[test]
-    fn one_shadow_sample_of_a_slow_version_does_not_promote() {
-        let p = RolloutPolicy { max_latency_ratio: 1.5, ..phases(&["shadow", "canary:10", "full"]) };
-        let policy = policy_from(Some(&p), &default_policy()).unwrap();
-        let slot = |requests, p95_ms| SlotMetrics {
-            requests,
-            p95: Some(Duration::from_millis(p95_ms)),
-            error_rate: Some(0.0),
-            ..SlotMetrics::default()
-        };
-        let obs =
-            |green| Observation { phase: 0, phase_elapsed: Duration::from_secs(3600), green, blue: slot(1000, 20) };
-        assert!(matches!(decide(&policy, &obs(slot(1, 100))), Decision::Hold(_)));
-        assert!(matches!(decide(&policy, &obs(slot(100, 100))), Decision::Rollback(RollbackReason::Latency { .. })));
-    }
-
-    #[test]
-    fn the_declared_accuracy_is_the_floor_in_full_unless_the_policy_sets_one() {
-        let p = phases(&["full"]);
-        let policy = with_declared_floor(policy_from(Some(&p), &default_policy()).unwrap(), Some(1.0), 0.02);
-        assert_eq!(policy.thresholds.min_accuracy, Some(0.98));
-        let green = SlotMetrics {
-            requests: 50,
-            feedback_total: policy.min_accuracy_samples,
-            feedback_accuracy: Some(0.25),
-            ..SlotMetrics::default()
-        };
-        let obs = Observation { phase: 0, phase_elapsed: Duration::ZERO, green, blue: SlotMetrics::default() };
-        assert!(matches!(decide(&policy, &obs), Decision::Rollback(RollbackReason::Accuracy { .. })));
-        // One feedback sample short of min_accuracy_samples: not judged yet.
-        let few = SlotMetrics { feedback_total: policy.min_accuracy_samples - 1, ..green };
-        assert!(matches!(decide(&policy, &Observation { green: few, ..obs }), Decision::Hold(_)));
-        // The standby bake after full promotion keeps the floor.
-        let standby = Observation { phase: 1, ..obs };
-        assert!(matches!(decide(&policy, &standby), Decision::Rollback(RollbackReason::Accuracy { .. })));
-        // A policy's own min_accuracy wins; no declaration, no floor.
-        let own = RolloutPolicy { min_accuracy: 0.2, ..p.clone() };
-        let policy = with_declared_floor(policy_from(Some(&own), &default_policy()).unwrap(), Some(1.0), 0.02);
-        assert_eq!(policy.thresholds.min_accuracy, Some(0.2));
-        let policy = with_declared_floor(policy_from(Some(&p), &default_policy()).unwrap(), None, 0.02);
-        assert_eq!(policy.thresholds.min_accuracy, None);
-    }
 }
