@@ -87,7 +87,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     shared.refresh_models();
     let listeners = crate::inference_api::bind(&shared.config.serving).await?;
     let inference_addr = listeners.tcp_addr();
-    let metrics_listener = crate::metrics::bind(shared.config.serving.metrics_listen.as_deref()).await?;
+    let metrics_listener = crate::metrics::endpoint::bind(shared.config.serving.metrics_listen.as_deref()).await?;
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let control = crate::control::bind(&shared.config)?;
     // No other agent answers on the control socket now, so worker dirs of
@@ -127,7 +127,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     // One connection budget for the inference API and metrics listeners.
     let connections = sentinel_net::Connections::new(shared.config.serving.connection_limits());
     if let Some(l) = metrics_listener {
-        tasks.spawn(crate::metrics::serve(l, shared.clone(), connections.clone(), stop_rx.clone()));
+        tasks.spawn(crate::metrics::endpoint::serve(l, shared.clone(), connections.clone(), stop_rx.clone()));
     }
     tasks.spawn(crate::control::serve(control, shared.clone(), stop_rx.clone()));
     for server in listeners.serve(shared.clone(), &connections, stop_rx) {

@@ -23,6 +23,7 @@ use sentinel_proto::pb::ModelManifest;
 use sentinel_proto::pb::dimension::Kind;
 
 use crate::config::ServingSettings;
+use crate::metrics::{AgentMetrics, RequestOutcome};
 use crate::rollout::policy::{PhaseKind, Policy};
 use crate::rollout::window::{SlotMetrics, SlotWindow};
 use crate::slots::{Color, SlotState, Slots};
@@ -350,7 +351,7 @@ pub struct Serving {
     models: RwLock<BTreeMap<String, Arc<ModelServing>>>,
     predictions: Mutex<Predictions>,
     next_id: AtomicU64,
-    metrics: Arc<crate::metrics::AgentMetrics>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// Recent predictions by request id, for ground-truth feedback.
@@ -396,11 +397,7 @@ impl Serving {
     }
 
     /// Like [`Serving::new`], counting into the agent's `metrics`.
-    pub fn with_metrics(
-        settings: ServingSettings,
-        work_dir: PathBuf,
-        metrics: Arc<crate::metrics::AgentMetrics>,
-    ) -> Serving {
+    pub fn with_metrics(settings: ServingSettings, work_dir: PathBuf, metrics: Arc<AgentMetrics>) -> Serving {
         Serving {
             metrics,
             settings,
@@ -417,7 +414,7 @@ impl Serving {
     }
 
     /// The agent's Prometheus metrics.
-    pub fn metrics(&self) -> &Arc<crate::metrics::AgentMetrics> {
+    pub fn metrics(&self) -> &Arc<AgentMetrics> {
         &self.metrics
     }
 
@@ -669,7 +666,12 @@ impl Serving {
         slot.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = run_batched(&slot, inputs).await;
-        self.metrics.inference(&slot, result.as_ref().map(|(_, compute)| *compute), started.elapsed());
+        let outcome = match &result {
+            Ok((_, compute)) => RequestOutcome::Ok { compute: *compute },
+            Err(ServeError::BadInput(_)) => RequestOutcome::BadInput,
+            Err(_) => RequestOutcome::Unavailable,
+        };
+        self.metrics.inference([&slot.model, slot.color.as_str(), &slot.version], outcome, started.elapsed());
         match &result {
             Ok((_, compute)) => slot.record(Some(*compute)),
             Err(ServeError::Unavailable { .. }) => {
