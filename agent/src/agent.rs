@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
+use crate::rollout::controller::Rollouts;
 use crate::serving::Serving;
 use crate::state::Shared;
 pub use crate::state::{AgentError, AgentView};
@@ -121,15 +122,18 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let (states_tx, states_rx) = watch::channel(initial);
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    // The controller owns the rollouts: the apply loop starts and supersedes
+    // them, the control socket rolls them back.
+    let rollouts = Arc::new(Rollouts::default());
     tasks.spawn(crate::sync::run(shared.clone(), channel.clone(), states_tx, stop_rx.clone()));
-    tasks.spawn(crate::apply::run(shared.clone(), http, states_rx, stop_rx.clone()));
+    tasks.spawn(crate::apply::run(shared.clone(), rollouts.clone(), http, states_rx, stop_rx.clone()));
     tasks.spawn(crate::report::run(shared.clone(), channel, stop_rx.clone()));
     // One connection budget for the inference API and metrics listeners.
     let connections = sentinel_net::Connections::new(shared.config.serving.connection_limits());
     if let Some(l) = metrics_listener {
         tasks.spawn(crate::metrics::endpoint::serve(l, shared.clone(), connections.clone(), stop_rx.clone()));
     }
-    tasks.spawn(crate::control::serve(control, shared.clone(), stop_rx.clone()));
+    tasks.spawn(crate::control::serve(control, shared.clone(), rollouts, stop_rx.clone()));
     for server in listeners.serve(shared.clone(), &connections, stop_rx) {
         tasks.spawn(server);
     }

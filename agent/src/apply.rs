@@ -12,6 +12,7 @@ use sentinel_proto::pb::{ModelAssignment, ModelManifest};
 use tokio::sync::watch;
 
 use crate::download::{self, Wanted};
+use crate::rollout::controller::{HUB, Rollouts};
 use crate::serving::{Install, ValidationSet};
 use crate::state::Shared;
 use crate::util::error_chain;
@@ -19,6 +20,7 @@ use crate::util::error_chain;
 /// Applies every new verified state until `stop` turns true.
 pub async fn run(
     shared: Arc<Shared>,
+    rollouts: Arc<Rollouts>,
     http: reqwest::Client,
     mut states: watch::Receiver<Option<Arc<VerifiedState>>>,
     mut stop: watch::Receiver<bool>,
@@ -27,7 +29,7 @@ pub async fn run(
         let current = states.borrow_and_update().clone();
         if let Some(v) = current {
             // `view.revision` was set when the state was verified (Shared::verified_state).
-            apply(&shared, &http, &v).await;
+            apply(&shared, &rollouts, &http, &v).await;
             shared.applied(v.state.revision);
         }
         tokio::select! {
@@ -38,7 +40,7 @@ pub async fn run(
 }
 
 /// Makes the device match one verified state.
-async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) {
+async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client, v: &VerifiedState) {
     let config = &shared.config;
     let mut wanted_files = HashSet::new();
     for (assignment, m) in v.state.models.iter().zip(&v.manifests) {
@@ -48,16 +50,8 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
                 .extend([set.inputs.as_ref(), set.labels.as_ref()].into_iter().flatten().map(|b| b.sha256.clone()));
         }
         // A rollout of another version is superseded by this state.
-        if let Some(ms) = shared.serving.model(&m.name) {
-            let running = ms.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            match running {
-                Some(task) if task.sha256 == m.sha256 && task.version == m.version && !task.is_finished() => {
-                    *ms.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
-                    continue;
-                }
-                Some(task) => task.cancel().await,
-                None => {}
-            }
+        if rollouts.keep_or_cancel(&m.name, &m.sha256, &m.version).await {
+            continue;
         }
         if let Ok(Some((revision, reason))) = shared.store.rejected(&m.name, &m.sha256, &m.version)
             && revision >= v.state.revision
@@ -83,9 +77,7 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
         if standby_is_it {
             let reason =
                 format!("the hub's desired state names {} again (deployment {})", m.version, assignment.deployment_id);
-            match crate::rollout::controller::rollback_now(shared, &m.name, crate::rollout::controller::HUB, &reason)
-                .await
-            {
+            match rollouts.rollback_now(shared, &m.name, HUB, &reason).await {
                 Ok(done) => tracing::info!(model = %m.name, %done, "standby restored for the hub"),
                 Err(e) => tracing::warn!(model = %m.name, error = %e, "no instant swap; loading the version instead"),
             }
@@ -173,7 +165,7 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
                     shared.serving.model(&m.name).is_some_and(|ms| ms.route().standby.is_some() || !installed.promoted);
                 match shared.serving.model(&m.name) {
                     Some(ms) if has_standby => {
-                        crate::rollout::controller::spawn(shared.clone(), ms, installed.loaded, policy, installed.phase)
+                        rollouts.spawn(shared.clone(), ms, installed.loaded, policy, installed.phase)
                     }
                     _ => {
                         let _ = shared.store.set_deployment_status(
@@ -197,12 +189,7 @@ async fn apply(shared: &Arc<Shared>, http: &reqwest::Client, v: &VerifiedState) 
     let names: HashSet<&str> = v.manifests.iter().map(|m| m.name.as_str()).collect();
     if let Ok(models) = shared.store.models() {
         for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != "removed") {
-            if let Some(ms) = shared.serving.model(&m.name) {
-                let task = ms.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-                if let Some(task) = task {
-                    task.cancel().await;
-                }
-            }
+            rollouts.cancel(&m.name).await;
             shared.serving.remove(&m.name);
             let _ = shared.store.set_status(
                 &m.name,

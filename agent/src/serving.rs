@@ -234,8 +234,6 @@ pub struct ModelServing {
     /// The committed state machine; held across an install so installs of
     /// one model never interleave.
     pub(crate) slots: tokio::sync::Mutex<Slots>,
-    /// The rollout watching this model's candidate or fresh promotion.
-    pub(crate) rollout: Mutex<Option<crate::rollout::controller::RolloutTask>>,
     seq: AtomicU64,
 }
 
@@ -437,7 +435,6 @@ impl Serving {
                     name: name.to_owned(),
                     route: RwLock::new(Arc::new(Route::default())),
                     slots: tokio::sync::Mutex::new(slots),
-                    rollout: Mutex::new(None),
                     seq: AtomicU64::new(0),
                 })
             })

@@ -8,13 +8,14 @@
 //! revision (so a restart does not retry it), stops the bad worker, and
 //! tells the hub why, with a metrics snapshot.
 
-use std::sync::{Arc, PoisonError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::decision::{Decision, decide};
+use super::decision::{Decision, Observation, RollbackReason, decide};
 use super::policy::{PhaseKind, Policy};
 use super::window::SlotMetrics;
 use crate::serving::{CandidateMode, Loaded, ModelServing, Route};
@@ -32,7 +33,7 @@ enum Stop {
     Running,
     /// A newer desired state supersedes it.
     Superseded,
-    /// An operator or the hub asked for a rollback ([`rollback_now`]): its
+    /// An operator or the hub asked for a rollback ([`Rollouts::rollback_now`]): its
     /// kind ([`OPERATOR`] or [`HUB`]) and reason.
     RollBack {
         kind: &'static str,
@@ -42,9 +43,9 @@ enum Stop {
 
 /// A running rollout; cancelled when a newer desired state supersedes it.
 #[derive(Debug)]
-pub struct RolloutTask {
-    pub version: String,
-    pub sha256: String,
+struct RolloutTask {
+    version: String,
+    sha256: String,
     cancel: watch::Sender<Stop>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -53,7 +54,7 @@ impl RolloutTask {
     /// Stops the rollout and waits for it: a candidate still in shadow or
     /// canary is failed (traffic stays on the active slot); a version already
     /// promoted stays active and its standby is released from watching.
-    pub async fn cancel(self) {
+    async fn cancel(self) {
         let _ = self.cancel.send(Stop::Superseded);
         let _ = self.done.await;
     }
@@ -65,19 +66,132 @@ impl RolloutTask {
         let _ = self.done.await;
     }
 
-    pub fn is_finished(&self) -> bool {
+    fn is_finished(&self) -> bool {
         self.done.is_finished()
     }
 }
 
-/// Starts watching `green` from `phase` (the phase [`crate::serving::Serving::install`]
-/// put it in) and registers the task on the model.
-pub fn spawn(shared: Arc<Shared>, ms: Arc<ModelServing>, green: Arc<Loaded>, policy: Policy, phase: usize) {
-    let (cancel, cancel_rx) = watch::channel(Stop::Running);
-    let (version, sha256) = (green.version.clone(), green.sha256.clone());
-    let done = tokio::spawn(run(shared, ms.clone(), green, policy, phase, cancel_rx));
-    let task = RolloutTask { version, sha256, cancel, done };
-    *ms.rollout.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+/// Why [`Rollouts::rollback_now`] did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RollbackError {
+    #[error("no model `{model}` on this device")]
+    UnknownModel { model: String },
+    #[error("{model}: a version is loading or validating; it takes no traffic yet and fails on its own if it is bad")]
+    NotInTraffic { model: String },
+    #[error("{model}: no warm standby to go back to ({active} is active and has no predecessor here)")]
+    NoStandby { model: String, active: String },
+    #[error("{model}: no warm standby to go back to any more")]
+    StandbyGone { model: String },
+}
+
+/// The rollouts running on this device, at most one per model. The
+/// controller owns their tasks: the apply loop and the control socket reach
+/// them only through these methods.
+#[derive(Debug, Default)]
+pub struct Rollouts {
+    tasks: Mutex<BTreeMap<String, RolloutTask>>,
+}
+
+impl Rollouts {
+    fn take(&self, model: &str) -> Option<RolloutTask> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner).remove(model)
+    }
+
+    /// Starts watching `green` from `phase` (the phase
+    /// [`crate::serving::Serving::install`] put it in), in place of any
+    /// rollout of the model before.
+    pub fn spawn(&self, shared: Arc<Shared>, ms: Arc<ModelServing>, green: Arc<Loaded>, policy: Policy, phase: usize) {
+        let (cancel, cancel_rx) = watch::channel(Stop::Running);
+        let (version, sha256) = (green.version.clone(), green.sha256.clone());
+        let model = ms.name.clone();
+        let done = tokio::spawn(run(shared, ms, green, policy, phase, cancel_rx));
+        let task = RolloutTask { version, sha256, cancel, done };
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner).insert(model, task);
+    }
+
+    /// Keeps the rollout of `model` when it is still running this `sha256`
+    /// and `version` (returns true); otherwise cancels it (see
+    /// [`Rollouts::cancel`]) and returns false.
+    pub async fn keep_or_cancel(&self, model: &str, sha256: &str, version: &str) -> bool {
+        match self.take(model) {
+            Some(task) if task.sha256 == sha256 && task.version == version && !task.is_finished() => {
+                self.tasks.lock().unwrap_or_else(PoisonError::into_inner).insert(model.to_owned(), task);
+                true
+            }
+            Some(task) => {
+                task.cancel().await;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Stops the rollout of `model`, if any, and waits for it: a candidate
+    /// still in shadow or canary is failed (traffic stays on the active slot);
+    /// a version already promoted stays active and its standby is released
+    /// from watching.
+    pub async fn cancel(&self, model: &str) {
+        if let Some(task) = self.take(model) {
+            task.cancel().await;
+        }
+    }
+
+    /// A rollback of `model` at once, by an operator or the hub (`kind`): a
+    /// version in shadow or canary is aborted (traffic stays on the active
+    /// slot); otherwise the warm standby becomes active again in one route swap.
+    /// Either way the slots are committed, the version is rejected at the
+    /// current desired-state revision (a restart does not retry it) and the hub
+    /// gets a `rolled_back` event with `reason`, as for an automatic rollback.
+    /// Returns what was done, or why nothing was (unknown model, nothing to
+    /// roll back to).
+    pub async fn rollback_now(
+        &self,
+        shared: &Shared,
+        model: &str,
+        kind: &'static str,
+        reason: &str,
+    ) -> Result<String, RollbackError> {
+        let ms = shared.serving.model(model).ok_or_else(|| RollbackError::UnknownModel { model: model.to_owned() })?;
+        let route = ms.route();
+        let describe = |before: &Route| match (&before.candidate, &before.active) {
+            (Some(c), Some(a)) if before.mode != CandidateMode::Idle => {
+                format!("{model}: the rollout of {} was aborted; {} keeps serving", c.version, a.version)
+            }
+            (_, Some(a)) => match &before.standby {
+                Some(s) => format!("{model}: {} rolled back; {} is active again", a.version, s.version),
+                None => format!("{model}: {} rolled back", a.version),
+            },
+            _ => format!("{model}: rolled back"),
+        };
+        let mid_rollout = route.candidate.is_some() && route.mode != CandidateMode::Idle;
+        if route.candidate.is_some() && !mid_rollout {
+            return Err(RollbackError::NotInTraffic { model: model.to_owned() });
+        }
+        if !mid_rollout && route.standby.is_none() {
+            let active = route.active.as_ref().map_or("nothing", |a| a.version.as_str());
+            return Err(RollbackError::NoStandby { model: model.to_owned(), active: active.to_owned() });
+        }
+        let task = self.take(model);
+        let message = describe(&route);
+        drop(route);
+        match task {
+            // The rollout watching this version rolls it back itself, with its metrics.
+            Some(task) if !task.is_finished() => task.roll_back(kind, reason).await,
+            _ => {
+                // Looked at again: the rollout may have finished (or rolled
+                // back on its own) since the checks above.
+                let route = ms.route();
+                let (Some(green), Some(blue)) = (route.active.clone(), route.standby.clone()) else {
+                    return Err(RollbackError::StandbyGone { model: model.to_owned() });
+                };
+                drop(route);
+                let now = Instant::now();
+                let (g, b) = (green.metrics(now), Some(blue.metrics(now)));
+                rollback(shared, &ms, &green, kind, reason, &g, b, Detection::default()).await;
+            }
+        }
+        Ok(message)
+    }
 }
 
 fn agent_state(kind: Option<PhaseKind>) -> &'static str {
@@ -93,15 +207,12 @@ async fn run(
     ms: Arc<ModelServing>,
     green: Arc<Loaded>,
     policy: Policy,
-    mut phase: usize,
+    phase: usize,
     mut cancel: watch::Receiver<Stop>,
 ) {
-    let mut phase_start = Instant::now();
     let mut seen_restarts = green.worker.restarts();
-    // When the current phase saw its first sample: the detection delay of a
-    // rollback is measured from there.
-    let mut first_sample: Option<Instant> = None;
     set_status(&shared, &green, agent_state(policy.phases.get(phase).map(|p| p.kind)), "");
+    let mut progress = Progress::new(policy, phase, Instant::now());
     let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
@@ -151,52 +262,30 @@ async fn run(
         }
         let green_metrics = green.metrics(now);
         // The old slot over this phase only: the same period and load as the new one.
-        let mut blue_metrics = blue.as_ref().map(|b| b.metrics_since(now, phase_start)).unwrap_or_default();
-        if promoted {
-            // Once promoted, the old slot takes no traffic: its latencies are
-            // from another time and another load, so a ratio against them
-            // would mostly measure the machine. Latency ratios are judged
-            // only in shadow and canary phases, where both slots serve side
-            // by side; after that only the absolute SLO applies.
-            (blue_metrics.p50, blue_metrics.p95, blue_metrics.p99) = (None, None, None);
-        }
-        if first_sample.is_none() && green_metrics.requests + green_metrics.agreement_total > 0 {
-            first_sample = Some(now);
-        }
-        let obs = super::decision::Observation {
-            phase,
-            phase_elapsed: now - phase_start,
-            green: green_metrics,
-            blue: blue_metrics,
-        };
-        match decide(&policy, &obs) {
-            Decision::Hold(_) => {}
-            Decision::Rollback(reason) => {
-                let detection = Detection {
-                    samples: green_metrics.requests.max(green_metrics.agreement_total),
-                    after: first_sample.map_or(Duration::ZERO, |t| now - t),
-                };
+        let blue_metrics = blue.as_ref().map(|b| b.metrics_since(now, progress.phase_start)).unwrap_or_default();
+        match progress.step(now, promoted, &green_metrics, blue_metrics) {
+            Step::Hold => {}
+            Step::Rollback { reason, detection, blue: blue_metrics } => {
                 let text = reason.to_string();
                 rollback(&shared, &ms, &green, reason.kind(), &text, &green_metrics, Some(blue_metrics), detection)
                     .await;
                 return;
             }
-            Decision::Promote if phase >= policy.phases.len() => {
+            Step::Complete => {
                 tracing::info!(model = %green.model, version = %green.version, "standby bake over; rollout complete");
                 set_status(&shared, &green, "serving", "");
                 shared.event("rollout_complete", &green.model, &green.version, "promoted through every phase");
                 return;
             }
-            Decision::Promote => {
-                phase += 1;
-                phase_start = now;
+            Step::Next { kind, blue: blue_metrics } => {
+                let phase = progress.phase;
                 {
                     let mut w = green.window.lock().unwrap_or_else(PoisonError::into_inner);
                     let accuracy = *green.validation_accuracy.read().unwrap_or_else(PoisonError::into_inner);
                     w.reset();
                     w.set_validation_accuracy(accuracy);
                 }
-                match policy.phases.get(phase).map(|p| p.kind) {
+                match kind {
                     Some(PhaseKind::Full) | None if !promoted => {
                         if let Err(reason) = promote(&shared, &ms, &green).await {
                             let d = Detection::default();
@@ -210,7 +299,7 @@ async fn run(
                     }
                     _ => {}
                 }
-                let state = agent_state(policy.phases.get(phase).map(|p| p.kind));
+                let state = agent_state(kind);
                 set_status(&shared, &green, state, "");
                 let passed = json!({"green": metrics_json(&green_metrics), "blue": metrics_json(&blue_metrics)});
                 shared.event(
@@ -220,6 +309,74 @@ async fn run(
                     &format!("entered phase {phase} ({state}) | {passed}"),
                 );
                 tracing::info!(model = %green.model, version = %green.version, phase, state, "rollout phase");
+            }
+        }
+    }
+}
+
+/// Where one rollout stands between ticks: the policy, the phase and since
+/// when. [`Progress::step`] turns one tick's metrics into a [`Step`]; it does
+/// no I/O and reads no clock, so the controller's decisions can be tested
+/// with made-up metrics on paused time.
+#[derive(Debug, Clone)]
+struct Progress {
+    policy: Policy,
+    /// Index into the policy's phases; `phases.len()` is the standby bake.
+    phase: usize,
+    phase_start: Instant,
+    /// When the rollout saw its first sample: the detection delay of a
+    /// rollback is measured from there.
+    first_sample: Option<Instant>,
+}
+
+/// What one tick of a rollout decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    /// Stay in the phase.
+    Hold,
+    /// Roll back, with how long the version served first and blue's figures.
+    Rollback { reason: RollbackReason, detection: Detection, blue: SlotMetrics },
+    /// Past the standby bake: the rollout is complete.
+    Complete,
+    /// Entered the next phase (`None`: past the last phase, the standby
+    /// bake); blue's figures over the phase that passed.
+    Next { kind: Option<PhaseKind>, blue: SlotMetrics },
+}
+
+impl Progress {
+    fn new(policy: Policy, phase: usize, now: Instant) -> Self {
+        Progress { policy, phase, phase_start: now, first_sample: None }
+    }
+
+    /// Decides on one tick: `green` over its window, `blue` over this phase
+    /// only, `promoted` when green is already the active slot.
+    fn step(&mut self, now: Instant, promoted: bool, green: &SlotMetrics, mut blue: SlotMetrics) -> Step {
+        if promoted {
+            // Once promoted, the old slot takes no traffic: its latencies are
+            // from another time and another load, so a ratio against them
+            // would mostly measure the machine. Latency ratios are judged
+            // only in shadow and canary phases, where both slots serve side
+            // by side; after that only the absolute SLO applies.
+            (blue.p50, blue.p95, blue.p99) = (None, None, None);
+        }
+        if self.first_sample.is_none() && green.requests + green.agreement_total > 0 {
+            self.first_sample = Some(now);
+        }
+        let obs = Observation { phase: self.phase, phase_elapsed: now - self.phase_start, green: *green, blue };
+        match decide(&self.policy, &obs) {
+            Decision::Hold(_) => Step::Hold,
+            Decision::Rollback(reason) => {
+                let detection = Detection {
+                    samples: green.requests.max(green.agreement_total),
+                    after: self.first_sample.map_or(Duration::ZERO, |t| now - t),
+                };
+                Step::Rollback { reason, detection, blue }
+            }
+            Decision::Promote if self.phase >= self.policy.phases.len() => Step::Complete,
+            Decision::Promote => {
+                self.phase += 1;
+                self.phase_start = now;
+                Step::Next { kind: self.policy.phases.get(self.phase).map(|p| p.kind), blue }
             }
         }
     }
@@ -244,7 +401,7 @@ async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Res
 
 /// How long a bad version served before the decision: samples in the phase,
 /// and time since the phase's first sample.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Detection {
     samples: u64,
     after: Duration,
@@ -315,64 +472,6 @@ pub const OPERATOR: &str = "operator";
 /// device keeps warm as standby (a fleet halt, or a rollback on the hub).
 pub const HUB: &str = "hub";
 
-/// A rollback of `model` at once, by an operator or the hub (`kind`): a
-/// version in shadow or canary is aborted (traffic stays on the active
-/// slot); otherwise the warm standby becomes active again in one route swap.
-/// Either way the slots are committed, the version is rejected at the
-/// current desired-state revision (a restart does not retry it) and the hub
-/// gets a `rolled_back` event with `reason`, as for an automatic rollback.
-/// Returns what was done, or why nothing was (unknown model, nothing to
-/// roll back to).
-pub async fn rollback_now(
-    shared: &Arc<Shared>,
-    model: &str,
-    kind: &'static str,
-    reason: &str,
-) -> Result<String, String> {
-    let ms = shared.serving.model(model).ok_or_else(|| format!("no model `{model}` on this device"))?;
-    let route = ms.route();
-    let describe = |before: &Route| match (&before.candidate, &before.active) {
-        (Some(c), Some(a)) if before.mode != CandidateMode::Idle => {
-            format!("{model}: the rollout of {} was aborted; {} keeps serving", c.version, a.version)
-        }
-        (_, Some(a)) => match &before.standby {
-            Some(s) => format!("{model}: {} rolled back; {} is active again", a.version, s.version),
-            None => format!("{model}: {} rolled back", a.version),
-        },
-        _ => format!("{model}: rolled back"),
-    };
-    let mid_rollout = route.candidate.is_some() && route.mode != CandidateMode::Idle;
-    if route.candidate.is_some() && !mid_rollout {
-        return Err(format!(
-            "{model}: a version is loading or validating; it takes no traffic yet and fails on its own if it is bad"
-        ));
-    }
-    if !mid_rollout && route.standby.is_none() {
-        let active = route.active.as_ref().map_or("nothing", |a| a.version.as_str());
-        return Err(format!("{model}: no warm standby to go back to ({active} is active and has no predecessor here)"));
-    }
-    let task = ms.rollout.lock().unwrap_or_else(PoisonError::into_inner).take();
-    let message = describe(&route);
-    drop(route);
-    match task {
-        // The rollout watching this version rolls it back itself, with its metrics.
-        Some(task) if !task.is_finished() => task.roll_back(kind, reason).await,
-        _ => {
-            // Looked at again: the rollout may have finished (or rolled
-            // back on its own) since the checks above.
-            let route = ms.route();
-            let (Some(green), Some(blue)) = (route.active.clone(), route.standby.clone()) else {
-                return Err(format!("{model}: no warm standby to go back to any more"));
-            };
-            drop(route);
-            let now = Instant::now();
-            let (g, b) = (green.metrics(now), Some(blue.metrics(now)));
-            rollback(shared, &ms, &green, kind, reason, &g, b, Detection::default()).await;
-        }
-    }
-    Ok(message)
-}
-
 /// A superseded rollout: a candidate not yet promoted fails; a promoted
 /// version keeps serving.
 async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
@@ -416,3 +515,6 @@ pub fn metrics_json(m: &SlotMetrics) -> serde_json::Value {
         "validation_accuracy": m.validation_accuracy,
     })
 }
+
+#[cfg(test)]
+mod tests;
