@@ -15,6 +15,7 @@ use crate::download::{self, Wanted};
 use crate::rollout::controller::{HUB, Rollouts};
 use crate::serving::{Install, ValidationSet};
 use crate::state::Shared;
+use crate::store::StoreError;
 use crate::util::error_chain;
 
 /// Applies every new verified state until `stop` turns true.
@@ -57,13 +58,13 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             && revision >= v.state.revision
         {
             tracing::info!(model = %m.name, version = %m.version, revision, "rolled back here at this revision; not retried");
-            let _ = shared.store.set_deployment_status(
+            logged(shared.store.set_deployment_status(
                 &m.name,
                 "rolled_back",
                 &m.version,
                 &reason,
                 assignment.deployment_id,
-            );
+            ));
             continue;
         }
         // The version this device keeps warm as standby (the hub halted or
@@ -90,8 +91,13 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             .unwrap_or(false);
         if serving_it && current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str()) {
             if current.as_ref().is_some_and(|c| c.status != "serving") {
-                let _ =
-                    shared.store.set_deployment_status(&m.name, "serving", &m.version, "", assignment.deployment_id);
+                logged(shared.store.set_deployment_status(
+                    &m.name,
+                    "serving",
+                    &m.version,
+                    "",
+                    assignment.deployment_id,
+                ));
             }
             continue;
         }
@@ -141,7 +147,7 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             refuse(shared, &m.name, &m.version, "failed", "model_failed", &error_chain(&e), assignment.deployment_id);
             continue;
         }
-        let _ = shared.store.set_deployment_status(&m.name, "validating", &m.version, "", assignment.deployment_id);
+        logged(shared.store.set_deployment_status(&m.name, "validating", &m.version, "", assignment.deployment_id));
         shared.refresh_models();
         shared.report_soon();
         let install = Install {
@@ -168,13 +174,13 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                         rollouts.spawn(shared.clone(), ms, installed.loaded, policy, installed.phase)
                     }
                     _ => {
-                        let _ = shared.store.set_deployment_status(
+                        logged(shared.store.set_deployment_status(
                             &m.name,
                             "serving",
                             &m.version,
                             "",
                             assignment.deployment_id,
-                        );
+                        ));
                     }
                 }
             }
@@ -191,12 +197,12 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
         for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != "removed") {
             rollouts.cancel(&m.name).await;
             shared.serving.remove(&m.name);
-            let _ = shared.store.set_status(
+            logged(shared.store.set_status(
                 &m.name,
                 "removed",
                 m.active_version.as_deref().unwrap_or(""),
                 "no longer in the desired state",
-            );
+            ));
         }
     }
     match shared.store.gc(&wanted_files) {
@@ -222,7 +228,7 @@ async fn download_version(
     m: &ModelManifest,
 ) -> Option<VersionFiles> {
     let config = &shared.config;
-    let _ = shared.store.set_status(&m.name, "downloading", &m.version, "");
+    logged(shared.store.set_status(&m.name, "downloading", &m.version, ""));
     shared.refresh_models();
     shared.report_soon();
     shared.event("download_started", &m.name, &m.version, &assignment.artifact_url);
@@ -307,7 +313,15 @@ async fn download_version(
 }
 
 fn refuse(shared: &Shared, model: &str, version: &str, status: &str, kind: &str, reason: &str, deployment: i64) {
-    let _ = shared.store.set_deployment_status(model, status, version, reason, deployment);
+    logged(shared.store.set_deployment_status(model, status, version, reason, deployment));
     shared.event(kind, model, version, reason);
     shared.refresh_models();
+}
+
+/// Logs a model-status write that failed: the apply loop goes on (the next
+/// desired state or restart writes the status again), but never silently.
+fn logged(result: Result<(), StoreError>) {
+    if let Err(e) = result {
+        tracing::error!(error = %error_chain(&e), "saving the model status failed");
+    }
 }
