@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sentinel_proto::TrustedKeys;
 
-use crate::rollout::decision::Policy;
+use crate::rollout::policy::{self, Policy};
 use sentinel_worker_protocol::launch::Confinement;
 use serde::Deserialize;
 
@@ -498,7 +498,7 @@ impl AgentConfig {
             return Err(bad("sync.download_attempts", "must be positive"));
         }
         let serving = raw.serving.validate(resolve)?;
-        let defaults = crate::rollout::controller::default_policy();
+        let defaults = policy::default_policy();
         let rollout = match raw.rollout {
             None => defaults,
             Some(r) => {
@@ -516,7 +516,7 @@ impl AgentConfig {
                     min_accuracy_samples: r.min_accuracy_samples,
                     max_restarts: r.max_restarts,
                 };
-                crate::rollout::controller::policy_from(Some(&p), &defaults).map_err(|e| bad("rollout", e))?
+                policy::policy_from(Some(&p), &defaults).map_err(|e| bad("rollout", e.to_string()))?
             }
         };
         Ok(Self {

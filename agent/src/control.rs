@@ -8,7 +8,7 @@
 //! - `GET /status`: [`Status`], everything `sentinel-agent status` shows.
 //! - `GET /models`: [`ModelLine`]s, one per model.
 //! - `POST /rollback/{model}`: an operator rollback
-//!   ([`crate::rollout::controller::rollback_now`]); `{"message"}` on
+//!   ([`crate::rollout::controller::Rollouts::rollback_now`]); `{"message"}` on
 //!   success, `{"error"}` with 404 (unknown model) or 409 (nothing to roll
 //!   back to).
 
@@ -27,10 +27,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::agent::{AgentError, Shared};
 use crate::config::AgentConfig;
+use crate::rollout::controller::{OPERATOR, Rollouts};
 use crate::serving::{CandidateMode, Loaded, Route};
 use crate::slots::Color;
+use crate::state::{AgentError, Shared};
 use crate::supervisor::SlotState as WorkerState;
 
 /// Everything `sentinel-agent status` shows.
@@ -169,14 +170,26 @@ pub fn bind(config: &AgentConfig) -> Result<tokio::net::UnixListener, AgentError
     Ok(listener)
 }
 
+/// What the control routes reach: the agent's state and its rollouts.
+#[derive(Debug, Clone)]
+struct Control {
+    shared: Arc<Shared>,
+    rollouts: Arc<Rollouts>,
+}
+
 /// Serves the control routes until `stop` turns true, then removes the socket.
-pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+    rollouts: Arc<Rollouts>,
+    mut stop: watch::Receiver<bool>,
+) {
     let path = shared.config.control_socket();
     let app = Router::new()
         .route("/status", get(status))
         .route("/models", get(models))
         .route("/rollback/{model}", post(rollback))
-        .with_state(shared);
+        .with_state(Control { shared, rollouts });
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
@@ -190,7 +203,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-async fn status(State(shared): State<Arc<Shared>>) -> Response {
+async fn status(State(Control { shared, .. }): State<Control>) -> Response {
     match build_status(&shared).await {
         Ok(s) => Json(s).into_response(),
         Err(e) => {
@@ -200,7 +213,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn models(State(shared): State<Arc<Shared>>) -> Response {
+async fn models(State(Control { shared, .. }): State<Control>) -> Response {
     match shared.store.models() {
         Ok(rows) => Json(
             rows.into_iter()
@@ -216,7 +229,7 @@ async fn models(State(shared): State<Arc<Shared>>) -> Response {
         )
         .into_response(),
         Err(e) => {
-            tracing::error!(error = %crate::sync::error_chain(&e), "listing models failed");
+            tracing::error!(error = %crate::util::error_chain(&e), "listing models failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, "reading the agent's state failed; see its log")
         }
     }
@@ -225,23 +238,16 @@ async fn models(State(shared): State<Arc<Shared>>) -> Response {
 /// The reason the hub and the event log get for a rollback from the CLI.
 pub const OPERATOR_REASON: &str = "operator rollback";
 
-async fn rollback(State(shared): State<Arc<Shared>>, UrlPath(model): UrlPath<String>) -> Response {
+async fn rollback(State(Control { shared, rollouts }): State<Control>, UrlPath(model): UrlPath<String>) -> Response {
     if shared.serving.model(&model).is_none() {
         return error(
             StatusCode::NOT_FOUND,
             format!("no model `{model}` on this device (see `sentinel-agent models`)"),
         );
     }
-    match crate::rollout::controller::rollback_now(
-        &shared,
-        &model,
-        crate::rollout::controller::OPERATOR,
-        OPERATOR_REASON,
-    )
-    .await
-    {
+    match rollouts.rollback_now(&shared, &model, OPERATOR, OPERATOR_REASON).await {
         Ok(message) => Json(json!({ "message": message })).into_response(),
-        Err(reason) => error(StatusCode::CONFLICT, reason),
+        Err(reason) => error(StatusCode::CONFLICT, reason.to_string()),
     }
 }
 

@@ -101,7 +101,7 @@ fn finish(result: Result<String, sentinel_agent::cli::ClientError>) -> ExitCode 
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("sentinel-agent: {}", sentinel_agent::sync::error_chain(&e));
+            eprintln!("sentinel-agent: {}", sentinel_agent::error_chain(&e));
             ExitCode::from(e.exit_code())
         }
     }
@@ -144,7 +144,7 @@ fn verify(file: &std::path::Path, manifest: &std::path::Path, keys: &[String], c
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let chain = sentinel_agent::sync::error_chain(&e);
+            let chain = sentinel_agent::error_chain(&e);
             if e.is_unreadable() {
                 eprintln!("sentinel-agent: {chain}");
                 return ExitCode::from(66);
@@ -236,7 +236,7 @@ fn main() -> ExitCode {
                 let handle = match sentinel_agent::start(cfg).await {
                     Ok(h) => h,
                     Err(e) => {
-                        eprintln!("sentinel-agent: {}", sentinel_agent::sync::error_chain(&e));
+                        eprintln!("sentinel-agent: {}", sentinel_agent::error_chain(&e));
                         return ExitCode::from(70);
                     }
                 };

@@ -18,6 +18,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use sentinel_proto::pb::{SignedDesiredState, SignedManifest};
 
 use crate::slots::{Color, SlotState, Slots};
+use crate::util::now_ms;
 
 /// Failures of the agent's store.
 #[derive(Debug, thiserror::Error)]
@@ -134,10 +135,6 @@ pub struct Event {
 pub struct Store {
     conn: Mutex<Connection>,
     models_dir: PathBuf,
-}
-
-fn now_ms() -> i64 {
-    crate::now_ms()
 }
 
 impl Store {

@@ -17,7 +17,9 @@ use sentinel_proto::{VerifiedState, verify_state};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::agent::Shared;
+use crate::state::Shared;
+use crate::transport::status_text;
+use crate::util::error_chain;
 
 /// Jittered exponential backoff: the n-th delay is uniform in
 /// [d/2, d] where d = min(cap, initial * 2^n).
@@ -128,7 +130,7 @@ async fn subscribe_once(
             Some(hub_message::Kind::Heartbeat(_)) | None => {}
             Some(hub_message::Kind::State(signed)) => {
                 let last = shared.store.last_revision().map_err(|e| e.to_string())?;
-                match verify_state(&signed, &config.trusted, &config.device_id, last, crate::now_ms()) {
+                match verify_state(&signed, &config.trusted, &config.device_id, last, crate::util::now_ms()) {
                     Ok(v) => {
                         let revision = v.state.revision;
                         if let Err(e) = shared.store.save_desired(revision, &signed) {
@@ -148,34 +150,6 @@ async fn subscribe_once(
             }
         }
     }
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
-
-/// A status's message and, for a transport failure, its cause (tonic's
-/// message alone says only "tcp connect error").
-pub(crate) fn status_text(s: &tonic::Status) -> String {
-    let mut text = s.message().to_owned();
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        let more = e.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = e.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use sentinel_agent::rollout::controller::{default_policy, policy_from};
-use sentinel_agent::sync::error_chain;
+use sentinel_agent::error_chain;
+use sentinel_agent::rollout::policy::{default_policy, policy_from};
 use sentinel_fuzz::{DEVICE_ID, LAST_REVISION, NOW_UNIX_MS};
 use sentinel_proto::manifest::MANIFEST_CONTEXT;
 use sentinel_proto::pb::{DesiredState, HubMessage, SignedDesiredState, hub_message};

@@ -28,9 +28,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::agent::{AgentError, Shared};
 use crate::config::ServingSettings;
 use crate::serving::{Loaded, ServeError, TensorInfo};
+use crate::state::{AgentError, Shared};
 use crate::supervisor::SlotState as WorkerState;
 use sentinel_worker_protocol::frame::{DType, Element, Tensor};
 

@@ -8,18 +8,19 @@
 //! revision (so a restart does not retry it), stops the bad worker, and
 //! tells the hub why, with a metrics snapshot.
 
-use std::sync::{Arc, PoisonError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use sentinel_proto::pb::RolloutPolicy;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::decision::{Decision, Phase, PhaseKind, Policy, Thresholds, decide};
+use super::decision::{Decision, Observation, RollbackReason, decide};
+use super::policy::{PhaseKind, Policy};
 use super::window::SlotMetrics;
-use crate::agent::Shared;
 use crate::serving::{CandidateMode, Loaded, ModelServing, Route};
 use crate::slots::SlotState;
+use crate::state::Shared;
 use crate::supervisor::SlotState as WorkerState;
 
 /// How often a rollout looks at the metrics. A control-loop period: decisions
@@ -32,7 +33,7 @@ enum Stop {
     Running,
     /// A newer desired state supersedes it.
     Superseded,
-    /// An operator or the hub asked for a rollback ([`rollback_now`]): its
+    /// An operator or the hub asked for a rollback ([`Rollouts::rollback_now`]): its
     /// kind ([`OPERATOR`] or [`HUB`]) and reason.
     RollBack {
         kind: &'static str,
@@ -42,9 +43,9 @@ enum Stop {
 
 /// A running rollout; cancelled when a newer desired state supersedes it.
 #[derive(Debug)]
-pub struct RolloutTask {
-    pub version: String,
-    pub sha256: String,
+struct RolloutTask {
+    version: String,
+    sha256: String,
     cancel: watch::Sender<Stop>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -53,7 +54,7 @@ impl RolloutTask {
     /// Stops the rollout and waits for it: a candidate still in shadow or
     /// canary is failed (traffic stays on the active slot); a version already
     /// promoted stays active and its standby is released from watching.
-    pub async fn cancel(self) {
+    async fn cancel(self) {
         let _ = self.cancel.send(Stop::Superseded);
         let _ = self.done.await;
     }
@@ -65,106 +66,132 @@ impl RolloutTask {
         let _ = self.done.await;
     }
 
-    pub fn is_finished(&self) -> bool {
+    fn is_finished(&self) -> bool {
         self.done.is_finished()
     }
 }
 
-/// Requests each phase of a deployment's own phase list needs when the
-/// deployment gives no `min_samples`: phases named without counts keep this
-/// documented default, never 0 (a single sample proves nothing).
-pub const DEFAULT_PHASE_SAMPLES: u64 = 100;
-/// Bake of each phase of a deployment's own phase list when the deployment
-/// gives no `bake_seconds`.
-pub const DEFAULT_PHASE_BAKE: Duration = Duration::from_secs(30);
+/// Why [`Rollouts::rollback_now`] did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RollbackError {
+    #[error("no model `{model}` on this device")]
+    UnknownModel { model: String },
+    #[error("{model}: a version is loading or validating; it takes no traffic yet and fails on its own if it is bad")]
+    NotInTraffic { model: String },
+    #[error("{model}: no warm standby to go back to ({active} is active and has no predecessor here)")]
+    NoStandby { model: String, active: String },
+    #[error("{model}: no warm standby to go back to any more")]
+    StandbyGone { model: String },
+}
 
-/// Builds the device's policy for one deployment: the deployment's own
-/// fields where set, the agent's defaults elsewhere. Phases named without
-/// `min_samples` or `bake_seconds` get [`DEFAULT_PHASE_SAMPLES`] and
-/// [`DEFAULT_PHASE_BAKE`].
-pub fn policy_from(proto: Option<&RolloutPolicy>, defaults: &Policy) -> Result<Policy, String> {
-    let Some(p) = proto else { return Ok(defaults.clone()) };
-    let mut policy = defaults.clone();
-    let bake = if p.bake_seconds > 0 { Some(Duration::from_secs(p.bake_seconds)) } else { None };
-    if !p.phases.is_empty() {
-        policy.phases = p
-            .phases
-            .iter()
-            .map(|s| {
-                let kind = match s.split_once(':') {
-                    None if s == "shadow" => PhaseKind::Shadow,
-                    None if s == "full" => PhaseKind::Full,
-                    Some(("canary", n)) => {
-                        PhaseKind::Canary { percent: n.parse().map_err(|_| format!("phase {s:?}: bad percentage"))? }
-                    }
-                    _ => return Err(format!("phase {s:?}: expected shadow, canary:N or full")),
-                };
-                let min_samples = if p.min_samples > 0 { p.min_samples } else { DEFAULT_PHASE_SAMPLES };
-                Ok(Phase { kind, bake: bake.unwrap_or(DEFAULT_PHASE_BAKE), min_samples })
-            })
-            .collect::<Result<_, String>>()?;
-    } else if bake.is_some() || p.min_samples > 0 {
-        for phase in &mut policy.phases {
-            phase.bake = bake.unwrap_or(phase.bake);
-            phase.min_samples = if p.min_samples > 0 { p.min_samples } else { phase.min_samples };
+/// The rollouts running on this device, at most one per model. The
+/// controller owns their tasks: the apply loop and the control socket reach
+/// them only through these methods.
+#[derive(Debug, Default)]
+pub struct Rollouts {
+    tasks: Mutex<BTreeMap<String, RolloutTask>>,
+}
+
+impl Rollouts {
+    fn take(&self, model: &str) -> Option<RolloutTask> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner).remove(model)
+    }
+
+    /// Starts watching `green` from `phase` (the phase
+    /// [`crate::serving::Serving::install`] put it in), in place of any
+    /// rollout of the model before.
+    pub fn spawn(&self, shared: Arc<Shared>, ms: Arc<ModelServing>, green: Arc<Loaded>, policy: Policy, phase: usize) {
+        let (cancel, cancel_rx) = watch::channel(Stop::Running);
+        let (version, sha256) = (green.version.clone(), green.sha256.clone());
+        let model = ms.name.clone();
+        let done = tokio::spawn(run(shared, ms, green, policy, phase, cancel_rx));
+        let task = RolloutTask { version, sha256, cancel, done };
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner).insert(model, task);
+    }
+
+    /// Keeps the rollout of `model` when it is still running this `sha256`
+    /// and `version` (returns true); otherwise cancels it (see
+    /// [`Rollouts::cancel`]) and returns false.
+    pub async fn keep_or_cancel(&self, model: &str, sha256: &str, version: &str) -> bool {
+        match self.take(model) {
+            Some(task) if task.sha256 == sha256 && task.version == version && !task.is_finished() => {
+                self.tasks.lock().unwrap_or_else(PoisonError::into_inner).insert(model.to_owned(), task);
+                true
+            }
+            Some(task) => {
+                task.cancel().await;
+                false
+            }
+            None => false,
         }
     }
-    let set = |v: f64| (v > 0.0).then_some(v);
-    let t = &mut policy.thresholds;
-    t.max_p95_ratio = set(p.max_latency_ratio).or(t.max_p95_ratio);
-    t.max_p95 = set(p.latency_slo_ms).map(|ms| Duration::from_secs_f64(ms / 1000.0)).or(t.max_p95);
-    t.max_error_rate = set(p.max_error_rate).or(t.max_error_rate);
-    t.min_accuracy = set(p.min_accuracy).or(t.min_accuracy);
-    t.max_accuracy_drop = set(p.max_accuracy_drop).or(t.max_accuracy_drop);
-    t.min_agreement = set(p.min_shadow_agreement).or(t.min_agreement);
-    if p.max_restarts > 0 {
-        t.max_restarts = Some(u64::from(p.max_restarts));
-    }
-    if p.standby_bake_seconds > 0 {
-        policy.standby_bake = Duration::from_secs(p.standby_bake_seconds);
-    }
-    if p.min_accuracy_samples > 0 {
-        policy.min_accuracy_samples = p.min_accuracy_samples;
-    }
-    policy.validate().map_err(|e| e.to_string())?;
-    Ok(policy)
-}
 
-/// Makes the manifest's declared accuracy the default accuracy floor:
-/// `declared - tolerance` (the validation tolerance), when the policy sets no
-/// `min_accuracy` of its own. [`decide`] applies it to validation and to
-/// feedback accuracy (once `min_accuracy_samples` is reached) in every
-/// phase, `full` and the standby bake included.
-#[must_use]
-pub fn with_declared_floor(mut policy: Policy, declared: Option<f64>, tolerance: f64) -> Policy {
-    if policy.thresholds.min_accuracy.is_none()
-        && let Some(declared) = declared.filter(|d| *d > 0.0 && *d <= 1.0)
-    {
-        policy.thresholds.min_accuracy = Some((declared - tolerance).max(0.0));
+    /// Stops the rollout of `model`, if any, and waits for it: a candidate
+    /// still in shadow or canary is failed (traffic stays on the active slot);
+    /// a version already promoted stays active and its standby is released
+    /// from watching.
+    pub async fn cancel(&self, model: &str) {
+        if let Some(task) = self.take(model) {
+            task.cancel().await;
+        }
     }
-    policy
-}
 
-/// The agent's default when a deployment names no policy: straight to full,
-/// then the old version stays warm and watched for a minute, judged on at
-/// least 200 requests (fewer p95s are mostly noise).
-pub fn default_policy() -> Policy {
-    Policy {
-        phases: vec![Phase { kind: PhaseKind::Full, bake: Duration::ZERO, min_samples: 200 }],
-        thresholds: Thresholds::default(),
-        standby_bake: Duration::from_secs(60),
-        min_accuracy_samples: 50,
+    /// A rollback of `model` at once, by an operator or the hub (`kind`): a
+    /// version in shadow or canary is aborted (traffic stays on the active
+    /// slot); otherwise the warm standby becomes active again in one route swap.
+    /// Either way the slots are committed, the version is rejected at the
+    /// current desired-state revision (a restart does not retry it) and the hub
+    /// gets a `rolled_back` event with `reason`, as for an automatic rollback.
+    /// Returns what was done, or why nothing was (unknown model, nothing to
+    /// roll back to).
+    pub async fn rollback_now(
+        &self,
+        shared: &Shared,
+        model: &str,
+        kind: &'static str,
+        reason: &str,
+    ) -> Result<String, RollbackError> {
+        let ms = shared.serving.model(model).ok_or_else(|| RollbackError::UnknownModel { model: model.to_owned() })?;
+        let route = ms.route();
+        let describe = |before: &Route| match (&before.candidate, &before.active) {
+            (Some(c), Some(a)) if before.mode != CandidateMode::Idle => {
+                format!("{model}: the rollout of {} was aborted; {} keeps serving", c.version, a.version)
+            }
+            (_, Some(a)) => match &before.standby {
+                Some(s) => format!("{model}: {} rolled back; {} is active again", a.version, s.version),
+                None => format!("{model}: {} rolled back", a.version),
+            },
+            _ => format!("{model}: rolled back"),
+        };
+        let mid_rollout = route.candidate.is_some() && route.mode != CandidateMode::Idle;
+        if route.candidate.is_some() && !mid_rollout {
+            return Err(RollbackError::NotInTraffic { model: model.to_owned() });
+        }
+        if !mid_rollout && route.standby.is_none() {
+            let active = route.active.as_ref().map_or("nothing", |a| a.version.as_str());
+            return Err(RollbackError::NoStandby { model: model.to_owned(), active: active.to_owned() });
+        }
+        let task = self.take(model);
+        let message = describe(&route);
+        drop(route);
+        match task {
+            // The rollout watching this version rolls it back itself, with its metrics.
+            Some(task) if !task.is_finished() => task.roll_back(kind, reason).await,
+            _ => {
+                // Looked at again: the rollout may have finished (or rolled
+                // back on its own) since the checks above.
+                let route = ms.route();
+                let (Some(green), Some(blue)) = (route.active.clone(), route.standby.clone()) else {
+                    return Err(RollbackError::StandbyGone { model: model.to_owned() });
+                };
+                drop(route);
+                let now = Instant::now();
+                let (g, b) = (green.metrics(now), Some(blue.metrics(now)));
+                rollback(shared, &ms, &green, kind, reason, &g, b, Detection::default()).await;
+            }
+        }
+        Ok(message)
     }
-}
-
-/// Starts watching `green` from `phase` (the phase [`crate::serving::Serving::install`]
-/// put it in) and registers the task on the model.
-pub fn spawn(shared: Arc<Shared>, ms: Arc<ModelServing>, green: Arc<Loaded>, policy: Policy, phase: usize) {
-    let (cancel, cancel_rx) = watch::channel(Stop::Running);
-    let (version, sha256) = (green.version.clone(), green.sha256.clone());
-    let done = tokio::spawn(run(shared, ms.clone(), green, policy, phase, cancel_rx));
-    let task = RolloutTask { version, sha256, cancel, done };
-    *ms.rollout.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
 }
 
 fn agent_state(kind: Option<PhaseKind>) -> &'static str {
@@ -180,15 +207,12 @@ async fn run(
     ms: Arc<ModelServing>,
     green: Arc<Loaded>,
     policy: Policy,
-    mut phase: usize,
+    phase: usize,
     mut cancel: watch::Receiver<Stop>,
 ) {
-    let mut phase_start = Instant::now();
     let mut seen_restarts = green.worker.restarts();
-    // When the current phase saw its first sample: the detection delay of a
-    // rollback is measured from there.
-    let mut first_sample: Option<Instant> = None;
     set_status(&shared, &green, agent_state(policy.phases.get(phase).map(|p| p.kind)), "");
+    let mut progress = Progress::new(policy, phase, Instant::now());
     let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
@@ -238,52 +262,30 @@ async fn run(
         }
         let green_metrics = green.metrics(now);
         // The old slot over this phase only: the same period and load as the new one.
-        let mut blue_metrics = blue.as_ref().map(|b| b.metrics_since(now, phase_start)).unwrap_or_default();
-        if promoted {
-            // Once promoted, the old slot takes no traffic: its latencies are
-            // from another time and another load, so a ratio against them
-            // would mostly measure the machine. Latency ratios are judged
-            // only in shadow and canary phases, where both slots serve side
-            // by side; after that only the absolute SLO applies.
-            (blue_metrics.p50, blue_metrics.p95, blue_metrics.p99) = (None, None, None);
-        }
-        if first_sample.is_none() && green_metrics.requests + green_metrics.agreement_total > 0 {
-            first_sample = Some(now);
-        }
-        let obs = super::decision::Observation {
-            phase,
-            phase_elapsed: now - phase_start,
-            green: green_metrics,
-            blue: blue_metrics,
-        };
-        match decide(&policy, &obs) {
-            Decision::Hold(_) => {}
-            Decision::Rollback(reason) => {
-                let detection = Detection {
-                    samples: green_metrics.requests.max(green_metrics.agreement_total),
-                    after: first_sample.map_or(Duration::ZERO, |t| now - t),
-                };
+        let blue_metrics = blue.as_ref().map(|b| b.metrics_since(now, progress.phase_start)).unwrap_or_default();
+        match progress.step(now, promoted, &green_metrics, blue_metrics) {
+            Step::Hold => {}
+            Step::Rollback { reason, detection, blue: blue_metrics } => {
                 let text = reason.to_string();
                 rollback(&shared, &ms, &green, reason.kind(), &text, &green_metrics, Some(blue_metrics), detection)
                     .await;
                 return;
             }
-            Decision::Promote if phase >= policy.phases.len() => {
+            Step::Complete => {
                 tracing::info!(model = %green.model, version = %green.version, "standby bake over; rollout complete");
                 set_status(&shared, &green, "serving", "");
                 shared.event("rollout_complete", &green.model, &green.version, "promoted through every phase");
                 return;
             }
-            Decision::Promote => {
-                phase += 1;
-                phase_start = now;
+            Step::Next { kind, blue: blue_metrics } => {
+                let phase = progress.phase;
                 {
                     let mut w = green.window.lock().unwrap_or_else(PoisonError::into_inner);
                     let accuracy = *green.validation_accuracy.read().unwrap_or_else(PoisonError::into_inner);
                     w.reset();
                     w.set_validation_accuracy(accuracy);
                 }
-                match policy.phases.get(phase).map(|p| p.kind) {
+                match kind {
                     Some(PhaseKind::Full) | None if !promoted => {
                         if let Err(reason) = promote(&shared, &ms, &green).await {
                             let d = Detection::default();
@@ -297,7 +299,7 @@ async fn run(
                     }
                     _ => {}
                 }
-                let state = agent_state(policy.phases.get(phase).map(|p| p.kind));
+                let state = agent_state(kind);
                 set_status(&shared, &green, state, "");
                 let passed = json!({"green": metrics_json(&green_metrics), "blue": metrics_json(&blue_metrics)});
                 shared.event(
@@ -312,13 +314,81 @@ async fn run(
     }
 }
 
+/// Where one rollout stands between ticks: the policy, the phase and since
+/// when. [`Progress::step`] turns one tick's metrics into a [`Step`]; it does
+/// no I/O and reads no clock, so the controller's decisions can be tested
+/// with made-up metrics on paused time.
+#[derive(Debug, Clone)]
+struct Progress {
+    policy: Policy,
+    /// Index into the policy's phases; `phases.len()` is the standby bake.
+    phase: usize,
+    phase_start: Instant,
+    /// When the rollout saw its first sample: the detection delay of a
+    /// rollback is measured from there.
+    first_sample: Option<Instant>,
+}
+
+/// What one tick of a rollout decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    /// Stay in the phase.
+    Hold,
+    /// Roll back, with how long the version served first and blue's figures.
+    Rollback { reason: RollbackReason, detection: Detection, blue: SlotMetrics },
+    /// Past the standby bake: the rollout is complete.
+    Complete,
+    /// Entered the next phase (`None`: past the last phase, the standby
+    /// bake); blue's figures over the phase that passed.
+    Next { kind: Option<PhaseKind>, blue: SlotMetrics },
+}
+
+impl Progress {
+    fn new(policy: Policy, phase: usize, now: Instant) -> Self {
+        Progress { policy, phase, phase_start: now, first_sample: None }
+    }
+
+    /// Decides on one tick: `green` over its window, `blue` over this phase
+    /// only, `promoted` when green is already the active slot.
+    fn step(&mut self, now: Instant, promoted: bool, green: &SlotMetrics, mut blue: SlotMetrics) -> Step {
+        if promoted {
+            // Once promoted, the old slot takes no traffic: its latencies are
+            // from another time and another load, so a ratio against them
+            // would mostly measure the machine. Latency ratios are judged
+            // only in shadow and canary phases, where both slots serve side
+            // by side; after that only the absolute SLO applies.
+            (blue.p50, blue.p95, blue.p99) = (None, None, None);
+        }
+        if self.first_sample.is_none() && green.requests + green.agreement_total > 0 {
+            self.first_sample = Some(now);
+        }
+        let obs = Observation { phase: self.phase, phase_elapsed: now - self.phase_start, green: *green, blue };
+        match decide(&self.policy, &obs) {
+            Decision::Hold(_) => Step::Hold,
+            Decision::Rollback(reason) => {
+                let detection = Detection {
+                    samples: green.requests.max(green.agreement_total),
+                    after: self.first_sample.map_or(Duration::ZERO, |t| now - t),
+                };
+                Step::Rollback { reason, detection, blue }
+            }
+            Decision::Promote if self.phase >= self.policy.phases.len() => Step::Complete,
+            Decision::Promote => {
+                self.phase += 1;
+                self.phase_start = now;
+                Step::Next { kind: self.policy.phases.get(self.phase).map(|p| p.kind), blue }
+            }
+        }
+    }
+}
+
 /// Makes the canary the active slot: one committed step, one route swap.
 async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Result<(), String> {
     let mut slots = ms.slots.lock().await;
     slots.promote(green.color).map_err(|e| e.to_string())?;
     if let Err(e) = shared.store.activate(&slots, green.deployment_id) {
         *slots = shared.store.load_slots(&ms.name).ok().flatten().unwrap_or_else(|| slots.clone());
-        return Err(crate::sync::error_chain(&e));
+        return Err(crate::util::error_chain(&e));
     }
     ms.swap(|r| Route {
         active: Some(green.clone()),
@@ -331,7 +401,7 @@ async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Res
 
 /// How long a bad version served before the decision: samples in the phase,
 /// and time since the phase's first sample.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Detection {
     samples: u64,
     after: Duration,
@@ -374,12 +444,12 @@ async fn rollback(
         }
     };
     if let Err(e) = committed {
-        tracing::error!(error = %crate::sync::error_chain(&e), "saving the rollback failed; traffic is back on the old slot");
+        tracing::error!(error = %crate::util::error_chain(&e), "saving the rollback failed; traffic is back on the old slot");
     }
     drop(slots);
     let revision = shared.applied_revision();
     if let Err(e) = shared.store.reject(&green.model, &green.sha256, &green.version, revision, reason) {
-        tracing::error!(error = %crate::sync::error_chain(&e), "recording the rejected version failed");
+        tracing::error!(error = %crate::util::error_chain(&e), "recording the rejected version failed");
     }
     let snapshot = json!({
         "kind": kind,
@@ -402,64 +472,6 @@ pub const OPERATOR: &str = "operator";
 /// device keeps warm as standby (a fleet halt, or a rollback on the hub).
 pub const HUB: &str = "hub";
 
-/// A rollback of `model` at once, by an operator or the hub (`kind`): a
-/// version in shadow or canary is aborted (traffic stays on the active
-/// slot); otherwise the warm standby becomes active again in one route swap.
-/// Either way the slots are committed, the version is rejected at the
-/// current desired-state revision (a restart does not retry it) and the hub
-/// gets a `rolled_back` event with `reason`, as for an automatic rollback.
-/// Returns what was done, or why nothing was (unknown model, nothing to
-/// roll back to).
-pub async fn rollback_now(
-    shared: &Arc<Shared>,
-    model: &str,
-    kind: &'static str,
-    reason: &str,
-) -> Result<String, String> {
-    let ms = shared.serving.model(model).ok_or_else(|| format!("no model `{model}` on this device"))?;
-    let route = ms.route();
-    let describe = |before: &Route| match (&before.candidate, &before.active) {
-        (Some(c), Some(a)) if before.mode != CandidateMode::Idle => {
-            format!("{model}: the rollout of {} was aborted; {} keeps serving", c.version, a.version)
-        }
-        (_, Some(a)) => match &before.standby {
-            Some(s) => format!("{model}: {} rolled back; {} is active again", a.version, s.version),
-            None => format!("{model}: {} rolled back", a.version),
-        },
-        _ => format!("{model}: rolled back"),
-    };
-    let mid_rollout = route.candidate.is_some() && route.mode != CandidateMode::Idle;
-    if route.candidate.is_some() && !mid_rollout {
-        return Err(format!(
-            "{model}: a version is loading or validating; it takes no traffic yet and fails on its own if it is bad"
-        ));
-    }
-    if !mid_rollout && route.standby.is_none() {
-        let active = route.active.as_ref().map_or("nothing", |a| a.version.as_str());
-        return Err(format!("{model}: no warm standby to go back to ({active} is active and has no predecessor here)"));
-    }
-    let task = ms.rollout.lock().unwrap_or_else(PoisonError::into_inner).take();
-    let message = describe(&route);
-    drop(route);
-    match task {
-        // The rollout watching this version rolls it back itself, with its metrics.
-        Some(task) if !task.is_finished() => task.roll_back(kind, reason).await,
-        _ => {
-            // Looked at again: the rollout may have finished (or rolled
-            // back on its own) since the checks above.
-            let route = ms.route();
-            let (Some(green), Some(blue)) = (route.active.clone(), route.standby.clone()) else {
-                return Err(format!("{model}: no warm standby to go back to any more"));
-            };
-            drop(route);
-            let now = Instant::now();
-            let (g, b) = (green.metrics(now), Some(blue.metrics(now)));
-            rollback(shared, &ms, &green, kind, reason, &g, b, Detection::default()).await;
-        }
-    }
-    Ok(message)
-}
-
 /// A superseded rollout: a candidate not yet promoted fails; a promoted
 /// version keeps serving.
 async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
@@ -470,7 +482,7 @@ async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
         if slots.get(green.color).state == SlotState::Canary {
             let _ = slots.fail(green.color, "superseded by a newer desired state");
             if let Err(e) = shared.store.commit_slots(&slots) {
-                tracing::error!(error = %crate::sync::error_chain(&e), "saving a cancelled rollout failed");
+                tracing::error!(error = %crate::util::error_chain(&e), "saving a cancelled rollout failed");
             }
         }
         shared.event("rollout_cancelled", &green.model, &green.version, "superseded by a newer desired state");
@@ -480,7 +492,7 @@ async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
 fn set_status(shared: &Shared, green: &Loaded, state: &str, detail: &str) {
     if let Err(e) = shared.store.set_deployment_status(&green.model, state, &green.version, detail, green.deployment_id)
     {
-        tracing::error!(error = %crate::sync::error_chain(&e), "saving the model status failed");
+        tracing::error!(error = %crate::util::error_chain(&e), "saving the model status failed");
     }
     shared.changed();
 }
@@ -505,75 +517,4 @@ pub fn metrics_json(m: &SlotMetrics) -> serde_json::Value {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::decision::{Observation, RollbackReason};
-    use super::*;
-
-    fn phases(names: &[&str]) -> RolloutPolicy {
-        RolloutPolicy { phases: names.iter().map(|s| (*s).to_owned()).collect(), ..RolloutPolicy::default() }
-    }
-
-    #[test]
-    fn phases_named_without_counts_keep_the_per_phase_defaults() {
-        // The finding: a ratio given with phases but no counts turned every
-        // phase into 0 samples and 0 s, promoting on one shadow sample.
-        let p = RolloutPolicy { max_latency_ratio: 1.5, ..phases(&["shadow", "canary:10", "full"]) };
-        let policy = policy_from(Some(&p), &default_policy()).unwrap();
-        assert_eq!(policy.phases.len(), 3);
-        for phase in &policy.phases {
-            assert_eq!((phase.min_samples, phase.bake), (DEFAULT_PHASE_SAMPLES, DEFAULT_PHASE_BAKE), "{phase:?}");
-        }
-        assert_eq!(policy.thresholds.max_p95_ratio, Some(1.5));
-        // Given values still win, each on its own.
-        let p = RolloutPolicy { min_samples: 7, ..phases(&["canary:10", "full"]) };
-        let policy = policy_from(Some(&p), &default_policy()).unwrap();
-        assert!(policy.phases.iter().all(|ph| ph.min_samples == 7 && ph.bake == DEFAULT_PHASE_BAKE));
-        let p = RolloutPolicy { bake_seconds: 2, ..phases(&["full"]) };
-        let policy = policy_from(Some(&p), &default_policy()).unwrap();
-        assert_eq!(policy.phases[0].bake, Duration::from_secs(2));
-        assert_eq!(policy.phases[0].min_samples, DEFAULT_PHASE_SAMPLES);
-    }
-
-    #[test]
-    fn one_shadow_sample_of_a_slow_version_does_not_promote() {
-        let p = RolloutPolicy { max_latency_ratio: 1.5, ..phases(&["shadow", "canary:10", "full"]) };
-        let policy = policy_from(Some(&p), &default_policy()).unwrap();
-        let slot = |requests, p95_ms| SlotMetrics {
-            requests,
-            p95: Some(Duration::from_millis(p95_ms)),
-            error_rate: Some(0.0),
-            ..SlotMetrics::default()
-        };
-        let obs =
-            |green| Observation { phase: 0, phase_elapsed: Duration::from_secs(3600), green, blue: slot(1000, 20) };
-        assert!(matches!(decide(&policy, &obs(slot(1, 100))), Decision::Hold(_)));
-        assert!(matches!(decide(&policy, &obs(slot(100, 100))), Decision::Rollback(RollbackReason::Latency { .. })));
-    }
-
-    #[test]
-    fn the_declared_accuracy_is_the_floor_in_full_unless_the_policy_sets_one() {
-        let p = phases(&["full"]);
-        let policy = with_declared_floor(policy_from(Some(&p), &default_policy()).unwrap(), Some(1.0), 0.02);
-        assert_eq!(policy.thresholds.min_accuracy, Some(0.98));
-        let green = SlotMetrics {
-            requests: 50,
-            feedback_total: policy.min_accuracy_samples,
-            feedback_accuracy: Some(0.25),
-            ..SlotMetrics::default()
-        };
-        let obs = Observation { phase: 0, phase_elapsed: Duration::ZERO, green, blue: SlotMetrics::default() };
-        assert!(matches!(decide(&policy, &obs), Decision::Rollback(RollbackReason::Accuracy { .. })));
-        // One feedback sample short of min_accuracy_samples: not judged yet.
-        let few = SlotMetrics { feedback_total: policy.min_accuracy_samples - 1, ..green };
-        assert!(matches!(decide(&policy, &Observation { green: few, ..obs }), Decision::Hold(_)));
-        // The standby bake after full promotion keeps the floor.
-        let standby = Observation { phase: 1, ..obs };
-        assert!(matches!(decide(&policy, &standby), Decision::Rollback(RollbackReason::Accuracy { .. })));
-        // A policy's own min_accuracy wins; no declaration, no floor.
-        let own = RolloutPolicy { min_accuracy: 0.2, ..p.clone() };
-        let policy = with_declared_floor(policy_from(Some(&own), &default_policy()).unwrap(), Some(1.0), 0.02);
-        assert_eq!(policy.thresholds.min_accuracy, Some(0.2));
-        let policy = with_declared_floor(policy_from(Some(&p), &default_policy()).unwrap(), None, 0.02);
-        assert_eq!(policy.thresholds.min_accuracy, None);
-    }
-}
+mod tests;

@@ -17,6 +17,22 @@ use tokio::task::JoinHandle;
 /// Bound on every wait: generous, so only a real hang trips it.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Asks `check` again and again until it returns `Some`, for at most
+/// `deadline`, then panics naming `what`. The one poll loop of the agent's
+/// tests, for what has no event or `watch` to wait on (counters, files, the
+/// hub's API); prefer [`AgentHandle::wait_for`] where there is one.
+pub async fn eventually<T>(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < end, "{what}: not within {deadline:?}");
+        // The polling period: how often to look, not a wait for anything.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub fn model_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(rel)
 }
@@ -172,15 +188,9 @@ impl TestHub {
     /// Polls the hub's device API until `pred` holds (the hub only shows
     /// what devices report, so there is nothing to subscribe to).
     pub async fn wait_device(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let v = self.get(&format!("/api/v1/devices/{id}")).await;
-            if pred(&v) {
-                return v;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "device {id} never reached the expected state: {v}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("device {id} reaching the expected state");
+        eventually(&what, WAIT, async || Some(self.get(&format!("/api/v1/devices/{id}")).await).filter(|v| pred(v)))
+            .await
     }
 }
 

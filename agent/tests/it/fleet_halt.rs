@@ -7,8 +7,6 @@
 
 use crate::common;
 
-use std::time::Duration;
-
 use common::*;
 use sentinel_agent::AgentHandle;
 use serde_json::{Value, json};
@@ -84,15 +82,10 @@ async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fle
     assert_eq!(shown["state"], "active", "1 of 5 is not above 20%: {shown}");
     traffic_until_rollback(&agents[1], &hub, id).await;
 
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let shown = loop {
-        let shown = hub.get(&format!("/api/v1/deployments/{id}")).await;
-        if shown["state"] == "halted" {
-            break shown;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never halted: {shown}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let shown = eventually("the deployment halted", WAIT, async || {
+        Some(hub.get(&format!("/api/v1/deployments/{id}")).await).filter(|shown| shown["state"] == "halted")
+    })
+    .await;
     let reason = shown["halt_reason"].as_str().unwrap();
     assert!(reason.contains("2 of 5") && reason.contains("accuracy"), "{reason}");
     assert_eq!(shown["status"]["targeted"], 5, "{shown}");
@@ -114,15 +107,11 @@ async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fle
     // Once every device reports the restored deployment, the halted one
     // still shows how far it got on each: no device falls back to pending.
     let restored = hub.get("/api/v1/deployments?state=active").await["deployments"][0]["id"].as_i64().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually("the fleet reporting the restored version", WAIT, async || {
         let r = hub.get(&format!("/api/v1/deployments/{restored}")).await;
-        if r["status"]["counts"]["serving"] == 5 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the fleet never reported the restored version: {r}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (r["status"]["counts"]["serving"] == 5).then_some(())
+    })
+    .await;
     let halted = &hub.get(&format!("/api/v1/deployments/{id}")).await["status"];
     assert_eq!(halted["counts"]["rolled_back"], 2, "{halted}");
     assert_eq!(halted["counts"]["pending"], 0, "{halted}");

@@ -36,11 +36,10 @@ async fn a_partial_file_from_a_killed_agent_is_never_used() {
         .unwrap();
     let partial = dir.join("state/models").join(format!(".partial-{sha}"));
     // Wait until the stalled download has written (almost) half the model.
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < size * 45 / 100 {
-        assert!(std::time::Instant::now() < deadline, "the download never got under way");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually("the download under way", WAIT, async || {
+        (std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) >= size * 45 / 100).then_some(())
+    })
+    .await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(partial.exists(), "the kill left a partial file");

@@ -62,7 +62,7 @@ async fn install(store: &Store, serving: &Serving, version: &str, bytes: &[u8]) 
                 deployment_id: 1,
                 model_path: store.model_path(&sha),
                 validation: None,
-                policy: sentinel_agent::rollout::controller::default_policy(),
+                policy: sentinel_agent::rollout::policy::default_policy(),
             },
         )
         .await

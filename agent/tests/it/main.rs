@@ -17,6 +17,7 @@ mod hostile_requests;
 mod hygiene;
 mod inference_api;
 mod kill_mid_download;
+mod layers;
 mod load_failures;
 mod metrics;
 mod offline_restart;

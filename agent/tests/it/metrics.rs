@@ -66,13 +66,9 @@ async fn metrics_follow_traffic_rollbacks_and_conventions() {
     // v2, then an operator rollback: counted by reason.
     hub.deploy("digits", "2.0.0", "site=a").await;
     agent.wait_for(WAIT, |v| v.models.iter().any(|m| m.standby_version.as_deref() == Some("1.0.0"))).await.unwrap();
-    let done = sentinel_agent::rollout::controller::rollback_now(
-        &agent.shared,
-        "digits",
-        sentinel_agent::rollout::controller::OPERATOR,
-        "operator rollback",
-    )
-    .await;
+    // Through the control socket, as `sentinel-agent rollback digits` does.
+    let socket = agent.control_socket.clone();
+    let done = tokio::task::spawn_blocking(move || sentinel_agent::cli::rollback(&socket, "digits")).await.unwrap();
     assert_eq!(done.unwrap(), "digits: 2.0.0 rolled back; 1.0.0 is active again");
     let text = scrape(&agent).await;
     assert_eq!(sample(&text, "sentinel_agent_rollbacks_total{model=\"digits\",reason=\"operator\"}"), Some(1.0));

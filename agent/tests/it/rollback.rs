@@ -210,9 +210,10 @@ async fn a_less_accurate_version_is_rolled_back_on_feedback_and_not_retried() {
     // Let every client send a few more requests after the rollback.
     let served_then = agent.shared.serving.model("digits").unwrap().route().active.clone().unwrap();
     let start = served_then.requests.load(Ordering::Relaxed);
-    while served_then.requests.load(Ordering::Relaxed) < start + 20 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("20 more requests served after the rollback", WAIT, async || {
+        (served_then.requests.load(Ordering::Relaxed) >= start + 20).then_some(())
+    })
+    .await;
     let seen = stop_traffic(&stop, clients).await;
 
     assert!(detail.contains("accuracy") && detail.contains("feedback"), "{detail}");

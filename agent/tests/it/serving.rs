@@ -15,7 +15,7 @@ use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use sentinel_agent::AgentHandle;
@@ -79,12 +79,8 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<Seen>>>) -> Vec<Seen> {
 /// Waits until the clients have had `n` more responses (requests, not time).
 async fn wait_responses(agent: &AgentHandle, model: &str, more: u64) {
     let start = requests_served(agent, model);
-    let deadline = Instant::now() + WAIT;
-    while requests_served(agent, model) < start + more {
-        assert!(Instant::now() < deadline, "clients made no progress");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("clients making progress", WAIT, async || (requests_served(agent, model) >= start + more).then_some(()))
+        .await;
 }
 
 fn requests_served(agent: &AgentHandle, model: &str) -> u64 {
@@ -154,11 +150,7 @@ async fn killing_the_active_worker_under_load_costs_a_few_counted_requests() {
     #[allow(unsafe_code)]
     let rc = unsafe { libc::kill(i32::try_from(first).unwrap(), libc::SIGKILL) };
     assert_eq!(rc, 0);
-    let deadline = Instant::now() + WAIT;
-    while active_pid(&agent, "digits").is_none_or(|p| p == first) {
-        assert!(Instant::now() < deadline, "the worker was not restarted");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the worker restarted", WAIT, async || active_pid(&agent, "digits").filter(|p| *p != first)).await;
     wait_responses(&agent, "digits", 50).await;
     stop.store(true, Ordering::Relaxed);
     let seen = collect(clients).await;

@@ -1,13 +1,17 @@
-//! Prometheus metrics of one agent, and the `/metrics` listener that serves them.
+//! Prometheus metrics of one agent; [`endpoint`] is the `/metrics` listener
+//! that serves them.
 //!
 //! Each agent owns its [`Registry`] (never the process-wide default one), so
 //! several agents in one process, as in tests, keep their figures apart.
 //! Event counters are bumped where the event happens (a request in
 //! [`crate::serving::Serving::infer`], a rollback in the rollout controller,
 //! a download in the apply loop, a refused state in
-//! [`crate::agent::Shared::refused_state`]); figures that are state, not
+//! [`crate::state::Shared::refused_state`]); figures that are state, not
 //! events (the hub connection, each worker's resident memory) are read at
-//! scrape time, so they can never drift from the truth.
+//! scrape time by [`endpoint`], so they can never drift from the truth.
+//!
+//! The registry sits below serving and names nothing above it: callers pass
+//! label values and outcomes, not their own types.
 //!
 //! `/metrics` is served on its own listener (`[serving] metrics_listen`, by
 //! default loopback only), in plain text: the figures carry no tokens and no
@@ -15,14 +19,9 @@
 //! desired state, slots are `blue` or `green`, and outcomes and kinds are
 //! fixed sets.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricType;
 use prometheus::{
@@ -31,9 +30,29 @@ use prometheus::{
 };
 use tokio::sync::watch;
 
-use crate::agent::{AgentError, Shared};
-use crate::serving::{Loaded, ServeError};
 use crate::supervisor::{InferError, SlotState as WorkerState, Supervised};
+
+pub mod endpoint;
+
+/// How one inference request that reached a slot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Answered; `compute` is the model's time as the worker measured it.
+    Ok { compute: Duration },
+    /// Refused as bad input (a 400).
+    BadInput,
+    /// The slot could not answer.
+    Unavailable,
+}
+
+/// One running worker's resident memory, read at scrape time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerMemory {
+    pub model: String,
+    pub slot: &'static str,
+    pub version: String,
+    pub rss_bytes: u64,
+}
 
 /// End-to-end request latency buckets, in seconds: the digits MLP answers in
 /// tens of microseconds, a large vision model in seconds.
@@ -183,17 +202,17 @@ impl AgentMetrics {
         &self.families
     }
 
-    /// Records one request that reached `slot`: its outcome, end-to-end
-    /// time, and on success the model's compute time.
-    pub fn inference(&self, slot: &Loaded, outcome: Result<Duration, &ServeError>, elapsed: Duration) {
-        let labels = [slot.model.as_str(), slot.color.as_str(), slot.version.as_str()];
+    /// Records one request that reached a slot (`labels`: model, slot
+    /// colour, version): its outcome, end-to-end time, and on success the
+    /// model's compute time.
+    pub fn inference(&self, labels: [&str; 3], outcome: RequestOutcome, elapsed: Duration) {
         let outcome = match outcome {
-            Ok(compute) => {
+            RequestOutcome::Ok { compute } => {
                 self.compute_duration.with_label_values(&labels).observe(compute.as_secs_f64());
                 "ok"
             }
-            Err(ServeError::BadInput(_)) => "bad_input",
-            Err(_) => "unavailable",
+            RequestOutcome::BadInput => "bad_input",
+            RequestOutcome::Unavailable => "unavailable",
         };
         self.inference_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
         let [model, color, version] = labels;
@@ -254,27 +273,16 @@ impl AgentMetrics {
     }
 
     /// The text exposition of every metric, with the scrape-time figures
-    /// read from `shared` first.
-    pub async fn render(&self, shared: &Shared) -> Result<String, prometheus::Error> {
-        // Workers are looked up with an async lock; collect them before
-        // taking the scrape lock, which must not be held across an await.
-        let mut resident = Vec::new();
-        for ms in shared.serving.models() {
-            let route = ms.route();
-            for slot in [&route.active, &route.standby, &route.candidate].into_iter().flatten() {
-                if let Some(rss) = slot.worker.worker().await.and_then(|w| w.rss_bytes()) {
-                    resident.push((slot.model.clone(), slot.color.as_str(), slot.version.clone(), rss));
-                }
-            }
-        }
+    /// (the hub link and each running worker's resident memory) set first.
+    pub fn render(&self, hub_connected: bool, resident: Vec<WorkerMemory>) -> Result<String, prometheus::Error> {
         let families = {
             let _guard = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
-            self.hub_connected.set(i64::from(shared.view().connected));
+            self.hub_connected.set(i64::from(hub_connected));
             self.worker_resident.reset();
-            for (model, slot, version, rss) in resident {
+            for w in resident {
                 self.worker_resident
-                    .with_label_values(&[model.as_str(), slot, version.as_str()])
-                    .set(i64::try_from(rss).unwrap_or(i64::MAX));
+                    .with_label_values(&[w.model.as_str(), w.slot, w.version.as_str()])
+                    .set(i64::try_from(w.rss_bytes).unwrap_or(i64::MAX));
             }
             self.registry.gather()
         };
@@ -288,42 +296,6 @@ impl AgentMetrics {
 /// are constants here: a programming error caught by the unit test below.
 fn unreachable_metric<T>(name: &str, e: &prometheus::Error) -> T {
     panic!("metric {name} is malformed: {e}")
-}
-
-/// Binds the metrics listener, if configured.
-pub async fn bind(addr: Option<&str>) -> Result<Option<tokio::net::TcpListener>, AgentError> {
-    match addr {
-        Some(a) => tokio::net::TcpListener::bind(a)
-            .await
-            .map(Some)
-            .map_err(|source| AgentError::Listen { addr: a.to_owned(), source }),
-        None => Ok(None),
-    }
-}
-
-/// Serves `GET /metrics` on `listener`, under `connections`' limits, until
-/// `stop` turns true.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    connections: sentinel_net::Connections,
-    mut stop: watch::Receiver<bool>,
-) {
-    let app = Router::new().route("/metrics", get(metrics)).with_state(shared);
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    connections.serve("metrics", listener, None, app, stopped).await;
-}
-
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.serving.metrics().render(&shared).await {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "encoding metrics failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response()
-        }
-    }
 }
 
 #[cfg(test)]

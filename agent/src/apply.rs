@@ -1,0 +1,327 @@
+//! The apply loop: makes the device match the latest verified desired
+//! state. For each model it refuses it if the hardware does not fit,
+//! downloads and verifies what is missing, and switches the active version in
+//! one committed step. A failure leaves the previous version active.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sentinel_proto::VerifiedState;
+use sentinel_proto::pb::{ModelAssignment, ModelManifest};
+use tokio::sync::watch;
+
+use crate::download::{self, Wanted};
+use crate::rollout::controller::{HUB, Rollouts};
+use crate::serving::{Install, ValidationSet};
+use crate::state::Shared;
+use crate::store::StoreError;
+use crate::util::error_chain;
+
+/// Applies every new verified state until `stop` turns true.
+pub async fn run(
+    shared: Arc<Shared>,
+    rollouts: Arc<Rollouts>,
+    http: reqwest::Client,
+    mut states: watch::Receiver<Option<Arc<VerifiedState>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let current = states.borrow_and_update().clone();
+        if let Some(v) = current {
+            // `view.revision` was set when the state was verified (Shared::verified_state).
+            apply(&shared, &rollouts, &http, &v).await;
+            shared.applied(v.state.revision);
+        }
+        tokio::select! {
+            r = states.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Makes the device match one verified state.
+async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client, v: &VerifiedState) {
+    let config = &shared.config;
+    let mut wanted_files = HashSet::new();
+    for (assignment, m) in v.state.models.iter().zip(&v.manifests) {
+        wanted_files.insert(m.sha256.clone());
+        if let Some(set) = &m.validation {
+            wanted_files
+                .extend([set.inputs.as_ref(), set.labels.as_ref()].into_iter().flatten().map(|b| b.sha256.clone()));
+        }
+        // A rollout of another version is superseded by this state.
+        if rollouts.keep_or_cancel(&m.name, &m.sha256, &m.version).await {
+            continue;
+        }
+        if let Ok(Some((revision, reason))) = shared.store.rejected(&m.name, &m.sha256, &m.version)
+            && revision >= v.state.revision
+        {
+            tracing::info!(model = %m.name, version = %m.version, revision, "rolled back here at this revision; not retried");
+            logged(shared.store.set_deployment_status(
+                &m.name,
+                "rolled_back",
+                &m.version,
+                &reason,
+                assignment.deployment_id,
+            ));
+            continue;
+        }
+        // The version this device keeps warm as standby (the hub halted or
+        // rolled back the active one): swap back at once instead of loading
+        // it again. Then it is the active version, and handled as such below.
+        let standby_is_it = shared.serving.model(&m.name).is_some_and(|ms| {
+            let route = ms.route();
+            route.active.is_some()
+                && route.standby.as_ref().is_some_and(|s| s.sha256 == m.sha256 && s.version == m.version)
+        });
+        if standby_is_it {
+            let reason =
+                format!("the hub's desired state names {} again (deployment {})", m.version, assignment.deployment_id);
+            match rollouts.rollback_now(shared, &m.name, HUB, &reason).await {
+                Ok(done) => tracing::info!(model = %m.name, %done, "standby restored for the hub"),
+                Err(e) => tracing::warn!(model = %m.name, error = %e, "no instant swap; loading the version instead"),
+            }
+        }
+        let current = shared.store.model(&m.name).ok().flatten();
+        let serving_it = shared
+            .serving
+            .model(&m.name)
+            .and_then(|ms| ms.route().active.as_ref().map(|a| a.sha256 == m.sha256 && a.version == m.version))
+            .unwrap_or(false);
+        if serving_it && current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str()) {
+            if current.as_ref().is_some_and(|c| c.status != "serving") {
+                logged(shared.store.set_deployment_status(
+                    &m.name,
+                    "serving",
+                    &m.version,
+                    "",
+                    assignment.deployment_id,
+                ));
+            }
+            continue;
+        }
+        let policy = match crate::rollout::policy::policy_from(assignment.policy.as_ref(), &shared.config.rollout) {
+            Ok(p) => crate::rollout::policy::with_declared_floor(
+                p,
+                m.accuracy.as_ref().map(|a| a.value),
+                config.serving.validation_tolerance,
+            ),
+            Err(reason) => {
+                refuse(
+                    shared,
+                    &m.name,
+                    &m.version,
+                    "refused",
+                    "policy_invalid",
+                    &reason.to_string(),
+                    assignment.deployment_id,
+                );
+                continue;
+            }
+        };
+        if !m.hardware.is_empty() && !m.hardware.iter().any(|h| config.hardware.contains(h)) {
+            let reason = format!(
+                "wrong hardware: {} {} runs on [{}], this device is [{}]",
+                m.name,
+                m.version,
+                m.hardware.join(", "),
+                config.hardware.join(", ")
+            );
+            tracing::warn!(%reason, "model refused");
+            refuse(
+                shared,
+                &m.name,
+                &m.version,
+                "refused",
+                "download_refused",
+                &format!("wrong_hardware: {reason}"),
+                assignment.deployment_id,
+            );
+            continue;
+        }
+        let Some(files) = download_version(shared, http, assignment, m).await else { continue };
+        if let Some(signed) = &assignment.manifest
+            && let Err(e) = shared.store.save_manifest(signed)
+        {
+            refuse(shared, &m.name, &m.version, "failed", "model_failed", &error_chain(&e), assignment.deployment_id);
+            continue;
+        }
+        logged(shared.store.set_deployment_status(&m.name, "validating", &m.version, "", assignment.deployment_id));
+        shared.refresh_models();
+        shared.report_soon();
+        let install = Install {
+            manifest: m,
+            deployment_id: assignment.deployment_id,
+            model_path: files.model,
+            validation: files.validation,
+            policy: policy.clone(),
+        };
+        match shared.serving.install(&shared.store, install).await {
+            Ok(installed) => {
+                let measured = installed.accuracy.map(|a| format!("; validation accuracy {a:.4}")).unwrap_or_default();
+                let next = if installed.promoted { "now serving" } else { "rollout started" };
+                shared.event(
+                    "model_installed",
+                    &m.name,
+                    &m.version,
+                    &format!("sha256 {} verified, loaded and validated{measured}; {next}", m.sha256),
+                );
+                let has_standby =
+                    shared.serving.model(&m.name).is_some_and(|ms| ms.route().standby.is_some() || !installed.promoted);
+                match shared.serving.model(&m.name) {
+                    Some(ms) if has_standby => {
+                        rollouts.spawn(shared.clone(), ms, installed.loaded, policy, installed.phase)
+                    }
+                    _ => {
+                        logged(shared.store.set_deployment_status(
+                            &m.name,
+                            "serving",
+                            &m.version,
+                            "",
+                            assignment.deployment_id,
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(model = %m.name, version = %m.version, error = %e, "version not installed; the previous version keeps serving");
+                refuse(shared, &m.name, &m.version, "failed", e.kind(), &e.to_string(), assignment.deployment_id);
+            }
+        }
+        shared.refresh_models();
+    }
+    // Models no longer wanted on this device.
+    let names: HashSet<&str> = v.manifests.iter().map(|m| m.name.as_str()).collect();
+    if let Ok(models) = shared.store.models() {
+        for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != "removed") {
+            rollouts.cancel(&m.name).await;
+            shared.serving.remove(&m.name);
+            logged(shared.store.set_status(
+                &m.name,
+                "removed",
+                m.active_version.as_deref().unwrap_or(""),
+                "no longer in the desired state",
+            ));
+        }
+    }
+    match shared.store.gc(&wanted_files) {
+        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed unneeded model files"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "model file cleanup failed"),
+    }
+    shared.refresh_models();
+}
+
+/// The verified files of one version.
+struct VersionFiles {
+    model: PathBuf,
+    validation: Option<ValidationSet>,
+}
+
+/// Downloads and verifies a version's model file and its validation set.
+/// On failure the refusal is recorded and `None` returned.
+async fn download_version(
+    shared: &Arc<Shared>,
+    http: &reqwest::Client,
+    assignment: &ModelAssignment,
+    m: &ModelManifest,
+) -> Option<VersionFiles> {
+    let config = &shared.config;
+    logged(shared.store.set_status(&m.name, "downloading", &m.version, ""));
+    shared.refresh_models();
+    shared.report_soon();
+    shared.event("download_started", &m.name, &m.version, &assignment.artifact_url);
+    let fetch = |url: String, sha256: String, size: u64| async move {
+        let wanted = Wanted { url: &url, token: &config.token, sha256: &sha256, size };
+        let fetched = download::fetch(http, shared.store.models_dir(), &wanted, config.download_attempts, |from| {
+            shared.download_resumed(from);
+            shared.event(
+                "download_resumed",
+                &m.name,
+                &m.version,
+                &format!("{url}: resuming from byte {from} of {size}"),
+            );
+        })
+        .await;
+        if let Ok((_, outcome)) = &fetched {
+            shared.serving.metrics().download_bytes.inc_by(outcome.bytes_transferred);
+        }
+        fetched
+    };
+    let failed = |e: download::FetchError| {
+        shared.serving.metrics().download_failed(e.kind());
+        let reason = format!("{}: {}", e.kind(), error_chain(&e));
+        tracing::warn!(model = %m.name, version = %m.version, %reason, "download refused; the previous version keeps serving");
+        let status = if matches!(e, download::FetchError::GaveUp { .. } | download::FetchError::NoSpace { .. }) {
+            "failed"
+        } else {
+            "refused"
+        };
+        refuse(shared, &m.name, &m.version, status, "download_refused", &reason, assignment.deployment_id);
+    };
+    let (model, outcome) = match fetch(assignment.artifact_url.clone(), m.sha256.clone(), m.size).await {
+        Ok(r) => r,
+        Err(e) => {
+            failed(e);
+            return None;
+        }
+    };
+    tracing::info!(model = %m.name, version = %m.version, bytes = outcome.bytes_transferred, resumed = ?outcome.resumed_from, "model downloaded and verified");
+    let set = m.validation.as_ref().and_then(|s| Some((s.inputs.as_ref()?, s.labels.as_ref()?)));
+    let validation = match set {
+        Some((inputs, labels)) if !assignment.validation_inputs_url.is_empty() => {
+            let x = match fetch(assignment.validation_inputs_url.clone(), inputs.sha256.clone(), inputs.size).await {
+                Ok((p, _)) => p,
+                Err(e) => {
+                    failed(e);
+                    return None;
+                }
+            };
+            let y = match fetch(assignment.validation_labels_url.clone(), labels.sha256.clone(), labels.size).await {
+                Ok((p, _)) => p,
+                Err(e) => {
+                    failed(e);
+                    return None;
+                }
+            };
+            match (std::fs::read(&x), std::fs::read(&y)) {
+                (Ok(inputs), Ok(labels)) => Some(ValidationSet {
+                    inputs,
+                    labels: labels
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect(),
+                }),
+                (Err(e), _) | (_, Err(e)) => {
+                    refuse(
+                        shared,
+                        &m.name,
+                        &m.version,
+                        "failed",
+                        "model_failed",
+                        &format!("reading the validation set: {e}"),
+                        assignment.deployment_id,
+                    );
+                    return None;
+                }
+            }
+        }
+        _ => None,
+    };
+    Some(VersionFiles { model, validation })
+}
+
+fn refuse(shared: &Shared, model: &str, version: &str, status: &str, kind: &str, reason: &str, deployment: i64) {
+    logged(shared.store.set_deployment_status(model, status, version, reason, deployment));
+    shared.event(kind, model, version, reason);
+    shared.refresh_models();
+}
+
+/// Logs a model-status write that failed: the apply loop goes on (the next
+/// desired state or restart writes the status again), but never silently.
+fn logged(result: Result<(), StoreError>) {
+    if let Err(e) = result {
+        tracing::error!(error = %error_chain(&e), "saving the model status failed");
+    }
+}

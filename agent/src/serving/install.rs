@@ -1,0 +1,351 @@
+//! Installing a version: stage it in the idle slot, start its confined
+//! worker, validate it (declared output shapes and dtypes, finite values,
+//! accuracy on its validation set), then promote it or start its rollout;
+//! and restoring the committed slots after a restart.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use sentinel_proto::pb::ModelManifest;
+
+use super::io::{check_outputs, model_io, predicted_label};
+use super::slot::{CandidateMode, Loaded, Route, WINDOW_AGE, WINDOW_SAMPLES};
+use super::{Serving, TensorInfo};
+use crate::rollout::policy::{PhaseKind, Policy};
+use crate::rollout::window::SlotWindow;
+use crate::slots::{Color, SlotState, Slots};
+use crate::store::{Store, StoreError};
+use crate::supervisor::{SlotState as WorkerState, Supervised, WorkerSpec};
+use sentinel_worker_protocol::frame::Tensor;
+
+/// Why a version was not installed. The slot it was staged in is failed and
+/// the previous version keeps serving.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InstallError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("loading failed: {0}")]
+    Load(String),
+    #[error("validation failed: {0}")]
+    Validation(String),
+    #[error("saving the slot state failed: {0}")]
+    Store(String),
+}
+
+impl InstallError {
+    /// Stable kind for events and reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InstallError::Refused(_) => "refused",
+            InstallError::Load(_) => "load_failed",
+            InstallError::Validation(_) => "validation_failed",
+            InstallError::Store(_) => "store_failed",
+        }
+    }
+}
+
+impl From<StoreError> for InstallError {
+    fn from(e: StoreError) -> Self {
+        InstallError::Store(crate::util::error_chain(&e))
+    }
+}
+
+/// A labelled validation set: raw samples of the first input and int64 labels.
+#[derive(Debug, Clone)]
+pub struct ValidationSet {
+    pub inputs: Vec<u8>,
+    pub labels: Vec<i64>,
+}
+
+/// What to install.
+#[derive(Debug)]
+pub struct Install<'a> {
+    pub manifest: &'a ModelManifest,
+    pub deployment_id: i64,
+    pub model_path: PathBuf,
+    pub validation: Option<ValidationSet>,
+    /// How traffic moves to the new version once it is validated.
+    pub policy: Policy,
+}
+
+/// What an install achieved.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// Accuracy on the validation set, if it came with one.
+    pub accuracy: Option<f64>,
+    /// The version went straight to active (single `full` phase).
+    pub promoted: bool,
+    /// The slot the version was loaded into.
+    pub loaded: Arc<Loaded>,
+    /// Index of the policy phase it entered.
+    pub phase: usize,
+}
+
+impl Serving {
+    fn start_worker(
+        &self,
+        model: &str,
+        color: Color,
+        m: &ModelManifest,
+        deployment_id: i64,
+        path: PathBuf,
+    ) -> Result<Arc<Loaded>, String> {
+        let (inputs, outputs) = model_io(m, self.settings.input_shapes.get(model))?;
+        // The worker runs in its own working directory.
+        let path = std::path::absolute(&path).map_err(|e| format!("resolving {}: {e}", path.display()))?;
+        let mut spec = WorkerSpec::new(
+            self.settings.worker_bin.clone(),
+            path,
+            inputs.iter().map(|i| i.fixed.clone()).collect(),
+            self.work_dir.clone(),
+        );
+        spec.confinement = self.settings.confinement;
+        spec.memory_limit_bytes = self.settings.memory_limit_bytes;
+        spec.request_timeout = self.settings.request_timeout;
+        spec.load_timeout = self.settings.load_timeout;
+        let worker = Supervised::start(spec, self.restart.clone());
+        self.metrics.watch_worker(model, color.as_str(), &worker);
+        Ok(Arc::new(Loaded {
+            model: model.to_owned(),
+            color,
+            version: m.version.clone(),
+            sha256: m.sha256.clone(),
+            deployment_id,
+            inputs,
+            outputs,
+            worker,
+            validation_accuracy: RwLock::new(None),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            window: Mutex::new(SlotWindow::new(WINDOW_AGE, WINDOW_SAMPLES)),
+            shadow_in_flight: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Brings back every model's committed slots after a restart: the active
+    /// and standby versions get workers again; a slot that was loading or
+    /// validating when the agent stopped is failed (the apply loop stages the
+    /// version again if it is still wanted). `manifest_of` returns the
+    /// verified manifest of a stored model file.
+    pub fn restore(&self, store: &Store, manifest_of: impl Fn(&str) -> Option<ModelManifest>) {
+        let rows = match store.models() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %crate::util::error_chain(&e), "reading model state failed; nothing restored");
+                return;
+            }
+        };
+        for row in rows.iter().filter(|r| r.status != "removed") {
+            let Ok(Some(mut slots)) = store.load_slots(&row.name) else { continue };
+            let mut changed = false;
+            for c in [Color::Blue, Color::Green] {
+                if matches!(slots.get(c).state, SlotState::Loading | SlotState::Validating | SlotState::Canary) {
+                    changed |= slots.fail(c, "interrupted by an agent restart").is_ok();
+                }
+            }
+            if changed && let Err(e) = store.commit_slots(&slots) {
+                tracing::error!(error = %crate::util::error_chain(&e), model = %row.name, "saving restored slots failed");
+            }
+            let mut route = Route::default();
+            for c in [Color::Blue, Color::Green] {
+                let slot = slots.get(c);
+                let Some(sha) = slot.sha256.as_deref() else { continue };
+                if !matches!(slot.state, SlotState::Active | SlotState::Standby) {
+                    continue;
+                }
+                let loaded = match manifest_of(sha) {
+                    Some(m) if store.has_model(sha) => {
+                        self.start_worker(&row.name, c, &m, row.active_deployment.unwrap_or(0), store.model_path(sha))
+                    }
+                    _ => Err(format!("the model file or manifest of {sha} is gone")),
+                };
+                match loaded {
+                    Ok(l) if slot.state == SlotState::Active => route.active = Some(l),
+                    Ok(l) => route.standby = Some(l),
+                    Err(reason) => tracing::error!(model = %row.name, slot = c.as_str(), %reason, "slot not restored"),
+                }
+            }
+            tracing::info!(%slots, "slots restored");
+            let ms = self.entry(&row.name, slots);
+            ms.swap(|_| route);
+        }
+    }
+
+    /// Stages `req` in the model's idle slot, loads and validates it, then
+    /// promotes it in one committed step and one route swap. Returns the
+    /// accuracy measured on the validation set, if there was one.
+    pub async fn install(&self, store: &Store, req: Install<'_>) -> Result<Installed, InstallError> {
+        let m = req.manifest;
+        let ms = self.entry(&m.name, store.load_slots(&m.name)?.unwrap_or_else(|| Slots::new(&m.name)));
+        let mut slots = ms.slots.lock().await;
+        let color = slots.stage(&m.version, &m.sha256).map_err(|e| InstallError::Refused(e.to_string()))?;
+        store.commit_slots(&slots)?;
+        let fail = |slots: &mut Slots, err: InstallError| {
+            let _ = slots.fail(color, &err.to_string());
+            if let Err(e) = store.commit_slots(slots) {
+                tracing::error!(error = %crate::util::error_chain(&e), "saving a failed slot failed");
+            }
+            ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
+            Err(err)
+        };
+        let loaded = match self.start_worker(&m.name, color, m, req.deployment_id, req.model_path) {
+            Ok(l) => l,
+            Err(reason) => return fail(&mut slots, InstallError::Load(reason)),
+        };
+        ms.swap(|r| Route {
+            // Whatever was in the idle slot (an old standby) is replaced.
+            standby: r.standby.clone().filter(|s| s.color != color),
+            candidate: Some(loaded.clone()),
+            mode: CandidateMode::Idle,
+            ..r.clone()
+        });
+        if let Err(reason) = wait_running(&loaded.worker).await {
+            return fail(&mut slots, InstallError::Load(reason));
+        }
+        if let Err(e) = slots.begin_validation(color) {
+            return fail(&mut slots, InstallError::Refused(e.to_string()));
+        }
+        store.commit_slots(&slots)?;
+        let accuracy = match validate(&loaded, m, req.validation.as_ref(), self.settings.validation_tolerance).await {
+            Ok(a) => a,
+            Err(reason) => return fail(&mut slots, InstallError::Validation(reason)),
+        };
+        *loaded.validation_accuracy.write().unwrap_or_else(PoisonError::into_inner) = accuracy;
+        loaded.window.lock().unwrap_or_else(PoisonError::into_inner).set_validation_accuracy(accuracy);
+        let first = req.policy.phases.first().map(|p| p.kind);
+        let promoted = match first {
+            Some(PhaseKind::Shadow | PhaseKind::Canary { .. }) if slots.active().is_some() => {
+                if let Err(e) = slots.start_canary(color) {
+                    return fail(&mut slots, InstallError::Refused(e.to_string()));
+                }
+                store.commit_slots(&slots)?;
+                let mode = match first {
+                    Some(PhaseKind::Canary { percent }) => CandidateMode::Canary(percent),
+                    _ => CandidateMode::Shadow,
+                };
+                ms.swap(|r| Route { candidate: Some(loaded.clone()), mode, ..r.clone() });
+                tracing::info!(%slots, ?mode, "rollout started");
+                false
+            }
+            // A first version, or a policy that goes straight to full.
+            _ => {
+                if let Err(e) = slots.promote(color) {
+                    return fail(&mut slots, InstallError::Refused(e.to_string()));
+                }
+                // The commit point: durable before any request reaches the new slot.
+                if let Err(e) = store.activate(&slots, req.deployment_id) {
+                    let err = InstallError::from(e);
+                    // Undo in memory what could not be made durable.
+                    *slots = store.load_slots(&m.name).ok().flatten().unwrap_or_else(|| Slots::new(&m.name));
+                    ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
+                    return Err(err);
+                }
+                ms.swap(|r| Route {
+                    active: Some(loaded.clone()),
+                    standby: r.active.clone(),
+                    candidate: None,
+                    mode: CandidateMode::Idle,
+                });
+                tracing::info!(%slots, accuracy, "promoted");
+                true
+            }
+        };
+        // A first version (nothing to compare with) counts as fully rolled out.
+        let phase = if promoted {
+            req.policy.phases.iter().position(|p| p.kind == PhaseKind::Full).unwrap_or(req.policy.phases.len())
+        } else {
+            0
+        };
+        Ok(Installed { accuracy, promoted, loaded, phase })
+    }
+}
+
+/// Waits until the worker is ready, or returns why it never will be.
+async fn wait_running(worker: &Supervised) -> Result<(), String> {
+    let mut rx = worker.subscribe();
+    let end = rx.wait_for(|s| matches!(s, WorkerState::Running { .. } | WorkerState::Failed(_))).await;
+    match end.as_deref() {
+        Ok(WorkerState::Running { confined: false, unconfined_reason, .. }) => {
+            tracing::warn!(reason = ?unconfined_reason, "WORKER RUNS WITHOUT ITS SECCOMP SANDBOX");
+            Ok(())
+        }
+        Ok(WorkerState::Running { .. }) => Ok(()),
+        Ok(WorkerState::Failed(reason)) => Err(reason.clone()),
+        Ok(WorkerState::Starting { .. }) | Err(_) => Err("the worker supervisor stopped".to_owned()),
+    }
+}
+
+/// Bytes of one sample of the first input in a validation set (raw
+/// little-endian elements of the input's dtype), `None` for a string input:
+/// its samples have no fixed size, so validation sets do not carry them.
+fn sample_bytes(spec: &TensorInfo) -> Option<usize> {
+    Some(spec.fixed.iter().skip(1).product::<usize>() * spec.dtype.width()?)
+}
+
+/// Runs before any traffic: output shapes, dtypes and finiteness on one
+/// sample, then accuracy on the validation set when there is one.
+async fn validate(
+    slot: &Loaded,
+    m: &ModelManifest,
+    set: Option<&ValidationSet>,
+    tolerance: f64,
+) -> Result<Option<f64>, String> {
+    let first = slot.inputs.first().ok_or("the model has no inputs")?;
+    let probe: Vec<Tensor> = match (set, sample_bytes(first)) {
+        (Some(s), Some(per)) if slot.inputs.len() == 1 && first.batched() && s.inputs.len() >= per => {
+            vec![Tensor { dtype: first.dtype, shape: first.fixed.clone(), data: s.inputs[..per].to_vec() }]
+        }
+        // Zeros of each input's dtype (empty strings for string inputs).
+        _ => slot
+            .inputs
+            .iter()
+            .map(|i| Tensor::zeros(i.dtype, &i.fixed).map_err(|e| format!("probe input `{}`: {e}", i.name)))
+            .collect::<Result<_, _>>()?,
+    };
+    let outputs = slot.worker.infer(&probe).await.map_err(|e| format!("a probe inference failed: {e}"))?;
+    check_outputs(&slot.outputs, &outputs)?;
+    let Some(set) = set else { return Ok(None) };
+    if slot.inputs.len() != 1 || !first.batched() {
+        tracing::warn!(model = %m.name, "a validation set needs one input with a batch dim; accuracy not measured");
+        return Ok(None);
+    }
+    let Some(per) = sample_bytes(first) else {
+        return Err(format!(
+            "input `{}` is {}: validation sets carry fixed-width inputs only (raw little-endian elements)",
+            first.name, first.dtype
+        ));
+    };
+    if per == 0 || set.inputs.len() != per * set.labels.len() {
+        return Err(format!(
+            "the validation set has {} bytes of inputs for {} labels; expected {} bytes per sample",
+            set.inputs.len(),
+            set.labels.len(),
+            per
+        ));
+    }
+    let mut correct = 0usize;
+    for (i, label) in set.labels.iter().enumerate() {
+        let sample = Tensor {
+            dtype: first.dtype,
+            shape: first.fixed.clone(),
+            data: set.inputs[i * per..(i + 1) * per].to_vec(),
+        };
+        let outputs = slot.worker.infer(&[sample]).await.map_err(|e| format!("validation sample {i}: {e}"))?;
+        check_outputs(&slot.outputs, &outputs).map_err(|e| format!("validation sample {i}: {e}"))?;
+        if predicted_label(&outputs) == Some(*label) {
+            correct += 1;
+        }
+    }
+    #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+    let accuracy = correct as f64 / set.labels.len() as f64;
+    if let Some(declared) = m.accuracy.as_ref().map(|a| a.value).filter(|v| *v > 0.0)
+        && accuracy < declared - tolerance - 1e-12
+    {
+        return Err(format!(
+            "accuracy {accuracy:.4} on the {}-sample validation set is below the declared {declared:.4} minus the tolerance {tolerance}",
+            set.labels.len()
+        ));
+    }
+    Ok(Some(accuracy))
+}

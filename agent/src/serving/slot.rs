@@ -1,0 +1,115 @@
+//! One model's slots at run time: the [`Loaded`] version in each, the
+//! [`Route`] requests read, and the [`ModelServing`] that swaps it.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use super::io::TensorInfo;
+use crate::rollout::window::{SlotMetrics, SlotWindow};
+use crate::slots::{Color, Slots};
+use crate::supervisor::Supervised;
+
+/// A version loaded into one slot, with its supervised worker.
+#[derive(Debug)]
+pub struct Loaded {
+    pub model: String,
+    pub color: Color,
+    pub version: String,
+    pub sha256: String,
+    pub deployment_id: i64,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+    pub worker: Supervised,
+    /// Accuracy measured on the validation set at load, if it had one.
+    pub validation_accuracy: RwLock<Option<f64>>,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    /// Sliding-window metrics the rollout decisions read.
+    pub window: Mutex<SlotWindow>,
+    /// Shadow requests in flight to this slot (bounded, see [`MAX_SHADOW_IN_FLIGHT`]).
+    pub(super) shadow_in_flight: AtomicUsize,
+}
+
+/// Metrics windows keep at most this many samples per kind...
+pub const WINDOW_SAMPLES: usize = 10_000;
+/// ...and none older than this.
+pub const WINDOW_AGE: Duration = Duration::from_secs(300);
+/// Mirrored requests beyond this many in flight are dropped, so a slow
+/// shadow slot never queues without bound.
+pub const MAX_SHADOW_IN_FLIGHT: usize = 8;
+
+impl Loaded {
+    /// A snapshot of the slot's window, with its validation accuracy.
+    pub fn metrics(&self, now: Instant) -> SlotMetrics {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        w.snapshot(now)
+    }
+
+    /// The slot's metrics over events since `since` only.
+    pub fn metrics_since(&self, now: Instant, since: Instant) -> SlotMetrics {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        w.snapshot_since(now, Some(since))
+    }
+
+    /// Records one request: the model's compute time when it succeeded.
+    /// Rollout decisions compare compute times, which the worker measures
+    /// around the model alone: pipe transport and host scheduling are the
+    /// same for both slots and would only add noise.
+    pub(super) fn record(&self, compute: Option<Duration>) {
+        let now = Instant::now();
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        match compute {
+            Some(c) => w.record_ok(c, now),
+            None => w.record_error(now),
+        }
+    }
+}
+
+/// How a candidate slot takes part in traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CandidateMode {
+    /// Loading or validating: no traffic.
+    #[default]
+    Idle,
+    /// Gets a mirror of every request; only the active slot answers.
+    Shadow,
+    /// Answers this percentage of requests.
+    Canary(u8),
+}
+
+/// Which loaded slots take traffic. Replaced as a whole, never edited.
+#[derive(Debug, Default, Clone)]
+pub struct Route {
+    pub active: Option<Arc<Loaded>>,
+    /// The previous active version, warm, for an instant rollback.
+    pub standby: Option<Arc<Loaded>>,
+    /// A version being loaded, validated, shadowed or canaried.
+    pub candidate: Option<Arc<Loaded>>,
+    pub mode: CandidateMode,
+}
+
+/// One model's slots.
+#[derive(Debug)]
+pub struct ModelServing {
+    pub name: String,
+    pub(super) route: RwLock<Arc<Route>>,
+    /// The committed state machine; held across an install so installs of
+    /// one model never interleave.
+    pub(crate) slots: tokio::sync::Mutex<Slots>,
+    pub(super) seq: AtomicU64,
+}
+
+impl ModelServing {
+    /// The current route (a snapshot).
+    pub fn route(&self) -> Arc<Route> {
+        self.route.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the route in one step.
+    pub(crate) fn swap(&self, f: impl FnOnce(&Route) -> Route) {
+        let mut guard = self.route.write().unwrap_or_else(PoisonError::into_inner);
+        let next = f(&guard);
+        *guard = Arc::new(next);
+    }
+}
