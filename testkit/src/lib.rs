@@ -7,10 +7,14 @@
 //!   `sentinel-hub`, `sentinel`), built on demand into this test's profile.
 //! - [`dtype_cases`]: models of every tensor element type, made at test time
 //!   by public tools, with ONNX Runtime's outputs.
+//! - [`hub`]: [`hub::TestHub`], a real hub in the test's process.
+//! - [`wait`]: [`wait::eventually`], the one bounded poll loop.
 //! - [`models`]: the repository's test models and samples, and their readers.
 
 #![allow(clippy::unwrap_used)]
 
 pub mod bins;
 pub mod dtype_cases;
+pub mod hub;
 pub mod models;
+pub mod wait;

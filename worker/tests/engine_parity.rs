@@ -20,6 +20,7 @@ use std::time::Duration;
 use sentinel_agent::inference_api::decode::{datatype_name, parse_datatype};
 use sentinel_agent::supervisor::{SupervisorError, Worker, WorkerSpec};
 use sentinel_testkit::dtype_cases;
+use sentinel_testkit::models::{model_path, read_f32, read_i64};
 use sentinel_worker_protocol::frame::{DType, Tensor};
 use sentinel_worker_protocol::launch::Engine;
 use serde_json::Value;
@@ -34,26 +35,8 @@ const MIN_AGREEMENT: f64 = 0.99;
 /// How far the text classifier's outputs may drift from the reference.
 const TEXTCLS_TOLERANCE: f32 = 1e-3;
 
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
-
-fn models_file(rel: &str) -> PathBuf {
-    repo_file("models").join(rel)
-}
-
-fn read_f32(path: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-fn read_i64(path: &Path) -> Vec<i64> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
 fn manifest() -> Value {
-    serde_json::from_slice(&std::fs::read(models_file("manifest.json")).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(model_path("manifest.json")).unwrap()).unwrap()
 }
 
 /// A digits model from the manifest with its declared accuracy.
@@ -73,8 +56,8 @@ struct DigitsTest {
 fn digits_cases() -> (Vec<DigitsModel>, DigitsTest) {
     let manifest = manifest();
     let dataset = &manifest["datasets"]["digits_test"];
-    let x = read_f32(&models_file(dataset["inputs"]["file"].as_str().unwrap()));
-    let y = read_i64(&models_file(dataset["labels"]["file"].as_str().unwrap()));
+    let x = read_f32(dataset["inputs"]["file"].as_str().unwrap());
+    let y = read_i64(dataset["labels"]["file"].as_str().unwrap());
     assert_eq!(x.len(), y.len() * 64, "digits_test inputs and labels disagree on the sample count");
     let mut models: Vec<DigitsModel> = manifest["models"]
         .as_object()
@@ -83,7 +66,7 @@ fn digits_cases() -> (Vec<DigitsModel>, DigitsTest) {
         .filter(|(_, m)| m["dataset"] == "digits_test")
         .map(|(name, m)| DigitsModel {
             name: name.clone(),
-            file: models_file(m["file"].as_str().unwrap()),
+            file: model_path(m["file"].as_str().unwrap()),
             declared_accuracy: m["accuracy_onnxruntime"].as_f64().unwrap(),
         })
         .collect();
@@ -170,8 +153,8 @@ async fn run_engine(engine: Engine, ort_dylib: Option<&Path>, models: &[DigitsMo
         digits.push(labels);
     }
 
-    let input = read_f32(&models_file("data/textcls_sample_input.bin"));
-    let model = models_file("vision/ch_ppocr_mobile_v2.0_cls_infer.onnx");
+    let input = read_f32("data/textcls_sample_input.bin");
+    let model = model_path("vision/ch_ppocr_mobile_v2.0_cls_infer.onnx");
     let worker = confined_worker(&spec(engine, ort_dylib, model, &[1, 3, 48, 192], work_dir.path())).await;
     let outputs = worker.infer(&[Tensor::from_f32(vec![1, 3, 48, 192], &input)]).await.unwrap();
     assert_eq!(outputs.len(), 1, "{engine}: text classifier outputs");
@@ -202,7 +185,7 @@ fn assert_matches_references(run: &EngineRun, models: &[DigitsModel], test: &Dig
         );
     }
 
-    let reference = read_f32(&models_file("data/textcls_sample_ref_output.bin"));
+    let reference = read_f32("data/textcls_sample_ref_output.bin");
     assert_eq!(reference.len(), 2);
     eprintln!("{} text direction: {:?}, reference {reference:?}", run.engine, run.textcls);
     assert_eq!(argmax(&run.textcls), argmax(&reference), "{}: text direction class differs", run.engine);
@@ -318,7 +301,7 @@ async fn an_onnx_runtime_worker_without_the_library_says_where_to_get_it() {
     // The spec carries no library path: the worker's cleared environment has
     // no ORT_DYLIB_PATH and it must refuse to load rather than search for one.
     let work_dir = tempfile::tempdir().unwrap();
-    let spec = spec(Engine::Ort, None, models_file("digits/digits_mlp_v1.onnx"), &[1, 64], work_dir.path());
+    let spec = spec(Engine::Ort, None, model_path("digits/digits_mlp_v1.onnx"), &[1, 64], work_dir.path());
     match Worker::spawn(&spec).await {
         Err(SupervisorError::ExitedBeforeReady { exit, stderr, .. }) => {
             assert_eq!(exit.code, Some(65), "{exit}; stderr: {stderr:?}");
@@ -335,7 +318,7 @@ async fn an_onnx_runtime_worker_without_the_library_says_where_to_get_it() {
 #[tokio::test]
 async fn asking_a_build_without_ort_for_it_is_a_usage_error() {
     let work_dir = tempfile::tempdir().unwrap();
-    let spec = spec(Engine::Ort, None, models_file("digits/digits_mlp_v1.onnx"), &[1, 64], work_dir.path());
+    let spec = spec(Engine::Ort, None, model_path("digits/digits_mlp_v1.onnx"), &[1, 64], work_dir.path());
     match Worker::spawn(&spec).await {
         Err(SupervisorError::ExitedBeforeReady { exit, stderr, .. }) => {
             assert_eq!(exit.code, Some(64), "{exit}; stderr: {stderr:?}");

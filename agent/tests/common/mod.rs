@@ -5,56 +5,12 @@ pub use sentinel_testkit::dtype_cases;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use reqwest::Client;
 use sentinel_agent::{AgentConfig, AgentHandle, AgentView};
-use sentinel_hub::{Hub, HubConfig};
-use serde_json::{Value, json};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-/// Bound on every wait: generous, so only a real hang trips it.
-pub const WAIT: Duration = Duration::from_secs(60);
-
-/// Asks `check` again and again until it returns `Some`, for at most
-/// `deadline`, then panics naming `what`. The one poll loop of the agent's
-/// tests, for what has no event or `watch` to wait on (counters, files, the
-/// hub's API); prefer [`AgentHandle::wait_for`] where there is one.
-pub async fn eventually<T>(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < end, "{what}: not within {deadline:?}");
-        // The polling period: how often to look, not a wait for anything.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-pub fn model_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(rel)
-}
-
-pub fn model_bytes(rel: &str) -> Vec<u8> {
-    std::fs::read(model_path(rel)).unwrap()
-}
-
-/// A raw little-endian f32 data file under `models/`.
-pub fn read_f32(rel: &str) -> Vec<f32> {
-    model_bytes(rel).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-/// A raw little-endian i64 data file under `models/`.
-pub fn read_i64(rel: &str) -> Vec<i64> {
-    model_bytes(rel).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-/// The 64 pixels of test digit `i` as a [1, 64] request input.
-pub fn digit(x: &[f32], i: usize) -> sentinel_worker_protocol::frame::Tensor {
-    sentinel_worker_protocol::frame::Tensor::from_f32(vec![1, 64], &x[i * 64..(i + 1) * 64])
-}
+pub use sentinel_testkit::hub::TestHub;
+pub use sentinel_testkit::models::{V1, V2, V3, digit, model_bytes, model_path, read_f32, read_i64};
+pub use sentinel_testkit::wait::{WAIT, eventually};
 
 /// The `sentinel-worker` binary of this build (another package: built on
 /// demand by [`sentinel_testkit::bins`]), with its test probes.
@@ -62,144 +18,8 @@ pub fn worker_bin() -> PathBuf {
     sentinel_testkit::bins::worker()
 }
 
-pub const V1: &str = "digits/digits_mlp_v1.onnx";
-pub const V2: &str = "digits/digits_mlp_v2_degraded.onnx";
-pub const V3: &str = "digits/digits_mlp_v3_slow.onnx";
-
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
-
-pub struct TestHub {
-    pub url: String,
-    pub grpc_url: String,
-    pub admin: String,
-    pub dir: PathBuf,
-    pub client: Client,
-    pub rest_addr: std::net::SocketAddr,
-    pub grpc_addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl TestHub {
-    /// A hub on free ports (or the given ones, for a restart).
-    pub async fn start(dir: &Path, tweak: impl FnOnce(&mut HubConfig)) -> Self {
-        sentinel_hub::install_crypto_provider();
-        let mut config = HubConfig::new(dir);
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
-        config.heartbeat = Duration::from_secs(2);
-        // The hub checks every upload with the worker devices use.
-        config.inspect.worker = Some(worker_bin());
-        tweak(&mut config);
-        let hub = Hub::open(config).unwrap();
-        let listeners = hub.bind().await.unwrap();
-        let rest_addr = listeners.rest_addr().unwrap();
-        let grpc_addr = listeners.grpc_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            hub.serve(listeners, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let admin = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
-        Self {
-            url: format!("http://{rest_addr}"),
-            grpc_url: format!("http://{grpc_addr}"),
-            admin,
-            dir: dir.to_path_buf(),
-            client: Client::new(),
-            rest_addr,
-            grpc_addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// Stops the hub and waits until its listeners are closed.
-    pub async fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            // Streams end when the server shuts down; bound the wait anyway.
-            let _ = tokio::time::timeout(WAIT, t).await;
-        }
-    }
-
-    pub async fn post(&self, path: &str, body: Value) -> Value {
-        let r =
-            self.client.post(format!("{}{path}", self.url)).bearer_auth(&self.admin).json(&body).send().await.unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "POST {path}: {status} {v}");
-        v
-    }
-
-    pub async fn get(&self, path: &str) -> Value {
-        let r = self.client.get(format!("{}{path}", self.url)).bearer_auth(&self.admin).send().await.unwrap();
-        assert!(r.status().is_success(), "GET {path}: {}", r.status());
-        r.json().await.unwrap()
-    }
-
-    pub async fn push(&self, name: &str, version: &str, rel: &str, query: &str) {
-        let _ = self
-            .client
-            .post(format!("{}/api/v1/models", self.url))
-            .bearer_auth(&self.admin)
-            .json(&json!({"name": name}))
-            .send()
-            .await;
-        let r = self
-            .client
-            .post(format!("{}/api/v1/models/{name}/versions?version={version}{query}", self.url))
-            .bearer_auth(&self.admin)
-            .body(model_bytes(rel))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    }
-
-    pub async fn deploy(&self, name: &str, version: &str, target: &str) -> Value {
-        self.post(&format!("/api/v1/models/{name}/deploy"), json!({"version": version, "target": target})).await
-    }
-
-    /// Enrols a device and returns its token.
-    pub async fn enroll(&self, id: &str, labels: &[(&str, &str)]) -> String {
-        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-        let v = self.post("/api/v1/devices", json!({"id": id, "labels": labels})).await;
-        v["token"].as_str().unwrap().to_owned()
-    }
-
-    pub async fn public_key(&self) -> String {
-        let v: Value = self.client.get(format!("{}/api/v1/keys", self.url)).send().await.unwrap().json().await.unwrap();
-        v["keys"][0]["public_key"].as_str().unwrap().to_owned()
-    }
-
-    /// Path of a blob in the hub's store.
-    pub fn blob_path(&self, sha: &str) -> PathBuf {
-        self.dir.join("blobs/sha256").join(sha)
-    }
-
-    /// Polls the hub's device API until `pred` holds (the hub only shows
-    /// what devices report, so there is nothing to subscribe to).
-    pub async fn wait_device(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let what = format!("device {id} reaching the expected state");
-        eventually(&what, WAIT, async || Some(self.get(&format!("/api/v1/devices/{id}")).await).filter(|v| pred(v)))
-            .await
-    }
-}
-
-impl Drop for TestHub {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
 }
 
 /// Environment overrides every test agent gets: the worker binary cargo
@@ -247,7 +67,7 @@ pub async fn start_agent_with(
 /// A hub with digits 1.0.0 deployed to `site=a`, and an agent on `edge-1`
 /// (site=a) serving it, with no rollout policy set.
 pub async fn serving_v1(tmp: &Path) -> (TestHub, AgentHandle) {
-    let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     let agent = start_agent(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")]).await;
     hub.deploy("digits", "1.0.0", "site=a").await;

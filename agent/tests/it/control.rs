@@ -38,7 +38,7 @@ async fn infer(addr: std::net::SocketAddr) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_both_slots_and_rollback_puts_the_standby_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
     // The standby stays watched for an hour: the rollback comes from the operator.
@@ -158,10 +158,10 @@ fn write(path: &Path, bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_checks_the_signature_then_the_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     let key = hub.public_key().await;
-    let signed = hub.get("/api/v1/models/digits/versions/1.0.0/manifest").await;
+    let signed = hub.admin_get("/api/v1/models/digits/versions/1.0.0/manifest").await;
     let dir = tmp.path();
     let json_manifest = write(&dir.join("manifest.json"), signed.to_string().as_bytes());
     let b64 = |f: &str| {
@@ -227,7 +227,7 @@ async fn verify_checks_the_signature_then_the_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shouts_when_a_worker_runs_unconfined() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     let extra = "[serving]\nconfinement = \"off\"\n";
     let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
@@ -270,7 +270,7 @@ impl Systemd {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_tells_systemd_it_is_ready_what_it_serves_and_that_it_stops() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     let dir = tmp.path().join("agent");
     let token = hub.enroll("edge-1", &[("site", "a")]).await;
@@ -314,7 +314,7 @@ async fn the_binary_tells_systemd_it_is_ready_what_it_serves_and_that_it_stops()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_answers_during_an_install_with_the_labels_the_hub_assigned() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
     // The real worker, behind a script that waits on `gate` while it exists.

@@ -9,7 +9,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_reaches_only_matching_devices_with_the_verified_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "&hardware=x86_64,aarch64").await;
     let a = start_agent(&tmp.path().join("a"), &hub, "edge-a", &[("site", "a")]).await;
     let b = start_agent(&tmp.path().join("b"), &hub, "edge-b", &[("site", "b")]).await;
@@ -37,17 +37,17 @@ async fn a_deploy_reaches_only_matching_devices_with_the_verified_file() {
     assert_eq!(dev["models"][0]["deployment_id"], d["id"]);
     assert_eq!(dev["desired"][0]["version"], "1.0.0");
     assert!(dev["events"].as_array().unwrap().iter().any(|e| e["kind"] == "model_installed"));
-    let list = hub.get("/api/v1/devices").await;
+    let list = hub.admin_get("/api/v1/devices").await;
     assert_eq!(list["devices"].as_array().unwrap().len(), 2);
     assert_eq!(list["total"], 2);
-    let devb = hub.get("/api/v1/devices/edge-b").await;
+    let devb = hub.admin_get("/api/v1/devices/edge-b").await;
     assert_eq!(devb["desired"], serde_json::json!([]));
 
     // A rollback is a newer state naming the older version.
     hub.push("digits", "2.0.0", V2, "").await;
     hub.deploy("digits", "2.0.0", "site=a").await;
     a.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
-    hub.post("/api/v1/models/digits/rollback", serde_json::json!({})).await;
+    hub.admin_post("/api/v1/models/digits/rollback", serde_json::json!({})).await;
     let v = a
         .wait_for(WAIT, |v| {
             v.models.iter().any(|m| m.active_version.as_deref() == Some("1.0.0") && m.status == "serving")

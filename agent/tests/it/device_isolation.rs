@@ -10,7 +10,7 @@ use sentinel_proto::pb::{AgentReport, Hello};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_a_cannot_read_device_b_state_or_models() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("secret", "1.0.0", V1, "").await;
     let token_a = hub.enroll("edge-a", &[("site", "a")]).await;
     let _token_b = hub.enroll("edge-b", &[("site", "b")]).await;

@@ -89,7 +89,7 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
         ]
     );
     assert_eq!(ort_only.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["bfloat16"]);
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     let agent = start_agent(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")]).await;
     let base = format!("http://{}", agent.inference_addr.unwrap());
     let http = reqwest::Client::new();

@@ -38,7 +38,7 @@ async fn traffic_until_rollback(agent: &AgentHandle, hub: &TestHub, deployment: 
         let f = json!({"id": v["id"], "label": y[s]});
         http.post(format!("http://{addr}/v2/models/digits/feedback")).json(&f).send().await.unwrap();
         if i >= 100_000 {
-            let shown = hub.get(&format!("/api/v1/deployments/{deployment}")).await;
+            let shown = hub.admin_get(&format!("/api/v1/deployments/{deployment}")).await;
             let events = agent.shared.store.recent_events(20).unwrap();
             panic!(
                 "never rolled back: {:?}\nevents: {events:#?}\ndeployment: {shown:#}",
@@ -51,7 +51,7 @@ async fn traffic_until_rollback(agent: &AgentHandle, hub: &TestHub, deployment: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fleet() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     let mut agents = Vec::new();
     for n in 1..=5 {
@@ -67,7 +67,7 @@ async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fle
     let policy = json!({"phases": ["canary:50", "full"], "min_samples": 60, "min_accuracy_samples": 60,
                         "max_accuracy_drop": 0.1, "max_latency_ratio": 50.0});
     let d = hub
-        .post(
+        .admin_post(
             "/api/v1/models/digits/deploy",
             json!({"version": "2.0.0", "target": "fleet=f", "policy": policy, "halt_fraction": 0.2}),
         )
@@ -78,12 +78,12 @@ async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fle
     }
     // Only edge-1 and edge-2 have traffic (with ground truth); the rest hold.
     traffic_until_rollback(&agents[0], &hub, id).await;
-    let shown = hub.get(&format!("/api/v1/deployments/{id}")).await;
+    let shown = hub.admin_get(&format!("/api/v1/deployments/{id}")).await;
     assert_eq!(shown["state"], "active", "1 of 5 is not above 20%: {shown}");
     traffic_until_rollback(&agents[1], &hub, id).await;
 
     let shown = eventually("the deployment halted", WAIT, async || {
-        Some(hub.get(&format!("/api/v1/deployments/{id}")).await).filter(|shown| shown["state"] == "halted")
+        Some(hub.admin_get(&format!("/api/v1/deployments/{id}")).await).filter(|shown| shown["state"] == "halted")
     })
     .await;
     let reason = shown["halt_reason"].as_str().unwrap();
@@ -106,13 +106,13 @@ async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fle
 
     // Once every device reports the restored deployment, the halted one
     // still shows how far it got on each: no device falls back to pending.
-    let restored = hub.get("/api/v1/deployments?state=active").await["deployments"][0]["id"].as_i64().unwrap();
+    let restored = hub.admin_get("/api/v1/deployments?state=active").await["deployments"][0]["id"].as_i64().unwrap();
     eventually("the fleet reporting the restored version", WAIT, async || {
-        let r = hub.get(&format!("/api/v1/deployments/{restored}")).await;
+        let r = hub.admin_get(&format!("/api/v1/deployments/{restored}")).await;
         (r["status"]["counts"]["serving"] == 5).then_some(())
     })
     .await;
-    let halted = &hub.get(&format!("/api/v1/deployments/{id}")).await["status"];
+    let halted = &hub.admin_get(&format!("/api/v1/deployments/{id}")).await["status"];
     assert_eq!(halted["counts"]["rolled_back"], 2, "{halted}");
     assert_eq!(halted["counts"]["pending"], 0, "{halted}");
     for a in agents {

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 async fn serving_digits(tmp: &std::path::Path, extra: &str) -> (TestHub, AgentHandle, String) {
-    let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.join("hub"), |_| {}).await;
     let agent = start_agent_with(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.deploy("digits", "1.0.0", "site=a").await;

@@ -43,7 +43,7 @@ fn assert_private(dir: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_is_private_and_crash_leftovers_are_removed_at_start() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.deploy("digits", "1.0.0", "*").await;
     let dir = tmp.path().join("a");
@@ -76,7 +76,7 @@ async fn state_is_private_and_crash_leftovers_are_removed_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigterm_stops_the_agent_without_an_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.deploy("digits", "1.0.0", "*").await;
     let token = hub.enroll("edge-1", &[]).await;

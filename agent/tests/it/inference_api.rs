@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_v2_api_serves_and_refuses_bad_input_with_reasons() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     let agent = start_agent(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")]).await;
     let base = format!("http://{}", agent.inference_addr.unwrap());
     let http = reqwest::Client::new();
@@ -115,7 +115,7 @@ async fn the_v2_api_serves_and_refuses_bad_input_with_reasons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_works_unmodified() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     let agent = start_agent(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")]).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.deploy("digits", "1.0.0", "site=a").await;

@@ -18,7 +18,7 @@ async fn a_partial_file_from_a_killed_agent_is_never_used() {
     // The first download stalls half-way, holding the connection open.
     let proxy = CuttingProxy::bind_mode(size / 2, true, upstream).await;
     let proxy_url = format!("http://{}", proxy.addr);
-    let hub = TestHub::start(&tmp.path().join("hub"), |c| c.public_url = Some(proxy_url)).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |c| c.public_url = Some(proxy_url)).await;
     tell.send(hub.rest_addr).unwrap();
     hub.push("slow", "1.0.0", V3, "").await;
     hub.deploy("slow", "1.0.0", "*").await;

@@ -26,7 +26,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_traffic_rollbacks_and_conventions() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
     let extra = "[rollout]\nstandby_bake_seconds = 3600\n";
@@ -116,7 +116,7 @@ async fn metrics_follow_traffic_rollbacks_and_conventions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_download_counts_as_a_failed_download_and_a_failed_verification() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
     // One flipped byte in the hub's copy: the signed manifest no longer matches.

@@ -10,7 +10,7 @@ use common::*;
 async fn after_a_hub_restart_the_agent_reconnects_and_converges() {
     let tmp = tempfile::tempdir().unwrap();
     let hub_dir = tmp.path().join("hub");
-    let mut hub = TestHub::start(&hub_dir, |_| {}).await;
+    let mut hub = TestHub::start_at(&hub_dir, |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
     hub.deploy("digits", "1.0.0", "*").await;
@@ -23,7 +23,7 @@ async fn after_a_hub_restart_the_agent_reconnects_and_converges() {
     assert!(v.last_error.contains(&hub.grpc_url), "{}", v.last_error);
 
     // The same hub comes back on the same ports, and something changed meanwhile.
-    let hub = TestHub::start(&hub_dir, |c| {
+    let hub = TestHub::start_at(&hub_dir, |c| {
         c.listen = rest;
         c.grpc_listen = Some(grpc);
     })
@@ -39,7 +39,7 @@ async fn after_a_hub_restart_the_agent_reconnects_and_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_hub_down_the_agent_serves_its_last_verified_state() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let mut hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.deploy("digits", "1.0.0", "*").await;
     let token = hub.enroll("edge-1", &[("site", "a")]).await;

@@ -18,8 +18,8 @@ use tokio_stream::wrappers::ReceiverStream;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_signed_by_an_unpinned_key_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
-    let other = TestHub::start(&tmp.path().join("other"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
+    let other = TestHub::start_at(&tmp.path().join("other"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.deploy("digits", "1.0.0", "*").await;
     let token = hub.enroll("edge-1", &[]).await;
@@ -45,7 +45,7 @@ async fn an_expired_state_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     // A hub whose states expire the moment they are issued: what a device
     // sees when an attacker holds back a state until it is stale.
-    let hub = TestHub::start(&tmp.path().join("hub"), |c| c.state_ttl = Duration::ZERO).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |c| c.state_ttl = Duration::ZERO).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.deploy("digits", "1.0.0", "*").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
@@ -58,7 +58,7 @@ async fn an_expired_state_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_for_other_hardware_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "&hardware=riscv64-only").await;
     hub.deploy("digits", "1.0.0", "*").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
@@ -112,7 +112,7 @@ async fn record_state(hub: &TestHub, device: &str, token: &str) -> SignedDesired
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_older_revision_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
     let token = hub.enroll("edge-1", &[]).await;

@@ -14,7 +14,7 @@ async fn a_cut_download_resumes_where_it_stopped() {
     // Cut once half the body is through (headers are a few hundred bytes).
     let proxy = CuttingProxy::bind(size / 2, upstream).await;
     let proxy_url = format!("http://{}", proxy.addr);
-    let hub = TestHub::start(&tmp.path().join("hub"), |c| c.public_url = Some(proxy_url)).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |c| c.public_url = Some(proxy_url)).await;
     tell.send(hub.rest_addr).unwrap();
     hub.push("slow", "1.0.0", V3, "").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;

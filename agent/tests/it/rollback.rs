@@ -95,7 +95,7 @@ async fn stop_traffic(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<Traf
 const BASE: &str = "[rollout]\nbake_seconds = 1\nstandby_bake_seconds = 1\n";
 
 async fn agent_on_v1(tmp: &std::path::Path, rollout: &str) -> (TestHub, AgentHandle) {
-    let hub = TestHub::start(&tmp.join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     let agent =
         start_agent_with(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")], &format!("{BASE}{rollout}")).await;
@@ -108,8 +108,11 @@ async fn agent_on_v1(tmp: &std::path::Path, rollout: &str) -> (TestHub, AgentHan
 /// rolled back is not above a fraction of 1.0), so the device's own
 /// decisions are what the test sees.
 async fn deploy_without_halt(hub: &TestHub, version: &str) {
-    hub.post("/api/v1/models/digits/deploy", json!({"version": version, "target": "site=a", "halt_fraction": 1.0}))
-        .await;
+    hub.admin_post(
+        "/api/v1/models/digits/deploy",
+        json!({"version": version, "target": "site=a", "halt_fraction": 1.0}),
+    )
+    .await;
 }
 
 /// Waits for the model's status to be `state` and returns its detail.
@@ -144,7 +147,7 @@ async fn reported_rollback(hub: &TestHub) -> Value {
 /// default (halting off, so the device's own decision is what is seen).
 async fn deploy_with_only_phases(hub: &TestHub, version: &str, phases: &[&str]) {
     let body = json!({"version": version, "target": "site=a", "halt_fraction": 1.0, "policy": {"phases": phases}});
-    hub.post("/api/v1/models/digits/deploy", body).await;
+    hub.admin_post("/api/v1/models/digits/deploy", body).await;
 }
 
 /// Issue 12: `shadow,canary:10,full` and nothing else ran on 0 samples and
@@ -355,7 +358,7 @@ fn worker_pid(l: &sentinel_agent::serving::Loaded) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_from_the_hub_swaps_the_warm_standby_back_without_reloading_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", DEGRADED, "").await;
     // Promoted at once, and 1.0.0 stays warm for an hour.
@@ -366,7 +369,7 @@ async fn a_rollback_from_the_hub_swaps_the_warm_standby_back_without_reloading_i
 
     let (stop, back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let clients = traffic(&agent, 2, false, stop.clone(), back.clone());
-    let restored = hub.post("/api/v1/models/digits/rollback", json!({})).await["id"].as_i64().unwrap();
+    let restored = hub.admin_post("/api/v1/models/digits/rollback", json!({})).await["id"].as_i64().unwrap();
     agent
         .wait_for(WAIT, |v| {
             v.models.iter().any(|m| {

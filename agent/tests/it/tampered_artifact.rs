@@ -9,7 +9,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_on_the_hub_is_refused_and_the_old_model_kept() {
     let tmp = tempfile::tempdir().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
     let agent = start_agent(&tmp.path().join("a"), &hub, "edge-1", &[]).await;
@@ -25,7 +25,7 @@ async fn a_flipped_byte_on_the_hub_is_refused_and_the_old_model_kept() {
 
     // Halting off: with one device, its refusal would halt the deployment and
     // the hub would restore 1.0.0 before this test reads the refusal there.
-    hub.post(
+    hub.admin_post(
         "/api/v1/models/digits/deploy",
         serde_json::json!({"version": "2.0.0", "target": "*", "halt_fraction": 1.0}),
     )

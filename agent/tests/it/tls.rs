@@ -15,7 +15,7 @@ async fn sync_and_download_over_tls() {
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
 
-    let hub = TestHub::start(&tmp.path().join("hub"), |c| {
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |c| {
         c.tls = Some(TlsFiles { cert: cert_path.clone(), key: key_path.clone() });
     })
     .await;

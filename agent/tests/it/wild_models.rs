@@ -26,7 +26,7 @@ fn make_onnx(kind: &str, dir: &Path) -> PathBuf {
 async fn a_paddle_style_value_info_conflict_is_pushed_deployed_and_served() {
     let tmp = tempfile::tempdir().unwrap();
     let model = make_onnx("paddle_value_info", tmp.path());
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     // `push` asserts 201: the hub's check loaded it through the fallback.
     hub.push("paddle", "1.0.0", model.to_str().unwrap(), "").await;
     let agent = start_agent(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")]).await;
@@ -65,13 +65,13 @@ async fn symbolic_hw_is_refused_without_a_shape_and_served_with_one_from_push_or
     let tmp = tempfile::tempdir().unwrap();
     let model = make_onnx("symbolic_hw", tmp.path());
     let model = model.to_str().unwrap();
-    let hub = TestHub::start(&tmp.path().join("hub"), |_| {}).await;
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("hw", "1.0.0", model, "").await;
-    let v = hub.get("/api/v1/models/hw/versions/1.0.0").await;
+    let v = hub.admin_get("/api/v1/models/hw/versions/1.0.0").await;
     let warning = v["warnings"][0].as_str().unwrap_or_default();
     assert!(warning.contains("input `x`") && warning.contains("--input-shape x="), "marked at push: {v}");
     hub.push("hw", "2.0.0", model, "&input_shapes=x=1,3,8,8").await;
-    let v = hub.get("/api/v1/models/hw/versions/2.0.0").await;
+    let v = hub.admin_get("/api/v1/models/hw/versions/2.0.0").await;
     assert_eq!(v["manifest"]["serving_shapes"]["x"], json!([1, 3, 8, 8]), "signed: {v}");
     assert!(v.get("warnings").is_none(), "nothing left open: {v}");
 
