@@ -42,11 +42,13 @@ impl TestHub {
 
     /// A hub on `dir` (new, or kept from an earlier hub for a restart) with
     /// a 2 s device heartbeat, after `tweak` has had its say on the config.
+    /// `tweak` may set the listen addresses (a restart on the same ports).
     pub async fn start_at(dir: &Path, tweak: impl FnOnce(&mut HubConfig)) -> Self {
         let mut config = HubConfig::new(dir);
+        free_ports(&mut config);
         config.heartbeat = std::time::Duration::from_secs(2);
         tweak(&mut config);
-        Self::start_with(config).await
+        Self::start_on(config).await
     }
 
     /// A hub on an existing data dir (for restarts), with an upload cap.
@@ -60,10 +62,13 @@ impl TestHub {
 
     /// A hub with `config`, on free loopback ports whatever it says.
     pub async fn start_with(mut config: HubConfig) -> Self {
+        free_ports(&mut config);
+        Self::start_on(config).await
+    }
+
+    /// A hub with `config` as it is.
+    async fn start_on(mut config: HubConfig) -> Self {
         sentinel_hub::install_crypto_provider();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
-        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         // Every upload is checked by a real sentinel-worker of this build.
         if config.inspect.worker.is_none() {
             config.inspect.worker = Some(crate::bins::worker());
@@ -222,6 +227,13 @@ impl TestHub {
         })
         .await
     }
+}
+
+/// REST, gRPC and metrics on free loopback ports.
+fn free_ports(config: &mut HubConfig) {
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
 }
 
 impl Drop for TestHub {

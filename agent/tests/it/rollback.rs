@@ -264,8 +264,12 @@ async fn a_slower_version_is_rolled_back_for_latency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_model_re_pushed_is_promoted_through_every_phase() {
     let tmp = tempfile::tempdir().unwrap();
+    // Latency is not this test's subject: the p95s of two real workers on a
+    // shared machine would decide on the machine's noise. The ratio decision
+    // is unit-tested in `rollout::decision`; here the bound is the largest
+    // the hub accepts, so only accuracy and agreement can stop the rollout.
     let policy = "phases = [\"shadow\", \"canary:50\", \"full\"]\nmin_samples = 100\nmin_accuracy_samples = 40\n\
-                  max_accuracy_drop = 0.1\nmin_shadow_agreement = 0.95\nmax_latency_ratio = 3.0\n";
+                  max_accuracy_drop = 0.1\nmin_shadow_agreement = 0.95\nmax_latency_ratio = 1000.0\n";
     let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
     let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());
