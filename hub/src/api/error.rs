@@ -9,10 +9,12 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use sentinel_proto::quote;
 use sentinel_proto::quote::clip_message;
 use serde::Serialize;
 
 use crate::service::ServiceError;
+use crate::service::registry::RegistryError;
 use crate::store::{BlobError, StoreError};
 
 /// An error answered to an API caller.
@@ -131,6 +133,42 @@ impl From<ServiceError> for ApiError {
             ServiceError::Store(e) => e.into(),
             ServiceError::Blob(e) => e.into(),
             ServiceError::Join { context, source } => Self::from_join(context, &source),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::ModelNotRegistered { name } => {
+                Self::not_found(format!("model {} is not registered; POST /api/v1/models first", quote(&name)))
+            }
+            RegistryError::VersionExists { name, version, existing } => {
+                let same = if existing == version {
+                    String::new()
+                } else {
+                    format!(" ({existing} differs from {version} only in build metadata, which semver does not order)")
+                };
+                Self::conflict(format!(
+                    "model {} already has version {existing}{same}; versions are immutable",
+                    quote(&name)
+                ))
+            }
+            RegistryError::TooLarge { what, cap } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("{what} is larger than this hub's upload limit of {cap} bytes; nothing was stored"),
+            ),
+            RegistryError::BrokenOff { what, reason } => {
+                Self::bad_request(format!("the upload of {what} broke off ({reason}); nothing was stored, retry it"))
+            }
+            RegistryError::Write { context, source } => Self::from_write(context, &source),
+            RegistryError::InvalidModel { source } => {
+                Self::unprocessable("invalid_model", format!("{source}; nothing was stored"))
+            }
+            RegistryError::Inspect { source } => Self::internal("inspecting an upload", &source),
+            RegistryError::InvalidValidationSet { why } => Self::unprocessable("invalid_validation_set", why),
+            RegistryError::Service(e) => e.into(),
         }
     }
 }
