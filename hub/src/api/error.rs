@@ -162,7 +162,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::BrokenOff { what, reason } => {
                 Self::bad_request(format!("the upload of {what} broke off ({reason}); nothing was stored, retry it"))
             }
-            RegistryError::Write { context, source } => Self::from_write(context, &source),
+            RegistryError::OpenStaging { source } => Self::from_write("opening a staging file", &source),
+            RegistryError::Write { source } => Self::from_write("writing an upload", &source),
             RegistryError::InvalidModel { source } => {
                 Self::unprocessable("invalid_model", format!("{source}; nothing was stored"))
             }

@@ -40,10 +40,15 @@ pub enum RegistryError {
     /// The client's stream of `what` failed before its end.
     #[error("the upload of {what} broke off ({reason})")]
     BrokenOff { what: String, reason: String },
-    /// Writing received bytes to the staging area failed.
-    #[error("{context}")]
+    /// Opening the staging file failed, before a byte was read.
+    #[error("opening a staging file")]
+    OpenStaging {
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing received bytes to the staging file failed.
+    #[error("writing an upload")]
     Write {
-        context: &'static str,
         #[source]
         source: std::io::Error,
     },
@@ -77,15 +82,16 @@ pub struct Received {
 
 /// Streams `body` into a staging blob, hashing as it goes, refusing more than
 /// `cap` bytes. On `TooLarge` and `Write` the staging blob is already freed
-/// when this returns; the rest of `body` is left unread for the caller.
+/// when this returns; the rest of `body` is left unread for the caller. Any
+/// other error comes before a byte of `body` is read.
 pub async fn receive<S, E>(state: &SharedState, body: &mut S, cap: u64, what: &str) -> Result<Received, RegistryError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: Display,
 {
-    let write = |context| move |source| RegistryError::Write { context, source };
+    let write = |source| RegistryError::Write { source };
     let staged = state.blobs(|b| b.stage()).await?;
-    let clone = staged.file().try_clone().map_err(write("opening a staging file"))?;
+    let clone = staged.file().try_clone().map_err(|source| RegistryError::OpenStaging { source })?;
     let mut file = tokio::fs::File::from_std(clone);
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut size = 0u64;
@@ -96,9 +102,9 @@ where
             return Err(RegistryError::TooLarge { what: what.to_owned(), cap });
         }
         digest.update(&chunk);
-        file.write_all(&chunk).await.map_err(write("writing an upload"))?;
+        file.write_all(&chunk).await.map_err(write)?;
     }
-    file.flush().await.map_err(write("writing an upload"))?;
+    file.flush().await.map_err(write)?;
     Ok(Received { staged, sha256: hex::encode(digest.finish().as_ref()), size })
 }
 
