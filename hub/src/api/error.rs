@@ -206,3 +206,54 @@ impl From<PathRejection> for ApiError {
         Self::bad_request(format!("invalid path: {}", clip_message(&r.body_text())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(e: RegistryError) -> (u16, &'static str, String) {
+        let e = ApiError::from(e);
+        (e.status.as_u16(), e.code, e.message)
+    }
+
+    #[test]
+    fn registry_refusals_keep_their_statuses_codes_and_messages() {
+        assert_eq!(
+            answer(RegistryError::ModelNotRegistered { name: "m".into() }),
+            (404, "not_found", r#"model "m" is not registered; POST /api/v1/models first"#.into())
+        );
+        assert_eq!(
+            answer(RegistryError::VersionExists {
+                name: "m".into(),
+                version: "1.0.0".into(),
+                existing: "1.0.0".into()
+            }),
+            (409, "conflict", r#"model "m" already has version 1.0.0; versions are immutable"#.into())
+        );
+        let (status, code, message) = answer(RegistryError::VersionExists {
+            name: "m".into(),
+            version: "1.0.0+b".into(),
+            existing: "1.0.0".into(),
+        });
+        assert_eq!((status, code), (409, "conflict"));
+        assert!(message.contains("(1.0.0 differs from 1.0.0+b only in build metadata"), "{message}");
+        assert_eq!(
+            answer(RegistryError::TooLarge { what: "the model".into(), cap: 10 }),
+            (
+                413,
+                "too_large",
+                "the model is larger than this hub's upload limit of 10 bytes; nothing was stored".into()
+            )
+        );
+        assert_eq!(
+            answer(RegistryError::BrokenOff { what: "the model".into(), reason: "reset".into() }),
+            (400, "bad_request", "the upload of the model broke off (reset); nothing was stored, retry it".into())
+        );
+        assert_eq!(
+            answer(RegistryError::InvalidValidationSet { why: "labels are odd".into() }),
+            (422, "invalid_validation_set", "labels are odd".into())
+        );
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert_eq!(answer(RegistryError::Write { source: full }).0, 507);
+    }
+}
