@@ -60,14 +60,18 @@ impl fmt::Display for Role {
     }
 }
 
-impl FromStr for Role {
-    type Err = String;
+/// A role name this hub does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {value:?}; use viewer, publisher, deployer or admin")]
+pub struct UnknownRole {
+    pub value: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role {s:?}; use viewer, publisher, deployer or admin"))
+impl FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(s: &str) -> Result<Self, UnknownRole> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| UnknownRole { value: s.to_owned() })
     }
 }
 
@@ -106,6 +110,15 @@ pub fn hash_token(secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_round_trip_and_an_unknown_one_says_which_exist() {
+        for r in Role::ALL {
+            assert_eq!(r.as_str().parse::<Role>(), Ok(r));
+        }
+        let e = "root".parse::<Role>().unwrap_err();
+        assert_eq!(e.to_string(), r#"unknown role "root"; use viewer, publisher, deployer or admin"#);
+    }
 
     #[test]
     fn role_matrix() {

@@ -16,27 +16,44 @@ pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 /// used by Prometheus exporters of OpenTelemetry.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
-/// Parses a `--metrics-listen` value: an address, or `off` or nothing to
-/// serve no metrics.
-pub fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+/// Settings that cannot be served as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A listen address flag holds neither an address nor `off`. The parse
+    /// error is part of the message, not a source: clap prints a value
+    /// parser's error without its chain.
+    #[error("{value:?} is not an address like {example}, nor `off` ({reason})")]
+    ParseListen { value: String, example: &'static str, reason: std::net::AddrParseError },
+    /// Plain text on a non-loopback address, not explicitly allowed.
+    #[error(
+        "refusing to serve plain text on {addrs:?}: give --tls-cert and --tls-key, \
+         or pass --insecure-plaintext to accept the risk"
+    )]
+    PlainTextOffLoopback { addrs: Vec<SocketAddr> },
+}
+
+/// An address, or `None` for `off` or nothing.
+fn parse_listen(s: &str, example: &'static str) -> Result<Option<SocketAddr>, ConfigError> {
     match s.trim() {
         "" | "off" => Ok(None),
-        addr => addr
-            .parse()
-            .map(Some)
-            .map_err(|e| format!("{addr:?} is not an address like 127.0.0.1:9464, nor `off` ({e})")),
+        addr => addr.parse().map(Some).map_err(|reason| ConfigError::ParseListen {
+            value: addr.to_owned(),
+            example,
+            reason,
+        }),
     }
+}
+
+/// Parses a `--metrics-listen` value: an address, or `off` or nothing to
+/// serve no metrics.
+pub fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    parse_listen(s, "127.0.0.1:9464")
 }
 
 /// Parses a `--grpc-listen` value: an address for a separate gRPC
 /// listener, or `off` or nothing for none (the REST listener serves gRPC).
-pub fn parse_grpc_listen(s: &str) -> Result<Option<SocketAddr>, String> {
-    match s.trim() {
-        "" | "off" => Ok(None),
-        addr => {
-            addr.parse().map(Some).map_err(|e| format!("{addr:?} is not an address like 0.0.0.0:8081, nor `off` ({e})"))
-        }
-    }
+pub fn parse_grpc_listen(s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    parse_listen(s, "0.0.0.0:8081")
 }
 
 /// Default `RLIMIT_AS` of an upload's inspection, in MiB.
@@ -160,7 +177,7 @@ impl HubConfig {
     }
 
     /// Refuses plain text on a non-loopback address unless allowed.
-    pub fn check_transport(&self) -> Result<(), String> {
+    pub fn check_transport(&self) -> Result<(), ConfigError> {
         if self.tls.is_some() {
             return Ok(());
         }
@@ -175,10 +192,7 @@ impl HubConfig {
                 );
                 Ok(())
             }
-            (false, Transport::Safe) => Err(format!(
-                "refusing to serve plain text on {off_loopback:?}: give --tls-cert and --tls-key, \
-                 or pass --insecure-plaintext to accept the risk"
-            )),
+            (false, Transport::Safe) => Err(ConfigError::PlainTextOffLoopback { addrs: off_loopback }),
         }
     }
 }
@@ -193,7 +207,11 @@ mod tests {
         assert!(c.check_transport().is_ok(), "loopback is fine");
         c.grpc_listen = Some(SocketAddr::from(([0, 0, 0, 0], 8081)));
         let err = c.check_transport().expect_err("refused");
-        assert!(err.contains("--insecure-plaintext"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "refusing to serve plain text on [0.0.0.0:8081]: give --tls-cert and --tls-key, or pass \
+             --insecure-plaintext to accept the risk"
+        );
         c.transport = Transport::InsecurePlaintext;
         assert!(c.check_transport().is_ok());
         c.transport = Transport::Safe;
@@ -206,6 +224,12 @@ mod tests {
         assert_eq!(parse_metrics_listen(DEFAULT_METRICS_LISTEN), Ok(Some(SocketAddr::from(([127, 0, 0, 1], 9464)))));
         assert_eq!(parse_metrics_listen("off"), Ok(None));
         assert_eq!(parse_metrics_listen(""), Ok(None));
-        assert!(parse_metrics_listen("localhost").is_err());
+        let err = parse_metrics_listen(" localhost ").expect_err("not an address");
+        assert_eq!(
+            err.to_string(),
+            r#""localhost" is not an address like 127.0.0.1:9464, nor `off` (invalid socket address syntax)"#
+        );
+        let err = parse_grpc_listen("8081").expect_err("not an address");
+        assert!(err.to_string().starts_with(r#""8081" is not an address like 0.0.0.0:8081"#), "{err}");
     }
 }

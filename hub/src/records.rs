@@ -4,9 +4,106 @@
 //! Plain data with no behaviour, below the store so that pure logic
 //! (targeting, rollups) can read records without depending on storage.
 
+use std::fmt;
+use std::str::FromStr;
+
 use serde::Serialize;
 
 use crate::rollout::RolloutPolicy;
+
+/// A stored or requested value that names no variant of its kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {value:?}; expected one of {expected}")]
+pub struct UnknownValue {
+    /// What the value should have named, e.g. `deployment state`.
+    pub what: &'static str,
+    pub value: String,
+    /// The accepted values, comma-separated.
+    pub expected: &'static str,
+}
+
+/// Defines a text-valued enum: `as_str` gives the stored and serialized text,
+/// `FromStr` takes exactly that text back, and `ALL` lists the variants.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal, { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The text the store keeps and the API shows.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+
+            fn from_str(s: &str) -> Result<Self, UnknownValue> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownValue {
+                        what: $what,
+                        value: s.to_owned(),
+                        expected: concat!($($text, ", "),+).trim_end_matches(", ") as &'static str,
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum!(
+    /// Where a deployment stands.
+    DeploymentState, "deployment state", {
+        /// Devices it targets should run its version.
+        Active => "active",
+        /// A later deployment of the same model to the same target replaced it.
+        Superseded => "superseded",
+        /// A rollback deployment replaced it.
+        RolledBack => "rolled_back",
+        /// The hub halted it: too many devices rolled back or failed.
+        Halted => "halted",
+        /// An operator cancelled it.
+        Cancelled => "cancelled",
+    }
+);
+
+text_enum!(
+    /// Why a deployment was made.
+    DeploymentKind, "deployment kind", {
+        /// A version sent out on purpose.
+        Deploy => "deploy",
+        /// An earlier version brought back (by an operator, or by a halt).
+        Rollback => "rollback",
+    }
+);
+
+text_enum!(
+    /// How an audited request ended.
+    AuditOutcome, "audit outcome", {
+        /// A 2xx or 3xx answer.
+        Ok => "ok",
+        /// Refused for want of a token or a role (401, 403).
+        Denied => "denied",
+        /// Any other error answer.
+        Failed => "failed",
+    }
+);
 
 /// A registered model name and its metadata.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -42,10 +139,8 @@ pub struct DeploymentRecord {
     pub model: String,
     pub version: String,
     pub target: String,
-    /// `deploy` or `rollback`.
-    pub kind: String,
-    /// `active`, `superseded`, `rolled_back`, `halted` or `cancelled`.
-    pub state: String,
+    pub kind: DeploymentKind,
+    pub state: DeploymentState,
     pub created_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -73,7 +168,7 @@ pub struct NewDeployment {
     pub model: String,
     pub version: String,
     pub target: String,
-    pub kind: String,
+    pub kind: DeploymentKind,
     pub created_by: String,
     pub replaces: Option<i64>,
     pub policy: Option<RolloutPolicy>,
@@ -109,8 +204,7 @@ pub struct AuditEntry {
     /// e.g. `POST /api/v1/models/digits/versions`.
     pub action: String,
     pub status: u16,
-    /// `ok`, `denied` (401/403) or `failed`.
-    pub outcome: String,
+    pub outcome: AuditOutcome,
     pub detail: String,
 }
 
@@ -156,4 +250,45 @@ pub struct DeploymentDevice {
     pub detail: String,
     /// When the hub received the last report naming this deployment.
     pub updated_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trips<T: FromStr<Err = UnknownValue> + Copy + PartialEq + fmt::Debug + Serialize>(
+        all: &[T],
+        as_str: fn(T) -> &'static str,
+    ) {
+        for &v in all {
+            assert_eq!(as_str(v).parse::<T>(), Ok(v));
+            // The JSON the API shows is the stored text.
+            assert_eq!(serde_json::to_string(&v).expect("serialize"), format!("\"{}\"", as_str(v)));
+        }
+    }
+
+    #[test]
+    fn deployment_states_round_trip_and_name_the_choices_when_unknown() {
+        round_trips(DeploymentState::ALL, DeploymentState::as_str);
+        assert_eq!(DeploymentState::RolledBack.as_str(), "rolled_back");
+        let e = "paused".parse::<DeploymentState>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"unknown deployment state "paused"; expected one of active, superseded, rolled_back, halted, cancelled"#
+        );
+    }
+
+    #[test]
+    fn deployment_kinds_round_trip_and_name_the_choices_when_unknown() {
+        round_trips(DeploymentKind::ALL, DeploymentKind::as_str);
+        let e = "Deploy".parse::<DeploymentKind>().unwrap_err();
+        assert_eq!(e.to_string(), r#"unknown deployment kind "Deploy"; expected one of deploy, rollback"#);
+    }
+
+    #[test]
+    fn audit_outcomes_round_trip_and_name_the_choices_when_unknown() {
+        round_trips(AuditOutcome::ALL, AuditOutcome::as_str);
+        let e = "".parse::<AuditOutcome>().unwrap_err();
+        assert_eq!(e.to_string(), r#"unknown audit outcome ""; expected one of ok, denied, failed"#);
+    }
 }

@@ -9,7 +9,7 @@ use sentinel_proto::pb;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::records::{DeploymentDevice, DeploymentRecord, DeviceRecord};
+use crate::records::{DeploymentDevice, DeploymentRecord, DeploymentState, DeviceRecord};
 use crate::rollout::waves;
 use crate::selector::Selector;
 use crate::targeting::target_of;
@@ -109,7 +109,7 @@ pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[Deploy
     let Ok(selector) = Selector::parse(&d.target) else {
         return Rollup { targeted: 0, wave_percent, waiting: 0, counts, devices: out };
     };
-    let ended = d.state != "active";
+    let ended = d.state != DeploymentState::Active;
     let mut waiting = 0;
     // By device: the rollup runs on every report that changes a state, over fleets of thousands.
     let reported: HashMap<&str, &DeploymentDevice> = reported.iter().map(|r| (r.device_id.as_str(), r)).collect();
@@ -187,7 +187,7 @@ pub fn earlier_deployments<'a>(
             && d.target == current.target
             && d.id < current.id
             && d.version != current.version
-            && d.state != "halted"
+            && d.state != DeploymentState::Halted
     })
 }
 
@@ -208,6 +208,7 @@ pub fn changed_deployments(old: Option<&serde_json::Value>, new: &[pb::ModelStat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::DeploymentKind;
 
     fn device(id: &str, site: &str, created_at_ms: i64) -> DeviceRecord {
         DeviceRecord {
@@ -240,8 +241,8 @@ mod tests {
             model: "m".into(),
             version: "2.0.0".into(),
             target: "site=a".into(),
-            kind: "deploy".into(),
-            state: "active".into(),
+            kind: DeploymentKind::Deploy,
+            state: DeploymentState::Active,
             created_by: "t".into(),
             created_at_ms: 0,
             updated_at_ms: 0,
@@ -274,13 +275,13 @@ mod tests {
     #[test]
     fn an_ended_deployment_keeps_its_states_and_ignores_later_devices() {
         let mut d = deployment(0.2, None);
-        d.state = "halted".into();
+        d.state = DeploymentState::Halted;
         d.updated_at_ms = 100;
         let devices = vec![device("a", "a", 10), device("b", "a", 20), device("late", "a", 200)];
         let r = rollup(&d, &devices, &[reported("a", "rolled_back")]);
         assert_eq!(r.targeted, 2, "late was enrolled after the halt: {r:?}");
         assert_eq!((r.counts["rolled_back"], r.counts["pending"]), (1, 1));
-        d.state = "active".into();
+        d.state = DeploymentState::Active;
         assert_eq!(rollup(&d, &devices, &[]).targeted, 3, "an active deployment targets newcomers");
     }
 

@@ -45,8 +45,8 @@ pub enum HubError {
     },
     #[error("a listener's task failed")]
     Serve(#[source] tokio::task::JoinError),
-    #[error("{0}")]
-    Transport(String),
+    #[error(transparent)]
+    Transport(crate::config::ConfigError),
     #[error("loading the TLS identity")]
     Tls(#[source] crate::tls::TlsError),
     #[error("registering the metrics")]

@@ -105,7 +105,7 @@ impl From<AuditEntry> for AuditEntryOut {
             role: e.role,
             action: e.action,
             status: e.status,
-            outcome: e.outcome,
+            outcome: e.outcome.as_str().to_owned(),
             detail: e.detail,
         }
     }

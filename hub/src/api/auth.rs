@@ -8,7 +8,7 @@ use axum::response::Response;
 
 use super::{ApiError, SharedState};
 use crate::auth::{Role, hash_token};
-use crate::store::AuditEntry;
+use crate::store::{AuditEntry, AuditOutcome};
 use sentinel_proto::quote;
 
 pub use crate::auth::Caller;
@@ -91,11 +91,11 @@ pub async fn authenticate(State(state): State<SharedState>, mut req: Request, ne
         };
         let status = response.status();
         let outcome = if status.is_success() {
-            "ok"
+            AuditOutcome::Ok
         } else if status.as_u16() == 401 || status.as_u16() == 403 {
-            "denied"
+            AuditOutcome::Denied
         } else {
-            "failed"
+            AuditOutcome::Failed
         };
         let entry = AuditEntry {
             id: 0,
@@ -104,7 +104,7 @@ pub async fn authenticate(State(state): State<SharedState>, mut req: Request, ne
             role,
             action: format!("{method} {path}"),
             status: status.as_u16(),
-            outcome: outcome.to_owned(),
+            outcome,
             detail: response.extensions().get::<AuditDetail>().map(|d| d.0.clone()).unwrap_or_default(),
         };
         if let Err(e) = state.meta(move |m| m.append_audit(&entry)).await {

@@ -23,11 +23,8 @@ use crate::rollout::{DEFAULT_HALT_FRACTION, PolicyError, RolloutPolicy, validate
 use crate::rollup::{Rollup, earlier_deployments};
 use crate::selector::{Selector, SelectorError};
 use crate::service::deployments;
-use crate::store::{DeploymentRecord, NewDeployment};
+use crate::store::{DeploymentKind, DeploymentRecord, DeploymentState, NewDeployment};
 use sentinel_proto::quote;
-
-/// The states a deployment can be in, for filters and messages.
-const STATES: [&str; 5] = ["active", "superseded", "rolled_back", "halted", "cancelled"];
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeploymentOut {
@@ -86,8 +83,8 @@ impl From<DeploymentRecord> for DeploymentOut {
             model: d.model,
             version: d.version,
             target: d.target,
-            kind: d.kind,
-            state: d.state,
+            kind: d.kind.as_str().to_owned(),
+            state: d.state.as_str().to_owned(),
             created_by: d.created_by,
             created_at_ms: d.created_at_ms,
             updated_at_ms: d.updated_at_ms,
@@ -265,7 +262,7 @@ pub async fn deploy(
         model: name.clone(),
         version: body.version.clone(),
         target: selector.to_string(),
-        kind: "deploy".into(),
+        kind: DeploymentKind::Deploy,
         created_by: caller.name.clone(),
         replaces: None,
         policy: body.policy,
@@ -345,7 +342,7 @@ pub async fn rollback(
         model: name.clone(),
         version: to_version.clone(),
         target: current.target.clone(),
-        kind: "rollback".into(),
+        kind: DeploymentKind::Rollback,
         created_by: caller.name.clone(),
         replaces: Some(current.id),
         // The earlier version goes back with the agent's default policy.
@@ -371,14 +368,18 @@ pub async fn list(
 ) -> Result<Json<DeploymentList>, ApiError> {
     caller.require(Role::Viewer, "listing deployments")?;
     let ApiQuery(p) = query?;
-    if let Some(s) = &p.state
-        && !STATES.contains(&s.as_str())
-    {
-        return Err(ApiError::bad_request(format!("unknown state {}; use one of {}", quote(s), STATES.join(", "))));
-    }
+    let wanted = p
+        .state
+        .as_deref()
+        .map(|s| {
+            s.parse::<DeploymentState>().map_err(|_| {
+                let all: Vec<&str> = DeploymentState::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::bad_request(format!("unknown state {}; use one of {}", quote(s), all.join(", ")))
+            })
+        })
+        .transpose()?;
     let (limit, offset) = page(p.limit, p.offset)?;
-    let (rows, total) =
-        state.meta(move |m| m.list_deployments(p.model.as_deref(), p.state.as_deref(), limit, offset)).await?;
+    let (rows, total) = state.meta(move |m| m.list_deployments(p.model.as_deref(), wanted, limit, offset)).await?;
     Ok(Json(DeploymentList { deployments: rows.into_iter().map(Into::into).collect(), total, limit, offset }))
 }
 

@@ -13,7 +13,7 @@ use super::auth::AuditDetail;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
 use crate::auth::{Role, generate_token, hash_token};
 use crate::service::fleet::Connection;
-use crate::store::{DeviceEvent, DeviceRecord};
+use crate::store::{DeploymentState, DeviceEvent, DeviceRecord};
 use crate::targeting::{assignments_for, target_of};
 use sentinel_proto::quote;
 
@@ -182,7 +182,7 @@ pub async fn show(
         .meta(move |m| {
             let d = m.get_device(&i)?;
             let e = m.device_events(&i, 100)?;
-            let a = m.list_deployments(None, Some("active"), u32::MAX, 0)?.0;
+            let a = m.list_deployments(None, Some(DeploymentState::Active), u32::MAX, 0)?.0;
             Ok((d, e, a))
         })
         .await?;
@@ -245,7 +245,7 @@ pub async fn device_may_fetch(
         let hello: Option<sentinel_proto::pb::Hello> =
             device.hello.clone().and_then(|h| serde_json::from_value(h).ok());
         let target = target_of(&device, hello.as_ref());
-        let active = st.metadata().list_deployments(Some(&m), Some("active"), u32::MAX, 0)?.0;
+        let active = st.metadata().list_deployments(Some(&m), Some(DeploymentState::Active), u32::MAX, 0)?.0;
         let mine = assignments_for(&active, &mut |m, v| st.metadata().get_version(m, v), &target)?;
         Ok(mine.iter().any(|a| a.version.model == m && a.version.version == v))
     })

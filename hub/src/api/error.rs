@@ -9,10 +9,12 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use sentinel_proto::quote;
 use sentinel_proto::quote::clip_message;
 use serde::Serialize;
 
 use crate::service::ServiceError;
+use crate::service::registry::RegistryError;
 use crate::store::{BlobError, StoreError};
 
 /// An error answered to an API caller.
@@ -135,6 +137,43 @@ impl From<ServiceError> for ApiError {
     }
 }
 
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::ModelNotRegistered { name } => {
+                Self::not_found(format!("model {} is not registered; POST /api/v1/models first", quote(&name)))
+            }
+            RegistryError::VersionExists { name, version, existing } => {
+                let same = if existing == version {
+                    String::new()
+                } else {
+                    format!(" ({existing} differs from {version} only in build metadata, which semver does not order)")
+                };
+                Self::conflict(format!(
+                    "model {} already has version {existing}{same}; versions are immutable",
+                    quote(&name)
+                ))
+            }
+            RegistryError::TooLarge { what, cap } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("{what} is larger than this hub's upload limit of {cap} bytes; nothing was stored"),
+            ),
+            RegistryError::BrokenOff { what, reason } => {
+                Self::bad_request(format!("the upload of {what} broke off ({reason}); nothing was stored, retry it"))
+            }
+            RegistryError::OpenStaging { source } => Self::from_write("opening a staging file", &source),
+            RegistryError::Write { source } => Self::from_write("writing an upload", &source),
+            RegistryError::InvalidModel { source } => {
+                Self::unprocessable("invalid_model", format!("{source}; nothing was stored"))
+            }
+            RegistryError::Inspect { source } => Self::internal("inspecting an upload", &source),
+            RegistryError::InvalidValidationSet { why } => Self::unprocessable("invalid_validation_set", why),
+            RegistryError::Service(e) => e.into(),
+        }
+    }
+}
+
 impl From<BlobError> for ApiError {
     fn from(e: BlobError) -> Self {
         match &e {
@@ -165,5 +204,56 @@ impl From<QueryRejection> for ApiError {
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
         Self::bad_request(format!("invalid path: {}", clip_message(&r.body_text())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(e: RegistryError) -> (u16, &'static str, String) {
+        let e = ApiError::from(e);
+        (e.status.as_u16(), e.code, e.message)
+    }
+
+    #[test]
+    fn registry_refusals_keep_their_statuses_codes_and_messages() {
+        assert_eq!(
+            answer(RegistryError::ModelNotRegistered { name: "m".into() }),
+            (404, "not_found", r#"model "m" is not registered; POST /api/v1/models first"#.into())
+        );
+        assert_eq!(
+            answer(RegistryError::VersionExists {
+                name: "m".into(),
+                version: "1.0.0".into(),
+                existing: "1.0.0".into()
+            }),
+            (409, "conflict", r#"model "m" already has version 1.0.0; versions are immutable"#.into())
+        );
+        let (status, code, message) = answer(RegistryError::VersionExists {
+            name: "m".into(),
+            version: "1.0.0+b".into(),
+            existing: "1.0.0".into(),
+        });
+        assert_eq!((status, code), (409, "conflict"));
+        assert!(message.contains("(1.0.0 differs from 1.0.0+b only in build metadata"), "{message}");
+        assert_eq!(
+            answer(RegistryError::TooLarge { what: "the model".into(), cap: 10 }),
+            (
+                413,
+                "too_large",
+                "the model is larger than this hub's upload limit of 10 bytes; nothing was stored".into()
+            )
+        );
+        assert_eq!(
+            answer(RegistryError::BrokenOff { what: "the model".into(), reason: "reset".into() }),
+            (400, "bad_request", "the upload of the model broke off (reset); nothing was stored, retry it".into())
+        );
+        assert_eq!(
+            answer(RegistryError::InvalidValidationSet { why: "labels are odd".into() }),
+            (422, "invalid_validation_set", "labels are odd".into())
+        );
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert_eq!(answer(RegistryError::Write { source: full }).0, 507);
     }
 }

@@ -5,11 +5,13 @@
 //! `model` part and, optionally, a validation set as `validation_inputs` and
 //! `validation_labels` parts. Version metadata comes in the query string.
 //!
-//! Each part streams to a staging file while its SHA-256 and size are
-//! computed; nothing is held whole in memory and a part over the cap is cut
-//! off at the cap. Only when the model has loaded and every check passed are
-//! the blobs committed and the version row written, in that order: a crash
-//! at any point leaves either no version or a complete one.
+//! This module is the HTTP side only: the query string, the multipart parts,
+//! the size cap as a status, and reading on past a refusal so the client
+//! sees the answer. Receiving, inspecting, signing and committing are the
+//! registry service's ([`crate::service::registry`]): each part streams to a
+//! staging file while its SHA-256 and size are computed, and only when the
+//! model has loaded and every check passed are the blobs committed and the
+//! version row written.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -19,10 +21,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, body::Bytes};
 use futures_util::{Stream, StreamExt as _};
-use sentinel_proto::manifest::{AccuracyView, FORMAT_ONNX, parse_stage, sign_manifest, stage_name};
-use sentinel_proto::pb::{self, ModelManifest, dimension::Kind};
+use sentinel_proto::manifest::{AccuracyView, parse_stage};
+use sentinel_proto::pb;
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt as _;
 use utoipa::IntoParams;
 
 use super::auth::AuditDetail;
@@ -30,8 +31,7 @@ use super::models::check_tags;
 use super::versions::{VersionOut, check_accuracy, check_hardware, check_version};
 use super::{ApiError, ApiPath, ApiQuery, Caller, SharedState};
 use crate::auth::Role;
-use crate::onnx::dtype_size;
-use crate::store::{StagedBlob, VersionRecord};
+use crate::service::registry::{self, NewVersion, Received, RegistryError};
 use sentinel_proto::quote;
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -130,13 +130,6 @@ fn parse_input_shapes(text: &str) -> Result<BTreeMap<String, Vec<u64>>, ApiError
     Ok(shapes)
 }
 
-/// A part that has been streamed to disk.
-struct Received {
-    staged: StagedBlob,
-    sha256: String,
-    size: u64,
-}
-
 fn split_list(s: &Option<String>) -> Vec<String> {
     s.as_deref()
         // Not trimmed: a space is part of a tag (and not allowed in a
@@ -145,47 +138,23 @@ fn split_list(s: &Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn too_large(what: &str, cap: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
-        format!("{what} is larger than this hub's upload limit of {cap} bytes; nothing was stored"),
-    )
-}
-
-/// Streams `body` into a staging blob, hashing as it goes, refusing more than `cap` bytes.
+/// Streams `body` into a staging blob through the registry. A body refused
+/// part-way (too large, a failed write) is read on, up to [`DRAIN_LIMIT`],
+/// so the client, still sending, gets the answer instead of a reset connection.
 async fn receive<S, E>(state: &SharedState, mut body: S, cap: u64, what: &str) -> Result<Received, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: Display,
 {
-    let staged = state.blobs(|b| b.stage()).await?;
-    let clone = staged.file().try_clone().map_err(|e| ApiError::from_write("opening a staging file", &e))?;
-    let mut file = tokio::fs::File::from_std(clone);
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut size = 0u64;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::bad_request(format!("the upload of {what} broke off ({e}); nothing was stored, retry it"))
-        })?;
-        size += chunk.len() as u64;
-        let failed = if size > cap {
-            Some(too_large(what, cap))
-        } else {
-            digest.update(&chunk);
-            file.write_all(&chunk).await.err().map(|e| ApiError::from_write("writing an upload", &e))
-        };
-        if let Some(err) = failed {
-            // Free the space first, then read on so the client, still
-            // sending, gets this answer instead of a reset connection.
-            drop(file);
-            drop(staged);
-            drain(&mut body).await;
-            return Err(err);
+    match registry::receive(state, &mut body, cap, what).await {
+        Ok(received) => Ok(received),
+        Err(e) => {
+            if matches!(e, RegistryError::TooLarge { .. } | RegistryError::Write { .. }) {
+                drain(&mut body).await;
+            }
+            Err(e.into())
         }
     }
-    file.flush().await.map_err(|e| ApiError::from_write("writing an upload", &e))?;
-    Ok(Received { staged, sha256: hex::encode(digest.finish().as_ref()), size })
 }
 
 /// How much of a refused body is read and discarded so that the client sees
@@ -203,41 +172,6 @@ where
             _ => break,
         }
     }
-}
-
-/// Whether two semver strings have the same precedence: equal but for build
-/// metadata. Strings that do not parse are compared as they are.
-fn same_precedence(a: &str, b: &str) -> bool {
-    match (semver::Version::parse(a), semver::Version::parse(b)) {
-        (Ok(a), Ok(b)) => a.cmp_precedence(&b) == std::cmp::Ordering::Equal,
-        _ => a == b,
-    }
-}
-
-/// Bytes of one validation sample of the model's first input: every dim
-/// after the batch dim must be fixed.
-fn sample_bytes(input: &pb::TensorSpec) -> Result<u64, ApiError> {
-    let unusable = |why: &str| {
-        ApiError::unprocessable(
-            "invalid_validation_set",
-            format!("a validation set needs the first input `{}` to {why}", input.name),
-        )
-    };
-    let elem = dtype_size(&input.dtype).ok_or_else(|| unusable("have a numeric dtype"))?;
-    if input.shape.is_empty() {
-        return Err(unusable("have a batch dimension"));
-    }
-    let mut n = elem;
-    for d in &input.shape[1..] {
-        match d.kind {
-            // Dims come from the uploaded file: checked, never wrapped.
-            Some(Kind::Fixed(k)) => {
-                n = n.checked_mul(k).ok_or_else(|| unusable("take fewer than 2^64 bytes per sample"))?;
-            }
-            _ => return Err(unusable("have fixed dimensions after the batch dimension")),
-        }
-    }
-    Ok(n)
 }
 
 /// Upload a new version of a model (streamed).
@@ -322,28 +256,7 @@ async fn receive_version(
         }
         None => None,
     };
-    let n = name.clone();
-    let (model, versions) = state.meta(move |m| Ok((m.get_model(&n)?, m.list_versions(&n)?))).await?;
-    // Semver gives build metadata no precedence: `1.0.0` and `1.0.0+build.5`
-    // would coexist in no defined order, so they are the same version here.
-    let existing = versions.iter().find(|v| same_precedence(&v.version, &version)).map(|v| v.version.clone());
-    if model.is_none() {
-        return Err(ApiError::not_found(format!(
-            "model {} is not registered; POST /api/v1/models first",
-            quote(&name)
-        )));
-    }
-    if let Some(existing) = existing {
-        let same = if existing == version {
-            String::new()
-        } else {
-            format!(" ({existing} differs from {version} only in build metadata, which semver does not order)")
-        };
-        return Err(ApiError::conflict(format!(
-            "model {} already has version {existing}{same}; versions are immutable",
-            quote(&name)
-        )));
-    }
+    registry::check_new_version(&state, &name, &version).await?;
     let cap = state.config().max_upload_bytes;
     // From here on the body is this function's: an oversize one is refused
     // unread, not drained.
@@ -353,7 +266,7 @@ async fn receive_version(
     if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > cap
     {
-        return Err(too_large("the request body", cap));
+        return Err(RegistryError::TooLarge { what: "the request body".into(), cap }.into());
     }
     let is_multipart = req
         .headers()
@@ -370,115 +283,18 @@ async fn receive_version(
         return Err(ApiError::bad_request("the model file is empty; send the ONNX file as the request body"));
     }
 
-    let inspection =
-        state.inspector().inspect_with(model_blob.staged.path(), &serving, &engine).await.map_err(|e| {
-            if e.is_refusal() {
-                ApiError::unprocessable("invalid_model", format!("{e}; nothing was stored"))
-            } else {
-                ApiError::internal("inspecting an upload", &e)
-            }
-        })?;
-    if let Some(why) = &inspection.report.probe_skipped {
-        tracing::warn!(model = %name, %version, reason = %why, "accepted without a probe inference");
-    }
-    let check_skipped = inspection.skipped.clone().unwrap_or_default();
-    let signature = inspection.signature;
-    let serving_shapes: Vec<pb::ServingShape> = signature
-        .inputs
-        .iter()
-        .filter_map(|t| serving.get(&t.name).map(|d| pb::ServingShape { input: t.name.clone(), dims: d.clone() }))
-        .collect();
-
-    let validation_set = match &validation {
-        None => None,
-        Some((inputs, labels)) => {
-            let per_sample = sample_bytes(&signature.inputs[0])?;
-            if labels.size == 0 || labels.size % 8 != 0 {
-                return Err(ApiError::unprocessable(
-                    "invalid_validation_set",
-                    format!(
-                        "validation labels are {} bytes; they must be a non-empty run of int64 values",
-                        labels.size
-                    ),
-                ));
-            }
-            let count = labels.size / 8;
-            let needed = count.checked_mul(per_sample);
-            if needed != Some(inputs.size) {
-                return Err(ApiError::unprocessable(
-                    "invalid_validation_set",
-                    format!(
-                        "validation inputs are {} bytes, but {count} labels need {count} x {per_sample} = {} bytes",
-                        inputs.size,
-                        needed.map_or_else(|| "over 2^64".to_owned(), |n| n.to_string())
-                    ),
-                ));
-            }
-            Some(pb::ValidationSet {
-                inputs: Some(pb::BlobRef { sha256: inputs.sha256.clone(), size: inputs.size }),
-                labels: Some(pb::BlobRef { sha256: labels.sha256.clone(), size: labels.size }),
-                count,
-            })
-        }
-    };
-
-    let now = crate::now_ms();
-    let manifest = ModelManifest {
+    let new = NewVersion {
         name: name.clone(),
         version: version.clone(),
-        sha256: model_blob.sha256.clone(),
-        size: model_blob.size,
-        format: FORMAT_ONNX.into(),
-        inputs: signature.inputs,
-        outputs: signature.outputs,
-        accuracy,
-        hardware: hardware.clone(),
-        stage: stage as i32,
-        created_at_unix_ms: now,
-        key_id: String::new(),
-        tags,
-        validation: validation_set,
-        serving_shapes,
-        engine,
-        check_skipped,
-    };
-    let signer = state.keyring().active();
-    let signed = sign_manifest(&signer, &manifest);
-
-    // Blobs first, durable; then the row that makes the version exist.
-    let mut extra = Vec::new();
-    let mut to_commit = vec![(model_blob.staged, model_blob.sha256.clone())];
-    if let Some((inputs, labels)) = validation {
-        extra.push(inputs.sha256.clone());
-        extra.push(labels.sha256.clone());
-        to_commit.push((inputs.staged, inputs.sha256));
-        to_commit.push((labels.staged, labels.sha256));
-    }
-    state
-        .blobs(move |b| {
-            for (staged, sha) in to_commit {
-                b.commit(staged, &sha)?;
-            }
-            Ok(())
-        })
-        .await?;
-    let record = VersionRecord {
-        model: name.clone(),
-        version: version.clone(),
-        sha256: model_blob.sha256.clone(),
-        size: model_blob.size,
-        stage: stage_name(stage).to_owned(),
+        stage,
         hardware,
-        manifest: signed.manifest,
-        signature: signed.signature,
-        key_id: signed.key_id,
-        created_at_ms: now,
+        tags,
+        serving,
+        engine,
+        accuracy,
         created_by: caller.name.clone(),
     };
-    let stored = record.clone();
-    state.meta(move |m| m.insert_version(&stored, &extra)).await?;
-    state.metrics().model_push_bytes.inc_by(record.size);
-    tracing::info!(model = %name, %version, sha256 = %record.sha256, size = record.size, "version registered");
+    let record = registry::register(&state, new, model_blob, validation).await?;
 
     let location = format!("/api/v1/models/{name}/versions/{version}");
     let mut resp =
@@ -575,25 +391,4 @@ pub async fn read_multipart<P: PartSink>(
         }
     };
     Ok((model, validation))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sentinel_proto::pb::Dimension;
-
-    fn spec(dims: &[Option<u64>]) -> pb::TensorSpec {
-        let shape =
-            dims.iter().map(|d| Dimension { kind: Some(d.map_or(Kind::Symbolic("N".into()), Kind::Fixed)) }).collect();
-        pb::TensorSpec { name: "x".into(), dtype: "float32".into(), shape }
-    }
-
-    #[test]
-    fn a_sample_size_is_the_fixed_dims_times_the_element_and_never_wraps() {
-        assert_eq!(sample_bytes(&spec(&[None, Some(64)])).ok(), Some(256));
-        // Dims an uploaded file declares: 2^62 x 4 bytes would wrap.
-        let err = sample_bytes(&spec(&[None, Some(1 << 62), Some(4)])).unwrap_err();
-        assert!(format!("{err:?}").contains("fewer than 2^64 bytes per sample"), "{err:?}");
-        assert!(sample_bytes(&spec(&[None, None])).is_err());
-    }
 }

@@ -1,4 +1,5 @@
-//! One function per command. Each prints a table (or JSON with `--json`).
+//! Dispatch, and one function per `model` and `deployments` command. Each
+//! prints a table (or JSON with `--json`); `admin` has the rest.
 
 use std::io::IsTerminal as _;
 
@@ -7,9 +8,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::CliError;
-use super::args::{
-    Cli, Command, DeploymentsCommand, DeviceCommand, HubCommand, ListArgs, ModelCommand, PushArgs, TokenCommand,
-};
+use super::admin::{device, hub, token};
+use super::args::{Cli, Command, DeploymentsCommand, ListArgs, ModelCommand, PushArgs};
 use super::client::HubClient;
 use super::deploy::{deploy_body, deployment_text, effective_policy_text};
 
@@ -70,12 +70,13 @@ pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
     t
 }
 
-struct Out {
-    json: bool,
+/// Where a command's answer goes: JSON with `--json`, else the human text.
+pub(super) struct Out {
+    pub(super) json: bool,
 }
 
 impl Out {
-    fn print(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
+    pub(super) fn print(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
         if self.json {
             println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
         } else {
@@ -330,206 +331,6 @@ async fn deployments(client: &HubClient, out: &Out, cmd: DeploymentsCommand) -> 
             });
         }
     }
-    Ok(())
-}
-
-fn labels_text(v: &Value) -> String {
-    v.as_object()
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(","))
-        .filter(|t| !t.is_empty())
-        .unwrap_or_else(|| "-".into())
-}
-
-fn running_text(models: &Value) -> String {
-    models
-        .as_array()
-        .map(|ms| {
-            ms.iter()
-                .map(|m| format!("{} {} ({})", s(&m["name"]), s(&m["version"]), s(&m["state"])))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .filter(|t| !t.is_empty())
-        .unwrap_or_else(|| "-".into())
-}
-
-fn device_rows(list: &[Value]) -> Vec<Vec<String>> {
-    list.iter()
-        .map(|d| {
-            vec![
-                s(&d["id"]),
-                labels_text(&d["labels"]),
-                s(&d["hardware"]),
-                if d["connected"] == json!(true) { "connected".into() } else { "offline".into() },
-                time(&d["last_seen_ms"]),
-                s(&d["applied_revision"]),
-                running_text(&d["models"]),
-            ]
-        })
-        .collect()
-}
-
-const DEVICE_HEADER: [&str; 7] = ["DEVICE", "LABELS", "HARDWARE", "STREAM", "LAST SEEN", "REVISION", "RUNNING"];
-
-async fn device(client: &HubClient, out: &Out, cmd: DeviceCommand) -> Result<(), CliError> {
-    match cmd {
-        DeviceCommand::Enroll { name, labels } => {
-            let mut map = serde_json::Map::new();
-            for part in labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let (k, v) = part
-                    .split_once('=')
-                    .ok_or_else(|| CliError::Usage(format!("--labels part {part:?} is not key=value")))?;
-                map.insert(k.trim().to_owned(), Value::String(v.trim().to_owned()));
-            }
-            let v = client.send_json(Method::POST, "/api/v1/devices", &json!({"id": name, "labels": map})).await?;
-            out.print(&v, |v| s(&v["token"]));
-            if !out.json {
-                eprintln!(
-                    "device {} enrolled ({}): store its token now, it is not shown again",
-                    s(&v["id"]),
-                    labels_text(&v["labels"])
-                );
-            }
-        }
-        DeviceCommand::List => {
-            // One page of the most a page holds; the total says if there are more.
-            let v = client.get("/api/v1/devices?limit=500").await?;
-            out.print(&v, |v| {
-                let devices = v["devices"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-                let mut text = table(&DEVICE_HEADER, device_rows(devices)).to_string();
-                if v["total"].as_u64().is_some_and(|t| t > devices.len() as u64) {
-                    text.push_str(&format!("(the first {} of {} devices)\n", devices.len(), v["total"]));
-                }
-                text
-            });
-        }
-        DeviceCommand::Show { id } => {
-            let v = client.get(&format!("/api/v1/devices/{id}")).await?;
-            out.print(&v, |v| {
-                let desired = v["desired"]
-                    .as_array()
-                    .map(|ds| {
-                        ds.iter()
-                            .map(|d| {
-                                format!(
-                                    "{} {} (deployment {})",
-                                    s(&d["model"]),
-                                    s(&d["version"]),
-                                    s(&d["deployment_id"])
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    })
-                    .filter(|t| !t.is_empty())
-                    .unwrap_or_else(|| "-".into());
-                let events: Vec<Vec<String>> = v["events"]
-                    .as_array()
-                    .map(|es| {
-                        es.iter()
-                            .take(20)
-                            .map(|e| {
-                                vec![
-                                    time(&e["at_ms"]),
-                                    s(&e["kind"]),
-                                    s(&e["model"]),
-                                    s(&e["version"]),
-                                    s(&e["reason"]),
-                                ]
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                format!(
-                    "{}\ndesired: {desired}\n{}",
-                    table(&DEVICE_HEADER, device_rows(std::slice::from_ref(v))),
-                    table(&["AT", "EVENT", "MODEL", "VERSION", "REASON"], events)
-                )
-            });
-        }
-        DeviceCommand::Remove { id } => {
-            client.delete(&format!("/api/v1/devices/{id}")).await?;
-            out.print(&json!({"removed": id}), |_| format!("removed device {id}"));
-        }
-    }
-    Ok(())
-}
-
-async fn token(client: &HubClient, out: &Out, cmd: TokenCommand) -> Result<(), CliError> {
-    match cmd {
-        TokenCommand::Create { role, name } => {
-            let v = client.send_json(Method::POST, "/api/v1/tokens", &json!({"role": role, "name": name})).await?;
-            // The bare token on stdout, so `TOKEN=$(sentinel token create ...)` works.
-            out.print(&v, |v| s(&v["token"]));
-            if !out.json {
-                eprintln!(
-                    "token {} ({}, role {}): store it now, it is not shown again",
-                    s(&v["id"]),
-                    s(&v["name"]),
-                    s(&v["role"])
-                );
-            }
-        }
-        TokenCommand::List => {
-            let v = client.get("/api/v1/tokens?limit=500").await?;
-            out.print(&v, |v| {
-                let rows = v["tokens"]
-                    .as_array()
-                    .map(|ts| {
-                        ts.iter()
-                            .map(|t| {
-                                vec![
-                                    s(&t["id"]),
-                                    s(&t["name"]),
-                                    s(&t["role"]),
-                                    s(&t["created_by"]),
-                                    time(&t["created_at_ms"]),
-                                    if t["revoked"] == json!(true) { "revoked".into() } else { "active".into() },
-                                ]
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                table(&["ID", "NAME", "ROLE", "BY", "CREATED", "STATUS"], rows).to_string()
-            });
-        }
-        TokenCommand::Revoke { id } => {
-            client.delete(&format!("/api/v1/tokens/{id}")).await?;
-            out.print(&json!({"revoked": id}), |_| format!("revoked token {id}"));
-        }
-    }
-    Ok(())
-}
-
-async fn hub(client: &HubClient, out: &Out, cmd: HubCommand) -> Result<(), CliError> {
-    let v = match cmd {
-        HubCommand::Key { pin: true } => {
-            let v = client.get("/api/v1/keys").await?;
-            let mut keys: Vec<&Value> = v["keys"].as_array().map(|ks| ks.iter().collect()).unwrap_or_default();
-            // Active first: `pinned_keys = ["$(sentinel hub key --pin | head -1)"]` pins the signing key.
-            keys.sort_by_key(|k| k["active"] != json!(true));
-            let pins: Vec<String> = keys.iter().map(|k| s(&k["public_key"])).collect();
-            out.print(&json!({ "pinned_keys": pins }), |_| pins.join("\n"));
-            return Ok(());
-        }
-        HubCommand::Key { pin: false } => client.get("/api/v1/keys").await?,
-        HubCommand::RotateKey => client.send_json(Method::POST, "/api/v1/keys/rotate", &json!({})).await?,
-    };
-    out.print(&v, |v| {
-        // One line per key: `KEY_ID PUBLIC_KEY [active]`, ready to paste into an agent config.
-        v["keys"]
-            .as_array()
-            .map(|ks| {
-                ks.iter()
-                    .map(|k| {
-                        let active = if k["active"] == json!(true) { " active" } else { "" };
-                        format!("{} {}{active}", s(&k["key_id"]), s(&k["public_key"]))
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .unwrap_or_default()
-    });
     Ok(())
 }
 

@@ -18,9 +18,21 @@ use crate::rollup::STATES;
 /// policy file may hold them next to the policy.
 const TOP_LEVEL_FIELDS: [&str; 3] = ["halt_fraction", "halt_count", "waves"];
 
-fn parse_toml(text: &str) -> Result<Value, String> {
-    let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
-    serde_json::to_value(table).map_err(|e| e.to_string())
+/// A policy file's text that is not the format it was read as.
+#[derive(Debug, thiserror::Error)]
+enum PolicyFormatError {
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A file of no known extension: both readings failed, both are said.
+    #[error("neither JSON ({json}) nor TOML ({toml})")]
+    Neither { json: serde_json::Error, toml: Box<PolicyFormatError> },
+}
+
+fn parse_toml(text: &str) -> Result<Value, PolicyFormatError> {
+    let table: toml::Table = toml::from_str(text)?;
+    Ok(serde_json::to_value(table)?)
 }
 
 /// Reads a policy file: TOML for `.toml`, JSON for `.json`, otherwise JSON
@@ -31,9 +43,10 @@ fn read_policy_file(path: &Path) -> Result<Map<String, Value>, CliError> {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let parsed = match ext.as_deref() {
         Some("toml") => parse_toml(&text),
-        Some("json") => serde_json::from_str(&text).map_err(|e| e.to_string()),
+        Some("json") => serde_json::from_str(&text).map_err(PolicyFormatError::from),
         _ => serde_json::from_str(&text).or_else(|json_err| {
-            parse_toml(&text).map_err(|toml_err| format!("neither JSON ({json_err}) nor TOML ({toml_err})"))
+            parse_toml(&text)
+                .map_err(|toml_err| PolicyFormatError::Neither { json: json_err, toml: Box::new(toml_err) })
         }),
     }
     .map_err(|e| CliError::Usage(format!("--policy {}: {e}", path.display())))?;

@@ -16,13 +16,16 @@
 //! | 77 | missing or wrong token, or a role that is not allowed (401, 403) |
 //!
 //! # Layout
+//! - [`admin`]: `device`, `token` and `hub`: the fleet, API tokens and signing keys.
 //! - [`args`]: the clap command tree.
 //! - [`client`]: a small typed client of `/api/v1`, with upload progress.
-//! - [`commands`]: one function per command, printing tables or JSON.
+//! - [`commands`]: dispatch, the `model` and `deployments` commands, and the
+//!   table and JSON output they share.
 //! - [`demo`]: `sentinel demo`, a real hub and agent on loopback (exit 70 on failure).
 //! - [`deploy`]: the deploy request from a policy file and flags, and the
 //!   rollout view of `deployments show`.
 
+pub mod admin;
 pub mod args;
 pub mod client;
 pub mod commands;

@@ -17,7 +17,9 @@ use super::fleet::push_to_fleet;
 use super::{ServiceError, SharedState};
 use crate::rollout::{DEFAULT_HALT_FRACTION, waves};
 use crate::rollup::{Rollup, changed_deployments, earlier_deployments, halt_reason, rollup};
-use crate::store::{AuditEntry, DeploymentRecord, HaltOutcome, NewDeployment};
+use crate::store::{
+    AuditEntry, AuditOutcome, DeploymentKind, DeploymentRecord, DeploymentState, HaltOutcome, NewDeployment,
+};
 
 /// Stores a new deployment (superseding what it replaces) and pushes the
 /// fleet its new desired state. A staged one whose first wave holds no
@@ -78,7 +80,7 @@ pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Hal
     let checked = state
         .meta(move |m| {
             let Some(d) = m.get_deployment(id)? else { return Ok(Checked::Nothing) };
-            if d.state != "active" {
+            if d.state != DeploymentState::Active {
                 return Ok(Checked::Nothing);
             }
             let r = rollup(&d, &m.list_devices()?, &m.deployment_devices(d.id)?);
@@ -98,7 +100,7 @@ pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Hal
                 model: d.model.clone(),
                 version,
                 target: d.target.clone(),
-                kind: "rollback".into(),
+                kind: DeploymentKind::Rollback,
                 created_by: "hub".into(),
                 replaces: Some(d.id),
                 // The previous version ran before; it goes back with the
@@ -124,7 +126,7 @@ pub async fn check_deployment(state: &SharedState, id: i64) -> Result<Option<Hal
                 role: "system".into(),
                 action: format!("HALT deployment {}", d.id),
                 status: 200,
-                outcome: "ok".into(),
+                outcome: AuditOutcome::Ok,
                 detail: format!("{} {}: {reason}{back}", d.model, d.version),
             })?;
             Ok(Checked::Halted(Box::new(Halt { deployment: d, reason, restored: restored.map(|r| *r) })))
@@ -163,7 +165,9 @@ pub async fn widen(state: &SharedState, d: DeploymentRecord) -> Result<Deploymen
             let mut d = d;
             let mut widened = false;
             loop {
-                if d.state != "active" || usize::try_from(d.wave + 1).map_or(true, |next| next >= d.waves.len()) {
+                if d.state != DeploymentState::Active
+                    || usize::try_from(d.wave + 1).map_or(true, |next| next >= d.waves.len())
+                {
                     return Ok((d, widened));
                 }
                 let r = rollup(&d, &m.list_devices()?, &m.deployment_devices(d.id)?);
@@ -180,7 +184,7 @@ pub async fn widen(state: &SharedState, d: DeploymentRecord) -> Result<Deploymen
                     role: "system".into(),
                     action: format!("WIDEN deployment {}", next.id),
                     status: 200,
-                    outcome: "ok".into(),
+                    outcome: AuditOutcome::Ok,
                     detail: format!(
                         "{} {} on [{}]: {} of {} devices in the {}% wave serve it; widening to {percent}%",
                         next.model,

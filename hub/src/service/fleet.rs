@@ -24,7 +24,7 @@ use tonic::Status;
 
 use super::events::ChangeKind;
 use super::{ServiceError, SharedState};
-use crate::store::{MetadataStore, StoreError, VersionRecord};
+use crate::store::{DeploymentState, MetadataStore, StoreError, VersionRecord};
 use crate::targeting::{Target, assignments_for};
 
 /// Messages queued per stream before the hub waits on a slow device.
@@ -71,7 +71,7 @@ fn compute_states(
     targets: &[Target],
     revision: u64,
 ) -> Result<Vec<(String, SignedDesiredState, i64)>, StoreError> {
-    let active = meta.list_deployments(None, Some("active"), u32::MAX, 0)?.0;
+    let active = meta.list_deployments(None, Some(DeploymentState::Active), u32::MAX, 0)?.0;
     let mut cache: HashMap<(String, String), Option<VersionRecord>> = HashMap::new();
     let mut lookup = |model: &str, version: &str| -> Result<Option<VersionRecord>, StoreError> {
         let key = (model.to_owned(), version.to_owned());

@@ -29,10 +29,16 @@ use prometheus::{
 
 use super::HubState;
 use crate::rollup::rollup;
-use crate::store::{MetadataStore, StoreError};
+use crate::store::{DeploymentState, MetadataStore, StoreError};
 
 /// Every state a deployment can be in, each exported even when zero.
-pub const DEPLOYMENT_STATES: [&str; 5] = ["active", "halted", "superseded", "rolled_back", "cancelled"];
+pub const DEPLOYMENT_STATES: [DeploymentState; 5] = [
+    DeploymentState::Active,
+    DeploymentState::Halted,
+    DeploymentState::Superseded,
+    DeploymentState::RolledBack,
+    DeploymentState::Cancelled,
+];
 
 /// Why the hub closed a connection, as `sentinel_hub_connections_dropped_total`'s
 /// `reason`, in the order of `sentinel_net::Stats`' counts.
@@ -216,10 +222,10 @@ impl HubMetrics {
     fn read_deployments(&self, meta: &dyn MetadataStore) -> Result<(), StoreError> {
         for s in DEPLOYMENT_STATES {
             let (_, total) = meta.list_deployments(None, Some(s), 0, 0)?;
-            self.deployments.with_label_values(&[s]).set(i64::try_from(total).unwrap_or(i64::MAX));
+            self.deployments.with_label_values(&[s.as_str()]).set(i64::try_from(total).unwrap_or(i64::MAX));
         }
-        let mut live = meta.list_deployments(None, Some("active"), u32::MAX, 0)?.0;
-        live.extend(meta.list_deployments(None, Some("halted"), u32::MAX, 0)?.0);
+        let mut live = meta.list_deployments(None, Some(DeploymentState::Active), u32::MAX, 0)?.0;
+        live.extend(meta.list_deployments(None, Some(DeploymentState::Halted), u32::MAX, 0)?.0);
         if live.is_empty() {
             return Ok(());
         }

@@ -12,11 +12,14 @@
 //! - [`events`]: the change feed the web interface watches, and the tickets
 //!   that open its stream.
 //! - [`metrics`]: the hub's Prometheus registry and metric handles.
+//! - [`registry`]: receiving an upload and registering a new version from it
+//!   (inspection, the signed manifest, the commit).
 
 pub mod deployments;
 pub mod events;
 pub mod fleet;
 pub mod metrics;
+pub mod registry;
 
 use std::sync::{Arc, RwLock};
 

@@ -17,8 +17,8 @@ pub use blobs::{BlobError, BlobStore, LocalBlobStore, StagedBlob};
 pub use sqlite::SqliteStore;
 
 pub use crate::records::{
-    AuditEntry, DeploymentDevice, DeploymentRecord, DeviceEvent, DeviceRecord, ModelRecord, NewDeployment, TokenRecord,
-    VersionRecord,
+    AuditEntry, AuditOutcome, DeploymentDevice, DeploymentKind, DeploymentRecord, DeploymentState, DeviceEvent,
+    DeviceRecord, ModelRecord, NewDeployment, TokenRecord, VersionRecord,
 };
 
 /// The error an implementation's database gave, kept as the source of a
@@ -156,13 +156,13 @@ pub trait DeploymentStore: Send + Sync {
     fn list_deployments(
         &self,
         model: Option<&str>,
-        state: Option<&str>,
+        state: Option<DeploymentState>,
         limit: u32,
         offset: u32,
     ) -> Result<(Vec<DeploymentRecord>, u64), StoreError>;
     /// Active deployments of a model, newest first.
     fn active_deployments(&self, model: &str) -> Result<Vec<DeploymentRecord>, StoreError>;
-    fn set_deployment_state(&self, id: i64, state: &str, now_ms: i64) -> Result<(), StoreError>;
+    fn set_deployment_state(&self, id: i64, state: DeploymentState, now_ms: i64) -> Result<(), StoreError>;
     /// Marks an active deployment `halted` with `reason` and, in the same
     /// transaction, stores `restore` (the deployment that brings the previous
     /// version back). Does nothing when the deployment is no longer active,

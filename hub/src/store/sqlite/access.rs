@@ -2,7 +2,7 @@
 
 use rusqlite::{OptionalExtension as _, Row, params};
 
-use super::{SqliteStore, db};
+use super::{SqliteStore, db, text_col};
 use crate::store::{AccessStore, AuditEntry, StoreError, TokenRecord};
 
 const TOKEN_COLS: &str = "id, name, role, secret_sha256, created_at_ms, created_by, revoked";
@@ -83,7 +83,7 @@ impl AccessStore for SqliteStore {
             .execute(
                 "INSERT INTO audit (at_ms, actor, role, action, status, outcome, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![e.at_ms, e.actor, e.role, e.action, e.status, e.outcome, e.detail],
+                params![e.at_ms, e.actor, e.role, e.action, e.status, e.outcome.as_str(), e.detail],
             )
             .map_err(db("append audit"))?;
         Ok(())
@@ -106,7 +106,7 @@ impl AccessStore for SqliteStore {
                     role: r.get(3)?,
                     action: r.get(4)?,
                     status: r.get(5)?,
-                    outcome: r.get(6)?,
+                    outcome: text_col(6, &r.get::<_, String>(6)?)?,
                     detail: r.get(7)?,
                 })
             })

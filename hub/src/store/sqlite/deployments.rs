@@ -2,7 +2,8 @@
 
 use rusqlite::{OptionalExtension as _, Row, params};
 
-use super::{SqliteStore, db, json_col};
+use super::{SqliteStore, db, json_col, text_col};
+use crate::records::{DeploymentKind, DeploymentState};
 use crate::store::{DeploymentRecord, DeploymentStore, HaltOutcome, NewDeployment, StoreError};
 
 const DEPLOYMENT_COLS: &str = "id, model, version, target, kind, state, created_by, created_at_ms, updated_at_ms, \
@@ -14,8 +15,9 @@ fn deployment_from_row(row: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
         model: row.get(1)?,
         version: row.get(2)?,
         target: row.get(3)?,
-        kind: row.get(4)?,
-        state: row.get(5)?,
+        // A kind or state this hub does not know is a corrupt row.
+        kind: text_col(4, &row.get::<_, String>(4)?)?,
+        state: text_col(5, &row.get::<_, String>(5)?)?,
         created_by: row.get(6)?,
         created_at_ms: row.get(7)?,
         updated_at_ms: row.get(8)?,
@@ -39,13 +41,13 @@ fn supersede_in(
     model: &str,
     target: &str,
     below: Option<i64>,
-    replaced_state: &str,
+    replaced_state: DeploymentState,
     now_ms: i64,
 ) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE deployments SET state = ?3, updated_at_ms = ?4
-         WHERE model = ?1 AND target = ?2 AND state = 'active' AND (?5 IS NULL OR id < ?5)",
-        params![model, target, replaced_state, now_ms, below],
+         WHERE model = ?1 AND target = ?2 AND state = ?6 AND (?5 IS NULL OR id < ?5)",
+        params![model, target, replaced_state.as_str(), now_ms, below, DeploymentState::Active.as_str()],
     )
     .map_err(db("supersede deployments"))?;
     Ok(())
@@ -57,7 +59,7 @@ fn supersede_in(
 fn insert_deployment_in(
     tx: &rusqlite::Transaction<'_>,
     d: &NewDeployment,
-    replaced_state: &str,
+    replaced_state: DeploymentState,
     now_ms: i64,
 ) -> Result<DeploymentRecord, StoreError> {
     if d.waves.first().is_none_or(|&p| p >= 100) {
@@ -68,19 +70,20 @@ fn insert_deployment_in(
     tx.execute(
         "INSERT INTO deployments (model, version, target, kind, state, created_by, created_at_ms, updated_at_ms,
              replaces, policy, halt_fraction, halt_count, waves)
-         VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+         VALUES (?1, ?2, ?3, ?4, ?12, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             d.model,
             d.version,
             d.target,
-            d.kind,
+            d.kind.as_str(),
             d.created_by,
             now_ms,
             d.replaces,
             policy,
             d.halt_fraction,
             d.halt_count,
-            waves
+            waves,
+            DeploymentState::Active.as_str()
         ],
     )
     .map_err(db("insert deployment"))?;
@@ -89,8 +92,8 @@ fn insert_deployment_in(
         model: d.model.clone(),
         version: d.version.clone(),
         target: d.target.clone(),
-        kind: d.kind.clone(),
-        state: "active".into(),
+        kind: d.kind,
+        state: DeploymentState::Active,
         created_by: d.created_by.clone(),
         created_at_ms: now_ms,
         updated_at_ms: now_ms,
@@ -108,7 +111,10 @@ impl DeploymentStore for SqliteStore {
     fn insert_deployment(&self, d: &NewDeployment, now_ms: i64) -> Result<DeploymentRecord, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db("begin deployment"))?;
-        let replaced_state = if d.kind == "rollback" { "rolled_back" } else { "superseded" };
+        let replaced_state = match d.kind {
+            DeploymentKind::Rollback => DeploymentState::RolledBack,
+            DeploymentKind::Deploy => DeploymentState::Superseded,
+        };
         let record = insert_deployment_in(&tx, d, replaced_state, now_ms)?;
         tx.commit().map_err(db("commit deployment"))?;
         Ok(record)
@@ -124,11 +130,12 @@ impl DeploymentStore for SqliteStore {
     fn list_deployments(
         &self,
         model: Option<&str>,
-        state: Option<&str>,
+        state: Option<DeploymentState>,
         limit: u32,
         offset: u32,
     ) -> Result<(Vec<DeploymentRecord>, u64), StoreError> {
         let conn = self.conn();
+        let state = state.map(DeploymentState::as_str);
         let where_clause = "WHERE (?1 IS NULL OR model = ?1) AND (?2 IS NULL OR state = ?2)";
         let total: i64 = conn
             .query_row(&format!("SELECT COUNT(*) FROM deployments {where_clause}"), params![model, state], |r| r.get(0))
@@ -146,13 +153,16 @@ impl DeploymentStore for SqliteStore {
     }
 
     fn active_deployments(&self, model: &str) -> Result<Vec<DeploymentRecord>, StoreError> {
-        Ok(self.list_deployments(Some(model), Some("active"), u32::MAX, 0)?.0)
+        Ok(self.list_deployments(Some(model), Some(DeploymentState::Active), u32::MAX, 0)?.0)
     }
 
-    fn set_deployment_state(&self, id: i64, state: &str, now_ms: i64) -> Result<(), StoreError> {
+    fn set_deployment_state(&self, id: i64, state: DeploymentState, now_ms: i64) -> Result<(), StoreError> {
         let n = self
             .conn()
-            .execute("UPDATE deployments SET state = ?2, updated_at_ms = ?3 WHERE id = ?1", params![id, state, now_ms])
+            .execute(
+                "UPDATE deployments SET state = ?2, updated_at_ms = ?3 WHERE id = ?1",
+                params![id, state.as_str(), now_ms],
+            )
             .map_err(db("update deployment"))?;
         if n == 0 {
             return Err(StoreError::NotFound { what: format!("deployment {id}") });
@@ -171,15 +181,17 @@ impl DeploymentStore for SqliteStore {
         let tx = conn.transaction().map_err(db("begin halt"))?;
         let n = tx
             .execute(
-                "UPDATE deployments SET state = 'halted', halt_reason = ?2, updated_at_ms = ?3
-                 WHERE id = ?1 AND state = 'active'",
-                params![id, reason, now_ms],
+                "UPDATE deployments SET state = ?4, halt_reason = ?2, updated_at_ms = ?3
+                 WHERE id = ?1 AND state = ?5",
+                params![id, reason, now_ms, DeploymentState::Halted.as_str(), DeploymentState::Active.as_str()],
             )
             .map_err(db("halt deployment"))?;
         if n == 0 {
             return Ok(HaltOutcome::NotActive);
         }
-        let restored = restore.map(|d| insert_deployment_in(&tx, d, "superseded", now_ms).map(Box::new)).transpose()?;
+        let restored = restore
+            .map(|d| insert_deployment_in(&tx, d, DeploymentState::Superseded, now_ms).map(Box::new))
+            .transpose()?;
         tx.commit().map_err(db("commit halt"))?;
         Ok(HaltOutcome::Halted { restored })
     }
@@ -190,8 +202,8 @@ impl DeploymentStore for SqliteStore {
         let n = tx
             .execute(
                 "UPDATE deployments SET wave = wave + 1, updated_at_ms = ?3
-                 WHERE id = ?1 AND state = 'active' AND wave = ?2 AND wave + 1 < json_array_length(waves)",
-                params![id, from, now_ms],
+                 WHERE id = ?1 AND state = ?4 AND wave = ?2 AND wave + 1 < json_array_length(waves)",
+                params![id, from, now_ms, DeploymentState::Active.as_str()],
             )
             .map_err(db("widen deployment"))?;
         if n == 0 {
@@ -201,7 +213,7 @@ impl DeploymentStore for SqliteStore {
             .query_row(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE id = ?1"), [id], deployment_from_row)
             .map_err(db("read deployment"))?;
         if crate::rollout::waves::current_percent(&d.waves, d.wave) >= 100 {
-            supersede_in(&tx, &d.model, &d.target, Some(d.id), "superseded", now_ms)?;
+            supersede_in(&tx, &d.model, &d.target, Some(d.id), DeploymentState::Superseded, now_ms)?;
         }
         tx.commit().map_err(db("commit widening"))?;
         Ok(Some(d))

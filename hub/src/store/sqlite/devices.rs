@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension as _, Row, params};
 
 use super::migrations::RECORD_DEPLOYMENT_STATES;
-use super::{SqliteStore, db, is_constraint};
+use super::{SqliteStore, db, is_constraint, json_col};
 use crate::store::{DeploymentDevice, DeviceEvent, DeviceRecord, DeviceStore, StoreError};
 
 const DEVICE_COLS: &str =
@@ -15,8 +15,10 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
     };
     Ok(DeviceRecord {
         id: row.get(0)?,
-        labels: serde_json::from_str(&row.get::<_, String>(1)?).unwrap_or_default(),
-        hardware: serde_json::from_str(&row.get::<_, String>(2)?).unwrap_or_default(),
+        // Corrupt labels would silently change which deployments target the
+        // device: the row is refused, as is corrupt hardware.
+        labels: json_col(1, &row.get::<_, String>(1)?)?,
+        hardware: json_col(2, &row.get::<_, String>(2)?)?,
         agent_version: row.get(3)?,
         created_at_ms: row.get(4)?,
         created_by: row.get(5)?,

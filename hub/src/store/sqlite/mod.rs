@@ -54,6 +54,16 @@ fn json_col<T: serde::de::DeserializeOwned>(idx: usize, text: &str) -> rusqlite:
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
 }
 
+/// A text column that names an enum variant (a deployment's state, an audit
+/// outcome): an unknown value refuses the row, never reads as a default.
+fn text_col<T>(idx: usize, text: &str) -> rusqlite::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    text.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, switches it to WAL
     /// and applies pending migrations.

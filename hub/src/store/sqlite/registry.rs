@@ -2,7 +2,8 @@
 
 use rusqlite::{OptionalExtension as _, Row, params};
 
-use super::{SqliteStore, db, is_constraint, u64_col};
+use super::{SqliteStore, db, is_constraint, json_col, u64_col};
+use crate::records::DeploymentState;
 use crate::store::{ModelFilter, ModelRecord, RegistryStore, StoreError, VersionRecord};
 
 /// Hardware tags are stored as `,a,b,` so a tag filter is one `LIKE`.
@@ -14,10 +15,6 @@ fn hardware_from_column(col: &str) -> Vec<String> {
     col.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
-fn tags_from_json(text: &str) -> Vec<String> {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
 fn tags_to_json(tags: &[String]) -> String {
     serde_json::Value::from(tags.to_vec()).to_string()
 }
@@ -26,7 +23,9 @@ fn model_from_row(row: &Row<'_>) -> rusqlite::Result<ModelRecord> {
     Ok(ModelRecord {
         name: row.get(0)?,
         description: row.get(1)?,
-        tags: tags_from_json(&row.get::<_, String>(2)?),
+        // Tags were checked before they were stored: text that no longer
+        // parses is a corrupt row, refused rather than read as no tags.
+        tags: json_col(2, &row.get::<_, String>(2)?)?,
         created_at_ms: row.get(3)?,
         updated_at_ms: row.get(4)?,
     })
@@ -156,8 +155,8 @@ impl RegistryStore for SqliteStore {
             return Err(StoreError::NotFound { what: format!("model {name}") });
         }
         tx.execute(
-            "UPDATE deployments SET state = 'cancelled', updated_at_ms = ?2 WHERE model = ?1 AND state = 'active'",
-            params![name, now_ms],
+            "UPDATE deployments SET state = ?3, updated_at_ms = ?2 WHERE model = ?1 AND state = ?4",
+            params![name, now_ms, DeploymentState::Cancelled.as_str(), DeploymentState::Active.as_str()],
         )
         .map_err(db("cancel deployments"))?;
         // Identical bytes may be registered under another model: keep those.

@@ -3,7 +3,8 @@
 use super::migrations::MIGRATIONS;
 use super::*;
 use crate::store::{
-    DeploymentStore as _, DeviceStore as _, HaltOutcome, ModelFilter, NewDeployment, RegistryStore as _, VersionRecord,
+    AccessStore as _, AuditEntry, AuditOutcome, DeploymentKind, DeploymentStore as _, DeviceStore as _, HaltOutcome,
+    ModelFilter, NewDeployment, RegistryStore as _, StoreError, VersionRecord,
 };
 
 fn version(model: &str, version: &str, sha: &str) -> VersionRecord {
@@ -69,12 +70,12 @@ fn filters_by_stage_and_hardware() {
     assert!(filter(None, Some("aarch")).is_empty(), "tags match whole, not by prefix");
 }
 
-fn new_deployment(version: &str, kind: &str) -> NewDeployment {
+fn new_deployment(version: &str, kind: DeploymentKind) -> NewDeployment {
     NewDeployment {
         model: "a".into(),
         version: version.into(),
         target: "site=x".into(),
-        kind: kind.into(),
+        kind,
         created_by: "t".into(),
         replaces: None,
         policy: None,
@@ -88,8 +89,8 @@ fn new_deployment(version: &str, kind: &str) -> NewDeployment {
 fn a_deployment_halts_once_and_restores_in_the_same_transaction() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
-    let d = store.insert_deployment(&new_deployment("2.0.0", "deploy"), 1).expect("insert");
-    let restore = new_deployment("1.0.0", "rollback");
+    let d = store.insert_deployment(&new_deployment("2.0.0", DeploymentKind::Deploy), 1).expect("insert");
+    let restore = new_deployment("1.0.0", DeploymentKind::Rollback);
     let HaltOutcome::Halted { restored: Some(r) } =
         store.halt_deployment(d.id, "too many failed", Some(&restore), 2).expect("halt")
     else {
@@ -119,7 +120,7 @@ fn each_devices_last_state_per_deployment_outlives_later_reports() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
     store.enroll_device("d", &Default::default(), "t", "t", 1).expect("enroll");
-    let first = store.insert_deployment(&new_deployment("2.0.0", "deploy"), 1).expect("insert").id;
+    let first = store.insert_deployment(&new_deployment("2.0.0", DeploymentKind::Deploy), 1).expect("insert").id;
     store.record_report("d", &report_naming(&[(first, "canary"), (0, "serving"), (99, "x")]), &[], 5).expect("r");
     let rows = store.deployment_devices(first).expect("rows");
     assert_eq!(rows.len(), 1);
@@ -127,7 +128,7 @@ fn each_devices_last_state_per_deployment_outlives_later_reports() {
     assert!(store.deployment_devices(99).expect("rows").is_empty(), "a deployment this hub never issued");
 
     store.record_report("d", &report_naming(&[(first, "rolled_back")]), &[], 6).expect("r");
-    let second = store.insert_deployment(&new_deployment("1.0.0", "rollback"), 7).expect("insert").id;
+    let second = store.insert_deployment(&new_deployment("1.0.0", DeploymentKind::Rollback), 7).expect("insert").id;
     store.record_report("d", &report_naming(&[(second, "serving")]), &[], 8).expect("r");
     let rows = store.deployment_devices(first).expect("rows");
     assert_eq!((rows[0].state.as_str(), rows[0].updated_ms), ("rolled_back", 6), "kept after moving on");
@@ -182,4 +183,70 @@ fn delete_keeps_blobs_shared_with_other_models() {
     freed.sort();
     assert_eq!(freed, ["only-a"]);
     assert!(store.get_version("a", "1.0.0").expect("get").is_none(), "versions cascade");
+}
+
+/// Runs `sql` on the store's database behind its back, as corruption would.
+fn corrupt(path: &std::path::Path, sql: &str) {
+    Connection::open(path).expect("raw").execute_batch(sql).expect("corrupt");
+}
+
+#[test]
+fn a_deployment_state_or_kind_this_hub_does_not_know_is_an_error_not_a_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    let store = SqliteStore::open(&path).expect("open");
+    let d = store.insert_deployment(&new_deployment("2.0.0", DeploymentKind::Deploy), 1).expect("insert");
+    corrupt(&path, &format!("UPDATE deployments SET state = 'paused' WHERE id = {}", d.id));
+    let e = store.get_deployment(d.id).unwrap_err();
+    assert!(matches!(e, StoreError::Database { .. }), "{e}");
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        chain.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(chain.contains(r#"unknown deployment state "paused""#), "{chain}");
+    corrupt(&path, &format!("UPDATE deployments SET state = 'active', kind = 'redeploy' WHERE id = {}", d.id));
+    assert!(store.list_deployments(None, None, 10, 0).is_err());
+}
+
+#[test]
+fn an_audit_outcome_this_hub_does_not_know_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    let store = SqliteStore::open(&path).expect("open");
+    let entry = AuditEntry {
+        id: 0,
+        at_ms: 1,
+        actor: "t".into(),
+        role: "admin".into(),
+        action: "POST /x".into(),
+        status: 200,
+        outcome: AuditOutcome::Denied,
+        detail: String::new(),
+    };
+    store.append_audit(&entry).expect("append");
+    assert_eq!(store.list_audit(10, 0).expect("list")[0].outcome, AuditOutcome::Denied);
+    corrupt(&path, "UPDATE audit SET outcome = 'maybe'");
+    assert!(store.list_audit(10, 0).is_err());
+}
+
+#[test]
+fn corrupt_labels_hardware_or_tags_are_errors_not_empty_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    let store = SqliteStore::open(&path).expect("open");
+    corrupt(
+        &path,
+        "INSERT INTO devices (id, token_sha256, labels, created_at_ms, created_by) VALUES ('d', 't', '{}', 1, 't');
+         INSERT INTO models (name, description, tags, created_at_ms, updated_at_ms) VALUES ('m', '', '[]', 1, 1);",
+    );
+    assert_eq!(store.list_devices().expect("clean").len(), 1);
+    corrupt(&path, "UPDATE devices SET labels = 'not json'");
+    assert!(store.list_devices().is_err(), "corrupt labels would change what targets the device");
+    corrupt(&path, "UPDATE devices SET labels = '{}', hardware = '[1,'");
+    assert!(store.list_devices().is_err());
+    assert!(store.get_model("m").expect("clean").is_some());
+    corrupt(&path, "UPDATE models SET tags = 'x'");
+    assert!(store.get_model("m").is_err());
 }
