@@ -17,15 +17,15 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use prost::Message as _;
-use sentinel_worker_protocol::frame::{
-    Ready, Tensor, encode_error_response, encode_ok_response, encode_ok_timed, encode_ready, encode_request,
-};
 use sentinel_fuzz::{DEVICE_ID, LAST_REVISION, NOW_UNIX_MS};
 use sentinel_hub::onnx::{SignatureLimits, read_signature};
 use sentinel_proto::pb::{
     self, DesiredState, HubMessage, ModelAssignment, ModelManifest, RolloutPolicy, Stage, hub_message,
 };
 use sentinel_proto::{sign_manifest, sign_state};
+use sentinel_worker_protocol::frame::{
+    Ready, Tensor, encode_error_response, encode_ok_response, encode_ok_timed, encode_ready, encode_request,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
