@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::state::Shared;
+use crate::store;
 use crate::transport::status_text;
 
 /// Reports at every change and every heartbeat until `stop` turns true.
@@ -39,12 +40,12 @@ async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> 
             .iter()
             .map(|m| ModelStatus {
                 name: m.name.clone(),
-                version: if m.status == "serving" {
+                version: if m.status == store::ModelStatus::Serving {
                     m.active_version.clone().unwrap_or_default()
                 } else {
                     m.status_version.clone()
                 },
-                state: m.status.clone(),
+                state: m.status.as_str().to_owned(),
                 detail: m.detail.clone(),
                 deployment_id: m.status_deployment.or(m.active_deployment).unwrap_or(0),
             })
@@ -53,7 +54,7 @@ async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> 
             .iter()
             .map(|e| AgentEvent {
                 at_unix_ms: e.at_ms,
-                kind: e.kind.clone(),
+                kind: e.kind.as_str().to_owned(),
                 model: e.model.clone(),
                 version: e.version.clone(),
                 reason: e.reason.clone(),

@@ -15,7 +15,7 @@ use super::{Serving, TensorInfo};
 use crate::rollout::policy::{PhaseKind, Policy};
 use crate::rollout::window::SlotWindow;
 use crate::slots::{Color, SlotState, Slots};
-use crate::store::{Store, StoreError};
+use crate::store::{EventKind, ModelStatus, Store, StoreError};
 use crate::supervisor::{SlotState as WorkerState, Supervised, WorkerSpec};
 use sentinel_worker_protocol::frame::Tensor;
 
@@ -35,12 +35,12 @@ pub enum InstallError {
 
 impl InstallError {
     /// Stable kind for events and reports.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> EventKind {
         match self {
-            InstallError::Refused(_) => "refused",
-            InstallError::Load(_) => "load_failed",
-            InstallError::Validation(_) => "validation_failed",
-            InstallError::Store(_) => "store_failed",
+            InstallError::Refused(_) => EventKind::Refused,
+            InstallError::Load(_) => EventKind::LoadFailed,
+            InstallError::Validation(_) => EventKind::ValidationFailed,
+            InstallError::Store(_) => EventKind::StoreFailed,
         }
     }
 }
@@ -136,7 +136,7 @@ impl Serving {
                 return;
             }
         };
-        for row in rows.iter().filter(|r| r.status != "removed") {
+        for row in rows.iter().filter(|r| r.status != ModelStatus::Removed) {
             let Ok(Some(mut slots)) = store.load_slots(&row.name) else { continue };
             let mut changed = false;
             for c in [Color::Blue, Color::Green] {
