@@ -199,16 +199,9 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                 }
             }
             Err(e) => {
-                tracing::warn!(model = %m.name, version = %m.version, error = %e, "version not installed; the previous version keeps serving");
-                refuse(
-                    shared,
-                    &m.name,
-                    &m.version,
-                    ModelStatus::Failed,
-                    e.kind(),
-                    &e.to_string(),
-                    assignment.deployment_id,
-                );
+                let reason = error_chain(&e);
+                tracing::warn!(model = %m.name, version = %m.version, error = %reason, "version not installed; the previous version keeps serving");
+                refuse(shared, &m.name, &m.version, ModelStatus::Failed, e.kind(), &reason, assignment.deployment_id);
             }
         }
         shared.refresh_models();

@@ -279,14 +279,27 @@ pub fn predicted_label(outputs: &[Tensor]) -> Option<i64> {
     i64::try_from(best).ok()
 }
 
+/// Outputs that do not match what the manifest declares.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OutputError {
+    #[error("the model produced {produced} outputs; its manifest declares {declared}")]
+    Count { produced: usize, declared: usize },
+    #[error("output `{name}` is {got}; its manifest declares {declared}")]
+    Dtype { name: String, got: DType, declared: DType },
+    #[error("output `{name}` has shape {shape:?}; its manifest declares {declared}")]
+    Shape { name: String, shape: Vec<usize>, declared: String },
+    #[error("output {index} element {at} is {value}, not finite")]
+    NotFinite { index: usize, at: usize, value: f64 },
+}
+
 /// Outputs must match the declared count, dtypes and fixed dims, and be finite.
-pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), String> {
+pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), OutputError> {
     if !specs.is_empty() && outputs.len() != specs.len() {
-        return Err(format!("the model produced {} outputs; its manifest declares {}", outputs.len(), specs.len()));
+        return Err(OutputError::Count { produced: outputs.len(), declared: specs.len() });
     }
     for (spec, t) in specs.iter().zip(outputs) {
         if t.dtype != spec.dtype {
-            return Err(format!("output `{}` is {}; its manifest declares {}", spec.name, t.dtype, spec.dtype));
+            return Err(OutputError::Dtype { name: spec.name.clone(), got: t.dtype, declared: spec.dtype });
         }
         let fits = t.shape.len() == spec.declared.len()
             && t.shape
@@ -294,17 +307,16 @@ pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), Str
                 .zip(&spec.declared)
                 .all(|(g, d)| d.is_none_or(|d| u64::try_from(*g).is_ok_and(|g| g == d)));
         if !fits {
-            return Err(format!(
-                "output `{}` has shape {:?}; its manifest declares {}",
-                spec.name,
-                t.shape,
-                show_dims(&spec.declared)
-            ));
+            return Err(OutputError::Shape {
+                name: spec.name.clone(),
+                shape: t.shape.clone(),
+                declared: show_dims(&spec.declared),
+            });
         }
     }
     for (i, t) in outputs.iter().enumerate() {
         if let Some((at, v)) = t.first_non_finite() {
-            return Err(format!("output {i} element {at} is {v}, not finite"));
+            return Err(OutputError::NotFinite { index: i, at, value: v });
         }
     }
     Ok(())
