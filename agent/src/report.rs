@@ -13,6 +13,20 @@ use crate::state::Shared;
 use crate::store;
 use crate::transport::status_text;
 
+/// Why one report did not reach the hub (logged; the loop retries).
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("token is not ASCII")]
+    Token(#[source] tonic::metadata::errors::InvalidMetadataValue),
+    /// The hub refused or the call broke. The status is shown in the message
+    /// (as `transport::status_text` words it) rather than as a source, so the log line
+    /// names it once.
+    #[error("report to {url} failed: {}", status_text(status))]
+    Rpc { url: String, status: tonic::Status },
+}
+
 /// Reports at every change and every heartbeat until `stop` turns true.
 pub async fn run(shared: Arc<Shared>, channel: Channel, mut stop: watch::Receiver<bool>) {
     let mut client = AgentSyncClient::new(channel);
@@ -29,9 +43,9 @@ pub async fn run(shared: Arc<Shared>, channel: Channel, mut stop: watch::Receive
     }
 }
 
-async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> Result<(), String> {
-    let events = shared.store.unreported_events(500).map_err(|e| e.to_string())?;
-    let models = shared.store.models().map_err(|e| e.to_string())?;
+async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> Result<(), ReportError> {
+    let events = shared.store.unreported_events(500)?;
+    let models = shared.store.models()?;
     let view = shared.view();
     let report = AgentReport {
         device_id: shared.config.device_id.clone(),
@@ -64,15 +78,15 @@ async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> 
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let mut req = tonic::Request::new(report);
-    let auth = format!("Bearer {}", shared.config.token).parse().map_err(|_| "token is not ASCII".to_owned())?;
+    let auth = format!("Bearer {}", shared.config.token).parse().map_err(ReportError::Token)?;
     req.metadata_mut().insert("authorization", auth);
     let ack = client
         .report(req)
         .await
-        .map_err(|s| format!("report to {} failed: {}", shared.config.grpc_url, status_text(&s)))?
+        .map_err(|status| ReportError::Rpc { url: shared.config.grpc_url.clone(), status })?
         .into_inner();
     if let Some(last) = events.last() {
-        shared.store.mark_reported(last.id).map_err(|e| e.to_string())?;
+        shared.store.mark_reported(last.id)?;
     }
     if ack.heartbeat_interval_ms > 0 {
         shared.set_heartbeat(Duration::from_millis(ack.heartbeat_interval_ms));
