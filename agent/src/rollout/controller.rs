@@ -481,7 +481,9 @@ async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
         ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
         let mut slots = ms.slots.lock().await;
         if slots.get(green.color).state == SlotState::Canary {
-            let _ = slots.fail(green.color, "superseded by a newer desired state");
+            if let Err(e) = slots.fail(green.color, "superseded by a newer desired state") {
+                tracing::warn!(error = %crate::util::error_chain(&e), %slots, "failing the cancelled canary slot was refused");
+            }
             if let Err(e) = shared.store.commit_slots(&slots) {
                 tracing::error!(error = %crate::util::error_chain(&e), "saving a cancelled rollout failed");
             }

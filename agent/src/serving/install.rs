@@ -193,7 +193,12 @@ impl Serving {
             let mut changed = false;
             for c in [Color::Blue, Color::Green] {
                 if matches!(slots.get(c).state, SlotState::Loading | SlotState::Validating | SlotState::Canary) {
-                    changed |= slots.fail(c, "interrupted by an agent restart").is_ok();
+                    match slots.fail(c, "interrupted by an agent restart") {
+                        Ok(_) => changed = true,
+                        Err(e) => {
+                            tracing::warn!(error = %crate::util::error_chain(&e), %slots, "failing an interrupted slot was refused")
+                        }
+                    }
                 }
             }
             if changed && let Err(e) = store.commit_slots(&slots) {
@@ -237,7 +242,9 @@ impl Serving {
         let color = slots.stage(&m.version, &m.sha256)?;
         store.commit_slots(&slots)?;
         let fail = |slots: &mut Slots, err: InstallError| {
-            let _ = slots.fail(color, &crate::util::error_chain(&err));
+            if let Err(e) = slots.fail(color, &crate::util::error_chain(&err)) {
+                tracing::warn!(error = %crate::util::error_chain(&e), %slots, "failing the staged slot was refused");
+            }
             if let Err(e) = store.commit_slots(slots) {
                 tracing::error!(error = %crate::util::error_chain(&e), "saving a failed slot failed");
             }
