@@ -288,7 +288,8 @@ async fn run(
                 }
                 match kind {
                     Some(PhaseKind::Full) | None if !promoted => {
-                        if let Err(reason) = promote(&shared, &ms, &green).await {
+                        if let Err(e) = promote(&shared, &ms, &green).await {
+                            let reason = crate::util::error_chain(&e);
                             let d = Detection::default();
                             rollback(&shared, &ms, &green, "promote_failed", &reason, &green_metrics, None, d).await;
                             return;
@@ -384,12 +385,21 @@ impl Progress {
 }
 
 /// Makes the canary the active slot: one committed step, one route swap.
-async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Result<(), String> {
+/// Why the last phase could not promote the new version (it is rolled back).
+#[derive(Debug, thiserror::Error)]
+enum PromoteError {
+    #[error(transparent)]
+    Refused(#[from] crate::slots::SlotError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Result<(), PromoteError> {
     let mut slots = ms.slots.lock().await;
-    slots.promote(green.color).map_err(|e| e.to_string())?;
+    slots.promote(green.color)?;
     if let Err(e) = shared.store.activate(&slots, green.deployment_id) {
         *slots = shared.store.load_slots(&ms.name).ok().flatten().unwrap_or_else(|| slots.clone());
-        return Err(crate::util::error_chain(&e));
+        return Err(e.into());
     }
     ms.swap(|r| Route {
         active: Some(green.clone()),
