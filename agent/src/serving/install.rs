@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use sentinel_proto::pb::ModelManifest;
 
-use super::io::{OutputError, check_outputs, model_io, predicted_label};
+use super::io::{OutputError, TensorsError, check_outputs, model_io, predicted_label};
 use super::slot::{CandidateMode, Loaded, Route, WINDOW_AGE, WINDOW_SAMPLES};
 use super::{Serving, TensorInfo};
 use crate::rollout::policy::{PhaseKind, Policy};
@@ -38,9 +38,9 @@ pub enum InstallError {
 /// Why a version's worker never came up.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The manifest's tensors do not fit this device's settings ([`model_io`]).
-    #[error("{0}")]
-    Tensors(String),
+    /// The manifest's tensors do not fit this device's settings.
+    #[error(transparent)]
+    Tensors(#[from] TensorsError),
     #[error("resolving {}", path.display())]
     Resolve {
         path: PathBuf,
@@ -143,7 +143,7 @@ impl Serving {
         deployment_id: i64,
         path: PathBuf,
     ) -> Result<Arc<Loaded>, LoadError> {
-        let (inputs, outputs) = model_io(m, self.settings.input_shapes.get(model)).map_err(LoadError::Tensors)?;
+        let (inputs, outputs) = model_io(m, self.settings.input_shapes.get(model))?;
         // The worker runs in its own working directory.
         let path = std::path::absolute(&path).map_err(|source| LoadError::Resolve { path: path.clone(), source })?;
         let mut spec = WorkerSpec::new(

@@ -109,3 +109,13 @@ fn outputs_are_checked_against_the_manifest() {
     assert!(check_outputs(&specs, &[nan, label.clone()]).unwrap_err().to_string().contains("not finite"));
     assert!(check_outputs(&specs, &[probs]).unwrap_err().to_string().contains("2"));
 }
+
+#[test]
+fn the_symbolic_dims_refusal_says_how_to_fix_it() {
+    let e = super::io::TensorsError::Symbolic { what: "input", name: "x".into(), declared: "[?, ?]".into() };
+    assert_eq!(
+        e.to_string(),
+        "input `x` has symbolic dims [?, ?] besides the batch; fix them at push with \
+         `sentinel model push --input-shape x=...` or on this device with `serving.input_shapes`"
+    );
+}
