@@ -15,7 +15,7 @@ use crate::download::{self, Wanted};
 use crate::rollout::controller::{HUB, Rollouts};
 use crate::serving::{Install, ValidationSet};
 use crate::state::Shared;
-use crate::store::StoreError;
+use crate::store::{EventKind, ModelStatus, StoreError};
 use crate::util::error_chain;
 
 /// Applies every new verified state until `stop` turns true.
@@ -60,7 +60,7 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             tracing::info!(model = %m.name, version = %m.version, revision, "rolled back here at this revision; not retried");
             logged(shared.store.set_deployment_status(
                 &m.name,
-                "rolled_back",
+                ModelStatus::RolledBack,
                 &m.version,
                 &reason,
                 assignment.deployment_id,
@@ -90,10 +90,10 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             .and_then(|ms| ms.route().active.as_ref().map(|a| a.sha256 == m.sha256 && a.version == m.version))
             .unwrap_or(false);
         if serving_it && current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str()) {
-            if current.as_ref().is_some_and(|c| c.status != "serving") {
+            if current.as_ref().is_some_and(|c| c.status != ModelStatus::Serving) {
                 logged(shared.store.set_deployment_status(
                     &m.name,
-                    "serving",
+                    ModelStatus::Serving,
                     &m.version,
                     "",
                     assignment.deployment_id,
@@ -112,8 +112,8 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                     shared,
                     &m.name,
                     &m.version,
-                    "refused",
-                    "policy_invalid",
+                    ModelStatus::Refused,
+                    EventKind::PolicyInvalid,
                     &reason.to_string(),
                     assignment.deployment_id,
                 );
@@ -133,8 +133,8 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                 shared,
                 &m.name,
                 &m.version,
-                "refused",
-                "download_refused",
+                ModelStatus::Refused,
+                EventKind::DownloadRefused,
                 &format!("wrong_hardware: {reason}"),
                 assignment.deployment_id,
             );
@@ -144,10 +144,24 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
         if let Some(signed) = &assignment.manifest
             && let Err(e) = shared.store.save_manifest(signed)
         {
-            refuse(shared, &m.name, &m.version, "failed", "model_failed", &error_chain(&e), assignment.deployment_id);
+            refuse(
+                shared,
+                &m.name,
+                &m.version,
+                ModelStatus::Failed,
+                EventKind::ModelFailed,
+                &error_chain(&e),
+                assignment.deployment_id,
+            );
             continue;
         }
-        logged(shared.store.set_deployment_status(&m.name, "validating", &m.version, "", assignment.deployment_id));
+        logged(shared.store.set_deployment_status(
+            &m.name,
+            ModelStatus::Validating,
+            &m.version,
+            "",
+            assignment.deployment_id,
+        ));
         shared.refresh_models();
         shared.report_soon();
         let install = Install {
@@ -162,7 +176,7 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                 let measured = installed.accuracy.map(|a| format!("; validation accuracy {a:.4}")).unwrap_or_default();
                 let next = if installed.promoted { "now serving" } else { "rollout started" };
                 shared.event(
-                    "model_installed",
+                    EventKind::ModelInstalled,
                     &m.name,
                     &m.version,
                     &format!("sha256 {} verified, loaded and validated{measured}; {next}", m.sha256),
@@ -176,7 +190,7 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                     _ => {
                         logged(shared.store.set_deployment_status(
                             &m.name,
-                            "serving",
+                            ModelStatus::Serving,
                             &m.version,
                             "",
                             assignment.deployment_id,
@@ -185,8 +199,9 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                 }
             }
             Err(e) => {
-                tracing::warn!(model = %m.name, version = %m.version, error = %e, "version not installed; the previous version keeps serving");
-                refuse(shared, &m.name, &m.version, "failed", e.kind(), &e.to_string(), assignment.deployment_id);
+                let reason = error_chain(&e);
+                tracing::warn!(model = %m.name, version = %m.version, error = %reason, "version not installed; the previous version keeps serving");
+                refuse(shared, &m.name, &m.version, ModelStatus::Failed, e.kind(), &reason, assignment.deployment_id);
             }
         }
         shared.refresh_models();
@@ -194,12 +209,12 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
     // Models no longer wanted on this device.
     let names: HashSet<&str> = v.manifests.iter().map(|m| m.name.as_str()).collect();
     if let Ok(models) = shared.store.models() {
-        for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != "removed") {
+        for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != ModelStatus::Removed) {
             rollouts.cancel(&m.name).await;
             shared.serving.remove(&m.name);
             logged(shared.store.set_status(
                 &m.name,
-                "removed",
+                ModelStatus::Removed,
                 m.active_version.as_deref().unwrap_or(""),
                 "no longer in the desired state",
             ));
@@ -228,16 +243,16 @@ async fn download_version(
     m: &ModelManifest,
 ) -> Option<VersionFiles> {
     let config = &shared.config;
-    logged(shared.store.set_status(&m.name, "downloading", &m.version, ""));
+    logged(shared.store.set_status(&m.name, ModelStatus::Downloading, &m.version, ""));
     shared.refresh_models();
     shared.report_soon();
-    shared.event("download_started", &m.name, &m.version, &assignment.artifact_url);
+    shared.event(EventKind::DownloadStarted, &m.name, &m.version, &assignment.artifact_url);
     let fetch = |url: String, sha256: String, size: u64| async move {
         let wanted = Wanted { url: &url, token: &config.token, sha256: &sha256, size };
         let fetched = download::fetch(http, shared.store.models_dir(), &wanted, config.download_attempts, |from| {
             shared.download_resumed(from);
             shared.event(
-                "download_resumed",
+                EventKind::DownloadResumed,
                 &m.name,
                 &m.version,
                 &format!("{url}: resuming from byte {from} of {size}"),
@@ -254,11 +269,11 @@ async fn download_version(
         let reason = format!("{}: {}", e.kind(), error_chain(&e));
         tracing::warn!(model = %m.name, version = %m.version, %reason, "download refused; the previous version keeps serving");
         let status = if matches!(e, download::FetchError::GaveUp { .. } | download::FetchError::NoSpace { .. }) {
-            "failed"
+            ModelStatus::Failed
         } else {
-            "refused"
+            ModelStatus::Refused
         };
-        refuse(shared, &m.name, &m.version, status, "download_refused", &reason, assignment.deployment_id);
+        refuse(shared, &m.name, &m.version, status, EventKind::DownloadRefused, &reason, assignment.deployment_id);
     };
     let (model, outcome) = match fetch(assignment.artifact_url.clone(), m.sha256.clone(), m.size).await {
         Ok(r) => r,
@@ -298,8 +313,8 @@ async fn download_version(
                         shared,
                         &m.name,
                         &m.version,
-                        "failed",
-                        "model_failed",
+                        ModelStatus::Failed,
+                        EventKind::ModelFailed,
                         &format!("reading the validation set: {e}"),
                         assignment.deployment_id,
                     );
@@ -312,7 +327,15 @@ async fn download_version(
     Some(VersionFiles { model, validation })
 }
 
-fn refuse(shared: &Shared, model: &str, version: &str, status: &str, kind: &str, reason: &str, deployment: i64) {
+fn refuse(
+    shared: &Shared,
+    model: &str,
+    version: &str,
+    status: ModelStatus,
+    kind: EventKind,
+    reason: &str,
+    deployment: i64,
+) {
     logged(shared.store.set_deployment_status(model, status, version, reason, deployment));
     shared.event(kind, model, version, reason);
     shared.refresh_models();

@@ -32,6 +32,7 @@ use crate::rollout::controller::{OPERATOR, Rollouts};
 use crate::serving::{CandidateMode, Loaded, Route};
 use crate::slots::Color;
 use crate::state::{AgentError, Shared};
+use crate::store::{self, EventKind};
 use crate::supervisor::SlotState as WorkerState;
 
 /// Everything `sentinel-agent status` shows.
@@ -221,7 +222,7 @@ async fn models(State(Control { shared, .. }): State<Control>) -> Response {
                     name: m.name,
                     active: m.active_version,
                     standby: m.standby_version,
-                    status: m.status,
+                    status: m.status.as_str().to_owned(),
                     status_version: m.status_version,
                     detail: m.detail,
                 })
@@ -256,7 +257,7 @@ pub async fn build_status(shared: &Shared) -> Result<Status, crate::store::Store
     let view = shared.view();
     let now = Instant::now();
     let mut models = Vec::new();
-    for row in shared.store.models()?.into_iter().filter(|m| m.status != "removed") {
+    for row in shared.store.models()?.into_iter().filter(|m| m.status != store::ModelStatus::Removed) {
         let route = shared.serving.model(&row.name).map_or_else(|| Arc::new(Route::default()), |ms| ms.route());
         // The committed slot pair, read from the store: an install holds the
         // in-memory pair for the whole load and validation, and status must
@@ -288,13 +289,13 @@ pub async fn build_status(shared: &Shared) -> Result<Status, crate::store::Store
         }
         models.push(ModelStatus {
             name: row.name,
-            status: row.status,
+            status: row.status.as_str().to_owned(),
             status_version: row.status_version,
             detail: row.detail,
             slots: out,
         });
     }
-    let last_rollback = shared.store.last_event("rolled_back")?.map(|e| RollbackInfo {
+    let last_rollback = shared.store.last_event(EventKind::RolledBack)?.map(|e| RollbackInfo {
         at_ms: e.at_ms,
         model: e.model,
         version: e.version,

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::AgentConfig;
 use crate::serving::Serving;
-use crate::store::{ModelRow, Store, StoreError};
+use crate::store::{EventKind, ModelRow, ModelStatus, Store, StoreError};
 use crate::transport::TransportError;
 
 /// Failures starting the agent.
@@ -67,10 +67,10 @@ impl AgentView {
         let models: Vec<String> = self
             .models
             .iter()
-            .filter(|m| m.status != "removed")
+            .filter(|m| m.status != ModelStatus::Removed)
             .map(|m| {
                 let active = m.active_version.as_deref().unwrap_or("nothing");
-                if m.status == "serving" && m.active_version.as_deref() == Some(m.status_version.as_str()) {
+                if m.status == ModelStatus::Serving && m.active_version.as_deref() == Some(m.status_version.as_str()) {
                     format!("{} {active}", m.name)
                 } else {
                     format!("{} {active} ({} {})", m.name, m.status_version, m.status)
@@ -144,7 +144,7 @@ impl Shared {
 
     /// Records a refused desired state: logged, an event for the hub, and visible in the view.
     pub fn refused_state(&self, kind: &str, reason: &str) {
-        self.event("state_refused", "", "", &format!("{kind}: {reason}"));
+        self.event(EventKind::StateRefused, "", "", &format!("{kind}: {reason}"));
         self.serving.metrics().verification_failed(kind);
         self.view.send_modify(|v| v.refused_states.push(kind.to_owned()));
         self.report_now.notify_one();
@@ -167,9 +167,9 @@ impl Shared {
         self.report_now.notify_one();
     }
 
-    pub(crate) fn event(&self, kind: &str, model: &str, version: &str, reason: &str) {
+    pub(crate) fn event(&self, kind: EventKind, model: &str, version: &str, reason: &str) {
         if let Err(e) = self.store.event(kind, model, version, reason) {
-            tracing::error!(error = %e, kind, "logging an event failed");
+            tracing::error!(error = %e, kind = kind.as_str(), "logging an event failed");
         }
     }
 
@@ -213,13 +213,18 @@ mod tests {
     use super::*;
     use crate::store::ModelRow;
 
-    fn row(name: &str, active: Option<&str>, status: &str, status_version: &str) -> ModelRow {
+    fn row(name: &str, active: Option<&str>, status: ModelStatus, status_version: &str) -> ModelRow {
         ModelRow {
             name: name.into(),
             active_version: active.map(Into::into),
-            status: status.into(),
+            active_sha256: None,
+            active_deployment: None,
+            standby_version: None,
+            standby_sha256: None,
+            status,
             status_version: status_version.into(),
-            ..ModelRow::default()
+            detail: String::new(),
+            status_deployment: None,
         }
     }
 
@@ -229,10 +234,10 @@ mod tests {
         assert_eq!(v.status_line(), "hub not connected yet; no models");
         v.connected = true;
         v.models = vec![
-            row("digits", Some("1.0.0"), "rolled_back", "2.0.0"),
-            row("text", Some("3.1.0"), "serving", "3.1.0"),
-            row("gone", None, "removed", "1.0.0"),
-            row("new", None, "downloading", "0.1.0"),
+            row("digits", Some("1.0.0"), ModelStatus::RolledBack, "2.0.0"),
+            row("text", Some("3.1.0"), ModelStatus::Serving, "3.1.0"),
+            row("gone", None, ModelStatus::Removed, "1.0.0"),
+            row("new", None, ModelStatus::Downloading, "0.1.0"),
         ];
         assert_eq!(
             v.status_line(),

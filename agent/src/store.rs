@@ -20,6 +20,10 @@ use sentinel_proto::pb::{SignedDesiredState, SignedManifest};
 use crate::slots::{Color, SlotState, Slots};
 use crate::util::now_ms;
 
+mod kinds;
+
+pub use kinds::{EventKind, ModelStatus, UnknownWord};
+
 /// Failures of the agent's store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,6 +47,13 @@ fn encode_slots(slots: &Slots) -> Result<String, StoreError> {
         op: "encode slots",
         source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
     })
+}
+
+/// Column `i` of `row` parsed as a [`ModelStatus`] or [`EventKind`]: a word
+/// that does not parse fails the read instead of becoming a default.
+fn word<T: std::str::FromStr<Err = UnknownWord>>(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(i)?;
+    text.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
@@ -102,7 +113,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// A model's slot assignment and latest status on this device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRow {
     pub name: String,
     pub active_version: Option<String>,
@@ -110,8 +121,7 @@ pub struct ModelRow {
     pub active_deployment: Option<i64>,
     pub standby_version: Option<String>,
     pub standby_sha256: Option<String>,
-    /// pending, downloading, serving, failed, refused, removed
-    pub status: String,
+    pub status: ModelStatus,
     /// The version the status is about (may differ from the active one).
     pub status_version: String,
     pub detail: String,
@@ -124,7 +134,7 @@ pub struct ModelRow {
 pub struct Event {
     pub id: i64,
     pub at_ms: i64,
-    pub kind: String,
+    pub kind: EventKind,
     pub model: String,
     pub version: String,
     pub reason: String,
@@ -241,7 +251,7 @@ impl Store {
                     active_deployment: r.get(3)?,
                     standby_version: r.get(4)?,
                     standby_sha256: r.get(5)?,
-                    status: r.get(6)?,
+                    status: word(r, 6)?,
                     status_version: r.get(7)?,
                     detail: r.get(8)?,
                     status_deployment: r.get(9)?,
@@ -256,7 +266,7 @@ impl Store {
     }
 
     /// Records a status for a model without touching its slots.
-    pub fn set_status(&self, name: &str, status: &str, version: &str, detail: &str) -> Result<(), StoreError> {
+    pub fn set_status(&self, name: &str, status: ModelStatus, version: &str, detail: &str) -> Result<(), StoreError> {
         self.write_status(name, status, version, detail, None)
     }
 
@@ -265,7 +275,7 @@ impl Store {
     pub fn set_deployment_status(
         &self,
         name: &str,
-        status: &str,
+        status: ModelStatus,
         version: &str,
         detail: &str,
         deployment: i64,
@@ -276,7 +286,7 @@ impl Store {
     fn write_status(
         &self,
         name: &str,
-        status: &str,
+        status: ModelStatus,
         version: &str,
         detail: &str,
         deployment: Option<i64>,
@@ -287,7 +297,7 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(name) DO UPDATE SET status = ?2, status_version = ?3, detail = ?4, updated_at_ms = ?5,
                     status_deployment = ?6",
-                params![name, status, version, detail, now_ms(), deployment],
+                params![name, status.as_str(), version, detail, now_ms(), deployment],
             )
             .map_err(db("set status"))?;
         Ok(())
@@ -348,11 +358,11 @@ impl Store {
         tx.execute(
             "INSERT INTO models (name, active_version, active_sha256, active_deployment, standby_version,
                                  standby_sha256, status, status_version, detail, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'serving', COALESCE(?2, ''), '', ?7)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, COALESCE(?2, ''), '', ?7)
              ON CONFLICT(name) DO UPDATE SET
                 active_version = ?2, active_sha256 = ?3, active_deployment = ?4,
                 standby_version = ?5, standby_sha256 = ?6,
-                status = 'serving', status_version = COALESCE(?2, ''), detail = '', updated_at_ms = ?7,
+                status = ?8, status_version = COALESCE(?2, ''), detail = '', updated_at_ms = ?7,
                 status_deployment = ?4",
             params![
                 slots.model,
@@ -361,7 +371,8 @@ impl Store {
                 deployment,
                 standby.and_then(|s| s.version.clone()),
                 standby.and_then(|s| s.sha256.clone()),
-                now_ms()
+                now_ms(),
+                ModelStatus::Serving.as_str()
             ],
         )
         .map_err(db("activate"))?;
@@ -420,11 +431,11 @@ impl Store {
     }
 
     /// Appends an event for the hub (and the log).
-    pub fn event(&self, kind: &str, model: &str, version: &str, reason: &str) -> Result<(), StoreError> {
+    pub fn event(&self, kind: EventKind, model: &str, version: &str, reason: &str) -> Result<(), StoreError> {
         self.conn()
             .execute(
                 "INSERT INTO events (at_ms, kind, model, version, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![now_ms(), kind, model, version, reason],
+                params![now_ms(), kind.as_str(), model, version, reason],
             )
             .map_err(db("log event"))?;
         Ok(())
@@ -441,8 +452,8 @@ impl Store {
     }
 
     /// The newest event of `kind`, if any.
-    pub fn last_event(&self, kind: &str) -> Result<Option<Event>, StoreError> {
-        Ok(self.events_where("kind = ?1 ORDER BY id DESC LIMIT 1", [kind])?.pop())
+    pub fn last_event(&self, kind: EventKind) -> Result<Option<Event>, StoreError> {
+        Ok(self.events_where("kind = ?1 ORDER BY id DESC LIMIT 1", [kind.as_str()])?.pop())
     }
 
     /// Events matching `clause` (a fixed SQL tail: filter, order and limit,
@@ -457,7 +468,7 @@ impl Store {
                 Ok(Event {
                     id: r.get(0)?,
                     at_ms: r.get(1)?,
-                    kind: r.get(2)?,
+                    kind: word(r, 2)?,
                     model: r.get(3)?,
                     version: r.get(4)?,
                     reason: r.get(5)?,
@@ -535,7 +546,7 @@ mod tests {
         let store = Store::open(dir.path()).expect("reopen");
         let m = store.model("m").expect("read").expect("present");
         assert_eq!((m.active_version.as_deref(), m.standby_version.as_deref()), (Some("2.0.0"), Some("1.0.0")));
-        assert_eq!((m.status.as_str(), m.active_deployment), ("serving", Some(2)));
+        assert_eq!((m.status, m.active_deployment), (ModelStatus::Serving, Some(2)));
         // The row and the slot pair were written together.
         let pair = store.load_slots("m").expect("load").expect("present");
         assert_eq!(pair, s);
@@ -600,11 +611,27 @@ mod tests {
     fn events_are_marked_once_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        store.event("state_refused", "", "", "replayed").expect("e1");
-        store.event("model_installed", "m", "1", "").expect("e2");
+        store.event(EventKind::StateRefused, "", "", "replayed").expect("e1");
+        store.event(EventKind::ModelInstalled, "m", "1", "").expect("e2");
         let pending = store.unreported_events(10).expect("list");
         assert_eq!(pending.len(), 2);
         store.mark_reported(pending[0].id).expect("mark");
         assert_eq!(store.unreported_events(10).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn a_stored_word_that_does_not_parse_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.set_status("m", ModelStatus::Downloading, "1", "").expect("status");
+        store.event(EventKind::DownloadStarted, "m", "1", "").expect("event");
+        store
+            .conn()
+            .execute_batch("UPDATE models SET status = 'bogus'; UPDATE events SET kind = 'odd'")
+            .expect("corrupt");
+        let e = store.models().expect_err("an unknown status");
+        assert!(crate::util::error_chain(&e).contains("unknown model status `bogus`"), "{e}");
+        let e = store.recent_events(1).expect_err("an unknown kind");
+        assert!(crate::util::error_chain(&e).contains("unknown event kind `odd`"), "{e}");
     }
 }

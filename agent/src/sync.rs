@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::state::Shared;
+use crate::store::StoreError;
 use crate::transport::status_text;
 use crate::util::error_chain;
 
@@ -49,8 +50,25 @@ impl Backoff {
     }
 }
 
-fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, String> {
-    format!("Bearer {token}").parse().map_err(|_| "the device token is not valid ASCII".to_owned())
+/// Why a subscription ended. Its message is the view's `last_error` and the
+/// log's reason; a hub status is worded by `status_text` inside the message
+/// (not as a source) so it is named once.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the device token is not valid ASCII")]
+    Token(#[source] tonic::metadata::errors::InvalidMetadataValue),
+    #[error("subscribe to {url} refused: {}", status_text(status))]
+    Subscribe { url: String, status: tonic::Status },
+    #[error("no message from the hub at {url} for {} s", silence.as_secs())]
+    Silent { url: String, silence: Duration },
+    #[error("stream from {url} broke: {}", status_text(status))]
+    Broke { url: String, status: tonic::Status },
+}
+
+fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, SyncError> {
+    format!("Bearer {token}").parse().map_err(SyncError::Token)
 }
 
 /// Runs the subscription until `shutdown` flips.
@@ -69,7 +87,7 @@ pub async fn run(
         };
         let reason = match outcome {
             Ok(()) => format!("the hub at {} closed the stream", config.grpc_url),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         shared.set_disconnected(&reason);
         let delay = backoff.next_delay();
@@ -86,12 +104,11 @@ async fn subscribe_once(
     channel: Channel,
     states: &watch::Sender<Option<Arc<VerifiedState>>>,
     backoff: &mut Backoff,
-) -> Result<(), String> {
+) -> Result<(), SyncError> {
     let config = &shared.config;
     let running = shared
         .store
-        .models()
-        .map_err(|e| e.to_string())?
+        .models()?
         .into_iter()
         .filter_map(|m| {
             Some(RunningModel { name: m.name, version: m.active_version?, sha256: m.active_sha256.unwrap_or_default() })
@@ -103,7 +120,7 @@ async fn subscribe_once(
         hardware: config.hardware.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         running,
-        last_revision: shared.store.last_revision().map_err(|e| e.to_string())?,
+        last_revision: shared.store.last_revision()?,
     };
     let mut req = tonic::Request::new(hello);
     req.metadata_mut().insert("authorization", bearer(&config.token)?);
@@ -111,7 +128,7 @@ async fn subscribe_once(
     let mut stream = client
         .subscribe(req)
         .await
-        .map_err(|s| format!("subscribe to {} refused: {}", config.grpc_url, status_text(&s)))?
+        .map_err(|status| SyncError::Subscribe { url: config.grpc_url.clone(), status })?
         .into_inner();
     backoff.reset();
     shared.set_connected();
@@ -120,22 +137,22 @@ async fn subscribe_once(
     loop {
         let msg = match tokio::time::timeout(silence, stream.message()).await {
             Err(_) => {
-                return Err(format!("no message from the hub at {} for {} s", config.grpc_url, silence.as_secs()));
+                return Err(SyncError::Silent { url: config.grpc_url.clone(), silence });
             }
-            Ok(Err(status)) => return Err(format!("stream from {} broke: {}", config.grpc_url, status_text(&status))),
+            Ok(Err(status)) => return Err(SyncError::Broke { url: config.grpc_url.clone(), status }),
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(m))) => m,
         };
         match msg.kind {
             Some(hub_message::Kind::Heartbeat(_)) | None => {}
             Some(hub_message::Kind::State(signed)) => {
-                let last = shared.store.last_revision().map_err(|e| e.to_string())?;
+                let last = shared.store.last_revision()?;
                 match verify_state(&signed, &config.trusted, &config.device_id, last, crate::util::now_ms()) {
                     Ok(v) => {
                         let revision = v.state.revision;
                         if let Err(e) = shared.store.save_desired(revision, &signed) {
                             tracing::error!(error = %e, "storing the desired state failed");
-                            return Err(e.to_string());
+                            return Err(e.into());
                         }
                         tracing::info!(revision, models = v.state.models.len(), "desired state verified");
                         shared.verified_state(&v);

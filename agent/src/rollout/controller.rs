@@ -21,6 +21,7 @@ use super::window::SlotMetrics;
 use crate::serving::{CandidateMode, Loaded, ModelServing, Route};
 use crate::slots::SlotState;
 use crate::state::Shared;
+use crate::store::{EventKind, ModelStatus};
 use crate::supervisor::SlotState as WorkerState;
 
 /// How often a rollout looks at the metrics. A control-loop period: decisions
@@ -194,11 +195,11 @@ impl Rollouts {
     }
 }
 
-fn agent_state(kind: Option<PhaseKind>) -> &'static str {
+fn agent_state(kind: Option<PhaseKind>) -> ModelStatus {
     match kind {
-        Some(PhaseKind::Shadow) => "shadow",
-        Some(PhaseKind::Canary { .. }) => "canary",
-        _ => "serving",
+        Some(PhaseKind::Shadow) => ModelStatus::Shadow,
+        Some(PhaseKind::Canary { .. }) => ModelStatus::Canary,
+        _ => ModelStatus::Serving,
     }
 }
 
@@ -273,8 +274,8 @@ async fn run(
             }
             Step::Complete => {
                 tracing::info!(model = %green.model, version = %green.version, "standby bake over; rollout complete");
-                set_status(&shared, &green, "serving", "");
-                shared.event("rollout_complete", &green.model, &green.version, "promoted through every phase");
+                set_status(&shared, &green, ModelStatus::Serving, "");
+                shared.event(EventKind::RolloutComplete, &green.model, &green.version, "promoted through every phase");
                 return;
             }
             Step::Next { kind, blue: blue_metrics } => {
@@ -287,7 +288,8 @@ async fn run(
                 }
                 match kind {
                     Some(PhaseKind::Full) | None if !promoted => {
-                        if let Err(reason) = promote(&shared, &ms, &green).await {
+                        if let Err(e) = promote(&shared, &ms, &green).await {
+                            let reason = crate::util::error_chain(&e);
                             let d = Detection::default();
                             rollback(&shared, &ms, &green, "promote_failed", &reason, &green_metrics, None, d).await;
                             return;
@@ -303,12 +305,12 @@ async fn run(
                 set_status(&shared, &green, state, "");
                 let passed = json!({"green": metrics_json(&green_metrics), "blue": metrics_json(&blue_metrics)});
                 shared.event(
-                    "rollout_phase",
+                    EventKind::RolloutPhase,
                     &green.model,
                     &green.version,
                     &format!("entered phase {phase} ({state}) | {passed}"),
                 );
-                tracing::info!(model = %green.model, version = %green.version, phase, state, "rollout phase");
+                tracing::info!(model = %green.model, version = %green.version, phase, state = state.as_str(), "rollout phase");
             }
         }
     }
@@ -383,12 +385,21 @@ impl Progress {
 }
 
 /// Makes the canary the active slot: one committed step, one route swap.
-async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Result<(), String> {
+/// Why the last phase could not promote the new version (it is rolled back).
+#[derive(Debug, thiserror::Error)]
+enum PromoteError {
+    #[error(transparent)]
+    Refused(#[from] crate::slots::SlotError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Result<(), PromoteError> {
     let mut slots = ms.slots.lock().await;
-    slots.promote(green.color).map_err(|e| e.to_string())?;
+    slots.promote(green.color)?;
     if let Err(e) = shared.store.activate(&slots, green.deployment_id) {
         *slots = shared.store.load_slots(&ms.name).ok().flatten().unwrap_or_else(|| slots.clone());
-        return Err(crate::util::error_chain(&e));
+        return Err(e.into());
     }
     ms.swap(|r| Route {
         active: Some(green.clone()),
@@ -461,8 +472,8 @@ async fn rollback(
     });
     tracing::warn!(model = %green.model, version = %green.version, kind, %reason, switch_us = switch.as_micros(), "rolled back");
     shared.serving.metrics().rollback(&green.model, kind);
-    set_status(shared, green, "rolled_back", reason);
-    shared.event("rolled_back", &green.model, &green.version, &format!("{reason} | {snapshot}"));
+    set_status(shared, green, ModelStatus::RolledBack, reason);
+    shared.event(EventKind::RolledBack, &green.model, &green.version, &format!("{reason} | {snapshot}"));
 }
 
 /// The rollback kind of an operator's `sentinel-agent rollback`.
@@ -480,16 +491,18 @@ async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
         ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
         let mut slots = ms.slots.lock().await;
         if slots.get(green.color).state == SlotState::Canary {
-            let _ = slots.fail(green.color, "superseded by a newer desired state");
+            if let Err(e) = slots.fail(green.color, "superseded by a newer desired state") {
+                tracing::warn!(error = %crate::util::error_chain(&e), %slots, "failing the cancelled canary slot was refused");
+            }
             if let Err(e) = shared.store.commit_slots(&slots) {
                 tracing::error!(error = %crate::util::error_chain(&e), "saving a cancelled rollout failed");
             }
         }
-        shared.event("rollout_cancelled", &green.model, &green.version, "superseded by a newer desired state");
+        shared.event(EventKind::RolloutCancelled, &green.model, &green.version, "superseded by a newer desired state");
     }
 }
 
-fn set_status(shared: &Shared, green: &Loaded, state: &str, detail: &str) {
+fn set_status(shared: &Shared, green: &Loaded, state: ModelStatus, detail: &str) {
     if let Err(e) = shared.store.set_deployment_status(&green.model, state, &green.version, detail, green.deployment_id)
     {
         tracing::error!(error = %crate::util::error_chain(&e), "saving the model status failed");

@@ -9,45 +9,97 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use sentinel_proto::pb::ModelManifest;
 
-use super::io::{check_outputs, model_io, predicted_label};
+use super::io::{OutputError, TensorsError, check_outputs, model_io, predicted_label};
 use super::slot::{CandidateMode, Loaded, Route, WINDOW_AGE, WINDOW_SAMPLES};
 use super::{Serving, TensorInfo};
 use crate::rollout::policy::{PhaseKind, Policy};
 use crate::rollout::window::SlotWindow;
-use crate::slots::{Color, SlotState, Slots};
-use crate::store::{Store, StoreError};
-use crate::supervisor::{SlotState as WorkerState, Supervised, WorkerSpec};
-use sentinel_worker_protocol::frame::Tensor;
+use crate::slots::{Color, SlotError, SlotState, Slots};
+use crate::store::{EventKind, ModelStatus, Store, StoreError};
+use crate::supervisor::{SlotError as WorkerSlotError, SlotState as WorkerState, Supervised, WorkerSpec};
+use sentinel_worker_protocol::frame::{DType, Tensor};
 
 /// Why a version was not installed. The slot it was staged in is failed and
-/// the previous version keeps serving.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// the previous version keeps serving. Events, status details and logs show
+/// [`crate::util::error_chain`] of it, which names the cause.
+#[derive(Debug, thiserror::Error)]
 pub enum InstallError {
+    /// The slot state machine refused a transition.
+    #[error(transparent)]
+    Refused(#[from] SlotError),
+    #[error("loading failed")]
+    Load(#[source] LoadError),
+    #[error("validation failed")]
+    Validation(#[source] ValidateError),
+    #[error("saving the slot state failed")]
+    Store(#[from] StoreError),
+}
+
+/// Why a version's worker never came up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The manifest's tensors do not fit this device's settings.
+    #[error(transparent)]
+    Tensors(#[from] TensorsError),
+    #[error("resolving {}", path.display())]
+    Resolve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The supervisor gave up on the worker; its reason (exit code, stderr).
     #[error("{0}")]
-    Refused(String),
-    #[error("loading failed: {0}")]
-    Load(String),
-    #[error("validation failed: {0}")]
-    Validation(String),
-    #[error("saving the slot state failed: {0}")]
-    Store(String),
+    Worker(String),
+    #[error("the worker supervisor stopped")]
+    SupervisorStopped,
+    /// After a restart: a committed slot's file or manifest is missing.
+    #[error("the model file or manifest of {sha256} is gone")]
+    Gone { sha256: String },
+}
+
+/// Why a loaded version failed validation.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error("the model has no inputs")]
+    NoInputs,
+    /// A zero probe for this input could not be built (the frame crate's reason).
+    #[error("probe input `{input}`: {reason}")]
+    ProbeInput { input: String, reason: String },
+    #[error("a probe inference failed")]
+    Probe(#[source] WorkerSlotError),
+    #[error(transparent)]
+    ProbeOutputs(#[from] OutputError),
+    #[error("input `{input}` is {dtype}: validation sets carry fixed-width inputs only (raw little-endian elements)")]
+    UnsizedInput { input: String, dtype: DType },
+    #[error("the validation set has {bytes} bytes of inputs for {labels} labels; expected {per} bytes per sample")]
+    SetSize { bytes: usize, labels: usize, per: usize },
+    #[error("validation sample {index}")]
+    SampleInference {
+        index: usize,
+        #[source]
+        source: WorkerSlotError,
+    },
+    #[error("validation sample {index}")]
+    SampleOutputs {
+        index: usize,
+        #[source]
+        source: OutputError,
+    },
+    #[error(
+        "accuracy {accuracy:.4} on the {samples}-sample validation set is below the declared {declared:.4} minus the tolerance {tolerance}"
+    )]
+    BelowDeclared { accuracy: f64, samples: usize, declared: f64, tolerance: f64 },
 }
 
 impl InstallError {
     /// Stable kind for events and reports.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> EventKind {
         match self {
-            InstallError::Refused(_) => "refused",
-            InstallError::Load(_) => "load_failed",
-            InstallError::Validation(_) => "validation_failed",
-            InstallError::Store(_) => "store_failed",
+            InstallError::Refused(_) => EventKind::Refused,
+            InstallError::Load(_) => EventKind::LoadFailed,
+            InstallError::Validation(_) => EventKind::ValidationFailed,
+            InstallError::Store(_) => EventKind::StoreFailed,
         }
-    }
-}
-
-impl From<StoreError> for InstallError {
-    fn from(e: StoreError) -> Self {
-        InstallError::Store(crate::util::error_chain(&e))
     }
 }
 
@@ -90,10 +142,10 @@ impl Serving {
         m: &ModelManifest,
         deployment_id: i64,
         path: PathBuf,
-    ) -> Result<Arc<Loaded>, String> {
+    ) -> Result<Arc<Loaded>, LoadError> {
         let (inputs, outputs) = model_io(m, self.settings.input_shapes.get(model))?;
         // The worker runs in its own working directory.
-        let path = std::path::absolute(&path).map_err(|e| format!("resolving {}: {e}", path.display()))?;
+        let path = std::path::absolute(&path).map_err(|source| LoadError::Resolve { path: path.clone(), source })?;
         let mut spec = WorkerSpec::new(
             self.settings.worker_bin.clone(),
             path,
@@ -136,12 +188,17 @@ impl Serving {
                 return;
             }
         };
-        for row in rows.iter().filter(|r| r.status != "removed") {
+        for row in rows.iter().filter(|r| r.status != ModelStatus::Removed) {
             let Ok(Some(mut slots)) = store.load_slots(&row.name) else { continue };
             let mut changed = false;
             for c in [Color::Blue, Color::Green] {
                 if matches!(slots.get(c).state, SlotState::Loading | SlotState::Validating | SlotState::Canary) {
-                    changed |= slots.fail(c, "interrupted by an agent restart").is_ok();
+                    match slots.fail(c, "interrupted by an agent restart") {
+                        Ok(_) => changed = true,
+                        Err(e) => {
+                            tracing::warn!(error = %crate::util::error_chain(&e), %slots, "failing an interrupted slot was refused")
+                        }
+                    }
                 }
             }
             if changed && let Err(e) = store.commit_slots(&slots) {
@@ -158,12 +215,15 @@ impl Serving {
                     Some(m) if store.has_model(sha) => {
                         self.start_worker(&row.name, c, &m, row.active_deployment.unwrap_or(0), store.model_path(sha))
                     }
-                    _ => Err(format!("the model file or manifest of {sha} is gone")),
+                    _ => Err(LoadError::Gone { sha256: sha.to_owned() }),
                 };
                 match loaded {
                     Ok(l) if slot.state == SlotState::Active => route.active = Some(l),
                     Ok(l) => route.standby = Some(l),
-                    Err(reason) => tracing::error!(model = %row.name, slot = c.as_str(), %reason, "slot not restored"),
+                    Err(e) => {
+                        let reason = crate::util::error_chain(&e);
+                        tracing::error!(model = %row.name, slot = c.as_str(), %reason, "slot not restored");
+                    }
                 }
             }
             tracing::info!(%slots, "slots restored");
@@ -179,10 +239,12 @@ impl Serving {
         let m = req.manifest;
         let ms = self.entry(&m.name, store.load_slots(&m.name)?.unwrap_or_else(|| Slots::new(&m.name)));
         let mut slots = ms.slots.lock().await;
-        let color = slots.stage(&m.version, &m.sha256).map_err(|e| InstallError::Refused(e.to_string()))?;
+        let color = slots.stage(&m.version, &m.sha256)?;
         store.commit_slots(&slots)?;
         let fail = |slots: &mut Slots, err: InstallError| {
-            let _ = slots.fail(color, &err.to_string());
+            if let Err(e) = slots.fail(color, &crate::util::error_chain(&err)) {
+                tracing::warn!(error = %crate::util::error_chain(&e), %slots, "failing the staged slot was refused");
+            }
             if let Err(e) = store.commit_slots(slots) {
                 tracing::error!(error = %crate::util::error_chain(&e), "saving a failed slot failed");
             }
@@ -191,7 +253,7 @@ impl Serving {
         };
         let loaded = match self.start_worker(&m.name, color, m, req.deployment_id, req.model_path) {
             Ok(l) => l,
-            Err(reason) => return fail(&mut slots, InstallError::Load(reason)),
+            Err(e) => return fail(&mut slots, InstallError::Load(e)),
         };
         ms.swap(|r| Route {
             // Whatever was in the idle slot (an old standby) is replaced.
@@ -200,16 +262,16 @@ impl Serving {
             mode: CandidateMode::Idle,
             ..r.clone()
         });
-        if let Err(reason) = wait_running(&loaded.worker).await {
-            return fail(&mut slots, InstallError::Load(reason));
+        if let Err(e) = wait_running(&loaded.worker).await {
+            return fail(&mut slots, InstallError::Load(e));
         }
         if let Err(e) = slots.begin_validation(color) {
-            return fail(&mut slots, InstallError::Refused(e.to_string()));
+            return fail(&mut slots, InstallError::Refused(e));
         }
         store.commit_slots(&slots)?;
         let accuracy = match validate(&loaded, m, req.validation.as_ref(), self.settings.validation_tolerance).await {
             Ok(a) => a,
-            Err(reason) => return fail(&mut slots, InstallError::Validation(reason)),
+            Err(e) => return fail(&mut slots, InstallError::Validation(e)),
         };
         *loaded.validation_accuracy.write().unwrap_or_else(PoisonError::into_inner) = accuracy;
         loaded.window.lock().unwrap_or_else(PoisonError::into_inner).set_validation_accuracy(accuracy);
@@ -217,7 +279,7 @@ impl Serving {
         let promoted = match first {
             Some(PhaseKind::Shadow | PhaseKind::Canary { .. }) if slots.active().is_some() => {
                 if let Err(e) = slots.start_canary(color) {
-                    return fail(&mut slots, InstallError::Refused(e.to_string()));
+                    return fail(&mut slots, InstallError::Refused(e));
                 }
                 store.commit_slots(&slots)?;
                 let mode = match first {
@@ -231,7 +293,7 @@ impl Serving {
             // A first version, or a policy that goes straight to full.
             _ => {
                 if let Err(e) = slots.promote(color) {
-                    return fail(&mut slots, InstallError::Refused(e.to_string()));
+                    return fail(&mut slots, InstallError::Refused(e));
                 }
                 // The commit point: durable before any request reaches the new slot.
                 if let Err(e) = store.activate(&slots, req.deployment_id) {
@@ -262,7 +324,7 @@ impl Serving {
 }
 
 /// Waits until the worker is ready, or returns why it never will be.
-async fn wait_running(worker: &Supervised) -> Result<(), String> {
+async fn wait_running(worker: &Supervised) -> Result<(), LoadError> {
     let mut rx = worker.subscribe();
     let end = rx.wait_for(|s| matches!(s, WorkerState::Running { .. } | WorkerState::Failed(_))).await;
     match end.as_deref() {
@@ -271,8 +333,8 @@ async fn wait_running(worker: &Supervised) -> Result<(), String> {
             Ok(())
         }
         Ok(WorkerState::Running { .. }) => Ok(()),
-        Ok(WorkerState::Failed(reason)) => Err(reason.clone()),
-        Ok(WorkerState::Starting { .. }) | Err(_) => Err("the worker supervisor stopped".to_owned()),
+        Ok(WorkerState::Failed(reason)) => Err(LoadError::Worker(reason.clone())),
+        Ok(WorkerState::Starting { .. }) | Err(_) => Err(LoadError::SupervisorStopped),
     }
 }
 
@@ -290,8 +352,8 @@ async fn validate(
     m: &ModelManifest,
     set: Option<&ValidationSet>,
     tolerance: f64,
-) -> Result<Option<f64>, String> {
-    let first = slot.inputs.first().ok_or("the model has no inputs")?;
+) -> Result<Option<f64>, ValidateError> {
+    let first = slot.inputs.first().ok_or(ValidateError::NoInputs)?;
     let probe: Vec<Tensor> = match (set, sample_bytes(first)) {
         (Some(s), Some(per)) if slot.inputs.len() == 1 && first.batched() && s.inputs.len() >= per => {
             vec![Tensor { dtype: first.dtype, shape: first.fixed.clone(), data: s.inputs[..per].to_vec() }]
@@ -300,10 +362,13 @@ async fn validate(
         _ => slot
             .inputs
             .iter()
-            .map(|i| Tensor::zeros(i.dtype, &i.fixed).map_err(|e| format!("probe input `{}`: {e}", i.name)))
+            .map(|i| {
+                Tensor::zeros(i.dtype, &i.fixed)
+                    .map_err(|reason| ValidateError::ProbeInput { input: i.name.clone(), reason })
+            })
             .collect::<Result<_, _>>()?,
     };
-    let outputs = slot.worker.infer(&probe).await.map_err(|e| format!("a probe inference failed: {e}"))?;
+    let outputs = slot.worker.infer(&probe).await.map_err(ValidateError::Probe)?;
     check_outputs(&slot.outputs, &outputs)?;
     let Some(set) = set else { return Ok(None) };
     if slot.inputs.len() != 1 || !first.batched() {
@@ -311,18 +376,10 @@ async fn validate(
         return Ok(None);
     }
     let Some(per) = sample_bytes(first) else {
-        return Err(format!(
-            "input `{}` is {}: validation sets carry fixed-width inputs only (raw little-endian elements)",
-            first.name, first.dtype
-        ));
+        return Err(ValidateError::UnsizedInput { input: first.name.clone(), dtype: first.dtype });
     };
     if per == 0 || set.inputs.len() != per * set.labels.len() {
-        return Err(format!(
-            "the validation set has {} bytes of inputs for {} labels; expected {} bytes per sample",
-            set.inputs.len(),
-            set.labels.len(),
-            per
-        ));
+        return Err(ValidateError::SetSize { bytes: set.inputs.len(), labels: set.labels.len(), per });
     }
     let mut correct = 0usize;
     for (i, label) in set.labels.iter().enumerate() {
@@ -331,8 +388,9 @@ async fn validate(
             shape: first.fixed.clone(),
             data: set.inputs[i * per..(i + 1) * per].to_vec(),
         };
-        let outputs = slot.worker.infer(&[sample]).await.map_err(|e| format!("validation sample {i}: {e}"))?;
-        check_outputs(&slot.outputs, &outputs).map_err(|e| format!("validation sample {i}: {e}"))?;
+        let outputs =
+            slot.worker.infer(&[sample]).await.map_err(|source| ValidateError::SampleInference { index: i, source })?;
+        check_outputs(&slot.outputs, &outputs).map_err(|source| ValidateError::SampleOutputs { index: i, source })?;
         if predicted_label(&outputs) == Some(*label) {
             correct += 1;
         }
@@ -342,10 +400,7 @@ async fn validate(
     if let Some(declared) = m.accuracy.as_ref().map(|a| a.value).filter(|v| *v > 0.0)
         && accuracy < declared - tolerance - 1e-12
     {
-        return Err(format!(
-            "accuracy {accuracy:.4} on the {}-sample validation set is below the declared {declared:.4} minus the tolerance {tolerance}",
-            set.labels.len()
-        ));
+        return Err(ValidateError::BelowDeclared { accuracy, samples: set.labels.len(), declared, tolerance });
     }
     Ok(Some(accuracy))
 }

@@ -38,11 +38,20 @@ pub fn wire_dtype(name: &str) -> Option<DType> {
 pub fn model_io(
     m: &ModelManifest,
     overrides: Option<&Vec<Vec<usize>>>,
-) -> Result<(Vec<TensorInfo>, Vec<TensorInfo>), String> {
-    let convert = |what: &str, index: usize, spec: &sentinel_proto::pb::TensorSpec, fixed: Option<&Vec<usize>>| {
+) -> Result<(Vec<TensorInfo>, Vec<TensorInfo>), TensorsError> {
+    let convert = |what: &'static str,
+                   index: usize,
+                   spec: &sentinel_proto::pb::TensorSpec,
+                   fixed: Option<&Vec<usize>>| {
         let dtype = wire_dtype(&spec.dtype).ok_or_else(|| {
             let carried: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
-            format!("{what} {index} `{}` has dtype {}; workers carry {}", spec.name, spec.dtype, carried.join(", "))
+            TensorsError::Dtype {
+                what,
+                index,
+                name: spec.name.clone(),
+                dtype: spec.dtype.clone(),
+                carried: carried.join(", "),
+            }
         })?;
         let declared: Vec<Option<u64>> = spec
             .shape
@@ -57,11 +66,12 @@ pub fn model_io(
                 let fits = f.len() == declared.len()
                     && f.iter().zip(&declared).all(|(g, d)| d.is_none_or(|d| u64::try_from(*g).is_ok_and(|g| g == d)));
                 if !fits {
-                    return Err(format!(
-                        "configured shape {f:?} for {what} `{}` does not fit the declared {}",
-                        spec.name,
-                        show_dims(&declared)
-                    ));
+                    return Err(TensorsError::ConfiguredShape {
+                        shape: f.clone(),
+                        what,
+                        name: spec.name.clone(),
+                        declared: show_dims(&declared),
+                    });
                 }
                 f.clone()
             }
@@ -77,14 +87,11 @@ pub fn model_io(
                     // other symbolic dim has no safe guess (1 would look ready
                     // and refuse every real request).
                     None if declared.iter().skip(1).any(Option::is_none) => {
-                        return Err(format!(
-                            "{what} `{}` has symbolic dims {} besides the batch; fix them at push with \
-                             `sentinel model push --input-shape {}=...` or on this device with \
-                             `serving.input_shapes`",
-                            spec.name,
-                            show_dims(&declared),
-                            spec.name
-                        ));
+                        return Err(TensorsError::Symbolic {
+                            what,
+                            name: spec.name.clone(),
+                            declared: show_dims(&declared),
+                        });
                     }
                     None => {
                         declared.iter().map(|d| d.map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX))).collect()
@@ -97,7 +104,7 @@ pub fn model_io(
     if let Some(o) = overrides
         && o.len() != m.inputs.len()
     {
-        return Err(format!("configured {} input shapes, but the model has {} inputs", o.len(), m.inputs.len()));
+        return Err(TensorsError::ShapeCount { configured: o.len(), inputs: m.inputs.len() });
     }
     let inputs = m
         .inputs
@@ -108,6 +115,22 @@ pub fn model_io(
     let outputs =
         m.outputs.iter().enumerate().map(|(i, s)| convert("output", i, s, None)).collect::<Result<Vec<_>, _>>()?;
     Ok((inputs, outputs))
+}
+
+/// A manifest's tensors that this device cannot serve as declared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TensorsError {
+    #[error("{what} {index} `{name}` has dtype {dtype}; workers carry {carried}")]
+    Dtype { what: &'static str, index: usize, name: String, dtype: String, carried: String },
+    #[error("configured shape {shape:?} for {what} `{name}` does not fit the declared {declared}")]
+    ConfiguredShape { shape: Vec<usize>, what: &'static str, name: String, declared: String },
+    #[error(
+        "{what} `{name}` has symbolic dims {declared} besides the batch; fix them at push with \
+         `sentinel model push --input-shape {name}=...` or on this device with `serving.input_shapes`"
+    )]
+    Symbolic { what: &'static str, name: String, declared: String },
+    #[error("configured {configured} input shapes, but the model has {inputs} inputs")]
+    ShapeCount { configured: usize, inputs: usize },
 }
 
 /// `[N, 64]` style rendering of declared dims.
@@ -279,14 +302,27 @@ pub fn predicted_label(outputs: &[Tensor]) -> Option<i64> {
     i64::try_from(best).ok()
 }
 
+/// Outputs that do not match what the manifest declares.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OutputError {
+    #[error("the model produced {produced} outputs; its manifest declares {declared}")]
+    Count { produced: usize, declared: usize },
+    #[error("output `{name}` is {got}; its manifest declares {declared}")]
+    Dtype { name: String, got: DType, declared: DType },
+    #[error("output `{name}` has shape {shape:?}; its manifest declares {declared}")]
+    Shape { name: String, shape: Vec<usize>, declared: String },
+    #[error("output {index} element {at} is {value}, not finite")]
+    NotFinite { index: usize, at: usize, value: f64 },
+}
+
 /// Outputs must match the declared count, dtypes and fixed dims, and be finite.
-pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), String> {
+pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), OutputError> {
     if !specs.is_empty() && outputs.len() != specs.len() {
-        return Err(format!("the model produced {} outputs; its manifest declares {}", outputs.len(), specs.len()));
+        return Err(OutputError::Count { produced: outputs.len(), declared: specs.len() });
     }
     for (spec, t) in specs.iter().zip(outputs) {
         if t.dtype != spec.dtype {
-            return Err(format!("output `{}` is {}; its manifest declares {}", spec.name, t.dtype, spec.dtype));
+            return Err(OutputError::Dtype { name: spec.name.clone(), got: t.dtype, declared: spec.dtype });
         }
         let fits = t.shape.len() == spec.declared.len()
             && t.shape
@@ -294,17 +330,16 @@ pub fn check_outputs(specs: &[TensorInfo], outputs: &[Tensor]) -> Result<(), Str
                 .zip(&spec.declared)
                 .all(|(g, d)| d.is_none_or(|d| u64::try_from(*g).is_ok_and(|g| g == d)));
         if !fits {
-            return Err(format!(
-                "output `{}` has shape {:?}; its manifest declares {}",
-                spec.name,
-                t.shape,
-                show_dims(&spec.declared)
-            ));
+            return Err(OutputError::Shape {
+                name: spec.name.clone(),
+                shape: t.shape.clone(),
+                declared: show_dims(&spec.declared),
+            });
         }
     }
     for (i, t) in outputs.iter().enumerate() {
         if let Some((at, v)) = t.first_non_finite() {
-            return Err(format!("output {i} element {at} is {v}, not finite"));
+            return Err(OutputError::NotFinite { index: i, at, value: v });
         }
     }
     Ok(())

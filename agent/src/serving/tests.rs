@@ -104,8 +104,18 @@ fn outputs_are_checked_against_the_manifest() {
     check_outputs(&specs, &[probs.clone(), label.clone()]).expect("fits");
     assert_eq!(predicted_label(&[probs.clone(), label.clone()]), Some(3));
     let wrong = Tensor::from_f32(vec![1, 9], &[0.1; 9]);
-    assert!(check_outputs(&specs, &[wrong, label.clone()]).unwrap_err().contains("[?, 10]"));
+    assert!(check_outputs(&specs, &[wrong, label.clone()]).unwrap_err().to_string().contains("[?, 10]"));
     let nan = Tensor::from_f32(vec![1, 10], &[f32::NAN; 10]);
-    assert!(check_outputs(&specs, &[nan, label.clone()]).unwrap_err().contains("not finite"));
-    assert!(check_outputs(&specs, &[probs]).unwrap_err().contains("2"));
+    assert!(check_outputs(&specs, &[nan, label.clone()]).unwrap_err().to_string().contains("not finite"));
+    assert!(check_outputs(&specs, &[probs]).unwrap_err().to_string().contains("2"));
+}
+
+#[test]
+fn the_symbolic_dims_refusal_says_how_to_fix_it() {
+    let e = super::io::TensorsError::Symbolic { what: "input", name: "x".into(), declared: "[?, ?]".into() };
+    assert_eq!(
+        e.to_string(),
+        "input `x` has symbolic dims [?, ?] besides the batch; fix them at push with \
+         `sentinel model push --input-shape x=...` or on this device with `serving.input_shapes`"
+    );
 }

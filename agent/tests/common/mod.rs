@@ -106,7 +106,10 @@ pub fn active(v: &AgentView, model: &str) -> Option<String> {
 }
 
 pub fn status(v: &AgentView, model: &str) -> Option<(String, String, String)> {
-    v.models.iter().find(|m| m.name == model).map(|m| (m.status.clone(), m.status_version.clone(), m.detail.clone()))
+    v.models
+        .iter()
+        .find(|m| m.name == model)
+        .map(|m| (m.status.as_str().to_owned(), m.status_version.clone(), m.detail.clone()))
 }
 
 /// A TCP proxy in front of the hub's REST port that can cut the first

@@ -50,7 +50,7 @@ async fn a_deploy_reaches_only_matching_devices_with_the_verified_file() {
     hub.admin_post("/api/v1/models/digits/rollback", serde_json::json!({})).await;
     let v = a
         .wait_for(WAIT, |v| {
-            v.models.iter().any(|m| m.active_version.as_deref() == Some("1.0.0") && m.status == "serving")
+            v.models.iter().any(|m| m.active_version.as_deref() == Some("1.0.0") && m.status.as_str() == "serving")
         })
         .await
         .unwrap();

@@ -9,6 +9,7 @@ use crate::common;
 
 use common::*;
 use sentinel_agent::AgentHandle;
+use sentinel_agent::store::EventKind;
 use serde_json::{Value, json};
 
 const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
@@ -22,7 +23,7 @@ async fn traffic_until_rollback(agent: &AgentHandle, hub: &TestHub, deployment: 
     let http = reqwest::Client::new();
     let (x, y) = (read_f32("data/digits_test_x.bin"), read_i64("data/digits_test_y.bin"));
     let mut i = 0usize;
-    while agent.shared.store.last_event("rolled_back").unwrap().is_none() {
+    while agent.shared.store.last_event(EventKind::RolledBack).unwrap().is_none() {
         let s = i % 360;
         i += 1;
         let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[s * 64..(s + 1) * 64]}]});

@@ -89,10 +89,12 @@ async fn truncated_and_unsupported_models_never_get_traffic() {
     .into();
     for (version, bytes) in cases {
         let err = install(&store, &serving, version, &bytes).await.unwrap_err();
-        assert_eq!(err.kind(), "load_failed", "{version}: {err}");
-        assert!(err.to_string().contains("exit code 65"), "{version}: the worker's reason is kept: {err}");
+        assert_eq!(err.kind().as_str(), "load_failed", "{version}: {err}");
+        // The worker's reason is the error's cause: events and status show the chain.
+        let err = sentinel_agent::error_chain(&err);
+        assert!(err.contains("exit code 65"), "{version}: the worker's reason is kept: {err}");
         if version.ends_with("unsupported-op") {
-            assert!(err.to_string().contains("SentinelNoSuchOp"), "names the operator: {err}");
+            assert!(err.contains("SentinelNoSuchOp"), "names the operator: {err}");
         }
         // The failure is committed; the active slot is untouched and serving.
         let slots = store.load_slots("digits").unwrap().unwrap();

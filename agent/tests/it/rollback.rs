@@ -378,7 +378,7 @@ async fn a_rollback_from_the_hub_swaps_the_warm_standby_back_without_reloading_i
         .wait_for(WAIT, |v| {
             v.models.iter().any(|m| {
                 m.active_version.as_deref() == Some("1.0.0")
-                    && m.status == "serving"
+                    && m.status.as_str() == "serving"
                     && m.status_deployment == Some(restored)
             })
         })
@@ -394,10 +394,11 @@ async fn a_rollback_from_the_hub_swaps_the_warm_standby_back_without_reloading_i
     assert!(seen.served.iter().all(|(v, after)| !after || v == "1.0.0"), "only 1.0.0 answers after the swap");
 
     let events = agent.shared.store.recent_events(100).unwrap();
-    let rolled = events.iter().find(|e| e.kind == "rolled_back" && e.version == "2.0.0").expect("a rolled_back event");
+    let rolled =
+        events.iter().find(|e| e.kind.as_str() == "rolled_back" && e.version == "2.0.0").expect("a rolled_back event");
     assert!(rolled.reason.contains("names 1.0.0 again") && rolled.reason.contains("\"kind\":\"hub\""), "{rolled:?}");
     assert!(
-        !events.iter().any(|e| e.kind == "model_installed" && e.version == "1.0.0" && e.id > rolled.id),
+        !events.iter().any(|e| e.kind.as_str() == "model_installed" && e.version == "1.0.0" && e.id > rolled.id),
         "1.0.0 was not installed again: {events:?}"
     );
     agent.shutdown().await;
