@@ -138,7 +138,7 @@ async fn reported_rollback(hub: &TestHub) -> Value {
         "rollback {}: detected after {} samples / {} ms; switch {} us",
         snapshot["kind"], snapshot["detected_after_samples"], snapshot["detected_after_ms"], snapshot["switch_us"]
     );
-    assert_eq!(dev["models"][0]["state"], "rolled_back");
+    assert_eq!(dev["models"][0]["state"], "rolled_back", "{dev:#}");
     snapshot
 }
 

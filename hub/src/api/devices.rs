@@ -178,15 +178,15 @@ pub async fn show(
 ) -> Result<Json<DeviceOut>, ApiError> {
     caller.require(Role::Viewer, "reading a device")?;
     let i = id.clone();
-    let (device, events, active) = state
+    let (device, active) = state
         .meta(move |m| {
-            let d = m.get_device(&i)?;
-            let e = m.device_events(&i, 100)?;
+            let d = m.device_with_events(&i, 100)?;
             let a = m.list_deployments(None, Some(DeploymentState::Active), u32::MAX, 0)?.0;
-            Ok((d, e, a))
+            Ok((d, a))
         })
         .await?;
-    let device = device.ok_or_else(|| ApiError::not_found(format!("device {} is not enrolled", quote(&id))))?;
+    let (device, events) =
+        device.ok_or_else(|| ApiError::not_found(format!("device {} is not enrolled", quote(&id))))?;
     let hello: Option<sentinel_proto::pb::Hello> = device.hello.clone().and_then(|h| serde_json::from_value(h).ok());
     let target = target_of(&device, hello.as_ref());
     let st = state.clone();

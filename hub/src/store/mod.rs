@@ -109,6 +109,9 @@ pub trait DeviceStore: Send + Sync {
     fn deployment_devices(&self, deployment_id: i64) -> Result<Vec<DeploymentDevice>, StoreError>;
     /// Newest first.
     fn device_events(&self, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError>;
+    /// A device with its newest `limit` events, read at one moment: a report
+    /// stored in between cannot pair new events with the old report.
+    fn device_with_events(&self, id: &str, limit: u32) -> Result<Option<(DeviceRecord, Vec<DeviceEvent>)>, StoreError>;
     /// The revision of the fleet's desired state; it grows with every deployment change.
     fn current_revision(&self) -> Result<u64, StoreError>;
     /// Bumps the revision and returns the new value. Durable when it returns.

@@ -1,6 +1,6 @@
 //! Enrolled devices, what they report, and the fleet revision.
 
-use rusqlite::{OptionalExtension as _, Row, params};
+use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use super::migrations::RECORD_DEPLOYMENT_STATES;
 use super::{SqliteStore, db, is_constraint, json_col};
@@ -166,25 +166,20 @@ impl DeviceStore for SqliteStore {
     }
 
     fn device_events(&self, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError> {
+        events_on(&self.conn(), id, limit)
+    }
+
+    fn device_with_events(&self, id: &str, limit: u32) -> Result<Option<(DeviceRecord, Vec<DeviceEvent>)>, StoreError> {
+        // One lock for both reads: every write takes the same connection.
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT at_ms, kind, model, version, reason FROM device_events WHERE device_id = ?1
-                 ORDER BY id DESC LIMIT ?2",
-            )
-            .map_err(db("list events"))?;
-        let rows = stmt
-            .query_map(params![id, limit], |r| {
-                Ok(DeviceEvent {
-                    at_ms: r.get(0)?,
-                    kind: r.get(1)?,
-                    model: r.get(2)?,
-                    version: r.get(3)?,
-                    reason: r.get(4)?,
-                })
-            })
-            .map_err(db("list events"))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(db("list events"))
+        let Some(device) = conn
+            .query_row(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"), [id], device_from_row)
+            .optional()
+            .map_err(db("read device"))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((device, events_on(&conn, id, limit)?)))
     }
 
     fn current_revision(&self) -> Result<u64, StoreError> {
@@ -202,4 +197,26 @@ impl DeviceStore for SqliteStore {
             .map_err(db("bump revision"))?;
         Ok(u64::try_from(r).unwrap_or(0))
     }
+}
+
+/// The newest `limit` events of device `id`, newest first.
+fn events_on(conn: &Connection, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT at_ms, kind, model, version, reason FROM device_events WHERE device_id = ?1
+             ORDER BY id DESC LIMIT ?2",
+        )
+        .map_err(db("list events"))?;
+    let rows = stmt
+        .query_map(params![id, limit], |r| {
+            Ok(DeviceEvent {
+                at_ms: r.get(0)?,
+                kind: r.get(1)?,
+                model: r.get(2)?,
+                version: r.get(3)?,
+                reason: r.get(4)?,
+            })
+        })
+        .map_err(db("list events"))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db("list events"))
 }

@@ -250,3 +250,26 @@ fn corrupt_labels_hardware_or_tags_are_errors_not_empty_defaults() {
     corrupt(&path, "UPDATE models SET tags = 'x'");
     assert!(store.get_model("m").is_err());
 }
+
+/// A device and its events come from one read, so a view never pairs a
+/// report's events with the report before it (a device page once showed a
+/// `rolled_back` event beside the model still `canary`).
+#[test]
+fn a_device_is_read_with_its_events_at_one_moment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
+    assert!(store.device_with_events("d", 10).expect("read").is_none(), "not enrolled");
+    store.enroll_device("d", &Default::default(), "t", "t", 1).expect("enroll");
+    let event = crate::store::DeviceEvent {
+        at_ms: 6,
+        kind: "rolled_back".into(),
+        model: "m1".into(),
+        version: "2.0.0".into(),
+        reason: "why".into(),
+    };
+    store.record_report("d", &report_naming(&[(1, "rolled_back")]), &[event], 6).expect("r");
+    let (device, events) = store.device_with_events("d", 10).expect("read").expect("enrolled");
+    assert_eq!(device.report.expect("a report")["models"][0]["state"], "rolled_back");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, "rolled_back");
+}
