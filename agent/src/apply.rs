@@ -15,7 +15,7 @@ use crate::download::{self, Wanted};
 use crate::rollout::controller::{HUB, Rollouts};
 use crate::serving::{Install, ValidationSet};
 use crate::state::Shared;
-use crate::store::{EventKind, ModelStatus, StoreError};
+use crate::store::{EventKind, ModelStatus};
 use crate::util::error_chain;
 
 /// Applies every new verified state until `stop` turns true.
@@ -58,13 +58,7 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             && revision >= v.state.revision
         {
             tracing::info!(model = %m.name, version = %m.version, revision, "rolled back here at this revision; not retried");
-            logged(shared.store.set_deployment_status(
-                &m.name,
-                ModelStatus::RolledBack,
-                &m.version,
-                &reason,
-                assignment.deployment_id,
-            ));
+            shared.set_status(&m.name, ModelStatus::RolledBack, &m.version, &reason, Some(assignment.deployment_id));
             continue;
         }
         // The version this device keeps warm as standby (the hub halted or
@@ -91,13 +85,7 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             .unwrap_or(false);
         if serving_it && current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str()) {
             if current.as_ref().is_some_and(|c| c.status != ModelStatus::Serving) {
-                logged(shared.store.set_deployment_status(
-                    &m.name,
-                    ModelStatus::Serving,
-                    &m.version,
-                    "",
-                    assignment.deployment_id,
-                ));
+                shared.set_status(&m.name, ModelStatus::Serving, &m.version, "", Some(assignment.deployment_id));
             }
             continue;
         }
@@ -155,13 +143,7 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             );
             continue;
         }
-        logged(shared.store.set_deployment_status(
-            &m.name,
-            ModelStatus::Validating,
-            &m.version,
-            "",
-            assignment.deployment_id,
-        ));
+        shared.set_status(&m.name, ModelStatus::Validating, &m.version, "", Some(assignment.deployment_id));
         shared.refresh_models();
         shared.report_soon();
         let install = Install {
@@ -188,13 +170,13 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                         rollouts.spawn(shared.clone(), ms, installed.loaded, policy, installed.phase)
                     }
                     _ => {
-                        logged(shared.store.set_deployment_status(
+                        shared.set_status(
                             &m.name,
                             ModelStatus::Serving,
                             &m.version,
                             "",
-                            assignment.deployment_id,
-                        ));
+                            Some(assignment.deployment_id),
+                        );
                     }
                 }
             }
@@ -212,12 +194,13 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
         for m in models.iter().filter(|m| !names.contains(m.name.as_str()) && m.status != ModelStatus::Removed) {
             rollouts.cancel(&m.name).await;
             shared.serving.remove(&m.name);
-            logged(shared.store.set_status(
+            shared.set_status(
                 &m.name,
                 ModelStatus::Removed,
                 m.active_version.as_deref().unwrap_or(""),
                 "no longer in the desired state",
-            ));
+                None,
+            );
         }
     }
     match shared.store.gc(&wanted_files) {
@@ -243,7 +226,7 @@ async fn download_version(
     m: &ModelManifest,
 ) -> Option<VersionFiles> {
     let config = &shared.config;
-    logged(shared.store.set_status(&m.name, ModelStatus::Downloading, &m.version, ""));
+    shared.set_status(&m.name, ModelStatus::Downloading, &m.version, "", None);
     shared.refresh_models();
     shared.report_soon();
     shared.event(EventKind::DownloadStarted, &m.name, &m.version, &assignment.artifact_url);
@@ -336,15 +319,7 @@ fn refuse(
     reason: &str,
     deployment: i64,
 ) {
-    logged(shared.store.set_deployment_status(model, status, version, reason, deployment));
+    shared.set_status(model, status, version, reason, Some(deployment));
     shared.event(kind, model, version, reason);
     shared.refresh_models();
-}
-
-/// Logs a model-status write that failed: the apply loop goes on (the next
-/// desired state or restart writes the status again), but never silently.
-fn logged(result: Result<(), StoreError>) {
-    if let Err(e) = result {
-        tracing::error!(error = %error_chain(&e), "saving the model status failed");
-    }
 }

@@ -167,6 +167,26 @@ impl Shared {
         self.report_now.notify_one();
     }
 
+    /// Records a model's status, about `deployment` when it is one
+    /// deployment's version. A failed write is logged: the status is what
+    /// reports and `status` show, and serving goes on without it.
+    pub(crate) fn set_status(
+        &self,
+        model: &str,
+        status: ModelStatus,
+        version: &str,
+        detail: &str,
+        deployment: Option<i64>,
+    ) {
+        let saved = match deployment {
+            Some(d) => self.store.set_deployment_status(model, status, version, detail, d),
+            None => self.store.set_status(model, status, version, detail),
+        };
+        if let Err(e) = saved {
+            tracing::error!(error = %crate::util::error_chain(&e), "saving the model status failed");
+        }
+    }
+
     pub(crate) fn event(&self, kind: EventKind, model: &str, version: &str, reason: &str) {
         if let Err(e) = self.store.event(kind, model, version, reason) {
             tracing::error!(error = %e, kind = kind.as_str(), "logging an event failed");

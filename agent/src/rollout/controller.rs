@@ -503,10 +503,7 @@ async fn cancelled(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) {
 }
 
 fn set_status(shared: &Shared, green: &Loaded, state: ModelStatus, detail: &str) {
-    if let Err(e) = shared.store.set_deployment_status(&green.model, state, &green.version, detail, green.deployment_id)
-    {
-        tracing::error!(error = %crate::util::error_chain(&e), "saving the model status failed");
-    }
+    shared.set_status(&green.model, state, &green.version, detail, Some(green.deployment_id));
     shared.changed();
 }
 
