@@ -31,10 +31,7 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
 
 impl SqliteStore {
     fn device_by(&self, column: &str, value: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        self.conn()
-            .query_row(&format!("SELECT {DEVICE_COLS} FROM devices WHERE {column} = ?1"), [value], device_from_row)
-            .optional()
-            .map_err(db("read device"))
+        device_on(&self.conn(), column, value)
     }
 }
 
@@ -172,11 +169,7 @@ impl DeviceStore for SqliteStore {
     fn device_with_events(&self, id: &str, limit: u32) -> Result<Option<(DeviceRecord, Vec<DeviceEvent>)>, StoreError> {
         // One lock for both reads: every write takes the same connection.
         let conn = self.conn();
-        let Some(device) = conn
-            .query_row(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"), [id], device_from_row)
-            .optional()
-            .map_err(db("read device"))?
-        else {
+        let Some(device) = device_on(&conn, "id", id)? else {
             return Ok(None);
         };
         Ok(Some((device, events_on(&conn, id, limit)?)))
@@ -197,6 +190,13 @@ impl DeviceStore for SqliteStore {
             .map_err(db("bump revision"))?;
         Ok(u64::try_from(r).unwrap_or(0))
     }
+}
+
+/// The device whose `column` is `value`.
+fn device_on(conn: &Connection, column: &str, value: &str) -> Result<Option<DeviceRecord>, StoreError> {
+    conn.query_row(&format!("SELECT {DEVICE_COLS} FROM devices WHERE {column} = ?1"), [value], device_from_row)
+        .optional()
+        .map_err(db("read device"))
 }
 
 /// The newest `limit` events of device `id`, newest first.
