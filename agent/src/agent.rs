@@ -20,17 +20,17 @@ use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
 use crate::rollout::controller::Rollouts;
-use crate::serving::Serving;
+use crate::serving::{Route, Serving};
 use crate::state::Shared;
 pub use crate::state::{AgentError, AgentView};
-use crate::store::Store;
+use crate::store::{Event, EventKind, Store, StoreError};
 use crate::transport::{endpoint, http_client};
 use crate::util::error_chain;
 
 /// A running agent. Dropping it does not stop it; call [`AgentHandle::shutdown`].
 #[derive(Debug)]
 pub struct AgentHandle {
-    pub shared: Arc<Shared>,
+    shared: Arc<Shared>,
     /// Where the KServe v2 inference API listens on TCP, if enabled.
     pub inference_addr: Option<SocketAddr>,
     /// Where `/metrics` is served, if enabled.
@@ -46,6 +46,28 @@ impl AgentHandle {
     /// The current view.
     pub fn view(&self) -> AgentView {
         self.view.borrow().clone()
+    }
+
+    /// The configuration the agent runs with (to start it again after a
+    /// shutdown, as a restart would).
+    pub fn config(&self) -> &AgentConfig {
+        &self.shared.config
+    }
+
+    /// A snapshot of `model`'s slots: what serves, what stands by warm, what
+    /// is being tried. `None` when the agent has never loaded the model.
+    pub fn route(&self, model: &str) -> Option<Arc<Route>> {
+        self.shared.serving.model(model).map(|m| m.route())
+    }
+
+    /// The newest `limit` events of the local journal, newest first.
+    pub fn recent_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.shared.store.recent_events(limit)
+    }
+
+    /// The newest event of `kind` in the local journal.
+    pub fn last_event(&self, kind: EventKind) -> Result<Option<Event>, StoreError> {
+        self.shared.store.last_event(kind)
     }
 
     /// Every change of the view, from the current one on.

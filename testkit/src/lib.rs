@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`bins`]: the workspace's binaries (`sentinel-agent`, `sentinel-worker`,
 //!   `sentinel-hub`, `sentinel`), built on demand into this test's profile.
+//! - [`digits`]: the digits test set sent by clients back to back to an
+//!   agent's inference API, and what each client saw.
 //! - [`dtype_cases`]: models of every tensor element type, made at test time
 //!   by public tools, with ONNX Runtime's outputs.
 //! - [`hub`]: [`hub::TestHub`], a real hub in the test's process.
@@ -14,6 +16,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod bins;
+pub mod digits;
 pub mod dtype_cases;
 pub mod hub;
 pub mod models;

@@ -9,13 +9,24 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// `deadline`, then panics naming `what`. The one poll loop of the tests, for
 /// what has no event or `watch` to wait on (counters, files, the hub's API);
 /// prefer a subscription where there is one.
-pub async fn eventually<T>(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(what: &str, deadline: Duration, check: impl AsyncFnMut() -> Option<T>) -> T {
+    match within(deadline, check).await {
+        Some(v) => v,
+        None => panic!("{what}: not within {deadline:?}"),
+    }
+}
+
+/// [`eventually`] for a test that explains a timeout itself: `None` once
+/// `deadline` has passed.
+pub async fn within<T>(deadline: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
     let end = tokio::time::Instant::now() + deadline;
     loop {
         if let Some(v) = check().await {
-            return v;
+            return Some(v);
         }
-        assert!(tokio::time::Instant::now() < end, "{what}: not within {deadline:?}");
+        if tokio::time::Instant::now() >= end {
+            return None;
+        }
         // The polling period: how often to look, not a wait for anything.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -1,6 +1,7 @@
 //! A real hub (REST + gRPC on 127.0.0.1:0) and real agents, in one process.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub use sentinel_testkit::digits::{LoadSpec, Seen, digit_request, failures};
 pub use sentinel_testkit::dtype_cases;
 
 use std::collections::BTreeMap;
@@ -10,7 +11,7 @@ use sentinel_agent::{AgentConfig, AgentHandle, AgentView};
 
 pub use sentinel_testkit::hub::TestHub;
 pub use sentinel_testkit::models::{V1, V2, V3, digit, model_bytes, model_path, read_f32, read_i64};
-pub use sentinel_testkit::wait::{WAIT, eventually};
+pub use sentinel_testkit::wait::{WAIT, eventually, within};
 
 /// The `sentinel-worker` binary of this build (another package: built on
 /// demand by [`sentinel_testkit::bins`]), with its test probes.
@@ -93,7 +94,7 @@ pub async fn serve_2_over_warm_1(hub: &TestHub, agent: &AgentHandle) {
 
 /// The pid of the worker behind `model`'s active slot.
 pub fn active_pid(agent: &AgentHandle, model: &str) -> u32 {
-    let active = agent.shared.serving.model(model).unwrap().route().active.clone().unwrap();
+    let active = agent.route(model).unwrap().active.clone().unwrap();
     match active.worker.state() {
         sentinel_agent::supervisor::SlotState::Running { pid, .. } => pid,
         other => panic!("{other:?}"),

@@ -192,7 +192,7 @@ async fn every_dtype_is_pushed_served_and_validated_as_onnx_runtime_computes_it(
         // (float16 for fp16_classifier), and agrees with ONNX Runtime.
         let validation = &case.spec["validation"];
         if !validation.is_null() {
-            let slot = agent.shared.serving.model(&case.name).unwrap().route().active.clone().unwrap();
+            let slot = agent.route(&case.name).unwrap().active.clone().unwrap();
             let measured = slot.validation_accuracy.read().unwrap().expect("validation accuracy measured");
             let expected = validation["accuracy"].as_f64().unwrap();
             assert!((measured - expected).abs() < 1e-9, "{}: device {measured}, ONNX Runtime {expected}", case.name);

@@ -10,7 +10,7 @@ use crate::common;
 use common::*;
 use sentinel_agent::AgentHandle;
 use sentinel_agent::store::EventKind;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
 
@@ -19,33 +19,17 @@ const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
 /// rollback halts the deployment, the restored version's `serving` can
 /// replace `rolled_back` between two requests.
 async fn traffic_until_rollback(agent: &AgentHandle, hub: &TestHub, deployment: i64) {
-    let addr = agent.inference_addr.unwrap();
-    let http = reqwest::Client::new();
-    let (x, y) = (read_f32("data/digits_test_x.bin"), read_i64("data/digits_test_y.bin"));
-    let mut i = 0usize;
-    while agent.shared.store.last_event(EventKind::RolledBack).unwrap().is_none() {
-        let s = i % 360;
-        i += 1;
-        let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[s * 64..(s + 1) * 64]}]});
-        let v: Value = http
-            .post(format!("http://{addr}/v2/models/digits/infer"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let f = json!({"id": v["id"], "label": y[s]});
-        http.post(format!("http://{addr}/v2/models/digits/feedback")).json(&f).send().await.unwrap();
-        if i >= 100_000 {
-            let shown = hub.admin_get(&format!("/api/v1/deployments/{deployment}")).await;
-            let events = agent.shared.store.recent_events(20).unwrap();
-            panic!(
-                "never rolled back: {:?}\nevents: {events:#?}\ndeployment: {shown:#}",
-                status(&agent.view(), "digits")
-            );
-        }
+    let load = LoadSpec::digits(agent.inference_addr.unwrap(), 1).with_feedback().start();
+    let rolled_back = within(WAIT, async || agent.last_event(EventKind::RolledBack).unwrap()).await;
+    let seen = load.stop().await;
+    if rolled_back.is_none() {
+        let shown = hub.admin_get(&format!("/api/v1/deployments/{deployment}")).await;
+        let events = agent.recent_events(20).unwrap();
+        panic!(
+            "never rolled back after {} requests: {:?}\nevents: {events:#?}\ndeployment: {shown:#}",
+            seen.len(),
+            status(&agent.view(), "digits")
+        );
     }
 }
 
@@ -100,7 +84,7 @@ async fn two_of_five_devices_rolling_back_halt_the_deployment_and_revert_the_fle
             .await
             .unwrap_or_else(|v| panic!("edge-{}: {:?}", n + 1, status(&v, "digits")));
         assert!(v.models.iter().all(|m| m.active_version.as_deref() == Some("1.0.0")));
-        let route = a.shared.serving.model("digits").unwrap().route();
+        let route = a.route("digits").unwrap();
         assert!(route.candidate.is_none(), "edge-{}: the 2.0.0 canary was stopped", n + 1);
         assert_eq!(route.active.as_ref().unwrap().version, "1.0.0");
     }

@@ -9,8 +9,7 @@
 
 use crate::common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,74 +19,6 @@ use serde_json::{Value, json};
 
 const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
 const SLOW: &str = "digits/digits_mlp_v3_slow.onnx";
-
-/// What the clients saw.
-#[derive(Debug, Default)]
-struct Traffic {
-    /// (version, sent after the rollback was visible to this client)
-    served: Vec<(String, bool)>,
-    failed: Vec<String>,
-}
-
-/// Clients sending digits test samples back to back (and, with `feedback`,
-/// the true label for every answer) until `stop`.
-fn traffic(
-    agent: &AgentHandle,
-    clients: usize,
-    feedback: bool,
-    stop: Arc<AtomicBool>,
-    rolled_back: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<Traffic>> {
-    let addr = agent.inference_addr.unwrap();
-    (0..clients)
-        .map(|c| {
-            let (stop, rolled_back) = (stop.clone(), rolled_back.clone());
-            tokio::spawn(async move {
-                let x = read_f32("data/digits_test_x.bin");
-                let y = read_i64("data/digits_test_y.bin");
-                let http = reqwest::Client::builder().tcp_nodelay(true).build().unwrap();
-                let mut seen = Traffic::default();
-                let mut i = c;
-                while !stop.load(Ordering::Relaxed) {
-                    let s = i % 360;
-                    i += clients;
-                    let after = rolled_back.load(Ordering::Relaxed);
-                    let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[s * 64..(s + 1) * 64]}]});
-                    let r = http.post(format!("http://{addr}/v2/models/digits/infer")).json(&body).send().await;
-                    let v: Value = match r {
-                        Ok(r) if r.status().is_success() => r.json().await.unwrap(),
-                        Ok(r) => {
-                            seen.failed.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default()));
-                            continue;
-                        }
-                        Err(e) => {
-                            seen.failed.push(e.to_string());
-                            continue;
-                        }
-                    };
-                    seen.served.push((v["model_version"].as_str().unwrap().to_owned(), after));
-                    if feedback {
-                        let f = json!({"id": v["id"], "label": y[s]});
-                        let r = http.post(format!("http://{addr}/v2/models/digits/feedback")).json(&f).send().await.unwrap();
-                        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-                    }
-                }
-                seen
-            })
-        })
-        .collect()
-}
-
-async fn stop_traffic(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<Traffic>>) -> Traffic {
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Traffic::default();
-    for t in tasks {
-        let t = t.await.unwrap();
-        all.served.extend(t.served);
-        all.failed.extend(t.failed);
-    }
-    all
-}
 
 /// Phases bake for one second (zero means "the 30 s default"), so sample
 /// counts decide; the standby is watched for one second after full
@@ -120,7 +51,7 @@ async fn wait_status(agent: &AgentHandle, state: &str) -> String {
     let v = match agent.wait_for(WAIT, |v| status(v, "digits").is_some_and(|s| s.0 == state)).await {
         Ok(v) => v,
         Err(v) => {
-            let events = agent.shared.store.recent_events(20).unwrap();
+            let events = agent.recent_events(20).unwrap();
             panic!("never reached {state}: {:?}; events: {events:#?}", status(&v, "digits"))
         }
     };
@@ -157,15 +88,14 @@ async fn deploy_with_only_phases(hub: &TestHub, version: &str, phases: &[&str]) 
 async fn a_slower_version_is_rolled_back_with_only_phases_given() {
     let tmp = tempfile::tempdir().unwrap();
     let (hub, agent) = serving_v1(tmp.path()).await;
-    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let clients = traffic(&agent, 2, false, stop.clone(), rolled_back.clone());
+    let load = LoadSpec::digits(agent.inference_addr.unwrap(), 2).start();
     hub.push("digits", "2.0.0", SLOW, "").await;
     deploy_with_only_phases(&hub, "2.0.0", &["shadow", "canary:10", "full"]).await;
     let detail = wait_status(&agent, "rolled_back").await;
-    let seen = stop_traffic(&stop, clients).await;
+    let seen = load.stop().await;
     assert!(detail.contains("p95 latency"), "{detail}");
-    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
-    assert!(seen.served.iter().all(|(v, _)| v == "1.0.0"), "caught in shadow: 2.0.0 never answered a client");
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
+    assert!(seen.iter().all(|s| s.served_by("1.0.0")), "caught in shadow: 2.0.0 never answered a client");
     let snapshot = reported_rollback(&hub).await;
     assert_eq!(snapshot["kind"], "latency");
     assert!(snapshot["green"]["requests"].as_u64().unwrap() >= 100, "judged on the default 100 samples: {snapshot}");
@@ -181,15 +111,14 @@ async fn a_slower_version_is_rolled_back_with_only_phases_given() {
 async fn a_version_below_its_declared_accuracy_is_rolled_back_in_full_on_feedback() {
     let tmp = tempfile::tempdir().unwrap();
     let (hub, agent) = serving_v1(tmp.path()).await;
-    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());
+    let load = LoadSpec::digits(agent.inference_addr.unwrap(), 2).with_feedback().start();
     hub.push("digits", "2.0.0", DEGRADED, "&accuracy=0.97").await;
     deploy_with_only_phases(&hub, "2.0.0", &["full"]).await;
     let detail = wait_status(&agent, "rolled_back").await;
-    let seen = stop_traffic(&stop, clients).await;
+    let seen = load.stop().await;
     assert!(detail.contains("feedback accuracy") && detail.contains("95.0% minimum"), "{detail}");
-    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
-    assert!(seen.served.iter().any(|(v, _)| v == "2.0.0"), "in full, 2.0.0 answered");
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
+    assert!(seen.iter().any(|s| s.served_by("2.0.0")), "in full, 2.0.0 answered");
     let snapshot = reported_rollback(&hub).await;
     assert_eq!(snapshot["kind"], "accuracy");
     assert!(snapshot["green"]["feedback_accuracy"].as_f64().unwrap() < 0.9, "{snapshot}");
@@ -203,42 +132,43 @@ async fn a_less_accurate_version_is_rolled_back_on_feedback_and_not_retried() {
     let policy = "phases = [\"canary:50\", \"full\"]\nmin_samples = 60\nmin_accuracy_samples = 60\n\
                   max_accuracy_drop = 0.1\nmax_latency_ratio = 50.0\n";
     let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
-    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());
+    let spec = LoadSpec::digits(agent.inference_addr.unwrap(), 2).with_feedback();
+    let rolled_back = spec.mark.clone();
+    let load = spec.start();
     hub.push("digits", "2.0.0", DEGRADED, "").await;
     deploy_without_halt(&hub, "2.0.0").await;
     let detail = wait_status(&agent, "rolled_back").await;
     rolled_back.store(true, Ordering::Relaxed);
     let v = agent.view();
     // Let every client send a few more requests after the rollback.
-    let served_then = agent.shared.serving.model("digits").unwrap().route().active.clone().unwrap();
+    let served_then = agent.route("digits").unwrap().active.clone().unwrap();
     let start = served_then.requests.load(Ordering::Relaxed);
     eventually("20 more requests served after the rollback", WAIT, async || {
         (served_then.requests.load(Ordering::Relaxed) >= start + 20).then_some(())
     })
     .await;
-    let seen = stop_traffic(&stop, clients).await;
+    let seen = load.stop().await;
 
     assert!(detail.contains("accuracy") && detail.contains("feedback"), "{detail}");
     assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
-    assert!(seen.failed.is_empty(), "requests failed during the rollback: {:?}", seen.failed);
-    assert!(seen.served.iter().any(|(v, _)| v == "2.0.0"), "the canary served part of the traffic");
-    assert!(seen.served.iter().filter(|(_, after)| *after).all(|(v, _)| v == "1.0.0"), "no 2.0.0 after the rollback");
+    assert!(failures(&seen).is_empty(), "requests failed during the rollback: {:?}", failures(&seen));
+    assert!(seen.iter().any(|s| s.served_by("2.0.0")), "the canary served part of the traffic");
+    assert!(seen.iter().filter(|s| s.after_mark).all(|s| s.served_by("1.0.0")), "no 2.0.0 after the rollback");
     let snapshot = reported_rollback(&hub).await;
     assert_eq!(snapshot["kind"], "accuracy_drop");
     assert!(snapshot["green"]["feedback_accuracy"].as_f64().unwrap() < 0.8, "{snapshot}");
     assert!(snapshot["blue"]["feedback_accuracy"].as_f64().unwrap() > 0.9, "{snapshot}");
-    let route = agent.shared.serving.model("digits").unwrap().route();
+    let route = agent.route("digits").unwrap();
     assert!(route.candidate.is_none(), "the bad worker is stopped");
 
     // Rejected locally: a restart with the same desired state does not retry it.
-    let config = agent.shared.config.clone();
+    let config = agent.config().clone();
     agent.shutdown().await;
     let agent = sentinel_agent::start(config).await.unwrap();
     let v = agent.wait_for(WAIT, |v| v.connected && v.applied_revision > 0).await.unwrap();
     assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
     assert_eq!(status(&v, "digits").unwrap().0, "rolled_back", "{:?}", status(&v, "digits"));
-    assert!(agent.shared.serving.model("digits").unwrap().route().candidate.is_none(), "2.0.0 was not loaded again");
+    assert!(agent.route("digits").unwrap().candidate.is_none(), "2.0.0 was not loaded again");
     agent.shutdown().await;
 }
 
@@ -247,14 +177,13 @@ async fn a_slower_version_is_rolled_back_for_latency() {
     let tmp = tempfile::tempdir().unwrap();
     let policy = "phases = [\"canary:50\", \"full\"]\nmin_samples = 40\nmax_latency_ratio = 3.0\n";
     let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
-    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let clients = traffic(&agent, 2, false, stop.clone(), rolled_back.clone());
+    let load = LoadSpec::digits(agent.inference_addr.unwrap(), 2).start();
     hub.push("digits", "2.0.0", SLOW, "").await;
     deploy_without_halt(&hub, "2.0.0").await;
     let detail = wait_status(&agent, "rolled_back").await;
-    let seen = stop_traffic(&stop, clients).await;
+    let seen = load.stop().await;
     assert!(detail.contains("p95 latency"), "{detail}");
-    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
     let snapshot = reported_rollback(&hub).await;
     assert_eq!(snapshot["kind"], "latency");
     assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
@@ -271,16 +200,15 @@ async fn the_same_model_re_pushed_is_promoted_through_every_phase() {
     let policy = "phases = [\"shadow\", \"canary:50\", \"full\"]\nmin_samples = 100\nmin_accuracy_samples = 40\n\
                   max_accuracy_drop = 0.1\nmin_shadow_agreement = 0.95\nmax_latency_ratio = 1000.0\n";
     let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
-    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let clients = traffic(&agent, 2, true, stop.clone(), rolled_back.clone());
+    let load = LoadSpec::digits(agent.inference_addr.unwrap(), 2).with_feedback().start();
     hub.push("digits", "1.0.1", V1, "").await;
     deploy_without_halt(&hub, "1.0.1").await;
     // Traffic goes on until the standby bake is over too.
     let dev = hub
         .wait_device("edge-1", |d| d["events"].as_array().unwrap().iter().any(|e| e["kind"] == "rollout_complete"))
         .await;
-    let seen = stop_traffic(&stop, clients).await;
-    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
+    let seen = load.stop().await;
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
     let v = agent.view();
     assert_eq!(status(&v, "digits").unwrap().0, "serving");
     let m = v.models.iter().find(|m| m.name == "digits").unwrap();
@@ -303,15 +231,14 @@ async fn a_shadow_that_disagrees_with_the_active_slot_is_rolled_back_and_never_a
     let policy = "phases = [\"shadow\", \"full\"]\nmin_samples = 40\nmin_accuracy_samples = 40\n\
                   min_shadow_agreement = 0.9\nmax_latency_ratio = 50.0\n";
     let (hub, agent) = agent_on_v1(tmp.path(), policy).await;
-    let (stop, rolled_back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let clients = traffic(&agent, 2, false, stop.clone(), rolled_back.clone());
+    let load = LoadSpec::digits(agent.inference_addr.unwrap(), 2).start();
     hub.push("digits", "2.0.0", DEGRADED, "").await;
     deploy_without_halt(&hub, "2.0.0").await;
     let detail = wait_status(&agent, "rolled_back").await;
-    let seen = stop_traffic(&stop, clients).await;
+    let seen = load.stop().await;
     assert!(detail.contains("agreement"), "{detail}");
-    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
-    assert!(seen.served.iter().all(|(v, _)| v == "1.0.0"), "only the active slot answers in shadow mode");
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
+    assert!(seen.iter().all(|s| s.served_by("1.0.0")), "only the active slot answers in shadow mode");
     assert_eq!(reported_rollback(&hub).await["kind"], "agreement");
     agent.shutdown().await;
 }
@@ -325,7 +252,7 @@ async fn a_worker_that_keeps_crashing_is_rolled_back() {
     hub.push("digits", "2.0.0", DEGRADED, "").await;
     deploy_without_halt(&hub, "2.0.0").await;
     wait_status(&agent, "canary").await;
-    let candidate = agent.shared.serving.model("digits").unwrap().route().candidate.clone().unwrap();
+    let candidate = agent.route("digits").unwrap().candidate.clone().unwrap();
     let deadline = Instant::now() + WAIT;
     while status(&agent.view(), "digits").unwrap().0 != "rolled_back" {
         if let WorkerState::Running { pid, .. } = candidate.worker.state() {
@@ -369,10 +296,11 @@ async fn a_rollback_from_the_hub_swaps_the_warm_standby_back_without_reloading_i
     let extra = "[rollout]\nstandby_bake_seconds = 3600\n";
     let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
     serve_2_over_warm_1(&hub, &agent).await;
-    let warm = worker_pid(agent.shared.serving.model("digits").unwrap().route().standby.as_ref().unwrap());
+    let warm = worker_pid(agent.route("digits").unwrap().standby.as_ref().unwrap());
 
-    let (stop, back) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let clients = traffic(&agent, 2, false, stop.clone(), back.clone());
+    let spec = LoadSpec::digits(agent.inference_addr.unwrap(), 2);
+    let back = spec.mark.clone();
+    let load = spec.start();
     let restored = hub.admin_post("/api/v1/models/digits/rollback", json!({})).await["id"].as_i64().unwrap();
     agent
         .wait_for(WAIT, |v| {
@@ -385,15 +313,15 @@ async fn a_rollback_from_the_hub_swaps_the_warm_standby_back_without_reloading_i
         .await
         .unwrap();
     back.store(true, Ordering::Relaxed);
-    let route = agent.shared.serving.model("digits").unwrap().route();
+    let route = agent.route("digits").unwrap();
     assert_eq!(worker_pid(route.active.as_ref().unwrap()), warm, "the warm standby serves again: nothing reloaded");
     assert!(route.standby.is_none() && route.candidate.is_none(), "2.0.0 was stopped");
     drop(route);
-    let seen = stop_traffic(&stop, clients).await;
-    assert!(seen.failed.is_empty(), "{:?}", seen.failed);
-    assert!(seen.served.iter().all(|(v, after)| !after || v == "1.0.0"), "only 1.0.0 answers after the swap");
+    let seen = load.stop().await;
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
+    assert!(seen.iter().all(|s| !s.after_mark || s.served_by("1.0.0")), "only 1.0.0 answers after the swap");
 
-    let events = agent.shared.store.recent_events(100).unwrap();
+    let events = agent.recent_events(100).unwrap();
     let rolled =
         events.iter().find(|e| e.kind.as_str() == "rolled_back" && e.version == "2.0.0").expect("a rolled_back event");
     assert!(rolled.reason.contains("names 1.0.0 again") && rolled.reason.contains("\"kind\":\"hub\""), "{rolled:?}");

@@ -13,68 +13,14 @@
 
 use crate::common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::Ordering;
 
 use common::*;
 use sentinel_agent::AgentHandle;
 use sentinel_agent::supervisor::SlotState as WorkerState;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
-
-/// One response as a client saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    sent: Instant,
-    received: Instant,
-    /// The serving version, or the error.
-    outcome: Result<String, String>,
-}
-
-fn digit_request(sample: usize) -> Value {
-    let x = read_f32("data/digits_test_x.bin");
-    json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x[sample * 64..(sample + 1) * 64]}]})
-}
-
-/// `clients` tasks sending requests back to back until `stop` is set.
-fn load(addr: std::net::SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<Seen>>> {
-    (0..clients)
-        .map(|c| {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let http = reqwest::Client::builder().tcp_nodelay(true).build().unwrap();
-                let url = format!("http://{addr}/v2/models/digits/infer");
-                let mut seen = Vec::new();
-                let mut i = c;
-                while !stop.load(Ordering::Relaxed) {
-                    let body = digit_request(i % 360);
-                    i += clients;
-                    let sent = Instant::now();
-                    let outcome = match http.post(&url).json(&body).send().await {
-                        Ok(r) if r.status().is_success() => {
-                            let v: Value = r.json().await.unwrap();
-                            Ok(v["model_version"].as_str().unwrap().to_owned())
-                        }
-                        Ok(r) => Err(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    seen.push(Seen { sent, received: Instant::now(), outcome });
-                }
-                seen
-            })
-        })
-        .collect()
-}
-
-async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<Seen>>>) -> Vec<Seen> {
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    all
-}
 
 /// Waits until the clients have had `n` more responses (requests, not time).
 async fn wait_responses(agent: &AgentHandle, model: &str, more: u64) {
@@ -84,13 +30,12 @@ async fn wait_responses(agent: &AgentHandle, model: &str, more: u64) {
 }
 
 fn requests_served(agent: &AgentHandle, model: &str) -> u64 {
-    let Some(ms) = agent.shared.serving.model(model) else { return 0 };
-    let r = ms.route();
+    let Some(r) = agent.route(model) else { return 0 };
     [r.active.as_ref(), r.standby.as_ref()].into_iter().flatten().map(|l| l.requests.load(Ordering::Relaxed)).sum()
 }
 
 fn active_pid(agent: &AgentHandle, model: &str) -> Option<u32> {
-    let active = agent.shared.serving.model(model)?.route().active.clone()?;
+    let active = agent.route(model)?.active.clone()?;
     match active.worker.state() {
         WorkerState::Running { pid, .. } => Some(pid),
         _ => None,
@@ -104,14 +49,12 @@ async fn a_promotion_under_load_drops_nothing_and_never_goes_back() {
     let addr = agent.inference_addr.unwrap();
     hub.push("digits", "2.0.0", DEGRADED, "").await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(addr, 4, stop.clone());
+    let load = LoadSpec::digits(addr, 4).start();
     wait_responses(&agent, "digits", 50).await;
     hub.deploy("digits", "2.0.0", "site=a").await;
     agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
     wait_responses(&agent, "digits", 50).await;
-    stop.store(true, Ordering::Relaxed);
-    let seen = collect(clients).await;
+    let seen = load.stop().await;
 
     let failed: Vec<_> = seen.iter().filter(|s| s.outcome.is_err()).collect();
     assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), seen.len(), failed.first());
@@ -141,8 +84,7 @@ async fn killing_the_active_worker_under_load_costs_a_few_counted_requests() {
     let tmp = tempfile::tempdir().unwrap();
     let (_hub, agent) = serving_v1(tmp.path()).await;
     let addr = agent.inference_addr.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(addr, 4, stop.clone());
+    let load = LoadSpec::digits(addr, 4).start();
     wait_responses(&agent, "digits", 50).await;
 
     let first = active_pid(&agent, "digits").unwrap();
@@ -152,11 +94,10 @@ async fn killing_the_active_worker_under_load_costs_a_few_counted_requests() {
     assert_eq!(rc, 0);
     eventually("the worker restarted", WAIT, async || active_pid(&agent, "digits").filter(|p| *p != first)).await;
     wait_responses(&agent, "digits", 50).await;
-    stop.store(true, Ordering::Relaxed);
-    let seen = collect(clients).await;
+    let seen = load.stop().await;
 
     let failed = seen.iter().filter(|s| s.outcome.is_err()).count();
-    let slot = agent.shared.serving.model("digits").unwrap().route().active.clone().unwrap();
+    let slot = agent.route("digits").unwrap().active.clone().unwrap();
     eprintln!("kill -9 under load: {failed} of {} requests failed", seen.len());
     // At most the requests in flight on the killed worker: one per client.
     assert!(failed <= 4, "{failed} failed: {:?}", seen.iter().find(|s| s.outcome.is_err()));
@@ -192,7 +133,7 @@ async fn a_version_failing_validation_on_the_device_never_serves_and_the_hub_hea
     assert_eq!(version, "2.0.0");
     assert!(detail.contains("validation failed") && detail.contains("below the declared 0.9700"), "{detail}");
     assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"), "the old version keeps serving");
-    let slot = agent.shared.serving.model("digits").unwrap().route();
+    let slot = agent.route("digits").unwrap();
     assert!(slot.candidate.is_none() && slot.active.as_ref().unwrap().version == "1.0.0");
     let r = reqwest::Client::new()
         .post(format!("http://{addr}/v2/models/digits/infer"))
@@ -224,7 +165,7 @@ async fn after_a_restart_the_active_version_serves_again_without_the_hub() {
     hub.push("digits", "2.0.0", DEGRADED, "").await;
     hub.deploy("digits", "2.0.0", "site=a").await;
     agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
-    let config = agent.shared.config.clone();
+    let config = agent.config().clone();
     agent.shutdown().await;
     hub.stop().await;
 
@@ -239,7 +180,7 @@ async fn after_a_restart_the_active_version_serves_again_without_the_hub() {
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["model_version"], "2.0.0");
-    let route = agent.shared.serving.model("digits").unwrap().route();
+    let route = agent.route("digits").unwrap();
     assert_eq!(route.standby.as_ref().unwrap().version, "1.0.0", "the standby is warm again too");
     assert!(!agent.view().connected);
     agent.shutdown().await;

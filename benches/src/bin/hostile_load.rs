@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use sentinel_benches::{HubProcess, bench_agent_dir, raise_fd_limit, rss_kib, workspace_bin, workspace_root};
+use sentinel_testkit::digits::TEST_X;
+use sentinel_testkit::models::read_f32;
 use serde_json::json;
 
 const BURST: usize = 32;
@@ -67,8 +69,7 @@ async fn start_agent(hub: &HubProcess, http: &reqwest::Client) -> anyhow::Result
 }
 
 fn digits_body(rows: usize) -> anyhow::Result<Vec<u8>> {
-    let bytes = std::fs::read(workspace_root().join("models/data/digits_test_x.bin"))?;
-    let x: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let x = read_f32(TEST_X);
     let data: Vec<f32> = x.iter().copied().cycle().take(rows * 64).collect();
     Ok(json!({"inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32", "data": data}]})
         .to_string()

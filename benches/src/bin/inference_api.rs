@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use sentinel_agent::supervisor::{Worker, WorkerSpec};
 use sentinel_benches::{HubProcess, bench_agent_dir, percentile, workspace_bin, workspace_root};
+use sentinel_testkit::digits::Digits;
 use sentinel_worker_protocol::frame::Tensor;
 use serde_json::{Value, json};
 
@@ -28,10 +29,10 @@ const ROUNDS: usize = 2000;
 const CLIENTS: usize = 4;
 const PER_CLIENT: usize = 1000;
 
-fn digits() -> anyhow::Result<Vec<Vec<f32>>> {
-    let bytes = std::fs::read(workspace_root().join("models/data/digits_test_x.bin"))?;
-    let all: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    Ok(all.chunks_exact(64).map(<[f32]>::to_vec).collect())
+/// The digits test set, one `Vec` per sample.
+fn digits() -> Vec<Vec<f32>> {
+    let set = Digits::get();
+    (0..set.len()).map(|i| set.pixels(i).to_vec()).collect()
 }
 
 fn json_body(x: &[f32]) -> Value {
@@ -112,7 +113,7 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let samples = digits()?;
+    let samples = digits();
     let s = setup().await?;
     let url = format!("{}/v2/models/digits/infer", s.base);
     let work = tempfile::tempdir()?;

@@ -17,13 +17,15 @@
 //!
 //! `cargo build --release --workspace && target/release/worker_overhead`
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use sentinel_agent::supervisor::{Worker, WorkerSpec};
 use sentinel_benches::{median, percentile, rss_kib, workspace_bin, workspace_root};
+use sentinel_testkit::digits::TEST_X;
+use sentinel_testkit::models::read_f32;
 use sentinel_worker::model::LoadedModel;
 use sentinel_worker_protocol::frame::Tensor;
 
@@ -51,16 +53,14 @@ impl Case {
 }
 
 /// Reads a raw little-endian f32 file and cuts it into `[1, ..row_shape]` tensors.
-fn read_rows(path: &Path, row_shape: &[usize]) -> anyhow::Result<Vec<Tensor>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+fn read_rows(path: &str, row_shape: &[usize]) -> anyhow::Result<Vec<Tensor>> {
+    let values = read_f32(path);
     let row_len: usize = row_shape.iter().product();
     ensure!(
-        !bytes.is_empty() && bytes.len() % (row_len * 4) == 0,
-        "{}: {} bytes is not a whole number of f32 rows of {row_len}",
-        path.display(),
-        bytes.len()
+        !values.is_empty() && values.len() % row_len == 0,
+        "{path}: {} values is not a whole number of f32 rows of {row_len}",
+        values.len()
     );
-    let values: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let shape: Vec<usize> = std::iter::once(1).chain(row_shape.iter().copied()).collect();
     Ok(values.chunks_exact(row_len).map(|row| Tensor::from_f32(shape.clone(), row)).collect())
 }
@@ -72,7 +72,7 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             name: "digits v1 (f32 [1,64])",
             model: root.join("models/digits/digits_mlp_v1.onnx"),
             shape: vec![1, 64],
-            inputs: read_rows(&root.join("models/data/digits_test_x.bin"), &[64])?,
+            inputs: read_rows(TEST_X, &[64])?,
             requests: 2000,
             warm_up: 200,
         },
@@ -80,7 +80,7 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             name: "text-direction cls (f32 [1,3,48,192])",
             model: root.join("models/vision/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
             shape: vec![1, 3, 48, 192],
-            inputs: read_rows(&root.join("models/data/textcls_sample_input.bin"), &[3, 48, 192])?,
+            inputs: read_rows("data/textcls_sample_input.bin", &[3, 48, 192])?,
             requests: 300,
             warm_up: 30,
         },
