@@ -57,7 +57,7 @@ fn read_rows(path: &str, row_shape: &[usize]) -> anyhow::Result<Vec<Tensor>> {
     let values = read_f32(path);
     let row_len: usize = row_shape.iter().product();
     ensure!(
-        !values.is_empty() && values.len() % row_len == 0,
+        !values.is_empty() && values.len().is_multiple_of(row_len),
         "{path}: {} values is not a whole number of f32 rows of {row_len}",
         values.len()
     );
