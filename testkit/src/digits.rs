@@ -68,6 +68,10 @@ pub struct Seen {
     /// The version that answered, or what went wrong (status and body, or
     /// the connection error).
     pub outcome: Result<String, String>,
+    /// The status of the feedback sent for this answer, if any: 200, or 404
+    /// when the slot that answered was unloaded (a rollback) before the
+    /// feedback arrived, so the agent no longer scores it.
+    pub feedback: Option<u16>,
 }
 
 impl Seen {
@@ -92,7 +96,8 @@ pub struct LoadSpec {
     pub model: String,
     pub clients: usize,
     /// Send the true label for every answer, as an application that learns
-    /// the ground truth would (and assert the agent takes it).
+    /// the ground truth would (and assert the agent takes it, unless the
+    /// version that answered has been unloaded since: see [`Seen::feedback`]).
     pub feedback: bool,
     /// A flag the test sets when something happened; each [`Seen`] records
     /// whether it was set when its request was sent.
@@ -137,14 +142,19 @@ async fn client(spec: LoadSpec, first: usize, stop: Arc<AtomicBool>) -> Vec<Seen
         };
         let received = Instant::now();
         let outcome = answer.map(|v| (v["model_version"].as_str().unwrap().to_owned(), v["id"].clone()));
+        let mut fed = None;
         if spec.feedback
             && let Ok((_, id)) = &outcome
         {
             let f = json!({"id": id, "label": Digits::get().label(sample)});
             let r = http.post(&feedback).json(&f).send().await.unwrap();
-            assert_eq!(r.status(), 200, "feedback refused: {}", r.text().await.unwrap());
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap();
+            let unloaded = status == 404 && body.contains("no remembered request");
+            assert!(status == 200 || unloaded, "feedback refused: {status} {body}");
+            fed = Some(status);
         }
-        seen.push(Seen { sent, received, after_mark, outcome: outcome.map(|(version, _)| version) });
+        seen.push(Seen { sent, received, after_mark, outcome: outcome.map(|(version, _)| version), feedback: fed });
     }
     seen
 }
