@@ -104,7 +104,13 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let shared = Arc::new(Shared::new(config, store, serving, view_tx));
     let trusted = shared.config.trusted.clone();
     shared.serving.restore(&shared.store, |sha| {
-        let signed = shared.store.manifest(sha).ok().flatten()?;
+        let signed = match shared.store.manifest(sha) {
+            Ok(signed) => signed?,
+            Err(e) => {
+                tracing::error!(sha256 = sha, error = %error_chain(&e), "reading a stored manifest failed");
+                return None;
+            }
+        };
         sentinel_proto::verify_manifest(&signed, &trusted).ok()
     });
     shared.refresh_models();

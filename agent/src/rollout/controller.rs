@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::decision::{Decision, Observation, RollbackReason, decide};
 use super::policy::{PhaseKind, Policy};
+use super::progress::{Detection, Progress, Step};
 use super::window::SlotMetrics;
 use crate::serving::{CandidateMode, Loaded, ModelServing, Route};
 use crate::slots::SlotState;
@@ -263,7 +263,7 @@ async fn run(
         }
         let green_metrics = green.metrics(now);
         // The old slot over this phase only: the same period and load as the new one.
-        let blue_metrics = blue.as_ref().map(|b| b.metrics_since(now, progress.phase_start)).unwrap_or_default();
+        let blue_metrics = blue.as_ref().map(|b| b.metrics_since(now, progress.phase_start())).unwrap_or_default();
         match progress.step(now, promoted, &green_metrics, blue_metrics) {
             Step::Hold => {}
             Step::Rollback { reason, detection, blue: blue_metrics } => {
@@ -279,7 +279,7 @@ async fn run(
                 return;
             }
             Step::Next { kind, blue: blue_metrics } => {
-                let phase = progress.phase;
+                let phase = progress.phase();
                 {
                     let mut w = green.window.lock().unwrap_or_else(PoisonError::into_inner);
                     let accuracy = *green.validation_accuracy.read().unwrap_or_else(PoisonError::into_inner);
@@ -316,74 +316,6 @@ async fn run(
     }
 }
 
-/// Where one rollout stands between ticks: the policy, the phase and since
-/// when. [`Progress::step`] turns one tick's metrics into a [`Step`]; it does
-/// no I/O and reads no clock, so the controller's decisions can be tested
-/// with made-up metrics on paused time.
-#[derive(Debug, Clone)]
-struct Progress {
-    policy: Policy,
-    /// Index into the policy's phases; `phases.len()` is the standby bake.
-    phase: usize,
-    phase_start: Instant,
-    /// When the rollout saw its first sample: the detection delay of a
-    /// rollback is measured from there.
-    first_sample: Option<Instant>,
-}
-
-/// What one tick of a rollout decided.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Step {
-    /// Stay in the phase.
-    Hold,
-    /// Roll back, with how long the version served first and blue's figures.
-    Rollback { reason: RollbackReason, detection: Detection, blue: SlotMetrics },
-    /// Past the standby bake: the rollout is complete.
-    Complete,
-    /// Entered the next phase (`None`: past the last phase, the standby
-    /// bake); blue's figures over the phase that passed.
-    Next { kind: Option<PhaseKind>, blue: SlotMetrics },
-}
-
-impl Progress {
-    fn new(policy: Policy, phase: usize, now: Instant) -> Self {
-        Progress { policy, phase, phase_start: now, first_sample: None }
-    }
-
-    /// Decides on one tick: `green` over its window, `blue` over this phase
-    /// only, `promoted` when green is already the active slot.
-    fn step(&mut self, now: Instant, promoted: bool, green: &SlotMetrics, mut blue: SlotMetrics) -> Step {
-        if promoted {
-            // Once promoted, the old slot takes no traffic: its latencies are
-            // from another time and another load, so a ratio against them
-            // would mostly measure the machine. Latency ratios are judged
-            // only in shadow and canary phases, where both slots serve side
-            // by side; after that only the absolute SLO applies.
-            (blue.p50, blue.p95, blue.p99) = (None, None, None);
-        }
-        if self.first_sample.is_none() && green.requests + green.agreement_total > 0 {
-            self.first_sample = Some(now);
-        }
-        let obs = Observation { phase: self.phase, phase_elapsed: now - self.phase_start, green: *green, blue };
-        match decide(&self.policy, &obs) {
-            Decision::Hold(_) => Step::Hold,
-            Decision::Rollback(reason) => {
-                let detection = Detection {
-                    samples: green.requests.max(green.agreement_total),
-                    after: self.first_sample.map_or(Duration::ZERO, |t| now - t),
-                };
-                Step::Rollback { reason, detection, blue }
-            }
-            Decision::Promote if self.phase >= self.policy.phases.len() => Step::Complete,
-            Decision::Promote => {
-                self.phase += 1;
-                self.phase_start = now;
-                Step::Next { kind: self.policy.phases.get(self.phase).map(|p| p.kind), blue }
-            }
-        }
-    }
-}
-
 /// Makes the canary the active slot: one committed step, one route swap.
 /// Why the last phase could not promote the new version (it is rolled back).
 #[derive(Debug, thiserror::Error)]
@@ -408,14 +340,6 @@ async fn promote(shared: &Shared, ms: &ModelServing, green: &Arc<Loaded>) -> Res
         mode: CandidateMode::Idle,
     });
     Ok(())
-}
-
-/// How long a bad version served before the decision: samples in the phase,
-/// and time since the phase's first sample.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Detection {
-    samples: u64,
-    after: Duration,
 }
 
 /// Traffic back to the old slot first, then the durable record and the report.
@@ -525,6 +449,3 @@ pub fn metrics_json(m: &SlotMetrics) -> serde_json::Value {
         "validation_accuracy": m.validation_accuracy,
     })
 }
-
-#[cfg(test)]
-mod tests;

@@ -62,9 +62,13 @@ pub enum LoadError {
 pub enum ValidateError {
     #[error("the model has no inputs")]
     NoInputs,
-    /// A zero probe for this input could not be built (the frame crate's reason).
-    #[error("probe input `{input}`: {reason}")]
-    ProbeInput { input: String, reason: String },
+    /// A zero probe for this input could not be built.
+    #[error("probe input `{input}`")]
+    ProbeInput {
+        input: String,
+        #[source]
+        reason: sentinel_worker_protocol::frame::ZerosError,
+    },
     #[error("a probe inference failed")]
     Probe(#[source] WorkerSlotError),
     #[error(transparent)]
@@ -189,7 +193,15 @@ impl Serving {
             }
         };
         for row in rows.iter().filter(|r| r.status != ModelStatus::Removed) {
-            let Ok(Some(mut slots)) = store.load_slots(&row.name) else { continue };
+            let mut slots = match store.load_slots(&row.name) {
+                Ok(Some(slots)) => slots,
+                Ok(None) => continue,
+                Err(e) => {
+                    let error = crate::util::error_chain(&e);
+                    tracing::error!(model = %row.name, error, "reading the model's slots failed; not restored");
+                    continue;
+                }
+            };
             let mut changed = false;
             for c in [Color::Blue, Color::Green] {
                 if matches!(slots.get(c).state, SlotState::Loading | SlotState::Validating | SlotState::Canary) {

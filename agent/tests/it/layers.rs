@@ -22,6 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "rollout::window",
             "rollout::policy",
             "rollout::decision",
+            "rollout::progress",
         ],
     ),
     ("the worker supervisor and the configuration", &["supervisor", "config"]),

@@ -20,7 +20,12 @@ use sentinel_proto::pb::{SignedDesiredState, SignedManifest};
 use crate::slots::{Color, SlotState, Slots};
 use crate::util::now_ms;
 
+mod events;
 mod kinds;
+mod migrations;
+
+pub use events::Event;
+use migrations::MIGRATIONS;
 
 pub use kinds::{EventKind, ModelStatus, UnknownWord};
 
@@ -33,6 +38,21 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// A stored value this agent cannot read back: never taken for "absent".
+    #[error("agent database holds a corrupt {what} for `{key}`")]
+    Corrupt {
+        what: &'static str,
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A value that could not be encoded for storage.
+    #[error("encoding {what} for the agent database failed")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("agent store I/O failed: {op} {path}")]
     Io {
         op: &'static str,
@@ -43,10 +63,7 @@ pub enum StoreError {
 }
 
 fn encode_slots(slots: &Slots) -> Result<String, StoreError> {
-    serde_json::to_string(slots).map_err(|e| StoreError::Db {
-        op: "encode slots",
-        source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-    })
+    serde_json::to_string(slots).map_err(|e| StoreError::Encode { what: "slots", source: Box::new(e) })
 }
 
 /// Column `i` of `row` parsed as a [`ModelStatus`] or [`EventKind`]: a word
@@ -59,58 +76,6 @@ fn word<T: std::str::FromStr<Err = UnknownWord>>(row: &rusqlite::Row<'_>, i: usi
 fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Db { op, source }
 }
-
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE desired (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        revision INTEGER NOT NULL,
-        signed BLOB NOT NULL,
-        verified_at_ms INTEGER NOT NULL
-     );
-     CREATE TABLE models (
-        name TEXT PRIMARY KEY,
-        active_version TEXT,
-        active_sha256 TEXT,
-        active_deployment INTEGER,
-        standby_version TEXT,
-        standby_sha256 TEXT,
-        status TEXT NOT NULL,
-        status_version TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        updated_at_ms INTEGER NOT NULL
-     );
-     CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at_ms INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        model TEXT NOT NULL,
-        version TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        reported INTEGER NOT NULL DEFAULT 0
-     );",
-    // 2: blue/green slot pairs, one committed row per model.
-    "CREATE TABLE slots (
-        model TEXT PRIMARY KEY,
-        pair TEXT NOT NULL,
-        committed_at_ms INTEGER NOT NULL
-     );",
-    // 3: the signed manifest of each stored model file.
-    "CREATE TABLE manifests (
-        sha256 TEXT PRIMARY KEY,
-        signed BLOB NOT NULL
-     );",
-    // 4: which deployment a status is about; versions rolled back on the device.
-    "ALTER TABLE models ADD COLUMN status_deployment INTEGER;
-     CREATE TABLE rejected (
-        model TEXT NOT NULL,
-        sha256 TEXT NOT NULL,
-        version TEXT NOT NULL,
-        revision INTEGER NOT NULL,
-        reason TEXT NOT NULL,
-        at_ms INTEGER NOT NULL,
-        PRIMARY KEY (model, sha256, version)
-     );",
-];
 
 /// A model's slot assignment and latest status on this device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,17 +92,6 @@ pub struct ModelRow {
     pub detail: String,
     /// The deployment the status is about, when known.
     pub status_deployment: Option<i64>,
-}
-
-/// One logged event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub id: i64,
-    pub at_ms: i64,
-    pub kind: EventKind,
-    pub model: String,
-    pub version: String,
-    pub reason: String,
 }
 
 /// The agent's durable state.
@@ -383,10 +337,9 @@ impl Store {
     /// restored (and re-verified) after a restart even when the desired state
     /// has moved on.
     pub fn save_manifest(&self, signed: &SignedManifest) -> Result<(), StoreError> {
-        let sha =
-            sentinel_proto::pb::ModelManifest::decode(signed.manifest.as_slice()).map(|m| m.sha256).map_err(|e| {
-                StoreError::Db { op: "save manifest", source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)) }
-            })?;
+        let sha = sentinel_proto::pb::ModelManifest::decode(signed.manifest.as_slice())
+            .map(|m| m.sha256)
+            .map_err(|e| StoreError::Encode { what: "manifest (its sha256 does not decode)", source: Box::new(e) })?;
         self.conn()
             .execute(
                 "INSERT INTO manifests (sha256, signed) VALUES (?1, ?2) ON CONFLICT(sha256) DO UPDATE SET signed = ?2",
@@ -403,7 +356,11 @@ impl Store {
             .query_row("SELECT signed FROM manifests WHERE sha256 = ?1", [sha256], |r| r.get(0))
             .optional()
             .map_err(db("read manifest"))?;
-        Ok(bytes.and_then(|b| SignedManifest::decode(b.as_slice()).ok()))
+        bytes.map(|b| SignedManifest::decode(b.as_slice())).transpose().map_err(|e| StoreError::Corrupt {
+            what: "signed manifest",
+            key: sha256.to_owned(),
+            source: Box::new(e),
+        })
     }
 
     /// Writes a model's blue/green slots as one row, atomically: the commit
@@ -427,62 +384,11 @@ impl Store {
             .query_row("SELECT pair FROM slots WHERE model = ?1", [model], |r| r.get(0))
             .optional()
             .map_err(db("load slots"))?;
-        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
-    }
-
-    /// Appends an event for the hub (and the log).
-    pub fn event(&self, kind: EventKind, model: &str, version: &str, reason: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO events (at_ms, kind, model, version, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![now_ms(), kind.as_str(), model, version, reason],
-            )
-            .map_err(db("log event"))?;
-        Ok(())
-    }
-
-    /// Events not yet acknowledged by the hub, oldest first.
-    pub fn unreported_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
-        self.events_where("reported = 0 ORDER BY id LIMIT ?1", [limit])
-    }
-
-    /// The newest events, newest first.
-    pub fn recent_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
-        self.events_where("1 = 1 ORDER BY id DESC LIMIT ?1", [limit])
-    }
-
-    /// The newest event of `kind`, if any.
-    pub fn last_event(&self, kind: EventKind) -> Result<Option<Event>, StoreError> {
-        Ok(self.events_where("kind = ?1 ORDER BY id DESC LIMIT 1", [kind.as_str()])?.pop())
-    }
-
-    /// Events matching `clause` (a fixed SQL tail: filter, order and limit,
-    /// with `args` bound to its placeholders).
-    fn events_where(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<Event>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!("SELECT id, at_ms, kind, model, version, reason FROM events WHERE {clause}"))
-            .map_err(db("list events"))?;
-        let rows = stmt
-            .query_map(args, |r| {
-                Ok(Event {
-                    id: r.get(0)?,
-                    at_ms: r.get(1)?,
-                    kind: word(r, 2)?,
-                    model: r.get(3)?,
-                    version: r.get(4)?,
-                    reason: r.get(5)?,
-                })
-            })
-            .map_err(db("list events"))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(db("list events"))
-    }
-
-    pub fn mark_reported(&self, up_to_id: i64) -> Result<(), StoreError> {
-        self.conn()
-            .execute("UPDATE events SET reported = 1 WHERE id <= ?1", [up_to_id])
-            .map_err(db("mark reported"))?;
-        Ok(())
+        text.map(|t| serde_json::from_str(&t)).transpose().map_err(|e| StoreError::Corrupt {
+            what: "slots row",
+            key: model.to_owned(),
+            source: Box::new(e),
+        })
     }
 
     /// Deletes model files that are neither active, standby, in `keep` (the
@@ -519,119 +425,4 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
-    const C: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
-    const D: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
-
-    /// Stages, validates and promotes `version` in `s`, and commits it.
-    fn promote(store: &Store, s: &mut Slots, version: &str, sha: &str, deployment: i64) {
-        let c = s.stage(version, sha).expect("stage");
-        s.begin_validation(c).expect("validate");
-        s.promote(c).expect("promote");
-        store.activate(s, deployment).expect("activate");
-    }
-
-    #[test]
-    fn activation_moves_the_old_version_to_standby_and_survives_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let mut s = Slots::new("m");
-        promote(&store, &mut s, "1.0.0", A, 1);
-        promote(&store, &mut s, "2.0.0", B, 2);
-        drop(store);
-        let store = Store::open(dir.path()).expect("reopen");
-        let m = store.model("m").expect("read").expect("present");
-        assert_eq!((m.active_version.as_deref(), m.standby_version.as_deref()), (Some("2.0.0"), Some("1.0.0")));
-        assert_eq!((m.status, m.active_deployment), (ModelStatus::Serving, Some(2)));
-        // The row and the slot pair were written together.
-        let pair = store.load_slots("m").expect("load").expect("present");
-        assert_eq!(pair, s);
-        // A rollback is committed the same way: the standby is active again.
-        s.rollback("accuracy").expect("rollback");
-        store.activate(&s, 1).expect("commit rollback");
-        let m = store.model("m").expect("read").expect("present");
-        assert_eq!((m.active_sha256.as_deref(), m.standby_sha256), (Some(A), None));
-    }
-
-    #[test]
-    fn gc_keeps_active_standby_what_is_wanted_and_one_more() {
-        const E: &str = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let t0 = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
-        for (i, sha) in [A, B, C, D, E].into_iter().enumerate() {
-            let f = std::fs::File::create(store.model_path(sha)).expect("create");
-            // Distinct write times, E newest.
-            f.set_modified(t0 + std::time::Duration::from_secs(i as u64)).expect("mtime");
-        }
-        let mut s = Slots::new("m");
-        promote(&store, &mut s, "1", A, 1);
-        promote(&store, &mut s, "2", B, 2);
-        let removed = store.gc(&[C.to_owned()].into()).expect("gc");
-        assert_eq!(removed, [D], "E is the newest of the rest and stays as the one more");
-        assert!(store.has_model(A) && store.has_model(B) && store.has_model(C) && store.has_model(E));
-    }
-
-    #[test]
-    fn partial_downloads_do_not_survive_a_restart() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let partial = store.models_dir().join(format!(".partial-{A}"));
-        std::fs::write(&partial, b"half").expect("write");
-        drop(store);
-        let store = Store::open(dir.path()).expect("reopen");
-        assert!(!partial.exists());
-        assert!(!store.has_model(A));
-    }
-
-    #[test]
-    fn committed_slots_come_back_after_a_restart_and_uncommitted_changes_do_not() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let mut s = Slots::new("m");
-        let b = s.stage("1.0.0", A).expect("stage");
-        s.begin_validation(b).expect("v");
-        s.promote(b).expect("p");
-        store.commit_slots(&s).expect("commit");
-        // A transition that is never committed (power lost before the commit).
-        s.stage("2.0.0", B).expect("stage v2");
-        drop(store);
-        let store = Store::open(dir.path()).expect("reopen");
-        let back = store.load_slots("m").expect("load").expect("present");
-        assert_eq!(back.active(), Some(Color::Blue));
-        assert_eq!(back.get(Color::Blue).version.as_deref(), Some("1.0.0"));
-        assert_eq!(back.get(Color::Green).state, SlotState::Empty);
-    }
-
-    #[test]
-    fn events_are_marked_once_reported() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        store.event(EventKind::StateRefused, "", "", "replayed").expect("e1");
-        store.event(EventKind::ModelInstalled, "m", "1", "").expect("e2");
-        let pending = store.unreported_events(10).expect("list");
-        assert_eq!(pending.len(), 2);
-        store.mark_reported(pending[0].id).expect("mark");
-        assert_eq!(store.unreported_events(10).expect("list").len(), 1);
-    }
-
-    #[test]
-    fn a_stored_word_that_does_not_parse_is_an_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        store.set_status("m", ModelStatus::Downloading, "1", "").expect("status");
-        store.event(EventKind::DownloadStarted, "m", "1", "").expect("event");
-        store
-            .conn()
-            .execute_batch("UPDATE models SET status = 'bogus'; UPDATE events SET kind = 'odd'")
-            .expect("corrupt");
-        let e = store.models().expect_err("an unknown status");
-        assert!(crate::util::error_chain(&e).contains("unknown model status `bogus`"), "{e}");
-        let e = store.recent_events(1).expect_err("an unknown kind");
-        assert!(crate::util::error_chain(&e).contains("unknown event kind `odd`"), "{e}");
-    }
-}
+mod tests;

@@ -3,25 +3,26 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::process::{ChildStdin, ChildStdout, Command};
 use tokio::sync::{Mutex, Notify, watch};
+
+mod child;
+
+pub use child::remove_stale_work_dirs;
+use child::{
+    EXIT_GRACE, WorkDir, close_inherited_descriptors, forward_stderr, read_frame, reap, wait_exit, write_frame,
+};
 
 use sentinel_worker_protocol::frame::{self as protocol, ProtocolError, Ready, ResponseError, Tensor};
 use sentinel_worker_protocol::launch::{
     Confinement, EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV,
 };
-
-/// How many stderr lines of a worker are kept for error messages.
-const STDERR_TAIL_LINES: usize = 20;
-/// How long a worker that closed its pipes gets to finish exiting before it is killed.
-const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// Whether a worker honours the `FORBID:<action>` probe requests that attempt
 /// forbidden syscalls. Only tests that prove the sandbox turn them on.
@@ -189,41 +190,6 @@ struct Pipes {
     stdin: ChildStdin,
     stdout: ChildStdout,
     dead: Option<InferError>,
-}
-
-/// The worker's private directory, removed when the worker is dropped.
-#[derive(Debug)]
-struct WorkDir(PathBuf);
-
-/// Removes the `worker-<pid>-<n>` directories under `work_dir` that another
-/// process left: a crashed or killed agent runs no destructors. Call once no
-/// other agent can be using `work_dir` (after the control socket is bound).
-/// Returns how many it removed.
-pub fn remove_stale_work_dirs(work_dir: &Path) -> std::io::Result<usize> {
-    let own = format!("worker-{}-", std::process::id());
-    let entries = match std::fs::read_dir(work_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let mut removed = 0;
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("worker-") && !name.starts_with(&own) && entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-            removed += 1;
-        }
-    }
-    Ok(removed)
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        // Best effort: a leftover directory costs disk, not correctness.
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A running worker that has sent its ready frame. Dropping it kills the process.
@@ -474,129 +440,4 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill.notify_one();
     }
-}
-
-/// Marks every descriptor above stderr close-on-exec, in the forked child
-/// just before exec, so the worker starts with its three pipes and nothing
-/// else: not a listener, a database or a socket that some library in the
-/// agent opened without `O_CLOEXEC`. It is the child's own guarantee rather
-/// than a promise every other descriptor keeps.
-///
-/// `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (Linux 5.11) rather than closing
-/// outright: std reports a failed exec to the parent through a close-on-exec
-/// pipe above stderr, which must stay open until the exec. Older kernels
-/// (Jetson's L4T 32 runs 4.9) get the same effect one descriptor at a time,
-/// up to the descriptor limit. Called through `syscall(2)`: glibc's wrapper
-/// would raise the agent's glibc floor to 2.34. Async-signal-safe (only
-/// syscalls, no allocation), as `pre_exec` requires.
-fn close_inherited_descriptors() -> io::Result<()> {
-    const FIRST: libc::c_uint = 3;
-    #[allow(unsafe_code)]
-    // SAFETY: close_range takes integers only; with CLOSE_RANGE_CLOEXEC it
-    // closes nothing, it only sets a flag on each descriptor.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, FIRST, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
-        return Err(err);
-    }
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    #[allow(unsafe_code)]
-    // SAFETY: getrlimit writes only the struct it is given, on this stack.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let last = libc::c_int::try_from(lim.rlim_cur).unwrap_or(libc::c_int::MAX);
-    for fd in FIRST as libc::c_int..last {
-        #[allow(unsafe_code)]
-        // SAFETY: fcntl on an integer descriptor; EBADF for one not open is expected.
-        unsafe {
-            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        }
-    }
-    Ok(())
-}
-
-/// Waits for the reaper to publish the exit; kills a process that closed its
-/// pipes but does not exit within [`EXIT_GRACE`].
-async fn wait_exit(mut exit: watch::Receiver<Option<Exit>>, kill: &Notify) -> Option<Exit> {
-    if let Ok(Ok(e)) = tokio::time::timeout(EXIT_GRACE, exit.wait_for(Option::is_some)).await {
-        return *e;
-    }
-    kill.notify_one();
-    match tokio::time::timeout(EXIT_GRACE, exit.wait_for(Option::is_some)).await {
-        Ok(Ok(e)) => *e,
-        _ => None,
-    }
-}
-
-/// Owns the child: waits for it (or kills it when asked) and publishes how it ended.
-async fn reap(mut child: Child, kill: Arc<Notify>, exit: watch::Sender<Option<Exit>>) {
-    use std::os::unix::process::ExitStatusExt;
-    let status = tokio::select! {
-        status = child.wait() => status,
-        () = kill.notified() => {
-            let _ = child.start_kill();
-            child.wait().await
-        }
-    };
-    let ended = match status {
-        Ok(s) => Exit { code: s.code(), signal: s.signal() },
-        Err(e) => {
-            tracing::warn!(error = %e, "waiting for a worker failed");
-            Exit { code: None, signal: None }
-        }
-    };
-    exit.send_replace(Some(ended));
-}
-
-/// Logs each stderr line at warn level and keeps the last few for error messages.
-async fn forward_stderr(pid: u32, stderr: ChildStderr, tail: Arc<StdMutex<VecDeque<String>>>) {
-    let mut reader = BufReader::new(stderr);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-                tracing::warn!(worker_pid = pid, "{text}");
-                let mut tail = tail.lock().unwrap_or_else(PoisonError::into_inner);
-                if tail.len() == STDERR_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(text);
-            }
-        }
-    }
-}
-
-/// Async twin of [`protocol::read_frame`]: `Ok(None)` on a clean end between frames.
-async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 4];
-    let mut got = 0;
-    while got < len.len() {
-        match r.read(&mut len[got..]).await? {
-            0 if got == 0 => return Ok(None),
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => got += n,
-        }
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > protocol::MAX_FRAME_LEN {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes is too large")));
-    }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
-    Ok(Some(payload))
-}
-
-/// Writes one frame (built with [`protocol::write_frame`]) and flushes it.
-async fn write_frame(w: &mut (impl AsyncWrite + Unpin), payload: &[u8]) -> io::Result<()> {
-    let mut frame = Vec::with_capacity(4 + payload.len());
-    protocol::write_frame(&mut frame, payload)?;
-    w.write_all(&frame).await?;
-    w.flush().await
 }

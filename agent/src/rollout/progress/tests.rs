@@ -1,5 +1,5 @@
-//! The controller's decisions on made-up metrics and paused tokio time: no
-//! worker, no store, no agent. `now` is read from tokio's clock, which only
+//! A rollout's steps on made-up metrics and paused tokio time: no worker,
+//! no store, no agent. `now` is read from tokio's clock, which only
 //! moves when a test advances it.
 
 #![allow(clippy::unwrap_used)]

@@ -1,0 +1,194 @@
+//! The `[serving]` table: how the agent runs models and serves the local
+//! inference API.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sentinel_worker_protocol::launch::Confinement;
+use serde::Deserialize;
+
+use super::{ConfigError, DEFAULT_METRICS_LISTEN, bad};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServing {
+    pub(super) listen: Option<String>,
+    pub(super) metrics_listen: Option<String>,
+    unix_socket: Option<PathBuf>,
+    max_body_bytes: Option<usize>,
+    max_inflight_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    header_read_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    pub(super) worker_bin: Option<PathBuf>,
+    confinement: Option<String>,
+    memory_limit_mib: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    load_timeout_secs: Option<u64>,
+    validation_tolerance: Option<f64>,
+    #[serde(default)]
+    input_shapes: BTreeMap<String, Vec<String>>,
+}
+
+/// How the agent runs models and serves the local inference API.
+#[derive(Debug, Clone)]
+pub struct ServingSettings {
+    /// TCP address of the KServe v2 API (default `127.0.0.1:8601`); `None` when disabled.
+    pub listen: Option<String>,
+    /// TCP address of the Prometheus `/metrics` listener (default
+    /// [`DEFAULT_METRICS_LISTEN`]); `None` when disabled (`""`).
+    pub metrics_listen: Option<String>,
+    /// Unix socket for the v2 API, in addition to (or instead of) TCP.
+    pub unix_socket: Option<PathBuf>,
+    /// Largest inference request body (default 16 MiB).
+    pub max_body_bytes: usize,
+    /// Request bodies the inference API holds at once; past it, 503 with
+    /// `Retry-After` (default 4 x `max_body_bytes`, at least `max_body_bytes`).
+    pub max_inflight_bytes: usize,
+    /// Connections open at once on the inference API and metrics listeners
+    /// (default 1024, lowered to fit the open-file limit).
+    pub max_connections: usize,
+    /// Time a new connection has to send its first request head (default 10 s).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is closed (default 120 s).
+    pub idle_timeout: Duration,
+    /// The `sentinel-worker` executable (default: next to `sentinel-agent`).
+    pub worker_bin: PathBuf,
+    pub confinement: Confinement,
+    /// `RLIMIT_AS` of each worker (default 2048 MiB; 0 for none).
+    pub memory_limit_bytes: Option<u64>,
+    pub request_timeout: Duration,
+    pub load_timeout: Duration,
+    /// How far below the manifest's declared accuracy the on-device
+    /// validation-set accuracy may be (default 0.02).
+    pub validation_tolerance: f64,
+    /// Fixed input shapes per model name, for models that declare symbolic
+    /// non-batch dims (default: symbolic dims become 1).
+    pub input_shapes: BTreeMap<String, Vec<Vec<usize>>>,
+}
+
+/// Largest `serving.memory_limit_mib` accepted (1 TiB): larger values would
+/// wrap when turned into bytes.
+pub const MAX_MEMORY_LIMIT_MIB: u64 = 1 << 20;
+
+/// Largest `serving.max_body_bytes` accepted (1 GiB).
+pub const MAX_BODY_LIMIT: usize = 1 << 30;
+
+impl ServingSettings {
+    /// The bounds of every connection to the inference API and metrics.
+    pub fn connection_limits(&self) -> sentinel_net::Limits {
+        sentinel_net::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            ..sentinel_net::Limits::default()
+        }
+    }
+}
+
+fn default_worker_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("sentinel-worker")))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/sentinel-worker"))
+}
+
+impl RawServing {
+    pub(super) fn validate(self, resolve: impl Fn(PathBuf) -> PathBuf) -> Result<ServingSettings, ConfigError> {
+        let address = |field: &str, value: Option<&str>, default: &str| match value {
+            None => Ok(Some(default.to_owned())),
+            Some("") => Ok(None),
+            Some(a) => {
+                a.parse::<std::net::SocketAddr>()
+                    .map_err(|e| bad(field, format!("{a:?} is not an address:port: {e}")))?;
+                Ok(Some(a.to_owned()))
+            }
+        };
+        let listen = address("serving.listen", self.listen.as_deref(), "127.0.0.1:8601")?;
+        let metrics_listen = address("serving.metrics_listen", self.metrics_listen.as_deref(), DEFAULT_METRICS_LISTEN)?;
+        let confinement = match self.confinement.as_deref().unwrap_or("enforce") {
+            "enforce" => Confinement::Enforce,
+            "off" => Confinement::Off,
+            other => return Err(bad("serving.confinement", format!("{other:?}: expected \"enforce\" or \"off\""))),
+        };
+        let tolerance = self.validation_tolerance.unwrap_or(0.02);
+        if !(0.0..=1.0).contains(&tolerance) {
+            return Err(bad("serving.validation_tolerance", "must be between 0 and 1"));
+        }
+        let mut input_shapes = BTreeMap::new();
+        for (model, shapes) in self.input_shapes {
+            let field = format!("serving.input_shapes.{model}");
+            let parsed = shapes
+                .iter()
+                .map(|s| {
+                    s.split(',')
+                        .map(|d| d.trim().parse::<usize>().ok().filter(|d| *d > 0))
+                        .collect::<Option<Vec<usize>>>()
+                        .ok_or_else(|| bad(&field, format!("{s:?}: expected positive dims like \"1,3,48,192\"")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            input_shapes.insert(model, parsed);
+        }
+        let positive = |field: &str, v: u64| if v == 0 { Err(bad(field, "must be positive")) } else { Ok(v) };
+        let bounded = |field: &str, v: u64, most: u64| {
+            if v == 0 || v > most { Err(bad(field, format!("must be between 1 and {most}"))) } else { Ok(v) }
+        };
+        let max_body_bytes = self.max_body_bytes.unwrap_or(16 << 20);
+        if max_body_bytes == 0 || max_body_bytes > MAX_BODY_LIMIT {
+            return Err(bad("serving.max_body_bytes", format!("must be between 1 and {MAX_BODY_LIMIT}")));
+        }
+        let max_inflight_bytes = self.max_inflight_bytes.unwrap_or(max_body_bytes.saturating_mul(4));
+        if max_inflight_bytes < max_body_bytes {
+            return Err(bad(
+                "serving.max_inflight_bytes",
+                format!(
+                    "{max_inflight_bytes} is below serving.max_body_bytes ({max_body_bytes}): no large request could run"
+                ),
+            ));
+        }
+        Ok(ServingSettings {
+            listen,
+            metrics_listen,
+            unix_socket: self.unix_socket.map(&resolve),
+            max_body_bytes,
+            max_inflight_bytes,
+            max_connections: match self.max_connections.unwrap_or(1024) {
+                0 => return Err(bad("serving.max_connections", "must be positive")),
+                n => sentinel_net::Limits::connections_within_fd_limit(n),
+            },
+            header_read_timeout: Duration::from_secs(bounded(
+                "serving.header_read_timeout_secs",
+                self.header_read_timeout_secs.unwrap_or(10),
+                3600,
+            )?),
+            idle_timeout: Duration::from_secs(bounded(
+                "serving.idle_timeout_secs",
+                self.idle_timeout_secs.unwrap_or(120),
+                86_400,
+            )?),
+            worker_bin: self.worker_bin.map(&resolve).unwrap_or_else(default_worker_bin),
+            confinement,
+            memory_limit_bytes: match self.memory_limit_mib.unwrap_or(2048) {
+                0 => None,
+                mib if mib > MAX_MEMORY_LIMIT_MIB => {
+                    return Err(bad(
+                        "serving.memory_limit_mib",
+                        format!("{mib} is over {MAX_MEMORY_LIMIT_MIB} (1 TiB); 0 means no limit"),
+                    ));
+                }
+                mib => Some(mib << 20),
+            },
+            request_timeout: Duration::from_millis(positive(
+                "serving.request_timeout_ms",
+                self.request_timeout_ms.unwrap_or(5000),
+            )?),
+            load_timeout: Duration::from_secs(positive(
+                "serving.load_timeout_secs",
+                self.load_timeout_secs.unwrap_or(60),
+            )?),
+            validation_tolerance: tolerance,
+            input_shapes,
+        })
+    }
+}

@@ -1,0 +1,122 @@
+use super::*;
+
+const KEY: &str = "HMY/NU8+avTxTr2xxPvEEejvfDT2rPtpP+yM9qxqlck=";
+
+fn base(dir: &Path) -> String {
+    std::fs::write(dir.join("token"), "snt_x\n").expect("token");
+    format!(
+        "device_id = \"edge-1\"\nhub_url = \"http://127.0.0.1:8080\"\ngrpc_url = \"http://127.0.0.1:8081\"\n\
+         token_file = \"token\"\npinned_keys = [\"{KEY}\"]\nstate_dir = \"state\"\n[labels]\nsite = \"a\"\n"
+    )
+}
+
+#[test]
+fn a_good_config_parses_with_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = AgentConfig::parse(&base(dir.path()), &BTreeMap::new(), dir.path()).expect("parses");
+    assert_eq!(c.token, "snt_x");
+    assert_eq!(c.state_dir, dir.path().join("state"));
+    assert_eq!(c.backoff_cap, Duration::from_secs(60));
+    assert_eq!(c.hardware, native_hardware());
+    assert_eq!(c.control_socket(), dir.path().join("state/run/control.sock"));
+    assert_eq!(c.serving.metrics_listen.as_deref(), Some(DEFAULT_METRICS_LISTEN));
+}
+
+#[test]
+fn the_runtime_dir_comes_from_the_file_then_systemd_then_the_state_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env: BTreeMap<_, _> = [("RUNTIME_DIRECTORY".to_owned(), "/run/sentinel:/run/other".to_owned())].into();
+    let c = AgentConfig::parse(&base(dir.path()), &env, dir.path()).expect("parses");
+    assert_eq!(c.runtime_dir, Path::new("/run/sentinel"));
+    let text = format!("runtime_dir = \"rt\"\n{}[serving]\nmetrics_listen = \"\"\n", base(dir.path()));
+    let c = AgentConfig::parse(&text, &env, dir.path()).expect("parses");
+    assert_eq!(c.runtime_dir, dir.path().join("rt"));
+    assert_eq!(c.serving.metrics_listen, None);
+}
+
+#[test]
+fn relative_paths_become_absolute_from_a_relative_config_path() {
+    // Workers run in private working directories: every path handed to
+    // them must be absolute, even when the agent was started as
+    // `sentinel-agent run --config agent.toml` with `state_dir = "state"`.
+    let dir = tempfile::tempdir_in(".").expect("tempdir in the working directory");
+    std::fs::write(dir.path().join("agent.toml"), base(dir.path())).expect("write");
+    let relative = Path::new(dir.path().file_name().expect("name")).join("agent.toml");
+    let c = AgentConfig::load(&relative, &BTreeMap::new()).expect("loads");
+    assert!(c.state_dir.is_absolute(), "{}", c.state_dir.display());
+    assert_eq!(c.state_dir, std::path::absolute(dir.path()).expect("absolute").join("state"));
+}
+
+#[test]
+fn serving_sizes_and_timeouts_are_bounded_and_named_when_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parse = |serving: &str| {
+        AgentConfig::parse(&format!("{}[serving]\n{serving}\n", base(dir.path())), &BTreeMap::new(), dir.path())
+    };
+    let c = parse("").expect("defaults");
+    assert_eq!((c.serving.max_body_bytes, c.serving.max_inflight_bytes), (16 << 20, 64 << 20));
+    assert_eq!(c.serving.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.serving.idle_timeout, Duration::from_secs(120));
+    assert!(c.serving.max_connections >= 1 && c.serving.max_connections <= 1024);
+    for (text, field) in [
+        ("max_body_bytes = 0", "serving.max_body_bytes"),
+        ("max_body_bytes = 2147483648", "serving.max_body_bytes"),
+        ("max_body_bytes = 1048576\nmax_inflight_bytes = 1048575", "serving.max_inflight_bytes"),
+        ("max_connections = 0", "serving.max_connections"),
+        ("header_read_timeout_secs = 0", "serving.header_read_timeout_secs"),
+        ("idle_timeout_secs = 86401", "serving.idle_timeout_secs"),
+        ("memory_limit_mib = 18446744073709551615", "serving.memory_limit_mib"),
+    ] {
+        let err = parse(text).expect_err(text);
+        assert_eq!(err.field, field, "{text}: {err}");
+    }
+}
+
+#[test]
+fn env_overrides_win() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env: BTreeMap<_, _> = [("SENTINEL_AGENT_DEVICE_ID".to_owned(), "edge-2".to_owned())].into();
+    let c = AgentConfig::parse(&base(dir.path()), &env, dir.path()).expect("parses");
+    assert_eq!(c.device_id, "edge-2");
+}
+
+#[test]
+fn grpc_url_defaults_to_hub_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = base(dir.path()).replace("grpc_url = \"http://127.0.0.1:8081\"\n", "");
+    let c = AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect("parses");
+    assert_eq!(c.grpc_url, "http://127.0.0.1:8080");
+}
+
+#[test]
+fn errors_name_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = base(dir.path());
+    let cases: Vec<(String, &str)> = vec![
+        (good.replace("device_id = \"edge-1\"\n", ""), "device_id"),
+        (good.replace(KEY, "not-base64!"), "pinned_keys[0]"),
+        (good.replace("pinned_keys = [\"", "pinned_keys = [] #"), "pinned_keys"),
+        (good.replace("http://127.0.0.1:8080", "http://hub.example:8080"), "hub_url"),
+        (good.replace("http://127.0.0.1:8081", "ftp://x"), "grpc_url"),
+        (good.replace("token_file = \"token\"", "token_file = \"missing\""), "token_file"),
+        (format!("{good}colour = 1\n"), "line"),
+        (format!("{good}[sync]\nbackoff_cap_secs = 0\n"), "sync.backoff_cap_secs"),
+        (format!("{good}[serving]\nlisten = \"localhost\"\n"), "serving.listen"),
+        (format!("{good}[serving]\nmetrics_listen = \"9465\"\n"), "serving.metrics_listen"),
+        (format!("{good}[serving]\nconfinement = \"maybe\"\n"), "serving.confinement"),
+        (format!("{good}[serving.input_shapes]\nm = [\"1,x\"]\n"), "serving.input_shapes.m"),
+    ];
+    for (text, field) in cases {
+        let err = AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect_err(field);
+        assert!(err.field.starts_with(field), "wanted {field}, got {err}");
+    }
+}
+
+#[test]
+fn plain_text_off_loopback_needs_the_explicit_switch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = base(dir.path()).replace("127.0.0.1", "10.0.0.9");
+    assert!(AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).is_err());
+    let text = format!("transport = \"insecure-plaintext\"\n{text}");
+    AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect("allowed when asked for");
+}
