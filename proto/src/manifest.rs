@@ -64,7 +64,7 @@ pub const ENGINES: [&str; 3] = ["", "tract", "ort"];
 /// Checks the invariants every manifest must hold, signed or not.
 pub fn validate(m: &ModelManifest) -> Result<(), ManifestError> {
     let invalid = |field, reason: &str| ManifestError::Invalid { field, reason: reason.to_owned() };
-    validate_model_name(&m.name).map_err(|r| invalid("name", &r))?;
+    validate_model_name(&m.name).map_err(|r| invalid("name", &r.to_string()))?;
     semver::Version::parse(&m.version).map_err(|e| invalid("version", &format!("not semver: {e}")))?;
     if !is_sha256_hex(&m.sha256) {
         return Err(invalid("sha256", "must be 64 lower-case hex digits"));
@@ -115,25 +115,41 @@ pub fn validate(m: &ModelManifest) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// Why a name cannot be a model or device name. The text completes "model
+/// name `x` …".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("is {0} characters long; the limit is 128")]
+    TooLong(usize),
+    #[error("must not contain \"..\"")]
+    DotDot,
+    #[error("must contain a letter or digit")]
+    NoLetterOrDigit,
+    #[error("contains {0:?}; use letters, digits, '-', '_' and '.'")]
+    Character(char),
+}
+
 /// Model names become URL path segments and directory names: keep them to a
 /// safe alphabet so they can never escape either.
-pub fn validate_model_name(name: &str) -> Result<(), String> {
+pub fn validate_model_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("must not be empty".into());
+        return Err(NameError::Empty);
     }
     if name.len() > 128 {
-        return Err(format!("is {} characters long; the limit is 128", name.len()));
+        return Err(NameError::TooLong(name.len()));
     }
     if name.contains("..") {
-        return Err("must not contain \"..\"".into());
+        return Err(NameError::DotDot);
     }
     // `.` alone is a path segment that clients normalise away, so a model
     // named `.` could be created but never reached again.
     if !name.chars().any(|c| c.is_ascii_alphanumeric()) {
-        return Err("must contain a letter or digit".into());
+        return Err(NameError::NoLetterOrDigit);
     }
     if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
-        return Err(format!("contains {c:?}; use letters, digits, '-', '_' and '.'"));
+        return Err(NameError::Character(c));
     }
     Ok(())
 }
@@ -155,17 +171,20 @@ pub fn stage_name(stage: Stage) -> &'static str {
 }
 
 /// Parses a stage name (`development`, `staging`, `production`, `archived`).
-pub fn parse_stage(s: &str) -> Result<Stage, String> {
+pub fn parse_stage(s: &str) -> Result<Stage, UnknownStage> {
     match s {
         "development" | "dev" => Ok(Stage::Development),
         "staging" => Ok(Stage::Staging),
         "production" | "prod" => Ok(Stage::Production),
         "archived" => Ok(Stage::Archived),
-        other => {
-            Err(format!("unknown stage {}; use development, staging, production or archived", crate::quote(other)))
-        }
+        other => Err(UnknownStage(other.to_owned())),
     }
 }
+
+/// A stage name [`parse_stage`] does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown stage {}; use development, staging, production or archived", crate::quote(.0))]
+pub struct UnknownStage(pub String);
 
 /// One dimension in JSON: a number when fixed, a string when symbolic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,7 +334,8 @@ impl TryFrom<&ManifestView> for ModelManifest {
     type Error = ManifestError;
 
     fn try_from(v: &ManifestView) -> Result<Self, ManifestError> {
-        let stage = parse_stage(&v.stage).map_err(|reason| ManifestError::Invalid { field: "stage", reason })?;
+        let stage =
+            parse_stage(&v.stage).map_err(|e| ManifestError::Invalid { field: "stage", reason: e.to_string() })?;
         let blob = |b: &BlobView| pb::BlobRef { sha256: b.sha256.clone(), size: b.size };
         Ok(ModelManifest {
             name: v.name.clone(),

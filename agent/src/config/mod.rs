@@ -238,7 +238,7 @@ impl AgentConfig {
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
         let device_id = raw.device_id.ok_or_else(|| bad("device_id", "missing"))?;
-        sentinel_proto::manifest::validate_model_name(&device_id).map_err(|r| bad("device_id", r))?;
+        sentinel_proto::manifest::validate_model_name(&device_id).map_err(|r| bad("device_id", r.to_string()))?;
         let hub_url = raw.hub_url.ok_or_else(|| bad("hub_url", "missing"))?.trim_end_matches('/').to_owned();
         // The hub serves gRPC on its REST listener: one URL is enough.
         let grpc_url = raw.grpc_url.map_or_else(|| hub_url.clone(), |u| u.trim_end_matches('/').to_owned());

@@ -160,6 +160,73 @@ impl<'de> Deserialize<'de> for IgnoreRest {
     }
 }
 
+/// Why a request body was refused (a 400). The text is what the client
+/// reads, so every message names what was wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("request body of {size} bytes is over the limit of {limit} bytes")]
+    BodyTooLarge { size: usize, limit: usize },
+    /// The header as sent, clipped.
+    #[error("inference-header-content-length must be a byte count, not {0:?}")]
+    HeaderLengthNotACount(String),
+    #[error("inference-header-content-length is {header}, but the body has only {body} bytes")]
+    HeaderLengthPastBody { header: usize, body: usize },
+    /// The parser's message, clipped.
+    #[error("request JSON: {0}")]
+    Json(String),
+    #[error("request id is {len} bytes; at most {limit} are allowed")]
+    IdTooLong { len: usize, limit: usize },
+    #[error("{count} inputs in one request; at most {limit} are allowed")]
+    TooManyInputs { count: usize, limit: usize },
+    #[error("{0} bytes of binary tensor data are not claimed by any input")]
+    UnclaimedBinary(usize),
+    /// One input is wrong; `name` is clipped.
+    #[error("{}", input_message(name, problem))]
+    Input { name: String, problem: InputError },
+}
+
+fn input_message(name: &str, problem: &InputError) -> String {
+    match problem {
+        InputError::NoData => format!("input `{name}` has no data"),
+        p => format!("input `{name}`: {p}"),
+    }
+}
+
+/// What is wrong with one input of a request.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// The datatype as sent, clipped.
+    #[error("datatype {0} is not supported ({list})", list = datatype_list())]
+    Datatype(String),
+    #[error("rank {0} is over the limit of {MAX_RANK}")]
+    Rank(usize),
+    #[error("negative dim {0} in shape")]
+    NegativeDim(i64),
+    #[error("shape {0:?} is larger than a request can carry")]
+    TooLarge(Vec<usize>),
+    #[error("binary_data_size {size} exceeds the {left} bytes left")]
+    BinaryPastEnd { size: usize, left: usize },
+    #[error("shape {shape:?} needs {count} elements ({bytes} bytes), binary_data_size is {size}")]
+    BinarySize { shape: Vec<usize>, count: usize, bytes: usize, size: usize },
+    #[error("shape {shape:?} needs {count} strings (at least {bytes} bytes), binary_data_size is {size}")]
+    BinaryStrings { shape: Vec<usize>, count: usize, bytes: usize, size: usize },
+    #[error("give either data or a binary_data_size, not both")]
+    DataAndBinary,
+    /// The element parser's message, clipped.
+    #[error("{0}")]
+    Elements(String),
+    #[error("shape {shape:?} needs {count} elements, got {seen}")]
+    ElementCount { shape: Vec<usize>, count: usize, seen: usize },
+    #[error("has no data")]
+    NoData,
+    #[error("BOOL element {element} is byte {byte}; booleans are 0 or 1")]
+    NotABool { element: usize, byte: u8 },
+    #[error("BYTES data: {0}")]
+    Strings(String),
+    #[error(transparent)]
+    Tensor(ProtocolError),
+}
+
 /// Decodes a request body. `header_length` is the
 /// `Inference-Header-Content-Length` header, when present: the JSON is that
 /// many leading bytes and binary tensor data follows.
@@ -167,46 +234,38 @@ pub fn decode_request(
     body: Bytes,
     header_length: Option<&str>,
     limits: &DecodeLimits,
-) -> Result<DecodedRequest, String> {
+) -> Result<DecodedRequest, DecodeError> {
     if body.len() > limits.max_body_bytes {
-        return Err(format!(
-            "request body of {} bytes is over the limit of {} bytes",
-            body.len(),
-            limits.max_body_bytes
-        ));
+        return Err(DecodeError::BodyTooLarge { size: body.len(), limit: limits.max_body_bytes });
     }
     let (head, mut binary) = match header_length {
         Some(v) => {
-            let n = v
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| format!("inference-header-content-length must be a byte count, not {:?}", clip(v)))?;
+            let n = v.trim().parse::<usize>().map_err(|_| DecodeError::HeaderLengthNotACount(clip(v)))?;
             if n > body.len() {
-                return Err(format!(
-                    "inference-header-content-length is {n}, but the body has only {} bytes",
-                    body.len()
-                ));
+                return Err(DecodeError::HeaderLengthPastBody { header: n, body: body.len() });
             }
             (body.slice(..n), body.slice(n..))
         }
         None => (body.clone(), Bytes::new()),
     };
     let raw: RawRequest<'_> = serde_json::from_slice(&head)
-        .map_err(|e| format!("request JSON: {}", sentinel_proto::quote::clip_message(&e.to_string())))?;
+        .map_err(|e| DecodeError::Json(sentinel_proto::quote::clip_message(&e.to_string()).into()))?;
     if let Some(id) = &raw.id
         && id.len() > limits.max_id_bytes
     {
-        return Err(format!("request id is {} bytes; at most {} are allowed", id.len(), limits.max_id_bytes));
+        return Err(DecodeError::IdTooLong { len: id.len(), limit: limits.max_id_bytes });
     }
     if raw.inputs.len() > limits.max_inputs {
-        return Err(format!("{} inputs in one request; at most {} are allowed", raw.inputs.len(), limits.max_inputs));
+        return Err(DecodeError::TooManyInputs { count: raw.inputs.len(), limit: limits.max_inputs });
     }
     let mut inputs = Vec::with_capacity(raw.inputs.len());
     for input in &raw.inputs {
-        inputs.push((input.name.clone(), decode_input(input, &mut binary, limits)?));
+        let tensor = decode_input(input, &mut binary, limits)
+            .map_err(|problem| DecodeError::Input { name: clip(&input.name), problem })?;
+        inputs.push((input.name.clone(), tensor));
     }
     if !binary.is_empty() {
-        return Err(format!("{} bytes of binary tensor data are not claimed by any input", binary.len()));
+        return Err(DecodeError::UnclaimedBinary(binary.len()));
     }
     let binary_output = raw.parameters.as_ref().and_then(|p| p.binary_data_output).unwrap_or(false);
     let outputs = raw.outputs.map(|list| {
@@ -248,20 +307,17 @@ fn datatype_list() -> String {
 }
 
 /// Builds one input tensor from its JSON data or the next binary chunk.
-fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits) -> Result<Tensor, String> {
-    let name = clip(&input.name);
-    let dtype = parse_datatype(&input.datatype).ok_or_else(|| {
-        format!("input `{name}`: datatype {} is not supported ({})", clip(&input.datatype), datatype_list())
-    })?;
+fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits) -> Result<Tensor, InputError> {
+    let dtype = parse_datatype(&input.datatype).ok_or_else(|| InputError::Datatype(clip(&input.datatype)))?;
     if input.shape.len() > MAX_RANK {
-        return Err(format!("input `{name}`: rank {} is over the limit of {MAX_RANK}", input.shape.len()));
+        return Err(InputError::Rank(input.shape.len()));
     }
     let shape = input
         .shape
         .iter()
-        .map(|d| usize::try_from(*d).map_err(|_| format!("input `{name}`: negative dim {d} in shape")))
+        .map(|d| usize::try_from(*d).map_err(|_| InputError::NegativeDim(*d)))
         .collect::<Result<Vec<usize>, _>>()?;
-    let too_large = || format!("input `{name}`: shape {shape:?} is larger than a request can carry");
+    let too_large = || InputError::TooLarge(shape.clone());
     let count = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(too_large)?;
     // The exact byte count of a fixed-width tensor; for BYTES the least one
     // can take (every string has a 4-byte length prefix).
@@ -271,24 +327,18 @@ fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits)
         (Some(n), None) => {
             let n = usize::try_from(n).unwrap_or(usize::MAX);
             if n > binary.len() {
-                return Err(format!("input `{name}`: binary_data_size {n} exceeds the {} bytes left", binary.len()));
+                return Err(InputError::BinaryPastEnd { size: n, left: binary.len() });
             }
             if dtype.width().is_some() && n != bytes {
-                return Err(format!(
-                    "input `{name}`: shape {shape:?} needs {count} elements ({bytes} bytes), \
-                     binary_data_size is {n}"
-                ));
+                return Err(InputError::BinarySize { shape, count, bytes, size: n });
             }
             if dtype.width().is_none() && n < bytes {
-                return Err(format!(
-                    "input `{name}`: shape {shape:?} needs {count} strings (at least {bytes} bytes), \
-                     binary_data_size is {n}"
-                ));
+                return Err(InputError::BinaryStrings { shape, count, bytes, size: n });
             }
             binary.split_to(n).to_vec()
         }
         (Some(_), Some(_)) => {
-            return Err(format!("input `{name}`: give either data or a binary_data_size, not both"));
+            return Err(InputError::DataAndBinary);
         }
         (None, Some(raw)) => {
             // Each JSON element takes at least one digit and one separator,
@@ -304,23 +354,21 @@ fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits)
             let limit = if fits { count } else { most };
             Elements { dtype, limit, seen: &mut seen, out: out.as_mut() }
                 .deserialize(&mut serde_json::Deserializer::from_str(text))
-                .map_err(|e| format!("input `{name}`: {}", sentinel_proto::quote::clip_message(&e.to_string())))?;
+                .map_err(|e| InputError::Elements(sentinel_proto::quote::clip_message(&e.to_string()).into()))?;
             match out {
                 Some(out) if seen == count => out,
-                _ => return Err(format!("input `{name}`: shape {shape:?} needs {count} elements, got {seen}")),
+                _ => return Err(InputError::ElementCount { shape, count, seen }),
             }
         }
-        (None, None) => return Err(format!("input `{name}` has no data")),
+        (None, None) => return Err(InputError::NoData),
     };
     let tensor = Tensor { dtype, shape, data };
     // Binary data is only sized so far: booleans must be 0 or 1 and BYTES
     // must hold exactly `count` length-prefixed strings.
     tensor.check(0).map_err(|e| match e {
-        ProtocolError::NotABool { element, byte, .. } => {
-            format!("input `{name}`: BOOL element {element} is byte {byte}; booleans are 0 or 1")
-        }
-        ProtocolError::Strings { reason, .. } => format!("input `{name}`: BYTES data: {reason}"),
-        other => format!("input `{name}`: {other}"),
+        ProtocolError::NotABool { element, byte, .. } => InputError::NotABool { element, byte },
+        ProtocolError::Strings { reason, .. } => InputError::Strings(reason),
+        other => InputError::Tensor(other),
     })?;
     Ok(tensor)
 }
@@ -486,7 +534,7 @@ mod tests {
     use super::*;
 
     fn decode(json: &str) -> Result<DecodedRequest, String> {
-        decode_request(Bytes::from(json.to_owned()), None, &DecodeLimits::default())
+        decode_request(Bytes::from(json.to_owned()), None, &DecodeLimits::default()).map_err(|e| e.to_string())
     }
 
     fn one_input(input: &str) -> Result<Tensor, String> {
@@ -594,6 +642,7 @@ mod tests {
                 data.len()
             );
             decode_request(Bytes::from([head.as_bytes(), data].concat()), Some(&head.len().to_string()), &limits)
+                .map_err(|e| e.to_string())
         };
         let err = binary("BOOL", "[3]", &[1, 0, 7]).unwrap_err();
         assert_eq!(err, "input `x`: BOOL element 2 is byte 7; booleans are 0 or 1");
@@ -684,21 +733,24 @@ mod tests {
         let head = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
         let mut body = head.as_bytes().to_vec();
         body.extend([0u8; 4]);
-        let err = decode_request(Bytes::from(body.clone()), Some(&head.len().to_string()), &limits).unwrap_err();
+        let err =
+            decode_request(Bytes::from(body.clone()), Some(&head.len().to_string()), &limits).unwrap_err().to_string();
         assert!(err.contains("needs 2 elements (8 bytes), binary_data_size is 4"), "{err}");
-        let err = decode_request(Bytes::from(body.clone()), Some("999999"), &limits).unwrap_err();
+        let err = decode_request(Bytes::from(body.clone()), Some("999999"), &limits).unwrap_err().to_string();
         assert!(err.contains("but the body has only"), "{err}");
-        let err = decode_request(Bytes::from(body), Some("-1"), &limits).unwrap_err();
+        let err = decode_request(Bytes::from(body), Some("-1"), &limits).unwrap_err().to_string();
         assert!(err.contains("must be a byte count"), "{err}");
         let head = r#"{"inputs":[]}"#;
-        let err = decode_request(Bytes::from(format!("{head}xx")), Some(&head.len().to_string()), &limits).unwrap_err();
+        let err = decode_request(Bytes::from(format!("{head}xx")), Some(&head.len().to_string()), &limits)
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "2 bytes of binary tensor data are not claimed by any input");
     }
 
     #[test]
     fn request_wide_caps_hold() {
         let limits = DecodeLimits { max_body_bytes: 64, ..DecodeLimits::default() };
-        let err = decode_request(Bytes::from(vec![b' '; 65]), None, &limits).unwrap_err();
+        let err = decode_request(Bytes::from(vec![b' '; 65]), None, &limits).unwrap_err().to_string();
         assert_eq!(err, "request body of 65 bytes is over the limit of 64 bytes");
         let inputs = vec![r#"{"name":"x","shape":[1],"datatype":"FP32","data":[1]}"#; MAX_INPUTS + 1].join(",");
         let err = decode(&format!(r#"{{"inputs":[{inputs}]}}"#)).unwrap_err();

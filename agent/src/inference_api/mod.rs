@@ -38,7 +38,7 @@ pub mod admission;
 pub mod decode;
 
 use admission::{Admission, Busy, Reservation};
-pub use decode::{DecodeLimits, DecodedRequest, decode_request};
+pub use decode::{DecodeError, DecodeLimits, DecodedRequest, InputError, decode_request};
 
 /// The header that splits a binary-extension body into JSON and tensor bytes.
 const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -424,7 +424,7 @@ async fn run_infer(
         Some(v) => Some(v.to_str().map_err(|_| bad(format!("{HEADER_LENGTH} must be a byte count")))?),
         None => None,
     };
-    let req = decode_request(body, header_length, &api.limits).map_err(bad)?;
+    let req = decode_request(body, header_length, &api.limits).map_err(|e| bad(e.to_string()))?;
     let served = api.shared.serving.infer(name, version, req.inputs, req.id).await.map_err(|e| serve_error(&e))?;
 
     let all_binary = req.binary_output;

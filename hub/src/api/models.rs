@@ -147,7 +147,7 @@ pub async fn list(
     caller.require(Role::Viewer, "listing models")?;
     let ApiQuery(p) = query?;
     if let Some(stage) = &p.stage {
-        sentinel_proto::manifest::parse_stage(stage).map_err(ApiError::bad_request)?;
+        sentinel_proto::manifest::parse_stage(stage).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let (limit, offset) = page(p.limit, p.offset)?;
     let filter = ModelFilter { name: p.name, stage: p.stage, hardware: p.hardware, limit, offset };

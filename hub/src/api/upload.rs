@@ -228,7 +228,8 @@ async fn receive_version(
         .clone()
         .ok_or_else(|| ApiError::bad_request("a version is required (?version=1.2.0); there is no default version"))?;
     check_version(&version)?;
-    let stage = parse_stage(p.stage.as_deref().unwrap_or("development")).map_err(ApiError::bad_request)?;
+    let stage =
+        parse_stage(p.stage.as_deref().unwrap_or("development")).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let hardware = split_list(&p.hardware);
     check_hardware(&hardware)?;
     let tags = split_list(&p.tags);

@@ -285,7 +285,7 @@ pub async fn update(
         .map_err(|e| ApiError::internal("decoding a stored manifest", &e))?;
     let mut changed = Vec::new();
     if let Some(stage) = &body.stage {
-        m.stage = parse_stage(stage).map_err(ApiError::bad_request)? as i32;
+        m.stage = parse_stage(stage).map_err(|e| ApiError::bad_request(e.to_string()))? as i32;
         changed.push(format!("stage={stage}"));
     }
     if let Some(a) = &body.accuracy {
