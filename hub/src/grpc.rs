@@ -9,7 +9,7 @@
 
 use std::pin::Pin;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 use sentinel_proto::pb::agent_sync_server::{AgentSync, AgentSyncServer};
 use sentinel_proto::pb::{AgentReport, Hello, HubMessage, ReportAck};
 use tokio_stream::wrappers::ReceiverStream;
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::hash_token;
 use crate::service::SharedState;
 use crate::service::events::ChangeKind;
-use crate::service::fleet::Fleet;
+use crate::service::fleet::{Fleet, StreamError};
 use crate::store::{DeviceEvent, DeviceRecord};
 use crate::targeting::target_of;
 
@@ -80,9 +80,9 @@ impl AgentSync for SyncService {
             .meta(move |m| m.record_hello(&id, &hello_json, &hw, &ver, crate::now_ms()))
             .await
             .map_err(|_| Status::unavailable("the hub cannot record the device right now"))?;
-        let rx = Fleet::subscribe(&self.state, target).await?;
+        let rx = Fleet::subscribe(&self.state, target).await.map_err(status)?;
         self.state.events().notify(ChangeKind::Device, &device.id);
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| m.map_err(status)))))
     }
 
     async fn report(&self, req: Request<AgentReport>) -> Result<Response<ReportAck>, Status> {
@@ -118,5 +118,16 @@ impl AgentSync for SyncService {
         self.state.events().notify(ChangeKind::Device, &device.id);
         let interval = u64::try_from(self.state.config().heartbeat.as_millis()).unwrap_or(u64::MAX);
         Ok(Response::new(ReportAck { heartbeat_interval_ms: interval }))
+    }
+}
+
+/// The gRPC status of a fleet stream error.
+fn status(e: StreamError) -> Status {
+    let message = e.to_string();
+    match e {
+        StreamError::ComputePanicked | StreamError::NoState => Status::internal(message),
+        StreamError::Unavailable => Status::unavailable(message),
+        StreamError::Closed => Status::cancelled(message),
+        StreamError::Removed => Status::permission_denied(message),
     }
 }

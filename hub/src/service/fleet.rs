@@ -20,7 +20,6 @@ use sentinel_proto::pb::{
 };
 use sentinel_proto::sign_state;
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use super::events::ChangeKind;
 use super::{ServiceError, SharedState};
@@ -37,7 +36,7 @@ const PUBLISH_CHUNK: usize = 64;
 struct Subscriber {
     conn: u64,
     target: Target,
-    tx: mpsc::Sender<Result<HubMessage, Status>>,
+    tx: mpsc::Sender<Result<HubMessage, StreamError>>,
     connected_at_ms: i64,
     /// Expiry of the last state sent, to re-sign it in time.
     expires_at_ms: i64,
@@ -136,13 +135,29 @@ impl Default for Fleet {
     }
 }
 
+/// Why a device's stream was refused or ended. The gRPC adapter gives each
+/// its status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("computing the desired state failed")]
+    ComputePanicked,
+    #[error("the hub cannot compute the desired state right now")]
+    Unavailable,
+    #[error("no state computed")]
+    NoState,
+    #[error("stream closed")]
+    Closed,
+    #[error("this device was removed from the hub")]
+    Removed,
+}
+
 impl Fleet {
     /// Registers a new stream for `target` and sends it the current state.
-    /// Returns the receiving end to hand to tonic.
+    /// Returns the receiving end, which the gRPC adapter streams to the device.
     pub async fn subscribe(
         state: &SharedState,
         target: Target,
-    ) -> Result<mpsc::Receiver<Result<HubMessage, Status>>, Status> {
+    ) -> Result<mpsc::Receiver<Result<HubMessage, StreamError>>, StreamError> {
         let fleet = state.fleet();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let conn = fleet.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -157,15 +172,15 @@ impl Fleet {
                 compute_states(&st, meta.as_ref(), &targets, revision)
             })
             .await
-            .map_err(|_| Status::internal("computing the desired state failed"))?
+            .map_err(|_| StreamError::ComputePanicked)?
             .map_err(|e| {
                 tracing::error!(error = %e, "computing the desired state failed");
-                Status::unavailable("the hub cannot compute the desired state right now")
+                StreamError::Unavailable
             })?;
             let Some((_, signed, expires)) = computed.into_iter().next() else {
-                return Err(Status::internal("no state computed"));
+                return Err(StreamError::NoState);
             };
-            tx.send(Ok(state_message(signed))).await.map_err(|_| Status::cancelled("stream closed"))?;
+            tx.send(Ok(state_message(signed))).await.map_err(|_| StreamError::Closed)?;
             fleet.pushes.fetch_add(1, Ordering::Relaxed);
             let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(old) = subs.insert(
@@ -227,7 +242,7 @@ impl Fleet {
     pub async fn publish(state: &SharedState) -> Result<u64, ServiceError> {
         let fleet = state.fleet();
         let _publishing = fleet.publish.lock().await;
-        let senders: Vec<(Target, mpsc::Sender<Result<HubMessage, Status>>)> = {
+        let senders: Vec<(Target, mpsc::Sender<Result<HubMessage, StreamError>>)> = {
             let subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             subs.values().map(|s| (s.target.clone(), s.tx.clone())).collect()
         };
@@ -301,7 +316,7 @@ async fn watch_stream(
     state: SharedState,
     device_id: String,
     conn: u64,
-    tx: mpsc::Sender<Result<HubMessage, Status>>,
+    tx: mpsc::Sender<Result<HubMessage, StreamError>>,
     kick: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let mut tick = tokio::time::interval(state.config().heartbeat);
@@ -314,7 +329,7 @@ async fn watch_stream(
             () = kick.notified() => {
                 // Best effort: a full buffer means the device is not reading,
                 // and dropping the sender ends the stream all the same.
-                let _ = tx.try_send(Err(Status::permission_denied("this device was removed from the hub")));
+                let _ = tx.try_send(Err(StreamError::Removed));
                 tracing::info!(device = %device_id, conn, "device removed; its stream is closed");
                 return;
             }

@@ -44,6 +44,13 @@ pub enum StoreError {
         #[source]
         source: BackendError,
     },
+    /// A value that could not be encoded for its column (nothing was written).
+    #[error("encoding {what} for the database failed")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: BackendError,
+    },
     #[error("database at {path} has schema version {found}, newer than this hub knows ({known})")]
     SchemaTooNew { path: String, found: i64, known: i64 },
 }

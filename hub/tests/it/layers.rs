@@ -275,6 +275,35 @@ fn each_layer_imports_only_from_below() {
     assert!(wrong.is_empty(), "the hub's layers are broken:\n{}", wrong.join("\n"));
 }
 
+/// Below the adapters nothing speaks a transport: services return their own
+/// errors and the adapters turn them into HTTP or gRPC statuses. (Before,
+/// the fleet service handed tonic `Status`es to the gRPC stream.)
+#[test]
+fn no_layer_below_the_adapters_names_a_transport_crate() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let adapters = layer_of("api").expect("api has a layer").0;
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    files.sort();
+    let mut wrong = Vec::new();
+    for file in files {
+        let rel = file.strip_prefix(&src).expect("under src");
+        let group = rel.iter().next().and_then(|p| p.to_str()).expect("utf-8").trim_end_matches(".rs");
+        if !layer_of(group).is_some_and(|(layer, _)| layer < adapters) {
+            continue;
+        }
+        let code = code_only(&std::fs::read_to_string(&file).expect("read a source file"));
+        for (n, line) in code.lines().enumerate() {
+            for krate in ["tonic::", "axum::", "hyper::", "tower_http::"] {
+                if line.contains(krate) && !line.contains(&format!("_{krate}")) {
+                    wrong.push(format!("hub/src/{}:{}: `{group}` names `{krate}`", rel.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "transport types below the adapters:\n{}", wrong.join("\n"));
+}
+
 #[test]
 fn the_reader_finds_grouped_imports_and_skips_comments_and_strings() {
     let code = code_only(

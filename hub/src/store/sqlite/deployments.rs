@@ -65,8 +65,9 @@ fn insert_deployment_in(
     if d.waves.first().is_none_or(|&p| p >= 100) {
         supersede_in(tx, &d.model, &d.target, None, replaced_state, now_ms)?;
     }
-    let waves = serde_json::to_string(&d.waves).unwrap_or_else(|_| "[]".into());
-    let policy = d.policy.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default());
+    let encode = |what| move |e: serde_json::Error| StoreError::Encode { what, source: Box::new(e) };
+    let waves = serde_json::to_string(&d.waves).map_err(encode("a deployment's waves"))?;
+    let policy = d.policy.as_ref().map(serde_json::to_string).transpose().map_err(encode("a deployment's policy"))?;
     tx.execute(
         "INSERT INTO deployments (model, version, target, kind, state, created_by, created_at_ms, updated_at_ms,
              replaces, policy, halt_fraction, halt_count, waves)

@@ -10,8 +10,21 @@ const DEVICE_COLS: &str =
     "id, labels, hardware, agent_version, created_at_ms, created_by, last_seen_ms, hello, report, report_at_ms";
 
 fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    // What the device last said. Unlike labels, a corrupt hello or report
+    // changes no decision, and the device's next message rewrites it; refusing
+    // the row would lock the device out of its own stream. So it reads as
+    // absent, and says so in the log.
     let json = |idx: usize| -> rusqlite::Result<Option<serde_json::Value>> {
-        Ok(row.get::<_, Option<String>>(idx)?.and_then(|t| serde_json::from_str(&t).ok()))
+        let Some(text) = row.get::<_, Option<String>>(idx)? else { return Ok(None) };
+        match serde_json::from_str(&text) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                let device: String = row.get(0)?;
+                let column = DEVICE_COLS.split(", ").nth(idx).unwrap_or("?");
+                tracing::warn!(device, column, error = %e, "corrupt JSON in the devices table; read as absent");
+                Ok(None)
+            }
+        }
     };
     Ok(DeviceRecord {
         id: row.get(0)?,

@@ -246,6 +246,12 @@ fn corrupt_labels_hardware_or_tags_are_errors_not_empty_defaults() {
     assert!(store.list_devices().is_err(), "corrupt labels would change what targets the device");
     corrupt(&path, "UPDATE devices SET labels = '{}', hardware = '[1,'");
     assert!(store.list_devices().is_err());
+    // A corrupt hello or report changes no decision and the next message
+    // rewrites it: it reads as absent (with a warning), so the device can
+    // still connect.
+    corrupt(&path, "UPDATE devices SET hardware = '[]', report = '{\"models\":', hello = 'x'");
+    let devices = store.list_devices().expect("a corrupt report does not refuse the device");
+    assert_eq!((devices[0].report.is_none(), devices[0].hello.is_none()), (true, true));
     assert!(store.get_model("m").expect("clean").is_some());
     corrupt(&path, "UPDATE models SET tags = 'x'");
     assert!(store.get_model("m").is_err());
