@@ -7,7 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::rollout::RolloutPolicy;
 
@@ -27,7 +27,7 @@ pub struct UnknownValue {
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident, $what:literal, { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
         }
@@ -104,6 +104,44 @@ text_enum!(
         Failed => "failed",
     }
 );
+
+text_enum!(
+    /// Where a deployment stands on one device, in rollout order.
+    DeviceState, "device state", {
+        /// Targeted, and no report names the deployment yet.
+        Pending => "pending",
+        Downloading => "downloading",
+        Validating => "validating",
+        /// Trying the version out (the agent's `shadow` or `canary`).
+        Canary => "canary",
+        Serving => "serving",
+        RolledBack => "rolled_back",
+        /// Failed or refused on the device.
+        Failed => "failed",
+    }
+);
+
+impl DeviceState {
+    /// Maps what an agent reports to a deployment state. `shadow` counts as
+    /// `canary` (the version is trying out), `refused` as `failed`; anything
+    /// else (e.g. `removed`, or a state a newer agent invents) as `pending`.
+    pub fn from_agent(agent_state: &str) -> Self {
+        match agent_state {
+            "downloading" => Self::Downloading,
+            "validating" => Self::Validating,
+            "canary" | "shadow" => Self::Canary,
+            "serving" => Self::Serving,
+            "rolled_back" => Self::RolledBack,
+            "failed" | "refused" => Self::Failed,
+            _ => Self::Pending,
+        }
+    }
+
+    /// Whether the state counts against the deployment.
+    pub fn is_bad(self) -> bool {
+        matches!(self, Self::RolledBack | Self::Failed)
+    }
+}
 
 /// A registered model name and its metadata.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -290,5 +328,19 @@ mod tests {
         round_trips(AuditOutcome::ALL, AuditOutcome::as_str);
         let e = "".parse::<AuditOutcome>().unwrap_err();
         assert_eq!(e.to_string(), r#"unknown audit outcome ""; expected one of ok, denied, failed"#);
+    }
+
+    #[test]
+    fn device_states_round_trip_and_map_what_agents_report() {
+        round_trips(DeviceState::ALL, DeviceState::as_str);
+        let mapped: Vec<&str> = ["downloading", "validating", "shadow", "canary", "serving", "rolled_back", "refused"]
+            .iter()
+            .map(|s| DeviceState::from_agent(s).as_str())
+            .collect();
+        assert_eq!(mapped, ["downloading", "validating", "canary", "canary", "serving", "rolled_back", "failed"]);
+        assert_eq!(DeviceState::from_agent("removed"), DeviceState::Pending, "unknown to the rollup: pending");
+        assert_eq!(DeviceState::from_agent("a state from a newer agent"), DeviceState::Pending);
+        let bad: Vec<DeviceState> = DeviceState::ALL.iter().copied().filter(|s| s.is_bad()).collect();
+        assert_eq!(bad, [DeviceState::RolledBack, DeviceState::Failed]);
     }
 }

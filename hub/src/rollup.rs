@@ -9,40 +9,18 @@ use sentinel_proto::pb;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::records::{DeploymentDevice, DeploymentRecord, DeploymentState, DeviceRecord};
+use crate::records::{DeploymentDevice, DeploymentRecord, DeploymentState, DeviceRecord, DeviceState};
 use crate::rollout::waves;
 use crate::selector::Selector;
 use crate::targeting::target_of;
-
-/// The states of a deployment on one device, in rollout order.
-pub const STATES: [&str; 7] = ["pending", "downloading", "validating", "canary", "serving", "rolled_back", "failed"];
-
-/// Maps what an agent reports to a deployment state. `shadow` counts as
-/// `canary` (the version is trying out), `refused` as `failed`; anything
-/// else (e.g. `removed`, or a state a newer agent invents) as `pending`.
-pub fn deployment_state(agent_state: &str) -> &'static str {
-    match agent_state {
-        "downloading" => "downloading",
-        "validating" => "validating",
-        "canary" | "shadow" => "canary",
-        "serving" => "serving",
-        "rolled_back" => "rolled_back",
-        "failed" | "refused" => "failed",
-        _ => "pending",
-    }
-}
-
-/// Whether a state counts against the deployment.
-pub fn is_bad(state: &str) -> bool {
-    matches!(state, "rolled_back" | "failed")
-}
 
 /// One targeted device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DeviceRollout {
     pub device: String,
     /// One of `pending`, `downloading`, `validating`, `canary`, `serving`, `rolled_back`, `failed`.
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: DeviceState,
     /// The version the device reports for this deployment (absent while pending).
     pub version: Option<String>,
     /// The device's reason, e.g. why it rolled back.
@@ -71,13 +49,14 @@ pub struct Rollup {
 impl Rollup {
     /// Devices that rolled back or failed.
     pub fn bad(&self) -> u64 {
-        self.counts.iter().filter(|(s, _)| is_bad(s)).map(|(_, n)| n).sum()
+        let bad = |s: &str| s.parse::<DeviceState>().is_ok_and(DeviceState::is_bad);
+        self.counts.iter().filter(|(s, _)| bad(s)).map(|(_, n)| n).sum()
     }
 
     /// Whether every device of the current wave serves the version (also
     /// when the wave reaches no device yet): time to widen.
     pub fn wave_done(&self) -> bool {
-        self.counts.get("serving").copied().unwrap_or(0) == self.targeted
+        self.counts.get(DeviceState::Serving.as_str()).copied().unwrap_or(0) == self.targeted
     }
 }
 
@@ -101,7 +80,7 @@ pub fn targets(selector: &Selector, device: &DeviceRecord) -> bool {
 /// on, so a halted or superseded deployment shows how far it got. Once `d`
 /// is no longer active, devices enrolled after it ended are not counted.
 pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[DeploymentDevice]) -> Rollup {
-    let mut counts: BTreeMap<String, u64> = STATES.iter().map(|s| ((*s).to_owned(), 0)).collect();
+    let mut counts: BTreeMap<String, u64> = DeviceState::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
     let mut out = Vec::new();
     // A selector that no longer parses (stored by an older hub) targets no
     // one, as in the fleet.
@@ -125,20 +104,20 @@ pub fn rollup(d: &DeploymentRecord, devices: &[DeviceRecord], reported: &[Deploy
         let row = match status {
             Some(r) => DeviceRollout {
                 device: device.id.clone(),
-                state: deployment_state(&r.state).to_owned(),
+                state: DeviceState::from_agent(&r.state),
                 version: Some(r.version.clone()),
                 detail: r.detail.clone(),
                 updated_ms: Some(r.updated_ms),
             },
             None => DeviceRollout {
                 device: device.id.clone(),
-                state: "pending".into(),
+                state: DeviceState::Pending,
                 version: None,
                 detail: String::new(),
                 updated_ms: None,
             },
         };
-        *counts.entry(row.state.clone()).or_default() += 1;
+        *counts.entry(row.state.as_str().to_owned()).or_default() += 1;
         out.push(row);
     }
     out.sort_by(|a, b| a.device.cmp(&b.device));
@@ -169,7 +148,7 @@ pub fn halt_reason(d: &DeploymentRecord, r: &Rollup) -> Option<String> {
     let devices: Vec<String> = r
         .devices
         .iter()
-        .filter(|dev| is_bad(&dev.state))
+        .filter(|dev| dev.state.is_bad())
         .map(|dev| if dev.detail.is_empty() { dev.device.clone() } else { format!("{}: {}", dev.device, dev.detail) })
         .collect();
     Some(format!("{why}: {}", devices.join("; ")))
@@ -198,8 +177,9 @@ pub fn changed_deployments(old: Option<&serde_json::Value>, new: &[pb::ModelStat
     new.iter()
         .filter(|m| m.deployment_id > 0)
         .filter(|m| {
-            let now = (m.deployment_id, deployment_state(&m.state));
-            old.iter().find(|o| o.name == m.name).map(|o| (o.deployment_id, deployment_state(&o.state))) != Some(now)
+            let now = (m.deployment_id, DeviceState::from_agent(&m.state));
+            old.iter().find(|o| o.name == m.name).map(|o| (o.deployment_id, DeviceState::from_agent(&o.state)))
+                != Some(now)
         })
         .map(|m| m.deployment_id)
         .collect()

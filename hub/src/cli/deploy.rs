@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use super::CliError;
 use super::args::DeployArgs;
 use super::commands::{s, table, time};
-use crate::rollup::STATES;
+use crate::records::DeviceState;
 
 /// Halt thresholds and waves: top-level fields of the deploy request, but a
 /// policy file may hold them next to the policy.
@@ -176,7 +176,10 @@ pub fn deployment_text(v: &Value) -> String {
     }
     let status = &v["status"];
     if status.is_object() {
-        let counts: Vec<String> = STATES.iter().map(|st| format!("{st} {}", s(&status["counts"][st]))).collect();
+        let counts: Vec<String> = DeviceState::ALL
+            .iter()
+            .map(|st| format!("{} {}", st.as_str(), s(&status["counts"][st.as_str()])))
+            .collect();
         out.push_str(&format!("targeted {}: {}\n", s(&status["targeted"]), counts.join(", ")));
         let rows = status["devices"]
             .as_array()
