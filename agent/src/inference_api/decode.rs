@@ -249,7 +249,7 @@ pub fn decode_request(
         None => (body.clone(), Bytes::new()),
     };
     let raw: RawRequest<'_> = serde_json::from_slice(&head)
-        .map_err(|e| DecodeError::Json(sentinel_proto::quote::clip_message(&e.to_string()).into()))?;
+        .map_err(|e| DecodeError::Json(sentinel_proto::quote::clip_message(&e.to_string())))?;
     if let Some(id) = &raw.id
         && id.len() > limits.max_id_bytes
     {
@@ -354,7 +354,7 @@ fn decode_input(input: &RawInput<'_>, binary: &mut Bytes, limits: &DecodeLimits)
             let limit = if fits { count } else { most };
             Elements { dtype, limit, seen: &mut seen, out: out.as_mut() }
                 .deserialize(&mut serde_json::Deserializer::from_str(text))
-                .map_err(|e| InputError::Elements(sentinel_proto::quote::clip_message(&e.to_string()).into()))?;
+                .map_err(|e| InputError::Elements(sentinel_proto::quote::clip_message(&e.to_string())))?;
             match out {
                 Some(out) if seen == count => out,
                 _ => return Err(InputError::ElementCount { shape, count, seen }),
