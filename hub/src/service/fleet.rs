@@ -20,6 +20,7 @@ use sentinel_proto::pb::{
 };
 use sentinel_proto::sign_state;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::events::ChangeKind;
 use super::{ServiceError, SharedState};
@@ -38,8 +39,10 @@ struct Subscriber {
     target: Target,
     tx: mpsc::Sender<Result<HubMessage, StreamError>>,
     connected_at_ms: i64,
-    /// Expiry of the last state sent, to re-sign it in time.
-    expires_at_ms: i64,
+    /// When the last state sent is half-way to its expiry: its stream task
+    /// re-signs it at the first heartbeat after. On tokio's clock, so tests
+    /// can run it on paused time.
+    renew_at: Instant,
     /// Tells the stream's task to end it now (the device was removed).
     kick: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -69,7 +72,7 @@ fn compute_states(
     meta: &dyn MetadataStore,
     targets: &[Target],
     revision: u64,
-) -> Result<Vec<(String, SignedDesiredState, i64)>, StoreError> {
+) -> Result<Vec<(String, SignedDesiredState)>, StoreError> {
     let active = meta.list_deployments(None, Some(DeploymentState::Active), u32::MAX, 0)?.0;
     let mut cache: HashMap<(String, String), Option<VersionRecord>> = HashMap::new();
     let mut lookup = |model: &str, version: &str| -> Result<Option<VersionRecord>, StoreError> {
@@ -114,9 +117,14 @@ fn compute_states(
             models,
             labels: t.labels.clone(),
         };
-        out.push((t.device_id.clone(), sign_state(&signer, &desired), expires));
+        out.push((t.device_id.clone(), sign_state(&signer, &desired)));
     }
     Ok(out)
+}
+
+/// When a state signed now is half-way to its expiry.
+fn renew_at(state: &SharedState) -> Instant {
+    Instant::now() + state.config().state_ttl / 2
 }
 
 fn state_message(signed: SignedDesiredState) -> HubMessage {
@@ -177,7 +185,7 @@ impl Fleet {
                 tracing::error!(error = %e, "computing the desired state failed");
                 StreamError::Unavailable
             })?;
-            let Some((_, signed, expires)) = computed.into_iter().next() else {
+            let Some((_, signed)) = computed.into_iter().next() else {
                 return Err(StreamError::NoState);
             };
             tx.send(Ok(state_message(signed))).await.map_err(|_| StreamError::Closed)?;
@@ -190,7 +198,7 @@ impl Fleet {
                     target: target.clone(),
                     tx: tx.clone(),
                     connected_at_ms: crate::now_ms(),
-                    expires_at_ms: expires,
+                    renew_at: renew_at(state),
                     kick: kick.clone(),
                 },
             ) {
@@ -259,13 +267,13 @@ impl Fleet {
                 tokio::task::spawn_blocking(move || compute_states(&st, st.metadata().as_ref(), &targets, revision))
                     .await
                     .map_err(joined)??;
-            for ((_, tx), (device, signed, expires)) in chunk.iter().zip(computed) {
+            for ((_, tx), (device, signed)) in chunk.iter().zip(computed) {
                 if tx.send(Ok(state_message(signed))).await.is_ok() {
                     sent += 1;
                     fleet.pushes.fetch_add(1, Ordering::Relaxed);
                     let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if let Some(s) = subs.get_mut(&device) {
-                        s.expires_at_ms = expires;
+                        s.renew_at = renew_at(state);
                     }
                 }
             }
@@ -294,20 +302,20 @@ impl Fleet {
         })
         .await;
         if let Ok(Ok(mut v)) = computed
-            && let Some((_, signed, expires)) = v.pop()
+            && let Some((_, signed)) = v.pop()
             && tx.send(Ok(state_message(signed))).await.is_ok()
         {
             fleet.pushes.fetch_add(1, Ordering::Relaxed);
             let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(s) = subs.get_mut(device_id) {
-                s.expires_at_ms = expires;
+                s.renew_at = renew_at(state);
             }
         }
     }
 
-    fn expires_at(&self, device_id: &str, conn: u64) -> Option<i64> {
+    fn renew_at(&self, device_id: &str, conn: u64) -> Option<Instant> {
         let subs = self.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        subs.get(device_id).filter(|s| s.conn == conn).map(|s| s.expires_at_ms)
+        subs.get(device_id).filter(|s| s.conn == conn).map(|s| s.renew_at)
     }
 }
 
@@ -321,7 +329,6 @@ async fn watch_stream(
 ) {
     let mut tick = tokio::time::interval(state.config().heartbeat);
     tick.tick().await; // the first tick is immediate; the state was just sent
-    let half_ttl = i64::try_from(state.config().state_ttl.as_millis() / 2).unwrap_or(i64::MAX);
     let mut closing = state.fleet().closing.subscribe();
     loop {
         tokio::select! {
@@ -335,8 +342,8 @@ async fn watch_stream(
             }
             () = async { let _ = closing.wait_for(|c| *c).await; } => break,
             _ = tick.tick() => {
-                let Some(expires) = state.fleet().expires_at(&device_id, conn) else { break };
-                if expires - crate::now_ms() < half_ttl {
+                let Some(renew) = state.fleet().renew_at(&device_id, conn) else { break };
+                if Instant::now() >= renew {
                     Fleet::refresh(&state, &device_id, conn).await;
                 }
                 let beat = HubMessage { kind: Some(hub_message::Kind::Heartbeat(pb::Heartbeat { sent_at_unix_ms: crate::now_ms() })) };
@@ -362,3 +369,6 @@ pub async fn push_to_fleet(state: &SharedState) {
     }
     state.events().notify(ChangeKind::Deployments, "");
 }
+
+#[cfg(test)]
+mod tests;
