@@ -14,7 +14,8 @@
 //! 1. Leaves, pure or self-contained:
 //!    [`util`] (`now_ms`, `error_chain`), [`slots`] (the blue/green state
 //!    machine), the pure [`rollout`] part ([`rollout::policy`],
-//!    [`rollout::window`], [`rollout::decision`]), [`verify`] (a model file
+//!    [`rollout::window`], [`rollout::decision`], [`rollout::progress`]),
+//!    [`verify`] (a model file
 //!    against its signed manifest), [`download`] (streamed, size-capped,
 //!    hash-checked, resumable) and [`notify`] (systemd).
 //! 2. [`supervisor`] (spawning `sentinel-worker` processes under limits,
