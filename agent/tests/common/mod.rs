@@ -92,13 +92,17 @@ pub async fn serve_2_over_warm_1(hub: &TestHub, agent: &AgentHandle) {
         .unwrap();
 }
 
-/// The pid of the worker behind `model`'s active slot.
-pub fn active_pid(agent: &AgentHandle, model: &str) -> u32 {
-    let active = agent.route(model).unwrap().active.clone().unwrap();
-    match active.worker.state() {
-        sentinel_agent::supervisor::SlotState::Running { pid, .. } => pid,
-        other => panic!("{other:?}"),
+/// The pid of the worker behind a loaded slot, while it runs.
+pub fn worker_pid(l: &sentinel_agent::serving::Loaded) -> Option<u32> {
+    match l.worker.state() {
+        sentinel_agent::supervisor::SlotState::Running { pid, .. } => Some(pid),
+        _ => None,
     }
+}
+
+/// The pid of the worker behind `model`'s active slot, while it runs.
+pub fn active_pid(agent: &AgentHandle, model: &str) -> Option<u32> {
+    worker_pid(agent.route(model)?.active.as_ref()?)
 }
 
 /// The active version of `model` in a view.

@@ -17,7 +17,6 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use sentinel_agent::AgentHandle;
-use sentinel_agent::supervisor::SlotState as WorkerState;
 use serde_json::Value;
 
 const DEGRADED: &str = "digits/digits_mlp_v2_degraded.onnx";
@@ -32,14 +31,6 @@ async fn wait_responses(agent: &AgentHandle, model: &str, more: u64) {
 fn requests_served(agent: &AgentHandle, model: &str) -> u64 {
     let Some(r) = agent.route(model) else { return 0 };
     [r.active.as_ref(), r.standby.as_ref()].into_iter().flatten().map(|l| l.requests.load(Ordering::Relaxed)).sum()
-}
-
-fn active_pid(agent: &AgentHandle, model: &str) -> Option<u32> {
-    let active = agent.route(model)?.active.clone()?;
-    match active.worker.state() {
-        WorkerState::Running { pid, .. } => Some(pid),
-        _ => None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
