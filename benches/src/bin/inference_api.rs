@@ -29,12 +29,6 @@ const ROUNDS: usize = 2000;
 const CLIENTS: usize = 4;
 const PER_CLIENT: usize = 1000;
 
-/// The digits test set, one `Vec` per sample.
-fn digits() -> Vec<Vec<f32>> {
-    let set = Digits::get();
-    (0..set.len()).map(|i| set.pixels(i).to_vec()).collect()
-}
-
 fn json_body(x: &[f32]) -> Value {
     json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x}]})
 }
@@ -113,7 +107,7 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let samples = digits();
+    let digits = Digits::get();
     let s = setup().await?;
     let url = format!("{}/v2/models/digits/infer", s.base);
     let work = tempfile::tempdir()?;
@@ -126,13 +120,13 @@ async fn main() -> anyhow::Result<()> {
     let worker = Arc::new(Worker::spawn(&spec).await?);
 
     // Warm-up, then alternating rounds.
-    for x in samples.iter().take(50) {
+    for x in (0..50).map(|i| digits.pixels(i)) {
         worker.infer(&[Tensor::from_f32(vec![1, 64], x)]).await?;
         s.http.post(&url).json(&json_body(x)).send().await?.bytes().await?;
     }
     let (mut direct, mut api_json, mut api_bin) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..ROUNDS {
-        let x = &samples[i % samples.len()];
+        let x = digits.pixels(i);
         let t = Instant::now();
         worker.infer(&[Tensor::from_f32(vec![1, 64], x)]).await?;
         direct.push(t.elapsed());
@@ -168,10 +162,10 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (worker, samples) = (worker.clone(), samples.clone());
+        let worker = worker.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..PER_CLIENT {
-                worker.infer(&[Tensor::from_f32(vec![1, 64], &samples[(c + i) % samples.len()])]).await?;
+                worker.infer(&[Tensor::from_f32(vec![1, 64], digits.pixels(c + i))]).await?;
             }
             anyhow::Ok(())
         }));
@@ -183,10 +177,10 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (http, url, samples) = (s.http.clone(), url.clone(), samples.clone());
+        let (http, url) = (s.http.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             for i in 0..PER_CLIENT {
-                let r = http.post(&url).json(&json_body(&samples[(c + i) % samples.len()])).send().await?;
+                let r = http.post(&url).json(&json_body(digits.pixels(c + i))).send().await?;
                 ensure!(r.status() == 200, "{}", r.status());
                 r.bytes().await?;
             }
@@ -208,15 +202,14 @@ async fn main() -> anyhow::Result<()> {
     let swapping = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (http, url, samples, stop, swapping) =
-            (s.http.clone(), url.clone(), samples.clone(), stop.clone(), swapping.clone());
+        let (http, url, stop, swapping) = (s.http.clone(), url.clone(), stop.clone(), swapping.clone());
         tasks.push(tokio::spawn(async move {
             let (mut before, mut during, mut failed) = (Vec::new(), Vec::new(), 0usize);
             let mut i = c;
             while !stop.load(Ordering::Relaxed) {
                 let in_swap = swapping.load(Ordering::Relaxed);
                 let t = Instant::now();
-                let ok = match http.post(&url).json(&json_body(&samples[i % samples.len()])).send().await {
+                let ok = match http.post(&url).json(&json_body(digits.pixels(i))).send().await {
                     Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
                     Err(_) => false,
                 };

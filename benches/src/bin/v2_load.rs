@@ -172,7 +172,7 @@ async fn run(url: &str, bodies: &[bytes::Bytes], args: &Args, seconds: f64) -> a
                 Ok(r) => {
                     let status = r.status();
                     match r.bytes().await {
-                        Ok(b) if status == 200 && memchr_outputs(&b) => Ok(()),
+                        Ok(b) if status == 200 && has_outputs(&b) => Ok(()),
                         Ok(b) => Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&b[..b.len().min(200)]))),
                         Err(e) => Err(e.to_string()),
                     }
@@ -203,7 +203,7 @@ async fn run(url: &str, bodies: &[bytes::Bytes], args: &Args, seconds: f64) -> a
 }
 
 /// Whether a response body holds `"outputs"`, as load.py checks.
-fn memchr_outputs(body: &[u8]) -> bool {
+fn has_outputs(body: &[u8]) -> bool {
     body.windows(9).any(|w| w == b"\"outputs\"")
 }
 
