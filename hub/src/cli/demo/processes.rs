@@ -12,6 +12,10 @@ use tokio::process::{Child, Command};
 use super::{DemoError, WAIT, io};
 use crate::cli::args::DemoArgs;
 
+/// The package and binary target of each sibling the demo builds and runs.
+const SIBLINGS: [(&str, &str); 3] =
+    [("sentinel-hub", "sentinel-hub"), ("sentinel-agent", "sentinel-agent"), ("sentinel-worker", "sentinel-worker")];
+
 /// The sibling executables the demo runs.
 #[derive(Debug)]
 pub(super) struct Binaries {
@@ -71,8 +75,10 @@ async fn build_siblings(exe_dir: &Path, cargo: &std::ffi::OsStr) -> Result<(), D
             cmd.args(["--profile", other]);
         }
     }
-    cmd.args(["-p", "sentinel-hub", "-p", "sentinel-agent", "--bin", "sentinel-hub", "--bin", "sentinel-agent"]);
-    cmd.args(["--bin", "sentinel-worker", "--quiet"]);
+    for (package, bin) in SIBLINGS {
+        cmd.args(["-p", package, "--bin", bin]);
+    }
+    cmd.arg("--quiet");
     let status = cmd.status().await.map_err(io("running cargo build"))?;
     if !status.success() {
         return Err(DemoError::Build(status.to_string()));
@@ -154,6 +160,38 @@ impl Proc {
                 self.child.kill().await?;
                 self.child.wait().await
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SIBLINGS;
+
+    /// `cargo run --bin sentinel -- demo` builds the siblings with these
+    /// `-p`/`--bin` pairs: each binary must be a target of its package (the
+    /// worker moved to its own package once, and the build broke unseen).
+    #[test]
+    fn every_sibling_is_a_binary_of_the_package_it_is_built_from() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let out = std::process::Command::new(cargo)
+            .args(["metadata", "--no-deps", "--format-version", "1", "--manifest-path"])
+            .arg(&manifest)
+            .output()
+            .expect("cargo metadata runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
+        let packages = meta["packages"].as_array().expect("packages");
+        for (package, bin) in SIBLINGS {
+            let p = packages.iter().find(|p| p["name"] == package).unwrap_or_else(|| panic!("no package {package}"));
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(
+                targets
+                    .iter()
+                    .any(|t| t["name"] == bin && t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin"))),
+                "package {package} has no binary {bin}"
+            );
         }
     }
 }
