@@ -190,9 +190,15 @@ fn slot_row(model: &str, s: &SlotStatus) -> Vec<String> {
         (Some(n), _) if n > 0.0 => format!("0.00%/{n}"),
         _ => "-".to_owned(),
     };
-    let (pid, rss, sandbox) = match &s.worker {
+    let (engine, pid, rss, sandbox) = match &s.worker {
         Some(w) => (
-            w.pid.map_or_else(|| w.state.clone(), |p| p.to_string()),
+            if w.engine.is_empty() { "-".to_owned() } else { w.engine.clone() },
+            // The first worker's pid, and how many more the pool has.
+            match (w.pid, w.workers.len()) {
+                (None, _) => w.state.clone(),
+                (Some(p), 0 | 1) => p.to_string(),
+                (Some(p), n) => format!("{p} +{}", n - 1),
+            },
             w.rss_bytes.map_or_else(|| "-".to_owned(), bytes),
             if w.state != "running" {
                 w.state.clone()
@@ -202,7 +208,7 @@ fn slot_row(model: &str, s: &SlotStatus) -> Vec<String> {
                 "UNCONFINED".to_owned()
             },
         ),
-        None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+        None => ("-".to_owned(), "-".to_owned(), "-".to_owned(), "-".to_owned()),
     };
     vec![
         model.to_owned(),
@@ -215,6 +221,7 @@ fn slot_row(model: &str, s: &SlotStatus) -> Vec<String> {
         ms(figure(m, "p99_ms")),
         errors,
         accuracy(m),
+        engine,
         pid,
         rss,
         sandbox,
@@ -272,8 +279,8 @@ pub fn render_status(s: &Status, now_ms: i64) -> String {
     }
     let mut rows = vec![
         [
-            "MODEL", "SLOT", "VERSION", "STATE", "TRAFFIC", "P50", "P95", "P99", "ERRORS", "ACCURACY", "PID", "RSS",
-            "SANDBOX",
+            "MODEL", "SLOT", "VERSION", "STATE", "TRAFFIC", "P50", "P95", "P99", "ERRORS", "ACCURACY", "ENGINE", "PID",
+            "RSS", "SANDBOX",
         ]
         .iter()
         .map(|h| (*h).to_owned())

@@ -107,17 +107,49 @@ impl SlotStatus {
     }
 }
 
-/// The slot's worker process.
+/// The slot's worker processes, taken together: the slot is running while
+/// any of them serves, and failed when one gave up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerStatus {
+    /// starting, running or failed.
+    pub state: String,
+    /// The inference engine: tract or ort.
+    #[serde(default)]
+    pub engine: String,
+    /// The first running worker's process id.
+    pub pid: Option<u32>,
+    /// Resident memory of all the slot's workers together.
+    pub rss_bytes: Option<u64>,
+    /// The address-space limit of all the slot's workers together (each
+    /// worker has `serving.memory_limit_mib`).
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
+    /// Whether every running worker is confined.
+    pub confined: bool,
+    /// Why the worker runs without its seccomp sandbox (e.g. seccomp ENOSYS), or why it failed.
+    pub reason: Option<String>,
+    /// Restarts over all the slot's workers.
+    pub restarts: u64,
+    /// Each worker of the slot's pool.
+    #[serde(default)]
+    pub workers: Vec<PoolWorkerStatus>,
+}
+
+/// One worker of a slot's pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolWorkerStatus {
     /// starting, running or failed.
     pub state: String,
     pub pid: Option<u32>,
     pub rss_bytes: Option<u64>,
     pub confined: bool,
-    /// Why the worker runs without its seccomp sandbox (e.g. seccomp ENOSYS), or why it failed.
     pub reason: Option<String>,
     pub restarts: u64,
+    /// Requests running on it now.
+    pub in_flight: usize,
+    /// Requests it answered, over its restarts.
+    #[serde(default)]
+    pub answered: u64,
 }
 
 /// The newest `rolled_back` event.
@@ -282,7 +314,7 @@ pub async fn build_status(shared: &Shared) -> Result<Status, crate::store::Store
                 mirror,
                 metrics: loaded.as_ref().map(|l| crate::rollout::controller::metrics_json(&l.metrics(now))),
                 worker: match &loaded {
-                    Some(l) => Some(worker_status(l).await),
+                    Some(l) => Some(worker_status(l, shared.serving.settings().memory_limit_bytes).await),
                     None => None,
                 },
             });
@@ -360,20 +392,50 @@ fn traffic(route: &Route, color: Color) -> (u8, bool) {
     }
 }
 
-async fn worker_status(l: &Loaded) -> WorkerStatus {
-    let restarts = l.worker.restarts();
-    let (state, pid, confined, reason) = match l.worker.state() {
-        WorkerState::Starting { .. } => ("starting", None, false, l.worker.last_failure()),
+/// A worker state as status words: state, pid, confined, reason.
+fn state_words(state: WorkerState, last_failure: Option<String>) -> (&'static str, Option<u32>, bool, Option<String>) {
+    match state {
+        WorkerState::Starting { .. } => ("starting", None, false, last_failure),
         WorkerState::Running { pid, confined, unconfined_reason } => {
             ("running", Some(pid), confined, unconfined_reason)
         }
         WorkerState::Failed(reason) => ("failed", None, false, Some(reason)),
-    };
-    let rss_bytes = match pid {
-        Some(_) => l.worker.worker().await.and_then(|w| w.rss_bytes()),
-        None => None,
-    };
-    WorkerStatus { state: state.to_owned(), pid, rss_bytes, confined, reason, restarts }
+    }
+}
+
+async fn worker_status(l: &Loaded, memory_limit: Option<u64>) -> WorkerStatus {
+    let workers: Vec<PoolWorkerStatus> = l
+        .worker
+        .workers()
+        .await
+        .into_iter()
+        .map(|w| {
+            let (state, pid, confined, reason) = state_words(w.state, w.last_failure);
+            PoolWorkerStatus {
+                state: state.to_owned(),
+                pid,
+                rss_bytes: w.rss_bytes,
+                confined,
+                reason,
+                restarts: w.restarts,
+                in_flight: w.in_flight,
+                answered: w.answered,
+            }
+        })
+        .collect();
+    let (state, pid, confined, reason) = state_words(l.worker.state(), l.worker.last_failure());
+    let rss = workers.iter().filter_map(|w| w.rss_bytes).fold(None, |sum: Option<u64>, r| Some(sum.unwrap_or(0) + r));
+    WorkerStatus {
+        state: state.to_owned(),
+        engine: l.worker.engine().name().to_owned(),
+        pid,
+        rss_bytes: rss,
+        memory_limit_bytes: memory_limit.map(|m| m.saturating_mul(workers.len() as u64)),
+        confined,
+        reason,
+        restarts: l.worker.restarts(),
+        workers,
+    }
 }
 
 /// Total size of the regular files under `dir` (model files and partial downloads).

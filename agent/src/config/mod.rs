@@ -15,8 +15,11 @@ use serde::Deserialize;
 
 mod serving;
 
+use sentinel_worker_protocol::launch::ORT_DYLIB_ENV;
 use serving::RawServing;
-pub use serving::{MAX_BODY_LIMIT, MAX_MEMORY_LIMIT_MIB, ServingSettings};
+pub use serving::{
+    EngineChoice, MAX_BODY_LIMIT, MAX_MEMORY_LIMIT_MIB, MAX_POOL_SIZE, ModelServingSettings, ServingSettings, pool_size,
+};
 
 /// Where the agent looks for its configuration by default.
 pub const DEFAULT_CONFIG: &str = "/etc/sentinel/agent.toml";
@@ -318,7 +321,7 @@ impl AgentConfig {
         if download_attempts == 0 {
             return Err(bad("sync.download_attempts", "must be positive"));
         }
-        let serving = raw.serving.validate(resolve)?;
+        let serving = raw.serving.validate(resolve, env.get(ORT_DYLIB_ENV).map(String::as_str))?;
         let defaults = policy::default_policy();
         let rollout = match raw.rollout {
             None => defaults,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sentinel_worker_protocol::launch::Confinement;
+use sentinel_worker_protocol::launch::{Confinement, Engine};
 use serde::Deserialize;
 
 use super::{ConfigError, DEFAULT_METRICS_LISTEN, bad};
@@ -29,6 +29,60 @@ pub(super) struct RawServing {
     validation_tolerance: Option<f64>,
     #[serde(default)]
     input_shapes: BTreeMap<String, Vec<String>>,
+    workers: Option<usize>,
+    engine: Option<String>,
+    ort_library: Option<PathBuf>,
+    #[serde(default)]
+    models: BTreeMap<String, RawModelServing>,
+}
+
+/// `[serving.models.<name>]`: one model's overrides of the `[serving]` defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawModelServing {
+    workers: Option<usize>,
+    engine: Option<String>,
+}
+
+/// Which engine a model's workers run (`serving.engine`, or per model).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// tract, built into every worker.
+    #[default]
+    Tract,
+    /// ONNX Runtime; a model fails to load when its library is missing.
+    Ort,
+    /// ONNX Runtime when its library is found (`serving.ort_library` or
+    /// `ORT_DYLIB_PATH`), tract otherwise.
+    Auto,
+}
+
+impl EngineChoice {
+    fn parse(field: &str, value: &str) -> Result<EngineChoice, ConfigError> {
+        match value {
+            "tract" => Ok(EngineChoice::Tract),
+            "ort" => Ok(EngineChoice::Ort),
+            "auto" => Ok(EngineChoice::Auto),
+            other => Err(bad(field, format!("{other:?}: expected \"tract\", \"ort\" or \"auto\""))),
+        }
+    }
+
+    /// The engine a worker is started with, given the ONNX Runtime library
+    /// found on this device, if any.
+    pub fn resolve(self, ort_library: Option<&std::path::Path>) -> Engine {
+        match (self, ort_library) {
+            (EngineChoice::Tract, _) | (EngineChoice::Auto, None) => Engine::Tract,
+            (EngineChoice::Ort, _) | (EngineChoice::Auto, Some(_)) => Engine::Ort,
+        }
+    }
+}
+
+/// One model's overrides (`[serving.models.<name>]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelServingSettings {
+    /// Workers in each of the model's slots.
+    pub workers: Option<usize>,
+    pub engine: Option<EngineChoice>,
 }
 
 /// How the agent runs models and serves the local inference API.
@@ -66,6 +120,40 @@ pub struct ServingSettings {
     /// Fixed input shapes per model name, for models that declare symbolic
     /// non-batch dims (default: symbolic dims become 1).
     pub input_shapes: BTreeMap<String, Vec<Vec<usize>>>,
+    /// Workers in each slot's pool (default: the CPUs divided among the
+    /// models served, at least 1; see [`crate::supervisor::pool_size`]).
+    pub workers: Option<usize>,
+    /// The engine of every model without its own (default tract).
+    pub engine: EngineChoice,
+    /// The ONNX Runtime library (`serving.ort_library`, else the agent's
+    /// `ORT_DYLIB_PATH`), when that file exists.
+    pub ort_library: Option<PathBuf>,
+    /// Per-model overrides.
+    pub models: BTreeMap<String, ModelServingSettings>,
+}
+
+impl ServingSettings {
+    /// The engine `model`'s workers run.
+    pub fn engine_of(&self, model: &str) -> Engine {
+        let choice = self.models.get(model).and_then(|m| m.engine).unwrap_or(self.engine);
+        choice.resolve(self.ort_library.as_deref())
+    }
+
+    /// How many workers each of `model`'s slots gets: its own `workers`,
+    /// else `serving.workers`, else [`pool_size`] of this machine's CPUs.
+    pub fn workers_of(&self, model: &str, cpus: usize, models_served: usize) -> usize {
+        pool_size(self.models.get(model).and_then(|m| m.workers).or(self.workers), cpus, models_served)
+    }
+}
+
+/// Most workers one slot may have: `serving.workers` and the per-model
+/// overrides are bounded by it, and so is the default on a large machine.
+pub const MAX_POOL_SIZE: usize = 64;
+
+/// How many workers a slot gets: `configured` when set, else the CPUs
+/// divided among the models served (this one included), at least 1.
+pub fn pool_size(configured: Option<usize>, cpus: usize, models: usize) -> usize {
+    configured.unwrap_or_else(|| cpus / models.max(1)).clamp(1, MAX_POOL_SIZE)
 }
 
 /// Largest `serving.memory_limit_mib` accepted (1 TiB): larger values would
@@ -95,7 +183,12 @@ fn default_worker_bin() -> PathBuf {
 }
 
 impl RawServing {
-    pub(super) fn validate(self, resolve: impl Fn(PathBuf) -> PathBuf) -> Result<ServingSettings, ConfigError> {
+    /// `ort_env` is the agent's `ORT_DYLIB_PATH`, if set.
+    pub(super) fn validate(
+        self,
+        resolve: impl Fn(PathBuf) -> PathBuf,
+        ort_env: Option<&str>,
+    ) -> Result<ServingSettings, ConfigError> {
         let address = |field: &str, value: Option<&str>, default: &str| match value {
             None => Ok(Some(default.to_owned())),
             Some("") => Ok(None),
@@ -130,6 +223,31 @@ impl RawServing {
                 .collect::<Result<Vec<_>, _>>()?;
             input_shapes.insert(model, parsed);
         }
+        let pool = |field: &str, v: Option<usize>| match v {
+            Some(n) if n == 0 || n > MAX_POOL_SIZE => Err(bad(field, format!("must be between 1 and {MAX_POOL_SIZE}"))),
+            v => Ok(v),
+        };
+        let workers = pool("serving.workers", self.workers)?;
+        let engine = match self.engine.as_deref() {
+            None => EngineChoice::default(),
+            Some(e) => EngineChoice::parse("serving.engine", e)?,
+        };
+        let mut models = BTreeMap::new();
+        for (name, m) in self.models {
+            let engine = match m.engine.as_deref() {
+                None => None,
+                Some(e) => Some(EngineChoice::parse(&format!("serving.models.{name}.engine"), e)?),
+            };
+            let workers = pool(&format!("serving.models.{name}.workers"), m.workers)?;
+            models.insert(name, ModelServingSettings { workers, engine });
+        }
+        let ort_library = match self.ort_library.map(&resolve) {
+            Some(path) if !path.is_file() => {
+                return Err(bad("serving.ort_library", format!("{} is not a file", path.display())));
+            }
+            Some(path) => Some(path),
+            None => ort_env.map(PathBuf::from).filter(|p| p.is_file()),
+        };
         let positive = |field: &str, v: u64| if v == 0 { Err(bad(field, "must be positive")) } else { Ok(v) };
         let bounded = |field: &str, v: u64, most: u64| {
             if v == 0 || v > most { Err(bad(field, format!("must be between 1 and {most}"))) } else { Ok(v) }
@@ -189,6 +307,10 @@ impl RawServing {
             )?),
             validation_tolerance: tolerance,
             input_shapes,
+            workers,
+            engine,
+            ort_library,
+            models,
         })
     }
 }

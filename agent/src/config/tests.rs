@@ -1,4 +1,5 @@
 use super::*;
+use sentinel_worker_protocol::launch::Engine;
 
 const KEY: &str = "HMY/NU8+avTxTr2xxPvEEejvfDT2rPtpP+yM9qxqlck=";
 
@@ -119,4 +120,57 @@ fn plain_text_off_loopback_needs_the_explicit_switch() {
     assert!(AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).is_err());
     let text = format!("transport = \"insecure-plaintext\"\n{text}");
     AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect("allowed when asked for");
+}
+
+#[test]
+fn the_default_pool_size_divides_the_cpus_among_the_models() {
+    assert_eq!(pool_size(None, 8, 1), 8);
+    assert_eq!(pool_size(None, 8, 3), 2);
+    assert_eq!(pool_size(None, 2, 3), 1, "at least one worker");
+    assert_eq!(pool_size(None, 4, 0), 4, "no model yet counts as one");
+    assert_eq!(pool_size(Some(3), 8, 1), 3, "configured wins");
+    assert_eq!(pool_size(None, 1024, 1), MAX_POOL_SIZE);
+}
+
+#[test]
+fn pools_and_engines_are_set_per_model_and_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib = dir.path().join("libonnxruntime.so");
+    std::fs::write(&lib, b"not really").expect("lib");
+    let parse = |serving: &str, env: &[(&str, &str)]| {
+        let text = format!("{}[serving]\n{serving}", base(dir.path()));
+        let env: BTreeMap<String, String> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        AgentConfig::parse(&text, &env, dir.path()).map(|c| c.serving)
+    };
+    let s = parse("", &[]).expect("defaults");
+    assert_eq!((s.workers, s.engine, s.ort_library.clone()), (None, EngineChoice::Tract, None));
+    assert_eq!(s.engine_of("digits"), Engine::Tract);
+    assert_eq!(s.workers_of("digits", 4, 2), 2, "the CPUs divided among the models");
+
+    let s = parse(
+        "workers = 3\nengine = \"auto\"\n[serving.models.textcls]\nworkers = 1\nengine = \"tract\"\n",
+        &[("ORT_DYLIB_PATH", lib.to_str().expect("utf-8"))],
+    )
+    .expect("parses");
+    assert_eq!(s.ort_library.as_deref(), Some(lib.as_path()), "auto finds the library through ORT_DYLIB_PATH");
+    assert_eq!((s.engine_of("digits"), s.workers_of("digits", 8, 1)), (Engine::Ort, 3));
+    assert_eq!((s.engine_of("textcls"), s.workers_of("textcls", 8, 1)), (Engine::Tract, 1));
+    let s = parse("engine = \"auto\"\n", &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]).expect("parses");
+    assert_eq!(s.engine_of("digits"), Engine::Tract, "auto without the library is tract");
+    let s = parse("ort_library = \"libonnxruntime.so\"\n[serving.models.d]\nengine = \"ort\"\n", &[]).expect("parses");
+    assert_eq!((s.ort_library.as_deref(), s.engine_of("d")), (Some(lib.as_path()), Engine::Ort));
+
+    for (serving, field, why) in [
+        ("workers = 0\n", "serving.workers", "between 1 and 64"),
+        ("workers = 65\n", "serving.workers", "between 1 and 64"),
+        ("[serving.models.d]\nworkers = 0\n", "serving.models.d.workers", "between 1 and 64"),
+        ("engine = \"gpu\"\n", "serving.engine", "\"tract\", \"ort\" or \"auto\""),
+        ("[serving.models.d]\nengine = \"cuda\"\n", "serving.models.d.engine", "expected"),
+        ("ort_library = \"missing.so\"\n", "serving.ort_library", "is not a file"),
+    ] {
+        let e = parse(serving, &[]).expect_err(serving).to_string();
+        assert!(e.contains(field) && e.contains(why), "{serving:?}: {e}");
+    }
+    let e = parse("[serving.models.d]\nthreads = 2\n", &[]).expect_err("unknown key").to_string();
+    assert!(e.contains("threads"), "{e}");
 }

@@ -276,6 +276,10 @@ fn metadata(shared: &Shared, name: &str, version: Option<&str>) -> Response {
         "name": name,
         "versions": versions,
         "platform": "onnx",
+        // Which engine serves the version this request would reach, and in
+        // how many workers (extensions; v2 clients ignore unknown fields).
+        "engine": slot.worker.engine().name(),
+        "workers": slot.worker.size(),
         "inputs": slot.inputs.iter().map(input_metadata).collect::<Vec<_>>(),
         "outputs": slot.outputs.iter().map(tensor_metadata).collect::<Vec<_>>(),
     }))

@@ -58,13 +58,16 @@ pub async fn render(shared: &Shared) -> Result<String, prometheus::Error> {
     for ms in shared.serving.models() {
         let route = ms.route();
         for slot in [&route.active, &route.standby, &route.candidate].into_iter().flatten() {
-            if let Some(rss) = slot.worker.worker().await.and_then(|w| w.rss_bytes()) {
-                resident.push(WorkerMemory {
-                    model: slot.model.clone(),
-                    slot: slot.color.as_str(),
-                    version: slot.version.clone(),
-                    rss_bytes: rss,
-                });
+            for (index, worker) in slot.worker.workers().await.into_iter().enumerate() {
+                if let Some(rss) = worker.rss_bytes {
+                    resident.push(WorkerMemory {
+                        model: slot.model.clone(),
+                        slot: slot.color.as_str(),
+                        version: slot.version.clone(),
+                        worker: index,
+                        rss_bytes: rss,
+                    });
+                }
             }
         }
     }

@@ -30,7 +30,7 @@ use prometheus::{
 };
 use tokio::sync::watch;
 
-use crate::supervisor::{InferError, SlotState as WorkerState, Supervised};
+use crate::supervisor::{InferError, Pool, SlotState as WorkerState, Supervised};
 
 pub mod endpoint;
 
@@ -51,6 +51,8 @@ pub struct WorkerMemory {
     pub model: String,
     pub slot: &'static str,
     pub version: String,
+    /// The worker's place in its slot's pool (0 for the first).
+    pub worker: usize,
     pub rss_bytes: u64,
 }
 
@@ -152,7 +154,7 @@ impl AgentMetrics {
             .unwrap_or_else(|e| unreachable_metric("sentinel_agent_hub_connected", &e)),
             worker_resident: IntGaugeVec::new(
                 Opts::new("sentinel_agent_worker_resident_bytes", "Resident memory of each running worker, at scrape"),
-                &["model", "slot", "version"],
+                &["model", "slot", "version", "worker"],
             )
             .unwrap_or_else(|e| unreachable_metric("sentinel_agent_worker_resident_bytes", &e)),
             families: Vec::new(),
@@ -238,10 +240,17 @@ impl AgentMetrics {
         self.verification_failures.with_label_values(&[kind]).inc();
     }
 
-    /// Counts the restarts and sandbox violations of one slot's worker, by
-    /// watching its state: a `Running` with a new pid is a restart; a slot
-    /// failed by a seccomp kill is a violation. Holds only the state
-    /// receiver, so the task ends when the slot is dropped.
+    /// Counts the restarts and sandbox violations of each worker of one
+    /// slot's pool, by watching its state: a `Running` with a new pid is a
+    /// restart; a worker failed by a seccomp kill is a violation. Holds only
+    /// the state receivers, so the tasks end when the slot is dropped.
+    pub fn watch_pool(&self, model: &str, slot: &str, pool: &Pool) {
+        for worker in pool.members() {
+            self.watch_worker(model, slot, worker);
+        }
+    }
+
+    /// Like [`AgentMetrics::watch_pool`], for one worker.
     pub fn watch_worker(&self, model: &str, slot: &str, worker: &Supervised) {
         let restarts = self.worker_restarts.with_label_values(&[model, slot]);
         let violations = self.sandbox_violations.with_label_values(&[model]);
@@ -281,7 +290,7 @@ impl AgentMetrics {
             self.worker_resident.reset();
             for w in resident {
                 self.worker_resident
-                    .with_label_values(&[w.model.as_str(), w.slot, w.version.as_str()])
+                    .with_label_values(&[w.model.as_str(), w.slot, w.version.as_str(), w.worker.to_string().as_str()])
                     .set(i64::try_from(w.rss_bytes).unwrap_or(i64::MAX));
             }
             self.registry.gather()

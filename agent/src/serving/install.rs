@@ -16,7 +16,7 @@ use crate::rollout::policy::{PhaseKind, Policy};
 use crate::rollout::window::SlotWindow;
 use crate::slots::{Color, SlotError, SlotState, Slots};
 use crate::store::{EventKind, ModelStatus, Store, StoreError};
-use crate::supervisor::{SlotError as WorkerSlotError, SlotState as WorkerState, Supervised, WorkerSpec};
+use crate::supervisor::{Pool, SlotError as WorkerSlotError, SlotState as WorkerState, WorkerSpec};
 use sentinel_worker_protocol::frame::{DType, Tensor};
 
 /// Why a version was not installed. The slot it was staged in is failed and
@@ -141,6 +141,7 @@ pub struct Installed {
 impl Serving {
     fn start_worker(
         &self,
+        models_served: usize,
         model: &str,
         color: Color,
         m: &ModelManifest,
@@ -160,8 +161,13 @@ impl Serving {
         spec.memory_limit_bytes = self.settings.memory_limit_bytes;
         spec.request_timeout = self.settings.request_timeout;
         spec.load_timeout = self.settings.load_timeout;
-        let worker = Supervised::start(spec, self.restart.clone());
-        self.metrics.watch_worker(model, color.as_str(), &worker);
+        spec.engine = self.settings.engine_of(model);
+        spec.ort_dylib = self.settings.ort_library.clone();
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let size = self.settings.workers_of(model, cpus, models_served);
+        let worker = Pool::start(&spec, &self.restart, size);
+        tracing::info!(model, slot = color.as_str(), version = %m.version, workers = size, engine = %spec.engine, "starting workers");
+        self.metrics.watch_pool(model, color.as_str(), &worker);
         Ok(Arc::new(Loaded {
             model: model.to_owned(),
             color,
@@ -192,6 +198,7 @@ impl Serving {
                 return;
             }
         };
+        let served = rows.iter().filter(|r| r.status != ModelStatus::Removed).count();
         for row in rows.iter().filter(|r| r.status != ModelStatus::Removed) {
             let mut slots = match store.load_slots(&row.name) {
                 Ok(Some(slots)) => slots,
@@ -224,9 +231,14 @@ impl Serving {
                     continue;
                 }
                 let loaded = match manifest_of(sha) {
-                    Some(m) if store.has_model(sha) => {
-                        self.start_worker(&row.name, c, &m, row.active_deployment.unwrap_or(0), store.model_path(sha))
-                    }
+                    Some(m) if store.has_model(sha) => self.start_worker(
+                        served,
+                        &row.name,
+                        c,
+                        &m,
+                        row.active_deployment.unwrap_or(0),
+                        store.model_path(sha),
+                    ),
                     _ => Err(LoadError::Gone { sha256: sha.to_owned() }),
                 };
                 match loaded {
@@ -263,7 +275,8 @@ impl Serving {
             ms.swap(|r| Route { candidate: None, mode: CandidateMode::Idle, ..r.clone() });
             Err(err)
         };
-        let loaded = match self.start_worker(&m.name, color, m, req.deployment_id, req.model_path) {
+        let served = self.models.read().unwrap_or_else(PoisonError::into_inner).len();
+        let loaded = match self.start_worker(served, &m.name, color, m, req.deployment_id, req.model_path) {
             Ok(l) => l,
             Err(e) => return fail(&mut slots, InstallError::Load(e)),
         };
@@ -335,18 +348,16 @@ impl Serving {
     }
 }
 
-/// Waits until the worker is ready, or returns why it never will be.
-async fn wait_running(worker: &Supervised) -> Result<(), LoadError> {
-    let mut rx = worker.subscribe();
-    let end = rx.wait_for(|s| matches!(s, WorkerState::Running { .. } | WorkerState::Failed(_))).await;
-    match end.as_deref() {
-        Ok(WorkerState::Running { confined: false, unconfined_reason, .. }) => {
+/// Waits until every worker of the pool is ready, or returns why one never will be.
+async fn wait_running(pool: &Pool) -> Result<(), LoadError> {
+    match pool.wait_ready().await {
+        WorkerState::Running { confined: false, unconfined_reason, .. } => {
             tracing::warn!(reason = ?unconfined_reason, "WORKER RUNS WITHOUT ITS SECCOMP SANDBOX");
             Ok(())
         }
-        Ok(WorkerState::Running { .. }) => Ok(()),
-        Ok(WorkerState::Failed(reason)) => Err(LoadError::Worker(reason.clone())),
-        Ok(WorkerState::Starting { .. }) | Err(_) => Err(LoadError::SupervisorStopped),
+        WorkerState::Running { .. } => Ok(()),
+        WorkerState::Failed(reason) => Err(LoadError::Worker(reason)),
+        WorkerState::Starting { .. } => Err(LoadError::SupervisorStopped),
     }
 }
 
@@ -380,8 +391,11 @@ async fn validate(
             })
             .collect::<Result<_, _>>()?,
     };
-    let outputs = slot.worker.infer(&probe).await.map_err(ValidateError::Probe)?;
-    check_outputs(&slot.outputs, &outputs)?;
+    // Every worker of the pool runs the probe: each is checked, and warm
+    // before the slot takes traffic.
+    for outputs in slot.worker.infer_each(&probe).await.map_err(ValidateError::Probe)? {
+        check_outputs(&slot.outputs, &outputs)?;
+    }
     let Some(set) = set else { return Ok(None) };
     if slot.inputs.len() != 1 || !first.batched() {
         tracing::warn!(model = %m.name, "a validation set needs one input with a batch dim; accuracy not measured");

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use super::io::TensorInfo;
 use crate::rollout::window::{SlotMetrics, SlotWindow};
 use crate::slots::{Color, Slots};
-use crate::supervisor::Supervised;
+use crate::supervisor::Pool;
 
-/// A version loaded into one slot, with its supervised worker.
+/// A version loaded into one slot, with its pool of supervised workers.
 #[derive(Debug)]
 pub struct Loaded {
     pub model: String,
@@ -20,7 +20,7 @@ pub struct Loaded {
     pub deployment_id: i64,
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
-    pub worker: Supervised,
+    pub worker: Pool,
     /// Accuracy measured on the validation set at load, if it had one.
     pub validation_accuracy: RwLock<Option<f64>>,
     pub requests: AtomicU64,

@@ -8,8 +8,10 @@
 //!
 //! # Layout
 //! - [`process`]: [`WorkerSpec`], [`Worker`] and their errors.
-//! - this module: [`Supervised`], the self-restarting slot.
+//! - this module: [`Supervised`], one self-restarting worker.
+//! - [`pool`]: [`Pool`], the supervised workers that serve one slot.
 
+pub mod pool;
 pub mod process;
 
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{RwLock, watch};
 
+pub use pool::{Pool, WorkerView};
+use process::Failure;
 pub use process::{Exit, InferError, SupervisorError, TestProbes, Worker, WorkerSpec};
 
 use sentinel_worker_protocol::frame::Tensor;
@@ -81,6 +85,15 @@ pub enum SlotError {
     Failed(String),
 }
 
+/// Whether a failed request reached a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivered {
+    /// Written in full (or timed out): it may be what killed the worker.
+    Yes,
+    /// The worker was gone first; another worker may safely run it.
+    No,
+}
+
 #[derive(Debug, Default)]
 struct Stats {
     restarts: u64,
@@ -128,6 +141,11 @@ impl Supervised {
         self.inner.state.borrow().clone()
     }
 
+    /// Whether a worker is serving, without copying the state.
+    pub fn is_running(&self) -> bool {
+        matches!(*self.inner.state.borrow(), SlotState::Running { .. })
+    }
+
     /// How many times a replacement worker came up after a failure.
     pub fn restarts(&self) -> u64 {
         self.inner.stats().restarts
@@ -152,16 +170,25 @@ impl Supervised {
 
     /// Like [`Supervised::infer`], with the model's compute time as the worker measured it.
     pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
+        self.attempt(inputs).await.map_err(|(e, _)| e)
+    }
+
+    /// Like [`Supervised::infer_timed`], saying on failure whether the
+    /// request reached a worker (see [`pool`]).
+    pub(crate) async fn attempt(
+        &self,
+        inputs: &[Tensor],
+    ) -> Result<(Vec<Tensor>, Option<Duration>), (SlotError, Delivered)> {
         let worker = match self.worker().await {
             Some(w) => w,
-            None => self.wait_for_worker().await?,
+            None => self.wait_for_worker().await.map_err(|e| (e, Delivered::No))?,
         };
-        match worker.infer_timed(inputs).await {
+        match worker.attempt(inputs).await {
             Ok(done) => Ok(done),
-            Err(e @ InferError::BadInput(_)) => Err(e.into()),
-            Err(e) => {
-                self.inner.worker_died(&worker, &e).await;
-                Err(e.into())
+            Err(Failure { error: e @ InferError::BadInput(_), .. }) => Err((e.into(), Delivered::Yes)),
+            Err(Failure { error, delivered }) => {
+                self.inner.worker_died(&worker, &error).await;
+                Err((error.into(), if delivered { Delivered::Yes } else { Delivered::No }))
             }
         }
     }

@@ -100,6 +100,19 @@ pub fn worker_pid(l: &sentinel_agent::serving::Loaded) -> Option<u32> {
     }
 }
 
+/// The pid of each worker of a loaded slot's pool (`None` while one restarts).
+pub async fn pool_pids(l: &sentinel_agent::serving::Loaded) -> Vec<Option<u32>> {
+    l.worker
+        .workers()
+        .await
+        .into_iter()
+        .map(|w| match w.state {
+            sentinel_agent::supervisor::SlotState::Running { pid, .. } => Some(pid),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The pid of the worker behind `model`'s active slot, while it runs.
 pub fn active_pid(agent: &AgentHandle, model: &str) -> Option<u32> {
     worker_pid(agent.route(model)?.active.as_ref()?)

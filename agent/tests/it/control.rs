@@ -41,8 +41,9 @@ async fn status_shows_both_slots_and_rollback_puts_the_standby_back() {
     let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
     hub.push("digits", "1.0.0", V1, "").await;
     hub.push("digits", "2.0.0", V2, "").await;
-    // The standby stays watched for an hour: the rollback comes from the operator.
-    let extra = "[rollout]\nstandby_bake_seconds = 3600\n[labels]\nsite = \"a\"\n";
+    // The standby stays watched for an hour: the rollback comes from the
+    // operator. Each slot has a pool of two workers.
+    let extra = "[rollout]\nstandby_bake_seconds = 3600\n[labels]\nsite = \"a\"\n[serving]\nworkers = 2\n";
     let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
     let config = tmp.path().join("agent/agent.toml");
     let config = config.to_str().unwrap();
@@ -56,7 +57,19 @@ async fn status_shows_both_slots_and_rollback_puts_the_standby_back() {
     let (stdout, stderr) = text(&out);
     println!("{stdout}");
     assert!(out.status.success(), "{stderr}");
-    for want in ["edge-1 [site=a]", "connected since", "MODEL", "blue", "green", "standby", "active", "100%", "MiB"] {
+    for want in [
+        "edge-1 [site=a]",
+        "connected since",
+        "MODEL",
+        "blue",
+        "green",
+        "standby",
+        "active",
+        "100%",
+        "MiB",
+        "tract",
+        " +1",
+    ] {
         assert!(stdout.contains(want), "`{want}` missing from the table:\n{stdout}");
     }
 
@@ -75,11 +88,30 @@ async fn status_shows_both_slots_and_rollback_puts_the_standby_back() {
     assert_eq!(slot("active")["metrics"]["requests"], 5);
     assert_eq!(slot("standby")["version"], "1.0.0");
     assert_eq!(slot("standby")["traffic_percent"], 0);
+    let pids = |slot: &Value| -> Vec<u64> {
+        slot["worker"]["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap()).collect()
+    };
     for x in slots {
-        assert!(x["worker"]["pid"].as_u64().unwrap() > 0, "{x}");
-        assert!(x["worker"]["rss_bytes"].as_u64().unwrap() > 0, "{x}");
-        assert_eq!(x["worker"]["state"], "running");
+        let w = &x["worker"];
+        assert!(w["pid"].as_u64().unwrap() > 0, "{x}");
+        assert_eq!(w["state"], "running");
+        assert_eq!(w["engine"], "tract");
+        assert_eq!(w["confined"], true);
+        // Each worker is listed, running and confined; the memory figures are the pool's totals.
+        let workers = w["workers"].as_array().unwrap();
+        assert_eq!(workers.len(), 2, "{x}");
+        assert!(workers.iter().all(|p| p["state"] == "running" && p["confined"] == true), "{x}");
+        let rss: u64 = workers.iter().map(|p| p["rss_bytes"].as_u64().unwrap()).sum();
+        assert!(rss > 0);
+        assert_eq!(w["rss_bytes"].as_u64().unwrap(), rss, "{x}");
+        assert_eq!(w["memory_limit_bytes"], 2 * (2048u64 << 20), "{x}");
+        assert_ne!(pids(x)[0], pids(x)[1]);
     }
+    // Validation ran its probe on every worker of the new pool.
+    assert!(
+        slot("active")["worker"]["workers"].as_array().unwrap().iter().all(|w| w["answered"].as_u64().unwrap() >= 1)
+    );
+    let standby_pids = pids(slot("standby"));
     assert_eq!(s["last_rollback"], Value::Null);
 
     let out = run(&["models", "--config", config]).await;
@@ -105,6 +137,9 @@ async fn status_shows_both_slots_and_rollback_puts_the_standby_back() {
 
     let out = run(&["status", "--json", "--config", config]).await;
     let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slots = s["models"][0]["slots"].as_array().unwrap();
+    let active = slots.iter().find(|x| x["state"] == "active").unwrap();
+    assert_eq!(pids(active), standby_pids, "the rollback switched the whole warm pool back: {s}");
     assert_eq!(s["last_rollback"]["reason"], "operator rollback");
     assert_eq!(s["last_rollback"]["version"], "2.0.0");
     let out = run(&["status", "--config", config]).await;

@@ -61,7 +61,10 @@ async fn metrics_follow_traffic_rollbacks_and_conventions() {
     assert_eq!(sample(&text, "sentinel_agent_hub_connected"), Some(1.0));
     assert_eq!(sample(&text, "sentinel_agent_build_info{version=\"0.1.0\"}"), Some(1.0));
     assert_eq!(sample(&text, "sentinel_agent_download_bytes_total"), Some(model_bytes(V1).len() as f64));
-    assert!(sample(&text, &format!("sentinel_agent_worker_resident_bytes{{{v1}}}")).unwrap() > 1e6, "{text}");
+    assert!(
+        sample(&text, &format!("sentinel_agent_worker_resident_bytes{{{v1},worker=\"0\"}}")).unwrap() > 1e6,
+        "{text}"
+    );
 
     // v2, then an operator rollback: counted by reason.
     hub.deploy("digits", "2.0.0", "site=a").await;

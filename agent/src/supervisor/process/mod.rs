@@ -365,38 +365,48 @@ impl Worker {
 
     /// Runs one inference. Concurrent callers are served one at a time.
     pub async fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferError> {
-        self.request(&protocol::encode_request(inputs)).await.map(|(outputs, _)| outputs)
+        self.infer_timed(inputs).await.map(|(outputs, _)| outputs)
     }
 
     /// Like [`Worker::infer`], with the model's compute time as the worker measured it.
     pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), InferError> {
+        self.attempt(inputs).await.map_err(|f| f.error)
+    }
+
+    /// Like [`Worker::infer_timed`], saying on failure whether the request
+    /// reached the worker, so a pool can try a sibling with one that did not.
+    pub(crate) async fn attempt(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
         self.request(&protocol::encode_request(inputs)).await
     }
 
     /// Tests only: sends a `FORBID:<action>` probe (see [`TestProbes`]).
     #[doc(hidden)]
     pub async fn probe(&self, action: &str) -> Result<Vec<Tensor>, InferError> {
-        self.request(format!("FORBID:{action}").as_bytes()).await.map(|(outputs, _)| outputs)
+        self.request(format!("FORBID:{action}").as_bytes()).await.map(|(outputs, _)| outputs).map_err(|f| f.error)
     }
 
-    async fn request(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), InferError> {
+    async fn request(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
         let mut pipes = self.pipes.lock().await;
         if let Some(dead) = &pipes.dead {
-            return Err(dead.clone());
+            return Err(Failure { error: dead.clone(), delivered: false });
         }
         // If the caller drops this future mid-exchange, the stream is out of
         // step: the guard kills the worker and `dead` stays set.
         pipes.dead = Some(InferError::Cancelled);
         let guard = KillOnDrop(Some(&self.kill));
         let Pipes { stdin, stdout, .. } = &mut *pipes;
+        let mut delivered = false;
         let outcome = tokio::time::timeout(self.request_timeout, async {
             write_frame(stdin, payload).await?;
+            delivered = true;
             read_frame(stdout).await
         })
         .await;
         guard.disarm();
         pipes.dead = None;
-        let failure = match outcome {
+        // A timeout counts as delivered: the worker may be stuck on this very request.
+        let delivered = delivered || outcome.is_err();
+        let error = match outcome {
             // A half-done exchange leaves the stream out of step: a stuck
             // worker is a dead worker.
             Err(_) => {
@@ -405,7 +415,9 @@ impl Worker {
             }
             Ok(Ok(Some(frame))) => match protocol::decode_response_timed(&frame) {
                 Ok(outputs) => return Ok(outputs),
-                Err(ResponseError::Worker(message)) => return Err(InferError::BadInput(message)),
+                Err(ResponseError::Worker(message)) => {
+                    return Err(Failure { error: InferError::BadInput(message), delivered: true });
+                }
                 Err(ResponseError::Malformed(e)) => {
                     self.kill();
                     InferError::Malformed(e.to_string())
@@ -414,9 +426,19 @@ impl Worker {
             // The pipe closed: the process is dying; its exit says why.
             Ok(Ok(None) | Err(_)) => self.exited().await.into(),
         };
-        pipes.dead = Some(failure.clone());
-        Err(failure)
+        pipes.dead = Some(error.clone());
+        Err(Failure { error, delivered })
     }
+}
+
+/// A failed [`Worker::attempt`].
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) error: InferError,
+    /// Whether the whole request was written to the worker. One that was
+    /// not (the worker was already dead, or died before reading it) cannot
+    /// have caused the failure.
+    pub(crate) delivered: bool,
 }
 
 /// Kills the worker when dropped while armed.
