@@ -12,6 +12,7 @@
 //! - [`hub`]: [`hub::TestHub`], a real hub in the test's process.
 //! - [`wait`]: [`wait::eventually`], the one bounded poll loop.
 //! - [`models`]: the repository's test models and samples, and their readers.
+//! - [`ort`]: the ONNX Runtime library for tests of the `ort` engine.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,4 +21,5 @@ pub mod digits;
 pub mod dtype_cases;
 pub mod hub;
 pub mod models;
+pub mod ort;
 pub mod wait;

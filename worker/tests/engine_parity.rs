@@ -2,7 +2,7 @@
 //! a real confined `sentinel-worker` started by the supervisor: every digits
 //! model in `models/manifest.json` labels the held-out digits at least as well
 //! as its declared accuracy (less 0.02), and the text-direction classifier
-//! reproduces ONNX Runtime's reference output. With `--features ort` the same
+//! reproduces ONNX Runtime's reference output. With the `ort` feature (the default) the same
 //! runs go through ONNX Runtime, and its labels must agree with tract's sample
 //! by sample.
 //!
@@ -251,7 +251,7 @@ async fn tract_workers_carry_every_dtype_as_onnx_runtime_computes_it() {
 #[cfg(feature = "ort")]
 #[tokio::test]
 async fn onnx_runtime_workers_carry_every_dtype_bfloat16_and_strings_included() {
-    run_dtype_cases(Engine::Ort, Some(&ort_dylib())).await;
+    run_dtype_cases(Engine::Ort, Some(&sentinel_testkit::ort::library())).await;
 }
 
 #[tokio::test]
@@ -261,26 +261,10 @@ async fn tract_meets_the_declared_accuracy_and_reference_output() {
     assert_matches_references(&run, &models, &test);
 }
 
-/// The library for the ONNX Runtime half, or a failure that says how to get it.
-#[cfg(feature = "ort")]
-fn ort_dylib() -> PathBuf {
-    const HOW: &str = "the `ort` feature is on, so this test needs ONNX Runtime 1.32: run \
-                       `export ORT_DYLIB_PATH=\"$(.ci/install-onnxruntime)\"` (pip installs the onnxruntime==1.32.0 \
-                       wheel under target/ and prints its libonnxruntime.so path), or build without `--features ort`";
-    match std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
-        None => panic!("ORT_DYLIB_PATH is not set; {HOW}"),
-        Some(path) => {
-            let path = PathBuf::from(path);
-            assert!(path.is_file(), "ORT_DYLIB_PATH={} is not a file; {HOW}", path.display());
-            path
-        }
-    }
-}
-
 #[cfg(feature = "ort")]
 #[tokio::test]
 async fn onnx_runtime_meets_the_references_and_agrees_with_tract() {
-    let dylib = ort_dylib();
+    let dylib = sentinel_testkit::ort::library();
     let (models, test) = digits_cases();
     let ort = run_engine(Engine::Ort, Some(&dylib), &models, &test).await;
     assert_matches_references(&ort, &models, &test);

@@ -11,6 +11,7 @@ mod control;
 mod deploy_reaches_agent;
 mod device_isolation;
 mod dtypes;
+mod engines;
 mod fleet_halt;
 mod grafana;
 mod hostile_requests;
