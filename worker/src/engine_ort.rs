@@ -45,9 +45,14 @@ pub struct OrtModel {
 }
 
 /// Loads the ONNX file at `path` with one shape per model input, in order.
-/// Named symbolic dimensions are fixed to the given sizes; every declared
-/// fixed dimension must match the given shape.
-pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<InputSpec>), ModelError> {
+/// Named symbolic dimensions are fixed to the given sizes, but for the first
+/// dim of each input when `dynamic_batch` (so one session runs any batch);
+/// every declared fixed dimension must match the given shape.
+pub fn load(
+    path: &Path,
+    input_shapes: &[Vec<usize>],
+    dynamic_batch: bool,
+) -> Result<(OrtModel, Vec<InputSpec>), ModelError> {
     let load_err = |message: String| ModelError::Load { path: path.to_owned(), message };
     let environment = environment()?;
     let build = |overrides: &[(String, usize)]| -> Result<Session, ModelError> {
@@ -74,6 +79,8 @@ pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<I
     // Symbol -> the size every use of it was given; `None` once two uses
     // disagree.
     let mut symbols: Vec<(String, Option<usize>)> = Vec::new();
+    // Symbols of the batch dim, left dynamic wherever they appear.
+    let mut batch_symbols: Vec<String> = Vec::new();
     for (index, (outlet, shape)) in declared.iter().zip(input_shapes).enumerate() {
         let unsupported =
             |datum: String| ModelError::UnsupportedDType { path: path.to_owned(), what: "input", index, datum };
@@ -91,8 +98,12 @@ pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<I
                 given: shape.clone(),
             });
         }
-        for ((&d, &s), symbol) in dims.iter().zip(shape).zip(dimension_symbols.iter()) {
+        for (axis, ((&d, &s), symbol)) in dims.iter().zip(shape).zip(dimension_symbols.iter()).enumerate() {
             if d >= 0 || symbol.is_empty() {
+                continue;
+            }
+            if dynamic_batch && axis == 0 {
+                batch_symbols.push(symbol.clone());
                 continue;
             }
             match symbols.iter_mut().find(|(name, _)| name == symbol) {
@@ -108,8 +119,11 @@ pub fn load(path: &Path, input_shapes: &[Vec<usize>]) -> Result<(OrtModel, Vec<I
     // sizes stays dynamic, as do unnamed ones; the warm-up then shows whether
     // the model accepts the given shapes, and the request checks hold every
     // input to them.
-    let overrides: Vec<(String, usize)> =
-        symbols.into_iter().filter_map(|(name, size)| size.map(|size| (name, size))).collect();
+    let overrides: Vec<(String, usize)> = symbols
+        .into_iter()
+        .filter(|(name, _)| !batch_symbols.contains(name))
+        .filter_map(|(name, size)| size.map(|size| (name, size)))
+        .collect();
     let session = if overrides.is_empty() {
         session
     } else {

@@ -59,6 +59,8 @@ pub struct WorkerConfig {
     pub input_shapes: Vec<Vec<usize>>,
     /// Which engine runs the model.
     pub engine: Engine,
+    /// Largest batch a request may carry, run as one (1: fixed shapes only).
+    pub max_batch: usize,
     pub confinement: Confinement,
     pub probe: ForbiddenProbe,
 }
@@ -93,15 +95,17 @@ impl WorkerError {
 /// Runs a worker on this process's stdin and stdout. Returns `Ok` when stdin
 /// closes between frames.
 pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
-    let model = LoadedModel::load_with(config.engine, &config.model, &config.input_shapes)?;
+    let model = LoadedModel::load_batched(config.engine, &config.model, &config.input_shapes, config.max_batch)?;
     model.warm_up(&config.model)?;
     // Take the std handles and their buffers before the filter goes up, so
     // nothing is lazily initialised under it.
     let mut input = io::stdin().lock();
     let mut output = BufWriter::new(io::stdout().lock());
     let ready = match sandbox::confine(config.confinement)? {
-        SandboxStatus::Confined => Ready { ready: true, confined: true, reason: None },
-        SandboxStatus::Unconfined { reason } => Ready { ready: true, confined: false, reason: Some(reason) },
+        SandboxStatus::Confined => Ready { ready: true, confined: true, reason: None, max_batch: model.max_batch() },
+        SandboxStatus::Unconfined { reason } => {
+            Ready { ready: true, confined: false, reason: Some(reason), max_batch: model.max_batch() }
+        }
     };
     protocol::write_frame(&mut output, &protocol::encode_ready(&ready)).map_err(WorkerError::WriteResponse)?;
     serve(&model, &config.probe, &mut input, &mut output)

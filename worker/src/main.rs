@@ -32,6 +32,11 @@ struct Cli {
     /// ORT_DYLIB_PATH naming the ONNX Runtime library.
     #[arg(long, value_enum, default_value_t = EngineArg::Tract)]
     engine: EngineArg,
+    /// Run a request whose inputs all carry up to this many samples in their
+    /// first dim as one batch (the fixed shapes' first dim must be 1, the
+    /// model's symbolic batch dim). 1: fixed shapes only.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    max_batch: u16,
     /// Install the seccomp sandbox after warm-up (`off` only for debugging).
     #[arg(long, value_enum, default_value_t = ConfinementArg::On)]
     confinement: ConfinementArg,
@@ -93,7 +98,14 @@ fn main() -> ExitCode {
         }));
     }
     let probe = probe(&cli);
-    let config = WorkerConfig { model: cli.model, input_shapes: cli.input_shapes, engine, confinement, probe };
+    let config = WorkerConfig {
+        model: cli.model,
+        input_shapes: cli.input_shapes,
+        engine,
+        max_batch: usize::from(cli.max_batch),
+        confinement,
+        probe,
+    };
     match worker::run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -58,14 +58,22 @@ pub enum InferenceError {
     InputCount { expected: usize, found: usize },
     #[error("input {index}: expected {expected}, got {found}")]
     DType { index: usize, expected: DType, found: DType },
-    #[error("input {index}: expected shape {expected:?}, got {found:?}")]
-    Shape { index: usize, expected: Vec<usize>, found: Vec<usize> },
+    #[error("input {index}: expected shape {expected:?}{}, got {found:?}", batch_note(*.max_batch))]
+    Shape { index: usize, expected: Vec<usize>, found: Vec<usize>, max_batch: usize },
     #[error("input {index}: element {element} is {value}; inputs must be finite")]
     NotFinite { index: usize, element: usize, value: f64 },
     #[error("inference failed: {0}")]
     Run(String),
     #[error("output {index} has unsupported type {datum}")]
     OutputDType { index: usize, datum: String },
+}
+
+fn batch_note(max_batch: usize) -> String {
+    if max_batch > 1 {
+        format!(" (or a batch of up to {max_batch} in the first dim of every input)")
+    } else {
+        String::new()
+    }
 }
 
 /// The shape and type a request must have for one input.
@@ -80,6 +88,11 @@ pub struct InputSpec {
 pub struct LoadedModel {
     runner: Runner,
     inputs: Vec<InputSpec>,
+    /// Largest batch one request may carry in every input's first dim (1:
+    /// exactly the fixed shapes). See [`LoadedModel::load_batched`].
+    max_batch: usize,
+    /// tract's plan for any batch size, beside the one for the fixed shapes.
+    batched: Option<Arc<TypedRunnableModel>>,
 }
 
 /// The engine-specific half of a [`LoadedModel`].
@@ -99,16 +112,58 @@ impl LoadedModel {
 
     /// Loads the ONNX file at `path` with `engine`; see [`LoadedModel::load`].
     pub fn load_with(engine: Engine, path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, ModelError> {
+        LoadedModel::load_batched(engine, path, input_shapes, 1)
+    }
+
+    /// Like [`LoadedModel::load_with`], also running requests whose inputs
+    /// all carry a batch of 1 to `max_batch` samples in their first dim (the
+    /// fixed shapes' first dim being the model's symbolic batch dim, fixed to
+    /// 1). Such a batch runs as one: ONNX Runtime leaves the batch dim
+    /// dynamic; tract gets a second plan with a symbolic first dim, beside
+    /// the one for the fixed shapes that single requests keep. A model tract
+    /// cannot plan that way serves single samples only, and says so on stderr.
+    pub fn load_batched(
+        engine: Engine,
+        path: &Path,
+        input_shapes: &[Vec<usize>],
+        max_batch: usize,
+    ) -> Result<LoadedModel, ModelError> {
+        let batchable = max_batch > 1 && !input_shapes.is_empty() && input_shapes.iter().all(|s| s.first() == Some(&1));
         match engine {
-            Engine::Tract => load_tract(path, input_shapes),
+            Engine::Tract => {
+                let mut model = load_tract(path, input_shapes)?;
+                if batchable {
+                    match optimise_tract_symbolic(path, input_shapes).and_then(|typed| {
+                        typed
+                            .into_runnable()
+                            .map_err(|e| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") })
+                    }) {
+                        Ok(plan) => {
+                            model.batched = Some(plan);
+                            model.max_batch = max_batch;
+                        }
+                        Err(e) => eprintln!(
+                            "sentinel-worker: {}: no plan for a dynamic batch, batches run sample by sample: {e}",
+                            path.display()
+                        ),
+                    }
+                }
+                Ok(model)
+            }
             #[cfg(feature = "ort")]
             Engine::Ort => {
-                let (model, inputs) = crate::engine_ort::load(path, input_shapes)?;
-                Ok(LoadedModel { runner: Runner::Ort(model), inputs })
+                let (model, inputs) = crate::engine_ort::load(path, input_shapes, batchable)?;
+                let max_batch = if batchable { max_batch } else { 1 };
+                Ok(LoadedModel { runner: Runner::Ort(model), inputs, max_batch, batched: None })
             }
             #[cfg(not(feature = "ort"))]
             Engine::Ort => Err(ModelError::EngineUnavailable { engine }),
         }
+    }
+
+    /// The largest batch a request may carry (1 when batches are not run as one).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 
     /// What each request input must look like.
@@ -121,7 +176,24 @@ impl LoadedModel {
     /// buffers, ONNX Runtime's allocation arenas) is done before the sandbox
     /// goes up.
     pub fn warm_up(&self, path: &Path) -> Result<(), ModelError> {
-        self.run_zeros().map(drop).map_err(|e| ModelError::WarmUp { path: path.to_owned(), message: e.to_string() })
+        let warm_err = |e: InferenceError| ModelError::WarmUp { path: path.to_owned(), message: e.to_string() };
+        self.run_zeros().map_err(warm_err)?;
+        if self.max_batch > 1 {
+            // The batched path too, at the largest batch, so that its
+            // buffers are sized before the sandbox goes up.
+            let zeros = self
+                .inputs
+                .iter()
+                .map(|spec| {
+                    let mut shape = spec.shape.clone();
+                    shape[0] = self.max_batch;
+                    Tensor::zeros(spec.dtype, &shape).map_err(|e| InferenceError::Run(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(warm_err)?;
+            self.run(&zeros).map_err(warm_err)?;
+        }
+        Ok(())
     }
 
     /// Runs the model once on all-zero inputs of the fixed shapes: the
@@ -141,35 +213,67 @@ impl LoadedModel {
         self.run(&zeros)
     }
 
-    /// Checks `inputs` against the fixed specs, then runs the model.
+    /// Checks `inputs` against the fixed specs (or a batch of them), then runs the model.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
-        check_inputs(&self.inputs, inputs)?;
-        match &self.runner {
-            Runner::Tract(plan) => run_tract(plan, inputs),
+        let batch = check_inputs(&self.inputs, inputs, self.max_batch)?;
+        match (&self.runner, &self.batched) {
+            // A single sample keeps the plan made for its fixed shape, the
+            // fastest. tract picks a matrix-vector kernel for one row and a
+            // matrix-matrix kernel for several, so a sample's float outputs
+            // may differ in the last bits with the batch it came in (labels
+            // do not); running singles on the batched plan would not help,
+            // as it makes the same choice at run time.
+            (Runner::Tract(_), Some(plan)) if batch.is_some() => run_tract(plan, inputs),
+            (Runner::Tract(plan), _) => run_tract(plan, inputs),
             #[cfg(feature = "ort")]
-            Runner::Ort(model) => model.run(inputs),
+            (Runner::Ort(model), _) => model.run(inputs),
         }
     }
 }
 
 /// The request checks both engines rely on: the right number of inputs, each
-/// with the fixed element type and shape, and no NaN or infinity in float data.
-fn check_inputs(specs: &[InputSpec], inputs: &[Tensor]) -> Result<(), InferenceError> {
+/// with the fixed element type and shape, and no NaN or infinity in float
+/// data. With `max_batch` over 1, every input may instead carry the same
+/// batch of 2 to `max_batch` samples in its first dim, returned.
+fn check_inputs(specs: &[InputSpec], inputs: &[Tensor], max_batch: usize) -> Result<Option<usize>, InferenceError> {
     if inputs.len() != specs.len() {
         return Err(InferenceError::InputCount { expected: specs.len(), found: inputs.len() });
     }
+    let mut batch = None;
     for (index, (t, spec)) in inputs.iter().zip(specs).enumerate() {
         if t.dtype != spec.dtype {
             return Err(InferenceError::DType { index, expected: spec.dtype, found: t.dtype });
         }
         if t.shape != spec.shape {
-            return Err(InferenceError::Shape { index, expected: spec.shape.clone(), found: t.shape.clone() });
+            let n = t.shape.first().copied().unwrap_or(0);
+            let batched = max_batch > 1
+                && t.shape.len() == spec.shape.len()
+                && t.shape[1..] == spec.shape[1..]
+                && (2..=max_batch).contains(&n)
+                && batch.is_none_or(|b| b == n)
+                && (index == 0 || batch.is_some());
+            if !batched {
+                return Err(InferenceError::Shape {
+                    index,
+                    expected: spec.shape.clone(),
+                    found: t.shape.clone(),
+                    max_batch,
+                });
+            }
+            batch = Some(n);
+        } else if batch.is_some() {
+            return Err(InferenceError::Shape {
+                index,
+                expected: spec.shape.clone(),
+                found: t.shape.clone(),
+                max_batch,
+            });
         }
         if let Some((element, value)) = t.first_non_finite() {
             return Err(InferenceError::NotFinite { index, element, value });
         }
     }
-    Ok(())
+    Ok(batch)
 }
 
 fn load_tract(path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, ModelError> {
@@ -266,7 +370,31 @@ pub fn optimise_tract_steps(
     (Err(error), attempts)
 }
 
+/// Like [`optimise_tract`], with every input's first dim left symbolic
+/// (`N`): one plan for any batch size.
+fn optimise_tract_symbolic(path: &Path, input_shapes: &[Vec<usize>]) -> Result<TypedModel, ModelError> {
+    let mut first_error = None;
+    for step in LoadStep::ALL {
+        match optimise_tract_with(path, input_shapes, step, true) {
+            Ok(typed) => return Ok(typed),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| ModelError::Load { path: path.to_owned(), message: "no load step".into() }))
+}
+
 fn optimise_tract_step(path: &Path, input_shapes: &[Vec<usize>], step: LoadStep) -> Result<TypedModel, ModelError> {
+    optimise_tract_with(path, input_shapes, step, false)
+}
+
+fn optimise_tract_with(
+    path: &Path,
+    input_shapes: &[Vec<usize>],
+    step: LoadStep,
+    symbolic_batch: bool,
+) -> Result<TypedModel, ModelError> {
     let load_err = |e: TractError| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") };
     let framework = match step {
         LoadStep::AsDeclared => onnx().with_ignore_output_shapes(true),
@@ -277,9 +405,17 @@ fn optimise_tract_step(path: &Path, input_shapes: &[Vec<usize>], step: LoadStep)
     if count != input_shapes.len() {
         return Err(ModelError::InputCount { path: path.to_owned(), model: count, given: input_shapes.len() });
     }
+    let batch = model.symbols.sym("N");
     for (index, shape) in input_shapes.iter().enumerate() {
         let datum = model.input_fact(index).map_err(load_err)?.datum_type().unwrap_or(f32::datum_type());
-        model.set_input_fact(index, InferenceFact::dt_shape(datum, shape.clone())).map_err(load_err)?;
+        let fact = if symbolic_batch {
+            let dims: TVec<TDim> =
+                shape.iter().enumerate().map(|(i, &d)| if i == 0 { batch.to_dim() } else { d.to_dim() }).collect();
+            InferenceFact::dt_shape(datum, dims)
+        } else {
+            InferenceFact::dt_shape(datum, shape.clone())
+        };
+        model.set_input_fact(index, fact).map_err(load_err)?;
     }
     model.into_optimized().map_err(load_err)
 }
@@ -313,7 +449,7 @@ impl LoadedModel {
             }
         }
         let plan = typed.into_runnable().map_err(load_err)?;
-        Ok(LoadedModel { runner: Runner::Tract(plan), inputs })
+        Ok(LoadedModel { runner: Runner::Tract(plan), inputs, max_batch: 1, batched: None })
     }
 }
 

@@ -32,6 +32,7 @@ pub(super) struct RawServing {
     workers: Option<usize>,
     engine: Option<String>,
     ort_library: Option<PathBuf>,
+    max_batch_size: Option<usize>,
     #[serde(default)]
     models: BTreeMap<String, RawModelServing>,
 }
@@ -42,6 +43,7 @@ pub(super) struct RawServing {
 pub(super) struct RawModelServing {
     workers: Option<usize>,
     engine: Option<String>,
+    max_batch_size: Option<usize>,
 }
 
 /// Which engine a model's workers run (`serving.engine`, or per model).
@@ -83,6 +85,7 @@ pub struct ModelServingSettings {
     /// Workers in each of the model's slots.
     pub workers: Option<usize>,
     pub engine: Option<EngineChoice>,
+    pub max_batch_size: Option<usize>,
 }
 
 /// How the agent runs models and serves the local inference API.
@@ -128,15 +131,29 @@ pub struct ServingSettings {
     /// The ONNX Runtime library (`serving.ort_library`, else the agent's
     /// `ORT_DYLIB_PATH`), when that file exists.
     pub ort_library: Option<PathBuf>,
+    /// The largest batch of samples one worker run takes, for models with a
+    /// symbolic batch dim (default [`DEFAULT_MAX_BATCH`]; 1: sample by
+    /// sample). Larger request batches run in chunks of this size.
+    pub max_batch_size: usize,
     /// Per-model overrides.
     pub models: BTreeMap<String, ModelServingSettings>,
 }
+
+/// Default `serving.max_batch_size`.
+pub const DEFAULT_MAX_BATCH: usize = 64;
+/// Largest `max_batch_size` accepted (the worker's `--max-batch` bound).
+pub const MAX_BATCH_LIMIT: usize = 4096;
 
 impl ServingSettings {
     /// The engine `model`'s workers run.
     pub fn engine_of(&self, model: &str) -> Engine {
         let choice = self.models.get(model).and_then(|m| m.engine).unwrap_or(self.engine);
         choice.resolve(self.ort_library.as_deref())
+    }
+
+    /// The largest batch one run of `model` takes.
+    pub fn max_batch_of(&self, model: &str) -> usize {
+        self.models.get(model).and_then(|m| m.max_batch_size).unwrap_or(self.max_batch_size)
     }
 
     /// How many workers each of `model`'s slots gets: its own `workers`,
@@ -228,6 +245,13 @@ impl RawServing {
             v => Ok(v),
         };
         let workers = pool("serving.workers", self.workers)?;
+        let batch = |field: &str, v: Option<usize>| match v {
+            Some(n) if n == 0 || n > MAX_BATCH_LIMIT => {
+                Err(bad(field, format!("must be between 1 and {MAX_BATCH_LIMIT} (1: sample by sample)")))
+            }
+            v => Ok(v),
+        };
+        let max_batch_size = batch("serving.max_batch_size", self.max_batch_size)?.unwrap_or(DEFAULT_MAX_BATCH);
         let engine = match self.engine.as_deref() {
             None => EngineChoice::default(),
             Some(e) => EngineChoice::parse("serving.engine", e)?,
@@ -239,7 +263,8 @@ impl RawServing {
                 Some(e) => Some(EngineChoice::parse(&format!("serving.models.{name}.engine"), e)?),
             };
             let workers = pool(&format!("serving.models.{name}.workers"), m.workers)?;
-            models.insert(name, ModelServingSettings { workers, engine });
+            let max_batch_size = batch(&format!("serving.models.{name}.max_batch_size"), m.max_batch_size)?;
+            models.insert(name, ModelServingSettings { workers, engine, max_batch_size });
         }
         let ort_library = match self.ort_library.map(&resolve) {
             Some(path) if !path.is_file() => {
@@ -310,6 +335,7 @@ impl RawServing {
             workers,
             engine,
             ort_library,
+            max_batch_size,
             models,
         })
     }

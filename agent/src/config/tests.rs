@@ -146,15 +146,17 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
     assert_eq!((s.workers, s.engine, s.ort_library.clone()), (None, EngineChoice::Tract, None));
     assert_eq!(s.engine_of("digits"), Engine::Tract);
     assert_eq!(s.workers_of("digits", 4, 2), 2, "the CPUs divided among the models");
+    assert_eq!(s.max_batch_of("digits"), 64);
 
     let s = parse(
-        "workers = 3\nengine = \"auto\"\n[serving.models.textcls]\nworkers = 1\nengine = \"tract\"\n",
+        "workers = 3\nengine = \"auto\"\nmax_batch_size = 8\n[serving.models.textcls]\nworkers = 1\nengine = \"tract\"\nmax_batch_size = 1\n",
         &[("ORT_DYLIB_PATH", lib.to_str().expect("utf-8"))],
     )
     .expect("parses");
     assert_eq!(s.ort_library.as_deref(), Some(lib.as_path()), "auto finds the library through ORT_DYLIB_PATH");
     assert_eq!((s.engine_of("digits"), s.workers_of("digits", 8, 1)), (Engine::Ort, 3));
     assert_eq!((s.engine_of("textcls"), s.workers_of("textcls", 8, 1)), (Engine::Tract, 1));
+    assert_eq!((s.max_batch_of("digits"), s.max_batch_of("textcls")), (8, 1));
     let s = parse("engine = \"auto\"\n", &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]).expect("parses");
     assert_eq!(s.engine_of("digits"), Engine::Tract, "auto without the library is tract");
     let s = parse("ort_library = \"libonnxruntime.so\"\n[serving.models.d]\nengine = \"ort\"\n", &[]).expect("parses");
@@ -167,6 +169,8 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
         ("engine = \"gpu\"\n", "serving.engine", "\"tract\", \"ort\" or \"auto\""),
         ("[serving.models.d]\nengine = \"cuda\"\n", "serving.models.d.engine", "expected"),
         ("ort_library = \"missing.so\"\n", "serving.ort_library", "is not a file"),
+        ("max_batch_size = 0\n", "serving.max_batch_size", "between 1 and 4096"),
+        ("[serving.models.d]\nmax_batch_size = 5000\n", "serving.models.d.max_batch_size", "between 1 and 4096"),
     ] {
         let e = parse(serving, &[]).expect_err(serving).to_string();
         assert!(e.contains(field) && e.contains(why), "{serving:?}: {e}");

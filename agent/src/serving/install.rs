@@ -162,6 +162,11 @@ impl Serving {
         spec.request_timeout = self.settings.request_timeout;
         spec.load_timeout = self.settings.load_timeout;
         spec.engine = self.settings.engine_of(model);
+        // A batch runs as one only when every input's first dim is the
+        // model's symbolic batch dim.
+        if inputs.iter().all(TensorInfo::batched) {
+            spec.max_batch = self.settings.max_batch_of(model);
+        }
         spec.ort_dylib = self.settings.ort_library.clone();
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let size = self.settings.workers_of(model, cpus, models_served);

@@ -43,7 +43,7 @@ pub use io::{
     ServeError, Served, TensorInfo, check_inputs, check_outputs, model_io, order_inputs, predicted_label, show_dims,
     wire_dtype,
 };
-use io::{concat_batch, slice_sample};
+use io::{concat_batch, slice_samples};
 pub use slot::{CandidateMode, Loaded, MAX_SHADOW_IN_FLIGHT, ModelServing, Route, WINDOW_AGE, WINDOW_SAMPLES};
 
 /// Every model served on this device.
@@ -127,8 +127,8 @@ impl Serving {
     /// Runs one request with named inputs: on `version` when given, else on
     /// the active slot or, for a canary's share, on the candidate; in shadow
     /// mode the candidate also gets a mirror whose answer is only compared.
-    /// A batch of N samples on a model whose batch dim is symbolic is run
-    /// sample by sample.
+    /// A batch of N samples on a model whose batch dim is symbolic runs as
+    /// one batch, or in chunks of `max_batch_size` (see `run_batched`).
     pub async fn infer(
         &self,
         model: &str,
@@ -224,10 +224,15 @@ fn canary_turn(seq: u64, percent: u8) -> bool {
     (seq + 1) * p / 100 > seq * p / 100
 }
 
-/// Checks the inputs against the model and runs them, splitting a batch
-/// into single samples when the worker runs the model at batch 1. Returns
-/// the outputs and the model's compute time, as the worker measured it.
+/// Checks the inputs against the model and runs them. A batch of N samples
+/// runs as one when the slot's workers take batches that large; a larger one
+/// (or any, on workers that run single samples) runs in chunks, as many at a
+/// time as the pool has workers, and the outputs are joined in order.
+/// Returns the outputs and the model's compute time, summed over the chunks,
+/// as the workers measured it.
 async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Duration), ServeError> {
+    use futures_util::{StreamExt, TryStreamExt};
+
     let batch = check_inputs(&slot.inputs, &inputs)?;
     let unavailable = |e: SlotError| match e {
         SlotError::Worker(crate::supervisor::InferError::BadInput(reason)) => ServeError::BadInput(reason),
@@ -237,18 +242,31 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>,
             reason: other.to_string(),
         },
     };
-    let Some(n) = batch else {
-        let (outputs, compute) = slot.worker.infer_timed(&inputs).await.map_err(unavailable)?;
-        return Ok((outputs, compute.unwrap_or_default()));
+    let limit = slot.worker.max_batch().max(1);
+    let n = match batch {
+        Some(n) if n > limit => n,
+        // Fixed shapes, or a batch the workers run as one.
+        _ => {
+            let (outputs, compute) = slot.worker.infer_timed(&inputs).await.map_err(unavailable)?;
+            return Ok((outputs, compute.unwrap_or_default()));
+        }
     };
+    let chunks: Vec<Vec<Tensor>> = (0..n)
+        .step_by(limit)
+        .map(|start| inputs.iter().map(|t| slice_samples(t, start, limit.min(n - start), n)).collect())
+        .collect();
+    drop(inputs);
+    let runs: Vec<(Vec<Tensor>, Option<Duration>)> = futures_util::stream::iter(chunks)
+        .map(|chunk| async move { slot.worker.infer_timed(&chunk).await })
+        .buffered(slot.worker.size())
+        .try_collect()
+        .await
+        .map_err(unavailable)?;
+    let total = runs.iter().map(|(_, compute)| compute.unwrap_or_default()).sum();
     let mut per_output: Vec<Vec<Tensor>> = Vec::new();
-    let mut total = Duration::ZERO;
-    for i in 0..n {
-        let sample: Vec<Tensor> = inputs.iter().map(|t| slice_sample(t, i, n)).collect();
-        let (outputs, compute) = slot.worker.infer_timed(&sample).await.map_err(unavailable)?;
-        total += compute.unwrap_or_default();
+    for (outputs, _) in runs {
         if per_output.is_empty() {
-            per_output = vec![Vec::with_capacity(n); outputs.len()];
+            per_output = outputs.iter().map(|_| Vec::new()).collect();
         }
         for (acc, t) in per_output.iter_mut().zip(outputs) {
             acc.push(t);
@@ -260,7 +278,7 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>,
             concat_batch(parts).ok_or_else(|| ServeError::Unavailable {
                 model: slot.model.clone(),
                 version: slot.version.clone(),
-                reason: "outputs of single samples cannot be joined into a batch".to_owned(),
+                reason: "the outputs of a batch's chunks cannot be joined".to_owned(),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -14,6 +14,7 @@
 pub mod pool;
 pub mod process;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,8 @@ struct Inner {
     current: RwLock<Option<Arc<Worker>>>,
     state: watch::Sender<SlotState>,
     stats: StdMutex<Stats>,
+    /// The last started worker's [`Worker::max_batch`]; 0 before the first.
+    max_batch: AtomicUsize,
 }
 
 /// A worker slot that restarts its worker when it dies. Cloning shares the slot.
@@ -126,7 +129,14 @@ impl Supervised {
     pub fn start(spec: WorkerSpec, policy: RestartPolicy) -> Supervised {
         let (state, _) = watch::channel(SlotState::Starting { attempt: 0 });
         let stats = Stats { backoff: policy.initial_backoff, starting: true, ..Stats::default() };
-        let inner = Arc::new(Inner { spec, policy, current: RwLock::new(None), state, stats: StdMutex::new(stats) });
+        let inner = Arc::new(Inner {
+            spec,
+            policy,
+            current: RwLock::new(None),
+            state,
+            stats: StdMutex::new(stats),
+            max_batch: AtomicUsize::new(0),
+        });
         tokio::spawn(start_loop(Arc::clone(&inner), Duration::ZERO));
         Supervised { inner }
     }
@@ -144,6 +154,12 @@ impl Supervised {
     /// Whether a worker is serving, without copying the state.
     pub fn is_running(&self) -> bool {
         matches!(*self.inner.state.borrow(), SlotState::Running { .. })
+    }
+
+    /// The largest batch its worker runs as one (see [`Worker::max_batch`]);
+    /// 0 until a worker has started.
+    pub fn max_batch(&self) -> usize {
+        self.inner.max_batch.load(Ordering::Relaxed)
     }
 
     /// How many times a replacement worker came up after a failure.
@@ -323,6 +339,7 @@ async fn start_loop(inner: Arc<Inner>, mut delay: Duration) {
                     confined: worker.confined(),
                     unconfined_reason: worker.unconfined_reason().map(str::to_owned),
                 };
+                inner.max_batch.store(worker.max_batch(), Ordering::Relaxed);
                 let worker = Arc::new(worker);
                 monitor(&inner, &worker);
                 *inner.current.write().await = Some(worker);

@@ -120,6 +120,12 @@ impl Pool {
         self.shared.engine
     }
 
+    /// The largest batch one request may carry, run as one by any worker
+    /// (1 until the workers have started, or when they cannot batch).
+    pub fn max_batch(&self) -> usize {
+        self.members().map(Supervised::max_batch).filter(|&b| b > 0).min().unwrap_or(1)
+    }
+
     /// How many workers the pool has.
     pub fn size(&self) -> usize {
         self.shared.members.len()

@@ -3,6 +3,8 @@
 //! the engine that status and the v2 metadata name, and the worker process
 //! really has ONNX Runtime loaded when they say `ort`.
 
+#![allow(clippy::unwrap_used)]
+
 use crate::common;
 
 use common::*;

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod batching;
 mod control;
 mod deploy_reaches_agent;
 mod device_isolation;

@@ -53,6 +53,10 @@ pub struct WorkerSpec {
     /// gets `ORT_DISABLE_TELEMETRY=1`). Whoever builds the spec takes it from
     /// the agent's own `ORT_DYLIB_PATH`.
     pub ort_dylib: Option<PathBuf>,
+    /// Largest batch a request may carry in every input's first dim, run as
+    /// one (`--max-batch`); 1 for the fixed shapes only. The worker may
+    /// grant less (see [`Worker::max_batch`]).
+    pub max_batch: usize,
     /// `RLIMIT_AS` for the worker, if any.
     pub memory_limit_bytes: Option<u64>,
     /// Bound on one request/response exchange; a worker that misses it is killed.
@@ -75,6 +79,7 @@ impl WorkerSpec {
             confinement: Confinement::Enforce,
             engine: Engine::Tract,
             ort_dylib: None,
+            max_batch: 1,
             memory_limit_bytes: None,
             request_timeout: Duration::from_secs(5),
             load_timeout: Duration::from_secs(60),
@@ -225,6 +230,9 @@ impl Worker {
         }
         cmd.arg("--confinement").arg(spec.confinement.flag());
         cmd.arg("--engine").arg(spec.engine.name());
+        if spec.max_batch > 1 {
+            cmd.arg("--max-batch").arg(spec.max_batch.to_string());
+        }
         if spec.test_probes == TestProbes::Honour {
             cmd.arg("--test-forbidden");
         }
@@ -332,6 +340,13 @@ impl Worker {
     /// Why the worker is not confined, when it is not.
     pub fn unconfined_reason(&self) -> Option<&str> {
         self.ready.reason.as_deref()
+    }
+
+    /// The largest batch one request may carry, run as one: what the worker
+    /// granted of [`WorkerSpec::max_batch`] (1 when its engine could not plan
+    /// a dynamic batch).
+    pub fn max_batch(&self) -> usize {
+        self.ready.max_batch.max(1)
     }
 
     /// Resident memory of the process (`VmRSS`), `None` once it is gone.

@@ -105,6 +105,15 @@ pub struct Ready {
     /// Why the worker is not confined, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The largest batch one request may carry in every input's first dim,
+    /// run as one (`--max-batch`; 1, the default, when batches are not run
+    /// as one).
+    #[serde(default = "one")]
+    pub max_batch: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Encodes a request carrying `inputs`, in model input order.

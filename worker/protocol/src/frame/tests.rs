@@ -233,9 +233,12 @@ fn non_finite_floats_are_found_in_every_float_dtype() {
 
 #[test]
 fn ready_round_trips() {
-    let ready = Ready { ready: true, confined: false, reason: Some("sandbox unavailable: ENOSYS".into()) };
+    let ready =
+        Ready { ready: true, confined: false, reason: Some("sandbox unavailable: ENOSYS".into()), max_batch: 64 };
     assert_eq!(decode_ready(&encode_ready(&ready)).unwrap(), ready);
-    let line = encode_ready(&Ready { ready: true, confined: true, reason: None });
-    assert_eq!(line, b"{\"ready\":true,\"confined\":true}\n");
+    let line = encode_ready(&Ready { ready: true, confined: true, reason: None, max_batch: 1 });
+    assert_eq!(line, b"{\"ready\":true,\"confined\":true,\"max_batch\":1}\n");
+    // A worker that predates batching says nothing of it: it runs fixed shapes only.
+    assert_eq!(decode_ready(b"{\"ready\":true,\"confined\":true}\n").unwrap().max_batch, 1);
     assert!(decode_ready(b"not json").is_err());
 }
