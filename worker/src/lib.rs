@@ -61,6 +61,9 @@ pub struct WorkerConfig {
     pub engine: Engine,
     /// Largest batch a request may carry, run as one (1: fixed shapes only).
     pub max_batch: usize,
+    /// Keep running batches as one only if that is faster per sample
+    /// (`--tune-batch`; see [`LoadedModel::tune_batching`]).
+    pub tune_batch: bool,
     pub confinement: Confinement,
     pub probe: ForbiddenProbe,
 }
@@ -95,8 +98,20 @@ impl WorkerError {
 /// Runs a worker on this process's stdin and stdout. Returns `Ok` when stdin
 /// closes between frames.
 pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
-    let model = LoadedModel::load_batched(config.engine, &config.model, &config.input_shapes, config.max_batch)?;
+    let mut model = LoadedModel::load_batched(config.engine, &config.model, &config.input_shapes, config.max_batch)?;
     model.warm_up(&config.model)?;
+    if config.tune_batch {
+        let wanted = model.max_batch();
+        match model.tune_batching() {
+            Ok(Some((one, per_sample))) => eprintln!(
+                "sentinel-worker: {}: one sample {one:?}, a sample in a batch of {wanted} {per_sample:?}: batches {}",
+                config.model.display(),
+                if model.max_batch() > 1 { "run as one" } else { "run sample by sample (not worth it)" }
+            ),
+            Ok(None) => {}
+            Err(e) => return Err(ModelError::WarmUp { path: config.model.clone(), message: e.to_string() }.into()),
+        }
+    }
     // Take the std handles and their buffers before the filter goes up, so
     // nothing is lazily initialised under it.
     let mut input = io::stdin().lock();

@@ -37,6 +37,11 @@ struct Cli {
     /// model's symbolic batch dim). 1: fixed shapes only.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4096))]
     max_batch: u16,
+    /// With --max-batch: time one sample against the largest batch at load
+    /// and run batches sample by sample unless a sample in the batch costs at
+    /// most 0.8x of one alone.
+    #[arg(long)]
+    tune_batch: bool,
     /// Install the seccomp sandbox after warm-up (`off` only for debugging).
     #[arg(long, value_enum, default_value_t = ConfinementArg::On)]
     confinement: ConfinementArg,
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
         input_shapes: cli.input_shapes,
         engine,
         max_batch: usize::from(cli.max_batch),
+        tune_batch: cli.tune_batch,
         confinement,
         probe,
     };

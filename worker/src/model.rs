@@ -13,7 +13,8 @@
 //! message whichever engine would have run it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::*;
 
@@ -91,8 +92,37 @@ pub struct LoadedModel {
     /// Largest batch one request may carry in every input's first dim (1:
     /// exactly the fixed shapes). See [`LoadedModel::load_batched`].
     max_batch: usize,
-    /// tract's plan for any batch size, beside the one for the fixed shapes.
-    batched: Option<Arc<TypedRunnableModel>>,
+    /// tract's plans for batches, beside the one for the fixed shapes.
+    batched: Option<TractBatch>,
+}
+
+/// How tract runs a batch of several samples.
+#[derive(Debug)]
+enum TractBatch {
+    /// One plan with a symbolic first dim, for any batch size.
+    Symbolic(Arc<TypedRunnableModel>),
+    /// A graph whose first dim tract cannot leave symbolic (e.g. a Reshape
+    /// to a shape computed from the batch): a plan per power-of-two batch
+    /// size, each made on first use from the graph kept in memory (the file
+    /// cannot be opened once the sandbox is up) and kept. A batch is padded
+    /// with zero samples to its bucket and the outputs cut back, so a client
+    /// sending every size between 2 and 64 makes at most 6 plans.
+    Buckets { graph: InferenceModel, fixed: Vec<Vec<usize>>, plans: Mutex<Vec<(usize, Arc<TypedRunnableModel>)>> },
+}
+
+/// Runs of each kind [`LoadedModel::tune_batching`] times.
+pub const TUNE_RUNS: usize = 2;
+
+/// Whether running a batch as one is worth it: a sample in the batch must
+/// cost at most 0.8x of a sample alone, so timing noise cannot turn it on
+/// for a model where it does not pay.
+pub fn batching_pays(single: Duration, per_sample_in_batch: Duration) -> bool {
+    per_sample_in_batch.as_secs_f64() <= 0.8 * single.as_secs_f64()
+}
+
+/// The power-of-two bucket a batch of `n` runs in, capped at `max`.
+fn bucket(n: usize, max: usize) -> usize {
+    n.next_power_of_two().min(max)
 }
 
 /// The engine-specific half of a [`LoadedModel`].
@@ -133,17 +163,13 @@ impl LoadedModel {
             Engine::Tract => {
                 let mut model = load_tract(path, input_shapes)?;
                 if batchable {
-                    match optimise_tract_symbolic(path, input_shapes).and_then(|typed| {
-                        typed
-                            .into_runnable()
-                            .map_err(|e| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") })
-                    }) {
-                        Ok(plan) => {
-                            model.batched = Some(plan);
+                    match tract_batching(path, input_shapes, max_batch) {
+                        Ok(batched) => {
+                            model.batched = Some(batched);
                             model.max_batch = max_batch;
                         }
                         Err(e) => eprintln!(
-                            "sentinel-worker: {}: no plan for a dynamic batch, batches run sample by sample: {e}",
+                            "sentinel-worker: {}: no plan for batches, they run sample by sample: {e}",
                             path.display()
                         ),
                     }
@@ -181,19 +207,53 @@ impl LoadedModel {
         if self.max_batch > 1 {
             // The batched path too, at the largest batch, so that its
             // buffers are sized before the sandbox goes up.
-            let zeros = self
-                .inputs
-                .iter()
-                .map(|spec| {
-                    let mut shape = spec.shape.clone();
-                    shape[0] = self.max_batch;
-                    Tensor::zeros(spec.dtype, &shape).map_err(|e| InferenceError::Run(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(warm_err)?;
-            self.run(&zeros).map_err(warm_err)?;
+            self.run(&self.batch_zeros().map_err(warm_err)?).map_err(warm_err)?;
         }
         Ok(())
+    }
+
+    /// Zeros of the fixed shapes with the largest batch in the first dim.
+    fn batch_zeros(&self) -> Result<Vec<Tensor>, InferenceError> {
+        self.inputs
+            .iter()
+            .map(|spec| {
+                let mut shape = spec.shape.clone();
+                shape[0] = self.max_batch;
+                Tensor::zeros(spec.dtype, &shape).map_err(|e| InferenceError::Run(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Times one sample against the largest batch ([`TUNE_RUNS`] runs each,
+    /// the fastest of each kept) and stops running batches as one unless
+    /// that is worth it per sample (see [`batching_pays`]). Convolutional
+    /// models on one CPU thread often run a large batch slower per sample
+    /// than single ones (the activations leave the cache). Call after
+    /// [`LoadedModel::warm_up`], before the sandbox goes up. Returns the
+    /// per-sample times (single, batched) measured, if it measured.
+    pub fn tune_batching(&mut self) -> Result<Option<(Duration, Duration)>, InferenceError> {
+        if self.max_batch <= 1 {
+            return Ok(None);
+        }
+        let single = self.inputs.iter().map(|s| Tensor::zeros(s.dtype, &s.shape)).collect::<Result<Vec<_>, _>>();
+        let single = single.map_err(|e| InferenceError::Run(e.to_string()))?;
+        let batch = self.batch_zeros()?;
+        let fastest = |inputs: &[Tensor]| -> Result<Duration, InferenceError> {
+            let mut best = Duration::MAX;
+            for _ in 0..TUNE_RUNS {
+                let start = Instant::now();
+                self.run(inputs)?;
+                best = best.min(start.elapsed());
+            }
+            Ok(best)
+        };
+        let one = fastest(&single)?;
+        let per_sample = fastest(&batch)? / u32::try_from(self.max_batch).unwrap_or(u32::MAX);
+        if !batching_pays(one, per_sample) {
+            self.max_batch = 1;
+            self.batched = None;
+        }
+        Ok(Some((one, per_sample)))
     }
 
     /// Runs the model once on all-zero inputs of the fixed shapes: the
@@ -216,17 +276,24 @@ impl LoadedModel {
     /// Checks `inputs` against the fixed specs (or a batch of them), then runs the model.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
         let batch = check_inputs(&self.inputs, inputs, self.max_batch)?;
-        match (&self.runner, &self.batched) {
+        match (&self.runner, &self.batched, batch) {
             // A single sample keeps the plan made for its fixed shape, the
             // fastest. tract picks a matrix-vector kernel for one row and a
             // matrix-matrix kernel for several, so a sample's float outputs
             // may differ in the last bits with the batch it came in (labels
             // do not); running singles on the batched plan would not help,
             // as it makes the same choice at run time.
-            (Runner::Tract(_), Some(plan)) if batch.is_some() => run_tract(plan, inputs),
-            (Runner::Tract(plan), _) => run_tract(plan, inputs),
+            (Runner::Tract(_), Some(TractBatch::Symbolic(plan)), Some(_)) => run_tract(plan, inputs),
+            (Runner::Tract(_), Some(TractBatch::Buckets { graph, fixed, plans }), Some(n)) => {
+                let size = bucket(n, self.max_batch);
+                let plan = bucket_plan(graph, fixed, plans, size)?;
+                let padded: Vec<Tensor> = inputs.iter().map(|t| pad_batch(t, size)).collect::<Result<_, _>>()?;
+                let outputs = run_tract(&plan, &padded)?;
+                outputs.into_iter().enumerate().map(|(index, o)| cut_batch(index, o, n, size)).collect()
+            }
+            (Runner::Tract(plan), _, _) => run_tract(plan, inputs),
             #[cfg(feature = "ort")]
-            (Runner::Ort(model), _) => model.run(inputs),
+            (Runner::Ort(model), _, _) => model.run(inputs),
         }
     }
 }
@@ -370,19 +437,102 @@ pub fn optimise_tract_steps(
     (Err(error), attempts)
 }
 
-/// Like [`optimise_tract`], with every input's first dim left symbolic
-/// (`N`): one plan for any batch size.
-fn optimise_tract_symbolic(path: &Path, input_shapes: &[Vec<usize>]) -> Result<TypedModel, ModelError> {
+/// tract's way to run batches of up to `max_batch`: one plan with a symbolic
+/// first dim when the graph allows it, else per-size plans made from the
+/// graph kept in memory (the largest made here, so the file is read and the
+/// batched path exercised before the sandbox goes up).
+fn tract_batching(path: &Path, input_shapes: &[Vec<usize>], max_batch: usize) -> Result<TractBatch, ModelError> {
+    let load_err = |e: TractError| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") };
     let mut first_error = None;
     for step in LoadStep::ALL {
-        match optimise_tract_with(path, input_shapes, step, true) {
-            Ok(typed) => return Ok(typed),
+        match optimise_tract_with(path, input_shapes, step, true).and_then(|t| t.into_runnable().map_err(load_err)) {
+            Ok(plan) => return Ok(TractBatch::Symbolic(plan)),
             Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
     }
-    Err(first_error.unwrap_or_else(|| ModelError::Load { path: path.to_owned(), message: "no load step".into() }))
+    let symbolic = first_error.map(|e| e.to_string()).unwrap_or_default();
+    for step in LoadStep::ALL {
+        let graph = step_framework(step).model_for_path(path).map_err(load_err)?;
+        let plans = Mutex::new(Vec::new());
+        if bucket_plan(&graph, input_shapes, &plans, max_batch).is_ok() {
+            eprintln!(
+                "sentinel-worker: {}: tract cannot leave the batch dim symbolic ({symbolic}); batches run on a plan per power-of-two size",
+                path.display()
+            );
+            return Ok(TractBatch::Buckets { graph, fixed: input_shapes.to_vec(), plans });
+        }
+    }
+    Err(ModelError::Load { path: path.to_owned(), message: symbolic })
+}
+
+/// The plan for batches of `size`, made from `graph` on first use and kept.
+fn bucket_plan(
+    graph: &InferenceModel,
+    fixed: &[Vec<usize>],
+    plans: &Mutex<Vec<(usize, Arc<TypedRunnableModel>)>>,
+    size: usize,
+) -> Result<Arc<TypedRunnableModel>, InferenceError> {
+    let mut plans = plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, plan)) = plans.iter().find(|(s, _)| *s == size) {
+        return Ok(Arc::clone(plan));
+    }
+    let plan_err = |e: TractError| InferenceError::Run(format!("planning a batch of {size}: {e:#}"));
+    let mut model = graph.clone();
+    for (index, shape) in fixed.iter().enumerate() {
+        let datum = model.input_fact(index).map_err(plan_err)?.datum_type().unwrap_or(f32::datum_type());
+        let mut shape = shape.clone();
+        shape[0] = size;
+        model.set_input_fact(index, InferenceFact::dt_shape(datum, shape)).map_err(plan_err)?;
+    }
+    let plan = model.into_optimized().and_then(TypedModel::into_runnable).map_err(plan_err)?;
+    plans.push((size, Arc::clone(&plan)));
+    Ok(plan)
+}
+
+/// `t` (a batch in its first dim) with zero samples added up to `size`.
+fn pad_batch(t: &Tensor, size: usize) -> Result<Tensor, InferenceError> {
+    let n = t.shape.first().copied().unwrap_or(0);
+    if n == size {
+        return Ok(t.clone());
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = size;
+    let mut padded = Tensor::zeros(t.dtype, &shape).map_err(|e| InferenceError::Run(e.to_string()))?;
+    let width = t.dtype.width().ok_or_else(|| InferenceError::Run("string inputs are not padded".into()))?;
+    let len = (t.data.len() / n.max(1)) * n;
+    debug_assert_eq!(t.data.len(), len, "{width}-byte elements");
+    padded.data[..len].copy_from_slice(&t.data[..len]);
+    Ok(padded)
+}
+
+/// Output `index` of a padded batch of `size`, cut back to its first `n` samples.
+fn cut_batch(index: usize, t: Tensor, n: usize, size: usize) -> Result<Tensor, InferenceError> {
+    if n == size {
+        return Ok(t);
+    }
+    if t.shape.first() != Some(&size) {
+        return Err(InferenceError::Run(format!(
+            "output {index} has shape {:?}, not a batch of {size} in its first dim to cut to {n}",
+            t.shape
+        )));
+    }
+    let width =
+        t.dtype.width().ok_or_else(|| InferenceError::Run(format!("output {index}: string outputs are not cut")))?;
+    let per = t.shape[1..].iter().product::<usize>() * width;
+    let mut shape = t.shape;
+    shape[0] = n;
+    let mut data = t.data;
+    data.truncate(n * per);
+    Ok(Tensor { dtype: t.dtype, shape, data })
+}
+
+fn step_framework(step: LoadStep) -> tract_onnx::Onnx {
+    match step {
+        LoadStep::AsDeclared => onnx().with_ignore_output_shapes(true),
+        LoadStep::IgnoreValueInfo => onnx().with_ignore_output_shapes(true).with_ignore_value_info(true),
+    }
 }
 
 fn optimise_tract_step(path: &Path, input_shapes: &[Vec<usize>], step: LoadStep) -> Result<TypedModel, ModelError> {
@@ -396,11 +546,7 @@ fn optimise_tract_with(
     symbolic_batch: bool,
 ) -> Result<TypedModel, ModelError> {
     let load_err = |e: TractError| ModelError::Load { path: path.to_owned(), message: format!("{e:#}") };
-    let framework = match step {
-        LoadStep::AsDeclared => onnx().with_ignore_output_shapes(true),
-        LoadStep::IgnoreValueInfo => onnx().with_ignore_output_shapes(true).with_ignore_value_info(true),
-    };
-    let mut model = framework.model_for_path(path).map_err(load_err)?;
+    let mut model = step_framework(step).model_for_path(path).map_err(load_err)?;
     let count = model.inputs.len();
     if count != input_shapes.len() {
         return Err(ModelError::InputCount { path: path.to_owned(), model: count, given: input_shapes.len() });
@@ -554,4 +700,37 @@ fn from_tract(index: usize, v: &TValue) -> Result<Tensor, InferenceError> {
         DType::BF16 => Err(TractError::msg("tract has no bfloat16 tensors")),
     };
     converted.map_err(|e| InferenceError::Run(format!("output {index}: {e:#}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batching_pays_only_when_a_sample_in_the_batch_is_clearly_cheaper() {
+        let us = Duration::from_micros;
+        // digits on tract: 46 µs alone, 3.6 µs per sample in a batch of 64.
+        assert!(batching_pays(us(46), us(4)));
+        // the text-direction model: 3.3 ms alone, 9 ms per sample in a batch of 64.
+        assert!(!batching_pays(us(3_300), us(9_000)));
+        assert!(batching_pays(us(100), us(80)), "0.8x is enough");
+        assert!(!batching_pays(us(100), us(81)), "a hair better is noise");
+    }
+
+    #[test]
+    fn batches_are_padded_to_power_of_two_buckets_up_to_the_largest() {
+        assert_eq!([2, 3, 4, 5, 9, 33, 64].map(|n| bucket(n, 64)), [2, 4, 4, 8, 16, 64, 64]);
+        assert_eq!(bucket(7, 6), 6, "capped at the largest batch");
+    }
+
+    #[test]
+    fn padding_adds_zero_samples_and_cutting_takes_them_away() {
+        let t = Tensor::from_f32(vec![3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let padded = pad_batch(&t, 4).unwrap();
+        assert_eq!(padded.shape, vec![4, 2]);
+        assert_eq!(padded.to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0]);
+        assert_eq!(cut_batch(0, padded, 3, 4).unwrap(), t);
+        let not_batched = Tensor::from_f32(vec![2], &[0.0, 1.0]);
+        assert!(cut_batch(1, not_batched, 3, 4).unwrap_err().to_string().contains("output 1 has shape [2]"));
+    }
 }

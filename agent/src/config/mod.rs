@@ -232,6 +232,12 @@ impl AgentConfig {
         if let Some(v) = get("METRICS_LISTEN") {
             raw.serving.metrics_listen = Some(v);
         }
+        if let Some(v) = get("ENGINE") {
+            raw.serving.engine = Some(v);
+        }
+        if let Some(v) = get("WORKERS") {
+            raw.serving.workers = Some(v.parse().map_err(|e| bad("SENTINEL_AGENT_WORKERS", format!("{v:?}: {e}")))?);
+        }
         if let Some(v) = get("RUNTIME_DIR") {
             raw.runtime_dir = Some(v.into());
         }

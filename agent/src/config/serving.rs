@@ -29,8 +29,8 @@ pub(super) struct RawServing {
     validation_tolerance: Option<f64>,
     #[serde(default)]
     input_shapes: BTreeMap<String, Vec<String>>,
-    workers: Option<usize>,
-    engine: Option<String>,
+    pub(super) workers: Option<usize>,
+    pub(super) engine: Option<String>,
     ort_library: Option<PathBuf>,
     max_batch_size: Option<usize>,
     #[serde(default)]
@@ -50,12 +50,13 @@ pub(super) struct RawModelServing {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum EngineChoice {
     /// tract, built into every worker.
-    #[default]
     Tract,
     /// ONNX Runtime; a model fails to load when its library is missing.
     Ort,
     /// ONNX Runtime when its library is found (`serving.ort_library` or
-    /// `ORT_DYLIB_PATH`), tract otherwise.
+    /// `ORT_DYLIB_PATH`), tract otherwise: the default, since the library is
+    /// there only where someone installed it, and it runs most models faster.
+    #[default]
     Auto,
 }
 
@@ -126,15 +127,17 @@ pub struct ServingSettings {
     /// Workers in each slot's pool (default: the CPUs divided among the
     /// models served, at least 1; see [`crate::supervisor::pool_size`]).
     pub workers: Option<usize>,
-    /// The engine of every model without its own (default tract).
+    /// The engine of every model without its own (default auto).
     pub engine: EngineChoice,
     /// The ONNX Runtime library (`serving.ort_library`, else the agent's
     /// `ORT_DYLIB_PATH`), when that file exists.
     pub ort_library: Option<PathBuf>,
     /// The largest batch of samples one worker run takes, for models with a
-    /// symbolic batch dim (default [`DEFAULT_MAX_BATCH`]; 1: sample by
-    /// sample). Larger request batches run in chunks of this size.
-    pub max_batch_size: usize,
+    /// symbolic batch dim; 1: sample by sample. Larger request batches run
+    /// in chunks of this size. Unset, it is [`DEFAULT_MAX_BATCH`], kept by
+    /// each worker only where a batch runs faster per sample (see
+    /// [`ServingSettings::batch_of`]).
+    pub max_batch_size: Option<usize>,
     /// Per-model overrides.
     pub models: BTreeMap<String, ModelServingSettings>,
 }
@@ -151,9 +154,14 @@ impl ServingSettings {
         choice.resolve(self.ort_library.as_deref())
     }
 
-    /// The largest batch one run of `model` takes.
-    pub fn max_batch_of(&self, model: &str) -> usize {
-        self.models.get(model).and_then(|m| m.max_batch_size).unwrap_or(self.max_batch_size)
+    /// The largest batch one run of `model` takes, and whether the worker
+    /// may fall back to single samples where a batch does not pay: only when
+    /// nobody configured `max_batch_size` for it.
+    pub fn batch_of(&self, model: &str) -> (usize, bool) {
+        match self.models.get(model).and_then(|m| m.max_batch_size).or(self.max_batch_size) {
+            Some(n) => (n, false),
+            None => (DEFAULT_MAX_BATCH, true),
+        }
     }
 
     /// How many workers each of `model`'s slots gets: its own `workers`,
@@ -251,7 +259,7 @@ impl RawServing {
             }
             v => Ok(v),
         };
-        let max_batch_size = batch("serving.max_batch_size", self.max_batch_size)?.unwrap_or(DEFAULT_MAX_BATCH);
+        let max_batch_size = batch("serving.max_batch_size", self.max_batch_size)?;
         let engine = match self.engine.as_deref() {
             None => EngineChoice::default(),
             Some(e) => EngineChoice::parse("serving.engine", e)?,

@@ -143,10 +143,10 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
         AgentConfig::parse(&text, &env, dir.path()).map(|c| c.serving)
     };
     let s = parse("", &[]).expect("defaults");
-    assert_eq!((s.workers, s.engine, s.ort_library.clone()), (None, EngineChoice::Tract, None));
-    assert_eq!(s.engine_of("digits"), Engine::Tract);
+    assert_eq!((s.workers, s.engine, s.ort_library.clone()), (None, EngineChoice::Auto, None));
+    assert_eq!(s.engine_of("digits"), Engine::Tract, "auto, and no library anywhere");
     assert_eq!(s.workers_of("digits", 4, 2), 2, "the CPUs divided among the models");
-    assert_eq!(s.max_batch_of("digits"), 64);
+    assert_eq!(s.batch_of("digits"), (64, true), "64, kept only where it pays");
 
     let s = parse(
         "workers = 3\nengine = \"auto\"\nmax_batch_size = 8\n[serving.models.textcls]\nworkers = 1\nengine = \"tract\"\nmax_batch_size = 1\n",
@@ -156,7 +156,7 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
     assert_eq!(s.ort_library.as_deref(), Some(lib.as_path()), "auto finds the library through ORT_DYLIB_PATH");
     assert_eq!((s.engine_of("digits"), s.workers_of("digits", 8, 1)), (Engine::Ort, 3));
     assert_eq!((s.engine_of("textcls"), s.workers_of("textcls", 8, 1)), (Engine::Tract, 1));
-    assert_eq!((s.max_batch_of("digits"), s.max_batch_of("textcls")), (8, 1));
+    assert_eq!((s.batch_of("digits"), s.batch_of("textcls")), ((8, false), (1, false)), "as configured");
     let s = parse("engine = \"auto\"\n", &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]).expect("parses");
     assert_eq!(s.engine_of("digits"), Engine::Tract, "auto without the library is tract");
     let s = parse("ort_library = \"libonnxruntime.so\"\n[serving.models.d]\nengine = \"ort\"\n", &[]).expect("parses");
@@ -175,6 +175,10 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
         let e = parse(serving, &[]).expect_err(serving).to_string();
         assert!(e.contains(field) && e.contains(why), "{serving:?}: {e}");
     }
+    let s = parse("", &[("SENTINEL_AGENT_ENGINE", "ort"), ("SENTINEL_AGENT_WORKERS", "3")]).expect("env overrides");
+    assert_eq!((s.engine, s.workers), (EngineChoice::Ort, Some(3)));
+    let e = parse("", &[("SENTINEL_AGENT_WORKERS", "many")]).expect_err("not a number").to_string();
+    assert!(e.contains("SENTINEL_AGENT_WORKERS") && e.contains("many"), "{e}");
     let e = parse("[serving.models.d]\nthreads = 2\n", &[]).expect_err("unknown key").to_string();
     assert!(e.contains("threads"), "{e}");
 }

@@ -165,7 +165,7 @@ impl Serving {
         // A batch runs as one only when every input's first dim is the
         // model's symbolic batch dim.
         if inputs.iter().all(TensorInfo::batched) {
-            spec.max_batch = self.settings.max_batch_of(model);
+            (spec.max_batch, spec.tune_batch) = self.settings.batch_of(model);
         }
         spec.ort_dylib = self.settings.ort_library.clone();
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);

@@ -9,7 +9,10 @@
 //! - worker RSS after ready, against this process's RSS growth from loading the
 //!   model in-process;
 //! - throughput of 4 concurrent client tasks on one worker against sequential
-//!   requests (the worker serves one request at a time).
+//!   requests (the worker serves one request at a time);
+//! - a batch of 64 samples in one request (`--max-batch 64`) against the same
+//!   64 samples as single requests, with tract and, when `ORT_DYLIB_PATH`
+//!   names the library, ONNX Runtime (median of 9 rounds, alternating).
 //!
 //! The in-process baseline uses the worker's own loader
 //! ([`sentinel_worker::model::LoadedModel`]), so the difference is the
@@ -28,11 +31,15 @@ use sentinel_testkit::digits::TEST_X;
 use sentinel_testkit::models::read_f32;
 use sentinel_worker::model::LoadedModel;
 use sentinel_worker_protocol::frame::Tensor;
+use sentinel_worker_protocol::launch::Engine;
 
 /// Spawns (and in-process loads) per model for the time-to-serving figure.
 const SPAWNS: usize = 5;
 /// Concurrent client tasks sharing one worker.
 const CLIENTS: usize = 4;
+/// Samples in the batched request, and rounds of batch against singles.
+const BATCH: usize = 64;
+const BATCH_ROUNDS: usize = 9;
 
 /// One model under test and the real inputs it is fed.
 struct Case {
@@ -225,6 +232,45 @@ async fn bench(case: &Case, baseline: &LoadedModel, rss_growth_kib: u64, spec: &
     Ok(())
 }
 
+/// One request of [`BATCH`] samples against [`BATCH`] single requests, on
+/// one worker that runs batches as one.
+async fn batching(case: &Case, spec: &WorkerSpec, engine: Engine, ort_dylib: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut spec = spec.clone();
+    (spec.max_batch, spec.engine, spec.ort_dylib) = (BATCH, engine, ort_dylib);
+    let worker = Worker::spawn(&spec).await?;
+    ensure!(worker.max_batch() == BATCH, "{engine}: the worker runs batches of {} only", worker.max_batch());
+    let rows: Vec<&Tensor> = (0..BATCH).map(|i| case.input(i)).collect();
+    let mut shape = rows[0].shape.clone();
+    shape[0] = BATCH;
+    let batch = Tensor { dtype: rows[0].dtype, shape, data: rows.iter().flat_map(|r| r.data.clone()).collect() };
+    let (mut singles, mut batched) = (Vec::new(), Vec::new());
+    for round in 0..=BATCH_ROUNDS {
+        let start = Instant::now();
+        for row in &rows {
+            infer(&worker, row).await?;
+        }
+        let single = start.elapsed();
+        let start = Instant::now();
+        let outputs = infer(&worker, &batch).await?;
+        let whole = start.elapsed();
+        ensure!(outputs.iter().all(|o| o.shape.first() == Some(&BATCH)), "{engine}: outputs of the batch");
+        // Round 0 warms both paths.
+        if round > 0 {
+            singles.push(single);
+            batched.push(whole);
+        }
+    }
+    let (single, whole) = (median(singles), median(batched));
+    println!(
+        "{engine}: {BATCH} single requests {:.2} ms | one request of {BATCH} {:.2} ms: batch time x{:.2}, throughput x{:.2}",
+        ms(single),
+        ms(whole),
+        whole.as_secs_f64() / single.as_secs_f64(),
+        single.as_secs_f64() / whole.as_secs_f64()
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let worker_bin = workspace_bin("sentinel-worker")?;
@@ -239,6 +285,22 @@ async fn main() -> anyhow::Result<()> {
             work_dir.path().to_owned(),
         );
         bench(case, baseline, *rss_growth_kib, &spec).await?;
+    }
+    println!("== batching ==");
+    let ort = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).filter(|p| p.is_file());
+    for case in &cases {
+        let spec = WorkerSpec::new(
+            worker_bin.clone(),
+            case.model.clone(),
+            vec![case.shape.clone()],
+            work_dir.path().to_owned(),
+        );
+        println!("{}:", case.name);
+        batching(case, &spec, Engine::Tract, None).await?;
+        match &ort {
+            Some(lib) => batching(case, &spec, Engine::Ort, Some(lib.clone())).await?,
+            None => println!("ort: skipped (ORT_DYLIB_PATH names no file)"),
+        }
     }
     println!("ratios are worker / in-process, except throughput ({CLIENTS} clients / sequential)");
     Ok(())

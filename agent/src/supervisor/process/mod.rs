@@ -57,6 +57,9 @@ pub struct WorkerSpec {
     /// one (`--max-batch`); 1 for the fixed shapes only. The worker may
     /// grant less (see [`Worker::max_batch`]).
     pub max_batch: usize,
+    /// Whether the worker keeps `max_batch` only where a batch is faster per
+    /// sample than single runs (`--tune-batch`).
+    pub tune_batch: bool,
     /// `RLIMIT_AS` for the worker, if any.
     pub memory_limit_bytes: Option<u64>,
     /// Bound on one request/response exchange; a worker that misses it is killed.
@@ -80,6 +83,7 @@ impl WorkerSpec {
             engine: Engine::Tract,
             ort_dylib: None,
             max_batch: 1,
+            tune_batch: false,
             memory_limit_bytes: None,
             request_timeout: Duration::from_secs(5),
             load_timeout: Duration::from_secs(60),
@@ -232,6 +236,9 @@ impl Worker {
         cmd.arg("--engine").arg(spec.engine.name());
         if spec.max_batch > 1 {
             cmd.arg("--max-batch").arg(spec.max_batch.to_string());
+            if spec.tune_batch {
+                cmd.arg("--tune-batch");
+            }
         }
         if spec.test_probes == TestProbes::Honour {
             cmd.arg("--test-forbidden");
