@@ -158,7 +158,13 @@ fn verify(file: &std::path::Path, manifest: &std::path::Path, keys: &[String], c
 /// The environment the configuration reads: `SENTINEL_AGENT_*` overrides
 /// and systemd's `RUNTIME_DIRECTORY`.
 fn env_map() -> BTreeMap<String, String> {
-    std::env::vars().filter(|(k, _)| k.starts_with("SENTINEL_AGENT_") || k == "RUNTIME_DIRECTORY").collect()
+    std::env::vars()
+        .filter(|(k, _)| {
+            k.starts_with("SENTINEL_AGENT_")
+                || k == "RUNTIME_DIRECTORY"
+                || k == sentinel_worker_protocol::launch::ORT_DYLIB_ENV
+        })
+        .collect()
 }
 
 fn main() -> ExitCode {

@@ -113,7 +113,7 @@ fn check(config: &CheckConfig, report: &mut CheckReport) -> Result<(), Stop> {
     };
     guarded(CheckStage::WarmUp, || model.warm_up(path))?
         .map_err(|e| failed(CheckStage::WarmUp, e.to_string(), false))?;
-    report.confined = match sandbox::confine(config.confinement).map_err(Stop::Sandbox)? {
+    report.confined = match sandbox::confine(config.confinement, false).map_err(Stop::Sandbox)? {
         SandboxStatus::Confined => true,
         SandboxStatus::Unconfined { .. } => false,
     };

@@ -20,11 +20,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use ort::environment::Environment;
+use ort::ep::{CUDA, ExecutionProvider, ExecutionProviderDispatch, TensorRT};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor as OrtTensor, TensorElementType, ValueType};
 
 use sentinel_worker_protocol::frame::{DType, Element, Tensor};
-use sentinel_worker_protocol::launch::{ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
+use sentinel_worker_protocol::launch::{ORT_DYLIB_ENV, ORT_TELEMETRY_ENV, Provider, Providers};
 
 use crate::model::{InferenceError, InputSpec, ModelError};
 
@@ -52,9 +53,11 @@ pub fn load(
     path: &Path,
     input_shapes: &[Vec<usize>],
     dynamic_batch: bool,
+    providers: &Providers,
 ) -> Result<(OrtModel, Vec<InputSpec>), ModelError> {
     let load_err = |message: String| ModelError::Load { path: path.to_owned(), message };
     let environment = environment()?;
+    let dispatch = execution_providers(providers)?;
     let build = |overrides: &[(String, usize)]| -> Result<Session, ModelError> {
         // One intra-op thread and sequential execution: ONNX Runtime then
         // runs every node on the calling thread and starts no pool, like tract.
@@ -63,6 +66,9 @@ pub fn load(
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
             .and_then(|b| b.with_parallel_execution(false).map_err(Into::into))
             .map_err(|e| load_err(e.to_string()))?;
+        if !dispatch.is_empty() {
+            builder = builder.with_execution_providers(&dispatch).map_err(|e| load_err(e.to_string()))?;
+        }
         for (name, size) in overrides {
             let size = i64::try_from(*size).map_err(|e| load_err(format!("dimension {name}: {e}")))?;
             builder = builder.with_dimension_override(name, size).map_err(|e| load_err(e.to_string()))?;
@@ -141,6 +147,47 @@ pub fn load(
         }
     }
     Ok((OrtModel { session: Mutex::new(session) }, inputs))
+}
+
+/// The providers to register, in order: each checked against the library
+/// first, so a missing one is a clear error (or, with `fallback`, skipped and
+/// logged); registration itself must then succeed. CPU is not registered:
+/// ONNX Runtime runs whatever the others leave on its CPU kernels anyway, and
+/// registering it explicitly would also turn its memory arena off.
+fn execution_providers(p: &Providers) -> Result<Vec<ExecutionProviderDispatch>, ModelError> {
+    let library = || std::env::var_os(ORT_DYLIB_ENV).map(PathBuf::from).unwrap_or_default();
+    let mut out = Vec::new();
+    for &provider in &p.order {
+        let available = match provider {
+            Provider::TensorRt => <TensorRT as ExecutionProvider>::is_available(),
+            Provider::Cuda => <CUDA as ExecutionProvider>::is_available(),
+            Provider::Cpu => break,
+        }
+        .map_err(|e| ModelError::Runtime { message: format!("asking for the {provider} execution provider: {e}") })?;
+        if !available {
+            if p.fallback {
+                eprintln!(
+                    "sentinel-worker: the ONNX Runtime library {} has no {provider} execution provider; trying the next",
+                    library().display()
+                );
+                continue;
+            }
+            return Err(ModelError::Provider { provider, library: library() });
+        }
+        let device = p.device_id.map_or(0, |d| i32::try_from(d).unwrap_or(i32::MAX));
+        out.push(match provider {
+            Provider::TensorRt => {
+                let mut ep = TensorRT::default().with_device_id(device).with_fp16(p.tensorrt_fp16);
+                if let Some(dir) = &p.tensorrt_cache {
+                    ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display());
+                }
+                ep.build().error_on_failure()
+            }
+            Provider::Cuda => CUDA::default().with_device_id(device).build().error_on_failure(),
+            Provider::Cpu => break,
+        });
+    }
+    Ok(out)
 }
 
 impl OrtModel {

@@ -34,7 +34,9 @@ use std::path::PathBuf;
 use model::{LoadedModel, ModelError};
 use sandbox::{SandboxError, SandboxStatus};
 use sentinel_worker_protocol::frame::{self as protocol, FrameError, Ready};
-pub use sentinel_worker_protocol::launch::{Confinement, EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine};
+pub use sentinel_worker_protocol::launch::{
+    Confinement, EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine, Provider, Providers,
+};
 
 /// Whether `FORBID:` requests are honoured (see `probe`, feature
 /// `test-probes`). Without the feature there is nothing to honour them with.
@@ -61,6 +63,8 @@ pub struct WorkerConfig {
     pub engine: Engine,
     /// Largest batch a request may carry, run as one (1: fixed shapes only).
     pub max_batch: usize,
+    /// ONNX Runtime's execution providers.
+    pub providers: Providers,
     /// Keep running batches as one only if that is faster per sample
     /// (`--tune-batch`; see [`LoadedModel::tune_batching`]).
     pub tune_batch: bool,
@@ -98,7 +102,13 @@ impl WorkerError {
 /// Runs a worker on this process's stdin and stdout. Returns `Ok` when stdin
 /// closes between frames.
 pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
-    let mut model = LoadedModel::load_batched(config.engine, &config.model, &config.input_shapes, config.max_batch)?;
+    let mut model = LoadedModel::load_batched(
+        config.engine,
+        &config.model,
+        &config.input_shapes,
+        config.max_batch,
+        &config.providers,
+    )?;
     model.warm_up(&config.model)?;
     if config.tune_batch {
         let wanted = model.max_batch();
@@ -111,12 +121,22 @@ pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
             Ok(None) => {}
             Err(e) => return Err(ModelError::WarmUp { path: config.model.clone(), message: e.to_string() }.into()),
         }
+        if wanted > 1 && model.max_batch() == 1 && config.engine == Engine::Ort {
+            // ONNX Runtime's arena keeps what the largest batch needed for
+            // the session's life: a fresh session for single samples gives
+            // that memory back.
+            drop(model);
+            model =
+                LoadedModel::load_batched(config.engine, &config.model, &config.input_shapes, 1, &config.providers)?;
+            model.warm_up(&config.model)?;
+        }
     }
     // Take the std handles and their buffers before the filter goes up, so
     // nothing is lazily initialised under it.
     let mut input = io::stdin().lock();
     let mut output = BufWriter::new(io::stdout().lock());
-    let ready = match sandbox::confine(config.confinement)? {
+    let gpu = config.engine == Engine::Ort && config.providers.gpu();
+    let ready = match sandbox::confine(config.confinement, gpu)? {
         SandboxStatus::Confined => Ready { ready: true, confined: true, reason: None, max_batch: model.max_batch() },
         SandboxStatus::Unconfined { reason } => {
             Ready { ready: true, confined: false, reason: Some(reason), max_batch: model.max_batch() }

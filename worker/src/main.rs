@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use sentinel_worker::check::{self, CheckConfig};
-use sentinel_worker::{self as worker, Confinement, EXIT_USAGE, Engine, ForbiddenProbe, WorkerConfig};
+use sentinel_worker::{
+    self as worker, Confinement, EXIT_USAGE, Engine, ForbiddenProbe, Provider, Providers, WorkerConfig,
+};
 
 /// Serves one ONNX model over length-prefixed frames on stdin/stdout, confined by seccomp.
 #[derive(Debug, Parser)]
@@ -42,6 +44,22 @@ struct Cli {
     /// most 0.8x of one alone.
     #[arg(long)]
     tune_batch: bool,
+    /// An ONNX Runtime execution provider (tensorrt, cuda, cpu); repeat in
+    /// order of preference. CPU kernels run whatever the others do not take.
+    #[arg(long = "provider", value_parser = parse_provider)]
+    providers: Vec<Provider>,
+    /// Skip (and log) a provider the library lacks instead of failing to load.
+    #[arg(long)]
+    provider_fallback: bool,
+    /// The GPU for CUDA and TensorRT (default 0).
+    #[arg(long)]
+    device_id: Option<u32>,
+    /// Let TensorRT build FP16 kernels.
+    #[arg(long)]
+    tensorrt_fp16: bool,
+    /// Where TensorRT keeps the engines it builds (opened before the sandbox).
+    #[arg(long)]
+    tensorrt_cache: Option<PathBuf>,
     /// Install the seccomp sandbox after warm-up (`off` only for debugging).
     #[arg(long, value_enum, default_value_t = ConfinementArg::On)]
     confinement: ConfinementArg,
@@ -67,6 +85,10 @@ enum EngineArg {
 enum ConfinementArg {
     On,
     Off,
+}
+
+fn parse_provider(s: &str) -> Result<Provider, String> {
+    s.parse().map_err(|e: sentinel_worker_protocol::launch::UnknownProvider| e.to_string())
 }
 
 fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
@@ -109,6 +131,13 @@ fn main() -> ExitCode {
         engine,
         max_batch: usize::from(cli.max_batch),
         tune_batch: cli.tune_batch,
+        providers: Providers {
+            order: cli.providers,
+            fallback: cli.provider_fallback,
+            device_id: cli.device_id,
+            tensorrt_fp16: cli.tensorrt_fp16,
+            tensorrt_cache: cli.tensorrt_cache,
+        },
         confinement,
         probe,
     };

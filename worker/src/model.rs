@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tract_onnx::prelude::*;
 
 use sentinel_worker_protocol::frame::{DType, Element, Tensor};
-pub use sentinel_worker_protocol::launch::{Engine, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
+pub use sentinel_worker_protocol::launch::{Engine, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV, Provider, Providers};
 
 /// Whether this build can run `engine`: ONNX Runtime needs the `ort` feature.
 pub fn is_available(engine: Engine) -> bool {
@@ -36,6 +36,13 @@ pub enum ModelError {
     EngineUnavailable { engine: Engine },
     #[error("loading the ONNX Runtime library: {message}")]
     Runtime { message: String },
+    #[error(
+        "the ONNX Runtime library {} has no {provider} execution provider (a CPU-only build?); point \
+         ORT_DYLIB_PATH / serving.ort_library at a build that has it, or allow falling back to the next \
+         provider (provider_fallback = true)",
+        library.display()
+    )]
+    Provider { provider: Provider, library: PathBuf },
     #[error("loading {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("{path}: the model has {model} inputs but {given} input shapes were given")]
@@ -107,7 +114,7 @@ enum TractBatch {
     /// cannot be opened once the sandbox is up) and kept. A batch is padded
     /// with zero samples to its bucket and the outputs cut back, so a client
     /// sending every size between 2 and 64 makes at most 6 plans.
-    Buckets { graph: InferenceModel, fixed: Vec<Vec<usize>>, plans: Mutex<Vec<(usize, Arc<TypedRunnableModel>)>> },
+    Buckets { graph: Box<InferenceModel>, fixed: Vec<Vec<usize>>, plans: Mutex<Vec<(usize, Arc<TypedRunnableModel>)>> },
 }
 
 /// Runs of each kind [`LoadedModel::tune_batching`] times.
@@ -142,7 +149,7 @@ impl LoadedModel {
 
     /// Loads the ONNX file at `path` with `engine`; see [`LoadedModel::load`].
     pub fn load_with(engine: Engine, path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, ModelError> {
-        LoadedModel::load_batched(engine, path, input_shapes, 1)
+        LoadedModel::load_batched(engine, path, input_shapes, 1, &Providers::default())
     }
 
     /// Like [`LoadedModel::load_with`], also running requests whose inputs
@@ -152,11 +159,13 @@ impl LoadedModel {
     /// dynamic; tract gets a second plan with a symbolic first dim, beside
     /// the one for the fixed shapes that single requests keep. A model tract
     /// cannot plan that way serves single samples only, and says so on stderr.
+    /// `providers` are ONNX Runtime's execution providers (tract ignores them).
     pub fn load_batched(
         engine: Engine,
         path: &Path,
         input_shapes: &[Vec<usize>],
         max_batch: usize,
+        providers: &Providers,
     ) -> Result<LoadedModel, ModelError> {
         let batchable = max_batch > 1 && !input_shapes.is_empty() && input_shapes.iter().all(|s| s.first() == Some(&1));
         match engine {
@@ -178,12 +187,15 @@ impl LoadedModel {
             }
             #[cfg(feature = "ort")]
             Engine::Ort => {
-                let (model, inputs) = crate::engine_ort::load(path, input_shapes, batchable)?;
+                let (model, inputs) = crate::engine_ort::load(path, input_shapes, batchable, providers)?;
                 let max_batch = if batchable { max_batch } else { 1 };
                 Ok(LoadedModel { runner: Runner::Ort(model), inputs, max_batch, batched: None })
             }
             #[cfg(not(feature = "ort"))]
-            Engine::Ort => Err(ModelError::EngineUnavailable { engine }),
+            Engine::Ort => {
+                let _ = providers;
+                Err(ModelError::EngineUnavailable { engine })
+            }
         }
     }
 
@@ -252,6 +264,15 @@ impl LoadedModel {
         if !batching_pays(one, per_sample) {
             self.max_batch = 1;
             self.batched = None;
+            // The batch's plans and buffers are freed; hand the pages back
+            // rather than carry them as resident memory for the worker's life.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only releases free heap memory; it takes an
+            // integer and touches no memory the program owns.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
         Ok(Some((one, per_sample)))
     }
@@ -461,7 +482,7 @@ fn tract_batching(path: &Path, input_shapes: &[Vec<usize>], max_batch: usize) ->
                 "sentinel-worker: {}: tract cannot leave the batch dim symbolic ({symbolic}); batches run on a plan per power-of-two size",
                 path.display()
             );
-            return Ok(TractBatch::Buckets { graph, fixed: input_shapes.to_vec(), plans });
+            return Ok(TractBatch::Buckets { graph: Box::new(graph), fixed: input_shapes.to_vec(), plans });
         }
     }
     Err(ModelError::Load { path: path.to_owned(), message: symbolic })

@@ -110,6 +110,28 @@ pub const POLICY: &[Allowed] = &[
     any("exit_group", libc::SYS_exit_group),         // the worker ending when stdin closes
 ];
 
+/// What a worker whose ONNX Runtime session uses a GPU provider (CUDA,
+/// TensorRT) may do beyond [`POLICY`], added only then. The driver and the
+/// runtime open their device nodes and start their threads while the model
+/// loads and warms up, before the filter; after it they talk to the open
+/// descriptors and coordinate those threads. Not verified on GPU hardware in
+/// CI (it has none): `benches/gpu-check.sh` is the check to run on a Jetson
+/// or a CUDA machine, and it fails on a `SIGSYS`.
+pub fn gpu_policy() -> Vec<Allowed> {
+    #[allow(unused_mut)]
+    let mut extra = vec![
+        any("ioctl", libc::SYS_ioctl), // driver calls on the GPU nodes opened before the filter
+        any("futex", libc::SYS_futex), // the CUDA runtime's own threads wait on each other
+        any("sched_yield", libc::SYS_sched_yield), // spin-waits on kernels to finish
+        any("mprotect", libc::SYS_mprotect), // the driver's pinned and JIT-compiled memory
+        any("ppoll", libc::SYS_ppoll), // the runtime's event threads (aarch64's only poll)
+        any("clock_nanosleep", libc::SYS_clock_nanosleep), // back-off while a GPU queue is full
+    ];
+    #[cfg(target_arch = "x86_64")]
+    extra.push(any("poll", libc::SYS_poll)); // the same event threads, through glibc's poll on x86_64
+    extra
+}
+
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!("the worker's seccomp policy is written for x86_64 and aarch64 only");
 
@@ -118,13 +140,14 @@ const ARCH: TargetArch = TargetArch::x86_64;
 #[cfg(target_arch = "aarch64")]
 const ARCH: TargetArch = TargetArch::aarch64;
 
-/// Compiles [`POLICY`] for the process `pid` into a BPF program: listed
-/// syscalls with allowed arguments pass, anything else kills the process with
-/// `SIGSYS`.
-pub fn compile(pid: u32) -> Result<BpfProgram, SandboxError> {
+/// Compiles [`POLICY`] (and [`gpu_policy`] when `gpu`) for the process `pid`
+/// into a BPF program: listed syscalls with allowed arguments pass, anything
+/// else kills the process with `SIGSYS`.
+pub fn compile(pid: u32, gpu: bool) -> Result<BpfProgram, SandboxError> {
     let compile_err = |e: seccompiler::BackendError| SandboxError::Compile(e.into());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for allowed in POLICY {
+    let extra = if gpu { gpu_policy() } else { Vec::new() };
+    for allowed in POLICY.iter().chain(&extra) {
         let chain = match allowed.args {
             Args::Any => Vec::new(),
             Args::AbortSelf => {
@@ -148,13 +171,14 @@ pub fn compile(pid: u32) -> Result<BpfProgram, SandboxError> {
 /// Confines the calling process as `confinement` asks. Call it after warm-up
 /// and before reading the first request: from here on the process can only do
 /// what [`POLICY`] lists.
-pub fn confine(confinement: Confinement) -> Result<SandboxStatus, SandboxError> {
+/// `gpu` adds [`gpu_policy`].
+pub fn confine(confinement: Confinement, gpu: bool) -> Result<SandboxStatus, SandboxError> {
     if confinement == Confinement::Off {
         return Ok(SandboxStatus::Unconfined { reason: "confinement off".into() });
     }
     // Compile first: building the program allocates, which is still allowed,
     // and a policy error must not leave the process half confined.
-    let program = compile(std::process::id())?;
+    let program = compile(std::process::id(), gpu)?;
     // seccompiler sets it again; doing it here keeps the order visible and
     // makes its failure a distinct error.
     set_no_new_privs()?;
@@ -189,11 +213,13 @@ mod tests {
 
     #[test]
     fn policy_compiles_and_has_no_duplicates() {
-        assert!(!compile(std::process::id()).unwrap().is_empty());
-        let mut nrs: Vec<_> = POLICY.iter().map(|a| a.nr).collect();
+        assert!(!compile(std::process::id(), false).unwrap().is_empty());
+        let all: Vec<Allowed> = POLICY.iter().copied().chain(gpu_policy()).collect();
+        assert!(compile(std::process::id(), true).unwrap().len() > compile(std::process::id(), false).unwrap().len());
+        let mut nrs: Vec<_> = all.iter().map(|a| a.nr).collect();
         nrs.sort_unstable();
         nrs.dedup();
-        assert_eq!(nrs.len(), POLICY.len());
+        assert_eq!(nrs.len(), all.len(), "the GPU rules repeat none of the base ones");
     }
 
     #[test]
@@ -214,12 +240,13 @@ mod tests {
         escapes.extend([libc::SYS_fork, libc::SYS_vfork, libc::SYS_open, libc::SYS_creat]);
         for nr in escapes {
             assert!(POLICY.iter().all(|a| a.nr != nr), "syscall {nr} must not be allowed");
+            assert!(gpu_policy().iter().all(|a| a.nr != nr), "syscall {nr} must not be allowed for a GPU either");
         }
     }
 
     #[test]
     fn off_is_explicit_and_installs_nothing() {
         assert_eq!(Confinement::default(), Confinement::Enforce);
-        assert!(matches!(confine(Confinement::Off), Ok(SandboxStatus::Unconfined { .. })));
+        assert!(matches!(confine(Confinement::Off, false), Ok(SandboxStatus::Unconfined { .. })));
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sentinel_worker_protocol::launch::{Confinement, Engine};
+use sentinel_worker_protocol::launch::{Confinement, Engine, Provider, Providers, UnknownProvider};
 use serde::Deserialize;
 
 use super::{ConfigError, DEFAULT_METRICS_LISTEN, bad};
@@ -44,6 +44,10 @@ pub(super) struct RawModelServing {
     workers: Option<usize>,
     engine: Option<String>,
     max_batch_size: Option<usize>,
+    execution_providers: Option<Vec<String>>,
+    provider_fallback: Option<bool>,
+    device_id: Option<u32>,
+    tensorrt_fp16: Option<bool>,
 }
 
 /// Which engine a model's workers run (`serving.engine`, or per model).
@@ -87,6 +91,10 @@ pub struct ModelServingSettings {
     pub workers: Option<usize>,
     pub engine: Option<EngineChoice>,
     pub max_batch_size: Option<usize>,
+    /// ONNX Runtime's execution providers, in order, and their options
+    /// (`execution_providers`, `provider_fallback`, `device_id`,
+    /// `tensorrt_fp16`); the TensorRT engine cache is set per model file.
+    pub providers: Providers,
 }
 
 /// How the agent runs models and serves the local inference API.
@@ -152,6 +160,11 @@ impl ServingSettings {
     pub fn engine_of(&self, model: &str) -> Engine {
         let choice = self.models.get(model).and_then(|m| m.engine).unwrap_or(self.engine);
         choice.resolve(self.ort_library.as_deref())
+    }
+
+    /// ONNX Runtime's execution providers for `model` (none: CPU).
+    pub fn providers_of(&self, model: &str) -> Providers {
+        self.models.get(model).map(|m| m.providers.clone()).unwrap_or_default()
     }
 
     /// The largest batch one run of `model` takes, and whether the worker
@@ -272,7 +285,26 @@ impl RawServing {
             };
             let workers = pool(&format!("serving.models.{name}.workers"), m.workers)?;
             let max_batch_size = batch(&format!("serving.models.{name}.max_batch_size"), m.max_batch_size)?;
-            models.insert(name, ModelServingSettings { workers, engine, max_batch_size });
+            let field = format!("serving.models.{name}.execution_providers");
+            let mut order: Vec<Provider> = Vec::new();
+            for p in m.execution_providers.unwrap_or_default() {
+                let p: Provider = p.parse().map_err(|e: UnknownProvider| bad(&field, e.to_string()))?;
+                if order.contains(&p) {
+                    return Err(bad(&field, format!("{p} is listed twice")));
+                }
+                order.push(p);
+            }
+            let providers = Providers {
+                order,
+                fallback: m.provider_fallback.unwrap_or(false),
+                device_id: m.device_id,
+                tensorrt_fp16: m.tensorrt_fp16.unwrap_or(false),
+                tensorrt_cache: None,
+            };
+            if providers.gpu() && engine == Some(EngineChoice::Tract) {
+                return Err(bad(&field, "execution providers are ONNX Runtime's: set engine = \"ort\" or \"auto\""));
+            }
+            models.insert(name, ModelServingSettings { workers, engine, max_batch_size, providers });
         }
         let ort_library = match self.ort_library.map(&resolve) {
             Some(path) if !path.is_file() => {

@@ -1,5 +1,5 @@
 use super::*;
-use sentinel_worker_protocol::launch::Engine;
+use sentinel_worker_protocol::launch::{Engine, Provider, Providers};
 
 const KEY: &str = "HMY/NU8+avTxTr2xxPvEEejvfDT2rPtpP+yM9qxqlck=";
 
@@ -170,11 +170,35 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
         ("[serving.models.d]\nengine = \"cuda\"\n", "serving.models.d.engine", "expected"),
         ("ort_library = \"missing.so\"\n", "serving.ort_library", "is not a file"),
         ("max_batch_size = 0\n", "serving.max_batch_size", "between 1 and 4096"),
+        (
+            "[serving.models.d]\nexecution_providers = [\"rocm\"]\n",
+            "serving.models.d.execution_providers",
+            "unknown execution provider \"rocm\"",
+        ),
+        (
+            "[serving.models.d]\nexecution_providers = [\"cuda\", \"cuda\"]\n",
+            "serving.models.d.execution_providers",
+            "listed twice",
+        ),
+        (
+            "[serving.models.d]\nengine = \"tract\"\nexecution_providers = [\"cuda\"]\n",
+            "serving.models.d.execution_providers",
+            "ONNX Runtime's",
+        ),
         ("[serving.models.d]\nmax_batch_size = 5000\n", "serving.models.d.max_batch_size", "between 1 and 4096"),
     ] {
         let e = parse(serving, &[]).expect_err(serving).to_string();
         assert!(e.contains(field) && e.contains(why), "{serving:?}: {e}");
     }
+    let s = parse(
+        "[serving.models.d]\nexecution_providers = [\"tensorrt\", \"cuda\", \"cpu\"]\nprovider_fallback = true\ndevice_id = 1\ntensorrt_fp16 = true\n",
+        &[],
+    )
+    .expect("providers");
+    let p = s.providers_of("d");
+    assert_eq!(p.order, [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
+    assert!(p.fallback && p.tensorrt_fp16 && p.device_id == Some(1));
+    assert_eq!(s.providers_of("other"), Providers::default(), "CPU only");
     let s = parse("", &[("SENTINEL_AGENT_ENGINE", "ort"), ("SENTINEL_AGENT_WORKERS", "3")]).expect("env overrides");
     assert_eq!((s.engine, s.workers), (EngineChoice::Ort, Some(3)));
     let e = parse("", &[("SENTINEL_AGENT_WORKERS", "many")]).expect_err("not a number").to_string();

@@ -18,6 +18,7 @@ use crate::slots::{Color, SlotError, SlotState, Slots};
 use crate::store::{EventKind, ModelStatus, Store, StoreError};
 use crate::supervisor::{Pool, SlotError as WorkerSlotError, SlotState as WorkerState, WorkerSpec};
 use sentinel_worker_protocol::frame::{DType, Tensor};
+use sentinel_worker_protocol::launch::{Engine, Provider};
 
 /// Why a version was not installed. The slot it was staged in is failed and
 /// the previous version keeps serving. Events, status details and logs show
@@ -52,6 +53,10 @@ pub enum LoadError {
     Worker(String),
     #[error("the worker supervisor stopped")]
     SupervisorStopped,
+    #[error(
+        "engine = \"ort\", but no ONNX Runtime library was found: set serving.ort_library, or ORT_DYLIB_PATH in the agent's environment, to its libonnxruntime.so"
+    )]
+    NoOrtLibrary,
     /// After a restart: a committed slot's file or manifest is missing.
     #[error("the model file or manifest of {sha256} is gone")]
     Gone { sha256: String },
@@ -162,12 +167,30 @@ impl Serving {
         spec.request_timeout = self.settings.request_timeout;
         spec.load_timeout = self.settings.load_timeout;
         spec.engine = self.settings.engine_of(model);
+        spec.ort_dylib = self.settings.ort_library.clone();
+        if spec.engine == Engine::Ort && spec.ort_dylib.is_none() {
+            return Err(LoadError::NoOrtLibrary);
+        }
+        spec.providers = self.settings.providers_of(model);
+        if spec.providers.gpu() && spec.engine != Engine::Ort {
+            tracing::warn!(
+                model,
+                "execution providers are configured, but no ONNX Runtime library was found: tract serves on the CPU"
+            );
+        }
+        if spec.providers.order.contains(&Provider::TensorRt) {
+            // TensorRT builds its engine on the first run, minutes on a
+            // Jetson: kept per model file, a restart or a rollback reuses it.
+            let cache = self.work_dir.join("tensorrt-cache").join(&m.sha256);
+            sentinel_proto::private::create_dir(&cache)
+                .map_err(|source| LoadError::Resolve { path: cache.clone(), source })?;
+            spec.providers.tensorrt_cache = Some(cache);
+        }
         // A batch runs as one only when every input's first dim is the
         // model's symbolic batch dim.
         if inputs.iter().all(TensorInfo::batched) {
             (spec.max_batch, spec.tune_batch) = self.settings.batch_of(model);
         }
-        spec.ort_dylib = self.settings.ort_library.clone();
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let size = self.settings.workers_of(model, cpus, models_served);
         let worker = Pool::start(&spec, &self.restart, size);

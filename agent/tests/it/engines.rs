@@ -8,6 +8,7 @@
 use crate::common;
 
 use common::*;
+use sentinel_agent::store::EventKind;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sentinel-agent");
@@ -75,4 +76,45 @@ async fn ort_and_auto_serve_with_the_engine_that_status_and_metadata_name() {
     for agent in agents {
         agent.shutdown().await;
     }
+}
+
+/// PyPI's ONNX Runtime is a CPU build: asking it for CUDA fails the load with
+/// an error naming the provider and the library, unless the model's config
+/// lets the worker fall back to the next provider, when it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_execution_provider_is_refused_or_falls_back_as_configured() {
+    let lib = sentinel_testkit::ort::library();
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let serving = |fallback: bool| {
+        format!(
+            "[serving]\nengine = \"ort\"\nort_library = \"{}\"\nworkers = 1\n[serving.models.digits]\n\
+             execution_providers = [\"cuda\", \"cpu\"]\nprovider_fallback = {fallback}\n",
+            lib.display()
+        )
+    };
+    // Two deployments: one device failing to load halts a deployment (and
+    // takes the version off its devices) when it is half of the fleet.
+    let strict = start_agent_with(&tmp.path().join("strict"), &hub, "strict", &[("site", "a")], &serving(false)).await;
+    let lenient =
+        start_agent_with(&tmp.path().join("lenient"), &hub, "lenient", &[("site", "b")], &serving(true)).await;
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    hub.deploy("digits", "1.0.0", "site=b").await;
+
+    let failed = eventually("the load failed", WAIT, async || strict.last_event(EventKind::LoadFailed).unwrap()).await;
+    for want in ["no cuda execution provider", &lib.display().to_string(), "provider_fallback"] {
+        assert!(failed.reason.contains(want), "`{want}` missing from: {}", failed.reason);
+    }
+    assert!(strict.route("digits").and_then(|r| r.active.clone()).is_none(), "nothing serves on the strict device");
+
+    lenient.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    let addr = lenient.inference_addr.unwrap();
+    let r = reqwest::Client::new().post(format!("http://{addr}/v2/models/digits/infer")).json(&digit_request(0)).send();
+    let r = r.await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let slot = lenient.route("digits").unwrap().active.clone().unwrap();
+    assert_eq!(slot.worker.engine().name(), "ort", "it fell back to ONNX Runtime's CPU kernels, not to tract");
+    strict.shutdown().await;
+    lenient.shutdown().await;
 }

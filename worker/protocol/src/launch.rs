@@ -59,6 +59,99 @@ impl FromStr for Engine {
     }
 }
 
+/// An ONNX Runtime execution provider (`--provider`, in order of preference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// NVIDIA TensorRT (Jetson, CUDA machines).
+    TensorRt,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// ONNX Runtime's own CPU kernels, always present.
+    Cpu,
+}
+
+impl Provider {
+    /// Every provider, by name.
+    pub const ALL: [Provider; 3] = [Provider::TensorRt, Provider::Cuda, Provider::Cpu];
+
+    /// The name in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::TensorRt => "tensorrt",
+            Provider::Cuda => "cuda",
+            Provider::Cpu => "cpu",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A provider name that is none of [`Provider::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown execution provider {0:?}: expected \"tensorrt\", \"cuda\" or \"cpu\"")]
+pub struct UnknownProvider(pub String);
+
+impl FromStr for Provider {
+    type Err = UnknownProvider;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Provider::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| UnknownProvider(s.to_owned()))
+    }
+}
+
+/// The execution providers an [`Engine::Ort`] worker asks ONNX Runtime for,
+/// and their options: `--provider NAME` per provider in order of preference,
+/// `--provider-fallback`, `--device-id N`, `--tensorrt-fp16`,
+/// `--tensorrt-cache DIR`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Providers {
+    /// In order of preference. CPU kernels always run whatever the others
+    /// do not take; empty means CPU only.
+    pub order: Vec<Provider>,
+    /// A provider missing from the library is skipped (and logged) instead
+    /// of failing the load.
+    pub fallback: bool,
+    /// The GPU, for CUDA and TensorRT (default 0).
+    pub device_id: Option<u32>,
+    /// TensorRT may build FP16 kernels.
+    pub tensorrt_fp16: bool,
+    /// Where TensorRT keeps the engines it builds, so a restart or a
+    /// rollback reuses them instead of building again.
+    pub tensorrt_cache: Option<std::path::PathBuf>,
+}
+
+impl Providers {
+    /// The worker's command-line flags for these providers.
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        for p in &self.order {
+            args.extend(["--provider".into(), p.name().into()]);
+        }
+        if self.fallback {
+            args.push("--provider-fallback".into());
+        }
+        if let Some(id) = self.device_id {
+            args.extend(["--device-id".into(), id.to_string().into()]);
+        }
+        if self.tensorrt_fp16 {
+            args.push("--tensorrt-fp16".into());
+        }
+        if let Some(dir) = &self.tensorrt_cache {
+            args.extend(["--tensorrt-cache".into(), dir.clone().into_os_string()]);
+        }
+        args
+    }
+
+    /// Whether any provider but CPU is asked for.
+    pub fn gpu(&self) -> bool {
+        self.order.iter().any(|p| *p != Provider::Cpu)
+    }
+}
+
 /// The variable that names the ONNX Runtime library file for [`Engine::Ort`].
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 /// The variable that must be `1` for [`Engine::Ort`]: with telemetry on,
@@ -91,6 +184,17 @@ impl Confinement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn provider_names_round_trip_and_unknown_names_are_refused() {
+        for p in Provider::ALL {
+            assert_eq!(p.name().parse::<Provider>(), Ok(p));
+        }
+        assert_eq!(
+            "rocm".parse::<Provider>().unwrap_err().to_string(),
+            r#"unknown execution provider "rocm": expected "tensorrt", "cuda" or "cpu""#
+        );
+    }
 
     #[test]
     fn engine_names_round_trip_and_unknown_names_are_refused() {

@@ -21,7 +21,7 @@ use child::{
 
 use sentinel_worker_protocol::frame::{self as protocol, ProtocolError, Ready, ResponseError, Tensor};
 use sentinel_worker_protocol::launch::{
-    Confinement, EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV,
+    Confinement, EXIT_IO, EXIT_MODEL, EXIT_SANDBOX, EXIT_USAGE, Engine, ORT_DYLIB_ENV, ORT_TELEMETRY_ENV, Providers,
 };
 
 /// Whether a worker honours the `FORBID:<action>` probe requests that attempt
@@ -60,6 +60,8 @@ pub struct WorkerSpec {
     /// Whether the worker keeps `max_batch` only where a batch is faster per
     /// sample than single runs (`--tune-batch`).
     pub tune_batch: bool,
+    /// ONNX Runtime's execution providers (ignored by tract).
+    pub providers: Providers,
     /// `RLIMIT_AS` for the worker, if any.
     pub memory_limit_bytes: Option<u64>,
     /// Bound on one request/response exchange; a worker that misses it is killed.
@@ -84,6 +86,7 @@ impl WorkerSpec {
             ort_dylib: None,
             max_batch: 1,
             tune_batch: false,
+            providers: Providers::default(),
             memory_limit_bytes: None,
             request_timeout: Duration::from_secs(5),
             load_timeout: Duration::from_secs(60),
@@ -239,6 +242,9 @@ impl Worker {
             if spec.tune_batch {
                 cmd.arg("--tune-batch");
             }
+        }
+        if spec.engine == Engine::Ort {
+            cmd.args(spec.providers.args());
         }
         if spec.test_probes == TestProbes::Honour {
             cmd.arg("--test-forbidden");
