@@ -76,6 +76,10 @@ pub struct InspectConfig {
     pub max_nodes: u64,
     /// Checks running at once; further uploads wait for a slot.
     pub concurrency: usize,
+    /// The ONNX Runtime library for checks of versions pushed with
+    /// `engine=ort` (`--ort-library`, else `ORT_DYLIB_PATH`). Without it
+    /// such a check is skipped and says so.
+    pub ort_library: Option<PathBuf>,
 }
 
 impl Default for InspectConfig {
@@ -86,6 +90,7 @@ impl Default for InspectConfig {
             timeout: Duration::from_secs(DEFAULT_INSPECT_TIMEOUT_SECS),
             max_nodes: crate::onnx::DEFAULT_MAX_NODES,
             concurrency: default_inspect_concurrency(),
+            ort_library: None,
         }
     }
 }

@@ -30,6 +30,7 @@ use sentinel_worker_protocol::check::{
     CHECK_EXIT_MODEL, CHECK_EXIT_OK, CHECK_EXIT_PANIC, CheckFailure, CheckReport, CheckStage, is_allocation_failure,
     unsupported_operator,
 };
+use sentinel_worker_protocol::launch::{ORT_DYLIB_ENV, ORT_TELEMETRY_ENV};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
 use tokio::sync::Semaphore;
@@ -261,7 +262,16 @@ impl Inspector {
             .env("HOME", dir.path())
             .env("TMPDIR", dir.path())
             .current_dir(dir.path())
-            .envs(std::env::var_os("ORT_DYLIB_PATH").filter(|_| engine == ORT).map(|p| ("ORT_DYLIB_PATH", p)))
+            // An ONNX Runtime check gets the library and telemetry off (its
+            // thread, files and uploads would break the sandbox), nothing else.
+            .envs(
+                self.config
+                    .ort_library
+                    .iter()
+                    .filter(|_| engine == ORT)
+                    .map(|lib| (ORT_DYLIB_ENV, lib.as_os_str()))
+                    .chain((engine == ORT).then_some((ORT_TELEMETRY_ENV, std::ffi::OsStr::new("1")))),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -332,7 +342,10 @@ fn serving_shapes(sig: &OnnxSignature, serving: &BTreeMap<String, Vec<u64>>) -> 
 /// without the `ort` feature says so as a load failure.
 fn lacks_engine(e: &InspectError) -> bool {
     match e {
-        InspectError::Refused { reason, .. } => reason.contains("engine is unavailable"),
+        // A worker built without ONNX Runtime, or one given no library.
+        InspectError::Refused { reason, .. } => {
+            reason.contains("engine is unavailable") || reason.contains("ORT_DYLIB_PATH is not set")
+        }
         _ => false,
     }
 }

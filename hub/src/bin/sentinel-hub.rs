@@ -70,6 +70,10 @@ struct Args {
     /// on PATH; the hub does not start without one.
     #[arg(long, env = "SENTINEL_WORKER")]
     worker: Option<PathBuf>,
+    /// The ONNX Runtime library that checks versions pushed with
+    /// `engine=ort` (without it those checks are skipped, visibly).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_library: Option<PathBuf>,
     /// Address-space limit (RLIMIT_AS) of one upload check, in MiB.
     #[arg(long, default_value_t = sentinel_hub::config::DEFAULT_INSPECT_MEMORY_MIB)]
     inspect_memory_mib: u64,
@@ -158,6 +162,7 @@ async fn run(args: Args) -> ExitCode {
         timeout: std::time::Duration::from_secs(args.inspect_timeout_secs),
         max_nodes: args.inspect_max_nodes,
         concurrency: args.inspect_concurrency.unwrap_or_else(sentinel_hub::config::default_inspect_concurrency),
+        ort_library: args.ort_library.filter(|p| p.is_file()),
     };
     config.state_ttl = std::time::Duration::from_secs(args.state_ttl_secs);
     let fds = sentinel_net::raise_fd_limit();

@@ -165,7 +165,7 @@ async fn an_unsupported_operator_is_refused_with_a_hint_naming_step_operator_dom
         "the steps: {msg}"
     );
     assert!(msg.contains("operator SentinelNoSuchOp (domain com.example.sentinel)"), "op and domain: {msg}");
-    // This hub's worker is built without the `ort` feature.
+    // This hub has no ONNX Runtime library (its worker has the engine).
     assert!(msg.contains("ONNX Runtime is not available on this hub"), "the ORT verdict: {msg}");
     assert_eq!(stored_blobs(&hub), 0);
 }
@@ -279,7 +279,7 @@ async fn an_engine_this_hub_lacks_skips_the_check_visibly_rather_than_passing_it
     hub.register("digits").await;
     let msg = expect_error(hub.upload("digits", "1.0.0", model_bytes(V1), "&engine=cuda").await, 422).await;
     assert!(msg.contains("engine \"cuda\""), "{msg}");
-    // This hub's worker is built without the `ort` feature.
+    // This hub has no ONNX Runtime library (its worker has the engine).
     let r = hub.upload("digits", "1.0.0", model_bytes(V1), "&engine=ort").await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
@@ -297,4 +297,24 @@ async fn an_engine_this_hub_lacks_skips_the_check_visibly_rather_than_passing_it
     let r = hub.upload("digits", "1.0.2", model_bytes(V1), "&engine=tract").await;
     let v: Value = r.json().await.unwrap();
     assert!(v.get("warnings").is_none(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_with_onnx_runtime_checks_ort_pushes_and_names_its_verdict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = sentinel_testkit::ort::library();
+    let hub = TestHub::start_at(tmp.path(), |c| c.inspect.ort_library = Some(lib)).await;
+    hub.register("digits").await;
+    let r = hub.upload("digits", "1.0.0", model_bytes(V1), "&engine=ort").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["manifest"]["engine"], "ort", "{v}");
+    assert!(v["manifest"].get("check_skipped").is_none_or(Value::is_null), "checked, not skipped: {v}");
+    assert!(v.get("warnings").is_none(), "{v}");
+    // A model neither engine runs: ONNX Runtime's own refusal is in the hint.
+    hub.register("odd").await;
+    let bytes = std::fs::read(model_path("broken/unsupported_op.onnx")).unwrap();
+    let msg = expect_error(hub.upload("odd", "1.0.0", bytes, "").await, 422).await;
+    assert!(msg.contains("ONNX Runtime refuses it too"), "the ORT verdict: {msg}");
+    assert_eq!(stored_blobs(&hub), 1, "only the digits version");
 }
