@@ -156,6 +156,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     tasks.spawn(crate::sync::run(shared.clone(), channel.clone(), states_tx, stop_rx.clone()));
     tasks.spawn(crate::apply::run(shared.clone(), rollouts.clone(), http, states_rx, stop_rx.clone()));
     tasks.spawn(crate::report::run(shared.clone(), channel, stop_rx.clone()));
+    tasks.spawn(crate::util::trim_heap(crate::util::TRIM_EVERY, stop_rx.clone()));
     // One connection budget for the inference API and metrics listeners.
     let connections = sentinel_net::Connections::new(shared.config.serving.connection_limits());
     if let Some(l) = metrics_listener {
