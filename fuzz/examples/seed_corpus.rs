@@ -198,8 +198,9 @@ fn main() {
         &[Tensor::from_i64(vec![2], &y[..2]), Tensor::from_f32(vec![2, 10], &[0.1; 20])],
         std::time::Duration::from_micros(42),
     );
-    let ready = encode_ready(&Ready { ready: true, confined: true, reason: None });
-    let unconfined = encode_ready(&Ready { ready: true, confined: false, reason: Some("seccomp off".into()) });
+    let ready = encode_ready(&Ready { ready: true, confined: true, reason: None, max_batch: 1 });
+    let unconfined =
+        encode_ready(&Ready { ready: true, confined: false, reason: Some("seccomp off".into()), max_batch: 64 });
     let session = [frame(&ready), frame(&timed), frame(&encode_error_response("input 0 has shape [1, 63]"))].concat();
     // One tensor of every dtype the protocol carries, strings included.
     let every_dtype = encode_request(&[
