@@ -231,7 +231,7 @@ fn canary_turn(seq: u64, percent: u8) -> bool {
 /// Returns the outputs and the model's compute time, summed over the chunks,
 /// as the workers measured it.
 async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Duration), ServeError> {
-    use futures_util::{StreamExt, TryStreamExt};
+    use futures_util::StreamExt;
 
     let batch = check_inputs(&slot.inputs, &inputs)?;
     let unavailable = |e: SlotError| match e {
@@ -256,12 +256,14 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>,
         .map(|start| inputs.iter().map(|t| slice_samples(t, start, limit.min(n - start), n)).collect())
         .collect();
     drop(inputs);
-    let runs: Vec<(Vec<Tensor>, Option<Duration>)> = futures_util::stream::iter(chunks)
+    // Every chunk runs to its end, even after one failed: dropping a chunk
+    // mid-exchange would kill its (healthy) worker.
+    let runs: Vec<Result<(Vec<Tensor>, Option<Duration>), SlotError>> = futures_util::stream::iter(chunks)
         .map(|chunk| async move { slot.worker.infer_timed(&chunk).await })
         .buffered(slot.worker.size())
-        .try_collect()
-        .await
-        .map_err(unavailable)?;
+        .collect()
+        .await;
+    let runs = runs.into_iter().collect::<Result<Vec<_>, _>>().map_err(unavailable)?;
     let total = runs.iter().map(|(_, compute)| compute.unwrap_or_default()).sum();
     let mut per_output: Vec<Vec<Tensor>> = Vec::new();
     for (outputs, _) in runs {

@@ -118,3 +118,38 @@ async fn onnx_runtime_runs_a_batch_as_one_with_the_same_labels() {
         assert_same(dtype, data, single);
     }
 }
+
+/// A bad sample in one chunk of a large batch fails the request with 400 and
+/// costs no worker: the other chunks run to their end rather than being
+/// dropped mid-exchange (which kills the worker). With digits the other
+/// chunk usually finishes first anyway, so this shows the outcome, not the
+/// race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_sample_in_one_chunk_is_a_400_and_kills_no_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = TestHub::start_at(&tmp.path().join("hub"), |_| {}).await;
+    hub.push("digits", "1.0.0", V1, "").await;
+    let extra = "[serving]\nworkers = 2\nmax_batch_size = 16\n";
+    let agent = start_agent_with(&tmp.path().join("agent"), &hub, "edge-1", &[("site", "a")], extra).await;
+    hub.deploy("digits", "1.0.0", "site=a").await;
+    agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
+    let addr = agent.inference_addr.unwrap();
+    let slot = agent.route("digits").unwrap().active.clone().unwrap();
+    let pids = pool_pids(&slot).await;
+
+    // JSON has no NaN: a value past f32's range decodes to infinity, which
+    // the worker refuses. Sample 0 sits in the first chunk of 16, which
+    // fails while the second runs on the other worker.
+    let mut body = batch_request(48);
+    body["inputs"][0]["data"][3] = json!(1e300);
+    let r = reqwest::Client::new().post(format!("http://{addr}/v2/models/digits/infer")).json(&body).send().await;
+    let r = r.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(slot.worker.restarts(), 0, "{text}");
+    assert_eq!(pool_pids(&slot).await, pids, "every worker still runs");
+    let r = infer(addr, &batch_request(48)).await;
+    assert_eq!(outputs(&r)[0].1[0], 48, "and the next batch is served");
+    agent.shutdown().await;
+}
