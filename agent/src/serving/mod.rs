@@ -258,10 +258,10 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>,
     drop(inputs);
     // Every chunk runs to its end, even after one failed: dropping a chunk
     // mid-exchange would kill its (healthy) worker.
-    let runs: Vec<Result<(Vec<Tensor>, Option<Duration>), SlotError>> = futures_util::stream::iter(chunks)
+    let runs = futures_util::stream::iter(chunks)
         .map(|chunk| async move { slot.worker.infer_timed(&chunk).await })
         .buffered(slot.worker.size())
-        .collect()
+        .collect::<Vec<_>>()
         .await;
     let runs = runs.into_iter().collect::<Result<Vec<_>, _>>().map_err(unavailable)?;
     let total = runs.iter().map(|(_, compute)| compute.unwrap_or_default()).sum();
