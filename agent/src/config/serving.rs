@@ -133,7 +133,7 @@ pub struct ServingSettings {
     /// non-batch dims (default: symbolic dims become 1).
     pub input_shapes: BTreeMap<String, Vec<Vec<usize>>>,
     /// Workers in each slot's pool (default: the CPUs divided among the
-    /// models served, at least 1; see [`crate::supervisor::pool_size`]).
+    /// models served, at least 1; see [`pool_size`]).
     pub workers: Option<usize>,
     /// The engine of every model without its own (default auto).
     pub engine: EngineChoice,

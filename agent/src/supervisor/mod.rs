@@ -201,10 +201,10 @@ impl Supervised {
         };
         match worker.attempt(inputs).await {
             Ok(done) => Ok(done),
-            Err(Failure { error: e @ InferError::BadInput(_), .. }) => Err((e.into(), Delivered::Yes)),
+            Err(Failure { error: e @ InferError::BadInput(_), delivered }) => Err((e.into(), delivered)),
             Err(Failure { error, delivered }) => {
                 self.inner.worker_died(&worker, &error).await;
-                Err((error.into(), if delivered { Delivered::Yes } else { Delivered::No }))
+                Err((error.into(), delivered))
             }
         }
     }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use sentinel_worker_protocol::frame::Tensor;
 use sentinel_worker_protocol::launch::Engine;
-use tokio::sync::watch;
 
 use super::{Delivered, InferError, RestartPolicy, SlotError, SlotState, Supervised, WorkerSpec};
 
@@ -69,7 +68,6 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Pool {
     shared: Arc<Shared>,
-    state: watch::Receiver<SlotState>,
 }
 
 /// One worker of a pool, as status shows it.
@@ -105,14 +103,7 @@ impl Pool {
                 answered: AtomicU64::new(0),
             })
             .collect();
-        let receivers: Arc<[watch::Receiver<SlotState>]> = members.iter().map(|m| m.slot.subscribe()).collect();
-        let initial: Vec<SlotState> = receivers.iter().map(|r| r.borrow().clone()).collect();
-        let (tx, state) = watch::channel(aggregate(&initial));
-        let tx = Arc::new(tx);
-        for own in receivers.iter() {
-            tokio::spawn(follow(own.clone(), Arc::clone(&receivers), Arc::clone(&tx)));
-        }
-        Pool { shared: Arc::new(Shared { members, engine: spec.engine, next: AtomicUsize::new(0) }), state }
+        Pool { shared: Arc::new(Shared { members, engine: spec.engine, next: AtomicUsize::new(0) }) }
     }
 
     /// The engine every worker of the pool runs.
@@ -131,18 +122,13 @@ impl Pool {
         self.shared.members.len()
     }
 
-    /// Each worker's supervisor, for watchers such as the restart metrics.
+    /// Each worker's supervisor, for watchers such as the restart metrics
+    /// (each has its own state to subscribe to).
     pub fn members(&self) -> impl Iterator<Item = &Supervised> {
         self.shared.members.iter().map(|m| &m.slot)
     }
 
-    /// The slot's state (see [`aggregate`]), updated on every worker's start,
-    /// restart and failure.
-    pub fn subscribe(&self) -> watch::Receiver<SlotState> {
-        self.state.clone()
-    }
-
-    /// The slot's state now, from its workers' current states.
+    /// The slot's state now, from its workers' current states (see [`aggregate`]).
     pub fn state(&self) -> SlotState {
         let states: Vec<SlotState> = self.members().map(Supervised::state).collect();
         aggregate(&states)
@@ -175,17 +161,6 @@ impl Pool {
         out
     }
 
-    /// Resident memory of all running workers together, `None` when none runs.
-    pub async fn rss_bytes(&self) -> Option<u64> {
-        let mut total = None;
-        for m in self.members() {
-            if let Some(rss) = m.worker().await.and_then(|w| w.rss_bytes()) {
-                total = Some(total.unwrap_or(0) + rss);
-            }
-        }
-        total
-    }
-
     /// Waits until every worker runs, or one gave up; returns the slot's state then.
     pub async fn wait_ready(&self) -> SlotState {
         for m in self.members() {
@@ -196,14 +171,6 @@ impl Pool {
                 Ok(_) => {}
                 Err(_) => return SlotState::Failed("the worker supervisor stopped".into()),
             }
-        }
-        self.state()
-    }
-
-    /// Health check of every worker (see [`Supervised::check`]); returns the slot's state.
-    pub async fn check(&self) -> SlotState {
-        for m in self.members() {
-            m.check().await;
         }
         self.state()
     }
@@ -265,29 +232,6 @@ impl Pool {
             .min_by_key(|i| members[*i].in_flight.load(Ordering::Relaxed))
             .or_else(|| order.clone().next())
             .unwrap_or(start)
-    }
-}
-
-/// Republishes the slot's state whenever the worker behind `own` changes.
-/// The aggregate is computed inside the send, under the channel's lock, so
-/// the last publisher always reads every worker's latest state. Ends when
-/// the worker's supervisor is dropped.
-async fn follow(
-    mut own: watch::Receiver<SlotState>,
-    all: Arc<[watch::Receiver<SlotState>]>,
-    tx: Arc<watch::Sender<SlotState>>,
-) {
-    loop {
-        tx.send_if_modified(|current| {
-            let states: Vec<SlotState> = all.iter().map(|r| r.borrow().clone()).collect();
-            let next = aggregate(&states);
-            let changed = *current != next;
-            *current = next;
-            changed
-        });
-        if own.changed().await.is_err() {
-            return;
-        }
     }
 }
 

@@ -255,14 +255,18 @@ async fn a_worker_that_keeps_crashing_is_rolled_back() {
     let candidate = agent.route("digits").unwrap().candidate.clone().unwrap();
     let deadline = Instant::now() + WAIT;
     while status(&agent.view(), "digits").unwrap().0 != "rolled_back" {
-        if let WorkerState::Running { pid, .. } = candidate.worker.state() {
+        let running = candidate.worker.members().find_map(|m| match m.state() {
+            WorkerState::Running { pid, .. } => Some((m, pid)),
+            _ => None,
+        });
+        if let Some((member, pid)) = running {
             // SAFETY: SIGKILL to a worker process this test's agent started.
             #[allow(unsafe_code)]
             unsafe {
                 libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL);
             }
             // The next kill only once the supervisor has replaced this worker.
-            let mut rx = candidate.worker.subscribe();
+            let mut rx = member.subscribe();
             let _ = tokio::time::timeout(
                 WAIT,
                 rx.wait_for(|s| !matches!(s, WorkerState::Running { pid: p, .. } if *p == pid)),

@@ -14,6 +14,7 @@ use tokio::sync::{Mutex, Notify, watch};
 
 mod child;
 
+use super::Delivered;
 pub use child::remove_stale_work_dirs;
 use child::{
     EXIT_GRACE, WorkDir, close_inherited_descriptors, forward_stderr, read_frame, reap, wait_exit, write_frame,
@@ -416,7 +417,7 @@ impl Worker {
     async fn request(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
         let mut pipes = self.pipes.lock().await;
         if let Some(dead) = &pipes.dead {
-            return Err(Failure { error: dead.clone(), delivered: false });
+            return Err(Failure { error: dead.clone(), delivered: Delivered::No });
         }
         // If the caller drops this future mid-exchange, the stream is out of
         // step: the guard kills the worker and `dead` stays set.
@@ -444,7 +445,7 @@ impl Worker {
             Ok(Ok(Some(frame))) => match protocol::decode_response_timed(&frame) {
                 Ok(outputs) => return Ok(outputs),
                 Err(ResponseError::Worker(message)) => {
-                    return Err(Failure { error: InferError::BadInput(message), delivered: true });
+                    return Err(Failure { error: InferError::BadInput(message), delivered: Delivered::Yes });
                 }
                 Err(ResponseError::Malformed(e)) => {
                     self.kill();
@@ -455,7 +456,7 @@ impl Worker {
             Ok(Ok(None) | Err(_)) => self.exited().await.into(),
         };
         pipes.dead = Some(error.clone());
-        Err(Failure { error, delivered })
+        Err(Failure { error, delivered: if delivered { Delivered::Yes } else { Delivered::No } })
     }
 }
 
@@ -466,7 +467,7 @@ pub(crate) struct Failure {
     /// Whether the whole request was written to the worker. One that was
     /// not (the worker was already dead, or died before reading it) cannot
     /// have caused the failure.
-    pub(crate) delivered: bool,
+    pub(crate) delivered: Delivered,
 }
 
 /// Kills the worker when dropped while armed.
