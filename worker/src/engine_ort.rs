@@ -175,16 +175,15 @@ fn execution_providers(p: &Providers) -> Result<Vec<ExecutionProviderDispatch>, 
             return Err(ModelError::Provider { provider, library: library() });
         }
         let device = p.device_id.map_or(0, |d| i32::try_from(d).unwrap_or(i32::MAX));
-        out.push(match provider {
-            Provider::TensorRt => {
-                let mut ep = TensorRT::default().with_device_id(device).with_fp16(p.tensorrt_fp16);
-                if let Some(dir) = &p.tensorrt_cache {
-                    ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display());
-                }
-                ep.build().error_on_failure()
+        // CPU ended the loop above: what is left is TensorRT or CUDA.
+        out.push(if provider == Provider::TensorRt {
+            let mut ep = TensorRT::default().with_device_id(device).with_fp16(p.tensorrt_fp16);
+            if let Some(dir) = &p.tensorrt_cache {
+                ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display());
             }
-            Provider::Cuda => CUDA::default().with_device_id(device).build().error_on_failure(),
-            Provider::Cpu => break,
+            ep.build().error_on_failure()
+        } else {
+            CUDA::default().with_device_id(device).build().error_on_failure()
         });
     }
     Ok(out)

@@ -219,19 +219,25 @@ impl LoadedModel {
         if self.max_batch > 1 {
             // The batched path too, at the largest batch, so that its
             // buffers are sized before the sandbox goes up.
-            self.run(&self.batch_zeros().map_err(warm_err)?).map_err(warm_err)?;
+            self.run(&self.zeros(Some(self.max_batch)).map_err(warm_err)?).map_err(warm_err)?;
         }
         Ok(())
     }
 
-    /// Zeros of the fixed shapes with the largest batch in the first dim.
-    fn batch_zeros(&self) -> Result<Vec<Tensor>, InferenceError> {
+    /// Zeros of each input's fixed shape and own dtype (empty strings for
+    /// string inputs), with `batch` samples in the first dim when given.
+    /// Allocated fallibly: under a memory limit a huge shape is an error to
+    /// report, not an abort.
+    fn zeros(&self, batch: Option<usize>) -> Result<Vec<Tensor>, InferenceError> {
         self.inputs
             .iter()
-            .map(|spec| {
+            .enumerate()
+            .map(|(index, spec)| {
                 let mut shape = spec.shape.clone();
-                shape[0] = self.max_batch;
-                Tensor::zeros(spec.dtype, &shape).map_err(|e| InferenceError::Run(e.to_string()))
+                if let Some(n) = batch {
+                    shape[0] = n;
+                }
+                Tensor::zeros(spec.dtype, &shape).map_err(|e| InferenceError::Run(format!("input {index}: {e}")))
             })
             .collect()
     }
@@ -247,9 +253,8 @@ impl LoadedModel {
         if self.max_batch <= 1 {
             return Ok(None);
         }
-        let single = self.inputs.iter().map(|s| Tensor::zeros(s.dtype, &s.shape)).collect::<Result<Vec<_>, _>>();
-        let single = single.map_err(|e| InferenceError::Run(e.to_string()))?;
-        let batch = self.batch_zeros()?;
+        let single = self.zeros(None)?;
+        let batch = self.zeros(Some(self.max_batch))?;
         let fastest = |inputs: &[Tensor]| -> Result<Duration, InferenceError> {
             let mut best = Duration::MAX;
             for _ in 0..TUNE_RUNS {
@@ -280,18 +285,7 @@ impl LoadedModel {
     /// Runs the model once on all-zero inputs of the fixed shapes: the
     /// warm-up, and the probe of `sentinel-worker --check`.
     pub fn run_zeros(&self) -> Result<Vec<Tensor>, InferenceError> {
-        let zeros = self
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(index, spec)| {
-                // Zeros of the input's own dtype (empty strings for string
-                // inputs), allocated fallibly: under a memory limit a huge
-                // fixed shape is an error to report, not an abort.
-                Tensor::zeros(spec.dtype, &spec.shape).map_err(|e| InferenceError::Run(format!("input {index}: {e}")))
-            })
-            .collect::<Result<Vec<_>, InferenceError>>()?;
-        self.run(&zeros)
+        self.run(&self.zeros(None)?)
     }
 
     /// Checks `inputs` against the fixed specs (or a batch of them), then runs the model.
@@ -327,29 +321,21 @@ fn check_inputs(specs: &[InputSpec], inputs: &[Tensor], max_batch: usize) -> Res
     if inputs.len() != specs.len() {
         return Err(InferenceError::InputCount { expected: specs.len(), found: inputs.len() });
     }
-    let mut batch = None;
+    let mut batch = 1;
     for (index, (t, spec)) in inputs.iter().zip(specs).enumerate() {
         if t.dtype != spec.dtype {
             return Err(InferenceError::DType { index, expected: spec.dtype, found: t.dtype });
         }
-        if t.shape != spec.shape {
-            let n = t.shape.first().copied().unwrap_or(0);
-            let batched = max_batch > 1
-                && t.shape.len() == spec.shape.len()
-                && t.shape[1..] == spec.shape[1..]
-                && (2..=max_batch).contains(&n)
-                && batch.is_none_or(|b| b == n)
-                && (index == 0 || batch.is_some());
-            if !batched {
-                return Err(InferenceError::Shape {
-                    index,
-                    expected: spec.shape.clone(),
-                    found: t.shape.clone(),
-                    max_batch,
-                });
-            }
-            batch = Some(n);
-        } else if batch.is_some() {
+        // Fixed shapes are a batch of 1; with batching on, the first dim may
+        // carry 2 to `max_batch` samples, the same number in every input.
+        let n = if t.shape == spec.shape {
+            1
+        } else if max_batch > 1 && t.shape.len() == spec.shape.len() && t.shape[1..] == spec.shape[1..] {
+            t.shape[0]
+        } else {
+            0
+        };
+        if !(1..=max_batch).contains(&n) || (index > 0 && n != batch) {
             return Err(InferenceError::Shape {
                 index,
                 expected: spec.shape.clone(),
@@ -357,11 +343,12 @@ fn check_inputs(specs: &[InputSpec], inputs: &[Tensor], max_batch: usize) -> Res
                 max_batch,
             });
         }
+        batch = n;
         if let Some((element, value)) = t.first_non_finite() {
             return Err(InferenceError::NotFinite { index, element, value });
         }
     }
-    Ok(batch)
+    Ok((batch > 1).then_some(batch))
 }
 
 fn load_tract(path: &Path, input_shapes: &[Vec<usize>]) -> Result<LoadedModel, ModelError> {
@@ -520,11 +507,12 @@ fn pad_batch(t: &Tensor, size: usize) -> Result<Tensor, InferenceError> {
     }
     let mut shape = t.shape.clone();
     shape[0] = size;
+    if t.dtype.width().is_none() {
+        return Err(InferenceError::Run("string inputs are not padded".into()));
+    }
     let mut padded = Tensor::zeros(t.dtype, &shape).map_err(|e| InferenceError::Run(e.to_string()))?;
-    let width = t.dtype.width().ok_or_else(|| InferenceError::Run("string inputs are not padded".into()))?;
-    let len = (t.data.len() / n.max(1)) * n;
-    debug_assert_eq!(t.data.len(), len, "{width}-byte elements");
-    padded.data[..len].copy_from_slice(&t.data[..len]);
+    // Fixed-width elements: the samples come first, the zeros after them.
+    padded.data[..t.data.len()].copy_from_slice(&t.data);
     Ok(padded)
 }
 
@@ -736,6 +724,26 @@ mod tests {
         assert!(!batching_pays(us(3_300), us(9_000)));
         assert!(batching_pays(us(100), us(80)), "0.8x is enough");
         assert!(!batching_pays(us(100), us(81)), "a hair better is noise");
+    }
+
+    #[test]
+    fn every_input_carries_the_fixed_shape_or_the_same_batch_up_to_the_largest() {
+        let specs =
+            [InputSpec { dtype: DType::F32, shape: vec![1, 2] }, InputSpec { dtype: DType::F32, shape: vec![1, 3] }];
+        let t = |n: usize, w: usize| Tensor::from_f32(vec![n, w], &vec![0.5; n * w]);
+        assert_eq!(check_inputs(&specs, &[t(1, 2), t(1, 3)], 8), Ok(None), "fixed shapes");
+        assert_eq!(check_inputs(&specs, &[t(4, 2), t(4, 3)], 8), Ok(Some(4)));
+        assert_eq!(check_inputs(&specs, &[t(8, 2), t(8, 3)], 8), Ok(Some(8)), "the largest batch");
+        let refused = |inputs: &[Tensor], max: usize| check_inputs(&specs, inputs, max).unwrap_err().to_string();
+        assert_eq!(
+            refused(&[t(9, 2), t(9, 3)], 8),
+            "input 0: expected shape [1, 2] (or a batch of up to 8 in the first dim of every input), got [9, 2]"
+        );
+        assert!(refused(&[t(4, 2), t(5, 3)], 8).starts_with("input 1:"), "batches that disagree");
+        assert!(refused(&[t(1, 2), t(4, 3)], 8).starts_with("input 1:"), "a batch beside a single sample");
+        assert!(refused(&[t(4, 2), t(1, 3)], 8).starts_with("input 1:"), "a single sample beside a batch");
+        assert!(refused(&[t(0, 2), t(0, 3)], 8).starts_with("input 0:"), "an empty batch");
+        assert_eq!(refused(&[t(4, 2), t(4, 3)], 1), "input 0: expected shape [1, 2], got [4, 2]", "batching off");
     }
 
     #[test]
