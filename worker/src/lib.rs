@@ -179,12 +179,13 @@ fn answer(model: &LoadedModel, probe: &ForbiddenProbe, payload: &[u8]) -> Vec<u8
     }
     #[cfg(not(feature = "test-probes"))]
     let ForbiddenProbe::Disabled = probe;
-    let inputs = match protocol::decode_request(payload) {
-        Ok(inputs) => inputs,
+    let request = match protocol::decode_request(payload) {
+        Ok(request) => request,
         Err(e) => return protocol::encode_error_response(&format!("bad request: {e}")),
     };
     let started = std::time::Instant::now();
-    match model.run(&inputs) {
+    let outputs = if request.rows { model.run_rows(&request.inputs) } else { model.run(&request.inputs) };
+    match outputs {
         Ok(outputs) => protocol::encode_ok_timed(&outputs, started.elapsed()),
         Err(e) => protocol::encode_error_response(&e.to_string()),
     }

@@ -311,6 +311,42 @@ impl LoadedModel {
             (Runner::Ort(model), _, _) => model.run(inputs),
         }
     }
+
+    /// Runs each sample of the inputs' first dim by itself, as a request
+    /// carrying it alone would run, and joins the outputs along the first
+    /// dim: each sample's outputs are bit for bit those it gets alone, which
+    /// one batched run does not promise. The whole request is checked before
+    /// any sample runs, so a bad one runs nothing.
+    pub fn run_rows(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
+        if let Some(index) = self.inputs.iter().position(|spec| spec.shape.first() != Some(&1)) {
+            return Err(InferenceError::Run(format!(
+                "input {index} has no batch dim of 1 (shape {:?}), so its samples cannot run one by one",
+                self.inputs[index].shape
+            )));
+        }
+        let Some(n) = check_inputs(&self.inputs, inputs, usize::MAX)? else {
+            return self.run(inputs);
+        };
+        let mut per_output: Vec<Vec<Tensor>> = Vec::new();
+        for i in 0..n {
+            let sample: Vec<Tensor> = inputs.iter().map(|t| t.samples(i, 1)).collect();
+            for (o, t) in self.run(&sample)?.into_iter().enumerate() {
+                if o == per_output.len() {
+                    per_output.push(Vec::with_capacity(n));
+                }
+                per_output[o].push(t);
+            }
+        }
+        per_output
+            .into_iter()
+            .enumerate()
+            .map(|(index, parts)| {
+                Tensor::concat(parts).ok_or_else(|| {
+                    InferenceError::Run(format!("output {index} has no first dim to join the samples' outputs along"))
+                })
+            })
+            .collect()
+    }
 }
 
 /// The request checks both engines rely on: the right number of inputs, each

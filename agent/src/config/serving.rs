@@ -33,6 +33,7 @@ pub(super) struct RawServing {
     pub(super) engine: Option<String>,
     ort_library: Option<PathBuf>,
     max_batch_size: Option<usize>,
+    max_queue_delay_us: Option<u64>,
     #[serde(default)]
     models: BTreeMap<String, RawModelServing>,
 }
@@ -44,6 +45,7 @@ pub(super) struct RawModelServing {
     workers: Option<usize>,
     engine: Option<String>,
     max_batch_size: Option<usize>,
+    max_queue_delay_us: Option<u64>,
     execution_providers: Option<Vec<String>>,
     provider_fallback: Option<bool>,
     device_id: Option<u32>,
@@ -91,6 +93,7 @@ pub struct ModelServingSettings {
     pub workers: Option<usize>,
     pub engine: Option<EngineChoice>,
     pub max_batch_size: Option<usize>,
+    pub max_queue_delay: Option<Duration>,
     /// ONNX Runtime's execution providers, in order, and their options
     /// (`execution_providers`, `provider_fallback`, `device_id`,
     /// `tensorrt_fp16`); the TensorRT engine cache is set per model file.
@@ -146,6 +149,11 @@ pub struct ServingSettings {
     /// each worker only where a batch runs faster per sample (see
     /// [`ServingSettings::batch_of`]).
     pub max_batch_size: Option<usize>,
+    /// Dynamic batching: concurrent requests join one worker exchange of up
+    /// to `max_batch_size` samples, the first waiting at most this long for
+    /// company (`max_queue_delay_us`); `None`, the default, runs each
+    /// request as it comes. See [`crate::serving::batcher`].
+    pub max_queue_delay: Option<Duration>,
     /// Per-model overrides.
     pub models: BTreeMap<String, ModelServingSettings>,
 }
@@ -154,6 +162,9 @@ pub struct ServingSettings {
 pub const DEFAULT_MAX_BATCH: usize = 64;
 /// Largest `max_batch_size` accepted (the worker's `--max-batch` bound).
 pub const MAX_BATCH_LIMIT: usize = 4096;
+/// Largest `max_queue_delay_us` accepted (1 s): a request waiting longer
+/// for company would be better off alone.
+pub const MAX_QUEUE_DELAY_US: u64 = 1_000_000;
 
 impl ServingSettings {
     /// The engine `model`'s workers run.
@@ -175,6 +186,15 @@ impl ServingSettings {
             Some(n) => (n, false),
             None => (DEFAULT_MAX_BATCH, true),
         }
+    }
+
+    /// `model`'s dynamic batching, when on: the most samples one joined
+    /// batch carries (its `max_batch_size`, which 1 turns it off with) and
+    /// how long the first request waits for company.
+    pub fn dynamic_batching_of(&self, model: &str) -> Option<(usize, Duration)> {
+        let delay = self.models.get(model).and_then(|m| m.max_queue_delay).or(self.max_queue_delay)?;
+        let (max, _) = self.batch_of(model);
+        (max > 1).then_some((max, delay))
     }
 
     /// How many workers each of `model`'s slots gets: its own `workers`,
@@ -273,6 +293,14 @@ impl RawServing {
             v => Ok(v),
         };
         let max_batch_size = batch("serving.max_batch_size", self.max_batch_size)?;
+        let delay = |field: &str, v: Option<u64>| match v {
+            Some(us) if us > MAX_QUEUE_DELAY_US => Err(bad(
+                field,
+                format!("{us} is over {MAX_QUEUE_DELAY_US} (1 s); 0 joins only requests already queued"),
+            )),
+            v => Ok(v.map(Duration::from_micros)),
+        };
+        let max_queue_delay = delay("serving.max_queue_delay_us", self.max_queue_delay_us)?;
         let engine = match self.engine.as_deref() {
             None => EngineChoice::default(),
             Some(e) => EngineChoice::parse("serving.engine", e)?,
@@ -285,6 +313,7 @@ impl RawServing {
             };
             let workers = pool(&format!("serving.models.{name}.workers"), m.workers)?;
             let max_batch_size = batch(&format!("serving.models.{name}.max_batch_size"), m.max_batch_size)?;
+            let max_queue_delay = delay(&format!("serving.models.{name}.max_queue_delay_us"), m.max_queue_delay_us)?;
             let field = format!("serving.models.{name}.execution_providers");
             let mut order: Vec<Provider> = Vec::new();
             for p in m.execution_providers.unwrap_or_default() {
@@ -304,7 +333,7 @@ impl RawServing {
             if providers.gpu() && engine == Some(EngineChoice::Tract) {
                 return Err(bad(&field, "execution providers are ONNX Runtime's: set engine = \"ort\" or \"auto\""));
             }
-            models.insert(name, ModelServingSettings { workers, engine, max_batch_size, providers });
+            models.insert(name, ModelServingSettings { workers, engine, max_batch_size, max_queue_delay, providers });
         }
         let ort_library = match self.ort_library.map(&resolve) {
             Some(path) if !path.is_file() => {
@@ -376,6 +405,7 @@ impl RawServing {
             engine,
             ort_library,
             max_batch_size,
+            max_queue_delay,
             models,
         })
     }

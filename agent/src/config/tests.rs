@@ -147,6 +147,7 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
     assert_eq!(s.engine_of("digits"), Engine::Tract, "auto, and no library anywhere");
     assert_eq!(s.workers_of("digits", 4, 2), 2, "the CPUs divided among the models");
     assert_eq!(s.batch_of("digits"), (64, true), "64, kept only where it pays");
+    assert_eq!(s.dynamic_batching_of("digits"), None, "dynamic batching is off by default");
 
     let s = parse(
         "workers = 3\nengine = \"auto\"\nmax_batch_size = 8\n[serving.models.textcls]\nworkers = 1\nengine = \"tract\"\nmax_batch_size = 1\n",
@@ -157,6 +158,20 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
     assert_eq!((s.engine_of("digits"), s.workers_of("digits", 8, 1)), (Engine::Ort, 3));
     assert_eq!((s.engine_of("textcls"), s.workers_of("textcls", 8, 1)), (Engine::Tract, 1));
     assert_eq!((s.batch_of("digits"), s.batch_of("textcls")), ((8, false), (1, false)), "as configured");
+    let s = parse(
+        "max_queue_delay_us = 500
+[serving.models.t]
+max_batch_size = 1
+[serving.models.e]
+max_queue_delay_us = 0
+max_batch_size = 16
+",
+        &[],
+    )
+    .expect("dynamic batching");
+    assert_eq!(s.dynamic_batching_of("d"), Some((64, std::time::Duration::from_micros(500))));
+    assert_eq!(s.dynamic_batching_of("t"), None, "a model's max_batch_size of 1 turns it off");
+    assert_eq!(s.dynamic_batching_of("e"), Some((16, std::time::Duration::ZERO)), "0: only what is queued joins");
     let s = parse("engine = \"auto\"\n", &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]).expect("parses");
     assert_eq!(s.engine_of("digits"), Engine::Tract, "auto without the library is tract");
     let s = parse("ort_library = \"libonnxruntime.so\"\n[serving.models.d]\nengine = \"ort\"\n", &[]).expect("parses");
@@ -186,6 +201,8 @@ fn pools_and_engines_are_set_per_model_and_refused_by_name() {
             "ONNX Runtime's",
         ),
         ("[serving.models.d]\nmax_batch_size = 5000\n", "serving.models.d.max_batch_size", "between 1 and 4096"),
+        ("max_queue_delay_us = 1000001\n", "serving.max_queue_delay_us", "over 1000000 (1 s)"),
+        ("[serving.models.d]\nmax_queue_delay_us = -1\n", "line", "expected u64"),
     ] {
         let e = parse(serving, &[]).expect_err(serving).to_string();
         assert!(e.contains(field) && e.contains(why), "{serving:?}: {e}");

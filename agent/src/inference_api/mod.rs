@@ -280,6 +280,11 @@ fn metadata(shared: &Shared, name: &str, version: Option<&str>) -> Response {
         // how many workers (extensions; v2 clients ignore unknown fields).
         "engine": slot.worker.engine().name(),
         "workers": slot.worker.size(),
+        // Triton's name for it; null when requests run as they come.
+        "dynamic_batching": slot.batcher.as_ref().map(|b| json!({
+            "max_batch_size": b.max_samples(),
+            "max_queue_delay_us": u64::try_from(b.delay().as_micros()).unwrap_or(u64::MAX),
+        })),
         "inputs": slot.inputs.iter().map(input_metadata).collect::<Vec<_>>(),
         "outputs": slot.outputs.iter().map(tensor_metadata).collect::<Vec<_>>(),
     }))

@@ -61,6 +61,10 @@ pub struct WorkerMemory {
 const LATENCY_BUCKETS: [f64; 16] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// Requests per dynamically joined batch: powers of two up to the largest
+/// `max_batch_size`.
+const BATCH_BUCKETS: [f64; 13] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
+
 /// The agent's registry and the handles of its metrics.
 #[derive(Debug)]
 pub struct AgentMetrics {
@@ -77,6 +81,7 @@ pub struct AgentMetrics {
     sandbox_violations: IntCounterVec,
     hub_connected: IntGauge,
     worker_resident: IntGaugeVec,
+    batch_requests: HistogramVec,
     /// What was registered, for [`AgentMetrics::families`].
     families: Vec<(Desc, MetricType)>,
     /// Serialises scrapes: each resets and refills the scrape-time gauges.
@@ -157,6 +162,15 @@ impl AgentMetrics {
                 &["model", "slot", "version", "worker"],
             )
             .unwrap_or_else(|e| unreachable_metric("sentinel_agent_worker_resident_bytes", &e)),
+            batch_requests: HistogramVec::new(
+                HistogramOpts::new(
+                    "sentinel_agent_batch_requests",
+                    "Requests the dynamic batcher sent to a worker in one exchange, by model",
+                )
+                .buckets(BATCH_BUCKETS.to_vec()),
+                &["model"],
+            )
+            .unwrap_or_else(|e| unreachable_metric("sentinel_agent_batch_requests", &e)),
             families: Vec::new(),
             scrape: Mutex::new(()),
         };
@@ -178,6 +192,7 @@ impl AgentMetrics {
             Box::new(m.sandbox_violations.clone()),
             Box::new(m.hub_connected.clone()),
             Box::new(m.worker_resident.clone()),
+            Box::new(m.batch_requests.clone()),
             Box::new(build),
         ];
         for c in collectors {
@@ -219,6 +234,11 @@ impl AgentMetrics {
         self.inference_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
         let [model, color, version] = labels;
         self.inference_requests.with_label_values(&[model, color, version, outcome]).inc();
+    }
+
+    /// The dynamic batcher of `model` sent `requests` requests to a worker in one exchange.
+    pub fn joined(&self, model: &str, requests: usize) {
+        self.batch_requests.with_label_values(&[model]).observe(requests as f64);
     }
 
     /// A version rolled back; `reason` is the decision's kind (`accuracy`, `operator`, ...).

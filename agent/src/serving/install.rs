@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use sentinel_proto::pb::ModelManifest;
 
+use super::batcher::{Batcher, joinable};
 use super::io::{OutputError, TensorsError, check_outputs, model_io, predicted_label};
 use super::slot::{CandidateMode, Loaded, Route, WINDOW_AGE, WINDOW_SAMPLES};
 use super::{Serving, TensorInfo};
@@ -196,6 +197,20 @@ impl Serving {
         let worker = Pool::start(&spec, &self.restart, size);
         tracing::info!(model, slot = color.as_str(), version = %m.version, workers = size, engine = %spec.engine, "starting workers");
         self.metrics.watch_pool(model, color.as_str(), &worker);
+        let batcher = match self.settings.dynamic_batching_of(model) {
+            Some((max, delay)) if joinable(&inputs, &outputs) => {
+                Some(Batcher::start(worker.clone(), max, delay, (self.metrics.clone(), model.to_owned())))
+            }
+            Some(_) => {
+                tracing::warn!(
+                    model,
+                    "max_queue_delay_us is set, but the model's inputs and outputs do not all carry a batch in \
+                     their first dim: requests run as they come"
+                );
+                None
+            }
+            None => None,
+        };
         Ok(Arc::new(Loaded {
             model: model.to_owned(),
             color,
@@ -205,6 +220,7 @@ impl Serving {
             inputs,
             outputs,
             worker,
+            batcher,
             validation_accuracy: RwLock::new(None),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),

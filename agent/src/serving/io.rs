@@ -229,48 +229,6 @@ pub fn check_inputs(specs: &[TensorInfo], inputs: &[Tensor]) -> Result<Option<us
     Ok(if split { batch } else { None })
 }
 
-/// Samples `start..start + len` of the `n` in a batched tensor's first dim.
-pub(super) fn slice_samples(t: &Tensor, start: usize, len: usize, n: usize) -> Tensor {
-    let mut shape = t.shape.clone();
-    if let Some(first) = shape.first_mut() {
-        *first = len;
-    }
-    let data = match t.dtype.width() {
-        Some(_) => {
-            let per = t.data.len() / n.max(1);
-            t.data[start * per..(start + len) * per].to_vec()
-        }
-        // Strings are length-prefixed: the samples are the bytes from the
-        // first element's prefix to the end of the last one. The request
-        // decoder checked the encoding, so the walk cannot fail.
-        None => {
-            let count = t.element_count().unwrap_or(0);
-            let per = count / n.max(1);
-            let elements = t.strings().unwrap_or_default();
-            let mut out = Vec::new();
-            for e in elements.iter().skip(start * per).take(len * per) {
-                out.extend_from_slice(&u32::try_from(e.len()).unwrap_or(u32::MAX).to_le_bytes());
-                out.extend_from_slice(e);
-            }
-            out
-        }
-    };
-    Tensor { dtype: t.dtype, shape, data }
-}
-
-/// Joins the outputs of consecutive chunks of a batch along the first dim:
-/// each part has the same dtype and the same dims after the first.
-pub(super) fn concat_batch(parts: Vec<Tensor>) -> Option<Tensor> {
-    let first = parts.first()?;
-    let (dtype, mut shape) = (first.dtype, first.shape.clone());
-    if shape.is_empty() || parts.iter().any(|p| p.dtype != dtype || p.shape.get(1..) != shape.get(1..)) {
-        return None;
-    }
-    shape[0] = parts.iter().map(|p| p.shape[0]).sum();
-    let data = parts.into_iter().flat_map(|p| p.data).collect();
-    Some(Tensor { dtype, shape, data })
-}
-
 /// The class a model predicted for one sample: an integer output holding
 /// one value (an int64 one first), else the argmax of the first float output
 /// (f32, f16, bf16 or f64).

@@ -31,6 +31,7 @@ use crate::slots::Slots;
 use crate::supervisor::{RestartPolicy, SlotError};
 use sentinel_worker_protocol::frame::Tensor;
 
+pub mod batcher;
 mod feedback;
 mod install;
 pub mod io;
@@ -43,7 +44,6 @@ pub use io::{
     ServeError, Served, TensorInfo, check_inputs, check_outputs, model_io, order_inputs, predicted_label, show_dims,
     wire_dtype,
 };
-use io::{concat_batch, slice_samples};
 pub use slot::{CandidateMode, Loaded, MAX_SHADOW_IN_FLIGHT, ModelServing, Route, WINDOW_AGE, WINDOW_SAMPLES};
 
 /// Every model served on this device.
@@ -224,12 +224,14 @@ fn canary_turn(seq: u64, percent: u8) -> bool {
     (seq + 1) * p / 100 > seq * p / 100
 }
 
-/// Checks the inputs against the model and runs them. A batch of N samples
-/// runs as one when the slot's workers take batches that large; a larger one
-/// (or any, on workers that run single samples) runs in chunks, as many at a
-/// time as the pool has workers, and the outputs are joined in order.
-/// Returns the outputs and the model's compute time, summed over the chunks,
-/// as the workers measured it.
+/// Checks the inputs against the model and runs them. A request the
+/// slot's dynamic batcher takes joins a batch there. Otherwise a batch of N
+/// samples runs as one when the slot's workers take batches that large; a
+/// larger one runs in chunks, as many at a time as the pool has workers, and
+/// the outputs are joined in order: chunks of the workers' largest batch, or
+/// on workers that run single samples, one chunk per worker run sample by
+/// sample. Returns the outputs and the model's compute time, summed over the
+/// chunks, as the workers measured it.
 async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Duration), ServeError> {
     use futures_util::StreamExt;
 
@@ -242,6 +244,9 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>,
             reason: other.to_string(),
         },
     };
+    if let Some(batcher) = slot.batcher.as_ref().filter(|b| b.takes(batch.unwrap_or(1))) {
+        return batcher.run(inputs, batch.unwrap_or(1)).await.map_err(unavailable);
+    }
     let limit = slot.worker.max_batch().max(1);
     let n = match batch {
         Some(n) if n > limit => n,
@@ -251,15 +256,26 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>,
             return Ok((outputs, compute.unwrap_or_default()));
         }
     };
+    let rows = limit == 1;
+    let chunk = if rows {
+        // Frames stay well under the protocol's bound.
+        let per_sample = inputs.iter().map(|t| t.data.len()).sum::<usize>() / n;
+        let fit = (sentinel_worker_protocol::frame::MAX_FRAME_LEN / 2 / per_sample.max(1)).max(1);
+        n.div_ceil(slot.worker.size()).min(fit)
+    } else {
+        limit
+    };
     let chunks: Vec<Vec<Tensor>> = (0..n)
-        .step_by(limit)
-        .map(|start| inputs.iter().map(|t| slice_samples(t, start, limit.min(n - start), n)).collect())
+        .step_by(chunk)
+        .map(|start| inputs.iter().map(|t| t.samples(start, chunk.min(n - start))).collect())
         .collect();
     drop(inputs);
     // Every chunk runs to its end, even after one failed: dropping a chunk
     // mid-exchange would kill its (healthy) worker.
     let runs = futures_util::stream::iter(chunks)
-        .map(|chunk| async move { slot.worker.infer_timed(&chunk).await })
+        .map(|chunk| async move {
+            if rows { slot.worker.infer_rows_timed(&chunk).await } else { slot.worker.infer_timed(&chunk).await }
+        })
         .buffered(slot.worker.size())
         .collect::<Vec<_>>()
         .await;
@@ -277,7 +293,7 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>,
     let joined = per_output
         .into_iter()
         .map(|parts| {
-            concat_batch(parts).ok_or_else(|| ServeError::Unavailable {
+            Tensor::concat(parts).ok_or_else(|| ServeError::Unavailable {
                 model: slot.model.clone(),
                 version: slot.version.clone(),
                 reason: "the outputs of a batch's chunks cannot be joined".to_owned(),

@@ -21,6 +21,9 @@ pub struct Loaded {
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
     pub worker: Pool,
+    /// Joins concurrent requests into batches, when the model's
+    /// `max_queue_delay_us` asks for it (see [`super::batcher`]).
+    pub batcher: Option<super::batcher::Batcher>,
     /// Accuracy measured on the validation set at load, if it had one.
     pub validation_accuracy: RwLock<Option<f64>>,
     pub requests: AtomicU64,

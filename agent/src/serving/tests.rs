@@ -59,46 +59,6 @@ fn canary_shares_are_exact_and_interleaved() {
 }
 
 #[test]
-fn samples_split_and_join_back() {
-    let t = Tensor::from_f32(vec![3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-    let parts: Vec<Tensor> = (0..3).map(|i| slice_samples(&t, i, 1, 3)).collect();
-    assert_eq!(parts[1].to_f32().unwrap(), vec![3.0, 4.0]);
-    assert_eq!(parts[1].shape, vec![1, 2]);
-    assert_eq!(concat_batch(parts), Some(t));
-}
-
-#[test]
-fn chunks_of_a_batch_split_and_join_back_in_order() {
-    let t = Tensor::from_f32(vec![5, 2], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
-    let parts: Vec<Tensor> = [(0, 2), (2, 2), (4, 1)].iter().map(|&(s, l)| slice_samples(&t, s, l, 5)).collect();
-    assert_eq!(parts.iter().map(|p| p.shape[0]).collect::<Vec<_>>(), [2, 2, 1]);
-    assert_eq!(parts[1].to_f32().unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
-    assert_eq!(concat_batch(parts), Some(t.clone()));
-    let strings = Tensor::from_strings(vec![3, 1], &["a", "bc", ""]);
-    let parts = vec![slice_samples(&strings, 0, 2, 3), slice_samples(&strings, 2, 1, 3)];
-    assert_eq!(parts[0].strings().unwrap(), vec![&b"a"[..], b"bc"]);
-    assert_eq!(concat_batch(parts), Some(strings));
-    // Parts that do not share their trailing dims or dtype do not join.
-    let other = Tensor::from_f32(vec![1, 3], &[0.0, 0.0, 0.0]);
-    assert_eq!(concat_batch(vec![t.clone(), other]), None);
-    assert_eq!(concat_batch(vec![t, Tensor::from_i64(vec![1, 2], &[0, 0])]), None);
-}
-
-#[test]
-fn string_and_narrow_samples_split_and_join_back() {
-    // Strings vary in length: a sample is cut at element boundaries.
-    let t = Tensor::from_strings(vec![3, 2], &["a", "", "longer one", "b", "é", "xyz"]);
-    let parts: Vec<Tensor> = (0..3).map(|i| slice_samples(&t, i, 1, 3)).collect();
-    assert_eq!(parts[1].strings().unwrap(), vec![&b"longer one"[..], b"b"]);
-    assert!(parts.iter().all(|p| p.shape == [1, 2] && p.check(0).is_ok()));
-    assert_eq!(concat_batch(parts), Some(t));
-    let t = Tensor::from_values::<u8>(vec![2, 3], &[1, 2, 3, 4, 5, 6]);
-    let parts: Vec<Tensor> = (0..2).map(|i| slice_samples(&t, i, 1, 2)).collect();
-    assert_eq!(parts[1].values::<u8>().unwrap(), vec![4, 5, 6]);
-    assert_eq!(concat_batch(parts), Some(t));
-}
-
-#[test]
 fn labels_come_from_any_integer_output_or_any_float_argmax() {
     use half::f16;
     let probs16 = Tensor::from_values(vec![1, 3], &[f16::from_f32(0.1), f16::from_f32(0.7), f16::from_f32(0.2)]);

@@ -186,20 +186,20 @@ impl Supervised {
 
     /// Like [`Supervised::infer`], with the model's compute time as the worker measured it.
     pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
-        self.attempt(inputs).await.map_err(|(e, _)| e)
+        self.attempt(&sentinel_worker_protocol::frame::encode_request(inputs)).await.map_err(|(e, _)| e)
     }
 
-    /// Like [`Supervised::infer_timed`], saying on failure whether the
-    /// request reached a worker (see [`pool`]).
+    /// Sends one encoded request (see [`Worker::attempt`]), saying on failure
+    /// whether it reached a worker (see [`pool`]).
     pub(crate) async fn attempt(
         &self,
-        inputs: &[Tensor],
+        payload: &[u8],
     ) -> Result<(Vec<Tensor>, Option<Duration>), (SlotError, Delivered)> {
         let worker = match self.worker().await {
             Some(w) => w,
             None => self.wait_for_worker().await.map_err(|e| (e, Delivered::No))?,
         };
-        match worker.attempt(inputs).await {
+        match worker.attempt(payload).await {
             Ok(done) => Ok(done),
             Err(Failure { error: e @ InferError::BadInput(_), delivered }) => Err((e.into(), delivered)),
             Err(Failure { error, delivered }) => {

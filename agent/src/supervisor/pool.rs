@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sentinel_worker_protocol::frame::Tensor;
+use sentinel_worker_protocol::frame::{self, Tensor};
 use sentinel_worker_protocol::launch::Engine;
 
 use super::{Delivered, InferError, RestartPolicy, SlotError, SlotState, Supervised, WorkerSpec};
@@ -185,10 +185,20 @@ impl Pool {
     /// first) runs once more on another; one that did is not repeated, as it
     /// may be what killed the worker.
     pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
+        self.exchange(&frame::encode_request(inputs)).await
+    }
+
+    /// Like [`Pool::infer_timed`], the worker running each sample of the
+    /// inputs' first dim by itself (see [`frame::Request::rows`]).
+    pub async fn infer_rows_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
+        self.exchange(&frame::encode_rows_request(inputs)).await
+    }
+
+    async fn exchange(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
         let first = self.pick(None);
-        match self.run(first, inputs).await {
+        match self.run(first, payload).await {
             Err((_, Delivered::No)) if self.size() > 1 => {
-                self.run(self.pick(Some(first)), inputs).await.map_err(|(e, _)| e)
+                self.run(self.pick(Some(first)), payload).await.map_err(|(e, _)| e)
             }
             done => done.map_err(|(e, _)| e),
         }
@@ -197,9 +207,10 @@ impl Pool {
     /// Runs the same inference on every worker, in order: the probe that
     /// checks and warms each of them before the slot takes traffic.
     pub async fn infer_each(&self, inputs: &[Tensor]) -> Result<Vec<Vec<Tensor>>, SlotError> {
+        let payload = frame::encode_request(inputs);
         let mut out = Vec::with_capacity(self.size());
         for i in 0..self.size() {
-            out.push(self.run(i, inputs).await.map_err(|(e, _)| e)?.0);
+            out.push(self.run(i, &payload).await.map_err(|(e, _)| e)?.0);
         }
         Ok(out)
     }
@@ -207,12 +218,12 @@ impl Pool {
     async fn run(
         &self,
         index: usize,
-        inputs: &[Tensor],
+        payload: &[u8],
     ) -> Result<(Vec<Tensor>, Option<Duration>), (SlotError, Delivered)> {
         let member = &self.shared.members[index];
         member.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&member.in_flight);
-        let outcome = member.slot.attempt(inputs).await;
+        let outcome = member.slot.attempt(payload).await;
         if matches!(&outcome, Ok(_) | Err((SlotError::Worker(InferError::BadInput(_)), _))) {
             member.answered.fetch_add(1, Ordering::Relaxed);
         }

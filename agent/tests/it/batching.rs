@@ -101,9 +101,10 @@ async fn a_batch_over_max_batch_size_runs_in_chunks_across_the_pool() {
         assert_eq!(shape[0], 40, "{dtype}");
         assert_same(dtype, data, single);
     }
-    // With batching off, the same request runs sample by sample.
+    // With batching off, the same request goes to the worker in one frame
+    // that runs sample by sample: bit for bit what single requests get.
     let (batch, singles, runs) = batch_and_singles("workers = 1\nmax_batch_size = 1\n", 5).await;
-    assert_eq!(runs, 5);
+    assert_eq!(runs, 1);
     assert_eq!(batch.iter().map(|(_, _, d)| d.clone()).collect::<Vec<_>>(), singles);
 }
 
@@ -151,5 +152,136 @@ async fn a_bad_sample_in_one_chunk_is_a_400_and_kills_no_worker() {
     assert_eq!(pool_pids(&slot).await, pids, "every worker still runs");
     let r = infer(addr, &batch_request(48)).await;
     assert_eq!(outputs(&r)[0].1[0], 48, "and the next batch is served");
+    agent.shutdown().await;
+}
+
+/// Starts an agent serving digits 1.0.0 twice, under the names `joined` and
+/// `alone`, with `serving` (which sets dynamic batching for `joined`).
+async fn joined_and_alone(tmp: &std::path::Path, serving: &str) -> (TestHub, sentinel_agent::AgentHandle) {
+    let hub = TestHub::start_at(&tmp.join("hub"), |_| {}).await;
+    for model in ["joined", "alone"] {
+        hub.push(model, "1.0.0", V1, "").await;
+    }
+    let agent = start_agent_with(&tmp.join("agent"), &hub, "edge-1", &[("site", "a")], serving).await;
+    for model in ["joined", "alone"] {
+        hub.deploy(model, "1.0.0", "site=a").await;
+    }
+    agent
+        .wait_for(WAIT, |v| ["joined", "alone"].iter().all(|m| active(v, m).as_deref() == Some("1.0.0")))
+        .await
+        .unwrap();
+    (hub, agent)
+}
+
+async fn infer_model(addr: std::net::SocketAddr, model: &str, body: &Value) -> reqwest::Response {
+    let url = format!("http://{addr}/v2/models/{model}/infer");
+    reqwest::Client::new().post(url).json(body).send().await.unwrap()
+}
+
+/// Sends the digits samples `0..n` to `joined` at once, one request each,
+/// and returns their responses (status, body) and the worker exchanges they took.
+async fn concurrently(agent: &sentinel_agent::AgentHandle, bodies: Vec<Value>) -> (Vec<(u16, Value)>, u64) {
+    let addr = agent.inference_addr.unwrap();
+    let slot = agent.route("joined").unwrap().active.clone().unwrap();
+    let answered = async || slot.worker.workers().await.iter().map(|w| w.answered).sum::<u64>();
+    let before = answered().await;
+    let sent = bodies.iter().map(|body| async move {
+        let r = infer_model(addr, "joined", body).await;
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    let responses = futures_util::future::join_all(sent).await;
+    (responses, answered().await - before)
+}
+
+/// Eight concurrent single requests fill a batch of 8 (the 1 s queue delay
+/// is a bound the test never reaches: the eighth request completes the
+/// batch) and run in one worker exchange; each request's outputs are bit
+/// for bit those of the same sample sent alone to the same model file
+/// without dynamic batching (tract runs a joined batch row by row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_batching_joins_concurrent_requests_and_answers_each_bit_for_bit_as_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let serving = "[serving]\nworkers = 1\nengine = \"tract\"\n\
+                   [serving.models.joined]\nmax_batch_size = 8\nmax_queue_delay_us = 1000000\n";
+    let (_hub, agent) = joined_and_alone(tmp.path(), serving).await;
+    let addr = agent.inference_addr.unwrap();
+    let (responses, runs) = concurrently(&agent, (0..8).map(digit_request).collect()).await;
+    assert_eq!(runs, 1, "8 requests, one exchange");
+    for (i, (status, joined)) in responses.iter().enumerate() {
+        assert_eq!(*status, 200, "{joined}");
+        let alone = infer_model(addr, "alone", &digit_request(i)).await.json::<Value>().await.unwrap();
+        assert_eq!(outputs(joined), outputs(&alone), "sample {i}: joined and alone differ");
+        assert_eq!(joined["outputs"][0]["shape"][0], 1, "each request gets its own sample back");
+    }
+    // Each request keeps its own id, for feedback.
+    let ids: std::collections::BTreeSet<&str> = responses.iter().map(|(_, v)| v["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 8);
+    let metadata: Value = reqwest::get(format!("http://{addr}/v2/models/joined")).await.unwrap().json().await.unwrap();
+    assert_eq!(metadata["dynamic_batching"], json!({"max_batch_size": 8, "max_queue_delay_us": 1_000_000}));
+    let plain: Value = reqwest::get(format!("http://{addr}/v2/models/alone")).await.unwrap().json().await.unwrap();
+    assert_eq!(plain["dynamic_batching"], Value::Null);
+    let metrics = reqwest::get(format!("http://{}/metrics", agent.metrics_addr.unwrap())).await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    for line in [
+        "sentinel_agent_batch_requests_count{model=\"joined\"} 1",
+        "sentinel_agent_batch_requests_sum{model=\"joined\"} 8",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
+    }
+    agent.shutdown().await;
+}
+
+/// A request the worker refuses (an infinity in its pixels) does not fail
+/// the requests it was joined with: the batch runs again request by
+/// request, the bad one gets its 400, the others their outputs, and no
+/// worker restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_request_in_a_joined_batch_fails_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let serving = "[serving]\nworkers = 1\n[serving.models.joined]\nmax_batch_size = 4\nmax_queue_delay_us = 1000000\n";
+    let (_hub, agent) = joined_and_alone(tmp.path(), serving).await;
+    let addr = agent.inference_addr.unwrap();
+    let mut bodies: Vec<Value> = (0..4).map(digit_request).collect();
+    bodies[2]["inputs"][0]["data"][5] = json!(1e300);
+    let (responses, runs) = concurrently(&agent, bodies).await;
+    assert_eq!(runs, 1 + 4, "the joined exchange, then each request alone");
+    for (i, (status, body)) in responses.iter().enumerate() {
+        if i == 2 {
+            assert_eq!(*status, 400, "{body}");
+            assert!(body["error"].as_str().unwrap().contains("finite"), "{body}");
+        } else {
+            assert_eq!(*status, 200, "{body}");
+            let alone = infer_model(addr, "alone", &digit_request(i)).await.json::<Value>().await.unwrap();
+            assert_eq!(outputs(body), outputs(&alone), "sample {i}");
+        }
+    }
+    assert_eq!(agent.route("joined").unwrap().active.clone().unwrap().worker.restarts(), 0);
+    agent.shutdown().await;
+}
+
+/// With ONNX Runtime, whose workers run batches as one, a joined batch is one
+/// batched run: each request's outputs equal its lone run's to f32 rounding,
+/// with the same label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onnx_runtime_runs_a_joined_batch_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = sentinel_testkit::ort::library();
+    let serving = format!(
+        "[serving]\nworkers = 1\nengine = \"ort\"\nort_library = \"{}\"\nmax_batch_size = 8\n\
+         [serving.models.joined]\nmax_queue_delay_us = 1000000\n",
+        lib.display()
+    );
+    let (_hub, agent) = joined_and_alone(tmp.path(), &serving).await;
+    let addr = agent.inference_addr.unwrap();
+    let (responses, runs) = concurrently(&agent, (0..8).map(digit_request).collect()).await;
+    assert_eq!(runs, 1);
+    for (i, (status, joined)) in responses.iter().enumerate() {
+        assert_eq!(*status, 200, "{joined}");
+        let alone = infer_model(addr, "alone", &digit_request(i)).await.json::<Value>().await.unwrap();
+        for ((dtype, shape, data), (_, alone_shape, alone_data)) in outputs(joined).iter().zip(outputs(&alone)) {
+            assert_eq!(shape, &alone_shape, "{dtype}");
+            assert_same(dtype, data, &alone_data);
+        }
+    }
     agent.shutdown().await;
 }

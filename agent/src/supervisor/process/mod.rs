@@ -399,13 +399,20 @@ impl Worker {
 
     /// Like [`Worker::infer`], with the model's compute time as the worker measured it.
     pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), InferError> {
-        self.attempt(inputs).await.map_err(|f| f.error)
+        self.attempt(&protocol::encode_request(inputs)).await.map_err(|f| f.error)
     }
 
-    /// Like [`Worker::infer_timed`], saying on failure whether the request
-    /// reached the worker, so a pool can try a sibling with one that did not.
-    pub(crate) async fn attempt(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
-        self.request(&protocol::encode_request(inputs)).await
+    /// Like [`Worker::infer_timed`], running each sample of the inputs'
+    /// first dim by itself (see [`protocol::Request::rows`]).
+    pub async fn infer_rows(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), InferError> {
+        self.attempt(&protocol::encode_rows_request(inputs)).await.map_err(|f| f.error)
+    }
+
+    /// Sends one encoded request (see [`protocol::Request`]), saying on
+    /// failure whether it reached the worker, so a pool can try a sibling
+    /// with one that did not.
+    pub(crate) async fn attempt(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
+        self.request(payload).await
     }
 
     /// Tests only: sends a `FORBID:<action>` probe (see [`TestProbes`]).

@@ -6,7 +6,9 @@
 //! every request frame with exactly one response frame, in order.
 //!
 //! Payloads, all integers little-endian:
-//! - request: a tensor list;
+//! - request: a tensor list, run as one; or [`ROWS`] (a `u32`) then a tensor
+//!   list whose inputs share a first dim of samples, each sample run by
+//!   itself and the outputs joined along the first dim (see [`Request`]);
 //! - response: a status byte, then a tensor list ([`STATUS_OK`]), a `u64`
 //!   compute time in nanoseconds and a tensor list ([`STATUS_OK_TIMED`]), or a
 //!   UTF-8 error message ([`STATUS_ERROR`]);
@@ -116,19 +118,56 @@ fn one() -> usize {
     1
 }
 
-/// Encodes a request carrying `inputs`, in model input order.
+/// The `u32` that starts a request to be run sample by sample: a tensor
+/// count no frame can hold, so it cannot be mistaken for one.
+pub const ROWS: u32 = u32::MAX;
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The inputs, in model input order.
+    pub inputs: Vec<Tensor>,
+    /// Run each sample of the inputs' first dim by itself, and join the
+    /// outputs along the first dim, rather than run the inputs as one. Each
+    /// sample's outputs are then exactly those of a request carrying that
+    /// sample alone, which one batched run does not promise (engines pick
+    /// other kernels for several rows than for one). The agent's dynamic
+    /// batcher sends joined requests this way.
+    pub rows: bool,
+}
+
+impl Request {
+    /// The request's payload.
+    pub fn encode(&self) -> Vec<u8> {
+        if self.rows { encode_rows_request(&self.inputs) } else { encode_request(&self.inputs) }
+    }
+}
+
+/// Encodes a request carrying `inputs`, in model input order, run as one.
 pub fn encode_request(inputs: &[Tensor]) -> Vec<u8> {
     let mut out = Vec::new();
     encode_tensors(inputs, &mut out);
     out
 }
 
-/// Decodes a request payload into input tensors.
-pub fn decode_request(payload: &[u8]) -> Result<Vec<Tensor>, ProtocolError> {
-    let mut cur = Cursor { buf: payload, pos: 0 };
-    let tensors = decode_tensors(&mut cur)?;
+/// Encodes a request whose inputs carry samples in their first dim, each
+/// run by itself (see [`Request::rows`]).
+pub fn encode_rows_request(inputs: &[Tensor]) -> Vec<u8> {
+    let mut out = ROWS.to_le_bytes().to_vec();
+    encode_tensors(inputs, &mut out);
+    out
+}
+
+/// Decodes a request payload.
+pub fn decode_request(payload: &[u8]) -> Result<Request, ProtocolError> {
+    let (rows, rest) = match payload.split_first_chunk::<4>() {
+        Some((head, rest)) if u32::from_le_bytes(*head) == ROWS => (true, rest),
+        _ => (false, payload),
+    };
+    let mut cur = Cursor { buf: rest, pos: 0 };
+    let inputs = decode_tensors(&mut cur)?;
     cur.finish()?;
-    Ok(tensors)
+    Ok(Request { inputs, rows })
 }
 
 /// Encodes a successful response carrying `outputs`, in model output order.

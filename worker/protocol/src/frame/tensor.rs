@@ -304,6 +304,58 @@ impl Tensor {
         check_bytes(self.dtype, &self.shape, &self.data, index)
     }
 
+    /// Samples `start..start + len` of the tensor's first dim, as a tensor
+    /// of `len` samples. The tensor must be checked ([`Tensor::check`]) and
+    /// the range within its first dim; strings are cut at element
+    /// boundaries.
+    pub fn samples(&self, start: usize, len: usize) -> Tensor {
+        let n = self.shape.first().copied().unwrap_or(1).max(1);
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = len;
+        }
+        let data = match self.dtype.width() {
+            Some(_) => {
+                let per = self.data.len() / n;
+                self.data[start * per..(start + len) * per].to_vec()
+            }
+            // Length-prefixed: find the byte offsets of the first and the
+            // last element wanted, and copy the bytes between them as they are.
+            None => {
+                let per = self.element_count().unwrap_or(0) / n;
+                let (from, to) = (start * per, (start + len) * per);
+                let (mut pos, mut element, mut begin) = (0usize, 0usize, None);
+                while element < to && pos + STRING_PREFIX <= self.data.len() {
+                    if element == from {
+                        begin = Some(pos);
+                    }
+                    let prefix = &self.data[pos..pos + STRING_PREFIX];
+                    pos += STRING_PREFIX + u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+                    element += 1;
+                }
+                let begin = begin.unwrap_or(pos);
+                self.data.get(begin..pos).map(<[u8]>::to_vec).unwrap_or_default()
+            }
+        };
+        Tensor { dtype: self.dtype, shape, data }
+    }
+
+    /// Joins tensors along the first dim: each must have the same dtype and
+    /// the same dims after the first. `None` when they do not, or there are none.
+    pub fn concat(parts: Vec<Tensor>) -> Option<Tensor> {
+        let first = parts.first()?;
+        let (dtype, mut shape) = (first.dtype, first.shape.clone());
+        if shape.is_empty() || parts.iter().any(|p| p.dtype != dtype || p.shape.get(1..) != shape.get(1..)) {
+            return None;
+        }
+        shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Some(Tensor { dtype, shape, data })
+    }
+
     fn expect(&self, dtype: DType) -> Result<(), ProtocolError> {
         if self.dtype != dtype {
             return Err(ProtocolError::WrongDType { expected: dtype, found: self.dtype });

@@ -12,7 +12,7 @@ fn sample() -> Vec<Tensor> {
 #[test]
 fn request_round_trips() {
     let tensors = sample();
-    assert_eq!(decode_request(&encode_request(&tensors)).unwrap(), tensors);
+    assert_eq!(decode_request(&encode_request(&tensors)).unwrap().inputs, tensors);
     assert_eq!(tensors[0].to_f32().unwrap()[3], 16.0);
     assert_eq!(tensors[1].to_i64().unwrap(), vec![7, -1]);
     assert_eq!(tensors[3].element_count(), Some(1));
@@ -61,9 +61,29 @@ fn byte_length_must_match_the_shape() {
 }
 
 #[test]
+fn a_rows_request_round_trips_and_says_so() {
+    let rows = Request { inputs: sample(), rows: true };
+    assert_eq!(decode_request(&rows.encode()), Ok(rows.clone()));
+    let whole = Request { inputs: sample(), rows: false };
+    assert_eq!(decode_request(&whole.encode()), Ok(whole));
+    // Its prefixes are refused like a plain request's.
+    let payload = rows.encode();
+    for len in 0..payload.len() {
+        assert!(decode_request(&payload[..len]).is_err(), "prefix of {len} bytes accepted");
+    }
+}
+
+#[test]
 fn hostile_headers_are_refused_before_allocating() {
-    // A count of 4 billion tensors in a 4-byte payload.
-    assert!(matches!(decode_request(&u32::MAX.to_le_bytes()), Err(ProtocolError::Truncated { .. })));
+    // A count of 4 billion tensors in a 4-byte payload, with and without
+    // the rows marker before it.
+    assert!(matches!(decode_request(&(ROWS - 1).to_le_bytes()), Err(ProtocolError::Truncated { .. })));
+    assert!(matches!(
+        decode_request(&[ROWS, ROWS - 1].map(u32::to_le_bytes).concat()),
+        Err(ProtocolError::Truncated { .. })
+    ));
+    // The marker alone is a truncated request, not an empty one.
+    assert!(matches!(decode_request(&ROWS.to_le_bytes()), Err(ProtocolError::Truncated { .. })));
     // Dimensions whose product overflows.
     let mut p = 1u32.to_le_bytes().to_vec();
     p.extend_from_slice(&[DType::F32.code(), 2]);
@@ -137,7 +157,7 @@ fn every_dtype_round_trips_with_its_onnx_code_and_name() {
     let tensors = every_dtype();
     let carried: Vec<DType> = tensors.iter().map(|t| t.dtype).take(DType::ALL.len()).collect();
     assert_eq!(carried, DType::ALL, "the sample holds every dtype once, in code order");
-    assert_eq!(decode_request(&encode_request(&tensors)).unwrap(), tensors);
+    assert_eq!(decode_request(&encode_request(&tensors)).unwrap().inputs, tensors);
     assert_eq!(decode_response(&encode_ok_response(&tensors)).unwrap(), tensors);
     let codes: Vec<u8> = DType::ALL.iter().map(|d| d.code()).collect();
     assert_eq!(codes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16], "TensorProto.DataType values");
@@ -174,7 +194,7 @@ fn zeros_are_zero_of_each_dtype_and_empty_strings() {
     for d in DType::ALL {
         let z = Tensor::zeros(d, &[2, 3]).unwrap();
         assert_eq!(z.check(0), Ok(()), "{d}");
-        assert_eq!(decode_request(&encode_request(std::slice::from_ref(&z))).unwrap(), vec![z.clone()]);
+        assert_eq!(decode_request(&encode_request(std::slice::from_ref(&z))).unwrap().inputs, vec![z.clone()]);
         if d == DType::String {
             assert_eq!(z.strings().unwrap(), vec![&b""[..]; 6]);
         }
@@ -241,4 +261,44 @@ fn ready_round_trips() {
     // A worker that predates batching says nothing of it: it runs fixed shapes only.
     assert_eq!(decode_ready(b"{\"ready\":true,\"confined\":true}\n").unwrap().max_batch, 1);
     assert!(decode_ready(b"not json").is_err());
+}
+
+#[test]
+fn samples_split_and_join_back() {
+    let t = Tensor::from_f32(vec![3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let parts: Vec<Tensor> = (0..3).map(|i| t.samples(i, 1)).collect();
+    assert_eq!(parts[1].to_f32().unwrap(), vec![3.0, 4.0]);
+    assert_eq!(parts[1].shape, vec![1, 2]);
+    assert_eq!(Tensor::concat(parts), Some(t));
+}
+
+#[test]
+fn chunks_of_a_batch_split_and_join_back_in_order() {
+    let t = Tensor::from_f32(vec![5, 2], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    let parts: Vec<Tensor> = [(0, 2), (2, 2), (4, 1)].iter().map(|&(s, l)| t.samples(s, l)).collect();
+    assert_eq!(parts.iter().map(|p| p.shape[0]).collect::<Vec<_>>(), [2, 2, 1]);
+    assert_eq!(parts[1].to_f32().unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
+    assert_eq!(Tensor::concat(parts), Some(t.clone()));
+    let strings = Tensor::from_strings(vec![3, 1], &["a", "bc", ""]);
+    let parts = vec![strings.samples(0, 2), strings.samples(2, 1)];
+    assert_eq!(parts[0].strings().unwrap(), vec![&b"a"[..], b"bc"]);
+    assert_eq!(Tensor::concat(parts), Some(strings));
+    // Parts that do not share their trailing dims or dtype do not join.
+    let other = Tensor::from_f32(vec![1, 3], &[0.0, 0.0, 0.0]);
+    assert_eq!(Tensor::concat(vec![t.clone(), other]), None);
+    assert_eq!(Tensor::concat(vec![t, Tensor::from_i64(vec![1, 2], &[0, 0])]), None);
+}
+
+#[test]
+fn string_and_narrow_samples_split_and_join_back() {
+    // Strings vary in length: a sample is cut at element boundaries.
+    let t = Tensor::from_strings(vec![3, 2], &["a", "", "longer one", "b", "é", "xyz"]);
+    let parts: Vec<Tensor> = (0..3).map(|i| t.samples(i, 1)).collect();
+    assert_eq!(parts[1].strings().unwrap(), vec![&b"longer one"[..], b"b"]);
+    assert!(parts.iter().all(|p| p.shape == [1, 2] && p.check(0).is_ok()));
+    assert_eq!(Tensor::concat(parts), Some(t));
+    let t = Tensor::from_values::<u8>(vec![2, 3], &[1, 2, 3, 4, 5, 6]);
+    let parts: Vec<Tensor> = (0..2).map(|i| t.samples(i, 1)).collect();
+    assert_eq!(parts[1].values::<u8>().unwrap(), vec![4, 5, 6]);
+    assert_eq!(Tensor::concat(parts), Some(t));
 }
