@@ -238,6 +238,10 @@ impl AgentConfig {
         if let Some(v) = get("WORKERS") {
             raw.serving.workers = Some(v.parse().map_err(|e| bad("SENTINEL_AGENT_WORKERS", format!("{v:?}: {e}")))?);
         }
+        if let Some(v) = get("MAX_QUEUE_DELAY_US") {
+            raw.serving.max_queue_delay_us =
+                Some(v.parse().map_err(|e| bad("SENTINEL_AGENT_MAX_QUEUE_DELAY_US", format!("{v:?}: {e}")))?);
+        }
         if let Some(v) = get("RUNTIME_DIR") {
             raw.runtime_dir = Some(v.into());
         }

@@ -33,7 +33,7 @@ pub(super) struct RawServing {
     pub(super) engine: Option<String>,
     ort_library: Option<PathBuf>,
     max_batch_size: Option<usize>,
-    max_queue_delay_us: Option<u64>,
+    pub(super) max_queue_delay_us: Option<u64>,
     #[serde(default)]
     models: BTreeMap<String, RawModelServing>,
 }

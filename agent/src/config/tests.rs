@@ -216,8 +216,10 @@ max_batch_size = 16
     assert_eq!(p.order, [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
     assert!(p.fallback && p.tensorrt_fp16 && p.device_id == Some(1));
     assert_eq!(s.providers_of("other"), Providers::default(), "CPU only");
-    let s = parse("", &[("SENTINEL_AGENT_ENGINE", "ort"), ("SENTINEL_AGENT_WORKERS", "3")]).expect("env overrides");
+    let env = [("SENTINEL_AGENT_ENGINE", "ort"), ("SENTINEL_AGENT_WORKERS", "3"), ("SENTINEL_AGENT_MAX_QUEUE_DELAY_US", "250")];
+    let s = parse("", &env).expect("env overrides");
     assert_eq!((s.engine, s.workers), (EngineChoice::Ort, Some(3)));
+    assert_eq!(s.max_queue_delay, Some(std::time::Duration::from_micros(250)));
     let e = parse("", &[("SENTINEL_AGENT_WORKERS", "many")]).expect_err("not a number").to_string();
     assert!(e.contains("SENTINEL_AGENT_WORKERS") && e.contains("many"), "{e}");
     let e = parse("[serving.models.d]\nthreads = 2\n", &[]).expect_err("unknown key").to_string();
