@@ -216,7 +216,11 @@ max_batch_size = 16
     assert_eq!(p.order, [Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
     assert!(p.fallback && p.tensorrt_fp16 && p.device_id == Some(1));
     assert_eq!(s.providers_of("other"), Providers::default(), "CPU only");
-    let env = [("SENTINEL_AGENT_ENGINE", "ort"), ("SENTINEL_AGENT_WORKERS", "3"), ("SENTINEL_AGENT_MAX_QUEUE_DELAY_US", "250")];
+    let env = [
+        ("SENTINEL_AGENT_ENGINE", "ort"),
+        ("SENTINEL_AGENT_WORKERS", "3"),
+        ("SENTINEL_AGENT_MAX_QUEUE_DELAY_US", "250"),
+    ];
     let s = parse("", &env).expect("env overrides");
     assert_eq!((s.engine, s.workers), (EngineChoice::Ort, Some(3)));
     assert_eq!(s.max_queue_delay, Some(std::time::Duration::from_micros(250)));

@@ -22,11 +22,13 @@
 //! next batch takes as many of them as fit.
 
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TrySendError};
 use std::time::{Duration, Instant};
 
 use sentinel_worker_protocol::frame::Tensor;
 use sentinel_worker_protocol::launch::Engine;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use tokio::sync::{Semaphore, oneshot};
 
 use super::TensorInfo;
 use crate::metrics::AgentMetrics;
@@ -35,8 +37,9 @@ use crate::supervisor::{InferError, Pool, SlotError};
 /// What a request gets back: its outputs and the compute time of the run it was in.
 pub type Answer = Result<(Vec<Tensor>, Duration), SlotError>;
 
-/// Requests waiting for a batch, at most; senders wait beyond it. The
-/// inference API's in-flight byte bound holds the bodies to far less.
+/// Requests waiting for a batch, at most; past it a request is refused as
+/// unavailable (503). The inference API's in-flight byte bound usually
+/// holds the queue far below it.
 const QUEUE: usize = 4096;
 
 #[derive(Debug)]
@@ -47,11 +50,14 @@ struct Job {
     reply: oneshot::Sender<Answer>,
 }
 
-/// The dynamic batcher of one slot. Dropping it ends its task once the
-/// batches already formed have run.
+/// The dynamic batcher of one slot: a thread that forms batches (Tokio's
+/// timers have a resolution of 1 ms, too coarse for delays of a few hundred
+/// microseconds; a thread waits on its queue with the kernel's precision),
+/// and runtime tasks that run them. Dropping it ends the thread once the
+/// batches already formed are handed over.
 #[derive(Debug)]
 pub struct Batcher {
-    tx: mpsc::Sender<Job>,
+    tx: std::sync::mpsc::SyncSender<Job>,
     max_samples: usize,
     delay: Duration,
     engine: Engine,
@@ -100,12 +106,21 @@ pub fn split(outputs: &[Tensor], counts: &[usize]) -> Result<Vec<Vec<Tensor>>, S
 
 impl Batcher {
     /// Starts the batcher of `pool` (must run inside a Tokio runtime).
-    /// Each exchange is counted in `metrics` under `model`.
-    pub fn start(pool: Pool, max_samples: usize, delay: Duration, metrics: (Arc<AgentMetrics>, String)) -> Batcher {
-        let (tx, rx) = mpsc::channel(QUEUE);
+    /// Each exchange is counted in `metrics` under `model`. Must be called
+    /// inside a Tokio runtime, which runs the batches.
+    pub fn start(
+        pool: Pool,
+        max_samples: usize,
+        delay: Duration,
+        metrics: (Arc<AgentMetrics>, String),
+    ) -> std::io::Result<Batcher> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let engine = pool.engine();
-        tokio::spawn(collect(rx, pool, max_samples, delay, metrics));
-        Batcher { tx, max_samples, delay, engine }
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name(format!("batcher-{}", metrics.1))
+            .spawn(move || collect(&rx, &pool, max_samples, delay, &metrics, &runtime))?;
+        Ok(Batcher { tx, max_samples, delay, engine })
     }
 
     /// The most samples one joined batch carries.
@@ -127,40 +142,43 @@ impl Batcher {
     pub async fn run(&self, inputs: Vec<Tensor>, samples: usize) -> Answer {
         let (reply, answer) = oneshot::channel();
         let job = Job { inputs, samples, queued: Instant::now(), reply };
-        self.tx.send(job).await.map_err(|_| SlotError::Failed("the slot's batcher stopped".into()))?;
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => SlotError::Failed(format!("{QUEUE} requests already wait for a batch")),
+            TrySendError::Disconnected(_) => SlotError::Failed("the slot's batcher stopped".into()),
+        })?;
         answer.await.map_err(|_| SlotError::Failed("the slot's batcher stopped".into()))?
     }
 }
 
 /// Forms batches while the batcher lives: each waits for a free worker,
 /// then takes the oldest request and what joins it until the batch is full
-/// or the oldest has waited `delay`.
-async fn collect(
-    mut rx: mpsc::Receiver<Job>,
-    pool: Pool,
+/// or the oldest has waited `delay` (with 0, only what is already queued).
+fn collect(
+    rx: &Receiver<Job>,
+    pool: &Pool,
     max: usize,
     delay: Duration,
-    (metrics, model): (Arc<AgentMetrics>, String),
+    (metrics, model): &(Arc<AgentMetrics>, String),
+    runtime: &tokio::runtime::Handle,
 ) {
     let workers = Arc::new(Semaphore::new(pool.size()));
     let mut carried: Option<Job> = None;
     loop {
-        let Ok(permit) = workers.clone().acquire_owned().await else { return };
+        let Ok(permit) = runtime.block_on(workers.clone().acquire_owned()) else { return };
         let first = match carried.take() {
             Some(job) => job,
-            None => match rx.recv().await {
-                Some(job) => job,
-                None => return,
+            None => match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
             },
         };
-        let deadline = tokio::time::Instant::from_std(first.queued + delay);
+        let deadline = first.queued + delay;
         let mut total = first.samples;
         let mut jobs = vec![first];
         while total < max {
-            let next = tokio::select! {
-                biased;
-                job = rx.recv() => job,
-                () = tokio::time::sleep_until(deadline) => None,
+            let next = match deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero()) {
+                Some(left) => rx.recv_timeout(left).ok(),
+                None => rx.try_recv().ok(),
             };
             match next {
                 Some(job) if fits(total, job.samples, max) => {
@@ -174,9 +192,9 @@ async fn collect(
                 None => break,
             }
         }
-        metrics.joined(&model, jobs.len());
+        metrics.joined(model, jobs.len());
         let pool = pool.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             run_batch(&pool, jobs, total).await;
             drop(permit);
         });

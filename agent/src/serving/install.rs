@@ -199,7 +199,13 @@ impl Serving {
         self.metrics.watch_pool(model, color.as_str(), &worker);
         let batcher = match self.settings.dynamic_batching_of(model) {
             Some((max, delay)) if joinable(&inputs, &outputs) => {
-                Some(Batcher::start(worker.clone(), max, delay, (self.metrics.clone(), model.to_owned())))
+                match Batcher::start(worker.clone(), max, delay, (self.metrics.clone(), model.to_owned())) {
+                    Ok(batcher) => Some(batcher),
+                    Err(e) => {
+                        tracing::warn!(model, error = %e, "no thread for the dynamic batcher: requests run as they come");
+                        None
+                    }
+                }
             }
             Some(_) => {
                 tracing::warn!(
