@@ -102,6 +102,48 @@ impl WorkerError {
 /// Runs a worker on this process's stdin and stdout. Returns `Ok` when stdin
 /// closes between frames.
 pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
+    // Loading runs on a thread of lower priority, so that a new version
+    // loading beside a busy one (a promotion under load, on a device with
+    // few cores) takes CPU time the serving processes do not want, rather
+    // than delay their requests. It ends before the sandbox goes up; this
+    // thread, which serves, keeps the normal priority.
+    let model = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("load".into())
+            .spawn_scoped(scope, || {
+                lower_priority(LOAD_NICE);
+                prepare(config)
+            })
+            .map_err(|e| ModelError::WarmUp { path: config.model.clone(), message: format!("no loading thread: {e}") })?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
+    // And once on this thread, which serves: whatever the engines set up
+    // per thread is then in place before the filter.
+    model.warm_up(&config.model)?;
+    // Take the std handles and their buffers before the filter goes up, so
+    // nothing is lazily initialised under it.
+    let mut input = io::stdin().lock();
+    let mut output = BufWriter::new(io::stdout().lock());
+    let gpu = config.engine == Engine::Ort && config.providers.gpu();
+    let ready = match sandbox::confine(config.confinement, gpu)? {
+        SandboxStatus::Confined => Ready { ready: true, confined: true, reason: None, max_batch: model.max_batch() },
+        SandboxStatus::Unconfined { reason } => {
+            Ready { ready: true, confined: false, reason: Some(reason), max_batch: model.max_batch() }
+        }
+    };
+    protocol::write_frame(&mut output, &protocol::encode_ready(&ready)).map_err(WorkerError::WriteResponse)?;
+    serve(&model, &config.probe, &mut input, &mut output)
+}
+
+/// The nice value of the loading thread: its CPU weight is about a tenth of
+/// a normal thread's, so it yields to serving when the CPUs are busy and
+/// loads at full speed when they are not. (Lower, a large model's load on a
+/// saturated device could outlast the load timeout.)
+const LOAD_NICE: i32 = 10;
+
+/// Loads, warms up and (with `--tune-batch`) tunes the model.
+fn prepare(config: &WorkerConfig) -> Result<LoadedModel, WorkerError> {
     let mut model = LoadedModel::load_batched(
         config.engine,
         &config.model,
@@ -131,19 +173,21 @@ pub fn run(config: &WorkerConfig) -> Result<(), WorkerError> {
             model.warm_up(&config.model)?;
         }
     }
-    // Take the std handles and their buffers before the filter goes up, so
-    // nothing is lazily initialised under it.
-    let mut input = io::stdin().lock();
-    let mut output = BufWriter::new(io::stdout().lock());
-    let gpu = config.engine == Engine::Ort && config.providers.gpu();
-    let ready = match sandbox::confine(config.confinement, gpu)? {
-        SandboxStatus::Confined => Ready { ready: true, confined: true, reason: None, max_batch: model.max_batch() },
-        SandboxStatus::Unconfined { reason } => {
-            Ready { ready: true, confined: false, reason: Some(reason), max_batch: model.max_batch() }
-        }
+    Ok(model)
+}
+
+/// Raises the calling thread's nice value (Linux keeps one per thread).
+/// Best effort: a worker that cannot lower its priority loads at the normal one.
+fn lower_priority(nice: i32) {
+    // SAFETY: gettid and setpriority take integers and touch no memory.
+    #[allow(unsafe_code)]
+    let failed = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, u32::try_from(tid).unwrap_or(0), nice) != 0
     };
-    protocol::write_frame(&mut output, &protocol::encode_ready(&ready)).map_err(WorkerError::WriteResponse)?;
-    serve(&model, &config.probe, &mut input, &mut output)
+    if failed {
+        eprintln!("sentinel-worker: loading at normal priority: {}", io::Error::last_os_error());
+    }
 }
 
 /// Answers request frames from `input` on `output`, one response per request,
