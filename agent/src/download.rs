@@ -224,16 +224,25 @@ pub async fn fetch(
             break;
         }
     }
-    file.sync_all().map_err(io_err("fsync", &partial))?;
-    drop(file);
+    // fsyncs wait for the disk: on the blocking pool, so that the Tokio
+    // worker goes on serving requests meanwhile.
+    off_runtime(move || file.sync_all()).await.map_err(io_err("fsync", &partial))?;
     let actual = hex::encode(digest.finish().as_ref());
     if actual != wanted.sha256 {
         let _ = std::fs::remove_file(&partial);
         return Err(FetchError::HashMismatch { expected: wanted.sha256.to_owned(), actual });
     }
     std::fs::rename(&partial, &final_path).map_err(io_err("rename", &final_path))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync dir", dir))?;
+    let dir_path = dir.to_path_buf();
+    off_runtime(move || std::fs::File::open(dir_path).and_then(|d| d.sync_all()))
+        .await
+        .map_err(io_err("fsync dir", dir))?;
     Ok((final_path, outcome))
+}
+
+/// Runs blocking file work on Tokio's blocking pool.
+async fn off_runtime(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 fn restart(

@@ -58,3 +58,15 @@ pub fn release_free_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// Runs `f`, which blocks (a fork, an fsync), without holding up the other
+/// tasks of the Tokio worker thread it is called on: on a multi-thread
+/// runtime the runtime hands them to another thread meanwhile
+/// (`block_in_place`). On a device with two cores the runtime has two
+/// workers, and a request queued behind a blocked one waits for it.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}

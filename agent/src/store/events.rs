@@ -19,12 +19,11 @@ pub struct Event {
 impl Store {
     /// Appends an event for the hub (and the log).
     pub fn event(&self, kind: EventKind, model: &str, version: &str, reason: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO events (at_ms, kind, model, version, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![now_ms(), kind.as_str(), model, version, reason],
-            )
-            .map_err(db("log event"))?;
+        self.execute(
+            "log event",
+            "INSERT INTO events (at_ms, kind, model, version, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![now_ms(), kind.as_str(), model, version, reason],
+        )?;
         Ok(())
     }
 
@@ -66,9 +65,7 @@ impl Store {
     }
 
     pub fn mark_reported(&self, up_to_id: i64) -> Result<(), StoreError> {
-        self.conn()
-            .execute("UPDATE events SET reported = 1 WHERE id <= ?1", [up_to_id])
-            .map_err(db("mark reported"))?;
+        self.execute("mark reported", "UPDATE events SET reported = 1 WHERE id <= ?1", [up_to_id])?;
         Ok(())
     }
 }

@@ -147,6 +147,13 @@ impl Store {
         self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Runs one write statement. A commit waits for the disk
+    /// (`synchronous=FULL`), so it runs off the Tokio worker (see
+    /// [`crate::util::blocking`]): inference requests are not held up behind it.
+    fn execute(&self, op: &'static str, sql: &str, params: impl rusqlite::Params) -> Result<(), StoreError> {
+        crate::util::blocking(|| self.conn().execute(sql, params)).map(drop).map_err(db(op))
+    }
+
     pub fn models_dir(&self) -> &Path {
         &self.models_dir
     }
@@ -174,13 +181,12 @@ impl Store {
 
     /// Stores a verified desired state. Durable when it returns.
     pub fn save_desired(&self, revision: u64, signed: &SignedDesiredState) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO desired (id, revision, signed, verified_at_ms) VALUES (1, ?1, ?2, ?3)
+        self.execute(
+            "save desired",
+            "INSERT INTO desired (id, revision, signed, verified_at_ms) VALUES (1, ?1, ?2, ?3)
                  ON CONFLICT(id) DO UPDATE SET revision = ?1, signed = ?2, verified_at_ms = ?3",
-                params![i64::try_from(revision).unwrap_or(i64::MAX), signed.encode_to_vec(), now_ms()],
-            )
-            .map_err(db("save desired"))?;
+            params![i64::try_from(revision).unwrap_or(i64::MAX), signed.encode_to_vec(), now_ms()],
+        )?;
         Ok(())
     }
 
@@ -245,15 +251,14 @@ impl Store {
         detail: &str,
         deployment: Option<i64>,
     ) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO models (name, status, status_version, detail, updated_at_ms, status_deployment)
+        self.execute(
+            "set status",
+            "INSERT INTO models (name, status, status_version, detail, updated_at_ms, status_deployment)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(name) DO UPDATE SET status = ?2, status_version = ?3, detail = ?4, updated_at_ms = ?5,
                     status_deployment = ?6",
-                params![name, status.as_str(), version, detail, now_ms(), deployment],
-            )
-            .map_err(db("set status"))?;
+            params![name, status.as_str(), version, detail, now_ms(), deployment],
+        )?;
         Ok(())
     }
 
@@ -267,13 +272,12 @@ impl Store {
         revision: u64,
         reason: &str,
     ) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO rejected (model, sha256, version, revision, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        self.execute(
+            "reject",
+            "INSERT INTO rejected (model, sha256, version, revision, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(model, sha256, version) DO UPDATE SET revision = ?4, reason = ?5, at_ms = ?6",
-                params![model, sha256, version, i64::try_from(revision).unwrap_or(i64::MAX), reason, now_ms()],
-            )
-            .map_err(db("reject"))?;
+            params![model, sha256, version, i64::try_from(revision).unwrap_or(i64::MAX), reason, now_ms()],
+        )?;
         Ok(())
     }
 
@@ -301,36 +305,39 @@ impl Store {
         let active = slot_of(SlotState::Active);
         let standby = slot_of(SlotState::Standby);
         let version = active.and_then(|s| s.version.clone());
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(db("activate"))?;
-        tx.execute(
-            "INSERT INTO slots (model, pair, committed_at_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT(model) DO UPDATE SET pair = ?2, committed_at_ms = ?3",
-            params![slots.model, pair, now_ms()],
-        )
-        .map_err(db("activate"))?;
-        tx.execute(
-            "INSERT INTO models (name, active_version, active_sha256, active_deployment, standby_version,
-                                 standby_sha256, status, status_version, detail, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, COALESCE(?2, ''), '', ?7)
-             ON CONFLICT(name) DO UPDATE SET
-                active_version = ?2, active_sha256 = ?3, active_deployment = ?4,
-                standby_version = ?5, standby_sha256 = ?6,
-                status = ?8, status_version = COALESCE(?2, ''), detail = '', updated_at_ms = ?7,
-                status_deployment = ?4",
-            params![
-                slots.model,
-                version,
-                active.and_then(|s| s.sha256.clone()),
-                deployment,
-                standby.and_then(|s| s.version.clone()),
-                standby.and_then(|s| s.sha256.clone()),
-                now_ms(),
-                ModelStatus::Serving.as_str()
-            ],
-        )
-        .map_err(db("activate"))?;
-        tx.commit().map_err(db("activate"))
+        // A commit waits for the disk: off the Tokio worker, as in `execute`.
+        crate::util::blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(db("activate"))?;
+            tx.execute(
+                "INSERT INTO slots (model, pair, committed_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(model) DO UPDATE SET pair = ?2, committed_at_ms = ?3",
+                params![slots.model, pair, now_ms()],
+            )
+            .map_err(db("activate"))?;
+            tx.execute(
+                "INSERT INTO models (name, active_version, active_sha256, active_deployment, standby_version,
+                                     standby_sha256, status, status_version, detail, updated_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, COALESCE(?2, ''), '', ?7)
+                 ON CONFLICT(name) DO UPDATE SET
+                    active_version = ?2, active_sha256 = ?3, active_deployment = ?4,
+                    standby_version = ?5, standby_sha256 = ?6,
+                    status = ?8, status_version = COALESCE(?2, ''), detail = '', updated_at_ms = ?7,
+                    status_deployment = ?4",
+                params![
+                    slots.model,
+                    version,
+                    active.and_then(|s| s.sha256.clone()),
+                    deployment,
+                    standby.and_then(|s| s.version.clone()),
+                    standby.and_then(|s| s.sha256.clone()),
+                    now_ms(),
+                    ModelStatus::Serving.as_str()
+                ],
+            )
+            .map_err(db("activate"))?;
+            tx.commit().map_err(db("activate"))
+        })
     }
 
     /// Keeps a verified manifest next to its model file, so the slots can be
@@ -340,12 +347,11 @@ impl Store {
         let sha = sentinel_proto::pb::ModelManifest::decode(signed.manifest.as_slice())
             .map(|m| m.sha256)
             .map_err(|e| StoreError::Encode { what: "manifest (its sha256 does not decode)", source: Box::new(e) })?;
-        self.conn()
-            .execute(
-                "INSERT INTO manifests (sha256, signed) VALUES (?1, ?2) ON CONFLICT(sha256) DO UPDATE SET signed = ?2",
-                params![sha, signed.encode_to_vec()],
-            )
-            .map_err(db("save manifest"))?;
+        self.execute(
+            "save manifest",
+            "INSERT INTO manifests (sha256, signed) VALUES (?1, ?2) ON CONFLICT(sha256) DO UPDATE SET signed = ?2",
+            params![sha, signed.encode_to_vec()],
+        )?;
         Ok(())
     }
 
@@ -367,13 +373,12 @@ impl Store {
     /// step of [`crate::slots::Slots`]. Durable when it returns.
     pub fn commit_slots(&self, slots: &Slots) -> Result<(), StoreError> {
         let pair = encode_slots(slots)?;
-        self.conn()
-            .execute(
-                "INSERT INTO slots (model, pair, committed_at_ms) VALUES (?1, ?2, ?3)
+        self.execute(
+            "commit slots",
+            "INSERT INTO slots (model, pair, committed_at_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(model) DO UPDATE SET pair = ?2, committed_at_ms = ?3",
-                params![slots.model, pair, now_ms()],
-            )
-            .map_err(db("commit slots"))?;
+            params![slots.model, pair, now_ms()],
+        )?;
         Ok(())
     }
 

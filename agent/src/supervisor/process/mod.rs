@@ -285,8 +285,9 @@ impl Worker {
                 close_inherited_descriptors()
             });
         }
-        let mut child =
-            cmd.spawn().map_err(|source| SupervisorError::Spawn { bin: spec.worker_bin.clone(), source })?;
+        // fork copies the agent's page tables: off the runtime's worker.
+        let mut child = crate::util::blocking(|| cmd.spawn())
+            .map_err(|source| SupervisorError::Spawn { bin: spec.worker_bin.clone(), source })?;
         let pid = child.id().unwrap_or(0);
         let (Some(stdin), Some(mut stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
