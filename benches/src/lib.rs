@@ -62,8 +62,19 @@ impl HubProcess {
 
     /// Starts a hub with a gRPC listener too, and extra flags.
     pub fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_niced(extra, 0)
+    }
+
+    /// Like [`HubProcess::start_with`], the hub running at nice value
+    /// `nice` (through coreutils' `nice`): a benchmark of the device side
+    /// can keep the hub, which runs on another machine in a fleet, from
+    /// taking the device's CPU time.
+    pub fn start_niced(extra: &[&str], nice: i32) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let mut child = Command::new(workspace_bin("sentinel-hub")?)
+        let mut child = Command::new("nice")
+            .arg("-n")
+            .arg(nice.to_string())
+            .arg(workspace_bin("sentinel-hub")?)
             .args(["--data-dir", &dir.path().display().to_string(), "--listen", "127.0.0.1:0"])
             // Not the default fixed metrics port: benchmarks may run beside a real hub.
             .args(["--metrics-listen", "127.0.0.1:0"])

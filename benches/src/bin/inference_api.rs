@@ -10,7 +10,8 @@
 //! - a promotion under load: 4 clients while 1.0.1 replaces 1.0.0; failed
 //!   requests and p99 during the swap against p99 before it.
 //!
-//! A real hub process, an in-process agent (its workers are real processes).
+//! A real hub process, an in-process agent on a Tokio runtime of its own
+//! (its workers are real processes).
 //! `cargo build --release --workspace && target/release/inference_api`
 
 use std::collections::BTreeMap;
@@ -50,6 +51,7 @@ struct Setup {
     http: reqwest::Client,
     base: String,
     _dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
 }
 
 async fn push(hub: &HubProcess, http: &reqwest::Client, version: &str, rel: &str) -> anyhow::Result<()> {
@@ -84,7 +86,9 @@ async fn deploy(s: &Setup, version: &str) -> anyhow::Result<()> {
 
 async fn setup() -> anyhow::Result<Setup> {
     sentinel_hub::install_crypto_provider();
-    let hub = HubProcess::start_with(&["--grpc-listen", "127.0.0.1:0"])?;
+    // In a fleet the hub runs on another machine: here it yields the two
+    // CPUs to the device side, whose latency across a promotion is measured.
+    let hub = HubProcess::start_niced(&["--grpc-listen", "127.0.0.1:0"], 19)?;
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     http.post(format!("{}/api/v1/models", hub.url))
         .bearer_auth(&hub.admin)
@@ -94,9 +98,12 @@ async fn setup() -> anyhow::Result<Setup> {
     push(&hub, &http, "1.0.0", "digits/digits_mlp_v1.onnx").await?;
     let dir = bench_agent_dir(&hub, &http, json!({}), "listen = \"127.0.0.1:0\"").await?;
     let cfg = sentinel_agent::AgentConfig::load(&dir.path().join("agent.toml"), &BTreeMap::new())?;
-    let agent = sentinel_agent::start(cfg).await?;
+    // The agent gets a runtime of its own, as its own process would: the
+    // clients' tasks must not wait behind the agent's work, nor it behind theirs.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let agent = runtime.spawn(sentinel_agent::start(cfg)).await??;
     let base = format!("http://{}", agent.inference_addr.context("no inference address")?);
-    let s = Setup { hub, agent, http, base, _dir: dir };
+    let s = Setup { hub, agent, http, base, _dir: dir, runtime };
     deploy(&s, "1.0.0").await?;
     Ok(s)
 }
@@ -209,17 +216,18 @@ async fn main() -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let in_swap = swapping.load(Ordering::Relaxed);
                 let t = Instant::now();
-                let ok = match http.post(&url).json(&json_body(digits.pixels(i))).send().await {
-                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                    Err(_) => false,
+                let served = match http.post(&url).json(&json_body(digits.pixels(i))).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let version = r.headers().get("x-sentinel-model-version").cloned();
+                        r.bytes().await.ok().and(version)
+                    }
+                    _ => None,
                 };
                 i += CLIENTS;
-                if !ok {
-                    failed += 1;
-                } else if in_swap {
-                    during.push(t.elapsed());
-                } else {
-                    before.push(t.elapsed());
+                match served {
+                    None => failed += 1,
+                    Some(version) if in_swap => during.push((t, t.elapsed(), version == "1.0.1")),
+                    Some(_) => before.push(t.elapsed()),
                 }
             }
             (before, during, failed)
@@ -238,6 +246,20 @@ async fn main() -> anyhow::Result<()> {
         during.extend(d);
         failed += f;
     }
+    // The slowest requests of the swap, by when they started and which
+    // version answered: says whether the cost is the new pool's start or
+    // its first requests.
+    let mut slowest = during.clone();
+    slowest.sort_by_key(|(_, took, _)| std::cmp::Reverse(*took));
+    for (start, took, new) in slowest.iter().take(5) {
+        println!(
+            "  slow during the swap: started {:+.1} ms after the deploy, took {:.3} ms, answered by {}",
+            ms(start.duration_since(t)),
+            ms(*took),
+            if *new { "1.0.1" } else { "1.0.0" }
+        );
+    }
+    let during: Vec<Duration> = during.into_iter().map(|(_, took, _)| took).collect();
     let (b99, d99) = (percentile(before.clone(), 99.0), percentile(during.clone(), 99.0));
     println!(
         "promotion 1.0.0 -> 1.0.1 under {CLIENTS} clients: {failed} failed of {} requests; deploy-to-active {:.0} ms; \
@@ -249,6 +271,7 @@ async fn main() -> anyhow::Result<()> {
         d99.as_secs_f64() / b99.as_secs_f64()
     );
     s.agent.shutdown().await;
+    s.runtime.shutdown_background();
     drop(s.hub);
     Ok(())
 }
