@@ -143,7 +143,8 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             );
             continue;
         }
-        shared.set_status(&m.name, ModelStatus::Validating, &m.version, "", Some(assignment.deployment_id));
+        let detail = if shared.serving.builds_engine(&m.name, &m.sha256) { BUILDING_ENGINE } else { "" };
+        shared.set_status(&m.name, ModelStatus::Validating, &m.version, detail, Some(assignment.deployment_id));
         shared.refresh_models();
         shared.report_soon();
         let install = Install {
@@ -204,12 +205,19 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
         }
     }
     match shared.store.gc(&wanted_files) {
-        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed unneeded model files"),
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(?removed, "removed unneeded model files");
+            shared.serving.forget_engines(&removed);
+        }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "model file cleanup failed"),
     }
     shared.refresh_models();
 }
+
+/// The status detail of a version whose TensorRT engine is being built.
+pub const BUILDING_ENGINE: &str =
+    "building engine: TensorRT builds it on the first load of this model file on this device (minutes on a Jetson)";
 
 /// The verified files of one version.
 struct VersionFiles {

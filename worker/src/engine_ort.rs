@@ -177,6 +177,15 @@ fn execution_providers(p: &Providers) -> Result<Vec<ExecutionProviderDispatch>, 
         let device = p.device_id.map_or(0, |d| i32::try_from(d).unwrap_or(i32::MAX));
         // CPU ended the loop above: what is left is TensorRT or CUDA.
         out.push(if provider == Provider::TensorRt {
+            if p.builds_engine() {
+                eprintln!(
+                    "sentinel-worker: TensorRT builds its engine for this model on this first load (minutes on a \
+                     Jetson); later loads reuse {}",
+                    p.tensorrt_cache
+                        .as_deref()
+                        .map_or_else(|| "nothing (no cache set)".into(), |d| d.display().to_string())
+                );
+            }
             let mut ep = TensorRT::default().with_device_id(device).with_fp16(p.tensorrt_fp16);
             if let Some(dir) = &p.tensorrt_cache {
                 ep = ep.with_engine_cache(true).with_engine_cache_path(dir.display());

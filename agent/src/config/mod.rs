@@ -18,7 +18,8 @@ mod serving;
 use sentinel_worker_protocol::launch::ORT_DYLIB_ENV;
 use serving::RawServing;
 pub use serving::{
-    EngineChoice, MAX_BODY_LIMIT, MAX_MEMORY_LIMIT_MIB, MAX_POOL_SIZE, ModelServingSettings, ServingSettings, pool_size,
+    EngineChoice, LoadTimeouts, MAX_BODY_LIMIT, MAX_MEMORY_LIMIT_MIB, MAX_POOL_SIZE, ModelServingSettings,
+    ServingSettings, load_timeout_for, pool_size,
 };
 
 /// Where the agent looks for its configuration by default.
@@ -372,6 +373,24 @@ impl AgentConfig {
             heartbeat,
             download_attempts,
         })
+    }
+}
+
+/// A minimal valid configuration, for unit tests here and in other modules.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    /// The pinned hub key of [`base`].
+    pub const KEY: &str = "HMY/NU8+avTxTr2xxPvEEejvfDT2rPtpP+yM9qxqlck=";
+
+    /// A config without `[serving]`, its token file written into `dir`.
+    pub fn base(dir: &Path) -> String {
+        std::fs::write(dir.join("token"), "snt_x\n").expect("token");
+        format!(
+            "device_id = \"edge-1\"\nhub_url = \"http://127.0.0.1:8080\"\ngrpc_url = \"http://127.0.0.1:8081\"\n\
+             token_file = \"token\"\npinned_keys = [\"{KEY}\"]\nstate_dir = \"state\"\n[labels]\nsite = \"a\"\n"
+        )
     }
 }
 

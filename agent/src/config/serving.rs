@@ -50,6 +50,9 @@ pub(super) struct RawModelServing {
     provider_fallback: Option<bool>,
     device_id: Option<u32>,
     tensorrt_fp16: Option<bool>,
+    load_timeout_secs: Option<u64>,
+    cuda_load_timeout_secs: Option<u64>,
+    tensorrt_load_timeout_secs: Option<u64>,
 }
 
 /// Which engine a model's workers run (`serving.engine`, or per model).
@@ -98,6 +101,40 @@ pub struct ModelServingSettings {
     /// (`execution_providers`, `provider_fallback`, `device_id`,
     /// `tensorrt_fp16`); the TensorRT engine cache is set per model file.
     pub providers: Providers,
+    /// Load timeouts, each used when its provider is asked for (see
+    /// [`load_timeout_for`]): the CPU one overrides `serving.load_timeout_secs`.
+    pub load_timeouts: LoadTimeouts,
+}
+
+/// How long a worker may take to load, per execution provider; `None`: the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadTimeouts {
+    pub cpu: Option<Duration>,
+    pub cuda: Option<Duration>,
+    pub tensorrt: Option<Duration>,
+}
+
+/// Default load timeout of a model served with CUDA: cuDNN and the CUDA
+/// context take tens of seconds to set up on a Jetson.
+pub const DEFAULT_CUDA_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default load timeout of a model served with TensorRT, which builds its
+/// engine during the first load: ~9.5 minutes were measured for one COCO
+/// detector on an Orin 16 GB. The active version serves meanwhile.
+pub const DEFAULT_TENSORRT_LOAD_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// The load timeout of a worker with `providers`: the longest among the
+/// providers it may end up on (CPU always, the ones listed), each its own
+/// configured timeout or default; `cpu` is `serving.load_timeout_secs`.
+pub fn load_timeout_for(providers: &Providers, cpu: Duration, own: &LoadTimeouts) -> Duration {
+    providers
+        .order
+        .iter()
+        .map(|p| match p {
+            Provider::Cpu => own.cpu.unwrap_or(cpu),
+            Provider::Cuda => own.cuda.unwrap_or(DEFAULT_CUDA_LOAD_TIMEOUT),
+            Provider::TensorRt => own.tensorrt.unwrap_or(DEFAULT_TENSORRT_LOAD_TIMEOUT),
+        })
+        .fold(own.cpu.unwrap_or(cpu), Duration::max)
 }
 
 /// How the agent runs models and serves the local inference API.
@@ -195,6 +232,12 @@ impl ServingSettings {
         let delay = self.models.get(model).and_then(|m| m.max_queue_delay).or(self.max_queue_delay)?;
         let (max, _) = self.batch_of(model);
         (max > 1).then_some((max, delay))
+    }
+
+    /// How long `model`'s workers may take to load (see [`load_timeout_for`]).
+    pub fn load_timeout_of(&self, model: &str) -> Duration {
+        let own = self.models.get(model).map(|m| m.load_timeouts).unwrap_or_default();
+        load_timeout_for(&self.providers_of(model), self.load_timeout, &own)
     }
 
     /// How many workers each of `model`'s slots gets: its own `workers`,
@@ -330,10 +373,22 @@ impl RawServing {
                 tensorrt_fp16: m.tensorrt_fp16.unwrap_or(false),
                 tensorrt_cache: None,
             };
+            let secs = |key: &str, v: Option<u64>| match v {
+                Some(0) => Err(bad(&format!("serving.models.{name}.{key}"), "must be positive")),
+                v => Ok(v.map(Duration::from_secs)),
+            };
+            let load_timeouts = LoadTimeouts {
+                cpu: secs("load_timeout_secs", m.load_timeout_secs)?,
+                cuda: secs("cuda_load_timeout_secs", m.cuda_load_timeout_secs)?,
+                tensorrt: secs("tensorrt_load_timeout_secs", m.tensorrt_load_timeout_secs)?,
+            };
             if providers.gpu() && engine == Some(EngineChoice::Tract) {
                 return Err(bad(&field, "execution providers are ONNX Runtime's: set engine = \"ort\" or \"auto\""));
             }
-            models.insert(name, ModelServingSettings { workers, engine, max_batch_size, max_queue_delay, providers });
+            models.insert(
+                name,
+                ModelServingSettings { workers, engine, max_batch_size, max_queue_delay, providers, load_timeouts },
+            );
         }
         let ort_library = match self.ort_library.map(&resolve) {
             Some(path) if !path.is_file() => {

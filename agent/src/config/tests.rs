@@ -1,15 +1,7 @@
 use super::*;
 use sentinel_worker_protocol::launch::{Engine, Provider, Providers};
 
-const KEY: &str = "HMY/NU8+avTxTr2xxPvEEejvfDT2rPtpP+yM9qxqlck=";
-
-fn base(dir: &Path) -> String {
-    std::fs::write(dir.join("token"), "snt_x\n").expect("token");
-    format!(
-        "device_id = \"edge-1\"\nhub_url = \"http://127.0.0.1:8080\"\ngrpc_url = \"http://127.0.0.1:8081\"\n\
-         token_file = \"token\"\npinned_keys = [\"{KEY}\"]\nstate_dir = \"state\"\n[labels]\nsite = \"a\"\n"
-    )
-}
+use super::testing::{KEY, base};
 
 #[test]
 fn a_good_config_parses_with_defaults() {
@@ -228,4 +220,35 @@ max_batch_size = 16
     assert!(e.contains("SENTINEL_AGENT_WORKERS") && e.contains("many"), "{e}");
     let e = parse("[serving.models.d]\nthreads = 2\n", &[]).expect_err("unknown key").to_string();
     assert!(e.contains("threads"), "{e}");
+}
+
+#[test]
+fn each_provider_has_its_own_load_timeout_and_the_longest_listed_applies() {
+    use std::time::Duration;
+    let cpu = Duration::from_secs(60);
+    let providers = |order: &[Provider]| Providers { order: order.to_vec(), ..Providers::default() };
+    let none = LoadTimeouts::default();
+    assert_eq!(load_timeout_for(&Providers::default(), cpu, &none), cpu, "CPU only");
+    assert_eq!(load_timeout_for(&providers(&[Provider::Cuda, Provider::Cpu]), cpu, &none), Duration::from_secs(300));
+    let trt = providers(&[Provider::TensorRt, Provider::Cuda, Provider::Cpu]);
+    assert_eq!(load_timeout_for(&trt, cpu, &none), Duration::from_secs(1800), "TensorRT builds its engine");
+    let own = LoadTimeouts { cpu: Some(Duration::from_secs(5)), cuda: None, tensorrt: Some(Duration::from_secs(7200)) };
+    assert_eq!(load_timeout_for(&trt, cpu, &own), Duration::from_secs(7200));
+    assert_eq!(load_timeout_for(&Providers::default(), cpu, &own), Duration::from_secs(5), "the model's own CPU one");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parse = |serving: &str| {
+        let text = format!("{}[serving]\n{serving}", base(dir.path()));
+        AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).map(|c| c.serving)
+    };
+    let s = parse(
+        "load_timeout_secs = 30\n[serving.models.det]\nengine = \"ort\"\nexecution_providers = [\"tensorrt\", \"cpu\"]\n\
+         tensorrt_load_timeout_secs = 3600\n[serving.models.cls]\nload_timeout_secs = 90\n",
+    )
+    .expect("parses");
+    assert_eq!(s.load_timeout_of("det"), Duration::from_secs(3600));
+    assert_eq!(s.load_timeout_of("cls"), Duration::from_secs(90));
+    assert_eq!(s.load_timeout_of("other"), Duration::from_secs(30));
+    let e = parse("[serving.models.det]\ntensorrt_load_timeout_secs = 0\n").expect_err("zero").to_string();
+    assert!(e.contains("serving.models.det.tensorrt_load_timeout_secs") && e.contains("positive"), "{e}");
 }

@@ -145,6 +145,42 @@ pub struct Installed {
 }
 
 impl Serving {
+    /// `model`'s execution providers for the model file `sha256`: TensorRT,
+    /// when asked for, keeps the engines it builds per model file under the
+    /// state dir, so a restart or a rollback to the standby reuses them.
+    fn providers_for(&self, model: &str, sha256: &str) -> sentinel_worker_protocol::launch::Providers {
+        let mut providers = self.settings.providers_of(model);
+        if providers.order.contains(&Provider::TensorRt) {
+            providers.tensorrt_cache = Some(self.engine_cache(sha256));
+        }
+        providers
+    }
+
+    fn engine_cache(&self, sha256: &str) -> PathBuf {
+        self.work_dir.join("tensorrt-cache").join(sha256)
+    }
+
+    /// Whether loading the model file `sha256` as `model` makes TensorRT
+    /// build an engine (status says `building engine` meanwhile).
+    pub fn builds_engine(&self, model: &str, sha256: &str) -> bool {
+        self.settings.engine_of(model) == Engine::Ort && self.providers_for(model, sha256).builds_engine()
+    }
+
+    /// Deletes the TensorRT engines built for model files no longer kept.
+    pub fn forget_engines(&self, removed: &[String]) {
+        for sha in removed {
+            let dir = self.engine_cache(sha);
+            if dir.exists() {
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {
+                        tracing::info!(dir = %dir.display(), "removed the TensorRT engines of a removed model file")
+                    }
+                    Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "removing TensorRT engines failed"),
+                }
+            }
+        }
+    }
+
     fn start_worker(
         &self,
         models_served: usize,
@@ -166,26 +202,30 @@ impl Serving {
         spec.confinement = self.settings.confinement;
         spec.memory_limit_bytes = self.settings.memory_limit_bytes;
         spec.request_timeout = self.settings.request_timeout;
-        spec.load_timeout = self.settings.load_timeout;
+        spec.load_timeout = self.settings.load_timeout_of(model);
         spec.engine = self.settings.engine_of(model);
         spec.ort_dylib = self.settings.ort_library.clone();
         if spec.engine == Engine::Ort && spec.ort_dylib.is_none() {
             return Err(LoadError::NoOrtLibrary);
         }
-        spec.providers = self.settings.providers_of(model);
+        spec.providers = self.providers_for(model, &m.sha256);
         if spec.providers.gpu() && spec.engine != Engine::Ort {
             tracing::warn!(
                 model,
                 "execution providers are configured, but no ONNX Runtime library was found: tract serves on the CPU"
             );
         }
-        if spec.providers.order.contains(&Provider::TensorRt) {
-            // TensorRT builds its engine on the first run, minutes on a
-            // Jetson: kept per model file, a restart or a rollback reuses it.
-            let cache = self.work_dir.join("tensorrt-cache").join(&m.sha256);
-            sentinel_proto::private::create_dir(&cache)
+        if let Some(cache) = &spec.providers.tensorrt_cache {
+            sentinel_proto::private::create_dir(cache)
                 .map_err(|source| LoadError::Resolve { path: cache.clone(), source })?;
-            spec.providers.tensorrt_cache = Some(cache);
+            if spec.providers.builds_engine() {
+                tracing::info!(
+                    model,
+                    version = %m.version,
+                    timeout_secs = spec.load_timeout.as_secs(),
+                    "TensorRT builds its engine for this version (minutes on a Jetson); the active version serves meanwhile"
+                );
+            }
         }
         // A batch runs as one only when every input's first dim is the
         // model's symbolic batch dim.

@@ -96,3 +96,30 @@ fn the_symbolic_dims_refusal_says_how_to_fix_it() {
          `sentinel model push --input-shape x=...` or on this device with `serving.input_shapes`"
     );
 }
+
+/// TensorRT's engines are kept per model file under the state dir: a load
+/// with none there builds one (status says so), a load after it reuses it,
+/// and they go when the model file goes.
+#[test]
+fn tensorrt_engines_are_cached_per_model_file_and_removed_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{}[serving]\n[serving.models.det]\nengine = \"ort\"\nexecution_providers = [\"tensorrt\", \"cpu\"]\n\
+         [serving.models.cls]\nengine = \"ort\"\n",
+        crate::config::testing::base(dir.path())
+    );
+    let config =
+        crate::config::AgentConfig::parse(&text, &std::collections::BTreeMap::new(), dir.path()).expect("config");
+    let serving = Serving::new(config.serving, dir.path().join("workers"));
+    let sha = "ab".repeat(32);
+    assert!(serving.builds_engine("det", &sha), "no engine yet");
+    assert!(!serving.builds_engine("cls", &sha), "not a TensorRT model");
+    let cache = dir.path().join("workers/tensorrt-cache").join(&sha);
+    std::fs::create_dir_all(&cache).expect("cache");
+    assert!(serving.builds_engine("det", &sha), "an empty cache builds too");
+    std::fs::write(cache.join("TensorrtExecutionProvider_TRTKernel_sm87.engine"), b"engine").expect("engine");
+    assert!(!serving.builds_engine("det", &sha), "a restart or rollback reuses the engine");
+    serving.forget_engines(std::slice::from_ref(&sha));
+    assert!(!cache.exists());
+    assert!(serving.builds_engine("det", &sha));
+}

@@ -146,6 +146,18 @@ impl Providers {
         args
     }
 
+    /// Whether TensorRT will build its engine when a worker loads with these
+    /// providers: it is asked for, and its engine cache holds nothing yet
+    /// (none is set, or the directory is empty or missing). A build takes
+    /// minutes on a Jetson; a cached engine loads in seconds.
+    pub fn builds_engine(&self) -> bool {
+        self.order.contains(&Provider::TensorRt)
+            && self
+                .tensorrt_cache
+                .as_deref()
+                .is_none_or(|dir| std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_none()) || !dir.exists())
+    }
+
     /// Whether any provider but CPU is asked for.
     pub fn gpu(&self) -> bool {
         self.order.iter().any(|p| *p != Provider::Cpu)
