@@ -127,6 +127,12 @@ impl Supervised {
     /// Creates the slot and starts its first worker in the background. Must run
     /// inside a Tokio runtime; watch [`Supervised::subscribe`] for the outcome.
     pub fn start(spec: WorkerSpec, policy: RestartPolicy) -> Supervised {
+        Supervised::start_after(spec, policy, None)
+    }
+
+    /// Like [`Supervised::start`], the first worker starting only once
+    /// `after` (another slot's state) is running or failed.
+    pub fn start_after(spec: WorkerSpec, policy: RestartPolicy, after: Option<watch::Receiver<SlotState>>) -> Supervised {
         let (state, _) = watch::channel(SlotState::Starting { attempt: 0 });
         let stats = Stats { backoff: policy.initial_backoff, starting: true, ..Stats::default() };
         let inner = Arc::new(Inner {
@@ -137,7 +143,13 @@ impl Supervised {
             stats: StdMutex::new(stats),
             max_batch: AtomicUsize::new(0),
         });
-        tokio::spawn(start_loop(Arc::clone(&inner), Duration::ZERO));
+        let first = Arc::clone(&inner);
+        tokio::spawn(async move {
+            if let Some(mut after) = after {
+                let _ = after.wait_for(|s| matches!(s, SlotState::Running { .. } | SlotState::Failed(_))).await;
+            }
+            start_loop(first, Duration::ZERO).await;
+        });
         Supervised { inner }
     }
 

@@ -95,14 +95,19 @@ impl Drop for InFlight<'_> {
 impl Pool {
     /// Starts `size` workers (at least one) in the background. Must run
     /// inside a Tokio runtime; [`Pool::wait_ready`] waits for all of them.
+    /// The workers start one after the other, each once the one before runs
+    /// (or failed): starting a process and loading a model take CPU, and a
+    /// new pool loads beside the one that serves.
     pub fn start(spec: &WorkerSpec, policy: &RestartPolicy, size: usize) -> Pool {
-        let members: Vec<Member> = (0..size.max(1))
-            .map(|_| Member {
-                slot: Supervised::start(spec.clone(), policy.clone()),
+        let mut members: Vec<Member> = Vec::with_capacity(size.max(1));
+        for _ in 0..size.max(1) {
+            let after = members.last().map(|m: &Member| m.slot.subscribe());
+            members.push(Member {
+                slot: Supervised::start_after(spec.clone(), policy.clone(), after),
                 in_flight: AtomicUsize::new(0),
                 answered: AtomicU64::new(0),
-            })
-            .collect();
+            });
+        }
         Pool { shared: Arc::new(Shared { members, engine: spec.engine, next: AtomicUsize::new(0) }) }
     }
 
