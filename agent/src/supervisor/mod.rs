@@ -132,7 +132,11 @@ impl Supervised {
 
     /// Like [`Supervised::start`], the first worker starting only once
     /// `after` (another slot's state) is running or failed.
-    pub fn start_after(spec: WorkerSpec, policy: RestartPolicy, after: Option<watch::Receiver<SlotState>>) -> Supervised {
+    pub fn start_after(
+        spec: WorkerSpec,
+        policy: RestartPolicy,
+        after: Option<watch::Receiver<SlotState>>,
+    ) -> Supervised {
         let (state, _) = watch::channel(SlotState::Starting { attempt: 0 });
         let stats = Stats { backoff: policy.initial_backoff, starting: true, ..Stats::default() };
         let inner = Arc::new(Inner {
@@ -198,20 +202,20 @@ impl Supervised {
 
     /// Like [`Supervised::infer`], with the model's compute time as the worker measured it.
     pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
-        self.attempt(&sentinel_worker_protocol::frame::encode_request(inputs)).await.map_err(|(e, _)| e)
+        self.attempt(&sentinel_worker_protocol::frame::request_parts(inputs, false)).await.map_err(|(e, _)| e)
     }
 
     /// Sends one encoded request (see [`Worker::attempt`]), saying on failure
     /// whether it reached a worker (see [`pool`]).
     pub(crate) async fn attempt(
         &self,
-        payload: &[u8],
+        parts: &[std::borrow::Cow<'_, [u8]>],
     ) -> Result<(Vec<Tensor>, Option<Duration>), (SlotError, Delivered)> {
         let worker = match self.worker().await {
             Some(w) => w,
             None => self.wait_for_worker().await.map_err(|e| (e, Delivered::No))?,
         };
-        match worker.attempt(payload).await {
+        match worker.attempt(parts).await {
             Ok(done) => Ok(done),
             Err(Failure { error: e @ InferError::BadInput(_), delivered }) => Err((e.into(), delivered)),
             Err(Failure { error, delivered }) => {

@@ -3,6 +3,7 @@
 //! the least-loaded running worker; the rest of the agent sees one slot with
 //! one state.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -190,16 +191,16 @@ impl Pool {
     /// first) runs once more on another; one that did is not repeated, as it
     /// may be what killed the worker.
     pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
-        self.exchange(&frame::encode_request(inputs)).await
+        self.exchange(&frame::request_parts(inputs, false)).await
     }
 
     /// Like [`Pool::infer_timed`], the worker running each sample of the
     /// inputs' first dim by itself (see [`frame::Request::rows`]).
     pub async fn infer_rows_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
-        self.exchange(&frame::encode_rows_request(inputs)).await
+        self.exchange(&frame::request_parts(inputs, true)).await
     }
 
-    async fn exchange(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
+    async fn exchange(&self, payload: &[Cow<'_, [u8]>]) -> Result<(Vec<Tensor>, Option<Duration>), SlotError> {
         let first = self.pick(None);
         match self.run(first, payload).await {
             Err((_, Delivered::No)) if self.size() > 1 => {
@@ -212,7 +213,7 @@ impl Pool {
     /// Runs the same inference on every worker, in order: the probe that
     /// checks and warms each of them before the slot takes traffic.
     pub async fn infer_each(&self, inputs: &[Tensor]) -> Result<Vec<Vec<Tensor>>, SlotError> {
-        let payload = frame::encode_request(inputs);
+        let payload = frame::request_parts(inputs, false);
         let mut out = Vec::with_capacity(self.size());
         for i in 0..self.size() {
             out.push(self.run(i, &payload).await.map_err(|(e, _)| e)?.0);
@@ -223,7 +224,7 @@ impl Pool {
     async fn run(
         &self,
         index: usize,
-        payload: &[u8],
+        payload: &[Cow<'_, [u8]>],
     ) -> Result<(Vec<Tensor>, Option<Duration>), (SlotError, Delivered)> {
         let member = &self.shared.members[index];
         member.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -2,6 +2,7 @@
 //! the descriptors it inherits, reaping it, its stderr, and async framing on
 //! its pipes.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -167,15 +168,59 @@ pub(super) async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> io::Result<O
     if len > protocol::MAX_FRAME_LEN {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes is too large")));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
+    // Read into spare capacity: zeroing a large buffer first costs as much
+    // as a copy.
+    let mut payload = Vec::with_capacity(len);
+    let got = r.take(len as u64).read_to_end(&mut payload).await?;
+    if got < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(Some(payload))
 }
 
 /// Writes one frame (built with [`protocol::write_frame`]) and flushes it.
-pub(super) async fn write_frame(w: &mut (impl AsyncWrite + Unpin), payload: &[u8]) -> io::Result<()> {
-    let mut frame = Vec::with_capacity(4 + payload.len());
-    protocol::write_frame(&mut frame, payload)?;
-    w.write_all(&frame).await?;
+pub(super) async fn write_frame(w: &mut (impl AsyncWrite + Unpin), parts: &[Cow<'_, [u8]>]) -> io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let prefix = u32::try_from(len)
+        .ok()
+        .filter(|&l| l as usize <= protocol::MAX_FRAME_LEN)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame exceeds MAX_FRAME_LEN"))?
+        .to_le_bytes();
+    // Small pieces are joined and go in one write (a copy is cheaper than a
+    // syscall); a large one, tensor data, is written from where it is.
+    let mut pending = prefix.to_vec();
+    for part in parts {
+        if part.len() <= SMALL_FRAME {
+            pending.extend_from_slice(part);
+            continue;
+        }
+        if !pending.is_empty() {
+            w.write_all(&pending).await?;
+            pending.clear();
+        }
+        w.write_all(part).await?;
+    }
+    if !pending.is_empty() {
+        w.write_all(&pending).await?;
+    }
     w.flush().await
+}
+
+/// Pieces of a frame up to this size are joined before they are written.
+const SMALL_FRAME: usize = 16 << 10;
+
+/// Pipe capacity asked for the worker's stdin and stdout: 1 MiB, Linux's
+/// default `fs.pipe-max-size`, the most an unprivileged process may set.
+pub(super) const PIPE_BYTES: libc::c_int = 1 << 20;
+
+/// Raises a pipe's capacity to [`PIPE_BYTES`]. Best effort: past the user's
+/// pipe-page budget (`fs.pipe-user-pages-soft`) the kernel refuses, and the
+/// pipe keeps its 64 KiB, which only costs more wake-ups per large frame.
+pub(super) fn widen_pipe(fd: std::os::fd::RawFd) {
+    #[allow(unsafe_code)]
+    // SAFETY: fcntl on a descriptor this process owns, with an integer argument.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_BYTES) };
+    if rc < 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "pipe to a worker keeps its default capacity");
+    }
 }

@@ -1,6 +1,7 @@
 //! One `sentinel-worker` child process: spawning it under resource limits,
 //! reading its ready frame, and exchanging framed requests with it.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
@@ -17,7 +18,8 @@ mod child;
 use super::Delivered;
 pub use child::remove_stale_work_dirs;
 use child::{
-    EXIT_GRACE, WorkDir, close_inherited_descriptors, forward_stderr, read_frame, reap, wait_exit, write_frame,
+    EXIT_GRACE, WorkDir, close_inherited_descriptors, forward_stderr, read_frame, reap, wait_exit, widen_pipe,
+    write_frame,
 };
 
 use sentinel_worker_protocol::frame::{self as protocol, ProtocolError, Ready, ResponseError, Tensor};
@@ -297,6 +299,11 @@ impl Worker {
                 source: io::Error::other("child pipes missing"),
             });
         };
+        // A request of a vision model is hundreds of KiB: in a 64 KiB pipe it
+        // takes a dozen wake-ups of writer and reader to cross.
+        for fd in [std::os::fd::AsRawFd::as_raw_fd(&stdin), std::os::fd::AsRawFd::as_raw_fd(&stdout)] {
+            widen_pipe(fd);
+        }
         let tail = Arc::new(StdMutex::new(VecDeque::new()));
         let stderr_task = tokio::spawn(forward_stderr(pid, stderr, Arc::clone(&tail)));
         let kill = Arc::new(Notify::new());
@@ -400,29 +407,30 @@ impl Worker {
 
     /// Like [`Worker::infer`], with the model's compute time as the worker measured it.
     pub async fn infer_timed(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), InferError> {
-        self.attempt(&protocol::encode_request(inputs)).await.map_err(|f| f.error)
+        self.attempt(&protocol::request_parts(inputs, false)).await.map_err(|f| f.error)
     }
 
     /// Like [`Worker::infer_timed`], running each sample of the inputs'
     /// first dim by itself (see [`protocol::Request::rows`]).
     pub async fn infer_rows(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Option<Duration>), InferError> {
-        self.attempt(&protocol::encode_rows_request(inputs)).await.map_err(|f| f.error)
+        self.attempt(&protocol::request_parts(inputs, true)).await.map_err(|f| f.error)
     }
 
-    /// Sends one encoded request (see [`protocol::Request`]), saying on
-    /// failure whether it reached the worker, so a pool can try a sibling
-    /// with one that did not.
-    pub(crate) async fn attempt(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
-        self.request(payload).await
+    /// Sends one encoded request, in pieces (see [`protocol::Request`] and
+    /// [`protocol::request_parts`]), saying on failure whether it reached the
+    /// worker, so a pool can try a sibling with one that did not.
+    pub(crate) async fn attempt(&self, parts: &[Cow<'_, [u8]>]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
+        self.request(parts).await
     }
 
     /// Tests only: sends a `FORBID:<action>` probe (see [`TestProbes`]).
     #[doc(hidden)]
     pub async fn probe(&self, action: &str) -> Result<Vec<Tensor>, InferError> {
-        self.request(format!("FORBID:{action}").as_bytes()).await.map(|(outputs, _)| outputs).map_err(|f| f.error)
+        let probe = [Cow::Owned(format!("FORBID:{action}").into_bytes())];
+        self.request(&probe).await.map(|(outputs, _)| outputs).map_err(|f| f.error)
     }
 
-    async fn request(&self, payload: &[u8]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
+    async fn request(&self, parts: &[Cow<'_, [u8]>]) -> Result<(Vec<Tensor>, Option<Duration>), Failure> {
         let mut pipes = self.pipes.lock().await;
         if let Some(dead) = &pipes.dead {
             return Err(Failure { error: dead.clone(), delivered: Delivered::No });
@@ -434,7 +442,7 @@ impl Worker {
         let Pipes { stdin, stdout, .. } = &mut *pipes;
         let mut delivered = false;
         let outcome = tokio::time::timeout(self.request_timeout, async {
-            write_frame(stdin, payload).await?;
+            write_frame(stdin, parts).await?;
             delivered = true;
             read_frame(stdout).await
         })

@@ -22,6 +22,7 @@
 //! elements are walked in place, and a count its bytes cannot hold is refused
 //! by arithmetic first), and they never panic.
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
@@ -145,17 +146,13 @@ impl Request {
 
 /// Encodes a request carrying `inputs`, in model input order, run as one.
 pub fn encode_request(inputs: &[Tensor]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_tensors(inputs, &mut out);
-    out
+    request_parts(inputs, false).concat()
 }
 
 /// Encodes a request whose inputs carry samples in their first dim, each
 /// run by itself (see [`Request::rows`]).
 pub fn encode_rows_request(inputs: &[Tensor]) -> Vec<u8> {
-    let mut out = ROWS.to_le_bytes().to_vec();
-    encode_tensors(inputs, &mut out);
-    out
+    request_parts(inputs, true).concat()
 }
 
 /// Decodes a request payload.
@@ -263,35 +260,68 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, FrameError> {
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len as u64));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)?;
+    // Read into spare capacity: zeroing a large buffer first costs as much
+    // as a copy.
+    let mut payload = Vec::with_capacity(len);
+    if r.take(len as u64).read_to_end(&mut payload)? < len {
+        return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
     Ok(Some(payload))
+}
+
+/// The length prefix of a frame carrying `payload`; refuses one over [`MAX_FRAME_LEN`].
+pub fn frame_len(payload: &[u8]) -> io::Result<[u8; 4]> {
+    u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_FRAME_LEN)
+        .map(u32::to_le_bytes)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame exceeds MAX_FRAME_LEN"))
 }
 
 /// Writes one frame and flushes it.
 pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(payload.len())
-        .ok()
-        .filter(|&l| l as usize <= MAX_FRAME_LEN)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame exceeds MAX_FRAME_LEN"))?;
-    w.write_all(&len.to_le_bytes())?;
+    w.write_all(&frame_len(payload)?)?;
     w.write_all(payload)?;
     w.flush()
 }
 
 fn encode_tensors(tensors: &[Tensor], out: &mut Vec<u8>) {
+    for part in tensor_parts(tensors, Vec::new()) {
+        out.extend_from_slice(&part);
+    }
+}
+
+/// A payload in pieces, in order: headers owned, tensor data borrowed from
+/// the tensors, so that a large tensor can go to the pipe without first
+/// being copied into one buffer. Joined, the pieces are the payload.
+pub type Parts<'a> = Vec<Cow<'a, [u8]>>;
+
+/// A request's payload in pieces (see [`Parts`]); `rows` as in [`Request::rows`].
+pub fn request_parts(inputs: &[Tensor], rows: bool) -> Parts<'_> {
+    tensor_parts(inputs, if rows { ROWS.to_le_bytes().to_vec() } else { Vec::new() })
+}
+
+/// `head`, then the tensor list: each tensor's header joined to what came
+/// before it, then its data, borrowed.
+fn tensor_parts(tensors: &[Tensor], mut head: Vec<u8>) -> Parts<'_> {
+    let mut parts = Vec::with_capacity(2 * tensors.len() + 1);
     // Counts and ranks beyond the wire widths are caller bugs; saturating
     // makes the peer's decoder refuse the frame instead of misreading it.
-    out.extend_from_slice(&u32::try_from(tensors.len()).unwrap_or(u32::MAX).to_le_bytes());
+    head.extend_from_slice(&u32::try_from(tensors.len()).unwrap_or(u32::MAX).to_le_bytes());
     for t in tensors {
-        out.push(t.dtype.code());
-        out.push(u8::try_from(t.shape.len()).unwrap_or(u8::MAX));
+        head.push(t.dtype.code());
+        head.push(u8::try_from(t.shape.len()).unwrap_or(u8::MAX));
         for &d in &t.shape {
-            out.extend_from_slice(&(d as u64).to_le_bytes());
+            head.extend_from_slice(&(d as u64).to_le_bytes());
         }
-        out.extend_from_slice(&(t.data.len() as u64).to_le_bytes());
-        out.extend_from_slice(&t.data);
+        head.extend_from_slice(&(t.data.len() as u64).to_le_bytes());
+        parts.push(Cow::Owned(std::mem::take(&mut head)));
+        parts.push(Cow::Borrowed(t.data.as_slice()));
     }
+    if !head.is_empty() {
+        parts.push(Cow::Owned(head));
+    }
+    parts
 }
 
 fn decode_tensors(cur: &mut Cursor<'_>) -> Result<Vec<Tensor>, ProtocolError> {

@@ -302,3 +302,26 @@ fn string_and_narrow_samples_split_and_join_back() {
     assert_eq!(parts[1].values::<u8>().unwrap(), vec![4, 5, 6]);
     assert_eq!(Tensor::concat(parts), Some(t));
 }
+
+#[test]
+fn request_parts_join_to_the_payload_and_borrow_the_tensor_data() {
+    let inputs = sample();
+    for rows in [false, true] {
+        let parts = request_parts(&inputs, rows);
+        let joined = parts.concat();
+        assert_eq!(decode_request(&joined), Ok(Request { inputs: inputs.clone(), rows }));
+        assert_eq!(joined, Request { inputs: inputs.clone(), rows }.encode());
+        let borrowed: Vec<&[u8]> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Cow::Borrowed(b) => Some(*b),
+                Cow::Owned(_) => None,
+            })
+            .collect();
+        assert_eq!(borrowed.len(), inputs.len(), "each tensor's data is borrowed, not copied");
+        for (b, t) in borrowed.iter().zip(&inputs) {
+            assert!(std::ptr::eq(b.as_ptr(), t.data.as_ptr()));
+        }
+    }
+    assert_eq!(request_parts(&[], false).concat(), 0u32.to_le_bytes(), "no tensors: the count alone");
+}
