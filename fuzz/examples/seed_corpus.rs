@@ -25,6 +25,7 @@ use sentinel_proto::pb::{
 use sentinel_proto::{sign_manifest, sign_state};
 use sentinel_worker_protocol::frame::{
     Ready, Tensor, encode_error_response, encode_ok_response, encode_ok_timed, encode_ready, encode_request,
+    encode_rows_request,
 };
 
 fn repo() -> PathBuf {
@@ -219,6 +220,11 @@ fn main() {
         Tensor::from_values::<u64>(vec![1], &[u64::MAX]),
         Tensor::from_values(vec![2], &[half::bf16::from_f32(0.5), half::bf16::from_f32(4.0)]),
     ]);
+    // A rows request (the dynamic batcher's), with a string input cut per sample.
+    let rows = encode_rows_request(&[
+        Tensor::from_f32(vec![3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        Tensor::from_strings(vec![3, 1], &["a", "", "héllo"]),
+    ]);
     write(
         "worker_frames",
         &[
@@ -228,6 +234,7 @@ fn main() {
             ("request-4x64", [vec![63], frame(&request)].concat()),
             ("response-4", [vec![15], frame(&response)].concat()),
             ("request-every-dtype", [vec![63], frame(&every_dtype)].concat()),
+            ("request-rows-strings", [vec![63], frame(&rows)].concat()),
         ],
     );
 

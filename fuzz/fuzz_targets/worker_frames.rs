@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use sentinel_worker_protocol::frame::{
-    decode_ready, decode_request, decode_response_timed, encode_ok_response, encode_ok_timed, encode_ready,
-    encode_request, read_frame,
+    Tensor, decode_ready, decode_request, decode_response_timed, encode_ok_response, encode_ok_timed, encode_ready,
+    read_frame, request_parts,
 };
 
 /// A reader that hands out at most `step` bytes per call, like a pipe.
@@ -38,14 +38,23 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(ready) = decode_ready(&payload) {
             assert_eq!(decode_ready(&encode_ready(&ready)), Ok(ready), "the ready line round-trips");
         }
-        if let Ok(tensors) = decode_request(&payload) {
-            assert_eq!(decode_request(&encode_request(&tensors)), Ok(tensors.clone()), "a request round-trips");
-            for (i, t) in tensors.iter().enumerate() {
+        if let Ok(request) = decode_request(&payload) {
+            assert_eq!(decode_request(&request.encode()), Ok(request.clone()), "a request round-trips");
+            let parts = request_parts(&request.inputs, request.rows).concat();
+            assert_eq!(parts, request.encode(), "the pieces join to the payload");
+            for (i, t) in request.inputs.iter().enumerate() {
                 // What decodes is well formed: bytes fit the shape, booleans
                 // are 0 or 1, strings are length-prefixed and fill the bytes.
                 assert_eq!(t.check(i), Ok(()), "a decoded tensor checks");
                 // What the worker and the v2 API do with a request's tensors.
                 let _ = (t.to_f32(), t.to_i64(), t.element_count(), t.strings(), t.first_non_finite());
+                // Cut into samples along the first dim (rows, batch chunks)
+                // and joined back, a tensor is what it was.
+                if let Some(&n) = t.shape.first().filter(|&&n| (1..=64).contains(&n)) {
+                    let samples: Vec<Tensor> = (0..n).map(|k| t.samples(k, 1)).collect();
+                    assert!(samples.iter().enumerate().all(|(k, s)| s.check(k).is_ok()), "each sample checks");
+                    assert_eq!(Tensor::concat(samples), Some(t.clone()), "samples join back");
+                }
             }
         }
         match decode_response_timed(&payload) {
