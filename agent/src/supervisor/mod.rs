@@ -149,8 +149,11 @@ impl Supervised {
         });
         let first = Arc::clone(&inner);
         tokio::spawn(async move {
-            if let Some(mut after) = after {
-                let _ = after.wait_for(|s| matches!(s, SlotState::Running { .. } | SlotState::Failed(_))).await;
+            // The slot before went away (its pool was dropped): nothing to start.
+            if let Some(mut after) = after
+                && after.wait_for(|s| matches!(s, SlotState::Running { .. } | SlotState::Failed(_))).await.is_err()
+            {
+                return;
             }
             start_loop(first, Duration::ZERO).await;
         });
