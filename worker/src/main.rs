@@ -60,6 +60,12 @@ struct Cli {
     /// Where TensorRT keeps the engines it builds (opened before the sandbox).
     #[arg(long)]
     tensorrt_cache: Option<PathBuf>,
+    /// `RLIMIT_AS` in bytes, set before anything else happens: the agent
+    /// starts workers with `posix_spawn` (no `fork` of its own address
+    /// space), so the limit is the worker's first act rather than the
+    /// agent's last one.
+    #[arg(long)]
+    memory_limit: Option<u64>,
     /// Install the seccomp sandbox after warm-up (`off` only for debugging).
     #[arg(long, value_enum, default_value_t = ConfinementArg::On)]
     confinement: ConfinementArg,
@@ -108,6 +114,18 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Before the model is opened: no descriptor but the three pipes, and
+    // the address space limited.
+    if let Err(e) = sentinel_worker::sandbox::close_inherited_descriptors() {
+        eprintln!("sentinel-worker: closing inherited descriptors: {e}");
+        return ExitCode::from(sentinel_worker_protocol::launch::EXIT_SANDBOX);
+    }
+    if let Some(bytes) = cli.memory_limit
+        && let Err(e) = sentinel_worker::sandbox::limit_address_space(bytes)
+    {
+        eprintln!("sentinel-worker: setting RLIMIT_AS to {bytes} bytes: {e}");
+        return ExitCode::from(sentinel_worker_protocol::launch::EXIT_SANDBOX);
+    }
     let engine = match cli.engine {
         EngineArg::Tract => Engine::Tract,
         EngineArg::Ort => Engine::Ort,

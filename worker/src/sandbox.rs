@@ -207,6 +207,56 @@ fn set_no_new_privs() -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Closes every descriptor above stderr: a worker keeps nothing the agent
+/// had open (a listener, a database, a socket some library opened without
+/// `O_CLOEXEC`). The worker's own guarantee, made before it opens anything.
+///
+/// `close_range(3, ~0)` (Linux 5.11); older kernels (Jetson's L4T 32 runs
+/// 4.9) get one `close` per descriptor up to the descriptor limit. Called
+/// through `syscall(2)`: glibc's wrapper would raise the worker's glibc
+/// floor to 2.34.
+pub fn close_inherited_descriptors() -> std::io::Result<()> {
+    const FIRST: libc::c_uint = 3;
+    #[allow(unsafe_code)]
+    // SAFETY: close_range takes integers only; the descriptors it closes are
+    // none this process uses (it has opened nothing yet).
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, FIRST, libc::c_uint::MAX, 0) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+        return Err(err);
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit writes only the struct it is given, on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let last = libc::c_int::try_from(lim.rlim_cur).unwrap_or(libc::c_int::MAX);
+    for fd in FIRST as libc::c_int..last {
+        #[allow(unsafe_code)]
+        // SAFETY: close on an integer descriptor; EBADF for one not open is expected.
+        unsafe {
+            libc::close(fd);
+        }
+    }
+    Ok(())
+}
+
+/// Limits the address space (`RLIMIT_AS`, soft and hard) to `bytes`.
+pub fn limit_address_space(bytes: u64) -> std::io::Result<()> {
+    let limit = libc::rlim_t::try_from(bytes).unwrap_or(libc::RLIM_INFINITY);
+    let rlim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    #[allow(unsafe_code)]
+    // SAFETY: setrlimit reads only the struct it is given, on this stack.
+    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &rlim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,49 +56,6 @@ impl Drop for WorkDir {
     }
 }
 
-/// Marks every descriptor above stderr close-on-exec, in the forked child
-/// just before exec, so the worker starts with its three pipes and nothing
-/// else: not a listener, a database or a socket that some library in the
-/// agent opened without `O_CLOEXEC`. It is the child's own guarantee rather
-/// than a promise every other descriptor keeps.
-///
-/// `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (Linux 5.11) rather than closing
-/// outright: std reports a failed exec to the parent through a close-on-exec
-/// pipe above stderr, which must stay open until the exec. Older kernels
-/// (Jetson's L4T 32 runs 4.9) get the same effect one descriptor at a time,
-/// up to the descriptor limit. Called through `syscall(2)`: glibc's wrapper
-/// would raise the agent's glibc floor to 2.34. Async-signal-safe (only
-/// syscalls, no allocation), as `pre_exec` requires.
-pub(super) fn close_inherited_descriptors() -> io::Result<()> {
-    const FIRST: libc::c_uint = 3;
-    #[allow(unsafe_code)]
-    // SAFETY: close_range takes integers only; with CLOSE_RANGE_CLOEXEC it
-    // closes nothing, it only sets a flag on each descriptor.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, FIRST, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
-        return Err(err);
-    }
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    #[allow(unsafe_code)]
-    // SAFETY: getrlimit writes only the struct it is given, on this stack.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let last = libc::c_int::try_from(lim.rlim_cur).unwrap_or(libc::c_int::MAX);
-    for fd in FIRST as libc::c_int..last {
-        #[allow(unsafe_code)]
-        // SAFETY: fcntl on an integer descriptor; EBADF for one not open is expected.
-        unsafe {
-            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        }
-    }
-    Ok(())
-}
-
 /// Waits for the reaper to publish the exit; kills a process that closed its
 /// pipes but does not exit within [`EXIT_GRACE`].
 pub(super) async fn wait_exit(mut exit: watch::Receiver<Option<Exit>>, kill: &Notify) -> Option<Exit> {

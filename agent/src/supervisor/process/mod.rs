@@ -17,10 +17,7 @@ mod child;
 
 use super::Delivered;
 pub use child::remove_stale_work_dirs;
-use child::{
-    EXIT_GRACE, WorkDir, close_inherited_descriptors, forward_stderr, read_frame, reap, wait_exit, widen_pipe,
-    write_frame,
-};
+use child::{EXIT_GRACE, WorkDir, forward_stderr, read_frame, reap, wait_exit, widen_pipe, write_frame};
 
 use sentinel_worker_protocol::frame::{self as protocol, ProtocolError, Ready, ResponseError, Tensor};
 use sentinel_worker_protocol::launch::{
@@ -253,8 +250,8 @@ impl Worker {
             cmd.arg("--test-forbidden");
         }
         // The worker inherits nothing from the agent's environment but what
-        // is set below, and no descriptor but the three pipes (see
-        // `close_inherited_descriptors`).
+        // is set below, and keeps no descriptor but the three pipes (it
+        // closes the rest first thing, `sandbox::close_inherited_descriptors`).
         cmd.env_clear()
             .env("HOME", &dir.0)
             .current_dir(&dir.0)
@@ -270,24 +267,15 @@ impl Worker {
                 cmd.env(ORT_DYLIB_ENV, dylib);
             }
         }
-        let memory_limit = spec.memory_limit_bytes.map(|limit| limit as libc::rlim_t);
-        #[allow(unsafe_code)]
-        // SAFETY: the closure runs in the forked child before exec. It only
-        // makes async-signal-safe syscalls (setrlimit, close_range, getrlimit,
-        // fcntl) on plain values copied into it, and builds an io::Error from
-        // errno, which does not allocate.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(limit) = memory_limit {
-                    let rlim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-                    if libc::setrlimit(libc::RLIMIT_AS, &rlim) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                close_inherited_descriptors()
-            });
+        // No `pre_exec`: std then starts the worker with `posix_spawn`
+        // (vfork), not `fork`, which would copy the agent's page tables and
+        // make every agent thread fault on copy-on-write until the exec. The
+        // worker limits its own address space and closes inherited
+        // descriptors as its first acts (`--memory-limit`).
+        if let Some(limit) = spec.memory_limit_bytes {
+            cmd.arg("--memory-limit").arg(limit.to_string());
         }
-        // fork copies the agent's page tables: off the runtime's worker.
+        // The spawn waits for the exec: off the runtime's worker.
         let mut child = crate::util::blocking(|| cmd.spawn())
             .map_err(|source| SupervisorError::Spawn { bin: spec.worker_bin.clone(), source })?;
         let pid = child.id().unwrap_or(0);
