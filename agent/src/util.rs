@@ -1,6 +1,6 @@
 //! Helpers every layer of the agent may use: the wall clock in
-//! milliseconds, an error's chain on one line, and handing freed heap back
-//! to the kernel. Nothing else of the crate is named here, so any module can
+//! milliseconds, an error's chain on one line, handing freed heap back to
+//! the kernel, and blocking work kept off the Tokio workers. Nothing else of the crate is named here, so any module can
 //! import it.
 
 /// Milliseconds since the Unix epoch.

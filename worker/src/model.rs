@@ -343,25 +343,12 @@ impl LoadedModel {
         let Some(n) = check_inputs(&self.inputs, inputs, usize::MAX)? else {
             return self.run(inputs);
         };
-        let mut per_output: Vec<Vec<Tensor>> = Vec::new();
-        for i in 0..n {
-            let sample: Vec<Tensor> = inputs.iter().map(|t| t.samples(i, 1)).collect();
-            for (o, t) in self.run(&sample)?.into_iter().enumerate() {
-                if o == per_output.len() {
-                    per_output.push(Vec::with_capacity(n));
-                }
-                per_output[o].push(t);
-            }
-        }
-        per_output
-            .into_iter()
-            .enumerate()
-            .map(|(index, parts)| {
-                Tensor::concat(parts).ok_or_else(|| {
-                    InferenceError::Run(format!("output {index} has no first dim to join the samples' outputs along"))
-                })
-            })
-            .collect()
+        let runs = (0..n)
+            .map(|i| self.run(&inputs.iter().map(|t| t.samples(i, 1)).collect::<Vec<_>>()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Tensor::concat_each(runs).map_err(|index| {
+            InferenceError::Run(format!("output {index} has no first dim to join the samples' outputs along"))
+        })
     }
 }
 

@@ -348,6 +348,7 @@ impl RawServing {
             None => EngineChoice::default(),
             Some(e) => EngineChoice::parse("serving.engine", e)?,
         };
+        let positive = |field: &str, v: u64| if v == 0 { Err(bad(field, "must be positive")) } else { Ok(v) };
         let mut models = BTreeMap::new();
         for (name, m) in self.models {
             let engine = match m.engine.as_deref() {
@@ -373,9 +374,8 @@ impl RawServing {
                 tensorrt_fp16: m.tensorrt_fp16.unwrap_or(false),
                 tensorrt_cache: None,
             };
-            let secs = |key: &str, v: Option<u64>| match v {
-                Some(0) => Err(bad(&format!("serving.models.{name}.{key}"), "must be positive")),
-                v => Ok(v.map(Duration::from_secs)),
+            let secs = |key: &str, v: Option<u64>| {
+                v.map(|v| positive(&format!("serving.models.{name}.{key}"), v).map(Duration::from_secs)).transpose()
             };
             let load_timeouts = LoadTimeouts {
                 cpu: secs("load_timeout_secs", m.load_timeout_secs)?,
@@ -397,7 +397,6 @@ impl RawServing {
             Some(path) => Some(path),
             None => ort_env.map(PathBuf::from).filter(|p| p.is_file()),
         };
-        let positive = |field: &str, v: u64| if v == 0 { Err(bad(field, "must be positive")) } else { Ok(v) };
         let bounded = |field: &str, v: u64, most: u64| {
             if v == 0 || v > most { Err(bad(field, format!("must be between 1 and {most}"))) } else { Ok(v) }
         };

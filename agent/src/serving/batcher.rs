@@ -105,9 +105,9 @@ pub fn split(outputs: &[Tensor], counts: &[usize]) -> Result<Vec<Vec<Tensor>>, S
 }
 
 impl Batcher {
-    /// Starts the batcher of `pool` (must run inside a Tokio runtime).
-    /// Each exchange is counted in `metrics` under `model`. Must be called
-    /// inside a Tokio runtime, which runs the batches.
+    /// Starts the batcher of `pool`; each exchange is counted in `metrics`
+    /// under the model's name. Must be called inside a Tokio runtime, which
+    /// runs the batches.
     pub fn start(
         pool: Pool,
         max_samples: usize,
@@ -205,34 +205,12 @@ fn collect(
 async fn run_batch(pool: &Pool, mut jobs: Vec<Job>, total: usize) {
     if jobs.len() == 1 {
         let job = jobs.remove(0);
-        let answer = pool.infer_timed(&job.inputs).await.map(|(o, c)| (o, c.unwrap_or_default()));
-        let _ = job.reply.send(answer);
-        return;
+        return answer_alone(pool, &job.inputs, job.reply).await;
     }
     let counts: Vec<usize> = jobs.iter().map(|j| j.samples).collect();
-    // Requests were checked against the same declared inputs, so they
-    // always join; were they not to, each would run alone.
-    let joinable = jobs.windows(2).all(|w| {
-        w[0].inputs.len() == w[1].inputs.len()
-            && w[0]
-                .inputs
-                .iter()
-                .zip(&w[1].inputs)
-                .all(|(a, b)| a.dtype == b.dtype && a.shape.get(1..) == b.shape.get(1..))
-    });
-    if !joinable {
-        return alone(pool, jobs, None).await;
-    }
-    let mut columns: Vec<Vec<Tensor>> = Vec::new();
-    for job in &mut jobs {
-        for (i, t) in std::mem::take(&mut job.inputs).into_iter().enumerate() {
-            if i == columns.len() {
-                columns.push(Vec::with_capacity(counts.len()));
-            }
-            columns[i].push(t);
-        }
-    }
-    let Some(joined) = columns.into_iter().map(Tensor::concat).collect::<Option<Vec<Tensor>>>() else {
+    // The requests were checked against the same declared inputs, so they join.
+    let inputs = jobs.iter_mut().map(|j| std::mem::take(&mut j.inputs)).collect();
+    let Ok(joined) = Tensor::concat_each(inputs) else {
         for job in jobs {
             let _ = job.reply.send(Err(SlotError::Failed("requests of one batch did not join".into())));
         }
@@ -256,8 +234,16 @@ async fn run_batch(pool: &Pool, mut jobs: Vec<Job>, total: usize) {
                 }
             }
         },
-        // A refusal may be one request's fault: each runs again alone.
-        Err(SlotError::Worker(InferError::BadInput(_))) => alone(pool, jobs, Some(&joined)).await,
+        // A refusal may be one request's fault: each runs again alone, its
+        // inputs cut back out of the joined ones.
+        Err(SlotError::Worker(InferError::BadInput(_))) => {
+            let mut start = 0;
+            for job in jobs {
+                let inputs: Vec<Tensor> = joined.iter().map(|t| t.samples(start, job.samples)).collect();
+                start += job.samples;
+                answer_alone(pool, &inputs, job.reply).await;
+            }
+        }
         Err(e) => {
             for job in jobs {
                 let _ = job.reply.send(Err(e.clone()));
@@ -266,19 +252,9 @@ async fn run_batch(pool: &Pool, mut jobs: Vec<Job>, total: usize) {
     }
 }
 
-/// Runs each request of a batch by itself, its inputs cut back out of
-/// `joined` when they were moved there.
-async fn alone(pool: &Pool, jobs: Vec<Job>, joined: Option<&[Tensor]>) {
-    let mut start = 0;
-    for job in jobs {
-        let inputs: Vec<Tensor> = match joined {
-            Some(joined) => joined.iter().map(|t| t.samples(start, job.samples)).collect(),
-            None => job.inputs,
-        };
-        start += job.samples;
-        let answer = pool.infer_timed(&inputs).await.map(|(o, c)| (o, c.unwrap_or_default()));
-        let _ = job.reply.send(answer);
-    }
+/// Runs one request by itself, as it would run without the batcher, and answers it.
+async fn answer_alone(pool: &Pool, inputs: &[Tensor], reply: oneshot::Sender<Answer>) {
+    let _ = reply.send(pool.infer_timed(inputs).await.map(|(outputs, compute)| (outputs, compute.unwrap_or_default())));
 }
 
 #[cfg(test)]

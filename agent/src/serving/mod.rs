@@ -281,25 +281,13 @@ async fn run_batched(slot: &Loaded, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>,
         .await;
     let runs = runs.into_iter().collect::<Result<Vec<_>, _>>().map_err(unavailable)?;
     let total = runs.iter().map(|(_, compute)| compute.unwrap_or_default()).sum();
-    let mut per_output: Vec<Vec<Tensor>> = Vec::new();
-    for (outputs, _) in runs {
-        if per_output.is_empty() {
-            per_output = outputs.iter().map(|_| Vec::new()).collect();
+    let joined = Tensor::concat_each(runs.into_iter().map(|(outputs, _)| outputs).collect()).map_err(|_| {
+        ServeError::Unavailable {
+            model: slot.model.clone(),
+            version: slot.version.clone(),
+            reason: "the outputs of a batch's chunks cannot be joined".to_owned(),
         }
-        for (acc, t) in per_output.iter_mut().zip(outputs) {
-            acc.push(t);
-        }
-    }
-    let joined = per_output
-        .into_iter()
-        .map(|parts| {
-            Tensor::concat(parts).ok_or_else(|| ServeError::Unavailable {
-                model: slot.model.clone(),
-                version: slot.version.clone(),
-                reason: "the outputs of a batch's chunks cannot be joined".to_owned(),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    })?;
     Ok((joined, total))
 }
 

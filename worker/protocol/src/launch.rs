@@ -152,10 +152,9 @@ impl Providers {
     /// minutes on a Jetson; a cached engine loads in seconds.
     pub fn builds_engine(&self) -> bool {
         self.order.contains(&Provider::TensorRt)
-            && self
-                .tensorrt_cache
-                .as_deref()
-                .is_none_or(|dir| std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_none()) || !dir.exists())
+            && self.tensorrt_cache.as_deref().is_none_or(|dir| {
+                std::fs::read_dir(dir).map_or_else(|_| !dir.exists(), |mut entries| entries.next().is_none())
+            })
     }
 
     /// Whether any provider but CPU is asked for.

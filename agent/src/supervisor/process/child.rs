@@ -135,14 +135,10 @@ pub(super) async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> io::Result<O
     Ok(Some(payload))
 }
 
-/// Writes one frame (built with [`protocol::write_frame`]) and flushes it.
+/// Writes one frame whose payload is `parts` joined (see
+/// [`protocol::request_parts`]) and flushes it.
 pub(super) async fn write_frame(w: &mut (impl AsyncWrite + Unpin), parts: &[Cow<'_, [u8]>]) -> io::Result<()> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    let prefix = u32::try_from(len)
-        .ok()
-        .filter(|&l| l as usize <= protocol::MAX_FRAME_LEN)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame exceeds MAX_FRAME_LEN"))?
-        .to_le_bytes();
+    let prefix = protocol::frame_len(parts.iter().map(|p| p.len()).sum())?;
     // Small pieces are joined and go in one write (a copy is cheaper than a
     // syscall); a large one, tensor data, is written from where it is.
     let mut pending = prefix.to_vec();
@@ -168,7 +164,7 @@ const SMALL_FRAME: usize = 16 << 10;
 
 /// Pipe capacity asked for the worker's stdin and stdout: 1 MiB, Linux's
 /// default `fs.pipe-max-size`, the most an unprivileged process may set.
-pub(super) const PIPE_BYTES: libc::c_int = 1 << 20;
+const PIPE_BYTES: libc::c_int = 1 << 20;
 
 /// Raises a pipe's capacity to [`PIPE_BYTES`]. Best effort: past the user's
 /// pipe-page budget (`fs.pipe-user-pages-soft`) the kernel refuses, and the

@@ -269,9 +269,10 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, FrameError> {
     Ok(Some(payload))
 }
 
-/// The length prefix of a frame carrying `payload`; refuses one over [`MAX_FRAME_LEN`].
-pub fn frame_len(payload: &[u8]) -> io::Result<[u8; 4]> {
-    u32::try_from(payload.len())
+/// The length prefix of a frame whose payload is `len` bytes; refuses one
+/// over [`MAX_FRAME_LEN`].
+pub fn frame_len(len: usize) -> io::Result<[u8; 4]> {
+    u32::try_from(len)
         .ok()
         .filter(|&l| l as usize <= MAX_FRAME_LEN)
         .map(u32::to_le_bytes)
@@ -280,7 +281,7 @@ pub fn frame_len(payload: &[u8]) -> io::Result<[u8; 4]> {
 
 /// Writes one frame and flushes it.
 pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
-    w.write_all(&frame_len(payload)?)?;
+    w.write_all(&frame_len(payload.len())?)?;
     w.write_all(payload)?;
     w.flush()
 }

@@ -356,6 +356,25 @@ impl Tensor {
         Some(Tensor { dtype, shape, data })
     }
 
+    /// Joins several runs' tensor lists position by position along the
+    /// first dim (see [`Tensor::concat`]): the inputs of requests joined
+    /// into one batch, or the outputs of a batch's chunks or samples. `Err(i)`
+    /// names the first position whose tensors do not join, a run lacking
+    /// one included.
+    pub fn concat_each(runs: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, usize> {
+        let width = runs.first().map_or(0, Vec::len);
+        let mut columns: Vec<Vec<Tensor>> = (0..width).map(|_| Vec::with_capacity(runs.len())).collect();
+        for run in runs {
+            if run.len() != width {
+                return Err(run.len().min(width));
+            }
+            for (column, t) in columns.iter_mut().zip(run) {
+                column.push(t);
+            }
+        }
+        columns.into_iter().enumerate().map(|(i, parts)| Tensor::concat(parts).ok_or(i)).collect()
+    }
+
     fn expect(&self, dtype: DType) -> Result<(), ProtocolError> {
         if self.dtype != dtype {
             return Err(ProtocolError::WrongDType { expected: dtype, found: self.dtype });

@@ -325,3 +325,16 @@ fn request_parts_join_to_the_payload_and_borrow_the_tensor_data() {
     }
     assert_eq!(request_parts(&[], false).concat(), 0u32.to_le_bytes(), "no tensors: the count alone");
 }
+
+#[test]
+fn runs_join_position_by_position_or_name_the_position_that_does_not() {
+    let run = |k: f32| vec![Tensor::from_f32(vec![1, 2], &[k, k]), Tensor::from_i64(vec![1], &[k as i64])];
+    let joined = Tensor::concat_each(vec![run(1.0), run(2.0), run(3.0)]).expect("joins");
+    assert_eq!(joined[0], Tensor::from_f32(vec![3, 2], &[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]));
+    assert_eq!(joined[1], Tensor::from_i64(vec![3], &[1, 2, 3]));
+    assert_eq!(Tensor::concat_each(Vec::new()), Ok(Vec::new()));
+    let mut odd = run(2.0);
+    odd[1] = Tensor::from_f32(vec![1], &[2.0]);
+    assert_eq!(Tensor::concat_each(vec![run(1.0), odd]), Err(1), "another dtype at position 1");
+    assert_eq!(Tensor::concat_each(vec![run(1.0), vec![run(2.0).remove(0)]]), Err(1), "a run lacking position 1");
+}
