@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::events::ChangeKind;
 use super::{ServiceError, SharedState};
-use crate::store::{DeploymentState, MetadataStore, StoreError, VersionRecord};
+use crate::store::{FleetSnapshot, VersionRecord};
 use crate::targeting::{Target, assignments_for};
 
 /// Messages queued per stream before the hub waits on a slow device.
@@ -55,6 +55,8 @@ pub struct Fleet {
     publish: tokio::sync::Mutex<()>,
     /// Desired-state messages sent, for metrics and benchmarks.
     pub pushes: AtomicU64,
+    /// The highest revision [`Fleet::publish`] pushed to every stream.
+    published: AtomicU64,
     /// Flipped at shutdown: every stream ends, so graceful shutdown completes.
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -65,24 +67,16 @@ pub struct Connection {
     pub connected_at_ms: i64,
 }
 
-/// Computes and signs the desired state of each target at `revision`.
-/// Blocking: reads the database.
+/// Computes and signs the desired state of each target from `snapshot`.
 fn compute_states(
     state: &SharedState,
-    meta: &dyn MetadataStore,
+    snapshot: &FleetSnapshot,
     targets: &[Target],
-    revision: u64,
-) -> Result<Vec<(String, SignedDesiredState)>, StoreError> {
-    let active = meta.list_deployments(None, Some(DeploymentState::Active), u32::MAX, 0)?.0;
-    let mut cache: HashMap<(String, String), Option<VersionRecord>> = HashMap::new();
-    let mut lookup = |model: &str, version: &str| -> Result<Option<VersionRecord>, StoreError> {
-        let key = (model.to_owned(), version.to_owned());
-        if let Some(v) = cache.get(&key) {
-            return Ok(v.clone());
-        }
-        let v = meta.get_version(model, version)?;
-        cache.insert(key, v.clone());
-        Ok(v)
+) -> Vec<(String, SignedDesiredState)> {
+    let versions: HashMap<(&str, &str), &VersionRecord> =
+        snapshot.versions.iter().map(|v| ((v.model.as_str(), v.version.as_str()), v)).collect();
+    let mut lookup = |model: &str, version: &str| -> Result<Option<VersionRecord>, std::convert::Infallible> {
+        Ok(versions.get(&(model, version)).map(|v| (*v).clone()))
     };
     let signer = state.keyring().active();
     let base = state.public_url();
@@ -90,7 +84,8 @@ fn compute_states(
     let expires = now + i64::try_from(state.config().state_ttl.as_millis()).unwrap_or(i64::MAX / 2);
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
-        let models = assignments_for(&active, &mut lookup, t)?
+        let Ok(assignments) = assignments_for(&snapshot.active, &mut lookup, t);
+        let models = assignments
             .into_iter()
             .map(|a| {
                 let v = &a.version;
@@ -111,7 +106,7 @@ fn compute_states(
             .collect();
         let desired = DesiredState {
             device_id: t.device_id.clone(),
-            revision,
+            revision: snapshot.revision,
             issued_at_unix_ms: now,
             expires_at_unix_ms: expires,
             models,
@@ -119,7 +114,12 @@ fn compute_states(
         };
         out.push((t.device_id.clone(), sign_state(&signer, &desired)));
     }
-    Ok(out)
+    out
+}
+
+/// The fleet snapshot, read on a blocking thread.
+async fn snapshot(state: &SharedState) -> Result<std::sync::Arc<FleetSnapshot>, ServiceError> {
+    state.meta(|m| m.fleet_snapshot()).await.map(std::sync::Arc::new)
 }
 
 /// When a state signed now is half-way to its expiry.
@@ -138,6 +138,7 @@ impl Default for Fleet {
             next_conn: AtomicU64::new(0),
             publish: tokio::sync::Mutex::default(),
             pushes: AtomicU64::new(0),
+            published: AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
         }
     }
@@ -172,19 +173,15 @@ impl Fleet {
         let kick = std::sync::Arc::new(tokio::sync::Notify::new());
         {
             let _publishing = fleet.publish.lock().await;
-            let st = state.clone();
-            let targets = vec![target.clone()];
-            let computed = tokio::task::spawn_blocking(move || {
-                let meta = st.metadata().clone();
-                let revision = meta.current_revision()?;
-                compute_states(&st, meta.as_ref(), &targets, revision)
-            })
-            .await
-            .map_err(|_| StreamError::ComputePanicked)?
-            .map_err(|e| {
+            let snap = snapshot(state).await.map_err(|e| {
                 tracing::error!(error = %e, "computing the desired state failed");
                 StreamError::Unavailable
             })?;
+            let st = state.clone();
+            let targets = vec![target.clone()];
+            let computed = tokio::task::spawn_blocking(move || compute_states(&st, &snap, &targets))
+                .await
+                .map_err(|_| StreamError::ComputePanicked)?;
             let Some((_, signed)) = computed.into_iter().next() else {
                 return Err(StreamError::NoState);
             };
@@ -245,28 +242,33 @@ impl Fleet {
         }
     }
 
-    /// Bumps the fleet revision and pushes every connected device its new
-    /// state. Call after any change to deployments.
+    /// Pushes every connected device its state at the fleet's current
+    /// revision, unless this hub already pushed that revision. Call after any
+    /// change to deployments (the change bumped the revision), or when
+    /// another replica says it made one. Returns the revision.
     pub async fn publish(state: &SharedState) -> Result<u64, ServiceError> {
         let fleet = state.fleet();
         let _publishing = fleet.publish.lock().await;
+        let snap = snapshot(state).await?;
+        let revision = snap.revision;
+        if fleet.published.load(Ordering::Relaxed) >= revision {
+            // Pushed already, and every stream subscribed since got it then.
+            return Ok(revision);
+        }
+        fleet.published.store(revision, Ordering::Relaxed);
         let senders: Vec<(Target, mpsc::Sender<Result<HubMessage, StreamError>>)> = {
             let subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             subs.values().map(|s| (s.target.clone(), s.tx.clone())).collect()
         };
         let joined = |source| ServiceError::Join { context: "publish task", source };
-        let meta = state.metadata().clone();
-        let revision = tokio::task::spawn_blocking(move || meta.next_revision()).await.map_err(joined)??;
         // Sign and send in chunks, so the first devices get the new state
         // while the hub is still signing for the rest.
         let mut sent = 0usize;
         for chunk in senders.chunks(PUBLISH_CHUNK) {
-            let st = state.clone();
+            let (st, snap) = (state.clone(), snap.clone());
             let targets: Vec<Target> = chunk.iter().map(|(t, _)| t.clone()).collect();
             let computed =
-                tokio::task::spawn_blocking(move || compute_states(&st, st.metadata().as_ref(), &targets, revision))
-                    .await
-                    .map_err(joined)??;
+                tokio::task::spawn_blocking(move || compute_states(&st, &snap, &targets)).await.map_err(joined)?;
             for ((_, tx), (device, signed)) in chunk.iter().zip(computed) {
                 if tx.send(Ok(state_message(signed))).await.is_ok() {
                     sent += 1;
@@ -294,14 +296,10 @@ impl Fleet {
                 _ => return,
             }
         };
+        let Ok(snap) = snapshot(state).await else { return };
         let st = state.clone();
-        let computed = tokio::task::spawn_blocking(move || {
-            let meta = st.metadata().clone();
-            let revision = meta.current_revision()?;
-            compute_states(&st, meta.as_ref(), &[target], revision)
-        })
-        .await;
-        if let Ok(Ok(mut v)) = computed
+        let computed = tokio::task::spawn_blocking(move || compute_states(&st, &snap, &[target])).await;
+        if let Ok(mut v) = computed
             && let Some((_, signed)) = v.pop()
             && tx.send(Ok(state_message(signed))).await.is_ok()
         {

@@ -119,10 +119,26 @@ pub trait DeviceStore: Send + Sync {
     /// A device with its newest `limit` events, read at one moment: a report
     /// stored in between cannot pair new events with the old report.
     fn device_with_events(&self, id: &str, limit: u32) -> Result<Option<(DeviceRecord, Vec<DeviceEvent>)>, StoreError>;
-    /// The revision of the fleet's desired state; it grows with every deployment change.
+    /// The revision of the fleet's desired state. Every change to what
+    /// devices should run (a deployment stored, halted, widened, cancelled or
+    /// re-stated; a version's manifest re-signed; a model deleted) bumps it in
+    /// the change's own transaction, so one revision always means one content,
+    /// whichever hub replica computes it.
     fn current_revision(&self) -> Result<u64, StoreError>;
-    /// Bumps the revision and returns the new value. Durable when it returns.
-    fn next_revision(&self) -> Result<u64, StoreError>;
+    /// The revision with the active deployments and their versions, read at
+    /// one moment: what every device's desired state is computed from.
+    fn fleet_snapshot(&self) -> Result<FleetSnapshot, StoreError>;
+}
+
+/// What the fleet's desired state is computed from, read at one moment
+/// ([`DeviceStore::fleet_snapshot`]).
+#[derive(Debug, Clone, Default)]
+pub struct FleetSnapshot {
+    pub revision: u64,
+    /// Active deployments, newest first.
+    pub active: Vec<DeploymentRecord>,
+    /// The versions the active deployments name (a deleted one is absent).
+    pub versions: Vec<VersionRecord>,
 }
 
 /// Registered models and their versions.
@@ -153,7 +169,8 @@ pub trait RegistryStore: Send + Sync {
     fn insert_version(&self, v: &VersionRecord, extra_blobs: &[String]) -> Result<(), StoreError>;
     fn get_version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>, StoreError>;
     fn list_versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError>;
-    /// Replaces a version's signed manifest and its filter columns.
+    /// Replaces a version's signed manifest and its filter columns, and bumps
+    /// the fleet revision (devices running it get the new manifest).
     fn update_version(&self, v: &VersionRecord) -> Result<(), StoreError>;
     /// Digests of every blob some version references (model or validation set).
     fn referenced_blobs(&self) -> Result<Vec<String>, StoreError>;

@@ -122,8 +122,22 @@ async fn a_published_revision_postpones_the_re_signing() {
     let Subscribed { _dir, state, start, mut rx, revision: first } = subscribed().await;
     assert_eq!(next(&mut rx, start).await, (Duration::from_secs(10), Seen::Heartbeat));
     // A deployment change at 10 s sends a new state, valid from then on.
+    let d = crate::store::NewDeployment {
+        model: "m".into(),
+        version: "1.0.0".into(),
+        target: "site=elsewhere".into(),
+        kind: crate::store::DeploymentKind::Deploy,
+        created_by: "t".into(),
+        replaces: None,
+        policy: None,
+        halt_fraction: 0.2,
+        halt_count: None,
+        waves: Vec::new(),
+    };
+    state.metadata().insert_deployment(&d, crate::now_ms()).unwrap();
     let revision = Fleet::publish(&state).await.unwrap();
-    assert!(revision > first);
+    assert_eq!(revision, first + 1, "the deployment bumped the revision once");
+    assert_eq!(Fleet::publish(&state).await.unwrap(), revision, "a second publish of it sends nothing");
     assert_eq!(next(&mut rx, start).await, (Duration::from_secs(10), Seen::State { revision }));
     let mut seen = Vec::new();
     for _ in 0..4 {

@@ -2,6 +2,7 @@
 
 use rusqlite::{OptionalExtension as _, Row, params};
 
+use super::devices::bump_revision;
 use super::{SqliteStore, db, json_col, text_col};
 use crate::records::{DeploymentKind, DeploymentState};
 use crate::store::{DeploymentRecord, DeploymentStore, HaltOutcome, NewDeployment, StoreError};
@@ -88,8 +89,10 @@ fn insert_deployment_in(
         ],
     )
     .map_err(db("insert deployment"))?;
+    let id = tx.last_insert_rowid();
+    bump_revision(tx)?;
     Ok(DeploymentRecord {
-        id: tx.last_insert_rowid(),
+        id,
         model: d.model.clone(),
         version: d.version.clone(),
         target: d.target.clone(),
@@ -106,6 +109,16 @@ fn insert_deployment_in(
         waves: d.waves.clone(),
         wave: 0,
     })
+}
+
+/// Active deployments, newest first.
+pub(super) fn active_on(conn: &rusqlite::Connection) -> Result<Vec<DeploymentRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE state = ?1 ORDER BY id DESC"))
+        .map_err(db("list active deployments"))?;
+    let rows =
+        stmt.query_map([DeploymentState::Active.as_str()], deployment_from_row).map_err(db("list active deployments"))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db("list active deployments"))
 }
 
 impl DeploymentStore for SqliteStore {
@@ -158,8 +171,9 @@ impl DeploymentStore for SqliteStore {
     }
 
     fn set_deployment_state(&self, id: i64, state: DeploymentState, now_ms: i64) -> Result<(), StoreError> {
-        let n = self
-            .conn()
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin deployment state"))?;
+        let n = tx
             .execute(
                 "UPDATE deployments SET state = ?2, updated_at_ms = ?3 WHERE id = ?1",
                 params![id, state.as_str(), now_ms],
@@ -168,7 +182,8 @@ impl DeploymentStore for SqliteStore {
         if n == 0 {
             return Err(StoreError::NotFound { what: format!("deployment {id}") });
         }
-        Ok(())
+        bump_revision(&tx)?;
+        tx.commit().map_err(db("commit deployment state"))
     }
 
     fn halt_deployment(
@@ -190,6 +205,7 @@ impl DeploymentStore for SqliteStore {
         if n == 0 {
             return Ok(HaltOutcome::NotActive);
         }
+        bump_revision(&tx)?;
         let restored = restore
             .map(|d| insert_deployment_in(&tx, d, DeploymentState::Superseded, now_ms).map(Box::new))
             .transpose()?;
@@ -216,6 +232,7 @@ impl DeploymentStore for SqliteStore {
         if crate::rollout::waves::current_percent(&d.waves, d.wave) >= 100 {
             supersede_in(&tx, &d.model, &d.target, Some(d.id), DeploymentState::Superseded, now_ms)?;
         }
+        bump_revision(&tx)?;
         tx.commit().map_err(db("commit widening"))?;
         Ok(Some(d))
     }

@@ -4,7 +4,7 @@ use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use super::migrations::RECORD_DEPLOYMENT_STATES;
 use super::{SqliteStore, db, is_constraint, json_col};
-use crate::store::{DeploymentDevice, DeviceEvent, DeviceRecord, DeviceStore, StoreError};
+use crate::store::{DeploymentDevice, DeviceEvent, DeviceRecord, DeviceStore, FleetSnapshot, StoreError};
 
 const DEVICE_COLS: &str =
     "id, labels, hardware, agent_version, created_at_ms, created_by, last_seen_ms, hello, report, report_at_ms";
@@ -196,13 +196,24 @@ impl DeviceStore for SqliteStore {
         Ok(u64::try_from(r).unwrap_or(0))
     }
 
-    fn next_revision(&self) -> Result<u64, StoreError> {
-        let r: i64 = self
-            .conn()
-            .query_row("UPDATE fleet SET revision = revision + 1 WHERE id = 1 RETURNING revision", [], |r| r.get(0))
-            .map_err(db("bump revision"))?;
-        Ok(u64::try_from(r).unwrap_or(0))
+    fn fleet_snapshot(&self) -> Result<FleetSnapshot, StoreError> {
+        // One lock for every read: every write takes the same connection.
+        let conn = self.conn();
+        let revision: i64 =
+            conn.query_row("SELECT revision FROM fleet WHERE id = 1", [], |r| r.get(0)).map_err(db("read revision"))?;
+        Ok(FleetSnapshot {
+            revision: u64::try_from(revision).unwrap_or(0),
+            active: super::deployments::active_on(&conn)?,
+            versions: super::registry::deployed_versions_on(&conn)?,
+        })
     }
+}
+
+/// Bumps the fleet revision inside the caller's transaction (see
+/// [`DeviceStore::current_revision`]).
+pub(super) fn bump_revision(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute("UPDATE fleet SET revision = revision + 1 WHERE id = 1", []).map_err(db("bump revision"))?;
+    Ok(())
 }
 
 /// The device whose `column` is `value`.

@@ -2,6 +2,7 @@
 
 use rusqlite::{OptionalExtension as _, Row, params};
 
+use super::devices::bump_revision;
 use super::{SqliteStore, db, is_constraint, json_col, u64_col};
 use crate::records::DeploymentState;
 use crate::store::{ModelFilter, ModelRecord, RegistryStore, StoreError, VersionRecord};
@@ -48,6 +49,19 @@ fn version_from_row(row: &Row<'_>) -> rusqlite::Result<VersionRecord> {
         created_at_ms: row.get(9)?,
         created_by: row.get(10)?,
     })
+}
+
+/// The versions active deployments name.
+pub(super) fn deployed_versions_on(conn: &rusqlite::Connection) -> Result<Vec<VersionRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {VERSION_COLS} FROM versions WHERE (model, version) IN
+                 (SELECT model, version FROM deployments WHERE state = ?1)"
+        ))
+        .map_err(db("list deployed versions"))?;
+    let rows =
+        stmt.query_map([DeploymentState::Active.as_str()], version_from_row).map_err(db("list deployed versions"))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db("list deployed versions"))
 }
 
 impl RegistryStore for SqliteStore {
@@ -159,6 +173,7 @@ impl RegistryStore for SqliteStore {
             params![name, now_ms, DeploymentState::Cancelled.as_str(), DeploymentState::Active.as_str()],
         )
         .map_err(db("cancel deployments"))?;
+        bump_revision(&tx)?;
         // Identical bytes may be registered under another model: keep those.
         candidates.retain(|sha| {
             let still: Result<bool, _> = tx.query_row(
@@ -237,8 +252,9 @@ impl RegistryStore for SqliteStore {
     }
 
     fn update_version(&self, v: &VersionRecord) -> Result<(), StoreError> {
-        let n = self
-            .conn()
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin update version"))?;
+        let n = tx
             .execute(
                 "UPDATE versions SET stage = ?3, hardware = ?4, manifest = ?5, signature = ?6, key_id = ?7
                  WHERE model = ?1 AND version = ?2",
@@ -248,7 +264,8 @@ impl RegistryStore for SqliteStore {
         if n == 0 {
             return Err(StoreError::NotFound { what: format!("version {} of model {}", v.version, v.model) });
         }
-        Ok(())
+        bump_revision(&tx)?;
+        tx.commit().map_err(db("commit update version"))
     }
 
     fn referenced_blobs(&self) -> Result<Vec<String>, StoreError> {
