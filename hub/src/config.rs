@@ -30,6 +30,9 @@ pub enum ConfigError {
          or pass --insecure-plaintext to accept the risk"
     )]
     PlainTextOffLoopback { addrs: Vec<SocketAddr> },
+    /// A `--database` or `--blobs` value that names no back end this hub has.
+    #[error("{flag} {value:?}: {reason}")]
+    Url { flag: &'static str, value: String, reason: String },
 }
 
 /// An address, or `None` for `off` or nothing.
@@ -135,6 +138,73 @@ pub struct HubConfig {
     pub connections: sentinel_net::Limits,
     /// Push-time inspection: the worker binary and its limits.
     pub inspect: InspectConfig,
+    /// Where the metadata lives; `None`: SQLite at `DATA_DIR/hub.db`.
+    pub database: Option<DatabaseUrl>,
+    /// Where model bytes live; `None`: `DATA_DIR/blobs`.
+    pub blobs: Option<BlobsUrl>,
+    /// The 32-byte key that seals the signing keys kept in a shared database
+    /// (PostgreSQL). Every replica is given the same file.
+    pub key_encryption_key_file: Option<PathBuf>,
+}
+
+/// The `--database` URL: `sqlite://PATH` or `postgres://...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    /// The whole URL, handed to the client as given.
+    Postgres(String),
+}
+
+/// The `--blobs` URL: `file://DIR` or `s3://bucket/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobsUrl {
+    File(PathBuf),
+    /// A bucket and a key prefix (empty, or ending in `/`).
+    S3 { bucket: String, prefix: String },
+}
+
+/// Parses a `--database` value.
+pub fn parse_database(s: &str) -> Result<DatabaseUrl, ConfigError> {
+    let bad = |reason: &str| ConfigError::Url { flag: "--database", value: s.to_owned(), reason: reason.to_owned() };
+    if let Some(path) = s.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(bad("sqlite:// needs a file path, e.g. sqlite:///var/lib/sentinel-hub/hub.db"));
+        }
+        return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+    }
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        return Ok(DatabaseUrl::Postgres(s.to_owned()));
+    }
+    Err(bad("expected sqlite://PATH or postgres://USER@HOST[:PORT]/DB"))
+}
+
+/// Parses a `--blobs` value.
+pub fn parse_blobs(s: &str) -> Result<BlobsUrl, ConfigError> {
+    let bad = |reason: &str| ConfigError::Url { flag: "--blobs", value: s.to_owned(), reason: reason.to_owned() };
+    if let Some(dir) = s.strip_prefix("file://") {
+        if dir.is_empty() {
+            return Err(bad("file:// needs a directory, e.g. file:///var/lib/sentinel-hub/blobs"));
+        }
+        return Ok(BlobsUrl::File(PathBuf::from(dir)));
+    }
+    if let Some(rest) = s.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        // S3's bucket naming rules, which every compatible server accepts.
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !valid_bucket {
+            return Err(bad("the bucket name must be 3 to 63 lowercase letters, digits, '-' or '.'"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
+            return Err(bad("the prefix may not contain '.', '..' or empty segments"));
+        }
+        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        return Ok(BlobsUrl::S3 { bucket: bucket.to_owned(), prefix });
+    }
+    Err(bad("expected file://DIR or s3://BUCKET[/PREFIX]"))
 }
 
 /// Default cap on connections over all the hub's listeners: room for a
@@ -178,7 +248,20 @@ impl HubConfig {
                 ..sentinel_net::Limits::default()
             },
             inspect: InspectConfig::default(),
+            database: None,
+            blobs: None,
+            key_encryption_key_file: None,
         }
+    }
+
+    /// The database, defaults applied.
+    pub fn database(&self) -> DatabaseUrl {
+        self.database.clone().unwrap_or_else(|| DatabaseUrl::Sqlite(self.data_dir.join("hub.db")))
+    }
+
+    /// The blob store, defaults applied.
+    pub fn blobs(&self) -> BlobsUrl {
+        self.blobs.clone().unwrap_or_else(|| BlobsUrl::File(self.data_dir.join("blobs")))
     }
 
     /// Refuses plain text on a non-loopback address unless allowed.
@@ -222,6 +305,28 @@ mod tests {
         c.transport = Transport::Safe;
         c.tls = Some(TlsFiles { cert: "c".into(), key: "k".into() });
         assert!(c.check_transport().is_ok(), "TLS anywhere is fine");
+    }
+
+    #[test]
+    fn back_ends_are_chosen_by_url_and_bad_ones_are_named() {
+        assert_eq!(parse_database("sqlite:///var/db/hub.db"), Ok(DatabaseUrl::Sqlite("/var/db/hub.db".into())));
+        assert_eq!(parse_database("postgres://hub@db/sentinel"), Ok(DatabaseUrl::Postgres("postgres://hub@db/sentinel".into())));
+        assert!(matches!(parse_database("postgresql://db/s"), Ok(DatabaseUrl::Postgres(_))));
+        let err = parse_database("mysql://db").expect_err("unknown scheme");
+        assert_eq!(err.to_string(), r#"--database "mysql://db": expected sqlite://PATH or postgres://USER@HOST[:PORT]/DB"#);
+        assert!(parse_database("sqlite://").is_err());
+        assert_eq!(parse_blobs("file:///srv/blobs"), Ok(BlobsUrl::File("/srv/blobs".into())));
+        assert_eq!(
+            parse_blobs("s3://models/hub/a/"),
+            Ok(BlobsUrl::S3 { bucket: "models".into(), prefix: "hub/a/".into() })
+        );
+        assert_eq!(parse_blobs("s3://models"), Ok(BlobsUrl::S3 { bucket: "models".into(), prefix: String::new() }));
+        for bad in ["s3://", "s3://Models", "s3://ab", "s3://models/../x", "s3://models/a//b", "gs://models", "file://"] {
+            assert!(parse_blobs(bad).is_err(), "{bad}");
+        }
+        let c = HubConfig::new("/d");
+        assert_eq!(c.database(), DatabaseUrl::Sqlite("/d/hub.db".into()));
+        assert_eq!(c.blobs(), BlobsUrl::File("/d/blobs".into()));
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! The hub's Ed25519 signing keys.
 //!
-//! Keys live in `DATA/keys/` as `<key-id>.pk8` (PKCS#8, mode 0600) with the
-//! id of the key that signs new manifests in `DATA/keys/active`. The first
-//! start generates one. Rotation generates another and makes it active; the
-//! old keys stay, so manifests they signed keep verifying on devices that pin
-//! both public keys.
+//! On the embedded defaults, keys live in `DATA/keys/` as `<key-id>.pk8`
+//! (PKCS#8, mode 0600) with the id of the key that signs new manifests in
+//! `DATA/keys/active`. The first start generates one. Rotation generates
+//! another and makes it active; the old keys stay, so manifests they signed
+//! keep verifying on devices that pin both public keys.
+//!
+//! Replicas on a shared database keep the keys there instead
+//! ([`SigningKeyRecord`]), each private key sealed by a [`Kek`] that every
+//! replica is given. The public keys are stored in the clear: a lost
+//! key-encryption key loses the ability to sign with the old keys, never the
+//! ability to verify what they signed.
 
 use std::fs;
 use std::io::Write as _;
@@ -37,6 +43,112 @@ pub enum KeyringError {
     MissingActive(String),
     #[error("generating a key failed")]
     Generate(#[source] sentinel_proto::KeyError),
+    #[error(
+        "key-encryption key file {path}: {reason} (make one with `head -c 32 /dev/urandom > FILE`, \
+         mode 0600, and give every replica the same file)"
+    )]
+    Kek { path: PathBuf, reason: String },
+    #[error(
+        "the active signing key {0} cannot be unsealed with this key-encryption key: it was sealed with \
+         another one. Give the original --key-encryption-key-file"
+    )]
+    Unseal(String),
+    #[error("sealing a signing key failed")]
+    Seal,
+    #[error("the database holds no active signing key")]
+    NoActive,
+}
+
+/// The key-encryption key: AES-256-GCM over each private signing key kept in
+/// a shared database, with the key id as associated data (a sealed key
+/// cannot be moved to another id).
+pub struct Kek {
+    key: ring::aead::LessSafeKey,
+}
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kek(..)")
+    }
+}
+
+const NONCE_LEN: usize = ring::aead::NONCE_LEN;
+
+impl Kek {
+    /// Reads a key-encryption key file: 32 raw bytes, or 64 hex digits, or
+    /// 32 bytes in standard base64 (a trailing newline is fine). Refuses a
+    /// file others can read.
+    pub fn from_file(path: &Path) -> Result<Self, KeyringError> {
+        let bad = |reason: String| KeyringError::Kek { path: path.to_path_buf(), reason };
+        let mode = fs::metadata(path).map_err(|e| bad(e.to_string()))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(bad(format!("readable by others (mode {:o}); run chmod 600 on it", mode & 0o777)));
+        }
+        let bytes = fs::read(path).map_err(|e| bad(e.to_string()))?;
+        Self::from_bytes(&bytes).map_err(bad)
+    }
+
+    /// As [`Kek::from_file`], from the file's contents.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        use base64::Engine as _;
+        let text = std::str::from_utf8(bytes).ok().map(str::trim);
+        let raw = if bytes.len() == 32 {
+            bytes.to_vec()
+        } else if let Some(hex) = text.filter(|t| t.len() == 64).and_then(|t| hex::decode(t).ok()) {
+            hex
+        } else if let Some(b64) =
+            text.filter(|t| t.len() == 44).and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok())
+        {
+            b64
+        } else {
+            return Err(format!("{} bytes; expected 32 raw bytes, 64 hex digits or 44 base64 characters", bytes.len()));
+        };
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &raw)
+            .map_err(|_| "not an AES-256 key".to_owned())?;
+        Ok(Self { key: ring::aead::LessSafeKey::new(unbound) })
+    }
+
+    /// Seals `pkcs8` under `key_id`: a fresh random nonce, then ciphertext and tag.
+    pub fn seal(&self, key_id: &str, pkcs8: &[u8]) -> Result<Vec<u8>, KeyringError> {
+        use ring::rand::SecureRandom as _;
+        let mut nonce = [0u8; NONCE_LEN];
+        ring::rand::SystemRandom::new().fill(&mut nonce).map_err(|_| KeyringError::Seal)?;
+        let mut out = pkcs8.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(key_id.as_bytes()),
+                &mut out,
+            )
+            .map_err(|_| KeyringError::Seal)?;
+        let mut sealed = nonce.to_vec();
+        sealed.append(&mut out);
+        Ok(sealed)
+    }
+
+    /// The PKCS#8 bytes `sealed` holds, if this key sealed them under `key_id`.
+    pub fn open(&self, key_id: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        let (nonce, body) = sealed.split_at_checked(NONCE_LEN)?;
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut body = body.to_vec();
+        let plain =
+            self.key.open_in_place(nonce, ring::aead::Aad::from(key_id.as_bytes()), &mut body).ok()?.len();
+        body.truncate(plain);
+        Some(body)
+    }
+}
+
+/// A new key, sealed for a shared database.
+pub fn generate_sealed(kek: &Kek, now_ms: i64) -> Result<SigningKeyRecord, KeyringError> {
+    let (signer, pkcs8) = Signer::generate().map_err(KeyringError::Generate)?;
+    let key_id = signer.key_id().to_owned();
+    Ok(SigningKeyRecord {
+        sealed_pkcs8: kek.seal(&key_id, &pkcs8)?,
+        public_key: signer.public_key().to_vec(),
+        key_id,
+        created_at_ms: now_ms,
+        active: true,
+    })
 }
 
 /// A public key as served at `GET /api/v1/keys`.
@@ -49,12 +161,30 @@ pub struct PublicKeyInfo {
     pub active: bool,
 }
 
+/// A signing key as a shared database keeps it: the public key in the clear,
+/// the private key (PKCS#8) sealed with the hubs' key-encryption key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyRecord {
+    pub key_id: String,
+    /// Raw 32-byte Ed25519 public key.
+    pub public_key: Vec<u8>,
+    /// Nonce, then AES-256-GCM ciphertext and tag (see `keys::Kek`).
+    pub sealed_pkcs8: Vec<u8>,
+    pub created_at_ms: i64,
+    pub active: bool,
+}
+
 /// All signing keys of this hub, and which one is active.
 #[derive(Debug)]
 pub struct Keyring {
-    dir: PathBuf,
+    /// Where [`Keyring::rotate`] stores keys; `None` for keys kept in a
+    /// database, which the service rotates through the store.
+    dir: Option<PathBuf>,
     signers: Vec<Arc<Signer>>,
     active: usize,
+    /// Keys of a database that this key-encryption key cannot unseal: they
+    /// sign nothing here, but stay trusted and listed.
+    public_only: Vec<Vec<u8>>,
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KeyringError {
@@ -103,7 +233,7 @@ impl Keyring {
                 Signer::from_pkcs8(&bytes).map_err(|source| KeyringError::Parse { path: path.clone(), source })?;
             signers.push(Arc::new(signer));
         }
-        let mut ring = Self { dir: dir.to_path_buf(), signers, active: 0 };
+        let mut ring = Self { dir: Some(dir.to_path_buf()), signers, active: 0, public_only: Vec::new() };
         let active_path = dir.join("active");
         if ring.signers.is_empty() {
             ring.rotate()?;
@@ -119,12 +249,45 @@ impl Keyring {
         Ok(ring)
     }
 
-    /// Generates a new key, stores it, and makes it the active one. Returns its id.
+    /// The keys a shared database holds, unsealed with `kek`. Keys it cannot
+    /// unseal stay trusted, not signing; the active one must unseal.
+    pub fn from_sealed(records: &[SigningKeyRecord], kek: &Kek) -> Result<Self, KeyringError> {
+        let mut ring = Self { dir: None, signers: Vec::new(), active: usize::MAX, public_only: Vec::new() };
+        for r in records {
+            let signer = kek.open(&r.key_id, &r.sealed_pkcs8).and_then(|p| Signer::from_pkcs8(&p).ok());
+            match signer {
+                Some(s) if s.key_id() == r.key_id => {
+                    if r.active {
+                        ring.active = ring.signers.len();
+                    }
+                    ring.signers.push(Arc::new(s));
+                }
+                _ if r.active => return Err(KeyringError::Unseal(r.key_id.clone())),
+                _ => {
+                    tracing::warn!(key_id = %r.key_id, "a signing key cannot be unsealed with this key-encryption key; it stays trusted for verification only");
+                    ring.public_only.push(r.public_key.clone());
+                }
+            }
+        }
+        if ring.active == usize::MAX {
+            return Err(KeyringError::NoActive);
+        }
+        Ok(ring)
+    }
+
+    /// Whether this keyring is kept in a database (rotated through the store).
+    pub fn is_shared(&self) -> bool {
+        self.dir.is_none()
+    }
+
+    /// Generates a new key, stores it, and makes it the active one. Returns
+    /// its id. Only for keys kept in a directory.
     pub fn rotate(&mut self) -> Result<String, KeyringError> {
+        let Some(dir) = self.dir.clone() else { return Err(KeyringError::NoActive) };
         let (signer, pkcs8) = Signer::generate().map_err(KeyringError::Generate)?;
         let id = signer.key_id().to_owned();
-        write_private(&self.dir.join(format!("{id}.pk8")), &pkcs8)?;
-        write_private(&self.dir.join("active"), id.as_bytes())?;
+        write_private(&dir.join(format!("{id}.pk8")), &pkcs8)?;
+        write_private(&dir.join("active"), id.as_bytes())?;
         self.signers.push(Arc::new(signer));
         self.active = self.signers.len() - 1;
         tracing::info!(key_id = %id, "new signing key is active");
@@ -138,7 +301,9 @@ impl Keyring {
 
     /// Every public key, the active one marked.
     pub fn public_keys(&self) -> Vec<PublicKeyInfo> {
-        self.signers
+        use base64::Engine as _;
+        let mut keys: Vec<PublicKeyInfo> = self
+            .signers
             .iter()
             .enumerate()
             .map(|(i, s)| PublicKeyInfo {
@@ -147,7 +312,19 @@ impl Keyring {
                 public_key: s.public_key_base64(),
                 active: i == self.active,
             })
-            .collect()
+            .collect();
+        for pk in &self.public_only {
+            let mut t = TrustedKeys::new();
+            if let Ok(key_id) = t.add(pk) {
+                keys.push(PublicKeyInfo {
+                    key_id,
+                    algorithm: "ed25519",
+                    public_key: base64::engine::general_purpose::STANDARD.encode(pk),
+                    active: false,
+                });
+            }
+        }
+        keys
     }
 
     /// The set of keys a verifier of this hub's signatures should trust.
@@ -156,6 +333,9 @@ impl Keyring {
         for s in &self.signers {
             // A key we generated is always 32 bytes.
             let _ = t.add(s.public_key());
+        }
+        for pk in &self.public_only {
+            let _ = t.add(pk);
         }
         t
     }
@@ -188,6 +368,33 @@ mod tests {
         assert_eq!(reopened.active().key_id(), new);
         assert!(reopened.trusted().contains(&old));
         assert_eq!(reopened.public_keys().iter().filter(|k| k.active).count(), 1);
+    }
+
+    #[test]
+    fn sealed_keys_open_only_with_their_kek_and_their_id() {
+        let kek = Kek::from_bytes(&[7u8; 32]).expect("kek");
+        let other = Kek::from_bytes(hex::encode([8u8; 32]).as_bytes()).expect("hex kek");
+        let old = generate_sealed(&kek, 1).expect("old");
+        let mut new = generate_sealed(&kek, 2).expect("new");
+        let old = SigningKeyRecord { active: false, ..old };
+        let ring = Keyring::from_sealed(&[old.clone(), new.clone()], &kek).expect("unsealed");
+        assert_eq!(ring.active().key_id(), new.key_id);
+        assert!(ring.trusted().contains(&old.key_id) && ring.is_shared());
+        // Another KEK: the active key cannot sign, and that is refused by name.
+        let err = Keyring::from_sealed(&[old.clone(), new.clone()], &other).expect_err("wrong kek");
+        assert!(matches!(&err, KeyringError::Unseal(id) if *id == new.key_id), "{err}");
+        // A key sealed under another id does not open: sealed bytes cannot be moved.
+        assert!(kek.open(&old.key_id, &new.sealed_pkcs8).is_none());
+        // Old keys another KEK sealed stay trusted, and listed, but sign nothing.
+        let newer = generate_sealed(&other, 3).expect("newer");
+        new.active = false;
+        let ring = Keyring::from_sealed(&[old.clone(), new.clone(), newer.clone()], &other).expect("public only");
+        assert_eq!(ring.active().key_id(), newer.key_id);
+        assert!(ring.trusted().contains(&old.key_id) && ring.trusted().contains(&new.key_id));
+        assert_eq!(ring.public_keys().len(), 3);
+        for bad in [&b"short"[..], &[0u8; 31][..], b"zz"] {
+            assert!(Kek::from_bytes(bad).is_err());
+        }
     }
 
     #[test]

@@ -344,3 +344,4 @@ mod tests {
         assert_eq!(bad, [DeviceState::RolledBack, DeviceState::Failed]);
     }
 }
+

@@ -18,9 +18,11 @@ use tonic::server::NamedService;
 use crate::auth::{Role, generate_token, hash_token};
 pub use crate::config::ADMIN_TOKEN_FILE;
 use crate::config::HubConfig;
-use crate::keys::{Keyring, KeyringError};
+use crate::config::{BlobsUrl, DatabaseUrl};
+use crate::keys::{Kek, Keyring, KeyringError};
+use crate::service::replicas::Shared;
 use crate::service::{HubState, Parts, SharedState};
-use crate::store::{BlobError, BlobStore, LocalBlobStore, MetadataStore, SqliteStore, StoreError};
+use crate::store::{BlobError, BlobStore, LocalBlobStore, MetadataStore, PostgresStore, SqliteStore, StoreError};
 
 /// Failures while starting or running the hub.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,13 @@ pub enum HubError {
     Blobs(#[from] BlobError),
     #[error("loading the signing keys")]
     Keys(#[from] KeyringError),
+    #[error("loading the signing keys from the database")]
+    SharedKeys(#[source] crate::service::ServiceError),
+    #[error(
+        "a PostgreSQL database keeps the signing keys every replica shares, sealed: give \
+         --key-encryption-key-file (32 random bytes, the same file on every replica)"
+    )]
+    NoKek,
     #[error("binding {addr}")]
     Bind {
         addr: SocketAddr,
@@ -105,11 +114,30 @@ impl Hub {
         if tightened > 0 {
             tracing::info!(count = tightened, dir = %dir.display(), "made data files 0600 and dirs 0700");
         }
-        // Created 0600 before SQLite opens it; its -wal and -shm files take this mode.
-        sentinel_proto::private::create_file(&dir.join("hub.db")).map_err(dir_err)?;
-        let meta: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open(&dir.join("hub.db"))?);
-        let blobs = LocalBlobStore::open(dir.join("blobs").join("sha256"))?;
-        let keys = Keyring::open_or_create(&dir.join("keys"))?;
+        let (meta, replicas, keys): (Arc<dyn MetadataStore>, _, _) = match config.database() {
+            DatabaseUrl::Sqlite(path) => {
+                // Created 0600 before SQLite opens it; its -wal and -shm files take this mode.
+                sentinel_proto::private::create_file(&path).map_err(dir_err)?;
+                let keys = Keyring::open_or_create(&dir.join("keys"))?;
+                (Arc::new(SqliteStore::open(&path)?), None, keys)
+            }
+            DatabaseUrl::Postgres(url) => {
+                let Some(kek_file) = &config.key_encryption_key_file else {
+                    return Err(HubError::NoKek);
+                };
+                let kek = Arc::new(Kek::from_file(kek_file)?);
+                let replica = crate::auth::generate_token();
+                let store = Arc::new(PostgresStore::open(&url, &replica[..12.min(replica.len())])?);
+                tracing::info!(database = %store.url(), "metadata in PostgreSQL");
+                let shared = Shared { store: store.clone(), kek };
+                let keys = shared.open_keyring().map_err(HubError::SharedKeys)?;
+                (store as Arc<dyn MetadataStore>, Some(shared), keys)
+            }
+        };
+        let blobs = match config.blobs() {
+            BlobsUrl::File(path) => LocalBlobStore::open(path.join("sha256"))?,
+            BlobsUrl::S3 { .. } => return Err(HubError::Blobs(crate::store::BlobError::Unsupported("s3"))),
+        };
         let inspector =
             crate::inspect::Inspector::new(config.inspect.clone(), dir.join(INSPECT_DIR)).map_err(HubError::Inspect)?;
 
@@ -123,10 +151,20 @@ impl Hub {
 
         let bootstrap_token = if meta.count_tokens()? == 0 {
             let token = generate_token();
-            write_admin_token(&dir.join(ADMIN_TOKEN_FILE), &token).map_err(dir_err)?;
-            meta.insert_token("admin", Role::Admin.as_str(), &hash_token(&token), "bootstrap", crate::now_ms())?;
-            tracing::warn!(path = %dir.join(ADMIN_TOKEN_FILE).display(), "first start: wrote the admin token");
-            Some(token)
+            // Stored first, written second: of replicas starting together on
+            // one database, only the one whose token was stored writes it.
+            let stored = meta.insert_first_token(
+                "admin",
+                Role::Admin.as_str(),
+                &hash_token(&token),
+                "bootstrap",
+                crate::now_ms(),
+            )?;
+            if stored.is_some() {
+                write_admin_token(&dir.join(ADMIN_TOKEN_FILE), &token).map_err(dir_err)?;
+                tracing::warn!(path = %dir.join(ADMIN_TOKEN_FILE).display(), "first start: wrote the admin token");
+            }
+            stored.map(|_| token)
         } else {
             None
         };
@@ -137,6 +175,7 @@ impl Hub {
             keys,
             metrics: crate::metrics::HubMetrics::new()?,
             inspector,
+            replicas,
             // One connection budget over REST, gRPC and metrics; HTTP/2
             // pings at the heartbeat keep device streams alive through NATs
             // and find dead peers.
@@ -193,6 +232,8 @@ impl Hub {
     ) -> Result<(), HubError> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let state = self.state;
+        // Replicas: push other replicas' changes to this one's devices.
+        let following = tokio::spawn(crate::service::replicas::follow(state.clone()));
         let closing = state.clone();
         tokio::spawn(async move {
             shutdown.await;
@@ -258,6 +299,7 @@ impl Hub {
                 failed.get_or_insert(e);
             }
         }
+        following.abort();
         failed.map_or(Ok(()), |e| Err(HubError::Serve(e)))
     }
 }

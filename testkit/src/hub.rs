@@ -69,6 +69,7 @@ impl TestHub {
     /// A hub with `config` as it is.
     async fn start_on(mut config: HubConfig) -> Self {
         sentinel_hub::install_crypto_provider();
+        crate::backend::apply(&mut config).await;
         // Every upload is checked by a real sentinel-worker of this build.
         if config.inspect.worker.is_none() {
             config.inspect.worker = Some(crate::bins::worker());

@@ -3,6 +3,8 @@
 //! Test support: a panic here is a failed test, so it may unwrap.
 //!
 //! # Layout
+//! - [`backend`]: which storage back end test hubs run on (SQLite and local
+//!   disk, or the rig's PostgreSQL and S3 server), chosen by the environment.
 //! - [`bins`]: the workspace's binaries (`sentinel-agent`, `sentinel-worker`,
 //!   `sentinel-hub`, `sentinel`), built on demand into this test's profile.
 //! - [`digits`]: the digits test set sent by clients back to back to an
@@ -16,6 +18,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod backend;
 pub mod bins;
 pub mod digits;
 pub mod dtype_cases;

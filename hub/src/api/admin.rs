@@ -208,9 +208,15 @@ pub async fn keys(State(state): State<SharedState>) -> Json<KeysOut> {
     responses((status = 200, body = KeysOut), (status = 403, body = super::error::ErrorBody)))]
 pub async fn rotate_key(State(state): State<SharedState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "rotating keys")?;
-    let id = {
-        let mut ring = state.keyring_mut();
-        ring.rotate().map_err(|e| ApiError::internal("rotating the signing key", &e))?
+    let id = match state.replicas().cloned() {
+        // Replicas on one database rotate there, for all of them.
+        Some(shared) => crate::service::replicas::rotate(&state, shared)
+            .await
+            .map_err(|e| ApiError::internal("rotating the signing key", &e))?,
+        None => {
+            let mut ring = state.keyring_mut();
+            ring.rotate().map_err(|e| ApiError::internal("rotating the signing key", &e))?
+        }
     };
     let mut resp = Json(keys_out(&state)).into_response();
     resp.extensions_mut().insert(AuditDetail(format!("rotated signing key; {id} is active")));

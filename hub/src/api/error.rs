@@ -132,6 +132,7 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::Store(e) => e.into(),
             ServiceError::Blob(e) => e.into(),
+            ServiceError::Keys(e) => Self::internal("signing keys", &e),
             ServiceError::Join { context, source } => Self::from_join(context, &source),
         }
     }
@@ -178,7 +179,7 @@ impl From<BlobError> for ApiError {
     fn from(e: BlobError) -> Self {
         match &e {
             BlobError::Io { source, .. } => Self::from_write("blob store", source),
-            BlobError::BadDigest(_) => Self::internal("blob store", &e),
+            _ => Self::internal("blob store", &e),
         }
     }
 }

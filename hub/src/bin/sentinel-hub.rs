@@ -16,6 +16,19 @@ struct Args {
     /// Directory for the database, model blobs, signing keys and admin token.
     #[arg(long, env = "SENTINEL_DATA_DIR", default_value = "/var/lib/sentinel-hub")]
     data_dir: PathBuf,
+    /// Where the metadata lives: `sqlite://PATH` (default: DATA_DIR/hub.db)
+    /// or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, shared by replicas.
+    #[arg(long, env = "SENTINEL_DATABASE", value_parser = sentinel_hub::config::parse_database)]
+    database: Option<sentinel_hub::config::DatabaseUrl>,
+    /// Where model bytes live: `file://DIR` (default: DATA_DIR/blobs) or
+    /// `s3://BUCKET[/PREFIX]`, with the AWS environment (AWS_ENDPOINT_URL,
+    /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "SENTINEL_BLOBS", value_parser = sentinel_hub::config::parse_blobs)]
+    blobs: Option<sentinel_hub::config::BlobsUrl>,
+    /// The key that seals the signing keys in a PostgreSQL database: 32
+    /// random bytes (raw, hex or base64), the same file on every replica.
+    #[arg(long, env = "SENTINEL_KEY_ENCRYPTION_KEY_FILE")]
+    key_encryption_key_file: Option<PathBuf>,
     /// REST API listen address (port 0 picks a free port).
     #[arg(long, env = "SENTINEL_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -132,6 +145,9 @@ fn print_chain(err: &dyn std::error::Error) {
 
 async fn run(args: Args) -> ExitCode {
     let mut config = HubConfig::new(args.data_dir);
+    config.database = args.database;
+    config.blobs = args.blobs;
+    config.key_encryption_key_file = args.key_encryption_key_file;
     config.listen = args.listen;
     config.grpc_listen = args.grpc_listen;
     config.metrics_listen = args.metrics_listen;
@@ -181,8 +197,9 @@ async fn run(args: Args) -> ExitCode {
     config.heartbeat = std::time::Duration::from_secs(args.heartbeat_secs);
     let hub = match Hub::open(config) {
         Ok(h) => h,
-        // No worker to inspect uploads with is a configuration error.
-        Err(e @ sentinel_hub::server::HubError::Inspect(_)) => {
+        // No worker to inspect uploads with, or no key-encryption key for a
+        // shared database, is a configuration error.
+        Err(e @ (sentinel_hub::server::HubError::Inspect(_) | sentinel_hub::server::HubError::NoKek)) => {
             print_chain(&e);
             return ExitCode::from(64);
         }

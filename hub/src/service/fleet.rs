@@ -117,9 +117,17 @@ fn compute_states(
     out
 }
 
-/// The fleet snapshot, read on a blocking thread.
+/// The fleet snapshot, read on a blocking thread. When it names an active
+/// key other than this hub's (another replica rotated it), the keyring is
+/// reloaded first, so the state is signed by the key the fleet moved to.
 async fn snapshot(state: &SharedState) -> Result<std::sync::Arc<FleetSnapshot>, ServiceError> {
-    state.meta(|m| m.fleet_snapshot()).await.map(std::sync::Arc::new)
+    let snap = state.meta(|m| m.fleet_snapshot()).await?;
+    if let Some(id) = &snap.active_key
+        && state.keyring().active().key_id() != id
+    {
+        super::replicas::reload_keys(state).await?;
+    }
+    Ok(std::sync::Arc::new(snap))
 }
 
 /// When a state signed now is half-way to its expiry.

@@ -14,18 +14,21 @@
 //! - [`metrics`]: the hub's Prometheus registry and metric handles.
 //! - [`registry`]: receiving an upload and registering a new version from it
 //!   (inspection, the signed manifest, the commit).
+//! - [`replicas`]: what hub replicas on one shared database tell each other
+//!   (deployment changes, key rotations), and the keys they share.
 
 pub mod deployments;
 pub mod events;
 pub mod fleet;
 pub mod metrics;
 pub mod registry;
+pub mod replicas;
 
 use std::sync::{Arc, RwLock};
 
 use crate::config::HubConfig;
 use crate::inspect::Inspector;
-use crate::keys::Keyring;
+use crate::keys::{Keyring, KeyringError};
 use crate::store::{BlobError, BlobStore, MetadataStore, StoreError};
 
 /// Failures of the services. The HTTP boundary maps each to a status.
@@ -35,6 +38,8 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Blob(#[from] BlobError),
+    #[error(transparent)]
+    Keys(#[from] KeyringError),
     /// A blocking task did not finish: cancelled at shutdown, or panicked.
     #[error("{context} did not finish")]
     Join {
@@ -63,6 +68,9 @@ pub struct HubState {
     /// Every connection of the REST, gRPC and metrics listeners, under one
     /// cap and its timeouts; its counts are exported as metrics.
     connections: sentinel_net::Connections,
+    /// The shared database's notices and keys, when this hub is one of
+    /// several replicas; `None` on the embedded defaults.
+    replicas: Option<replicas::Shared>,
 }
 
 pub type SharedState = Arc<HubState>;
@@ -78,6 +86,7 @@ pub struct Parts {
     pub metrics: metrics::HubMetrics,
     pub inspector: Inspector,
     pub connections: sentinel_net::Connections,
+    pub replicas: Option<replicas::Shared>,
 }
 
 impl HubState {
@@ -93,6 +102,7 @@ impl HubState {
             metrics: p.metrics,
             inspector: p.inspector,
             connections: p.connections,
+            replicas: p.replicas,
         })
     }
 
@@ -172,5 +182,10 @@ impl HubState {
 
     pub fn connections(&self) -> &sentinel_net::Connections {
         &self.connections
+    }
+
+    /// The shared database's notices and keys, for a replica.
+    pub fn replicas(&self) -> Option<&replicas::Shared> {
+        self.replicas.as_ref()
     }
 }

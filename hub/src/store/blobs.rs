@@ -26,6 +26,8 @@ pub enum BlobError {
     },
     #[error("{0:?} is not a SHA-256 digest")]
     BadDigest(String),
+    #[error("this hub was built without the {0} blob store")]
+    Unsupported(&'static str),
 }
 
 /// A blob being written. Dropping it without committing deletes the file.

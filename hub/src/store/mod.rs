@@ -11,15 +11,18 @@
 //! the trait object-safe and the SQLite implementation simple.
 
 pub mod blobs;
+pub mod postgres;
 pub mod sqlite;
 
 pub use blobs::{BlobError, BlobStore, LocalBlobStore, StagedBlob};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 pub use crate::records::{
     AuditEntry, AuditOutcome, DeploymentDevice, DeploymentKind, DeploymentRecord, DeploymentState, DeviceEvent,
     DeviceRecord, ModelRecord, NewDeployment, TokenRecord, VersionRecord,
 };
+pub use crate::keys::SigningKeyRecord;
 
 /// The error an implementation's database gave, kept as the source of a
 /// [`StoreError`] so that no SQLite type shows in the store's interface.
@@ -139,6 +142,21 @@ pub struct FleetSnapshot {
     pub active: Vec<DeploymentRecord>,
     /// The versions the active deployments name (a deleted one is absent).
     pub versions: Vec<VersionRecord>,
+    /// The id of the active signing key, where the database keeps the keys
+    /// ([`KeyStore`]): a replica whose keyring is older reloads it first.
+    pub active_key: Option<String>,
+}
+
+/// Signing keys kept in a shared database, so every replica signs with the
+/// same active key (see `keys::Kek` for the sealing).
+pub trait KeyStore: Send + Sync + std::fmt::Debug {
+    fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError>;
+    /// Stores `key` as the one active key (the others stay, inactive) in one
+    /// transaction, and tells the other replicas.
+    fn add_active_key(&self, key: &SigningKeyRecord) -> Result<(), StoreError>;
+    /// Stores `key` only when the database holds no key yet (replicas
+    /// starting together make one); `false` when one existed.
+    fn add_first_key(&self, key: &SigningKeyRecord) -> Result<bool, StoreError>;
 }
 
 /// Registered models and their versions.
@@ -218,6 +236,17 @@ pub trait AccessStore: Send + Sync {
         created_by: &str,
         now_ms: i64,
     ) -> Result<TokenRecord, StoreError>;
+    /// Stores the token only when there is none yet, atomically: of hubs
+    /// starting together on one empty database, exactly one creates the
+    /// first admin token. `None` when a token existed.
+    fn insert_first_token(
+        &self,
+        name: &str,
+        role: &str,
+        secret_sha256: &str,
+        created_by: &str,
+        now_ms: i64,
+    ) -> Result<Option<TokenRecord>, StoreError>;
     fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError>;
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     fn revoke_token(&self, id: i64) -> Result<(), StoreError>;

@@ -34,6 +34,7 @@ fn hub_state(dir: &std::path::Path) -> SharedState {
         metrics: crate::service::metrics::HubMetrics::new().unwrap(),
         inspector: Inspector::new(config.inspect.clone(), dir.join("inspect")).unwrap(),
         connections: sentinel_net::Connections::new(config.connections.clone()),
+        replicas: None,
         config,
     })
 }

@@ -45,6 +45,37 @@ impl AccessStore for SqliteStore {
         })
     }
 
+    fn insert_first_token(
+        &self,
+        name: &str,
+        role: &str,
+        secret_sha256: &str,
+        created_by: &str,
+        now_ms: i64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let conn = self.conn();
+        // One statement: SQLite runs it alone, so the check and the insert are one.
+        let n = conn
+            .execute(
+                "INSERT INTO tokens (name, role, secret_sha256, created_at_ms, created_by)
+                 SELECT ?1, ?2, ?3, ?4, ?5 WHERE NOT EXISTS (SELECT 1 FROM tokens)",
+                params![name, role, secret_sha256, now_ms, created_by],
+            )
+            .map_err(db("insert token"))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(Some(TokenRecord {
+            id: conn.last_insert_rowid(),
+            name: name.to_owned(),
+            role: role.to_owned(),
+            secret_sha256: secret_sha256.to_owned(),
+            created_at_ms: now_ms,
+            created_by: created_by.to_owned(),
+            revoked: false,
+        }))
+    }
+
     fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.conn()
             .query_row(

@@ -205,6 +205,8 @@ impl DeviceStore for SqliteStore {
             revision: u64::try_from(revision).unwrap_or(0),
             active: super::deployments::active_on(&conn)?,
             versions: super::registry::deployed_versions_on(&conn)?,
+            // Keys live in the data dir, beside this one hub.
+            active_key: None,
         })
     }
 }
