@@ -141,11 +141,16 @@ impl Hub {
         let inspector =
             crate::inspect::Inspector::new(config.inspect.clone(), dir.join(INSPECT_DIR)).map_err(HubError::Inspect)?;
 
-        let referenced: std::collections::HashSet<String> = meta.referenced_blobs()?.into_iter().collect();
-        for sha in blobs.list()? {
-            if !referenced.contains(&sha) {
-                tracing::info!(%sha, "removing a blob no version references (interrupted upload)");
-                blobs.remove(&sha)?;
+        // Replicas share the blob store: a blob another replica has just
+        // committed, whose version row is not written yet, looks orphaned.
+        // Only a hub alone on its store sweeps at start.
+        if replicas.is_none() {
+            let referenced: std::collections::HashSet<String> = meta.referenced_blobs()?.into_iter().collect();
+            for sha in blobs.list()? {
+                if !referenced.contains(&sha) {
+                    tracing::info!(%sha, "removing a blob no version references (interrupted upload)");
+                    blobs.remove(&sha)?;
+                }
             }
         }
 

@@ -24,6 +24,7 @@ mod load_failures;
 mod metrics;
 mod offline_restart;
 mod refusals;
+mod replicas;
 mod resume_download;
 mod rollback;
 mod serving;
