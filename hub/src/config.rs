@@ -160,7 +160,10 @@ pub enum DatabaseUrl {
 pub enum BlobsUrl {
     File(PathBuf),
     /// A bucket and a key prefix (empty, or ending in `/`).
-    S3 { bucket: String, prefix: String },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
 }
 
 /// Parses a `--database` value.
@@ -310,10 +313,16 @@ mod tests {
     #[test]
     fn back_ends_are_chosen_by_url_and_bad_ones_are_named() {
         assert_eq!(parse_database("sqlite:///var/db/hub.db"), Ok(DatabaseUrl::Sqlite("/var/db/hub.db".into())));
-        assert_eq!(parse_database("postgres://hub@db/sentinel"), Ok(DatabaseUrl::Postgres("postgres://hub@db/sentinel".into())));
+        assert_eq!(
+            parse_database("postgres://hub@db/sentinel"),
+            Ok(DatabaseUrl::Postgres("postgres://hub@db/sentinel".into()))
+        );
         assert!(matches!(parse_database("postgresql://db/s"), Ok(DatabaseUrl::Postgres(_))));
         let err = parse_database("mysql://db").expect_err("unknown scheme");
-        assert_eq!(err.to_string(), r#"--database "mysql://db": expected sqlite://PATH or postgres://USER@HOST[:PORT]/DB"#);
+        assert_eq!(
+            err.to_string(),
+            r#"--database "mysql://db": expected sqlite://PATH or postgres://USER@HOST[:PORT]/DB"#
+        );
         assert!(parse_database("sqlite://").is_err());
         assert_eq!(parse_blobs("file:///srv/blobs"), Ok(BlobsUrl::File("/srv/blobs".into())));
         assert_eq!(
@@ -321,7 +330,8 @@ mod tests {
             Ok(BlobsUrl::S3 { bucket: "models".into(), prefix: "hub/a/".into() })
         );
         assert_eq!(parse_blobs("s3://models"), Ok(BlobsUrl::S3 { bucket: "models".into(), prefix: String::new() }));
-        for bad in ["s3://", "s3://Models", "s3://ab", "s3://models/../x", "s3://models/a//b", "gs://models", "file://"] {
+        for bad in ["s3://", "s3://Models", "s3://ab", "s3://models/../x", "s3://models/a//b", "gs://models", "file://"]
+        {
             assert!(parse_blobs(bad).is_err(), "{bad}");
         }
         let c = HubConfig::new("/d");

@@ -103,8 +103,8 @@ impl Kek {
         } else {
             return Err(format!("{} bytes; expected 32 raw bytes, 64 hex digits or 44 base64 characters", bytes.len()));
         };
-        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &raw)
-            .map_err(|_| "not an AES-256 key".to_owned())?;
+        let unbound =
+            ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &raw).map_err(|_| "not an AES-256 key".to_owned())?;
         Ok(Self { key: ring::aead::LessSafeKey::new(unbound) })
     }
 
@@ -131,8 +131,7 @@ impl Kek {
         let (nonce, body) = sealed.split_at_checked(NONCE_LEN)?;
         let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut body = body.to_vec();
-        let plain =
-            self.key.open_in_place(nonce, ring::aead::Aad::from(key_id.as_bytes()), &mut body).ok()?.len();
+        let plain = self.key.open_in_place(nonce, ring::aead::Aad::from(key_id.as_bytes()), &mut body).ok()?.len();
         body.truncate(plain);
         Some(body)
     }

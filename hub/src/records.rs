@@ -344,4 +344,3 @@ mod tests {
         assert_eq!(bad, [DeviceState::RolledBack, DeviceState::Failed]);
     }
 }
-

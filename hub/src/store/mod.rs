@@ -18,11 +18,11 @@ pub use blobs::{BlobError, BlobStore, LocalBlobStore, StagedBlob};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+pub use crate::keys::SigningKeyRecord;
 pub use crate::records::{
     AuditEntry, AuditOutcome, DeploymentDevice, DeploymentKind, DeploymentRecord, DeploymentState, DeviceEvent,
     DeviceRecord, ModelRecord, NewDeployment, TokenRecord, VersionRecord,
 };
-pub use crate::keys::SigningKeyRecord;
 
 /// The error an implementation's database gave, kept as the source of a
 /// [`StoreError`] so that no SQLite type shows in the store's interface.

@@ -22,6 +22,7 @@ mod persistence;
 mod quickstart;
 mod rbac;
 mod registry_api;
+mod replicas;
 mod rollout;
 mod web;
 mod web_e2e;

@@ -17,18 +17,18 @@ use serde_json::{Value, json};
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-const ACCURACY: &str = "accuracy 0.61 below the 0.90 minimum (feedback)";
+pub(crate) const ACCURACY: &str = "accuracy 0.61 below the 0.90 minimum (feedback)";
 
 /// A device as the hub sees it: its token, a gRPC client, its stream.
-struct Device {
-    id: String,
+pub(crate) struct Device {
+    pub(crate) id: String,
     token: String,
     client: AgentSyncClient<Channel>,
     stream: Option<Streaming<HubMessage>>,
 }
 
 impl Device {
-    async fn enroll(hub: &TestHub, id: &str, site: &str) -> Self {
+    pub(crate) async fn enroll(hub: &TestHub, id: &str, site: &str) -> Self {
         let r = hub.post_json("/api/v1/devices", &hub.admin, json!({"id": id, "labels": {"site": site}})).await;
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
         let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
@@ -42,7 +42,7 @@ impl Device {
         req
     }
 
-    async fn subscribe(&mut self) {
+    pub(crate) async fn subscribe(&mut self) {
         let hello = Hello {
             device_id: self.id.clone(),
             hardware: vec!["x86_64".into()],
@@ -55,7 +55,7 @@ impl Device {
 
     /// The next desired state on the stream (heartbeats skipped). The
     /// timeout only turns a hang into a failure; it never paces the test.
-    async fn next_state(&mut self) -> DesiredState {
+    pub(crate) async fn next_state(&mut self) -> DesiredState {
         let stream = self.stream.as_mut().expect("subscribed");
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(20), stream.message())
@@ -79,7 +79,7 @@ impl Device {
         }
     }
 
-    async fn report(&mut self, version: &str, state: &str, detail: &str, deployment_id: i64) {
+    pub(crate) async fn report(&mut self, version: &str, state: &str, detail: &str, deployment_id: i64) {
         let events = if state == "rolled_back" {
             vec![AgentEvent {
                 at_unix_ms: 1,
@@ -111,7 +111,7 @@ impl Device {
 }
 
 /// Models of a desired state as (version, deployment id).
-fn models(s: &DesiredState) -> Vec<(String, i64)> {
+pub(crate) fn models(s: &DesiredState) -> Vec<(String, i64)> {
     s.models
         .iter()
         .map(|m| {
@@ -122,26 +122,26 @@ fn models(s: &DesiredState) -> Vec<(String, i64)> {
 }
 
 /// Registers `digits` and pushes each of `versions`.
-async fn push(hub: &TestHub, versions: &[&str]) {
+pub(crate) async fn push(hub: &TestHub, versions: &[&str]) {
     hub.register("digits").await;
     for v in versions {
         hub.push_v1("digits", v).await;
     }
 }
 
-async fn deploy(hub: &TestHub, body: Value) -> Value {
+pub(crate) async fn deploy(hub: &TestHub, body: Value) -> Value {
     let r = hub.post_json("/api/v1/models/digits/deploy", &hub.admin, body).await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     r.json().await.unwrap()
 }
 
-async fn deployment(hub: &TestHub, id: i64) -> Value {
+pub(crate) async fn deployment(hub: &TestHub, id: i64) -> Value {
     let r = hub.get(&format!("/api/v1/deployments/{id}"), &hub.admin).await;
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
 
-async fn halt_audits(hub: &TestHub) -> Vec<Value> {
+pub(crate) async fn halt_audits(hub: &TestHub) -> Vec<Value> {
     let v: Value = hub.get("/api/v1/audit?limit=500", &hub.admin).await.json().await.unwrap();
     v["entries"]
         .as_array()

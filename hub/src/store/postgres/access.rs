@@ -74,9 +74,10 @@ impl AccessStore for PostgresStore {
 
     fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
         let c = self.client("find token")?;
-        block(c.query_opt(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE secret_sha256 = $1 AND NOT revoked"), &[
-            &secret_sha256,
-        ]))
+        block(c.query_opt(
+            &format!("SELECT {TOKEN_COLS} FROM tokens WHERE secret_sha256 = $1 AND NOT revoked"),
+            &[&secret_sha256],
+        ))
         .map_err(db("find token"))?
         .as_ref()
         .map(token_from_row)
@@ -94,7 +95,8 @@ impl AccessStore for PostgresStore {
 
     fn revoke_token(&self, id: i64) -> Result<(), StoreError> {
         let c = self.client("revoke token")?;
-        let n = block(c.execute("UPDATE tokens SET revoked = TRUE WHERE id = $1", &[&id])).map_err(db("revoke token"))?;
+        let n =
+            block(c.execute("UPDATE tokens SET revoked = TRUE WHERE id = $1", &[&id])).map_err(db("revoke token"))?;
         if n == 0 {
             return Err(StoreError::NotFound { what: format!("token {id}") });
         }

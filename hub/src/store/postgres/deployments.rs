@@ -28,11 +28,11 @@ fn deployment_from_row(row: &Row) -> Result<DeploymentRecord, StoreError> {
         created_at_ms: row.try_get("created_at_ms").map_err(db(op))?,
         updated_at_ms: row.try_get("updated_at_ms").map_err(db(op))?,
         replaces: row.try_get("replaces").map_err(db(op))?,
-        policy: policy
-            .map(|t| serde_json::from_str(&t).map_err(|e| super::corrupt(op, "policy", e)))
-            .transpose()?,
+        policy: policy.map(|t| serde_json::from_str(&t).map_err(|e| super::corrupt(op, "policy", e))).transpose()?,
         halt_fraction: row.try_get("halt_fraction").map_err(db(op))?,
-        halt_count: halt_count.map(|n| u32::try_from(n).map_err(|e| super::corrupt(op, "halt_count", e))).transpose()?,
+        halt_count: halt_count
+            .map(|n| u32::try_from(n).map_err(|e| super::corrupt(op, "halt_count", e)))
+            .transpose()?,
         halt_reason: row.try_get("halt_reason").map_err(db(op))?,
         waves: json_col(op, row, "waves")?,
         wave: u32_col(op, row, "wave")?,
@@ -41,9 +41,10 @@ fn deployment_from_row(row: &Row) -> Result<DeploymentRecord, StoreError> {
 
 /// Active deployments, newest first.
 pub(super) async fn active(c: &impl GenericClient) -> Result<Vec<DeploymentRecord>, StoreError> {
-    c.query(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE state = $1 ORDER BY id DESC"), &[
-        &DeploymentState::Active.as_str(),
-    ])
+    c.query(
+        &format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE state = $1 ORDER BY id DESC"),
+        &[&DeploymentState::Active.as_str()],
+    )
     .await
     .map_err(db("list active deployments"))?
     .iter()
@@ -178,11 +179,10 @@ impl DeploymentStore for PostgresStore {
         block(async {
             let tx = c.transaction().await.map_err(db("begin deployment state"))?;
             let n = tx
-                .execute("UPDATE deployments SET state = $2, updated_at_ms = $3 WHERE id = $1", &[
-                    &id,
-                    &state.as_str(),
-                    &now_ms,
-                ])
+                .execute(
+                    "UPDATE deployments SET state = $2, updated_at_ms = $3 WHERE id = $1",
+                    &[&id, &state.as_str(), &now_ms],
+                )
                 .await
                 .map_err(db("update deployment"))?;
             if n == 0 {

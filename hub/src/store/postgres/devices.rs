@@ -1,7 +1,7 @@
 //! Enrolled devices, what they report, the fleet revision and change notices.
 
-use futures_util::StreamExt as _;
 use deadpool_postgres::GenericClient;
+use futures_util::StreamExt as _;
 use tokio_postgres::{AsyncMessage, IsolationLevel, Row};
 
 use super::{CHANNEL, DEPLOYMENTS, PostgresStore, RESYNC, block, db, is_unique_violation, json_col, notice};
@@ -160,7 +160,13 @@ impl DeviceStore for PostgresStore {
         let c = self.client("record hello")?;
         block(c.execute(
             "UPDATE devices SET hello = $2, hardware = $3, agent_version = $4, last_seen_ms = $5 WHERE id = $1",
-            &[&id, &hello.to_string(), &serde_json::Value::from(hardware.to_vec()).to_string(), &agent_version, &now_ms],
+            &[
+                &id,
+                &hello.to_string(),
+                &serde_json::Value::from(hardware.to_vec()).to_string(),
+                &agent_version,
+                &now_ms,
+            ],
         ))
         .map_err(db("record hello"))?;
         Ok(())
@@ -176,11 +182,10 @@ impl DeviceStore for PostgresStore {
         let mut c = self.client("record report")?;
         block(async {
             let tx = c.transaction().await.map_err(db("begin report"))?;
-            tx.execute("UPDATE devices SET report = $2, last_seen_ms = $3, report_at_ms = $3 WHERE id = $1", &[
-                &id,
-                &report.to_string(),
-                &now_ms,
-            ])
+            tx.execute(
+                "UPDATE devices SET report = $2, last_seen_ms = $3, report_at_ms = $3 WHERE id = $1",
+                &[&id, &report.to_string(), &now_ms],
+            )
             .await
             .map_err(db("record report"))?;
             for e in events {

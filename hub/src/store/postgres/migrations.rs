@@ -152,10 +152,10 @@ pub(super) async fn migrate(client: &mut Object, url: &str) -> Result<(), StoreE
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
         tx.batch_execute(sql).await.map_err(db("apply migration"))?;
         let version = i64::try_from(i + 1).unwrap_or(i64::MAX);
-        tx.execute("INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)", &[
-            &version,
-            &crate::now_ms(),
-        ])
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+            &[&version, &crate::now_ms()],
+        )
         .await
         .map_err(db("record migration"))?;
         tracing::info!(version, "applied a database migration");

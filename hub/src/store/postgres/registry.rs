@@ -221,9 +221,7 @@ impl RegistryStore for PostgresStore {
         block(async {
             let tx = c.transaction().await.map_err(db("begin insert version"))?;
             tx.execute(
-                &format!(
-                    "INSERT INTO versions ({VERSION_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-                ),
+                &format!("INSERT INTO versions ({VERSION_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
                 &[
                     &v.model,
                     &v.version,
@@ -247,9 +245,10 @@ impl RegistryStore for PostgresStore {
                 }
             })?;
             for d in extra_blobs {
-                tx.execute("INSERT INTO version_blobs (model, version, sha256) VALUES ($1, $2, $3)", &[
-                    &v.model, &v.version, d,
-                ])
+                tx.execute(
+                    "INSERT INTO version_blobs (model, version, sha256) VALUES ($1, $2, $3)",
+                    &[&v.model, &v.version, d],
+                )
                 .await
                 .map_err(db("add version blob"))?;
             }
@@ -259,9 +258,10 @@ impl RegistryStore for PostgresStore {
 
     fn get_version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>, StoreError> {
         let c = self.client("read version")?;
-        block(c.query_opt(&format!("SELECT {VERSION_COLS} FROM versions WHERE model = $1 AND version = $2"), &[
-            &model, &version,
-        ]))
+        block(c.query_opt(
+            &format!("SELECT {VERSION_COLS} FROM versions WHERE model = $1 AND version = $2"),
+            &[&model, &version],
+        ))
         .map_err(db("read version"))?
         .as_ref()
         .map(version_from_row)
@@ -288,7 +288,15 @@ impl RegistryStore for PostgresStore {
                 .execute(
                     "UPDATE versions SET stage = $3, hardware = $4, manifest = $5, signature = $6, key_id = $7
                      WHERE model = $1 AND version = $2",
-                    &[&v.model, &v.version, &v.stage, &hardware_column(&v.hardware), &v.manifest, &v.signature, &v.key_id],
+                    &[
+                        &v.model,
+                        &v.version,
+                        &v.stage,
+                        &hardware_column(&v.hardware),
+                        &v.manifest,
+                        &v.signature,
+                        &v.key_id,
+                    ],
                 )
                 .await
                 .map_err(db("update version"))?;

@@ -116,8 +116,9 @@ pub(super) fn active_on(conn: &rusqlite::Connection) -> Result<Vec<DeploymentRec
     let mut stmt = conn
         .prepare(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE state = ?1 ORDER BY id DESC"))
         .map_err(db("list active deployments"))?;
-    let rows =
-        stmt.query_map([DeploymentState::Active.as_str()], deployment_from_row).map_err(db("list active deployments"))?;
+    let rows = stmt
+        .query_map([DeploymentState::Active.as_str()], deployment_from_row)
+        .map_err(db("list active deployments"))?;
     rows.collect::<Result<Vec<_>, _>>().map_err(db("list active deployments"))
 }
 
