@@ -87,10 +87,10 @@ pub async fn follow(state: SharedState) {
         }
     };
     while let Some(kind) = notices.recv().await {
-        if kind == KEYS || kind == RESYNC {
-            if let Err(e) = reload_keys(&state).await {
-                tracing::error!(error = %e, "reloading the signing keys failed");
-            }
+        if (kind == KEYS || kind == RESYNC)
+            && let Err(e) = reload_keys(&state).await
+        {
+            tracing::error!(error = %e, "reloading the signing keys failed");
         }
         if kind == DEPLOYMENTS || kind == RESYNC {
             if let Err(e) = Fleet::publish(&state).await {
