@@ -11,6 +11,7 @@
 //! the trait object-safe and the SQLite implementation simple.
 
 pub mod blobs;
+mod columns;
 pub mod postgres;
 pub mod sqlite;
 

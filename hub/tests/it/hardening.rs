@@ -126,10 +126,12 @@ async fn data_files_are_private_and_tightened_at_start() {
         let m = if p.is_dir() { 0o755 } else { 0o644 };
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
     }
-    // Except the key, which the hub refuses when others can read it.
-    for e in std::fs::read_dir(dir.join("keys")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "pk8") {
+    // Except the keys, which the hub refuses when others can read them: the
+    // signing keys in the data dir, or the key-encryption key that seals them
+    // in a database.
+    for (path, _) in modes(&dir) {
+        let p = dir.join(&path);
+        if p.extension().is_some_and(|x| x == "pk8") || path == sentinel_testkit::backend::KEK_FILE {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
     }

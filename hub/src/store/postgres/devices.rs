@@ -93,6 +93,16 @@ async fn events_on(c: &impl GenericClient, id: &str, limit: u32) -> Result<Vec<D
     .collect()
 }
 
+/// A read-only transaction whose reads all see one moment.
+async fn snapshot(c: &mut deadpool_postgres::Object) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    c.build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db("begin snapshot"))
+}
+
 impl DeviceStore for PostgresStore {
     fn enroll_device(
         &self,
@@ -253,13 +263,7 @@ impl DeviceStore for PostgresStore {
         let mut c = self.client("read device")?;
         block(async {
             // One snapshot for both reads.
-            let tx = c
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(db("begin read"))?;
+            let tx = snapshot(&mut c).await?;
             let Some(device) = device_on(&tx, "id", id).await? else { return Ok(None) };
             let events = events_on(&tx, id, limit).await?;
             Ok(Some((device, events)))
@@ -277,13 +281,7 @@ impl DeviceStore for PostgresStore {
     fn fleet_snapshot(&self) -> Result<FleetSnapshot, StoreError> {
         let mut c = self.client("read fleet snapshot")?;
         block(async {
-            let tx = c
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(db("begin snapshot"))?;
+            let tx = snapshot(&mut c).await?;
             let revision: i64 = tx
                 .query_one("SELECT revision FROM fleet WHERE id = 1", &[])
                 .await

@@ -6,20 +6,8 @@ use tokio_postgres::Row;
 use super::devices::bump_revision;
 use super::{PostgresStore, block, db, i64_of, is_unique_violation, json_col, u64_col};
 use crate::records::DeploymentState;
+use crate::store::columns::{hardware_column, hardware_from_column, sort_versions, tags_to_json};
 use crate::store::{ModelFilter, ModelRecord, RegistryStore, StoreError, VersionRecord};
-
-/// Hardware tags are stored as `,a,b,` so a tag filter is one `strpos`.
-fn hardware_column(tags: &[String]) -> String {
-    if tags.is_empty() { String::new() } else { format!(",{},", tags.join(",")) }
-}
-
-fn hardware_from_column(col: &str) -> Vec<String> {
-    col.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()
-}
-
-fn tags_to_json(tags: &[String]) -> String {
-    serde_json::Value::from(tags.to_vec()).to_string()
-}
 
 const MODEL_COLS: &str = "name, description, tags, created_at_ms, updated_at_ms";
 
@@ -68,15 +56,6 @@ pub(super) async fn deployed_versions(c: &impl GenericClient) -> Result<Vec<Vers
     .iter()
     .map(version_from_row)
     .collect()
-}
-
-/// Newest semver first, as the SQLite store sorts them.
-fn sort_versions(versions: &mut [VersionRecord]) {
-    versions.sort_by(|a, b| {
-        let pa = semver::Version::parse(&a.version).ok();
-        let pb = semver::Version::parse(&b.version).ok();
-        pb.cmp(&pa)
-    });
 }
 
 impl RegistryStore for PostgresStore {

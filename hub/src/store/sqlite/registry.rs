@@ -5,20 +5,8 @@ use rusqlite::{OptionalExtension as _, Row, params};
 use super::devices::bump_revision;
 use super::{SqliteStore, db, is_constraint, json_col, u64_col};
 use crate::records::DeploymentState;
+use crate::store::columns::{hardware_column, hardware_from_column, sort_versions, tags_to_json};
 use crate::store::{ModelFilter, ModelRecord, RegistryStore, StoreError, VersionRecord};
-
-/// Hardware tags are stored as `,a,b,` so a tag filter is one `LIKE`.
-fn hardware_column(tags: &[String]) -> String {
-    if tags.is_empty() { String::new() } else { format!(",{},", tags.join(",")) }
-}
-
-fn hardware_from_column(col: &str) -> Vec<String> {
-    col.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()
-}
-
-fn tags_to_json(tags: &[String]) -> String {
-    serde_json::Value::from(tags.to_vec()).to_string()
-}
 
 fn model_from_row(row: &Row<'_>) -> rusqlite::Result<ModelRecord> {
     Ok(ModelRecord {
@@ -242,12 +230,7 @@ impl RegistryStore for SqliteStore {
             .map_err(db("list versions"))?;
         let rows = stmt.query_map([model], version_from_row).map_err(db("list versions"))?;
         let mut versions = rows.collect::<Result<Vec<_>, _>>().map_err(db("list versions"))?;
-        // Newest semver first; unparsable versions cannot be stored, but sort them last anyway.
-        versions.sort_by(|a, b| {
-            let pa = semver::Version::parse(&a.version).ok();
-            let pb = semver::Version::parse(&b.version).ok();
-            pb.cmp(&pa)
-        });
+        sort_versions(&mut versions);
         Ok(versions)
     }
 
