@@ -142,9 +142,26 @@ pub struct HubConfig {
     pub database: Option<DatabaseUrl>,
     /// Where model bytes live; `None`: `DATA_DIR/blobs`.
     pub blobs: Option<BlobsUrl>,
+    /// S3 settings beyond the `--blobs` URL; unset fields come from the
+    /// standard AWS environment.
+    pub s3: S3Settings,
+    /// Artifact downloads answer with a redirect to a presigned URL on the
+    /// bucket (S3 blobs only), so model bytes bypass the hub.
+    pub artifact_redirect: bool,
     /// The 32-byte key that seals the signing keys kept in a shared database
     /// (PostgreSQL). Every replica is given the same file.
     pub key_encryption_key_file: Option<PathBuf>,
+}
+
+/// How to reach an S3-compatible server; `None` fields come from the AWS
+/// environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
 }
 
 /// The `--database` URL: `sqlite://PATH` or `postgres://...`.
@@ -253,6 +270,8 @@ impl HubConfig {
             inspect: InspectConfig::default(),
             database: None,
             blobs: None,
+            s3: S3Settings::default(),
+            artifact_redirect: false,
             key_encryption_key_file: None,
         }
     }

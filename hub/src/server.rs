@@ -22,7 +22,9 @@ use crate::config::{BlobsUrl, DatabaseUrl};
 use crate::keys::{Kek, Keyring, KeyringError};
 use crate::service::replicas::Shared;
 use crate::service::{HubState, Parts, SharedState};
-use crate::store::{BlobError, BlobStore, LocalBlobStore, MetadataStore, PostgresStore, SqliteStore, StoreError};
+use crate::store::{
+    BlobError, BlobStore, LocalBlobStore, MetadataStore, PostgresStore, S3BlobStore, SqliteStore, StoreError,
+};
 
 /// Failures while starting or running the hub.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,8 @@ impl Hub {
     /// references: leftovers of uploads interrupted between storing the bytes
     /// and registering the version.
     pub fn open(config: HubConfig) -> Result<Self, HubError> {
+        // Before any HTTP client (the S3 store's) is built.
+        crate::install_crypto_provider();
         let dir = &config.data_dir;
         let dir_err = |source| HubError::DataDir { path: dir.clone(), source };
         // Tokens' hashes, the audit log, keys and models: the owner's only,
@@ -134,9 +138,13 @@ impl Hub {
                 (store as Arc<dyn MetadataStore>, Some(shared), keys)
             }
         };
-        let blobs = match config.blobs() {
-            BlobsUrl::File(path) => LocalBlobStore::open(path.join("sha256"))?,
-            BlobsUrl::S3 { .. } => return Err(HubError::Blobs(crate::store::BlobError::Unsupported("s3"))),
+        let blobs: Arc<dyn BlobStore> = match config.blobs() {
+            BlobsUrl::File(path) => Arc::new(LocalBlobStore::open(path.join("sha256"))?),
+            BlobsUrl::S3 { bucket, prefix } => {
+                let store = S3BlobStore::open(&bucket, &prefix, &config.s3, dir.join("staging"))?;
+                tracing::info!(%bucket, %prefix, "model bytes in S3");
+                Arc::new(store)
+            }
         };
         let inspector =
             crate::inspect::Inspector::new(config.inspect.clone(), dir.join(INSPECT_DIR)).map_err(HubError::Inspect)?;
@@ -176,7 +184,7 @@ impl Hub {
 
         let state = HubState::new(Parts {
             meta,
-            blobs: Arc::new(blobs),
+            blobs,
             keys,
             metrics: crate::metrics::HubMetrics::new()?,
             inspector,

@@ -26,6 +26,8 @@ pub struct TestHub {
     pub client: Client,
     pub rest_addr: std::net::SocketAddr,
     pub grpc_addr: std::net::SocketAddr,
+    /// The running hub's state: its stores, for what the API does not show.
+    pub state: sentinel_hub::service::SharedState,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     tmp: Option<tempfile::TempDir>,
@@ -78,6 +80,7 @@ impl TestHub {
         // On a blocking thread, so hubs started together really start at once.
         let hub = tokio::task::spawn_blocking(move || Hub::open(config)).await.unwrap().unwrap();
         let listeners = hub.bind().await.unwrap();
+        let state = hub.state().clone();
         let rest_addr = listeners.rest_addr().unwrap();
         let grpc_addr = listeners.grpc_addr().unwrap();
         let metrics_addr = listeners.metrics_addr().unwrap();
@@ -101,6 +104,7 @@ impl TestHub {
             client: Client::builder().tcp_nodelay(true).build().unwrap(),
             rest_addr,
             grpc_addr,
+            state,
             stop: Some(stop),
             task: Some(task),
             tmp: None,
@@ -215,6 +219,24 @@ impl TestHub {
     pub async fn public_key(&self) -> String {
         let v: Value = self.client.get(format!("{}/api/v1/keys", self.url)).send().await.unwrap().json().await.unwrap();
         v["keys"][0]["public_key"].as_str().unwrap().to_owned()
+    }
+
+    /// What the blob store holds: every committed blob's digest, and the
+    /// name of every staging file an upload left (local disk: `.upload-*`
+    /// beside the blobs; S3: the files in `DATA_DIR/staging`), sorted.
+    pub async fn stored_blobs(&self) -> Vec<String> {
+        let mut v = self.state.blobs(|b| b.list()).await.unwrap();
+        for dir in [self.dir.join("blobs/sha256"), self.dir.join("staging")] {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                v.extend(
+                    entries
+                        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with(".upload-")),
+                );
+            }
+        }
+        v.sort();
+        v
     }
 
     /// Path of a blob in the hub's store.

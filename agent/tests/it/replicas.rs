@@ -53,10 +53,21 @@ async fn two_replicas_share_registry_devices_and_keys() {
     let url = backend::fresh_database(&rig).await;
     let kek = tmp.path().join("kek");
     backend::write_kek(&kek);
-    let blobs = tmp.path().join("blobs");
+    // One bucket (the rig's, when it runs), else one shared directory. With
+    // the bucket, downloads are presigned redirects: the agent below fetches
+    // its model straight from the bucket.
+    let s3 = backend::s3();
+    let blobs = match &s3 {
+        Some(rig) => BlobsUrl::S3 { bucket: rig.bucket.clone(), prefix: backend::fresh_prefix() },
+        None => BlobsUrl::File(tmp.path().join("blobs")),
+    };
     let shared = |c: &mut HubConfig| {
         c.database = Some(DatabaseUrl::Postgres(url.clone()));
-        c.blobs = Some(BlobsUrl::File(blobs.clone()));
+        c.blobs = Some(blobs.clone());
+        if let Some(rig) = &s3 {
+            c.s3 = rig.settings();
+            c.artifact_redirect = true;
+        }
         c.key_encryption_key_file = Some(kek.clone());
     };
 
@@ -84,7 +95,7 @@ async fn two_replicas_share_registry_devices_and_keys() {
     let sha = listed["versions"][0]["sha256"].as_str().unwrap().to_owned();
     assert_eq!(sha, sha256_hex(&model_bytes(V1)));
     let r = b.get("/api/v1/models/digits/versions/1.0.0/artifact", &b.admin).await;
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200, "directly, or after the redirect to the bucket");
     assert_eq!(r.bytes().await.unwrap().as_ref(), model_bytes(V1).as_slice());
 
     // A deploy through B reaches an agent subscribed to A, which serves it.

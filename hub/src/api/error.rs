@@ -179,6 +179,16 @@ impl From<BlobError> for ApiError {
     fn from(e: BlobError) -> Self {
         match &e {
             BlobError::Io { source, .. } => Self::from_write("blob store", source),
+            // The bucket is the hub's dependency, not the client's fault, and
+            // may come back: 503, naming what failed; nothing was stored.
+            BlobError::S3 { .. } => {
+                tracing::error!(error = %e, "the object store failed");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "blob_store_unavailable",
+                    format!("{e}; nothing was stored. Retry once the object store answers"),
+                )
+            }
             _ => Self::internal("blob store", &e),
         }
     }

@@ -25,6 +25,11 @@ struct Args {
     /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
     #[arg(long, env = "SENTINEL_BLOBS", value_parser = sentinel_hub::config::parse_blobs)]
     blobs: Option<sentinel_hub::config::BlobsUrl>,
+    /// Artifact downloads answer 302 with a presigned URL (5 minutes) on the
+    /// bucket, so model bytes bypass the hub (`--blobs s3://...` only).
+    /// Devices verify size, digest and signature as always.
+    #[arg(long, env = "SENTINEL_ARTIFACT_REDIRECT")]
+    artifact_redirect: bool,
     /// The key that seals the signing keys in a PostgreSQL database: 32
     /// random bytes (raw, hex or base64), the same file on every replica.
     #[arg(long, env = "SENTINEL_KEY_ENCRYPTION_KEY_FILE")]
@@ -148,6 +153,11 @@ async fn run(args: Args) -> ExitCode {
     config.database = args.database;
     config.blobs = args.blobs;
     config.key_encryption_key_file = args.key_encryption_key_file;
+    if args.artifact_redirect && !matches!(config.blobs, Some(sentinel_hub::config::BlobsUrl::S3 { .. })) {
+        eprintln!("sentinel-hub: --artifact-redirect needs --blobs s3://...: only a bucket can presign a download");
+        return ExitCode::from(64);
+    }
+    config.artifact_redirect = args.artifact_redirect;
     config.listen = args.listen;
     config.grpc_listen = args.grpc_listen;
     config.metrics_listen = args.metrics_listen;

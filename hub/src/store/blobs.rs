@@ -28,6 +28,15 @@ pub enum BlobError {
     BadDigest(String),
     #[error("this hub was built without the {0} blob store")]
     Unsupported(&'static str),
+    #[error("S3 {op} of s3://{bucket}/{key}: {why}")]
+    S3 {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        why: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 /// A blob being written. Dropping it without committing deletes the file.
@@ -37,6 +46,18 @@ pub struct StagedBlob {
 }
 
 impl StagedBlob {
+    /// A new, empty staging file in `dir`.
+    pub fn in_dir(dir: &Path) -> Result<Self, BlobError> {
+        let file =
+            tempfile::Builder::new().prefix(STAGING_PREFIX).tempfile_in(dir).map_err(io_err("create temp", dir))?;
+        Ok(Self { file })
+    }
+
+    /// The staged bytes from the start, through a new handle.
+    pub fn reopen(&self) -> Result<File, BlobError> {
+        self.file.reopen().map_err(io_err("reopen", self.path()))
+    }
+
     /// The open temp file, for writing.
     pub fn file(&self) -> &File {
         self.file.as_file()
@@ -47,6 +68,22 @@ impl StagedBlob {
     }
 }
 
+/// A stored blob, opened for reading.
+#[derive(Debug)]
+pub struct Blob {
+    pub len: u64,
+    pub body: BlobBody,
+}
+
+/// Where a blob's bytes come from.
+#[derive(Debug)]
+pub enum BlobBody {
+    /// A local file, at its start.
+    File(File),
+    /// An object in a bucket, read by ranged GETs (or a presigned URL).
+    Object(super::s3::S3Object),
+}
+
 /// Where model bytes live.
 pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// A new, empty staging file.
@@ -54,8 +91,8 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// Makes a fully written staging file visible under `sha256`. Durable when
     /// this returns. Committing a digest that already exists keeps the old file.
     fn commit(&self, staged: StagedBlob, sha256: &str) -> Result<(), BlobError>;
-    /// Opens a blob for reading; `None` when absent. Returns its length too.
-    fn open(&self, sha256: &str) -> Result<Option<(File, u64)>, BlobError>;
+    /// Opens a blob for reading; `None` when absent.
+    fn open(&self, sha256: &str) -> Result<Option<Blob>, BlobError>;
     fn remove(&self, sha256: &str) -> Result<(), BlobError>;
     /// Digests of every stored blob.
     fn list(&self) -> Result<Vec<String>, BlobError>;
@@ -101,11 +138,7 @@ impl LocalBlobStore {
 
 impl BlobStore for LocalBlobStore {
     fn stage(&self) -> Result<StagedBlob, BlobError> {
-        let file = tempfile::Builder::new()
-            .prefix(STAGING_PREFIX)
-            .tempfile_in(&self.dir)
-            .map_err(io_err("create temp", &self.dir))?;
-        Ok(StagedBlob { file })
+        StagedBlob::in_dir(&self.dir)
     }
 
     fn commit(&self, staged: StagedBlob, sha256: &str) -> Result<(), BlobError> {
@@ -120,12 +153,12 @@ impl BlobStore for LocalBlobStore {
         Ok(())
     }
 
-    fn open(&self, sha256: &str) -> Result<Option<(File, u64)>, BlobError> {
+    fn open(&self, sha256: &str) -> Result<Option<Blob>, BlobError> {
         let path = self.path_of(sha256)?;
         match File::open(&path) {
             Ok(f) => {
                 let len = f.metadata().map_err(io_err("stat", &path))?.len();
-                Ok(Some((f, len)))
+                Ok(Some(Blob { len, body: BlobBody::File(f) }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("open", &path)(e)),
@@ -170,7 +203,8 @@ mod tests {
         assert!(store.open(DIGEST).expect("open").is_none());
         assert!(store.list().expect("list").is_empty());
         store.commit(staged, DIGEST).expect("commit");
-        let (mut f, len) = store.open(DIGEST).expect("open").expect("present");
+        let blob = store.open(DIGEST).expect("open").expect("present");
+        let (BlobBody::File(mut f), len) = (blob.body, blob.len) else { panic!("a local blob is a file") };
         let mut s = String::new();
         f.read_to_string(&mut s).expect("read");
         assert_eq!((s.as_str(), len), ("hello", 5));

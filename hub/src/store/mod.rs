@@ -13,10 +13,12 @@
 pub mod blobs;
 mod columns;
 pub mod postgres;
+pub mod s3;
 pub mod sqlite;
 
-pub use blobs::{BlobError, BlobStore, LocalBlobStore, StagedBlob};
+pub use blobs::{Blob, BlobBody, BlobError, BlobStore, LocalBlobStore, StagedBlob};
 pub use postgres::PostgresStore;
+pub use s3::S3BlobStore;
 pub use sqlite::SqliteStore;
 
 pub use crate::keys::SigningKeyRecord;

@@ -7,16 +7,6 @@ use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// Files in the blob dir: committed blobs and any staging leftovers.
-fn blob_files(hub: &TestHub) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(hub.dir.join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 async fn versions(hub: &TestHub, name: &str) -> Vec<String> {
     let v: Value = hub.get(&format!("/api/v1/models/{name}/versions"), &hub.admin).await.json().await.unwrap();
     v["versions"].as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap().to_owned()).collect()
@@ -27,7 +17,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
     let hub = TestHub::start().await;
     hub.register("m").await;
     hub.push_v1("m", "1.0.0").await;
-    let blobs_before = blob_files(&hub);
+    let blobs_before = hub.stored_blobs().await;
     let v1 = model_bytes(V1);
 
     let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
@@ -65,7 +55,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
     assert!(msg.contains("not registered"), "{msg}");
 
     assert_eq!(versions(&hub, "m").await, ["1.0.0"]);
-    assert_eq!(blob_files(&hub), blobs_before, "no blob and no staging file was left");
+    assert_eq!(hub.stored_blobs().await, blobs_before, "no blob and no staging file was left");
 }
 
 #[tokio::test]
@@ -85,7 +75,7 @@ async fn an_upload_over_the_limit_is_cut_off_while_streaming() {
     // so the client, still sending, receives the 413 rather than a reset.
     expect_error(r.unwrap(), 413).await;
     assert!(versions(&hub, "m").await.is_empty());
-    assert!(blob_files(&hub).is_empty(), "the partial upload was removed");
+    assert!(hub.stored_blobs().await.is_empty(), "the partial upload was removed");
     // A model under the limit still goes through.
     assert_eq!(hub.upload("m", "1.0.0", model_bytes(V1), "").await.status(), 201);
 }

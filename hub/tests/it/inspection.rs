@@ -40,11 +40,6 @@ fn reset_peak_rss() {
     std::fs::write("/proc/self/clear_refs", "5").expect("resetting VmHWM (Linux >= 4.0)");
 }
 
-/// Files in the blob store, staging files included.
-fn stored_blobs(hub: &TestHub) -> usize {
-    std::fs::read_dir(hub.dir.join("blobs/sha256")).map(|d| d.count()).unwrap_or(0)
-}
-
 async fn versions(hub: &TestHub, name: &str) -> Value {
     hub.get(&format!("/api/v1/models/{name}/versions"), &hub.admin).await.json().await.unwrap()
 }
@@ -78,7 +73,7 @@ async fn constant_fold_bombs_exceed_the_memory_limit_in_the_child_not_in_the_hub
     // The bomb folds 4 GB; the hub's peak moved by far less than one of them.
     assert!(peak < rss_before + 256 * 1024, "peak RSS {peak} KiB, from {rss_before} KiB before the bombs");
     assert_eq!(versions(&hub, "bomb").await["versions"], serde_json::json!([]), "nothing was registered");
-    assert_eq!(stored_blobs(&hub), 0, "nothing was stored, not even a staging file");
+    assert_eq!(hub.stored_blobs().await.len(), 0, "nothing was stored, not even a staging file");
     still_serving(&hub).await;
 }
 
@@ -99,7 +94,7 @@ async fn the_issues_one_gigabyte_bomb_is_refused_under_a_lower_memory_limit() {
     assert!(msg.contains("exceeds the inspection limit of 512 MiB of memory"), "{msg}");
     let peak = status_kib("VmHWM:");
     assert!(peak < before + 256 * 1024, "peak RSS {peak} KiB, from {before} KiB");
-    assert_eq!(stored_blobs(&hub), 0);
+    assert_eq!(hub.stored_blobs().await.len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +108,7 @@ async fn a_check_that_outlasts_the_time_limit_is_killed_and_refused() {
     let msg = expect_error(hub.upload("bomb", "1.0.0", make_onnx("relu_chain", &["15000"]), "").await, 422).await;
     assert!(msg.contains("exceeds the inspection limit of 50 ms of time"), "{msg}");
     assert_eq!(versions(&hub, "bomb").await["versions"], serde_json::json!([]));
-    assert_eq!(stored_blobs(&hub), 0);
+    assert_eq!(hub.stored_blobs().await.len(), 0);
     assert!(
         std::fs::read_dir(tmp.path().join("inspect")).unwrap().next().is_none(),
         "the killed check's private directory was removed"
@@ -141,7 +136,7 @@ async fn the_default_node_limit_refuses_the_superlinear_chain_at_once() {
     // 20,001 nodes: 8 s of tract optimisation before the limit existed.
     let msg = expect_error(hub.upload("chain", "1.0.0", make_onnx("relu_chain", &["20001"]), "").await, 422).await;
     assert!(msg.contains("20001 nodes") && msg.contains("limit of 20000 nodes"), "{msg}");
-    assert_eq!(stored_blobs(&hub), 0);
+    assert_eq!(hub.stored_blobs().await.len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +145,7 @@ async fn an_unknown_operator_is_refused_with_the_engines_reason() {
     hub.register("odd").await;
     let msg = expect_error(hub.upload("odd", "1.0.0", make_onnx("unknown_op", &[]), "").await, 422).await;
     assert!(msg.contains("does not load") && msg.contains("NoSuchOperator"), "{msg}");
-    assert_eq!(stored_blobs(&hub), 0);
+    assert_eq!(hub.stored_blobs().await.len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +162,7 @@ async fn an_unsupported_operator_is_refused_with_a_hint_naming_step_operator_dom
     assert!(msg.contains("operator SentinelNoSuchOp (domain com.example.sentinel)"), "op and domain: {msg}");
     // This hub has no ONNX Runtime library (its worker has the engine).
     assert!(msg.contains("ONNX Runtime is not available on this hub"), "the ORT verdict: {msg}");
-    assert_eq!(stored_blobs(&hub), 0);
+    assert_eq!(hub.stored_blobs().await.len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,7 +225,7 @@ async fn serving_shapes_at_push_are_checked_against_the_model_and_bounded() {
     ] {
         let msg = expect_error(hub.upload("hw", "1.0.0", model.clone(), query).await, status).await;
         assert!(msg.contains(says), "{query}: {msg}");
-        assert_eq!(stored_blobs(&hub), 0, "{query}");
+        assert_eq!(hub.stored_blobs().await.len(), 0, "{query}");
     }
     let r = hub.upload("hw", "1.0.0", model.clone(), "&input_shapes=x=2,3,16,24").await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
@@ -316,5 +311,5 @@ async fn a_hub_with_onnx_runtime_checks_ort_pushes_and_names_its_verdict() {
     let bytes = std::fs::read(model_path("broken/unsupported_op.onnx")).unwrap();
     let msg = expect_error(hub.upload("odd", "1.0.0", bytes, "").await, 422).await;
     assert!(msg.contains("ONNX Runtime refuses it too"), "the ORT verdict: {msg}");
-    assert_eq!(stored_blobs(&hub), 1, "only the digits version");
+    assert_eq!(hub.stored_blobs().await.len(), 1, "only the digits version");
 }

@@ -24,5 +24,6 @@ mod rbac;
 mod registry_api;
 mod replicas;
 mod rollout;
+mod s3;
 mod web;
 mod web_e2e;

@@ -123,8 +123,7 @@ async fn model_lifecycle_through_every_endpoint() {
     let r = hub.req(Method::DELETE, "/api/v1/models/digits?force=true", Some(&admin)).send().await.unwrap();
     assert_eq!(r.status(), 204);
     expect_error(hub.get("/api/v1/models/digits", &admin).await, 404).await;
-    let blobs = std::fs::read_dir(hub.dir.join("blobs/sha256")).unwrap().count();
-    assert_eq!(blobs, 0, "both model files were freed");
+    assert_eq!(hub.stored_blobs().await, Vec::<String>::new(), "both model files were freed");
     let cancelled: Value = hub.get("/api/v1/deployments?state=cancelled", &admin).await.json().await.unwrap();
     assert_eq!(cancelled["total"], 1);
     // A model that was never deployed deletes without force.

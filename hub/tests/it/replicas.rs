@@ -21,10 +21,17 @@ pub(crate) async fn replicas(tmp: &std::path::Path) -> Option<(TestHub, TestHub)
     let url = backend::fresh_database(&rig).await;
     let kek = tmp.join("kek");
     backend::write_kek(&kek);
-    let blobs = tmp.join("blobs");
+    let s3 = backend::s3();
+    let blobs = match &s3 {
+        Some(rig) => BlobsUrl::S3 { bucket: rig.bucket.clone(), prefix: backend::fresh_prefix() },
+        None => BlobsUrl::File(tmp.join("blobs")),
+    };
     let shared = |c: &mut HubConfig| {
         c.database = Some(DatabaseUrl::Postgres(url.clone()));
-        c.blobs = Some(BlobsUrl::File(blobs.clone()));
+        c.blobs = Some(blobs.clone());
+        if let Some(rig) = &s3 {
+            c.s3 = rig.settings();
+        }
         c.key_encryption_key_file = Some(kek.clone());
     };
     let a = TestHub::start_at(&tmp.join("a"), shared).await;
