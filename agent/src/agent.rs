@@ -16,7 +16,6 @@ use std::time::Duration;
 use sentinel_proto::verify_state;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
 use crate::rollout::controller::Rollouts;
@@ -24,7 +23,7 @@ use crate::serving::{Route, Serving};
 use crate::state::Shared;
 pub use crate::state::{AgentError, AgentView};
 use crate::store::{Event, EventKind, Store, StoreError};
-use crate::transport::{endpoint, http_client};
+use crate::transport::http_client;
 use crate::util::error_chain;
 
 /// A running agent. Dropping it does not stop it; call [`AgentHandle::shutdown`].
@@ -97,11 +96,11 @@ impl AgentHandle {
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let store = Store::open(&config.state_dir)?;
     let (view_tx, view_rx) = watch::channel(AgentView::default());
-    let channel: Channel = endpoint(&config, &config.grpc_url)?.connect_lazy();
+    let hubs = crate::transport::Hubs::new(&config)?;
     let http = http_client(&config)?;
     let metrics = Arc::new(crate::metrics::AgentMetrics::new());
     let serving = Serving::with_metrics(config.serving.clone(), config.state_dir.join("workers"), metrics);
-    let shared = Arc::new(Shared::new(config, store, serving, view_tx));
+    let shared = Arc::new(Shared::new(config, hubs, store, serving, view_tx));
     let trusted = shared.config.trusted.clone();
     shared.serving.restore(&shared.store, |sha| {
         let signed = match shared.store.manifest(sha) {
@@ -153,9 +152,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     // The controller owns the rollouts: the apply loop starts and supersedes
     // them, the control socket rolls them back.
     let rollouts = Arc::new(Rollouts::default());
-    tasks.spawn(crate::sync::run(shared.clone(), channel.clone(), states_tx, stop_rx.clone()));
+    tasks.spawn(crate::sync::run(shared.clone(), states_tx, stop_rx.clone()));
     tasks.spawn(crate::apply::run(shared.clone(), rollouts.clone(), http, states_rx, stop_rx.clone()));
-    tasks.spawn(crate::report::run(shared.clone(), channel, stop_rx.clone()));
+    tasks.spawn(crate::report::run(shared.clone(), stop_rx.clone()));
     tasks.spawn(crate::util::trim_heap(crate::util::TRIM_EVERY, stop_rx.clone()));
     // One connection budget for the inference API and metrics listeners.
     let connections = sentinel_net::Connections::new(shared.config.serving.connection_limits());

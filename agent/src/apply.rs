@@ -266,7 +266,8 @@ async fn download_version(
         };
         refuse(shared, &m.name, &m.version, status, EventKind::DownloadRefused, &reason, assignment.deployment_id);
     };
-    let (model, outcome) = match fetch(assignment.artifact_url.clone(), m.sha256.clone(), m.size).await {
+    let (model, outcome) = match fetch(shared.hubs.on_current(&assignment.artifact_url), m.sha256.clone(), m.size).await
+    {
         Ok(r) => r,
         Err(e) => {
             failed(e);
@@ -277,14 +278,26 @@ async fn download_version(
     let set = m.validation.as_ref().and_then(|s| Some((s.inputs.as_ref()?, s.labels.as_ref()?)));
     let validation = match set {
         Some((inputs, labels)) if !assignment.validation_inputs_url.is_empty() => {
-            let x = match fetch(assignment.validation_inputs_url.clone(), inputs.sha256.clone(), inputs.size).await {
+            let x = match fetch(
+                shared.hubs.on_current(&assignment.validation_inputs_url),
+                inputs.sha256.clone(),
+                inputs.size,
+            )
+            .await
+            {
                 Ok((p, _)) => p,
                 Err(e) => {
                     failed(e);
                     return None;
                 }
             };
-            let y = match fetch(assignment.validation_labels_url.clone(), labels.sha256.clone(), labels.size).await {
+            let y = match fetch(
+                shared.hubs.on_current(&assignment.validation_labels_url),
+                labels.sha256.clone(),
+                labels.size,
+            )
+            .await
+            {
                 Ok((p, _)) => p,
                 Err(e) => {
                     failed(e);

@@ -346,7 +346,7 @@ pub async fn build_status(shared: &Shared) -> Result<Status, crate::store::Store
         labels: view.labels.clone().unwrap_or_else(|| shared.config.labels.clone()),
         labels_from: if view.labels.is_some() { "hub" } else { "config" }.to_owned(),
         hub: HubLink {
-            grpc_url: shared.config.grpc_url.clone(),
+            grpc_url: shared.hubs.grpc_url().to_owned(),
             connected: view.connected,
             since_ms: view.since_ms,
             last_error: view.last_error,

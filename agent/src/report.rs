@@ -28,8 +28,7 @@ pub enum ReportError {
 }
 
 /// Reports at every change and every heartbeat until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, channel: Channel, mut stop: watch::Receiver<bool>) {
-    let mut client = AgentSyncClient::new(channel);
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let beat = shared.heartbeat();
         tokio::select! {
@@ -37,6 +36,8 @@ pub async fn run(shared: Arc<Shared>, channel: Channel, mut stop: watch::Receive
             () = tokio::time::sleep(beat) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        // To the replica the stream is on now.
+        let mut client = AgentSyncClient::new(shared.hubs.channel());
         if let Err(e) = report_once(&shared, &mut client).await {
             tracing::debug!(error = %e, "report not delivered; will retry");
         }
@@ -83,7 +84,7 @@ async fn report_once(shared: &Shared, client: &mut AgentSyncClient<Channel>) -> 
     let ack = client
         .report(req)
         .await
-        .map_err(|status| ReportError::Rpc { url: shared.config.grpc_url.clone(), status })?
+        .map_err(|status| ReportError::Rpc { url: shared.hubs.grpc_url().to_owned(), status })?
         .into_inner();
     if let Some(last) = events.last() {
         shared.store.mark_reported(last.id)?;

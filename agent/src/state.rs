@@ -96,6 +96,8 @@ fn clip(s: &str, max: usize) -> String {
 #[derive(Debug)]
 pub struct Shared {
     pub config: AgentConfig,
+    /// The hub replicas, and which one the agent talks to now.
+    pub hubs: crate::transport::Hubs,
     pub store: Store,
     pub serving: Serving,
     view: watch::Sender<AgentView>,
@@ -105,9 +107,15 @@ pub struct Shared {
 
 impl Shared {
     /// The state of a starting agent; `view` is what its handle watches.
-    pub(crate) fn new(config: AgentConfig, store: Store, serving: Serving, view: watch::Sender<AgentView>) -> Self {
+    pub(crate) fn new(
+        config: AgentConfig,
+        hubs: crate::transport::Hubs,
+        store: Store,
+        serving: Serving,
+        view: watch::Sender<AgentView>,
+    ) -> Self {
         let heartbeat = Mutex::new(config.heartbeat);
-        Shared { config, store, serving, view, report_now: Notify::new(), heartbeat }
+        Shared { config, hubs, store, serving, view, report_now: Notify::new(), heartbeat }
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -74,7 +74,6 @@ fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata:
 /// Runs the subscription until `shutdown` flips.
 pub async fn run(
     shared: Arc<Shared>,
-    channel: Channel,
     states: watch::Sender<Option<Arc<VerifiedState>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -82,16 +81,18 @@ pub async fn run(
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_cap);
     loop {
         let outcome = tokio::select! {
-            r = subscribe_once(&shared, channel.clone(), &states, &mut backoff) => r,
+            r = subscribe_once(&shared, shared.hubs.channel(), &states, &mut backoff) => r,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let reason = match outcome {
-            Ok(()) => format!("the hub at {} closed the stream", config.grpc_url),
+            Ok(()) => format!("the hub at {} closed the stream", shared.hubs.grpc_url()),
             Err(e) => e.to_string(),
         };
         shared.set_disconnected(&reason);
         let delay = backoff.next_delay();
-        tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "hub stream lost");
+        // Replicas: the next one in order, after the same backoff.
+        let next = (shared.hubs.len() > 1).then(|| shared.hubs.fail_over().to_owned());
+        tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, next = ?next, "hub stream lost");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             _ = shutdown.wait_for(|s| *s) => return,
@@ -128,7 +129,7 @@ async fn subscribe_once(
     let mut stream = client
         .subscribe(req)
         .await
-        .map_err(|status| SyncError::Subscribe { url: config.grpc_url.clone(), status })?
+        .map_err(|status| SyncError::Subscribe { url: shared.hubs.grpc_url().to_owned(), status })?
         .into_inner();
     backoff.reset();
     shared.set_connected();
@@ -137,9 +138,9 @@ async fn subscribe_once(
     loop {
         let msg = match tokio::time::timeout(silence, stream.message()).await {
             Err(_) => {
-                return Err(SyncError::Silent { url: config.grpc_url.clone(), silence });
+                return Err(SyncError::Silent { url: shared.hubs.grpc_url().to_owned(), silence });
             }
-            Ok(Err(status)) => return Err(SyncError::Broke { url: config.grpc_url.clone(), status }),
+            Ok(Err(status)) => return Err(SyncError::Broke { url: shared.hubs.grpc_url().to_owned(), status }),
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(m))) => m,
         };

@@ -54,15 +54,41 @@ pub enum Transport {
     InsecurePlaintext,
 }
 
+/// One URL or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Urls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Urls {
+    /// From an environment variable: comma-separated.
+    fn from_env(v: &str) -> Self {
+        Urls::Many(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    }
+
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Urls::One(u) => vec![u],
+            Urls::Many(v) => v,
+        }
+    }
+}
+
+/// Hub URLs a config may list: replicas are few, and each is a stream to try.
+pub const MAX_HUB_URLS: usize = 16;
+
 /// The file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     device_id: Option<String>,
-    /// REST base URL of the hub, e.g. `https://hub.example:8080`.
-    hub_url: Option<String>,
-    /// gRPC URL of the hub; default: `hub_url` (the hub serves gRPC there).
-    grpc_url: Option<String>,
+    /// REST base URL of the hub, e.g. `https://hub.example:8080`, or a list
+    /// of hub replicas' URLs, tried in order.
+    hub_url: Option<Urls>,
+    /// gRPC URL(s) of the hub; default: `hub_url` (the hub serves gRPC there).
+    grpc_url: Option<Urls>,
     token_file: Option<PathBuf>,
     /// Base64 Ed25519 public keys of the hub (see `sentinel hub key`).
     #[serde(default)]
@@ -130,8 +156,14 @@ struct RawSync {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub device_id: String,
+    /// The first of [`AgentConfig::hub_urls`].
     pub hub_url: String,
+    /// The first of [`AgentConfig::grpc_urls`].
     pub grpc_url: String,
+    /// The hub replicas' REST URLs, in the order they are tried.
+    pub hub_urls: Vec<String>,
+    /// Their gRPC URLs, in the same order (`hub_urls` unless given).
+    pub grpc_urls: Vec<String>,
     pub token: String,
     pub trusted: TrustedKeys,
     pub state_dir: PathBuf,
@@ -213,10 +245,10 @@ impl AgentConfig {
             raw.device_id = Some(v);
         }
         if let Some(v) = get("HUB_URL") {
-            raw.hub_url = Some(v);
+            raw.hub_url = Some(Urls::from_env(&v));
         }
         if let Some(v) = get("GRPC_URL") {
-            raw.grpc_url = Some(v);
+            raw.grpc_url = Some(Urls::from_env(&v));
         }
         if let Some(v) = get("TOKEN_FILE") {
             raw.token_file = Some(v.into());
@@ -253,10 +285,28 @@ impl AgentConfig {
 
         let device_id = raw.device_id.ok_or_else(|| bad("device_id", "missing"))?;
         sentinel_proto::manifest::validate_model_name(&device_id).map_err(|r| bad("device_id", r.to_string()))?;
-        let hub_url = raw.hub_url.ok_or_else(|| bad("hub_url", "missing"))?.trim_end_matches('/').to_owned();
+        let tidy =
+            |v: Vec<String>| v.into_iter().map(|u| u.trim().trim_end_matches('/').to_owned()).collect::<Vec<_>>();
+        let hub_urls = tidy(raw.hub_url.ok_or_else(|| bad("hub_url", "missing"))?.into_vec());
         // The hub serves gRPC on its REST listener: one URL is enough.
-        let grpc_url = raw.grpc_url.map_or_else(|| hub_url.clone(), |u| u.trim_end_matches('/').to_owned());
-        for (field, url) in [("hub_url", &hub_url), ("grpc_url", &grpc_url)] {
+        let grpc_urls = raw.grpc_url.map_or_else(|| hub_urls.clone(), |u| tidy(u.into_vec()));
+        for (field, urls) in [("hub_url", &hub_urls), ("grpc_url", &grpc_urls)] {
+            if urls.is_empty() || urls.len() > MAX_HUB_URLS {
+                return Err(bad(field, format!("lists {} URLs; give 1 to {MAX_HUB_URLS}", urls.len())));
+            }
+        }
+        if grpc_urls.len() != hub_urls.len() {
+            return Err(bad(
+                "grpc_url",
+                format!(
+                    "lists {} URLs for {} hub_url entries; give one per replica, in the same order",
+                    grpc_urls.len(),
+                    hub_urls.len()
+                ),
+            ));
+        }
+        let (hub_url, grpc_url) = (hub_urls[0].clone(), grpc_urls[0].clone());
+        for (field, url) in hub_urls.iter().map(|u| ("hub_url", u)).chain(grpc_urls.iter().map(|u| ("grpc_url", u))) {
             let plain = url.starts_with("http://");
             if !plain && !url.starts_with("https://") {
                 return Err(bad(field, format!("{url:?} must start with https:// (or http:// on loopback)")));
@@ -360,6 +410,8 @@ impl AgentConfig {
             device_id,
             hub_url,
             grpc_url,
+            hub_urls,
+            grpc_urls,
             token,
             trusted,
             state_dir,

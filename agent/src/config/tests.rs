@@ -82,6 +82,40 @@ fn grpc_url_defaults_to_hub_url() {
 }
 
 #[test]
+fn hub_urls_may_list_replicas_tried_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = base(dir.path()).replace("grpc_url = \"http://127.0.0.1:8081\"\n", "").replace(
+        "hub_url = \"http://127.0.0.1:8080\"",
+        "hub_url = [\"http://127.0.0.1:8080/\", \"http://127.0.0.1:9090\"]",
+    );
+    let c = AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect("parses");
+    assert_eq!(c.hub_urls, ["http://127.0.0.1:8080", "http://127.0.0.1:9090"]);
+    assert_eq!(c.grpc_urls, c.hub_urls, "gRPC on each replica's REST port");
+    assert_eq!((c.hub_url.as_str(), c.grpc_url.as_str()), ("http://127.0.0.1:8080", "http://127.0.0.1:8080"));
+    // The environment takes a comma-separated list.
+    let env: BTreeMap<_, _> =
+        [("SENTINEL_AGENT_HUB_URL".to_owned(), "http://127.0.0.1:1, http://127.0.0.1:2".to_owned())].into();
+    let c = AgentConfig::parse(&text, &env, dir.path()).expect("parses");
+    assert_eq!(c.hub_urls, ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+    // Refused, naming the field: no URL, too many, a gRPC list that does not
+    // pair with the REST one, and plain text off loopback anywhere in a list.
+    let many: Vec<String> = (0..17).map(|i| format!("\"http://127.0.0.1:{}\"", 1000 + i)).collect();
+    for (list, grpc, field) in [
+        ("[]".to_owned(), None, "hub_url"),
+        (format!("[{}]", many.join(", ")), None, "hub_url"),
+        ("[\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]".to_owned(), Some("\"http://127.0.0.1:3\""), "grpc_url"),
+        ("[\"http://127.0.0.1:1\", \"http://hub.example:2\"]".to_owned(), None, "hub_url"),
+    ] {
+        let mut t = text.replace("[\"http://127.0.0.1:8080/\", \"http://127.0.0.1:9090\"]", &list);
+        if let Some(g) = grpc {
+            t = t.replace("hub_url =", &format!("grpc_url = {g}\nhub_url ="));
+        }
+        let err = AgentConfig::parse(&t, &BTreeMap::new(), dir.path()).expect_err(&list);
+        assert_eq!(err.field, field, "{list}: {err}");
+    }
+}
+
+#[test]
 fn errors_name_the_field() {
     let dir = tempfile::tempdir().expect("tempdir");
     let good = base(dir.path());

@@ -139,3 +139,132 @@ async fn two_replicas_share_registry_devices_and_keys() {
     a.stop().await;
     b.stop().await;
 }
+
+/// `sentinel-hub` as its own process (so it can be killed with SIGKILL) on
+/// the shared database and blob store: the child and its REST URL.
+fn spawn_replica(
+    data: &std::path::Path,
+    url: &str,
+    kek: &std::path::Path,
+    blobs: &std::path::Path,
+) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(sentinel_testkit::bins::bin("sentinel-hub"))
+        .args(["--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .args(["--database", url, "--blobs", &format!("file://{}", blobs.display())])
+        .arg("--key-encryption-key-file")
+        .arg(kek)
+        .args(["--heartbeat-secs", "2"])
+        .arg("--worker")
+        .arg(worker_bin())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("the replica exited before listening").unwrap();
+        if let Some(u) = line.strip_prefix("sentinel-hub listening on ") {
+            break u.to_owned();
+        }
+    };
+    // Keep reading stdout so the replica never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_agents_fail_over_when_their_replica_is_killed() {
+    let Some(rig) = backend::postgres() else {
+        eprintln!(
+            "SKIPPED replicas::twenty_agents_fail_over_when_their_replica_is_killed: needs the PostgreSQL rig \
+             (SENTINEL_TEST_POSTGRES); .ci/test runs it in its PostgreSQL half"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let url = backend::fresh_database(&rig).await;
+    let kek = tmp.path().join("kek");
+    backend::write_kek(&kek);
+    let blobs = tmp.path().join("blobs");
+    sentinel_hub::install_crypto_provider();
+    let (mut a, a_url) = spawn_replica(&tmp.path().join("a"), &url, &kek, &blobs);
+    let admin = std::fs::read_to_string(tmp.path().join("a/admin.token")).unwrap().trim().to_owned();
+    let (mut b, b_url) = spawn_replica(&tmp.path().join("b"), &url, &kek, &blobs);
+    let http = reqwest::Client::new();
+    let post = async |base: &str, path: &str, body: Value| -> Value {
+        let r = http.post(format!("{base}{path}")).bearer_auth(&admin).json(&body).send().await.unwrap();
+        assert!(r.status().is_success(), "POST {path}: {}", r.status());
+        r.json().await.unwrap()
+    };
+    let get = async |base: &str, path: &str| -> Value {
+        http.get(format!("{base}{path}")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap()
+    };
+    let keys = get(&a_url, "/api/v1/keys").await;
+    let key = keys["keys"][0]["public_key"].as_str().unwrap().to_owned();
+
+    // Twenty agents, every one listing A first: A holds all twenty streams.
+    let mut agents = Vec::new();
+    for i in 0..20 {
+        let id = format!("edge-{i}");
+        let token = post(&a_url, "/api/v1/devices", json!({"id": id, "labels": {"site": "a"}})).await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let dir = tmp.path().join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("device.token"), token).unwrap();
+        let text = format!(
+            "device_id = \"{id}\"\nhub_url = [\"{a_url}\", \"{b_url}\"]\ntoken_file = \"device.token\"\n\
+             pinned_keys = [\"{key}\"]\nstate_dir = \"state\"\n\
+             [sync]\nbackoff_initial_ms = 50\nbackoff_cap_secs = 1\nheartbeat_secs = 2\n"
+        );
+        std::fs::write(dir.join("agent.toml"), &text).unwrap();
+        let config = sentinel_agent::AgentConfig::load(&dir.join("agent.toml"), &test_env()).unwrap();
+        agents.push(sentinel_agent::start(config).await.unwrap());
+    }
+    for agent in &agents {
+        agent.wait_for(WAIT, |v| v.connected && v.applied_revision > 0).await.unwrap();
+    }
+    // Acknowledged through A: a model and a deployment (to no device here).
+    post(&a_url, "/api/v1/models", json!({"name": "digits"})).await;
+    let r = http
+        .post(format!("{a_url}/api/v1/models/digits/versions?version=1.0.0"))
+        .bearer_auth(&admin)
+        .body(model_bytes(V1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let d1 =
+        post(&a_url, "/api/v1/models/digits/deploy", json!({"version": "1.0.0", "target": "site=elsewhere"})).await;
+
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+
+    // What A acknowledged is there, through B; a deploy through B moves the
+    // fleet on, and every agent reaches it on B.
+    let listed = get(&b_url, "/api/v1/deployments?state=active").await;
+    assert_eq!(listed["deployments"][0]["id"], d1["id"], "the acknowledged deployment survived A: {listed}");
+    post(&b_url, "/api/v1/models/digits/deploy", json!({"version": "1.0.0", "target": "site=nowhere"})).await;
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let revision: i64 = db.query_one("SELECT revision FROM fleet", &[]).await.unwrap().get(0);
+    let revision = u64::try_from(revision).unwrap();
+    for (i, agent) in agents.iter().enumerate() {
+        agent
+            .wait_for(WAIT, |v| v.connected && v.applied_revision == revision)
+            .await
+            .unwrap_or_else(|v| panic!("edge-{i} did not converge on revision {revision} through B: {v:?}"));
+    }
+    for i in 0..20 {
+        let d = get(&b_url, &format!("/api/v1/devices/edge-{i}")).await;
+        assert_eq!(d["connected"], true, "edge-{i} streams from B now: {d}");
+    }
+    for agent in agents {
+        agent.shutdown().await;
+    }
+    b.kill().unwrap();
+    b.wait().unwrap();
+}
