@@ -173,6 +173,33 @@ pub struct SigningKeyRecord {
     pub active: bool,
 }
 
+/// One key file of an embedded hub: its key id, public key and PKCS#8 bytes.
+pub type KeyFile = (String, Vec<u8>, Vec<u8>);
+
+/// The keys in an embedded hub's `keys/` directory, and the active key's id;
+/// for moving them to a shared database.
+pub fn key_files(dir: &Path) -> Result<(Vec<KeyFile>, String), KeyringError> {
+    let mut out = Vec::new();
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_err("read dir", dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pk8"))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+        let signer = Signer::from_pkcs8(&bytes).map_err(|source| KeyringError::Parse { path: path.clone(), source })?;
+        out.push((signer.key_id().to_owned(), signer.public_key().to_vec(), bytes));
+    }
+    let active_path = dir.join("active");
+    let active = fs::read_to_string(&active_path).map_err(io_err("read", &active_path))?.trim().to_owned();
+    if !out.iter().any(|(id, _, _)| *id == active) {
+        return Err(KeyringError::MissingActive(active));
+    }
+    Ok((out, active))
+}
+
 /// All signing keys of this hub, and which one is active.
 #[derive(Debug)]
 pub struct Keyring {

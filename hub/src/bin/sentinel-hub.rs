@@ -10,8 +10,55 @@ use sentinel_hub::server::shutdown_signal;
 use sentinel_hub::{Hub, HubConfig};
 
 /// Sentinel hub: signed ONNX model registry and deployment server.
+///
+/// With no subcommand it serves; `init` and `migrate` prepare a shared
+/// database for replicas.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Prepare a PostgreSQL database for hub replicas: apply the migrations,
+    /// make the first signing key, and print the first admin token (once).
+    Init {
+        /// The database: postgres://USER[:PASSWORD]@HOST[:PORT]/DB.
+        #[arg(long, env = "SENTINEL_DATABASE", value_parser = sentinel_hub::config::parse_database)]
+        database: sentinel_hub::config::DatabaseUrl,
+        /// The key that seals the signing keys (32 random bytes; the same file on every replica).
+        #[arg(long, env = "SENTINEL_KEY_ENCRYPTION_KEY_FILE")]
+        key_encryption_key_file: PathBuf,
+    },
+    /// Move an embedded hub (SQLite, its blobs and keys) onto PostgreSQL and
+    /// a shared blob store. Re-hashes every blob; safe to re-run after an
+    /// interruption; refuses a target that holds a registry unless --force.
+    Migrate {
+        /// The embedded hub's database: sqlite://PATH (its data dir's hub.db;
+        /// keys/ and blobs/ are read beside it). Stop that hub first.
+        #[arg(long, value_parser = sentinel_hub::config::parse_database)]
+        from: sentinel_hub::config::DatabaseUrl,
+        /// The target: postgres://...
+        #[arg(long, value_parser = sentinel_hub::config::parse_database)]
+        to: sentinel_hub::config::DatabaseUrl,
+        /// Where the blobs go: s3://BUCKET[/PREFIX] (with the AWS environment)
+        /// or file://DIR. Default: they stay in the source's blobs/, re-hashed.
+        #[arg(long, value_parser = sentinel_hub::config::parse_blobs)]
+        blobs_to: Option<sentinel_hub::config::BlobsUrl>,
+        /// The key that will seal the signing keys in the target.
+        #[arg(long, env = "SENTINEL_KEY_ENCRYPTION_KEY_FILE")]
+        key_encryption_key_file: PathBuf,
+        /// Merge into a target that already holds a registry (rows that exist are kept).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Directory for the database, model blobs, signing keys and admin token.
     #[arg(long, env = "SENTINEL_DATA_DIR", default_value = "/var/lib/sentinel-hub")]
@@ -120,7 +167,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = match Args::try_parse() {
+    let cli = match Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {
             let code = if e.use_stderr() { 64 } else { 0 };
@@ -135,7 +182,142 @@ fn main() -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    runtime.block_on(run(args))
+    match cli.command {
+        None => runtime.block_on(run(cli.serve)),
+        Some(Command::Init { database, key_encryption_key_file }) => {
+            runtime.block_on(async { init(database, key_encryption_key_file) })
+        }
+        Some(Command::Migrate { from, to, blobs_to, key_encryption_key_file, force }) => {
+            runtime.block_on(async { migrate(from, to, blobs_to, &key_encryption_key_file, force) })
+        }
+    }
+}
+
+/// Opens a shared database with its key-encryption key; exit 64 or 71 on failure.
+fn open_shared(
+    database: sentinel_hub::config::DatabaseUrl,
+    kek_file: &std::path::Path,
+) -> Result<sentinel_hub::service::replicas::Shared, ExitCode> {
+    let sentinel_hub::config::DatabaseUrl::Postgres(url) = database else {
+        eprintln!("sentinel-hub: a shared database is postgres://...; an embedded hub needs no preparing");
+        return Err(ExitCode::from(64));
+    };
+    let kek = sentinel_hub::keys::Kek::from_file(kek_file).map_err(|e| {
+        print_chain(&e);
+        ExitCode::from(64)
+    })?;
+    let store = sentinel_hub::store::PostgresStore::open(&url, "cli").map_err(|e| {
+        print_chain(&e);
+        ExitCode::from(71)
+    })?;
+    Ok(sentinel_hub::service::replicas::Shared { store: std::sync::Arc::new(store), kek: std::sync::Arc::new(kek) })
+}
+
+fn init(database: sentinel_hub::config::DatabaseUrl, kek_file: PathBuf) -> ExitCode {
+    use sentinel_hub::store::AccessStore as _;
+    let shared = match open_shared(database, &kek_file) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(e) = shared.open_keyring() {
+        print_chain(&e);
+        return ExitCode::from(71);
+    }
+    let token = sentinel_hub::auth::generate_token();
+    let hash = sentinel_hub::auth::hash_token(&token);
+    match shared.store.insert_first_token("admin", "admin", &hash, "init", sentinel_hub::now_ms()) {
+        Ok(Some(_)) => {
+            // The only copy: the database keeps its hash.
+            println!("{token}");
+            eprintln!("sentinel-hub: the database is ready; above is the first admin token (shown once)");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!(
+                "sentinel-hub: the database is ready and already has tokens; make more with `sentinel token create`"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            print_chain(&e);
+            ExitCode::from(71)
+        }
+    }
+}
+
+fn migrate(
+    from: sentinel_hub::config::DatabaseUrl,
+    to: sentinel_hub::config::DatabaseUrl,
+    blobs_to: Option<sentinel_hub::config::BlobsUrl>,
+    kek_file: &std::path::Path,
+    force: bool,
+) -> ExitCode {
+    use sentinel_hub::config::BlobsUrl;
+    use sentinel_hub::store::postgres::import;
+    use sentinel_hub::store::{BlobStore, LocalBlobStore, RegistryStore as _, S3BlobStore, SqliteStore};
+    let sentinel_hub::config::DatabaseUrl::Sqlite(source) = from else {
+        eprintln!("sentinel-hub: --from is the embedded hub's sqlite://PATH");
+        return ExitCode::from(64);
+    };
+    let data_dir = source.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let shared = match open_shared(to, kek_file) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let fail = |e: &dyn std::error::Error, code: u8| {
+        print_chain(e);
+        ExitCode::from(code)
+    };
+    // The source at its newest schema (what its hub would do at start).
+    let digests = match SqliteStore::open(&source).and_then(|s| s.referenced_blobs()) {
+        Ok(d) => d,
+        Err(e) => return fail(&e, 71),
+    };
+    let from_blobs = match LocalBlobStore::open(data_dir.join("blobs").join("sha256")) {
+        Ok(b) => b,
+        Err(e) => return fail(&e, 71),
+    };
+    let staging = match tempfile::tempdir() {
+        Ok(t) => t,
+        Err(e) => return fail(&e, 71),
+    };
+    let to_blobs: Box<dyn BlobStore> = match blobs_to {
+        None => match LocalBlobStore::open(data_dir.join("blobs").join("sha256")) {
+            Ok(b) => Box::new(b),
+            Err(e) => return fail(&e, 71),
+        },
+        Some(BlobsUrl::File(dir)) => match LocalBlobStore::open(dir.join("sha256")) {
+            Ok(b) => Box::new(b),
+            Err(e) => return fail(&e, 71),
+        },
+        Some(BlobsUrl::S3 { bucket, prefix }) => {
+            match S3BlobStore::open(&bucket, &prefix, &Default::default(), staging.path().join("staging")) {
+                Ok(b) => Box::new(b),
+                Err(e) => return fail(&e, 71),
+            }
+        }
+    };
+    let blobs = match import::copy_blobs(&digests, &from_blobs, to_blobs.as_ref()) {
+        Ok(n) => n,
+        Err(e) => return fail(&e, 1),
+    };
+    eprintln!("sentinel-hub: {blobs} blobs re-hashed and in the target store");
+    let keys = match import::sealed_keys(&data_dir.join("keys"), &shared.kek) {
+        Ok(k) => k,
+        Err(e) => return fail(&e, 1),
+    };
+    match shared.store.import_sqlite(&source, &keys, force) {
+        Ok(done) => {
+            for (table, n) in &done.rows {
+                println!("{table}\t{n}");
+            }
+            println!("blobs\t{blobs}");
+            println!("signing_keys\t{}", done.keys);
+            eprintln!("sentinel-hub: migrated; start the replicas on the target");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e, 1),
+    }
 }
 
 fn print_chain(err: &dyn std::error::Error) {

@@ -158,6 +158,8 @@ impl S3BlobStore {
         settings: &S3Settings,
         staging: std::path::PathBuf,
     ) -> Result<Self, BlobError> {
+        // rustls with ring, before the HTTP client is built (idempotent).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
         if let Some(e) = &settings.endpoint {
             b = b.with_endpoint(e);

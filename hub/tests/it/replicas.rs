@@ -91,3 +91,201 @@ async fn ten_reports_on_two_replicas_at_once_halt_exactly_once() {
         }
     }
 }
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// The signed manifest `GET .../manifest` serves.
+async fn signed(hub: &TestHub, version: &str) -> sentinel_proto::pb::SignedManifest {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let m: Value =
+        hub.get(&format!("/api/v1/models/digits/versions/{version}/manifest"), &hub.admin).await.json().await.unwrap();
+    sentinel_proto::pb::SignedManifest {
+        manifest: b64.decode(m["manifest"].as_str().unwrap()).unwrap(),
+        signature: b64.decode(m["signature"].as_str().unwrap()).unwrap(),
+        key_id: m["key_id"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// `sentinel-hub migrate` from `data`'s hub.db: exit code, stdout, stderr.
+fn migrate(data: &std::path::Path, to: &str, blobs: &str, kek: &std::path::Path) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sentinel-hub"));
+    cmd.args(["migrate", "--from", &format!("sqlite://{}", data.join("hub.db").display()), "--to", to])
+        .args(["--blobs-to", blobs])
+        .arg("--key-encryption-key-file")
+        .arg(kek)
+        .env("RUST_LOG", "warn");
+    if let Some(rig) = backend::s3() {
+        cmd.env("AWS_ENDPOINT_URL", &rig.endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", &rig.key)
+            .env("AWS_SECRET_ACCESS_KEY", &rig.secret);
+    }
+    let out = cmd.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_an_embedded_hub_and_its_signatures_still_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(rig) = backend::postgres() else {
+        eprintln!(
+            "SKIPPED replicas::migrate_moves_an_embedded_hub_and_its_signatures_still_verify: needs the PostgreSQL rig"
+        );
+        return;
+    };
+    // An embedded hub, whatever the suite's back end: SQLite and local disk.
+    let data = tmp.path().join("embedded");
+    let embedded = |c: &mut HubConfig| {
+        c.database = Some(DatabaseUrl::Sqlite(data.join("hub.db")));
+        c.blobs = Some(BlobsUrl::File(data.join("blobs")));
+    };
+    let mut old = TestHub::start_at(&data, embedded).await;
+    push(&old, &["1.0.0"]).await;
+    old.admin_post("/api/v1/keys/rotate", json!({})).await;
+    old.push("digits", "2.0.0", V2, "").await;
+    let d = deploy(&old, json!({"version": "2.0.0", "target": "site=a"})).await["id"].as_i64().unwrap();
+    let mut device = Device::enroll(&old, "edge-1", "a").await;
+    let keys: Value = old.admin_get("/api/v1/keys").await;
+    let mut pinned = sentinel_proto::TrustedKeys::new();
+    for k in keys["keys"].as_array().unwrap() {
+        pinned.add_base64(k["public_key"].as_str().unwrap()).unwrap();
+    }
+    let before = [signed(&old, "1.0.0").await, signed(&old, "2.0.0").await];
+    assert_ne!(before[0].key_id, before[1].key_id, "two keys signed them");
+    old.stop().await;
+
+    let url = backend::fresh_database(&rig).await;
+    let kek = tmp.path().join("kek");
+    backend::write_kek(&kek);
+    let (blobs_to, target_blobs) = match backend::s3() {
+        Some(r) => {
+            let prefix = backend::fresh_prefix();
+            (format!("s3://{}/{}", r.bucket, prefix), BlobsUrl::S3 { bucket: r.bucket.clone(), prefix })
+        }
+        None => {
+            let dir = tmp.path().join("shared-blobs");
+            (format!("file://{}", dir.display()), BlobsUrl::File(dir))
+        }
+    };
+
+    // A blob whose bytes changed is refused by name, and nothing is migrated.
+    let v2 = data.join("blobs/sha256").join(sha256_hex(&model_bytes(V2)));
+    let good = std::fs::read(&v2).unwrap();
+    let mut bad = good.clone();
+    bad[100] ^= 1;
+    std::fs::write(&v2, &bad).unwrap();
+    let (code, _, err) = migrate(&data, &url, &blobs_to, &kek);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("blob {} in the source store has changed", v2.file_name().unwrap().to_string_lossy())),
+        "{err}"
+    );
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows: i64 = db.query_one("SELECT COUNT(*) FROM models", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 0, "an interrupted migration leaves the target's tables empty");
+
+    // Repaired, the re-run completes; a third run is refused.
+    std::fs::write(&v2, &good).unwrap();
+    let (code, out, err) = migrate(&data, &url, &blobs_to, &kek);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("versions\t2") && out.contains("deployments\t1") && out.contains("signing_keys\t2"), "{out}");
+    let (code, _, err) = migrate(&data, &url, &blobs_to, &kek);
+    assert_eq!(code, 1);
+    assert!(err.contains("already holds a registry") && err.contains("--force"), "{err}");
+
+    // The migrated hub: same tokens, same deployment, same bytes, and
+    // signatures that verify with the keys devices pinned before.
+    let new = TestHub::start_at(&tmp.path().join("replica"), |c| {
+        c.database = Some(DatabaseUrl::Postgres(url.clone()));
+        c.blobs = Some(target_blobs.clone());
+        if let Some(r) = backend::s3() {
+            c.s3 = r.settings();
+        }
+        c.key_encryption_key_file = Some(kek.clone());
+    })
+    .await;
+    let mut new = new;
+    assert!(new.admin.is_empty(), "the migrated token table has the first admin token");
+    new.admin = old.admin.clone();
+    for (version, file, was) in [("1.0.0", V1, &before[0]), ("2.0.0", V2, &before[1])] {
+        let now = signed(&new, version).await;
+        assert_eq!(&now, was, "{version}: the same signed manifest");
+        let m = sentinel_proto::verify_manifest(&now, &pinned).unwrap();
+        let r = new.get(&format!("/api/v1/models/digits/versions/{version}/artifact"), &new.admin).await;
+        let bytes = r.bytes().await.unwrap();
+        assert_eq!(bytes.as_ref(), model_bytes(file).as_slice());
+        assert_eq!(m.sha256, sha256_hex(&bytes), "{version}");
+    }
+    assert_eq!(deployment(&new, d).await["state"], "active");
+    // The device's token still opens its stream, and its state is new to it.
+    device.move_to(&new).await;
+    device.subscribe().await;
+    let state = device.next_state().await;
+    assert_eq!(models(&state), [("2.0.0".to_owned(), d)]);
+    let keys: Value = new.admin_get("/api/v1/keys").await;
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 2, "both keys moved");
+}
+
+#[tokio::test]
+async fn init_prints_the_first_admin_token_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(rig) = backend::postgres() else {
+        eprintln!("SKIPPED replicas::init_prints_the_first_admin_token_once: needs the PostgreSQL rig");
+        return;
+    };
+    let url = backend::fresh_database(&rig).await;
+    let kek = tmp.path().join("kek");
+    backend::write_kek(&kek);
+    let init = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sentinel-hub"))
+            .args(["init", "--database", &url, "--key-encryption-key-file"])
+            .arg(&kek)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, token, err) = init();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(token.lines().count(), 1, "one line: the token ({token:?})");
+    let (code, again, err) = init();
+    assert_eq!((code, again.as_str()), (Some(0), ""), "{err}");
+    assert!(err.contains("already has tokens"), "{err}");
+    // A replica on that database makes no token of its own, and takes this one.
+    let mut hub = TestHub::start_at(&tmp.path().join("replica"), |c| {
+        c.database = Some(DatabaseUrl::Postgres(url.clone()));
+        c.key_encryption_key_file = Some(kek.clone());
+    })
+    .await;
+    assert!(hub.admin.is_empty() && !tmp.path().join("replica/admin.token").exists());
+    hub.admin = token;
+    hub.admin_get("/api/v1/tokens").await;
+    // A bad key-encryption key file is a usage error, named: readable by
+    // others, then the wrong length.
+    let short = tmp.path().join("short");
+    std::fs::write(&short, b"short").unwrap();
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sentinel-hub"))
+            .args(["init", "--database", &url, "--key-encryption-key-file"])
+            .arg(&short)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run();
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("readable by others"), "{err}");
+    std::fs::set_permissions(&short, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("5 bytes; expected 32 raw bytes"), "{err}");
+}

@@ -36,6 +36,13 @@ impl Device {
         Self { id: id.to_owned(), token, client: AgentSyncClient::new(channel), stream: None }
     }
 
+    /// The same device (its token) talking to another hub.
+    pub(crate) async fn move_to(&mut self, hub: &TestHub) {
+        let channel = Channel::from_shared(hub.grpc_url.clone()).unwrap().connect().await.unwrap();
+        self.client = AgentSyncClient::new(channel);
+        self.stream = None;
+    }
+
     fn authed<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut().insert("authorization", format!("Bearer {}", self.token).parse().unwrap());

@@ -27,10 +27,12 @@
 //! - [`migrations`]: the schema, one migration per version.
 //! - [`registry`], [`deployments`], [`devices`], [`access`]: as in the SQLite store.
 //! - [`keys`]: the sealed signing keys all replicas share.
+//! - [`import`]: `sentinel-hub migrate`, from an embedded hub's data dir.
 
 mod access;
 mod deployments;
 mod devices;
+pub mod import;
 pub mod keys;
 mod migrations;
 mod registry;
