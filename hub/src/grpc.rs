@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::hash_token;
 use crate::service::SharedState;
-use crate::service::events::ChangeKind;
 use crate::service::fleet::{Fleet, StreamError};
 use crate::store::{DeviceEvent, DeviceRecord};
 use crate::targeting::target_of;
@@ -81,7 +80,7 @@ impl AgentSync for SyncService {
             .await
             .map_err(|_| Status::unavailable("the hub cannot record the device right now"))?;
         let rx = Fleet::subscribe(&self.state, target).await.map_err(status)?;
-        self.state.events().notify(ChangeKind::Device, &device.id);
+        crate::service::replicas::device_changed(&self.state, &device.id);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| m.map_err(status)))))
     }
 
@@ -115,7 +114,7 @@ impl AgentSync for SyncService {
         // fleet's reaction on its stream without waiting for another report.
         crate::service::deployments::watch_report(&self.state, &device.id, device.report.as_ref(), &report.models)
             .await;
-        self.state.events().notify(ChangeKind::Device, &device.id);
+        crate::service::replicas::device_changed(&self.state, &device.id);
         let interval = u64::try_from(self.state.config().heartbeat.as_millis()).unwrap_or(u64::MAX);
         Ok(Response::new(ReportAck { heartbeat_interval_ms: interval }))
     }

@@ -133,7 +133,7 @@ impl Hub {
                 let replica = crate::auth::generate_token();
                 let store = Arc::new(PostgresStore::open(&url, &replica[..12.min(replica.len())])?);
                 tracing::info!(database = %store.url(), "metadata in PostgreSQL");
-                let shared = Shared { store: store.clone(), kek };
+                let shared = Shared::new(store.clone(), kek);
                 let keys = shared.open_keyring().map_err(HubError::SharedKeys)?;
                 (store as Arc<dyn MetadataStore>, Some(shared), keys)
             }

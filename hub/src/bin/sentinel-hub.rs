@@ -210,7 +210,7 @@ fn open_shared(
         print_chain(&e);
         ExitCode::from(71)
     })?;
-    Ok(sentinel_hub::service::replicas::Shared { store: std::sync::Arc::new(store), kek: std::sync::Arc::new(kek) })
+    Ok(sentinel_hub::service::replicas::Shared::new(std::sync::Arc::new(store), std::sync::Arc::new(kek)))
 }
 
 fn init(database: sentinel_hub::config::DatabaseUrl, kek_file: PathBuf) -> ExitCode {

@@ -28,6 +28,46 @@ use crate::store::{KeyStore, PostgresStore};
 pub struct Shared {
     pub store: Arc<PostgresStore>,
     pub kek: Arc<Kek>,
+    /// The latest device this replica heard from, for the other replicas'
+    /// web change feeds (see [`device_changed`]).
+    pub devices: Arc<tokio::sync::watch::Sender<String>>,
+}
+
+impl Shared {
+    pub fn new(store: Arc<PostgresStore>, kek: Arc<Kek>) -> Self {
+        Self { store, kek, devices: Arc::new(tokio::sync::watch::channel(String::new()).0) }
+    }
+}
+
+/// The notice kind for a device that connected or reported: `device ID`.
+const DEVICE: &str = "device ";
+
+/// How often at most a replica tells the others that its devices reported.
+/// A burst costs one notice, always naming the latest device: the web page
+/// refetches what it shows on any change, so only *that* matters.
+const DEVICE_NOTICE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Tells this replica's web change feed that device `id` connected or
+/// reported, and the other replicas' feeds too (coalesced).
+pub fn device_changed(state: &SharedState, id: &str) {
+    state.events().notify(ChangeKind::Device, id);
+    if let Some(shared) = state.replicas() {
+        shared.devices.send_replace(id.to_owned());
+    }
+}
+
+/// Sends the coalesced device notices until the hub stops.
+async fn announce_devices(shared: Shared) {
+    let mut rx = shared.devices.subscribe();
+    while rx.changed().await.is_ok() {
+        let id = rx.borrow_and_update().clone();
+        let store = shared.store.clone();
+        let sent = tokio::task::spawn_blocking(move || store.announce(&format!("{DEVICE}{id}"))).await;
+        if let Ok(Err(e)) = sent {
+            tracing::warn!(error = %e, "telling the other replicas about a device report failed");
+        }
+        tokio::time::sleep(DEVICE_NOTICE_EVERY).await;
+    }
 }
 
 impl Shared {
@@ -86,7 +126,12 @@ pub async fn follow(state: SharedState) {
             return;
         }
     };
+    let announcer = tokio::spawn(announce_devices(shared.clone()));
     while let Some(kind) = notices.recv().await {
+        if let Some(device) = kind.strip_prefix(DEVICE) {
+            state.events().notify(ChangeKind::Device, device);
+            continue;
+        }
         if (kind == KEYS || kind == RESYNC)
             && let Err(e) = reload_keys(&state).await
         {
@@ -99,4 +144,5 @@ pub async fn follow(state: SharedState) {
             state.events().notify(ChangeKind::Deployments, "");
         }
     }
+    announcer.abort();
 }

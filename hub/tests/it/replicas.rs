@@ -13,6 +13,7 @@ use crate::common::*;
 use sentinel_hub::HubConfig;
 use sentinel_hub::config::{BlobsUrl, DatabaseUrl};
 use sentinel_testkit::backend;
+use sentinel_testkit::wait::WAIT;
 
 /// Two replicas on a fresh database, a shared blob directory and one
 /// key-encryption key, both with the first admin token.
@@ -58,6 +59,15 @@ async fn ten_reports_on_two_replicas_at_once_halt_exactly_once() {
         d.next_state().await;
         devices.push(d);
     }
+    // The web change feed crosses replicas: B's shows a report made on A.
+    let mut feed = b.state.events().changes();
+    feed.borrow_and_update();
+    devices[0].report("1.0.0", "serving", "", 1).await;
+    // (The borrow `wait_for` returns is dropped at once: held, it would
+    // block B's every change notice.)
+    let seen = tokio::time::timeout(WAIT, feed.wait_for(|c| c.subject == "edge-0")).await.is_ok_and(|r| r.is_ok());
+    assert!(seen, "B's change feed never named edge-0, which reported on A");
+
     let d2 = deploy(&a, json!({"version": "2.0.0", "target": "site=a"})).await["id"].as_i64().unwrap();
     // Every device, on either replica, gets the new state.
     for d in &mut devices {
