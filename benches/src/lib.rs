@@ -70,6 +70,16 @@ impl HubProcess {
     /// can keep the hub, which runs on another machine in a fleet, from
     /// taking the device's CPU time.
     pub fn start_niced(extra: &[&str], nice: i32) -> anyhow::Result<Self> {
+        Self::start_full(extra, &[], nice)
+    }
+
+    /// Like [`HubProcess::start_with`], with `env` set for the hub (the AWS
+    /// variables of an S3 blob store, say).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_full(extra, env, 0)
+    }
+
+    fn start_full(extra: &[&str], env: &[(&str, &str)], nice: i32) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new("nice")
             .arg("-n")
@@ -82,6 +92,7 @@ impl HubProcess {
             .arg("--worker")
             .arg(workspace_bin("sentinel-worker")?)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -103,7 +114,9 @@ impl HubProcess {
                 break;
             }
         }
-        let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_owned();
+        // Empty for a replica on a database another replica made the token in.
+        let admin =
+            std::fs::read_to_string(dir.path().join("admin.token")).map(|t| t.trim().to_owned()).unwrap_or_default();
         Ok(Self { child, url, grpc_url, admin, dir })
     }
 
