@@ -157,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
     let devices: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(10_000);
     let pg = std::env::var("SENTINEL_BENCH_POSTGRES").context("set SENTINEL_BENCH_POSTGRES to an admin URL")?;
     let fds = raise_fd_limit();
-    ensure!(fds as usize > 2 * devices + 200, "open-file limit {fds} is too low for {devices} streams");
+    ensure!(fds as usize > devices + 200, "open-file limit {fds} is too low for {devices} streams");
     sentinel_hub::install_crypto_provider();
     let keys = tempfile::tempdir()?;
     let kek = keys.path().join("kek");
