@@ -201,6 +201,15 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 impl AgentConfig {
+    /// Points the agent at one hub: `rest` for downloads, `grpc` for the
+    /// stream (replacing any list of replicas).
+    pub fn set_hub(&mut self, rest: &str, grpc: &str) {
+        self.hub_url = rest.trim_end_matches('/').to_owned();
+        self.grpc_url = grpc.trim_end_matches('/').to_owned();
+        self.hub_urls = vec![self.hub_url.clone()];
+        self.grpc_urls = vec![self.grpc_url.clone()];
+    }
+
     /// The control socket `sentinel-agent status` talks to.
     pub fn control_socket(&self) -> PathBuf {
         self.runtime_dir.join(CONTROL_SOCKET)

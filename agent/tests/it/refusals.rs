@@ -132,7 +132,8 @@ async fn a_replayed_older_revision_is_refused() {
     );
     let key = hub.public_key().await;
     let mut config = agent_config(&tmp.path().join("a"), &hub, "edge-1", &token, &key, "");
-    config.grpc_url = format!("http://{addr}");
+    let rest = config.hub_url.clone();
+    config.set_hub(&rest, &format!("http://{addr}"));
     let agent = sentinel_agent::start(config).await.unwrap();
     let v = agent.wait_for(WAIT, |v| !v.refused_states.is_empty()).await.unwrap();
     assert_eq!(v.refused_states, ["replayed"]);

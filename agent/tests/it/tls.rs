@@ -60,8 +60,7 @@ async fn sync_and_download_over_tls() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("hub-ca.pem"), cert.cert.pem()).unwrap();
     let mut config = agent_config(&dir, &hub, "edge-1", &token, &key, "ca_file = \"hub-ca.pem\"");
-    config.hub_url = https.clone();
-    config.grpc_url = grpcs.clone();
+    config.set_hub(&https, &grpcs);
     let agent = sentinel_agent::start(config).await.unwrap();
     let v = agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("1.0.0")).await.unwrap();
     assert!(v.connected);
@@ -70,8 +69,7 @@ async fn sync_and_download_over_tls() {
     // An agent that trusts only the system roots cannot connect.
     let other = tmp.path().join("b");
     let mut config = agent_config(&other, &hub, "edge-1", &token, &key, "");
-    config.hub_url = https;
-    config.grpc_url = grpcs;
+    config.set_hub(&https, &grpcs);
     let agent = sentinel_agent::start(config).await.unwrap();
     let v = agent.wait_for(WAIT, |v| !v.last_error.is_empty()).await.unwrap();
     assert!(!v.connected && v.models.is_empty(), "{v:?}");

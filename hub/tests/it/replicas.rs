@@ -299,3 +299,123 @@ async fn init_prints_the_first_admin_token_once() {
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("5 bytes; expected 32 raw bytes"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_completed_on_two_replicas_at_once_widens_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((a, b)) = replicas(tmp.path()).await else {
+        eprintln!("SKIPPED replicas::a_wave_completed_on_two_replicas_at_once_widens_once: needs the PostgreSQL rig");
+        return;
+    };
+    push(&a, &["1.0.0", "2.0.0"]).await;
+    let d1 = deploy(&a, json!({"version": "1.0.0", "target": "site=a"})).await["id"].as_i64().unwrap();
+    let mut devices = Vec::new();
+    for i in 0..20 {
+        let hub = if i % 2 == 0 { &a } else { &b };
+        let mut d = Device::enroll(hub, &format!("edge-{i}"), "a").await;
+        d.subscribe().await;
+        loop {
+            if models(&d.next_state().await) == [("1.0.0".to_owned(), d1)] {
+                break;
+            }
+        }
+        devices.push(d);
+    }
+    let d2 =
+        deploy(&b, json!({"version": "2.0.0", "target": "site=a", "waves": [50, 100]})).await["id"].as_i64().unwrap();
+    let first: Vec<usize> =
+        (0..20).filter(|i| sentinel_hub::rollout::waves::in_wave(d2, &[50, 75, 100], 0, &devices[*i].id)).collect();
+    assert!(first.iter().any(|i| i % 2 == 0) && first.iter().any(|i| i % 2 == 1), "the wave spans both replicas");
+    // The whole first wave reports at once, through both replicas.
+    let mut in_wave: Vec<&mut Device> =
+        devices.iter_mut().enumerate().filter(|(i, _)| first.contains(i)).map(|(_, d)| d).collect();
+    futures_util::future::join_all(in_wave.iter_mut().map(|d| d.report("2.0.0", "serving", "", d2))).await;
+    let v = deployment(&a, d2).await;
+    assert_eq!(v["wave"], 1, "widened once, to 75%, not past it: {v}");
+    let audit: Value = b.get("/api/v1/audit?limit=500", &b.admin).await.json().await.unwrap();
+    let widen =
+        audit["entries"].as_array().unwrap().iter().filter(|e| e["action"] == format!("WIDEN deployment {d2}")).count();
+    assert_eq!(widen, 1, "one widening, however many replicas saw the wave done: {audit}");
+    // Every device of the 75% wave, on either replica, is told to run 2.0.0.
+    for (i, d) in devices.iter_mut().enumerate() {
+        if !sentinel_hub::rollout::waves::in_wave(d2, &[50, 75, 100], 1, &d.id) {
+            continue;
+        }
+        loop {
+            if models(&d.next_state().await) == [("2.0.0".to_owned(), d2)] {
+                break;
+            }
+        }
+        assert!(i < 20);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_replicas_widen_and_halt_each_deployment_once() {
+    use sentinel_hub::store::{DeploymentKind, DeploymentStore as _, HaltOutcome, NewDeployment, PostgresStore};
+    let Some(rig) = backend::postgres() else {
+        eprintln!("SKIPPED replicas::racing_replicas_widen_and_halt_each_deployment_once: needs the PostgreSQL rig");
+        return;
+    };
+    let url = backend::fresh_database(&rig).await;
+    let stores: Vec<std::sync::Arc<PostgresStore>> =
+        ["a", "b"].iter().map(|r| std::sync::Arc::new(PostgresStore::open(&url, r).unwrap())).collect();
+    let new = |target: String| NewDeployment {
+        model: "m".into(),
+        version: "1.0.0".into(),
+        target,
+        kind: DeploymentKind::Deploy,
+        created_by: "t".into(),
+        replaces: None,
+        policy: None,
+        halt_fraction: 0.2,
+        halt_count: None,
+        waves: vec![25, 50, 100],
+    };
+    let ids: Vec<i64> =
+        (0..20).map(|i| stores[0].insert_deployment(&new(format!("site={i}")), 1).unwrap().id).collect();
+    let expected = ids.clone();
+    // Two replicas' stores, released together by a barrier, each widen
+    // every deployment from wave 0 and then halt it.
+    let (widened, halted) = tokio::task::spawn_blocking(move || {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let runs: Vec<_> = stores
+            .into_iter()
+            .map(|store| {
+                let (barrier, ids) = (barrier.clone(), ids.clone());
+                std::thread::spawn(move || {
+                    let (mut widened, mut halted) = (Vec::new(), Vec::new());
+                    for id in ids {
+                        barrier.wait();
+                        if store.advance_wave(id, 0, 2).unwrap().is_some() {
+                            widened.push(id);
+                        }
+                        barrier.wait();
+                        if matches!(store.halt_deployment(id, "bad", None, 3).unwrap(), HaltOutcome::Halted { .. }) {
+                            halted.push(id);
+                        }
+                    }
+                    (widened, halted)
+                })
+            })
+            .collect();
+        let mut all = (Vec::new(), Vec::new());
+        for r in runs {
+            let (w, h) = r.join().unwrap();
+            all.0.extend(w);
+            all.1.extend(h);
+        }
+        all
+    })
+    .await
+    .unwrap();
+    let (mut widened, mut halted) = (widened, halted);
+    widened.sort();
+    halted.sort();
+    assert_eq!(widened, expected, "each deployment widened by exactly one replica");
+    assert_eq!(halted, expected, "each deployment halted by exactly one replica");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let past: i64 = db.query_one("SELECT COUNT(*) FROM deployments WHERE wave <> 1", &[]).await.unwrap().get(0);
+    assert_eq!(past, 0, "no deployment skipped a wave");
+}
