@@ -250,6 +250,20 @@ fn main() {
     let env = format!(
         "{minimal}\0SENTINEL_AGENT_DEVICE_ID=edge-2\nSENTINEL_AGENT_LISTEN=\nRUNTIME_DIRECTORY=/run/a:/run/b\n"
     );
+    // Hub replicas: URL lists, in the file and in the environment.
+    let replicas: String = minimal
+        .lines()
+        .filter(|l| !l.starts_with("grpc_url"))
+        .map(|l| {
+            if l.starts_with("hub_url") {
+                "hub_url = [\"https://hub-a.example:8080\", \"https://hub-b.example:8080/\"]\n".to_owned()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let replicas_env =
+        format!("{replicas}\0SENTINEL_AGENT_GRPC_URL=https://hub-a.example:8081, https://hub-b.example:8081\n");
     write(
         "agent_config",
         &[
@@ -257,6 +271,7 @@ fn main() {
             ("readme-with-rollout.toml", with_rollout.into_bytes()),
             ("minimal.toml", minimal.into_bytes()),
             ("minimal-with-env", env.into_bytes()),
+            ("replicas-with-env", replicas_env.into_bytes()),
         ],
     );
 
