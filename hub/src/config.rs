@@ -142,6 +142,9 @@ pub struct HubConfig {
     pub database: Option<DatabaseUrl>,
     /// Where model bytes live; `None`: `DATA_DIR/blobs`.
     pub blobs: Option<BlobsUrl>,
+    /// CA certificates (PEM) TLS to PostgreSQL trusts besides the system's
+    /// roots: a managed database's own CA.
+    pub database_ca_file: Option<PathBuf>,
     /// S3 settings beyond the `--blobs` URL; unset fields come from the
     /// standard AWS environment.
     pub s3: S3Settings,
@@ -270,6 +273,7 @@ impl HubConfig {
             inspect: InspectConfig::default(),
             database: None,
             blobs: None,
+            database_ca_file: None,
             s3: S3Settings::default(),
             artifact_redirect: false,
             key_encryption_key_file: None,

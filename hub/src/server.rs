@@ -131,7 +131,11 @@ impl Hub {
                 };
                 let kek = Arc::new(Kek::from_file(kek_file)?);
                 let replica = crate::auth::generate_token();
-                let store = Arc::new(PostgresStore::open(&url, &replica[..12.min(replica.len())])?);
+                let store = Arc::new(PostgresStore::open(
+                    &url,
+                    &replica[..12.min(replica.len())],
+                    config.database_ca_file.as_deref(),
+                )?);
                 tracing::info!(database = %store.url(), "metadata in PostgreSQL");
                 let shared = Shared::new(store.clone(), kek);
                 let keys = shared.open_keyring().map_err(HubError::SharedKeys)?;

@@ -1,7 +1,8 @@
 //! TLS for the hub's REST and gRPC listeners (rustls with ring). The
 //! handshakes run in each connection's own task, under the connection cap
 //! and header-read timeout of `sentinel_net`, so one slow or hostile client
-//! cannot hold up the others.
+//! cannot hold up the others. Also the client side the hub uses to reach
+//! its PostgreSQL database ([`client_config`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +18,37 @@ pub enum TlsError {
     Pem { path: String, reason: String },
     #[error("building the TLS configuration")]
     Config(#[source] tokio_rustls::rustls::Error),
+    #[error("{path} holds no usable CA certificate")]
+    NoCa { path: String },
+}
+
+/// A TLS client configuration that trusts the system's roots and, if given,
+/// the CA certificates (PEM) in `ca_file`: a managed database's own CA.
+pub fn client_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, TlsError> {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    // Unreadable system roots leave the store to the CA file: logged, not fatal.
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!(error = %e, "a system root certificate could not be read");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        let pem_err = |reason: String| TlsError::Pem { path: path.display().to_string(), reason };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| pem_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(e.to_string()))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(TlsError::NoCa { path: path.display().to_string() });
+        }
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    Ok(tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Reads a certificate chain and private key (PEM).

@@ -5,7 +5,8 @@
 //! second time on a rig it starts (a throwaway PostgreSQL cluster), telling
 //! the tests through the environment:
 //! - `SENTINEL_TEST_POSTGRES`: the rig's admin URL
-//!   (`postgres://postgres@127.0.0.1:PORT/postgres`). Each hub gets a fresh
+//!   (`postgres://postgres@127.0.0.1:PORT/postgres?sslmode=disable`), and
+//!   `SENTINEL_TEST_POSTGRES_CA`, the CA of its TLS certificate. Each hub gets a fresh
 //!   database of its own, remembered in its data dir so a restart finds it.
 //! - `SENTINEL_TEST_S3` (the endpoint), `SENTINEL_TEST_S3_BUCKET`,
 //!   `SENTINEL_TEST_S3_KEY`, `SENTINEL_TEST_S3_SECRET`: the rig's S3 server
@@ -86,8 +87,17 @@ pub async fn fresh_database(admin: &str) -> String {
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
     drop(client);
     let _ = conn.await;
-    let (base, _) = admin.rsplit_once('/').unwrap();
-    format!("{base}/{name}")
+    with_database(admin, &name)
+}
+
+/// `url` naming database `name` instead, its query (`?sslmode=...`) kept.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (path, query) = url.split_once('?').map_or((url, None), |(p, q)| (p, Some(q)));
+    let (base, _) = path.rsplit_once('/').unwrap();
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
 }
 
 /// Writes a fresh key-encryption key to `path` (mode 0600).

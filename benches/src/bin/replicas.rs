@@ -29,8 +29,9 @@ async fn fresh_database(admin: &str, name: &str) -> anyhow::Result<String> {
     tokio::spawn(conn);
     client.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await?;
     client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-    let (base, _) = admin.rsplit_once('/').context("admin URL without a database")?;
-    Ok(format!("{base}/{name}"))
+    let (path, query) = admin.split_once('?').map_or((admin, None), |(p, q)| (p, Some(q)));
+    let (base, _) = path.rsplit_once('/').context("admin URL without a database")?;
+    Ok(query.map_or_else(|| format!("{base}/{name}"), |q| format!("{base}/{name}?{q}")))
 }
 
 /// Deploy -> state latencies at `devices` devices split over `hubs`,

@@ -30,6 +30,9 @@ enum Command {
         /// The database: postgres://USER[:PASSWORD]@HOST[:PORT]/DB.
         #[arg(long, env = "SENTINEL_DATABASE", value_parser = sentinel_hub::config::parse_database)]
         database: sentinel_hub::config::DatabaseUrl,
+        /// CA certificates (PEM) TLS to the database trusts besides the system's roots.
+        #[arg(long, env = "SENTINEL_DATABASE_CA_FILE")]
+        database_ca_file: Option<PathBuf>,
         /// The key that seals the signing keys (32 random bytes; the same file on every replica).
         #[arg(long, env = "SENTINEL_KEY_ENCRYPTION_KEY_FILE")]
         key_encryption_key_file: PathBuf,
@@ -45,6 +48,10 @@ enum Command {
         /// The target: postgres://...
         #[arg(long, value_parser = sentinel_hub::config::parse_database)]
         to: sentinel_hub::config::DatabaseUrl,
+        /// CA certificates (PEM) TLS to the database trusts besides the system's roots.
+        #[arg(long, env = "SENTINEL_DATABASE_CA_FILE")]
+        database_ca_file: Option<PathBuf>,
+
         /// Where the blobs go: s3://BUCKET[/PREFIX] (with the AWS environment)
         /// or file://DIR. Default: they stay in the source's blobs/, re-hashed.
         #[arg(long, value_parser = sentinel_hub::config::parse_blobs)]
@@ -77,6 +84,11 @@ struct Args {
     /// Devices verify size, digest and signature as always.
     #[arg(long, env = "SENTINEL_ARTIFACT_REDIRECT")]
     artifact_redirect: bool,
+    /// CA certificates (PEM) that TLS to PostgreSQL trusts besides the
+    /// system's roots (a managed database's own CA). `?sslmode=require` in
+    /// the URL makes TLS mandatory; the server's name is always checked.
+    #[arg(long, env = "SENTINEL_DATABASE_CA_FILE")]
+    database_ca_file: Option<PathBuf>,
     /// The key that seals the signing keys in a PostgreSQL database: 32
     /// random bytes (raw, hex or base64), the same file on every replica.
     #[arg(long, env = "SENTINEL_KEY_ENCRYPTION_KEY_FILE")]
@@ -184,18 +196,20 @@ fn main() -> ExitCode {
     };
     match cli.command {
         None => runtime.block_on(run(cli.serve)),
-        Some(Command::Init { database, key_encryption_key_file }) => {
-            runtime.block_on(async { init(database, key_encryption_key_file) })
+        Some(Command::Init { database, database_ca_file, key_encryption_key_file }) => {
+            runtime.block_on(async { init(database, database_ca_file.as_deref(), key_encryption_key_file) })
         }
-        Some(Command::Migrate { from, to, blobs_to, key_encryption_key_file, force }) => {
-            runtime.block_on(async { migrate(from, to, blobs_to, &key_encryption_key_file, force) })
-        }
+        Some(Command::Migrate { from, to, database_ca_file, blobs_to, key_encryption_key_file, force }) => runtime
+            .block_on(async {
+                migrate(from, to, database_ca_file.as_deref(), blobs_to, &key_encryption_key_file, force)
+            }),
     }
 }
 
 /// Opens a shared database with its key-encryption key; exit 64 or 71 on failure.
 fn open_shared(
     database: sentinel_hub::config::DatabaseUrl,
+    ca_file: Option<&std::path::Path>,
     kek_file: &std::path::Path,
 ) -> Result<sentinel_hub::service::replicas::Shared, ExitCode> {
     let sentinel_hub::config::DatabaseUrl::Postgres(url) = database else {
@@ -206,16 +220,16 @@ fn open_shared(
         print_chain(&e);
         ExitCode::from(64)
     })?;
-    let store = sentinel_hub::store::PostgresStore::open(&url, "cli").map_err(|e| {
+    let store = sentinel_hub::store::PostgresStore::open(&url, "cli", ca_file).map_err(|e| {
         print_chain(&e);
         ExitCode::from(71)
     })?;
     Ok(sentinel_hub::service::replicas::Shared::new(std::sync::Arc::new(store), std::sync::Arc::new(kek)))
 }
 
-fn init(database: sentinel_hub::config::DatabaseUrl, kek_file: PathBuf) -> ExitCode {
+fn init(database: sentinel_hub::config::DatabaseUrl, ca_file: Option<&std::path::Path>, kek_file: PathBuf) -> ExitCode {
     use sentinel_hub::store::AccessStore as _;
-    let shared = match open_shared(database, &kek_file) {
+    let shared = match open_shared(database, ca_file, &kek_file) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -248,6 +262,7 @@ fn init(database: sentinel_hub::config::DatabaseUrl, kek_file: PathBuf) -> ExitC
 fn migrate(
     from: sentinel_hub::config::DatabaseUrl,
     to: sentinel_hub::config::DatabaseUrl,
+    ca_file: Option<&std::path::Path>,
     blobs_to: Option<sentinel_hub::config::BlobsUrl>,
     kek_file: &std::path::Path,
     force: bool,
@@ -260,7 +275,7 @@ fn migrate(
         return ExitCode::from(64);
     };
     let data_dir = source.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-    let shared = match open_shared(to, kek_file) {
+    let shared = match open_shared(to, ca_file, kek_file) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -335,6 +350,7 @@ async fn run(args: Args) -> ExitCode {
     config.database = args.database;
     config.blobs = args.blobs;
     config.key_encryption_key_file = args.key_encryption_key_file;
+    config.database_ca_file = args.database_ca_file;
     if args.artifact_redirect && !matches!(config.blobs, Some(sentinel_hub::config::BlobsUrl::S3 { .. })) {
         eprintln!("sentinel-hub: --artifact-redirect needs --blobs s3://...: only a bucket can presign a download");
         return ExitCode::from(64);

@@ -359,7 +359,7 @@ async fn racing_replicas_widen_and_halt_each_deployment_once() {
     };
     let url = backend::fresh_database(&rig).await;
     let stores: Vec<std::sync::Arc<PostgresStore>> =
-        ["a", "b"].iter().map(|r| std::sync::Arc::new(PostgresStore::open(&url, r).unwrap())).collect();
+        ["a", "b"].iter().map(|r| std::sync::Arc::new(PostgresStore::open(&url, r, None).unwrap())).collect();
     let new = |target: String| NewDeployment {
         model: "m".into(),
         version: "1.0.0".into(),
@@ -418,4 +418,56 @@ async fn racing_replicas_widen_and_halt_each_deployment_once() {
     tokio::spawn(conn);
     let past: i64 = db.query_one("SELECT COUNT(*) FROM deployments WHERE wave <> 1", &[]).await.unwrap().get(0);
     assert_eq!(past, 0, "no deployment skipped a wave");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified() {
+    let (Some(rig), Ok(ca)) = (backend::postgres(), std::env::var("SENTINEL_TEST_POSTGRES_CA")) else {
+        eprintln!("SKIPPED replicas::tls_to_the_database_is_verified: needs the PostgreSQL rig and its CA");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = backend::fresh_database(&rig).await;
+    let name = plain.rsplit_once('/').unwrap().1.split('?').next().unwrap().to_owned();
+    let url = plain.replace("sslmode=disable", "sslmode=require");
+    assert_ne!(url, plain, "the rig's URL says sslmode=disable");
+    let kek = tmp.path().join("kek");
+    backend::write_kek(&kek);
+    let tls = |ca: Option<std::path::PathBuf>| {
+        let (url, kek) = (url.clone(), kek.clone());
+        move |c: &mut HubConfig| {
+            c.database = Some(DatabaseUrl::Postgres(url));
+            c.database_ca_file = ca;
+            c.key_encryption_key_file = Some(kek);
+        }
+    };
+
+    // Without the database's CA: refused at start, naming the certificate.
+    let mut config = HubConfig::new(tmp.path().join("untrusting"));
+    tls(None)(&mut config);
+    let err = sentinel_hub::Hub::open(config).unwrap_err();
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        chain.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(chain.contains("certificate"), "{chain}");
+
+    // Trusting it: the hub works, and every connection it holds is TLS.
+    let hub = TestHub::start_at(&tmp.path().join("hub"), tls(Some(ca.into()))).await;
+    hub.admin_get("/api/v1/models").await;
+    let (db, conn) = tokio_postgres::connect(&rig, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let count = async |ssl: bool| -> i64 {
+        db.query_one(
+            "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1 AND s.ssl = $2",
+            &[&name, &ssl],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    assert!(count(true).await > 0, "the hub's connections use TLS");
+    assert_eq!(count(false).await, 0, "and none is plain text");
 }

@@ -310,12 +310,13 @@ impl DeviceStore for PostgresStore {
 /// growing pause after a failure. Ends when the receiver is gone.
 pub(super) async fn listen_loop(
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     me: String,
     tx: tokio::sync::mpsc::UnboundedSender<String>,
 ) {
     let mut pause = std::time::Duration::from_millis(100);
     loop {
-        match config.connect(tokio_postgres::NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 // The connection yields notices only while it is polled, so
                 // it is polled here, and the LISTEN sent beside it.

@@ -64,8 +64,10 @@ pub struct PostgresStore {
     /// The URL without its password, for messages.
     url: String,
     config: tokio_postgres::Config,
-    /// This process's own connection ids are not needed: a notice carries the
-    /// sender's replica id, so a replica ignores its own.
+    /// TLS for every connection: used as `sslmode` says (tokio-postgres's
+    /// default, `prefer`, takes TLS when the server offers it).
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// A notice carries the sender's replica id, so a replica ignores its own.
     replica: String,
 }
 
@@ -144,10 +146,12 @@ fn redact(url: &str) -> String {
 }
 
 impl PostgresStore {
-    /// Connects to the database at `url` (`postgres://user:pass@host:port/db`)
-    /// and applies pending migrations. `replica` names this hub process in
-    /// change notices.
-    pub fn open(url: &str, replica: &str) -> Result<Self, StoreError> {
+    /// Connects to the database at `url` (`postgres://user:pass@host:port/db`,
+    /// `?sslmode=require` for TLS only) and applies pending migrations.
+    /// `replica` names this hub process in change notices. TLS trusts the
+    /// system's roots and `ca_file`'s certificates, and always checks the
+    /// server's name.
+    pub fn open(url: &str, replica: &str, ca_file: Option<&std::path::Path>) -> Result<Self, StoreError> {
         let redacted = redact(url);
         let open_err = |source: StoreError| StoreError::Open { path: redacted.clone(), source: Box::new(source) };
         let config = tokio_postgres::Config::from_str(url)
@@ -158,9 +162,13 @@ impl PostgresStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Open { path: redacted.clone(), source: Box::new(e) })?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+            crate::tls::client_config(ca_file)
+                .map_err(|e| StoreError::Open { path: redacted.clone(), source: Box::new(e) })?,
+        );
         let manager = Manager::from_config(
             config.clone(),
-            tokio_postgres::NoTls,
+            tls.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
@@ -171,7 +179,8 @@ impl PostgresStore {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Open { path: redacted.clone(), source: Box::new(e) })?;
-        let store = Self { pool, runtime: Some(runtime), url: redacted.clone(), config, replica: replica.to_owned() };
+        let store =
+            Self { pool, runtime: Some(runtime), url: redacted.clone(), config, tls, replica: replica.to_owned() };
         let mut client = store.client("connect").map_err(open_err)?;
         block(migrations::migrate(&mut client, &redacted))?;
         Ok(store)
@@ -221,9 +230,9 @@ impl PostgresStore {
     /// it sends [`RESYNC`]: notices may have been missed, so everything is stale.
     pub fn listen(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<String>, StoreError> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let config = self.config.clone();
+        let (config, tls) = (self.config.clone(), self.tls.clone());
         let me = self.replica.clone();
-        self.handle()?.spawn(devices::listen_loop(config, me, tx));
+        self.handle()?.spawn(devices::listen_loop(config, tls, me, tx));
         Ok(rx)
     }
 
