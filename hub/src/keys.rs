@@ -173,13 +173,9 @@ pub struct SigningKeyRecord {
     pub active: bool,
 }
 
-/// One key file of an embedded hub: its key id, public key and PKCS#8 bytes.
-pub type KeyFile = (String, Vec<u8>, Vec<u8>);
-
-/// The keys in an embedded hub's `keys/` directory, and the active key's id;
-/// for moving them to a shared database.
-pub fn key_files(dir: &Path) -> Result<(Vec<KeyFile>, String), KeyringError> {
-    let mut out = Vec::new();
+/// Every `<key-id>.pk8` in `dir`, in name order, parsed, with its bytes. A
+/// file others can read is refused.
+fn read_keys(dir: &Path) -> Result<Vec<(Signer, Vec<u8>)>, KeyringError> {
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io_err("read dir", dir))?
         .filter_map(Result::ok)
@@ -187,11 +183,29 @@ pub fn key_files(dir: &Path) -> Result<(Vec<KeyFile>, String), KeyringError> {
         .filter(|p| p.extension().is_some_and(|e| e == "pk8"))
         .collect();
     entries.sort();
+    let mut out = Vec::with_capacity(entries.len());
     for path in entries {
+        let mode = fs::metadata(&path).map_err(io_err("stat", &path))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(KeyringError::Permissions { path, mode: mode & 0o777 });
+        }
         let bytes = fs::read(&path).map_err(io_err("read", &path))?;
         let signer = Signer::from_pkcs8(&bytes).map_err(|source| KeyringError::Parse { path: path.clone(), source })?;
-        out.push((signer.key_id().to_owned(), signer.public_key().to_vec(), bytes));
+        out.push((signer, bytes));
     }
+    Ok(out)
+}
+
+/// One key file of an embedded hub: its key id, public key and PKCS#8 bytes.
+pub type KeyFile = (String, Vec<u8>, Vec<u8>);
+
+/// The keys in an embedded hub's `keys/` directory, and the active key's id;
+/// for moving them to a shared database.
+pub fn key_files(dir: &Path) -> Result<(Vec<KeyFile>, String), KeyringError> {
+    let out: Vec<KeyFile> = read_keys(dir)?
+        .into_iter()
+        .map(|(signer, bytes)| (signer.key_id().to_owned(), signer.public_key().to_vec(), bytes))
+        .collect();
     let active_path = dir.join("active");
     let active = fs::read_to_string(&active_path).map_err(io_err("read", &active_path))?.trim().to_owned();
     if !out.iter().any(|(id, _, _)| *id == active) {
@@ -241,24 +255,7 @@ impl Keyring {
     /// Loads the keys in `dir`, generating the first one if there is none.
     pub fn open_or_create(dir: &Path) -> Result<Self, KeyringError> {
         sentinel_proto::private::create_dir(dir).map_err(io_err("create", dir))?;
-        let mut signers = Vec::new();
-        let mut entries: Vec<_> = fs::read_dir(dir)
-            .map_err(io_err("read dir", dir))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "pk8"))
-            .collect();
-        entries.sort();
-        for path in entries {
-            let mode = fs::metadata(&path).map_err(io_err("stat", &path))?.permissions().mode();
-            if mode & 0o077 != 0 {
-                return Err(KeyringError::Permissions { path, mode: mode & 0o777 });
-            }
-            let bytes = fs::read(&path).map_err(io_err("read", &path))?;
-            let signer =
-                Signer::from_pkcs8(&bytes).map_err(|source| KeyringError::Parse { path: path.clone(), source })?;
-            signers.push(Arc::new(signer));
-        }
+        let signers = read_keys(dir)?.into_iter().map(|(signer, _)| Arc::new(signer)).collect();
         let mut ring = Self { dir: Some(dir.to_path_buf()), signers, active: 0, public_only: Vec::new() };
         let active_path = dir.join("active");
         if ring.signers.is_empty() {
