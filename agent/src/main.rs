@@ -211,7 +211,7 @@ fn main() -> ExitCode {
                     "{}: ok (device {}, hub {}, {} pinned keys)",
                     config.display(),
                     c.device_id,
-                    c.grpc_url,
+                    c.grpc_url(),
                     c.trusted.key_ids().count()
                 );
                 ExitCode::SUCCESS

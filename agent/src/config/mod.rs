@@ -156,10 +156,6 @@ struct RawSync {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub device_id: String,
-    /// The first of [`AgentConfig::hub_urls`].
-    pub hub_url: String,
-    /// The first of [`AgentConfig::grpc_urls`].
-    pub grpc_url: String,
     /// The hub replicas' REST URLs, in the order they are tried.
     pub hub_urls: Vec<String>,
     /// Their gRPC URLs, in the same order (`hub_urls` unless given).
@@ -204,10 +200,18 @@ impl AgentConfig {
     /// Points the agent at one hub: `rest` for downloads, `grpc` for the
     /// stream (replacing any list of replicas).
     pub fn set_hub(&mut self, rest: &str, grpc: &str) {
-        self.hub_url = rest.trim_end_matches('/').to_owned();
-        self.grpc_url = grpc.trim_end_matches('/').to_owned();
-        self.hub_urls = vec![self.hub_url.clone()];
-        self.grpc_urls = vec![self.grpc_url.clone()];
+        self.hub_urls = vec![rest.trim_end_matches('/').to_owned()];
+        self.grpc_urls = vec![grpc.trim_end_matches('/').to_owned()];
+    }
+
+    /// The first hub replica's REST URL.
+    pub fn hub_url(&self) -> &str {
+        self.hub_urls.first().map_or("", String::as_str)
+    }
+
+    /// The first hub replica's gRPC URL.
+    pub fn grpc_url(&self) -> &str {
+        self.grpc_urls.first().map_or("", String::as_str)
     }
 
     /// The control socket `sentinel-agent status` talks to.
@@ -314,7 +318,6 @@ impl AgentConfig {
                 ),
             ));
         }
-        let (hub_url, grpc_url) = (hub_urls[0].clone(), grpc_urls[0].clone());
         for (field, url) in hub_urls.iter().map(|u| ("hub_url", u)).chain(grpc_urls.iter().map(|u| ("grpc_url", u))) {
             let plain = url.starts_with("http://");
             if !plain && !url.starts_with("https://") {
@@ -417,8 +420,6 @@ impl AgentConfig {
             rollout,
             serving,
             device_id,
-            hub_url,
-            grpc_url,
             hub_urls,
             grpc_urls,
             token,

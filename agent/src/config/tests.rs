@@ -78,7 +78,7 @@ fn grpc_url_defaults_to_hub_url() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = base(dir.path()).replace("grpc_url = \"http://127.0.0.1:8081\"\n", "");
     let c = AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect("parses");
-    assert_eq!(c.grpc_url, "http://127.0.0.1:8080");
+    assert_eq!(c.grpc_url(), "http://127.0.0.1:8080");
 }
 
 #[test]
@@ -91,7 +91,7 @@ fn hub_urls_may_list_replicas_tried_in_order() {
     let c = AgentConfig::parse(&text, &BTreeMap::new(), dir.path()).expect("parses");
     assert_eq!(c.hub_urls, ["http://127.0.0.1:8080", "http://127.0.0.1:9090"]);
     assert_eq!(c.grpc_urls, c.hub_urls, "gRPC on each replica's REST port");
-    assert_eq!((c.hub_url.as_str(), c.grpc_url.as_str()), ("http://127.0.0.1:8080", "http://127.0.0.1:8080"));
+    assert_eq!((c.hub_url(), c.grpc_url()), ("http://127.0.0.1:8080", "http://127.0.0.1:8080"));
     // The environment takes a comma-separated list.
     let env: BTreeMap<_, _> =
         [("SENTINEL_AGENT_HUB_URL".to_owned(), "http://127.0.0.1:1, http://127.0.0.1:2".to_owned())].into();

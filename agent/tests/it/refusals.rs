@@ -132,7 +132,7 @@ async fn a_replayed_older_revision_is_refused() {
     );
     let key = hub.public_key().await;
     let mut config = agent_config(&tmp.path().join("a"), &hub, "edge-1", &token, &key, "");
-    let rest = config.hub_url.clone();
+    let rest = config.hub_url().to_owned();
     config.set_hub(&rest, &format!("http://{addr}"));
     let agent = sentinel_agent::start(config).await.unwrap();
     let v = agent.wait_for(WAIT, |v| !v.refused_states.is_empty()).await.unwrap();
