@@ -107,8 +107,6 @@ impl Hub {
     /// references: leftovers of uploads interrupted between storing the bytes
     /// and registering the version.
     pub fn open(config: HubConfig) -> Result<Self, HubError> {
-        // Before any HTTP client (the S3 store's) is built.
-        crate::install_crypto_provider();
         let dir = &config.data_dir;
         let dir_err = |source| HubError::DataDir { path: dir.clone(), source };
         // Tokens' hashes, the audit log, keys and models: the owner's only,

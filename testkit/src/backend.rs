@@ -100,6 +100,15 @@ pub fn with_database(url: &str, name: &str) -> String {
     }
 }
 
+/// What hub replicas share, made fresh: a database on the rig and a
+/// key-encryption key at `dir/kek`. `None` when the suite is not on the rig.
+pub async fn shared_database(dir: &Path) -> Option<(String, std::path::PathBuf)> {
+    let url = fresh_database(&postgres()?).await;
+    let kek = dir.join("kek");
+    write_kek(&kek);
+    Some((url, kek))
+}
+
 /// Writes a fresh key-encryption key to `path` (mode 0600).
 pub fn write_kek(path: &Path) {
     use std::io::Write as _;

@@ -42,17 +42,14 @@ async fn next_state_key(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_registry_devices_and_keys() {
-    let Some(rig) = backend::postgres() else {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((url, kek)) = backend::shared_database(tmp.path()).await else {
         eprintln!(
             "SKIPPED replicas::two_replicas_share_registry_devices_and_keys: needs the PostgreSQL rig \
              (SENTINEL_TEST_POSTGRES); .ci/test runs it in its PostgreSQL half"
         );
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let url = backend::fresh_database(&rig).await;
-    let kek = tmp.path().join("kek");
-    backend::write_kek(&kek);
     // One bucket (the rig's, when it runs), else one shared directory. With
     // the bucket, downloads are presigned redirects: the agent below fetches
     // its model straight from the bucket.
@@ -176,17 +173,14 @@ fn spawn_replica(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_agents_fail_over_when_their_replica_is_killed() {
-    let Some(rig) = backend::postgres() else {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((url, kek)) = backend::shared_database(tmp.path()).await else {
         eprintln!(
             "SKIPPED replicas::twenty_agents_fail_over_when_their_replica_is_killed: needs the PostgreSQL rig \
              (SENTINEL_TEST_POSTGRES); .ci/test runs it in its PostgreSQL half"
         );
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let url = backend::fresh_database(&rig).await;
-    let kek = tmp.path().join("kek");
-    backend::write_kek(&kek);
     let blobs = tmp.path().join("blobs");
     sentinel_hub::install_crypto_provider();
     let (mut a, a_url) = spawn_replica(&tmp.path().join("a"), &url, &kek, &blobs);

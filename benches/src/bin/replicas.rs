@@ -24,16 +24,6 @@ use tokio::sync::mpsc;
 
 const ROUNDS: usize = 5;
 
-async fn fresh_database(admin: &str, name: &str) -> anyhow::Result<String> {
-    let (client, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await?;
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-    let (path, query) = admin.split_once('?').map_or((admin, None), |(p, q)| (p, Some(q)));
-    let (base, _) = path.rsplit_once('/').context("admin URL without a database")?;
-    Ok(query.map_or_else(|| format!("{base}/{name}"), |q| format!("{base}/{name}?{q}")))
-}
-
 /// Deploy -> state latencies at `devices` devices split over `hubs`,
 /// deploying through the first; the admin token is `admin`.
 async fn deploy_latency(hubs: &[&HubProcess], admin: &str, devices: usize) -> anyhow::Result<Vec<Duration>> {
@@ -162,8 +152,7 @@ async fn main() -> anyhow::Result<()> {
     sentinel_hub::install_crypto_provider();
     let keys = tempfile::tempdir()?;
     let kek = keys.path().join("kek");
-    std::fs::write(&kek, [7u8; 32])?;
-    std::fs::set_permissions(&kek, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    sentinel_testkit::backend::write_kek(&kek);
     let kek = kek.display().to_string();
     let hb = ["--heartbeat-secs", "15"];
 
@@ -172,12 +161,12 @@ async fn main() -> anyhow::Result<()> {
     let base = deploy_latency(&[&sqlite], &sqlite.admin, devices).await?;
     drop(sqlite);
     // 2. One replica on PostgreSQL.
-    let url = fresh_database(&pg, "bench_one").await?;
+    let url = sentinel_testkit::backend::fresh_database(&pg).await;
     let one = HubProcess::start_with(&[&hb[..], &["--database", &url, "--key-encryption-key-file", &kek]].concat())?;
     let single = deploy_latency(&[&one], &one.admin, devices).await?;
     drop(one);
     // 3. Two replicas on PostgreSQL, the devices split between them.
-    let url = fresh_database(&pg, "bench_two").await?;
+    let url = sentinel_testkit::backend::fresh_database(&pg).await;
     let flags = [&hb[..], &["--database", &url, "--key-encryption-key-file", &kek]].concat();
     let a = HubProcess::start_with(&flags)?;
     let b = HubProcess::start_with(&flags)?;
@@ -216,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
         ms(ll)
     );
     if let (Ok(endpoint), Ok(bucket), Ok(key), Ok(secret)) = s3 {
-        let url = fresh_database(&pg, "bench_registry").await?;
+        let url = sentinel_testkit::backend::fresh_database(&pg).await;
         let hub = HubProcess::start_with_env(
             &[
                 "--database",

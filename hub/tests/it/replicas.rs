@@ -18,10 +18,7 @@ use sentinel_testkit::wait::WAIT;
 /// Two replicas on a fresh database, a shared blob directory and one
 /// key-encryption key, both with the first admin token.
 pub(crate) async fn replicas(tmp: &std::path::Path) -> Option<(TestHub, TestHub)> {
-    let rig = backend::postgres()?;
-    let url = backend::fresh_database(&rig).await;
-    let kek = tmp.join("kek");
-    backend::write_kek(&kek);
+    let (url, kek) = backend::shared_database(tmp).await?;
     let s3 = backend::s3();
     let blobs = match &s3 {
         Some(rig) => BlobsUrl::S3 { bucket: rig.bucket.clone(), prefix: backend::fresh_prefix() },
@@ -141,7 +138,7 @@ fn migrate(data: &std::path::Path, to: &str, blobs: &str, kek: &std::path::Path)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_moves_an_embedded_hub_and_its_signatures_still_verify() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(rig) = backend::postgres() else {
+    let Some((url, kek)) = backend::shared_database(tmp.path()).await else {
         eprintln!(
             "SKIPPED replicas::migrate_moves_an_embedded_hub_and_its_signatures_still_verify: needs the PostgreSQL rig"
         );
@@ -168,9 +165,6 @@ async fn migrate_moves_an_embedded_hub_and_its_signatures_still_verify() {
     assert_ne!(before[0].key_id, before[1].key_id, "two keys signed them");
     old.stop().await;
 
-    let url = backend::fresh_database(&rig).await;
-    let kek = tmp.path().join("kek");
-    backend::write_kek(&kek);
     let (blobs_to, target_blobs) = match backend::s3() {
         Some(r) => {
             let prefix = backend::fresh_prefix();
@@ -244,13 +238,10 @@ async fn migrate_moves_an_embedded_hub_and_its_signatures_still_verify() {
 #[tokio::test]
 async fn init_prints_the_first_admin_token_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(rig) = backend::postgres() else {
+    let Some((url, kek)) = backend::shared_database(tmp.path()).await else {
         eprintln!("SKIPPED replicas::init_prints_the_first_admin_token_once: needs the PostgreSQL rig");
         return;
     };
-    let url = backend::fresh_database(&rig).await;
-    let kek = tmp.path().join("kek");
-    backend::write_kek(&kek);
     let init = || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_sentinel-hub"))
             .args(["init", "--database", &url, "--key-encryption-key-file"])
