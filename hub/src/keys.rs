@@ -80,9 +80,18 @@ impl Kek {
     /// file others can read.
     pub fn from_file(path: &Path) -> Result<Self, KeyringError> {
         let bad = |reason: String| KeyringError::Kek { path: path.to_path_buf(), reason };
-        let mode = fs::metadata(path).map_err(|e| bad(e.to_string()))?.permissions().mode();
+        let meta = fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        let mode = meta.permissions().mode();
         if mode & 0o077 != 0 {
             return Err(bad(format!("readable by others (mode {:o}); run chmod 600 on it", mode & 0o777)));
+        }
+        // The longest form is 44 base64 characters and a newline: a bigger
+        // file is the wrong file, and is not read.
+        if meta.len() > 256 {
+            return Err(bad(format!(
+                "{} bytes; expected 32 raw bytes, 64 hex digits or 44 base64 characters",
+                meta.len()
+            )));
         }
         let bytes = fs::read(path).map_err(|e| bad(e.to_string()))?;
         Self::from_bytes(&bytes).map_err(bad)
@@ -418,6 +427,13 @@ mod tests {
         for bad in [&b"short"[..], &[0u8; 31][..], b"zz"] {
             assert!(Kek::from_bytes(bad).is_err());
         }
+        // A file that cannot be a KEK is refused by its size, unread.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big");
+        fs::write(&big, vec![0u8; 4096]).expect("write");
+        fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let err = Kek::from_file(&big).expect_err("too big");
+        assert!(err.to_string().contains("4096 bytes; expected 32 raw bytes"), "{err}");
     }
 
     #[test]

@@ -145,7 +145,9 @@ pub async fn serve_blob(state: &SharedState, sha256: String, headers: &HeaderMap
 /// Download a version's ONNX file. Supports `Range`; the ETag is the SHA-256.
 #[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/artifact", params(super::openapi::VersionPath), security(("bearer" = [])),
     responses((status = 200, description = "the whole file"), (status = 206, description = "the requested range"),
-        (status = 416, description = "range outside the file"), (status = 404, body = super::error::ErrorBody)))]
+        (status = 302, description = "with --artifact-redirect on an S3 blob store: Location is a presigned URL on the bucket, valid 5 minutes"),
+        (status = 416, description = "range outside the file"), (status = 404, body = super::error::ErrorBody),
+        (status = 503, description = "the object store does not answer", body = super::error::ErrorBody)))]
 pub async fn model(
     State(state): State<SharedState>,
     caller: Caller,
@@ -159,7 +161,10 @@ pub async fn model(
 
 /// Download a version's validation set: `inputs` or `labels`.
 #[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/validation/{part}", params(super::openapi::ValidationPath), security(("bearer" = [])),
-    responses((status = 200, description = "raw little-endian tensor bytes"), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "raw little-endian tensor bytes"),
+        (status = 302, description = "with --artifact-redirect on an S3 blob store: Location is a presigned URL on the bucket, valid 5 minutes"),
+        (status = 404, body = super::error::ErrorBody),
+        (status = 503, description = "the object store does not answer", body = super::error::ErrorBody)))]
 pub async fn validation(
     State(state): State<SharedState>,
     caller: Caller,

@@ -181,6 +181,7 @@ where
     security(("bearer" = [])),
     responses((status = 201, body = VersionOut), (status = 409, body = super::error::ErrorBody),
         (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
+        (status = 503, description = "The object store does not answer; nothing was stored", body = super::error::ErrorBody),
         (status = 507, description = "The hub's storage is full; nothing was stored", body = super::error::ErrorBody)))]
 pub async fn upload(
     State(state): State<SharedState>,
