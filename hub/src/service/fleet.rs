@@ -45,6 +45,9 @@ struct Subscriber {
     renew_at: Instant,
     /// Tells the stream's task to end it now (the device was removed).
     kick: std::sync::Arc<tokio::sync::Notify>,
+    /// The revision of the last state sent on this stream: a publish of a
+    /// revision the stream already has sends it nothing.
+    revision: u64,
 }
 
 /// Connected devices and the publishing lock.
@@ -55,8 +58,6 @@ pub struct Fleet {
     publish: tokio::sync::Mutex<()>,
     /// Desired-state messages sent, for metrics and benchmarks.
     pub pushes: AtomicU64,
-    /// The highest revision [`Fleet::publish`] pushed to every stream.
-    published: AtomicU64,
     /// Flipped at shutdown: every stream ends, so graceful shutdown completes.
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -146,7 +147,6 @@ impl Default for Fleet {
             next_conn: AtomicU64::new(0),
             publish: tokio::sync::Mutex::default(),
             pushes: AtomicU64::new(0),
-            published: AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
         }
     }
@@ -185,6 +185,7 @@ impl Fleet {
                 tracing::error!(error = %e, "computing the desired state failed");
                 StreamError::Unavailable
             })?;
+            let revision = snap.revision;
             let st = state.clone();
             let targets = vec![target.clone()];
             let computed = tokio::task::spawn_blocking(move || compute_states(&st, &snap, &targets))
@@ -205,6 +206,7 @@ impl Fleet {
                     connected_at_ms: crate::now_ms(),
                     renew_at: renew_at(state),
                     kick: kick.clone(),
+                    revision,
                 },
             ) {
                 tracing::info!(device = %target.device_id, old_conn = old.conn, "device reconnected; the older stream is replaced");
@@ -251,7 +253,7 @@ impl Fleet {
     }
 
     /// Pushes every connected device its state at the fleet's current
-    /// revision, unless this hub already pushed that revision. Call after any
+    /// revision, skipping streams that already have it. Call after any
     /// change to deployments (the change bumped the revision), or when
     /// another replica says it made one. Returns the revision.
     pub async fn publish(state: &SharedState) -> Result<u64, ServiceError> {
@@ -259,15 +261,14 @@ impl Fleet {
         let _publishing = fleet.publish.lock().await;
         let snap = snapshot(state).await?;
         let revision = snap.revision;
-        if fleet.published.load(Ordering::Relaxed) >= revision {
-            // Pushed already, and every stream subscribed since got it then.
-            return Ok(revision);
-        }
-        fleet.published.store(revision, Ordering::Relaxed);
+        // Streams subscribed at this revision or later have it already.
         let senders: Vec<(Target, mpsc::Sender<Result<HubMessage, StreamError>>)> = {
             let subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            subs.values().map(|s| (s.target.clone(), s.tx.clone())).collect()
+            subs.values().filter(|s| s.revision < revision).map(|s| (s.target.clone(), s.tx.clone())).collect()
         };
+        if senders.is_empty() {
+            return Ok(revision);
+        }
         let joined = |source| ServiceError::Join { context: "publish task", source };
         // Sign and send in chunks, so the first devices get the new state
         // while the hub is still signing for the rest.
@@ -284,6 +285,7 @@ impl Fleet {
                     let mut subs = fleet.subscribers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if let Some(s) = subs.get_mut(&device) {
                         s.renew_at = renew_at(state);
+                        s.revision = revision;
                     }
                 }
             }

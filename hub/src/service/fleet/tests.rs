@@ -166,3 +166,13 @@ async fn a_removed_device_is_told_so_and_its_stream_ends_at_once() {
     assert_eq!(start.elapsed(), Duration::ZERO, "before the next heartbeat");
     assert_eq!(state.fleet().connected_count(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_publish_of_the_revision_a_stream_subscribed_at_sends_it_nothing() {
+    // A replica publishes at start (its notice connection says "resync");
+    // a device that subscribed just before already has that revision.
+    let Subscribed { _dir, state, start, mut rx, revision } = subscribed().await;
+    assert_eq!(Fleet::publish(&state).await.unwrap(), revision);
+    assert_eq!(state.fleet().pushes.load(Ordering::Relaxed), 1, "only the state sent at subscribe");
+    assert_eq!(next(&mut rx, start).await, (HEARTBEAT, Seen::Heartbeat), "no second copy of the state");
+}
