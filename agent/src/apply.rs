@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use sentinel_proto::VerifiedState;
 use sentinel_proto::pb::{ModelAssignment, ModelManifest};
+use sentinel_proto::publisher::{MAX_BUNDLE_BYTES, PublisherKey, verify_bundle};
 use tokio::sync::watch;
 
 use crate::download::{self, Wanted};
@@ -266,6 +267,55 @@ async fn download_version(
         };
         refuse(shared, &m.name, &m.version, status, EventKind::DownloadRefused, &reason, assignment.deployment_id);
     };
+    // The publisher's signature first: it is small, and a model this
+    // device would refuse is not worth downloading.
+    if !config.publishers.is_empty() {
+        let checked = match m.publisher.as_ref().and_then(|p| p.bundle.as_ref()) {
+            None => Err(format!(
+                "{} {} carries no publisher signature; this device pins {}",
+                m.name,
+                m.version,
+                pinned_names(&config.publishers)
+            )),
+            Some(b) if b.size > MAX_BUNDLE_BYTES as u64 => {
+                Err(format!("the manifest names a {}-byte bundle; at most {MAX_BUNDLE_BYTES} are read", b.size))
+            }
+            Some(b) => {
+                match fetch(shared.hubs.on_current(&assignment.publisher_signature_url), b.sha256.clone(), b.size).await
+                {
+                    Err(e) => {
+                        failed(e);
+                        return None;
+                    }
+                    Ok((path, _)) => {
+                        std::fs::read(&path).map_err(|e| format!("reading the bundle: {e}")).and_then(|bundle| {
+                            verify_bundle(&bundle, &config.publishers, &m.sha256).map_err(|e| e.to_string())
+                        })
+                    }
+                }
+            }
+        };
+        match checked {
+            Ok(v) => {
+                tracing::info!(model = %m.name, version = %m.version, publisher = %v.publisher, key_id = %v.key_id, "publisher signature verified on the device")
+            }
+            Err(why) => {
+                shared.serving.metrics().verification_failed(PUBLISHER_SIGNATURE);
+                let reason = format!("{PUBLISHER_SIGNATURE}: {why}");
+                tracing::warn!(model = %m.name, version = %m.version, %reason, "model refused; the previous version keeps serving");
+                refuse(
+                    shared,
+                    &m.name,
+                    &m.version,
+                    ModelStatus::Refused,
+                    EventKind::DownloadRefused,
+                    &reason,
+                    assignment.deployment_id,
+                );
+                return None;
+            }
+        }
+    }
     let (model, outcome) = match fetch(shared.hubs.on_current(&assignment.artifact_url), m.sha256.clone(), m.size).await
     {
         Ok(r) => r,
@@ -329,6 +379,16 @@ async fn download_version(
         _ => None,
     };
     Some(VersionFiles { model, validation })
+}
+
+/// The refusal kind of a model whose publisher signature does not verify on
+/// the device (or that has none, on a device that pins publishers).
+pub const PUBLISHER_SIGNATURE: &str = "publisher_signature";
+
+/// `a, b` for the refusal text.
+fn pinned_names(keys: &[PublisherKey]) -> String {
+    let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    format!("publisher{} {}", if names.len() == 1 { "" } else { "s" }, names.join(", "))
 }
 
 fn refuse(

@@ -1,6 +1,7 @@
 //! The hub's multipart upload body (`hub/src/api/upload.rs`,
 //! `read_multipart`): axum's multipart parser and the hub's routing of parts
-//! (model, validation inputs and labels; unknown, repeated or missing parts),
+//! (model, validation inputs and labels, signature; unknown, repeated or
+//! missing parts),
 //! with each part streamed to an in-memory sink under a cap, as the hub
 //! streams it to a staging file.
 //!
@@ -69,11 +70,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     match runtime().block_on(read_multipart(req, &mut Counting)) {
-        Ok((model, validation)) => {
-            assert!(model <= CAP);
-            if let Some((inputs, labels)) = validation {
+        Ok(parts) => {
+            assert!(parts.model <= CAP);
+            if let Some((inputs, labels)) = parts.validation {
                 assert!(inputs <= CAP && labels <= CAP);
             }
+            // Read whole, so bounded by the hub, not the sink.
+            assert!(parts.signature.is_none_or(|s| s.len() <= sentinel_proto::publisher::MAX_BUNDLE_BYTES));
         }
         Err(e) => assert!(e.status.is_client_error(), "a bad body is the client's error: {}", e.message),
     }

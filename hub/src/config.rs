@@ -120,6 +120,9 @@ pub struct HubConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Uploads larger than this are refused with 413 while streaming.
     pub max_upload_bytes: u64,
+    /// Every push must carry a publisher signature that verifies with a
+    /// registered publisher key, whatever its model says.
+    pub require_publisher: bool,
     /// Base URL devices use to download artifacts; default: `http(s)://<listen>`.
     pub public_url: Option<String>,
     /// How long a pushed desired state stays valid. A device refuses an
@@ -261,6 +264,7 @@ impl HubConfig {
             grpc_listen: None,
             metrics_listen: None,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            require_publisher: false,
             public_url: None,
             state_ttl: Duration::from_secs(3600),
             heartbeat: Duration::from_secs(15),

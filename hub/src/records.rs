@@ -151,6 +151,21 @@ pub struct ModelRecord {
     pub tags: Vec<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Every new version must carry a publisher signature.
+    pub require_publisher: bool,
+}
+
+/// A publisher key an admin registered: pushes signed with it (OpenSSF
+/// model-signing bundles) are accepted as that publisher's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublisherRecord {
+    pub name: String,
+    /// Hex SHA-256 of the PEM: model-signing's key hint.
+    pub key_id: String,
+    /// The public key, PEM.
+    pub public_key: String,
+    pub created_at_ms: i64,
+    pub created_by: String,
 }
 
 /// One stored model version. `manifest`/`signature`/`key_id` are the signed

@@ -9,6 +9,7 @@
 //! - [`keys`]: signing keys, key ids and the set of keys a verifier trusts.
 //! - [`manifest`]: the signed model manifest: sign, verify, validate, and its JSON view.
 //! - [`private`]: data and state files only their owner may read (0600 in 0700 dirs).
+//! - [`publisher`]: OpenSSF model-signing bundles checked against publisher keys.
 //! - [`quote`]: quoting a caller's value back in an error message, bounded.
 //! - [`state`]: the signed desired state pushed to one device: sign and verify
 //!   (signature, device, replay, expiry, every manifest).
@@ -16,6 +17,7 @@
 pub mod keys;
 pub mod manifest;
 pub mod private;
+pub mod publisher;
 pub mod quote;
 pub mod state;
 pub mod time;

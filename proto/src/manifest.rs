@@ -112,6 +112,12 @@ pub fn validate(m: &ModelManifest) -> Result<(), ManifestError> {
             }
         }
     }
+    if let Some(p) = &m.publisher {
+        let bundle_ok = p.bundle.as_ref().is_some_and(|b| is_sha256_hex(&b.sha256) && b.size > 0);
+        if p.name.is_empty() || !is_sha256_hex(&p.key_id) || !bundle_ok {
+            return Err(invalid("publisher", "needs a name, a key id and the bundle's sha256 and size"));
+        }
+    }
     Ok(())
 }
 
@@ -260,6 +266,22 @@ pub struct ManifestView {
     /// Why the push-time check did not run, when it did not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub check_skipped: String,
+    /// The publisher whose model-signing bundle the hub verified at push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<PublisherView>,
+}
+
+/// The JSON form of a [`pb::PublisherSignature`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PublisherView {
+    /// The name the hub's admin registered the key under.
+    pub name: String,
+    /// Hex SHA-256 of the key's PEM (model-signing's key hint).
+    pub key_id: String,
+    /// The stored bundle.
+    pub bundle: BlobView,
 }
 
 impl From<&pb::TensorSpec> for TensorView {
@@ -326,6 +348,11 @@ impl From<&ModelManifest> for ManifestView {
             serving_shapes: m.serving_shapes.iter().map(|s| (s.input.clone(), s.dims.clone())).collect(),
             engine: m.engine.clone(),
             check_skipped: m.check_skipped.clone(),
+            publisher: m.publisher.as_ref().map(|p| PublisherView {
+                name: p.name.clone(),
+                key_id: p.key_id.clone(),
+                bundle: blob_view(&p.bundle),
+            }),
         }
     }
 }
@@ -370,6 +397,11 @@ impl TryFrom<&ManifestView> for ModelManifest {
                 .collect(),
             engine: v.engine.clone(),
             check_skipped: v.check_skipped.clone(),
+            publisher: v.publisher.as_ref().map(|p| pb::PublisherSignature {
+                name: p.name.clone(),
+                key_id: p.key_id.clone(),
+                bundle: Some(blob(&p.bundle)),
+            }),
         })
     }
 }
@@ -413,6 +445,11 @@ mod tests {
             serving_shapes: vec![pb::ServingShape { input: "input".into(), dims: vec![1, 64] }],
             engine: "ort".into(),
             check_skipped: "this hub lacks the ort engine".into(),
+            publisher: Some(pb::PublisherSignature {
+                name: "ml-team".into(),
+                key_id: "12".repeat(32),
+                bundle: Some(pb::BlobRef { sha256: "34".repeat(32), size: 1520 }),
+            }),
         }
     }
 
@@ -522,6 +559,8 @@ mod tests {
             ("key_id", |m| m.key_id = "ed25519-0000000000000000".into()),
             ("tags", |m| m.tags.clear()),
             ("validation", |m| m.validation.as_mut().expect("val").count = 359),
+            ("publisher", |m| m.publisher.as_mut().expect("pub").name = "someone-else".into()),
+            ("publisher bundle", |m| m.publisher = None),
         ];
         for (what, mutate) in mutations {
             let mut changed = original.clone();

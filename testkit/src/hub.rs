@@ -186,6 +186,16 @@ impl TestHub {
             .unwrap()
     }
 
+    /// Uploads `model` as `version` of `name` with a publisher's signature
+    /// bundle (multipart), as `sentinel model push --signature` does.
+    pub async fn upload_signed(&self, name: &str, version: &str, model: Vec<u8>, bundle: Vec<u8>) -> Response {
+        let form = reqwest::multipart::Form::new()
+            .part("model", reqwest::multipart::Part::bytes(model).file_name("model.onnx"))
+            .part("signature", reqwest::multipart::Part::bytes(bundle).file_name("model.sig"));
+        let path = format!("/api/v1/models/{name}/versions?version={version}");
+        self.req(Method::POST, &path, Some(&self.admin)).multipart(form).send().await.unwrap()
+    }
+
     /// Registers `name` and uploads digits v1 as `version`, asserting success.
     pub async fn push_v1(&self, name: &str, version: &str) -> Value {
         let query = "&stage=staging&accuracy=0.9694&metric=top1&hardware=x86_64,aarch64";

@@ -15,6 +15,7 @@
 //! - [`wait`]: [`wait::eventually`], the one bounded poll loop.
 //! - [`models`]: the repository's test models and samples, and their readers.
 //! - [`ort`]: the ONNX Runtime library for tests of the `ort` engine.
+//! - [`signing`]: publisher keys and OpenSSF model-signing bundles made by the real tool.
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,4 +26,5 @@ pub mod dtype_cases;
 pub mod hub;
 pub mod models;
 pub mod ort;
+pub mod signing;
 pub mod wait;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sentinel_proto::TrustedKeys;
+use sentinel_proto::publisher::PublisherKey;
 
 use crate::rollout::policy::{self, Policy};
 use serde::Deserialize;
@@ -93,6 +94,11 @@ struct RawConfig {
     /// Base64 Ed25519 public keys of the hub (see `sentinel hub key`).
     #[serde(default)]
     pinned_keys: Vec<String>,
+    /// Publisher keys (OpenSSF model-signing, EC P-256/P-384 PEM): when
+    /// set, a model must carry a publisher signature that verifies with one
+    /// of them here, on the device, whatever the hub signed.
+    #[serde(default)]
+    pinned_publishers: Vec<RawPublisher>,
     state_dir: Option<PathBuf>,
     /// Where the control socket lives (default: `$RUNTIME_DIRECTORY`, else `<state_dir>/run`).
     runtime_dir: Option<PathBuf>,
@@ -113,6 +119,18 @@ struct RawConfig {
     #[serde(default)]
     rollout: Option<RawRollout>,
 }
+
+/// One pinned publisher: a name and its public key, in a file or inline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPublisher {
+    name: String,
+    key_file: Option<PathBuf>,
+    key: Option<String>,
+}
+
+/// Publishers a config may pin.
+pub const MAX_PINNED_PUBLISHERS: usize = 64;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +180,9 @@ pub struct AgentConfig {
     pub grpc_urls: Vec<String>,
     pub token: String,
     pub trusted: TrustedKeys,
+    /// Publisher keys every model must be signed with (one of), checked on
+    /// the device; empty: the hub's signature alone suffices.
+    pub publishers: Vec<PublisherKey>,
     pub state_dir: PathBuf,
     /// Holds the control socket ([`AgentConfig::control_socket`]).
     pub runtime_dir: PathBuf,
@@ -356,6 +377,27 @@ impl AgentConfig {
         for (i, k) in raw.pinned_keys.iter().enumerate() {
             trusted.add_base64(k).map_err(|e| bad(&format!("pinned_keys[{i}]"), e.to_string()))?;
         }
+        if raw.pinned_publishers.len() > MAX_PINNED_PUBLISHERS {
+            return Err(bad("pinned_publishers", format!("at most {MAX_PINNED_PUBLISHERS} publishers")));
+        }
+        let mut publishers = Vec::with_capacity(raw.pinned_publishers.len());
+        for (i, p) in raw.pinned_publishers.iter().enumerate() {
+            let field = format!("pinned_publishers[{i}]");
+            let pem = match (&p.key_file, &p.key) {
+                (Some(f), None) => {
+                    let f = resolve(f.clone());
+                    read_file(&f).map_err(|e| bad(&field, format!("cannot read {}: {e}", f.display())))?
+                }
+                (None, Some(k)) => k.clone().into_bytes(),
+                _ => return Err(bad(&field, "give exactly one of key_file (a PEM file) and key (inline PEM)")),
+            };
+            let key = PublisherKey::from_pem(&p.name, &pem).map_err(|e| bad(&field, e.to_string()))?;
+            if p.name.is_empty() || publishers.iter().any(|k: &PublisherKey| k.name == p.name || k.key_id == key.key_id)
+            {
+                return Err(bad(&field, "needs a name, and the name and key may be pinned once"));
+            }
+            publishers.push(key);
+        }
         let state_dir = resolve(raw.state_dir.ok_or_else(|| bad("state_dir", "missing"))?);
         // systemd's RuntimeDirectory= may list several, colon-separated: the first is ours.
         let systemd_runtime = env.get("RUNTIME_DIRECTORY").and_then(|v| v.split(':').next()).filter(|v| !v.is_empty());
@@ -424,6 +466,7 @@ impl AgentConfig {
             grpc_urls,
             token,
             trusted,
+            publishers,
             state_dir,
             runtime_dir,
             labels: raw.labels,

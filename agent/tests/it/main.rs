@@ -23,6 +23,7 @@ mod layers;
 mod load_failures;
 mod metrics;
 mod offline_restart;
+mod publishers;
 mod refusals;
 mod replicas;
 mod resume_download;

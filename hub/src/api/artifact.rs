@@ -186,6 +186,30 @@ pub async fn validation(
     serve_blob(&state, sha, &headers).await
 }
 
+/// Download the publisher's signature bundle (OpenSSF model-signing) the
+/// version was pushed with, exactly as pushed. Devices that pin publishers
+/// verify it themselves.
+#[utoipa::path(get, path = "/api/v1/models/{name}/versions/{version}/signature", params(super::openapi::VersionPath), security(("bearer" = [])),
+    responses((status = 200, description = "the Sigstore bundle (JSON)"),
+        (status = 302, description = "with --artifact-redirect on an S3 blob store: Location is a presigned URL on the bucket, valid 5 minutes"),
+        (status = 404, description = "no such version, or it was pushed without a publisher signature", body = super::error::ErrorBody),
+        (status = 503, description = "the object store does not answer", body = super::error::ErrorBody)))]
+pub async fn signature(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiPath((name, version)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let v = load_version(&state, &name, &version).await?;
+    super::devices::device_may_fetch(&state, &caller, &name, &version).await?;
+    let out = super::versions::VersionOut::from_record(&v)?;
+    let publisher = out
+        .manifest
+        .publisher
+        .ok_or_else(|| ApiError::not_found(format!("{name} {version} was pushed without a publisher signature")))?;
+    serve_blob(&state, publisher.bundle.sha256, &headers).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,6 +170,10 @@ impl From<RegistryError> for ApiError {
             }
             RegistryError::Inspect { source } => Self::internal("inspecting an upload", &source),
             RegistryError::InvalidValidationSet { why } => Self::unprocessable("invalid_validation_set", why),
+            e @ RegistryError::PublisherSignature { .. } => Self::unprocessable("publisher_signature", e.to_string()),
+            e @ RegistryError::PublisherRequired { .. } => {
+                Self::unprocessable("publisher_signature_required", e.to_string())
+            }
             RegistryError::Service(e) => e.into(),
         }
     }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod events;
 pub mod models;
 pub mod openapi;
+pub mod publishers;
 pub mod session;
 pub mod upload;
 pub mod versions;
@@ -149,6 +150,7 @@ pub fn routes() -> Router<SharedState> {
         .route("/models/{name}/versions/{version}/manifest", get(versions::manifest))
         .route("/models/{name}/versions/{version}/artifact", get(artifact::model))
         .route("/models/{name}/versions/{version}/validation/{part}", get(artifact::validation))
+        .route("/models/{name}/versions/{version}/signature", get(artifact::signature))
         .route("/models/{name}/deploy", post(deployments::deploy))
         .route("/models/{name}/rollback", post(deployments::rollback))
         .route("/deployments", get(deployments::list))
@@ -158,6 +160,8 @@ pub fn routes() -> Router<SharedState> {
         .route("/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
         .route("/keys", get(admin::keys))
+        .route("/publishers", get(publishers::list).post(publishers::add))
+        .route("/publishers/{name}", axum::routing::delete(publishers::remove))
         .route("/keys/rotate", post(admin::rotate_key))
         .route("/audit", get(admin::audit))
         .route("/openapi.json", get(openapi::spec))

@@ -22,6 +22,8 @@ pub struct ModelOut {
     pub tags: Vec<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Every new version must carry a publisher signature (`--signature`).
+    pub require_publisher: bool,
     pub version_count: usize,
     /// Highest semver among its versions.
     pub latest_version: Option<String>,
@@ -66,6 +68,9 @@ pub struct CreateModel {
     #[serde(default)]
     #[schema(value_type = Vec<super::openapi::Tag>)]
     pub tags: Vec<String>,
+    /// Refuse any version pushed without a publisher signature.
+    #[serde(default)]
+    pub require_publisher: bool,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -74,6 +79,9 @@ pub struct UpdateModel {
     pub description: Option<String>,
     #[schema(value_type = Option<Vec<super::openapi::Tag>>)]
     pub tags: Option<Vec<String>>,
+    /// Refuse (true) or accept (false) new versions pushed without a
+    /// publisher signature. Versions already registered are kept.
+    pub require_publisher: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -119,6 +127,7 @@ fn model_out(m: ModelRecord, versions: Vec<VersionOut>, include: bool) -> ModelO
         tags: m.tags,
         created_at_ms: m.created_at_ms,
         updated_at_ms: m.updated_at_ms,
+        require_publisher: m.require_publisher,
         version_count: versions.len(),
         latest_version: versions.first().map(|v| v.version.clone()),
         versions: include.then_some(versions),
@@ -185,7 +194,12 @@ pub async fn create(
     check_name(&body.name)?;
     check_tags("tag", &body.tags)?;
     let now = crate::now_ms();
-    let model = state.meta(move |m| m.create_model(&body.name, &body.description, &body.tags, now)).await?;
+    let model = state
+        .meta(move |m| {
+            let model = m.create_model(&body.name, &body.description, &body.tags, now)?;
+            if body.require_publisher { m.update_model(&model.name, None, None, Some(true), now) } else { Ok(model) }
+        })
+        .await?;
     let detail = AuditDetail(format!("registered model {}", model.name));
     let mut resp = (StatusCode::CREATED, Json(model_out(model, Vec::new(), true))).into_response();
     resp.extensions_mut().insert(detail);
@@ -224,7 +238,11 @@ pub async fn update(
     }
     let now = crate::now_ms();
     let n = name.clone();
-    state.meta(move |m| m.update_model(&n, body.description.as_deref(), body.tags.as_deref(), now)).await?;
+    state
+        .meta(move |m| {
+            m.update_model(&n, body.description.as_deref(), body.tags.as_deref(), body.require_publisher, now)
+        })
+        .await?;
     let (model, versions) = load_model(&state, &name).await?;
     Ok(Json(model_out(model, versions, true)))
 }

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
-use super::{admin, artifact, deployments, devices, events, models, session, upload, versions};
+use super::{admin, artifact, deployments, devices, events, models, publishers, session, upload, versions};
 use crate::string_schema;
 
 /// `{name}`.
@@ -236,11 +236,12 @@ impl Modify for BearerAuth {
     paths(
         models::list, models::create, models::show, models::update, models::delete,
         upload::upload, versions::list, versions::show, versions::update, versions::manifest,
-        artifact::model, artifact::validation,
+        artifact::model, artifact::validation, artifact::signature,
         deployments::deploy, deployments::rollback, deployments::list, deployments::show,
         devices::enroll, devices::list, devices::show, devices::remove,
         admin::create_token, admin::list_tokens, admin::revoke_token, admin::keys, admin::rotate_key,
         admin::audit, admin::healthz, admin::readyz, spec,
+        publishers::add, publishers::list, publishers::remove,
         session::whoami, session::ticket, events::stream,
     ),
     // The event stream's `data` payloads: a `text/event-stream` body has no

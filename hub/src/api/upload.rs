@@ -3,7 +3,8 @@
 //! The body is either the raw ONNX file (`application/octet-stream`, what
 //! `curl --data-binary @model.onnx` sends) or `multipart/form-data` with a
 //! `model` part and, optionally, a validation set as `validation_inputs` and
-//! `validation_labels` parts. Version metadata comes in the query string.
+//! `validation_labels` parts and the publisher's OpenSSF model-signing
+//! bundle as a `signature` part. Version metadata comes in the query string.
 //!
 //! This module is the HTTP side only: the query string, the multipart parts,
 //! the size cap as a status, and reading on past a refusal so the client
@@ -32,6 +33,7 @@ use super::versions::{VersionOut, check_accuracy, check_hardware, check_version}
 use super::{ApiError, ApiPath, ApiQuery, Caller, SharedState};
 use crate::auth::Role;
 use crate::service::registry::{self, NewVersion, Received, RegistryError};
+use sentinel_proto::publisher::MAX_BUNDLE_BYTES;
 use sentinel_proto::quote;
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -177,7 +179,8 @@ where
 /// Upload a new version of a model (streamed).
 #[utoipa::path(post, path = "/api/v1/models/{name}/versions", params(super::openapi::ModelPath, UploadParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream",
-        description = "The ONNX file; or multipart/form-data with parts model, validation_inputs, validation_labels"),
+        description = "The ONNX file; or multipart/form-data with parts model, validation_inputs, validation_labels, \
+            signature (an OpenSSF model-signing bundle over the model file, at most 64 KiB)"),
     security(("bearer" = [])),
     responses((status = 201, body = VersionOut), (status = 409, body = super::error::ErrorBody),
         (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
@@ -276,10 +279,11 @@ async fn receive_version(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("multipart/form-data"));
 
-    let (model_blob, validation) = if is_multipart {
-        receive_multipart(&state, req, cap).await?
+    let Parts { model: model_blob, validation, signature } = if is_multipart {
+        read_multipart(req, &mut Staging { state: &state, cap }).await?
     } else {
-        (receive(&state, req.into_body().into_data_stream(), cap, "the model").await?, None)
+        let model = receive(&state, req.into_body().into_data_stream(), cap, "the model").await?;
+        Parts { model, validation: None, signature: None }
     };
     if model_blob.size == 0 {
         return Err(ApiError::bad_request("the model file is empty; send the ONNX file as the request body"));
@@ -295,6 +299,7 @@ async fn receive_version(
         engine,
         accuracy,
         created_by: caller.name.clone(),
+        signature,
     };
     let record = registry::register(&state, new, model_blob, validation).await?;
 
@@ -306,14 +311,14 @@ async fn receive_version(
     Ok(resp)
 }
 
-type ValidationParts = Option<(Received, Received)>;
-
-async fn receive_multipart(
-    state: &SharedState,
-    req: Request,
-    cap: u64,
-) -> Result<(Received, ValidationParts), ApiError> {
-    read_multipart(req, &mut Staging { state, cap }).await
+/// The parts of an upload: the model, its validation set and its
+/// publisher's signature bundle.
+#[derive(Debug)]
+pub struct Parts<P> {
+    pub model: P,
+    pub validation: Option<(P, P)>,
+    /// Read whole: at most [`MAX_BUNDLE_BYTES`].
+    pub signature: Option<Vec<u8>>,
 }
 
 /// Where the parts of a multipart upload go: [`read_multipart`] routes them,
@@ -347,32 +352,50 @@ impl PartSink for Staging<'_> {
 }
 
 /// Reads a `multipart/form-data` upload body: a `model` part and optionally
-/// `validation_inputs` with `validation_labels`, each streamed into `sink`.
-/// Any other part, a part twice, a missing model, half a validation set or a
-/// malformed body is a 400. Public for the multipart fuzz target (`fuzz/`),
-/// which drives it with an in-memory sink.
-pub async fn read_multipart<P: PartSink>(
-    req: Request,
-    sink: &mut P,
-) -> Result<(P::Part, Option<(P::Part, P::Part)>), ApiError> {
+/// `validation_inputs` with `validation_labels`, each streamed into `sink`,
+/// and a `signature` part, read into memory up to [`MAX_BUNDLE_BYTES`] (413
+/// past that). Any other part, a part twice, a missing model, half a
+/// validation set or a malformed body is a 400. Public for the multipart
+/// fuzz target (`fuzz/`), which drives it with an in-memory sink.
+pub async fn read_multipart<P: PartSink>(req: Request, sink: &mut P) -> Result<Parts<P::Part>, ApiError> {
     let mut form = Multipart::from_request(req, &())
         .await
         .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {}", e.body_text())))?;
-    let (mut model, mut inputs, mut labels) = (None, None, None);
+    let (mut model, mut inputs, mut labels, mut signature) = (None, None, None, None);
+    let malformed = |e: axum::extract::multipart::MultipartError| {
+        ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+    };
     loop {
-        let field = form
-            .next_field()
-            .await
-            .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {}", e.body_text())))?;
-        let Some(field) = field else { break };
+        let field = form.next_field().await.map_err(malformed)?;
+        let Some(mut field) = field else { break };
         let part = field.name().unwrap_or_default().to_owned();
         let slot = match part.as_str() {
             "model" => &mut model,
             "validation_inputs" => &mut inputs,
             "validation_labels" => &mut labels,
+            "signature" => {
+                if signature.is_some() {
+                    return Err(ApiError::bad_request("multipart part \"signature\" appears twice"));
+                }
+                let mut bundle = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(malformed)? {
+                    if bundle.len() + chunk.len() > MAX_BUNDLE_BYTES {
+                        return Err(ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too_large",
+                            format!(
+                                "the signature part is larger than {MAX_BUNDLE_BYTES} bytes; a model-signing bundle is ~2 KB"
+                            ),
+                        ));
+                    }
+                    bundle.extend_from_slice(&chunk);
+                }
+                signature = Some(bundle);
+                continue;
+            }
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown multipart part {}; expected model, validation_inputs, validation_labels",
+                    "unknown multipart part {}; expected model, validation_inputs, validation_labels, signature",
                     quote(other)
                 )));
             }
@@ -392,5 +415,5 @@ pub async fn read_multipart<P: PartSink>(
             ));
         }
     };
-    Ok((model, validation))
+    Ok(Parts { model, validation, signature })
 }

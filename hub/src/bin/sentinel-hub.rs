@@ -112,6 +112,12 @@ struct Args {
     /// Largest model file accepted, in bytes.
     #[arg(long, default_value_t = sentinel_hub::config::DEFAULT_MAX_UPLOAD_BYTES)]
     max_upload_bytes: u64,
+    /// Refuse every push without a publisher signature (an OpenSSF
+    /// model-signing bundle, `sentinel model push --signature`) that verifies
+    /// with a key registered by `sentinel publisher add`. Without this flag a
+    /// model can still require one (`sentinel model update --require-publisher`).
+    #[arg(long, env = "SENTINEL_REQUIRE_PUBLISHER")]
+    require_publisher: bool,
     /// Base URL devices download artifacts from (default: this hub's listen address).
     #[arg(long, env = "SENTINEL_PUBLIC_URL")]
     public_url: Option<String>,
@@ -360,6 +366,7 @@ async fn run(args: Args) -> ExitCode {
     config.grpc_listen = args.grpc_listen;
     config.metrics_listen = args.metrics_listen;
     config.max_upload_bytes = args.max_upload_bytes;
+    config.require_publisher = args.require_publisher;
     config.public_url = args.public_url;
     config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| sentinel_hub::config::TlsFiles { cert, key });
     if args.insecure_plaintext {

@@ -1,11 +1,12 @@
-//! `sentinel device`, `sentinel token` and `sentinel hub`: enrolling and
-//! inspecting devices, managing API tokens, and the hub's signing keys.
+//! `sentinel device`, `sentinel token`, `sentinel publisher` and `sentinel hub`:
+//! enrolling and inspecting devices, managing API tokens and publisher keys,
+//! and the hub's signing keys.
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::CliError;
-use super::args::{DeviceCommand, HubCommand, TokenCommand};
+use super::args::{DeviceCommand, HubCommand, PublisherCommand, TokenCommand};
 use super::client::HubClient;
 use super::commands::{Out, s, table, time};
 
@@ -175,6 +176,46 @@ pub(super) async fn token(client: &HubClient, out: &Out, cmd: TokenCommand) -> R
         }
     }
     Ok(())
+}
+
+pub(super) async fn publisher(client: &HubClient, out: &Out, cmd: PublisherCommand) -> Result<(), CliError> {
+    let v = match cmd {
+        PublisherCommand::Add { name, key } => {
+            let pem = read_small(&key, sentinel_proto::publisher::MAX_KEY_BYTES)?;
+            let v =
+                client.send_json(Method::POST, "/api/v1/publishers", &json!({"name": name, "public_key": pem})).await?;
+            out.print(&v, |v| format!("registered publisher {} (key {})", s(&v["name"]), s(&v["key_id"])));
+            return Ok(());
+        }
+        PublisherCommand::Remove { name } => {
+            client.delete(&format!("/api/v1/publishers/{name}")).await?;
+            out.print(&json!({"removed": name}), |_| format!("removed publisher {name}"));
+            return Ok(());
+        }
+        PublisherCommand::List => client.get("/api/v1/publishers").await?,
+    };
+    out.print(&v, |v| {
+        let rows = v["publishers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                vec![s(&p["name"]), s(&p["algorithm"]), s(&p["key_id"]), s(&p["created_by"]), time(&p["created_at_ms"])]
+            })
+            .collect();
+        table(&["NAME", "ALGORITHM", "KEY ID", "BY", "ADDED"], rows).to_string()
+    });
+    Ok(())
+}
+
+/// Reads a small local file (a key), refusing one over `cap` bytes.
+fn read_small(path: &std::path::Path, cap: usize) -> Result<String, CliError> {
+    let local = |source| CliError::LocalFile { path: path.display().to_string(), source };
+    let len = std::fs::metadata(path).map_err(local)?.len();
+    if len > cap as u64 {
+        return Err(CliError::Usage(format!("{} is {len} bytes; a public key PEM is at most {cap}", path.display())));
+    }
+    std::fs::read_to_string(path).map_err(local)
 }
 
 pub(super) async fn hub(client: &HubClient, out: &Out, cmd: HubCommand) -> Result<(), CliError> {

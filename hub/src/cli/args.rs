@@ -38,6 +38,9 @@ pub enum Command {
     /// API tokens (admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Publisher keys: who may sign models (OpenSSF model-signing).
+    #[command(subcommand)]
+    Publisher(PublisherCommand),
     /// The hub itself.
     #[command(subcommand)]
     Hub(HubCommand),
@@ -80,6 +83,16 @@ pub enum ModelCommand {
         version: Option<String>,
         #[arg(long)]
         target: Option<String>,
+    },
+    /// Change a model's description, or whether it requires a publisher signature.
+    Update {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Refuse (true) or accept (false) new versions pushed without a
+        /// publisher signature (`push --signature`).
+        #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+        require_publisher: Option<bool>,
     },
     /// Delete a model and all its versions (admin).
     Delete {
@@ -130,6 +143,12 @@ pub struct PushArgs {
     /// input) and `labels.bin` (int64 labels), scored on the device before traffic.
     #[arg(long)]
     pub validation_set: Option<PathBuf>,
+    /// The publisher's OpenSSF model-signing bundle over the file
+    /// (`model_signing sign key MODEL.onnx --private_key key.pem --signature
+    /// model.sig`). The hub verifies it against the keys `sentinel publisher
+    /// add` registered and records the publisher in the signed manifest.
+    #[arg(long, value_name = "BUNDLE")]
+    pub signature: Option<PathBuf>,
     /// Description, used when the model name is registered by this push.
     #[arg(long, default_value = "")]
     pub description: String,
@@ -254,6 +273,22 @@ pub enum TokenCommand {
     List,
     /// Revoke a token by id.
     Revoke { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PublisherCommand {
+    /// Register a publisher's public key (admin): pushes whose
+    /// `--signature` verifies with it are accepted as NAME's.
+    Add {
+        name: String,
+        /// The EC P-256 or P-384 public key, PEM (`openssl ec -in key.pem -pubout -out pub.pem`).
+        #[arg(long, value_name = "PEM_FILE")]
+        key: PathBuf,
+    },
+    /// List publisher keys.
+    List,
+    /// Remove a publisher key (admin).
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -81,18 +81,24 @@ impl HubClient {
         Self::json(resp?).await
     }
 
-    /// Uploads a model with a validation set as multipart/form-data, streaming each part.
-    pub async fn upload_with_validation(
+    /// Uploads a model with other parts as multipart/form-data, streaming
+    /// each: a validation set (inputs, labels) and a signature bundle.
+    pub async fn upload_multipart(
         &self,
         path: &str,
         model: &Path,
-        inputs: &Path,
-        labels: &Path,
+        validation: Option<(&Path, &Path)>,
+        signature: Option<&Path>,
         show_progress: bool,
     ) -> Result<Value, CliError> {
         let (model_body, bar) = file_body(model, show_progress).await?;
         let mut form = reqwest::multipart::Form::new().part("model", stream_part(model, model_body).await?);
-        for (name, p) in [("validation_inputs", inputs), ("validation_labels", labels)] {
+        let mut parts = Vec::new();
+        if let Some((inputs, labels)) = validation {
+            parts.extend([("validation_inputs", inputs), ("validation_labels", labels)]);
+        }
+        parts.extend(signature.map(|p| ("signature", p)));
+        for (name, p) in parts {
             let (body, _) = file_body(p, false).await?;
             form = form.part(name, stream_part(p, body).await?);
         }

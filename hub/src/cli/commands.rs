@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::CliError;
-use super::admin::{device, hub, token};
+use super::admin::{device, hub, publisher, token};
 use super::args::{Cli, Command, DeploymentsCommand, ListArgs, ModelCommand, PushArgs};
 use super::client::HubClient;
 use super::deploy::{deploy_body, deployment_text, effective_policy_text};
@@ -92,10 +92,17 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Model(cmd) => model(&client, &out, cmd).await,
         Command::Deployments(cmd) => deployments(&client, &out, cmd).await,
         Command::Token(cmd) => token(&client, &out, cmd).await,
+        Command::Publisher(cmd) => publisher(&client, &out, cmd).await,
         Command::Device(cmd) => device(&client, &out, cmd).await,
         Command::Hub(cmd) => hub(&client, &out, cmd).await,
         Command::Demo(args) => super::demo::run(args).await.map_err(|e| CliError::Demo(Box::new(e))),
     }
+}
+
+/// `publisher: NAME (key KEY_ID)` for a version pushed with a publisher signature.
+fn publisher_line(v: &Value) -> String {
+    let p = &v["manifest"]["publisher"];
+    if p.is_null() { String::new() } else { format!("publisher: {} (key {})\n", s(&p["name"]), s(&p["key_id"])) }
 }
 
 fn version_rows(versions: &Value) -> Vec<Vec<String>> {
@@ -177,8 +184,8 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
         ])
     );
     let progress = !out.json && std::io::stderr().is_terminal();
-    let v = match a.validation_set {
-        None => client.upload_file(&path, &a.path, progress).await?,
+    let validation = match &a.validation_set {
+        None => None,
         Some(dir) => {
             let (inputs, labels) = (dir.join("inputs.bin"), dir.join("labels.bin"));
             for p in [&inputs, &labels] {
@@ -190,8 +197,22 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
                     )));
                 }
             }
-            client.upload_with_validation(&path, &a.path, &inputs, &labels, progress).await?
+            Some((inputs, labels))
         }
+    };
+    if let Some(sig) = &a.signature
+        && !sig.is_file()
+    {
+        return Err(CliError::LocalFile {
+            path: sig.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let v = if validation.is_none() && a.signature.is_none() {
+        client.upload_file(&path, &a.path, progress).await?
+    } else {
+        let validation = validation.as_ref().map(|(i, l)| (i.as_path(), l.as_path()));
+        client.upload_multipart(&path, &a.path, validation, a.signature.as_deref(), progress).await?
     };
     out.print(&v, |v| {
         format!(
@@ -202,7 +223,8 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
             size(&v["size"]),
             s(&v["key_id"]),
             table(&VERSION_HEADER, version_rows(&json!([v])))
-        ) + &warnings(v)
+        ) + &publisher_line(v)
+            + &warnings(v)
     });
     Ok(())
 }
@@ -252,8 +274,9 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
         ModelCommand::Show { name } => {
             let v = client.get(&format!("/api/v1/models/{name}")).await?;
             out.print(&v, |v| {
+                let required = if v["require_publisher"] == json!(true) { "required" } else { "not required" };
                 format!(
-                    "{}: {}\ntags: {}\n{}",
+                    "{}: {}\ntags: {}\npublisher signature: {required}\n{}",
                     s(&v["name"]),
                     s(&v["description"]),
                     s(&v["tags"]),
@@ -290,6 +313,15 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
                 )
                 .await?;
             out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+            Ok(())
+        }
+        ModelCommand::Update { name, description, require_publisher } => {
+            let body = json!({"description": description, "require_publisher": require_publisher});
+            let v = client.send_json(Method::PUT, &format!("/api/v1/models/{name}"), &body).await?;
+            out.print(&v, |v| {
+                let required = if v["require_publisher"] == json!(true) { "required" } else { "not required" };
+                format!("{}: {}\npublisher signature: {required}", s(&v["name"]), s(&v["description"]))
+            });
             Ok(())
         }
         ModelCommand::Delete { name, force } => {

@@ -102,6 +102,7 @@ fn compute_states(
                     deployment_id: a.deployment.id,
                     validation_inputs_url: format!("{url}/validation/inputs"),
                     validation_labels_url: format!("{url}/validation/labels"),
+                    publisher_signature_url: format!("{url}/signature"),
                 }
             })
             .collect();

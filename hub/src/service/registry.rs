@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
 use sentinel_proto::manifest::{FORMAT_ONNX, sign_manifest, stage_name};
 use sentinel_proto::pb::{self, ModelManifest, dimension::Kind};
+use sentinel_proto::publisher::{BundleError, MAX_BUNDLE_BYTES, PublisherKey, verify_bundle};
 use tokio::io::AsyncWriteExt as _;
 
 use super::{ServiceError, SharedState};
@@ -67,6 +68,15 @@ pub enum RegistryError {
     /// The validation set does not fit the model; `why` says how.
     #[error("{why}")]
     InvalidValidationSet { why: String },
+    /// The publisher signature did not verify.
+    #[error("the publisher signature was refused: {source}")]
+    PublisherSignature {
+        #[source]
+        source: BundleError,
+    },
+    /// The model or the hub requires a publisher signature and none came.
+    #[error("{why}: push it with the publisher's model-signing bundle (`sentinel model push --signature model.sig`)")]
+    PublisherRequired { why: String },
     /// The stores failed.
     #[error(transparent)]
     Service(#[from] ServiceError),
@@ -151,6 +161,47 @@ pub struct NewVersion {
     pub accuracy: Option<pb::Accuracy>,
     /// Who registers it.
     pub created_by: String,
+    /// The publisher's model-signing bundle, when the push carried one.
+    pub signature: Option<Vec<u8>>,
+}
+
+/// Verifies the push's publisher signature (before the model is inspected:
+/// it is the cheaper check), or refuses a push that needs one and has none.
+/// Returns the manifest entry and the bundle staged as a blob.
+async fn check_publisher(
+    state: &SharedState,
+    model_name: &str,
+    model_sha256: &str,
+    bundle: Option<Vec<u8>>,
+) -> Result<Option<(pb::PublisherSignature, Received)>, RegistryError> {
+    let n = model_name.to_owned();
+    let (model, publishers) = state.meta(move |m| Ok((m.get_model(&n)?, m.publishers()?))).await?;
+    let Some(bundle) = bundle else {
+        if state.config().require_publisher {
+            return Err(RegistryError::PublisherRequired { why: "this hub requires a publisher signature".into() });
+        }
+        if model.is_some_and(|m| m.require_publisher) {
+            return Err(RegistryError::PublisherRequired {
+                why: format!("model {model_name} requires a publisher signature"),
+            });
+        }
+        return Ok(None);
+    };
+    // Stored keys were checked when they were added; one that no longer
+    // parses (edited by hand) is skipped rather than trusted.
+    let keys: Vec<PublisherKey> =
+        publishers.iter().filter_map(|p| PublisherKey::from_pem(&p.name, p.public_key.as_bytes()).ok()).collect();
+    let verified =
+        verify_bundle(&bundle, &keys, model_sha256).map_err(|source| RegistryError::PublisherSignature { source })?;
+    let cap = MAX_BUNDLE_BYTES as u64;
+    let mut body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Bytes::from(bundle))]);
+    let staged = receive(state, &mut body, cap, "the signature").await?;
+    let entry = pb::PublisherSignature {
+        name: verified.publisher,
+        key_id: verified.key_id,
+        bundle: Some(pb::BlobRef { sha256: staged.sha256.clone(), size: staged.size }),
+    };
+    Ok(Some((entry, staged)))
 }
 
 /// Inspects the staged model, builds and signs its manifest, commits the
@@ -161,7 +212,8 @@ pub async fn register(
     model: Received,
     validation: Option<(Received, Received)>,
 ) -> Result<VersionRecord, RegistryError> {
-    let NewVersion { name, version, stage, hardware, tags, serving, engine, accuracy, created_by } = new;
+    let NewVersion { name, version, stage, hardware, tags, serving, engine, accuracy, created_by, signature } = new;
+    let publisher = check_publisher(state, &name, &model.sha256, signature).await?;
     let inspection = state.inspector().inspect_with(model.staged.path(), &serving, &engine).await.map_err(|e| {
         if e.is_refusal() { RegistryError::InvalidModel { source: e } } else { RegistryError::Inspect { source: e } }
     })?;
@@ -199,6 +251,7 @@ pub async fn register(
         serving_shapes,
         engine,
         check_skipped,
+        publisher: publisher.as_ref().map(|(entry, _)| entry.clone()),
     };
     let signed = {
         let signer = state.keyring().active();
@@ -213,6 +266,10 @@ pub async fn register(
         extra.push(labels.sha256.clone());
         to_commit.push((inputs.staged, inputs.sha256));
         to_commit.push((labels.staged, labels.sha256));
+    }
+    if let Some((_, bundle)) = publisher {
+        extra.push(bundle.sha256.clone());
+        to_commit.push((bundle.staged, bundle.sha256));
     }
     state
         .blobs(move |b| {

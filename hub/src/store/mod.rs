@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 pub use crate::keys::SigningKeyRecord;
 pub use crate::records::{
     AuditEntry, AuditOutcome, DeploymentDevice, DeploymentKind, DeploymentRecord, DeploymentState, DeviceEvent,
-    DeviceRecord, ModelRecord, NewDeployment, TokenRecord, VersionRecord,
+    DeviceRecord, ModelRecord, NewDeployment, PublisherRecord, TokenRecord, VersionRecord,
 };
 
 /// The error an implementation's database gave, kept as the source of a
@@ -176,6 +176,7 @@ pub trait RegistryStore: Send + Sync {
         name: &str,
         description: Option<&str>,
         tags: Option<&[String]>,
+        require_publisher: Option<bool>,
         now_ms: i64,
     ) -> Result<ModelRecord, StoreError>;
     fn get_model(&self, name: &str) -> Result<Option<ModelRecord>, StoreError>;
@@ -195,6 +196,14 @@ pub trait RegistryStore: Send + Sync {
     fn update_version(&self, v: &VersionRecord) -> Result<(), StoreError>;
     /// Digests of every blob some version references (model or validation set).
     fn referenced_blobs(&self) -> Result<Vec<String>, StoreError>;
+
+    /// The registered publisher keys, by name.
+    fn publishers(&self) -> Result<Vec<PublisherRecord>, StoreError>;
+    /// Registers a publisher key; `Conflict` when the name or the key is taken.
+    fn add_publisher(&self, p: &PublisherRecord) -> Result<(), StoreError>;
+    /// Removes a publisher key; `NotFound` when no key has that name. Versions
+    /// it signed keep their manifests.
+    fn remove_publisher(&self, name: &str) -> Result<(), StoreError>;
 }
 
 /// Deployments: storing them, their states, halts and waves.

@@ -19,6 +19,7 @@ mod inspection;
 mod layers;
 mod metrics;
 mod persistence;
+mod publishers;
 mod quickstart;
 mod rbac;
 mod registry_api;

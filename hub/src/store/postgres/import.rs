@@ -40,7 +40,18 @@ use Col::{Bool, Bytes, F64, I32, I64, Text};
 const TABLES: &[(&str, &[(&str, Col)])] = &[
     (
         "models",
-        &[("name", Text), ("description", Text), ("tags", Text), ("created_at_ms", I64), ("updated_at_ms", I64)],
+        &[
+            ("name", Text),
+            ("description", Text),
+            ("tags", Text),
+            ("created_at_ms", I64),
+            ("updated_at_ms", I64),
+            ("require_publisher", Bool),
+        ],
+    ),
+    (
+        "publishers",
+        &[("name", Text), ("key_id", Text), ("public_key", Text), ("created_at_ms", I64), ("created_by", Text)],
     ),
     (
         "versions",

@@ -128,6 +128,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
         active BOOLEAN NOT NULL DEFAULT FALSE
      );
      CREATE UNIQUE INDEX signing_keys_one_active ON signing_keys(active) WHERE active;",
+    // 3 (SQLite 6): publisher keys, and models that require a publisher signature.
+    "ALTER TABLE models ADD COLUMN require_publisher BOOLEAN NOT NULL DEFAULT FALSE;
+     CREATE TABLE publishers (
+        name TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL UNIQUE,
+        public_key TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        created_by TEXT NOT NULL
+     );",
 ];
 
 /// Applies the migrations the database has not had yet, in one transaction

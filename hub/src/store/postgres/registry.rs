@@ -7,9 +7,9 @@ use super::devices::bump_revision;
 use super::{PostgresStore, block, db, i64_of, is_unique_violation, json_col, u64_col};
 use crate::records::DeploymentState;
 use crate::store::columns::{hardware_column, hardware_from_column, sort_versions, tags_to_json};
-use crate::store::{ModelFilter, ModelRecord, RegistryStore, StoreError, VersionRecord};
+use crate::store::{ModelFilter, ModelRecord, PublisherRecord, RegistryStore, StoreError, VersionRecord};
 
-const MODEL_COLS: &str = "name, description, tags, created_at_ms, updated_at_ms";
+const MODEL_COLS: &str = "name, description, tags, created_at_ms, updated_at_ms, require_publisher";
 
 fn model_from_row(row: &Row) -> Result<ModelRecord, StoreError> {
     let op = "read model";
@@ -19,6 +19,7 @@ fn model_from_row(row: &Row) -> Result<ModelRecord, StoreError> {
         tags: json_col(op, row, "tags")?,
         created_at_ms: row.try_get("created_at_ms").map_err(db(op))?,
         updated_at_ms: row.try_get("updated_at_ms").map_err(db(op))?,
+        require_publisher: row.try_get("require_publisher").map_err(db(op))?,
     })
 }
 
@@ -84,6 +85,7 @@ impl RegistryStore for PostgresStore {
             tags: tags.to_vec(),
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
+            require_publisher: false,
         })
     }
 
@@ -92,6 +94,7 @@ impl RegistryStore for PostgresStore {
         name: &str,
         description: Option<&str>,
         tags: Option<&[String]>,
+        require_publisher: Option<bool>,
         now_ms: i64,
     ) -> Result<ModelRecord, StoreError> {
         let c = self.client("update model")?;
@@ -99,9 +102,10 @@ impl RegistryStore for PostgresStore {
         let row = block(c.query_opt(
             &format!(
                 "UPDATE models SET description = COALESCE($2, description), tags = COALESCE($3, tags),
-                 updated_at_ms = $4 WHERE name = $1 RETURNING {MODEL_COLS}"
+                 require_publisher = COALESCE($5, require_publisher), updated_at_ms = $4
+                 WHERE name = $1 RETURNING {MODEL_COLS}"
             ),
-            &[&name, &description, &tags, &now_ms],
+            &[&name, &description, &tags, &now_ms, &require_publisher],
         ))
         .map_err(db("update model"))?;
         match row {
@@ -135,7 +139,7 @@ impl RegistryStore for PostgresStore {
             let rows = c
                 .query(
                     &format!(
-                        "SELECT m.name, m.description, m.tags, m.created_at_ms, m.updated_at_ms FROM models m
+                        "SELECT m.name, m.description, m.tags, m.created_at_ms, m.updated_at_ms, m.require_publisher FROM models m
                          {where_clause} ORDER BY m.name LIMIT $4 OFFSET $5"
                     ),
                     &[&f.name, &f.stage, &f.hardware, &limit, &offset],
@@ -294,5 +298,48 @@ impl RegistryStore for PostgresStore {
             .iter()
             .map(|r| r.try_get(0).map_err(db("list referenced blobs")))
             .collect()
+    }
+
+    fn publishers(&self) -> Result<Vec<PublisherRecord>, StoreError> {
+        let op = "list publishers";
+        let c = self.client(op)?;
+        block(c.query("SELECT name, key_id, public_key, created_at_ms, created_by FROM publishers ORDER BY name", &[]))
+            .map_err(db(op))?
+            .iter()
+            .map(|r| {
+                Ok(PublisherRecord {
+                    name: r.try_get(0).map_err(db(op))?,
+                    key_id: r.try_get(1).map_err(db(op))?,
+                    public_key: r.try_get(2).map_err(db(op))?,
+                    created_at_ms: r.try_get(3).map_err(db(op))?,
+                    created_by: r.try_get(4).map_err(db(op))?,
+                })
+            })
+            .collect()
+    }
+
+    fn add_publisher(&self, p: &PublisherRecord) -> Result<(), StoreError> {
+        let c = self.client("insert publisher")?;
+        block(c.execute(
+            "INSERT INTO publishers (name, key_id, public_key, created_at_ms, created_by) VALUES ($1, $2, $3, $4, $5)",
+            &[&p.name, &p.key_id, &p.public_key, &p.created_at_ms, &p.created_by],
+        ))
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict { what: format!("publisher {} or its key {}", p.name, p.key_id) }
+            } else {
+                db("insert publisher")(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    fn remove_publisher(&self, name: &str) -> Result<(), StoreError> {
+        let c = self.client("remove publisher")?;
+        let n = block(c.execute("DELETE FROM publishers WHERE name = $1", &[&name])).map_err(db("remove publisher"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: format!("publisher {name}") });
+        }
+        Ok(())
     }
 }

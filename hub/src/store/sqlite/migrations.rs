@@ -125,6 +125,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
      WHERE json_extract(m.value, '$.deployment_id') IN (SELECT id FROM deployments)
        AND json_type(m.value, '$.version') = 'text' AND json_type(m.value, '$.state') = 'text';",
     MIGRATION_WAVES,
+    // 6: publisher keys, and models that require a publisher signature.
+    "ALTER TABLE models ADD COLUMN require_publisher INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE publishers (
+        name TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL UNIQUE,
+        public_key TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        created_by TEXT NOT NULL
+     );",
 ];
 
 /// 5: staged rollouts.

@@ -6,7 +6,7 @@ use super::devices::bump_revision;
 use super::{SqliteStore, db, is_constraint, json_col, u64_col};
 use crate::records::DeploymentState;
 use crate::store::columns::{hardware_column, hardware_from_column, sort_versions, tags_to_json};
-use crate::store::{ModelFilter, ModelRecord, RegistryStore, StoreError, VersionRecord};
+use crate::store::{ModelFilter, ModelRecord, PublisherRecord, RegistryStore, StoreError, VersionRecord};
 
 fn model_from_row(row: &Row<'_>) -> rusqlite::Result<ModelRecord> {
     Ok(ModelRecord {
@@ -17,8 +17,11 @@ fn model_from_row(row: &Row<'_>) -> rusqlite::Result<ModelRecord> {
         tags: json_col(2, &row.get::<_, String>(2)?)?,
         created_at_ms: row.get(3)?,
         updated_at_ms: row.get(4)?,
+        require_publisher: row.get(5)?,
     })
 }
+
+const MODEL_COLS: &str = "name, description, tags, created_at_ms, updated_at_ms, require_publisher";
 
 const VERSION_COLS: &str =
     "model, version, sha256, size, stage, hardware, manifest, signature, key_id, created_at_ms, created_by";
@@ -78,6 +81,7 @@ impl RegistryStore for SqliteStore {
             tags: tags.to_vec(),
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
+            require_publisher: false,
         })
     }
 
@@ -86,34 +90,27 @@ impl RegistryStore for SqliteStore {
         name: &str,
         description: Option<&str>,
         tags: Option<&[String]>,
+        require_publisher: Option<bool>,
         now_ms: i64,
     ) -> Result<ModelRecord, StoreError> {
         let conn = self.conn();
         let n = conn
             .execute(
                 "UPDATE models SET description = COALESCE(?2, description), tags = COALESCE(?3, tags),
-                 updated_at_ms = ?4 WHERE name = ?1",
-                params![name, description, tags.map(tags_to_json), now_ms],
+                 require_publisher = COALESCE(?5, require_publisher), updated_at_ms = ?4 WHERE name = ?1",
+                params![name, description, tags.map(tags_to_json), now_ms, require_publisher],
             )
             .map_err(db("update model"))?;
         if n == 0 {
             return Err(StoreError::NotFound { what: format!("model {name}") });
         }
-        conn.query_row(
-            "SELECT name, description, tags, created_at_ms, updated_at_ms FROM models WHERE name = ?1",
-            [name],
-            model_from_row,
-        )
-        .map_err(db("read model"))
+        conn.query_row(&format!("SELECT {MODEL_COLS} FROM models WHERE name = ?1"), [name], model_from_row)
+            .map_err(db("read model"))
     }
 
     fn get_model(&self, name: &str) -> Result<Option<ModelRecord>, StoreError> {
         self.conn()
-            .query_row(
-                "SELECT name, description, tags, created_at_ms, updated_at_ms FROM models WHERE name = ?1",
-                [name],
-                model_from_row,
-            )
+            .query_row(&format!("SELECT {MODEL_COLS} FROM models WHERE name = ?1"), [name], model_from_row)
             .optional()
             .map_err(db("read model"))
     }
@@ -130,7 +127,7 @@ impl RegistryStore for SqliteStore {
             .map_err(db("count models"))?;
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT m.name, m.description, m.tags, m.created_at_ms, m.updated_at_ms FROM models m
+                "SELECT m.name, m.description, m.tags, m.created_at_ms, m.updated_at_ms, m.require_publisher FROM models m
                  {where_clause} ORDER BY m.name LIMIT ?4 OFFSET ?5"
             ))
             .map_err(db("list models"))?;
@@ -258,5 +255,49 @@ impl RegistryStore for SqliteStore {
             .map_err(db("list referenced blobs"))?;
         let rows = stmt.query_map([], |r| r.get(0)).map_err(db("list referenced blobs"))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(db("list referenced blobs"))
+    }
+
+    fn publishers(&self) -> Result<Vec<PublisherRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, key_id, public_key, created_at_ms, created_by FROM publishers ORDER BY name")
+            .map_err(db("list publishers"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PublisherRecord {
+                    name: r.get(0)?,
+                    key_id: r.get(1)?,
+                    public_key: r.get(2)?,
+                    created_at_ms: r.get(3)?,
+                    created_by: r.get(4)?,
+                })
+            })
+            .map_err(db("list publishers"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db("list publishers"))
+    }
+
+    fn add_publisher(&self, p: &PublisherRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO publishers (name, key_id, public_key, created_at_ms, created_by) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![p.name, p.key_id, p.public_key, p.created_at_ms, p.created_by],
+            )
+            .map_err(|e| {
+                if is_constraint(&e) {
+                    StoreError::Conflict { what: format!("publisher {} or its key {}", p.name, p.key_id) }
+                } else {
+                    db("insert publisher")(e)
+                }
+            })?;
+        Ok(())
+    }
+
+    fn remove_publisher(&self, name: &str) -> Result<(), StoreError> {
+        let n =
+            self.conn().execute("DELETE FROM publishers WHERE name = ?1", [name]).map_err(db("remove publisher"))?;
+        if n == 0 {
+            return Err(StoreError::NotFound { what: format!("publisher {name}") });
+        }
+        Ok(())
     }
 }
