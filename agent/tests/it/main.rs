@@ -9,6 +9,7 @@ mod common;
 
 mod batching;
 mod control;
+mod dashboard;
 mod deploy_reaches_agent;
 mod device_isolation;
 mod dtypes;
@@ -23,6 +24,7 @@ mod layers;
 mod load_failures;
 mod metrics;
 mod offline_restart;
+mod prometheus;
 mod publishers;
 mod refusals;
 mod replicas;

@@ -7,7 +7,9 @@
 //! handler, report handler, halt logic); figures that are state, not events
 //! (connected devices, deployments by state, where each live deployment
 //! stands on its devices) are read from the fleet and the store at scrape
-//! time, so they can never drift from the truth.
+//! time, so they can never drift from the truth. Whether those store reads
+//! succeeded is itself a figure, `sentinel_hub_database_up`: each scrape is
+//! a cheap check that the metadata database answers, with no timer of its own.
 //!
 //! `/metrics` is served on its own listener (`--metrics-listen`), in plain
 //! text: the figures carry no tokens and no model bytes, and keeping them off
@@ -67,6 +69,7 @@ pub struct HubMetrics {
     pub device_reports: IntCounter,
     connections_open: IntGauge,
     connections_dropped: IntCounterVec,
+    database_up: IntGauge,
     /// What was registered, for [`HubMetrics::families`].
     families: Vec<(Desc, MetricType)>,
     /// Serialises scrapes: each resets and refills the scrape-time gauges.
@@ -126,6 +129,10 @@ impl HubMetrics {
             ),
             &["reason"],
         )?;
+        let database_up = IntGauge::new(
+            "sentinel_hub_database_up",
+            "1 if the metadata database answered this scrape's reads, 0 if they failed",
+        )?;
         for reason in CONNECTION_DROPS {
             connections_dropped.with_label_values(&[reason]);
         }
@@ -150,6 +157,7 @@ impl HubMetrics {
             Box::new(device_reports.clone()),
             Box::new(connections_open.clone()),
             Box::new(connections_dropped.clone()),
+            Box::new(database_up.clone()),
             Box::new(build_info),
         ];
         let mut families = Vec::new();
@@ -174,6 +182,7 @@ impl HubMetrics {
             device_reports,
             connections_open,
             connections_dropped,
+            database_up,
             families,
             scrape: Mutex::new(()),
         })
@@ -204,19 +213,27 @@ impl HubMetrics {
             let counter = self.connections_dropped.with_label_values(&[reason]);
             counter.inc_by(total.saturating_sub(counter.get()));
         }
+        self.refresh_from_store(state.meta.as_ref());
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+
+    /// Refills the figures read from the metadata database, and records in
+    /// `sentinel_hub_database_up` whether it answered.
+    fn refresh_from_store(&self, meta: &dyn MetadataStore) {
         // Reset first, so a deployment that stopped being live disappears.
         self.deployments.reset();
         self.deployment_devices.reset();
-        if let Err(e) = self.read_deployments(state.meta.as_ref()) {
+        let read = self.read_deployments(meta);
+        self.database_up.set(i64::from(read.is_ok()));
+        if let Err(e) = read {
             // The rest of the figures are still worth serving; the deployment
             // gauges are left absent rather than stale.
             self.deployments.reset();
             self.deployment_devices.reset();
             tracing::error!(error = %e, "reading deployments for /metrics failed");
         }
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
-        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
 
     fn read_deployments(&self, meta: &dyn MetadataStore) -> Result<(), StoreError> {
@@ -262,5 +279,33 @@ mod tests {
         TextEncoder::new().encode(&m.registry.gather(), &mut out).expect("encodes");
         let text = String::from_utf8(out).expect("utf-8");
         assert!(text.contains(&format!("sentinel_hub_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+    }
+
+    fn gauge(m: &HubMetrics, name: &str) -> Option<i64> {
+        let families = m.registry.gather();
+        let family = families.iter().find(|f| f.name() == name)?;
+        family.get_metric().first().map(|s| s.get_gauge().get_value() as i64)
+    }
+
+    /// `sentinel_hub_database_up` follows the outcome of the scrape's store
+    /// reads: 1 while they succeed, 0 once the database answers them with an
+    /// error (here a table renamed behind the hub's back), and the deployment
+    /// figures are then absent rather than stale.
+    #[test]
+    fn database_up_follows_the_store_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let store = crate::store::sqlite::SqliteStore::open(&path).expect("open");
+        let m = HubMetrics::new().expect("valid metric definitions");
+        m.refresh_from_store(&store);
+        assert_eq!(gauge(&m, "sentinel_hub_database_up"), Some(1));
+        assert_eq!(m.deployments.with_label_values(&["active"]).get(), 0);
+        assert!(gauge(&m, "sentinel_hub_deployments").is_some());
+
+        let other = rusqlite::Connection::open(&path).expect("a second connection");
+        other.execute_batch("ALTER TABLE deployments RENAME TO moved_away").expect("rename");
+        m.refresh_from_store(&store);
+        assert_eq!(gauge(&m, "sentinel_hub_database_up"), Some(0));
+        assert_eq!(gauge(&m, "sentinel_hub_deployments"), None);
     }
 }
