@@ -36,12 +36,12 @@ const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 const PREDICATE_TYPE: &str = "https://model_signing/signature/v1.0";
 
 /// DER prefixes of an uncompressed EC public key's SubjectPublicKeyInfo,
-/// before the 0x04 || X || Y point.
-const SPKI_P256: &[u8] = &[
+/// before the 0x04 || X || Y point (ring's public key bytes).
+pub const SPKI_P256: &[u8] = &[
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
     0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
-const SPKI_P384: &[u8] = &[
+pub const SPKI_P384: &[u8] = &[
     0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04, 0x00,
     0x22, 0x03, 0x62, 0x00,
 ];
@@ -311,8 +311,12 @@ struct Serialization {
     hash_type: String,
 }
 
-/// DSSE v1 pre-authentication encoding of `payload`.
-fn pae(payload: &[u8]) -> Vec<u8> {
+/// The DSSE payload type model-signing's statements carry.
+pub const PAYLOAD_TYPE_IN_TOTO: &str = PAYLOAD_TYPE;
+
+/// DSSE v1 pre-authentication encoding of `payload`: the bytes the
+/// envelope's signature covers.
+pub fn pae(payload: &[u8]) -> Vec<u8> {
     let mut out = format!("DSSEv1 {} {PAYLOAD_TYPE} {} ", PAYLOAD_TYPE.len(), payload.len()).into_bytes();
     out.extend_from_slice(payload);
     out
