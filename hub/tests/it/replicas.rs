@@ -6,6 +6,7 @@
 //! its PostgreSQL half); without it the test says it skipped.
 #![allow(clippy::unwrap_used)]
 
+use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::rollout::{ACCURACY, Device, deploy, deployment, halt_audits, models, push};
@@ -163,6 +164,12 @@ async fn migrate_moves_an_embedded_hub_and_its_signatures_still_verify() {
     }
     let before = [signed(&old, "1.0.0").await, signed(&old, "2.0.0").await];
     assert_ne!(before[0].key_id, before[1].key_id, "two keys signed them");
+    // A publisher key, and a model that requires it.
+    let publisher = sentinel_testkit::signing::keypair(tmp.path(), "pipeline");
+    let pem = std::fs::read_to_string(&publisher.public).unwrap();
+    let added = old.admin_post("/api/v1/publishers", json!({"name": "pipeline", "public_key": pem})).await;
+    let r = old.req(Method::PUT, "/api/v1/models/digits", Some(&old.admin)).json(&json!({"require_publisher": true}));
+    assert_eq!(r.send().await.unwrap().status(), 200);
     old.stop().await;
 
     let (blobs_to, target_blobs) = match backend::s3() {
@@ -233,6 +240,9 @@ async fn migrate_moves_an_embedded_hub_and_its_signatures_still_verify() {
     assert_eq!(models(&state), [("2.0.0".to_owned(), d)]);
     let keys: Value = new.admin_get("/api/v1/keys").await;
     assert_eq!(keys["keys"].as_array().unwrap().len(), 2, "both keys moved");
+    let publishers = new.admin_get("/api/v1/publishers").await;
+    assert_eq!(publishers["publishers"].as_array().unwrap().as_slice(), [added], "the publisher key moved");
+    assert_eq!(new.admin_get("/api/v1/models/digits").await["require_publisher"], true);
 }
 
 #[tokio::test]
