@@ -143,6 +143,7 @@ pub struct MlflowClient {
 
 impl MlflowClient {
     pub fn new(tracking_uri: &str) -> Result<Self, MlflowError> {
+        crate::install_crypto_provider();
         let base = tracking_uri.trim_end_matches('/').to_owned();
         let http = reqwest::Client::builder()
             .user_agent(concat!("sentinel-cli/", env!("CARGO_PKG_VERSION")))
