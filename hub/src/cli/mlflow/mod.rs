@@ -231,13 +231,6 @@ async fn import_one(
         return Err(Step::Refused(format!("its status is {}, not READY", mv.status)));
     }
     let version = sentinel_version(&mv.version, &mv.tags).map_err(Step::Refused)?;
-    let accuracy = match &a.metric {
-        None => None,
-        Some(_) if mv.run_id.is_empty() => {
-            return Err(Step::Refused("it has no run to read --metric from".into()));
-        }
-        Some(key) => Some(mapping::accuracy(&ml.run(&mv.run_id).await?.data.metrics, key).map_err(Step::Refused)?),
-    };
     let root = artifact_root(ml, &a.model, &mv.version).await?;
     let files = walk(ml, &root).await?;
     let data = match files.iter().any(|f| f.path == "MLmodel") {
@@ -256,20 +249,37 @@ async fn import_one(
     let (sha256, _) = ml.download(&join(&root, &onnx.path), tmp.path(), MAX_ARTIFACT_BYTES).await?;
 
     let (tags, warnings) = sentinel_tags(&a.model, &mv.version, &mv.run_id, &mv.tags);
-    let report = |outcome, version: String| Report {
+    let present = |version: String| Report {
         mlflow_version: mv.version.clone(),
-        outcome,
+        outcome: Outcome::Present,
+        version: Some(version),
+        sha256: Some(sha256.clone()),
+        accuracy: None,
+        reason: None,
+        warnings: Vec::new(),
+    };
+    match decide(existing, &mv.version, &version, &sha256) {
+        Decision::Present(v) => return Ok(present(v)),
+        Decision::Conflict(why) => return Err(Step::Refused(why)),
+        Decision::Push => {}
+    }
+    // Only what will be pushed needs its run's metric.
+    let accuracy = match &a.metric {
+        None => None,
+        Some(_) if mv.run_id.is_empty() => {
+            return Err(Step::Refused("it has no run to read --metric from".into()));
+        }
+        Some(key) => Some(mapping::accuracy(&ml.run(&mv.run_id).await?.data.metrics, key).map_err(Step::Refused)?),
+    };
+    let imported = |version: String| Report {
+        mlflow_version: mv.version.clone(),
+        outcome: Outcome::Imported,
         version: Some(version),
         sha256: Some(sha256.clone()),
         accuracy,
         reason: None,
         warnings: warnings.clone(),
     };
-    match decide(existing, &mv.version, &version, &sha256) {
-        Decision::Present(v) => return Ok(report(Outcome::Present, v)),
-        Decision::Conflict(why) => return Err(Step::Refused(why)),
-        Decision::Push => {}
-    }
     let push = PushArgs {
         path: tmp.path().to_owned(),
         name: name.to_owned(),
@@ -282,7 +292,7 @@ async fn import_one(
         ..PushArgs::default()
     };
     match push_version(hub, push, progress).await {
-        Ok(v) if s(&v["sha256"]) == sha256 => Ok(report(Outcome::Imported, version)),
+        Ok(v) if s(&v["sha256"]) == sha256 => Ok(imported(version)),
         Ok(v) => Err(Step::Fatal(CliError::Hub {
             status: 200,
             message: format!("the hub stored sha256 {} for a file of sha256 {sha256}", s(&v["sha256"])),
