@@ -12,6 +12,8 @@
 //! - [`dtype_cases`]: models of every tensor element type, made at test time
 //!   by public tools, with ONNX Runtime's outputs.
 //! - [`hub`]: [`hub::TestHub`], a real hub in the test's process.
+//! - [`mlflow`]: a real MLflow tracking server, and versions registered in it
+//!   by MLflow's own client.
 //! - [`wait`]: [`wait::eventually`], the one bounded poll loop.
 //! - [`models`]: the repository's test models and samples, and their readers.
 //! - [`ort`]: the ONNX Runtime library for tests of the `ort` engine.
@@ -24,6 +26,7 @@ pub mod bins;
 pub mod digits;
 pub mod dtype_cases;
 pub mod hub;
+pub mod mlflow;
 pub mod models;
 pub mod ort;
 pub mod signing;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 /// Sentinel: push, deploy and roll back ONNX models across a fleet.
 #[derive(Debug, Parser)]
@@ -21,8 +21,9 @@ pub struct Cli {
     pub command: Command,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 ok, 1 not found, 3 conflict, 64 usage, 65 input refused by the hub, \
-66 local file unreadable, 69 hub unreachable or failing, 77 token missing, wrong or not allowed.";
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 not found, 3 conflict, 4 an import refused some versions, 64 usage, \
+65 input refused by the hub, 66 local file unreadable, 69 hub (or MLflow) unreachable or failing, 77 token missing, \
+wrong or not allowed.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -69,6 +70,10 @@ pub struct DemoArgs {
 pub enum ModelCommand {
     /// Upload a new version (registers the model name if needed).
     Push(Box<PushArgs>),
+    /// Import versions from another model registry; each goes through the
+    /// same push as `model push` (inspection, signing, audit).
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// List models.
     List(ListArgs),
     /// Show a model and its versions.
@@ -103,7 +108,7 @@ pub enum ModelCommand {
     },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct PushArgs {
     /// The ONNX file.
     pub path: PathBuf,
@@ -152,6 +157,44 @@ pub struct PushArgs {
     /// Description, used when the model name is registered by this push.
     #[arg(long, default_value = "")]
     pub description: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// Registered model versions from an MLflow tracking server, read over its
+    /// REST API with the artifacts through its proxy (`mlflow server
+    /// --serve-artifacts`). Without a selector, the latest version. A re-run
+    /// imports only what is new.
+    #[command(group(ArgGroup::new("which").args(["version", "alias", "stage", "all"])))]
+    Mlflow(Box<MlflowImportArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct MlflowImportArgs {
+    /// The tracking server, e.g. http://mlflow.internal:5000.
+    #[arg(long, value_name = "URL", env = "MLFLOW_TRACKING_URI")]
+    pub tracking_uri: String,
+    /// The registered model's name in MLflow.
+    #[arg(long, value_name = "NAME")]
+    pub model: String,
+    /// The Sentinel model name (default: the MLflow name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// One MLflow version, e.g. 3.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// The version an MLflow alias points at, e.g. champion.
+    #[arg(long)]
+    pub alias: Option<String>,
+    /// The latest version in a legacy MLflow stage: Staging, Production...
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Every version.
+    #[arg(long)]
+    pub all: bool,
+    /// A run metric to declare as the accuracy (a fraction 0..1), e.g. accuracy.
+    #[arg(long, value_name = "MLFLOW_METRIC")]
+    pub metric: Option<String>,
 }
 
 /// `sentinel model deploy NAME VERSION`: the policy comes from `--policy

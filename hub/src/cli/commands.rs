@@ -9,12 +9,12 @@ use serde_json::{Value, json};
 
 use super::CliError;
 use super::admin::{device, hub, publisher, token};
-use super::args::{Cli, Command, DeploymentsCommand, ListArgs, ModelCommand, PushArgs};
+use super::args::{Cli, Command, DeploymentsCommand, ImportCommand, ListArgs, ModelCommand, PushArgs};
 use super::client::HubClient;
 use super::deploy::{deploy_body, deployment_text, effective_policy_text};
 
 /// Percent-encodes a query value.
-fn q(v: &str) -> String {
+pub(super) fn q(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b',') {
@@ -152,6 +152,26 @@ fn deployment_rows(list: &[Value]) -> Vec<Vec<String>> {
 const DEPLOYMENT_HEADER: [&str; 8] = ["ID", "MODEL", "VERSION", "TARGET", "KIND", "STATE", "BY", "CREATED"];
 
 async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError> {
+    let progress = !out.json && std::io::stderr().is_terminal();
+    let v = push_version(client, a, progress).await?;
+    out.print(&v, |v| {
+        format!(
+            "pushed {} {}: sha256 {} ({}), signed by {}\n{}",
+            s(&v["model"]),
+            s(&v["version"]),
+            s(&v["sha256"]),
+            size(&v["size"]),
+            s(&v["key_id"]),
+            table(&VERSION_HEADER, version_rows(&json!([v])))
+        ) + &publisher_line(v)
+            + &warnings(v)
+    });
+    Ok(())
+}
+
+/// Registers the model name if needed and uploads one version, returning
+/// the hub's record of it: `model push`, and each version `model import` pushes.
+pub(super) async fn push_version(client: &HubClient, a: PushArgs, progress: bool) -> Result<Value, CliError> {
     let version = a.version.ok_or_else(|| {
         CliError::Usage("--version is required: a push never picks a version for you (e.g. --version 1.0.0)".into())
     })?;
@@ -183,7 +203,6 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
             ("engine", a.engine),
         ])
     );
-    let progress = !out.json && std::io::stderr().is_terminal();
     let validation = match &a.validation_set {
         None => None,
         Some(dir) => {
@@ -214,19 +233,7 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
         let validation = validation.as_ref().map(|(i, l)| (i.as_path(), l.as_path()));
         client.upload_multipart(&path, &a.path, validation, a.signature.as_deref(), progress).await?
     };
-    out.print(&v, |v| {
-        format!(
-            "pushed {} {}: sha256 {} ({}), signed by {}\n{}",
-            s(&v["model"]),
-            s(&v["version"]),
-            s(&v["sha256"]),
-            size(&v["size"]),
-            s(&v["key_id"]),
-            table(&VERSION_HEADER, version_rows(&json!([v])))
-        ) + &publisher_line(v)
-            + &warnings(v)
-    });
-    Ok(())
+    Ok(v)
 }
 
 async fn list(client: &HubClient, out: &Out, a: ListArgs) -> Result<(), CliError> {
@@ -270,6 +277,7 @@ async fn list(client: &HubClient, out: &Out, a: ListArgs) -> Result<(), CliError
 async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), CliError> {
     match cmd {
         ModelCommand::Push(a) => push(client, out, *a).await,
+        ModelCommand::Import(ImportCommand::Mlflow(a)) => super::mlflow::import(client, out, *a).await,
         ModelCommand::List(a) => list(client, out, a).await,
         ModelCommand::Show { name } => {
             let v = client.get(&format!("/api/v1/models/{name}")).await?;

@@ -8,10 +8,11 @@
 //! | 0 | success |
 //! | 1 | not found (404) |
 //! | 3 | conflict (409): duplicate version, still deployed, nothing to roll back |
+//! | 4 | `model import`: one or more versions were refused (each is named) |
 //! | 64 | usage: bad flags or arguments (e.g. a push without `--version`) |
 //! | 65 | the hub refused the input (400, 413, 415, 422) |
 //! | 66 | a local file could not be read |
-//! | 69 | the hub is unreachable or failed (5xx) |
+//! | 69 | the hub (or the MLflow server an import reads) is unreachable or failed (5xx) |
 //! | 70 | `sentinel demo` failed |
 //! | 77 | missing or wrong token, or a role that is not allowed (401, 403) |
 //!
@@ -21,6 +22,8 @@
 //! - [`client`]: a small typed client of `/api/v1`, with upload progress.
 //! - [`commands`]: dispatch, the `model` and `deployments` commands, and the
 //!   table and JSON output they share.
+//! - [`mlflow`]: `model import mlflow`, registered versions from an MLflow
+//!   tracking server pushed through `model push`'s path.
 //! - [`demo`]: `sentinel demo`, a real hub and agent on loopback (exit 70 on failure).
 //! - [`deploy`]: the deploy request from a policy file and flags, and the
 //!   rollout view of `deployments show`.
@@ -31,6 +34,7 @@ pub mod client;
 pub mod commands;
 pub mod demo;
 pub mod deploy;
+pub mod mlflow;
 
 pub use args::Cli;
 
@@ -57,6 +61,10 @@ pub enum CliError {
     Protocol(#[source] reqwest::Error),
     #[error("the demo failed")]
     Demo(#[source] Box<demo::DemoError>),
+    #[error(transparent)]
+    Mlflow(#[from] mlflow::MlflowError),
+    #[error("{refused} of {total} MLflow versions were refused")]
+    ImportRefused { refused: usize, total: usize },
 }
 
 impl CliError {
@@ -67,6 +75,10 @@ impl CliError {
             CliError::LocalFile { .. } => 66,
             CliError::Unreachable { .. } | CliError::Protocol(_) => 69,
             CliError::Demo(_) => 70,
+            CliError::Mlflow(e) if e.is_not_found() => 1,
+            CliError::Mlflow(mlflow::MlflowError::LocalFile { .. }) => 66,
+            CliError::Mlflow(_) => 69,
+            CliError::ImportRefused { .. } => 4,
             CliError::Hub { status, .. } => match status {
                 404 => 1,
                 409 => 3,

@@ -18,6 +18,7 @@ mod hardening;
 mod inspection;
 mod layers;
 mod metrics;
+mod mlflow;
 mod persistence;
 mod publishers;
 mod quickstart;
