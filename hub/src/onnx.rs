@@ -62,6 +62,14 @@ pub enum OnnxError {
     TooManyNodes { nodes: u64, limit: u64 },
     #[error("the graph's input and output declarations are larger than this hub reads ({0})")]
     SignatureTooLarge(String),
+    /// Weights kept in files beside the model: a version is one file, and a
+    /// hub must not open paths an upload names.
+    #[error(
+        "initializer `{name}` keeps its data in an external file; a version must be one self-contained \
+         file: save it with the weights inside (onnx.save_model(model, path, save_as_external_data=False), \
+         or mlflow.onnx.log_model(..., save_as_external_data=False))"
+    )]
+    ExternalData { name: String },
 }
 
 /// Bounds on the in-process read.
@@ -470,16 +478,30 @@ impl<R: Read + Seek> Walker<R> {
         self.fields(end, |w, field, wire| match (field, wire) {
             (5, Wire::Len(n)) => {
                 let tensor_end = w.pos + n;
+                // TensorProto: name = 8, external_data = 13, data_location = 14 (1: EXTERNAL).
+                let (mut name, mut external) = (String::new(), false);
                 w.fields(tensor_end, |w, field, wire| match (field, wire) {
                     (8, Wire::Len(n)) if n <= MAX_NAME_BYTES => {
-                        let name = String::from_utf8_lossy(&w.read_bytes(n)?).into_owned();
-                        if let Some(name) = inputs.take(&name) {
-                            weights.insert(name);
+                        name = String::from_utf8_lossy(&w.read_bytes(n)?).into_owned();
+                        if let Some(input) = inputs.take(&name) {
+                            weights.insert(input);
                         }
                         Ok(())
                     }
+                    (13, Wire::Len(n)) => {
+                        external = true;
+                        w.skip(n)
+                    }
+                    (14, Wire::Varint) => {
+                        external |= w.varint()? == 1;
+                        Ok(())
+                    }
                     (_, wire) => w.skip_wire(wire),
-                })
+                })?;
+                if external {
+                    return Err(OnnxError::ExternalData { name: name.chars().take(200).collect() });
+                }
+                Ok(())
             }
             (_, wire) => w.skip_wire(wire),
         })

@@ -130,3 +130,36 @@ fn oversized_declarations_are_refused_before_they_are_read() {
     let bytes = model(GraphProto { input: vec![huge], output: vec![value("y", &[1])], ..GraphProto::default() });
     assert!(matches!(read(&bytes, 10), Err(OnnxError::SignatureTooLarge(_))));
 }
+
+/// A hub never lets an upload name files for the engine to open (tract
+/// resolves external data beside the model, i.e. in the hub's staging dir).
+#[test]
+fn weights_in_external_files_are_refused_naming_the_initializer() {
+    use tract_onnx::pb::StringStringEntryProto;
+    let entry = |k: &str, v: &str| StringStringEntryProto { key: k.into(), value: v.into() };
+    let graph = |weight: TensorProto| GraphProto {
+        node: vec![relu(0)],
+        input: vec![value("t0", &[-1, 4])],
+        output: vec![value("t1", &[-1, 4])],
+        initializer: vec![weight],
+        ..GraphProto::default()
+    };
+    let external = TensorProto {
+        name: "fc.weight".into(),
+        external_data: vec![entry("location", "sha256/0123"), entry("offset", "0")],
+        data_location: Some(1),
+        ..TensorProto::default()
+    };
+    for weight in [
+        external.clone(),
+        TensorProto { data_location: None, ..external.clone() },
+        TensorProto { external_data: Vec::new(), ..external },
+    ] {
+        let err = read(&model(graph(weight)), 100).expect_err("refused");
+        assert!(matches!(&err, OnnxError::ExternalData { name } if name == "fc.weight"), "{err}");
+        assert!(err.to_string().contains("save_as_external_data=False"), "{err}");
+    }
+    let inside =
+        TensorProto { name: "w".into(), raw_data: vec![0; 16], data_location: Some(0), ..TensorProto::default() };
+    read(&model(graph(inside)), 100).expect("weights inside the file are fine");
+}

@@ -300,7 +300,13 @@ async fn import_one(
         // The hub refused this file or version (inspection, a taken version,
         // the upload limit): this version is refused, the next may pass.
         Err(CliError::Hub { status: status @ (400 | 409 | 413 | 415 | 422), message }) => {
-            Err(Step::Refused(format!("the hub refused it ({status}): {message}{}", external_data_hint(&files, onnx))))
+            // A hub that names external data says how to fix it already.
+            let hint = if message.contains("save_as_external_data") {
+                String::new()
+            } else {
+                external_data_hint(&files, onnx)
+            };
+            Err(Step::Refused(format!("the hub refused it ({status}): {message}{hint}")))
         }
         Err(e) => Err(Step::Fatal(e)),
     }
