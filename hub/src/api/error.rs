@@ -110,10 +110,17 @@ impl ApiError {
     }
 }
 
+/// How much of a refusal the audit log keeps.
+const AUDIT_REASON_CHARS: usize = 300;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // The audit log's row for a refused call says why, as the caller saw it.
+        let why: String = format!("{}: {}", self.code, self.message).chars().take(AUDIT_REASON_CHARS).collect();
         let body = ErrorBody { error: ErrorDetail { code: self.code.to_owned(), message: self.message } };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        resp.extensions_mut().insert(super::auth::AuditDetail(why));
+        resp
     }
 }
 

@@ -229,22 +229,34 @@ pub async fn update(
     // A result, so the role check comes first: a caller without the role
     // gets 403 whatever the body holds.
     body: Result<ApiJson<UpdateModel>, ApiError>,
-) -> Result<Json<ModelOut>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Role::Publisher, "editing a model")?;
     let ApiJson(body) = body?;
     check_lookup_name(&name)?;
     if let Some(tags) = &body.tags {
         check_tags("tag", tags)?;
     }
+    let (before, _) = load_model(&state, &name).await?;
+    // A pipeline's publisher token must not be able to turn off the check
+    // that guards against it: lifting the requirement is an admin's call.
+    if body.require_publisher == Some(false) && before.require_publisher {
+        caller.require(Role::Admin, "lifting a model's publisher-signature requirement")?;
+    }
     let now = crate::now_ms();
     let n = name.clone();
+    let change = body.require_publisher.filter(|r| *r != before.require_publisher);
     state
         .meta(move |m| {
             m.update_model(&n, body.description.as_deref(), body.tags.as_deref(), body.require_publisher, now)
         })
         .await?;
     let (model, versions) = load_model(&state, &name).await?;
-    Ok(Json(model_out(model, versions, true)))
+    let mut resp = Json(model_out(model, versions, true)).into_response();
+    if let Some(required) = change {
+        let what = if required { "now requires" } else { "no longer requires" };
+        resp.extensions_mut().insert(AuditDetail(format!("model {name} {what} a publisher signature")));
+    }
+    Ok(resp)
 }
 
 /// Delete a model and all its versions. Refused while any version is

@@ -28,7 +28,7 @@ pub(super) fn q(v: &str) -> String {
 
 /// A response's `warnings`, one `warning: ...` line each.
 fn warnings(v: &Value) -> String {
-    v["warnings"].as_array().into_iter().flatten().map(|w| format!("warning: {}\n", s(w))).collect()
+    v["warnings"].as_array().into_iter().flatten().map(|w| format!("\nwarning: {}", s(w))).collect()
 }
 
 fn query(pairs: &[(&str, Option<String>)]) -> String {
@@ -70,6 +70,18 @@ pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
     t
 }
 
+/// Prints a command's answer. A reader that went away (`sentinel ... |
+/// head`) ends the command quietly, as for any Unix tool, rather than a
+/// panic from `println!`.
+pub(super) fn emit(text: &str) {
+    use std::io::Write as _;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{text}")
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
 /// Where a command's answer goes: JSON with `--json`, else the human text.
 pub(super) struct Out {
     pub(super) json: bool,
@@ -78,9 +90,9 @@ pub(super) struct Out {
 impl Out {
     pub(super) fn print(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+            emit(&serde_json::to_string_pretty(value).unwrap_or_default());
         } else {
-            println!("{}", human(value));
+            emit(&human(value));
         }
     }
 }
@@ -102,7 +114,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
 /// `publisher: NAME (key KEY_ID)` for a version pushed with a publisher signature.
 fn publisher_line(v: &Value) -> String {
     let p = &v["manifest"]["publisher"];
-    if p.is_null() { String::new() } else { format!("publisher: {} (key {})\n", s(&p["name"]), s(&p["key_id"])) }
+    if p.is_null() { String::new() } else { format!("\npublisher: {} (key {})", s(&p["name"]), s(&p["key_id"])) }
 }
 
 fn version_rows(versions: &Value) -> Vec<Vec<String>> {

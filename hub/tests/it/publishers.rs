@@ -115,6 +115,10 @@ async fn model_signing_bundles_are_verified_at_push_and_refused_saying_why() {
     ok(&r);
     assert!(r.stdout.contains("publisher signature: required"), "{}", r.stdout);
     refused(&push(&v2, "2.0.0", None).await, "model digits requires a publisher");
+    // The pipeline's own publisher token cannot lift the requirement; an admin can.
+    let r = sentinel(&hub, &publisher, &["model", "update", "digits", "--require-publisher", "false"]).await;
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(r.stderr.contains("lifting a model's publisher-signature requirement"), "{}", r.stderr);
     ok(&push(&v2, "2.0.0", Some(&v2_sig)).await);
 
     // Every refused push left nothing: no version, no stored bundle.
@@ -145,6 +149,15 @@ async fn model_signing_bundles_are_verified_at_push_and_refused_saying_why() {
     let details: Vec<&str> = audit["entries"].as_array().unwrap().iter().filter_map(|e| e["detail"].as_str()).collect();
     assert!(details.iter().any(|d| d.starts_with("registered publisher ml-team key")), "{details:?}");
     assert!(details.contains(&"removed publisher ml-team"), "{details:?}");
+    assert!(details.contains(&"model digits now requires a publisher signature"), "{details:?}");
+    // Refused pushes say why in the log, as the caller was told.
+    assert!(
+        details
+            .iter()
+            .any(|d| d.starts_with("publisher_signature: the publisher signature was refused: the signature")),
+        "{details:?}"
+    );
+    assert!(details.iter().any(|d| d.starts_with("publisher_signature_required: model digits")), "{details:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
