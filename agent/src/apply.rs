@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use sentinel_proto::VerifiedState;
 use sentinel_proto::pb::{ModelAssignment, ModelManifest};
-use sentinel_proto::publisher::{MAX_BUNDLE_BYTES, PublisherKey, verify_bundle};
+use sentinel_proto::publisher::{BundleError, MAX_BUNDLE_BYTES, PublisherKey, verify_bundle};
 use tokio::sync::watch;
 
 use crate::download::{self, Wanted};
@@ -238,7 +238,6 @@ async fn download_version(
     shared.set_status(&m.name, ModelStatus::Downloading, &m.version, "", None);
     shared.refresh_models();
     shared.report_soon();
-    shared.event(EventKind::DownloadStarted, &m.name, &m.version, &assignment.artifact_url);
     let fetch = |url: String, sha256: String, size: u64| async move {
         let wanted = Wanted { url: &url, token: &config.token, sha256: &sha256, size };
         let fetched = download::fetch(http, shared.store.models_dir(), &wanted, config.download_attempts, |from| {
@@ -289,7 +288,15 @@ async fn download_version(
                     }
                     Ok((path, _)) => {
                         std::fs::read(&path).map_err(|e| format!("reading the bundle: {e}")).and_then(|bundle| {
-                            verify_bundle(&bundle, &config.publishers, &m.sha256).map_err(|e| e.to_string())
+                            verify_bundle(&bundle, &config.publishers, &m.sha256).map_err(|e| match e {
+                                BundleError::UnknownKey { .. } | BundleError::BadSignature { .. } => format!(
+                                    "{e}: the hub names its signer {} (key {}); this device pins {}",
+                                    m.publisher.as_ref().map_or("?", |p| p.name.as_str()),
+                                    m.publisher.as_ref().map_or("?", |p| p.key_id.get(..16).unwrap_or_default()),
+                                    pinned_names(&config.publishers)
+                                ),
+                                other => other.to_string(),
+                            })
                         })
                     }
                 }
@@ -297,7 +304,15 @@ async fn download_version(
         };
         match checked {
             Ok(v) => {
-                tracing::info!(model = %m.name, version = %m.version, publisher = %v.publisher, key_id = %v.key_id, "publisher signature verified on the device")
+                // `pinned_as` is this device's name for the key; `publisher` the hub's.
+                tracing::info!(
+                    model = %m.name,
+                    version = %m.version,
+                    pinned_as = %v.publisher,
+                    publisher = m.publisher.as_ref().map_or("", |p| p.name.as_str()),
+                    key_id = %v.key_id,
+                    "publisher signature verified on the device"
+                );
             }
             Err(why) => {
                 shared.serving.metrics().verification_failed(PUBLISHER_SIGNATURE);
@@ -316,6 +331,7 @@ async fn download_version(
             }
         }
     }
+    shared.event(EventKind::DownloadStarted, &m.name, &m.version, &assignment.artifact_url);
     let (model, outcome) = match fetch(shared.hubs.on_current(&assignment.artifact_url), m.sha256.clone(), m.size).await
     {
         Ok(r) => r,
@@ -385,9 +401,10 @@ async fn download_version(
 /// the device (or that has none, on a device that pins publishers).
 pub const PUBLISHER_SIGNATURE: &str = "publisher_signature";
 
-/// `a, b` for the refusal text.
+/// `publisher a (key 0123...)`, `publishers a (...), b (...)` for the refusal text.
 fn pinned_names(keys: &[PublisherKey]) -> String {
-    let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    let names: Vec<String> =
+        keys.iter().map(|k| format!("{} (key {})", k.name, k.key_id.get(..16).unwrap_or_default())).collect();
     format!("publisher{} {}", if names.len() == 1 { "" } else { "s" }, names.join(", "))
 }
 

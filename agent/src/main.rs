@@ -207,8 +207,14 @@ fn main() -> ExitCode {
         Command::Verify { file, manifest, keys, config } => verify(&file, &manifest, &keys, &config),
         Command::CheckConfig { config } => match AgentConfig::load(&config, &env_map()) {
             Ok(c) => {
+                let publishers = if c.publishers.is_empty() {
+                    "no pinned publishers: the hub's signature suffices".to_owned()
+                } else {
+                    let names: Vec<&str> = c.publishers.iter().map(|p| p.name.as_str()).collect();
+                    format!("models must be signed by a pinned publisher: {}", names.join(", "))
+                };
                 println!(
-                    "{}: ok (device {}, hub {}, {} pinned keys)",
+                    "{}: ok (device {}, hub {}, {} pinned hub keys; {publishers})",
                     config.display(),
                     c.device_id,
                     c.grpc_url(),

@@ -273,6 +273,9 @@ impl Hub {
             idle_timeout = ?connections.limits().idle_timeout,
             "connection limits"
         );
+        if state.config().require_publisher {
+            tracing::info!("every push must carry a publisher signature (--require-publisher)");
+        }
         let mut servers = tokio::task::JoinSet::new();
         let scheme = if tls.is_some() { "https" } else { "http" };
         if let Some(listener) = listeners.grpc {

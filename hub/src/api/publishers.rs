@@ -79,6 +79,18 @@ pub async fn add(
         created_at_ms: crate::now_ms(),
         created_by: caller.name.clone(),
     };
+    // Say which of the two is taken (the store's constraint still decides
+    // between two admins racing).
+    let existing = state.meta(|m| m.publishers()).await?;
+    if let Some(p) = existing.iter().find(|p| p.name == record.name) {
+        return Err(ApiError::conflict(format!(
+            "a publisher named {} is registered already (key {}); remove it first to replace its key",
+            p.name, p.key_id
+        )));
+    }
+    if let Some(p) = existing.iter().find(|p| p.key_id == record.key_id) {
+        return Err(ApiError::conflict(format!("key {} is registered already, as publisher {}", p.key_id, p.name)));
+    }
     let stored = record.clone();
     state.meta(move |m| m.add_publisher(&stored)).await?;
     let detail = AuditDetail(format!("registered publisher {} key {}", record.name, record.key_id));

@@ -69,7 +69,7 @@ pub enum RegistryError {
     #[error("{why}")]
     InvalidValidationSet { why: String },
     /// The publisher signature did not verify.
-    #[error("the publisher signature was refused: {source}")]
+    #[error("the publisher signature was refused: {source}{}", publisher_hint(.source))]
     PublisherSignature {
         #[source]
         source: BundleError,
@@ -80,6 +80,17 @@ pub enum RegistryError {
     /// The stores failed.
     #[error(transparent)]
     Service(#[from] ServiceError),
+}
+
+/// What to do about a bundle whose key the hub does not know.
+fn publisher_hint(e: &BundleError) -> &'static str {
+    match e {
+        BundleError::UnknownKey { .. } | BundleError::NoKeys => {
+            "; an admin registers the signer's public key with `sentinel publisher add NAME --key PUB.pem` \
+             (`sentinel publisher list` shows the key ids registered)"
+        }
+        _ => "",
+    }
 }
 
 /// A body that has been streamed to a staging blob.

@@ -137,6 +137,27 @@ async fn registered_versions_import_once_with_their_versions_tags_and_accuracy()
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(outcomes(&v), pairs(&[("1", "imported")]));
 
+    // A model that requires a publisher signature: a version whose
+    // model-signing bundle was logged beside the file (`model.sig`) imports
+    // signed; one without is refused naming why.
+    let dir = tempfile::tempdir().unwrap();
+    let key = sentinel_testkit::signing::keypair(dir.path(), "pipeline");
+    let onnx = dir.path().join("model.onnx");
+    std::fs::copy(&v2, &onnx).unwrap();
+    let sig = sentinel_testkit::signing::sign(&onnx, &key, &dir.path().join("model.sig"));
+    let pem = std::fs::read_to_string(&key.public).unwrap();
+    hub.admin_post("/api/v1/publishers", json!({"name": "pipeline", "public_key": pem})).await;
+    hub.admin_post("/api/v1/models", json!({"name": "signed", "require_publisher": true})).await;
+    mlflow.register("signed", &json!([{"files": [onnx, sig]}, {"onnx": v1}])).await;
+    let (r, v) = import(&hub, &mlflow.url, &["--model", "signed", "--all"]).await;
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(outcomes(&v), pairs(&[("1", "imported"), ("2", "refused")]));
+    assert_eq!(v["versions"][0]["publisher"], "pipeline");
+    let why = v["versions"][1]["reason"].as_str().unwrap();
+    assert!(why.contains("model signed requires a publisher signature"), "{why}");
+    let signed = hub.admin_get("/api/v1/models/signed/versions/1.0.0").await;
+    assert_eq!(signed["manifest"]["publisher"]["name"], "pipeline");
+
     // What MLflow does not have is "not found"; selectors are exclusive.
     let (r, _) = import(&hub, &mlflow.url, &["--model", "nope"]).await;
     assert_eq!(r.code, 1, "{}", r.stderr);

@@ -156,6 +156,16 @@ pub fn choose_onnx<'a>(files: &'a [Listed], onnx_data: Option<&str>) -> Result<&
     }
 }
 
+/// The publisher's model-signing bundle logged beside the ONNX file, if
+/// any: `<stem>.sig` (`model.onnx` -> `model.sig`, model-signing's default
+/// name) in the same directory.
+pub fn signature_beside<'a>(files: &'a [Listed], onnx: &Listed) -> Option<&'a Listed> {
+    let (dir, file) = onnx.path.rsplit_once('/').map_or(("", onnx.path.as_str()), |(d, f)| (d, f));
+    let stem = file.len().checked_sub(".onnx".len()).and_then(|n| file.get(..n)).unwrap_or(file);
+    let wanted = if dir.is_empty() { format!("{stem}.sig") } else { format!("{dir}/{stem}.sig") };
+    files.iter().find(|f| f.path == wanted)
+}
+
 /// "found: a, b and 3 more", or "found nothing".
 fn found(files: &[Listed]) -> String {
     if files.is_empty() { "found nothing".into() } else { format!("found: {}", names(files.iter())) }
@@ -173,6 +183,20 @@ fn names<'a>(files: impl ExactSizeIterator<Item = &'a Listed>) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_bundle_named_after_the_onnx_file_beside_it_is_its_signature() {
+        let files: Vec<Listed> =
+            ["model/model.onnx", "model/model.sig", "model.sig", "other/model.sig", "net.onnx", "net.sig"]
+                .iter()
+                .map(|p| Listed { path: (*p).to_owned(), size: Some(1) })
+                .collect();
+        let sig =
+            |onnx: &str| signature_beside(&files, &Listed { path: onnx.into(), size: None }).map(|f| f.path.clone());
+        assert_eq!(sig("model/model.onnx").as_deref(), Some("model/model.sig"));
+        assert_eq!(sig("net.onnx").as_deref(), Some("net.sig"));
+        assert_eq!(sig("model/other.onnx"), None);
+    }
     use super::*;
 
     fn proxy(path: &str) -> ArtifactUri {

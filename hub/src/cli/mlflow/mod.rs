@@ -28,13 +28,14 @@ use serde_json::{Value, json};
 
 pub use rest::MlflowError;
 
-use self::artifacts::{ArtifactUri, Listed, choose_onnx, join, onnx_data_path, parse_artifact_uri};
+use self::artifacts::{ArtifactUri, Listed, choose_onnx, join, onnx_data_path, parse_artifact_uri, signature_beside};
 use self::mapping::{Decision, Existing, decide, sentinel_stage, sentinel_tags, sentinel_version};
 use self::rest::{MlflowClient, ModelVersion};
 use super::CliError;
 use super::args::{MlflowImportArgs, PushArgs};
 use super::client::HubClient;
 use super::commands::{Out, push_version, q, s};
+use sentinel_proto::publisher::MAX_BUNDLE_BYTES;
 
 /// The largest artifact downloaded: the hub's default upload limit (a hub
 /// configured lower refuses the push itself, naming its limit).
@@ -73,6 +74,8 @@ struct Report {
     version: Option<String>,
     sha256: Option<String>,
     accuracy: Option<f64>,
+    /// The publisher whose signature (logged beside the model) the hub verified.
+    publisher: Option<String>,
     reason: Option<String>,
     warnings: Vec<String>,
 }
@@ -85,6 +88,7 @@ impl Report {
             version: None,
             sha256: None,
             accuracy: None,
+            publisher: None,
             reason: Some(reason),
             warnings: Vec::new(),
         }
@@ -97,6 +101,7 @@ impl Report {
             "version": self.version,
             "sha256": self.sha256,
             "accuracy": self.accuracy,
+            "publisher": self.publisher,
             "reason": self.reason,
             "warnings": self.warnings,
         })
@@ -175,7 +180,8 @@ fn human(name: &str, model: &str, reports: &[Report], (imported, present, refuse
             Outcome::Imported => {
                 let sha = r.sha256.as_deref().unwrap_or("-");
                 let acc = r.accuracy.map(|a| format!(", accuracy {a}")).unwrap_or_default();
-                text.push_str(&format!("imported         {name} {version} from {from} (sha256 {sha}{acc})\n"));
+                let signer = r.publisher.as_ref().map(|p| format!(", signed by publisher {p}")).unwrap_or_default();
+                text.push_str(&format!("imported         {name} {version} from {from} (sha256 {sha}{acc}{signer})\n"));
             }
             Outcome::Present => text.push_str(&format!("already present  {name} {version} from {from}\n")),
             Outcome::Refused => {
@@ -255,6 +261,7 @@ async fn import_one(
         version: Some(version),
         sha256: Some(sha256.clone()),
         accuracy: None,
+        publisher: None,
         reason: None,
         warnings: Vec::new(),
     };
@@ -271,12 +278,29 @@ async fn import_one(
         }
         Some(key) => Some(mapping::accuracy(&ml.run(&mv.run_id).await?.data.metrics, key).map_err(Step::Refused)?),
     };
-    let imported = |version: String| Report {
+    // A model-signing bundle logged beside the file goes with it, so a model
+    // or hub that requires a publisher signature can be fed from MLflow.
+    let signature = match signature_beside(&files, onnx) {
+        None => None,
+        Some(sig) => {
+            let bundle = ml.read(&join(&root, &sig.path), MAX_BUNDLE_BYTES).await?;
+            let mut file = tempfile::Builder::new()
+                .prefix("sentinel-mlflow-")
+                .suffix(".sig")
+                .tempfile()
+                .map_err(|source| Step::Fatal(CliError::LocalFile { path: "a temporary file".into(), source }))?;
+            std::io::Write::write_all(&mut file, &bundle)
+                .map_err(|source| Step::Fatal(CliError::LocalFile { path: "a temporary file".into(), source }))?;
+            Some(file)
+        }
+    };
+    let imported = |version: String, publisher: Option<String>| Report {
         mlflow_version: mv.version.clone(),
         outcome: Outcome::Imported,
         version: Some(version),
         sha256: Some(sha256.clone()),
         accuracy,
+        publisher,
         reason: None,
         warnings: warnings.clone(),
     };
@@ -289,10 +313,13 @@ async fn import_one(
         metric: a.metric.clone().filter(|_| accuracy.is_some()),
         tags: Some(tags.join(",")),
         description: description.to_owned(),
+        signature: signature.as_ref().map(|f| f.path().to_owned()),
         ..PushArgs::default()
     };
     match push_version(hub, push, progress).await {
-        Ok(v) if s(&v["sha256"]) == sha256 => Ok(imported(version)),
+        Ok(v) if s(&v["sha256"]) == sha256 => {
+            Ok(imported(version, v["manifest"]["publisher"]["name"].as_str().map(str::to_owned)))
+        }
         Ok(v) => Err(Step::Fatal(CliError::Hub {
             status: 200,
             message: format!("the hub stored sha256 {} for a file of sha256 {sha256}", s(&v["sha256"])),
