@@ -360,7 +360,11 @@ pub fn verify_bundle(bundle: &[u8], keys: &[PublisherKey], model_sha256: &str) -
     }
     let message = pae(&payload);
     let key = candidates.iter().find(|k| k.verify(&message, &sig)).ok_or_else(|| BundleError::BadSignature {
-        tried: candidates.iter().map(|k| format!("{} (key {})", k.name, &k.key_id[..16])).collect::<Vec<_>>().join(", "),
+        tried: candidates
+            .iter()
+            .map(|k| format!("{} (key {})", k.name, &k.key_id[..16]))
+            .collect::<Vec<_>>()
+            .join(", "),
     })?;
 
     // Signed: now what it says.
