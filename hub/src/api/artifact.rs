@@ -171,19 +171,31 @@ pub async fn validation(
     ApiPath((name, version, part)): ApiPath<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let v = load_version(&state, &name, &version).await?;
-    super::devices::device_may_fetch(&state, &caller, &name, &version).await?;
-    let out = super::versions::VersionOut::from_record(&v)?;
-    let set = out
-        .manifest
-        .validation
-        .ok_or_else(|| ApiError::not_found(format!("{name} {version} has no validation set")))?;
-    let sha = match part.as_str() {
-        "inputs" => set.inputs.sha256,
-        "labels" => set.labels.sha256,
-        _ => return Err(ApiError::not_found("validation parts are `inputs` and `labels`")),
-    };
-    serve_blob(&state, sha, &headers).await
+    serve_named(&state, &caller, &name, &version, &headers, |m| {
+        let set = m.validation.ok_or_else(|| ApiError::not_found(format!("{name} {version} has no validation set")))?;
+        match part.as_str() {
+            "inputs" => Ok(set.inputs.sha256),
+            "labels" => Ok(set.labels.sha256),
+            _ => Err(ApiError::not_found("validation parts are `inputs` and `labels`")),
+        }
+    })
+    .await
+}
+
+/// Serves the blob `pick` finds in a version's manifest, to a caller who may
+/// fetch the version.
+async fn serve_named(
+    state: &SharedState,
+    caller: &Caller,
+    name: &str,
+    version: &str,
+    headers: &HeaderMap,
+    pick: impl FnOnce(sentinel_proto::ManifestView) -> Result<String, ApiError>,
+) -> Result<Response, ApiError> {
+    let v = load_version(state, name, version).await?;
+    super::devices::device_may_fetch(state, caller, name, version).await?;
+    let sha = pick(super::versions::VersionOut::from_record(&v)?.manifest)?;
+    serve_blob(state, sha, headers).await
 }
 
 /// Download the publisher's signature bundle (OpenSSF model-signing) the
@@ -200,14 +212,13 @@ pub async fn signature(
     ApiPath((name, version)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let v = load_version(&state, &name, &version).await?;
-    super::devices::device_may_fetch(&state, &caller, &name, &version).await?;
-    let out = super::versions::VersionOut::from_record(&v)?;
-    let publisher = out
-        .manifest
-        .publisher
-        .ok_or_else(|| ApiError::not_found(format!("{name} {version} was pushed without a publisher signature")))?;
-    serve_blob(&state, publisher.bundle.sha256, &headers).await
+    serve_named(&state, &caller, &name, &version, &headers, |m| {
+        let publisher = m
+            .publisher
+            .ok_or_else(|| ApiError::not_found(format!("{name} {version} was pushed without a publisher signature")))?;
+        Ok(publisher.bundle.sha256)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 use crate::common;
 
 use common::*;
-use reqwest::Method;
 use sentinel_testkit::signing::{keypair, sign, verify};
 use serde_json::Value;
 
@@ -171,28 +170,12 @@ async fn a_hub_that_requires_publishers_refuses_unsigned_pushes_before_inspectin
     assert_eq!(body["error"]["code"], "publisher_signature_required", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("this hub requires a publisher signature"), "{body}");
     // A bad bundle is answered with its own code.
-    let form = reqwest::multipart::Form::new()
-        .part("model", reqwest::multipart::Part::bytes(model_bytes(V1)).file_name("m.onnx"))
-        .part("signature", reqwest::multipart::Part::bytes(b"{}".to_vec()));
-    let r = hub
-        .req(Method::POST, "/api/v1/models/digits/versions?version=1.0.0", Some(&hub.admin))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = hub.upload_signed("digits", "1.0.0", model_bytes(V1), b"{}".to_vec()).await;
     assert_eq!(r.status(), 422);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "publisher_signature", "{body}");
     // A signature part over 64 KiB is refused as too large, before parsing.
-    let form = reqwest::multipart::Form::new()
-        .part("model", reqwest::multipart::Part::bytes(model_bytes(V1)).file_name("m.onnx"))
-        .part("signature", reqwest::multipart::Part::bytes(vec![b' '; 64 * 1024 + 1]));
-    let r = hub
-        .req(Method::POST, "/api/v1/models/digits/versions?version=1.0.0", Some(&hub.admin))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = hub.upload_signed("digits", "1.0.0", model_bytes(V1), vec![b' '; 64 * 1024 + 1]).await;
     assert_eq!(r.status(), 413);
     let versions = hub.get("/api/v1/models/digits", &hub.admin).await.json::<Value>().await.unwrap();
     assert_eq!(versions["version_count"], 0);
