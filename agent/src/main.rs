@@ -57,6 +57,11 @@ enum Command {
         target: Target,
     },
     /// Verify a model file against its signed manifest, offline (exit 0 ok, 1 failed).
+    /// Print a shell completion script: `sentinel-agent completions bash > /etc/bash_completion.d/sentinel-agent`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     Verify {
         file: PathBuf,
         /// The signed manifest: the hub's JSON (`GET .../versions/{v}/manifest`) or protobuf bytes.
@@ -186,6 +191,15 @@ fn main() -> ExitCode {
     };
     let now = sentinel_agent::now_ms;
     match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "sentinel-agent",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::Status { target, json } => match target.socket() {
             Ok(socket) => finish(
                 sentinel_agent::cli::fetch_status(&socket)

@@ -407,3 +407,15 @@ async fn status_answers_during_an_install_with_the_labels_the_hub_assigned() {
     agent.wait_for(WAIT, |v| active(v, "digits").as_deref() == Some("2.0.0")).await.unwrap();
     agent.shutdown().await;
 }
+
+#[test]
+fn completion_scripts_for_each_shell_name_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(BIN).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains("check-config") && script.contains("rollback"), "{shell}: {}", script.len());
+    }
+    let out = std::process::Command::new(BIN).args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}

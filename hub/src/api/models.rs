@@ -278,7 +278,8 @@ pub async fn delete(
     if !active.is_empty() && !p.force {
         let ids: Vec<String> = active.iter().map(|d| d.id.to_string()).collect();
         return Err(ApiError::conflict(format!(
-            "model {} is deployed (active deployments {}); roll it back first, or pass ?force=true",
+            "model {} is deployed (active deployments {}); roll it back first, or delete it anyway with \
+             `sentinel model delete --force` (`?force=true`)",
             quote(&name),
             ids.join(", ")
         )));

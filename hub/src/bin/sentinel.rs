@@ -22,21 +22,34 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
+    let json = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            print_chain(&e);
+            let message = chain(&e);
+            if json {
+                // With --json, the error is JSON too, on stderr, with the same exit code.
+                let status = match &e {
+                    CliError::Hub { status, .. } => Some(*status),
+                    _ => None,
+                };
+                let body = serde_json::json!({"error": {"message": message, "exit_code": e.exit_code(), "hub_status": status}});
+                eprintln!("{body}");
+            } else {
+                eprintln!("sentinel: {message}");
+            }
             ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn print_chain(err: &CliError) {
-    let mut msg = format!("sentinel: {err}");
+/// The error and its sources, `: `-separated.
+fn chain(err: &CliError) -> String {
+    let mut msg = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(s) = source {
         msg.push_str(&format!(": {s}"));
         source = s.source();
     }
-    eprintln!("{msg}");
+    msg
 }

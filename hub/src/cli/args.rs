@@ -47,6 +47,11 @@ pub enum Command {
     Hub(HubCommand),
     /// Run a real hub and agent on loopback and show a bad release rolling back on its own.
     Demo(DemoArgs),
+    /// Print a shell completion script: `sentinel completions bash > /etc/bash_completion.d/sentinel`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `sentinel demo`: the binaries default to siblings of this executable.

@@ -18,8 +18,36 @@ pub struct HubClient {
     http: reqwest::Client,
 }
 
+/// The hub's base URL from `--hub`: as given when it has a scheme;
+/// `http://` added to a loopback `HOST:PORT` (plain text never leaves the
+/// machine); anything else is refused saying what to write.
+pub fn hub_base_url(given: &str) -> Result<String, CliError> {
+    let given = given.trim().trim_end_matches('/');
+    let url = if given.contains("://") {
+        given.to_owned()
+    } else {
+        let host = given.split([':', '/']).next().unwrap_or_default();
+        let bracketed = given.starts_with("[::1]");
+        if bracketed || host == "localhost" || host.starts_with("127.") {
+            format!("http://{given}")
+        } else {
+            return Err(CliError::Usage(format!(
+                "--hub {given:?} has no scheme: write https://{given} (http:// only on loopback)"
+            )));
+        }
+    };
+    match reqwest::Url::parse(&url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(url),
+        Ok(u) => Err(CliError::Usage(format!("--hub {given:?}: the scheme must be http or https, not {}", u.scheme()))),
+        Err(e) => Err(CliError::Usage(format!("--hub {given:?} is not a URL: {e}"))),
+    }
+}
+
 impl HubClient {
+    /// A client of the hub at `base` (see [`hub_base_url`]).
     pub fn new(base: &str, token: Option<String>) -> Result<Self, CliError> {
+        let base = hub_base_url(base)?;
+        let base = base.as_str();
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
@@ -137,4 +165,26 @@ async fn file_body(path: &Path, show_progress: bool) -> Result<(Body, ProgressBa
         }
     });
     Ok((Body::wrap_stream(stream), bar))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hub_url_without_a_scheme_is_http_on_loopback_and_refused_elsewhere() {
+        let ok = |s: &str| hub_base_url(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(ok("127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(ok("localhost:8080/"), "http://localhost:8080");
+        assert_eq!(ok("[::1]:8080"), "http://[::1]:8080");
+        assert_eq!(ok("https://hub.example:8443"), "https://hub.example:8443");
+        for (bad, why) in [
+            ("hub.example:8080", "has no scheme: write https://hub.example:8080"),
+            ("ftp://hub.example", "the scheme must be http or https, not ftp"),
+            ("http://", "is not a URL"),
+        ] {
+            let err = hub_base_url(bad).expect_err(bad).to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal as _;
 
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -63,7 +63,8 @@ fn size(v: &Value) -> String {
 
 pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    // On a terminal, columns wrap to fit its width; piped output is left whole.
+    t.load_preset(UTF8_BORDERS_ONLY).set_content_arrangement(ContentArrangement::Dynamic).set_header(header.to_vec());
     for r in rows {
         t.add_row(r);
     }
@@ -98,6 +99,12 @@ impl Out {
 }
 
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    if let Command::Completions { shell } = cli.command {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "sentinel", &mut out);
+        emit(String::from_utf8_lossy(&out).trim_end());
+        return Ok(());
+    }
     let client = HubClient::new(&cli.hub, cli.token.clone())?;
     let out = Out { json: cli.json };
     match cli.command {
@@ -108,6 +115,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Device(cmd) => device(&client, &out, cmd).await,
         Command::Hub(cmd) => hub(&client, &out, cmd).await,
         Command::Demo(args) => super::demo::run(args).await.map_err(|e| CliError::Demo(Box::new(e))),
+        Command::Completions { .. } => Ok(()),
     }
 }
 

@@ -183,3 +183,55 @@ async fn push_list_deploy_rollback_and_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(69));
 }
+
+/// Runs `sentinel` with `args` and the given hub URL, no token.
+async fn sentinel_at(hub_url: &str, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))
+        .args(args)
+        .env("SENTINEL_HUB", hub_url)
+        .env_remove("SENTINEL_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn hub_urls_without_a_scheme_json_errors_and_completions() {
+    let hub = TestHub::start().await;
+    // HOST:PORT on loopback means http://.
+    let bare = hub.url.trim_start_matches("http://").to_owned();
+    let r = sentinel(&hub, &hub.admin, &["--hub", &bare, "model", "list"]).await;
+    ok(&r);
+    // Anywhere else a scheme is needed, and the message says which flag.
+    let r = sentinel_at("hub.example:8080", &["model", "list"]).await;
+    assert_eq!(r.code, 64, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--hub \"hub.example:8080\" has no scheme: write https://hub.example:8080"),
+        "{}",
+        r.stderr
+    );
+
+    // With --json, an error is JSON on stderr, with the same exit code.
+    let r = sentinel(&hub, &hub.admin, &["--json", "model", "show", "nope"]).await;
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let err: Value = serde_json::from_str(r.stderr.trim()).unwrap_or_else(|e| panic!("{e}: {}", r.stderr));
+    assert_eq!(err["error"]["exit_code"], 1);
+    assert_eq!(err["error"]["hub_status"], 404);
+    assert!(err["error"]["message"].as_str().unwrap().contains("model \"nope\" is not registered"), "{err}");
+    let r = sentinel(&hub, &hub.admin, &["model", "show", "nope"]).await;
+    assert_eq!((r.code, r.stderr.trim()), (1, "sentinel: the hub answered 404: model \"nope\" is not registered"));
+
+    // Completion scripts for each shell, with the commands in them.
+    for shell in ["bash", "zsh", "fish"] {
+        let r = sentinel_at(&hub.url, &["completions", shell]).await;
+        ok(&r);
+        assert!(r.stdout.contains("publisher") && r.stdout.contains("deploy"), "{shell}: {}", r.stdout.len());
+    }
+    let r = sentinel_at(&hub.url, &["completions", "tcsh"]).await;
+    assert_eq!(r.code, 64, "{}", r.stderr);
+}
