@@ -85,8 +85,15 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
             .and_then(|ms| ms.route().active.as_ref().map(|a| a.sha256 == m.sha256 && a.version == m.version))
             .unwrap_or(false);
         if serving_it && current.as_ref().and_then(|c| c.active_sha256.as_deref()) == Some(m.sha256.as_str()) {
-            if current.as_ref().is_some_and(|c| c.status != ModelStatus::Serving) {
+            // Already serving it: a new deployment of this version (a
+            // re-deploy, or a rollback to it) is served here at once, so say
+            // so under that deployment now rather than at some later change.
+            let stale = current.as_ref().is_some_and(|c| {
+                c.status != ModelStatus::Serving || c.status_deployment != Some(assignment.deployment_id)
+            });
+            if stale {
                 shared.set_status(&m.name, ModelStatus::Serving, &m.version, "", Some(assignment.deployment_id));
+                shared.report_soon();
             }
             continue;
         }
@@ -235,7 +242,9 @@ async fn download_version(
     m: &ModelManifest,
 ) -> Option<VersionFiles> {
     let config = &shared.config;
-    shared.set_status(&m.name, ModelStatus::Downloading, &m.version, "", None);
+    // Under the deployment that asked for it: reported under the one the
+    // device is leaving, it would read as that deployment's state.
+    shared.set_status(&m.name, ModelStatus::Downloading, &m.version, "", Some(assignment.deployment_id));
     shared.refresh_models();
     shared.report_soon();
     let fetch = |url: String, sha256: String, size: u64| async move {

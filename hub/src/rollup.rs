@@ -25,7 +25,8 @@ pub struct DeviceRollout {
     pub version: Option<String>,
     /// The device's reason, e.g. why it rolled back.
     pub detail: String,
-    /// When the hub received the report this state comes from.
+    /// When this state began: the hub's receipt of the first report of it
+    /// (later reports of the same state leave it).
     pub updated_ms: Option<i64>,
 }
 

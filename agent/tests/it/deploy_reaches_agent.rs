@@ -61,3 +61,23 @@ async fn a_deploy_reaches_only_matching_devices_with_the_verified_file() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Issue 17: a deployment of the version a device already serves (here a
+/// second deployment of 1.0.0, as a rollback to it makes) showed the device
+/// "pending" until some later change; it is serving at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_of_the_version_a_device_serves_shows_it_serving_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub, agent) = serving_v1(tmp.path()).await;
+    let again = hub.deploy("digits", "1.0.0", "*").await["id"].as_i64().unwrap();
+    let row = eventually("the new deployment shows edge-1 serving", WAIT, async || {
+        let shown = hub.admin_get(&format!("/api/v1/deployments/{again}")).await;
+        Some(shown["status"]["devices"][0].clone()).filter(|d| d["state"] == "serving")
+    })
+    .await;
+    assert_eq!((row["device"].as_str(), row["version"].as_str()), (Some("edge-1"), Some("1.0.0")));
+    // Nothing was loaded again: the same version keeps serving.
+    let v = agent.view();
+    assert_eq!(active(&v, "digits").as_deref(), Some("1.0.0"));
+    agent.shutdown().await;
+}

@@ -378,6 +378,44 @@ async fn the_rollup_counts_each_targeted_device_by_state() {
     assert_eq!(deployment(&hub, d1).await["status"]["counts"]["serving"], 1);
 }
 
+/// Issue 17: a superseded deployment showed its device "downloading 2.0.0"
+/// forever (the agent reported the new download under the deployment it
+/// was leaving), and "updated" moved with every heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_deployment_keeps_its_own_version_state_and_updated_is_the_last_change() {
+    let hub = TestHub::start().await;
+    let (d1, d2, mut devices) = fleet_on_v2(&hub, json!({})).await;
+    let row = |v: &Value| v["status"]["devices"][0].clone();
+    devices[0].report("1.0.0", "serving", "", d1).await;
+    let first = row(&deployment(&hub, d1).await);
+    assert_eq!((first["state"].as_str(), first["version"].as_str()), (Some("serving"), Some("1.0.0")));
+    let since = first["updated_ms"].as_i64().unwrap();
+
+    // A later report of the same state does not move "updated".
+    while sentinel_hub::now_ms() <= since {
+        tokio::task::yield_now().await;
+    }
+    devices[0].report("1.0.0", "serving", "", d1).await;
+    assert_eq!(row(&deployment(&hub, d1).await)["updated_ms"], since, "the state did not change");
+
+    // The new version's download reported under the old deployment is not
+    // the old deployment's state: d1 keeps "serving 1.0.0".
+    devices[0].report("2.0.0", "downloading", "", d1).await;
+    let kept = row(&deployment(&hub, d1).await);
+    assert_eq!((kept["state"].as_str(), kept["version"].as_str()), (Some("serving"), Some("1.0.0")), "{kept}");
+    // Under its own deployment it counts, and a change of state moves "updated".
+    devices[0].report("2.0.0", "downloading", "", d2).await;
+    let new = row(&deployment(&hub, d2).await);
+    assert_eq!(new["state"], "downloading");
+    while sentinel_hub::now_ms() <= new["updated_ms"].as_i64().unwrap() {
+        tokio::task::yield_now().await;
+    }
+    devices[0].report("2.0.0", "serving", "", d2).await;
+    let served = row(&deployment(&hub, d2).await);
+    assert_eq!(served["state"], "serving");
+    assert!(served["updated_ms"].as_i64() > new["updated_ms"].as_i64(), "{served} after {new}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_five_bad_devices_halt_and_every_device_returns_to_the_previous_version() {
     let hub = TestHub::start().await;

@@ -209,13 +209,20 @@ impl DeviceStore for PostgresStore {
             }
             let models = report.get("models").and_then(serde_json::Value::as_array).map_or(&[][..], Vec::as_slice);
             for (deployment, version, state, detail) in models.iter().filter_map(deployment_state) {
-                // A deployment this hub never issued is skipped.
+                // Skipped: a deployment this hub never issued, and a state for
+                // another version than the deployment's (an agent reporting a
+                // download under the deployment it is leaving). `updated_ms`
+                // moves only when the state does, not with every heartbeat.
                 tx.execute(
                     "INSERT INTO deployment_devices (deployment_id, device_id, version, state, detail, updated_ms)
-                     SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM deployments WHERE id = $1)
+                     SELECT $1, $2, $3, $4, $5, $6
+                     WHERE EXISTS (SELECT 1 FROM deployments WHERE id = $1 AND version = $3)
                      ON CONFLICT (deployment_id, device_id) DO UPDATE SET
                          version = excluded.version, state = excluded.state, detail = excluded.detail,
-                         updated_ms = excluded.updated_ms",
+                         updated_ms = CASE WHEN deployment_devices.state = excluded.state
+                                            AND deployment_devices.version = excluded.version
+                                            AND deployment_devices.detail = excluded.detail
+                                      THEN deployment_devices.updated_ms ELSE excluded.updated_ms END",
                     &[&deployment, &id, &version, &state, &detail, &now_ms],
                 )
                 .await

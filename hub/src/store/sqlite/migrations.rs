@@ -141,18 +141,25 @@ const MIGRATION_WAVES: &str = "ALTER TABLE deployments ADD COLUMN waves TEXT NOT
      ALTER TABLE deployments ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;";
 
 /// Records each model of a report (`?3`, JSON) from device `?1` at `?2`
-/// under the deployment it names. Models naming no stored deployment (0 for
-/// none, or an id this hub never issued) are skipped.
+/// under the deployment it names. Skipped: models naming no stored
+/// deployment (0 for none, or an id this hub never issued), and states for
+/// another version than the deployment's (an agent reporting a download
+/// under the deployment it is leaving). `updated_ms` moves only when the
+/// state does, not with every heartbeat.
 pub(super) const RECORD_DEPLOYMENT_STATES: &str =
     "INSERT INTO deployment_devices (deployment_id, device_id, version, state, detail, updated_ms)
          SELECT json_extract(m.value, '$.deployment_id'), ?1, json_extract(m.value, '$.version'),
                 json_extract(m.value, '$.state'), COALESCE(json_extract(m.value, '$.detail'), ''), ?2
          FROM json_each(?3, '$.models') AS m
-         WHERE json_extract(m.value, '$.deployment_id') IN (SELECT id FROM deployments)
+         WHERE EXISTS (SELECT 1 FROM deployments AS d WHERE d.id = json_extract(m.value, '$.deployment_id')
+                                                      AND d.version = json_extract(m.value, '$.version'))
            AND json_type(m.value, '$.version') = 'text' AND json_type(m.value, '$.state') = 'text'
          ON CONFLICT (deployment_id, device_id) DO UPDATE SET
              version = excluded.version, state = excluded.state, detail = excluded.detail,
-             updated_ms = excluded.updated_ms";
+             updated_ms = CASE WHEN deployment_devices.state = excluded.state
+                                AND deployment_devices.version = excluded.version
+                                AND deployment_devices.detail = excluded.detail
+                          THEN deployment_devices.updated_ms ELSE excluded.updated_ms END";
 
 /// Applies the migrations `conn` has not had yet, each in its own
 /// transaction; refuses a database from a newer hub.
