@@ -244,6 +244,25 @@ pub struct DeployArgs {
     /// canary phase).
     #[arg(long, value_name = "FRACTION")]
     pub max_accuracy_drop: Option<f64>,
+    /// Absolute p95 latency bound in milliseconds (default: none).
+    #[arg(long, value_name = "MS")]
+    pub latency_slo_ms: Option<f64>,
+    /// Largest error rate, 0..1 (default 0.05).
+    #[arg(long, value_name = "FRACTION")]
+    pub max_error_rate: Option<f64>,
+    /// Smallest agreement with the old version in shadow, 0..1 (default: none;
+    /// needs a shadow phase).
+    #[arg(long, value_name = "FRACTION")]
+    pub min_shadow_agreement: Option<f64>,
+    /// Feedback (or shadow agreement) samples needed before accuracy counts (default 50).
+    #[arg(long, value_name = "N")]
+    pub min_accuracy_samples: Option<u64>,
+    /// Seconds the old version stays warm after full promotion (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub standby_bake_secs: Option<u64>,
+    /// Worker restarts of the new version that roll it back (default 3).
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
     /// Halt the deployment when more than this fraction of targeted devices
     /// rolled back or failed (hub default 0.2).
     #[arg(long, value_name = "FRACTION")]

@@ -96,6 +96,12 @@ pub fn deploy_body(a: &DeployArgs) -> Result<Value, CliError> {
         ("max_latency_ratio", a.max_latency_ratio.map(|v| json!(v))),
         ("min_accuracy", a.min_accuracy.map(|v| json!(v))),
         ("max_accuracy_drop", a.max_accuracy_drop.map(|v| json!(v))),
+        ("latency_slo_ms", a.latency_slo_ms.map(|v| json!(v))),
+        ("max_error_rate", a.max_error_rate.map(|v| json!(v))),
+        ("min_shadow_agreement", a.min_shadow_agreement.map(|v| json!(v))),
+        ("min_accuracy_samples", a.min_accuracy_samples.map(|v| json!(v))),
+        ("standby_bake_seconds", a.standby_bake_secs.map(|v| json!(v))),
+        ("max_restarts", a.max_restarts.map(|v| json!(v))),
     ];
     for (field, value) in flags {
         if let Some(v) = value {
@@ -231,6 +237,34 @@ mod tests {
         assert_eq!(body["policy"]["min_accuracy"], 0.9);
         assert_eq!(body["halt_count"], 2, "halt thresholds move to the top level");
         assert!(body["policy"].get("halt_count").is_none());
+    }
+
+    /// Issue 17: every policy field is a flag, named as the API names it
+    /// (`--bake-secs` and `--standby-bake-secs` excepted: seconds).
+    #[test]
+    fn every_policy_field_is_a_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, "").unwrap();
+        let flags = [
+            "--phases=shadow,full",
+            "--bake-secs=5",
+            "--min-samples=10",
+            "--max-latency-ratio=2",
+            "--latency-slo-ms=50",
+            "--max-error-rate=0.1",
+            "--min-accuracy=0.9",
+            "--max-accuracy-drop=0.01",
+            "--min-shadow-agreement=0.95",
+            "--standby-bake-secs=120",
+            "--min-accuracy-samples=20",
+            "--max-restarts=5",
+        ];
+        let body = deploy_body(&args(&flags, &file)).unwrap();
+        let set: Vec<&str> = body["policy"].as_object().unwrap().keys().map(String::as_str).collect();
+        let mut every = POLICY_FIELDS.to_vec();
+        every.sort_unstable();
+        assert_eq!(set, every, "{body}");
     }
 
     #[test]
