@@ -84,7 +84,7 @@ pub enum ModelCommand {
     /// Show a model and its versions.
     Show { name: String },
     /// Deploy a version to the devices a target selects, with a rollout policy.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// Roll a target back to an earlier version.
     Rollback {
         name: String,

@@ -216,7 +216,7 @@ mod tests {
             vec!["sentinel", "model", "deploy", "digits", "2.0.0", "--target", "*", "--policy", file.to_str().unwrap()];
         argv.extend_from_slice(extra);
         match Cli::parse_from(argv).command {
-            Command::Model(ModelCommand::Deploy(a)) => a,
+            Command::Model(ModelCommand::Deploy(a)) => *a,
             other => panic!("parsed {other:?}"),
         }
     }
