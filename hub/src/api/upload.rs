@@ -76,6 +76,12 @@ pub struct UploadParams {
     /// push-time check uses it; a hub without it skips the check and says so.
     #[param(pattern = "^(?:tract|ort)?$")]
     pub engine: Option<String>,
+    /// Register the model too if it does not exist yet, in the same
+    /// transaction as the version: a refused push registers nothing.
+    pub register: Option<bool>,
+    /// The model's description, when `register` registers it.
+    #[param(max_length = 1024)]
+    pub description: Option<String>,
 }
 
 /// Most inputs, and dims per input, an `input_shapes` parameter may name.
@@ -225,7 +231,15 @@ async fn receive_version(
     body: &mut Option<Request>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Publisher, "uploading a version")?;
-    super::models::check_lookup_name(&name)?;
+    let register = p.register.unwrap_or(false);
+    if p.description.as_ref().is_some_and(|d| d.chars().count() > 1024) {
+        return Err(ApiError::bad_request("description: at most 1024 characters"));
+    }
+    if register {
+        super::models::check_name(&name)?;
+    } else {
+        super::models::check_lookup_name(&name)?;
+    }
     // Every check that needs no body runs before a byte is read.
     let version = p
         .version
@@ -261,7 +275,7 @@ async fn receive_version(
         }
         None => None,
     };
-    registry::check_new_version(&state, &name, &version).await?;
+    registry::check_new_version(&state, &name, &version, register).await?;
     let cap = state.config().max_upload_bytes;
     // From here on the body is this function's: an oversize one is refused
     // unread, not drained.
@@ -300,6 +314,7 @@ async fn receive_version(
         accuracy,
         created_by: caller.name.clone(),
         signature,
+        register: register.then(|| p.description.clone().unwrap_or_default()),
     };
     let record = registry::register(&state, new, model_blob, validation).await?;
 

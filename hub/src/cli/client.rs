@@ -22,10 +22,11 @@ pub struct HubClient {
 /// `http://` added to a loopback `HOST:PORT` (plain text never leaves the
 /// machine); anything else is refused saying what to write.
 pub fn hub_base_url(given: &str) -> Result<String, CliError> {
-    let given = given.trim().trim_end_matches('/');
+    let given = given.trim();
     let url = if given.contains("://") {
-        given.to_owned()
+        given.trim_end_matches('/').to_owned()
     } else {
+        let given = given.trim_end_matches('/');
         let host = given.split([':', '/']).next().unwrap_or_default();
         let bracketed = given.starts_with("[::1]");
         if bracketed || host == "localhost" || host.starts_with("127.") {

@@ -201,13 +201,8 @@ pub(super) async fn push_version(client: &HubClient, a: PushArgs, progress: bool
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
-    // Register the name on first push; an existing name is fine.
-    let created =
-        client.send_json(Method::POST, "/api/v1/models", &json!({"name": a.name, "description": a.description})).await;
-    match created {
-        Ok(_) | Err(CliError::Hub { status: 409, .. }) => {}
-        Err(e) => return Err(e),
-    }
+    // A new name is registered with the version, in one transaction: a
+    // refused push registers nothing.
     let path = format!(
         "/api/v1/models/{}/versions{}",
         a.name,
@@ -221,6 +216,8 @@ pub(super) async fn push_version(client: &HubClient, a: PushArgs, progress: bool
             ("tags", a.tags),
             ("input_shapes", (!a.input_shapes.is_empty()).then(|| serving_shapes_param(&a.input_shapes))),
             ("engine", a.engine),
+            ("register", Some("true".to_owned())),
+            ("description", (!a.description.is_empty()).then_some(a.description)),
         ])
     );
     let validation = match &a.validation_set {

@@ -129,12 +129,17 @@ where
     Ok(Received { staged, sha256: hex::encode(digest.finish().as_ref()), size })
 }
 
-/// Refuses a version before its body is read: the model must exist and have
-/// no version of the same precedence.
-pub async fn check_new_version(state: &SharedState, name: &str, version: &str) -> Result<(), RegistryError> {
+/// Refuses a version before its body is read: the model must exist (unless
+/// the push `registers` it) and have no version of the same precedence.
+pub async fn check_new_version(
+    state: &SharedState,
+    name: &str,
+    version: &str,
+    registers: bool,
+) -> Result<(), RegistryError> {
     let n = name.to_owned();
     let (model, versions) = state.meta(move |m| Ok((m.get_model(&n)?, m.list_versions(&n)?))).await?;
-    if model.is_none() {
+    if model.is_none() && !registers {
         return Err(RegistryError::ModelNotRegistered { name: name.to_owned() });
     }
     // Semver gives build metadata no precedence: `1.0.0` and `1.0.0+build.5`
@@ -174,6 +179,9 @@ pub struct NewVersion {
     pub created_by: String,
     /// The publisher's model-signing bundle, when the push carried one.
     pub signature: Option<Vec<u8>>,
+    /// Register the model too, with this description, if it does not exist
+    /// yet (in the version's transaction: a refused push registers nothing).
+    pub register: Option<String>,
 }
 
 /// Verifies the push's publisher signature (before the model is inspected:
@@ -223,7 +231,8 @@ pub async fn register(
     model: Received,
     validation: Option<(Received, Received)>,
 ) -> Result<VersionRecord, RegistryError> {
-    let NewVersion { name, version, stage, hardware, tags, serving, engine, accuracy, created_by, signature } = new;
+    let NewVersion { name, version, stage, hardware, tags, serving, engine, accuracy, created_by, signature, register } =
+        new;
     let publisher = check_publisher(state, &name, &model.sha256, signature).await?;
     let inspection = state.inspector().inspect_with(model.staged.path(), &serving, &engine).await.map_err(|e| {
         if e.is_refusal() { RegistryError::InvalidModel { source: e } } else { RegistryError::Inspect { source: e } }
@@ -304,7 +313,7 @@ pub async fn register(
         created_by,
     };
     let stored = record.clone();
-    state.meta(move |m| m.insert_version(&stored, &extra)).await?;
+    state.meta(move |m| m.insert_version(&stored, &extra, register.as_deref())).await?;
     state.metrics().model_push_bytes.inc_by(record.size);
     tracing::info!(model = %name, %version, sha256 = %record.sha256, size = record.size, "version registered");
     Ok(record)

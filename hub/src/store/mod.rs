@@ -186,9 +186,17 @@ pub trait RegistryStore: Send + Sync {
     /// transaction. Returns the digests of blobs no version references any more.
     fn delete_model(&self, name: &str, now_ms: i64) -> Result<Vec<String>, StoreError>;
 
-    /// Stores a version and the digests of its extra blobs (validation set)
-    /// in one transaction, so a crash never leaves a version half-registered.
-    fn insert_version(&self, v: &VersionRecord, extra_blobs: &[String]) -> Result<(), StoreError>;
+    /// Stores a version and the digests of its extra blobs (validation set,
+    /// signature bundle) in one transaction, so a crash never leaves a
+    /// version half-registered. With `register` (a description), the model is
+    /// registered in the same transaction when it does not exist yet: a push
+    /// that fails registers nothing.
+    fn insert_version(
+        &self,
+        v: &VersionRecord,
+        extra_blobs: &[String],
+        register: Option<&str>,
+    ) -> Result<(), StoreError>;
     fn get_version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>, StoreError>;
     fn list_versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError>;
     /// Replaces a version's signed manifest and its filter columns, and bumps

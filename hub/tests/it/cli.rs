@@ -235,3 +235,28 @@ async fn hub_urls_without_a_scheme_json_errors_and_completions() {
     let r = sentinel_at(&hub.url, &["completions", "tcsh"]).await;
     assert_eq!(r.code, 64, "{}", r.stderr);
 }
+
+/// Issue 17: a refused push left an empty registered model behind.
+#[tokio::test]
+async fn a_refused_push_registers_nothing_and_a_good_one_registers_its_model() {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"not an onnx file").unwrap();
+    let r =
+        sentinel(&hub, &hub.admin, &["model", "push", junk.to_str().unwrap(), "--name", "fresh", "--version", "1.0.0"])
+            .await;
+    assert_eq!(r.code, 65, "{}", r.stderr);
+    assert_eq!(hub.get("/api/v1/models/fresh", &hub.admin).await.status(), 404, "nothing was registered");
+
+    let v1 = model_path(V1);
+    let args =
+        ["model", "push", v1.to_str().unwrap(), "--name", "fresh", "--version", "1.0.0", "--description", "a b&c"];
+    ok(&sentinel(&hub, &hub.admin, &args).await);
+    let model: Value = hub.get("/api/v1/models/fresh", &hub.admin).await.json().await.unwrap();
+    assert_eq!((model["description"].as_str(), model["version_count"].as_u64()), (Some("a b&c"), Some(1)));
+    // A name that cannot be a model is refused before anything is read.
+    let r = sentinel(&hub, &hub.admin, &["model", "push", v1.to_str().unwrap(), "--name", "a b", "--version", "1.0.0"])
+        .await;
+    assert_eq!(r.code, 65, "{}", r.stderr);
+}

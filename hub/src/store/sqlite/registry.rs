@@ -173,9 +173,22 @@ impl RegistryStore for SqliteStore {
         Ok(candidates)
     }
 
-    fn insert_version(&self, v: &VersionRecord, extra_blobs: &[String]) -> Result<(), StoreError> {
+    fn insert_version(
+        &self,
+        v: &VersionRecord,
+        extra_blobs: &[String],
+        register: Option<&str>,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db("begin insert version"))?;
+        if let Some(description) = register {
+            tx.execute(
+                "INSERT INTO models (name, description, tags, created_at_ms, updated_at_ms) VALUES (?1, ?2, '[]', ?3, ?3)
+                 ON CONFLICT (name) DO NOTHING",
+                params![v.model, description, v.created_at_ms],
+            )
+            .map_err(db("register model"))?;
+        }
         tx.execute(
             &format!("INSERT INTO versions ({VERSION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
             params![

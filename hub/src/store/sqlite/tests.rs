@@ -53,7 +53,7 @@ fn filters_by_stage_and_hardware() {
     let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
     store.create_model("a", "", &[], 1).expect("a");
     store.create_model("b", "", &[], 1).expect("b");
-    store.insert_version(&version("a", "1.0.0", "x"), &[]).expect("v");
+    store.insert_version(&version("a", "1.0.0", "x"), &[], None).expect("v");
     let filter = |stage: Option<&str>, hw: Option<&str>| {
         let f = ModelFilter {
             stage: stage.map(Into::into),
@@ -105,10 +105,14 @@ fn a_deployment_halts_once_and_restores_in_the_same_transaction() {
 }
 
 fn report_naming(deployments: &[(i64, &str)]) -> serde_json::Value {
+    report_of("2.0.0", deployments)
+}
+
+fn report_of(version: &str, deployments: &[(i64, &str)]) -> serde_json::Value {
     let models: Vec<serde_json::Value> = deployments
         .iter()
         .map(|(id, state)| {
-            serde_json::json!({"name": format!("m{id}"), "version": "2.0.0", "state": state,
+            serde_json::json!({"name": format!("m{id}"), "version": version, "state": state,
                 "detail": format!("why {state}"), "deployment_id": id})
         })
         .collect();
@@ -129,7 +133,10 @@ fn each_devices_last_state_per_deployment_outlives_later_reports() {
 
     store.record_report("d", &report_naming(&[(first, "rolled_back")]), &[], 6).expect("r");
     let second = store.insert_deployment(&new_deployment("1.0.0", DeploymentKind::Rollback), 7).expect("insert").id;
-    store.record_report("d", &report_naming(&[(second, "serving")]), &[], 8).expect("r");
+    // A state for another version than the deployment's is not its state.
+    store.record_report("d", &report_naming(&[(second, "downloading")]), &[], 8).expect("r");
+    assert!(store.deployment_devices(second).expect("rows").is_empty(), "2.0.0 is not the rollback's version");
+    store.record_report("d", &report_of("1.0.0", &[(second, "serving")]), &[], 8).expect("r");
     let rows = store.deployment_devices(first).expect("rows");
     assert_eq!((rows[0].state.as_str(), rows[0].updated_ms), ("rolled_back", 6), "kept after moving on");
     assert_eq!(store.deployment_devices(second).expect("rows")[0].state, "serving");
@@ -176,9 +183,9 @@ fn delete_keeps_blobs_shared_with_other_models() {
     let store = SqliteStore::open(&dir.path().join("hub.db")).expect("open");
     store.create_model("a", "", &[], 1).expect("a");
     store.create_model("b", "", &[], 1).expect("b");
-    store.insert_version(&version("a", "1.0.0", "shared"), &[]).expect("v");
-    store.insert_version(&version("a", "2.0.0", "only-a"), &[]).expect("v");
-    store.insert_version(&version("b", "1.0.0", "shared"), &[]).expect("v");
+    store.insert_version(&version("a", "1.0.0", "shared"), &[], None).expect("v");
+    store.insert_version(&version("a", "2.0.0", "only-a"), &[], None).expect("v");
+    store.insert_version(&version("b", "1.0.0", "shared"), &[], None).expect("v");
     let mut freed = store.delete_model("a", 2).expect("delete");
     freed.sort();
     assert_eq!(freed, ["only-a"]);
