@@ -125,15 +125,7 @@ async fn apply(shared: &Arc<Shared>, rollouts: &Rollouts, http: &reqwest::Client
                 config.hardware.join(", ")
             );
             tracing::warn!(%reason, "model refused");
-            refuse(
-                shared,
-                &m.name,
-                &m.version,
-                ModelStatus::Refused,
-                EventKind::DownloadRefused,
-                &format!("wrong_hardware: {reason}"),
-                assignment.deployment_id,
-            );
+            refuse_download(shared, m, &format!("wrong_hardware: {reason}"), assignment.deployment_id);
             continue;
         }
         let Some(files) = download_version(shared, http, assignment, m).await else { continue };
@@ -327,15 +319,7 @@ async fn download_version(
                 shared.serving.metrics().verification_failed(PUBLISHER_SIGNATURE);
                 let reason = format!("{PUBLISHER_SIGNATURE}: {why}");
                 tracing::warn!(model = %m.name, version = %m.version, %reason, "model refused; the previous version keeps serving");
-                refuse(
-                    shared,
-                    &m.name,
-                    &m.version,
-                    ModelStatus::Refused,
-                    EventKind::DownloadRefused,
-                    &reason,
-                    assignment.deployment_id,
-                );
+                refuse_download(shared, m, &reason, assignment.deployment_id);
                 return None;
             }
         }
@@ -415,6 +399,11 @@ fn pinned_names(keys: &[PublisherKey]) -> String {
     let names: Vec<String> =
         keys.iter().map(|k| format!("{} (key {})", k.name, k.key_id.get(..16).unwrap_or_default())).collect();
     format!("publisher{} {}", if names.len() == 1 { "" } else { "s" }, names.join(", "))
+}
+
+/// A version this device will not download (`reason` starts with its kind).
+fn refuse_download(shared: &Shared, m: &ModelManifest, reason: &str, deployment: i64) {
+    refuse(shared, &m.name, &m.version, ModelStatus::Refused, EventKind::DownloadRefused, reason, deployment);
 }
 
 fn refuse(

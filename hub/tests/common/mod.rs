@@ -41,13 +41,18 @@ pub struct Run {
 
 /// Runs the real `sentinel` binary against `hub` as `token`.
 pub async fn sentinel(hub: &TestHub, token: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))
-        .args(args)
-        .env("SENTINEL_HUB", &hub.url)
-        .env("SENTINEL_TOKEN", token)
-        .output()
-        .await
-        .unwrap();
+    sentinel_at(&hub.url, Some(token), args).await
+}
+
+/// Runs the real `sentinel` binary with `SENTINEL_HUB` set to `hub_url`, as
+/// `token` (none: no `SENTINEL_TOKEN` at all).
+pub async fn sentinel_at(hub_url: &str, token: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"));
+    cmd.args(args).env("SENTINEL_HUB", hub_url).env_remove("SENTINEL_TOKEN");
+    if let Some(t) = token {
+        cmd.env("SENTINEL_TOKEN", t);
+    }
+    let out = cmd.output().await.unwrap();
     Run {
         code: out.status.code().unwrap(),
         stdout: String::from_utf8(out.stdout).unwrap(),

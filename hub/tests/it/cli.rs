@@ -184,22 +184,6 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     assert_eq!(out.status.code(), Some(69));
 }
 
-/// Runs `sentinel` with `args` and the given hub URL, no token.
-async fn sentinel_at(hub_url: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"))
-        .args(args)
-        .env("SENTINEL_HUB", hub_url)
-        .env_remove("SENTINEL_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap(),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
 #[tokio::test]
 async fn hub_urls_without_a_scheme_json_errors_and_completions() {
     let hub = TestHub::start().await;
@@ -208,7 +192,7 @@ async fn hub_urls_without_a_scheme_json_errors_and_completions() {
     let r = sentinel(&hub, &hub.admin, &["--hub", &bare, "model", "list"]).await;
     ok(&r);
     // Anywhere else a scheme is needed, and the message says which flag.
-    let r = sentinel_at("hub.example:8080", &["model", "list"]).await;
+    let r = sentinel_at("hub.example:8080", None, &["model", "list"]).await;
     assert_eq!(r.code, 64, "{}", r.stderr);
     assert!(
         r.stderr.contains("--hub \"hub.example:8080\" has no scheme: write https://hub.example:8080"),
@@ -228,11 +212,11 @@ async fn hub_urls_without_a_scheme_json_errors_and_completions() {
 
     // Completion scripts for each shell, with the commands in them.
     for shell in ["bash", "zsh", "fish"] {
-        let r = sentinel_at(&hub.url, &["completions", shell]).await;
+        let r = sentinel_at(&hub.url, None, &["completions", shell]).await;
         ok(&r);
         assert!(r.stdout.contains("publisher") && r.stdout.contains("deploy"), "{shell}: {}", r.stdout.len());
     }
-    let r = sentinel_at(&hub.url, &["completions", "tcsh"]).await;
+    let r = sentinel_at(&hub.url, None, &["completions", "tcsh"]).await;
     assert_eq!(r.code, 64, "{}", r.stderr);
 }
 
