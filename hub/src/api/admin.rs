@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::AuditDetail;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
@@ -223,19 +223,53 @@ pub async fn rotate_key(State(state): State<SharedState>, caller: Caller) -> Res
     Ok(resp)
 }
 
-/// Read the audit log, newest first (admin).
-#[utoipa::path(get, path = "/api/v1/audit", params(PageParams), security(("bearer" = [])),
+/// `GET /api/v1/audit`: a page, filtered.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    /// Page size, 1..=500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+    /// Entries to skip, 0..=2147483647 (default 0).
+    #[param(minimum = 0, maximum = 2_147_483_647)]
+    pub offset: Option<u32>,
+    /// Only what this token name did (exactly).
+    #[param(max_length = 128)]
+    pub actor: Option<String>,
+    /// Only actions containing this text, e.g. `publishers` or `DELETE`.
+    #[param(max_length = 256)]
+    pub action: Option<String>,
+    /// Only this outcome: `ok`, `denied` or `failed`.
+    #[param(pattern = "^(ok|denied|failed)$")]
+    pub outcome: Option<String>,
+}
+
+/// Read the audit log, newest first, filtered by actor, action and outcome
+/// (admin). A failed or denied entry's `detail` is the refusal's code and message.
+#[utoipa::path(get, path = "/api/v1/audit", params(AuditParams), security(("bearer" = [])),
     responses((status = 200, body = AuditOut), (status = 403, body = super::error::ErrorBody)))]
 pub async fn audit(
     State(state): State<SharedState>,
     caller: Caller,
     // A result, so the role check comes first.
-    query: Result<ApiQuery<PageParams>, ApiError>,
+    query: Result<ApiQuery<AuditParams>, ApiError>,
 ) -> Result<Json<AuditOut>, ApiError> {
     caller.require(Role::Admin, "reading the audit log")?;
     let ApiQuery(p) = query?;
     let (limit, offset) = page(p.limit, p.offset)?;
-    let entries = state.meta(move |m| m.list_audit(limit, offset)).await?;
+    let too_long = |v: &Option<String>, max: usize| v.as_ref().is_some_and(|s| s.chars().count() > max);
+    if too_long(&p.actor, 128) || too_long(&p.action, 256) {
+        return Err(ApiError::bad_request("actor is at most 128 characters, action at most 256"));
+    }
+    let outcome = match p.outcome.as_deref() {
+        None => None,
+        Some(o) => Some(o.parse::<crate::store::AuditOutcome>().map_err(|_| {
+            ApiError::bad_request(format!("outcome {}: use ok, denied or failed", sentinel_proto::quote(o)))
+        })?),
+    };
+    let filter = crate::store::AuditFilter { actor: p.actor, action: p.action, outcome };
+    let entries = state.meta(move |m| m.list_audit(&filter, limit, offset)).await?;
     Ok(Json(AuditOut { entries: entries.into_iter().map(Into::into).collect(), limit, offset }))
 }
 

@@ -75,6 +75,16 @@ pub struct ModelFilter {
     pub offset: u32,
 }
 
+/// Filters for reading the audit log. Empty fields do not filter.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// The token name that acted, exactly.
+    pub actor: Option<String>,
+    /// Substring of the action (`METHOD /path`).
+    pub action: Option<String>,
+    pub outcome: Option<AuditOutcome>,
+}
+
 /// What [`MetadataStore::halt_deployment`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HaltOutcome {
@@ -274,7 +284,8 @@ pub trait AccessStore: Send + Sync {
 
     fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError>;
     /// Newest first.
-    fn list_audit(&self, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError>;
+    /// One page of the audit entries `filter` keeps, newest first.
+    fn list_audit(&self, filter: &AuditFilter, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 /// Models, versions, deployments, tokens, the audit log, and devices: the

@@ -410,3 +410,42 @@ async fn the_openapi_document_says_what_the_api_does() {
     assert_eq!(devices["total"], 1);
     assert_eq!(devices["devices"][0]["models"], json!([]), "an array before the first report, as declared");
 }
+
+/// Issue 17: the audit log filters by actor, action and outcome; failed rows
+/// say why; a change-feed ticket (every page load asks for one) is not logged.
+#[tokio::test]
+async fn the_audit_log_filters_and_failed_rows_carry_their_reason() {
+    let hub = TestHub::start().await;
+    hub.register("m").await;
+    let publisher = hub.token("publisher").await;
+    // A refusal by the role check, and one by the hub's own rules.
+    let r = hub.post_json("/api/v1/devices", &publisher, json!({"id": "d"})).await;
+    assert_eq!(r.status(), 403);
+    let r = hub.post_json("/api/v1/models", &hub.admin, json!({"name": "m"})).await;
+    assert_eq!(r.status(), 409);
+    for _ in 0..3 {
+        let r = hub.req(Method::POST, "/api/v1/events/ticket", Some(&hub.admin)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    let entries = |q: &'static str| {
+        let hub = &hub;
+        async move { hub.admin_get(&format!("/api/v1/audit{q}")).await["entries"].as_array().unwrap().clone() }
+    };
+    let all = entries("").await;
+    assert!(all.iter().all(|e| e["action"] != "POST /api/v1/events/ticket"), "{all:?}");
+    let failed = entries("?outcome=failed").await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["detail"], "conflict: model m already exists");
+    let denied = entries("?outcome=denied").await;
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0]["actor"], "test-publisher");
+    assert!(denied[0]["detail"].as_str().unwrap().starts_with("forbidden: "), "{denied:?}");
+    let by_actor = entries("?actor=test-publisher").await;
+    assert_eq!(by_actor.len(), 1);
+    let by_action = entries("?action=POST%20/api/v1/models&outcome=ok").await;
+    assert_eq!(by_action.len(), 1, "{by_action:?}");
+    assert_eq!(by_action[0]["detail"], "registered model m");
+    let r = hub.get("/api/v1/audit?outcome=maybe", &hub.admin).await;
+    assert_eq!(r.status(), 400);
+}

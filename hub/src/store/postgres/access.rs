@@ -4,7 +4,7 @@ use tokio_postgres::Row;
 
 use super::migrations::BOOTSTRAP_LOCK;
 use super::{PostgresStore, block, db, text_col};
-use crate::store::{AccessStore, AuditEntry, StoreError, TokenRecord};
+use crate::store::{AccessStore, AuditEntry, AuditFilter, AuditOutcome, StoreError, TokenRecord};
 
 const TOKEN_COLS: &str = "id, name, role, secret_sha256, created_at_ms, created_by, revoked";
 
@@ -121,13 +121,16 @@ impl AccessStore for PostgresStore {
         Ok(())
     }
 
-    fn list_audit(&self, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError> {
+    fn list_audit(&self, f: &AuditFilter, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError> {
         let c = self.client("list audit")?;
         let op = "list audit";
+        let outcome = f.outcome.map(AuditOutcome::as_str);
         block(c.query(
             "SELECT id, at_ms, actor, role, action, status, outcome, detail FROM audit
+             WHERE ($3::TEXT IS NULL OR actor = $3) AND ($4::TEXT IS NULL OR strpos(action, $4) > 0)
+               AND ($5::TEXT IS NULL OR outcome = $5)
              ORDER BY id DESC LIMIT $1 OFFSET $2",
-            &[&i64::from(limit), &i64::from(offset)],
+            &[&i64::from(limit), &i64::from(offset), &f.actor, &f.action, &outcome],
         ))
         .map_err(db(op))?
         .iter()

@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension as _, Row, params};
 
 use super::{SqliteStore, db, text_col};
-use crate::store::{AccessStore, AuditEntry, StoreError, TokenRecord};
+use crate::store::{AccessStore, AuditEntry, AuditFilter, AuditOutcome, StoreError, TokenRecord};
 
 const TOKEN_COLS: &str = "id, name, role, secret_sha256, created_at_ms, created_by, revoked";
 
@@ -120,16 +120,19 @@ impl AccessStore for SqliteStore {
         Ok(())
     }
 
-    fn list_audit(&self, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError> {
+    fn list_audit(&self, f: &AuditFilter, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
                 "SELECT id, at_ms, actor, role, action, status, outcome, detail FROM audit
+                 WHERE (?3 IS NULL OR actor = ?3) AND (?4 IS NULL OR instr(action, ?4) > 0)
+                   AND (?5 IS NULL OR outcome = ?5)
                  ORDER BY id DESC LIMIT ?1 OFFSET ?2",
             )
             .map_err(db("list audit"))?;
+        let outcome = f.outcome.map(AuditOutcome::as_str);
         let rows = stmt
-            .query_map([limit, offset], |r| {
+            .query_map(params![limit, offset, f.actor, f.action, outcome], |r| {
                 Ok(AuditEntry {
                     id: r.get(0)?,
                     at_ms: r.get(1)?,

@@ -233,9 +233,9 @@ fn an_audit_outcome_this_hub_does_not_know_is_an_error() {
         detail: String::new(),
     };
     store.append_audit(&entry).expect("append");
-    assert_eq!(store.list_audit(10, 0).expect("list")[0].outcome, AuditOutcome::Denied);
+    assert_eq!(store.list_audit(&Default::default(), 10, 0).expect("list")[0].outcome, AuditOutcome::Denied);
     corrupt(&path, "UPDATE audit SET outcome = 'maybe'");
-    assert!(store.list_audit(10, 0).is_err());
+    assert!(store.list_audit(&Default::default(), 10, 0).is_err());
 }
 
 #[test]
