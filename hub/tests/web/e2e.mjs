@@ -5,7 +5,8 @@
 //
 // As admin: sign in, upload digits_mlp_v1.onnx, deploy it to every device,
 // and watch the deployment reach "serving" on the connected test agent
-// without reloading the page; save a screenshot. As viewer: no deploy
+// without reloading the page; save a screenshot. The audit log filtered by
+// outcome, with no change-feed tickets in it. As viewer: no deploy
 // button, and the deploy API answers 403 when called from the page anyway.
 // Exits non-zero with a message on the first failed step.
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -92,6 +93,21 @@ try {
   const deviceShot = shot.replace(/\.png$/, '-device.png');
   await page.screenshot({ path: deviceShot, fullPage: true });
   console.log(`screenshot: ${deviceShot}`);
+
+  step = 'audit view, filtered';
+  await page.goto(`${url}/ui/#/audit`);
+  await page.waitForSelector('#audit-table');
+  await page.selectOption('#audit-outcome', 'ok');
+  await page.waitForFunction(() => {
+    const rows = [...document.querySelectorAll('#audit-table tbody tr')];
+    return rows.length > 0 && rows.every((r) => r.children[5].textContent.trim() === 'ok');
+  });
+  const tickets = await page.evaluate(() => [...document.querySelectorAll('#audit-table code')]
+    .filter((c) => c.textContent.includes('/events/ticket')).length);
+  if (tickets) throw new Error(`${tickets} change-feed tickets in the audit log`);
+  const auditShot = shot.replace(/\.png$/, '-audit.png');
+  await page.screenshot({ path: auditShot, fullPage: true });
+  console.log(`screenshot: ${auditShot}`);
 
   step = 'sign in as viewer';
   await page.click('#sign-out');

@@ -639,15 +639,36 @@ async function deviceView(id) {
 // ---------- audit ----------
 
 async function auditView() {
-  const { entries } = await api('GET', '/audit?limit=200');
+  // Filters by who, what and how it ended; a failed or denied row's detail
+  // is the refusal the caller got.
+  const filter = { actor: '', action: '', outcome: '' };
+  const body = h('div', {});
+  const load = async () => {
+    const q = new URLSearchParams({ limit: '200' });
+    for (const [k, v] of Object.entries(filter)) if (v) q.set(k, v);
+    const { entries } = await api('GET', `/audit?${q}`);
+    const filtered = Object.values(filter).some(Boolean);
+    body.replaceChildren(entries.length ? h('table', { id: 'audit-table' },
+      h('thead', {}, h('tr', {}, ['When', 'Who', 'Role', 'Action', 'Status', 'Outcome', 'Detail'].map((t) => h('th', {}, t)))),
+      h('tbody', {}, entries.map((e) => h('tr', {},
+        h('td', {}, timeCell(e.at_ms)), h('td', {}, e.actor), h('td', {}, e.role), h('td', {}, h('code', {}, e.action)),
+        h('td', { class: 'num' }, e.status), h('td', {}, badge(e.outcome)), h('td', { class: 'reason' }, e.detail)))))
+      : h('p', { class: 'empty' }, filtered ? 'No entry matches these filters.' : 'The audit log is empty.'));
+  };
+  const text = (key, label) => h('input', {
+    type: 'text', id: `audit-${key}`, placeholder: label, 'aria-label': label,
+    onchange: (ev) => { filter[key] = ev.target.value.trim(); load(); },
+  });
+  const outcome = h('select', {
+    id: 'audit-outcome', 'aria-label': 'Outcome',
+    onchange: (ev) => { filter.outcome = ev.target.value; load(); },
+  }, ['', 'ok', 'denied', 'failed'].map((o) => h('option', { value: o }, o || 'any outcome')));
+  await load();
   return {
-    node: h('div', {}, h('h1', {}, 'Audit log'), h('div', { class: 'card' },
-      entries.length ? h('table', {},
-        h('thead', {}, h('tr', {}, ['When', 'Who', 'Role', 'Action', 'Status', 'Outcome', 'Detail'].map((t) => h('th', {}, t)))),
-        h('tbody', {}, entries.map((e) => h('tr', {},
-          h('td', {}, timeCell(e.at_ms)), h('td', {}, e.actor), h('td', {}, e.role), h('td', {}, h('code', {}, e.action)),
-          h('td', { class: 'num' }, e.status), h('td', {}, badge(e.outcome)), h('td', { class: 'reason' }, e.detail)))))
-        : h('p', { class: 'empty' }, 'The audit log is empty.'))),
+    node: h('div', {}, h('h1', {}, 'Audit log'),
+      h('div', { class: 'filters' }, text('actor', 'Who (token name)'), text('action', 'Action contains'), outcome),
+      h('div', { class: 'card' }, body)),
+    refresh: load,
   };
 }
 
