@@ -6,7 +6,8 @@
 // As admin: sign in, upload digits_mlp_v1.onnx, deploy it to every device,
 // and watch the deployment reach "serving" on the connected test agent
 // without reloading the page; save a screenshot. The audit log filtered by
-// outcome, with no change-feed tickets in it. As viewer: no deploy
+// outcome, with no change-feed tickets in it; every view fits a 420 px
+// window. As viewer: no deploy
 // button, and the deploy API answers 403 when called from the page anyway.
 // Exits non-zero with a message on the first failed step.
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -90,6 +91,12 @@ try {
   const device = await page.locator('#rollout-devices [data-device]').first().getAttribute('data-device');
   await page.goto(`${url}/ui/#/devices/${encodeURIComponent(device)}`);
   await page.waitForSelector('text=Old version against new');
+  // Value-axis labels of every plot are distinct (they once read 0.06 four times).
+  const repeated = await page.evaluate(() => [...document.querySelectorAll('svg.plot')].filter((svg) => {
+    const labels = [...svg.querySelectorAll('text.tick')].map((t) => t.textContent);
+    return new Set(labels).size !== labels.length;
+  }).length);
+  if (repeated) throw new Error(`${repeated} plots repeat a value-axis label`);
   const deviceShot = shot.replace(/\.png$/, '-device.png');
   await page.screenshot({ path: deviceShot, fullPage: true });
   console.log(`screenshot: ${deviceShot}`);
@@ -108,6 +115,19 @@ try {
   const auditShot = shot.replace(/\.png$/, '-audit.png');
   await page.screenshot({ path: auditShot, fullPage: true });
   console.log(`screenshot: ${auditShot}`);
+
+  step = 'a 420 px window';
+  await page.setViewportSize({ width: 420, height: 800 });
+  for (const view of ['#/models', `#/models/${MODEL}`, '#/deployments', '#/devices']) {
+    await page.goto(`${url}/ui/${view}`);
+    await page.waitForSelector('main .card:visible');
+    const wide = await page.evaluate(() => document.documentElement.scrollWidth);
+    if (wide > 420) throw new Error(`${view} is ${wide} px wide in a 420 px window`);
+  }
+  const narrowShot = shot.replace(/\.png$/, '-narrow.png');
+  await page.screenshot({ path: narrowShot, fullPage: true });
+  console.log(`screenshot: ${narrowShot}`);
+  await page.setViewportSize({ width: 1280, height: 900 });
 
   step = 'sign in as viewer';
   await page.click('#sign-out');

@@ -56,6 +56,11 @@ function size(n) {
   return `${(n / (1 << 20)).toFixed(1)} MiB`;
 }
 function badge(text, cls) { return h('span', { class: `badge ${cls || text}`, 'data-state': text }, text.replace('_', ' ')); }
+/** An empty list's message, and the exact command that fills it. */
+function emptyState(text, command) {
+  return h('div', { class: 'empty' }, h('p', {}, text), h('pre', {}, h('code', {}, command)));
+}
+
 function timeCell(ms) { return h('span', { title: fmtTime(ms) }, ago(ms)); }
 function can(role) {
   if (!me) return false;
@@ -223,7 +228,10 @@ function liveCard(title, load, extra) {
 async function modelsView() {
   const list = liveCard(null, async () => {
     const { models } = await api('GET', '/models?limit=500');
-    if (!models.length) return h('p', { class: 'empty' }, 'No models yet.');
+    if (!models.length) {
+      return emptyState('No models yet. Push one, with the version it is:',
+        'sentinel model push model.onnx --name NAME --version 1.0.0');
+    }
     return h('table', {},
       h('thead', {}, h('tr', {}, ['Model', 'Description', 'Versions', 'Latest', 'Updated'].map((t) => h('th', {}, t)))),
       h('tbody', {}, models.map((m) => h('tr', {},
@@ -286,6 +294,12 @@ async function modelView(name) {
     .sort((a, b) => b.created_at_ms - a.created_at_ms);
   const deployer = can('deployer');
   const active = deployer ? (await api('GET', `/deployments?model=${encodeURIComponent(name)}&state=active&limit=1`)).total : 0;
+  // A version the fleet halted is not offered for deployment again here:
+  // the halt says why, and the CLI can still deploy it on purpose.
+  const halted = new Map(deployer
+    ? (await api('GET', `/deployments?model=${encodeURIComponent(name)}&state=halted&limit=500`)).deployments
+      .map((d) => [d.version, d])
+    : []);
   const deployErr = h('p', { class: 'error' });
   const rows = versions.map((v) => {
     const acc = v.manifest.accuracy;
@@ -298,10 +312,13 @@ async function modelView(name) {
       h('td', {}, v.hardware.length ? v.hardware.join(', ') : 'any'),
       h('td', {}, h('code', {}, v.key_id)),
       h('td', {}, timeCell(v.created_at_ms), h('div', { class: 'muted' }, v.created_by)),
-      deployer ? h('td', {}, h('button', {
-        type: 'button', class: 'small primary deploy-btn', 'data-version': v.version,
-        onclick: () => openDeploy(v.version),
-      }, 'Deploy')) : null);
+      deployer ? h('td', {}, halted.has(v.version)
+        ? h('span', { class: 'badge halted', 'data-halted': v.version,
+          title: `deployment ${halted.get(v.version).id} halted: ${halted.get(v.version).halt_reason || ''}` }, 'halted')
+        : h('button', {
+          type: 'button', class: 'small primary deploy-btn', 'data-version': v.version,
+          onclick: () => openDeploy(v.version),
+        }, 'Deploy')) : null);
   });
   const deployBox = h('div', {});
   function openDeploy(version) {
@@ -336,7 +353,8 @@ async function modelView(name) {
       versions.length ? h('table', {},
         h('thead', {}, h('tr', {}, ['Version', 'Stage', 'Accuracy', 'SHA-256', 'Size', 'Hardware', 'Signing key', 'Created', deployer ? '' : null]
           .filter((t) => t !== null).map((t) => h('th', {}, t)))),
-        h('tbody', {}, rows)) : h('p', { class: 'empty' }, 'No versions yet.')),
+        h('tbody', {}, rows))
+        : emptyState('No versions yet. Push one:', `sentinel model push model.onnx --name ${name} --version 1.0.0`)),
     deployBox,
     can('publisher') ? uploadForm(name) : null,
     deps.card);
@@ -365,7 +383,10 @@ function countsBar(status) {
 /** Deployments with a status bar for the first rows (one request each). */
 async function deploymentTable(query, compact) {
   const { deployments } = await api('GET', `/deployments${query}`);
-  if (!deployments.length) return h('p', { class: 'empty' }, 'No deployments yet.');
+  if (!deployments.length) {
+    return emptyState('No deployments yet. Deploy a version to the devices a selector matches:',
+      "sentinel model deploy NAME VERSION --target 'site=a'   # or --target '*' for every device");
+  }
   const detailed = await Promise.all(deployments.slice(0, 15).map((d) => api('GET', `/deployments/${d.id}`).catch(() => d)));
   return h('table', {},
     h('thead', {}, h('tr', {}, ['#', compact ? null : 'Model', 'Version', 'Target', 'State', 'Devices', 'By', 'Created']
@@ -432,7 +453,8 @@ async function deploymentView(id) {
             h('td', {}, r.version || '—'),
             h('td', { class: 'reason' }, splitReason(r.detail).text),
             h('td', {}, timeCell(r.updated_ms))))))
-          : h('p', { class: 'empty' }, 'No enrolled device matches this target.')));
+          : emptyState('No enrolled device matches this target. Enrol one with matching labels, then start its agent with the printed token:',
+            'sentinel device enroll DEVICE_ID --labels site=a')));
   };
   await load();
   return { node: content, refresh: load };
@@ -529,7 +551,10 @@ function runs(models) {
 async function devicesView() {
   const list = liveCard(null, async () => {
     const { devices, total } = await api('GET', '/devices?limit=500');
-    if (!devices.length) return h('p', { class: 'empty' }, 'No devices enrolled.');
+    if (!devices.length) {
+      return emptyState('No devices enrolled. Enrol one; the command prints its token and a config for sentinel-agent:',
+        'sentinel device enroll edge-1 --labels site=a');
+    }
     return h('div', {}, total > devices.length ? h('p', { class: 'muted' }, `The first ${devices.length} of ${total} devices.`) : null,
       h('table', {},
       h('thead', {}, h('tr', {}, ['Device', 'Connection', 'Last seen', 'Runs', 'Labels', 'Hardware', 'Agent'].map((t) => h('th', {}, t)))),
@@ -547,22 +572,37 @@ async function devicesView() {
 }
 
 /** Line chart of `series` [{name, color, points: [{t, v}]}]. */
-function linePlot(series, unit, fmt) {
+/**
+ * Round ticks covering [lo, hi]: a 1, 2 or 5 step, and as many decimals as
+ * keep neighbouring labels apart once `scale` applies (100 for percents).
+ */
+function niceTicks(lo, hi, count, scale) {
+  const raw = (hi - lo) / count || Math.abs(hi) || 1;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((st) => st >= raw * (1 - 1e-9));
+  const start = Math.floor(lo / step) * step, end = Math.ceil(hi / step) * step;
+  const n = Math.max(1, Math.round((end - start) / step));
+  const decimals = Math.max(0, -Math.floor(Math.log10(step * scale) + 1e-9));
+  return { ticks: Array.from({ length: n + 1 }, (_, i) => start + i * step), lo: start, hi: start + n * step, decimals };
+}
+
+/** A line plot of `series`; `axis` = { scale, suffix } labels the value axis with units. */
+function linePlot(series, unit, fmt, axis) {
   const pts = series.flatMap((se) => se.points).filter((p) => p.v !== null && p.v !== undefined);
   if (!pts.length) return h('p', { class: 'empty' }, 'No reports with this metric yet.');
-  const W = 560, H = 200, L = 52, R = 12, T = 10, B = 28;
+  const W = 560, H = 200, L = 70, R = 12, T = 10, B = 28;
   let t0 = Math.min(...pts.map((p) => p.t)), t1 = Math.max(...pts.map((p) => p.t));
   if (t1 === t0) { t0 -= 1000; t1 += 1000; }
   let v0 = Math.min(...pts.map((p) => p.v)), v1 = Math.max(...pts.map((p) => p.v));
   const pad = (v1 - v0) * 0.1 || Math.abs(v1) * 0.1 || 1;
-  v0 = Math.max(0, v0 - pad); v1 += pad;
+  const nt = niceTicks(Math.max(0, v0 - pad), v1 + pad, 4, axis.scale);
+  v0 = nt.lo; v1 = nt.hi;
   const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
   const y = (v) => T + (1 - (v - v0) / (v1 - v0)) * (H - T - B);
   const svg = s('svg', { class: 'plot', viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': unit });
-  for (let i = 0; i <= 4; i++) {
-    const v = v0 + ((v1 - v0) * i) / 4;
+  for (const v of nt.ticks) {
     svg.append(s('line', { class: 'grid', x1: L, x2: W - R, y1: y(v), y2: y(v) }),
-      s('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, fmt(v)));
+      s('text', { class: 'tick', x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, `${(v * axis.scale).toFixed(nt.decimals)}${axis.suffix}`));
   }
   for (const se of series) {
     const p = se.points.filter((q) => q.v !== null && q.v !== undefined);
@@ -593,9 +633,9 @@ function metricsPlots(events) {
   const accKey = snaps.some(({ m }) => m.green.feedback_accuracy !== null && m.green.feedback_accuracy !== undefined)
     ? 'feedback_accuracy' : 'validation_accuracy';
   return h('div', { class: 'grid2' },
-    h('div', {}, h('h3', {}, 'p95 latency (ms)'), linePlot(series('p95_ms'), 'ms', (v) => v.toFixed(2))),
+    h('div', {}, h('h3', {}, 'p95 latency (ms)'), linePlot(series('p95_ms'), 'ms', (v) => v.toFixed(2), { scale: 1, suffix: ' ms' })),
     h('div', {}, h('h3', {}, accKey === 'feedback_accuracy' ? 'Accuracy (feedback)' : 'Accuracy (validation)'),
-      linePlot(acc(accKey), '', (v) => `${(v * 100).toFixed(1)}%`)));
+      linePlot(acc(accKey), '', (v) => `${(v * 100).toFixed(1)}%`, { scale: 100, suffix: '%' })));
 }
 
 async function deviceView(id) {
