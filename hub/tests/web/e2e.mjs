@@ -4,6 +4,7 @@
 //   node e2e.mjs <hub url> <admin token> <viewer token> <screenshot.png>
 //
 // As admin: sign in, upload digits_mlp_v1.onnx, deploy it to every device,
+// with two policy fields set in the form and shown on the deployment page,
 // and watch the deployment reach "serving" on the connected test agent
 // without reloading the page; save a screenshot. The audit log filtered by
 // outcome, with no change-feed tickets in it; every view fits a 420 px
@@ -74,9 +75,17 @@ try {
     throw new Error('the deploy form accepted an empty target');
   }
   await page.locator('#deploy-form [name=target]').fill('*');
+  // Two policy fields through the form; the rest keep the defaults shown.
+  const fields = await page.locator('#deploy-policy input').count();
+  if (fields !== 12) throw new Error(`the deploy form has ${fields} policy fields, not 12`);
+  await page.click('#deploy-policy summary');
+  await page.locator('#deploy-form [name="policy.max_error_rate"]').fill('0.1');
+  await page.locator('#deploy-form [name="policy.max_restarts"]').fill('5');
   await page.click('#deploy-submit');
   await page.waitForFunction(() => /^#\/deployments\/\d+$/.test(location.hash));
   const deployment = await page.evaluate(() => location.hash.split('/')[2]);
+  await page.waitForSelector('#policy:text("max_error_rate 0.1; max_restarts 5")');
+  await page.waitForSelector('#effective-policy:text("max_restarts 5")');
 
   step = `watch deployment ${deployment} reach serving (live, no reload)`;
   const loads = await page.evaluate(() => performance.getEntriesByType('navigation').length);

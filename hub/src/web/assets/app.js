@@ -322,10 +322,17 @@ async function modelView(name) {
   });
   const deployBox = h('div', {});
   function openDeploy(version) {
+    // Every policy field, its default as the placeholder: empty means the default.
+    const policyInputs = POLICY_FIELDS.map(([key, label, hint, type]) => h('label', {}, label,
+      h('input', { name: `policy.${key}`, type: type || 'number', step: 'any', min: 0, placeholder: hint })));
     const form = h('form', { class: 'inline', id: 'deploy-form' },
       h('label', {}, 'Version', h('input', { name: 'version', value: version, readonly: true })),
       h('label', {}, 'Target selector', h('input', { name: 'target', required: true, placeholder: 'stage=production,site=a, or * for every device' })),
       h('label', {}, 'Halt above fraction', h('input', { name: 'halt', type: 'number', step: 'any', min: 0, max: 1, placeholder: '0.2' })),
+      h('label', {}, 'Halt at count', h('input', { name: 'halt_count', type: 'number', min: 1, placeholder: 'none' })),
+      h('label', {}, 'Waves (cumulative %)', h('input', { name: 'waves', placeholder: 'all at once; e.g. 10,50,100' })),
+      h('details', { id: 'deploy-policy' }, h('summary', {}, 'Rollout policy (empty fields keep the default shown)'),
+        h('div', { class: 'policy-grid' }, policyInputs)),
       h('button', { type: 'submit', class: 'primary', id: 'deploy-submit' }, `Deploy ${version}`),
       h('button', { type: 'button', onclick: () => deployBox.replaceChildren() }, 'Cancel'));
     form.addEventListener('submit', async (ev) => {
@@ -334,6 +341,16 @@ async function modelView(name) {
       const f = new FormData(form);
       const body = { version, target: f.get('target').trim() };
       if (f.get('halt')) body.halt_fraction = Number(f.get('halt'));
+      if (f.get('halt_count')) body.halt_count = Number(f.get('halt_count'));
+      const waves = String(f.get('waves') || '').split(',').map((w) => w.trim()).filter(Boolean);
+      if (waves.length) body.waves = waves.map(Number);
+      const policy = {};
+      for (const [key, , , type] of POLICY_FIELDS) {
+        const v = String(f.get(`policy.${key}`) || '').trim();
+        if (!v) continue;
+        policy[key] = type === 'text' ? v.split(',').map((p) => p.trim()).filter(Boolean) : Number(v);
+      }
+      if (Object.keys(policy).length) body.policy = policy;
       try {
         const d = await api('POST', `/models/${encodeURIComponent(name)}/deploy`, body);
         flash(`Deployment ${d.id} created: ${d.model} ${d.version} to [${d.target || 'every device'}].`);
@@ -359,6 +376,29 @@ async function modelView(name) {
     can('publisher') ? uploadForm(name) : null,
     deps.card);
   return { node, refresh: deps.refresh };
+}
+
+/** The rollout policy's fields: API name, label, default (as the hub fills it), input type. */
+const POLICY_FIELDS = [
+  ['phases', 'Phases', 'full; e.g. shadow,canary:10,full', 'text'],
+  ['bake_seconds', 'Bake per phase (s)', '30 with phases, else 0'],
+  ['min_samples', 'Samples per phase', '100 with phases, else 200'],
+  ['max_latency_ratio', 'Max p95 ratio to old', '1.5 (shadow/canary only)'],
+  ['latency_slo_ms', 'p95 SLO (ms)', 'none'],
+  ['max_error_rate', 'Max error rate', '0.05'],
+  ['min_accuracy', 'Min accuracy', 'declared - 0.02'],
+  ['max_accuracy_drop', 'Max accuracy drop', 'none (shadow/canary only)'],
+  ['min_shadow_agreement', 'Min shadow agreement', 'none (shadow only)'],
+  ['min_accuracy_samples', 'Accuracy samples', '50'],
+  ['standby_bake_seconds', 'Standby kept warm (s)', '60'],
+  ['max_restarts', 'Max worker restarts', '3'],
+];
+
+/** A policy as `key value; ...`, in the fields' order. */
+function policyText(p) {
+  if (!p) return '';
+  return POLICY_FIELDS.filter(([k]) => p[k] !== undefined && p[k] !== null && !(Array.isArray(p[k]) && !p[k].length))
+    .map(([k]) => `${k} ${Array.isArray(p[k]) ? p[k].join(',') : p[k]}`).join('; ');
 }
 
 async function rollback(name, target) {
@@ -438,6 +478,8 @@ async function deploymentView(id) {
           h('dt', {}, 'Created'), h('dd', {}, `${fmtTime(d.created_at_ms)} by ${d.created_by}`),
           h('dt', {}, 'Halts'), h('dd', {}, `above ${Math.round(d.halt_fraction * 100)} % of devices rolled back or failed`,
             d.halt_count ? `, or at ${d.halt_count}` : ''),
+          h('dt', {}, 'Policy'), h('dd', { id: 'policy' }, d.policy ? policyText(d.policy) : 'the defaults',
+            d.effective_policy ? h('div', { class: 'muted', id: 'effective-policy' }, `in effect: ${policyText(d.effective_policy)}`) : null),
           (d.waves || []).length ? [h('dt', {}, 'Waves'), h('dd', { id: 'waves' },
             d.waves.map((p, i) => (i === d.wave ? h('b', {}, `${p} %`) : `${p} %`)).flatMap((x, i) => (i ? [' → ', x] : [x])),
             st.waiting ? ` (${st.waiting} devices waiting for a later wave)` : '')] : null),
