@@ -110,6 +110,10 @@ try {
   await page.screenshot({ path: deviceShot, fullPage: true });
   console.log(`screenshot: ${deviceShot}`);
 
+  step = 'the version says where it runs';
+  await page.goto(`${url}/ui/#/models/${MODEL}`);
+  await page.waitForSelector('[data-runs="1.0.0"]:text("runs on 1")');
+
   step = 'audit view, filtered';
   await page.goto(`${url}/ui/#/audit`);
   await page.waitForSelector('#audit-table');

@@ -301,6 +301,27 @@ async function modelView(name) {
       .map((d) => [d.version, d])
     : []);
   const deployErr = h('p', { class: 'error' });
+  // Where each version runs, and where it was rolled back, from the devices'
+  // last reports (the first 500 devices).
+  const where = new Map();
+  for (const dev of (await api('GET', '/devices?limit=500')).devices) {
+    for (const m of dev.models || []) {
+      if (m.name !== name) continue;
+      const w = where.get(m.version) || { runs: [], rolledBack: [] };
+      if (m.state === 'rolled_back') w.rolledBack.push(dev.id);
+      else if (['serving', 'canary', 'shadow'].includes(m.state)) w.runs.push(dev.id);
+      where.set(m.version, w);
+    }
+  }
+  const whereCell = (version) => {
+    const w = where.get(version);
+    if (!w || (!w.runs.length && !w.rolledBack.length)) return h('span', { class: 'muted' }, 'nowhere');
+    return [
+      w.runs.length ? h('div', { 'data-runs': version, title: w.runs.join(', ') }, `runs on ${w.runs.length}`) : null,
+      w.rolledBack.length ? h('div', { 'data-rolled-back': version, title: w.rolledBack.join(', ') },
+        badge('rolled_back'), ` on ${w.rolledBack.length}`) : null,
+    ];
+  };
   const rows = versions.map((v) => {
     const acc = v.manifest.accuracy;
     return h('tr', {},
@@ -312,6 +333,7 @@ async function modelView(name) {
       h('td', {}, v.hardware.length ? v.hardware.join(', ') : 'any'),
       h('td', {}, h('code', {}, v.key_id)),
       h('td', {}, timeCell(v.created_at_ms), h('div', { class: 'muted' }, v.created_by)),
+      h('td', {}, whereCell(v.version)),
       deployer ? h('td', {}, halted.has(v.version)
         ? h('span', { class: 'badge halted', 'data-halted': v.version,
           title: `deployment ${halted.get(v.version).id} halted: ${halted.get(v.version).halt_reason || ''}` }, 'halted')
@@ -368,7 +390,7 @@ async function modelView(name) {
     m.description ? h('p', { class: 'muted' }, m.description) : null,
     h('div', { class: 'card' }, h('h2', {}, 'Versions'),
       versions.length ? h('table', {},
-        h('thead', {}, h('tr', {}, ['Version', 'Stage', 'Accuracy', 'SHA-256', 'Size', 'Hardware', 'Signing key', 'Created', deployer ? '' : null]
+        h('thead', {}, h('tr', {}, ['Version', 'Stage', 'Accuracy', 'SHA-256', 'Size', 'Hardware', 'Signing key', 'Created', 'Where', deployer ? '' : null]
           .filter((t) => t !== null).map((t) => h('th', {}, t)))),
         h('tbody', {}, rows))
         : emptyState('No versions yet. Push one:', `sentinel model push model.onnx --name ${name} --version 1.0.0`)),
