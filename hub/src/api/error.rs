@@ -69,13 +69,7 @@ impl ApiError {
 
     /// Logs `err` with its whole source chain and answers a generic 500.
     pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
-        let mut chain = err.to_string();
-        let mut source = err.source();
-        while let Some(s) = source {
-            chain.push_str(": ");
-            chain.push_str(&s.to_string());
-            source = s.source();
-        }
+        let chain = crate::error_chain(err);
         tracing::error!(context, error = %chain, "internal error");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; the hub log has the details")
     }

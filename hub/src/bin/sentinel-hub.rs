@@ -342,13 +342,7 @@ fn migrate(
 }
 
 fn print_chain(err: &dyn std::error::Error) {
-    let mut msg = format!("sentinel-hub: {err}");
-    let mut source = err.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    eprintln!("{msg}");
+    eprintln!("sentinel-hub: {}", sentinel_hub::error_chain(err));
 }
 
 async fn run(args: Args) -> ExitCode {

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = chain(&e);
+            let message = sentinel_hub::error_chain(&e);
             if json {
                 // With --json, the error is JSON too, on stderr, with the same exit code.
                 let status = match &e {
@@ -41,15 +41,4 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-/// The error and its sources, `: `-separated.
-fn chain(err: &CliError) -> String {
-    let mut msg = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    msg
 }

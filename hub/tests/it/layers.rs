@@ -33,12 +33,12 @@ const LAYERS: &[(&str, &[&str])] = &[
 ];
 
 /// Items of the crate root that are not modules, and where they point.
-/// `None`: a root helper (`now_ms`, a macro) any layer may use.
+/// `None`: a root helper (`now_ms`, `error_chain`, a macro) any layer may use.
 fn root_item(name: &str) -> Option<Option<&'static str>> {
     match name {
         "Hub" => Some(Some("server")),
         "HubConfig" => Some(Some("config")),
-        "now_ms" | "install_crypto_provider" | "string_schema" => Some(None),
+        "now_ms" | "error_chain" | "install_crypto_provider" | "string_schema" => Some(None),
         _ => None,
     }
 }

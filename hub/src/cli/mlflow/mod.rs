@@ -207,19 +207,9 @@ impl From<MlflowError> for Step {
     fn from(e: MlflowError) -> Self {
         match e {
             MlflowError::Unreachable { .. } | MlflowError::LocalFile { .. } => Step::Fatal(e.into()),
-            other => Step::Refused(error_chain(&other)),
+            other => Step::Refused(crate::error_chain(&other)),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    msg
 }
 
 #[allow(clippy::too_many_arguments)]

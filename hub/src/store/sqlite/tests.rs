@@ -206,12 +206,7 @@ fn a_deployment_state_or_kind_this_hub_does_not_know_is_an_error_not_a_default()
     corrupt(&path, &format!("UPDATE deployments SET state = 'paused' WHERE id = {}", d.id));
     let e = store.get_deployment(d.id).unwrap_err();
     assert!(matches!(e, StoreError::Database { .. }), "{e}");
-    let mut chain = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        chain.push_str(&format!(": {s}"));
-        source = s.source();
-    }
+    let chain = crate::error_chain(&e);
     assert!(chain.contains(r#"unknown deployment state "paused""#), "{chain}");
     corrupt(&path, &format!("UPDATE deployments SET state = 'active', kind = 'redeploy' WHERE id = {}", d.id));
     assert!(store.list_deployments(None, None, 10, 0).is_err());
