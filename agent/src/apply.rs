@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use sentinel_proto::VerifiedState;
 use sentinel_proto::pb::{ModelAssignment, ModelManifest};
-use sentinel_proto::publisher::{BundleError, MAX_BUNDLE_BYTES, PublisherKey, verify_bundle};
+use sentinel_proto::publisher::{BundleError, MAX_BUNDLE_BYTES, PublisherKey, Verified, short_key_id, verify_bundle};
 use tokio::sync::watch;
 
 use crate::download::{self, Wanted};
@@ -287,19 +287,9 @@ async fn download_version(
                         failed(e);
                         return None;
                     }
-                    Ok((path, _)) => {
-                        std::fs::read(&path).map_err(|e| format!("reading the bundle: {e}")).and_then(|bundle| {
-                            verify_bundle(&bundle, &config.publishers, &m.sha256).map_err(|e| match e {
-                                BundleError::UnknownKey { .. } | BundleError::BadSignature { .. } => format!(
-                                    "{e}: the hub names its signer {} (key {}); this device pins {}",
-                                    m.publisher.as_ref().map_or("?", |p| p.name.as_str()),
-                                    m.publisher.as_ref().map_or("?", |p| p.key_id.get(..16).unwrap_or_default()),
-                                    pinned_names(&config.publishers)
-                                ),
-                                other => other.to_string(),
-                            })
-                        })
-                    }
+                    Ok((path, _)) => std::fs::read(&path)
+                        .map_err(|e| format!("reading the bundle: {e}"))
+                        .and_then(|bundle| verify_on_device(m, &bundle, &config.publishers)),
                 }
             }
         };
@@ -396,9 +386,23 @@ pub const PUBLISHER_SIGNATURE: &str = "publisher_signature";
 
 /// `publisher a (key 0123...)`, `publishers a (...), b (...)` for the refusal text.
 fn pinned_names(keys: &[PublisherKey]) -> String {
-    let names: Vec<String> =
-        keys.iter().map(|k| format!("{} (key {})", k.name, k.key_id.get(..16).unwrap_or_default())).collect();
+    let names: Vec<String> = keys.iter().map(PublisherKey::label).collect();
     format!("publisher{} {}", if names.len() == 1 { "" } else { "s" }, names.join(", "))
+}
+
+/// Verifies `m`'s publisher bundle with this device's pinned keys. A key
+/// the device does not know is refused naming the signer the hub names and
+/// the keys pinned here.
+fn verify_on_device(m: &ModelManifest, bundle: &[u8], pinned: &[PublisherKey]) -> Result<Verified, String> {
+    verify_bundle(bundle, pinned, &m.sha256).map_err(|e| match e {
+        BundleError::UnknownKey { .. } | BundleError::BadSignature { .. } => format!(
+            "{e}: the hub names its signer {} (key {}); this device pins {}",
+            m.publisher.as_ref().map_or("?", |p| p.name.as_str()),
+            m.publisher.as_ref().map_or("?", |p| short_key_id(&p.key_id)),
+            pinned_names(pinned)
+        ),
+        other => other.to_string(),
+    })
 }
 
 /// A version this device will not download (`reason` starts with its kind).

@@ -83,6 +83,22 @@ enum Curve {
     P384,
 }
 
+impl Curve {
+    /// The SubjectPublicKeyInfo DER before the point, and the uncompressed
+    /// point's length.
+    fn spki(self) -> (&'static [u8], usize) {
+        match self {
+            Curve::P256 => (SPKI_P256, 65),
+            Curve::P384 => (SPKI_P384, 97),
+        }
+    }
+}
+
+/// The short form of a key id that refusals name (16 of its 64 hex digits).
+pub fn short_key_id(key_id: &str) -> &str {
+    key_id.get(..16).unwrap_or(key_id)
+}
+
 impl PublisherKey {
     /// Reads a PEM public key (`-----BEGIN PUBLIC KEY-----`).
     pub fn from_pem(name: &str, pem: &[u8]) -> Result<Self, KeyFileError> {
@@ -97,13 +113,13 @@ impl PublisherKey {
             .ok_or(KeyFileError::NotPem)?;
         let b64: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
         let spki = STANDARD.decode(b64).map_err(|_| KeyFileError::BadBase64)?;
-        let curve = if spki.len() == SPKI_P256.len() + 65 && spki.starts_with(SPKI_P256) {
-            Curve::P256
-        } else if spki.len() == SPKI_P384.len() + 97 && spki.starts_with(SPKI_P384) {
-            Curve::P384
-        } else {
-            return Err(KeyFileError::UnsupportedKey);
-        };
+        let curve = [Curve::P256, Curve::P384]
+            .into_iter()
+            .find(|c| {
+                let (prefix, point) = c.spki();
+                spki.len() == prefix.len() + point && spki.starts_with(prefix)
+            })
+            .ok_or(KeyFileError::UnsupportedKey)?;
         let key = Self { name: name.to_owned(), key_id: String::new(), curve, spki };
         // Checked now, so a bad key is refused when it is registered rather
         // than read as "the signature does not verify" at every push.
@@ -136,12 +152,13 @@ impl PublisherKey {
         }
     }
 
+    /// `name (key 0123456789abcdef)`, as refusals name a key.
+    pub fn label(&self) -> String {
+        format!("{} (key {})", self.name, short_key_id(&self.key_id))
+    }
+
     fn point(&self) -> &[u8] {
-        let prefix = match self.curve {
-            Curve::P256 => SPKI_P256.len(),
-            Curve::P384 => SPKI_P384.len(),
-        };
-        &self.spki[prefix..]
+        &self.spki[self.curve.spki().0.len()..]
     }
 
     fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
@@ -360,11 +377,7 @@ pub fn verify_bundle(bundle: &[u8], keys: &[PublisherKey], model_sha256: &str) -
     }
     let message = pae(&payload);
     let key = candidates.iter().find(|k| k.verify(&message, &sig)).ok_or_else(|| BundleError::BadSignature {
-        tried: candidates
-            .iter()
-            .map(|k| format!("{} (key {})", k.name, &k.key_id[..16]))
-            .collect::<Vec<_>>()
-            .join(", "),
+        tried: candidates.iter().map(|k| k.label()).collect::<Vec<_>>().join(", "),
     })?;
 
     // Signed: now what it says.
