@@ -81,17 +81,22 @@ struct Report {
 }
 
 impl Report {
-    fn refused(mv: &ModelVersion, reason: String) -> Self {
+    /// `mv`'s report with `outcome` and nothing else known yet.
+    fn of(mv: &ModelVersion, outcome: Outcome) -> Self {
         Report {
             mlflow_version: mv.version.clone(),
-            outcome: Outcome::Refused,
+            outcome,
             version: None,
             sha256: None,
             accuracy: None,
             publisher: None,
-            reason: Some(reason),
+            reason: None,
             warnings: Vec::new(),
         }
+    }
+
+    fn refused(mv: &ModelVersion, reason: String) -> Self {
+        Report { reason: Some(reason), ..Report::of(mv, Outcome::Refused) }
     }
 
     fn to_json(&self) -> Value {
@@ -237,26 +242,14 @@ async fn import_one(
     if onnx.size.is_some_and(|n| n > MAX_ARTIFACT_BYTES) {
         return Err(MlflowError::TooLarge { path: onnx.path.clone(), cap: MAX_ARTIFACT_BYTES }.into());
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("sentinel-mlflow-")
-        .suffix(".onnx")
-        .tempfile()
-        .map_err(|source| Step::Fatal(CliError::LocalFile { path: "a temporary file".into(), source }))?;
+    let tmp = temp_file(".onnx")?;
     let (sha256, _) = ml.download(&join(&root, &onnx.path), tmp.path(), MAX_ARTIFACT_BYTES).await?;
 
     let (tags, warnings) = sentinel_tags(&a.model, &mv.version, &mv.run_id, &mv.tags);
-    let present = |version: String| Report {
-        mlflow_version: mv.version.clone(),
-        outcome: Outcome::Present,
-        version: Some(version),
-        sha256: Some(sha256.clone()),
-        accuracy: None,
-        publisher: None,
-        reason: None,
-        warnings: Vec::new(),
-    };
     match decide(existing, &mv.version, &version, &sha256) {
-        Decision::Present(v) => return Ok(present(v)),
+        Decision::Present(v) => {
+            return Ok(Report { version: Some(v), sha256: Some(sha256), ..Report::of(mv, Outcome::Present) });
+        }
         Decision::Conflict(why) => return Err(Step::Refused(why)),
         Decision::Push => {}
     }
@@ -274,25 +267,10 @@ async fn import_one(
         None => None,
         Some(sig) => {
             let bundle = ml.read(&join(&root, &sig.path), MAX_BUNDLE_BYTES).await?;
-            let mut file = tempfile::Builder::new()
-                .prefix("sentinel-mlflow-")
-                .suffix(".sig")
-                .tempfile()
-                .map_err(|source| Step::Fatal(CliError::LocalFile { path: "a temporary file".into(), source }))?;
-            std::io::Write::write_all(&mut file, &bundle)
-                .map_err(|source| Step::Fatal(CliError::LocalFile { path: "a temporary file".into(), source }))?;
+            let mut file = temp_file(".sig")?;
+            std::io::Write::write_all(&mut file, &bundle).map_err(temp_file_error)?;
             Some(file)
         }
-    };
-    let imported = |version: String, publisher: Option<String>| Report {
-        mlflow_version: mv.version.clone(),
-        outcome: Outcome::Imported,
-        version: Some(version),
-        sha256: Some(sha256.clone()),
-        accuracy,
-        publisher,
-        reason: None,
-        warnings: warnings.clone(),
     };
     let push = PushArgs {
         path: tmp.path().to_owned(),
@@ -307,47 +285,37 @@ async fn import_one(
         ..PushArgs::default()
     };
     match push_version(hub, push, progress).await {
-        Ok(v) if s(&v["sha256"]) == sha256 => {
-            Ok(imported(version, v["manifest"]["publisher"]["name"].as_str().map(str::to_owned)))
-        }
+        Ok(v) if s(&v["sha256"]) == sha256 => Ok(Report {
+            version: Some(version),
+            sha256: Some(sha256),
+            accuracy,
+            publisher: v["manifest"]["publisher"]["name"].as_str().map(str::to_owned),
+            warnings,
+            ..Report::of(mv, Outcome::Imported)
+        }),
         Ok(v) => Err(Step::Fatal(CliError::Hub {
             status: 200,
             message: format!("the hub stored sha256 {} for a file of sha256 {sha256}", s(&v["sha256"])),
         })),
         // The hub refused this file or version (inspection, a taken version,
         // the upload limit): this version is refused, the next may pass.
+        // (MLflow's default onnx flavor, weights in a separate `.data` file,
+        // is one: the hub refuses external data itself and says how to log
+        // the model instead.)
         Err(CliError::Hub { status: status @ (400 | 409 | 413 | 415 | 422), message }) => {
-            // A hub that names external data says how to fix it already.
-            let hint = if message.contains("save_as_external_data") {
-                String::new()
-            } else {
-                external_data_hint(&files, onnx)
-            };
-            Err(Step::Refused(format!("the hub refused it ({status}): {message}{hint}")))
+            Err(Step::Refused(format!("the hub refused it ({status}): {message}")))
         }
         Err(e) => Err(Step::Fatal(e)),
     }
 }
 
-/// MLflow's onnx flavor writes the weights to a separate `<uuid>.data` file
-/// unless told otherwise; Sentinel ships one self-contained file, so a
-/// refusal of such a model says how to log it instead.
-fn external_data_hint(files: &[Listed], onnx: &Listed) -> String {
-    let dir = onnx.path.rsplit_once('/').map_or("", |(d, _)| d);
-    let data: Vec<&str> = files
-        .iter()
-        .filter(|f| f.path.rsplit_once('/').map_or("", |(d, _)| d) == dir && f.path.ends_with(".data"))
-        .map(|f| f.path.as_str())
-        .collect();
-    if data.is_empty() {
-        return String::new();
-    }
-    format!(
-        " ({} keeps its weights in external data ({}), and Sentinel takes one self-contained ONNX file: log it with \
-         mlflow.onnx.log_model(..., save_as_external_data=False))",
-        onnx.path,
-        data.join(", ")
-    )
+/// A temporary file for a downloaded artifact, removed when dropped.
+fn temp_file(suffix: &str) -> Result<tempfile::NamedTempFile, Step> {
+    tempfile::Builder::new().prefix("sentinel-mlflow-").suffix(suffix).tempfile().map_err(temp_file_error)
+}
+
+fn temp_file_error(source: std::io::Error) -> Step {
+    Step::Fatal(CliError::LocalFile { path: "a temporary file".into(), source })
 }
 
 /// The version's artifact directory as a path under the artifact proxy.

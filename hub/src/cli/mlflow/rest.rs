@@ -146,6 +146,7 @@ impl MlflowClient {
         crate::install_crypto_provider();
         let base = tracking_uri.trim_end_matches('/').to_owned();
         let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
             .user_agent(concat!("sentinel-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|source| MlflowError::Unreachable { url: base.clone(), source })?;
