@@ -31,3 +31,11 @@ pub mod models;
 pub mod ort;
 pub mod signing;
 pub mod wait;
+
+/// A loopback port the kernel just handed out and took back, for a server
+/// that takes a port number rather than a listening socket (MLflow,
+/// Prometheus, s3s-fs), or for a URL where nothing listens. Another process
+/// taking it in between fails that server's start, loudly.
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

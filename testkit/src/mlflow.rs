@@ -62,9 +62,7 @@ impl MlflowServer {
         let bin = venv_bin();
         sentinel_hub::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        // A port the kernel just handed out and took back: MLflow takes a
-        // number, not a listening socket.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = crate::free_loopback_port();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let mut cmd = std::process::Command::new(bin.join("mlflow"));
         cmd.arg("server")

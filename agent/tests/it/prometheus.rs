@@ -55,10 +55,6 @@ const FED: [&str; 20] = [
     "sentinel_agent_verification_failures_total",
 ];
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// The path of `name` on `PATH`; fails the test, saying how to install it,
 /// when it is missing.
 fn tool(name: &str) -> PathBuf {
@@ -76,7 +72,7 @@ fn tool(name: &str) -> PathBuf {
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     let mut child = Command::new(tool("promtool"))
         .args(args)
-        .current_dir(repo())
+        .current_dir(sentinel_testkit::bins::workspace_root())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -103,7 +99,8 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     println!("$ promtool test rules monitoring/alerts.test.yml\n{out}");
     assert!(ok, "promtool test rules monitoring/alerts.test.yml:\n{out}");
     // Every alert has at least one test that expects it to fire.
-    let tests = std::fs::read_to_string(repo().join("monitoring/alerts.test.yml")).unwrap();
+    let tests =
+        std::fs::read_to_string(sentinel_testkit::bins::workspace_root().join("monitoring/alerts.test.yml")).unwrap();
     for name in alert_names() {
         assert!(tests.contains(&format!("alertname: {name}\n")), "{name} has no test in alerts.test.yml");
     }
@@ -111,7 +108,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
 
 /// The `- alert: NAME` entries of `monitoring/alerts.yml`.
 fn alert_names() -> Vec<String> {
-    let text = std::fs::read_to_string(repo().join("monitoring/alerts.yml")).unwrap();
+    let text = std::fs::read_to_string(sentinel_testkit::bins::workspace_root().join("monitoring/alerts.yml")).unwrap();
     text.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).map(|n| n.trim().to_owned()).collect()
 }
 
@@ -137,10 +134,8 @@ impl Prometheus {
     fn start(dir: &Path, config: &str) -> Self {
         let config_path = dir.join("prometheus.yml");
         std::fs::write(&config_path, config).unwrap();
-        // A free port: bound, read and released. Prometheus cannot report the
-        // port of a `:0` listen address, so this is the one way to learn it;
-        // another process taking the port in between fails the start, loudly.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Prometheus cannot report the port of a `:0` listen address.
+        let port = sentinel_testkit::free_loopback_port();
         let log = dir.join("prometheus.log");
         let child = Command::new(tool("prometheus"))
             .arg(format!("--config.file={}", config_path.display()))
@@ -305,7 +300,7 @@ async fn every_dashboard_query_and_alert_rule_works_on_a_real_prometheus() {
         assert!(ok && out.trim().is_empty(), "promtool check metrics on the {who}'s /metrics:\n{out}\n{text}");
     }
 
-    let rules = repo().join("monitoring/alerts.yml");
+    let rules = sentinel_testkit::bins::workspace_root().join("monitoring/alerts.yml");
     let config = format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
          rule_files: [{rules:?}]\n\

@@ -172,8 +172,8 @@ async fn registered_versions_import_once_with_their_versions_tags_and_accuracy()
 #[tokio::test]
 async fn an_unreachable_tracking_server_is_a_clear_error() {
     let hub = TestHub::start().await;
-    // A port the kernel just handed out and took back: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Nothing listens there.
+    let port = sentinel_testkit::free_loopback_port();
     let url = format!("http://127.0.0.1:{port}");
     let (r, _) = import(&hub, &url, &["--model", "digits"]).await;
     assert_eq!(r.code, 69, "{}", r.stderr);

@@ -61,11 +61,7 @@ struct OwnS3 {
 
 impl OwnS3 {
     async fn start(rig: &backend::S3Rig, root: &std::path::Path, port: u16) -> Self {
-        let port = if port == 0 {
-            std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-        } else {
-            port
-        };
+        let port = if port == 0 { sentinel_testkit::free_loopback_port() } else { port };
         let bin = std::env::var("SENTINEL_TEST_S3FS_BIN").expect("SENTINEL_TEST_S3FS_BIN comes with the rig");
         let child = Command::new(bin)
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", &rig.key])
