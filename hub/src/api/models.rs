@@ -236,15 +236,25 @@ pub async fn update(
     if let Some(tags) = &body.tags {
         check_tags("tag", tags)?;
     }
-    let (before, _) = load_model(&state, &name).await?;
-    // A pipeline's publisher token must not be able to turn off the check
-    // that guards against it: lifting the requirement is an admin's call.
-    if body.require_publisher == Some(false) && before.require_publisher {
-        caller.require(Role::Admin, "lifting a model's publisher-signature requirement")?;
-    }
+    // Only a change to the requirement needs what it was.
+    let change = match body.require_publisher {
+        None => None,
+        Some(wanted) => {
+            let n = name.clone();
+            let before = state
+                .meta(move |m| m.get_model(&n))
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("model {} is not registered", quote(&name))))?;
+            // A pipeline's publisher token must not be able to turn off the
+            // check that guards against it: lifting it is an admin's call.
+            if !wanted && before.require_publisher {
+                caller.require(Role::Admin, "lifting a model's publisher-signature requirement")?;
+            }
+            (wanted != before.require_publisher).then_some(wanted)
+        }
+    };
     let now = crate::now_ms();
     let n = name.clone();
-    let change = body.require_publisher.filter(|r| *r != before.require_publisher);
     state
         .meta(move |m| {
             m.update_model(&n, body.description.as_deref(), body.tags.as_deref(), body.require_publisher, now)
