@@ -40,32 +40,68 @@ fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
 
 /// Gives every regular file under `root` [`FILE_MODE`] and every directory,
 /// `root` included, [`DIR_MODE`]. Symbolic links are not followed and other
-/// kinds of file (sockets) are left alone. Returns how many it changed.
+/// kinds of file (sockets) are left alone. What disappears below `root`
+/// while the walk runs (a worker's scratch directory, removed as an earlier
+/// agent's worker exits) needs no tightening and is skipped; a missing `root`
+/// is an error. Returns how many it changed.
 pub fn tighten_tree(root: &Path) -> io::Result<usize> {
     let mut changed = 0;
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
-        if std::fs::symlink_metadata(&dir)?.permissions().mode() & 0o7777 != DIR_MODE {
-            set_mode(&dir, DIR_MODE)?;
-            changed += 1;
-        }
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                pending.push(entry.path());
-            } else if kind.is_file() && entry.metadata()?.permissions().mode() & 0o7777 != FILE_MODE {
-                set_mode(&entry.path(), FILE_MODE)?;
-                changed += 1;
-            }
-        }
+        let tightened = tighten_dir(&dir, &mut pending);
+        changed += if dir == root { tightened? } else { skip_gone(tightened)? };
     }
     Ok(changed)
+}
+
+/// Gives `dir` [`DIR_MODE`] and its regular files [`FILE_MODE`], and pushes
+/// its subdirectories on `pending`. Returns how many it changed.
+fn tighten_dir(dir: &Path, pending: &mut Vec<std::path::PathBuf>) -> io::Result<usize> {
+    let mut changed = 0;
+    if std::fs::symlink_metadata(dir)?.permissions().mode() & 0o7777 != DIR_MODE {
+        set_mode(dir, DIR_MODE)?;
+        changed += 1;
+    }
+    for entry in std::fs::read_dir(dir)? {
+        changed += skip_gone(tighten_entry(&entry?, pending))?;
+    }
+    Ok(changed)
+}
+
+/// One entry of a directory: a regular file gets [`FILE_MODE`], a
+/// subdirectory goes on `pending`.
+fn tighten_entry(entry: &std::fs::DirEntry, pending: &mut Vec<std::path::PathBuf>) -> io::Result<usize> {
+    let kind = entry.file_type()?;
+    if kind.is_dir() {
+        pending.push(entry.path());
+    } else if kind.is_file() && entry.metadata()?.permissions().mode() & 0o7777 != FILE_MODE {
+        set_mode(&entry.path(), FILE_MODE)?;
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// A count of 0 for what was removed while the walk ran.
+fn skip_gone(r: io::Result<usize>) -> io::Result<usize> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        other => other,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flaky agent restart test: the walk met a worker directory that an
+    /// exiting worker removed between listing and visiting it.
+    #[test]
+    fn what_vanishes_below_the_root_is_skipped_and_a_missing_root_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gone = dir.path().join("worker-1-gone");
+        assert_eq!(skip_gone(tighten_dir(&gone, &mut Vec::new())).expect("skipped"), 0);
+        assert!(tighten_tree(&gone).is_err(), "the root itself must exist");
+    }
 
     fn mode(p: &Path) -> u32 {
         std::fs::symlink_metadata(p).expect("stat").permissions().mode() & 0o7777
