@@ -9,7 +9,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     let mut config = tonic_prost_build::configure();
     // What devices report is stored and served by the hub as JSON.
-    for ty in ["Hello", "RunningModel", "AgentReport", "ModelStatus", "AgentEvent"] {
+    for ty in [
+        "Hello",
+        "RunningModel",
+        "AgentReport",
+        "ModelStatus",
+        "AgentEvent",
+        "SlotWindow",
+        "LatencySketch",
+        "RolloutEvidence",
+        "WindowMetrics",
+    ] {
         config = config.type_attribute(format!(".sentinel.v1.{ty}"), "#[derive(serde::Serialize, serde::Deserialize)]");
     }
     // Labels encode in key order, so equal states encode to equal bytes.

@@ -332,7 +332,7 @@ pub async fn build_status(shared: &Shared) -> Result<Status, crate::store::Store
         model: e.model,
         version: e.version,
         // The event carries `reason | metrics snapshot`; the reason is what people read.
-        reason: e.reason.split(" | ").next().unwrap_or_default().to_owned(),
+        reason: e.reason.clone(),
     });
     let state_dir = &shared.config.state_dir;
     let database_bytes = ["agent.db", "agent.db-wal", "agent.db-shm"]

@@ -196,7 +196,19 @@ impl Shared {
     }
 
     pub(crate) fn event(&self, kind: EventKind, model: &str, version: &str, reason: &str) {
-        if let Err(e) = self.store.event(kind, model, version, reason) {
+        self.event_with(kind, model, version, reason, None);
+    }
+
+    /// Logs an event with a rollout decision's evidence.
+    pub(crate) fn event_with(
+        &self,
+        kind: EventKind,
+        model: &str,
+        version: &str,
+        reason: &str,
+        evidence: Option<&sentinel_proto::pb::RolloutEvidence>,
+    ) {
+        if let Err(e) = self.store.event_with(kind, model, version, reason, evidence) {
             tracing::error!(error = %e, kind = kind.as_str(), "logging an event failed");
         }
     }

@@ -13,6 +13,7 @@
 //! - [`quote`]: quoting a caller's value back in an error message, bounded.
 //! - [`state`]: the signed desired state pushed to one device: sign and verify
 //!   (signature, device, replay, expiry, every manifest).
+//! - [`telemetry`]: the mergeable latency sketch devices report and the hub keeps.
 
 pub mod keys;
 pub mod manifest;
@@ -20,6 +21,7 @@ pub mod private;
 pub mod publisher;
 pub mod quote;
 pub mod state;
+pub mod telemetry;
 pub mod time;
 
 /// Types generated from `proto/sentinel/v1`.

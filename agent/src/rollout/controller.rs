@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use sentinel_proto::pb::{RolloutEvidence, WindowMetrics};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -303,12 +304,17 @@ async fn run(
                 }
                 let state = agent_state(kind);
                 set_status(&shared, &green, state, "");
-                let passed = json!({"green": metrics_json(&green_metrics), "blue": metrics_json(&blue_metrics)});
-                shared.event(
+                let passed = RolloutEvidence {
+                    candidate: Some(window_metrics(&green_metrics)),
+                    baseline: Some(window_metrics(&blue_metrics)),
+                    ..RolloutEvidence::default()
+                };
+                shared.event_with(
                     EventKind::RolloutPhase,
                     &green.model,
                     &green.version,
-                    &format!("entered phase {phase} ({state}) | {passed}"),
+                    &format!("entered phase {phase} ({state})"),
+                    Some(&passed),
                 );
                 tracing::info!(model = %green.model, version = %green.version, phase, state = state.as_str(), "rollout phase");
             }
@@ -386,18 +392,18 @@ async fn rollback(
     if let Err(e) = shared.store.reject(&green.model, &green.sha256, &green.version, revision, reason) {
         tracing::error!(error = %crate::util::error_chain(&e), "recording the rejected version failed");
     }
-    let snapshot = json!({
-        "kind": kind,
-        "switch_us": switch.as_micros(),
-        "detected_after_samples": detection.samples,
-        "detected_after_ms": detection.after.as_millis(),
-        "green": metrics_json(green_metrics),
-        "blue": blue_metrics.as_ref().map(metrics_json),
-    });
+    let evidence = RolloutEvidence {
+        kind: kind.to_owned(),
+        switch_us: u64::try_from(switch.as_micros()).unwrap_or(u64::MAX),
+        detected_after_samples: detection.samples,
+        detected_after_ms: u64::try_from(detection.after.as_millis()).unwrap_or(u64::MAX),
+        candidate: Some(window_metrics(green_metrics)),
+        baseline: blue_metrics.as_ref().map(window_metrics),
+    };
     tracing::warn!(model = %green.model, version = %green.version, kind, %reason, switch_us = switch.as_micros(), "rolled back");
     shared.serving.metrics().rollback(&green.model, kind);
     set_status(shared, green, ModelStatus::RolledBack, reason);
-    shared.event(EventKind::RolledBack, &green.model, &green.version, &format!("{reason} | {snapshot}"));
+    shared.event_with(EventKind::RolledBack, &green.model, &green.version, reason, Some(&evidence));
 }
 
 /// The rollback kind of an operator's `sentinel-agent rollback`.
@@ -432,6 +438,24 @@ fn set_status(shared: &Shared, green: &Loaded, state: ModelStatus, detail: &str)
 }
 
 /// The figures a report and the status show for one slot.
+/// A window as rollout evidence on the wire.
+fn window_metrics(m: &SlotMetrics) -> WindowMetrics {
+    let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3);
+    WindowMetrics {
+        requests: m.requests,
+        errors: m.errors,
+        p50_ms: ms(m.p50),
+        p95_ms: ms(m.p95),
+        p99_ms: ms(m.p99),
+        restarts: m.restarts,
+        feedback_correct: m.feedback_correct,
+        feedback_total: m.feedback_total,
+        agreement_agreed: m.agreement_agreed,
+        agreement_total: m.agreement_total,
+        validation_accuracy: m.validation_accuracy,
+    }
+}
+
 pub fn metrics_json(m: &SlotMetrics) -> serde_json::Value {
     let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3);
     json!({

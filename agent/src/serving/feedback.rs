@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError, Weak};
-use std::time::Instant;
 
 use super::Serving;
 use super::slot::Loaded;
@@ -68,7 +67,7 @@ impl Serving {
         };
         let slot = slot.upgrade()?;
         let correct = predicted == label;
-        slot.window.lock().unwrap_or_else(PoisonError::into_inner).record_feedback(correct, Instant::now());
+        slot.record_feedback(correct);
         Some(FeedbackOutcome { version: slot.version.clone(), predicted, correct })
     }
 }

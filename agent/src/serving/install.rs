@@ -271,6 +271,8 @@ impl Serving {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             window: Mutex::new(SlotWindow::new(WINDOW_AGE, WINDOW_SAMPLES)),
+            validation_samples: AtomicU64::new(0),
+            telemetry: Mutex::new(super::telemetry::Interval::starting(crate::util::now_ms())),
             shadow_in_flight: AtomicUsize::new(0),
         }))
     }
@@ -389,6 +391,10 @@ impl Serving {
             Err(e) => return fail(&mut slots, InstallError::Validation(e)),
         };
         *loaded.validation_accuracy.write().unwrap_or_else(PoisonError::into_inner) = accuracy;
+        let samples = req.validation.as_ref().filter(|_| accuracy.is_some()).map_or(0, |v| v.labels.len());
+        loaded
+            .validation_samples
+            .store(u64::try_from(samples).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
         loaded.window.lock().unwrap_or_else(PoisonError::into_inner).set_validation_accuracy(accuracy);
         let first = req.policy.phases.first().map(|p| p.kind);
         let promoted = match first {

@@ -16,6 +16,7 @@
 //! # Layout
 //! - [`io`]: declared tensors, request and result checks, batching (pure).
 //! - [`slot`]: a loaded slot, the route and one model's slots.
+//! - [`telemetry`]: each slot's totals since its last telemetry window.
 //! - `install`: staging, validating and promoting a version; restoring after a restart.
 //! - `feedback`: ground truth on earlier requests.
 
@@ -36,6 +37,7 @@ mod feedback;
 mod install;
 pub mod io;
 pub mod slot;
+pub mod telemetry;
 
 use feedback::Predictions;
 pub use feedback::{FEEDBACK_MEMORY, FEEDBACK_MEMORY_BYTES, FeedbackOutcome};
@@ -161,12 +163,13 @@ impl Serving {
             Err(ServeError::BadInput(_)) => RequestOutcome::BadInput,
             Err(_) => RequestOutcome::Unavailable,
         };
-        self.metrics.inference([&slot.model, slot.color.as_str(), &slot.version], outcome, started.elapsed());
+        let took = started.elapsed();
+        self.metrics.inference([&slot.model, slot.color.as_str(), &slot.version], outcome, took);
         match &result {
-            Ok((_, compute)) => slot.record(Some(*compute)),
+            Ok((_, compute)) => slot.record(Some(*compute), took),
             Err(ServeError::Unavailable { .. }) => {
                 slot.failures.fetch_add(1, Ordering::Relaxed);
-                slot.record(None);
+                slot.record(None, took);
             }
             Err(_) => {}
         }
@@ -175,15 +178,11 @@ impl Serving {
         if let Some((candidate, inputs)) = mirror {
             candidate.shadow_in_flight.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
+                let started = Instant::now();
                 let result = run_batched(&candidate, inputs).await;
-                candidate.record(result.as_ref().ok().map(|(_, compute)| *compute));
+                candidate.record(result.as_ref().ok().map(|(_, compute)| *compute), started.elapsed());
                 if let (Ok((outputs, _)), Some(active_label)) = (result, predicted) {
-                    let agreed = predicted_label(&outputs) == Some(active_label);
-                    candidate
-                        .window
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .record_agreement(agreed, Instant::now());
+                    candidate.record_agreement(predicted_label(&outputs) == Some(active_label));
                 }
                 candidate.shadow_in_flight.fetch_sub(1, Ordering::Relaxed);
             });

@@ -30,6 +30,10 @@ pub struct Loaded {
     pub failures: AtomicU64,
     /// Sliding-window metrics the rollout decisions read.
     pub window: Mutex<SlotWindow>,
+    /// Validation samples behind `validation_accuracy`.
+    pub validation_samples: AtomicU64,
+    /// Totals since the last telemetry window (see [`super::telemetry`]).
+    pub telemetry: Mutex<super::telemetry::Interval>,
     /// Shadow requests in flight to this slot (bounded, see [`MAX_SHADOW_IN_FLIGHT`]).
     pub(super) shadow_in_flight: AtomicUsize,
 }
@@ -55,17 +59,37 @@ impl Loaded {
         w.snapshot_since(now, Some(since))
     }
 
-    /// Records one request: the model's compute time when it succeeded.
+    /// Records one request: the model's compute time when it succeeded,
+    /// and how long the request took here end to end.
     /// Rollout decisions compare compute times, which the worker measures
     /// around the model alone: pipe transport and host scheduling are the
-    /// same for both slots and would only add noise.
-    pub(super) fn record(&self, compute: Option<Duration>) {
+    /// same for both slots and would only add noise. Telemetry keeps both.
+    pub(super) fn record(&self, compute: Option<Duration>, latency: Duration) {
         let now = Instant::now();
-        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-        match compute {
-            Some(c) => w.record_ok(c, now),
-            None => w.record_error(now),
+        {
+            let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+            match compute {
+                Some(c) => w.record_ok(c, now),
+                None => w.record_error(now),
+            }
         }
+        let mut t = self.telemetry.lock().unwrap_or_else(PoisonError::into_inner);
+        match compute {
+            Some(c) => t.ok(latency, c),
+            None => t.error(),
+        }
+    }
+
+    /// Records whether this slot agreed with the active slot on a mirrored request.
+    pub(super) fn record_agreement(&self, agreed: bool) {
+        self.window.lock().unwrap_or_else(PoisonError::into_inner).record_agreement(agreed, Instant::now());
+        self.telemetry.lock().unwrap_or_else(PoisonError::into_inner).agreement(agreed);
+    }
+
+    /// Records ground truth on one of this slot's answers.
+    pub(super) fn record_feedback(&self, correct: bool) {
+        self.window.lock().unwrap_or_else(PoisonError::into_inner).record_feedback(correct, Instant::now());
+        self.telemetry.lock().unwrap_or_else(PoisonError::into_inner).feedback(correct);
     }
 }
 

@@ -1,12 +1,13 @@
 //! The event log: what happened on the device, kept until the hub has it.
 
 use rusqlite::params;
+use sentinel_proto::pb::RolloutEvidence;
 
 use super::{EventKind, Store, StoreError, db, word};
 use crate::util::now_ms;
 
 /// One logged event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub id: i64,
     pub at_ms: i64,
@@ -14,15 +15,30 @@ pub struct Event {
     pub model: String,
     pub version: String,
     pub reason: String,
+    /// A rollout decision's evidence, for rollout_phase and rolled_back events.
+    pub evidence: Option<RolloutEvidence>,
 }
 
 impl Store {
     /// Appends an event for the hub (and the log).
     pub fn event(&self, kind: EventKind, model: &str, version: &str, reason: &str) -> Result<(), StoreError> {
+        self.event_with(kind, model, version, reason, None)
+    }
+
+    /// Appends an event with a rollout decision's evidence.
+    pub fn event_with(
+        &self,
+        kind: EventKind,
+        model: &str,
+        version: &str,
+        reason: &str,
+        evidence: Option<&RolloutEvidence>,
+    ) -> Result<(), StoreError> {
+        let evidence = evidence.map(prost::Message::encode_to_vec);
         self.execute(
             "log event",
-            "INSERT INTO events (at_ms, kind, model, version, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![now_ms(), kind.as_str(), model, version, reason],
+            "INSERT INTO events (at_ms, kind, model, version, reason, evidence) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now_ms(), kind.as_str(), model, version, reason, evidence],
         )?;
         Ok(())
     }
@@ -47,7 +63,7 @@ impl Store {
     fn events_where(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<Event>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(&format!("SELECT id, at_ms, kind, model, version, reason FROM events WHERE {clause}"))
+            .prepare(&format!("SELECT id, at_ms, kind, model, version, reason, evidence FROM events WHERE {clause}"))
             .map_err(db("list events"))?;
         let rows = stmt
             .query_map(args, |r| {
@@ -58,6 +74,10 @@ impl Store {
                     model: r.get(3)?,
                     version: r.get(4)?,
                     reason: r.get(5)?,
+                    // Written by this agent from a valid message; unreadable reads as none.
+                    evidence: r
+                        .get::<_, Option<Vec<u8>>>(6)?
+                        .and_then(|b| <RolloutEvidence as prost::Message>::decode(b.as_slice()).ok()),
                 })
             })
             .map_err(db("list events"))?;

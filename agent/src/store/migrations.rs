@@ -51,4 +51,6 @@ pub(super) const MIGRATIONS: &[&str] = &[
         at_ms INTEGER NOT NULL,
         PRIMARY KEY (model, sha256, version)
      );",
+    // 5: a rollout decision's evidence (protobuf `RolloutEvidence`), beside the reason.
+    "ALTER TABLE events ADD COLUMN evidence BLOB;",
 ];

@@ -131,9 +131,8 @@ async fn status_shows_both_slots_and_rollback_puts_the_standby_back() {
         })
         .await;
     let event = dev["events"].as_array().unwrap().iter().find(|e| e["kind"] == "rolled_back").unwrap();
-    assert!(event["reason"].as_str().unwrap().starts_with("operator rollback | "), "{event}");
-    let snapshot: Value = serde_json::from_str(event["reason"].as_str().unwrap().split_once(" | ").unwrap().1).unwrap();
-    assert_eq!(snapshot["kind"], "operator");
+    assert_eq!(event["reason"], "operator rollback", "{event}");
+    assert_eq!(event["evidence"]["kind"], "operator", "{event}");
 
     let out = run(&["status", "--json", "--config", config]).await;
     let s: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -92,7 +92,7 @@ impl AgentSync for Replayer {
     }
 
     async fn report(&self, _req: tonic::Request<AgentReport>) -> Result<tonic::Response<ReportAck>, tonic::Status> {
-        Ok(tonic::Response::new(ReportAck { heartbeat_interval_ms: 2000 }))
+        Ok(tonic::Response::new(ReportAck { heartbeat_interval_ms: 2000, refused_windows: Vec::new() }))
     }
 }
 

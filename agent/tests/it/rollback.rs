@@ -58,13 +58,19 @@ async fn wait_status(agent: &AgentHandle, state: &str) -> String {
     status(&v, "digits").unwrap().2
 }
 
-/// The hub hears of the rollback with the reason and a metrics snapshot.
+/// Feedback accuracy of one slot's window in rollout evidence.
+fn accuracy(w: &Value) -> f64 {
+    w["feedback_correct"].as_f64().unwrap() / w["feedback_total"].as_f64().unwrap()
+}
+
+/// The hub hears of the rollback with the reason and its typed evidence.
 async fn reported_rollback(hub: &TestHub) -> Value {
     let dev =
         hub.wait_device("edge-1", |d| d["events"].as_array().unwrap().iter().any(|e| e["kind"] == "rolled_back")).await;
     let event = dev["events"].as_array().unwrap().iter().find(|e| e["kind"] == "rolled_back").unwrap().clone();
     let reason = event["reason"].as_str().unwrap();
-    let snapshot: Value = serde_json::from_str(reason.split_once(" | ").unwrap().1).unwrap();
+    assert!(!reason.contains(" | ") && !reason.contains('{'), "the reason is for people, no data appended: {reason}");
+    let snapshot = event["evidence"].clone();
     eprintln!(
         "rollback {}: detected after {} samples / {} ms; switch {} us",
         snapshot["kind"], snapshot["detected_after_samples"], snapshot["detected_after_ms"], snapshot["switch_us"]
@@ -98,7 +104,10 @@ async fn a_slower_version_is_rolled_back_with_only_phases_given() {
     assert!(seen.iter().all(|s| s.served_by("1.0.0")), "caught in shadow: 2.0.0 never answered a client");
     let snapshot = reported_rollback(&hub).await;
     assert_eq!(snapshot["kind"], "latency");
-    assert!(snapshot["green"]["requests"].as_u64().unwrap() >= 100, "judged on the default 100 samples: {snapshot}");
+    assert!(
+        snapshot["candidate"]["requests"].as_u64().unwrap() >= 100,
+        "judged on the default 100 samples: {snapshot}"
+    );
     assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
     agent.shutdown().await;
 }
@@ -121,7 +130,7 @@ async fn a_version_below_its_declared_accuracy_is_rolled_back_in_full_on_feedbac
     assert!(seen.iter().any(|s| s.served_by("2.0.0")), "in full, 2.0.0 answered");
     let snapshot = reported_rollback(&hub).await;
     assert_eq!(snapshot["kind"], "accuracy");
-    assert!(snapshot["green"]["feedback_accuracy"].as_f64().unwrap() < 0.9, "{snapshot}");
+    assert!(accuracy(&snapshot["candidate"]) < 0.9, "{snapshot}");
     assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
     agent.shutdown().await;
 }
@@ -156,8 +165,8 @@ async fn a_less_accurate_version_is_rolled_back_on_feedback_and_not_retried() {
     assert!(seen.iter().filter(|s| s.after_mark).all(|s| s.served_by("1.0.0")), "no 2.0.0 after the rollback");
     let snapshot = reported_rollback(&hub).await;
     assert_eq!(snapshot["kind"], "accuracy_drop");
-    assert!(snapshot["green"]["feedback_accuracy"].as_f64().unwrap() < 0.8, "{snapshot}");
-    assert!(snapshot["blue"]["feedback_accuracy"].as_f64().unwrap() > 0.9, "{snapshot}");
+    assert!(accuracy(&snapshot["candidate"]) < 0.8, "{snapshot}");
+    assert!(accuracy(&snapshot["baseline"]) > 0.9, "{snapshot}");
     let route = agent.route("digits").unwrap();
     assert!(route.candidate.is_none(), "the bad worker is stopped");
 
