@@ -131,6 +131,8 @@ pub struct HubConfig {
     /// How often the hub sends each stream a heartbeat (and re-signs states
     /// that are half-way to expiry). Agents report at the same interval.
     pub heartbeat: Duration,
+    /// Device telemetry: bucket widths and how long each series is kept.
+    pub telemetry: crate::telemetry::Retention,
     /// TLS certificate and key (PEM). Without them the hub serves plain text.
     pub tls: Option<TlsFiles>,
     /// Plain text off loopback: refused unless explicitly allowed.
@@ -268,6 +270,7 @@ impl HubConfig {
             public_url: None,
             state_ttl: Duration::from_secs(3600),
             heartbeat: Duration::from_secs(15),
+            telemetry: crate::telemetry::Retention::default(),
             tls: None,
             transport: Transport::Safe,
             connections: sentinel_net::Limits {

@@ -97,18 +97,36 @@ impl AgentSync for SyncService {
                 model: e.model,
                 version: e.version,
                 reason: e.reason,
+                evidence: e.evidence.and_then(|x| serde_json::to_value(x).ok()),
             })
             .collect();
         for e in events.iter().filter(|e| e.kind.contains("refused") || e.kind.contains("failed")) {
             tracing::warn!(device = %device.id, kind = %e.kind, model = %e.model, version = %e.version, reason = %e.reason, "device reports");
         }
+        // Telemetry goes to its own table, not into the stored report.
+        let now = crate::now_ms();
+        let retention = self.state.config().telemetry;
+        let (windows, refused_windows) =
+            crate::telemetry::accept(&std::mem::take(&mut report.windows), report.sent_at_unix_ms, now, &retention);
+        for why in &refused_windows {
+            tracing::warn!(device = %device.id, reason = %why, "telemetry window refused");
+        }
         let json = serde_json::to_value(&report).unwrap_or_default();
-        let id = device.id.clone();
-        self.state
-            .meta(move |m| m.record_report(&id, &json, &events, crate::now_ms()))
+        let (id, run) = (device.id.clone(), report.telemetry_run);
+        let added = self
+            .state
+            .meta(move |m| {
+                m.record_report(&id, &json, &events, now)?;
+                let n = m.record_telemetry(&id, run, &windows, &retention)?;
+                // Windows come in sequence order, so those added are the last `n`.
+                let mut windows = windows;
+                Ok(windows.split_off(windows.len().saturating_sub(n)))
+            })
             .await
             .map_err(|_| Status::unavailable("the hub cannot record the report right now"))?;
-        self.state.metrics().device_reports.inc();
+        let metrics = self.state.metrics();
+        metrics.device_reports.inc();
+        metrics.telemetry_windows(&added, refused_windows.len());
         // After the report is stored, so the rollup sees it. Halting happens
         // before the answer: a device that reports a rollback gets the
         // fleet's reaction on its stream without waiting for another report.
@@ -116,7 +134,7 @@ impl AgentSync for SyncService {
             .await;
         crate::service::replicas::device_changed(&self.state, &device.id);
         let interval = u64::try_from(self.state.config().heartbeat.as_millis()).unwrap_or(u64::MAX);
-        Ok(Response::new(ReportAck { heartbeat_interval_ms: interval }))
+        Ok(Response::new(ReportAck { heartbeat_interval_ms: interval, refused_windows }))
     }
 }
 

@@ -17,6 +17,7 @@
 //!    - [`auth`]: API tokens, roles, and who a caller is.
 //!    - [`onnx`]: reading an uploaded ONNX file's signature, cheaply and bounded.
 //!    - [`tls`]: the TLS server configuration.
+//!    - [`telemetry`]: device telemetry windows, their buckets and series.
 //!    - [`config`]: hub settings (data dir, listen address, upload cap).
 //!    - [`records`]: the records the store keeps (models, versions, deployments, ...).
 //!    - [`inspect`]: inspecting an upload: the signature here, the engine's load
@@ -54,6 +55,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod targeting;
+pub mod telemetry;
 pub mod tls;
 pub mod web;
 

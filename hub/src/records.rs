@@ -289,6 +289,10 @@ pub struct DeviceEvent {
     pub model: String,
     pub version: String,
     pub reason: String,
+    /// What a rollout decision saw (`RolloutEvidence` as JSON), on
+    /// `rollout_phase` and `rolled_back` events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<serde_json::Value>,
 }
 
 /// A device's last reported state for one deployment. It is kept after the

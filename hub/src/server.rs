@@ -249,6 +249,7 @@ impl Hub {
         let state = self.state;
         // Replicas: push other replicas' changes to this one's devices.
         let following = tokio::spawn(crate::service::replicas::follow(state.clone()));
+        let pruning = tokio::spawn(crate::service::telemetry::prune_forever(state.clone()));
         let closing = state.clone();
         tokio::spawn(async move {
             shutdown.await;
@@ -318,6 +319,7 @@ impl Hub {
             }
         }
         following.abort();
+        pruning.abort();
         failed.map_or(Ok(()), |e| Err(HubError::Serve(e)))
     }
 }

@@ -13,6 +13,7 @@
 //! - [`artifact`]: model bytes with HTTP Range and ETag.
 //! - [`deployments`]: deploy, roll back, list deployments.
 //! - [`devices`]: device enrolment and what devices report.
+//! - [`telemetry`]: device and deployment telemetry over time.
 //! - [`admin`]: tokens, keys, audit log, health.
 //! - [`session`]: who the caller is, and tickets for the event stream.
 //! - [`events`]: the change feed as server-sent events, for the web interface.
@@ -29,6 +30,7 @@ pub mod models;
 pub mod openapi;
 pub mod publishers;
 pub mod session;
+pub mod telemetry;
 pub mod upload;
 pub mod versions;
 
@@ -155,8 +157,10 @@ pub fn routes() -> Router<SharedState> {
         .route("/models/{name}/rollback", post(deployments::rollback))
         .route("/deployments", get(deployments::list))
         .route("/deployments/{id}", get(deployments::show))
+        .route("/deployments/{id}/telemetry", get(telemetry::deployment))
         .route("/devices", get(devices::list).post(devices::enroll))
         .route("/devices/{id}", get(devices::show).delete(devices::remove))
+        .route("/devices/{id}/telemetry", get(telemetry::device))
         .route("/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
         .route("/keys", get(admin::keys))

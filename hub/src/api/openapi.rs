@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
-use super::{admin, artifact, deployments, devices, events, models, publishers, session, upload, versions};
+use super::{admin, artifact, deployments, devices, events, models, publishers, session, telemetry, upload, versions};
 use crate::string_schema;
 
 /// `{name}`.
@@ -239,6 +239,7 @@ impl Modify for BearerAuth {
         artifact::model, artifact::validation, artifact::signature,
         deployments::deploy, deployments::rollback, deployments::list, deployments::show,
         devices::enroll, devices::list, devices::show, devices::remove,
+        telemetry::device, telemetry::deployment,
         admin::create_token, admin::list_tokens, admin::revoke_token, admin::keys, admin::rotate_key,
         admin::audit, admin::healthz, admin::readyz, spec,
         publishers::add, publishers::list, publishers::remove,

@@ -136,6 +136,18 @@ struct Args {
     /// Seconds between stream heartbeats.
     #[arg(long, default_value_t = 15)]
     heartbeat_secs: u64,
+    /// Width of a fine device-telemetry bucket, in seconds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    telemetry_fine_secs: u64,
+    /// Hours fine telemetry buckets are kept.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=24 * 366))]
+    telemetry_fine_hours: u64,
+    /// Width of a coarse device-telemetry bucket, in seconds.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=7 * 86_400))]
+    telemetry_coarse_secs: u64,
+    /// Days coarse telemetry buckets are kept.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3660))]
+    telemetry_coarse_days: u64,
     /// Connections open at once over the REST, gRPC and metrics listeners
     /// (lowered to fit the open-file limit). At the cap, connections that
     /// have not sent a request yet, then idle ones, make room.
@@ -370,6 +382,23 @@ async fn run(args: Args) -> ExitCode {
         eprintln!("sentinel-hub: --state-ttl-secs must be longer than --heartbeat-secs, which must be positive");
         return ExitCode::from(64);
     }
+    let telemetry = sentinel_hub::telemetry::Retention {
+        fine_bucket: std::time::Duration::from_secs(args.telemetry_fine_secs),
+        fine_keep: std::time::Duration::from_secs(args.telemetry_fine_hours * 3600),
+        coarse_bucket: std::time::Duration::from_secs(args.telemetry_coarse_secs),
+        coarse_keep: std::time::Duration::from_secs(args.telemetry_coarse_days * 86_400),
+    };
+    if telemetry.coarse_bucket < telemetry.fine_bucket
+        || telemetry.fine_keep < telemetry.fine_bucket
+        || telemetry.coarse_keep < telemetry.coarse_bucket.max(telemetry.fine_keep)
+    {
+        eprintln!(
+            "sentinel-hub: --telemetry-coarse-secs must be at least --telemetry-fine-secs, each series must be kept \
+             longer than one of its buckets, and coarse buckets at least as long as fine ones"
+        );
+        return ExitCode::from(64);
+    }
+    config.telemetry = telemetry;
     if args.inspect_memory_mib < 64 || args.inspect_timeout_secs == 0 || args.inspect_max_nodes == 0 {
         eprintln!(
             "sentinel-hub: --inspect-memory-mib must be at least 64, and --inspect-timeout-secs and \

@@ -51,6 +51,10 @@ const CONNECTION_DROPS: [&str; 3] = ["evicted", "refused", "timed_out"];
 const LATENCY_BUCKETS: [f64; 15] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// Device latency buckets, in seconds: models answer in microseconds to seconds.
+const FLEET_LATENCY_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
 /// The hub's registry and the handles of its metrics.
 #[derive(Debug)]
 pub struct HubMetrics {
@@ -67,6 +71,11 @@ pub struct HubMetrics {
     pub deployment_halts: IntCounter,
     /// Device reports received and stored.
     pub device_reports: IntCounter,
+    fleet_requests: IntCounterVec,
+    fleet_errors: IntCounterVec,
+    fleet_feedback: IntCounterVec,
+    fleet_latency: HistogramVec,
+    telemetry_windows: IntCounterVec,
     connections_open: IntGauge,
     connections_dropped: IntCounterVec,
     database_up: IntGauge,
@@ -117,6 +126,44 @@ impl HubMetrics {
         )?;
         let device_reports =
             IntCounter::new("sentinel_hub_device_reports_total", "Device reports received and stored")?;
+        let model_version = &["model", "version"];
+        let fleet_requests = IntCounterVec::new(
+            Opts::new(
+                "sentinel_hub_fleet_requests_total",
+                "Inference requests the devices served, summed over the fleet from their telemetry windows",
+            ),
+            model_version,
+        )?;
+        let fleet_errors = IntCounterVec::new(
+            Opts::new("sentinel_hub_fleet_request_errors_total", "Inference requests the devices failed, fleet-wide"),
+            model_version,
+        )?;
+        let fleet_feedback = IntCounterVec::new(
+            Opts::new(
+                "sentinel_hub_fleet_feedback_total",
+                "Ground-truth feedback on the devices' answers, fleet-wide, by whether the answer was right",
+            ),
+            &["model", "version", "outcome"],
+        )?;
+        let fleet_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "sentinel_hub_fleet_request_duration_seconds",
+                "End-to-end inference latency on the devices, fleet-wide (each request counted at its \
+                 telemetry bucket's value, within 4.4%)",
+            )
+            .buckets(FLEET_LATENCY_BUCKETS.to_vec()),
+            model_version,
+        )?;
+        let telemetry_windows = IntCounterVec::new(
+            Opts::new(
+                "sentinel_hub_telemetry_windows_total",
+                "Device telemetry windows: stored, or refused as malformed or too old",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in ["stored", "refused"] {
+            telemetry_windows.with_label_values(&[outcome]);
+        }
         let connections_open = IntGauge::new(
             "sentinel_hub_connections_open",
             "Connections open on the REST, gRPC and metrics listeners together",
@@ -155,6 +202,11 @@ impl HubMetrics {
             Box::new(deployment_devices.clone()),
             Box::new(deployment_halts.clone()),
             Box::new(device_reports.clone()),
+            Box::new(fleet_requests.clone()),
+            Box::new(fleet_errors.clone()),
+            Box::new(fleet_feedback.clone()),
+            Box::new(fleet_latency.clone()),
+            Box::new(telemetry_windows.clone()),
             Box::new(connections_open.clone()),
             Box::new(connections_dropped.clone()),
             Box::new(database_up.clone()),
@@ -180,6 +232,11 @@ impl HubMetrics {
             deployment_devices,
             deployment_halts,
             device_reports,
+            fleet_requests,
+            fleet_errors,
+            fleet_feedback,
+            fleet_latency,
+            telemetry_windows,
             connections_open,
             connections_dropped,
             database_up,
@@ -194,6 +251,31 @@ impl HubMetrics {
     /// checked against the real definitions (`agent/tests/it/grafana.rs`).
     pub fn families(&self) -> &[(Desc, MetricType)] {
         &self.families
+    }
+
+    /// Adds stored telemetry windows to the fleet-wide figures. Labels are
+    /// model and version only: never one series per device.
+    pub fn telemetry_windows(&self, stored: &[crate::telemetry::Window], refused: usize) {
+        self.telemetry_windows.with_label_values(&["stored"]).inc_by(stored.len() as u64);
+        self.telemetry_windows.with_label_values(&["refused"]).inc_by(refused as u64);
+        for w in stored {
+            let labels = [w.model.as_str(), w.version.as_str()];
+            self.fleet_requests.with_label_values(&labels).inc_by(w.counts.requests);
+            self.fleet_errors.with_label_values(&labels).inc_by(w.counts.errors);
+            let wrong = w.counts.feedback_total.saturating_sub(w.counts.feedback_correct);
+            for (outcome, n) in [("correct", w.counts.feedback_correct), ("wrong", wrong)] {
+                if n > 0 {
+                    self.fleet_feedback.with_label_values(&[labels[0], labels[1], outcome]).inc_by(n);
+                }
+            }
+            let histogram = self.fleet_latency.with_label_values(&labels);
+            for (value, n) in w.latency.buckets() {
+                let seconds = value.as_secs_f64();
+                for _ in 0..n {
+                    histogram.observe(seconds);
+                }
+            }
+        }
     }
 
     /// Counts one upload by whether it was accepted.

@@ -14,6 +14,7 @@
 //! - [`metrics`]: the hub's Prometheus registry and metric handles.
 //! - [`registry`]: receiving an upload and registering a new version from it
 //!   (inspection, the signed manifest, the commit).
+//! - [`telemetry`]: device telemetry series for the API, and pruning them.
 //! - [`replicas`]: what hub replicas on one shared database tell each other
 //!   (deployment changes, key rotations), and the keys they share.
 
@@ -23,6 +24,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod registry;
 pub mod replicas;
+pub mod telemetry;
 
 use std::sync::{Arc, RwLock};
 

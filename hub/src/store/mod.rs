@@ -26,6 +26,7 @@ pub use crate::records::{
     AuditEntry, AuditOutcome, DeploymentDevice, DeploymentKind, DeploymentRecord, DeploymentState, DeviceEvent,
     DeviceRecord, ModelRecord, NewDeployment, PublisherRecord, TokenRecord, VersionRecord,
 };
+pub use crate::telemetry::{Bucket, Resolution, Retention, Transition, Window as TelemetryWindow};
 
 /// The error an implementation's database gave, kept as the source of a
 /// [`StoreError`] so that no SQLite type shows in the store's interface.
@@ -288,8 +289,65 @@ pub trait AccessStore: Send + Sync {
     fn list_audit(&self, filter: &AuditFilter, limit: u32, offset: u32) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
-/// Models, versions, deployments, tokens, the audit log, and devices: the
-/// whole metadata store, as the hub holds it.
-pub trait MetadataStore: RegistryStore + DeploymentStore + AccessStore + DeviceStore + std::fmt::Debug {}
+/// Which stored telemetry buckets to read. Empty filters do not filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryQuery {
+    /// Only these devices; `None`: every device.
+    pub devices: Option<Vec<String>>,
+    pub model: Option<String>,
+    pub version: Option<String>,
+    pub resolution: Resolution,
+    /// Buckets starting at or after this instant...
+    pub from_ms: i64,
+    /// ...and at or before this one.
+    pub to_ms: i64,
+}
 
-impl<T> MetadataStore for T where T: RegistryStore + DeploymentStore + AccessStore + DeviceStore + std::fmt::Debug {}
+/// Device telemetry as a bounded time series (see [`crate::telemetry`]).
+pub trait TelemetryStore: Send + Sync {
+    /// Adds the windows of one report from `device_id`'s agent run `run` to
+    /// their fine and coarse buckets, in one transaction, skipping windows
+    /// whose sequence number that run already delivered (a report sent again
+    /// after a lost answer). Returns how many were added.
+    fn record_telemetry(
+        &self,
+        device_id: &str,
+        run: u64,
+        windows: &[TelemetryWindow],
+        retention: &Retention,
+    ) -> Result<usize, StoreError>;
+
+    /// Calls `visit` with each stored bucket matching `q`, in no set order,
+    /// without holding them all at once.
+    fn visit_telemetry(&self, q: &TelemetryQuery, visit: &mut dyn FnMut(Bucket)) -> Result<(), StoreError>;
+
+    /// The state changes recorded under a deployment, oldest first.
+    fn deployment_transitions(&self, deployment_id: i64) -> Result<Vec<Transition>, StoreError>;
+
+    /// Deletes buckets past their series' retention at `now_ms`, and state
+    /// changes past the coarse retention that a later change of the same
+    /// device and deployment supersedes. Returns the rows deleted.
+    fn prune_telemetry(&self, retention: &Retention, now_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// Models, versions, deployments, tokens, the audit log, devices and their
+/// telemetry: the whole metadata store, as the hub holds it.
+pub trait MetadataStore:
+    RegistryStore + DeploymentStore + AccessStore + DeviceStore + TelemetryStore + std::fmt::Debug
+{
+}
+
+impl<T> MetadataStore for T where
+    T: RegistryStore + DeploymentStore + AccessStore + DeviceStore + TelemetryStore + std::fmt::Debug
+{
+}
+
+/// A `u64` kept in a signed 64-bit column, bit for bit.
+pub(crate) fn u64_bits(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// Reads back [`u64_bits`].
+pub(crate) fn bits_u64(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}

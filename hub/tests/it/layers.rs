@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// layer only. Several rows are leaves over leaves; each says why.
 const LAYERS: &[(&str, &[&str])] = &[
     // Pure leaves: values, rules and crypto with no I/O beyond their own files.
-    ("leaves", &["selector", "rollout", "keys", "auth", "onnx", "tls"]),
+    ("leaves", &["selector", "rollout", "keys", "auth", "onnx", "tls", "telemetry"]),
     // Settings name the ONNX limits; records carry a rollout policy.
     ("leaf data", &["config", "records"]),
     // Inspection reads its settings; targeting reads records.

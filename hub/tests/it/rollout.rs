@@ -11,7 +11,7 @@ use common::*;
 use prost::Message as _;
 use sentinel_proto::pb::agent_sync_client::AgentSyncClient;
 use sentinel_proto::pb::{
-    AgentEvent, AgentReport, DesiredState, Hello, HubMessage, ModelManifest, ModelStatus, hub_message,
+    AgentEvent, AgentReport, DesiredState, Hello, HubMessage, ModelManifest, ModelStatus, RolloutEvidence, hub_message,
 };
 use serde_json::{Value, json};
 use tonic::Streaming;
@@ -93,7 +93,8 @@ impl Device {
                 kind: "rolled_back".into(),
                 model: "digits".into(),
                 version: version.into(),
-                reason: format!("{detail} {{\"p95_ms\": 3.1}}"),
+                reason: detail.into(),
+                evidence: Some(RolloutEvidence { kind: "latency".into(), switch_us: 42, ..RolloutEvidence::default() }),
             }]
         } else {
             vec![]
@@ -111,6 +112,7 @@ impl Device {
             events,
             sent_at_unix_ms: 1,
             agent_version: "test".into(),
+            ..AgentReport::default()
         };
         let req = self.authed(report);
         self.client.report(req).await.unwrap();

@@ -47,6 +47,11 @@ fn event_from_row(r: &Row) -> Result<DeviceEvent, StoreError> {
         model: r.try_get("model").map_err(db(op))?,
         version: r.try_get("version").map_err(db(op))?,
         reason: r.try_get("reason").map_err(db(op))?,
+        // Written by this hub from a decoded message; unreadable reads as none.
+        evidence: r
+            .try_get::<_, Option<String>>("evidence")
+            .map_err(db(op))?
+            .and_then(|t| serde_json::from_str(&t).ok()),
     })
 }
 
@@ -83,7 +88,8 @@ async fn device_on(c: &impl GenericClient, column: &str, value: &str) -> Result<
 
 async fn events_on(c: &impl GenericClient, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError> {
     c.query(
-        "SELECT at_ms, kind, model, version, reason FROM device_events WHERE device_id = $1 ORDER BY id DESC LIMIT $2",
+        "SELECT at_ms, kind, model, version, reason, evidence FROM device_events WHERE device_id = $1
+         ORDER BY id DESC LIMIT $2",
         &[&id, &i64::from(limit)],
     )
     .await
@@ -200,9 +206,17 @@ impl DeviceStore for PostgresStore {
             .map_err(db("record report"))?;
             for e in events {
                 tx.execute(
-                    "INSERT INTO device_events (device_id, at_ms, kind, model, version, reason)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[&id, &e.at_ms, &e.kind, &e.model, &e.version, &e.reason],
+                    "INSERT INTO device_events (device_id, at_ms, kind, model, version, reason, evidence)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &id,
+                        &e.at_ms,
+                        &e.kind,
+                        &e.model,
+                        &e.version,
+                        &e.reason,
+                        &e.evidence.as_ref().map(ToString::to_string),
+                    ],
                 )
                 .await
                 .map_err(db("record event"))?;
@@ -213,6 +227,17 @@ impl DeviceStore for PostgresStore {
                 // another version than the deployment's (an agent reporting a
                 // download under the deployment it is leaving). `updated_ms`
                 // moves only when the state does, not with every heartbeat.
+                // A change of state is kept as a transition first.
+                tx.execute(
+                    "INSERT INTO deployment_transitions (deployment_id, device_id, state, at_ms)
+                     SELECT $1, $2, $4, $5
+                     WHERE EXISTS (SELECT 1 FROM deployments WHERE id = $1 AND version = $3)
+                       AND NOT EXISTS (SELECT 1 FROM deployment_devices
+                                       WHERE deployment_id = $1 AND device_id = $2 AND state = $4)",
+                    &[&deployment, &id, &version, &state, &now_ms],
+                )
+                .await
+                .map_err(db("record transitions"))?;
                 tx.execute(
                     "INSERT INTO deployment_devices (deployment_id, device_id, version, state, detail, updated_ms)
                      SELECT $1, $2, $3, $4, $5, $6

@@ -137,6 +137,43 @@ pub(super) const MIGRATIONS: &[&str] = &[
         created_at_ms BIGINT NOT NULL,
         created_by TEXT NOT NULL
      );",
+    // 4 (SQLite 7): device telemetry kept as fine and coarse buckets; which
+    // windows each device's agent run has delivered; devices' state changes
+    // under each deployment; rollout evidence on events.
+    "CREATE TABLE telemetry (
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        version TEXT NOT NULL,
+        resolution SMALLINT NOT NULL,
+        bucket_ms BIGINT NOT NULL,
+        requests BIGINT NOT NULL,
+        errors BIGINT NOT NULL,
+        feedback_correct BIGINT NOT NULL,
+        feedback_total BIGINT NOT NULL,
+        agreement_agreed BIGINT NOT NULL,
+        agreement_total BIGINT NOT NULL,
+        restarts BIGINT NOT NULL,
+        validation_accuracy DOUBLE PRECISION,
+        validation_samples BIGINT NOT NULL,
+        rss_max_bytes BIGINT NOT NULL,
+        latency BYTEA NOT NULL,
+        compute BYTEA NOT NULL,
+        PRIMARY KEY (device_id, model, resolution, bucket_ms, version)
+     );
+     CREATE INDEX telemetry_age ON telemetry(resolution, bucket_ms);
+     ALTER TABLE devices ADD COLUMN telemetry_run BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE devices ADD COLUMN telemetry_seq BIGINT NOT NULL DEFAULT 0;
+     CREATE TABLE deployment_transitions (
+        id BIGSERIAL PRIMARY KEY,
+        deployment_id BIGINT NOT NULL,
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        state TEXT NOT NULL,
+        at_ms BIGINT NOT NULL
+     );
+     CREATE INDEX deployment_transitions_deployment ON deployment_transitions(deployment_id, at_ms);
+     INSERT INTO deployment_transitions (deployment_id, device_id, state, at_ms)
+     SELECT deployment_id, device_id, state, updated_ms FROM deployment_devices;
+     ALTER TABLE device_events ADD COLUMN evidence TEXT;",
 ];
 
 /// Applies the migrations the database has not had yet, in one transaction

@@ -36,6 +36,7 @@ pub mod import;
 pub mod keys;
 mod migrations;
 mod registry;
+mod telemetry;
 
 use std::future::Future;
 use std::str::FromStr as _;

@@ -2,7 +2,7 @@
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
-use super::migrations::RECORD_DEPLOYMENT_STATES;
+use super::migrations::{RECORD_DEPLOYMENT_STATES, RECORD_TRANSITIONS};
 use super::{SqliteStore, db, is_constraint, json_col};
 use crate::store::{DeploymentDevice, DeviceEvent, DeviceRecord, DeviceStore, FleetSnapshot, StoreError};
 
@@ -136,11 +136,21 @@ impl DeviceStore for SqliteStore {
         .map_err(db("record report"))?;
         for e in events {
             tx.execute(
-                "INSERT INTO device_events (device_id, at_ms, kind, model, version, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, e.at_ms, e.kind, e.model, e.version, e.reason],
+                "INSERT INTO device_events (device_id, at_ms, kind, model, version, reason, evidence)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    e.at_ms,
+                    e.kind,
+                    e.model,
+                    e.version,
+                    e.reason,
+                    e.evidence.as_ref().map(ToString::to_string)
+                ],
             )
             .map_err(db("record event"))?;
         }
+        tx.execute(RECORD_TRANSITIONS, params![id, now_ms, report.to_string()]).map_err(db("record transitions"))?;
         tx.execute(RECORD_DEPLOYMENT_STATES, params![id, now_ms, report.to_string()])
             .map_err(db("record deployment states"))?;
         tx.commit().map_err(db("commit report"))
@@ -229,7 +239,7 @@ fn device_on(conn: &Connection, column: &str, value: &str) -> Result<Option<Devi
 fn events_on(conn: &Connection, id: &str, limit: u32) -> Result<Vec<DeviceEvent>, StoreError> {
     let mut stmt = conn
         .prepare(
-            "SELECT at_ms, kind, model, version, reason FROM device_events WHERE device_id = ?1
+            "SELECT at_ms, kind, model, version, reason, evidence FROM device_events WHERE device_id = ?1
              ORDER BY id DESC LIMIT ?2",
         )
         .map_err(db("list events"))?;
@@ -241,6 +251,8 @@ fn events_on(conn: &Connection, id: &str, limit: u32) -> Result<Vec<DeviceEvent>
                 model: r.get(2)?,
                 version: r.get(3)?,
                 reason: r.get(4)?,
+                // Written by this hub from a decoded message; unreadable reads as none.
+                evidence: r.get::<_, Option<String>>(5)?.and_then(|t| serde_json::from_str(&t).ok()),
             })
         })
         .map_err(db("list events"))?;

@@ -134,11 +134,61 @@ pub(super) const MIGRATIONS: &[&str] = &[
         created_at_ms INTEGER NOT NULL,
         created_by TEXT NOT NULL
      );",
+    // 7: device telemetry kept as fine and coarse buckets; which windows each
+    // device's agent run has delivered; devices' state changes under each
+    // deployment; rollout evidence on events.
+    "CREATE TABLE telemetry (
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        version TEXT NOT NULL,
+        resolution INTEGER NOT NULL,
+        bucket_ms INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        feedback_correct INTEGER NOT NULL,
+        feedback_total INTEGER NOT NULL,
+        agreement_agreed INTEGER NOT NULL,
+        agreement_total INTEGER NOT NULL,
+        restarts INTEGER NOT NULL,
+        validation_accuracy REAL,
+        validation_samples INTEGER NOT NULL,
+        rss_max_bytes INTEGER NOT NULL,
+        latency BLOB NOT NULL,
+        compute BLOB NOT NULL,
+        PRIMARY KEY (device_id, model, resolution, bucket_ms, version)
+     ) WITHOUT ROWID;
+     CREATE INDEX telemetry_age ON telemetry(resolution, bucket_ms);
+     ALTER TABLE devices ADD COLUMN telemetry_run INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE devices ADD COLUMN telemetry_seq INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE deployment_transitions (
+        deployment_id INTEGER NOT NULL,
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        state TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+     );
+     CREATE INDEX deployment_transitions_deployment ON deployment_transitions(deployment_id, at_ms);
+     INSERT INTO deployment_transitions (deployment_id, device_id, state, at_ms)
+     SELECT deployment_id, device_id, state, updated_ms FROM deployment_devices;
+     ALTER TABLE device_events ADD COLUMN evidence TEXT;",
 ];
 
 /// 5: staged rollouts.
 const MIGRATION_WAVES: &str = "ALTER TABLE deployments ADD COLUMN waves TEXT NOT NULL DEFAULT '[]';
      ALTER TABLE deployments ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;";
+
+/// Records a transition for each model of a report (`?3`, JSON) from device
+/// `?1` at `?2` whose state differs from the last one recorded for its
+/// deployment; run before [`RECORD_DEPLOYMENT_STATES`], with the same filter.
+pub(super) const RECORD_TRANSITIONS: &str =
+    "INSERT INTO deployment_transitions (deployment_id, device_id, state, at_ms)
+         SELECT json_extract(m.value, '$.deployment_id'), ?1, json_extract(m.value, '$.state'), ?2
+         FROM json_each(?3, '$.models') AS m
+         WHERE EXISTS (SELECT 1 FROM deployments AS d WHERE d.id = json_extract(m.value, '$.deployment_id')
+                                                      AND d.version = json_extract(m.value, '$.version'))
+           AND json_type(m.value, '$.version') = 'text' AND json_type(m.value, '$.state') = 'text'
+           AND NOT EXISTS (SELECT 1 FROM deployment_devices AS dd
+                           WHERE dd.deployment_id = json_extract(m.value, '$.deployment_id')
+                             AND dd.device_id = ?1 AND dd.state = json_extract(m.value, '$.state'))";
 
 /// Records each model of a report (`?3`, JSON) from device `?1` at `?2`
 /// under the deployment it names. Skipped: models naming no stored

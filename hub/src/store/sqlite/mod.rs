@@ -18,6 +18,7 @@ mod deployments;
 mod devices;
 mod migrations;
 mod registry;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 

@@ -274,10 +274,12 @@ fn a_device_is_read_with_its_events_at_one_moment() {
         model: "m1".into(),
         version: "2.0.0".into(),
         reason: "why".into(),
+        evidence: Some(serde_json::json!({"kind": "latency", "switch_us": 42})),
     };
     store.record_report("d", &report_naming(&[(1, "rolled_back")]), &[event], 6).expect("r");
     let (device, events) = store.device_with_events("d", 10).expect("read").expect("enrolled");
     assert_eq!(device.report.expect("a report")["models"][0]["state"], "rolled_back");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].kind, "rolled_back");
+    assert_eq!(events[0].evidence, Some(serde_json::json!({"kind": "latency", "switch_us": 42})), "kept as given");
 }
