@@ -35,6 +35,19 @@ pub struct RangeParams {
 /// Telemetry over time: per model and version, one point per bucket.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TelemetryOut {
+    /// The device (a device's telemetry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// The deployment, its model and version, and how many devices it
+    /// reached (a deployment's telemetry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<u64>,
     /// `fine` or `coarse`.
     pub resolution: String,
     /// Width of each bucket, milliseconds.
@@ -57,7 +70,13 @@ pub struct TelemetryOut {
 
 fn out(v: serde_json::Value) -> TelemetryOut {
     let field = |k: &str| v.get(k).cloned().unwrap_or_default();
+    let text = |k: &str| v.get(k).and_then(serde_json::Value::as_str).map(str::to_owned);
     TelemetryOut {
+        device_id: text("device_id"),
+        deployment_id: v.get("deployment_id").and_then(serde_json::Value::as_i64),
+        model: text("model"),
+        version: text("version"),
+        devices: v.get("devices").and_then(serde_json::Value::as_u64),
         resolution: field("resolution").as_str().unwrap_or_default().to_owned(),
         bucket_ms: field("bucket_ms").as_i64().unwrap_or_default(),
         from_ms: field("from_ms").as_i64().unwrap_or_default(),

@@ -27,5 +27,6 @@ mod registry_api;
 mod replicas;
 mod rollout;
 mod s3;
+mod telemetry;
 mod web;
 mod web_e2e;

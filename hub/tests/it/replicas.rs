@@ -157,6 +157,26 @@ async fn migrate_moves_an_embedded_hub_and_its_signatures_still_verify() {
     old.push("digits", "2.0.0", V2, "").await;
     let d = deploy(&old, json!({"version": "2.0.0", "target": "site=a"})).await["id"].as_i64().unwrap();
     let mut device = Device::enroll(&old, "edge-1", "a").await;
+    // Telemetry, to be moved too.
+    let now = sentinel_hub::now_ms();
+    let window = sentinel_proto::pb::SlotWindow {
+        model: "digits".into(),
+        version: "1.0.0".into(),
+        seq: 1,
+        start_unix_ms: now - 1000,
+        end_unix_ms: now,
+        requests: 12,
+        ..Default::default()
+    };
+    let report = sentinel_proto::pb::AgentReport {
+        windows: vec![window],
+        telemetry_run: 1,
+        sent_at_unix_ms: now,
+        ..Default::default()
+    };
+    assert!(device.send(report).await.unwrap().refused_windows.is_empty());
+    let telemetry = old.admin_get("/api/v1/devices/edge-1/telemetry").await["series"].clone();
+    assert_eq!(telemetry[0]["points"][0]["requests"], 12);
     let keys: Value = old.admin_get("/api/v1/keys").await;
     let mut pinned = sentinel_proto::TrustedKeys::new();
     for k in keys["keys"].as_array().unwrap() {
@@ -243,6 +263,8 @@ async fn migrate_moves_an_embedded_hub_and_its_signatures_still_verify() {
     let publishers = new.admin_get("/api/v1/publishers").await;
     assert_eq!(publishers["publishers"].as_array().unwrap().as_slice(), [added], "the publisher key moved");
     assert_eq!(new.admin_get("/api/v1/models/digits").await["require_publisher"], true);
+    let moved = new.admin_get("/api/v1/devices/edge-1/telemetry").await["series"].clone();
+    assert_eq!(moved, telemetry, "the telemetry moved");
 }
 
 #[tokio::test]

@@ -11,7 +11,8 @@ use common::*;
 use prost::Message as _;
 use sentinel_proto::pb::agent_sync_client::AgentSyncClient;
 use sentinel_proto::pb::{
-    AgentEvent, AgentReport, DesiredState, Hello, HubMessage, ModelManifest, ModelStatus, RolloutEvidence, hub_message,
+    AgentEvent, AgentReport, DesiredState, Hello, HubMessage, ModelManifest, ModelStatus, ReportAck, RolloutEvidence,
+    hub_message,
 };
 use serde_json::{Value, json};
 use tonic::Streaming;
@@ -116,6 +117,13 @@ impl Device {
         };
         let req = self.authed(report);
         self.client.report(req).await.unwrap();
+    }
+
+    /// Sends `report` as this device; the hub's answer.
+    pub(crate) async fn send(&mut self, mut report: AgentReport) -> Result<ReportAck, tonic::Status> {
+        report.device_id.clone_from(&self.id);
+        let req = self.authed(report);
+        self.client.report(req).await.map(tonic::Response::into_inner)
     }
 }
 

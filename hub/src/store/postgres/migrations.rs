@@ -144,7 +144,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
         device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
         model TEXT NOT NULL,
         version TEXT NOT NULL,
-        resolution SMALLINT NOT NULL,
+        resolution INTEGER NOT NULL,
         bucket_ms BIGINT NOT NULL,
         requests BIGINT NOT NULL,
         errors BIGINT NOT NULL,

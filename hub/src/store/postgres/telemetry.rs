@@ -23,7 +23,7 @@ const BUCKET_COLS: &str = "device_id, model, version, resolution, bucket_ms, req
 
 fn bucket_from_row(row: &Row) -> Result<Bucket, StoreError> {
     let op = "read telemetry";
-    let code: i16 = row.try_get("resolution").map_err(db(op))?;
+    let code: i32 = row.try_get("resolution").map_err(db(op))?;
     let resolution = Resolution::from_code(i64::from(code))
         .ok_or_else(|| super::corrupt(op, "resolution", format!("unknown resolution {code}")))?;
     let sketch = |column: &str| -> Result<Sketch, StoreError> {
@@ -57,7 +57,7 @@ fn bucket_from_row(row: &Row) -> Result<Bucket, StoreError> {
     })
 }
 
-fn code(r: Resolution) -> i16 {
+fn code(r: Resolution) -> i32 {
     match r {
         Resolution::Fine => 0,
         Resolution::Coarse => 1,
