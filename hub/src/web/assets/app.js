@@ -78,14 +78,6 @@ const COLORS = { pending: '#9aa5b1', downloading: '#4f86e0', validating: '#8e6bd
   serving: '#2e9d5b', rolled_back: '#d9534f', failed: '#7d1d1d' };
 function stateColor(st) { return COLORS[st] || '#9aa5b1'; }
 
-/** Splits an agent event reason into text and the metrics snapshot after ` | `. */
-function splitReason(reason) {
-  const i = (reason || '').indexOf(' | {');
-  if (i < 0) return { text: reason || '', metrics: null };
-  try { return { text: reason.slice(0, i), metrics: JSON.parse(reason.slice(i + 3)) }; }
-  catch { return { text: reason, metrics: null }; }
-}
-
 // ---------- API ----------
 
 class ApiError extends Error {
@@ -476,12 +468,11 @@ async function deploymentsView() {
 
 async function deploymentView(id) {
   const content = h('div', {});
+  let telemetry = null; // made once: its range picker keeps its choice across refreshes
   const load = async () => {
     const d = await api('GET', `/deployments/${id}`);
     const st = d.status;
-    // Events of the targeted devices rebuild each device's path over time.
-    const devices = await Promise.all(st.devices.slice(0, 50).map((r) =>
-      api('GET', `/devices/${encodeURIComponent(r.device)}`).catch(() => null)));
+    if (!telemetry) telemetry = deploymentTelemetry(d);
     const chips = h('div', { class: 'chips', id: 'counts' },
       h('div', { class: 'chip' }, h('span', { class: 'muted' }, 'targeted'), h('b', {}, st.targeted)),
       STATES.map((s2) => h('div', { class: 'chip', 'data-count': s2 },
@@ -507,102 +498,444 @@ async function deploymentView(id) {
             st.waiting ? ` (${st.waiting} devices waiting for a later wave)` : '')] : null),
         d.halt_reason ? h('div', { class: 'alert', id: 'halt-reason' }, h('b', {}, 'Halted: '), d.halt_reason) : null,
         chips, countsBar(st)),
-      h('div', { class: 'card' }, h('h2', {}, 'States over time'), timelinePlot(d, devices.filter(Boolean))),
+      telemetry.card,
       h('div', { class: 'card' }, h('h2', {}, 'Devices'),
-        st.devices.length ? h('table', { id: 'rollout-devices' },
+        st.devices.length ? h('table', { id: 'rollout-devices', class: 'stack' },
           h('thead', {}, h('tr', {}, ['Device', 'State', 'Version', 'Detail', 'Updated'].map((t) => h('th', {}, t)))),
           h('tbody', {}, st.devices.map((r) => h('tr', { 'data-device': r.device },
             h('td', {}, h('a', { href: `#/devices/${encodeURIComponent(r.device)}` }, r.device)),
             h('td', {}, badge(r.state)),
             h('td', {}, r.version || '—'),
-            h('td', { class: 'reason' }, splitReason(r.detail).text),
+            h('td', { class: 'reason' }, r.detail),
             h('td', {}, timeCell(r.updated_ms))))))
           : emptyState('No enrolled device matches this target. Enrol one with matching labels, then start its agent with the printed token:',
             'sentinel device enroll DEVICE_ID --labels site=a')));
+    await telemetry.refresh();
   };
   await load();
   return { node: content, refresh: load };
 }
 
-/** Maps an agent event to the deployment state it starts, or null. */
-function eventState(e) {
-  switch (e.kind) {
-    case 'download_started': case 'download_resumed': return 'downloading';
-    case 'model_installed':
-      if (/now serving/.test(e.reason || '')) return 'serving';
-      return /rollout started|canary|shadow/.test(e.reason || '') ? 'canary' : 'validating';
-    case 'rollout_complete': return 'serving';
-    case 'rolled_back': return 'rolled_back';
-    case 'rollout_phase': {
-      const m = /\((\w+)\)/.exec(e.reason || '');
-      if (!m) return null;
-      return m[1] === 'serving' ? 'serving' : 'canary';
-    }
-    default: return /failed|refused/.test(e.kind) ? 'failed' : null;
-  }
+// ---------- telemetry over time ----------
+//
+// The hub keeps what devices report as buckets per model and version
+// (GET /devices/{id}/telemetry, /deployments/{id}/telemetry). Each point is
+// one bucket; a value the hub could not compute (no requests, no feedback)
+// is null and drawn as a gap, never as zero.
+
+const SECOND = 1000, MINUTE = 60 * SECOND, HOUR = 60 * MINUTE, DAY = 24 * HOUR;
+/** One colour per version: the new one first (orange), the versions it replaces after (blue, ...). */
+const VERSION_COLORS = ['#d9730d', '#2f6fd6', '#7b52c9', '#1b9aaa', '#8a6d3b', '#6b7280'];
+/** The range picker: key, label, span (null: the API's default). */
+const RANGES = [['15m', 'Last 15 min', 15 * MINUTE], ['1h', 'Last hour', HOUR], ['6h', 'Last 6 h', 6 * HOUR],
+  ['24h', 'Last 24 h', DAY], ['7d', 'Last 7 days', 7 * DAY]];
+const NO_TELEMETRY = 'No telemetry yet: devices report every heartbeat (15 s by default).';
+
+function pad2(n) { return String(n).padStart(2, '0'); }
+function clock(ms, seconds) {
+  const d = new Date(ms);
+  return `${pad2(d.getHours())}:${pad2(d.getMinutes())}${seconds ? `:${pad2(d.getSeconds())}` : ''}`;
+}
+function dayOf(ms) { return new Date(ms).toLocaleDateString(undefined, { month: 'short', day: 'numeric' }); }
+/** A span of time in its largest whole unit: "5 s", "1 min", "1 h". */
+function span(ms) {
+  if (ms < MINUTE) return `${Math.round(ms / SECOND)} s`;
+  if (ms < HOUR) return `${Math.round(ms / MINUTE)} min`;
+  if (ms < DAY) return `${Math.round(ms / HOUR)} h`;
+  return `${Math.round(ms / DAY)} d`;
+}
+/** Milliseconds with the digits that matter at their size. */
+function fmtMs(v) {
+  if (v === null || v === undefined) return '—';
+  return `${v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v >= 0.1 ? v.toFixed(2) : v.toFixed(3)} ms`;
+}
+function pct(v, digits = 1) { return v === null || v === undefined ? '—' : `${(v * 100).toFixed(digits)}%`; }
+function fmtCount(n) { return Number(n || 0).toLocaleString('en-US'); }
+/** A short duration: "850 ms", "12.5 s", "3 min". */
+function took(ms) {
+  if (ms < SECOND) return `${Math.round(ms)} ms`;
+  if (ms < MINUTE) return `${(ms / SECOND).toFixed(1)} s`;
+  return span(ms);
 }
 
-/** Stacked step chart: devices per state from creation until now. */
-function timelinePlot(d, devices) {
-  const start = d.created_at_ms;
-  const end = Math.max(Date.now(), start + 1000);
-  const byDevice = new Map(d.status.devices.map((r) => [r.device, [{ t: start, st: 'pending' }]]));
-  for (const dev of devices) {
-    const path = byDevice.get(dev.id);
-    if (!path) continue;
-    const evs = (dev.events || []).filter((e) => e.model === d.model && e.version === d.version && e.at_ms >= start)
-      .sort((a, b) => a.at_ms - b.at_ms);
-    for (const e of evs) { const st = eventState(e); if (st) path.push({ t: e.at_ms, st }); }
+/**
+ * Round ticks covering [lo, hi]: a 1, 2 or 5 step no finer than `minStep`,
+ * and as many decimals as keep neighbouring labels apart once `scale`
+ * applies (100 for percents).
+ */
+function niceTicks(lo, hi, count, scale, minStep = 0) {
+  const raw = (hi - lo) / count || Math.abs(hi) || 1;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = Math.max(minStep, [1, 2, 5, 10].map((m) => m * mag).find((st) => st >= raw * (1 - 1e-9)));
+  const start = Math.floor(lo / step + 1e-9) * step, end = Math.ceil(hi / step - 1e-9) * step;
+  const n = Math.max(1, Math.round((end - start) / step));
+  const decimals = Math.max(0, -Math.floor(Math.log10(step * scale) + 1e-9));
+  return { ticks: Array.from({ length: n + 1 }, (_, i) => start + i * step), lo: start, hi: start + n * step, decimals };
+}
+
+const TIME_STEPS = [
+  ...[1, 2, 5, 10, 15, 30].map((n) => n * SECOND), ...[1, 2, 5, 10, 15, 30].map((n) => n * MINUTE),
+  ...[1, 2, 3, 6, 12].map((n) => n * HOUR), ...[1, 2, 7].map((n) => n * DAY)];
+
+/**
+ * Clock-time ticks over [t0, t1]: the finest step giving at most `max`
+ * ticks, on round local times. Labels are distinct: seconds when the step
+ * is under a minute, and the date on the first tick of each day when the
+ * range spans more than one.
+ */
+function timeTicks(t0, t1, max) {
+  const step = TIME_STEPS.find((st) => (t1 - t0) / st <= max) || TIME_STEPS[TIME_STEPS.length - 1];
+  const local = (t) => t - new Date(t).getTimezoneOffset() * MINUTE;
+  const days = dayOf(t0) !== dayOf(t1);
+  const out = [];
+  let lastDay = null;
+  for (let t = Math.ceil(local(t0) / step) * step - (local(t0) - t0); t <= t1; t += step) {
+    const day = dayOf(t);
+    let label = step >= DAY ? day : clock(t, step < MINUTE);
+    if (days && step < DAY && day !== lastDay) label = `${day} ${label}`;
+    lastDay = day;
+    out.push({ t, label });
   }
-  // The report is the authority on where each device stands now.
-  for (const r of d.status.devices) {
-    const path = byDevice.get(r.device);
-    const last = path[path.length - 1];
-    if (last.st !== r.state) path.push({ t: Math.max(r.updated_ms || end, last.t), st: r.state });
-  }
-  const times = [...new Set([...byDevice.values()].flat().map((p) => p.t))].sort((a, b) => a - b);
-  const samples = times.map((t) => {
-    const c = Object.fromEntries(STATES.map((st) => [st, 0]));
-    for (const path of byDevice.values()) {
-      let cur = null;
-      for (const p of path) if (p.t <= t) cur = p.st;
-      if (cur) c[cur] += 1;
-    }
-    return { t, c };
-  });
-  const total = Math.max(1, d.status.targeted);
-  const W = 900, H = 220, L = 40, R = 12, T = 10, B = 28;
-  const x = (t) => L + ((t - start) / (end - start)) * (W - L - R);
-  const y = (v) => T + (1 - v / total) * (H - T - B);
-  const svg = s('svg', { class: 'plot', viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': 'Devices per state over time' });
-  for (let v = 0; v <= total; v += Math.max(1, Math.ceil(total / 4))) {
+  return out;
+}
+
+/**
+ * Plot geometry, about as wide as the plot is shown (a card's width, or
+ * half of it where .grid2 puts two plots in a row), so its text is drawn at
+ * its own size rather than scaled down in a narrow window.
+ */
+function plotBox() {
+  const content = Math.min(window.innerWidth, 1240) - (window.innerWidth > 700 ? 80 : 45);
+  const W = Math.round(Math.max(300, content >= 2 * 420 + 16 ? (content - 16) / 2 : content));
+  return { W, H: 210, L: 62, R: 16, T: 10, B: 34 };
+}
+
+/**
+ * An empty plot over time: value grid with `nt`'s ticks labelled in
+ * `axis` units ({scale, suffix}), clock-time ticks under it, and the x and
+ * y scales for what is drawn in it.
+ */
+function plotFrame(label, t0, t1, nt, axis) {
+  const { W, H, L, R, T, B } = plotBox();
+  const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
+  const y = (v) => T + (1 - (v - nt.lo) / (nt.hi - nt.lo)) * (H - T - B);
+  const svg = s('svg', { class: 'plot', viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': label });
+  for (const v of nt.ticks) {
     svg.append(s('line', { class: 'grid', x1: L, x2: W - R, y1: y(v), y2: y(v) }),
-      s('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, v));
+      s('text', { class: 'tick y', x: L - 6, y: y(v) + 4, 'text-anchor': 'end' },
+        `${(v * axis.scale).toFixed(nt.decimals)}${axis.suffix}`));
   }
-  if (!d.status.targeted) {
-    svg.append(s('text', { x: W / 2, y: H / 2, 'text-anchor': 'middle' }, 'no targeted devices'));
+  svg.append(s('line', { class: 'axis', x1: L, x2: W - R, y1: H - B, y2: H - B }));
+  for (const { t, label: text } of timeTicks(t0, t1, Math.max(2, Math.floor((W - L - R) / 95)))) {
+    const at = x(t);
+    const anchor = at > W - R - 30 ? 'end' : 'middle';
+    svg.append(s('line', { class: 'axis', x1: at, x2: at, y1: H - B, y2: H - B + 4 }),
+      s('text', { class: 'tick x', x: at, y: H - B + 16, 'text-anchor': anchor }, text));
   }
-  // Each state is a band between the cumulative counts below and above it.
-  let below = samples.map(() => 0);
-  for (const st of STATES) {
-    const above = samples.map((p, i) => below[i] + p.c[st]);
-    if (above.some((v, i) => v !== below[i])) {
-      let top = '', bottom = '';
-      samples.forEach((p, i) => {
-        const x0 = x(p.t), x1 = x(i + 1 < samples.length ? samples[i + 1].t : end);
-        top += `${i ? 'L' : 'M'}${x0},${y(above[i])}L${x1},${y(above[i])}`;
-        bottom = `L${x1},${y(below[i])}L${x0},${y(below[i])}` + bottom;
-      });
-      svg.append(s('path', { d: `${top}${bottom}Z`, fill: stateColor(st), opacity: 0.88 },
-        s('title', {}, st)));
+  svg.append(s('text', { class: 'axis-label', x: W - R, y: H - 2, 'text-anchor': 'end' }, 'local time'));
+  return { svg, x, y };
+}
+
+/**
+ * A line plot over [opts.t0, opts.t1] of `series`: [{version, name, color,
+ * dash, points: [{t, v, title}]}]. A null value, or a step over `opts.gap`
+ * ms between points, breaks the line. `opts`: {label, scale, suffix, max
+ * (top of the value axis at most), empty (what to say with no values)}.
+ * Each point has a title with its value and version.
+ */
+function linePlot(series, opts) {
+  const has = (q) => q.v !== null && q.v !== undefined && Number.isFinite(q.v);
+  const pts = series.flatMap((se) => se.points).filter(has);
+  if (!pts.length) return h('p', { class: 'empty' }, opts.empty);
+  let v0 = Math.min(...pts.map((p) => p.v)), v1 = Math.max(...pts.map((p) => p.v));
+  const pad = (v1 - v0) * 0.1 || Math.abs(v1) * 0.1 || 1;
+  const top = opts.max === undefined ? v1 + pad : Math.min(opts.max, v1 + pad);
+  const nt = niceTicks(Math.max(0, v0 - pad), Math.max(top, v1), 4, opts.scale);
+  const { svg, x, y } = plotFrame(opts.label, opts.t0, opts.t1, nt, opts);
+  const dots = pts.length > 600 ? 2 : 3.5;
+  for (const se of series) {
+    const g = s('g', { 'data-version': se.version });
+    let run = [];
+    const flush = () => {
+      if (run.length > 1) {
+        g.append(s('polyline', { points: run.map((q) => `${x(q.t)},${y(q.v)}`).join(' '), fill: 'none',
+          stroke: se.color, 'stroke-width': 2, 'stroke-dasharray': se.dash ? '5 4' : 'none' }));
+      }
+      run = [];
+    };
+    for (const q of se.points) {
+      if (!has(q) || (run.length && q.t - run[run.length - 1].t > opts.gap)) flush();
+      if (has(q)) run.push(q);
     }
+    flush();
+    for (const q of se.points.filter(has)) {
+      g.append(s('circle', { class: 'pt', cx: x(q.t), cy: y(q.v), r: dots, fill: se.color, 'data-version': se.version },
+        s('title', {}, `${se.name}: ${q.title}`)));
+    }
+    svg.append(g);
+  }
+  return svg;
+}
+
+/** A legend: one swatch per version, and how line styles read, if they differ. */
+function legend(styles, lines) {
+  return h('div', { class: 'legend' },
+    [...styles.values()].map((st) => h('span', { 'data-version': st.version }, h('i', { style: `background:${st.color}` }), st.name)),
+    (lines || []).map(([dash, text]) => h('span', {}, h('i', { class: `line${dash ? ' dashed' : ''}` }), text)));
+}
+
+/**
+ * Colours and names of the versions in `series`: `newVersion` (if any)
+ * first, then the others by when they first reported. `roles`, if given,
+ * names the new one and the others in the legend (["new", "old"]).
+ */
+function versionStyles(series, newVersion, roles) {
+  const first = (se) => (se.points.length ? se.points[0].t_ms : Infinity);
+  const order = [...series].sort((a, b) => (b.version === newVersion) - (a.version === newVersion) || first(a) - first(b));
+  const styles = new Map();
+  let next = 1;
+  for (const se of order) {
+    const isNew = se.version === newVersion;
+    const color = isNew ? VERSION_COLORS[0] : VERSION_COLORS[Math.min(next++, VERSION_COLORS.length - 1)];
+    const role = roles ? roles[isNew ? 0 : 1] : null;
+    styles.set(se.version, { version: se.version, color, name: role ? `${se.version} (${role})` : se.version });
+  }
+  return styles;
+}
+
+/** What a point's tooltip says about where it comes from. */
+function bucketText(p) {
+  const seconds = p.width_ms < MINUTE;
+  return `${clock(p.t_ms, seconds)}–${clock(p.t_ms + p.width_ms, seconds)}, ${fmtCount(p.requests)} requests` +
+    `${p.devices > 1 ? ` on ${p.devices} devices` : ''}`;
+}
+
+/**
+ * The time axis of a telemetry answer, in whole buckets (a point sits in
+ * the middle of its bucket): to the end of the range, from its start or,
+ * when nothing was reported early in the range, from a bucket before the
+ * first report (at least six buckets), so a short history is not a
+ * sliver at the right edge. `first`: the first report's bucket;
+ * `trimmed`: whether the axis starts late.
+ */
+function timeAxis(t) {
+  const width = t.bucket_ms;
+  const starts = [...t.series.flatMap((se) => se.points.map((p) => p.t_ms)),
+    ...(t.states || []).filter((p) => Object.keys(p.counts).length).map((p) => p.t_ms)];
+  const from = Math.floor(t.from_ms / width) * width;
+  const t1 = Math.ceil(Math.max(t.to_ms, ...starts.map((x) => x + width)) / width) * width;
+  const first = Math.min(...starts);
+  const t0 = Math.max(from, Math.min(first - width, t1 - 6 * width));
+  return { t0, t1, first, trimmed: t0 > from && Number.isFinite(first) };
+}
+
+/**
+ * The plots of one model's `series` (from a telemetry answer `t`): latency,
+ * accuracy, errors and requests per version, and `states` (a deployment's
+ * devices by state), all over the same clock-time axis.
+ */
+function telemetryPlots(t, series, styles, states) {
+  const width = t.bucket_ms;
+  const { t0, t1 } = timeAxis(t);
+  const base = { t0, t1, gap: width * 1.5 };
+  const statesBox = states ? h('div', { class: 'plot-box', 'data-metric': 'states' },
+    h('h3', {}, `Devices by state (at the end of each ${span(width)})`), statesPlot(states, t0, t1, width)) : null;
+  // Idle versions report too: with nothing to plot, one line says so instead of four empty plots.
+  if (!series.some((se) => se.points.some((p) => p.requests > 0 || p.validation))) {
+    return h('div', {}, series.length ? h('p', { class: 'empty' },
+      `No requests in this range (${series.map((se) => se.version).join(', ')} reported idle).`) : null,
+      statesBox ? h('div', { class: 'grid2 telemetry-plots' }, statesBox) : null);
+  }
+  const pick = (se, value, title, extra) => ({
+    version: se.version, name: styles.get(se.version).name, color: styles.get(se.version).color, ...extra,
+    points: se.points.map((p) => {
+      const v = value(p);
+      return { t: p.t_ms + width / 2, v, title: v === null || v === undefined ? '' : `${title(v, p)} (${bucketText(p)})` };
+    }),
+  });
+  // The model's own compute time is in the tooltip: the rest is queueing and transport on the device.
+  const latency = series.flatMap((se) => [
+    pick(se, (p) => p.latency_ms.p95, (v, p) => `p95 ${fmtMs(v)} (compute ${fmtMs(p.compute_ms.p95)})`),
+    pick(se, (p) => p.latency_ms.p50, (v, p) => `p50 ${fmtMs(v)} (compute ${fmtMs(p.compute_ms.p50)})`, { dash: true }),
+  ]);
+  // Feedback accuracy where a version has feedback; validation accuracy (dashed) where it has none.
+  const kinds = new Set();
+  const accuracy = series.map((se) => {
+    if (se.points.some((p) => p.feedback.accuracy !== null)) {
+      kinds.add('feedback');
+      return pick(se, (p) => p.feedback.accuracy, (v, p) => `accuracy ${pct(v)} (${fmtCount(p.feedback.correct)} of ${fmtCount(p.feedback.total)} feedback)`);
+    }
+    kinds.add('validation');
+    return pick(se, (p) => (p.validation ? p.validation.accuracy : null),
+      (v, p) => `validation accuracy ${pct(v)} (${fmtCount(p.validation.samples)} samples)`, { dash: true });
+  });
+  const errors = series.map((se) => pick(se, (p) => p.error_rate,
+    (v, p) => `${pct(v, 2)} errors (${fmtCount(p.errors)} of ${fmtCount(p.requests)})`));
+  // A count, so an idle bucket is a real zero here.
+  const rate = series.map((se) => pick(se, (p) => p.requests / (width / SECOND),
+    (v) => `${v.toFixed(v < 10 ? 2 : 0)} requests/s`));
+  const accLines = kinds.size > 1 ? [[false, 'feedback'], [true, 'validation (no feedback)']] : [];
+  const plot = (metric, title, p, lines) => h('div', { class: 'plot-box', 'data-metric': metric }, h('h3', {}, title), p, legend(styles, lines));
+  return h('div', { class: 'grid2 telemetry-plots' },
+    plot('latency', 'Latency (ms, per request)', linePlot(latency, { ...base, label: 'Latency in milliseconds', scale: 1, suffix: ' ms',
+      empty: 'No requests in this range, so no latency.' }), [[false, 'p95'], [true, 'p50']]),
+    plot('accuracy', `Accuracy (${kinds.has('feedback') ? 'feedback' : 'validation'}${kinds.size > 1 ? '; validation where no feedback' : ''})`,
+      linePlot(accuracy, { ...base, label: 'Accuracy in percent', scale: 100, suffix: '%', max: 1,
+        empty: 'No feedback or validation accuracy in this range.' }), accLines),
+    plot('errors', 'Error rate (% of requests)', linePlot(errors, { ...base, label: 'Error rate in percent', scale: 100, suffix: '%', max: 1,
+      empty: 'No requests in this range, so no error rate.' })),
+    plot('requests', 'Requests (per second)', linePlot(rate, { ...base, label: 'Requests per second', scale: 1, suffix: '/s',
+      empty: 'No requests in this range.' })),
+    statesBox);
+}
+
+/** Stacked steps: a deployment's devices per state, bucket by bucket. */
+function statesPlot(states, t0, t1, width) {
+  const seen = new Set(states.flatMap((p) => Object.keys(p.counts)));
+  const order = [...STATES.filter((st) => seen.has(st)), ...[...seen].filter((st) => !STATES.includes(st)).sort()];
+  const totals = states.map((p) => order.reduce((n, st) => n + (p.counts[st] || 0), 0));
+  if (!order.length) return h('p', { class: 'empty' }, 'No device has reported on this deployment in this range.');
+  const nt = niceTicks(0, Math.max(1, ...totals), 4, 1, 1);
+  const { svg, x, y } = plotFrame('Devices by state', t0, t1, nt, { scale: 1, suffix: '' });
+  let below = states.map(() => 0);
+  for (const st of order) {
+    const above = states.map((p, i) => below[i] + (p.counts[st] || 0));
+    let path = '', back = '';
+    states.forEach((p, i) => {
+      const x0 = x(Math.max(p.t_ms, t0)), x1 = x(Math.min(p.t_ms + width, t1));
+      path += `${i ? 'L' : 'M'}${x0},${y(above[i])}L${x1},${y(above[i])}`;
+      back = `L${x1},${y(below[i])}L${x0},${y(below[i])}${back}`;
+    });
+    svg.append(s('path', { d: `${path}${back}Z`, fill: stateColor(st), opacity: 0.88, 'data-state': st }, s('title', {}, st.replace('_', ' '))));
     below = above;
   }
-  svg.append(s('line', { class: 'axis', x1: L, x2: W - R, y1: H - B, y2: H - B }),
-    s('text', { x: L, y: H - 8 }, new Date(start).toLocaleTimeString()),
-    s('text', { x: W - R, y: H - 8, 'text-anchor': 'end' }, `now (${new Date(end).toLocaleTimeString()})`));
+  // One hover target per bucket, saying what the stack shows there.
+  states.forEach((p, i) => {
+    const x0 = x(Math.max(p.t_ms, t0)), x1 = x(Math.min(p.t_ms + width, t1));
+    const what = order.filter((st) => p.counts[st]).map((st) => `${p.counts[st]} ${st.replace('_', ' ')}`).join(', ') || 'none';
+    svg.append(s('rect', { class: 'hover', x: x0, y: y(nt.hi), width: Math.max(0, x1 - x0), height: y(nt.lo) - y(nt.hi) },
+      s('title', {}, `${clock(p.t_ms, width < MINUTE)}–${clock(p.t_ms + width, width < MINUTE)}: ${what} (${totals[i]} devices)`)));
+  });
   return h('div', {}, svg, h('div', { class: 'legend' },
-    STATES.map((st) => h('span', {}, h('i', { style: `background:${stateColor(st)}` }), st.replace('_', ' ')))));
+    order.map((st) => h('span', {}, h('i', { style: `background:${stateColor(st)}` }), st.replace('_', ' ')))));
+}
+
+/**
+ * A card of telemetry plots with a range picker, kept across refreshes of
+ * its page (the picker keeps its choice). `load(range)` fetches for a range
+ * key (empty: the API's default) and returns the plots.
+ */
+function telemetryCard(id, title, ranges, initial, load) {
+  let range = initial;
+  const body = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
+  const picker = h('select', { class: 'range', 'aria-label': 'Time range', onchange: (ev) => { range = ev.target.value; refresh(); } },
+    ranges.map(([key, label]) => h('option', { value: key, selected: key === range }, label)));
+  const card = h('div', { class: 'card telemetry', id },
+    h('div', { class: 'row spread' }, h('h2', {}, title), picker), body);
+  const refresh = async () => {
+    try { body.replaceChildren(await load(range)); }
+    catch (e) { body.replaceChildren(h('p', { class: 'error' }, e.message)); }
+  };
+  return { card, refresh };
+}
+
+/** The query for a range key: from_ms for a span back from now, or nothing (the API's default). */
+function rangeQuery(key) {
+  const r = RANGES.find(([k]) => k === key);
+  return r ? `?from_ms=${Date.now() - r[2]}` : '';
+}
+
+/** How the points were made, in a line; the hub's full wording on hover. */
+function telemetryNote(t) {
+  const axis = timeAxis(t);
+  return h('p', { class: 'muted note', title: t.combination },
+    `${clock(t.from_ms)} to ${clock(t.to_ms)}${axis.trimmed ? `, nothing reported before ${clock(axis.first, true)}` : ''}; ` +
+    `each point is ${span(t.bucket_ms)} of reports (${t.resolution} series): ` +
+    'latency percentiles of every request in it, rates over its totals.');
+}
+
+function hasPoints(series) { return series.some((se) => se.points.length); }
+
+/** A deployment's versions over time, combined across its devices, and its devices by state. */
+function deploymentTelemetry(d) {
+  const ranges = [['', 'From 15 min before it'], ...RANGES];
+  return telemetryCard('deployment-telemetry-card', 'Old version against new, over time', ranges, '', async (range) => {
+    const t = await api('GET', `/deployments/${d.id}/telemetry${rangeQuery(range)}`);
+    const states = t.states || [];
+    if (!hasPoints(t.series) && !states.some((p) => Object.keys(p.counts).length)) {
+      return h('p', { class: 'empty', id: 'no-telemetry' }, NO_TELEMETRY);
+    }
+    const styles = versionStyles(t.series, d.version, ['new', 'old']);
+    return h('div', { id: 'deployment-telemetry', 'data-from-ms': t.from_ms, 'data-to-ms': t.to_ms }, telemetryNote(t),
+      hasPoints(t.series) ? null : h('p', { class: 'empty' }, NO_TELEMETRY),
+      telemetryPlots(t, t.series, styles, states));
+  });
+}
+
+/** A device's models over time, per version; the version it should run is marked. */
+function deviceTelemetry(id, desired) {
+  return telemetryCard('device-telemetry-card', 'Versions over time, from reports', RANGES, '1h', async (range) => {
+    const t = await api('GET', `/devices/${encodeURIComponent(id)}/telemetry${rangeQuery(range)}`);
+    if (!hasPoints(t.series)) return h('p', { class: 'empty', id: 'no-telemetry' }, NO_TELEMETRY);
+    const models = [...new Set(t.series.filter((se) => se.points.length).map((se) => se.model))].sort();
+    return h('div', { id: 'device-telemetry', 'data-from-ms': t.from_ms, 'data-to-ms': t.to_ms }, telemetryNote(t), models.map((model) => {
+      const series = t.series.filter((se) => se.model === model && se.points.length);
+      // The newest version (last to start reporting) takes the new version's colour, as on a deployment page.
+      const newest = [...series].sort((a, b) => b.points[0].t_ms - a.points[0].t_ms
+        || b.version.localeCompare(a.version, undefined, { numeric: true }))[0].version;
+      const styles = versionStyles(series, newest, null);
+      const want = (desired.get(model) || {}).version;
+      if (want && styles.has(want)) styles.get(want).name = `${want} (should run)`;
+      return h('section', { class: 'model-telemetry', 'data-model': model },
+        models.length > 1 ? h('h3', { class: 'model' }, model) : null, telemetryPlots(t, series, styles, null));
+    }));
+  });
+}
+
+/**
+ * A rollout decision's evidence (a rollout_phase or rolled_back event): a
+ * line comparing the new version with the old, and in full when opened.
+ * `open` keeps which are open across refreshes.
+ */
+function evidenceView(e, open) {
+  const ev = e.evidence;
+  const c = ev.candidate || {}, b = ev.baseline || null;
+  const acc = (w) => (w && w.feedback_total ? w.feedback_correct / w.feedback_total : null);
+  const vs = (f, w) => (w ? f(w) : 'nothing');
+  const parts = [];
+  if (c.p95_ms !== null && c.p95_ms !== undefined) parts.push(`compute p95 ${fmtMs(c.p95_ms)} vs ${vs((w) => fmtMs(w.p95_ms), b)}`);
+  if (c.feedback_total) parts.push(`accuracy ${pct(acc(c), 0)} vs ${vs((w) => pct(acc(w), 0), b)} over ${fmtCount(c.feedback_total)} samples`);
+  else if (c.validation_accuracy !== null && c.validation_accuracy !== undefined) {
+    parts.push(`validation accuracy ${pct(c.validation_accuracy, 0)} vs ${vs((w) => pct(w.validation_accuracy, 0), b)}`);
+  }
+  if (c.errors || (b && b.errors)) parts.push(`errors ${fmtCount(c.errors)}/${fmtCount(c.requests)} vs ${vs((w) => `${fmtCount(w.errors)}/${fmtCount(w.requests)}`, b)}`);
+  if (c.agreement_total) parts.push(`agreement ${pct(c.agreement_agreed / c.agreement_total, 0)}`);
+  if (e.kind === 'rolled_back') parts.push(`switched in ${fmtCount(ev.switch_us)} µs`);
+  const key = `${e.at_ms}/${e.kind}/${e.version}`;
+  const rows = [
+    ['Requests', (w) => fmtCount(w.requests)],
+    ['Errors', (w) => fmtCount(w.errors)],
+    ['Compute p50', (w) => fmtMs(w.p50_ms)], ['Compute p95', (w) => fmtMs(w.p95_ms)], ['Compute p99', (w) => fmtMs(w.p99_ms)],
+    ['Feedback accuracy', (w) => (w.feedback_total ? `${pct(acc(w))} (${fmtCount(w.feedback_correct)}/${fmtCount(w.feedback_total)})` : '—')],
+    ['Shadow agreement', (w) => (w.agreement_total ? `${pct(w.agreement_agreed / w.agreement_total)} (${fmtCount(w.agreement_agreed)}/${fmtCount(w.agreement_total)})` : '—')],
+    ['Validation accuracy', (w) => pct(w.validation_accuracy)],
+    ['Worker restarts', (w) => fmtCount(w.restarts)],
+  ];
+  const details = h('details', { class: 'evidence', 'data-evidence': ev.kind || 'phase', open: open.has(key),
+    ontoggle: (x) => (x.target.open ? open.add(key) : open.delete(key)) },
+  h('summary', {}, `${ev.kind ? `${ev.kind.replace('_', ' ')}: ` : ''}${parts.join(', ') || 'no requests compared'}`),
+  h('table', {},
+    h('thead', {}, h('tr', {}, h('th', {}, ''), h('th', {}, `${e.version} (new)`), h('th', {}, 'old'))),
+    h('tbody', {}, rows.map(([label, f]) => h('tr', {}, h('td', {}, label), h('td', { class: 'num' }, f(c)),
+      h('td', { class: 'num' }, b ? f(b) : '—'))))),
+  h('p', { class: 'muted' }, [
+    // An operator's or the hub's rollback was not detected: it has no figures for this.
+    ev.detected_after_samples || ev.detected_after_ms
+      ? `Decided after ${fmtCount(ev.detected_after_samples)} samples and ${took(ev.detected_after_ms || 0)}.` : null,
+    e.kind === 'rolled_back' ? `Traffic moved back in ${fmtCount(ev.switch_us)} µs.` : null,
+    'Compute times are the model\'s own, as the rollout compares them.',
+  ].filter(Boolean).join(' ')));
+  return details;
 }
 
 // ---------- devices ----------
@@ -635,77 +968,17 @@ async function devicesView() {
   return { node: h('div', {}, h('h1', {}, 'Devices'), list.card), refresh: list.refresh };
 }
 
-/** Line chart of `series` [{name, color, points: [{t, v}]}]. */
-/**
- * Round ticks covering [lo, hi]: a 1, 2 or 5 step, and as many decimals as
- * keep neighbouring labels apart once `scale` applies (100 for percents).
- */
-function niceTicks(lo, hi, count, scale) {
-  const raw = (hi - lo) / count || Math.abs(hi) || 1;
-  const mag = 10 ** Math.floor(Math.log10(raw));
-  const step = [1, 2, 5, 10].map((m) => m * mag).find((st) => st >= raw * (1 - 1e-9));
-  const start = Math.floor(lo / step) * step, end = Math.ceil(hi / step) * step;
-  const n = Math.max(1, Math.round((end - start) / step));
-  const decimals = Math.max(0, -Math.floor(Math.log10(step * scale) + 1e-9));
-  return { ticks: Array.from({ length: n + 1 }, (_, i) => start + i * step), lo: start, hi: start + n * step, decimals };
-}
-
-/** A line plot of `series`; `axis` = { scale, suffix } labels the value axis with units. */
-function linePlot(series, unit, fmt, axis) {
-  const pts = series.flatMap((se) => se.points).filter((p) => p.v !== null && p.v !== undefined);
-  if (!pts.length) return h('p', { class: 'empty' }, 'No reports with this metric yet.');
-  const W = 560, H = 200, L = 70, R = 12, T = 10, B = 28;
-  let t0 = Math.min(...pts.map((p) => p.t)), t1 = Math.max(...pts.map((p) => p.t));
-  if (t1 === t0) { t0 -= 1000; t1 += 1000; }
-  let v0 = Math.min(...pts.map((p) => p.v)), v1 = Math.max(...pts.map((p) => p.v));
-  const pad = (v1 - v0) * 0.1 || Math.abs(v1) * 0.1 || 1;
-  const nt = niceTicks(Math.max(0, v0 - pad), v1 + pad, 4, axis.scale);
-  v0 = nt.lo; v1 = nt.hi;
-  const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
-  const y = (v) => T + (1 - (v - v0) / (v1 - v0)) * (H - T - B);
-  const svg = s('svg', { class: 'plot', viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': unit });
-  for (const v of nt.ticks) {
-    svg.append(s('line', { class: 'grid', x1: L, x2: W - R, y1: y(v), y2: y(v) }),
-      s('text', { class: 'tick', x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, `${(v * axis.scale).toFixed(nt.decimals)}${axis.suffix}`));
-  }
-  for (const se of series) {
-    const p = se.points.filter((q) => q.v !== null && q.v !== undefined);
-    if (!p.length) continue;
-    svg.append(s('polyline', { points: p.map((q) => `${x(q.t)},${y(q.v)}`).join(' '), fill: 'none',
-      stroke: se.color, 'stroke-width': 2 }));
-    for (const q of p) {
-      svg.append(s('circle', { cx: x(q.t), cy: y(q.v), r: 4, fill: se.color },
-        s('title', {}, `${se.name}: ${fmt(q.v)} ${unit} at ${fmtTime(q.t)}${q.label ? ` (${q.label})` : ''}`)));
-    }
-  }
-  svg.append(s('line', { class: 'axis', x1: L, x2: W - R, y1: H - B, y2: H - B }),
-    s('text', { x: L, y: H - 8 }, new Date(t0).toLocaleTimeString()),
-    s('text', { x: W - R, y: H - 8, 'text-anchor': 'end' }, new Date(t1).toLocaleTimeString()));
-  return h('div', {}, svg, h('div', { class: 'legend' },
-    series.map((se) => h('span', {}, h('i', { style: `background:${se.color}` }), se.name))));
-}
-
-/** Latency and accuracy of the new version (green) against the old (blue). */
-function metricsPlots(events) {
-  const snaps = events.map((e) => ({ e, m: splitReason(e.reason).metrics }))
-    .filter((x) => x.m && x.m.green).sort((a, b) => a.e.at_ms - b.e.at_ms);
-  const series = (key) => [
-    { name: 'new version', color: '#2e9d5b', points: snaps.map(({ e, m }) => ({ t: e.at_ms, v: m.green[key], label: `${e.model} ${e.version}, ${e.kind}` })) },
-    { name: 'old version', color: '#4f86e0', points: snaps.map(({ e, m }) => ({ t: e.at_ms, v: m.blue ? m.blue[key] : null, label: e.kind })) },
-  ];
-  const acc = (key) => series(key);
-  const accKey = snaps.some(({ m }) => m.green.feedback_accuracy !== null && m.green.feedback_accuracy !== undefined)
-    ? 'feedback_accuracy' : 'validation_accuracy';
-  return h('div', { class: 'grid2' },
-    h('div', {}, h('h3', {}, 'p95 latency (ms)'), linePlot(series('p95_ms'), 'ms', (v) => v.toFixed(2), { scale: 1, suffix: ' ms' })),
-    h('div', {}, h('h3', {}, accKey === 'feedback_accuracy' ? 'Accuracy (feedback)' : 'Accuracy (validation)'),
-      linePlot(acc(accKey), '', (v) => `${(v * 100).toFixed(1)}%`, { scale: 100, suffix: '%' })));
-}
-
 async function deviceView(id) {
   const content = h('div', {});
+  // Kept across refreshes: what the device should run (updated by each
+  // load), the telemetry card and its range, and which evidence is open.
+  const desired = new Map();
+  const telemetry = deviceTelemetry(id, desired);
+  const open = new Set();
   const load = async () => {
     const d = await api('GET', `/devices/${encodeURIComponent(id)}`);
+    desired.clear();
+    for (const x of d.desired || []) desired.set(x.model, x);
     content.replaceChildren(
       h('h1', {}, h('a', { href: '#/devices' }, 'Devices'), ` / ${d.id} `,
         d.connected ? badge('connected') : badge('offline', 'pending')),
@@ -722,19 +995,20 @@ async function deviceView(id) {
           h('table', {}, h('thead', {}, h('tr', {}, ['Model', 'Version', 'State', 'Detail'].map((t) => h('th', {}, t)))),
             h('tbody', {}, (d.models || []).map((m) => h('tr', {},
               h('td', {}, m.name), h('td', {}, m.version), h('td', {}, badge(m.state)),
-              h('td', { class: 'reason' }, splitReason(m.detail).text))))),
+              h('td', { class: 'reason' }, m.detail))))),
           h('h3', {}, 'Should run'),
           (d.desired || []).length ? h('ul', {}, d.desired.map((x) => h('li', {}, `${x.model} ${x.version} `,
             h('a', { href: `#/deployments/${x.deployment_id}` }, `(deployment #${x.deployment_id})`))))
             : h('p', { class: 'muted' }, 'nothing'))),
-      h('div', { class: 'card' }, h('h2', {}, 'Old version against new, from reports'), metricsPlots(d.events || [])),
+      telemetry.card,
       h('div', { class: 'card' }, h('h2', {}, 'Events'),
-        (d.events || []).length ? h('table', {},
+        (d.events || []).length ? h('table', { id: 'device-events', class: 'stack' },
           h('thead', {}, h('tr', {}, ['When', 'Event', 'Model', 'Reason'].map((t) => h('th', {}, t)))),
-          h('tbody', {}, d.events.map((e) => h('tr', {},
+          h('tbody', {}, d.events.map((e) => h('tr', { 'data-kind': e.kind },
             h('td', {}, timeCell(e.at_ms)), h('td', {}, e.kind), h('td', {}, e.model ? `${e.model} ${e.version}` : ''),
-            h('td', { class: 'reason' }, splitReason(e.reason).text)))))
+            h('td', { class: 'reason' }, e.reason, e.evidence ? evidenceView(e, open) : null)))))
           : h('p', { class: 'empty' }, 'No events reported.')));
+    await telemetry.refresh();
   };
   await load();
   return { node: content, refresh: load };
