@@ -137,7 +137,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
         created_at_ms BIGINT NOT NULL,
         created_by TEXT NOT NULL
      );",
-    // 4 (SQLite 7): device telemetry kept as fine and coarse buckets; which
+    // 4 (SQLite 7): device telemetry kept as fine and coarse buckets (keyed
+    // by time first: reads and pruning are time ranges); which
     // windows each device's agent run has delivered; devices' state changes
     // under each deployment; rollout evidence on events.
     "CREATE TABLE telemetry (
@@ -158,9 +159,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
         rss_max_bytes BIGINT NOT NULL,
         latency BYTEA NOT NULL,
         compute BYTEA NOT NULL,
-        PRIMARY KEY (device_id, model, resolution, bucket_ms, version)
+        PRIMARY KEY (resolution, bucket_ms, device_id, model, version)
      );
-     CREATE INDEX telemetry_age ON telemetry(resolution, bucket_ms);
      ALTER TABLE devices ADD COLUMN telemetry_run BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE devices ADD COLUMN telemetry_seq BIGINT NOT NULL DEFAULT 0;
      CREATE TABLE deployment_transitions (

@@ -90,7 +90,7 @@ async fn write_bucket(c: &impl GenericClient, b: &Bucket) -> Result<(), StoreErr
         &format!(
             "INSERT INTO telemetry ({BUCKET_COLS})
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-             ON CONFLICT (device_id, model, resolution, bucket_ms, version) DO UPDATE SET
+             ON CONFLICT (resolution, bucket_ms, device_id, model, version) DO UPDATE SET
                  requests = excluded.requests, errors = excluded.errors,
                  feedback_correct = excluded.feedback_correct, feedback_total = excluded.feedback_total,
                  agreement_agreed = excluded.agreement_agreed, agreement_total = excluded.agreement_total,

@@ -134,7 +134,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
         created_at_ms INTEGER NOT NULL,
         created_by TEXT NOT NULL
      );",
-    // 7: device telemetry kept as fine and coarse buckets; which windows each
+    // 7: device telemetry kept as fine and coarse buckets (keyed by time
+    // first: reads and pruning are time ranges, and a second index would cost
+    // a sixth of each row); which windows each
     // device's agent run has delivered; devices' state changes under each
     // deployment; rollout evidence on events.
     "CREATE TABLE telemetry (
@@ -155,9 +157,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
         rss_max_bytes INTEGER NOT NULL,
         latency BLOB NOT NULL,
         compute BLOB NOT NULL,
-        PRIMARY KEY (device_id, model, resolution, bucket_ms, version)
+        PRIMARY KEY (resolution, bucket_ms, device_id, model, version)
      ) WITHOUT ROWID;
-     CREATE INDEX telemetry_age ON telemetry(resolution, bucket_ms);
      ALTER TABLE devices ADD COLUMN telemetry_run INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE devices ADD COLUMN telemetry_seq INTEGER NOT NULL DEFAULT 0;
      CREATE TABLE deployment_transitions (
