@@ -79,8 +79,12 @@ impl Pending {
     }
 }
 
-/// Cuts a window from every loaded slot into `pending`.
+/// Cuts a window from every loaded slot into `pending`, after the last
+/// windows of slots that left since the last cut.
 async fn cut_windows(shared: &Shared, pending: &mut Pending) {
+    for w in shared.serving.take_retired_windows() {
+        pending.push(w);
+    }
     let now = crate::util::now_ms();
     for ms in shared.serving.models() {
         let route = ms.route();

@@ -273,6 +273,7 @@ impl Serving {
             window: Mutex::new(SlotWindow::new(WINDOW_AGE, WINDOW_SAMPLES)),
             validation_samples: AtomicU64::new(0),
             telemetry: Mutex::new(super::telemetry::Interval::starting(crate::util::now_ms())),
+            retired: self.retired.clone(),
             shadow_in_flight: AtomicUsize::new(0),
         }))
     }

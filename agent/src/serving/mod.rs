@@ -58,6 +58,9 @@ pub struct Serving {
     predictions: Mutex<Predictions>,
     next_id: AtomicU64,
     metrics: Arc<AgentMetrics>,
+    /// The last telemetry windows of slots that left the route (rolled back,
+    /// superseded, replaced), until the report loop takes them.
+    retired: telemetry::Retired,
 }
 
 impl Serving {
@@ -76,7 +79,14 @@ impl Serving {
             models: RwLock::new(BTreeMap::new()),
             predictions: Mutex::new(Predictions::default()),
             next_id: AtomicU64::new(1),
+            retired: telemetry::Retired::default(),
         }
+    }
+
+    /// Takes the last windows of slots that have left the route since the
+    /// last call.
+    pub fn take_retired_windows(&self) -> Vec<sentinel_proto::pb::SlotWindow> {
+        std::mem::take(&mut *self.retired.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub fn settings(&self) -> &ServingSettings {

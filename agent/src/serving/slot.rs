@@ -34,6 +34,8 @@ pub struct Loaded {
     pub validation_samples: AtomicU64,
     /// Totals since the last telemetry window (see [`super::telemetry`]).
     pub telemetry: Mutex<super::telemetry::Interval>,
+    /// Where this slot's last window goes when it is dropped.
+    pub(super) retired: super::telemetry::Retired,
     /// Shadow requests in flight to this slot (bounded, see [`MAX_SHADOW_IN_FLIGHT`]).
     pub(super) shadow_in_flight: AtomicUsize,
 }
@@ -90,6 +92,30 @@ impl Loaded {
     pub(super) fn record_feedback(&self, correct: bool) {
         self.window.lock().unwrap_or_else(PoisonError::into_inner).record_feedback(correct, Instant::now());
         self.telemetry.lock().unwrap_or_else(PoisonError::into_inner).feedback(correct);
+    }
+}
+
+/// A slot that leaves for good (rolled back, superseded, replaced) leaves
+/// what it did since the last report, so no request goes uncounted.
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let gauges = super::telemetry::Gauges {
+            restarts_total: self.worker.restarts(),
+            rss_bytes: 0,
+            validation_accuracy: *self.validation_accuracy.read().unwrap_or_else(PoisonError::into_inner),
+            validation_samples: self.validation_samples.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        let interval = self.telemetry.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let w = interval.cut(crate::util::now_ms(), gauges);
+        let w = sentinel_proto::pb::SlotWindow {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            slot: self.color.as_str().to_owned(),
+            role: "retired".to_owned(),
+            deployment_id: self.deployment_id,
+            ..w
+        };
+        super::telemetry::retire(&self.retired, w);
     }
 }
 

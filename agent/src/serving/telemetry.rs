@@ -5,10 +5,31 @@
 //! is reset at every phase and bounded by count, while telemetry must count
 //! every request exactly once.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sentinel_proto::pb::SlotWindow;
 use sentinel_proto::telemetry::Sketch;
+
+/// Where a slot leaving the route leaves its last window: shared by the
+/// serving side, which drains it into each report.
+pub type Retired = Arc<Mutex<Vec<SlotWindow>>>;
+
+/// At most this many retired windows wait for a report; past it the oldest
+/// is dropped (the report loop takes them at every heartbeat).
+pub const MAX_RETIRED: usize = 64;
+
+/// Leaves `w` in `retired`, unless it holds nothing new.
+pub fn retire(retired: &Retired, w: SlotWindow) {
+    if w.requests == 0 && w.feedback_total == 0 && w.agreement_total == 0 && w.restarts == 0 {
+        return;
+    }
+    let mut r = retired.lock().unwrap_or_else(PoisonError::into_inner);
+    if r.len() >= MAX_RETIRED {
+        r.remove(0);
+    }
+    r.push(w);
+}
 
 /// The running totals of one slot since its last cut.
 #[derive(Debug, Default)]
@@ -112,5 +133,18 @@ mod tests {
         assert_eq!((next.start_unix_ms, next.requests, next.restarts), (2_000, 0, 1), "only what came after");
         let none = i.cut(4_000, Gauges { validation_accuracy: None, restarts_total: 3, ..g });
         assert_eq!(none.validation_samples, 0, "no accuracy, no samples");
+    }
+
+    #[test]
+    fn retired_windows_with_something_new_wait_for_a_report_and_are_bounded() {
+        let retired = Retired::default();
+        retire(&retired, SlotWindow { rss_bytes: 5, ..SlotWindow::default() });
+        assert!(retired.lock().expect("lock").is_empty(), "nothing new: not kept");
+        for n in 0..MAX_RETIRED as u64 + 3 {
+            retire(&retired, SlotWindow { requests: n + 1, ..SlotWindow::default() });
+        }
+        let kept = retired.lock().expect("lock");
+        assert_eq!(kept.len(), MAX_RETIRED);
+        assert_eq!(kept[0].requests, 4, "the oldest went first");
     }
 }

@@ -132,6 +132,16 @@ async fn a_version_below_its_declared_accuracy_is_rolled_back_in_full_on_feedbac
     assert_eq!(snapshot["kind"], "accuracy");
     assert!(accuracy(&snapshot["candidate"]) < 0.9, "{snapshot}");
     assert_eq!(active(&agent.view(), "digits").as_deref(), Some("1.0.0"));
+    // The rolled-back slot's last window still reaches the hub: every answer
+    // 2.0.0 gave is in its series, none lost with the slot.
+    let on_v2 = seen.iter().filter(|s| s.served_by("2.0.0")).count() as u64;
+    let path = "/api/v1/devices/edge-1/telemetry?version=2.0.0";
+    eventually("every answer of 2.0.0 in the hub's series", WAIT, async || {
+        let v = hub.admin_get(path).await;
+        let points = v["series"].as_array().unwrap().iter().flat_map(|s| s["points"].as_array().unwrap().iter());
+        (points.map(|p| p["requests"].as_u64().unwrap()).sum::<u64>() == on_v2).then_some(())
+    })
+    .await;
     agent.shutdown().await;
 }
 

@@ -233,6 +233,8 @@ async fn demo(bins: &Binaries, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), 
     agent_status(&client, &bins.agent, &config).await?;
     println!("==> fleet status (sentinel deployments list --model digits; sentinel deployments show ID)");
     fleet_status(&client, deployment, &restored).await?;
+    println!("==> what the hub kept of the device's telemetry (GET /api/v1/deployments/{deployment}/telemetry)");
+    kept_telemetry(&client, deployment, canary.served("2.0.0")).await?;
     println!("==> stopping the agent and the hub (SIGTERM)");
     Ok(())
 }
@@ -311,11 +313,54 @@ async fn rollback_reason(client: &HubClient) -> Result<Option<String>, DemoError
         .as_array()
         .and_then(|es| es.iter().find(|e| e["kind"] == "rolled_back" && e["version"] == "2.0.0"))
         .cloned();
-    Ok(event.map(|e| {
-        let reason = e["reason"].as_str().unwrap_or_default();
-        // The agent appends the metrics it decided on after " | ".
-        reason.split(" | ").next().unwrap_or(reason).to_owned()
-    }))
+    Ok(event.map(|e| e["reason"].as_str().unwrap_or_default().to_owned()))
+}
+
+/// Waits until the hub has the device's windows of the canary (at least
+/// `served` requests on 2.0.0), then prints each version's totals.
+async fn kept_telemetry(client: &HubClient, id: i64, served: usize) -> Result<(), DemoError> {
+    let deadline = Instant::now() + WAIT;
+    let sum = |v: &Value, version: &str, f: &dyn Fn(&Value) -> u64| -> u64 {
+        v["series"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["version"] == version)
+            .flat_map(|s| s["points"].as_array().into_iter().flatten())
+            .map(f)
+            .sum()
+    };
+    let v = loop {
+        let path = format!("/api/v1/deployments/{id}/telemetry");
+        let v = client.get(&path).await.map_err(hub_step("reading the deployment's telemetry"))?;
+        if sum(&v, "2.0.0", &|p| p["requests"].as_u64().unwrap_or(0)) >= served as u64 {
+            break v;
+        }
+        if Instant::now() > deadline {
+            return Err(DemoError::Unexpected(format!("the hub did not keep the canary's {served} requests: {v}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for version in ["2.0.0", "1.0.0"] {
+        let requests = sum(&v, version, &|p| p["requests"].as_u64().unwrap_or(0));
+        let total = sum(&v, version, &|p| p["feedback"]["total"].as_u64().unwrap_or(0));
+        let correct = sum(&v, version, &|p| p["feedback"]["correct"].as_u64().unwrap_or(0));
+        let p95 = v["series"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["version"] == version)
+            .flat_map(|s| s["points"].as_array().into_iter().flatten())
+            .filter_map(|p| p["latency_ms"]["p95"].as_f64())
+            .fold(0.0, f64::max);
+        #[allow(clippy::cast_precision_loss)] // demo counts
+        let accuracy = if total == 0 { String::from("no feedback") } else {
+            format!("{:.0}% correct of {total} with feedback", 100.0 * correct as f64 / total as f64)
+        };
+        println!("    {version}: {requests} requests, {accuracy}, worst p95 of a {} s bucket {p95:.2} ms", v["bucket_ms"].as_i64().unwrap_or(0) / 1000);
+    }
+    println!("    (the web UI plots these per bucket on the deployment's and the device's pages)");
+    Ok(())
 }
 
 /// Waits until the hub halts the deployment (one device of one rolled

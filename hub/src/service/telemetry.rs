@@ -65,7 +65,10 @@ impl Range {
             "fine" => Resolution::Fine,
             "coarse" => Resolution::Coarse,
             "auto" => {
-                let within = crate::now_ms().saturating_sub(from_ms) <= r.keep_ms(Resolution::Fine);
+                // A bucket's width of slack: "the last 24 h" asked a moment
+                // ago still reads fine.
+                let kept = r.keep_ms(Resolution::Fine) + r.width_ms(Resolution::Fine);
+                let within = crate::now_ms().saturating_sub(from_ms) <= kept;
                 if within && points(Resolution::Fine) <= MAX_POINTS { Resolution::Fine } else { Resolution::Coarse }
             }
             other => return Err(RangeError::Resolution(sentinel_proto::quote(other))),
@@ -183,6 +186,8 @@ mod tests {
         let now = crate::now_ms();
         let hour = 3_600_000;
         assert_eq!(Range::new(now - hour, now, None, &r).map(|x| x.resolution), Ok(Resolution::Fine));
+        // "The last day", asked a moment ago, is still fine.
+        assert_eq!(Range::new(now - 24 * hour - 50, now, None, &r).map(|x| x.resolution), Ok(Resolution::Fine));
         // A week is past the fine retention: coarse.
         assert_eq!(Range::new(now - 168 * hour, now, None, &r).map(|x| x.resolution), Ok(Resolution::Coarse));
         assert_eq!(Range::new(now, now, None, &r), Err(RangeError::Empty { from: now, to: now }));
