@@ -13,6 +13,7 @@ mod bad_input;
 mod cli;
 mod connections;
 mod demo;
+mod device_enroll;
 mod disk_full;
 mod hardening;
 mod inspection;
