@@ -119,6 +119,20 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// Whether a push of a new version of model `v` needs a publisher
+/// signature, and who requires it: the hub (of every model) or the model.
+fn publisher_requirement(v: &Value) -> String {
+    let own = v["require_publisher"] == json!(true);
+    match v["require_publisher_source"].as_str() {
+        Some("hub") if own => "required by the hub (--require-publisher), and by this model".into(),
+        Some("hub") => "required by the hub (--require-publisher), for every model".into(),
+        Some(_) => "required by this model".into(),
+        // A hub from before the effective requirement was shown says only the model's.
+        None if own && v.get("require_publisher_source").is_none() => "required by this model".into(),
+        None => "not required".into(),
+    }
+}
+
 /// `publisher: NAME (key KEY_ID)` for a version pushed with a publisher signature.
 fn publisher_line(v: &Value) -> String {
     let p = &v["manifest"]["publisher"];
@@ -299,12 +313,12 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
         ModelCommand::Show { name } => {
             let v = client.get(&format!("/api/v1/models/{name}")).await?;
             out.print(&v, |v| {
-                let required = if v["require_publisher"] == json!(true) { "required" } else { "not required" };
                 format!(
-                    "{}: {}\ntags: {}\npublisher signature: {required}\n{}",
+                    "{}: {}\ntags: {}\npublisher signature: {}\n{}",
                     s(&v["name"]),
                     s(&v["description"]),
                     s(&v["tags"]),
+                    publisher_requirement(v),
                     table(&VERSION_HEADER, version_rows(&v["versions"]))
                 )
             });
@@ -344,8 +358,12 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
             let body = json!({"description": description, "require_publisher": require_publisher});
             let v = client.send_json(Method::PUT, &format!("/api/v1/models/{name}"), &body).await?;
             out.print(&v, |v| {
-                let required = if v["require_publisher"] == json!(true) { "required" } else { "not required" };
-                format!("{}: {}\npublisher signature: {required}", s(&v["name"]), s(&v["description"]))
+                format!(
+                    "{}: {}\npublisher signature: {}",
+                    s(&v["name"]),
+                    s(&v["description"]),
+                    publisher_requirement(v)
+                )
             });
             Ok(())
         }

@@ -288,6 +288,14 @@ function uploadForm(model) {
   return h('div', { class: 'card' }, h('h2', {}, 'Upload a version'), form, err);
 }
 
+/** Whether a push of a new version needs a publisher signature, and who requires it. */
+function publisherRequirement(m) {
+  if (m.require_publisher_source === 'hub') {
+    return `Publisher signature: required by the hub (--require-publisher)${m.require_publisher ? ', and by this model' : ', for every model'}`;
+  }
+  return m.require_publisher_effective ? 'Publisher signature: required by this model' : 'Publisher signature: not required';
+}
+
 async function modelView(name) {
   const m = await api('GET', `/models/${encodeURIComponent(name)}`);
   const versions = (await api('GET', `/models/${encodeURIComponent(name)}/versions?limit=500`)).versions
@@ -388,6 +396,7 @@ async function modelView(name) {
       h('h1', {}, h('a', { href: '#/models' }, 'Models'), ' / ', name),
       active ? h('button', { type: 'button', class: 'danger', id: 'rollback-btn', onclick: () => rollback(name) }, 'Roll back') : null),
     m.description ? h('p', { class: 'muted' }, m.description) : null,
+    h('p', { class: 'muted', id: 'publisher-requirement' }, publisherRequirement(m)),
     h('div', { class: 'card' }, h('h2', {}, 'Versions'),
       versions.length ? h('table', {},
         h('thead', {}, h('tr', {}, ['Version', 'Stage', 'Accuracy', 'SHA-256', 'Size', 'Hardware', 'Signing key', 'Created', 'Where', deployer ? '' : null]
