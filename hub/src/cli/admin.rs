@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::CliError;
 use super::args::{DeviceCommand, EnrollArgs, HubCommand, PublisherCommand, TokenCommand};
 use super::client::HubClient;
-use super::commands::{Out, s, table, time};
+use super::commands::{Out, s, table, time, wrapped_table};
 
 fn labels_text(v: &Value) -> String {
     v.as_object()
@@ -100,11 +100,15 @@ pub(super) async fn device(client: &HubClient, out: &Out, cmd: DeviceCommand) ->
                             .collect()
                     })
                     .unwrap_or_default();
-                format!(
-                    "{}\ndesired: {desired}\n{}",
-                    table(&DEVICE_HEADER, device_rows(std::slice::from_ref(v))),
-                    table(&["AT", "EVENT", "MODEL", "VERSION", "REASON"], events)
-                )
+                // The list's columns as lines, each whole however long.
+                let row = device_rows(std::slice::from_ref(v)).pop().unwrap_or_default();
+                let mut text: String = DEVICE_HEADER
+                    .iter()
+                    .zip(&row)
+                    .map(|(h, cell)| format!("{:<10} {cell}\n", h.to_lowercase()))
+                    .collect();
+                text.push_str(&format!("{:<10} {desired}\n", "desired"));
+                text + &wrapped_table(&["AT", "EVENT", "MODEL", "VERSION", "REASON"], events).to_string()
             });
         }
         DeviceCommand::Remove { id } => {

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use super::CliError;
 use super::args::DeployArgs;
-use super::commands::{s, table, time};
+use super::commands::{s, time, wrapped_table};
 use crate::records::DeviceState;
 
 /// Halt thresholds and waves: top-level fields of the deploy request, but a
@@ -198,7 +198,7 @@ pub fn deployment_text(v: &Value) -> String {
                     .collect()
             })
             .unwrap_or_default();
-        out.push_str(&table(&["DEVICE", "STATE", "VERSION", "DETAIL", "UPDATED"], rows).to_string());
+        out.push_str(&wrapped_table(&["DEVICE", "STATE", "VERSION", "DETAIL", "UPDATED"], rows).to_string());
     }
     out
 }
