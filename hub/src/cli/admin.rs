@@ -141,6 +141,11 @@ async fn enroll(client: &HubClient, out: &Out, a: EnrollArgs) -> Result<(), CliE
         }
     };
     let v = client.send_json(Method::POST, "/api/v1/devices", &json!({"id": a.name, "labels": map})).await?;
+    // On stderr, so stdout stays the token (or the summary) alone.
+    let said = super::commands::warnings(&v);
+    if !out.json && !said.is_empty() {
+        eprintln!("{}", said.trim_start());
+    }
     let Some((files, hub_url, pins)) = files else {
         out.print(&v, |v| s(&v["token"]));
         if !out.json {
@@ -161,7 +166,7 @@ async fn enroll(client: &HubClient, out: &Out, a: EnrollArgs) -> Result<(), CliE
         return Err(e);
     }
     let done = json!({"id": v["id"], "labels": v["labels"], "agent_config": config, "token_file": token,
-                      "hub_url": hub_url});
+                      "hub_url": hub_url, "warnings": v.get("warnings").cloned().unwrap_or_else(|| json!([]))});
     out.print(&done, |d| {
         format!(
             "enrolled device {} ({})\nwrote {} and its token {} (mode 0600)\nstart the agent: sentinel-agent run --config {}",

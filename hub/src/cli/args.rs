@@ -213,8 +213,9 @@ pub struct DeployArgs {
     /// The version, as a flag (same as the positional VERSION).
     #[arg(long = "version", id = "version_flag", value_name = "VERSION")]
     pub version_flag: Option<String>,
-    /// Selector: `stage=production,site=a`, or a bare stage name; `hardware=TAG` requires hardware;
-    /// `*` for every device. Required: there is no default target.
+    /// Selector: `ring=production,site=a`, or a bare ring name; `hardware=TAG` requires hardware;
+    /// `*` for every device. Required: there is no default target. (`stage=` is the old
+    /// spelling of `ring=`: read as it, with a warning, until the next release.)
     #[arg(long)]
     pub target: Option<String>,
     /// Rollout policy file, JSON or TOML (by extension; otherwise JSON is
@@ -326,7 +327,8 @@ pub enum DeviceCommand {
 pub struct EnrollArgs {
     /// Device id.
     pub name: String,
-    /// Comma-separated labels, e.g. site=a,stage=production.
+    /// Comma-separated labels, e.g. site=a,ring=production (`ring`: the deployment
+    /// ring a bare `--target WORD` names).
     #[arg(long, default_value = "")]
     pub labels: String,
     /// Write a ready agent config to FILE (TOML: the hub's URL and pinned

@@ -27,7 +27,7 @@ pub(super) fn q(v: &str) -> String {
 }
 
 /// A response's `warnings`, one `warning: ...` line each.
-fn warnings(v: &Value) -> String {
+pub(super) fn warnings(v: &Value) -> String {
     v["warnings"].as_array().into_iter().flatten().map(|w| format!("\nwarning: {}", s(w))).collect()
 }
 
@@ -392,7 +392,9 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
                     &json!({"version": version, "target": target}),
                 )
                 .await?;
-            out.print(&v, |v| wrapped_table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+            out.print(&v, |v| {
+                wrapped_table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string() + &warnings(v)
+            });
             Ok(())
         }
         ModelCommand::Update { name, description, require_publisher } => {

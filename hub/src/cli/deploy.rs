@@ -76,7 +76,7 @@ pub fn deploy_body(a: &DeployArgs) -> Result<Value, CliError> {
     // empty --target is the hub's to refuse.
     let target = a.target.clone().ok_or_else(|| {
         CliError::Usage(
-            "--target is required: a selector such as `--target stage=production`, or `--target '*'` for every device"
+            "--target is required: a selector such as `--target ring=production`, or `--target '*'` for every device"
                 .into(),
         )
     })?;

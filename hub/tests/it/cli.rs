@@ -105,7 +105,7 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     let r =
         sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.0.0", "--target", "production"]).await;
     ok(&r);
-    assert!(r.stdout.contains("stage=production"), "{}", r.stdout);
+    assert!(r.stdout.contains("ring=production"), "{}", r.stdout);
     ok(&sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.1.0", "--target", "production"]).await);
     let r = sentinel(&hub, &admin, &["model", "rollback", "digits", "--version", "1.0.0"]).await;
     ok(&r);
@@ -154,13 +154,13 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     ok(&sentinel(&hub, &admin, &["model", "delete", "digits", "--force"]).await);
 
     // Devices: enrol (token on stdout), list, show.
-    let r = sentinel(&hub, &admin, &["device", "enroll", "edge-1", "--labels", "site=a,stage=production"]).await;
+    let r = sentinel(&hub, &admin, &["device", "enroll", "edge-1", "--labels", "site=a,ring=production"]).await;
     ok(&r);
     assert!(r.stdout.trim().starts_with("snt_"), "{}", r.stdout);
     let r = sentinel(&hub, &admin, &["devices", "list"]).await;
     ok(&r);
     assert!(
-        r.stdout.contains("edge-1") && r.stdout.contains("site=a,stage=production") && r.stdout.contains("offline"),
+        r.stdout.contains("edge-1") && r.stdout.contains("ring=production,site=a") && r.stdout.contains("offline"),
         "{}",
         r.stdout
     );

@@ -26,6 +26,7 @@ mod quickstart;
 mod rbac;
 mod registry_api;
 mod replicas;
+mod ring_label;
 mod rollout;
 mod s3;
 mod web;

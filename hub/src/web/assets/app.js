@@ -357,7 +357,7 @@ async function modelView(name) {
       h('input', { name: `policy.${key}`, type: type || 'number', step: 'any', min: 0, placeholder: hint })));
     const form = h('form', { class: 'inline', id: 'deploy-form' },
       h('label', {}, 'Version', h('input', { name: 'version', value: version, readonly: true })),
-      h('label', {}, 'Target selector', h('input', { name: 'target', required: true, placeholder: 'stage=production,site=a, or * for every device' })),
+      h('label', {}, 'Target selector', h('input', { name: 'target', required: true, placeholder: 'ring=production,site=a, or * for every device' })),
       h('label', {}, 'Halt above fraction', h('input', { name: 'halt', type: 'number', step: 'any', min: 0, max: 1, placeholder: '0.2' })),
       h('label', {}, 'Halt at count', h('input', { name: 'halt_count', type: 'number', min: 1, placeholder: 'none' })),
       h('label', {}, 'Waves (cumulative %)', h('input', { name: 'waves', placeholder: 'all at once; e.g. 10,50,100' })),
@@ -383,7 +383,8 @@ async function modelView(name) {
       if (Object.keys(policy).length) body.policy = policy;
       try {
         const d = await api('POST', `/models/${encodeURIComponent(name)}/deploy`, body);
-        flash(`Deployment ${d.id} created: ${d.model} ${d.version} to [${d.target || 'every device'}].`);
+        const said = (d.warnings || []).map((w) => ` Warning: ${w}`).join('');
+        flash(`Deployment ${d.id} created: ${d.model} ${d.version} to [${d.target || 'every device'}].${said}`);
         location.hash = `#/deployments/${d.id}`;
       } catch (e) { deployErr.textContent = e.message; }
     });
