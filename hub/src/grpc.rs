@@ -71,7 +71,10 @@ impl AgentSync for SyncService {
     async fn subscribe(&self, req: Request<Hello>) -> Result<Response<HubStream>, Status> {
         let claimed = req.get_ref().device_id.clone();
         let device = self.authenticate(&req, &claimed).await?;
-        let hello = req.into_inner();
+        let mut hello = req.into_inner();
+        let mut labels = std::mem::take(&mut hello.labels).into_iter().collect();
+        ring_label(&device.id, &mut labels);
+        hello.labels = labels.into_iter().collect();
         let target = target_of(&device, Some(&hello));
         let hello_json = serde_json::to_value(&hello).unwrap_or_default();
         let (id, hw, ver) = (device.id.clone(), hello.hardware.clone(), hello.agent_version.clone());
@@ -135,6 +138,26 @@ impl AgentSync for SyncService {
         crate::service::replicas::device_changed(&self.state, &device.id);
         let interval = u64::try_from(self.state.config().heartbeat.as_millis()).unwrap_or(u64::MAX);
         Ok(Response::new(ReportAck { heartbeat_interval_ms: interval, refused_windows }))
+    }
+}
+
+/// Reads a reported `stage` label, the old name of `ring`, as `ring`, and
+/// logs that the device's config should say `ring`. Beside a `ring` of its
+/// own it is left as it is, a label no selector names any more.
+fn ring_label(device: &str, labels: &mut std::collections::BTreeMap<String, String>) {
+    use crate::selector::{DEPRECATED_RING, RING, RingLabel, rename_deprecated_label};
+    match rename_deprecated_label(labels) {
+        RingLabel::Unchanged => {}
+        RingLabel::Renamed => tracing::warn!(
+            device,
+            "the agent reports the label `{DEPRECATED_RING}`, now `{RING}`: read as `{RING}`; rename it in the \
+             agent config's [labels] (`{DEPRECATED_RING}` is accepted until the next release)"
+        ),
+        RingLabel::Both => tracing::warn!(
+            device,
+            "the agent reports both `{RING}` and `{DEPRECATED_RING}`, the old name of `{RING}`, which selectors no \
+             longer name: remove `{DEPRECATED_RING}` from the agent config's [labels]"
+        ),
     }
 }
 

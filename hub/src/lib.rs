@@ -11,7 +11,7 @@
 //! `tests/it/layers.rs` fails the build of any import that points up.
 //!
 //! 1. Leaves: pure values and rules, no storage.
-//!    - [`selector`]: deployment target selectors (`stage=production,site=a`).
+//!    - [`selector`]: deployment target selectors (`ring=production,site=a`).
 //!    - [`rollout`]: rollout policies, halt thresholds and staged waves.
 //!    - [`keys`]: the hub's Ed25519 signing keys (generation, rotation, pinning).
 //!    - [`auth`]: API tokens, roles, and who a caller is.

@@ -362,7 +362,7 @@ async fn status_answers_during_an_install_with_the_labels_the_hub_assigned() {
     std::fs::write(&held, script).unwrap();
     std::fs::set_permissions(&held, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     // The config names no labels: those shown come from the hub.
-    let token = hub.enroll("edge-1", &[("site", "a"), ("stage", "production")]).await;
+    let token = hub.enroll("edge-1", &[("site", "a"), ("ring", "production")]).await;
     let key = hub.public_key().await;
     let mut agent_config = agent_config(&tmp.path().join("agent"), &hub, "edge-1", &token, &key, "");
     agent_config.serving.worker_bin = held;
@@ -388,13 +388,13 @@ async fn status_answers_during_an_install_with_the_labels_the_hub_assigned() {
         assert!(std::time::Instant::now() < deadline, "2.0.0 never showed as loading: {s}");
         tokio::task::yield_now().await;
     };
-    assert_eq!(s["labels"], json!({"site": "a", "stage": "production"}), "{s}");
+    assert_eq!(s["labels"], json!({"ring": "production", "site": "a"}), "{s}");
     assert_eq!(s["labels_from"], "hub", "{s}");
     assert_eq!(s["hub"]["connected"], true, "{s}");
     assert_eq!(s["hub"]["last_error"], "", "{s}");
     let out = run(&["status", "--config", config]).await;
     let (table, _) = text(&out);
-    assert!(table.contains("edge-1 [site=a, stage=production]"), "{table}");
+    assert!(table.contains("edge-1 [ring=production, site=a]"), "{table}");
     assert!(table.contains("loading"), "{table}");
     // 1.0.0 serves meanwhile.
     assert_eq!(infer(agent.inference_addr.unwrap()).await["model_version"], "1.0.0");

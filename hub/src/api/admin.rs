@@ -60,6 +60,11 @@ impl From<TokenRecord> for TokenOut {
 pub struct KeysOut {
     pub active_key_id: String,
     pub keys: Vec<PublicKeyInfoOut>,
+    /// The URL devices reach this hub at, when it was started with
+    /// `--public-url`: REST, artifacts and gRPC (the REST port serves it).
+    /// Null: devices use the URL they were given. `sentinel device enroll
+    /// --agent-config` writes it as the agent's `hub_url`.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -192,11 +197,13 @@ fn keys_out(state: &SharedState) -> KeysOut {
     KeysOut {
         active_key_id: ring.active().key_id().to_owned(),
         keys: ring.public_keys().into_iter().map(Into::into).collect(),
+        public_url: state.config().public_url.as_ref().map(|u| u.trim_end_matches('/').to_owned()),
     }
 }
 
-/// The hub's public signing keys, for pinning on devices. No token needed:
-/// public keys are public, and devices fetch them before they have one.
+/// The hub's public signing keys, for pinning on devices, and the public URL
+/// devices reach it at. No token needed: public keys are public, and devices
+/// fetch them before they have one.
 #[utoipa::path(get, path = "/api/v1/keys", responses((status = 200, body = KeysOut)))]
 pub async fn keys(State(state): State<SharedState>) -> Json<KeysOut> {
     Json(keys_out(&state))

@@ -21,7 +21,7 @@ use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, SharedState, page};
 use crate::auth::Role;
 use crate::rollout::{DEFAULT_HALT_FRACTION, PolicyError, RolloutPolicy, validate_halt};
 use crate::rollup::{Rollup, earlier_deployments};
-use crate::selector::{Selector, SelectorError};
+use crate::selector::{Selector, SelectorError, deprecated_ring_warning};
 use crate::service::deployments;
 use crate::store::{DeploymentKind, DeploymentRecord, DeploymentState, NewDeployment};
 use sentinel_proto::quote;
@@ -31,7 +31,7 @@ pub struct DeploymentOut {
     pub id: i64,
     pub model: String,
     pub version: String,
-    /// Normalised selector, e.g. `site=a,stage=production`; empty selects every device.
+    /// Normalised selector, e.g. `ring=production,site=a`; empty selects every device.
     pub target: String,
     /// `deploy` or `rollback`.
     pub kind: String,
@@ -70,8 +70,9 @@ pub struct DeploymentOut {
     /// Where it stands on each targeted device (only in `GET /deployments/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Rollup>,
-    /// What devices may refuse, said at deploy (only in the deploy answer):
-    /// e.g. symbolic input dims no serving shape fixes.
+    /// What the caller should know, said at deploy or rollback (only in
+    /// their answer): e.g. symbolic input dims no serving shape fixes, or a
+    /// target that used the old label key `stage` for `ring`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
@@ -114,8 +115,9 @@ pub struct DeploymentList {
 #[serde(deny_unknown_fields)]
 pub struct DeployRequest {
     pub version: String,
-    /// Label selector (`stage=production,site=a`, or a bare stage name);
-    /// `hardware=TAG` requires that hardware; `*` selects every device.
+    /// Label selector (`ring=production,site=a`, or a bare ring name);
+    /// `hardware=TAG` requires that hardware; `*` selects every device. The
+    /// old key `stage` reads as `ring`, with a warning, until the next release.
     /// Required: an empty or absent target is refused, so that forgetting it
     /// never deploys to the whole fleet.
     #[schema(value_type = super::openapi::Target, required = true)]
@@ -147,7 +149,8 @@ pub struct RollbackRequest {
     /// before the current one.
     pub version: Option<String>,
     /// Target whose deployment to roll back (`*`: the one to every device);
-    /// needed when the model is deployed to several targets.
+    /// needed when the model is deployed to several targets. The old key
+    /// `stage` reads as `ring`, with a warning.
     #[schema(value_type = Option<super::openapi::Target>)]
     pub target: Option<String>,
 }
@@ -173,22 +176,26 @@ pub struct ListParams {
 pub const EVERY_DEVICE: &str = "*";
 
 /// Parses a target selector; `*` selects every device, and an empty one is
-/// refused rather than read as "every device".
-fn parse_target(target: &str) -> Result<Selector, ApiError> {
+/// refused rather than read as "every device". Also returns the warning for
+/// a target that used the old key `stage` for `ring`, if it did.
+fn parse_target(target: &str) -> Result<(Selector, Option<String>), ApiError> {
     let missing = || {
         ApiError::unprocessable(
             "missing_target",
-            "target is empty; name the devices (e.g. stage=production or site=a,stage=staging), \
+            "target is empty; name the devices (e.g. ring=production or site=a,ring=canary), \
              or pass `*` for every device",
         )
     };
     match target.trim_matches(' ') {
         "" => Err(missing()),
-        EVERY_DEVICE => Ok(Selector::default()),
-        _ => match Selector::parse(target) {
+        EVERY_DEVICE => Ok((Selector::default(), None)),
+        _ => match Selector::parse_noting(target) {
             // Only commas and spaces: as empty as "".
-            Ok(s) if s == Selector::default() => Err(missing()),
-            Ok(s) => Ok(s),
+            Ok((s, _)) if s == Selector::default() => Err(missing()),
+            Ok((s, deprecated)) => {
+                let warning = deprecated.then(|| deprecated_ring_warning(&format!("target {}", quote(target))));
+                Ok((s, warning))
+            }
             Err(e @ SelectorError::Duplicate(_)) => Err(ApiError::unprocessable("invalid_target", e.to_string())),
             Err(e) => Err(ApiError::bad_request(format!("target {}: {e}", quote(target)))),
         },
@@ -203,10 +210,6 @@ fn invalid_policy(e: PolicyError) -> ApiError {
 fn declared_accuracy(manifest: &[u8]) -> Option<f64> {
     use prost::Message;
     sentinel_proto::pb::ModelManifest::decode(manifest).ok()?.accuracy.map(|a| a.value).filter(|v| *v > 0.0)
-}
-
-fn created(d: DeploymentRecord, detail: String, effective: RolloutPolicy) -> Response {
-    created_with(d, detail, effective, Vec::new())
 }
 
 fn created_with(d: DeploymentRecord, detail: String, effective: RolloutPolicy, warnings: Vec<String>) -> Response {
@@ -232,7 +235,7 @@ pub async fn deploy(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Deployer, "deploying")?;
     let ApiJson(body) = body?;
-    let selector = parse_target(body.target.as_deref().unwrap_or_default())?;
+    let (selector, target_warning) = parse_target(body.target.as_deref().unwrap_or_default())?;
     if let Some(p) = &body.policy {
         p.validate().map_err(invalid_policy)?;
     }
@@ -276,12 +279,13 @@ pub async fn deploy(
     let effective = d.policy.clone().unwrap_or_default().effective(declared);
     // Symbolic dims no serving shape fixes: devices without their own
     // `serving.input_shapes` will refuse the version. Said, not refused.
-    let warnings = <sentinel_proto::pb::ModelManifest as prost::Message>::decode(version.manifest.as_slice())
+    let mut warnings = <sentinel_proto::pb::ModelManifest as prost::Message>::decode(version.manifest.as_slice())
         .map(|m| super::versions::open_dims_warnings(&m))
         .unwrap_or_default();
     if !warnings.is_empty() {
         tracing::warn!(model = %name, version = %d.version, warning = %warnings.join("; "), "deploying open dims");
     }
+    warnings.extend(target_warning);
     Ok(created_with(d, detail, effective, warnings))
 }
 
@@ -301,7 +305,10 @@ pub async fn rollback(
     caller.require(Role::Deployer, "rolling back")?;
     let ApiJson(body) = body?;
     super::models::check_lookup_name(&name)?;
-    let wanted_target = body.target.as_deref().map(parse_target).transpose()?.map(|s| s.to_string());
+    let (wanted_target, target_warning) = match body.target.as_deref().map(parse_target).transpose()? {
+        Some((selector, warning)) => (Some(selector.to_string()), warning),
+        None => (None, None),
+    };
     let n = name.clone();
     let (active, history) = state
         .meta(move |m| Ok((m.active_deployments(&n)?, m.list_deployments(Some(&n), None, u32::MAX, 0)?.0)))
@@ -354,7 +361,7 @@ pub async fn rollback(
     let d = deployments::create(&state, new).await?;
     let detail =
         format!("deployment {}: rolled {name} back from {} to {} on [{}]", d.id, current.version, d.version, d.target);
-    Ok(created(d, detail, RolloutPolicy::default().effective(declared)))
+    Ok(created_with(d, detail, RolloutPolicy::default().effective(declared), target_warning.into_iter().collect()))
 }
 
 /// List deployments, newest first.

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use super::auth::AuditDetail;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, PageParams, SharedState, page, page_of};
 use crate::auth::{Role, generate_token, hash_token};
+use crate::selector::{DEPRECATED_RING, RING, RingLabel, deprecated_ring_warning, rename_deprecated_label};
 use crate::service::fleet::Connection;
 use crate::store::{DeploymentState, DeviceEvent, DeviceRecord};
 use crate::targeting::{assignments_for, target_of};
@@ -23,9 +24,11 @@ pub struct EnrollDevice {
     /// Device id: letters, digits, '-', '_' and '.', at most 128 characters.
     #[schema(value_type = super::openapi::ModelName)]
     pub id: String,
-    /// Labels deployments select on, e.g. {"site": "a", "stage": "production"}:
+    /// Labels deployments select on, e.g. {"site": "a", "ring": "production"}:
     /// keys and values of letters, digits, '-', '_', '.' or '/', 1 to 63;
-    /// not `hardware` (422: devices report their hardware themselves).
+    /// not `hardware` (422: devices report their hardware themselves). The
+    /// old key `stage` is stored as `ring`, with a warning, until the next
+    /// release (422 beside a `ring`).
     #[serde(default)]
     #[schema(schema_with = label_schema)]
     pub labels: BTreeMap<String, String>,
@@ -48,6 +51,10 @@ pub struct EnrolledDevice {
     pub id: String,
     pub labels: BTreeMap<String, String>,
     pub token: String,
+    /// What the caller should know: labels given under the old key `stage`,
+    /// stored as `ring`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -113,7 +120,7 @@ pub async fn enroll(
     body: Result<ApiJson<EnrollDevice>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin, "enrolling devices")?;
-    let ApiJson(body) = body?;
+    let ApiJson(mut body) = body?;
     sentinel_proto::manifest::validate_model_name(&body.id)
         .map_err(|reason| ApiError::bad_request(format!("device id {} {reason}", quote(&body.id))))?;
     for (k, v) in &body.labels {
@@ -131,14 +138,24 @@ pub async fn enroll(
             "`hardware` is not a label: devices report their hardware themselves",
         ));
     }
+    let warnings = match rename_deprecated_label(&mut body.labels) {
+        RingLabel::Unchanged => Vec::new(),
+        RingLabel::Renamed => vec![deprecated_ring_warning("labels")],
+        RingLabel::Both => {
+            return Err(ApiError::unprocessable(
+                "invalid_label",
+                format!("labels give both `{RING}` and its old name `{DEPRECATED_RING}`: give `{RING}` alone"),
+            ));
+        }
+    };
     let token = generate_token();
     let hash = hash_token(&token);
     let by = caller.name.clone();
     let l = body.labels.clone();
     let id = body.id.clone();
     let d = state.meta(move |m| m.enroll_device(&id, &l, &hash, &by, crate::now_ms())).await?;
-    let mut resp =
-        (StatusCode::CREATED, Json(EnrolledDevice { id: d.id.clone(), labels: d.labels, token })).into_response();
+    let mut resp = (StatusCode::CREATED, Json(EnrolledDevice { id: d.id.clone(), labels: d.labels, token, warnings }))
+        .into_response();
     resp.extensions_mut().insert(AuditDetail(format!("enrolled device {}", d.id)));
     Ok(resp)
 }

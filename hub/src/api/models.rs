@@ -22,13 +22,45 @@ pub struct ModelOut {
     pub tags: Vec<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
-    /// Every new version must carry a publisher signature (`--signature`).
+    /// This model's own setting: every new version must carry a publisher
+    /// signature (`--signature`). Whether a push needs one is
+    /// `require_publisher_effective`: the hub may require it of every model.
     pub require_publisher: bool,
+    /// Whether a push of a new version needs a publisher signature: this
+    /// model's `require_publisher`, or the hub's `--require-publisher`.
+    pub require_publisher_effective: bool,
+    /// Who requires it: `hub` (every model, whatever the model says) or
+    /// `model` (this model's `require_publisher` alone); null when nothing does.
+    pub require_publisher_source: Option<RequirementSource>,
     pub version_count: usize,
     /// Highest semver among its versions.
     pub latest_version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub versions: Option<Vec<VersionOut>>,
+}
+
+/// Who requires a model's new versions to carry a publisher signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RequirementSource {
+    /// The hub, of every model (`sentinel-hub --require-publisher`): the
+    /// model's own setting changes nothing while it does.
+    Hub,
+    /// This model's `require_publisher`.
+    Model,
+}
+
+impl RequirementSource {
+    /// Who requires a signature of a model whose own setting is `model`, on
+    /// a hub whose `--require-publisher` is `hub`: the hub first, as a push
+    /// is refused in its name first.
+    pub fn of(hub: bool, model: bool) -> Option<Self> {
+        match (hub, model) {
+            (true, _) => Some(Self::Hub),
+            (false, true) => Some(Self::Model),
+            (false, false) => None,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -120,8 +152,12 @@ pub fn check_tags(what: &str, tags: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn model_out(m: ModelRecord, versions: Vec<VersionOut>, include: bool) -> ModelOut {
+/// `m` as the API shows it; `hub_requires` is the hub's `--require-publisher`.
+fn model_out(m: ModelRecord, versions: Vec<VersionOut>, include: bool, hub_requires: bool) -> ModelOut {
+    let source = RequirementSource::of(hub_requires, m.require_publisher);
     ModelOut {
+        require_publisher_effective: source.is_some(),
+        require_publisher_source: source,
         name: m.name,
         description: m.description,
         tags: m.tags,
@@ -171,10 +207,11 @@ pub async fn list(
             Ok((rows, total))
         })
         .await?;
+    let hub_requires = state.config().require_publisher;
     let mut models = Vec::with_capacity(rows.len());
     for (model, versions) in rows {
         let versions = versions.iter().map(VersionOut::from_record).collect::<Result<Vec<_>, _>>()?;
-        models.push(model_out(model, versions, false));
+        models.push(model_out(model, versions, false, hub_requires));
     }
     Ok(Json(ModelList { models, total, limit, offset }))
 }
@@ -201,7 +238,8 @@ pub async fn create(
         })
         .await?;
     let detail = AuditDetail(format!("registered model {}", model.name));
-    let mut resp = (StatusCode::CREATED, Json(model_out(model, Vec::new(), true))).into_response();
+    let mut resp = (StatusCode::CREATED, Json(model_out(model, Vec::new(), true, state.config().require_publisher)))
+        .into_response();
     resp.extensions_mut().insert(detail);
     Ok(resp)
 }
@@ -216,7 +254,7 @@ pub async fn show(
 ) -> Result<Json<ModelOut>, ApiError> {
     caller.require(Role::Viewer, "reading a model")?;
     let (model, versions) = load_model(&state, &name).await?;
-    Ok(Json(model_out(model, versions, true)))
+    Ok(Json(model_out(model, versions, true, state.config().require_publisher)))
 }
 
 /// Update a model's description or tags.
@@ -261,7 +299,7 @@ pub async fn update(
         })
         .await?;
     let (model, versions) = load_model(&state, &name).await?;
-    let mut resp = Json(model_out(model, versions, true)).into_response();
+    let mut resp = Json(model_out(model, versions, true, state.config().require_publisher)).into_response();
     if let Some(required) = change {
         let what = if required { "now requires" } else { "no longer requires" };
         resp.extensions_mut().insert(AuditDetail(format!("model {name} {what} a publisher signature")));

@@ -96,9 +96,10 @@ string_schema!(
     "^[A-Za-z0-9._-]{1,63}$");
 
 string_schema!(
-    /// A deployment target: `key=value` parts (or a bare stage name) joined by
-    /// commas, keys and values of letters, digits, '-', '_', '.' or '/' (1 to
-    /// 63); or `*` for every device.
+    /// A deployment target: `key=value` parts (or a bare word, short for
+    /// `ring=WORD`) joined by commas, keys and values of letters, digits, '-',
+    /// '_', '.' or '/' (1 to 63); or `*` for every device. The old key `stage`
+    /// reads as `ring`, with a warning, until the next release.
     Target,
     "^(?: *\\* *|[ ,]* *[A-Za-z0-9._/-]{1,63} *(?:= *[A-Za-z0-9._/-]{1,63} *)?(?:,[ ,]* *[A-Za-z0-9._/-]{1,63} *(?:= *[A-Za-z0-9._/-]{1,63} *)?)*[ ,]*)$");
 

@@ -6,9 +6,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::CliError;
-use super::args::{DeviceCommand, HubCommand, PublisherCommand, TokenCommand};
+use super::args::{DeviceCommand, EnrollArgs, HubCommand, PublisherCommand, TokenCommand};
 use super::client::HubClient;
-use super::commands::{Out, s, table, time};
+use super::commands::{Out, s, table, time, wrapped_table};
 
 fn labels_text(v: &Value) -> String {
     v.as_object()
@@ -50,24 +50,7 @@ const DEVICE_HEADER: [&str; 7] = ["DEVICE", "LABELS", "HARDWARE", "STREAM", "LAS
 
 pub(super) async fn device(client: &HubClient, out: &Out, cmd: DeviceCommand) -> Result<(), CliError> {
     match cmd {
-        DeviceCommand::Enroll { name, labels } => {
-            let mut map = serde_json::Map::new();
-            for part in labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let (k, v) = part
-                    .split_once('=')
-                    .ok_or_else(|| CliError::Usage(format!("--labels part {part:?} is not key=value")))?;
-                map.insert(k.trim().to_owned(), Value::String(v.trim().to_owned()));
-            }
-            let v = client.send_json(Method::POST, "/api/v1/devices", &json!({"id": name, "labels": map})).await?;
-            out.print(&v, |v| s(&v["token"]));
-            if !out.json {
-                eprintln!(
-                    "device {} enrolled ({}): store its token now, it is not shown again",
-                    s(&v["id"]),
-                    labels_text(&v["labels"])
-                );
-            }
-        }
+        DeviceCommand::Enroll(a) => enroll(client, out, a).await?,
         DeviceCommand::List => {
             // One page of the most a page holds; the total says if there are more.
             let v = client.get("/api/v1/devices?limit=500").await?;
@@ -117,11 +100,15 @@ pub(super) async fn device(client: &HubClient, out: &Out, cmd: DeviceCommand) ->
                             .collect()
                     })
                     .unwrap_or_default();
-                format!(
-                    "{}\ndesired: {desired}\n{}",
-                    table(&DEVICE_HEADER, device_rows(std::slice::from_ref(v))),
-                    table(&["AT", "EVENT", "MODEL", "VERSION", "REASON"], events)
-                )
+                // The list's columns as lines, each whole however long.
+                let row = device_rows(std::slice::from_ref(v)).pop().unwrap_or_default();
+                let mut text: String = DEVICE_HEADER
+                    .iter()
+                    .zip(&row)
+                    .map(|(h, cell)| format!("{:<10} {cell}\n", h.to_lowercase()))
+                    .collect();
+                text.push_str(&format!("{:<10} {desired}\n", "desired"));
+                text + &wrapped_table(&["AT", "EVENT", "MODEL", "VERSION", "REASON"], events).to_string()
             });
         }
         DeviceCommand::Remove { id } => {
@@ -129,6 +116,67 @@ pub(super) async fn device(client: &HubClient, out: &Out, cmd: DeviceCommand) ->
             out.print(&json!({"removed": id}), |_| format!("removed device {id}"));
         }
     }
+    Ok(())
+}
+
+/// `device enroll`: the token on stdout, or with `--agent-config` in a file
+/// beside a ready agent config ([`super::enroll`]).
+async fn enroll(client: &HubClient, out: &Out, a: EnrollArgs) -> Result<(), CliError> {
+    let mut map = serde_json::Map::new();
+    for part in a.labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) =
+            part.split_once('=').ok_or_else(|| CliError::Usage(format!("--labels part {part:?} is not key=value")))?;
+        map.insert(k.trim().to_owned(), Value::String(v.trim().to_owned()));
+    }
+    // Everything the files need is checked and fetched before the device
+    // is enrolled, so a refusal leaves nothing half done.
+    let files = match &a.agent_config {
+        None => None,
+        Some(config) => {
+            let files = super::enroll::AgentFiles::prepare(config, a.force)?;
+            super::enroll::check_grpc_url(a.grpc_url.as_deref())?;
+            let keys = client.get("/api/v1/keys").await?;
+            let (hub_url, pins) = super::enroll::hub_facts(&keys, client.base())?;
+            Some((files, hub_url, pins))
+        }
+    };
+    let v = client.send_json(Method::POST, "/api/v1/devices", &json!({"id": a.name, "labels": map})).await?;
+    // On stderr, so stdout stays the token (or the summary) alone.
+    let said = super::commands::warnings(&v);
+    if !out.json && !said.is_empty() {
+        eprintln!("{}", said.trim_start());
+    }
+    let Some((files, hub_url, pins)) = files else {
+        out.print(&v, |v| s(&v["token"]));
+        if !out.json {
+            eprintln!(
+                "device {} enrolled ({}): store its token now, it is not shown again",
+                s(&v["id"]),
+                labels_text(&v["labels"])
+            );
+        }
+        return Ok(());
+    };
+    let (config, token) = (files.config().to_owned(), files.token().to_owned());
+    let text = super::enroll::agent_toml(&a, &hub_url, &pins, &token, &v["labels"]);
+    if let Err((e, token_lost)) = files.write(&s(&v["id"]), v["token"].as_str().unwrap_or_default(), &text) {
+        if token_lost {
+            out.print(&v, |v| s(&v["token"]));
+        }
+        return Err(e);
+    }
+    let done = json!({"id": v["id"], "labels": v["labels"], "agent_config": config, "token_file": token,
+                      "hub_url": hub_url, "warnings": v.get("warnings").cloned().unwrap_or_else(|| json!([]))});
+    out.print(&done, |d| {
+        format!(
+            "enrolled device {} ({})\nwrote {} and its token {} (mode 0600)\nstart the agent: sentinel-agent run --config {}",
+            s(&d["id"]),
+            labels_text(&d["labels"]),
+            config.display(),
+            token.display(),
+            config.display()
+        )
+    });
     Ok(())
 }
 

@@ -22,8 +22,8 @@ pub struct Cli {
 }
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 not found, 3 conflict, 4 an import refused some versions, 64 usage, \
-65 input refused by the hub, 66 local file unreadable, 69 hub (or MLflow) unreachable or failing, 77 token missing, \
-wrong or not allowed.";
+65 input refused by the hub, 66 local file unreadable, 69 hub (or MLflow) unreachable or failing, 73 a file to write \
+could not be written, 77 token missing, wrong or not allowed.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -213,8 +213,9 @@ pub struct DeployArgs {
     /// The version, as a flag (same as the positional VERSION).
     #[arg(long = "version", id = "version_flag", value_name = "VERSION")]
     pub version_flag: Option<String>,
-    /// Selector: `stage=production,site=a`, or a bare stage name; `hardware=TAG` requires hardware;
-    /// `*` for every device. Required: there is no default target.
+    /// Selector: `ring=production,site=a`, or a bare ring name; `hardware=TAG` requires hardware;
+    /// `*` for every device. Required: there is no default target. (`stage=` is the old
+    /// spelling of `ring=`: read as it, with a warning, until the next release.)
     #[arg(long)]
     pub target: Option<String>,
     /// Rollout policy file, JSON or TOML (by extension; otherwise JSON is
@@ -310,20 +311,44 @@ pub enum DeploymentsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
-    /// Enrol a device (admin); prints its token once.
-    Enroll {
-        /// Device id.
-        name: String,
-        /// Comma-separated labels, e.g. site=a,stage=production.
-        #[arg(long, default_value = "")]
-        labels: String,
-    },
+    /// Enrol a device (admin); prints its token once, or writes it with a
+    /// ready agent config (`--agent-config`).
+    Enroll(EnrollArgs),
     /// List devices: connection, last seen, what they run.
     List,
     /// Show one device: last report, recent events, desired models.
     Show { id: String },
     /// Remove a device (admin): its token stops working.
     Remove { id: String },
+}
+
+/// `sentinel device enroll NAME`.
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// Device id.
+    pub name: String,
+    /// Comma-separated labels, e.g. site=a,ring=production (`ring`: the deployment
+    /// ring a bare `--target WORD` names).
+    #[arg(long, default_value = "")]
+    pub labels: String,
+    /// Write a ready agent config to FILE (TOML: the hub's URL and pinned
+    /// keys, the device id, the labels) and the token beside it, in
+    /// `<stem>.token` (mode 0600), instead of printing the token. FILE's
+    /// directory must exist; FILE and the token file must not, unless --force.
+    #[arg(long, value_name = "FILE")]
+    pub agent_config: Option<PathBuf>,
+    /// The agent's `state_dir` in the config (a relative one resolves against
+    /// FILE's directory, as the agent reads it).
+    #[arg(long, value_name = "DIR", requires = "agent_config", default_value = "/var/lib/sentinel-agent")]
+    pub state_dir: PathBuf,
+    /// The agent's `grpc_url`, for a hub devices should stream from on a
+    /// separate `--grpc-listen` port. Default: none, the agent streams from
+    /// `hub_url` (the hub's REST port serves gRPC too).
+    #[arg(long, value_name = "URL", requires = "agent_config")]
+    pub grpc_url: Option<String>,
+    /// Replace FILE and its token file if they exist.
+    #[arg(long, requires = "agent_config")]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]

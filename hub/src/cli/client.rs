@@ -58,6 +58,11 @@ impl HubClient {
         Ok(Self { base: base.trim_end_matches('/').to_owned(), token, http })
     }
 
+    /// The hub's base URL, as this client reaches it.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let r = self.http.request(method, format!("{}{path}", self.base));
         match &self.token {

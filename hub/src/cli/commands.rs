@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal as _;
 
-use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
+use comfy_table::{ColumnConstraint, ContentArrangement, Row, Table, Width, presets::UTF8_BORDERS_ONLY};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -27,7 +27,7 @@ pub(super) fn q(v: &str) -> String {
 }
 
 /// A response's `warnings`, one `warning: ...` line each.
-fn warnings(v: &Value) -> String {
+pub(super) fn warnings(v: &Value) -> String {
     v["warnings"].as_array().into_iter().flatten().map(|w| format!("\nwarning: {}", s(w))).collect()
 }
 
@@ -61,14 +61,55 @@ fn size(v: &Value) -> String {
     }
 }
 
-pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
+/// The width tables fit: `COLUMNS` when set (as `ls` reads it), else the
+/// terminal's when stdout is one. `None` (piped output without `COLUMNS`):
+/// rows are left whole.
+fn table_width() -> Option<u16> {
+    std::env::var("COLUMNS").ok().and_then(|c| c.trim().parse::<u16>().ok()).filter(|w| *w > 0)
+}
+
+fn fitted(header: &[&str], rows: Vec<Vec<String>>, one_line: bool) -> Table {
     let mut t = Table::new();
-    // On a terminal, columns wrap to fit its width; piped output is left whole.
-    t.load_preset(UTF8_BORDERS_ONLY).set_content_arrangement(ContentArrangement::Dynamic).set_header(header.to_vec());
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_truncation_indicator("…")
+        .set_header(header.to_vec());
+    if let Some(width) = table_width() {
+        t.set_width(width);
+    }
+    if one_line {
+        // The first column is what the matching `show` takes (an id, a
+        // name): it is never cut. The others keep room for their header on
+        // one line; what is left goes to the longest cells, which are cut.
+        // Too narrow for that, the table is wider than asked.
+        // A lower boundary counts the cell's padding, one space each side.
+        let width = |h: &str| Width::Fixed(u16::try_from(h.chars().count() + 2).unwrap_or(u16::MAX));
+        t.set_constraints(header.iter().enumerate().map(|(i, h)| match i {
+            0 => ColumnConstraint::ContentWidth,
+            _ => ColumnConstraint::LowerBoundary(width(h)),
+        }));
+    }
     for r in rows {
-        t.add_row(r);
+        let mut row = Row::from(r);
+        if one_line {
+            row.max_height(1);
+        }
+        t.add_row(row);
     }
     t
+}
+
+/// A list: one line per row, fitted to the width (see [`table_width`]) by
+/// cutting long cells short with `…`, all but the first (the id). The
+/// matching `show` command has them whole.
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
+    fitted(header, rows, true)
+}
+
+/// One thing shown in full (`show` and what a change answers): long cells
+/// wrap to fit the width, and nothing is cut.
+pub(super) fn wrapped_table(header: &[&str], rows: Vec<Vec<String>>) -> Table {
+    fitted(header, rows, false)
 }
 
 /// Prints a command's answer. A reader that went away (`sentinel ... |
@@ -116,6 +157,20 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Hub(cmd) => hub(&client, &out, cmd).await,
         Command::Demo(args) => super::demo::run(args).await.map_err(|e| CliError::Demo(Box::new(e))),
         Command::Completions { .. } => Ok(()),
+    }
+}
+
+/// Whether a push of a new version of model `v` needs a publisher
+/// signature, and who requires it: the hub (of every model) or the model.
+fn publisher_requirement(v: &Value) -> String {
+    let own = v["require_publisher"] == json!(true);
+    match v["require_publisher_source"].as_str() {
+        Some("hub") if own => "required by the hub (--require-publisher), and by this model".into(),
+        Some("hub") => "required by the hub (--require-publisher), for every model".into(),
+        Some(_) => "required by this model".into(),
+        // A hub from before the effective requirement was shown says only the model's.
+        None if own && v.get("require_publisher_source").is_none() => "required by this model".into(),
+        None => "not required".into(),
     }
 }
 
@@ -182,7 +237,7 @@ async fn push(client: &HubClient, out: &Out, a: PushArgs) -> Result<(), CliError
             s(&v["sha256"]),
             size(&v["size"]),
             s(&v["key_id"]),
-            table(&VERSION_HEADER, version_rows(&json!([v])))
+            wrapped_table(&VERSION_HEADER, version_rows(&json!([v])))
         ) + &publisher_line(v)
             + &warnings(v)
     });
@@ -299,13 +354,13 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
         ModelCommand::Show { name } => {
             let v = client.get(&format!("/api/v1/models/{name}")).await?;
             out.print(&v, |v| {
-                let required = if v["require_publisher"] == json!(true) { "required" } else { "not required" };
                 format!(
-                    "{}: {}\ntags: {}\npublisher signature: {required}\n{}",
+                    "{}: {}\ntags: {}\npublisher signature: {}\n{}",
                     s(&v["name"]),
                     s(&v["description"]),
                     s(&v["tags"]),
-                    table(&VERSION_HEADER, version_rows(&v["versions"]))
+                    publisher_requirement(v),
+                    wrapped_table(&VERSION_HEADER, version_rows(&v["versions"]))
                 )
             });
             Ok(())
@@ -325,7 +380,7 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
             let v = client.send_json(Method::POST, &format!("/api/v1/models/{}/deploy", a.name), &body).await?;
             // The hub's warnings (e.g. a version with open dims) under the table.
             out.print(&v, |v| {
-                table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string() + &warnings(v)
+                wrapped_table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string() + &warnings(v)
             });
             Ok(())
         }
@@ -337,15 +392,21 @@ async fn model(client: &HubClient, out: &Out, cmd: ModelCommand) -> Result<(), C
                     &json!({"version": version, "target": target}),
                 )
                 .await?;
-            out.print(&v, |v| table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string());
+            out.print(&v, |v| {
+                wrapped_table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))).to_string() + &warnings(v)
+            });
             Ok(())
         }
         ModelCommand::Update { name, description, require_publisher } => {
             let body = json!({"description": description, "require_publisher": require_publisher});
             let v = client.send_json(Method::PUT, &format!("/api/v1/models/{name}"), &body).await?;
             out.print(&v, |v| {
-                let required = if v["require_publisher"] == json!(true) { "required" } else { "not required" };
-                format!("{}: {}\npublisher signature: {required}", s(&v["name"]), s(&v["description"]))
+                format!(
+                    "{}: {}\npublisher signature: {}",
+                    s(&v["name"]),
+                    s(&v["description"]),
+                    publisher_requirement(v)
+                )
             });
             Ok(())
         }
@@ -382,7 +443,7 @@ async fn deployments(client: &HubClient, out: &Out, cmd: DeploymentsCommand) -> 
             out.print(&v, |v| {
                 format!(
                     "{}\n{}",
-                    table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))),
+                    wrapped_table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))),
                     deployment_text(v)
                 )
             });

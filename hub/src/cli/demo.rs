@@ -469,7 +469,9 @@ async fn agent_status(client: &HubClient, agent_bin: &Path, config: &Path) -> Re
                     ms.iter().map(|m| vec![s(&m["name"]), s(&m["version"]), s(&m["state"]), s(&m["detail"])]).collect()
                 })
                 .unwrap_or_default();
-            for line in super::commands::table(&["MODEL", "VERSION", "STATE", "DETAIL"], rows).to_string().lines() {
+            for line in
+                super::commands::wrapped_table(&["MODEL", "VERSION", "STATE", "DETAIL"], rows).to_string().lines()
+            {
                 println!("    {line}");
             }
         }

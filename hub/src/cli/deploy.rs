@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use super::CliError;
 use super::args::DeployArgs;
-use super::commands::{s, table, time};
+use super::commands::{s, time, wrapped_table};
 use crate::records::DeviceState;
 
 /// Halt thresholds and waves: top-level fields of the deploy request, but a
@@ -76,7 +76,7 @@ pub fn deploy_body(a: &DeployArgs) -> Result<Value, CliError> {
     // empty --target is the hub's to refuse.
     let target = a.target.clone().ok_or_else(|| {
         CliError::Usage(
-            "--target is required: a selector such as `--target stage=production`, or `--target '*'` for every device"
+            "--target is required: a selector such as `--target ring=production`, or `--target '*'` for every device"
                 .into(),
         )
     })?;
@@ -198,7 +198,7 @@ pub fn deployment_text(v: &Value) -> String {
                     .collect()
             })
             .unwrap_or_default();
-        out.push_str(&table(&["DEVICE", "STATE", "VERSION", "DETAIL", "UPDATED"], rows).to_string());
+        out.push_str(&wrapped_table(&["DEVICE", "STATE", "VERSION", "DETAIL", "UPDATED"], rows).to_string());
     }
     out
 }

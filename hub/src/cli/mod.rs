@@ -14,6 +14,7 @@
 //! | 66 | a local file could not be read |
 //! | 69 | the hub (or the MLflow server an import reads) is unreachable or failed (5xx) |
 //! | 70 | `sentinel demo` failed |
+//! | 73 | a file the command writes could not be written (`device enroll --agent-config`; the message says whether the device was enrolled) |
 //! | 77 | missing or wrong token, or a role that is not allowed (401, 403) |
 //!
 //! # Layout
@@ -27,6 +28,8 @@
 //! - [`demo`]: `sentinel demo`, a real hub and agent on loopback (exit 70 on failure).
 //! - [`deploy`]: the deploy request from a policy file and flags, and the
 //!   rollout view of `deployments show`.
+//! - [`enroll`]: `device enroll --agent-config`, the agent config and token
+//!   file of a new device.
 
 pub mod admin;
 pub mod args;
@@ -34,6 +37,7 @@ pub mod client;
 pub mod commands;
 pub mod demo;
 pub mod deploy;
+pub mod enroll;
 pub mod mlflow;
 
 pub use args::Cli;
@@ -65,6 +69,13 @@ pub enum CliError {
     Mlflow(#[from] mlflow::MlflowError),
     #[error("{refused} of {total} MLflow versions were refused")]
     ImportRefused { refused: usize, total: usize },
+    /// A file the command writes; the message says what was done already.
+    #[error("{message}")]
+    WriteFile {
+        message: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CliError {
@@ -79,6 +90,7 @@ impl CliError {
             CliError::Mlflow(mlflow::MlflowError::LocalFile { .. }) => 66,
             CliError::Mlflow(_) => 69,
             CliError::ImportRefused { .. } => 4,
+            CliError::WriteFile { .. } => 73,
             CliError::Hub { status, .. } => match status {
                 404 => 1,
                 409 => 3,

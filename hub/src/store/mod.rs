@@ -13,6 +13,8 @@
 pub mod blobs;
 mod columns;
 pub mod postgres;
+#[cfg(test)]
+mod ring_migration_tests;
 pub mod s3;
 pub mod sqlite;
 

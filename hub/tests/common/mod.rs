@@ -47,11 +47,18 @@ pub async fn sentinel(hub: &TestHub, token: &str, args: &[&str]) -> Run {
 /// Runs the real `sentinel` binary with `SENTINEL_HUB` set to `hub_url`, as
 /// `token` (none: no `SENTINEL_TOKEN` at all).
 pub async fn sentinel_at(hub_url: &str, token: Option<&str>, args: &[&str]) -> Run {
+    sentinel_env(hub_url, token, &[], args).await
+}
+
+/// [`sentinel_at`] with `env` set besides. `COLUMNS` is unset unless `env`
+/// sets it, so tables come out whole whatever the test's terminal.
+pub async fn sentinel_env(hub_url: &str, token: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> Run {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinel"));
-    cmd.args(args).env("SENTINEL_HUB", hub_url).env_remove("SENTINEL_TOKEN");
+    cmd.args(args).env("SENTINEL_HUB", hub_url).env_remove("SENTINEL_TOKEN").env_remove("COLUMNS");
     if let Some(t) = token {
         cmd.env("SENTINEL_TOKEN", t);
     }
+    cmd.envs(env.iter().copied());
     let out = cmd.output().await.unwrap();
     Run {
         code: out.status.code().unwrap(),

@@ -118,7 +118,7 @@ async fn bad_names_json_and_deploys_are_refused() {
         hub.post_json(
             "/api/v1/models/m/deploy",
             &hub.admin,
-            json!({"version": "1.0.0", "target": "stage=prod,hardware=cuda"}),
+            json!({"version": "1.0.0", "target": "ring=prod,hardware=cuda"}),
         )
         .await,
         422,

@@ -105,7 +105,7 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     let r =
         sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.0.0", "--target", "production"]).await;
     ok(&r);
-    assert!(r.stdout.contains("stage=production"), "{}", r.stdout);
+    assert!(r.stdout.contains("ring=production"), "{}", r.stdout);
     ok(&sentinel(&hub, &admin, &["model", "deploy", "digits", "--version", "1.1.0", "--target", "production"]).await);
     let r = sentinel(&hub, &admin, &["model", "rollback", "digits", "--version", "1.0.0"]).await;
     ok(&r);
@@ -154,13 +154,13 @@ async fn push_list_deploy_rollback_and_exit_codes() {
     ok(&sentinel(&hub, &admin, &["model", "delete", "digits", "--force"]).await);
 
     // Devices: enrol (token on stdout), list, show.
-    let r = sentinel(&hub, &admin, &["device", "enroll", "edge-1", "--labels", "site=a,stage=production"]).await;
+    let r = sentinel(&hub, &admin, &["device", "enroll", "edge-1", "--labels", "site=a,ring=production"]).await;
     ok(&r);
     assert!(r.stdout.trim().starts_with("snt_"), "{}", r.stdout);
     let r = sentinel(&hub, &admin, &["devices", "list"]).await;
     ok(&r);
     assert!(
-        r.stdout.contains("edge-1") && r.stdout.contains("site=a,stage=production") && r.stdout.contains("offline"),
+        r.stdout.contains("edge-1") && r.stdout.contains("ring=production,site=a") && r.stdout.contains("offline"),
         "{}",
         r.stdout
     );
@@ -243,4 +243,54 @@ async fn a_refused_push_registers_nothing_and_a_good_one_registers_its_model() {
     let r = sentinel(&hub, &hub.admin, &["model", "push", v1.to_str().unwrap(), "--name", "a b", "--version", "1.0.0"])
         .await;
     assert_eq!(r.code, 65, "{}", r.stderr);
+}
+
+/// Lists fit `COLUMNS`: one line per row, long cells cut with `…` but never
+/// the id `show` takes; the matching `show` has the whole value, and piped
+/// output without `COLUMNS` is left whole.
+#[tokio::test]
+async fn lists_fit_the_width_and_show_has_the_whole_cell() {
+    let hub = TestHub::start().await;
+    let admin = hub.admin.as_str();
+    let labels = "site=north-harbour-warehouse-7,room=cold-storage-b,rack=r12,shelf=top";
+    ok(&sentinel(&hub, admin, &["device", "enroll", "edge-1", "--labels", labels]).await);
+    let description = "digit classifier for the loading-dock scanners, trained on the 2025 warehouse set";
+    let v1 = model_path(V1);
+    let push = ["model", "push", v1.to_str().unwrap(), "--name", "digits", "--version", "1.0.0"];
+    ok(&sentinel(&hub, admin, &[&push[..], &["--description", description]].concat()).await);
+    let narrow = [("COLUMNS", "80")];
+    let sorted = |t: &str| {
+        let mut v: Vec<&str> = t.split(',').collect();
+        v.sort_unstable();
+        v.join(",")
+    };
+
+    for (list, id, whole) in
+        [(["device", "list"], "edge-1", sorted(labels)), (["model", "list"], "digits", description.to_owned())]
+    {
+        let r = sentinel_env(&hub.url, Some(admin), &narrow, &list).await;
+        ok(&r);
+        let widest = r.stdout.lines().map(|l| l.chars().count()).max().unwrap();
+        assert!(widest <= 80, "{list:?} is {widest} wide:\n{}", r.stdout);
+        assert!(r.stdout.contains('…') && !r.stdout.contains(&whole), "{list:?}:\n{}", r.stdout);
+        // One line for the one row, between the header's rule and the bottom
+        // border, with the id whole.
+        let rows: Vec<&str> =
+            r.stdout.lines().skip_while(|l| !l.starts_with('╞')).skip(1).take_while(|l| !l.starts_with('└')).collect();
+        assert_eq!(rows.len(), 1, "{list:?}: one line per row:\n{}", r.stdout);
+        assert!(rows[0].contains(&format!("│ {id} ")), "{list:?}: the id is never cut:\n{}", r.stdout);
+        // Piped without COLUMNS: whole.
+        let r = sentinel(&hub, admin, &list).await;
+        ok(&r);
+        assert!(r.stdout.contains(&whole) && !r.stdout.contains('…'), "{list:?}:\n{}", r.stdout);
+    }
+    let r = sentinel_env(&hub.url, Some(admin), &narrow, &["device", "show", "edge-1"]).await;
+    ok(&r);
+    assert!(r.stdout.contains(&format!("labels     {}", sorted(labels))), "{}", r.stdout);
+    let r = sentinel_env(&hub.url, Some(admin), &[("COLUMNS", "60")], &["model", "show", "digits"]).await;
+    ok(&r);
+    assert!(r.stdout.starts_with(&format!("digits: {description}\n")), "{}", r.stdout);
+    // A show's own table (below name, tags and publisher lines) wraps rather than cuts.
+    let table: Vec<&str> = r.stdout.lines().skip(3).collect();
+    assert!(!r.stdout.contains('…') && table.iter().all(|l| l.chars().count() <= 60), "{}", r.stdout);
 }

@@ -7,7 +7,7 @@ use crate::common;
 
 use common::*;
 use sentinel_testkit::signing::{keypair, sign, verify};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn ok(r: &Run) {
     assert_eq!(r.code, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
@@ -179,4 +179,60 @@ async fn a_hub_that_requires_publishers_refuses_unsigned_pushes_before_inspectin
     assert_eq!(r.status(), 413);
     let versions = hub.get("/api/v1/models/digits", &hub.admin).await.json::<Value>().await.unwrap();
     assert_eq!(versions["version_count"], 0);
+}
+
+/// `model show` (API, CLI) says whether a push needs a publisher signature
+/// and who requires it: a hub's `--require-publisher` applies to every model
+/// whatever the model's own setting, which keeps its meaning.
+#[tokio::test]
+async fn model_show_says_who_requires_a_publisher_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let strict = TestHub::start_at(dir.path(), |c| c.require_publisher = true).await;
+    let plain = TestHub::start().await;
+    let requirement = |m: &Value| {
+        (
+            m["require_publisher"].clone(),
+            m["require_publisher_effective"].clone(),
+            m["require_publisher_source"].clone(),
+        )
+    };
+    for hub in [&strict, &plain] {
+        hub.register("digits").await;
+    }
+    let show = async |hub: &TestHub| {
+        let r = sentinel(hub, &hub.admin, &["model", "show", "digits"]).await;
+        ok(&r);
+        let line = r.stdout.lines().find(|l| l.starts_with("publisher signature: ")).unwrap().to_owned();
+        let json: Value = hub.admin_get("/api/v1/models/digits").await;
+        let listed: Value = hub.admin_get("/api/v1/models").await;
+        assert_eq!(requirement(&listed["models"][0]), requirement(&json), "list and show agree");
+        (line, requirement(&json))
+    };
+
+    assert_eq!(
+        show(&strict).await,
+        (
+            "publisher signature: required by the hub (--require-publisher), for every model".to_owned(),
+            (json!(false), json!(true), json!("hub"))
+        )
+    );
+    assert_eq!(
+        show(&plain).await,
+        ("publisher signature: not required".to_owned(), (json!(false), json!(false), Value::Null))
+    );
+    for hub in [&strict, &plain] {
+        let r = sentinel(hub, &hub.admin, &["model", "update", "digits", "--require-publisher", "true"]).await;
+        ok(&r);
+    }
+    assert_eq!(
+        show(&strict).await,
+        (
+            "publisher signature: required by the hub (--require-publisher), and by this model".to_owned(),
+            (json!(true), json!(true), json!("hub"))
+        )
+    );
+    assert_eq!(
+        show(&plain).await,
+        ("publisher signature: required by this model".to_owned(), (json!(true), json!(true), json!("model")))
+    );
 }

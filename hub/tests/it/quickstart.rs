@@ -92,24 +92,28 @@ fn free_port() -> u16 {
 }
 
 /// The README's walkthrough, as written, taken from the README: hub, model,
-/// enrolled device, agent config with its token file and pinned key, the
+/// a device enrolled with the agent config and token file the CLI writes, the
 /// agent, a deploy, then `curl` inference and feedback, status on both sides.
 ///
 /// Run by bash with `-euo pipefail`, so any failing command fails the test.
 /// What differs from a user's terminal: this build's binaries are on PATH (for
 /// the README's `cargo build --release` line); the two fixed ports it names
-/// (8080, 8601) become free ones, so a busy port cannot fail the test; the
-/// metrics listeners, which the walkthrough leaves at their defaults, are
-/// switched off through their documented environment variables for the same
-/// reason; `models/` is the repository's.
+/// (8080, 8601) become free ones, so a busy port cannot fail the test, and
+/// the agent's inference API, which the walkthrough leaves at its default
+/// 8601, moves to the free one through its documented environment variable;
+/// the metrics listeners, also left at their defaults, are switched off the
+/// same way for the same reason; `models/` is the repository's.
 #[tokio::test]
 async fn the_readme_walkthrough_runs_as_written() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let mut script = walkthrough(&readme);
-    for (port, free) in [("127.0.0.1:8080", free_port()), ("127.0.0.1:8601", free_port())] {
+    let inference = format!("127.0.0.1:{}", free_port());
+    for (port, free) in
+        [("127.0.0.1:8080", format!("127.0.0.1:{}", free_port())), ("127.0.0.1:8601", inference.clone())]
+    {
         assert!(script.contains(port), "the walkthrough no longer names {port}: update this test");
-        script = script.replace(port, &format!("127.0.0.1:{free}"));
+        script = script.replace(port, &free);
     }
     let tmp = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(root.join("models"), tmp.path().join("models")).unwrap();
@@ -127,6 +131,7 @@ async fn the_readme_walkthrough_runs_as_written() {
     }
     cmd.env_remove("RUNTIME_DIRECTORY")
         .env("SENTINEL_METRICS_LISTEN", "off")
+        .env("SENTINEL_AGENT_LISTEN", &inference)
         .env("SENTINEL_AGENT_METRICS_LISTEN", "")
         .env("NO_COLOR", "1")
         // Its own process group: whatever the script left running is killed with it.

@@ -94,10 +94,10 @@ async fn model_lifecycle_through_every_endpoint() {
         .json()
         .await
         .unwrap();
-    assert_eq!(d["target"], "stage=production");
+    assert_eq!(d["target"], "ring=production", "a bare word names the ring");
     assert_eq!(d["state"], "active");
     let d2: Value = hub
-        .post_json("/api/v1/models/digits/deploy", &admin, json!({"version": "2.0.0", "target": "stage=production"}))
+        .post_json("/api/v1/models/digits/deploy", &admin, json!({"version": "2.0.0", "target": "ring=production"}))
         .await
         .json()
         .await

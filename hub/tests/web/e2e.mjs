@@ -245,6 +245,7 @@ try {
   step = 'the version says where it runs';
   await page.goto(`${url}/ui/#/models/${MODEL}`);
   await page.waitForSelector('[data-runs="1.0.0"]:text("runs on 1")');
+  await page.waitForSelector('#publisher-requirement:text("Publisher signature: not required")');
 
   step = 'audit view, filtered';
   await page.goto(`${url}/ui/#/audit`);

@@ -174,7 +174,54 @@ pub(super) const MIGRATIONS: &[&str] = &[
      INSERT INTO deployment_transitions (deployment_id, device_id, state, at_ms)
      SELECT deployment_id, device_id, state, updated_ms FROM deployment_devices;
      ALTER TABLE device_events ADD COLUMN evidence TEXT;",
+    MIGRATION_RING,
 ];
+
+/// 5 (SQLite 8): the device-label key `stage` (deployment rings) is now
+/// `ring`; a model version's stage keeps its name. Renamed in enrolment
+/// labels, in the labels of each device's last hello, and in deployment
+/// targets, which are rewritten in the order selectors print (labels by key
+/// in byte order, hence `COLLATE "C"`, then hardware tags), so a target
+/// stays equal to the same selector parsed anew. Labels or a target that
+/// name a `ring` already are left as they were. The JSON columns are text:
+/// one that does not parse is skipped (in a block of its own, as a failed
+/// cast would abort the migration), and reading it fails as it did before.
+pub(super) const MIGRATION_RING: &str = r#"DO $$
+     DECLARE
+        d RECORD;
+        lj JSONB;
+        hj JSONB;
+     BEGIN
+        FOR d IN SELECT id, devices.labels AS l, devices.hello AS h FROM devices
+                 WHERE devices.labels LIKE '%"stage"%' OR devices.hello LIKE '%"stage"%' LOOP
+            BEGIN
+                lj := d.l::jsonb;
+                IF jsonb_typeof(lj) = 'object' AND lj ? 'stage' AND NOT lj ? 'ring' THEN
+                    UPDATE devices SET labels = ((lj - 'stage') || jsonb_build_object('ring', lj -> 'stage'))::text
+                     WHERE id = d.id;
+                END IF;
+            EXCEPTION WHEN invalid_text_representation THEN NULL;
+            END;
+            BEGIN
+                hj := d.h::jsonb;
+                IF jsonb_typeof(hj -> 'labels') = 'object' AND (hj -> 'labels') ? 'stage'
+                   AND NOT (hj -> 'labels') ? 'ring' THEN
+                    UPDATE devices
+                       SET hello = jsonb_set(hj, '{labels}', ((hj -> 'labels') - 'stage')
+                                   || jsonb_build_object('ring', hj -> 'labels' -> 'stage'))::text
+                     WHERE id = d.id;
+                END IF;
+            EXCEPTION WHEN invalid_text_representation THEN NULL;
+            END;
+        END LOOP;
+     END $$;
+     UPDATE deployments
+        SET target = (
+            SELECT string_agg(part, ',' ORDER BY part LIKE 'hardware=%', split_part(part, '=', 1) COLLATE "C",
+                              part COLLATE "C")
+            FROM (SELECT CASE WHEN p LIKE 'stage=%' THEN 'ring=' || substr(p, 7) ELSE p END AS part
+                  FROM unnest(string_to_array(deployments.target, ',')) AS p) AS parts)
+      WHERE (',' || target || ',') LIKE '%,stage=%' AND (',' || target || ',') NOT LIKE '%,ring=%';"#;
 
 /// Applies the migrations the database has not had yet, in one transaction
 /// under [`BOOTSTRAP_LOCK`]; refuses a database from a newer hub.

@@ -34,6 +34,8 @@ mod deployments;
 mod devices;
 pub mod import;
 pub mod keys;
+#[cfg(test)]
+mod migration_tests;
 mod migrations;
 mod registry;
 mod telemetry;

@@ -171,7 +171,32 @@ pub(super) const MIGRATIONS: &[&str] = &[
      INSERT INTO deployment_transitions (deployment_id, device_id, state, at_ms)
      SELECT deployment_id, device_id, state, updated_ms FROM deployment_devices;
      ALTER TABLE device_events ADD COLUMN evidence TEXT;",
+    MIGRATION_RING,
 ];
+
+/// 8: the device-label key `stage` (deployment rings) is now `ring`; a
+/// model version's stage keeps its name. Renamed in enrolment labels, in the
+/// labels of each device's last hello, and in deployment targets, which are
+/// rewritten in the order selectors print (labels by key, then hardware
+/// tags), so a target stays equal to the same selector parsed anew. Labels
+/// or a target that name a `ring` already are left as they were; a corrupt
+/// JSON column or target is skipped (reading it fails as it did before).
+/// `GLOB`, not `LIKE`: label keys are case-sensitive.
+pub(super) const MIGRATION_RING: &str = r#"UPDATE devices
+        SET labels = json_set(json_remove(labels, '$.stage'), '$.ring', json_extract(labels, '$.stage'))
+      WHERE json_valid(labels) AND json_type(labels, '$.stage') IS NOT NULL AND json_type(labels, '$.ring') IS NULL;
+     UPDATE devices
+        SET hello = json_set(json_remove(hello, '$.labels.stage'), '$.labels.ring',
+                             json_extract(hello, '$.labels.stage'))
+      WHERE json_valid(hello) AND json_type(hello, '$.labels.stage') IS NOT NULL
+        AND json_type(hello, '$.labels.ring') IS NULL;
+     UPDATE deployments
+        SET target = (
+            SELECT group_concat(part, ',' ORDER BY part GLOB 'hardware=*', substr(part, 1, instr(part, '=') - 1), part)
+            FROM (SELECT CASE WHEN p.value GLOB 'stage=*' THEN 'ring=' || substr(p.value, 7) ELSE p.value END AS part
+                  FROM json_each('["' || replace(deployments.target, ',', '","') || '"]') AS p))
+      WHERE (',' || target || ',') GLOB '*,stage=*' AND NOT (',' || target || ',') GLOB '*,ring=*'
+        AND json_valid('["' || replace(target, ',', '","') || '"]');"#;
 
 /// 5: staged rollouts.
 const MIGRATION_WAVES: &str = "ALTER TABLE deployments ADD COLUMN waves TEXT NOT NULL DEFAULT '[]';

@@ -1,6 +1,6 @@
 //! Tests of the SQLite store.
 
-use super::migrations::MIGRATIONS;
+use super::migrations::{MIGRATION_RING, MIGRATIONS};
 use super::*;
 use crate::store::{
     AccessStore as _, AuditEntry, AuditOutcome, DeploymentKind, DeploymentStore as _, DeviceStore as _, HaltOutcome,
@@ -282,4 +282,25 @@ fn a_device_is_read_with_its_events_at_one_moment() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].kind, "rolled_back");
     assert_eq!(events[0].evidence, Some(serde_json::json!({"kind": "latency", "switch_us": 42})), "kept as given");
+}
+
+/// A database at the schema before the label key `stage` became `ring`
+/// (wherever that migration sits in the list) is rewritten on open.
+#[test]
+fn the_ring_migration_renames_stage_in_labels_hellos_and_targets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    let before = MIGRATIONS.iter().position(|m| *m == MIGRATION_RING).expect("the ring migration is listed");
+    {
+        let mut conn = Connection::open(&path).expect("raw");
+        let tx = conn.transaction().expect("tx");
+        for sql in &MIGRATIONS[..before] {
+            tx.execute_batch(sql).expect("old migration");
+        }
+        tx.pragma_update(None, "user_version", before).expect("user_version");
+        tx.execute_batch(crate::store::ring_migration_tests::OLD_ROWS).expect("old rows");
+        tx.commit().expect("commit");
+    }
+    let store = SqliteStore::open(&path).expect("migrate");
+    crate::store::ring_migration_tests::check(&store);
 }

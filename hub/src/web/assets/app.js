@@ -280,6 +280,14 @@ function uploadForm(model) {
   return h('div', { class: 'card' }, h('h2', {}, 'Upload a version'), form, err);
 }
 
+/** Whether a push of a new version needs a publisher signature, and who requires it. */
+function publisherRequirement(m) {
+  if (m.require_publisher_source === 'hub') {
+    return `Publisher signature: required by the hub (--require-publisher)${m.require_publisher ? ', and by this model' : ', for every model'}`;
+  }
+  return m.require_publisher_effective ? 'Publisher signature: required by this model' : 'Publisher signature: not required';
+}
+
 async function modelView(name) {
   const m = await api('GET', `/models/${encodeURIComponent(name)}`);
   const versions = (await api('GET', `/models/${encodeURIComponent(name)}/versions?limit=500`)).versions
@@ -341,7 +349,7 @@ async function modelView(name) {
       h('input', { name: `policy.${key}`, type: type || 'number', step: 'any', min: 0, placeholder: hint })));
     const form = h('form', { class: 'inline', id: 'deploy-form' },
       h('label', {}, 'Version', h('input', { name: 'version', value: version, readonly: true })),
-      h('label', {}, 'Target selector', h('input', { name: 'target', required: true, placeholder: 'stage=production,site=a, or * for every device' })),
+      h('label', {}, 'Target selector', h('input', { name: 'target', required: true, placeholder: 'ring=production,site=a, or * for every device' })),
       h('label', {}, 'Halt above fraction', h('input', { name: 'halt', type: 'number', step: 'any', min: 0, max: 1, placeholder: '0.2' })),
       h('label', {}, 'Halt at count', h('input', { name: 'halt_count', type: 'number', min: 1, placeholder: 'none' })),
       h('label', {}, 'Waves (cumulative %)', h('input', { name: 'waves', placeholder: 'all at once; e.g. 10,50,100' })),
@@ -367,7 +375,8 @@ async function modelView(name) {
       if (Object.keys(policy).length) body.policy = policy;
       try {
         const d = await api('POST', `/models/${encodeURIComponent(name)}/deploy`, body);
-        flash(`Deployment ${d.id} created: ${d.model} ${d.version} to [${d.target || 'every device'}].`);
+        const said = (d.warnings || []).map((w) => ` Warning: ${w}`).join('');
+        flash(`Deployment ${d.id} created: ${d.model} ${d.version} to [${d.target || 'every device'}].${said}`);
         location.hash = `#/deployments/${d.id}`;
       } catch (e) { deployErr.textContent = e.message; }
     });
@@ -380,6 +389,7 @@ async function modelView(name) {
       h('h1', {}, h('a', { href: '#/models' }, 'Models'), ' / ', name),
       active ? h('button', { type: 'button', class: 'danger', id: 'rollback-btn', onclick: () => rollback(name) }, 'Roll back') : null),
     m.description ? h('p', { class: 'muted' }, m.description) : null,
+    h('p', { class: 'muted', id: 'publisher-requirement' }, publisherRequirement(m)),
     h('div', { class: 'card' }, h('h2', {}, 'Versions'),
       versions.length ? h('table', {},
         h('thead', {}, h('tr', {}, ['Version', 'Stage', 'Accuracy', 'SHA-256', 'Size', 'Hardware', 'Signing key', 'Created', 'Where', deployer ? '' : null]
