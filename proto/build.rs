@@ -20,7 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "RolloutEvidence",
         "WindowMetrics",
     ] {
-        config = config.type_attribute(format!(".sentinel.v1.{ty}"), "#[derive(serde::Serialize, serde::Deserialize)]");
+        // `default`: JSON stored before a field existed still reads.
+        config = config.type_attribute(
+            format!(".sentinel.v1.{ty}"),
+            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]",
+        );
     }
     // Labels encode in key order, so equal states encode to equal bytes.
     config = config.btree_map(".sentinel.v1.DesiredState.labels");
