@@ -440,11 +440,15 @@ async fn deployments(client: &HubClient, out: &Out, cmd: DeploymentsCommand) -> 
         }
         DeploymentsCommand::Show { id } => {
             let v = client.get(&format!("/api/v1/deployments/{id}")).await?;
+            // The telemetry is for people; `--json` keeps the one answer.
+            let telemetry =
+                if out.json { None } else { Some(client.get(&format!("/api/v1/deployments/{id}/telemetry")).await?) };
             out.print(&v, |v| {
                 format!(
-                    "{}\n{}",
+                    "{}\n{}{}",
                     wrapped_table(&DEPLOYMENT_HEADER, deployment_rows(std::slice::from_ref(v))),
-                    deployment_text(v)
+                    deployment_text(v),
+                    telemetry.as_ref().map(super::deploy::telemetry_text).unwrap_or_default()
                 )
             });
         }

@@ -317,50 +317,27 @@ async fn rollback_reason(client: &HubClient) -> Result<Option<String>, DemoError
 }
 
 /// Waits until the hub has the device's windows of the canary (at least
-/// `served` requests on 2.0.0), then prints each version's totals.
+/// `served` requests on 2.0.0), then prints each version's totals, as
+/// `sentinel deployments show` does.
 async fn kept_telemetry(client: &HubClient, id: i64, served: usize) -> Result<(), DemoError> {
     let deadline = Instant::now() + WAIT;
-    let sum = |v: &Value, version: &str, f: &dyn Fn(&Value) -> u64| -> u64 {
-        v["series"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["version"] == version)
-            .flat_map(|s| s["points"].as_array().into_iter().flatten())
-            .map(f)
-            .sum()
-    };
-    let v = loop {
-        let path = format!("/api/v1/deployments/{id}/telemetry");
+    let path = format!("/api/v1/deployments/{id}/telemetry");
+    loop {
         let v = client.get(&path).await.map_err(hub_step("reading the deployment's telemetry"))?;
-        if sum(&v, "2.0.0", &|p| p["requests"].as_u64().unwrap_or(0)) >= served as u64 {
-            break v;
+        let on_new =
+            super::deploy::telemetry_totals(&v).iter().find(|t| t.version == "2.0.0").map_or(0, |t| t.requests);
+        if on_new >= served as u64 {
+            for line in super::deploy::telemetry_text(&v).lines() {
+                println!("    {line}");
+            }
+            println!("    (the web UI plots these per bucket on the deployment's and the device's pages)");
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err(DemoError::Unexpected(format!("the hub did not keep the canary's {served} requests: {v}")));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    for version in ["2.0.0", "1.0.0"] {
-        let requests = sum(&v, version, &|p| p["requests"].as_u64().unwrap_or(0));
-        let total = sum(&v, version, &|p| p["feedback"]["total"].as_u64().unwrap_or(0));
-        let correct = sum(&v, version, &|p| p["feedback"]["correct"].as_u64().unwrap_or(0));
-        let p95 = v["series"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["version"] == version)
-            .flat_map(|s| s["points"].as_array().into_iter().flatten())
-            .filter_map(|p| p["latency_ms"]["p95"].as_f64())
-            .fold(0.0, f64::max);
-        #[allow(clippy::cast_precision_loss)] // demo counts
-        let accuracy = if total == 0 { String::from("no feedback") } else {
-            format!("{:.0}% correct of {total} with feedback", 100.0 * correct as f64 / total as f64)
-        };
-        println!("    {version}: {requests} requests, {accuracy}, worst p95 of a {} s bucket {p95:.2} ms", v["bucket_ms"].as_i64().unwrap_or(0) / 1000);
     }
-    println!("    (the web UI plots these per bucket on the deployment's and the device's pages)");
-    Ok(())
 }
 
 /// Waits until the hub halts the deployment (one device of one rolled

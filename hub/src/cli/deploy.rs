@@ -203,6 +203,82 @@ pub fn deployment_text(v: &Value) -> String {
     out
 }
 
+/// One version's totals over a telemetry answer's buckets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VersionTotals {
+    pub version: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub feedback_correct: u64,
+    pub feedback_total: u64,
+    /// The worst p95 latency of any one bucket, milliseconds.
+    pub worst_p95_ms: Option<f64>,
+    /// The most devices that reported in one bucket.
+    pub devices: u64,
+}
+
+/// Totals per version of a `GET …/telemetry` answer, in its series' order.
+pub fn telemetry_totals(v: &Value) -> Vec<VersionTotals> {
+    let mut out: Vec<VersionTotals> = Vec::new();
+    for series in v["series"].as_array().into_iter().flatten() {
+        let version = s(&series["version"]);
+        let at = match out.iter().position(|t| t.version == version) {
+            Some(i) => i,
+            None => {
+                out.push(VersionTotals { version, ..VersionTotals::default() });
+                out.len() - 1
+            }
+        };
+        let t = &mut out[at];
+        for p in series["points"].as_array().into_iter().flatten() {
+            let n = |x: &Value| x.as_u64().unwrap_or(0);
+            t.requests += n(&p["requests"]);
+            t.errors += n(&p["errors"]);
+            t.feedback_correct += n(&p["feedback"]["correct"]);
+            t.feedback_total += n(&p["feedback"]["total"]);
+            t.devices = t.devices.max(n(&p["devices"]));
+            if let Some(p95) = p["latency_ms"]["p95"].as_f64() {
+                t.worst_p95_ms = Some(t.worst_p95_ms.map_or(p95, |w| w.max(p95)));
+            }
+        }
+    }
+    out
+}
+
+/// A deployment's telemetry as a table: one row per version.
+pub fn telemetry_text(v: &Value) -> String {
+    let totals = telemetry_totals(v);
+    if totals.is_empty() {
+        return "telemetry: none reported yet (devices report every heartbeat)\n".into();
+    }
+    #[allow(clippy::cast_precision_loss)] // display only
+    let rows = totals
+        .iter()
+        .map(|t| {
+            let pct = |a: u64, b: u64| if b == 0 { "-".into() } else { format!("{:.1}%", 100.0 * a as f64 / b as f64) };
+            vec![
+                t.version.clone(),
+                t.requests.to_string(),
+                pct(t.errors, t.requests),
+                if t.feedback_total == 0 {
+                    "-".into()
+                } else {
+                    format!("{} of {}", pct(t.feedback_correct, t.feedback_total), t.feedback_total)
+                },
+                t.worst_p95_ms.map_or_else(|| "-".into(), |p| format!("{p:.2} ms")),
+                t.devices.to_string(),
+            ]
+        })
+        .collect();
+    let width = v["bucket_ms"].as_i64().unwrap_or(0) / 1000;
+    format!(
+        "telemetry since {} ({} s buckets, percentiles merged over devices):\n{}",
+        time(&v["from_ms"]),
+        width,
+        wrapped_table(&["VERSION", "REQUESTS", "ERRORS", "ACCURACY (FEEDBACK)", "WORST P95", "DEVICES"], rows)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -292,5 +368,31 @@ mod tests {
         let shown = deployment_text(&json!({"waves": [5, 50, 100], "wave": 1, "status": {"waiting": 7}}));
         assert!(shown.contains("waves: 5% -> 50% -> 100%; now 50% (7 devices waiting)\n"), "{shown}");
         assert!(!deployment_text(&json!({"waves": []})).contains("waves"));
+    }
+
+    #[test]
+    fn telemetry_totals_add_each_versions_points() {
+        let v = json!({"bucket_ms": 60000, "from_ms": 0, "series": [
+            {"version": "2.0.0", "points": [
+                {"requests": 10, "errors": 1, "devices": 2, "feedback": {"correct": 6, "total": 8}, "latency_ms": {"p95": 3.0}},
+                {"requests": 5, "errors": 0, "devices": 3, "feedback": {"correct": 1, "total": 2}, "latency_ms": {"p95": null}}]},
+            {"version": "1.0.0", "points": []}]});
+        let t = telemetry_totals(&v);
+        assert_eq!(
+            t[0],
+            VersionTotals {
+                version: "2.0.0".into(),
+                requests: 15,
+                errors: 1,
+                feedback_correct: 7,
+                feedback_total: 10,
+                worst_p95_ms: Some(3.0),
+                devices: 3,
+            }
+        );
+        assert_eq!(t[1].requests, 0);
+        let text = telemetry_text(&v);
+        assert!(text.contains("70.0% of 10") && text.contains("3.00 ms") && text.contains("6.7%"), "{text}");
+        assert!(telemetry_text(&json!({"series": []})).contains("none reported yet"));
     }
 }
