@@ -32,7 +32,7 @@ mod resume_download;
 mod rollback;
 mod serving;
 mod supervisor;
-mod telemetry;
 mod tampered_artifact;
+mod telemetry;
 mod tls;
 mod wild_models;

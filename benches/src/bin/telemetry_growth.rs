@@ -48,7 +48,7 @@ fn window(version: &str, seq: u64, end: i64, step_ms: i64, device: u64) -> SlotW
         start_unix_ms: end - step_ms,
         end_unix_ms: end,
         requests,
-        errors: u64::from(seq % 97 == 0),
+        errors: u64::from(seq.is_multiple_of(97)),
         latency: Some(latency.to_pb()),
         compute: Some(compute.to_pb()),
         feedback_correct: requests / 20,
