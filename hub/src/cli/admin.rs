@@ -30,6 +30,33 @@ fn running_text(models: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// A rollout decision's evidence in a line: the new slot against the old
+/// on compute p95 and feedback accuracy, and how fast traffic moved back.
+fn evidence_text(e: &Value) -> Option<String> {
+    let e = e.as_object()?;
+    let (new, old) = (&e.get("candidate")?, e.get("baseline"));
+    let p95 = |w: &Value| w["p95_ms"].as_f64().map(|p| format!("{p:.2} ms"));
+    #[allow(clippy::cast_precision_loss)] // display only
+    let acc = |w: &Value| {
+        let total = w["feedback_total"].as_u64().filter(|t| *t > 0)?;
+        let correct = w["feedback_correct"].as_u64().unwrap_or(0);
+        Some(format!("{:.1}% of {total}", 100.0 * correct as f64 / total as f64))
+    };
+    let versus = |what: &str, f: &dyn Fn(&Value) -> Option<String>| {
+        let n = f(new)?;
+        Some(match old.and_then(|o| f(o)) {
+            Some(o) => format!("{what} {n} vs {o}"),
+            None => format!("{what} {n}"),
+        })
+    };
+    let mut parts: Vec<String> =
+        [versus("compute p95", &p95), versus("accuracy", &acc)].into_iter().flatten().collect();
+    if let Some(us) = e.get("switch_us").and_then(Value::as_u64).filter(|_| e.get("kind").is_some_and(|k| k != "")) {
+        parts.push(format!("switched back in {us} µs"));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
 fn device_rows(list: &[Value]) -> Vec<Vec<String>> {
     list.iter()
         .map(|d| {
@@ -94,7 +121,10 @@ pub(super) async fn device(client: &HubClient, out: &Out, cmd: DeviceCommand) ->
                                     s(&e["kind"]),
                                     s(&e["model"]),
                                     s(&e["version"]),
-                                    s(&e["reason"]),
+                                    match evidence_text(&e["evidence"]) {
+                                        Some(why) => format!("{} ({why})", s(&e["reason"])),
+                                        None => s(&e["reason"]),
+                                    },
                                 ]
                             })
                             .collect()
@@ -296,4 +326,23 @@ pub(super) async fn hub(client: &HubClient, out: &Out, cmd: HubCommand) -> Resul
             .unwrap_or_default()
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evidence_reads_as_one_line_new_against_old() {
+        let e = json!({"kind": "accuracy", "switch_us": 4,
+            "candidate": {"p95_ms": 0.26, "feedback_correct": 60, "feedback_total": 100},
+            "baseline": {"p95_ms": 0.25, "feedback_correct": 97, "feedback_total": 100}});
+        assert_eq!(
+            evidence_text(&e).as_deref(),
+            Some("compute p95 0.26 ms vs 0.25 ms; accuracy 60.0% of 100 vs 97.0% of 100; switched back in 4 µs")
+        );
+        let phase = json!({"kind": "", "candidate": {"p95_ms": 1.0}});
+        assert_eq!(evidence_text(&phase).as_deref(), Some("compute p95 1.00 ms"));
+        assert_eq!(evidence_text(&Value::Null), None);
+    }
 }
