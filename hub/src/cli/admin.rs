@@ -44,7 +44,7 @@ fn evidence_text(e: &Value) -> Option<String> {
     };
     let versus = |what: &str, f: &dyn Fn(&Value) -> Option<String>| {
         let n = f(new)?;
-        Some(match old.and_then(|o| f(o)) {
+        Some(match old.and_then(f) {
             Some(o) => format!("{what} {n} vs {o}"),
             None => format!("{what} {n}"),
         })
