@@ -30,6 +30,7 @@ pub mod mlflow;
 pub mod models;
 pub mod ort;
 pub mod signing;
+pub mod telemetry;
 pub mod wait;
 
 /// A loopback port the kernel just handed out and took back, for a server

@@ -138,8 +138,7 @@ async fn a_version_below_its_declared_accuracy_is_rolled_back_in_full_on_feedbac
     let path = "/api/v1/devices/edge-1/telemetry?version=2.0.0";
     eventually("every answer of 2.0.0 in the hub's series", WAIT, async || {
         let v = hub.admin_get(path).await;
-        let points = v["series"].as_array().unwrap().iter().flat_map(|s| s["points"].as_array().unwrap().iter());
-        (points.map(|p| p["requests"].as_u64().unwrap()).sum::<u64>() == on_v2).then_some(())
+        (sentinel_testkit::telemetry::total(&v, "2.0.0", "/requests") == on_v2).then_some(())
     })
     .await;
     agent.shutdown().await;

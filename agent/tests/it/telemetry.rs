@@ -46,31 +46,21 @@ async fn one(http: &reqwest::Client, agent: &AgentHandle, sample: usize, tally: 
     t.slowest_ms = t.slowest_ms.max(took);
 }
 
-/// Sums of one version's points in a series answer.
+/// Sums of one version's points in a series answer, and how many points.
 fn sums(v: &Value, version: &str) -> (Tally, u64) {
-    let mut t = Tally::default();
-    let mut points = 0;
-    for s in v["series"].as_array().unwrap().iter().filter(|s| s["version"] == version) {
-        for p in s["points"].as_array().unwrap() {
-            t.requests += p["requests"].as_u64().unwrap();
-            t.feedback += p["feedback"]["total"].as_u64().unwrap();
-            t.correct += p["feedback"]["correct"].as_u64().unwrap();
-            points += 1;
-        }
-    }
-    (t, points)
+    use sentinel_testkit::telemetry::{points, total};
+    let t = Tally {
+        requests: total(v, version, "/requests"),
+        feedback: total(v, version, "/feedback/total"),
+        correct: total(v, version, "/feedback/correct"),
+        slowest_ms: 0.0,
+    };
+    (t, points(v, version).count() as u64)
 }
 
 /// The largest of one percentile over a version's points, milliseconds.
 fn max_of(v: &Value, version: &str, what: &str, q: &str) -> f64 {
-    v["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["version"] == version)
-        .flat_map(|s| s["points"].as_array().unwrap().iter())
-        .filter_map(|p| p[what][q].as_f64())
-        .fold(0.0, f64::max)
+    sentinel_testkit::telemetry::points(v, version).filter_map(|p| p[what][q].as_f64()).fold(0.0, f64::max)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

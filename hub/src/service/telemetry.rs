@@ -92,6 +92,17 @@ fn header(range: Range, retention: &Retention) -> serde_json::Map<String, Value>
     m
 }
 
+/// The stored buckets `q` selects, combined.
+async fn series_of(state: &SharedState, q: TelemetryQuery) -> Result<Series, ServiceError> {
+    state
+        .meta(move |m| {
+            let mut s = Series::default();
+            m.visit_telemetry(&q, &mut |b| s.add(&b))?;
+            Ok(s)
+        })
+        .await
+}
+
 /// One device's series: per model and version, each bucket as the device
 /// reported it.
 pub async fn device(
@@ -110,13 +121,7 @@ pub async fn device(
         from_ms: retention.bucket_of(range.resolution, range.from_ms),
         to_ms: range.to_ms,
     };
-    let series = state
-        .meta(move |m| {
-            let mut s = Series::default();
-            m.visit_telemetry(&q, &mut |b| s.add(&b))?;
-            Ok(s)
-        })
-        .await?;
+    let series = series_of(state, q).await?;
     let mut out = header(range, &retention);
     out.insert("device_id".into(), json!(device_id));
     out.insert("series".into(), series.to_json(retention.width_ms(range.resolution)));
@@ -159,13 +164,7 @@ pub async fn deployment(state: &SharedState, id: i64, range: Option<Range>) -> R
         from_ms: retention.bucket_of(range.resolution, range.from_ms),
         to_ms: range.to_ms,
     };
-    let series = state
-        .meta(move |m| {
-            let mut s = Series::default();
-            m.visit_telemetry(&q, &mut |b| s.add(&b))?;
-            Ok(s)
-        })
-        .await?;
+    let series = series_of(state, q).await?;
     let mut out = header(range, &retention);
     out.insert("deployment_id".into(), json!(d.id));
     out.insert("model".into(), json!(d.model));

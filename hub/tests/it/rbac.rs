@@ -78,6 +78,7 @@ fn matrix() -> Vec<(Method, &'static str, Need, Body)> {
         (Method::DELETE, "/api/v1/publishers/no-such-publisher", Need::Admin, Body::None),
         (Method::GET, "/api/v1/deployments", Need::Viewer, Body::None),
         (Method::GET, "/api/v1/deployments/1", Need::Viewer, Body::None),
+        (Method::GET, "/api/v1/deployments/1/telemetry", Need::Viewer, Body::None),
         (Method::POST, "/api/v1/models", Need::Publisher, Body::Json(|| json!({"name": "n"}))),
         (Method::PUT, "/api/v1/models/m", Need::Publisher, Body::Json(|| json!({"description": "d"}))),
         (Method::POST, "/api/v1/models/m/versions?version=2.0.0", Need::Publisher, Body::Model),
@@ -97,6 +98,7 @@ fn matrix() -> Vec<(Method, &'static str, Need, Body)> {
         (Method::DELETE, "/api/v1/models/no-such-model", Need::Admin, Body::None),
         (Method::GET, "/api/v1/devices", Need::Viewer, Body::None),
         (Method::GET, "/api/v1/devices/no-such-device", Need::Viewer, Body::None),
+        (Method::GET, "/api/v1/devices/no-such-device/telemetry", Need::Viewer, Body::None),
         (Method::POST, "/api/v1/devices", Need::Admin, Body::Json(|| json!({"id": "d"}))),
         (Method::DELETE, "/api/v1/devices/no-such-device", Need::Admin, Body::None),
     ]

@@ -57,16 +57,9 @@ async fn series(hub: &TestHub, path: &str) -> Value {
     r.json().await.unwrap()
 }
 
-/// Sums a field over every point of one version's series.
+/// Sums a count over every point of one version's series.
 fn total(v: &Value, version: &str, field: &str) -> u64 {
-    v["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["version"] == version)
-        .flat_map(|s| s["points"].as_array().unwrap().iter())
-        .map(|p| p[field].as_u64().unwrap())
-        .sum()
+    sentinel_testkit::telemetry::total(v, version, &format!("/{field}"))
 }
 
 #[tokio::test]
