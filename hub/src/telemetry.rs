@@ -103,7 +103,7 @@ impl Retention {
     /// The start of the bucket holding instant `at_ms`.
     pub fn bucket_of(&self, r: Resolution, at_ms: i64) -> i64 {
         let w = self.width_ms(r);
-        at_ms - at_ms.rem_euclid(w)
+        at_ms.saturating_sub(at_ms.rem_euclid(w))
     }
 
     /// Buckets starting before this instant are pruned at `now_ms`.
@@ -526,5 +526,6 @@ mod tests {
         let now = 40 * 86_400_000 + 12_345;
         assert_eq!(r.cutoff(Resolution::Fine, now), r.bucket_of(Resolution::Fine, now - 86_400_000));
         assert_eq!(r.cutoff(Resolution::Coarse, now) % 3_600_000, 0);
+        assert_eq!(r.bucket_of(Resolution::Fine, i64::MIN), i64::MIN, "saturates, never overflows");
     }
 }

@@ -10,13 +10,12 @@ use super::{ApiError, ApiPath, ApiQuery, Caller, SharedState};
 use crate::auth::Role;
 use crate::service::telemetry::{self as series, Range};
 
-/// A time range and resolution.
+/// A time range and resolution, and which model and version of a device.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct RangeParams {
-    /// Start, Unix milliseconds (default: an hour before `to_ms`; for a
-    /// deployment, a quarter of an hour before it was created).
+pub struct DeviceRangeParams {
+    /// Start, Unix milliseconds (default: an hour before `to_ms`).
     pub from_ms: Option<i64>,
     /// End, Unix milliseconds (default: now).
     pub to_ms: Option<i64>,
@@ -24,12 +23,29 @@ pub struct RangeParams {
     /// the fine retention and 1,500 fine buckets.
     #[param(pattern = "^(fine|coarse|auto)$")]
     pub resolution: Option<String>,
-    /// Only this model (a device's series).
+    /// Only this model.
     #[param(min_length = 1, max_length = 128)]
     pub model: Option<String>,
-    /// Only this version (a device's series).
+    /// Only this version.
     #[param(min_length = 1, max_length = 256)]
     pub version: Option<String>,
+}
+
+/// A time range and resolution. A deployment's telemetry is of its own
+/// model, every version.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RangeParams {
+    /// Start, Unix milliseconds (default: a quarter of an hour before the
+    /// deployment was created).
+    pub from_ms: Option<i64>,
+    /// End, Unix milliseconds (default: now).
+    pub to_ms: Option<i64>,
+    /// `fine`, `coarse` or `auto` (default): fine while the range is within
+    /// the fine retention and 1,500 fine buckets.
+    #[param(pattern = "^(fine|coarse|auto)$")]
+    pub resolution: Option<String>,
 }
 
 /// Telemetry over time: per model and version, one point per bucket.
@@ -87,22 +103,26 @@ fn out(v: serde_json::Value) -> TelemetryOut {
     }
 }
 
-fn range(p: &RangeParams, default_span_ms: Option<i64>, state: &SharedState) -> Result<Option<Range>, ApiError> {
+fn range(
+    (from_ms, to_ms, resolution): (Option<i64>, Option<i64>, Option<&str>),
+    default_span_ms: Option<i64>,
+    state: &SharedState,
+) -> Result<Option<Range>, ApiError> {
     let retention = state.config().telemetry;
-    let to = p.to_ms.unwrap_or_else(crate::now_ms);
-    let from = match (p.from_ms, default_span_ms) {
+    let to = to_ms.unwrap_or_else(crate::now_ms);
+    let from = match (from_ms, default_span_ms) {
         (Some(f), _) => f,
         (None, Some(span)) => to.saturating_sub(span),
-        (None, None) if p.to_ms.is_none() && p.resolution.is_none() => return Ok(None),
+        (None, None) if to_ms.is_none() && resolution.is_none() => return Ok(None),
         (None, None) => to.saturating_sub(3_600_000),
     };
-    Range::new(from, to, p.resolution.as_deref(), &retention)
+    Range::new(from, to, resolution, &retention)
         .map(Some)
         .map_err(|e| ApiError::unprocessable("bad_range", e.to_string()))
 }
 
 /// One device's telemetry over time, per model and version.
-#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry", params(super::openapi::DevicePath, RangeParams),
+#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry", params(super::openapi::DevicePath, DeviceRangeParams),
     security(("bearer" = [])),
     responses((status = 200, body = TelemetryOut), (status = 404, body = super::error::ErrorBody),
         (status = 422, body = super::error::ErrorBody)))]
@@ -110,11 +130,12 @@ pub async fn device(
     State(state): State<SharedState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
-    query: Result<ApiQuery<RangeParams>, ApiError>,
+    query: Result<ApiQuery<DeviceRangeParams>, ApiError>,
 ) -> Result<Json<TelemetryOut>, ApiError> {
     caller.require(Role::Viewer, "reading device telemetry")?;
     let ApiQuery(p) = query?;
-    let r = range(&p, Some(3_600_000), &state)?.ok_or_else(|| ApiError::bad_request("no range"))?;
+    let asked = (p.from_ms, p.to_ms, p.resolution.as_deref());
+    let r = range(asked, Some(3_600_000), &state)?.ok_or_else(|| ApiError::bad_request("no range"))?;
     let i = id.clone();
     if state.meta(move |m| m.get_device(&i)).await?.is_none() {
         return Err(ApiError::not_found(format!("device {} is not enrolled", sentinel_proto::quote(&id))));
@@ -137,12 +158,7 @@ pub async fn deployment(
 ) -> Result<Json<TelemetryOut>, ApiError> {
     caller.require(Role::Viewer, "reading deployment telemetry")?;
     let ApiQuery(p) = query?;
-    if p.model.is_some() || p.version.is_some() {
-        return Err(ApiError::bad_request(
-            "a deployment's telemetry is of its own model, every version: model and version do not apply",
-        ));
-    }
-    let r = range(&p, None, &state)?;
+    let r = range((p.from_ms, p.to_ms, p.resolution.as_deref()), None, &state)?;
     let v = series::deployment(&state, id, r).await?;
     Ok(Json(out(v.ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))?)))
 }

@@ -60,7 +60,8 @@ impl Range {
         if from_ms >= to_ms {
             return Err(RangeError::Empty { from: from_ms, to: to_ms });
         }
-        let points = |res: Resolution| (to_ms - from_ms) / r.width_ms(res) + 1;
+        // Saturating: a caller may send any i64.
+        let points = |res: Resolution| (to_ms.saturating_sub(from_ms) / r.width_ms(res)).saturating_add(1);
         let resolution = match resolution.unwrap_or("auto") {
             "fine" => Resolution::Fine,
             "coarse" => Resolution::Coarse,
@@ -192,5 +193,9 @@ mod tests {
         assert_eq!(Range::new(now, now, None, &r), Err(RangeError::Empty { from: now, to: now }));
         assert!(matches!(Range::new(now - 168 * hour, now, Some("fine"), &r), Err(RangeError::TooMany { .. })));
         assert_eq!(Range::new(now - hour, now, Some("hourly"), &r), Err(RangeError::Resolution("\"hourly\"".into())));
+        // The widest range a caller can send is refused, not overflowed.
+        for res in [None, Some("fine"), Some("coarse")] {
+            assert!(matches!(Range::new(i64::MIN, i64::MAX, res, &r), Err(RangeError::TooMany { .. })), "{res:?}");
+        }
     }
 }

@@ -158,7 +158,10 @@ async fn a_deployment_combines_its_devices_per_version_and_counts_them_by_state(
         ("?from_ms=10&to_ms=5", 422, "must be before"),
         ("?resolution=hourly", 422, "fine, coarse or auto"),
         ("?from_ms=0&resolution=fine", 422, "narrow the range"),
-        ("?model=digits", 400, "do not apply"),
+        // A deployment's telemetry is of its own model: no model filter.
+        ("?model=digits", 400, "model"),
+        // The widest range a caller can send: refused, not overflowed.
+        ("?from_ms=-9223372036854775808&to_ms=9223372036854775807&resolution=fine", 422, "narrow the range"),
         ("?colour=red", 400, "colour"),
     ] {
         let r = hub.get(&format!("/api/v1/deployments/{id}/telemetry{query}"), &hub.admin).await;
@@ -168,6 +171,8 @@ async fn a_deployment_combines_its_devices_per_version_and_counts_them_by_state(
     }
     assert_eq!(hub.get("/api/v1/deployments/999/telemetry", &hub.admin).await.status(), 404);
     assert_eq!(hub.get("/api/v1/devices/nobody/telemetry", &hub.admin).await.status(), 404);
+    let r = hub.get("/api/v1/devices/edge-a/telemetry?from_ms=-9223372036854775808&resolution=fine", &hub.admin).await;
+    assert_eq!(r.status(), 422, "{}", r.text().await.unwrap());
     let viewer = hub.token("viewer").await;
     assert_eq!(hub.get(&format!("/api/v1/deployments/{id}/telemetry"), &viewer).await.status(), 200);
     assert_eq!(hub.get(&format!("/api/v1/deployments/{id}/telemetry"), "nope").await.status(), 401);
