@@ -394,9 +394,12 @@ pub fn states_over_time(transitions: &[Transition], from_ms: i64, to_ms: i64, wi
     let mut current: BTreeMap<&str, &str> = BTreeMap::new();
     let mut next = sorted.into_iter().peekable();
     let mut out = Vec::new();
-    let mut t = from_ms - from_ms.rem_euclid(width);
+    let mut t = from_ms.saturating_sub(from_ms.rem_euclid(width));
     while t <= to_ms {
         let end = t.saturating_add(width);
+        if end == t {
+            break; // at the end of time
+        }
         while let Some(tr) = next.next_if(|tr| tr.at_ms < end) {
             current.insert(&tr.device_id, &tr.state);
         }
@@ -518,6 +521,9 @@ mod tests {
         assert_eq!(v[1]["counts"], json!({"serving": 1, "downloading": 1}));
         assert_eq!(v[2]["counts"], json!({"serving": 1, "rolled_back": 1}));
         assert_eq!(v.as_array().map(Vec::len), Some(3));
+        // The ends of time neither overflow nor loop.
+        assert_eq!(states_over_time(&[], i64::MIN, i64::MIN + 1, 60).as_array().map(Vec::len), Some(1));
+        assert_eq!(states_over_time(&[], i64::MAX - 1, i64::MAX, 60).as_array().map(Vec::len), Some(1));
     }
 
     #[test]

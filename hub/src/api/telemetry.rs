@@ -134,6 +134,11 @@ pub async fn device(
 ) -> Result<Json<TelemetryOut>, ApiError> {
     caller.require(Role::Viewer, "reading device telemetry")?;
     let ApiQuery(p) = query?;
+    for (name, value, most) in [("model", &p.model, 128), ("version", &p.version, 256)] {
+        if value.as_ref().is_some_and(|v| v.is_empty() || v.len() > most) {
+            return Err(ApiError::bad_request(format!("{name} must be 1 to {most} bytes when given")));
+        }
+    }
     let asked = (p.from_ms, p.to_ms, p.resolution.as_deref());
     let r = range(asked, Some(3_600_000), &state)?.ok_or_else(|| ApiError::bad_request("no range"))?;
     let i = id.clone();

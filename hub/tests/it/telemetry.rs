@@ -162,6 +162,8 @@ async fn a_deployment_combines_its_devices_per_version_and_counts_them_by_state(
         ("?model=digits", 400, "model"),
         // The widest range a caller can send: refused, not overflowed.
         ("?from_ms=-9223372036854775808&to_ms=9223372036854775807&resolution=fine", 422, "narrow the range"),
+        ("?from_ms=-9223372036854775808&to_ms=-9223372036854775807&resolution=fine", 200, "\"states\""),
+        ("?from_ms=9223372036854775806&to_ms=9223372036854775807&resolution=fine", 200, "\"states\""),
         ("?colour=red", 400, "colour"),
     ] {
         let r = hub.get(&format!("/api/v1/deployments/{id}/telemetry{query}"), &hub.admin).await;
@@ -173,6 +175,9 @@ async fn a_deployment_combines_its_devices_per_version_and_counts_them_by_state(
     assert_eq!(hub.get("/api/v1/devices/nobody/telemetry", &hub.admin).await.status(), 404);
     let r = hub.get("/api/v1/devices/edge-a/telemetry?from_ms=-9223372036854775808&resolution=fine", &hub.admin).await;
     assert_eq!(r.status(), 422, "{}", r.text().await.unwrap());
+    let r = hub.get("/api/v1/devices/edge-a/telemetry?version=", &hub.admin).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("version must be 1 to 256 bytes"));
     let viewer = hub.token("viewer").await;
     assert_eq!(hub.get(&format!("/api/v1/deployments/{id}/telemetry"), &viewer).await.status(), 200);
     assert_eq!(hub.get(&format!("/api/v1/deployments/{id}/telemetry"), "nope").await.status(), 401);
