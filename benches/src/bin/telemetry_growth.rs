@@ -111,6 +111,42 @@ fn main() -> anyhow::Result<()> {
         }
         t += step_ms;
     }
+    read_back(&store, devices, end)?;
+    Ok(())
+}
+
+/// What a device page and a deployment page read at the end: the last hour
+/// of fine buckets for one device, and for every device combined per
+/// version (the same store read and combine the hub's API runs).
+fn read_back(store: &SqliteStore, devices: u64, now: i64) -> anyhow::Result<()> {
+    use sentinel_hub::store::{Resolution, TelemetryQuery};
+    use sentinel_hub::telemetry::Series;
+    let all: Vec<String> = (0..devices).map(|d| format!("edge-{d:05}")).collect();
+    for (what, ids) in [("one device", vec![all[0].clone()]), ("every device", all)] {
+        let q = TelemetryQuery {
+            devices: Some(ids),
+            model: Some("digits".into()),
+            version: None,
+            resolution: Resolution::Fine,
+            from_ms: now - HOUR,
+            to_ms: now,
+        };
+        let mut times = Vec::new();
+        let mut rows = 0u64;
+        for _ in 0..5 {
+            let started = Instant::now();
+            let mut s = Series::default();
+            rows = 0;
+            store.visit_telemetry(&q, &mut |b| {
+                rows += 1;
+                s.add(&b);
+            })?;
+            std::hint::black_box(s.to_json(60_000));
+            times.push(started.elapsed());
+        }
+        times.sort();
+        println!("last hour, {what}: {rows} buckets read and combined in {:.1} ms (median of 5)", times[2].as_secs_f64() * 1e3);
+    }
     Ok(())
 }
 
