@@ -145,7 +145,10 @@ fn read_back(store: &SqliteStore, devices: u64, now: i64) -> anyhow::Result<()> 
             times.push(started.elapsed());
         }
         times.sort();
-        println!("last hour, {what}: {rows} buckets read and combined in {:.1} ms (median of 5)", times[2].as_secs_f64() * 1e3);
+        println!(
+            "last hour, {what}: {rows} buckets read and combined in {:.1} ms (median of 5)",
+            times[2].as_secs_f64() * 1e3
+        );
     }
     Ok(())
 }
