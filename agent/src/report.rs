@@ -8,8 +8,7 @@
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher as _;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sentinel_proto::pb::agent_sync_client::AgentSyncClient;
@@ -65,10 +64,9 @@ impl Pending {
             let same = |w: &&mut SlotWindow| w.model == oldest.model && w.version == oldest.version;
             match self.windows.iter_mut().find(same) {
                 Some(later) => {
-                    let seq = later.seq;
+                    // Spans both, under the later window's (larger) sequence number.
                     let mut folded = oldest;
                     merge_windows(&mut folded, later);
-                    folded.seq = seq;
                     *later = folded;
                 }
                 None => {
@@ -85,28 +83,13 @@ async fn cut_windows(shared: &Shared, pending: &mut Pending) {
     for w in shared.serving.take_retired_windows() {
         pending.push(w);
     }
-    let now = crate::util::now_ms();
     for ms in shared.serving.models() {
         let route = ms.route();
         let slots = [("active", &route.active), ("candidate", &route.candidate), ("standby", &route.standby)];
         for (role, slot) in slots {
             let Some(slot) = slot else { continue };
             let rss_bytes = slot.worker.workers().await.iter().filter_map(|w| w.rss_bytes).sum();
-            let gauges = crate::serving::telemetry::Gauges {
-                restarts_total: slot.worker.restarts(),
-                rss_bytes,
-                validation_accuracy: *slot.validation_accuracy.read().unwrap_or_else(PoisonError::into_inner),
-                validation_samples: slot.validation_samples.load(Ordering::Relaxed),
-            };
-            let w = slot.telemetry.lock().unwrap_or_else(PoisonError::into_inner).cut(now, gauges);
-            pending.push(SlotWindow {
-                model: slot.model.clone(),
-                version: slot.version.clone(),
-                slot: slot.color.as_str().to_owned(),
-                role: role.to_owned(),
-                deployment_id: slot.deployment_id,
-                ..w
-            });
+            pending.push(slot.cut_window(role, rss_bytes));
         }
     }
 }

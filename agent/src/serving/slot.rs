@@ -95,27 +95,35 @@ impl Loaded {
     }
 }
 
+impl Loaded {
+    /// Cuts the slot's telemetry window: everything since the last cut,
+    /// named by this slot, in the `role` it plays now, with its workers'
+    /// memory `rss_bytes` (read by the caller: it awaits the pool).
+    pub fn cut_window(&self, role: &str, rss_bytes: u64) -> sentinel_proto::pb::SlotWindow {
+        let gauges = super::telemetry::Gauges {
+            restarts_total: self.worker.restarts(),
+            rss_bytes,
+            validation_accuracy: *self.validation_accuracy.read().unwrap_or_else(PoisonError::into_inner),
+            validation_samples: self.validation_samples.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        let w = self.telemetry.lock().unwrap_or_else(PoisonError::into_inner).cut(crate::util::now_ms(), gauges);
+        sentinel_proto::pb::SlotWindow {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            slot: self.color.as_str().to_owned(),
+            role: role.to_owned(),
+            deployment_id: self.deployment_id,
+            ..w
+        }
+    }
+}
+
 /// A slot that leaves for good (rolled back, superseded, replaced) leaves
 /// what it did since the last report, so no request goes uncounted.
 impl Drop for Loaded {
     fn drop(&mut self) {
-        let gauges = super::telemetry::Gauges {
-            restarts_total: self.worker.restarts(),
-            rss_bytes: 0,
-            validation_accuracy: *self.validation_accuracy.read().unwrap_or_else(PoisonError::into_inner),
-            validation_samples: self.validation_samples.load(std::sync::atomic::Ordering::Relaxed),
-        };
-        let interval = self.telemetry.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let w = interval.cut(crate::util::now_ms(), gauges);
-        let w = sentinel_proto::pb::SlotWindow {
-            model: self.model.clone(),
-            version: self.version.clone(),
-            slot: self.color.as_str().to_owned(),
-            role: "retired".to_owned(),
-            deployment_id: self.deployment_id,
-            ..w
-        };
-        super::telemetry::retire(&self.retired, w);
+        // Its workers are going: no memory to report.
+        super::telemetry::retire(&self.retired, self.cut_window("retired", 0));
     }
 }
 

@@ -84,22 +84,22 @@ pub struct TelemetryOut {
     pub states: Option<serde_json::Value>,
 }
 
-fn out(v: serde_json::Value) -> TelemetryOut {
-    let field = |k: &str| v.get(k).cloned().unwrap_or_default();
-    let text = |k: &str| v.get(k).and_then(serde_json::Value::as_str).map(str::to_owned);
-    TelemetryOut {
-        device_id: text("device_id"),
-        deployment_id: v.get("deployment_id").and_then(serde_json::Value::as_i64),
-        model: text("model"),
-        version: text("version"),
-        devices: v.get("devices").and_then(serde_json::Value::as_u64),
-        resolution: field("resolution").as_str().unwrap_or_default().to_owned(),
-        bucket_ms: field("bucket_ms").as_i64().unwrap_or_default(),
-        from_ms: field("from_ms").as_i64().unwrap_or_default(),
-        to_ms: field("to_ms").as_i64().unwrap_or_default(),
-        combination: field("combination").as_str().unwrap_or_default().to_owned(),
-        series: field("series"),
-        states: v.get("states").cloned(),
+impl From<series::Answer> for TelemetryOut {
+    fn from(a: series::Answer) -> Self {
+        Self {
+            combination: a.combination().to_owned(),
+            device_id: a.device_id,
+            deployment_id: a.deployment_id,
+            model: a.model,
+            version: a.version,
+            devices: a.devices,
+            resolution: a.resolution.as_str().to_owned(),
+            bucket_ms: a.bucket_ms,
+            from_ms: a.from_ms,
+            to_ms: a.to_ms,
+            series: a.series,
+            states: a.states,
+        }
     }
 }
 
@@ -145,7 +145,7 @@ pub async fn device(
     if state.meta(move |m| m.get_device(&i)).await?.is_none() {
         return Err(ApiError::not_found(format!("device {} is not enrolled", sentinel_proto::quote(&id))));
     }
-    Ok(Json(out(series::device(&state, id, p.model, p.version, r).await?)))
+    Ok(Json(series::device(&state, id, p.model, p.version, r).await?.into()))
 }
 
 /// A deployment's telemetry over time: per version of its model (the new one
@@ -165,5 +165,5 @@ pub async fn deployment(
     let ApiQuery(p) = query?;
     let r = range((p.from_ms, p.to_ms, p.resolution.as_deref()), None, &state)?;
     let v = series::deployment(&state, id, r).await?;
-    Ok(Json(out(v.ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))?)))
+    Ok(Json(v.ok_or_else(|| ApiError::not_found(format!("deployment {id} does not exist")))?.into()))
 }

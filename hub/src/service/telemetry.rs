@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{ServiceError, SharedState};
 use crate::store::{Resolution, TelemetryQuery};
@@ -82,15 +82,49 @@ impl Range {
     }
 }
 
-fn header(range: Range, retention: &Retention) -> serde_json::Map<String, Value> {
-    let width = retention.width_ms(range.resolution);
-    let mut m = serde_json::Map::new();
-    m.insert("resolution".into(), json!(range.resolution.as_str()));
-    m.insert("bucket_ms".into(), json!(width));
-    m.insert("from_ms".into(), json!(range.from_ms));
-    m.insert("to_ms".into(), json!(range.to_ms));
-    m.insert("combination".into(), json!(COMBINATION));
-    m
+/// A telemetry answer: the range served and the series over it; the API
+/// shows it as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// What it is about: a device, or a deployment with its model, version
+    /// and the devices it reached.
+    pub device_id: Option<String>,
+    pub deployment_id: Option<i64>,
+    pub model: Option<String>,
+    pub version: Option<String>,
+    pub devices: Option<u64>,
+    pub resolution: Resolution,
+    pub bucket_ms: i64,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Per model and version, its points ([`Series::to_json`]).
+    pub series: Value,
+    /// A deployment's devices by state per bucket ([`states_over_time`]).
+    pub states: Option<Value>,
+}
+
+impl Answer {
+    /// How percentiles and rates are combined ([`COMBINATION`]).
+    pub fn combination(&self) -> &'static str {
+        COMBINATION
+    }
+
+    fn over(range: Range, retention: &Retention, series: &Series) -> Self {
+        let bucket_ms = retention.width_ms(range.resolution);
+        Self {
+            device_id: None,
+            deployment_id: None,
+            model: None,
+            version: None,
+            devices: None,
+            resolution: range.resolution,
+            bucket_ms,
+            from_ms: range.from_ms,
+            to_ms: range.to_ms,
+            series: series.to_json(bucket_ms),
+            states: None,
+        }
+    }
 }
 
 /// The stored buckets `q` selects, combined.
@@ -112,7 +146,7 @@ pub async fn device(
     model: Option<String>,
     version: Option<String>,
     range: Range,
-) -> Result<Value, ServiceError> {
+) -> Result<Answer, ServiceError> {
     let retention = state.config().telemetry;
     let q = TelemetryQuery {
         devices: Some(vec![device_id.clone()]),
@@ -123,16 +157,13 @@ pub async fn device(
         to_ms: range.to_ms,
     };
     let series = series_of(state, q).await?;
-    let mut out = header(range, &retention);
-    out.insert("device_id".into(), json!(device_id));
-    out.insert("series".into(), series.to_json(retention.width_ms(range.resolution)));
-    Ok(Value::Object(out))
+    Ok(Answer { device_id: Some(device_id), ..Answer::over(range, &retention, &series) })
 }
 
 /// A deployment's series: its model, per version, combined across the
 /// devices it reached; and its devices by state over the same buckets.
 /// `None` when the deployment does not exist.
-pub async fn deployment(state: &SharedState, id: i64, range: Option<Range>) -> Result<Option<Value>, ServiceError> {
+pub async fn deployment(state: &SharedState, id: i64, range: Option<Range>) -> Result<Option<Answer>, ServiceError> {
     let retention = state.config().telemetry;
     let found = state
         .meta(move |m| {
@@ -156,7 +187,6 @@ pub async fn deployment(state: &SharedState, id: i64, range: Option<Range>) -> R
                 .unwrap_or(Range { from_ms: from, to_ms: to, resolution: Resolution::Coarse })
         }
     };
-    let width = retention.width_ms(range.resolution);
     let q = TelemetryQuery {
         devices: Some(devices.iter().cloned().collect()),
         model: Some(d.model.clone()),
@@ -166,14 +196,16 @@ pub async fn deployment(state: &SharedState, id: i64, range: Option<Range>) -> R
         to_ms: range.to_ms,
     };
     let series = series_of(state, q).await?;
-    let mut out = header(range, &retention);
-    out.insert("deployment_id".into(), json!(d.id));
-    out.insert("model".into(), json!(d.model));
-    out.insert("version".into(), json!(d.version));
-    out.insert("devices".into(), json!(devices.len()));
-    out.insert("series".into(), series.to_json(width));
-    out.insert("states".into(), states_over_time(&transitions, range.from_ms, range.to_ms, width));
-    Ok(Some(Value::Object(out)))
+    let answer = Answer::over(range, &retention, &series);
+    let states = states_over_time(&transitions, range.from_ms, range.to_ms, answer.bucket_ms);
+    Ok(Some(Answer {
+        deployment_id: Some(d.id),
+        model: Some(d.model),
+        version: Some(d.version),
+        devices: Some(devices.len() as u64),
+        states: Some(states),
+        ..answer
+    }))
 }
 
 #[cfg(test)]
